@@ -1,0 +1,123 @@
+"""Public entry points: ``load()`` a model, then ``generate()`` or ``stream()`` text.
+
+>>> import freespec
+>>> model = freespec.load()                      # the embedded SmolLM2-135M-Instruct
+>>> result = model.generate("Name three primes.", max_new_tokens=32)
+>>> result.text, result.stats.mean_accepted
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from freespec import calibrate
+from freespec.budget import BudgetPolicy
+from freespec.drafters import DRAFTERS, TokenRecycling
+from freespec.engine import Generation, GenerationStats
+from freespec.loading import LoadedModel, load as load_model
+from freespec.runner import ModelRunner
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (a stop token was produced) or "length"
+    stats: GenerationStats
+
+
+class Model:
+    """A loaded model with its runner and its drafters' state, kept warm across requests."""
+
+    def __init__(self, loaded: LoadedModel, budget: int | None = None):
+        self.name = loaded.name
+        self.tokenizer = loaded.tokenizer
+        self.runner = ModelRunner(loaded.model)
+        self.fixed_budget = budget
+        self._drafters: dict[str, tuple[TokenRecycling, BudgetPolicy]] = {}
+        self.stop_ids = self._stop_ids(loaded.model)
+
+    def _stop_ids(self, hf_model) -> set[int]:
+        ids = set()
+        for source in (self.tokenizer.eos_token_id, getattr(hf_model.generation_config, "eos_token_id", None)):
+            if isinstance(source, int):
+                ids.add(source)
+            elif source:
+                ids.update(source)
+        return ids
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def encode(self, prompt: str | None = None, messages: list[dict] | None = None, chat: bool = True) -> list[int]:
+        """Token ids for a prompt string or a chat message list (chat template applied)."""
+        if (prompt is None) == (messages is None):
+            raise ValueError("give exactly one of prompt or messages")
+        if prompt is not None:
+            if not prompt.strip():
+                raise ValueError("the prompt is empty")
+            if not chat:
+                return self.tokenizer(prompt)["input_ids"]
+            messages = [{"role": "user", "content": prompt}]
+        if not isinstance(messages, list) or not messages or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
+        ):
+            raise ValueError("messages must be a non-empty list of {'role': str, 'content': str}")
+        if not self.has_chat_template:
+            raise ValueError(f"{self.name} has no chat template: pass a plain prompt without chat (--no-chat)")
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def drafter(self, name: str) -> tuple[TokenRecycling | None, BudgetPolicy | None]:
+        """The named drafter and its budget policy (created once, then reused: warm state)."""
+        if name not in DRAFTERS:
+            raise ValueError(f"unknown drafter {name!r}; choose from {', '.join(DRAFTERS)}")
+        if name == "none":
+            return None, None
+        if name not in self._drafters:
+            costs = calibrate.load_or_measure(self.runner)
+            policy = BudgetPolicy(costs, candidates=[q - 1 for q in costs if q > 1])
+            self._drafters[name] = (TokenRecycling(self.runner.vocab_size), policy)
+        return self._drafters[name]
+
+    def reset(self) -> None:
+        """Forget all drafter state learned from earlier requests."""
+        self._drafters.clear()
+
+    def stream(self, prompt: str | None = None, *, messages: list[dict] | None = None, max_new_tokens: int = 256,
+               drafter: str = "recycling", chat: bool = True, prompt_ids: list[int] | None = None,
+               budget: int | None = None) -> Generation:
+        """Start a request; iterate the result for token-id chunks as they are accepted.
+
+        ``budget`` fixes the draft nodes per step (default: the model's, else chosen from measured costs).
+        """
+        if prompt_ids is None:
+            prompt_ids = self.encode(prompt, messages, chat)
+        drafter_state, policy = self.drafter(drafter)
+        budget = self.fixed_budget if budget is None else budget
+        return Generation(self.runner, drafter_state, policy, prompt_ids, max_new_tokens, self.stop_ids, budget)
+
+    def generate(self, prompt: str | None = None, **kwargs) -> GenerationResult:
+        generation = self.stream(prompt, **kwargs)
+        for _ in generation:
+            pass
+        return GenerationResult(self.decode(generation.token_ids), generation.token_ids,
+                                generation.finish_reason, generation.stats)
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+
+def load(model: str | os.PathLike | None = None, *, threads: int | None = None, budget: int | None = None) -> Model:
+    """Load ``model`` (None: the embedded SmolLM2-135M-Instruct; a directory; a .gguf; a hub id).
+
+    ``budget`` fixes the number of draft nodes per step instead of choosing it from measured costs.
+    ``threads`` sets torch's (and the kernels') thread count.
+    """
+    if threads:
+        torch.set_num_threads(threads)
+    return Model(load_model(model), budget=budget)

@@ -1,0 +1,68 @@
+"""Hardware-aware tree size: verify as many draft nodes as maximises tokens per second.
+
+Verifying q tokens costs t(q) on this machine (measured by :mod:`freespec.calibrate`); a tree of
+b draft nodes yields on average tau(b) tokens per pass. The policy picks the b with the largest
+tau(b) / t(b + 1), where b = 0 is plain decoding (tau = 1), so speculation switches itself off
+when it would not pay.
+
+tau(b) is learned online. Drafters order nodes best-first, so from one step verified with budget
+B we also learn what any smaller budget b would have accepted: the accepted path cut at the first
+node with index > b. Larger budgets are probed every ``explore_every`` steps, one size up.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def accepted_within(path: list[int], budget: int) -> int:
+    """Tokens a step would have emitted had only nodes 1..budget been drafted (bonus included).
+
+    >>> accepted_within([0, 1, 3, 9], 5)  # node 9 lies beyond the first 5 draft nodes
+    3
+    >>> accepted_within([0, 1, 3, 9], 0)
+    1
+    """
+    emitted = 1
+    for node in path[1:]:
+        if node > budget:
+            break
+        emitted += 1
+    return emitted
+
+
+class BudgetPolicy:
+    def __init__(self, cost: dict[int, float], candidates: list[int], explore_every: int = 4, smoothing: float = 0.05):
+        """``cost``: seconds (or any unit) per forward of q tokens, for some q ≥ 1.
+        ``candidates``: the draft sizes to choose among (0 is added: plain decoding)."""
+        self._cost_q = np.array(sorted(cost), dtype=float)
+        self._cost_t = np.array([cost[q] for q in sorted(cost)], dtype=float)
+        self.candidates = sorted(set([0, *candidates]))
+        self.explore_every = explore_every
+        self.smoothing = smoothing
+        self.tau: dict[int, float] = {0: 1.0}  # estimated mean accepted length per candidate
+        self._step = 0
+
+    def cost(self, q: int) -> float:
+        return float(np.interp(q, self._cost_q, self._cost_t))
+
+    def best(self, limit: int) -> int:
+        known = [b for b in self.candidates if b in self.tau and b <= limit]
+        return max(known, key=lambda b: self.tau[b] / self.cost(b + 1))
+
+    def choose(self, limit: int) -> int:
+        """The draft size for the next step, at most ``limit`` nodes."""
+        self._step += 1
+        best = self.best(limit)
+        if self._step % self.explore_every == 0:
+            larger = [b for b in self.candidates if best < b <= limit]
+            if larger:
+                return larger[0]
+        return best
+
+    def observe(self, budget: int, path: list[int]) -> None:
+        for b in self.candidates:
+            if 0 < b <= budget:
+                sample = accepted_within(path, b)
+                old = self.tau.get(b)
+                self.tau[b] = sample if old is None else old + self.smoothing * (sample - old)

@@ -1,0 +1,164 @@
+"""The draft → verify loop.
+
+Each step has four phases: **draft** (the drafter proposes a tree under the budget the policy
+picked), **verify** (one forward pass over root + draft, argmax at every node), **accept** (the
+longest agreeing path plus the bonus token, cut at a stop token or the token limit) and
+**commit** (keep the accepted rows in the KV cache; the drafter and the policy learn).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from freespec.budget import BudgetPolicy
+from freespec.drafters.base import Drafter
+from freespec.runner import ModelRunner
+from freespec.tree import DraftTree
+from freespec.verify import greedy_accept
+
+WARM_START_CHUNK = 256
+
+
+@dataclass
+class GenerationStats:
+    """Counters for one request. ``mean_accepted`` (τ) counts the bonus token: plain decoding has 1."""
+
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    forward_passes: int = 0  # verification passes, prefill excluded
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    accepted_lengths: list[int] = field(default_factory=list)  # tokens emitted per pass
+    draft_sizes: list[int] = field(default_factory=list)  # draft nodes verified per pass (root excluded)
+
+    @property
+    def seconds(self) -> float:
+        return self.prefill_seconds + self.decode_seconds
+
+    @property
+    def mean_accepted(self) -> float:
+        return self.new_tokens / self.forward_passes if self.forward_passes else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds else 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "new_tokens": self.new_tokens,
+            "forward_passes": self.forward_passes,
+            "mean_accepted": round(self.mean_accepted, 4),
+            "seconds": round(self.seconds, 4),
+            "prefill_seconds": round(self.prefill_seconds, 4),
+            "tokens_per_second": round(self.tokens_per_second, 3),
+            "accepted_lengths": self.accepted_lengths,
+            "draft_sizes": self.draft_sizes,
+        }
+
+
+class Generation:
+    """One request in flight: iterate to receive token chunks as they are accepted.
+
+    After iteration ``token_ids``, ``stats`` and ``finish_reason`` ("stop" or "length") are final.
+    """
+
+    def __init__(self, runner: ModelRunner, drafter: Drafter | None, policy: BudgetPolicy | None,
+                 prompt_ids: list[int], max_new_tokens: int, stop_ids: set[int], fixed_budget: int | None = None):
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        if max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
+        if len(prompt_ids) >= runner.max_positions:
+            raise ValueError(
+                f"the prompt has {len(prompt_ids)} tokens; the model's context is {runner.max_positions}"
+            )
+        if fixed_budget is not None and fixed_budget < 0:
+            raise ValueError(f"budget must be >= 0, got {fixed_budget}")
+        self.runner, self.drafter, self.policy = runner, drafter, policy
+        self.fixed_budget = fixed_budget
+        self.prompt_ids = list(prompt_ids)
+        self.max_new_tokens = min(max_new_tokens, runner.max_positions - len(prompt_ids))
+        self.finish_reason = "length"
+        self.stop_ids = stop_ids
+        self.token_ids: list[int] = []
+        self.stats = GenerationStats(prompt_tokens=len(prompt_ids))
+
+    def __iter__(self) -> Iterator[list[int]]:
+        runner, drafter, stats = self.runner, self.drafter, self.stats
+        started = time.perf_counter()
+        self._prefill()
+        stats.prefill_seconds = time.perf_counter() - started
+        context = np.array(self.prompt_ids, dtype=np.int64)
+        started = time.perf_counter()
+        while len(self.token_ids) < self.max_new_tokens:
+            # draft
+            room = runner.capacity - runner.length - 1
+            if drafter is None:
+                budget = 0
+            elif self.fixed_budget is not None:
+                budget = min(self.fixed_budget, room)
+            else:
+                budget = self.policy.choose(room)
+            tree = DraftTree.root_only(int(context[-1])) if budget == 0 else drafter.propose(context, budget)
+            # verify
+            hidden = runner.forward(*tree.attention_inputs(runner.length))
+            logits = runner.logits(hidden)  # [nodes, vocab]
+            predicted = torch.argmax(logits, dim=-1).numpy()
+            # accept
+            path, bonus = greedy_accept(tree, predicted)
+            emitted = [int(t) for t in tree.tokens[path[1:]]] + [bonus]
+            stats.forward_passes += 1
+            stats.accepted_lengths.append(len(emitted))
+            stats.draft_sizes.append(len(tree) - 1)
+            emitted = self._cut(emitted)
+            # commit
+            runner.commit(path)
+            if drafter is not None:
+                drafter.update(tree, logits, path)
+                self.policy.observe(len(tree) - 1, path)
+            self.token_ids += emitted
+            context = np.concatenate((context, emitted))
+            stats.new_tokens = len(self.token_ids)
+            stats.decode_seconds = time.perf_counter() - started
+            yield emitted
+            if self.finish_reason == "stop":
+                break
+
+    def _prefill(self) -> None:
+        """Cache all prompt tokens but the last, which becomes the first step's root."""
+        runner, drafter = self.runner, self.drafter
+        capacity = len(self.prompt_ids) + self.max_new_tokens
+        if drafter is not None:
+            capacity += max(self.policy.candidates + [self.fixed_budget or 0]) + 1
+        runner.reset(min(capacity, runner.max_positions))
+        prompt = torch.tensor(self.prompt_ids[:-1], dtype=torch.long)
+        hidden = runner.prefill(prompt)
+        if drafter is None:
+            return
+        prompt_topk = None
+        if drafter.prompt_topk and len(prompt):
+            # Warm start: the model's top candidates after each of the last prompt tokens.
+            recent = hidden[-WARM_START_CHUNK:]
+            prompt_topk = torch.topk(runner.logits(recent), drafter.prompt_topk, dim=-1).indices.numpy()
+            drafter.begin(np.array(self.prompt_ids[-1 - len(recent) : -1]), prompt_topk)
+        else:
+            drafter.begin(np.array(self.prompt_ids[:-1]), None)
+
+    def _cut(self, emitted: list[int]) -> list[int]:
+        """Stop after a stop token or at the token limit."""
+        for i, token in enumerate(emitted):
+            if token in self.stop_ids:
+                emitted = emitted[: i + 1]
+                self.finish_reason = "stop"
+                break
+        room = self.max_new_tokens - len(self.token_ids)
+        if len(emitted) > room:
+            emitted = emitted[:room]
+            self.finish_reason = "length"
+        return emitted

@@ -1,0 +1,77 @@
+"""DraftTree: the tokens one verification pass checks, as two flat arrays.
+
+Node 0 is the root: the last accepted token, whose key/value is not in the cache yet. Every other
+node ``i`` hangs off ``parents[i] < i``, so a node's ancestors always come before it and any prefix
+``[0, n)`` of the nodes is itself a tree. Plain decoding is the tree of the root alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True, eq=False)
+class DraftTree:
+    tokens: np.ndarray  # [n] int64 token ids; tokens[0] is the root
+    parents: np.ndarray  # [n] int64; parents[0] == -1, 0 <= parents[i] < i otherwise
+
+    def __post_init__(self):
+        if len(self.tokens) != len(self.parents) or len(self.tokens) == 0:
+            raise ValueError("a tree needs one parent per token and at least the root")
+        if self.parents[0] != -1 or np.any(self.parents[1:] >= np.arange(1, len(self.parents))) or np.any(self.parents[1:] < 0):
+            raise ValueError(f"parents must satisfy parents[0] == -1 and 0 <= parents[i] < i: {self.parents}")
+
+    @classmethod
+    def root_only(cls, token: int) -> DraftTree:
+        return cls(np.array([token], dtype=np.int64), np.array([-1], dtype=np.int64))
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @cached_property
+    def depths(self) -> np.ndarray:
+        """[n] distance from the root: the position offset of each node.
+
+        >>> DraftTree(np.array([7, 8, 9, 4]), np.array([-1, 0, 1, 0])).depths.tolist()
+        [0, 1, 2, 1]
+        """
+        depths = np.zeros(len(self), dtype=np.int64)
+        for i in range(1, len(self)):
+            depths[i] = depths[self.parents[i]] + 1
+        return depths
+
+    @cached_property
+    def ancestor_mask(self) -> np.ndarray:
+        """[n, n] bool: mask[i, j] is True when j is i or an ancestor of i (what i may attend to).
+
+        >>> DraftTree(np.array([7, 8, 9, 4]), np.array([-1, 0, 1, 0])).ancestor_mask.astype(int).tolist()
+        [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 1]]
+        """
+        mask = np.eye(len(self), dtype=bool)
+        for i in range(1, len(self)):
+            mask[i] |= mask[self.parents[i]]
+        return mask
+
+    @cached_property
+    def children(self) -> list[list[int]]:
+        """children[i]: the nodes whose parent is i, in index order."""
+        children: list[list[int]] = [[] for _ in range(len(self))]
+        for i in range(1, len(self)):
+            children[self.parents[i]].append(i)
+        return children
+
+    def attention_inputs(self, cache_length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(tokens [n], positions [n], tree mask [n, n]) for ModelRunner.forward."""
+        return (
+            torch.from_numpy(self.tokens),
+            torch.from_numpy(self.depths + cache_length),
+            torch.from_numpy(self.ancestor_mask),
+        )
+
+    def prefix(self, size: int) -> DraftTree:
+        """The first ``size`` nodes (always a valid tree, since parents come first)."""
+        return DraftTree(self.tokens[:size], self.parents[:size])

@@ -1,0 +1,34 @@
+"""The embedded SmolLM2-135M-Instruct: speculative output equals plain greedy, token for token."""
+
+import pytest
+
+import freespec
+
+PROMPTS = [
+    "Write a Python function that checks if a number is prime.",
+    "Summarize in one sentence: The quick brown fox jumps over the lazy dog because the dog was asleep.",
+    "List three uses of copper.",
+]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return freespec.load()
+
+
+def test_recycling_equals_plain_on_the_real_model(model):
+    accepted = []
+    for prompt in PROMPTS:
+        plain = model.generate(prompt, drafter="none", max_new_tokens=64)
+        fast = model.generate(prompt, drafter="recycling", max_new_tokens=64)
+        assert fast.token_ids == plain.token_ids, prompt
+        accepted.append(fast.stats.mean_accepted)
+    assert plain.text.strip()
+    assert max(accepted) > 1.0
+
+
+def test_fixed_large_tree_equals_plain_on_the_real_model(model):
+    plain = model.generate(PROMPTS[0], drafter="none", max_new_tokens=48)
+    fast = model.generate(PROMPTS[0], drafter="recycling", max_new_tokens=48, budget=80)
+    assert fast.token_ids == plain.token_ids
+    assert set(fast.stats.draft_sizes) == {80}

@@ -1,0 +1,82 @@
+"""The forward pass: batch-invariant kernel, agreement with transformers, tree masks, cache commit."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import tiny_model
+from freespec import kernels
+from freespec.runner import ModelRunner, UnsupportedModelError
+from freespec.tree import DraftTree
+import numpy as np
+
+
+def test_kernel_is_built_here():
+    # CI machines have gcc and AVX2; the fallback would silently lose batch invariance.
+    assert kernels.kernel_available()
+
+
+@pytest.mark.parametrize("k", [8, 37, 64, 576])
+def test_kernel_matches_torch_and_is_batch_invariant(k):
+    torch.manual_seed(0)
+    x, w, b = torch.randn(70, k), torch.randn(53, k), torch.randn(53)
+    full = kernels.linear(x[:40], w, b)
+    torch.testing.assert_close(full, F.linear(x[:40], w, b), rtol=1e-5, atol=1e-4)
+    for rows in (1, 2, 3, 7, 13, 40):
+        # any row, computed in any batch, gives the same bits
+        assert torch.equal(kernels.linear(x[:rows], w, b), full[:rows])
+    assert torch.equal(kernels.linear(x[5:6], w, b)[0], full[5])
+    torch.testing.assert_close(kernels.linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-4)  # BLAS path above 64 rows
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+def test_runner_matches_transformers_and_commits_tree_paths(family):
+    model = tiny_model(family, seed=1)
+    runner = ModelRunner(model)
+    ids = torch.randint(runner.vocab_size, (30,), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = model(ids[None]).logits[0]  # [30, vocab]
+    runner.reset(64)
+    prefill = runner.logits(runner.prefill(ids[:20]))
+    torch.testing.assert_close(prefill, reference[:20], rtol=1e-4, atol=1e-4)
+    # root ids[20] with the true continuation ids[21:24] on one branch and junk on another
+    tree = DraftTree(np.array([*ids[20:24].tolist(), 3, 4]), np.array([-1, 0, 1, 2, 0, 4]))
+    logits = runner.logits(runner.forward(*tree.attention_inputs(runner.length)))
+    torch.testing.assert_close(logits[:4], reference[20:24], rtol=1e-4, atol=1e-4)
+    runner.commit([0, 1, 2])  # keep ids[20:23], drop the rest
+    assert runner.length == 23
+    tail = runner.logits(runner.forward(ids[23:30], torch.arange(23, 30), torch.ones(7, 7, dtype=torch.bool).tril()))
+    torch.testing.assert_close(tail, reference[23:30], rtol=1e-4, atol=1e-4)
+
+
+def test_tree_logits_equal_one_token_logits_bitwise():
+    """Verification and plain decoding compute a token's logits identically (the lossless core)."""
+    runner = ModelRunner(tiny_model("llama", seed=2))
+    ids = torch.randint(runner.vocab_size, (12,), generator=torch.Generator().manual_seed(1))
+    runner.reset(32)
+    runner.prefill(ids[:8])
+    tree = DraftTree(np.array([*ids[8:12].tolist(), 7, 9]), np.array([-1, 0, 1, 2, 0, 4]))
+    tree_logits = runner.logits(runner.forward(*tree.attention_inputs(runner.length)))
+    one_by_one = []
+    for i in range(8, 12):
+        one_by_one.append(runner.logits(runner.forward(ids[i : i + 1], torch.tensor([i]), torch.ones(1, 1, dtype=torch.bool))))
+        runner.commit([0])
+    assert torch.equal(tree_logits[:4], torch.cat(one_by_one))
+
+
+def test_unsupported_architecture_is_named():
+    from transformers import AutoModelForCausalLM, BloomConfig
+
+    model = AutoModelForCausalLM.from_config(BloomConfig(vocab_size=50, hidden_size=32, n_layer=1, n_head=2))
+    with pytest.raises(UnsupportedModelError, match="bloom.*supported: llama"):
+        ModelRunner(model)
+
+
+def test_cache_bounds():
+    runner = ModelRunner(tiny_model("llama"))
+    with pytest.raises(ValueError, match="context of 512"):
+        runner.reset(513)
+    runner.reset(4)  # rounded up to 256 rows
+    runner.prefill(torch.arange(4))
+    with pytest.raises(ValueError, match="cache overflow: 304 rows needed, capacity 256"):
+        runner.forward(torch.arange(300) % 100, torch.arange(4, 304), torch.ones(300, 300, dtype=torch.bool))

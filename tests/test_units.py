@@ -1,0 +1,106 @@
+"""Pure pieces on tiny integer arrays: tree, verification, budget policy, recycling matrix."""
+
+import numpy as np
+import pytest
+import torch
+
+from freespec.budget import BudgetPolicy, accepted_within
+from freespec.drafters.recycling import PAPER_TEMPLATE, TokenRecycling, order_template
+from freespec.tree import DraftTree
+from freespec.verify import greedy_accept
+
+
+def tree(tokens, parents):
+    return DraftTree(np.array(tokens), np.array(parents))
+
+
+def test_tree_mask_positions_children():
+    #      0(root)
+    #     /  \
+    #    1    3
+    #    |
+    #    2
+    t = tree([10, 11, 12, 13], [-1, 0, 1, 0])
+    assert t.depths.tolist() == [0, 1, 2, 1]
+    assert t.children == [[1, 3], [2], [], []]
+    tokens, positions, mask = t.attention_inputs(cache_length=5)
+    assert tokens.tolist() == [10, 11, 12, 13]
+    assert positions.tolist() == [5, 6, 7, 6]
+    assert mask.int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 1]]
+    assert t.prefix(2).tokens.tolist() == [10, 11]
+
+
+@pytest.mark.parametrize("parents", [[0, 0], [-1, 1], [-1, 0, 3, 1], [-1, -1]])
+def test_tree_rejects_bad_parents(parents):
+    with pytest.raises(ValueError):
+        tree(list(range(len(parents))), parents)
+
+
+def test_greedy_accept_longest_agreeing_path():
+    t = tree([5, 1, 2, 3, 9, 4], [-1, 0, 0, 2, 3, 1])
+    # root predicts 2 → node 2; node 2 predicts 3 → node 3; node 3 predicts 9 → node 4; bonus after node 4
+    assert greedy_accept(t, np.array([2, 0, 3, 9, 8, 0])) == ([0, 2, 3, 4], 8)
+    # the branch through node 1: root predicts 1, node 1 predicts 4 → node 5
+    assert greedy_accept(t, np.array([1, 4, 0, 0, 0, 6])) == ([0, 1, 5], 6)
+    # nothing matches: plain decoding's one token
+    assert greedy_accept(t, np.array([7, 0, 0, 0, 0, 0])) == ([0], 7)
+    assert greedy_accept(DraftTree.root_only(3), np.array([42])) == ([0], 42)
+
+
+def test_accepted_within_budget():
+    assert accepted_within([0], 10) == 1
+    assert accepted_within([0, 2, 5], 10) == 3
+    assert accepted_within([0, 2, 5], 4) == 2
+    assert accepted_within([0, 2, 5], 1) == 1
+
+
+def test_policy_turns_speculation_off_when_it_does_not_pay():
+    # verifying 8 nodes costs 4x one token: needs tau > 4 to pay
+    policy = BudgetPolicy({1: 1.0, 9: 4.0}, candidates=[8], explore_every=1)
+    assert policy.choose(limit=100) == 8  # unexplored: probe it
+    policy.observe(8, [0, 1, 2])  # 3 tokens per pass < 4
+    assert policy.best(limit=100) == 0
+    cheap = BudgetPolicy({1: 1.0, 9: 1.2}, candidates=[8], explore_every=1)
+    cheap.observe(8, [0, 1, 2])
+    assert cheap.best(limit=100) == 8
+    assert cheap.best(limit=5) == 0  # no room for 8 nodes
+
+
+def test_order_template_parents_first_and_by_score():
+    ordered = order_template(PAPER_TEMPLATE, np.array([0.5, 0.2, 0.1, 0.05, 0.04, 0.03, 0.02, 0.01]))
+    assert len(ordered) == 80 and ordered[:3] == [(0,), (0, 0), (1,)]
+    seen = set()
+    for path in ordered:
+        assert len(path) == 1 or path[:-1] in seen
+        seen.add(path)
+    assert [sum(1 for p in PAPER_TEMPLATE if len(p) == d) for d in range(1, 7)] == [8, 21, 25, 15, 8, 3]
+    with pytest.raises(ValueError, match="no parent"):
+        order_template([(0, 1)], np.ones(2))
+
+
+def test_recycling_propose_follows_matrix_and_update_recycles_topk():
+    drafter = TokenRecycling(vocab_size=20, k=2, template=[(0,), (1,), (0, 0), (0, 1)], prompt_warm_start=0)
+    drafter.successors[7] = [3, 4]
+    drafter.successors[3] = [9, 5]
+    t = drafter.propose(np.array([1, 7]), budget=4)
+    assert t.tokens[0] == 7
+    assert sorted(zip(t.parents.tolist(), t.tokens.tolist())) == [(-1, 7), (0, 3), (0, 4), (1, 5), (1, 9)]
+    assert len(drafter.propose(np.array([7]), budget=2)) == 3
+    logits = torch.zeros(len(t), 20)
+    logits[0, 11], logits[0, 12] = 2.0, 1.0  # after 7 the model ranks 11 then 12
+    logits[1, 13], logits[1, 14] = 1.0, 3.0
+    drafter.update(t, logits, accepted=[0])
+    assert drafter.successors[7].tolist() == [11, 12]
+    assert drafter.successors[t.tokens[1]].tolist() == [14, 13]
+
+
+def test_recycling_warm_start_and_save_load(tmp_path):
+    drafter = TokenRecycling(vocab_size=10, k=2, template=[(0,), (1,)])
+    drafter.begin(np.array([4, 5, 6]), np.array([[1, 2], [3, 4]]))
+    assert drafter.successors[4].tolist() == [1, 2] and drafter.successors[5].tolist() == [3, 4]
+    drafter.save(tmp_path / "state.npz")
+    other = TokenRecycling(vocab_size=10, k=2, template=[(0,), (1,)])
+    other.load(tmp_path / "state.npz")
+    assert np.array_equal(other.successors, drafter.successors)
+    with pytest.raises(ValueError, match="shape"):
+        TokenRecycling(vocab_size=11, k=2, template=[(0,)]).load(tmp_path / "state.npz")
