@@ -58,6 +58,8 @@ class Model:
         if (prompt is None) == (messages is None):
             raise ValueError("give exactly one of prompt or messages")
         if prompt is not None:
+            if not isinstance(prompt, str):
+                raise ValueError(f"the prompt must be a string, got {type(prompt).__name__}")
             if not prompt.strip():
                 raise ValueError("the prompt is empty")
             if not chat:

@@ -70,7 +70,7 @@ def _library() -> ctypes.CDLL | None:
     library.freespec_linear.restype = None
     library.freespec_tree_attention.argtypes = (
         [ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 5
-        + [ctypes.c_float] + [ctypes.c_void_p] * 2
+        + [ctypes.c_float] + [ctypes.c_void_p] * 3
     )
     library.freespec_tree_attention.restype = None
     return library
@@ -105,13 +105,14 @@ def tree_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pa
     library = _library()
     if library is None:
         raise RuntimeError("the freespec kernels are not available on this machine")
-    # each row's visible tree nodes in ascending (= depth) order, as cache rows
+    # each row's visible tree nodes in ascending (= depth) order
     count = tree_mask.sum(dim=1)
-    columns = torch.where(tree_mask, torch.arange(n), n).sort(dim=1).values + past  # [n, n]
-    q = q.contiguous()
+    nodes = torch.where(tree_mask, torch.arange(n), n).sort(dim=1).values  # [n, n]
+    grouped = q.view(n, kv_heads, heads // kv_heads, dim).transpose(0, 1).contiguous()  # [kv_heads, n * group, dim]
     out = torch.empty(n, heads, dim)
-    scratch = torch.empty(n * heads, past + n)
+    scores = torch.empty(heads * n, past + n)
+    probs = torch.empty(heads * n, past + n)
     library.freespec_tree_attention(
-        q.data_ptr(), keys.data_ptr(), values.data_ptr(), capacity, columns.data_ptr(), count.data_ptr(),
-        past, n, heads, kv_heads, dim, scale, out.data_ptr(), scratch.data_ptr())
+        grouped.data_ptr(), keys.data_ptr(), values.data_ptr(), capacity, nodes.data_ptr(), count.data_ptr(),
+        past, n, heads, kv_heads, dim, scale, out.data_ptr(), scores.data_ptr(), probs.data_ptr())
     return out

@@ -94,3 +94,7 @@ def test_bad_requests_are_refused():
         model.generate(prompt_ids=[1, 2], drafter="magic")
     with pytest.raises(ValueError, match="prompt is empty"):
         model.generate("   ")
+    with pytest.raises(ValueError, match="must be a string, got int"):
+        model.generate(42)
+    with pytest.raises(ValueError, match="budget must be >= 0"):
+        model.generate(prompt_ids=[1, 2], budget=-1)

@@ -104,72 +104,83 @@ static inline __m256 exp_nonpositive(__m256 x) {
     return _mm256_mul_ps(y, _mm256_castsi256_ps(exponent));
 }
 
-static inline float dot(const float *a, const float *b, int64_t D) {
-    const int64_t d8 = D & ~(int64_t)7;
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t d = 0; d < d8; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc);
-    return finish(acc, a, b, d8, D);
-}
-
 /* Tree attention whose result depends only on the *logical* key sequence of each query.
  *
- * Query i (head h) attends to cache rows [0, past) and then to rows key_rows[i, 0..count[i]):
- * its ancestors in depth order and itself. Plain decoding sees the same keys in the same order,
- * only at other cache rows, so every sum below runs in the same order in both modes.
- * q: [n, H, D]; keys/values: [KV, capacity, D] of one layer; out: [n, H, D];
- * scratch: [n * H, past + n] floats.
+ * Query i attends to cache rows [0, past) and then to the new rows past + key_nodes[i, 0..count[i]):
+ * its ancestors in depth order, then itself. Plain decoding sees the same keys in the same
+ * order at other cache rows, so every reduction below runs identically in both modes:
+ * scores come from the batch-invariant linear kernel; the softmax and P·V run over the
+ * logical sequence.
+ * q: [kv_heads, n * group, D] (query heads grouped by their KV head); keys/values:
+ * [kv_heads, capacity, D] of one layer; out: [n, H, D];
+ * scores: [kv_heads, n * group, past + n] and probs: [n * H, past + n] floats of scratch.
  */
 void freespec_tree_attention(const float *q, const float *keys, const float *values, int64_t capacity,
-                             const int64_t *key_rows, const int64_t *count, int64_t past, int64_t n,
-                             int64_t H, int64_t KV, int64_t D, float scale, float *out, float *scratch) {
-    const int64_t group = H / KV;
-    #pragma omp parallel for schedule(dynamic, 1)
+                             const int64_t *key_nodes, const int64_t *count, int64_t past, int64_t n,
+                             int64_t H, int64_t KV, int64_t D, float scale, float *out, float *scores,
+                             float *probs) {
+    const int64_t group = H / KV, width = past + n;
+    for (int64_t g = 0; g < KV; g++)
+        freespec_linear(q + g * n * group * D, keys + g * capacity * D, scores + g * n * group * width,
+                        n * group, width, D);
+    #pragma omp parallel for schedule(static)
     for (int64_t task = 0; task < n * H; task++) {
-        const int64_t i = task / H, h = task % H;
-        const float *query = q + (i * H + h) * D;
-        const float *k_head = keys + (h / group) * capacity * D;
-        const float *v_head = values + (h / group) * capacity * D;
+        const int64_t i = task / H, h = task % H, g = h / group;
+        const float *score_row = scores + (g * n * group + i * group + h % group) * width;
+        const float *v_head = values + g * capacity * D;
         const int64_t total = past + count[i];
-        float *score = scratch + task * (past + n);
-        #define ROW(t) ((t) < past ? (t) : key_rows[i * n + (t) - past])
+        float *p = probs + task * width;
+        #define ROW(t) ((t) < past ? (t) : past + key_nodes[i * n + (t) - past])
         float top = -INFINITY;
         for (int64_t t = 0; t < total; t++) {
-            score[t] = dot(query, k_head + ROW(t) * D, D) * scale;
-            top = score[t] > top ? score[t] : top;
+            p[t] = score_row[ROW(t)] * scale;
+            top = p[t] > top ? p[t] : top;
         }
         /* p = exp(score - top), summed lane-wise by logical index; the tail is zero-padded */
         const __m256 top_v = _mm256_set1_ps(top);
         __m256 lanes = _mm256_setzero_ps();
         int64_t t = 0;
         for (; t + 8 <= total; t += 8) {
-            __m256 p = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(score + t), top_v));
-            _mm256_storeu_ps(score + t, p);
-            lanes = _mm256_add_ps(lanes, p);
+            __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(p + t), top_v));
+            _mm256_storeu_ps(p + t, e);
+            lanes = _mm256_add_ps(lanes, e);
         }
         if (t < total) {
             float padded[8] = {0};
-            for (int64_t j = t; j < total; j++) padded[j - t] = score[j] - top;
-            __m256 p = exp_nonpositive(_mm256_loadu_ps(padded));
-            p = _mm256_blendv_ps(p, _mm256_setzero_ps(),
+            for (int64_t j = t; j < total; j++) padded[j - t] = p[j] - top;
+            __m256 e = exp_nonpositive(_mm256_loadu_ps(padded));
+            e = _mm256_blendv_ps(e, _mm256_setzero_ps(),
                                  _mm256_cmp_ps(_mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7),
                                                _mm256_set1_ps((float)(total - t)), _CMP_GE_OQ));
-            _mm256_storeu_ps(padded, p);
-            for (int64_t j = t; j < total; j++) score[j] = padded[j - t];
-            lanes = _mm256_add_ps(lanes, p);
+            _mm256_storeu_ps(padded, e);
+            for (int64_t j = t; j < total; j++) p[j] = padded[j - t];
+            lanes = _mm256_add_ps(lanes, e);
         }
         const float inverse = 1.0f / horizontal_sum(lanes);
         /* out = sum_t p_t v_t in logical order, then normalise */
         float *o = out + (i * H + h) * D;
-        for (int64_t d = 0; d < D; d++) o[d] = 0.0f;
-        for (int64_t t2 = 0; t2 < total; t2++) {
-            const float p = score[t2];
-            const float *v = v_head + ROW(t2) * D;
-            int64_t d = 0;
-            const __m256 pv = _mm256_set1_ps(p);
-            for (; d + 8 <= D; d += 8) _mm256_storeu_ps(o + d, _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + d), _mm256_loadu_ps(o + d)));
-            for (; d < D; d++) o[d] += p * v[d];
+        if (D == 64) {  /* the common head size: accumulate in registers */
+            __m256 acc[8];
+            for (int d = 0; d < 8; d++) acc[d] = _mm256_setzero_ps();
+            for (int64_t t2 = 0; t2 < total; t2++) {
+                const __m256 pv = _mm256_set1_ps(p[t2]);
+                const float *v = v_head + ROW(t2) * D;
+                for (int d = 0; d < 8; d++) acc[d] = _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + 8 * d), acc[d]);
+            }
+            const __m256 inverse_v = _mm256_set1_ps(inverse);
+            for (int d = 0; d < 8; d++) _mm256_storeu_ps(o + 8 * d, _mm256_mul_ps(acc[d], inverse_v));
+        } else {
+            for (int64_t d = 0; d < D; d++) o[d] = 0.0f;
+            for (int64_t t2 = 0; t2 < total; t2++) {
+                const float pt = p[t2];
+                const float *v = v_head + ROW(t2) * D;
+                const __m256 pv = _mm256_set1_ps(pt);
+                int64_t d = 0;
+                for (; d + 8 <= D; d += 8) _mm256_storeu_ps(o + d, _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + d), _mm256_loadu_ps(o + d)));
+                for (; d < D; d++) o[d] += pt * v[d];
+            }
+            for (int64_t d = 0; d < D; d++) o[d] *= inverse;
         }
-        for (int64_t d = 0; d < D; d++) o[d] *= inverse;
         #undef ROW
     }
 }

@@ -1,0 +1,231 @@
+"""The ``freespec`` command: stream one completion, run a JSONL batch, or measure forward costs.
+
+Every input the user can fix (arguments, input lines, prompts the model cannot take, models that
+cannot be found) is reported as one line, ``freespec: error: ...``, with exit status 2, so
+scripts get a stable message instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import NoReturn
+
+import torch
+from tqdm import tqdm
+from transformers.utils import logging as transformers_logging
+
+from freespec.api import Model, load
+from freespec.calibrate import load_or_measure
+from freespec.drafters import DRAFTERS
+from freespec.engine import Generation, GenerationStats
+from freespec.loading import ModelLoadError
+from freespec.runner import UnsupportedModelError
+
+USAGE_ERROR = 2
+INTERRUPTED = 130
+
+
+class UsageError(Exception):
+    """Bad input the user can fix: printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Reports argument errors like every other user error (subcommand parsers inherit this)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="freespec", description="Lossless speculative decoding on the CPU.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    model_options = _Parser(add_help=False)
+    model_options.add_argument("--model", help="model directory, .gguf file or hub id "
+                               "(default: the embedded SmolLM2-135M-Instruct)")
+    model_options.add_argument("--threads", type=_positive_int, metavar="N", help="torch CPU threads")
+    model_options.add_argument("--quiet", action="store_true", help="no statistics, no progress bars")
+
+    generate = commands.add_parser("generate", parents=[model_options], help="generate text",
+                                   description="Stream one completion to stdout, or run a JSONL batch.")
+    generate.add_argument("prompt", nargs="?", metavar="PROMPT", help="the prompt (omit with --input)")
+    generate.add_argument("--drafter", choices=DRAFTERS, default="recycling",
+                          help="draft source; none is plain greedy decoding (default: recycling)")
+    generate.add_argument("--max-new-tokens", type=_positive_int, default=256, metavar="N",
+                          help="most tokens to generate per prompt (default: 256)")
+    generate.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
+                          help="apply the model's chat template to prompts (default: on)")
+    generate.add_argument("--budget", type=_positive_int, metavar="N",
+                          help="fixed draft nodes per step (default: chosen from measured costs)")
+    generate.add_argument("--input", metavar="FILE", help="JSONL requests, one "
+                          '{"prompt": ...} or {"messages": [...]} per line, optional "max_new_tokens"')
+    generate.add_argument("--output", metavar="FILE", help="JSONL results, one line per request, "
+                          "written as each finishes")
+    generate.set_defaults(run=_generate)
+
+    calibrate = commands.add_parser("calibrate", parents=[model_options], help="measure forward costs",
+                                    description="Measure t(q), the cost of a forward pass over q tokens, "
+                                                "and cache it for the budget policy.")
+    calibrate.add_argument("--repeats", type=_positive_int, default=3, metavar="N",
+                           help="timed runs per size; the median is kept (default: 3)")
+    calibrate.set_defaults(run=_calibrate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; return the exit status."""
+    try:
+        args = _parser().parse_args(argv)
+        args.run(args)
+    except UsageError as error:
+        print(f"freespec: error: {error}", file=sys.stderr)
+        return USAGE_ERROR
+    except KeyboardInterrupt:
+        print("freespec: interrupted", file=sys.stderr)
+        return INTERRUPTED
+    return 0
+
+
+def _load(args: argparse.Namespace, budget: int | None = None) -> Model:
+    if args.quiet or not sys.stderr.isatty():
+        transformers_logging.disable_progress_bar()  # it draws them into files and pipes too
+    try:
+        return load(args.model, threads=args.threads, budget=budget)
+    except (ModelLoadError, UnsupportedModelError) as error:
+        raise UsageError(str(error)) from None
+
+
+def _start(model: Model, args: argparse.Namespace, request: dict, where: str = "") -> Generation:
+    """Encode and check one request: freespec raises ValueError with a readable message for bad input."""
+    try:
+        return model.stream(request.get("prompt"), messages=request.get("messages"),
+                            max_new_tokens=request.get("max_new_tokens", args.max_new_tokens),
+                            drafter=args.drafter, chat=args.chat)
+    except ValueError as error:
+        raise UsageError(f"{where}{error}") from None
+
+
+def _summary(stats: GenerationStats, drafter: str) -> str:
+    return (f"{stats.new_tokens} tokens, {stats.forward_passes} forward passes, "
+            f"τ {stats.mean_accepted:.2f} tokens/pass, {stats.tokens_per_second:.1f} tokens/s "
+            f"({stats.seconds:.2f} s, drafter {drafter})")
+
+
+def _generate(args: argparse.Namespace) -> None:
+    if args.input is None and args.output is None:
+        if args.prompt is None:
+            raise UsageError("give a PROMPT, or --input and --output for a batch")
+        if not args.prompt.strip():
+            raise UsageError("the prompt is empty")
+        _generate_one(args)
+    elif args.input is None or args.output is None:
+        raise UsageError("--input and --output go together")
+    elif args.prompt is not None:
+        raise UsageError("give either PROMPT or --input/--output, not both")
+    else:
+        _generate_batch(args)
+
+
+def _generate_one(args: argparse.Namespace) -> None:
+    """Print text as it is accepted.
+
+    The whole token list is decoded each time, since a token's text can depend on its neighbours
+    (leading spaces, a character split across byte tokens); an incomplete trailing character
+    (U+FFFD) waits for the next chunk.
+    """
+    model = _load(args, args.budget)
+    generation = _start(model, args, {"prompt": args.prompt})
+    shown = ""
+    for _ in generation:
+        text = model.decode(generation.token_ids)
+        if not text.endswith("\ufffd"):
+            sys.stdout.write(text[len(shown):])
+            sys.stdout.flush()
+            shown = text
+    sys.stdout.write(model.decode(generation.token_ids)[len(shown):] + "\n")
+    sys.stdout.flush()
+    if not args.quiet:
+        print(f"[freespec] {_summary(generation.stats, args.drafter)}", file=sys.stderr)
+
+
+def _read_lines(path: str) -> list[str]:
+    try:
+        with open(path, encoding="utf-8") as file:  # splits on newlines only, unlike str.splitlines
+            return file.readlines()
+    except OSError as error:
+        raise UsageError(f"cannot read {path}: {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{path} is not UTF-8 text") from None
+
+
+def _parse_request(line: str, where: str) -> dict:
+    """One input line as a request, shape-checked; the model checks the content (length, chat)."""
+    try:
+        request = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise UsageError(f"{where}invalid JSON ({error.msg} at column {error.colno})") from None
+    if not isinstance(request, dict):
+        raise UsageError(f"{where}expected a JSON object, got {type(request).__name__}")
+    if ("prompt" in request) == ("messages" in request):
+        raise UsageError(f'{where}give exactly one of "prompt" or "messages"')
+    if "prompt" in request and not (isinstance(request["prompt"], str) and request["prompt"].strip()):
+        raise UsageError(f'{where}"prompt" must be a non-empty string')
+    if "messages" in request and not isinstance(request["messages"], list):
+        raise UsageError(f'{where}"messages" must be a list of {{"role": ..., "content": ...}} objects')
+    limit = request.get("max_new_tokens", 1)
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
+        raise UsageError(f'{where}"max_new_tokens" must be a positive integer, got {json.dumps(limit)}')
+    return request
+
+
+def _generate_batch(args: argparse.Namespace) -> None:
+    """Run each request in turn, writing its result at once so an interrupted batch keeps them."""
+    requests = [(number, line) for number, line in enumerate(_read_lines(args.input), 1) if line.strip()]
+    try:
+        output = open(args.output, "w", encoding="utf-8")
+    except OSError as error:
+        raise UsageError(f"cannot write {args.output}: {error.strerror}") from None
+    total = GenerationStats()
+    with output, tqdm(total=len(requests), unit="prompt", disable=True if args.quiet else None) as progress:
+        model = _load(args, args.budget)
+        for number, line in requests:
+            where = f"{args.input} line {number}: "
+            request = _parse_request(line, where)
+            generation = _start(model, args, request, where)
+            for _ in generation:
+                pass
+            result = {**request, "text": model.decode(generation.token_ids), "token_ids": generation.token_ids,
+                      "finish_reason": generation.finish_reason, "stats": generation.stats.as_dict()}
+            output.write(json.dumps(result, ensure_ascii=False) + "\n")
+            output.flush()
+            progress.update()
+            stats = generation.stats
+            total.new_tokens += stats.new_tokens
+            total.forward_passes += stats.forward_passes
+            total.prefill_seconds += stats.prefill_seconds
+            total.decode_seconds += stats.decode_seconds
+    if not args.quiet:
+        print(f"[freespec] {len(requests)} prompts → {args.output}: {_summary(total, args.drafter)}",
+              file=sys.stderr)
+
+
+def _calibrate(args: argparse.Namespace) -> None:
+    model = _load(args)
+    if not args.quiet:
+        print(f"measuring {model.name} on {torch.get_num_threads()} threads ...", file=sys.stderr)
+    costs = load_or_measure(model.runner, force=True, repeats=args.repeats)
+    print(f"{'q':>4} {'ms':>9} {'× t(1)':>7}")
+    for q, seconds in costs.items():
+        print(f"{q:>4} {seconds * 1000:>9.3f} {seconds / costs[1]:>7.2f}")
