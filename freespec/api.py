@@ -35,6 +35,7 @@ class Model:
     def __init__(self, loaded: LoadedModel, budget: int | None = None):
         self.name = loaded.name
         self.tokenizer = loaded.tokenizer
+        self.hf_model = loaded.model  # the transformers model, for peers such as HF generate
         self.runner = ModelRunner(loaded.model)
         self.fixed_budget = budget
         self._drafters: dict[str, tuple[TokenRecycling, BudgetPolicy]] = {}

@@ -7,7 +7,9 @@ when it would not pay.
 
 tau(b) is learned online. Drafters order nodes best-first, so from one step verified with budget
 B we also learn what any smaller budget b would have accepted: the accepted path cut at the first
-node with index > b. Larger budgets are probed every ``explore_every`` steps, one size up.
+node with index > b. Every ``explore_every`` steps the policy probes about twice the current best
+size (at least ``min_probe`` nodes), which climbs quickly and keeps a drafter that learns from
+verified nodes (Token Recycling) fed even while speculation is switched off.
 """
 
 from __future__ import annotations
@@ -32,13 +34,15 @@ def accepted_within(path: list[int], budget: int) -> int:
 
 
 class BudgetPolicy:
-    def __init__(self, cost: dict[int, float], candidates: list[int], explore_every: int = 4, smoothing: float = 0.05):
+    def __init__(self, cost: dict[int, float], candidates: list[int], explore_every: int = 4, smoothing: float = 0.05,
+                 min_probe: int = 3):
         """``cost``: seconds (or any unit) per forward of q tokens, for some q ≥ 1.
         ``candidates``: the draft sizes to choose among (0 is added: plain decoding)."""
         self._cost_q = np.array(sorted(cost), dtype=float)
         self._cost_t = np.array([cost[q] for q in sorted(cost)], dtype=float)
         self.candidates = sorted(set([0, *candidates]))
         self.explore_every = explore_every
+        self.min_probe = min_probe
         self.smoothing = smoothing
         self.tau: dict[int, float] = {0: 1.0}  # estimated mean accepted length per candidate
         self._step = 0
@@ -55,9 +59,10 @@ class BudgetPolicy:
         self._step += 1
         best = self.best(limit)
         if self._step % self.explore_every == 0:
+            target = max(2 * best, self.min_probe)
             larger = [b for b in self.candidates if best < b <= limit]
             if larger:
-                return larger[0]
+                return min(larger, key=lambda b: abs(b - target))
         return best
 
     def observe(self, budget: int, path: list[int]) -> None:

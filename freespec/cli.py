@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import NoReturn
 
 import torch
@@ -81,6 +82,22 @@ def _parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--repeats", type=_positive_int, default=3, metavar="N",
                            help="timed runs per size; the median is kept (default: 3)")
     calibrate.set_defaults(run=_calibrate)
+
+    bench = commands.add_parser("bench", parents=[model_options], help="benchmark methods on Spec-Bench",
+                                description="Run methods over the same questions; write results.jsonl, "
+                                            "summary.json and summary.md.")
+    bench.add_argument("--methods", default="none,recycling,hf-greedy",
+                       help="comma-separated: drafters (" + ", ".join(DRAFTERS) + ") and peers (hf-greedy)")
+    bench.add_argument("--questions", type=Path, default=None, metavar="FILE",
+                       help="Spec-Bench-format JSONL (default: shared/data/spec_bench/question.jsonl)")
+    bench.add_argument("--categories", help="comma-separated categories to keep")
+    bench.add_argument("--per-category", type=_positive_int, metavar="N", help="first N questions of each category")
+    bench.add_argument("--limit", type=_positive_int, metavar="N", help="at most N questions")
+    bench.add_argument("--max-new-tokens", type=_positive_int, default=256, metavar="N")
+    bench.add_argument("--baseline", default="hf-greedy", help="method speedups are relative to")
+    bench.add_argument("--out", type=Path, default=Path("bench-out"), metavar="DIR")
+    bench.add_argument("--resume", action="store_true", help="keep results.jsonl and skip what it holds")
+    bench.set_defaults(run=_bench)
     return parser
 
 
@@ -229,3 +246,28 @@ def _calibrate(args: argparse.Namespace) -> None:
     print(f"{'q':>4} {'ms':>9} {'× t(1)':>7}")
     for q, seconds in costs.items():
         print(f"{q:>4} {seconds * 1000:>9.3f} {seconds / costs[1]:>7.2f}")
+
+
+def _bench(args: argparse.Namespace) -> None:
+    from freespec import bench
+
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = [m for m in methods if m not in DRAFTERS and m not in bench.PEERS]
+    if unknown or not methods:
+        raise UsageError(f"unknown methods: {', '.join(unknown) or '(none given)'}; "
+                         f"choose from {', '.join(DRAFTERS + bench.PEERS)}")
+    if args.baseline not in methods:
+        raise UsageError(f"the baseline {args.baseline} is not among --methods")
+    try:
+        questions = bench.load_questions(args.questions or bench.DEFAULT_QUESTIONS,
+                                         args.categories.split(",") if args.categories else None,
+                                         args.per_category, args.limit)
+    except bench.BenchError as error:
+        raise UsageError(str(error)) from None
+    model = _load(args)
+    bench.run_bench(model, questions, methods, args.out, args.max_new_tokens, args.resume, progress=not args.quiet)
+    command = "freespec bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "freespec bench"
+    summary = bench.write_reports(args.out, args.baseline, command)
+    print((args.out / "summary.md").read_text())
+    if not args.quiet:
+        print(f"[freespec] {len(questions)} questions → {args.out}/ ({summary['machine']})", file=sys.stderr)

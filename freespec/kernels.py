@@ -73,6 +73,8 @@ def _library() -> ctypes.CDLL | None:
         + [ctypes.c_float] + [ctypes.c_void_p] * 3
     )
     library.freespec_tree_attention.restype = None
+    library.freespec_rope_store.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 6 + [ctypes.c_void_p]
+    library.freespec_rope_store.restype = None
     return library
 
 
@@ -93,26 +95,42 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return out if bias is None else out + bias
 
 
-def tree_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, past: int,
-                   tree_mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """Attention of n new tokens over a layer's cache, batch-invariant (needs the built kernels).
+class TreeAttention:
+    """Batch-invariant attention of n new tokens over the KV cache (needs the built kernels).
 
-    q: [n, heads, dim]; keys, values: [kv_heads, capacity, dim] with the new tokens already
-    written at rows past..past+n; tree_mask: [n, n] bool (ancestor-or-self). Returns [n, heads, dim].
+    Built once per forward pass: the tree layout, rotary tables and scratch buffers are shared
+    by all layers. Each call rotates the layer's fresh queries and keys, writes keys and values
+    to the cache after the ``past`` committed rows, and attends.
     """
-    n, heads, dim = q.shape
-    kv_heads, capacity, _ = keys.shape
-    library = _library()
-    if library is None:
-        raise RuntimeError("the freespec kernels are not available on this machine")
-    # each row's visible tree nodes in ascending (= depth) order
-    count = tree_mask.sum(dim=1)
-    nodes = torch.where(tree_mask, torch.arange(n), n).sort(dim=1).values  # [n, n]
-    grouped = q.view(n, kv_heads, heads // kv_heads, dim).transpose(0, 1).contiguous()  # [kv_heads, n * group, dim]
-    out = torch.empty(n, heads, dim)
-    scores = torch.empty(heads * n, past + n)
-    probs = torch.empty(heads * n, past + n)
-    library.freespec_tree_attention(
-        grouped.data_ptr(), keys.data_ptr(), values.data_ptr(), capacity, nodes.data_ptr(), count.data_ptr(),
-        past, n, heads, kv_heads, dim, scale, out.data_ptr(), scores.data_ptr(), probs.data_ptr())
-    return out
+
+    def __init__(self, past: int, tree_mask: torch.Tensor, heads: int, kv_heads: int, dim: int, scale: float,
+                 cos: torch.Tensor | None, sin: torch.Tensor | None):
+        self._library = _library()
+        if self._library is None:
+            raise RuntimeError("the freespec kernels are not available on this machine")
+        n = tree_mask.shape[0]
+        self.past, self.n, self.heads, self.kv_heads, self.dim, self.scale = past, n, heads, kv_heads, dim, scale
+        # cos, sin: [n, dim] or None (no rotary)
+        self._cos = None if cos is None else cos.contiguous()
+        self._sin = None if sin is None else sin.contiguous()
+        # each row's visible tree nodes in ascending (= depth) order
+        self._count = tree_mask.sum(dim=1)
+        self._nodes = torch.where(tree_mask, torch.arange(n), n).sort(dim=1).values  # [n, n]
+        self._queries = torch.empty(kv_heads, n * (heads // kv_heads), dim)
+        self._scores = torch.empty(heads * n, past + n)
+        self._probs = torch.empty(heads * n, past + n)
+
+    def __call__(self, qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """qkv: [n, (heads + 2 kv_heads) dim]; keys, values: [kv_heads, capacity, dim]. → [n, heads * dim]."""
+        n, heads, kv_heads, dim = self.n, self.heads, self.kv_heads, self.dim
+        qkv = qkv.contiguous()
+        cos = 0 if self._cos is None else self._cos.data_ptr()
+        sin = 0 if self._sin is None else self._sin.data_ptr()
+        self._library.freespec_rope_store(qkv.data_ptr(), cos, sin, keys.data_ptr(), values.data_ptr(), keys.shape[1],
+                                          self.past, n, heads, kv_heads, dim, self._queries.data_ptr())
+        out = torch.empty(n, heads * dim)
+        self._library.freespec_tree_attention(
+            self._queries.data_ptr(), keys.data_ptr(), values.data_ptr(), keys.shape[1], self._nodes.data_ptr(),
+            self._count.data_ptr(), self.past, n, heads, kv_heads, dim, self.scale, out.data_ptr(),
+            self._scores.data_ptr(), self._probs.data_ptr())
+        return out

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
-from freespec.kernels import kernel_available, linear, tree_attention
+from freespec.kernels import TreeAttention, kernel_available, linear
 
 LLAMA_STYLE = ("llama", "mistral", "qwen2", "qwen3")
 GPT2_STYLE = ("gpt2",)
@@ -41,6 +41,11 @@ def _fused(modules: Sequence[torch.nn.Module]) -> tuple[torch.Tensor, torch.Tens
         return weight, None
     biases = [m.bias if m.bias is not None else torch.zeros(m.weight.shape[0]) for m in modules]
     return weight, _contiguous(torch.cat(biases))
+
+
+def _rms_norm(x: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
+    """The model's RMSNorm module as one fused op (its eager version is seven small ops)."""
+    return F.rms_norm(x, module.weight.shape, module.weight, module.variance_epsilon)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -191,65 +196,70 @@ class ModelRunner:
         end = self.length + tokens.shape[0]
         if end > self.capacity:
             raise ValueError(f"cache overflow: {end} rows needed, capacity {self.capacity}")
-        exact = exact and kernel_available()
         with torch.inference_mode():
+            cos = sin = None
             if self.family in LLAMA_STYLE:
-                return self._forward_llama(tokens, positions, tree_mask, exact)
-            return self._forward_gpt2(tokens, positions, tree_mask, exact)
+                cos, sin = self._rotary(self._embed[:1], positions.unsqueeze(0))  # [1, n, head_dim] each
+                cos, sin = cos[0], sin[0]
+            if exact and kernel_available():
+                attention = TreeAttention(self.length, tree_mask, self.num_heads, self.num_kv_heads, self.head_dim,
+                                          self.scale, cos, sin)
+            else:
+                attention = self._sdpa(tree_mask, cos, sin)
+            if self.family in LLAMA_STYLE:
+                return self._forward_llama(tokens, attention)
+            return self._forward_gpt2(tokens, positions, attention)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[q, hidden] → [q, vocab] fp32 logits."""
         with torch.inference_mode():
             return linear(hidden, self._lm_head, self._lm_head_bias)
 
-    def _attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tree_mask: torch.Tensor,
-                exact: bool) -> torch.Tensor:
-        # q: [n, heads, head_dim]; k, v: [n, kv_heads, head_dim]; tree_mask: [n, n] → [n, heads * head_dim]
-        n = q.shape[0]
-        start, end = self.length, self.length + n
-        self._keys[layer, :, start:end] = k.transpose(0, 1)
-        self._values[layer, :, start:end] = v.transpose(0, 1)
-        if exact:
-            out = tree_attention(q, self._keys[layer], self._values[layer], start, tree_mask, self.scale)
-            return out.reshape(n, self.num_heads * self.head_dim)
-        mask = torch.cat([torch.ones(n, start, dtype=torch.bool), tree_mask], dim=1)
-        out = F.scaled_dot_product_attention(
-            q.transpose(0, 1).unsqueeze(0),
-            self._keys[layer, :, :end].unsqueeze(0),
-            self._values[layer, :, :end].unsqueeze(0),
-            attn_mask=mask,
-            scale=self.scale,
-            enable_gqa=self.num_kv_heads != self.num_heads,
-        )  # [1, heads, n, head_dim]
-        return out[0].transpose(0, 1).reshape(n, self.num_heads * self.head_dim)
-
-    def _forward_llama(self, tokens, positions, tree_mask, exact) -> torch.Tensor:
-        n = tokens.shape[0]
+    def _sdpa(self, tree_mask: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None):
+        """torch's rotary, cache writes and attention: faster on long sequences (prefill), not
+        batch-invariant. Same contract as :class:`freespec.kernels.TreeAttention`."""
+        n, start = tree_mask.shape[0], self.length
         heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
-        h = self._embed[tokens]  # [n, hidden]
-        cos, sin = self._rotary(h, positions.unsqueeze(0))  # [1, n, head_dim] each
-        cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # [n, 1, head_dim]
-        for index, w in enumerate(self._layers):
-            qkv = linear(w["attn_norm"](h), w["qkv"], w["qkv_bias"])  # [n, (heads + 2 kv_heads) dim]
-            q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
-            q, k, v = q.view(n, heads, dim), k.view(n, kv_heads, dim), v.view(n, kv_heads, dim)
-            if w["q_norm"] is not None:
-                q, k = w["q_norm"](q), w["k_norm"](k)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
-            attended = self._attend(index, q, k, v, tree_mask, exact)
-            h = h + linear(attended, w["o"], w["o_bias"])
-            gate, up = linear(w["mlp_norm"](h), w["gate_up"], w["gate_up_bias"]).chunk(2, dim=-1)
-            h = h + linear(self._act(gate) * up, w["down"], w["down_bias"])
-        return self._final_norm(h)
+        mask = torch.cat([torch.ones(n, start, dtype=torch.bool), tree_mask], dim=1)
+        if cos is not None:
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [n, 1, head_dim]
 
-    def _forward_gpt2(self, tokens, positions, tree_mask, exact) -> torch.Tensor:
-        n = tokens.shape[0]
-        heads, dim = self.num_heads, self.head_dim
+        def attend(qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+            qk, v = qkv.view(n, heads + 2 * kv_heads, dim).split([heads + kv_heads, kv_heads], dim=1)
+            if cos is not None:
+                qk = qk * cos + _rotate_half(qk) * sin
+            q, k = qk.split([heads, kv_heads], dim=1)
+            keys[:, start : start + n] = k.transpose(0, 1)
+            values[:, start : start + n] = v.transpose(0, 1)
+            out = F.scaled_dot_product_attention(
+                q.transpose(0, 1).unsqueeze(0), keys[:, : start + n].unsqueeze(0), values[:, : start + n].unsqueeze(0),
+                attn_mask=mask, scale=self.scale, enable_gqa=kv_heads != heads,
+            )  # [1, heads, n, head_dim]
+            return out[0].transpose(0, 1).reshape(n, heads * dim)
+
+        return attend
+
+    def _forward_llama(self, tokens, attention) -> torch.Tensor:
+        h = self._embed[tokens]  # [n, hidden]
+        for index, w in enumerate(self._layers):
+            qkv = linear(_rms_norm(h, w["attn_norm"]), w["qkv"], w["qkv_bias"])  # [n, (heads + 2 kv_heads) head_dim]
+            if w["q_norm"] is not None:
+                qkv = self._norm_queries_and_keys(qkv, w)
+            h = h + linear(attention(qkv, self._keys[index], self._values[index]), w["o"], w["o_bias"])
+            gate, up = linear(_rms_norm(h, w["mlp_norm"]), w["gate_up"], w["gate_up_bias"]).chunk(2, dim=-1)
+            h = h + linear(self._act(gate) * up, w["down"], w["down_bias"])
+        return _rms_norm(h, self._final_norm)
+
+    def _norm_queries_and_keys(self, qkv: torch.Tensor, w: dict) -> torch.Tensor:
+        """Qwen3's per-head RMSNorm of queries and keys, before the rotary embedding."""
+        n, heads, kv_heads, dim = qkv.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        q, k, v = qkv.view(n, heads + 2 * kv_heads, dim).split([heads, kv_heads, kv_heads], dim=1)
+        return torch.cat([_rms_norm(q, w["q_norm"]), _rms_norm(k, w["k_norm"]), v], dim=1).view(n, -1)
+
+    def _forward_gpt2(self, tokens, positions, attention) -> torch.Tensor:
         h = self._embed[tokens] + self._positions[positions]
         for index, w in enumerate(self._layers):
             qkv = linear(w["attn_norm"](h), w["qkv"], w["qkv_bias"])
-            q, k, v = (t.view(n, heads, dim) for t in qkv.split(heads * dim, dim=-1))
-            h = h + linear(self._attend(index, q, k, v, tree_mask, exact), w["o"], w["o_bias"])
+            h = h + linear(attention(qkv, self._keys[index], self._values[index]), w["o"], w["o_bias"])
             h = h + linear(self._act(linear(w["mlp_norm"](h), w["up"], w["up_bias"])), w["down"], w["down_bias"])
         return self._final_norm(h)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config
 
 WORDS = ["<eos>", "<unk>", "<|user|>", "<|assistant|>"] + [f"w{i}" for i in range(252)]
 CHAT_TEMPLATE = (
@@ -25,6 +25,9 @@ def tiny_config(family: str, vocab: int = len(WORDS)):
     if family == "qwen2":
         return Qwen2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                            num_key_value_heads=1, max_position_embeddings=512, **common)
+    if family == "qwen3":  # per-head RMSNorm on queries and keys
+        return Qwen3Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, head_dim=16, max_position_embeddings=512, **common)
     if family == "gpt2":
         return GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=512, **common)
     raise ValueError(family)

@@ -22,20 +22,22 @@ def generate(model, prompt, drafter, max_new_tokens=48):
     return model.generate(prompt_ids=prompt, drafter=drafter, max_new_tokens=max_new_tokens)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gpt2"])
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("budget", [1, 4, 16, 80, None])
 def test_recycling_equals_plain_greedy(family, seed, budget):
     model = make_model(family, seed, budget)
+    tokens = passes = 0
     for prompt in PROMPTS:
         plain = generate(model, prompt, "none")
         fast = generate(model, prompt, "recycling")
         assert fast.token_ids == plain.token_ids
         assert fast.finish_reason == plain.finish_reason
         assert fast.stats.new_tokens == len(plain.token_ids)
-    # across requests the matrix stays warm, so drafts hit: the test exercises acceptance paths
-    if budget and budget >= 4:
-        assert fast.stats.mean_accepted > 1.2
+        tokens, passes = tokens + fast.stats.new_tokens, passes + fast.stats.forward_passes
+    # the matrix stays warm across requests, so drafts get accepted: acceptance paths are exercised
+    if budget and budget >= 4 and tokens >= 40:
+        assert tokens / passes > 1.2
 
 
 @pytest.mark.parametrize("max_new_tokens", [1, 2, 3, 7, 33])

@@ -29,7 +29,7 @@ def test_kernel_matches_torch_and_is_batch_invariant(k):
     torch.testing.assert_close(kernels.linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-4)  # BLAS path above 64 rows
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gpt2"])
 def test_runner_matches_transformers_and_commits_tree_paths(family):
     model = tiny_model(family, seed=1)
     runner = ModelRunner(model)
@@ -49,9 +49,10 @@ def test_runner_matches_transformers_and_commits_tree_paths(family):
     torch.testing.assert_close(tail, reference[23:30], rtol=1e-4, atol=1e-4)
 
 
-def test_tree_logits_equal_one_token_logits_bitwise():
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gpt2"])
+def test_tree_logits_equal_one_token_logits_bitwise(family):
     """Verification and plain decoding compute a token's logits identically (the lossless core)."""
-    runner = ModelRunner(tiny_model("llama", seed=2))
+    runner = ModelRunner(tiny_model(family, seed=2))
     ids = torch.randint(runner.vocab_size, (12,), generator=torch.Generator().manual_seed(1))
     runner.reset(32)
     runner.prefill(ids[:8])

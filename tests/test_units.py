@@ -66,6 +66,15 @@ def test_policy_turns_speculation_off_when_it_does_not_pay():
     assert cheap.best(limit=5) == 0  # no room for 8 nodes
 
 
+def test_policy_probes_about_twice_the_best_size():
+    policy = BudgetPolicy({1: 1.0, 81: 2.0}, candidates=[1, 3, 7, 15, 31, 80], explore_every=2)
+    assert [policy.choose(limit=100) for _ in range(2)] == [0, 3]  # nothing known: probe min_probe
+    policy.tau.update({3: 1.5, 7: 1.9})
+    assert policy.best(limit=100) == 7
+    assert [policy.choose(limit=100) for _ in range(2)] == [7, 15]
+    assert [policy.choose(limit=10) for _ in range(2)] == [7, 7]  # no room above 7 within the limit
+
+
 def test_order_template_parents_first_and_by_score():
     ordered = order_template(PAPER_TEMPLATE, np.array([0.5, 0.2, 0.1, 0.05, 0.04, 0.03, 0.02, 0.01]))
     assert len(ordered) == 80 and ordered[:3] == [(0,), (0, 0), (1,)]

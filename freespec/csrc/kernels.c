@@ -184,3 +184,41 @@ void freespec_tree_attention(const float *q, const float *keys, const float *val
         #undef ROW
     }
 }
+
+/* Rotary embedding of one layer's fresh q and k, plus the cache writes, in one pass.
+ * qkv: [n, (H + 2 KV) D] from the fused projection; cos, sin: [n, D] (NULL: no rotary, GPT-2);
+ * keys/values: [KV, capacity, D], rows start..start+n are written; q_out: [KV, n * group, D],
+ * the layout freespec_tree_attention reads. out[d] = x[d] cos[d] + rotate_half(x)[d] sin[d]. */
+static inline void rotate(const float *x, const float *cos, const float *sin, float *out, int64_t D) {
+    const int64_t half = D / 2;
+    if (!cos) {
+        for (int64_t d = 0; d < D; d++) out[d] = x[d];
+        return;
+    }
+    for (int64_t d = 0; d < half; d++) {
+        float a = x[d] * cos[d], b = x[d + half] * sin[d];
+        out[d] = a - b;
+    }
+    for (int64_t d = half; d < D; d++) {
+        float a = x[d] * cos[d], b = x[d - half] * sin[d];
+        out[d] = a + b;
+    }
+}
+
+void freespec_rope_store(const float *qkv, const float *cos, const float *sin, float *keys, float *values,
+                         int64_t capacity, int64_t start, int64_t n, int64_t H, int64_t KV, int64_t D,
+                         float *q_out) {
+    const int64_t group = H / KV, width = (H + 2 * KV) * D;
+    for (int64_t i = 0; i < n; i++) {
+        const float *row = qkv + i * width;
+        const float *c = cos ? cos + i * D : 0, *s = sin ? sin + i * D : 0;
+        for (int64_t h = 0; h < H; h++)
+            rotate(row + h * D, c, s, q_out + ((h / group) * n * group + i * group + h % group) * D, D);
+        for (int64_t g = 0; g < KV; g++) {
+            rotate(row + (H + g) * D, c, s, keys + (g * capacity + start + i) * D, D);
+            const float *v = row + (H + KV + g) * D;
+            float *v_out = values + (g * capacity + start + i) * D;
+            for (int64_t d = 0; d < D; d++) v_out[d] = v[d];
+        }
+    }
+}
