@@ -1,6 +1,7 @@
 """Hardware-aware tree size: verify as many draft nodes as maximises tokens per second.
 
-Verifying q tokens costs t(q) on this machine (measured by :mod:`freespec.calibrate`); a tree of
+Verifying q tokens costs t(q) on this machine (measured by :mod:`freespec.calibrate`, then refined
+from the steps actually timed, since a shared machine's speed drifts); a tree of
 b draft nodes yields on average tau(b) tokens per pass. The policy picks the b with the largest
 tau(b) / t(b + 1), where b = 0 is plain decoding (tau = 1), so speculation switches itself off
 when it would not pay.
@@ -46,6 +47,12 @@ class BudgetPolicy:
         self.smoothing = smoothing
         self.tau: dict[int, float] = {0: 1.0}  # estimated mean accepted length per candidate
         self._step = 0
+
+    def record_cost(self, q: int, seconds: float) -> None:
+        """Fold a timed step of q tokens (draft + forward + verify) into t(q)."""
+        index = np.searchsorted(self._cost_q, q)
+        if index < len(self._cost_q) and self._cost_q[index] == q:
+            self._cost_t[index] += self.smoothing * (seconds - self._cost_t[index])
 
     def cost(self, q: int) -> float:
         return float(np.interp(q, self._cost_q, self._cost_t))

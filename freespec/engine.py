@@ -97,6 +97,7 @@ class Generation:
         context = np.array(self.prompt_ids, dtype=np.int64)
         started = time.perf_counter()
         while len(self.token_ids) < self.max_new_tokens:
+            step_started = time.perf_counter()
             # draft
             room = runner.capacity - runner.length - 1
             if drafter is None:
@@ -122,6 +123,7 @@ class Generation:
             if drafter is not None:
                 drafter.update(tree, logits, path)
                 self.policy.observe(len(tree) - 1, path)
+                self.policy.record_cost(len(tree), time.perf_counter() - step_started)
             self.token_ids += emitted
             context = np.concatenate((context, emitted))
             stats.new_tokens = len(self.token_ids)

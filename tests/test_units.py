@@ -66,6 +66,17 @@ def test_policy_turns_speculation_off_when_it_does_not_pay():
     assert cheap.best(limit=5) == 0  # no room for 8 nodes
 
 
+def test_policy_learns_costs_from_timed_steps():
+    policy = BudgetPolicy({1: 1.0, 9: 4.0}, candidates=[8], smoothing=0.5)
+    policy.observe(8, [0, 1, 2])  # tau(8) = 3, but 9 tokens cost 4x: off
+    assert policy.best(limit=100) == 0
+    for _ in range(10):
+        policy.record_cost(9, 1.5)  # the machine turned out to verify 9 tokens cheaply
+    assert policy.cost(9) < 1.6 and policy.best(limit=100) == 8
+    policy.record_cost(5, 100.0)  # sizes outside the table are ignored
+    assert policy.cost(5) < 1.6
+
+
 def test_policy_probes_about_twice_the_best_size():
     policy = BudgetPolicy({1: 1.0, 81: 2.0}, candidates=[1, 3, 7, 15, 31, 80], explore_every=2)
     assert [policy.choose(limit=100) for _ in range(2)] == [0, 3]  # nothing known: probe min_probe
