@@ -50,7 +50,7 @@ def load_questions(path: Path, categories: list[str] | None = None, per_category
                    limit: int | None = None) -> list[Question]:
     """Spec-Bench JSONL: one ``{"question_id", "category", "turns": [str, ...]}`` per line."""
     if not path.is_file():
-        raise BenchError(f"questions file not found: {path}")
+        raise BenchError(f"questions file not found: {path} (pass a Spec-Bench JSONL with --questions)")
     questions, taken = [], defaultdict(int)
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
