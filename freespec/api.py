@@ -32,12 +32,13 @@ class GenerationResult:
 class Model:
     """A loaded model with its runner and its drafters' state, kept warm across requests."""
 
-    def __init__(self, loaded: LoadedModel, budget: int | None = None):
+    def __init__(self, loaded: LoadedModel, budget: int | None = None, tree: str = "dynamic"):
         self.name = loaded.name
         self.tokenizer = loaded.tokenizer
         self.hf_model = loaded.model  # the transformers model, for peers such as HF generate
         self.runner = ModelRunner(loaded.model)
         self.fixed_budget = budget
+        self.tree = tree  # Token Recycling's tree shape: "dynamic" (best-first) or "static" (paper template)
         self._drafters: dict[str, tuple[TokenRecycling, BudgetPolicy]] = {}
         self.stop_ids = self._stop_ids(loaded.model)
 
@@ -84,7 +85,7 @@ class Model:
         if name not in self._drafters:
             costs = calibrate.load_or_measure(self.runner)
             policy = BudgetPolicy(costs, candidates=[q - 1 for q in costs if q > 1])
-            self._drafters[name] = (TokenRecycling(self.runner.vocab_size), policy)
+            self._drafters[name] = (TokenRecycling(self.runner.vocab_size, tree=self.tree), policy)
         return self._drafters[name]
 
     def reset(self) -> None:
@@ -115,12 +116,14 @@ class Model:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
 
-def load(model: str | os.PathLike | None = None, *, threads: int | None = None, budget: int | None = None) -> Model:
+def load(model: str | os.PathLike | None = None, *, threads: int | None = None, budget: int | None = None,
+         tree: str = "dynamic") -> Model:
     """Load ``model`` (None: the embedded SmolLM2-135M-Instruct; a directory; a .gguf; a hub id).
 
     ``budget`` fixes the number of draft nodes per step instead of choosing it from measured costs.
-    ``threads`` sets torch's (and the kernels') thread count.
+    ``threads`` sets torch's (and the kernels') thread count. ``tree`` picks Token Recycling's tree
+    shape: ``dynamic`` (best-first by recycled probabilities) or ``static`` (the paper's template).
     """
     if threads:
         torch.set_num_threads(threads)
-    return Model(load_model(model), budget=budget)
+    return Model(load_model(model), budget=budget, tree=tree)

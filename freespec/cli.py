@@ -58,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
                                "(default: the embedded SmolLM2-135M-Instruct)")
     model_options.add_argument("--threads", type=_positive_int, metavar="N", help="torch CPU threads")
     model_options.add_argument("--quiet", action="store_true", help="no statistics, no progress bars")
+    model_options.add_argument("--tree", choices=("dynamic", "static"), default="dynamic",
+                               help="Token Recycling's tree: best-first by recycled probabilities, "
+                                    "or the paper's static template (default: dynamic)")
 
     generate = commands.add_parser("generate", parents=[model_options], help="generate text",
                                    description="Stream one completion to stdout, or run a JSONL batch.")
@@ -119,7 +122,7 @@ def _load(args: argparse.Namespace, budget: int | None = None) -> Model:
     if args.quiet or not sys.stderr.isatty():
         transformers_logging.disable_progress_bar()  # it draws them into files and pipes too
     try:
-        return load(args.model, threads=args.threads, budget=budget)
+        return load(args.model, threads=args.threads, budget=budget, tree=args.tree)
     except (ModelLoadError, UnsupportedModelError) as error:
         raise UsageError(str(error)) from None
 

@@ -143,14 +143,11 @@ class Generation:
         hidden = runner.prefill(prompt)
         if drafter is None:
             return
-        prompt_topk = None
-        if drafter.prompt_topk and len(prompt):
-            # Warm start: the model's top candidates after each of the last prompt tokens.
-            recent = hidden[-WARM_START_CHUNK:]
-            prompt_topk = torch.topk(runner.logits(recent), drafter.prompt_topk, dim=-1).indices.numpy()
-            drafter.begin(np.array(self.prompt_ids[-1 - len(recent) : -1]), prompt_topk)
+        if drafter.wants_prompt_logits and len(prompt):
+            recent = hidden[-WARM_START_CHUNK:]  # the last prompt tokens but the root
+            drafter.begin(prompt[-len(recent) :].numpy(), runner.logits(recent))
         else:
-            drafter.begin(np.array(self.prompt_ids[:-1]), None)
+            drafter.begin(prompt.numpy(), None)
 
     def _cut(self, emitted: list[int]) -> list[int]:
         """Stop after a stop token or at the token limit."""

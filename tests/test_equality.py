@@ -14,8 +14,9 @@ from freespec.loading import LoadedModel
 PROMPTS = [[2, 5, 6, 7, 3], [2, *range(40, 90), 3]]
 
 
-def make_model(family, seed, budget=None, scale=8.0):
-    return Model(LoadedModel(tiny_model(family, seed=seed, scale=scale), word_tokenizer(), family, None), budget=budget)
+def make_model(family, seed, budget=None, scale=8.0, tree="dynamic"):
+    return Model(LoadedModel(tiny_model(family, seed=seed, scale=scale), word_tokenizer(), family, None),
+                 budget=budget, tree=tree)
 
 
 def generate(model, prompt, drafter, max_new_tokens=48):
@@ -25,8 +26,9 @@ def generate(model, prompt, drafter, max_new_tokens=48):
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gpt2"])
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("budget", [1, 4, 16, 80, None])
-def test_recycling_equals_plain_greedy(family, seed, budget):
-    model = make_model(family, seed, budget)
+@pytest.mark.parametrize("tree", ["dynamic", "static"])
+def test_recycling_equals_plain_greedy(family, seed, budget, tree):
+    model = make_model(family, seed, budget, tree=tree)
     tokens = passes = 0
     for prompt in PROMPTS:
         plain = generate(model, prompt, "none")
@@ -41,8 +43,9 @@ def test_recycling_equals_plain_greedy(family, seed, budget):
 
 
 @pytest.mark.parametrize("max_new_tokens", [1, 2, 3, 7, 33])
-def test_token_limit_inside_a_draft(max_new_tokens):
-    model = make_model("llama", 0, budget=80)
+@pytest.mark.parametrize("tree", ["dynamic", "static"])
+def test_token_limit_inside_a_draft(max_new_tokens, tree):
+    model = make_model("llama", 0, budget=80, tree=tree)
     generate(model, PROMPTS[0], "recycling", 64)  # warm: later drafts accept several tokens per pass
     plain = generate(model, PROMPTS[0], "none", max_new_tokens)
     fast = generate(model, PROMPTS[0], "recycling", max_new_tokens)
@@ -50,8 +53,9 @@ def test_token_limit_inside_a_draft(max_new_tokens):
     assert fast.finish_reason == "length"
 
 
-def test_stop_token_inside_a_draft():
-    model = make_model("llama", 0, budget=80)
+@pytest.mark.parametrize("tree", ["dynamic", "static"])
+def test_stop_token_inside_a_draft(tree):
+    model = make_model("llama", 0, budget=80, tree=tree)
     reference = generate(model, PROMPTS[0], "none", 64).token_ids
     generate(model, PROMPTS[0], "recycling", 64)  # warm the matrix
     # a token first produced late in the reply, so it is reached inside an accepted draft

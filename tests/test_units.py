@@ -98,29 +98,49 @@ def test_order_template_parents_first_and_by_score():
         order_template([(0, 1)], np.ones(2))
 
 
-def test_recycling_propose_follows_matrix_and_update_recycles_topk():
-    drafter = TokenRecycling(vocab_size=20, k=2, template=[(0,), (1,), (0, 0), (0, 1)], prompt_warm_start=0)
+def test_static_tree_follows_the_matrix_and_update_recycles_topk():
+    drafter = TokenRecycling(vocab_size=20, k=2, tree="static", template=[(0,), (1,), (0, 0), (0, 1)])
     drafter.successors[7] = [3, 4]
     drafter.successors[3] = [9, 5]
     t = drafter.propose(np.array([1, 7]), budget=4)
     assert t.tokens[0] == 7
     assert sorted(zip(t.parents.tolist(), t.tokens.tolist())) == [(-1, 7), (0, 3), (0, 4), (1, 5), (1, 9)]
     assert len(drafter.propose(np.array([7]), budget=2)) == 3
-    logits = torch.zeros(len(t), 20)
+    logits = torch.full((len(t), 20), -10.0)
     logits[0, 11], logits[0, 12] = 2.0, 1.0  # after 7 the model ranks 11 then 12
     logits[1, 13], logits[1, 14] = 1.0, 3.0
     drafter.update(t, logits, accepted=[0])
     assert drafter.successors[7].tolist() == [11, 12]
     assert drafter.successors[t.tokens[1]].tolist() == [14, 13]
+    expected = torch.softmax(logits[0], dim=-1)[[11, 12]].numpy()
+    np.testing.assert_allclose(drafter.probs[7], expected, rtol=1e-5)
+
+
+def test_dynamic_tree_goes_deep_when_confident_and_wide_when_not():
+    drafter = TokenRecycling(vocab_size=10, k=2)
+    drafter.successors[1], drafter.probs[1] = [2, 3], [0.95, 0.04]  # confident chain 1→2→4→...
+    drafter.successors[2], drafter.probs[2] = [4, 5], [0.9, 0.05]
+    drafter.successors[4], drafter.probs[4] = [6, 7], [0.9, 0.05]
+    deep = drafter.propose(np.array([1]), budget=3)
+    assert deep.tokens.tolist() == [1, 2, 4, 6] and deep.depths.tolist() == [0, 1, 2, 3]
+    drafter.probs[1] = [0.5, 0.45]  # hesitant: both candidates of the root come early
+    wide = drafter.propose(np.array([1]), budget=3)
+    assert wide.tokens.tolist() == [1, 2, 3, 4] and wide.parents.tolist() == [-1, 0, 0, 1]
+    # a cold matrix (probability 0 everywhere) drafts nothing
+    assert len(TokenRecycling(vocab_size=10, k=2).propose(np.array([5]), budget=8)) == 1
 
 
 def test_recycling_warm_start_and_save_load(tmp_path):
-    drafter = TokenRecycling(vocab_size=10, k=2, template=[(0,), (1,)])
-    drafter.begin(np.array([4, 5, 6]), np.array([[1, 2], [3, 4]]))
+    drafter = TokenRecycling(vocab_size=10, k=2)
+    logits = torch.tensor([[0.0, 5.0, 4.0] + [-9.0] * 7, [0.0, 0.0, 0.0, 7.0, 6.0] + [-9.0] * 5])
+    drafter.begin(np.array([4, 5]), logits)
     assert drafter.successors[4].tolist() == [1, 2] and drafter.successors[5].tolist() == [3, 4]
+    assert drafter.probs[4][0] > drafter.probs[4][1] > 0
     drafter.save(tmp_path / "state.npz")
-    other = TokenRecycling(vocab_size=10, k=2, template=[(0,), (1,)])
+    other = TokenRecycling(vocab_size=10, k=2)
     other.load(tmp_path / "state.npz")
-    assert np.array_equal(other.successors, drafter.successors)
+    assert np.array_equal(other.successors, drafter.successors) and np.array_equal(other.probs, drafter.probs)
     with pytest.raises(ValueError, match="shape"):
         TokenRecycling(vocab_size=11, k=2, template=[(0,)]).load(tmp_path / "state.npz")
+    with pytest.raises(ValueError, match="tree must be"):
+        TokenRecycling(vocab_size=11, tree="bushy")

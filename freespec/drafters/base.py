@@ -11,12 +11,12 @@ from freespec.tree import DraftTree
 
 
 class Drafter(Protocol):
-    prompt_topk: int
-    """How many top candidates per prompt position :meth:`begin` wants (0: none, skip the work)."""
+    wants_prompt_logits: bool
+    """Whether :meth:`begin` wants the prompt's logits (computing them costs an lm_head pass)."""
 
-    def begin(self, prompt: np.ndarray, prompt_topk: np.ndarray | None) -> None:
-        """A new request starts. ``prompt_topk`` [len(prompt) - 1, prompt_topk]: the model's top
-        candidates after each prompt token but the last, when asked for."""
+    def begin(self, prompt: np.ndarray, prompt_logits: torch.Tensor | None) -> None:
+        """A new request starts. ``prompt_logits`` [len(prompt), vocab]: the model's logits after
+        each of these prompt tokens, when asked for (the last few hundred prompt tokens)."""
 
     def propose(self, context: np.ndarray, budget: int) -> DraftTree:
         """A tree rooted at ``context[-1]`` with at most ``budget`` nodes besides the root.

@@ -5,13 +5,20 @@ recently ranked highest right after token t. A draft is a static tree template w
 paths of ranks: the node (r1, r2) is ``successors[successors[root, r1], r2]``. After every
 verification, each verified node's row is overwritten with its top-k, accepted or not.
 
-The template nodes are ordered by estimated acceptance (the product of per-rank hit rates along
-the path, learned online), so the first ``budget`` nodes form the best tree of that size.
+Two tree shapes, both ordered best-first so that the first ``budget`` nodes form the best tree of
+that size (which the budget policy relies on):
+
+- ``dynamic`` (default): the matrix also keeps the probability the model gave each candidate, and
+  every step grows its tree best-first by path probability (the product along the path), as
+  DySpec and OPT-Tree do: deep where the model was confident, wide where it hesitated.
+- ``static``: the paper's template, its nodes ordered by per-rank hit rates learned online.
 """
 
 from __future__ import annotations
 
+import heapq
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -50,39 +57,88 @@ def order_template(template, rank_hit_rate: np.ndarray) -> list[tuple[int, ...]]
     return sorted(paths, key=lambda p: (-score[p], len(p), p))
 
 
+def top_candidates(logits: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k most likely next tokens per row and their probabilities: ([n, k] ids, [n, k] probs)."""
+    values, ids = torch.topk(logits, k, dim=-1)
+    probs = torch.exp(values - torch.logsumexp(logits, dim=-1, keepdim=True))
+    return ids.numpy(), probs.numpy()
+
+
+def best_first_tree(root: int, successors: np.ndarray, probs: np.ndarray, budget: int) -> DraftTree:
+    """Grow a tree from ``root`` by decreasing path probability, at most ``budget`` nodes besides it.
+
+    A node's children are its token's row of ``successors`` with the row's ``probs`` (sorted
+    descending); a path's probability is the product along it. Siblings are expanded lazily (the
+    next rank only once the previous one is taken), so the heap stays small.
+
+    >>> successors = np.array([[1, 2], [2, 0], [0, 1]])
+    >>> probs = np.array([[0.6, 0.3], [0.9, 0.1], [0.5, 0.4]])
+    >>> tree = best_first_tree(0, successors, probs, budget=3)
+    >>> tree.tokens.tolist(), tree.parents.tolist()  # 0→1 (0.6), 0→1→2 (0.54), 0→2 (0.3)
+    ([0, 1, 2, 2], [-1, 0, 1, 0])
+    """
+    tokens, parents = [root], [-1]
+    # (-path probability, parent node, parent path probability, rank)
+    frontier = [(-probs[root, 0], 0, 1.0, 0)]
+    while frontier and len(tokens) <= budget:
+        negative, parent, parent_probability, rank = heapq.heappop(frontier)
+        probability = -negative
+        if probability <= 0.0:
+            break
+        token = int(successors[tokens[parent], rank])
+        tokens.append(token)
+        parents.append(parent)
+        if rank + 1 < successors.shape[1]:
+            sibling = parent_probability * probs[tokens[parent], rank + 1]
+            heapq.heappush(frontier, (-sibling, parent, parent_probability, rank + 1))
+        heapq.heappush(frontier, (-probability * probs[token, 0], len(tokens) - 1, probability, 0))
+    return DraftTree(np.array(tokens, dtype=np.int64), np.array(parents, dtype=np.int64))
+
+
 class TokenRecycling:
     """The Token Recycling drafter; its matrix stays warm across requests until :meth:`reset`."""
 
-    def __init__(self, vocab_size: int, k: int = 8, template=PAPER_TEMPLATE, prompt_warm_start: int = 256):
+    wants_prompt_logits = True
+
+    def __init__(self, vocab_size: int, k: int = 8, tree: Literal["dynamic", "static"] = "dynamic",
+                 template=PAPER_TEMPLATE):
+        if tree not in ("dynamic", "static"):
+            raise ValueError(f"tree must be 'dynamic' or 'static', got {tree!r}")
         self.vocab_size = vocab_size
         self.k = k
+        self.tree = tree
         self.template = tuple(template)
-        if max(max(path) for path in self.template) >= k:
+        if tree == "static" and max(max(path) for path in self.template) >= k:
             raise ValueError(f"template uses ranks beyond k={k}")
-        self.prompt_topk = k if prompt_warm_start > 0 else 0
-        self.prompt_warm_start = prompt_warm_start
         self.reset()
 
     def reset(self) -> None:
-        """Forget everything learned (rows start as arbitrary distinct tokens)."""
+        """Forget everything learned (rows start as arbitrary distinct tokens of probability 0)."""
         self.successors = np.tile(np.arange(self.k, dtype=np.int64), (self.vocab_size, 1))  # [vocab, k]
+        self.probs = np.zeros((self.vocab_size, self.k), dtype=np.float32)  # [vocab, k], rows descending
         self._rank_hits = np.ones(self.k)  # Laplace-smoothed counts of which rank was accepted
         self._rank_hits[0] = 4.0
         self._rank_tries = float(self.k + 8)
         self._reorder()
 
     def _reorder(self) -> None:
+        self._steps_since_reorder = 0
+        if self.tree != "static":
+            return
         ordered = order_template(self.template, self._rank_hits / self._rank_tries)
         index = {path: i + 1 for i, path in enumerate(ordered)}  # node 0 is the root
         self._node_parent = np.array([index.get(p[:-1], 0) for p in ordered], dtype=np.int64)
         self._node_rank = np.array([p[-1] for p in ordered], dtype=np.int64)
-        self._steps_since_reorder = 0
 
-    def begin(self, prompt: np.ndarray, prompt_topk: np.ndarray | None) -> None:
-        if prompt_topk is not None and len(prompt_topk):
-            self.successors[prompt[: len(prompt_topk)]] = prompt_topk
+    def begin(self, prompt: np.ndarray, prompt_logits: torch.Tensor | None) -> None:
+        """Warm start: the model's candidates after each of the last prompt tokens."""
+        if prompt_logits is not None and len(prompt_logits):
+            ids, probs = top_candidates(prompt_logits, self.k)
+            self.successors[prompt], self.probs[prompt] = ids, probs
 
     def propose(self, context: np.ndarray, budget: int) -> DraftTree:
+        if self.tree == "dynamic":
+            return best_first_tree(int(context[-1]), self.successors, self.probs, budget)
         size = min(budget, len(self._node_rank))
         tokens = np.empty(size + 1, dtype=np.int64)
         tokens[0] = context[-1]
@@ -92,23 +148,26 @@ class TokenRecycling:
         return DraftTree(tokens, parents)
 
     def update(self, tree: DraftTree, logits: torch.Tensor, accepted: list[int]) -> None:
-        top = torch.topk(logits, self.k, dim=-1).indices.numpy()  # [n, k]
-        self.successors[tree.tokens] = top  # a token drafted twice keeps its last row
-        ranks = self._node_rank
-        self._rank_tries += len(accepted)
-        for node in accepted[1:]:
-            self._rank_hits[ranks[node - 1]] += 1
-        self._steps_since_reorder += 1
-        if self._steps_since_reorder >= 64:
-            self._reorder()
+        ids, probs = top_candidates(logits, self.k)  # [n, k] each
+        self.successors[tree.tokens] = ids  # a token drafted twice keeps its last row
+        self.probs[tree.tokens] = probs
+        if self.tree == "static":  # learn which ranks get accepted, to reorder the template
+            self._rank_tries += len(accepted)
+            for node in accepted[1:]:
+                self._rank_hits[self._node_rank[node - 1]] += 1
+            self._steps_since_reorder += 1
+            if self._steps_since_reorder >= 64:
+                self._reorder()
 
     def save(self, path: str | Path) -> None:
-        np.savez_compressed(path, successors=self.successors, rank_hits=self._rank_hits, rank_tries=self._rank_tries)
+        np.savez_compressed(path, successors=self.successors, probs=self.probs, rank_hits=self._rank_hits,
+                            rank_tries=self._rank_tries)
 
     def load(self, path: str | Path) -> None:
         state = np.load(path)
         if state["successors"].shape != (self.vocab_size, self.k):
             raise ValueError(f"{path}: matrix shape {state['successors'].shape} != ({self.vocab_size}, {self.k})")
         self.successors = state["successors"].astype(np.int64)
+        self.probs = state["probs"].astype(np.float32)
         self._rank_hits, self._rank_tries = state["rank_hits"], float(state["rank_tries"])
         self._reorder()
