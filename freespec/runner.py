@@ -2,10 +2,10 @@
 
 One code path serves prefill, plain decoding (a tree of one node) and tree verification, so a
 token's logits do not depend on which mode produced them. The matmuls go through the
-batch-invariant kernel in :mod:`freespec.kernels`; norms, rotary embeddings and activations are
-the Hugging Face model's own modules, so no model file is forked. What is replaced is the
-orchestration: a static cache with a length pointer (commit = gather of the kept rows), fused
-QKV and gate/up weights, and an explicit tree mask.
+batch-invariant kernels in :mod:`freespec.kernels`; rotary tables, activations, LayerNorms and
+the RMSNorm weights and epsilons are the Hugging Face model's own, so no model file is forked.
+What is replaced is the orchestration: a static cache with a length pointer (commit = gather of
+the kept rows), fused QKV and gate/up weights, and an explicit tree mask.
 
 Supported families: Llama-style decoders (llama, mistral, qwen2, qwen3) and GPT-2.
 """
