@@ -92,6 +92,17 @@ class Model:
         """Forget all drafter state learned from earlier requests."""
         self._drafters.clear()
 
+    def save_state(self, path: str | os.PathLike) -> None:
+        """Write Token Recycling's learned matrix to ``path`` (.npz), to warm a later process."""
+        self.drafter("recycling")[0].save(path)
+
+    def load_state(self, path: str | os.PathLike) -> None:
+        """Load a matrix written by :meth:`save_state` for this model's vocabulary."""
+        try:
+            self.drafter("recycling")[0].load(path)
+        except (OSError, KeyError, ValueError) as error:
+            raise ValueError(f"cannot load drafter state {path}: {error}") from None
+
     def stream(self, prompt: str | None = None, *, messages: list[dict] | None = None, max_new_tokens: int = 256,
                drafter: str = "recycling", chat: bool = True, prompt_ids: list[int] | None = None,
                budget: int | None = None) -> Generation:

@@ -73,6 +73,9 @@ def _parser() -> argparse.ArgumentParser:
                           help="apply the model's chat template to prompts (default: on)")
     generate.add_argument("--budget", type=_positive_int, metavar="N",
                           help="fixed draft nodes per step (default: chosen from measured costs)")
+    generate.add_argument("--state", type=Path, metavar="FILE",
+                          help="Token Recycling's matrix: loaded from FILE if it exists, saved there "
+                               "afterwards, so later runs start warm")
     generate.add_argument("--input", metavar="FILE", help="JSONL requests, one "
                           '{"prompt": ...} or {"messages": [...]} per line, optional "max_new_tokens"')
     generate.add_argument("--output", metavar="FILE", help="JSONL results, one line per request, "
@@ -122,9 +125,20 @@ def _load(args: argparse.Namespace, budget: int | None = None) -> Model:
     if args.quiet or not sys.stderr.isatty():
         transformers_logging.disable_progress_bar()  # it draws them into files and pipes too
     try:
-        return load(args.model, threads=args.threads, budget=budget, tree=args.tree)
-    except (ModelLoadError, UnsupportedModelError) as error:
+        model = load(args.model, threads=args.threads, budget=budget, tree=args.tree)
+        if getattr(args, "state", None) and args.state.exists():
+            model.load_state(args.state)
+    except (ModelLoadError, UnsupportedModelError, ValueError) as error:
         raise UsageError(str(error)) from None
+    return model
+
+
+def _save_state(model: Model, args: argparse.Namespace) -> None:
+    if args.state:
+        try:
+            model.save_state(args.state)
+        except OSError as error:
+            raise UsageError(f"cannot write {args.state}: {error.strerror}") from None
 
 
 def _start(model: Model, args: argparse.Namespace, request: dict, where: str = "") -> Generation:
@@ -176,6 +190,7 @@ def _generate_one(args: argparse.Namespace) -> None:
             shown = text
     sys.stdout.write(model.decode(generation.token_ids)[len(shown):] + "\n")
     sys.stdout.flush()
+    _save_state(model, args)
     if not args.quiet:
         print(f"[freespec] {_summary(generation.stats, args.drafter)}", file=sys.stderr)
 
@@ -236,6 +251,7 @@ def _generate_batch(args: argparse.Namespace) -> None:
             total.forward_passes += stats.forward_passes
             total.prefill_seconds += stats.prefill_seconds
             total.decode_seconds += stats.decode_seconds
+        _save_state(model, args)
     if not args.quiet:
         print(f"[freespec] {len(requests)} prompts → {args.output}: {_summary(total, args.drafter)}",
               file=sys.stderr)

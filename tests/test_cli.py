@@ -168,3 +168,28 @@ def test_python_dash_m_runs_the_cli():
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
     done = subprocess.run([sys.executable, "-m", "freespec", "generate", ""], capture_output=True, text=True, env=env)
     assert done.returncode == 2 and done.stderr == "freespec: error: the prompt is empty\n"
+
+
+def test_state_file_warms_the_next_run(tiny_model_dir, tmp_path, capsys):
+    state = tmp_path / "recycling.npz"
+    args = ["generate", "w1 w2 w3 w4", "--model", str(tiny_model_dir), "--max-new-tokens", "40", "--budget", "8",
+            "--state", str(state)]
+    assert main(args) == 0
+    cold = capsys.readouterr()
+    assert state.is_file()
+    assert main(args) == 0  # the second process-equivalent run loads the learned matrix
+    warm = capsys.readouterr()
+    assert warm.out == cold.out  # lossless either way
+
+    def passes(err: str) -> int:
+        return int(err.split(" forward passes")[0].split()[-1])
+
+    assert passes(warm.err) < passes(cold.err)
+
+
+def test_bad_state_file_is_a_clear_error(tiny_model_dir, tmp_path, capsys):
+    state = tmp_path / "broken.npz"
+    state.write_text("not a matrix")
+    code = main(["generate", "w1 w2", "--model", str(tiny_model_dir), "--max-new-tokens", "4", "--state", str(state)])
+    assert code == 2
+    assert "cannot load drafter state" in capsys.readouterr().err
