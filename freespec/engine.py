@@ -145,7 +145,7 @@ class Generation:
             return
         if drafter.wants_prompt_logits and len(prompt):
             recent = hidden[-WARM_START_CHUNK:]  # the last prompt tokens but the root
-            drafter.begin(prompt[-len(recent) :].numpy(), runner.logits(recent))
+            drafter.begin(prompt[-len(recent) :].numpy(), runner.logits(recent, exact=False))
         else:
             drafter.begin(prompt.numpy(), None)
 

@@ -31,8 +31,8 @@ log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).parent / "csrc" / "kernels.c"
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
-MAX_KERNEL_ROWS = 64
-"""Above this many rows (prefill chunks) BLAS is faster; both decoding modes share those calls."""
+BLAS_ROWS = 64
+"""From this many rows up, non-invariant calls (prefill) use BLAS, which is faster there."""
 
 
 def _cpu_has_avx2_fma() -> bool:
@@ -82,16 +82,23 @@ def kernel_available() -> bool:
     return _library() is not None
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ weight.T + bias`` for x [M, K] and weight [N, K] (contiguous fp32) → [M, N]."""
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           invariant: bool = True) -> torch.Tensor:
+    """``x @ weight.T + bias`` for x [M, K] and weight [N, K] (contiguous fp32) → [M, N].
+
+    ``invariant``: every row's result must not depend on M (decoding and verification). Otherwise
+    (prefill) BLAS takes large M, where it is faster.
+    """
     rows = x.shape[0]
     library = _library()
-    if library is None or rows > MAX_KERNEL_ROWS:
-        out = torch.mm(weight, x.t()).t() if rows <= MAX_KERNEL_ROWS else torch.mm(x, weight.t())
-    else:
+    if library is not None and (invariant or rows < BLAS_ROWS):
         x = x.contiguous()
         out = torch.empty(rows, weight.shape[0], dtype=torch.float32)
         library.freespec_linear(x.data_ptr(), weight.data_ptr(), out.data_ptr(), rows, weight.shape[0], x.shape[1])
+    elif rows < BLAS_ROWS:
+        out = torch.mm(weight, x.t()).t()  # far faster than F.linear's kernel choice for few rows
+    else:
+        out = torch.mm(x, weight.t())
     return out if bias is None else out + bias
 
 

@@ -12,6 +12,7 @@ Supported families: Llama-style decoders (llama, mistral, qwen2, qwen3) and GPT-
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Sequence
 
 import torch
@@ -206,14 +207,15 @@ class ModelRunner:
                                           self.scale, cos, sin)
             else:
                 attention = self._sdpa(tree_mask, cos, sin)
+            project = partial(linear, invariant=exact)
             if self.family in LLAMA_STYLE:
-                return self._forward_llama(tokens, attention)
-            return self._forward_gpt2(tokens, positions, attention)
+                return self._forward_llama(tokens, attention, project)
+            return self._forward_gpt2(tokens, positions, attention, project)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[q, hidden] → [q, vocab] fp32 logits."""
+    def logits(self, hidden: torch.Tensor, exact: bool = True) -> torch.Tensor:
+        """[q, hidden] → [q, vocab] fp32 logits; ``exact=False`` allows BLAS (not batch-invariant)."""
         with torch.inference_mode():
-            return linear(hidden, self._lm_head, self._lm_head_bias)
+            return linear(hidden, self._lm_head, self._lm_head_bias, invariant=exact)
 
     def _sdpa(self, tree_mask: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None):
         """torch's rotary, cache writes and attention: faster on long sequences (prefill), not
@@ -239,15 +241,15 @@ class ModelRunner:
 
         return attend
 
-    def _forward_llama(self, tokens, attention) -> torch.Tensor:
+    def _forward_llama(self, tokens, attention, project) -> torch.Tensor:
         h = self._embed[tokens]  # [n, hidden]
         for index, w in enumerate(self._layers):
-            qkv = linear(_rms_norm(h, w["attn_norm"]), w["qkv"], w["qkv_bias"])  # [n, (heads + 2 kv_heads) head_dim]
+            qkv = project(_rms_norm(h, w["attn_norm"]), w["qkv"], w["qkv_bias"])  # [n, (heads + 2 kv_heads) head_dim]
             if w["q_norm"] is not None:
                 qkv = self._norm_queries_and_keys(qkv, w)
-            h = h + linear(attention(qkv, self._keys[index], self._values[index]), w["o"], w["o_bias"])
-            gate, up = linear(_rms_norm(h, w["mlp_norm"]), w["gate_up"], w["gate_up_bias"]).chunk(2, dim=-1)
-            h = h + linear(self._act(gate) * up, w["down"], w["down_bias"])
+            h = h + project(attention(qkv, self._keys[index], self._values[index]), w["o"], w["o_bias"])
+            gate, up = project(_rms_norm(h, w["mlp_norm"]), w["gate_up"], w["gate_up_bias"]).chunk(2, dim=-1)
+            h = h + project(self._act(gate) * up, w["down"], w["down_bias"])
         return _rms_norm(h, self._final_norm)
 
     def _norm_queries_and_keys(self, qkv: torch.Tensor, w: dict) -> torch.Tensor:
@@ -256,10 +258,10 @@ class ModelRunner:
         q, k, v = qkv.view(n, heads + 2 * kv_heads, dim).split([heads, kv_heads, kv_heads], dim=1)
         return torch.cat([_rms_norm(q, w["q_norm"]), _rms_norm(k, w["k_norm"]), v], dim=1).view(n, -1)
 
-    def _forward_gpt2(self, tokens, positions, attention) -> torch.Tensor:
+    def _forward_gpt2(self, tokens, positions, attention, project) -> torch.Tensor:
         h = self._embed[tokens] + self._positions[positions]
         for index, w in enumerate(self._layers):
-            qkv = linear(w["attn_norm"](h), w["qkv"], w["qkv_bias"])
-            h = h + linear(attention(qkv, self._keys[index], self._values[index]), w["o"], w["o_bias"])
-            h = h + linear(self._act(linear(w["mlp_norm"](h), w["up"], w["up_bias"])), w["down"], w["down_bias"])
+            qkv = project(w["attn_norm"](h), w["qkv"], w["qkv_bias"])
+            h = h + project(attention(qkv, self._keys[index], self._values[index]), w["o"], w["o_bias"])
+            h = h + project(self._act(project(w["mlp_norm"](h), w["up"], w["up_bias"])), w["down"], w["down_bias"])
         return self._final_norm(h)

@@ -26,7 +26,8 @@ def test_kernel_matches_torch_and_is_batch_invariant(k):
         # any row, computed in any batch, gives the same bits
         assert torch.equal(kernels.linear(x[:rows], w, b), full[:rows])
     assert torch.equal(kernels.linear(x[5:6], w, b)[0], full[5])
-    torch.testing.assert_close(kernels.linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-4)  # BLAS path above 64 rows
+    torch.testing.assert_close(kernels.linear(x, w, invariant=False), F.linear(x, w), rtol=1e-5, atol=1e-4)  # BLAS
+    assert torch.equal(kernels.linear(x, w)[:40], kernels.linear(x[:40], w))  # invariant at any size
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gpt2"])
@@ -57,6 +58,23 @@ def test_tree_logits_equal_one_token_logits_bitwise(family):
     runner.reset(32)
     runner.prefill(ids[:8])
     tree = DraftTree(np.array([*ids[8:12].tolist(), 7, 9]), np.array([-1, 0, 1, 2, 0, 4]))
+    tree_logits = runner.logits(runner.forward(*tree.attention_inputs(runner.length)))
+    one_by_one = []
+    for i in range(8, 12):
+        one_by_one.append(runner.logits(runner.forward(ids[i : i + 1], torch.tensor([i]), torch.ones(1, 1, dtype=torch.bool))))
+        runner.commit([0])
+    assert torch.equal(tree_logits[:4], torch.cat(one_by_one))
+
+
+def test_large_tree_is_batch_invariant_too():
+    """An 80-node tree (the paper's size) must not switch to a non-invariant kernel."""
+    runner = ModelRunner(tiny_model("llama", seed=3))
+    ids = torch.randint(runner.vocab_size, (12,), generator=torch.Generator().manual_seed(2))
+    runner.reset(128)
+    runner.prefill(ids[:8])
+    junk = torch.randint(runner.vocab_size, (86,), generator=torch.Generator().manual_seed(3)).tolist()
+    # the real chain ids[8:12] first, then 86 junk nodes hanging off the root and off each other
+    tree = DraftTree(np.array([*ids[8:12].tolist(), *junk]), np.array([-1, 0, 1, 2, *[max(0, i - 2) for i in range(4, 90)]]))
     tree_logits = runner.logits(runner.forward(*tree.attention_inputs(runner.length)))
     one_by_one = []
     for i in range(8, 12):
