@@ -50,6 +50,15 @@ def test_runner_matches_transformers_and_commits_tree_paths(family):
     torch.testing.assert_close(tail, reference[23:30], rtol=1e-4, atol=1e-4)
 
 
+def decode_one_by_one(runner: ModelRunner, ids: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """Logits of ids[start:end] decoded as plain decoding does: one token per forward, committed."""
+    logits = []
+    for i in range(start, end):
+        logits.append(runner.logits(runner.forward(ids[i : i + 1], torch.tensor([i]), torch.ones(1, 1, dtype=torch.bool))))
+        runner.commit([0])
+    return torch.cat(logits)
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gpt2"])
 def test_tree_logits_equal_one_token_logits_bitwise(family):
     """Verification and plain decoding compute a token's logits identically (the lossless core)."""
@@ -59,11 +68,7 @@ def test_tree_logits_equal_one_token_logits_bitwise(family):
     runner.prefill(ids[:8])
     tree = DraftTree(np.array([*ids[8:12].tolist(), 7, 9]), np.array([-1, 0, 1, 2, 0, 4]))
     tree_logits = runner.logits(runner.forward(*tree.attention_inputs(runner.length)))
-    one_by_one = []
-    for i in range(8, 12):
-        one_by_one.append(runner.logits(runner.forward(ids[i : i + 1], torch.tensor([i]), torch.ones(1, 1, dtype=torch.bool))))
-        runner.commit([0])
-    assert torch.equal(tree_logits[:4], torch.cat(one_by_one))
+    assert torch.equal(tree_logits[:4], decode_one_by_one(runner, ids, 8, 12))
 
 
 def test_large_tree_is_batch_invariant_too():
@@ -76,11 +81,7 @@ def test_large_tree_is_batch_invariant_too():
     # the real chain ids[8:12] first, then 86 junk nodes hanging off the root and off each other
     tree = DraftTree(np.array([*ids[8:12].tolist(), *junk]), np.array([-1, 0, 1, 2, *[max(0, i - 2) for i in range(4, 90)]]))
     tree_logits = runner.logits(runner.forward(*tree.attention_inputs(runner.length)))
-    one_by_one = []
-    for i in range(8, 12):
-        one_by_one.append(runner.logits(runner.forward(ids[i : i + 1], torch.tensor([i]), torch.ones(1, 1, dtype=torch.bool))))
-        runner.commit([0])
-    assert torch.equal(tree_logits[:4], torch.cat(one_by_one))
+    assert torch.equal(tree_logits[:4], decode_one_by_one(runner, ids, 8, 12))
 
 
 def test_unsupported_architecture_is_named():
