@@ -71,7 +71,3 @@ class DraftTree:
             torch.from_numpy(self.depths + cache_length),
             torch.from_numpy(self.ancestor_mask),
         )
-
-    def prefix(self, size: int) -> DraftTree:
-        """The first ``size`` nodes (always a valid tree, since parents come first)."""
-        return DraftTree(self.tokens[:size], self.parents[:size])

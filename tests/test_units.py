@@ -27,7 +27,6 @@ def test_tree_mask_positions_children():
     assert tokens.tolist() == [10, 11, 12, 13]
     assert positions.tolist() == [5, 6, 7, 6]
     assert mask.int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 1]]
-    assert t.prefix(2).tokens.tolist() == [10, 11]
 
 
 @pytest.mark.parametrize("parents", [[0, 0], [-1, 1], [-1, 0, 3, 1], [-1, -1]])
