@@ -21,7 +21,7 @@ from freespec.runner import ModelRunner
 from freespec.tree import DraftTree
 from freespec.verify import greedy_accept
 
-WARM_START_CHUNK = 256
+WARM_START_POSITIONS = 256  # prompt positions whose logits warm the drafter
 
 
 @dataclass
@@ -144,7 +144,7 @@ class Generation:
         if drafter is None:
             return
         if drafter.wants_prompt_logits and len(prompt):
-            recent = hidden[-WARM_START_CHUNK:]  # the last prompt tokens but the root
+            recent = hidden[-WARM_START_POSITIONS:]  # the last prompt tokens but the root
             drafter.begin(prompt[-len(recent) :].numpy(), runner.logits(recent, exact=False))
         else:
             drafter.begin(prompt.numpy(), None)
