@@ -100,3 +100,26 @@ def test_cache_bounds():
     runner.prefill(torch.arange(4))
     with pytest.raises(ValueError, match="cache overflow: 304 rows needed, capacity 256"):
         runner.forward(torch.arange(300) % 100, torch.arange(4, 304), torch.ones(300, 300, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_fallback_without_kernels_still_decodes_correctly(family, monkeypatch):
+    """Without a C compiler, torch kernels serve decode and verification (not batch-invariant)."""
+    monkeypatch.setenv("FREESPEC_NO_KERNEL", "1")
+    kernels._library.cache_clear()
+    try:
+        assert not kernels.kernel_available()
+        model = tiny_model(family, seed=4)
+        runner = ModelRunner(model)
+        ids = torch.randint(runner.vocab_size, (20,), generator=torch.Generator().manual_seed(4))
+        with torch.no_grad():
+            reference = model(ids[None]).logits[0]
+        runner.reset(32)
+        runner.prefill(ids[:12])
+        tree = DraftTree(np.array([*ids[12:20].tolist(), 5]), np.array([-1, 0, 1, 2, 3, 4, 5, 6, 0]))
+        logits = runner.logits(runner.forward(*tree.attention_inputs(runner.length)))
+        torch.testing.assert_close(logits[:8], reference[12:20], rtol=1e-4, atol=1e-4)
+    finally:
+        monkeypatch.delenv("FREESPEC_NO_KERNEL")
+        kernels._library.cache_clear()
+    assert kernels.kernel_available()  # later tests get the kernels back
