@@ -17,7 +17,7 @@ from freespec import calibrate
 from freespec.budget import BudgetPolicy
 from freespec.drafters import DRAFTERS, TokenRecycling
 from freespec.engine import Generation, GenerationStats
-from freespec.loading import LoadedModel, load as load_model
+from freespec.loading import LoadedModel, load as load_model, packed_cache_path
 from freespec.runner import ModelRunner
 
 
@@ -36,7 +36,7 @@ class Model:
         self.name = loaded.name
         self.tokenizer = loaded.tokenizer
         self.hf_model = loaded.model  # the transformers model, for peers such as HF generate
-        self.runner = ModelRunner(loaded.model)
+        self.runner = ModelRunner(loaded.model, packed_cache=packed_cache_path(loaded.source))
         self.fixed_budget = budget
         self.tree = tree  # Token Recycling's tree shape: "dynamic" (best-first) or "static" (paper template)
         self._drafters: dict[str, tuple[TokenRecycling, BudgetPolicy]] = {}

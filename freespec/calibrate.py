@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from freespec.kernels import kernel_available
+from freespec.kernels import kernel_version
 from freespec.paths import cache_dir
 from freespec.runner import ModelRunner
 
@@ -35,9 +35,9 @@ def _cpu_name() -> str:
 
 def calibration_key(runner: ModelRunner) -> str:
     """Identifies model shape, weights sample, CPU, threads and kernel: what t(q) depends on."""
-    probe = runner._lm_head[:4, :8].flatten().tolist()
-    text = json.dumps([runner.config.to_json_string(use_diff=False), probe, _cpu_name(),
-                       torch.get_num_threads(), kernel_available(), torch.__version__])
+    probe = runner.embedding_probe()
+    text = json.dumps([runner.config.to_json_string(use_diff=False), probe, _cpu_name(), torch.get_num_threads(),
+                       kernel_version(), runner.weight_formats, torch.__version__])
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 

@@ -20,12 +20,14 @@ import os
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
 import torch
 
 from freespec.paths import cache_dir
+from freespec.quant import PackedWeight
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,11 @@ def _cpu_has_avx2_fma() -> bool:
 
 
 @cache
+def _source_digest() -> str:
+    return hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode()).hexdigest()[:16]
+
+
+@cache
 def _library() -> ctypes.CDLL | None:
     if os.environ.get("FREESPEC_NO_KERNEL") or not _cpu_has_avx2_fma():
         return None
@@ -51,9 +58,7 @@ def _library() -> ctypes.CDLL | None:
     if compiler is None:
         log.warning("no C compiler found: using slower, non batch-invariant torch kernels")
         return None
-    source = _SOURCE.read_bytes()
-    digest = hashlib.sha256(source + " ".join(_FLAGS).encode()).hexdigest()[:16]
-    target = cache_dir() / "kernels" / f"kernels-{digest}.so"
+    target = cache_dir() / "kernels" / f"kernels-{_source_digest()}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
@@ -68,6 +73,9 @@ def _library() -> ctypes.CDLL | None:
     library = ctypes.CDLL(str(target))
     library.freespec_linear.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
     library.freespec_linear.restype = None
+    for name in ("freespec_linear_q4", "freespec_linear_q8"):
+        getattr(library, name).argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
+        getattr(library, name).restype = None
     library.freespec_tree_attention.argtypes = (
         [ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 5
         + [ctypes.c_float] + [ctypes.c_void_p] * 3
@@ -75,6 +83,11 @@ def _library() -> ctypes.CDLL | None:
     library.freespec_tree_attention.restype = None
     library.freespec_rope_store.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 6 + [ctypes.c_void_p]
     library.freespec_rope_store.restype = None
+    library.freespec_forward_llama.argtypes = (
+        [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 4
+        + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 3 + [ctypes.c_float]
+    )
+    library.freespec_forward_llama.restype = None
     return library
 
 
@@ -82,24 +95,46 @@ def kernel_available() -> bool:
     return _library() is not None
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+def kernel_version() -> str | None:
+    """A digest of the kernel source and flags, or None when torch's kernels are used."""
+    return _source_digest() if _library() is not None else None
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight, bias: torch.Tensor | None = None,
            invariant: bool = True) -> torch.Tensor:
-    """``x @ weight.T + bias`` for x [M, K] and weight [N, K] (contiguous fp32) → [M, N].
+    """``x @ weight.T + bias`` for x [M, K] and weight [N, K] (contiguous fp32 or exact blocks) → [M, N].
 
     ``invariant``: every row's result must not depend on M (decoding and verification). Otherwise
-    (prefill) BLAS takes large M, where it is faster.
+    (prefill) BLAS takes large M, where it is faster. Block weights give bit-identical results
+    to their fp32 form (see :mod:`freespec.quant`), reading 4-6x fewer bytes.
     """
     rows = x.shape[0]
     library = _library()
     if library is not None and (invariant or rows < BLAS_ROWS):
         x = x.contiguous()
         out = torch.empty(rows, weight.shape[0], dtype=torch.float32)
-        library.freespec_linear(x.data_ptr(), weight.data_ptr(), out.data_ptr(), rows, weight.shape[0], x.shape[1])
-    elif rows < BLAS_ROWS:
+        if isinstance(weight, PackedWeight):
+            kernel = library.freespec_linear_q4 if weight.kind == "q4" else library.freespec_linear_q8
+            kernel(x.data_ptr(), weight.codes.data_ptr(), weight.scales.data_ptr(), out.data_ptr(), rows,
+                   weight.shape[0], x.shape[1])
+        else:
+            library.freespec_linear(x.data_ptr(), weight.data_ptr(), out.data_ptr(), rows, weight.shape[0],
+                                    x.shape[1])
+        return out if bias is None else out + bias
+    if isinstance(weight, PackedWeight):
+        weight = weight.dense
+    if rows < BLAS_ROWS:
         out = torch.mm(weight, x.t()).t()  # far faster than F.linear's kernel choice for few rows
     else:
         out = torch.mm(x, weight.t())
     return out if bias is None else out + bias
+
+
+def tree_layout(tree_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(nodes [n, n], count [n]): each row's visible tree nodes in ascending (= depth) order,
+    padded with n, and how many there are; the form the attention kernel reads."""
+    n = tree_mask.shape[0]
+    return torch.where(tree_mask, torch.arange(n), n).sort(dim=1).values, tree_mask.sum(dim=1)
 
 
 class TreeAttention:
@@ -120,9 +155,7 @@ class TreeAttention:
         # cos, sin: [n, dim] or None (no rotary)
         self._cos = None if cos is None else cos.contiguous()
         self._sin = None if sin is None else sin.contiguous()
-        # each row's visible tree nodes in ascending (= depth) order
-        self._count = tree_mask.sum(dim=1)
-        self._nodes = torch.where(tree_mask, torch.arange(n), n).sort(dim=1).values  # [n, n]
+        self._nodes, self._count = tree_layout(tree_mask)
         self._queries = torch.empty(kv_heads, n * (heads // kv_heads), dim)
         self._scores = torch.empty(heads * n, past + n)
         self._probs = torch.empty(heads * n, past + n)
@@ -141,3 +174,97 @@ class TreeAttention:
             self._count.data_ptr(), self.past, n, heads, kv_heads, dim, self.scale, out.data_ptr(),
             self._scores.data_ptr(), self._probs.data_ptr())
         return out
+
+
+class _Matrix(ctypes.Structure):
+    _fields_ = [("codes", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("bias", ctypes.c_void_p),
+                ("kind", ctypes.c_int64), ("rows", ctypes.c_int64), ("cols", ctypes.c_int64)]
+
+
+class _DecoderLayer(ctypes.Structure):
+    _fields_ = [("attn_norm", ctypes.c_void_p), ("mlp_norm", ctypes.c_void_p), ("q_norm", ctypes.c_void_p),
+                ("k_norm", ctypes.c_void_p), ("attn_eps", ctypes.c_float), ("mlp_eps", ctypes.c_float),
+                ("q_eps", ctypes.c_float), ("k_eps", ctypes.c_float), ("qkv", _Matrix), ("o", _Matrix),
+                ("gate_up", _Matrix), ("down", _Matrix)]
+
+
+@dataclass
+class RMSNorm:
+    weight: torch.Tensor  # [n] fp32
+    eps: float
+
+
+@dataclass
+class LlamaLayer:
+    """One Llama-style decoder layer's parameters, as :class:`FusedDecoder` reads them."""
+
+    attn_norm: RMSNorm
+    mlp_norm: RMSNorm
+    q_norm: RMSNorm | None  # per-head norms of queries and keys (Qwen3)
+    k_norm: RMSNorm | None
+    qkv: torch.Tensor | PackedWeight
+    qkv_bias: torch.Tensor | None
+    o: torch.Tensor | PackedWeight
+    gate_up: torch.Tensor | PackedWeight
+    down: torch.Tensor | PackedWeight
+
+
+class FusedDecoder:
+    """All decoder layers of a Llama-style model (RMSNorm, SiLU-gated MLP) in one kernel call.
+
+    Same arithmetic for every row whatever the number of rows, like the other kernels, and
+    with no per-operation call overhead: norms, rotary, cache writes, attention, residuals and
+    the activation all run in C between the matmuls.
+    """
+
+    def __init__(self, layers: list[LlamaLayer], heads: int, kv_heads: int, head_dim: int, scale: float):
+        self._library = _library()
+        if self._library is None:
+            raise RuntimeError("the freespec kernels are not available on this machine")
+        self.heads, self.kv_heads, self.head_dim, self.scale = heads, kv_heads, head_dim, scale
+        self.hidden = layers[0].o.shape[0]
+        self.intermediate = layers[0].down.shape[1]
+        self._keep = []  # tensors the C structs point into
+        self._layers = (_DecoderLayer * len(layers))(*(self._layer(layer) for layer in layers))
+
+    def _pointer(self, tensor: torch.Tensor | None) -> int | None:
+        if tensor is None:
+            return None
+        tensor = tensor.detach().to(torch.float32).contiguous()
+        self._keep.append(tensor)
+        return tensor.data_ptr()
+
+    def _matrix(self, weight: torch.Tensor | PackedWeight, bias: torch.Tensor | None = None) -> _Matrix:
+        rows, cols = weight.shape
+        if isinstance(weight, PackedWeight):
+            self._keep += [weight.codes, weight.scales]
+            kind = 4 if weight.kind == "q4" else 8
+            return _Matrix(weight.codes.data_ptr(), weight.scales.data_ptr(), self._pointer(bias), kind, rows, cols)
+        return _Matrix(self._pointer(weight), None, self._pointer(bias), 0, rows, cols)
+
+    def _layer(self, layer: LlamaLayer) -> _DecoderLayer:
+        q_norm, k_norm = layer.q_norm, layer.k_norm
+        return _DecoderLayer(
+            self._pointer(layer.attn_norm.weight), self._pointer(layer.mlp_norm.weight),
+            self._pointer(q_norm.weight if q_norm else None), self._pointer(k_norm.weight if k_norm else None),
+            layer.attn_norm.eps, layer.mlp_norm.eps, q_norm.eps if q_norm else 0.0, k_norm.eps if k_norm else 0.0,
+            self._matrix(layer.qkv, layer.qkv_bias), self._matrix(layer.o), self._matrix(layer.gate_up),
+            self._matrix(layer.down),
+        )
+
+    def __call__(self, h: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, past: int,
+                 tree_mask: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """h [n, hidden] embeddings → hidden states after the last layer (before the final norm).
+
+        keys, values: [layers, kv_heads, capacity, head_dim], written after row ``past``;
+        tree_mask [n, n]; cos, sin [n, head_dim].
+        """
+        h = h.contiguous().clone()
+        n = h.shape[0]
+        nodes, count = tree_layout(tree_mask)
+        cos, sin = cos.contiguous(), sin.contiguous()
+        self._library.freespec_forward_llama(
+            self._layers, len(self._layers), h.data_ptr(), n, self.hidden, self.intermediate, cos.data_ptr(),
+            sin.data_ptr(), keys.data_ptr(), values.data_ptr(), keys.shape[2], past, nodes.data_ptr(),
+            count.data_ptr(), self.heads, self.kv_heads, self.head_dim, self.scale)
+        return h

@@ -91,6 +91,25 @@ def converted_gguf_dir(gguf: Path) -> Path:
     return target
 
 
+PACKED_FORMAT = 1  # bump when freespec.quant's stored layout changes
+
+
+def packed_cache_path(source: Path | None) -> Path | None:
+    """Where the exact block form of the weights in ``source`` is cached (see freespec.quant).
+
+    Keyed by the weight files' paths, sizes and modification times, so edited weights are
+    packed afresh. None for hub models (no local files to key on).
+    """
+    if source is None:
+        return None
+    identity = [PACKED_FORMAT, str(source.resolve())]
+    for file in sorted(source.glob("*.safetensors")) + sorted(source.glob("*.bin")):
+        stat = file.stat()
+        identity.append([file.name, stat.st_size, stat.st_mtime_ns])
+    digest = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:24]
+    return cache_dir() / "packed" / f"{digest}.safetensors"
+
+
 def resolve(model: str | os.PathLike | None) -> tuple[Path | str, str]:
     """Map what the user typed to (local directory or hub id, display name)."""
     if model is None or str(model) in ("", "default", DEFAULT_MODEL):

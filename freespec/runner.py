@@ -13,13 +13,15 @@ Supported families: Llama-style decoders (llama, mistral, qwen2, qwen3) and GPT-
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
-from freespec.kernels import TreeAttention, kernel_available, linear
+from freespec.kernels import FusedDecoder, LlamaLayer, RMSNorm, TreeAttention, kernel_available, linear
+from freespec.quant import PackedWeight, pack_all
 
 LLAMA_STYLE = ("llama", "mistral", "qwen2", "qwen3")
 GPT2_STYLE = ("gpt2",)
@@ -62,7 +64,9 @@ class ModelRunner:
     rows of the nodes in ``kept`` (in that order) and drops the rest.
     """
 
-    def __init__(self, hf_model: torch.nn.Module):
+    def __init__(self, hf_model: torch.nn.Module, packed_cache: Path | None = None, pack: bool = True):
+        """``pack``: stream weights that are exact 4/8-bit blocks (e.g. from GGUF) in that form,
+        cached in ``packed_cache``; results are bit-identical either way (see :mod:`freespec.quant`)."""
         config = hf_model.config
         self.family = config.model_type
         if self.family not in SUPPORTED_FAMILIES:
@@ -84,6 +88,10 @@ class ModelRunner:
         else:
             self._init_gpt2(hf_model)
         self.num_layers = len(self._layers)
+        self.weight_formats: list[str] = ["fp32"]
+        if pack:
+            self._pack_weights(packed_cache)
+        self._decoder = self._fused_decoder()
         self.length = 0  # committed cache rows
         self._keys = torch.empty(0)
         self._values = torch.empty(0)
@@ -141,6 +149,38 @@ class ModelRunner:
                     down=_contiguous(block.mlp.c_proj.weight.t()), down_bias=block.mlp.c_proj.bias.detach(),
                 )
             )
+
+    def _pack_weights(self, cache: Path | None) -> None:
+        matrices = {"lm_head": self._lm_head}
+        for index, layer in enumerate(self._layers):
+            for key in ("qkv", "o", "gate_up", "up", "down"):
+                if key in layer:
+                    matrices[f"{index}.{key}"] = layer[key]
+        packed = pack_all(matrices, cache)
+        self._lm_head = packed.pop("lm_head")
+        for name, weight in packed.items():
+            index, key = name.split(".")
+            self._layers[int(index)][key] = weight
+        every = [self._lm_head, *packed.values()]
+        self.weight_formats = sorted({w.kind if isinstance(w, PackedWeight) else "fp32" for w in every})
+
+    def _fused_decoder(self) -> FusedDecoder | None:
+        """The one-call C decoder for Llama-style models with SiLU MLPs, where kernels exist."""
+        if self.family not in LLAMA_STYLE or self.config.hidden_act != "silu" or not kernel_available():
+            return None
+
+        def norm(module):
+            return None if module is None else RMSNorm(module.weight, float(module.variance_epsilon))
+
+        layers = [
+            LlamaLayer(norm(w["attn_norm"]), norm(w["mlp_norm"]), norm(w["q_norm"]), norm(w["k_norm"]), w["qkv"],
+                       w["qkv_bias"], w["o"], w["gate_up"], w["down"])
+            for w in self._layers
+        ]
+        if any(w["o_bias"] is not None or w["gate_up_bias"] is not None or w["down_bias"] is not None
+               for w in self._layers):
+            return None
+        return FusedDecoder(layers, self.num_heads, self.num_kv_heads, self.head_dim, self.scale)
 
     # -- cache -----------------------------------------------------------------------------------
 
@@ -202,6 +242,9 @@ class ModelRunner:
             if self.family in LLAMA_STYLE:
                 cos, sin = self._rotary(self._embed[:1], positions.unsqueeze(0))  # [1, n, head_dim] each
                 cos, sin = cos[0], sin[0]
+            if exact and self._decoder is not None:
+                h = self._decoder(self._embed[tokens], self._keys, self._values, self.length, tree_mask, cos, sin)
+                return _rms_norm(h, self._final_norm)
             if exact and kernel_available():
                 attention = TreeAttention(self.length, tree_mask, self.num_heads, self.num_kv_heads, self.head_dim,
                                           self.scale, cos, sin)
@@ -211,6 +254,10 @@ class ModelRunner:
             if self.family in LLAMA_STYLE:
                 return self._forward_llama(tokens, attention, project)
             return self._forward_gpt2(tokens, positions, attention, project)
+
+    def embedding_probe(self) -> list[float]:
+        """A few embedding values: tells models of the same shape apart in cache keys."""
+        return self._embed[:4, :8].flatten().tolist()
 
     def logits(self, hidden: torch.Tensor, exact: bool = True) -> torch.Tensor:
         """[q, hidden] → [q, vocab] fp32 logits; ``exact=False`` allows BLAS (not batch-invariant)."""
