@@ -15,6 +15,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from freespec import kernels
 from freespec.budget import BudgetPolicy
 from freespec.drafters.base import Drafter
 from freespec.runner import ModelRunner
@@ -110,14 +111,14 @@ class Generation:
             # verify
             hidden = runner.forward(*tree.attention_inputs(runner.length))
             logits = runner.logits(hidden)  # [nodes, vocab]
-            predicted = torch.argmax(logits, dim=-1).numpy()
+            predicted = kernels.argmax(logits).numpy()
             # accept
             path, bonus = greedy_accept(tree, predicted)
             emitted = [int(t) for t in tree.tokens[path[1:]]] + [bonus]
-            stats.forward_passes += 1
-            stats.accepted_lengths.append(len(emitted))
-            stats.draft_sizes.append(len(tree) - 1)
             emitted = self._cut(emitted)
+            stats.forward_passes += 1
+            stats.accepted_lengths.append(len(emitted))  # what was kept: a stop or the limit may cut a path
+            stats.draft_sizes.append(len(tree) - 1)
             # commit
             runner.commit(path)
             if drafter is not None:

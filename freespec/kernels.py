@@ -88,6 +88,8 @@ def _library() -> ctypes.CDLL | None:
         + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 3 + [ctypes.c_float]
     )
     library.freespec_forward_llama.restype = None
+    library.freespec_top_k.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 3
+    library.freespec_top_k.restype = None
     return library
 
 
@@ -128,6 +130,27 @@ def linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight, bias: torch.Ten
     else:
         out = torch.mm(x, weight.t())
     return out if bias is None else out + bias
+
+
+def top_k(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(values [n, k] descending, ids [n, k], logsumexp [n]) of logits [n, V] in one pass.
+
+    ``ids[:, 0]`` is the first maximum of each row, as ``torch.argmax`` gives it.
+    """
+    library = _library()
+    if library is None or k > logits.shape[1]:
+        values, ids = torch.topk(logits, k, dim=-1)
+        return values, ids, torch.logsumexp(logits, dim=-1)
+    logits = logits.contiguous()
+    rows, vocab = logits.shape
+    values, ids, normalizer = torch.empty(rows, k), torch.empty(rows, k, dtype=torch.long), torch.empty(rows)
+    library.freespec_top_k(logits.data_ptr(), rows, vocab, k, values.data_ptr(), ids.data_ptr(), normalizer.data_ptr())
+    return values, ids, normalizer
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """[n, V] → [n] first index of each row's maximum (like ``torch.argmax``), without a full sort."""
+    return top_k(logits, 1)[1][:, 0] if _library() is not None else torch.argmax(logits, dim=-1)
 
 
 def tree_layout(tree_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -123,3 +123,21 @@ def test_fallback_without_kernels_still_decodes_correctly(family, monkeypatch):
         monkeypatch.delenv("FREESPEC_NO_KERNEL")
         kernels._library.cache_clear()
     assert kernels.kernel_available()  # later tests get the kernels back
+
+
+@pytest.mark.parametrize("vocab", [5, 8, 1000, 49157])
+def test_top_k_matches_torch(vocab):
+    torch.manual_seed(0)
+    logits = torch.randn(7, vocab) * 3
+    logits[3] = 0.5  # a row of ties: the first index wins, like torch.argmax
+    logits[4, [2, vocab - 1]] = 100.0
+    k = min(8, vocab)
+    values, ids, normalizer = kernels.top_k(logits, k)
+    expected_values, _ = torch.topk(logits, k, dim=-1)
+    assert torch.equal(values, expected_values)
+    assert torch.equal(logits.gather(1, ids), values)  # ids point at those values, each once
+    assert all(len(set(row)) == k for row in ids.tolist())
+    assert torch.equal(ids[:, 0], torch.argmax(logits, dim=-1))
+    assert torch.equal(kernels.argmax(logits), torch.argmax(logits, dim=-1))
+    assert ids[3].tolist() == list(range(k))
+    torch.testing.assert_close(normalizer, torch.logsumexp(logits, dim=-1), rtol=1e-5, atol=1e-5)

@@ -425,3 +425,42 @@ void freespec_forward_llama(const DecoderLayer *layers, int64_t num_layers, floa
     }
     free(normed); free(qkv); free(queries); free(attended); free(projected); free(act); free(scores); free(probs);
 }
+
+/* Per row of logits [rows, V]: the k largest values in descending order with their ids (ties:
+ * the lower id first, so ids[0] is the first maximum, like torch.argmax) and log(sum(exp(row))).
+ * One vectorised pass finds candidates above the current k-th value; a second sums exp. */
+void freespec_top_k(const float *logits, int64_t rows, int64_t V, int64_t k, float *values, int64_t *ids,
+                    float *log_normalizer) {
+    #pragma omp parallel for schedule(static) if (rows > 1)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *row = logits + r * V;
+        float *top = values + r * k;
+        int64_t *top_ids = ids + r * k, filled = 0;
+        for (int64_t j = 0; j < k; j++) top[j] = -INFINITY, top_ids[j] = -1;
+        int64_t v = 0;
+        for (; v < V; v += 8) {
+            const int64_t lanes = V - v < 8 ? V - v : 8;
+            int mask = 0xFF >> (8 - lanes);
+            if (lanes == 8 && filled == k)
+                mask = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(row + v), _mm256_set1_ps(top[k - 1]), _CMP_GT_OQ));
+            for (; mask; mask &= mask - 1) {
+                const int64_t index = v + __builtin_ctz(mask);
+                const float x = row[index];
+                if (filled == k && !(x > top[k - 1])) continue;
+                int64_t at = filled < k ? filled++ : k - 1;
+                while (at > 0 && x > top[at - 1]) {
+                    top[at] = top[at - 1], top_ids[at] = top_ids[at - 1];
+                    at--;
+                }
+                top[at] = x, top_ids[at] = index;
+            }
+        }
+        const __m256 largest = _mm256_set1_ps(top[0]);
+        __m256 sum = _mm256_setzero_ps();
+        for (v = 0; v + 8 <= V; v += 8)
+            sum = _mm256_add_ps(sum, exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(row + v), largest)));
+        float total = horizontal_sum(sum);
+        for (; v < V; v++) total += expf(row[v] - top[0]);
+        log_normalizer[r] = top[0] + logf(total);
+    }
+}

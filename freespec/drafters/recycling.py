@@ -23,6 +23,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from freespec import kernels
 from freespec.tree import DraftTree
 
 # The paper's best template: 80 nodes of depth <= 6 (8/21/25/15/8/3 nodes per depth), as rank paths.
@@ -59,9 +60,8 @@ def order_template(template, rank_hit_rate: np.ndarray) -> list[tuple[int, ...]]
 
 def top_candidates(logits: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The k most likely next tokens per row and their probabilities: ([n, k] ids, [n, k] probs)."""
-    values, ids = torch.topk(logits, k, dim=-1)
-    probs = torch.exp(values - torch.logsumexp(logits, dim=-1, keepdim=True))
-    return ids.numpy(), probs.numpy()
+    values, ids, normalizer = kernels.top_k(logits, k)
+    return ids.numpy(), torch.exp(values - normalizer[:, None]).numpy()
 
 
 def best_first_tree(root: int, successors: np.ndarray, probs: np.ndarray, budget: int) -> DraftTree:
