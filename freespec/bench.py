@@ -151,7 +151,8 @@ def _done_records(out: Path, settings: dict, resume: bool) -> dict[tuple, dict]:
         return {}
     if run_file.is_file():
         before = json.loads(run_file.read_text())
-        changed = [f"{key} {before.get(key)!r} → {value!r}" for key, value in settings.items() if before.get(key) != value]
+        changed = [f"{key} {before.get(key)!r} → {value!r}" for key, value in settings.items()
+                   if before.get(key) != value]
         if changed:
             raise BenchError(f"cannot resume {out}: its results were made with other settings ({'; '.join(changed)}); "
                              "run without --resume to start over, or choose another --out")
@@ -167,6 +168,8 @@ def _done_records(out: Path, settings: dict, resume: bool) -> dict[tuple, dict]:
 def run_bench(model: Model, questions: list[Question], methods: list[str], out: Path, setup: Setup,
               resume: bool = False, progress: bool = True) -> Path:
     """Run every method over every turn of ``questions``; append each result to out/results.jsonl."""
+    if not model.has_chat_template:
+        raise BenchError(f"{model.name} has no chat template: the benchmark sends chat-formatted questions")
     out.mkdir(parents=True, exist_ok=True)
     settings = {"model": model.name, "max_new_tokens": setup.max_new_tokens, "seed": setup.seed}
     done = _done_records(out, settings, resume)
@@ -191,9 +194,14 @@ def run_bench(model: Model, questions: list[Question], methods: list[str], out: 
                 prompt_ids = model.encode(messages=turn_messages(question, turn, answers))
             except ValueError as error:
                 raise BenchError(f"question {question.question_id} turn {turn}: {error}") from None
+            total = totals[method]  # this method's new tokens, seconds and forward passes so far
+            bar.set_postfix_str(f"q {question.question_id} turn {turn} {method} ({_running(*total)})")
             _seed(setup.seed, question.question_id, turn)
             started = time.perf_counter()
-            output = runners[method](prompt_ids)
+            try:
+                output = runners[method](prompt_ids)
+            except ValueError as error:
+                raise BenchError(f"question {question.question_id} turn {turn}, {method}: {error}") from None
             seconds = time.perf_counter() - started
             record = {"question_id": question.question_id, "category": question.category, "turn": turn,
                       "method": method, "prompt_tokens": len(prompt_ids), "new_tokens": len(output.token_ids),
@@ -205,20 +213,25 @@ def run_bench(model: Model, questions: list[Question], methods: list[str], out: 
             results.write(json.dumps(record, ensure_ascii=False) + "\n")
             results.flush()
             done[question.question_id, method, turn] = record
-            total = totals[method]
-            total[0] += record["new_tokens"]
-            total[1] += seconds
-            total[2] += record["forward_passes"]
-            bar.set_postfix_str(f"q {question.question_id} turn {turn} {method}: "
-                                f"{total[0] / total[1]:.1f} tok/s, τ {total[0] / max(total[2], 1):.2f}")
+            totals[method] = [total[0] + record["new_tokens"], total[1] + seconds, total[2] + record["forward_passes"]]
             bar.update()
     return out / "results.jsonl"
+
+
+def _running(tokens: int, seconds: float, passes: int) -> str:
+    """Progress-bar figures for one method so far.
+
+    >>> _running(30, 2.0, 20), _running(0, 0.0, 0)
+    ('15.0 tok/s, τ 1.50', 'first run')
+    """
+    return f"{tokens / seconds:.1f} tok/s, τ {tokens / max(passes, 1):.2f}" if seconds else "first run"
 
 
 def machine_description() -> str:
     from freespec.calibrate import _cpu_name
 
-    return f"{_cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, Python {platform.python_version()}"
+    return (f"{_cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+            f"Python {platform.python_version()}")
 
 
 def write_reports(out: Path, baseline: str, command: str, notes: list[str] = ()) -> dict:

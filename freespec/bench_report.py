@@ -213,7 +213,7 @@ def compare(a: Path, b: Path) -> str:
         return text
 
     lines = [f"Changes from `{a}` to `{b}`; speedups are vs `{old['baseline']}` → `{new['baseline']}`.", "",
-             "| method | category | tokens/s | speedup | τ | identical |", "|---|---|---|---|---|---|"]
+             "| method | category | questions | tokens/s | speedup | τ | identical |", "|---|---|---|---|---|---|---|"]
     methods = _order(set(old["overall"]) | set(new["overall"]))
     categories = sorted(set(old["categories"]) | set(new["categories"]))
     for method in methods:
@@ -222,7 +222,8 @@ def compare(a: Path, b: Path) -> str:
                 for c in categories]:
             if x is None and y is None:
                 continue
-            lines.append(f"| {method} | {name} | {pair(x, y, 'tokens_per_second', '.1f', relative=True)} | "
+            lines.append(f"| {method} | {name} | {pair(x, y, 'questions', 'd')} | "
+                         f"{pair(x, y, 'tokens_per_second', '.1f', relative=True)} | "
                          f"{pair(x, y, 'speedup', '.2f')} | {pair(x, y, 'mean_accepted', '.2f')} | "
                          f"{pair(x, y, 'identical', '.0%')} |")
     return "\n".join(lines) + "\n"

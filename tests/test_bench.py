@@ -388,9 +388,9 @@ def test_compare_shows_per_method_and_category_changes(tmp_path, capsys):
     b = hand_made_folder(tmp_path / "b", speed=12.0, same=False)
     bench.write_reports(a, "none", "x")
     table = bench_report.compare(a, b)  # b has only results.jsonl: summarised on the fly
-    assert "| recycling | **overall** | 10.0 → 12.0 (+20.0%) | 1.00 → 1.20 (+0.20) | 2.00 → 2.00 (+0.00) | " \
+    assert "| recycling | **overall** | 2 → 2 (+0) | 10.0 → 12.0 (+20.0%) | 1.00 → 1.20 (+0.20) | 2.00 → 2.00 (+0.00) | " \
            "100% → 0% (-100%) |" in table
-    assert "| recycling | math |" in table and "| none | qa | 10.0 → 10.0 (+0.0%) |" in table
+    assert "| recycling | math |" in table and "| none | qa | 1 → 1 (+0) | 10.0 → 10.0 (+0.0%) |" in table
     assert main(["bench", "--compare", str(a), str(b)]) == 0
     assert capsys.readouterr().out == table
     with pytest.raises(bench.BenchError, match="holds no summary.json or results.jsonl"):
@@ -398,6 +398,15 @@ def test_compare_shows_per_method_and_category_changes(tmp_path, capsys):
 
 
 # --- command line ------------------------------------------------------------------------------
+
+def test_models_without_a_chat_template_are_refused(tmp_path):
+    tokenizer = word_tokenizer()
+    tokenizer.chat_template = None
+    plain = Model(LoadedModel(tiny_model("llama"), tokenizer, "plain", None))
+    questions = bench.load_questions(write_questions(tmp_path / "q.jsonl", (1, "qa", "w1")))
+    with pytest.raises(bench.BenchError, match="plain has no chat template"):
+        bench.run_bench(plain, questions, ["none"], tmp_path / "out", Setup(plain, 4), progress=False)
+
 
 def test_cli_bench_errors(tmp_path, capsys):
     path = tmp_path / "q.jsonl"
