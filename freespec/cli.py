@@ -18,6 +18,7 @@ from tqdm import tqdm
 from transformers.utils import logging as transformers_logging
 
 from freespec.api import Model, load
+from freespec.bench_methods import DEFAULT_METHODS, PEERS
 from freespec.calibrate import load_or_measure
 from freespec.drafters import DRAFTERS
 from freespec.engine import Generation, GenerationStats
@@ -90,10 +91,13 @@ def _parser() -> argparse.ArgumentParser:
     calibrate.set_defaults(run=_calibrate)
 
     bench = commands.add_parser("bench", parents=[model_options], help="benchmark methods on Spec-Bench",
-                                description="Run methods over the same questions; write results.jsonl, "
-                                            "summary.json and summary.md.")
-    bench.add_argument("--methods", default="none,recycling,hf-greedy",
-                       help="comma-separated: drafters (" + ", ".join(DRAFTERS) + ") and peers (hf-greedy)")
+                                description="Run methods over the same questions (every turn); write results.jsonl, "
+                                            "summary.json, summary.md and PNG plots. --compare A B prints the "
+                                            "changes between two result folders instead.")
+    bench.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                       help="comma-separated: freespec drafters (" + ", ".join(DRAFTERS) + ") and peers ("
+                            + ", ".join(PEERS) + "); peers that cannot run here are skipped with a note "
+                            "(default: %(default)s)")
     bench.add_argument("--questions", type=Path, default=None, metavar="FILE",
                        help="Spec-Bench-format JSONL (default: shared/data/spec_bench/question.jsonl)")
     bench.add_argument("--categories", help="comma-separated categories to keep")
@@ -101,8 +105,14 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--limit", type=_positive_int, metavar="N", help="at most N questions")
     bench.add_argument("--max-new-tokens", type=_positive_int, default=256, metavar="N")
     bench.add_argument("--baseline", default="hf-greedy", help="method speedups are relative to")
+    bench.add_argument("--seed", type=int, default=0, help="seeds the RNGs per question and turn (default: 0)")
+    bench.add_argument("--draft-model", type=Path, metavar="PATH",
+                       help="a smaller model with the same tokenizer: adds hf-assisted (transformers' assisted "
+                            "generation)")
     bench.add_argument("--out", type=Path, default=Path("bench-out"), metavar="DIR")
     bench.add_argument("--resume", action="store_true", help="keep results.jsonl and skip what it holds")
+    bench.add_argument("--compare", nargs=2, type=Path, metavar=("A", "B"),
+                       help="print the changes from result folder A to B and exit")
     bench.set_defaults(run=_bench)
     return parser
 
@@ -269,24 +279,50 @@ def _calibrate(args: argparse.Namespace) -> None:
 
 def _bench(args: argparse.Namespace) -> None:
     from freespec import bench
+    from freespec.bench_methods import Setup, check_methods
+    from freespec.bench_report import compare
 
-    methods = [m for m in args.methods.split(",") if m]
-    unknown = [m for m in methods if m not in DRAFTERS and m not in bench.PEERS]
-    if unknown or not methods:
-        raise UsageError(f"unknown methods: {', '.join(unknown) or '(none given)'}; "
-                         f"choose from {', '.join(DRAFTERS + bench.PEERS)}")
-    if args.baseline not in methods:
-        raise UsageError(f"the baseline {args.baseline} is not among --methods")
     try:
+        if args.compare:
+            print(compare(*args.compare), end="")
+            return
+        methods = list(dict.fromkeys(m for m in args.methods.split(",") if m))
+        if args.draft_model and "hf-assisted" not in methods:
+            methods.append("hf-assisted")
+        check_methods(methods)
+        if args.baseline not in methods:
+            raise UsageError(f"the baseline {args.baseline} is not among --methods")
         questions = bench.load_questions(args.questions or bench.DEFAULT_QUESTIONS,
                                          args.categories.split(",") if args.categories else None,
                                          args.per_category, args.limit)
+        model = _load(args)
+        setup = Setup(model, args.max_new_tokens, args.seed, args.draft_model, _gguf_source(args.model))
+        methods, notes = bench.plan(methods, setup)
+        for note in notes:
+            print(f"[freespec] {note}", file=sys.stderr)
+        if args.baseline not in methods:
+            raise UsageError(f"the baseline {args.baseline} cannot run here; choose another --baseline")
+        bench.run_bench(model, questions, methods, args.out, setup, args.resume, progress=not args.quiet)
+        command = "freespec bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "freespec bench"
+        summary = bench.write_reports(args.out, args.baseline, command, notes)
     except bench.BenchError as error:
         raise UsageError(str(error)) from None
-    model = _load(args)
-    bench.run_bench(model, questions, methods, args.out, args.max_new_tokens, args.resume, progress=not args.quiet)
-    command = "freespec bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "freespec bench"
-    summary = bench.write_reports(args.out, args.baseline, command)
     print((args.out / "summary.md").read_text())
     if not args.quiet:
         print(f"[freespec] {len(questions)} questions → {args.out}/ ({summary['machine']})", file=sys.stderr)
+
+
+def _gguf_source(model: str | None) -> Path | None:
+    """The GGUF file behind ``--model`` (for llama.cpp peers), or None for other models."""
+    from freespec.loading import DEFAULT_MODEL, embedded_gguf_path
+
+    if model is None or model in ("", "default", DEFAULT_MODEL):
+        try:
+            return embedded_gguf_path()
+        except ModelLoadError:
+            return None
+    path = Path(model).expanduser()
+    if path.suffix == ".gguf":
+        return path
+    source = path / "freespec-source.json"  # a directory freespec converted from a GGUF file
+    return Path(json.loads(source.read_text())["gguf"]) if source.is_file() else None
