@@ -3,6 +3,8 @@
 Two kernels make a token's logits bit-identical whether it is decoded alone or verified inside
 a draft tree: a small-M linear layer whose per-output arithmetic does not depend on M, and a
 tree attention that reduces over each query's keys in logical order (prefix, ancestors, self).
+The linear layer also reads weights stored as exact 4/8-bit blocks (:mod:`freespec.quant`) with
+the same results, and :class:`FusedDecoder` runs all layers of a Llama-style model in one call.
 
 The C source is compiled with the system C compiler into the freespec cache and loaded with
 ctypes; it links against the OpenMP runtime torch already loaded, so both share one thread pool.

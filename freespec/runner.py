@@ -5,7 +5,9 @@ token's logits do not depend on which mode produced them. The matmuls go through
 batch-invariant kernels in :mod:`freespec.kernels`; rotary tables, activations, LayerNorms and
 the RMSNorm weights and epsilons are the Hugging Face model's own, so no model file is forked.
 What is replaced is the orchestration: a static cache with a length pointer (commit = gather of
-the kept rows), fused QKV and gate/up weights, and an explicit tree mask.
+the kept rows), fused QKV and gate/up weights, and an explicit tree mask. Decoding and
+verification of Llama-style models run as one C call per pass (:class:`freespec.kernels.FusedDecoder`),
+and weights that are exact 4/8-bit blocks (GGUF Q4_1/Q8_0 files) are streamed in that form.
 
 Supported families: Llama-style decoders (llama, mistral, qwen2, qwen3) and GPT-2.
 """
@@ -105,6 +107,7 @@ class ModelRunner:
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
         self._rotary = inner.rotary_emb
+        self._cos_table = self._sin_table = torch.empty(0, self.head_dim)
         self._final_norm = inner.norm
         self._act = ACT2FN[config.hidden_act]
         self._layers = []
@@ -240,8 +243,7 @@ class ModelRunner:
         with torch.inference_mode():
             cos = sin = None
             if self.family in LLAMA_STYLE:
-                cos, sin = self._rotary(self._embed[:1], positions.unsqueeze(0))  # [1, n, head_dim] each
-                cos, sin = cos[0], sin[0]
+                cos, sin = self._rotary_tables(positions)
             if exact and self._decoder is not None:
                 h = self._decoder(self._embed[tokens], self._keys, self._values, self.length, tree_mask, cos, sin)
                 return _rms_norm(h, self._final_norm)
@@ -258,6 +260,19 @@ class ModelRunner:
     def embedding_probe(self) -> list[float]:
         """A few embedding values: tells models of the same shape apart in cache keys."""
         return self._embed[:4, :8].flatten().tolist()
+
+    def _rotary_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) [n, head_dim] at ``positions``, from tables computed once by the model's own
+        rotary module, so a position's values never depend on the other positions in the pass."""
+        if "dynamic" in str(getattr(self._rotary, "rope_type", "")):  # tables change with length
+            cos, sin = self._rotary(self._embed[:1], positions.unsqueeze(0))
+            return cos[0], sin[0]
+        end = int(positions.max()) + 1
+        if self._cos_table.shape[0] < end:
+            size = min(self.max_positions, max(end, 2 * self._cos_table.shape[0], 1024))
+            cos, sin = self._rotary(self._embed[:1], torch.arange(size).unsqueeze(0))
+            self._cos_table, self._sin_table = cos[0].contiguous(), sin[0].contiguous()
+        return self._cos_table[positions], self._sin_table[positions]
 
     def logits(self, hidden: torch.Tensor, exact: bool = True) -> torch.Tensor:
         """[q, hidden] → [q, vocab] fp32 logits; ``exact=False`` allows BLAS (not batch-invariant)."""
