@@ -19,6 +19,7 @@ from freespec.drafters import DRAFTERS, TokenRecycling
 from freespec.engine import Generation, GenerationStats
 from freespec.loading import LoadedModel, load as load_model, packed_cache_path
 from freespec.runner import ModelRunner
+from freespec.sampling import SamplingParams
 
 
 @dataclass
@@ -105,16 +106,22 @@ class Model:
 
     def stream(self, prompt: str | None = None, *, messages: list[dict] | None = None, max_new_tokens: int = 256,
                drafter: str = "recycling", chat: bool = True, prompt_ids: list[int] | None = None,
-               budget: int | None = None) -> Generation:
+               budget: int | None = None, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+               min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None) -> Generation:
         """Start a request; iterate the result for token-id chunks as they are accepted.
 
         ``budget`` fixes the draft nodes per step (default: the model's, else chosen from measured costs).
+        ``temperature`` 0 is greedy; above 0 tokens are sampled with ``top_k``, ``top_p``, ``min_p``
+        and ``repetition_penalty`` as transformers applies them, from exactly that distribution
+        whatever the drafter (see :class:`freespec.sampling.SamplingParams`). ``seed`` repeats a run.
         """
+        sampling = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
         if prompt_ids is None:
             prompt_ids = self.encode(prompt, messages, chat)
         drafter_state, policy = self.drafter(drafter)
         budget = self.fixed_budget if budget is None else budget
-        return Generation(self.runner, drafter_state, policy, prompt_ids, max_new_tokens, self.stop_ids, budget)
+        return Generation(self.runner, drafter_state, policy, prompt_ids, max_new_tokens, self.stop_ids, budget,
+                          sampling)
 
     def generate(self, prompt: str | None = None, **kwargs) -> GenerationResult:
         generation = self.stream(prompt, **kwargs)

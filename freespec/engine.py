@@ -1,8 +1,9 @@
 """The draft → verify loop.
 
 Each step has four phases: **draft** (the drafter proposes a tree under the budget the policy
-picked), **verify** (one forward pass over root + draft, argmax at every node), **accept** (the
-longest agreeing path plus the bonus token, cut at a stop token or the token limit) and
+picked), **verify** (one forward pass over root + draft), **accept** (greedy: the longest path
+agreeing with the argmax plus the bonus token; sampling: the exact rule of
+:mod:`freespec.verify`; cut at a stop token or the token limit) and
 **commit** (keep the accepted rows in the KV cache; the drafter and the policy learn).
 """
 
@@ -15,12 +16,12 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from freespec import kernels
 from freespec.budget import BudgetPolicy
 from freespec.drafters.base import Drafter
 from freespec.runner import ModelRunner
+from freespec.sampling import SamplingParams
 from freespec.tree import DraftTree
-from freespec.verify import greedy_accept
+from freespec.verify import verify
 
 WARM_START_POSITIONS = 256  # prompt positions whose logits warm the drafter
 
@@ -70,7 +71,8 @@ class Generation:
     """
 
     def __init__(self, runner: ModelRunner, drafter: Drafter | None, policy: BudgetPolicy | None,
-                 prompt_ids: list[int], max_new_tokens: int, stop_ids: set[int], fixed_budget: int | None = None):
+                 prompt_ids: list[int], max_new_tokens: int, stop_ids: set[int], fixed_budget: int | None = None,
+                 sampling: SamplingParams = SamplingParams()):
         if not prompt_ids:
             raise ValueError("the prompt is empty")
         if max_new_tokens <= 0:
@@ -89,6 +91,12 @@ class Generation:
         self.stop_ids = stop_ids
         self.token_ids: list[int] = []
         self.stats = GenerationStats(prompt_tokens=len(prompt_ids))
+        self.sampling = sampling
+        self.generator = torch.Generator()  # per request: a seed repeats the run on this machine
+        if sampling.seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(sampling.seed)
 
     def __iter__(self) -> Iterator[list[int]]:
         runner, drafter, stats = self.runner, self.drafter, self.stats
@@ -111,9 +119,8 @@ class Generation:
             # verify
             hidden = runner.forward(*tree.attention_inputs(runner.length))
             logits = runner.logits(hidden)  # [nodes, vocab]
-            predicted = kernels.argmax(logits).numpy()
             # accept
-            path, bonus = greedy_accept(tree, predicted)
+            path, bonus = verify(tree, logits, context, self.sampling, self.generator)
             emitted = [int(t) for t in tree.tokens[path[1:]]] + [bonus]
             emitted = self._cut(emitted)
             stats.forward_passes += 1
