@@ -171,7 +171,8 @@ def run_bench(model: Model, questions: list[Question], methods: list[str], out: 
     if not model.has_chat_template:
         raise BenchError(f"{model.name} has no chat template: the benchmark sends chat-formatted questions")
     out.mkdir(parents=True, exist_ok=True)
-    settings = {"model": model.name, "max_new_tokens": setup.max_new_tokens, "seed": setup.seed}
+    settings = {"model": model.name, "max_new_tokens": setup.max_new_tokens, "seed": setup.seed,
+                "sampling": dataclasses.asdict(setup.sampling)}
     done = _done_records(out, settings, resume)
     todo = [(q, turn, m) for q in questions for turn in range(1, len(q.turns) + 1) for m in methods
             if (q.question_id, m, turn) not in done]
@@ -210,6 +211,8 @@ def run_bench(model: Model, questions: list[Question], methods: list[str], out: 
                       "accepted_lengths": output.accepted_lengths}
             if output.draft_sizes is not None:
                 record["draft_sizes"] = output.draft_sizes
+            if output.sampled:
+                record["sampled"] = True
             results.write(json.dumps(record, ensure_ascii=False) + "\n")
             results.flush()
             done[question.question_id, method, turn] = record

@@ -9,7 +9,7 @@ drafters against freespec's ``none``). Adding a peer is one function and one :da
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -18,6 +18,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from freespec.api import Model
 from freespec.drafters import DRAFTERS
+from freespec.sampling import SamplingParams
 
 REFERENCE = "none"
 DEFAULT_METHODS = ("none", "recycling", "hf-greedy", "hf-lookup", "llamacpp-greedy", "llamacpp-lookup")
@@ -35,6 +36,7 @@ class Output:
     token_ids: list[int]
     accepted_lengths: list[int]
     draft_sizes: list[int] | None = None  # freespec only: draft nodes verified per pass
+    sampled: bool = False  # drawn at temperature > 0: equal to a reference only with the same seed and engine
 
 
 Runner = Callable[[list[int]], Output]
@@ -50,6 +52,9 @@ class Setup:
     draft_model: Path | None = None  # a smaller model with the same tokenizer, for hf-assisted
     gguf: Path | None = None  # the GGUF file the model came from, for llama.cpp
     context: int = 2048  # tokens llama.cpp must hold: the longest prompt plus the answer and a draft
+    # how freespec methods and hf-sample choose tokens (greedy peers keep only the repetition
+    # penalty); freespec requests are seeded from the per-question seed the bench sets in torch
+    sampling: SamplingParams = field(default_factory=SamplingParams)
 
 
 @dataclass(frozen=True)
@@ -96,8 +101,10 @@ def build_runner(method: str, setup: Setup) -> Runner:
     model = setup.model
 
     def run(prompt_ids: list[int]) -> Output:
-        result = model.generate(prompt_ids=prompt_ids, drafter=method, max_new_tokens=setup.max_new_tokens)
-        return Output(result.token_ids, result.stats.accepted_lengths, result.stats.draft_sizes)
+        options = {**asdict(setup.sampling), "seed": torch.initial_seed()}  # the same for every method
+        result = model.generate(prompt_ids=prompt_ids, drafter=method, max_new_tokens=setup.max_new_tokens, **options)
+        return Output(result.token_ids, result.stats.accepted_lengths, result.stats.draft_sizes,
+                      sampled=not setup.sampling.greedy)
 
     return run
 
@@ -120,18 +127,23 @@ class _StepSizes(BaseStreamer):
         pass
 
 
-def _hf_runner(setup: Setup, **options) -> Runner:
-    """transformers' own ``generate``, greedy, with ``options`` (prompt lookup, an assistant model)."""
-    model, stop = setup.model, sorted(setup.model.stop_ids)
+def _hf_runner(setup: Setup, sample: bool = False, **options) -> Runner:
+    """transformers' own ``generate``, greedy or sampling with the bench's options, with ``options``
+    (prompt lookup, an assistant model)."""
+    model, stop, sampling = setup.model, sorted(setup.model.stop_ids), setup.sampling
+    options.update(do_sample=sample and not sampling.greedy, repetition_penalty=sampling.repetition_penalty)
+    if options["do_sample"]:
+        options.update(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+                       min_p=sampling.min_p)
 
     def run(prompt_ids: list[int]) -> Output:
         inputs = torch.tensor([prompt_ids])  # [1, prompt]
         steps = _StepSizes()
         with torch.inference_mode():
             output = model.hf_model.generate(
-                inputs, attention_mask=torch.ones_like(inputs), do_sample=False, max_new_tokens=setup.max_new_tokens,
+                inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=setup.max_new_tokens,
                 eos_token_id=stop or None, pad_token_id=stop[0] if stop else 0, streamer=steps, **options)
-        return Output(output[0, len(prompt_ids):].tolist(), steps.sizes)
+        return Output(output[0, len(prompt_ids):].tolist(), steps.sizes, sampled=options["do_sample"])
 
     return run
 
@@ -215,6 +227,8 @@ def _always(setup: Setup) -> None:
 
 PEERS: dict[str, Peer] = {
     "hf-greedy": Peer(lambda s: _hf_runner(s), REFERENCE, _always, "transformers generate, greedy"),
+    "hf-sample": Peer(lambda s: _hf_runner(s, sample=True), "hf-greedy", _always,
+                      "transformers generate with the sampling options (greedy at temperature 0)"),
     "hf-lookup": Peer(lambda s: _hf_runner(s, prompt_lookup_num_tokens=LOOKUP_TOKENS), "hf-greedy", _always,
                       f"transformers generate with prompt lookup ({LOOKUP_TOKENS} tokens)"),
     "hf-assisted": Peer(_hf_assisted, "hf-greedy", _needs_draft_model,

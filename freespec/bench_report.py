@@ -11,7 +11,9 @@ Metrics, per method, per category and overall:
   question, both summed over the turns both have (Spec-Bench's per-question speed);
 - τ: new tokens over forward passes (the bonus token included; plain decoding has 1);
 - identical: the share of question × turn records whose tokens equal those of the method's
-  reference (its own engine's greedy method) on the same question and turn.
+  reference (its own engine's greedy method) on the same question and turn. When sampling, only
+  freespec methods are compared (with ``none``, seeded alike: each emitted token consumes one
+  random number whatever the drafter, so the text must match); for the others it is n/a.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import statistics
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from freespec.bench_methods import REFERENCE, BenchError, reference_of
+from freespec.bench_methods import REFERENCE, BenchError, is_drafter, reference_of
 
 PLOTS = ("speedup.png", "accepted.png")
 
@@ -64,8 +66,10 @@ def summarize(records: list[dict], baseline: str) -> dict:
             entry["speedup"] = round(statistics.fmean(ratios), 4)
         reference = reference_of(method)
         same = [r["token_ids"] == by_key[key]["token_ids"] for r in rows
-                if (key := (r["question_id"], reference, _turn(r))) in by_key]
+                if (key := (r["question_id"], reference, _turn(r))) in by_key and comparable(r, by_key[key])]
         entry["reference"] = reference
+        if any(r.get("sampled") for r in rows):
+            entry["sampled"] = True
         if same:
             entry["identical"] = round(sum(same) / len(same), 4)
         return entry
@@ -80,6 +84,19 @@ def summarize(records: list[dict], baseline: str) -> dict:
             summary["categories"].setdefault(category, {})[method] = metrics(
                 method, [r for r in rows if r["category"] == category])
     return summary
+
+
+def comparable(record: dict, reference: dict) -> bool:
+    """Whether ``record`` must reproduce ``reference``: both greedy, or both freespec sampling.
+
+    >>> comparable({"method": "recycling", "sampled": True}, {"method": "none", "sampled": True})
+    True
+    >>> comparable({"method": "hf-greedy"}, {"method": "none", "sampled": True})
+    False
+    """
+    if record.get("sampled", False) != reference.get("sampled", False):
+        return False
+    return not record.get("sampled") or is_drafter(record["method"])
 
 
 def markdown(summary: dict) -> str:
@@ -105,7 +122,12 @@ def markdown(summary: dict) -> str:
         entry = summary["overall"][method]
         if method == entry["reference"]:
             continue
-        rate = f"{entry['identical']:.0%}" if "identical" in entry else f"n/a ({entry['reference']} not run)"
+        if "identical" in entry:
+            rate = f"{entry['identical']:.0%}"
+        elif entry.get("sampled") or summary["overall"].get(entry["reference"], {}).get("sampled"):
+            rate = "n/a (sampled)"
+        else:
+            rate = f"n/a ({entry['reference']} not run)"
         rates.append(f"{method} {rate} (vs {entry['reference']})")
     lines += ["", "Identical output to the method's own greedy reference, per question and turn: "
               + (", ".join(rates) or "no method with a reference ran")]

@@ -24,6 +24,7 @@ from freespec.drafters import DRAFTERS
 from freespec.engine import Generation, GenerationStats
 from freespec.loading import ModelLoadError
 from freespec.runner import UnsupportedModelError
+from freespec.sampling import SamplingParams
 
 USAGE_ERROR = 2
 INTERRUPTED = 130
@@ -50,6 +51,34 @@ def _positive_int(text: str) -> int:
     return value
 
 
+SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
+"""Sampling options: CLI flags (``--top-k``...), batch JSONL keys and ``Model.stream`` arguments alike."""
+
+
+def _sampling_options(seed: bool = True) -> argparse.ArgumentParser:
+    """Flags checked by :class:`freespec.sampling.SamplingParams` (its messages name what is wrong).
+
+    ``bench`` has its own ``--seed`` (per question and turn), so it takes these without one.
+    """
+    options = _Parser(add_help=False)
+    options.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                         help="sample at temperature T; 0 is greedy (default: 0)")
+    options.add_argument("--top-k", type=int, default=0, metavar="K", help="keep the K most likely tokens (0: off)")
+    options.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (1: off)")
+    options.add_argument("--min-p", type=float, default=0.0, metavar="P",
+                         help="drop tokens below P times the most likely one (0: off)")
+    options.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R",
+                         help="penalise tokens already in the text, greedy included (1: off)")
+    if seed:
+        options.add_argument("--seed", type=int, metavar="N", help="seed each request's sampler: repeatable output")
+    return options
+
+
+def _sampling(args: argparse.Namespace, request: dict | None = None) -> dict:
+    """The sampling keyword arguments for a request: its own keys over the command's flags."""
+    return {key: (request or {}).get(key, getattr(args, key)) for key in SAMPLING_KEYS}
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="freespec", description="Lossless speculative decoding on the CPU.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -63,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
                                help="Token Recycling's tree: best-first by recycled probabilities, "
                                     "or the paper's static template (default: dynamic)")
 
-    generate = commands.add_parser("generate", parents=[model_options], help="generate text",
+    generate = commands.add_parser("generate", parents=[model_options, _sampling_options()], help="generate text",
                                    description="Stream one completion to stdout, or run a JSONL batch.")
     generate.add_argument("prompt", nargs="?", metavar="PROMPT", help="the prompt (omit with --input)")
     generate.add_argument("--drafter", choices=DRAFTERS, default="recycling",
@@ -78,7 +107,9 @@ def _parser() -> argparse.ArgumentParser:
                           help="Token Recycling's matrix: loaded from FILE if it exists, saved there "
                                "afterwards, so later runs start warm")
     generate.add_argument("--input", metavar="FILE", help="JSONL requests, one "
-                          '{"prompt": ...} or {"messages": [...]} per line, optional "max_new_tokens"')
+                          '{"prompt": ...} or {"messages": [...]} per line, optional "max_new_tokens" '
+                          'and sampling keys ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", '
+                          '"seed") overriding the flags')
     generate.add_argument("--output", metavar="FILE", help="JSONL results, one line per request, "
                           "written as each finishes")
     generate.set_defaults(run=_generate)
@@ -90,21 +121,22 @@ def _parser() -> argparse.ArgumentParser:
                            help="timed runs per size; the median is kept (default: 3)")
     calibrate.set_defaults(run=_calibrate)
 
-    bench = commands.add_parser("bench", parents=[model_options], help="benchmark methods on Spec-Bench",
+    bench = commands.add_parser("bench", parents=[model_options, _sampling_options(seed=False)], help="benchmark methods on Spec-Bench",
                                 description="Run methods over the same questions (every turn); write results.jsonl, "
                                             "summary.json, summary.md and PNG plots. --compare A B prints the "
                                             "changes between two result folders instead.")
-    bench.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+    bench.add_argument("--methods",
                        help="comma-separated: freespec drafters (" + ", ".join(DRAFTERS) + ") and peers ("
                             + ", ".join(PEERS) + "); peers that cannot run here are skipped with a note "
-                            "(default: %(default)s)")
+                            "(default: " + ",".join(DEFAULT_METHODS) + ", and hf-sample when sampling)")
     bench.add_argument("--questions", type=Path, default=None, metavar="FILE",
                        help="Spec-Bench-format JSONL (default: shared/data/spec_bench/question.jsonl)")
     bench.add_argument("--categories", help="comma-separated categories to keep")
     bench.add_argument("--per-category", type=_positive_int, metavar="N", help="first N questions of each category")
     bench.add_argument("--limit", type=_positive_int, metavar="N", help="at most N questions")
     bench.add_argument("--max-new-tokens", type=_positive_int, default=256, metavar="N")
-    bench.add_argument("--baseline", default="hf-greedy", help="method speedups are relative to")
+    bench.add_argument("--baseline", help="method speedups are relative to (default: hf-greedy, or "
+                       "hf-sample when sampling)")
     bench.add_argument("--seed", type=int, default=0, help="seeds the RNGs per question and turn (default: 0)")
     bench.add_argument("--draft-model", type=Path, metavar="PATH",
                        help="a smaller model with the same tokenizer: adds hf-assisted (transformers' assisted "
@@ -156,7 +188,7 @@ def _start(model: Model, args: argparse.Namespace, request: dict, where: str = "
     try:
         return model.stream(request.get("prompt"), messages=request.get("messages"),
                             max_new_tokens=request.get("max_new_tokens", args.max_new_tokens),
-                            drafter=args.drafter, chat=args.chat)
+                            drafter=args.drafter, chat=args.chat, **_sampling(args, request))
     except ValueError as error:
         raise UsageError(f"{where}{error}") from None
 
@@ -168,6 +200,10 @@ def _summary(stats: GenerationStats, drafter: str) -> str:
 
 
 def _generate(args: argparse.Namespace) -> None:
+    try:
+        SamplingParams(**_sampling(args))  # bad flags are reported before a model loads
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     if args.input is None and args.output is None:
         if args.prompt is None:
             raise UsageError("give a PROMPT, or --input and --output for a batch")
@@ -283,10 +319,17 @@ def _bench(args: argparse.Namespace) -> None:
     from freespec.bench_report import compare
 
     try:
+        sampling = SamplingParams(**{key: getattr(args, key) for key in SAMPLING_KEYS if key != "seed"})
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    try:
         if args.compare:
             print(compare(*args.compare), end="")
             return
-        methods = list(dict.fromkeys(m for m in args.methods.split(",") if m))
+        peer = "hf-greedy" if sampling.greedy else "hf-sample"  # transformers doing what freespec does
+        default = ",".join(DEFAULT_METHODS) + ("" if sampling.greedy else ",hf-sample")
+        methods = list(dict.fromkeys(m for m in (args.methods or default).split(",") if m))
+        args.baseline = args.baseline or peer
         if args.draft_model and "hf-assisted" not in methods:
             methods.append("hf-assisted")
         check_methods(methods)
@@ -296,7 +339,7 @@ def _bench(args: argparse.Namespace) -> None:
                                          args.categories.split(",") if args.categories else None,
                                          args.per_category, args.limit)
         model = _load(args)
-        setup = Setup(model, args.max_new_tokens, args.seed, args.draft_model, _gguf_source(args.model))
+        setup = Setup(model, args.max_new_tokens, args.seed, args.draft_model, _gguf_source(args.model), sampling=sampling)
         methods, notes = bench.plan(methods, setup)
         for note in notes:
             print(f"[freespec] {note}", file=sys.stderr)

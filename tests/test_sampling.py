@@ -12,6 +12,8 @@ of fixed trees (20,000 draws each); end-to-end tests run the engine for whole sh
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -506,3 +508,68 @@ def test_engine_runs_keep_the_distribution(setup, drafter):
     assert tokens - passes >= 50  # drafted tokens were accepted, not only bonus tokens
     first_two = exact_joint(tables["full"]).reshape(VOCAB * VOCAB, VOCAB).sum(axis=1)
     assert chi_square_p(counts, first_two) > ALPHA
+
+
+# -- command line and benchmark --------------------------------------------------------------------
+
+
+def test_cli_samples_as_the_api_does(tiny_model_dir, tmp_path, capsys):
+    import freespec
+    from freespec.cli import main
+
+    prompt = "w1 w2 w3 w4 w5 w6"
+    model = freespec.load(str(tiny_model_dir))
+    expected = model.generate(prompt, max_new_tokens=12, drafter="none", temperature=0.8, top_p=0.9, seed=3)
+    assert main(["generate", prompt, "--model", str(tiny_model_dir), "--max-new-tokens", "12", "--temperature", "0.8",
+                 "--top-p", "0.9", "--seed", "3", "--quiet"]) == 0
+    assert capsys.readouterr().out == expected.text + "\n"
+
+    lines = [{"prompt": prompt, "temperature": 1.0, "top_k": 5, "seed": 1}, {"prompt": prompt},
+             {"prompt": prompt, "repetition_penalty": 1.3, "min_p": 0.1, "seed": 2}]
+    source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert main(["generate", "--model", str(tiny_model_dir), "--input", str(source), "--output", str(output),
+                 "--max-new-tokens", "12", "--temperature", "0.5", "--seed", "9", "--quiet"]) == 0
+    results = [json.loads(line) for line in output.read_text().splitlines()]
+    for line, result in zip(lines, results):  # each line's keys override the flags
+        options = {"temperature": 0.5, "seed": 9, **{k: v for k, v in line.items() if k != "prompt"}}
+        assert result["token_ids"] == model.generate(prompt, max_new_tokens=12, drafter="none", **options).token_ids
+
+    source.write_text(json.dumps({"prompt": prompt, "top_p": 0}) + "\n")
+    assert main(["generate", "--model", str(tiny_model_dir), "--input", str(source), "--output", str(output)]) == 2
+    assert capsys.readouterr().err.strip() == f"freespec: error: {source} line 1: top_p must be a number in (0, 1], got 0"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "w1", "--temperature", "-1"], "temperature must be a number >= 0, got -1.0"),
+    (["generate", "w1", "--min-p", "1"], "min_p must be a number in [0, 1), got 1.0"),
+    (["generate", "w1", "--top-k", "two"], "argument --top-k: invalid int value: 'two'"),
+    (["bench", "--repetition-penalty", "0", "--questions", "q.jsonl"], "repetition_penalty must be a number > 0"),
+])
+def test_bad_sampling_flags_before_loading_a_model(tmp_path, monkeypatch, capsys, argv, message):
+    from freespec.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "q.jsonl").write_text('{"question_id": 1, "category": "qa", "turns": ["w1"]}\n')
+    assert main([*argv, "--model", "no/such/dir"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bench_with_sampling(tmp_path):
+    from freespec import bench
+    from freespec.bench_methods import Setup
+
+    model = make_model("llama")
+    questions = [bench.Question(i, "qa", (f"w{i} w{i + 1}", f"w{i + 2}")) for i in (1, 2)]
+    methods = ["none", "recycling", "hf-sample", "hf-greedy"]
+    setup = Setup(model, 8, seed=1, sampling=SamplingParams(temperature=0.7, top_p=0.9))
+    bench.run_bench(model, questions, methods, tmp_path, setup, progress=False)
+    summary = bench.write_reports(tmp_path, "hf-sample", "freespec bench --temperature 0.7 --top-p 0.9")
+    overall = summary["overall"]
+    assert overall["recycling"]["identical"] == 1.0  # seeded alike per question and turn: plain sampling's text
+    assert "identical" not in overall["hf-sample"] and "identical" not in overall["hf-greedy"]
+    assert overall["recycling"]["mean_accepted"] >= 1.0 and "speedup" in overall["recycling"]
+    records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert {r["method"] for r in records if r.get("sampled")} == {"none", "recycling", "hf-sample"}
+    text = (tmp_path / "summary.md").read_text()
+    assert "recycling 100% (vs none)" in text and "hf-greedy n/a (sampled)" in text and "hf-sample n/a (sampled)" in text
