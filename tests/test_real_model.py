@@ -38,3 +38,12 @@ def test_fixed_large_tree_equals_plain_on_the_real_model(model, tree):
         assert set(fast.stats.draft_sizes) == {80}
     else:  # best-first trees stop where recycled probabilities run out
         assert max(fast.stats.draft_sizes) == 80
+
+
+def test_seeded_sampling_equals_plain_sampling_on_the_real_model(model):
+    """Each emitted token consumes one random number either way: a seed fixes the text."""
+    options = dict(max_new_tokens=32, temperature=0.7, top_p=0.9, repetition_penalty=1.1, seed=1)
+    plain = model.generate(PROMPTS[2], drafter="none", **options)
+    fast = model.generate(PROMPTS[2], drafter="recycling", budget=16, **options)
+    assert fast.token_ids == plain.token_ids
+    assert plain.token_ids != model.generate(PROMPTS[2], drafter="none", **{**options, "seed": 2}).token_ids
