@@ -121,7 +121,8 @@ def _parser() -> argparse.ArgumentParser:
                            help="timed runs per size; the median is kept (default: 3)")
     calibrate.set_defaults(run=_calibrate)
 
-    bench = commands.add_parser("bench", parents=[model_options, _sampling_options(seed=False)], help="benchmark methods on Spec-Bench",
+    bench = commands.add_parser("bench", parents=[model_options, _sampling_options(seed=False)],
+                                help="benchmark methods on Spec-Bench",
                                 description="Run methods over the same questions (every turn); write results.jsonl, "
                                             "summary.json, summary.md and PNG plots. --compare A B prints the "
                                             "changes between two result folders instead.")
@@ -339,7 +340,8 @@ def _bench(args: argparse.Namespace) -> None:
                                          args.categories.split(",") if args.categories else None,
                                          args.per_category, args.limit)
         model = _load(args)
-        setup = Setup(model, args.max_new_tokens, args.seed, args.draft_model, _gguf_source(args.model), sampling=sampling)
+        setup = Setup(model, args.max_new_tokens, args.seed, args.draft_model, _gguf_source(args.model),
+                      sampling=sampling)
         methods, notes = bench.plan(methods, setup)
         for note in notes:
             print(f"[freespec] {note}", file=sys.stderr)
