@@ -15,7 +15,7 @@ import torch
 
 from freespec import calibrate
 from freespec.budget import BudgetPolicy
-from freespec.drafters import DRAFTERS, TokenRecycling
+from freespec.drafters import Drafter, DrafterSettings, create
 from freespec.engine import Generation, GenerationStats
 from freespec.loading import LoadedModel, load as load_model
 from freespec.runner import ModelRunner
@@ -39,7 +39,7 @@ class Model:
         self.runner = ModelRunner(loaded.model)
         self.fixed_budget = budget
         self.tree = tree  # Token Recycling's tree shape: "dynamic" (best-first) or "static" (paper template)
-        self._drafters: dict[str, tuple[TokenRecycling, BudgetPolicy]] = {}
+        self._drafters: dict[str, tuple[Drafter, BudgetPolicy]] = {}
         self.stop_ids = self._stop_ids(loaded.model)
 
     def _stop_ids(self, hf_model) -> set[int]:
@@ -76,16 +76,19 @@ class Model:
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def drafter(self, name: str) -> tuple[TokenRecycling | None, BudgetPolicy | None]:
-        """The named drafter and its budget policy (created once, then reused: warm state)."""
-        if name not in DRAFTERS:
-            raise ValueError(f"unknown drafter {name!r}; choose from {', '.join(DRAFTERS)}")
-        if name == "none":
+    def drafter(self, name: str) -> tuple[Drafter | None, BudgetPolicy | None]:
+        """The named drafter and its budget policy (created once, then reused: warm state).
+
+        ``name`` is one of :data:`freespec.drafters.DRAFTERS` or several joined by ``+`` (fused).
+        """
+        if name in self._drafters:
+            return self._drafters[name]
+        drafter = create(name, DrafterSettings(self.runner.vocab_size, tree=self.tree))
+        if drafter is None:
             return None, None
-        if name not in self._drafters:
-            costs = calibrate.load_or_measure(self.runner)
-            policy = BudgetPolicy(costs, candidates=[q - 1 for q in costs if q > 1])
-            self._drafters[name] = (TokenRecycling(self.runner.vocab_size, tree=self.tree), policy)
+        costs = calibrate.load_or_measure(self.runner)
+        policy = BudgetPolicy(costs, candidates=[q - 1 for q in costs if q > 1])
+        self._drafters[name] = (drafter, policy)
         return self._drafters[name]
 
     def reset(self) -> None:

@@ -19,7 +19,7 @@ from transformers.utils import logging as transformers_logging
 
 from freespec.api import Model, load
 from freespec.calibrate import load_or_measure
-from freespec.drafters import DRAFTERS
+from freespec.drafters import DRAFTERS, check_name
 from freespec.engine import Generation, GenerationStats
 from freespec.loading import ModelLoadError
 from freespec.runner import UnsupportedModelError
@@ -49,6 +49,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _drafter_name(text: str) -> str:
+    try:
+        return check_name(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="freespec", description="Lossless speculative decoding on the CPU.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -65,8 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", parents=[model_options], help="generate text",
                                    description="Stream one completion to stdout, or run a JSONL batch.")
     generate.add_argument("prompt", nargs="?", metavar="PROMPT", help="the prompt (omit with --input)")
-    generate.add_argument("--drafter", choices=DRAFTERS, default="recycling",
-                          help="draft source; none is plain greedy decoding (default: recycling)")
+    generate.add_argument("--drafter", type=_drafter_name, default="recycling", metavar="NAME",
+                          help=f"draft source: {', '.join(DRAFTERS)}, or several joined by '+' "
+                               "(one fused tree); none is plain greedy decoding (default: recycling)")
     generate.add_argument("--max-new-tokens", type=_positive_int, default=256, metavar="N",
                           help="most tokens to generate per prompt (default: 256)")
     generate.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
@@ -267,11 +275,18 @@ def _calibrate(args: argparse.Namespace) -> None:
         print(f"{q:>4} {seconds * 1000:>9.3f} {seconds / costs[1]:>7.2f}")
 
 
+def _is_drafter(name: str) -> bool:
+    try:
+        return bool(check_name(name))
+    except ValueError:
+        return False
+
+
 def _bench(args: argparse.Namespace) -> None:
     from freespec import bench
 
     methods = [m for m in args.methods.split(",") if m]
-    unknown = [m for m in methods if m not in DRAFTERS and m not in bench.PEERS]
+    unknown = [m for m in methods if m not in bench.PEERS and not _is_drafter(m)]
     if unknown or not methods:
         raise UsageError(f"unknown methods: {', '.join(unknown) or '(none given)'}; "
                          f"choose from {', '.join(DRAFTERS + bench.PEERS)}")

@@ -18,12 +18,15 @@ import torch
 class DraftTree:
     tokens: np.ndarray  # [n] int64 token ids; tokens[0] is the root
     parents: np.ndarray  # [n] int64; parents[0] == -1, 0 <= parents[i] < i otherwise
+    scores: np.ndarray | None = None  # [n] estimated probability each node is accepted (root 1), if known
 
     def __post_init__(self):
         if len(self.tokens) != len(self.parents) or len(self.tokens) == 0:
             raise ValueError("a tree needs one parent per token and at least the root")
         if self.parents[0] != -1 or np.any(self.parents[1:] >= np.arange(1, len(self.parents))) or np.any(self.parents[1:] < 0):
             raise ValueError(f"parents must satisfy parents[0] == -1 and 0 <= parents[i] < i: {self.parents}")
+        if self.scores is not None and len(self.scores) != len(self.tokens):
+            raise ValueError(f"a tree of {len(self.tokens)} nodes needs as many scores, got {len(self.scores)}")
 
     @classmethod
     def root_only(cls, token: int) -> DraftTree:

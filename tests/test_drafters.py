@@ -1,0 +1,104 @@
+"""The training-free drafters: registry, and strict equality with plain greedy for every drafter.
+
+Tiny random models with sharpened logits fall into loops and copy spans, which is what the
+n-gram drafters feed on, so their drafts get accepted and the acceptance paths are exercised.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from test_equality import PROMPTS, generate, make_model
+from freespec.drafters import DRAFTERS, DrafterSettings, Fused, check_name, create
+from freespec.tree import DraftTree
+
+LONG_PROMPT = [2, *np.random.default_rng(7).integers(4, 256, 300).tolist(), 3]  # with the reply: 400 of 512
+NAMES = ["lookup", "recycling+lookup"]
+
+
+def copy_prompt(model, length: int = 24) -> tuple[list[int], list[int]]:
+    """A prompt that holds the model's own reply to its first part, then that part again."""
+    first = [2, *range(100, 130), 3]
+    reply = generate(model, first, "none", length).token_ids
+    return first + reply + first, reply
+
+
+def test_registry_names_and_errors():
+    assert DRAFTERS[-1] == "none" and {"recycling", "lookup"} <= set(DRAFTERS)
+    assert check_name("lookup+recycling") == "lookup+recycling"
+    assert create("none", DrafterSettings(10)) is None
+    assert isinstance(create("recycling+lookup", DrafterSettings(10)), Fused)
+    for bad in ("magic", "lookup+lookup", "none+lookup", "lookup+", ""):
+        with pytest.raises(ValueError, match="unknown drafter .*choose from recycling"):
+            create(bad, DrafterSettings(10))
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("family,seed", [("llama", 0), ("llama", 1), ("qwen2", 2), ("gpt2", 0)])
+@pytest.mark.parametrize("budget", [3, 16, None])
+def test_drafter_equals_plain_greedy(name, family, seed, budget):
+    model = make_model(family, seed, budget)
+    for prompt in [*PROMPTS, LONG_PROMPT]:
+        plain = generate(model, prompt, "none", 40)
+        fast = generate(model, prompt, name, 40)
+        assert fast.token_ids == plain.token_ids, prompt[:4]
+        assert fast.finish_reason == plain.finish_reason
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("max_new_tokens", [1, 2, 5, 13])
+def test_token_limit_inside_a_draft(name, max_new_tokens):
+    model = make_model("gpt2", 0, budget=16)
+    prompt, _ = copy_prompt(model)
+    plain = generate(model, prompt, "none", max_new_tokens)
+    fast = generate(model, prompt, name, max_new_tokens)
+    assert fast.token_ids == plain.token_ids and len(fast.token_ids) == max_new_tokens
+    assert fast.finish_reason == "length"
+    if max_new_tokens > 1:
+        assert fast.stats.forward_passes == 1  # the whole reply came in one draft
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_stop_token_inside_a_draft(name):
+    model = make_model("qwen2", 0, budget=16)
+    prompt, _ = copy_prompt(model)
+    reference = generate(model, prompt, "none", 40).token_ids
+    stop = next(t for i, t in enumerate(reference) if i > 3 and t not in reference[:i])
+    model.stop_ids = {stop}
+    plain = generate(model, prompt, "none", 40)
+    fast = generate(model, prompt, name, 40)
+    assert plain.token_ids[-1] == stop and plain.finish_reason == "stop"
+    assert fast.token_ids == plain.token_ids and fast.finish_reason == "stop"
+    assert fast.stats.accepted_lengths[-1] > 1  # the stop token came inside an accepted draft
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+def test_lookup_accepts_copied_spans(family):
+    model = make_model(family, 0, budget=16)
+    prompt, _ = copy_prompt(model)
+    result = generate(model, prompt, "lookup", 24)
+    assert result.stats.mean_accepted > 1.9  # the reply copies part of the prompt
+
+
+def test_fused_merges_sources_and_keeps_best_first_order():
+    model = make_model("llama", 0, budget=16)
+    prompt, _ = copy_prompt(model)
+    fused = generate(model, prompt, "recycling+lookup", 24)
+    # the fused drafter at least matches its best source on a workload one of them suits
+    assert fused.stats.mean_accepted >= generate(model, prompt, "lookup", 24).stats.mean_accepted - 0.5
+    drafter, _ = model.drafter("recycling+lookup")
+    tree = drafter.propose(np.array(prompt), 16)
+    assert len(tree) == 17 and np.all(np.diff(tree.scores[1:]) <= 0)
+    assert np.all(tree.scores[1:] <= tree.scores[tree.parents[1:]])
+
+
+def test_fused_passes_the_root_alone_to_every_source():
+    fused = create("recycling+lookup", DrafterSettings(16))
+    fused.begin(np.array([1, 2, 3]), None)
+    root = DraftTree.root_only(3)
+    logits = torch.zeros(1, 16)
+    logits[0, 5] = 4.0
+    fused.update(root, logits, [0])  # no propose came first: budget 0 this step
+    assert fused.drafters[0].successors[3, 0] == 5

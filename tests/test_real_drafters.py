@@ -1,0 +1,29 @@
+"""The embedded SmolLM2-135M-Instruct with each training-free drafter: output equals plain greedy."""
+
+import pytest
+
+import freespec
+
+# a prompt whose answer copies from it, and one whose answer does not
+PROMPTS = [
+    "Repeat this sentence exactly: The quick brown fox jumps over the lazy dog near the river bank.",
+    "List three uses of copper.",
+]
+NAMES = ["lookup", "recycling+lookup"]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return freespec.load(budget=8)
+
+
+@pytest.fixture(scope="module")
+def plain(model):
+    return [model.generate(prompt, drafter="none", max_new_tokens=24).token_ids for prompt in PROMPTS]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_drafter_equals_plain_on_the_real_model(model, plain, name):
+    results = [model.generate(prompt, drafter=name, max_new_tokens=24) for prompt in PROMPTS]
+    assert [r.token_ids for r in results] == plain
+    assert results[0].stats.mean_accepted > 1.0  # the copied sentence is drafted
