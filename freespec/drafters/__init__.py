@@ -14,6 +14,7 @@ from freespec.drafters.base import Drafter
 from freespec.drafters.fused import Fused
 from freespec.drafters.lookup import PromptLookup
 from freespec.drafters.recycling import TokenRecycling
+from freespec.drafters.trie import LookaheadTrie
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,7 @@ class DrafterSettings:
 FACTORIES: dict[str, Callable[[DrafterSettings], Drafter]] = {
     "recycling": lambda s: TokenRecycling(s.vocab_size, tree=s.tree),
     "lookup": lambda s: PromptLookup(),
+    "trie": lambda s: LookaheadTrie(),
 }
 
 DRAFTERS = (*FACTORIES, "none")
@@ -60,5 +62,5 @@ def create(name: str, settings: DrafterSettings) -> Drafter | None:
     return FACTORIES[name](settings)
 
 
-__all__ = ["DRAFTERS", "Drafter", "DrafterSettings", "FACTORIES", "Fused", "PromptLookup", "TokenRecycling",
+__all__ = ["DRAFTERS", "Drafter", "DrafterSettings", "FACTORIES", "Fused", "LookaheadTrie", "PromptLookup", "TokenRecycling",
            "check_name", "create"]
