@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -32,13 +33,15 @@ class GenerationResult:
 class Model:
     """A loaded model with its runner and its drafters' state, kept warm across requests."""
 
-    def __init__(self, loaded: LoadedModel, budget: int | None = None, tree: str = "dynamic"):
+    def __init__(self, loaded: LoadedModel, budget: int | None = None, tree: str = "dynamic",
+                 datastore: str | os.PathLike | None = None):
         self.name = loaded.name
         self.tokenizer = loaded.tokenizer
         self.hf_model = loaded.model  # the transformers model, for peers such as HF generate
         self.runner = ModelRunner(loaded.model)
         self.fixed_budget = budget
         self.tree = tree  # Token Recycling's tree shape: "dynamic" (best-first) or "static" (paper template)
+        self.datastore = datastore  # the retrieval drafter's datastore directory
         self._drafters: dict[str, tuple[Drafter, BudgetPolicy]] = {}
         self.stop_ids = self._stop_ids(loaded.model)
 
@@ -83,7 +86,8 @@ class Model:
         """
         if name in self._drafters:
             return self._drafters[name]
-        drafter = create(name, DrafterSettings(self.runner.vocab_size, tree=self.tree))
+        datastore = None if self.datastore is None else Path(self.datastore)
+        drafter = create(name, DrafterSettings(self.runner.vocab_size, self.tree, datastore, self.tokenizer))
         if drafter is None:
             return None, None
         costs = calibrate.load_or_measure(self.runner)
@@ -131,13 +135,14 @@ class Model:
 
 
 def load(model: str | os.PathLike | None = None, *, threads: int | None = None, budget: int | None = None,
-         tree: str = "dynamic") -> Model:
+         tree: str = "dynamic", datastore: str | os.PathLike | None = None) -> Model:
     """Load ``model`` (None: the embedded SmolLM2-135M-Instruct; a directory; a .gguf; a hub id).
 
     ``budget`` fixes the number of draft nodes per step instead of choosing it from measured costs.
     ``threads`` sets torch's (and the kernels') thread count. ``tree`` picks Token Recycling's tree
     shape: ``dynamic`` (best-first by recycled probabilities) or ``static`` (the paper's template).
+    ``datastore`` is the directory the ``retrieval`` drafter reads (``freespec datastore build``).
     """
     if threads:
         torch.set_num_threads(threads)
-    return Model(load_model(model), budget=budget, tree=tree)
+    return Model(load_model(model), budget=budget, tree=tree, datastore=datastore)

@@ -68,6 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     model_options.add_argument("--tree", choices=("dynamic", "static"), default="dynamic",
                                help="Token Recycling's tree: best-first by recycled probabilities, "
                                     "or the paper's static template (default: dynamic)")
+    model_options.add_argument("--datastore", type=Path, metavar="DIR",
+                               help="the retrieval drafter's datastore (freespec datastore build)")
 
     generate = commands.add_parser("generate", parents=[model_options], help="generate text",
                                    description="Stream one completion to stdout, or run a JSONL batch.")
@@ -112,6 +114,19 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", type=Path, default=Path("bench-out"), metavar="DIR")
     bench.add_argument("--resume", action="store_true", help="keep results.jsonl and skip what it holds")
     bench.set_defaults(run=_bench)
+
+    datastore = commands.add_parser("datastore", help="build the retrieval drafter's datastore",
+                                    description="Corpus datastores for the retrieval drafter (REST).")
+    datastore_commands = datastore.add_subparsers(dest="datastore_command", required=True)
+    build = datastore_commands.add_parser(
+        "build", help="tokenise a corpus and sort its suffixes",
+        description="Tokenise CORPUS with the model's tokenizer and write a suffix-array datastore to DIR. "
+                    "CORPUS is a text file (paragraphs split on blank lines) or a .jsonl file (each line a "
+                    'string, or an object: its "text", else all its strings).')
+    build.add_argument("corpus", type=Path, metavar="CORPUS")
+    build.add_argument("-o", "--output", type=Path, required=True, metavar="DIR")
+    build.add_argument("--model", help="whose tokenizer to use (default: the embedded SmolLM2-135M-Instruct)")
+    build.set_defaults(run=_datastore_build)
     return parser
 
 
@@ -133,7 +148,7 @@ def _load(args: argparse.Namespace, budget: int | None = None) -> Model:
     if args.quiet or not sys.stderr.isatty():
         transformers_logging.disable_progress_bar()  # it draws them into files and pipes too
     try:
-        model = load(args.model, threads=args.threads, budget=budget, tree=args.tree)
+        model = load(args.model, threads=args.threads, budget=budget, tree=args.tree, datastore=args.datastore)
         if getattr(args, "state", None) and args.state.exists():
             model.load_state(args.state)
     except (ModelLoadError, UnsupportedModelError, ValueError) as error:
@@ -305,3 +320,25 @@ def _bench(args: argparse.Namespace) -> None:
     print((args.out / "summary.md").read_text())
     if not args.quiet:
         print(f"[freespec] {len(questions)} questions → {args.out}/ ({summary['machine']})", file=sys.stderr)
+
+
+def _datastore_build(args: argparse.Namespace) -> None:
+    from transformers import AutoTokenizer
+
+    from freespec import datastore
+    from freespec.loading import resolve
+
+    if not args.corpus.is_file():
+        raise UsageError(f"corpus not found: {args.corpus}")
+    try:
+        location, _ = resolve(args.model)
+        tokenizer = AutoTokenizer.from_pretrained(location)
+    except (ModelLoadError, OSError, ValueError) as error:
+        raise UsageError(f"cannot load the tokenizer: {error}") from None
+    try:
+        meta = datastore.build(datastore.read_documents(args.corpus), tokenizer, args.output)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    except OSError as error:
+        raise UsageError(f"cannot write {args.output}: {error.strerror}") from None
+    print(f"[freespec] {meta['documents']} documents, {meta['tokens']} tokens → {args.output}", file=sys.stderr)

@@ -6,17 +6,50 @@ n-gram drafters feed on, so their drafts get accepted and the acceptance paths a
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
+from conftest import word_tokenizer
 from test_equality import PROMPTS, generate, make_model
+from freespec import datastore
+from freespec.cli import main
 from freespec.drafters import DRAFTERS, DrafterSettings, Fused, check_name, create
 from freespec.drafters.trie import NgramTrie
 from freespec.tree import DraftTree
 
 LONG_PROMPT = [2, *np.random.default_rng(7).integers(4, 256, 300).tolist(), 3]  # with the reply: 400 of 512
-NAMES = ["lookup", "trie", "recycling+lookup", "lookup+trie"]
+NAMES = ["lookup", "trie", "retrieval", "recycling+lookup", "lookup+trie", "retrieval+recycling"]
+MODELS = [("llama", 0), ("llama", 1), ("qwen2", 2), ("gpt2", 0)]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, tiny_model_dir) -> str:
+    """A datastore of random text and of the test models' replies (so retrieval drafts get accepted)."""
+    tokenizer = word_tokenizer()
+    rng = np.random.default_rng(3)
+    documents = [[int(t) for t in rng.integers(4, 256, 50)] for _ in range(20)]
+    for family, seed in MODELS:
+        model = make_model(family, seed)
+        documents += [prompt + generate(model, prompt, "none", 24).token_ids for prompt in PROMPTS]
+    for family in ("gpt2", "qwen2"):  # the copy workloads of the stop and limit tests
+        model = make_model(family, 0)
+        prompt, _ = copy_prompt(model)
+        documents.append(prompt + generate(model, prompt, "none", 40).token_ids)
+    path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"text": " ".join(tokenizer.convert_ids_to_tokens(d))}) + "\n"
+                            for d in documents))
+    out = path.parent / "store"
+    assert main(["datastore", "build", str(path), "-o", str(out), "--model", str(tiny_model_dir)]) == 0
+    return str(out)
+
+
+def drafter_model(family, seed, budget, store):
+    model = make_model(family, seed, budget)
+    model.datastore = store
+    return model
 
 
 def copy_prompt(model, length: int = 24) -> tuple[list[int], list[int]]:
@@ -37,10 +70,10 @@ def test_registry_names_and_errors():
 
 
 @pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("family,seed", [("llama", 0), ("llama", 1), ("qwen2", 2), ("gpt2", 0)])
+@pytest.mark.parametrize("family,seed", MODELS)
 @pytest.mark.parametrize("budget", [3, 16, None])
-def test_drafter_equals_plain_greedy(name, family, seed, budget):
-    model = make_model(family, seed, budget)
+def test_drafter_equals_plain_greedy(name, family, seed, budget, store):
+    model = drafter_model(family, seed, budget, store)
     for prompt in [*PROMPTS, LONG_PROMPT]:
         plain = generate(model, prompt, "none", 40)
         fast = generate(model, prompt, name, 40)
@@ -50,8 +83,8 @@ def test_drafter_equals_plain_greedy(name, family, seed, budget):
 
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("max_new_tokens", [1, 2, 5, 13])
-def test_token_limit_inside_a_draft(name, max_new_tokens):
-    model = make_model("gpt2", 0, budget=16)
+def test_token_limit_inside_a_draft(name, max_new_tokens, store):
+    model = drafter_model("gpt2", 0, 16, store)
     prompt, _ = copy_prompt(model)
     plain = generate(model, prompt, "none", max_new_tokens)
     fast = generate(model, prompt, name, max_new_tokens)
@@ -62,8 +95,8 @@ def test_token_limit_inside_a_draft(name, max_new_tokens):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_stop_token_inside_a_draft(name):
-    model = make_model("qwen2", 0, budget=16)
+def test_stop_token_inside_a_draft(name, store):
+    model = drafter_model("qwen2", 0, 16, store)
     prompt, _ = copy_prompt(model)
     reference = generate(model, prompt, "none", 40).token_ids
     stop = next(t for i, t in enumerate(reference) if i > 3 and t not in reference[:i])
@@ -124,3 +157,45 @@ def _nodes(node):
     yield node
     for child in node.children.values():
         yield from _nodes(child)
+
+
+def test_retrieval_drafts_replies_found_in_the_corpus(store):
+    model = drafter_model("llama", 1, 16, store)
+    result = generate(model, PROMPTS[1], "retrieval", 24)  # this reply is in the corpus
+    assert result.token_ids == generate(model, PROMPTS[1], "none", 24).token_ids
+    assert result.stats.mean_accepted > 3.0
+
+
+def test_retrieval_needs_a_datastore_built_with_its_tokenizer(tmp_path, store):
+    model = make_model("llama", 0)
+    with pytest.raises(ValueError, match="needs a datastore: build one with `freespec datastore build"):
+        generate(model, PROMPTS[0], "retrieval")
+    model.datastore = tmp_path
+    with pytest.raises(ValueError, match="is not a freespec datastore"):
+        generate(model, PROMPTS[0], "retrieval")
+    model.datastore = store
+    model.tokenizer = word_tokenizer()
+    model.tokenizer.add_tokens(["w999"])
+    with pytest.raises(ValueError, match="built with another tokenizer"):
+        generate(model, PROMPTS[0], "retrieval")
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_suffix_array_and_find_agree_with_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(-1, 4, 200)
+    suffixes = datastore.suffix_array(tokens)
+    assert [tokens[i:].tolist() for i in suffixes] == sorted(tokens[i:].tolist() for i in range(len(tokens)))
+    for query in ([0], [1, 2], [3, 3, 0], rng.integers(0, 4, 4).tolist()):
+        low, high = datastore.find(tokens, suffixes, query)
+        expected = sorted(i for i in range(len(tokens)) if tokens[i : i + len(query)].tolist() == query)
+        assert sorted(suffixes[low:high].tolist()) == expected
+
+
+def test_datastore_build_reports_bad_corpora(tmp_path, tiny_model_dir, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "w1 w2"}\n{"id": 3}\n')
+    assert main(["datastore", "build", str(bad), "-o", str(tmp_path / "s"), "--model", str(tiny_model_dir)]) == 2
+    assert "bad.jsonl line 2: no text in this record" in capsys.readouterr().err
+    assert main(["datastore", "build", str(tmp_path / "missing.txt"), "-o", str(tmp_path / "s")]) == 2
+    assert "corpus not found" in capsys.readouterr().err

@@ -14,6 +14,7 @@ from freespec.drafters.base import Drafter
 from freespec.drafters.fused import Fused
 from freespec.drafters.lookup import PromptLookup
 from freespec.drafters.recycling import TokenRecycling
+from freespec.drafters.retrieval import Retrieval
 from freespec.drafters.trie import LookaheadTrie
 
 
@@ -23,12 +24,22 @@ class DrafterSettings:
 
     vocab_size: int
     tree: str = "dynamic"  # Token Recycling's tree shape: "dynamic" (best-first) or "static" (paper template)
+    datastore: Path | None = None  # retrieval's datastore directory (``freespec datastore build``)
+    tokenizer: object | None = None  # the model's tokenizer, to check a datastore was built with it
+
+
+def _retrieval(settings: DrafterSettings) -> Retrieval:
+    if settings.datastore is None:
+        raise ValueError("the retrieval drafter needs a datastore: build one with "
+                         "`freespec datastore build CORPUS -o DIR`, then pass datastore=DIR (--datastore DIR)")
+    return Retrieval(settings.datastore, settings.tokenizer)
 
 
 FACTORIES: dict[str, Callable[[DrafterSettings], Drafter]] = {
     "recycling": lambda s: TokenRecycling(s.vocab_size, tree=s.tree),
     "lookup": lambda s: PromptLookup(),
     "trie": lambda s: LookaheadTrie(),
+    "retrieval": _retrieval,
 }
 
 DRAFTERS = (*FACTORIES, "none")
@@ -62,5 +73,5 @@ def create(name: str, settings: DrafterSettings) -> Drafter | None:
     return FACTORIES[name](settings)
 
 
-__all__ = ["DRAFTERS", "Drafter", "DrafterSettings", "FACTORIES", "Fused", "LookaheadTrie", "PromptLookup", "TokenRecycling",
+__all__ = ["DRAFTERS", "Drafter", "DrafterSettings", "FACTORIES", "Fused", "LookaheadTrie", "PromptLookup", "Retrieval", "TokenRecycling",
            "check_name", "create"]
