@@ -21,8 +21,9 @@ from freespec.drafters.trie import NgramTrie
 from freespec.tree import DraftTree
 
 LONG_PROMPT = [2, *np.random.default_rng(7).integers(4, 256, 300).tolist(), 3]  # with the reply: 400 of 512
-NAMES = ["lookup", "trie", "retrieval", "recycling+lookup", "lookup+trie", "retrieval+recycling"]
+NAMES = ["lookup", "trie", "retrieval", "aded", "recycling+lookup", "lookup+trie+aded", "retrieval+recycling"]
 MODELS = [("llama", 0), ("llama", 1), ("qwen2", 2), ("gpt2", 0)]
+PLAIN: dict = {}  # plain greedy replies, which no drafter or budget changes
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +76,8 @@ def test_registry_names_and_errors():
 def test_drafter_equals_plain_greedy(name, family, seed, budget, store):
     model = drafter_model(family, seed, budget, store)
     for prompt in [*PROMPTS, LONG_PROMPT]:
-        plain = generate(model, prompt, "none", 40)
+        key = (family, seed, tuple(prompt))
+        plain = PLAIN[key] = PLAIN.get(key) or generate(model, prompt, "none", 40)
         fast = generate(model, prompt, name, 40)
         assert fast.token_ids == plain.token_ids, prompt[:4]
         assert fast.finish_reason == plain.finish_reason
@@ -199,3 +201,15 @@ def test_datastore_build_reports_bad_corpora(tmp_path, tiny_model_dir, capsys):
     assert "bad.jsonl line 2: no text in this record" in capsys.readouterr().err
     assert main(["datastore", "build", str(tmp_path / "missing.txt"), "-o", str(tmp_path / "s")]) == 2
     assert "corpus not found" in capsys.readouterr().err
+
+
+def test_aded_learns_a_loop_and_reads_a_corpus_prior(store):
+    model = make_model("llama", 0, budget=16)  # its reply falls into a loop of 8 tokens
+    first = generate(model, PROMPTS[0], "aded", 48)
+    again = generate(model, PROMPTS[0], "aded", 48)  # the table is shared across requests
+    assert again.token_ids == first.token_ids
+    assert again.stats.mean_accepted > max(2.0, first.stats.mean_accepted)
+    cold = make_model("llama", 1, budget=16)
+    with_prior = drafter_model("llama", 1, 16, store)  # the corpus holds this reply
+    assert (generate(with_prior, PROMPTS[1], "aded", 24).stats.mean_accepted
+            > generate(cold, PROMPTS[1], "aded", 24).stats.mean_accepted)

@@ -10,7 +10,7 @@ PROMPTS = [
     "Repeat this sentence exactly: The quick brown fox jumps over the lazy dog near the river bank.",
     "List three uses of copper.",
 ]
-NAMES = ["lookup", "trie", "retrieval", "recycling+lookup"]
+NAMES = ["lookup", "trie", "retrieval", "aded", "recycling+lookup"]
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from freespec.drafters.aded import Aded
 from freespec.drafters.base import Drafter
 from freespec.drafters.fused import Fused
 from freespec.drafters.lookup import PromptLookup
@@ -35,11 +36,18 @@ def _retrieval(settings: DrafterSettings) -> Retrieval:
     return Retrieval(settings.datastore, settings.tokenizer)
 
 
+def _aded(settings: DrafterSettings) -> Aded:
+    if settings.datastore is None:
+        return Aded()
+    return Aded.from_datastore(settings.datastore, settings.tokenizer)  # the corpus's tri-grams as the prior
+
+
 FACTORIES: dict[str, Callable[[DrafterSettings], Drafter]] = {
     "recycling": lambda s: TokenRecycling(s.vocab_size, tree=s.tree),
     "lookup": lambda s: PromptLookup(),
     "trie": lambda s: LookaheadTrie(),
     "retrieval": _retrieval,
+    "aded": _aded,
 }
 
 DRAFTERS = (*FACTORIES, "none")
@@ -73,5 +81,5 @@ def create(name: str, settings: DrafterSettings) -> Drafter | None:
     return FACTORIES[name](settings)
 
 
-__all__ = ["DRAFTERS", "Drafter", "DrafterSettings", "FACTORIES", "Fused", "LookaheadTrie", "PromptLookup", "Retrieval", "TokenRecycling",
+__all__ = ["DRAFTERS", "Aded", "Drafter", "DrafterSettings", "FACTORIES", "Fused", "LookaheadTrie", "PromptLookup", "Retrieval", "TokenRecycling",
            "check_name", "create"]
