@@ -213,3 +213,20 @@ def test_aded_learns_a_loop_and_reads_a_corpus_prior(store):
     with_prior = drafter_model("llama", 1, 16, store)  # the corpus holds this reply
     assert (generate(with_prior, PROMPTS[1], "aded", 24).stats.mean_accepted
             > generate(cold, PROMPTS[1], "aded", 24).stats.mean_accepted)
+
+
+def test_cli_takes_drafter_names_fusions_and_a_datastore(tiny_model_dir, store, capsys):
+    from freespec.api import load
+
+    prompt = "w1 w2 w3 w4 w5 w6"
+    expected = load(str(tiny_model_dir)).generate(prompt, max_new_tokens=12, drafter="none").text
+    for name in ("lookup+trie", "retrieval"):
+        assert main(["generate", prompt, "--model", str(tiny_model_dir), "--drafter", name,
+                     "--datastore", store, "--max-new-tokens", "12"]) == 0
+        out, err = capsys.readouterr()
+        assert out == expected + "\n" and f"drafter {name})" in err
+    assert main(["generate", prompt, "--model", str(tiny_model_dir), "--drafter", "magic"]) == 2
+    assert "freespec: error: argument --drafter: unknown drafter 'magic'; choose from recycling, lookup" in \
+        capsys.readouterr().err
+    assert main(["generate", prompt, "--model", str(tiny_model_dir), "--drafter", "retrieval"]) == 2
+    assert "freespec: error: the retrieval drafter needs a datastore" in capsys.readouterr().err
