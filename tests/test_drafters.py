@@ -21,7 +21,8 @@ from freespec.drafters.trie import NgramTrie
 from freespec.tree import DraftTree
 
 LONG_PROMPT = [2, *np.random.default_rng(7).integers(4, 256, 300).tolist(), 3]  # with the reply: 400 of 512
-NAMES = ["lookup", "trie", "retrieval", "aded", "recycling+lookup", "lookup+trie+aded", "retrieval+recycling"]
+NAMES = ["lookup", "trie", "retrieval", "aded", "jacobi", "recycling+lookup", "lookup+trie+aded",
+         "retrieval+recycling", "recycling+jacobi"]
 MODELS = [("llama", 0), ("llama", 1), ("qwen2", 2), ("gpt2", 0)]
 PLAIN: dict = {}  # plain greedy replies, which no drafter or budget changes
 
@@ -88,6 +89,7 @@ def test_drafter_equals_plain_greedy(name, family, seed, budget, store):
 def test_token_limit_inside_a_draft(name, max_new_tokens, store):
     model = drafter_model("gpt2", 0, 16, store)
     prompt, _ = copy_prompt(model)
+    generate(model, prompt, name, 40)  # warm the drafters that learn across requests
     plain = generate(model, prompt, "none", max_new_tokens)
     fast = generate(model, prompt, name, max_new_tokens)
     assert fast.token_ids == plain.token_ids and len(fast.token_ids) == max_new_tokens
@@ -230,3 +232,11 @@ def test_cli_takes_drafter_names_fusions_and_a_datastore(tiny_model_dir, store, 
         capsys.readouterr().err
     assert main(["generate", prompt, "--model", str(tiny_model_dir), "--drafter", "retrieval"]) == 2
     assert "freespec: error: the retrieval drafter needs a datastore" in capsys.readouterr().err
+
+
+def test_jacobi_window_converges_on_a_loop():
+    model = make_model("qwen2", 2, budget=16)
+    first = generate(model, PROMPTS[0], "jacobi", 48)
+    again = generate(model, PROMPTS[0], "jacobi", 48)  # the n-gram pool is kept across requests
+    assert first.token_ids == again.token_ids == generate(model, PROMPTS[0], "none", 48).token_ids
+    assert first.stats.mean_accepted > 1.5 and again.stats.mean_accepted > 2.5

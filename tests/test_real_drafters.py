@@ -10,7 +10,7 @@ PROMPTS = [
     "Repeat this sentence exactly: The quick brown fox jumps over the lazy dog near the river bank.",
     "List three uses of copper.",
 ]
-NAMES = ["lookup", "trie", "retrieval", "aded", "recycling+lookup"]
+NAMES = ["lookup", "trie", "retrieval", "aded", "jacobi", "recycling+lookup"]
 
 
 @pytest.fixture(scope="module")
@@ -31,4 +31,5 @@ def plain(model, tmp_path_factory):
 def test_drafter_equals_plain_on_the_real_model(model, plain, name):
     results = [model.generate(prompt, drafter=name, max_new_tokens=24) for prompt in PROMPTS]
     assert [r.token_ids for r in results] == plain
-    assert results[0].stats.mean_accepted > 1.0  # the copied sentence is drafted (or found in the corpus)
+    if name != "jacobi":  # the others draft the copied sentence from the prompt or the corpus
+        assert results[0].stats.mean_accepted > 1.0

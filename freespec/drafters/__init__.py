@@ -13,6 +13,7 @@ from pathlib import Path
 from freespec.drafters.aded import Aded
 from freespec.drafters.base import Drafter
 from freespec.drafters.fused import Fused
+from freespec.drafters.jacobi import Jacobi
 from freespec.drafters.lookup import PromptLookup
 from freespec.drafters.recycling import TokenRecycling
 from freespec.drafters.retrieval import Retrieval
@@ -48,6 +49,7 @@ FACTORIES: dict[str, Callable[[DrafterSettings], Drafter]] = {
     "trie": lambda s: LookaheadTrie(),
     "retrieval": _retrieval,
     "aded": _aded,
+    "jacobi": lambda s: Jacobi(),
 }
 
 DRAFTERS = (*FACTORIES, "none")
@@ -81,5 +83,5 @@ def create(name: str, settings: DrafterSettings) -> Drafter | None:
     return FACTORIES[name](settings)
 
 
-__all__ = ["DRAFTERS", "Aded", "Drafter", "DrafterSettings", "FACTORIES", "Fused", "LookaheadTrie", "PromptLookup", "Retrieval", "TokenRecycling",
+__all__ = ["DRAFTERS", "Aded", "Drafter", "DrafterSettings", "FACTORIES", "Fused", "Jacobi", "LookaheadTrie", "PromptLookup", "Retrieval", "TokenRecycling",
            "check_name", "create"]
