@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from freespec import calibrate
 from freespec.budget import BudgetPolicy
-from freespec.drafters import DRAFTERS, TokenRecycling
+from freespec.drafters import Drafter, DrafterSettings, create
 from freespec.engine import Generation, GenerationStats
 from freespec.loading import LoadedModel, load as load_model, packed_cache_path
 from freespec.runner import ModelRunner
@@ -33,14 +34,16 @@ class GenerationResult:
 class Model:
     """A loaded model with its runner and its drafters' state, kept warm across requests."""
 
-    def __init__(self, loaded: LoadedModel, budget: int | None = None, tree: str = "dynamic"):
+    def __init__(self, loaded: LoadedModel, budget: int | None = None, tree: str = "dynamic",
+                 datastore: str | os.PathLike | None = None):
         self.name = loaded.name
         self.tokenizer = loaded.tokenizer
         self.hf_model = loaded.model  # the transformers model, for peers such as HF generate
         self.runner = ModelRunner(loaded.model, packed_cache=packed_cache_path(loaded.source))
         self.fixed_budget = budget
         self.tree = tree  # Token Recycling's tree shape: "dynamic" (best-first) or "static" (paper template)
-        self._drafters: dict[str, tuple[TokenRecycling, BudgetPolicy]] = {}
+        self.datastore = datastore  # the retrieval drafter's datastore directory
+        self._drafters: dict[str, tuple[Drafter, BudgetPolicy]] = {}
         self.stop_ids = self._stop_ids(loaded.model)
 
     def _stop_ids(self, hf_model) -> set[int]:
@@ -77,16 +80,20 @@ class Model:
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def drafter(self, name: str) -> tuple[TokenRecycling | None, BudgetPolicy | None]:
-        """The named drafter and its budget policy (created once, then reused: warm state)."""
-        if name not in DRAFTERS:
-            raise ValueError(f"unknown drafter {name!r}; choose from {', '.join(DRAFTERS)}")
-        if name == "none":
+    def drafter(self, name: str) -> tuple[Drafter | None, BudgetPolicy | None]:
+        """The named drafter and its budget policy (created once, then reused: warm state).
+
+        ``name`` is one of :data:`freespec.drafters.DRAFTERS` or several joined by ``+`` (fused).
+        """
+        if name in self._drafters:
+            return self._drafters[name]
+        datastore = None if self.datastore is None else Path(self.datastore)
+        drafter = create(name, DrafterSettings(self.runner.vocab_size, self.tree, datastore, self.tokenizer))
+        if drafter is None:
             return None, None
-        if name not in self._drafters:
-            costs = calibrate.load_or_measure(self.runner)
-            policy = BudgetPolicy(costs, candidates=[q - 1 for q in costs if q > 1])
-            self._drafters[name] = (TokenRecycling(self.runner.vocab_size, tree=self.tree), policy)
+        costs = calibrate.load_or_measure(self.runner)
+        policy = BudgetPolicy(costs, candidates=[q - 1 for q in costs if q > 1])
+        self._drafters[name] = (drafter, policy)
         return self._drafters[name]
 
     def reset(self) -> None:
@@ -135,13 +142,14 @@ class Model:
 
 
 def load(model: str | os.PathLike | None = None, *, threads: int | None = None, budget: int | None = None,
-         tree: str = "dynamic") -> Model:
+         tree: str = "dynamic", datastore: str | os.PathLike | None = None) -> Model:
     """Load ``model`` (None: the embedded SmolLM2-135M-Instruct; a directory; a .gguf; a hub id).
 
     ``budget`` fixes the number of draft nodes per step instead of choosing it from measured costs.
     ``threads`` sets torch's (and the kernels') thread count. ``tree`` picks Token Recycling's tree
     shape: ``dynamic`` (best-first by recycled probabilities) or ``static`` (the paper's template).
+    ``datastore`` is the directory the ``retrieval`` drafter reads (``freespec datastore build``).
     """
     if threads:
         torch.set_num_threads(threads)
-    return Model(load_model(model), budget=budget, tree=tree)
+    return Model(load_model(model), budget=budget, tree=tree, datastore=datastore)

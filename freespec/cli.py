@@ -20,7 +20,7 @@ from transformers.utils import logging as transformers_logging
 from freespec.api import Model, load
 from freespec.bench_methods import DEFAULT_METHODS, PEERS
 from freespec.calibrate import load_or_measure
-from freespec.drafters import DRAFTERS
+from freespec.drafters import DRAFTERS, check_name
 from freespec.engine import Generation, GenerationStats
 from freespec.loading import ModelLoadError
 from freespec.runner import UnsupportedModelError
@@ -79,6 +79,13 @@ def _sampling(args: argparse.Namespace, request: dict | None = None) -> dict:
     return {key: (request or {}).get(key, getattr(args, key)) for key in SAMPLING_KEYS}
 
 
+def _drafter_name(text: str) -> str:
+    try:
+        return check_name(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="freespec", description="Lossless speculative decoding on the CPU.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -91,12 +98,15 @@ def _parser() -> argparse.ArgumentParser:
     model_options.add_argument("--tree", choices=("dynamic", "static"), default="dynamic",
                                help="Token Recycling's tree: best-first by recycled probabilities, "
                                     "or the paper's static template (default: dynamic)")
+    model_options.add_argument("--datastore", type=Path, metavar="DIR",
+                               help="the retrieval drafter's datastore (freespec datastore build)")
 
     generate = commands.add_parser("generate", parents=[model_options, _sampling_options()], help="generate text",
                                    description="Stream one completion to stdout, or run a JSONL batch.")
     generate.add_argument("prompt", nargs="?", metavar="PROMPT", help="the prompt (omit with --input)")
-    generate.add_argument("--drafter", choices=DRAFTERS, default="recycling",
-                          help="draft source; none is plain greedy decoding (default: recycling)")
+    generate.add_argument("--drafter", type=_drafter_name, default="recycling", metavar="NAME",
+                          help=f"draft source: {', '.join(DRAFTERS)}, or several joined by '+' "
+                               "(one fused tree); none is plain greedy decoding (default: recycling)")
     generate.add_argument("--max-new-tokens", type=_positive_int, default=256, metavar="N",
                           help="most tokens to generate per prompt (default: 256)")
     generate.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
@@ -147,6 +157,19 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--compare", nargs=2, type=Path, metavar=("A", "B"),
                        help="print the changes from result folder A to B and exit")
     bench.set_defaults(run=_bench)
+
+    datastore = commands.add_parser("datastore", help="build the retrieval drafter's datastore",
+                                    description="Corpus datastores for the retrieval drafter (REST).")
+    datastore_commands = datastore.add_subparsers(dest="datastore_command", required=True)
+    build = datastore_commands.add_parser(
+        "build", help="tokenise a corpus and sort its suffixes",
+        description="Tokenise CORPUS with the model's tokenizer and write a suffix-array datastore to DIR. "
+                    "CORPUS is a text file (paragraphs split on blank lines) or a .jsonl file (each line a "
+                    'string, or an object: its "text", else all its strings).')
+    build.add_argument("corpus", type=Path, metavar="CORPUS")
+    build.add_argument("-o", "--output", type=Path, required=True, metavar="DIR")
+    build.add_argument("--model", help="whose tokenizer to use (default: the embedded SmolLM2-135M-Instruct)")
+    build.set_defaults(run=_datastore_build)
     return parser
 
 
@@ -168,7 +191,7 @@ def _load(args: argparse.Namespace, budget: int | None = None) -> Model:
     if args.quiet or not sys.stderr.isatty():
         transformers_logging.disable_progress_bar()  # it draws them into files and pipes too
     try:
-        model = load(args.model, threads=args.threads, budget=budget, tree=args.tree)
+        model = load(args.model, threads=args.threads, budget=budget, tree=args.tree, datastore=args.datastore)
         if getattr(args, "state", None) and args.state.exists():
             model.load_state(args.state)
     except (ModelLoadError, UnsupportedModelError, ValueError) as error:
@@ -371,3 +394,25 @@ def _gguf_source(model: str | None) -> Path | None:
         return path
     source = path / "freespec-source.json"  # a directory freespec converted from a GGUF file
     return Path(json.loads(source.read_text())["gguf"]) if source.is_file() else None
+
+
+def _datastore_build(args: argparse.Namespace) -> None:
+    from transformers import AutoTokenizer
+
+    from freespec import datastore
+    from freespec.loading import resolve
+
+    if not args.corpus.is_file():
+        raise UsageError(f"corpus not found: {args.corpus}")
+    try:
+        location, _ = resolve(args.model)
+        tokenizer = AutoTokenizer.from_pretrained(location)
+    except (ModelLoadError, OSError, ValueError) as error:
+        raise UsageError(f"cannot load the tokenizer: {error}") from None
+    try:
+        meta = datastore.build(datastore.read_documents(args.corpus), tokenizer, args.output)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    except OSError as error:
+        raise UsageError(f"cannot write {args.output}: {error.strerror}") from None
+    print(f"[freespec] {meta['documents']} documents, {meta['tokens']} tokens → {args.output}", file=sys.stderr)

@@ -18,6 +18,7 @@ import torch
 class DraftTree:
     tokens: np.ndarray  # [n] int64 token ids; tokens[0] is the root
     parents: np.ndarray  # [n] int64; parents[0] == -1, 0 <= parents[i] < i otherwise
+    scores: np.ndarray | None = None  # [n] estimated probability each node is accepted (root 1), if known
     # [n, vocab] or None: for drafts sampled from a draft model, q(· | node i's prefix), the
     # distribution node i's children were drawn from without replacement, in index order.
     # None for point-mass drafts (tokens chosen deterministically), the usual case.
@@ -28,6 +29,8 @@ class DraftTree:
             raise ValueError("a tree needs one parent per token and at least the root")
         if self.parents[0] != -1 or np.any(self.parents[1:] >= np.arange(1, len(self.parents))) or np.any(self.parents[1:] < 0):
             raise ValueError(f"parents must satisfy parents[0] == -1 and 0 <= parents[i] < i: {self.parents}")
+        if self.scores is not None and len(self.scores) != len(self.tokens):
+            raise ValueError(f"a tree of {len(self.tokens)} nodes needs as many scores, got {len(self.scores)}")
         if self.draft_probs is not None and (self.draft_probs.ndim != 2 or len(self.draft_probs) != len(self.tokens)):
             raise ValueError(f"draft_probs must be [{len(self.tokens)}, vocab], got {list(self.draft_probs.shape)}")
 

@@ -1,9 +1,87 @@
-"""Draft sources. Each implements :class:`freespec.drafters.base.Drafter`; none touches verification."""
+"""Draft sources. Each implements :class:`freespec.drafters.base.Drafter`; none touches verification.
 
+Drafters are made by name (:func:`create`) from a small registry of factories; ``a+b`` fuses
+several into one tree (:mod:`freespec.drafters.fused`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from freespec.drafters.aded import Aded
 from freespec.drafters.base import Drafter
+from freespec.drafters.fused import Fused
+from freespec.drafters.jacobi import Jacobi
+from freespec.drafters.lookup import PromptLookup
 from freespec.drafters.recycling import TokenRecycling
+from freespec.drafters.retrieval import Retrieval
+from freespec.drafters.trie import LookaheadTrie
 
-DRAFTERS = ("recycling", "none")
-"""Names accepted by the API, CLI and benchmark; ``none`` is plain decoding through the same runner."""
 
-__all__ = ["DRAFTERS", "Drafter", "TokenRecycling"]
+@dataclass(frozen=True)
+class DrafterSettings:
+    """What factories may need besides the name; every field but the vocabulary is optional."""
+
+    vocab_size: int
+    tree: str = "dynamic"  # Token Recycling's tree shape: "dynamic" (best-first) or "static" (paper template)
+    datastore: Path | None = None  # retrieval's datastore directory (``freespec datastore build``)
+    tokenizer: object | None = None  # the model's tokenizer, to check a datastore was built with it
+
+
+def _retrieval(settings: DrafterSettings) -> Retrieval:
+    if settings.datastore is None:
+        raise ValueError("the retrieval drafter needs a datastore: build one with "
+                         "`freespec datastore build CORPUS -o DIR`, then pass datastore=DIR (--datastore DIR)")
+    return Retrieval(settings.datastore, settings.tokenizer)
+
+
+def _aded(settings: DrafterSettings) -> Aded:
+    if settings.datastore is None:
+        return Aded()
+    return Aded.from_datastore(settings.datastore, settings.tokenizer)  # the corpus's tri-grams as the prior
+
+
+FACTORIES: dict[str, Callable[[DrafterSettings], Drafter]] = {
+    "recycling": lambda s: TokenRecycling(s.vocab_size, tree=s.tree),
+    "lookup": lambda s: PromptLookup(),
+    "trie": lambda s: LookaheadTrie(),
+    "retrieval": _retrieval,
+    "aded": _aded,
+    "jacobi": lambda s: Jacobi(),
+}
+
+DRAFTERS = (*FACTORIES, "none")
+"""Names accepted by the API, CLI and benchmark; ``none`` is plain decoding through the same runner.
+Any ``+``-joined list of the other names is accepted too (a fused drafter)."""
+
+
+def check_name(name: str) -> str:
+    """``name`` if it names a drafter or a fusion of several, else ValueError listing the choices.
+
+    >>> check_name("recycling+lookup")
+    'recycling+lookup'
+    """
+    parts = name.split("+") if isinstance(name, str) else [name]
+    if len(parts) == 1 and name in DRAFTERS:
+        return name
+    if all(part in FACTORIES for part in parts) and len(set(parts)) == len(parts):
+        return name
+    raise ValueError(f"unknown drafter {name!r}; choose from {', '.join(DRAFTERS)}, "
+                     f"or join distinct ones with '+' (e.g. recycling+lookup)")
+
+
+def create(name: str, settings: DrafterSettings) -> Drafter | None:
+    """A fresh drafter for ``name`` (None for ``none``: plain decoding)."""
+    check_name(name)
+    if name == "none":
+        return None
+    parts = name.split("+")
+    if len(parts) > 1:
+        return Fused([FACTORIES[part](settings) for part in parts])
+    return FACTORIES[name](settings)
+
+
+__all__ = ["DRAFTERS", "Aded", "Drafter", "DrafterSettings", "FACTORIES", "Fused", "Jacobi", "LookaheadTrie", "PromptLookup", "Retrieval", "TokenRecycling",
+           "check_name", "create"]

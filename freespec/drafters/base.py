@@ -22,8 +22,14 @@ class Drafter(Protocol):
         """A tree rooted at ``context[-1]`` with at most ``budget`` nodes besides the root.
 
         Nodes must be ordered by decreasing estimated acceptance, so that any prefix of the
-        tree is the best tree of its size (the budget policy relies on it).
+        tree is the best tree of its size (the budget policy relies on it). A drafter that can
+        estimate each node's acceptance probability puts it in ``DraftTree.scores`` (non-increasing
+        along every path); fused drafters compare sources by it.
         """
 
     def update(self, tree: DraftTree, logits: torch.Tensor, accepted: list[int]) -> None:
-        """After verification: ``logits`` [len(tree), vocab] at every node, ``accepted`` path."""
+        """After verification: ``logits`` [len(tree), vocab] at every node, ``accepted`` path.
+
+        ``tree`` is the last proposed tree, or the root alone when the engine verified no draft
+        this step (then no :meth:`propose` preceded this call).
+        """

@@ -77,7 +77,7 @@ def best_first_tree(root: int, successors: np.ndarray, probs: np.ndarray, budget
     >>> tree.tokens.tolist(), tree.parents.tolist()  # 0→1 (0.6), 0→1→2 (0.54), 0→2 (0.3)
     ([0, 1, 2, 2], [-1, 0, 1, 0])
     """
-    tokens, parents = [root], [-1]
+    tokens, parents, scores = [root], [-1], [1.0]
     # (-path probability, parent node, parent path probability, rank)
     frontier = [(-probs[root, 0], 0, 1.0, 0)]
     while frontier and len(tokens) <= budget:
@@ -88,11 +88,13 @@ def best_first_tree(root: int, successors: np.ndarray, probs: np.ndarray, budget
         token = int(successors[tokens[parent], rank])
         tokens.append(token)
         parents.append(parent)
+        scores.append(probability)
         if rank + 1 < successors.shape[1]:
             sibling = parent_probability * probs[tokens[parent], rank + 1]
             heapq.heappush(frontier, (-sibling, parent, parent_probability, rank + 1))
         heapq.heappush(frontier, (-probability * probs[token, 0], len(tokens) - 1, probability, 0))
-    return DraftTree(np.array(tokens, dtype=np.int64), np.array(parents, dtype=np.int64))
+    return DraftTree(np.array(tokens, dtype=np.int64), np.array(parents, dtype=np.int64),
+                     np.array(scores, dtype=np.float64))
 
 
 class TokenRecycling:
@@ -125,7 +127,9 @@ class TokenRecycling:
         self._steps_since_reorder = 0
         if self.tree != "static":
             return
-        ordered = order_template(self.template, self._rank_hits / self._rank_tries)
+        rates = self._rank_hits / self._rank_tries
+        ordered = order_template(self.template, rates)
+        self._node_score = np.array([np.prod(rates[list(p)]) for p in ordered])
         index = {path: i + 1 for i, path in enumerate(ordered)}  # node 0 is the root
         self._node_parent = np.array([index.get(p[:-1], 0) for p in ordered], dtype=np.int64)
         self._node_rank = np.array([p[-1] for p in ordered], dtype=np.int64)
@@ -145,7 +149,7 @@ class TokenRecycling:
         for i in range(size):
             tokens[i + 1] = self.successors[tokens[self._node_parent[i]], self._node_rank[i]]
         parents = np.concatenate(([-1], self._node_parent[:size]))
-        return DraftTree(tokens, parents)
+        return DraftTree(tokens, parents, np.concatenate(([1.0], self._node_score[:size])))
 
     def update(self, tree: DraftTree, logits: torch.Tensor, accepted: list[int]) -> None:
         ids, probs = top_candidates(logits, self.k)  # [n, k] each

@@ -1,0 +1,129 @@
+"""Several drafters as one: their trees merged by longest common prefix under one node budget.
+
+Each source proposes its best tree for the whole budget; identical paths are merged (as RASD
+merges retrieval and model drafts), a merged node scoring the best of its sources' scores, and the
+``budget`` best nodes are kept. Scores never increase along a path, so the kept nodes come
+best-first with parents before children and any prefix is again the best tree of its size.
+
+A source without scores gets ones that fall with its node order. After verification each source
+learns from the longest prefix of its own tree that was verified, in its own node numbering.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from freespec.drafters.base import Drafter
+from freespec.tree import DraftTree
+
+
+def tree_scores(tree: DraftTree) -> np.ndarray:
+    """The tree's scores, or ones falling with node order when its drafter gives none.
+
+    >>> tree_scores(DraftTree(np.array([1, 2, 3]), np.array([-1, 0, 0]))).tolist()
+    [1.0, 0.5, 0.25]
+    """
+    if tree.scores is not None:
+        return np.asarray(tree.scores, dtype=np.float64)
+    return 0.5 ** np.arange(len(tree), dtype=np.float64)
+
+
+def merge_trees(trees: list[DraftTree], budget: int) -> tuple[DraftTree, list[np.ndarray]]:
+    """Merge trees with the same root by common prefix; keep the ``budget`` best nodes.
+
+    Returns the merged tree and, per source, the merged index of each of its nodes (-1: cut).
+
+    >>> a = DraftTree(np.array([9, 1, 2]), np.array([-1, 0, 1]), np.array([1.0, 0.8, 0.6]))
+    >>> b = DraftTree(np.array([9, 1, 3, 4]), np.array([-1, 0, 1, 0]), np.array([1.0, 0.5, 0.7, 0.3]))
+    >>> tree, where = merge_trees([a, b], budget=3)  # 9→1 (0.8), 9→1→3 (0.7 capped at 0.8), 9→1→2 (0.6)
+    >>> tree.tokens.tolist(), tree.parents.tolist(), tree.scores.tolist()
+    ([9, 1, 3, 2], [-1, 0, 1, 1], [1.0, 0.8, 0.7, 0.6])
+    >>> [w.tolist() for w in where]
+    [[0, 1, 3], [0, 1, 2, -1]]
+    """
+    root = int(trees[0].tokens[0])
+    if any(int(t.tokens[0]) != root for t in trees):
+        raise ValueError("merged trees must share their root")
+    node_of: dict[tuple[int, int], int] = {}  # (merged parent, token) → merged node
+    parents, tokens, scores = [-1], [root], [1.0]
+    merged_index = []
+    for tree in trees:
+        own = tree_scores(tree)
+        index = np.zeros(len(tree), dtype=np.int64)
+        for i in range(1, len(tree)):
+            key = (int(index[tree.parents[i]]), int(tree.tokens[i]))
+            node = node_of.get(key)
+            if node is None:
+                node = node_of[key] = len(tokens)
+                parents.append(key[0])
+                tokens.append(key[1])
+                scores.append(0.0)
+            scores[node] = max(scores[node], float(own[i]))
+            index[i] = node
+        merged_index.append(index)
+    for node in range(1, len(tokens)):  # a path's score never exceeds its parent's
+        scores[node] = min(scores[node], scores[parents[node]])
+    depth = np.zeros(len(tokens), dtype=np.int64)
+    for node in range(1, len(tokens)):
+        depth[node] = depth[parents[node]] + 1
+    keep = sorted(range(1, len(tokens)), key=lambda n: (-scores[n], depth[n], n))[:budget]
+    new = np.full(len(tokens), -1, dtype=np.int64)
+    new[0] = 0
+    for position, node in enumerate(keep, 1):
+        new[node] = position
+    order = [0, *keep]
+    tree = DraftTree(np.array([tokens[n] for n in order], dtype=np.int64),
+                     np.array([-1, *(new[parents[n]] for n in keep)], dtype=np.int64),
+                     np.array([scores[n] for n in order], dtype=np.float64))
+    return tree, [new[index] for index in merged_index]
+
+
+def source_view(tree: DraftTree, where: np.ndarray, accepted: list[int]) -> tuple[int, list[int]]:
+    """(n, path): the source's first n nodes were all verified; its accepted path among them.
+
+    >>> source = DraftTree(np.array([9, 1, 2, 5]), np.array([-1, 0, 1, 0]))
+    >>> source_view(source, np.array([0, 2, 1, -1]), accepted=[0, 2, 1])  # merged 2 is its node 1
+    (3, [0, 1, 2])
+    """
+    verified = int(np.argmin(where >= 0)) if np.any(where < 0) else len(where)
+    source_node = {int(m): s for s, m in enumerate(where[:verified]) if m >= 0}
+    path = [0]
+    for node in accepted[1:]:
+        if node not in source_node:
+            break
+        path.append(source_node[node])
+    return verified, path
+
+
+class Fused:
+    """Drafters named ``a+b+...``: one tree from all of them, each learning from its part."""
+
+    def __init__(self, drafters: list[Drafter]):
+        if len(drafters) < 2:
+            raise ValueError("a fused drafter needs at least two drafters")
+        self.drafters = drafters
+        self.wants_prompt_logits = any(d.wants_prompt_logits for d in drafters)
+        self._proposed: tuple[DraftTree, list[DraftTree], list[np.ndarray]] | None = None
+
+    def begin(self, prompt: np.ndarray, prompt_logits: torch.Tensor | None) -> None:
+        for drafter in self.drafters:
+            drafter.begin(prompt, prompt_logits if drafter.wants_prompt_logits else None)
+
+    def propose(self, context: np.ndarray, budget: int) -> DraftTree:
+        trees = [drafter.propose(context, budget) for drafter in self.drafters]
+        tree, where = merge_trees(trees, budget)
+        self._proposed = (tree, trees, where)
+        return tree
+
+    def update(self, tree: DraftTree, logits: torch.Tensor, accepted: list[int]) -> None:
+        if self._proposed is None or tree is not self._proposed[0]:  # the engine verified the root alone
+            for drafter in self.drafters:
+                drafter.update(tree, logits, accepted)
+            return
+        _, trees, where = self._proposed
+        for drafter, own, index in zip(self.drafters, trees, where):
+            verified, path = source_view(own, index, accepted)
+            part = DraftTree(own.tokens[:verified], own.parents[:verified],
+                             None if own.scores is None else own.scores[:verified])
+            drafter.update(part, logits[torch.from_numpy(index[:verified])], path)

@@ -1,0 +1,113 @@
+"""Dynamic draft trees shared by the n-gram drafters: grow best-first by estimated acceptance.
+
+A drafter describes its candidates as a tree it can *expand*: for a node, its children as
+(token, probability that this child is accepted given its parent is, handle). :func:`grow` takes
+the nodes in decreasing path probability (the product along the path) until the budget is spent,
+so the result is the most promising tree of that size, its nodes ordered best-first with their
+scores (which the budget policy and :mod:`freespec.drafters.fused` rely on).
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable, Hashable, Iterable, Sequence
+
+import numpy as np
+
+from freespec.tree import DraftTree
+
+Expand = Callable[[Hashable], Iterable[tuple[int, float, Hashable]]]
+
+
+def grow(root: int, handle: Hashable, expand: Expand, budget: int) -> DraftTree:
+    """The best tree of at most ``budget`` nodes besides the root, by path probability.
+
+    >>> children = {"r": [(5, 0.9, "a"), (6, 0.1, "b")], "a": [(7, 0.5, "c")], "b": [], "c": []}
+    >>> tree = grow(1, "r", lambda h: children[h], budget=2)
+    >>> tree.tokens.tolist(), tree.parents.tolist(), tree.scores.round(2).tolist()  # 0.9, 0.45 > 0.1
+    ([1, 5, 7], [-1, 0, 1], [1.0, 0.9, 0.45])
+    """
+    tokens, parents, scores = [root], [-1], [1.0]
+    frontier: list = []  # (-path probability, order, parent node, token, handle)
+    order = 0
+
+    def push_children(node: int, node_handle: Hashable) -> None:
+        nonlocal order
+        for token, probability, child in expand(node_handle):
+            if probability > 0.0:
+                heapq.heappush(frontier, (-scores[node] * probability, order, node, token, child))
+                order += 1
+
+    push_children(0, handle)
+    while frontier and len(tokens) <= budget:
+        negative, _, parent, token, child = heapq.heappop(frontier)
+        tokens.append(token)
+        parents.append(parent)
+        scores.append(-negative)
+        push_children(len(tokens) - 1, child)
+    return DraftTree(np.array(tokens, dtype=np.int64), np.array(parents, dtype=np.int64),
+                     np.array(scores, dtype=np.float64))
+
+
+class WeightedTrie:
+    """Continuations of the context merged by common prefix, each weighing what its source is worth.
+
+    A node's weight is the total weight of the continuations through it; a child's conditional
+    probability is its weight over its parent's (continuations that end at the parent count in the
+    parent, so a branch most sources stop before is not over-trusted).
+
+    >>> trie = WeightedTrie()
+    >>> trie.add([4, 5], 2.0); trie.add([4, 6], 1.0); trie.add([8], 0.5)
+    >>> grow(3, 0, trie.expander(confidence=1.0), budget=4).tokens.tolist()
+    [3, 4, 5, 6, 8]
+    """
+
+    def __init__(self):
+        self.weight = [0.0]  # per node; node 0 is the root
+        self.children: list[dict[int, int]] = [{}]
+
+    def add(self, tokens: Sequence[int], weight: float) -> None:
+        node = 0
+        self.weight[0] += weight
+        for token in tokens:
+            child = self.children[node].get(token)
+            if child is None:
+                child = len(self.weight)
+                self.children[node][token] = child
+                self.weight.append(0.0)
+                self.children.append({})
+            self.weight[child] += weight
+            node = child
+
+    def expander(self, confidence: float) -> Expand:
+        """Children scaled by ``confidence``: how often this drafter's best guess is accepted."""
+        def expand(node: int):
+            total = self.weight[node]
+            return [(token, confidence * self.weight[child] / total, child)
+                    for token, child in self.children[node].items()]
+        return expand
+
+
+class HitRate:
+    """How often a drafted level is accepted, learned from verification (Laplace-smoothed).
+
+    Each accepted node that had children in the tree is one try; the path going on is a hit. It
+    calibrates scores of drafters whose raw counts are not probabilities, so that their trees can
+    be compared with other drafters' and the budget policy's τ estimates stay meaningful.
+
+    >>> rate = HitRate()
+    >>> tree = DraftTree(np.array([1, 2, 3]), np.array([-1, 0, 1]))
+    >>> rate.observe(tree, [0, 1]); round(rate.value, 3)  # root→node 1 hit, node 1→node 2 missed
+    0.5
+    """
+
+    def __init__(self, hits: float = 1.0, tries: float = 2.0):
+        self.hits, self.tries = hits, tries
+
+    @property
+    def value(self) -> float:
+        return self.hits / self.tries
+
+    def observe(self, tree: DraftTree, accepted: list[int]) -> None:
+        self.hits += len(accepted) - 1
+        self.tries += sum(1 for node in accepted if tree.children[node])

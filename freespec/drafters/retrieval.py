@@ -1,0 +1,48 @@
+"""REST (retrieval-based speculative decoding): draft what followed the context in a corpus.
+
+The datastore (:mod:`freespec.datastore`, built with ``freespec datastore build``) is a suffix
+array over a tokenised corpus. Each step finds the longest suffix of the context (at most
+``max_match`` tokens) that occurs in the corpus, samples up to ``max_candidates`` of its
+occurrences evenly across the matching range, and merges the ``depth`` tokens that follow each
+into a tree weighted by frequency, grown best-first (:mod:`freespec.drafters.grow`). It wins where
+answers reuse a known corpus: documentation, code bases, a domain's boilerplate.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from freespec.datastore import Datastore
+from freespec.drafters.grow import HitRate, WeightedTrie, grow
+from freespec.tree import DraftTree
+
+
+class Retrieval:
+    """The ``retrieval`` drafter over one datastore; stateless across requests but for its hit rate."""
+
+    wants_prompt_logits = False
+
+    def __init__(self, datastore: str | Path | Datastore, tokenizer=None, max_match: int = 16,
+                 max_candidates: int = 64, depth: int = 12):
+        self.store = datastore if isinstance(datastore, Datastore) else Datastore(datastore, tokenizer)
+        self.max_match, self.max_candidates, self.depth = max_match, max_candidates, depth
+        self.hit_rate = HitRate()
+
+    def begin(self, prompt: np.ndarray, prompt_logits: torch.Tensor | None) -> None:
+        pass  # nothing per request: the corpus is fixed
+
+    def propose(self, context: np.ndarray, budget: int) -> DraftTree:
+        length, low, high = self.store.longest_match(context, self.max_match)
+        trie = WeightedTrie()
+        if length:
+            for tokens in self.store.continuations(low, high, length, self.depth, self.max_candidates):
+                trie.add(tokens, 1.0)
+        if not trie.children[0]:
+            return DraftTree.root_only(int(context[-1]))
+        return grow(int(context[-1]), 0, trie.expander(self.hit_rate.value), budget)
+
+    def update(self, tree: DraftTree, logits: torch.Tensor, accepted: list[int]) -> None:
+        self.hit_rate.observe(tree, accepted)
