@@ -156,6 +156,7 @@ class Scheduler:
         self._decode = decode
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self._running = 0
+        self._current: Job | None = None
         self._recent_seconds = 1.0  # moving mean of request time, for Retry-After
         self.metrics = ServerMetrics(self._queue.qsize, lambda: self._running)
         self._thread = threading.Thread(target=self._loop, name="freespec-generation", daemon=True)
@@ -165,6 +166,8 @@ class Scheduler:
 
     def stop(self) -> None:
         """Cancel what waits, let the running job see its cancellation, and end the thread."""
+        if (current := self._current) is not None:
+            current.cancel()
         while True:
             try:
                 job = self._queue.get_nowait()
@@ -191,33 +194,37 @@ class Scheduler:
     def _loop(self) -> None:
         while (job := self._queue.get()) is not None:
             if job.cancelled:
-                self.metrics.requests.inc(endpoint=job.endpoint, status="cancelled")
-                job.post(Finished("", [], "cancelled", GenerationStats(prompt_tokens=len(job.prompt_ids)),
-                                  job.drafter))
-                continue
-            self._running = 1
-            try:
-                status = self._run(job)
-            except Exception as error:  # a fault in freespec: report it, keep serving
-                log.exception("generation failed")
-                job.post(Failed(500, f"internal error: {type(error).__name__}: {error}"))
-                status = "error"
-            finally:
-                self._running = 0
-            self.metrics.requests.inc(endpoint=job.endpoint, status=status)
-            elapsed = time.perf_counter() - job.arrived
-            self._recent_seconds = 0.8 * self._recent_seconds + 0.2 * elapsed
-            if status == "success":
-                self.metrics.latency.observe(elapsed, endpoint=job.endpoint)
+                end = Finished("", [], "cancelled", GenerationStats(prompt_tokens=len(job.prompt_ids)), job.drafter)
+            else:
+                self._running, self._current = 1, job
+                try:
+                    end = self._run(job)
+                except Exception as error:  # a fault in freespec: report it, keep serving
+                    log.exception("generation failed")
+                    end = Failed(500, f"internal error: {type(error).__name__}: {error}")
+                finally:
+                    self._running, self._current = 0, None
+            self._count(job, end)
+            job.post(end)  # last, so a client that has its answer sees it counted
 
-    def _run(self, job: Job) -> str:
-        """Generate one job; return its outcome for the requests counter."""
+    def _count(self, job: Job, end: Finished | Failed) -> None:
+        if isinstance(end, Failed):
+            status = "invalid" if end.status < 500 else "error"
+        else:
+            status = "cancelled" if end.finish_reason == "cancelled" else "success"
+        self.metrics.requests.inc(endpoint=job.endpoint, status=status)
+        if status == "success":
+            elapsed = time.perf_counter() - job.arrived
+            self.metrics.latency.observe(elapsed, endpoint=job.endpoint)
+            self._recent_seconds = 0.8 * self._recent_seconds + 0.2 * elapsed
+
+    def _run(self, job: Job) -> Finished | Failed:
+        """Generate one job, posting its progress; return the event that ends it."""
         try:
             generation = self.model.stream(prompt_ids=job.prompt_ids, max_new_tokens=job.max_tokens,
                                            drafter=job.drafter, **job.sampling)
         except ValueError as error:
-            job.post(Failed(400, str(error)))
-            return "invalid"
+            return Failed(400, str(error))
         waited = time.perf_counter() - job.arrived
         self.metrics.queue_wait.observe(waited)
         job.post(Started(waited))
@@ -239,9 +246,5 @@ class Scheduler:
         if not text.stopped and (delta := text.finish()):
             job.post(Delta(delta))
         self.metrics.record(job.drafter, generation.stats)
-        if job.cancelled:
-            reason = "cancelled"
-        else:
-            reason = "stop" if text.stopped else generation.finish_reason
-        job.post(Finished(text.text, generation.token_ids, reason, generation.stats, job.drafter))
-        return "cancelled" if job.cancelled else "success"
+        reason = "cancelled" if job.cancelled else "stop" if text.stopped else generation.finish_reason
+        return Finished(text.text, generation.token_ids, reason, generation.stats, job.drafter)

@@ -191,10 +191,9 @@ class _Guard:
                 response = error_response(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
                                           code="invalid_api_key")
                 return await response(scope, receive, send)
-        too_large = error_response(413, f"the request body exceeds {self.max_body_bytes} bytes")
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
-            return await too_large(scope, receive, send)
+            return await self._too_large(scope, receive, send)
         chunks, size = [], 0
         while True:  # read the whole body here, so an endless chunked body stops at the limit
             message = await receive()
@@ -203,7 +202,7 @@ class _Guard:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > self.max_body_bytes:
-                return await too_large(scope, receive, send)
+                return await self._too_large(scope, receive, send)
             if not message.get("more_body", False):
                 break
         replayed = False
@@ -216,6 +215,18 @@ class _Guard:
             return await receive()  # after the body: the disconnect, when it comes
 
         await self.app(scope, replay, send)
+
+    async def _too_large(self, scope, receive, send) -> None:
+        """Answer 413 after reading on (up to 4x the limit, then hanging up): a client still sending
+        would otherwise see the connection reset instead of the answer."""
+        drained = 0
+        while drained <= 4 * self.max_body_bytes:
+            message = await receive()
+            drained += len(message.get("body", b""))
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                break
+        response = error_response(413, f"the request body exceeds {self.max_body_bytes} bytes")
+        await response(scope, receive, send)
 
 
 class _Service:
@@ -433,6 +444,9 @@ def create_app(model: Model, *, served_name: str | None = None, drafter: str = "
                                          background=BackgroundTask(job.cancel))
             while isinstance(event, (Started, Delta)):
                 event = await job.events.get()
+        except asyncio.CancelledError:  # the server is stopping
+            job.cancel()
+            raise
         finally:
             watcher.cancel()
         if isinstance(event, Failed):

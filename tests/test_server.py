@@ -283,6 +283,13 @@ def test_the_openai_client_raises_its_own_error_types(client):
 def test_transport_level_mistakes(server):
     status, body, _ = post(server + "/v1/chat/completions", b"x" * (2 << 20))
     assert status == 413 and "exceeds" in body["error"]["message"]
+    host, port = server.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)  # no Content-Length: chunked
+    connection.request("POST", "/v1/completions", (b"y" * 65536 for _ in range(24)),
+                       {"Content-Type": "application/json"}, encode_chunked=True)
+    response = connection.getresponse()
+    assert response.status == 413 and "exceeds" in json.loads(response.read())["error"]["message"]
+    connection.close()
     status, body, _ = post(server + "/v1/chat/completions", b"", method="GET")
     assert status == 405 and "error" in body
     status, body, _ = post(server + "/v1/nothing", {"messages": [MESSAGE]})
@@ -386,3 +393,33 @@ def test_serve_reports_a_taken_port(tiny_model_dir, capsys):
         taken.listen()
         assert main(["serve", "--model", str(tiny_model_dir), "--port", str(taken.getsockname()[1]), "--quiet"]) == 2
     assert "freespec: error: cannot listen on 127.0.0.1:" in capsys.readouterr().err
+
+
+def test_a_fault_in_the_engine_fails_that_request_only(tiny_model_dir):
+    """A 500 (or an error event mid-stream) for the request that met the fault; the next one is served."""
+    model = freespec.load(str(tiny_model_dir))
+    app = create_app(model, served_name="tiny", max_tokens=6)
+    real_stream = model.stream
+
+    def faulty_stream(**kwargs):
+        generation = real_stream(**kwargs)
+        if kwargs["max_new_tokens"] != 13:
+            return generation
+
+        def chunks():  # one chunk, then the fault
+            for chunk in generation:
+                yield chunk
+                raise RuntimeError("simulated fault")
+        return chunks()
+
+    model.stream = faulty_stream
+    with BackgroundServer(app) as url:
+        status, body, _ = post(url + "/v1/completions", {"prompt": "w1", "max_tokens": 13})
+        assert status == 500 and body["error"]["type"] == "server_error"
+        assert "simulated fault" in body["error"]["message"]
+        connection, response = open_stream(url, {"messages": CHAT, "max_tokens": 13})
+        events = [line for line in response.read().decode().split("\n\n") if line]
+        connection.close()
+        assert "simulated fault" in events[-2] and events[-1] == "data: [DONE]"
+        assert post(url + "/v1/completions", {"prompt": "w1", "max_tokens": 5})[0] == 200
+        assert metric(url, "freespec_requests_total", endpoint="completions", status="error") == 1
