@@ -115,10 +115,10 @@ def test_default_max_tokens_is_the_servers(client):
 def test_stream_equals_the_whole_answer(client, endpoint):
     if endpoint == "chat":
         create, request = client.chat.completions.create, {"messages": CHAT}
-        text_of = lambda chunk: chunk.choices[0].delta.content or ""  # noqa: E731
+        text_of = lambda chunk: chunk.choices[0].delta.content or ""
     else:
         create, request = client.completions.create, {"prompt": PROMPT}
-        text_of = lambda chunk: chunk.choices[0].text  # noqa: E731
+        text_of = lambda chunk: chunk.choices[0].text
     whole = create(model="tiny", max_tokens=30, **request)
     chunks = list(create(model="tiny", max_tokens=30, stream=True, stream_options={"include_usage": True}, **request))
     *content, last, usage = chunks
@@ -423,3 +423,34 @@ def test_a_fault_in_the_engine_fails_that_request_only(tiny_model_dir):
         assert "simulated fault" in events[-2] and events[-1] == "data: [DONE]"
         assert post(url + "/v1/completions", {"prompt": "w1", "max_tokens": 5})[0] == 200
         assert metric(url, "freespec_requests_total", endpoint="completions", status="error") == 1
+
+
+# ---------------------------------------------------------------- text assembly
+
+
+def utf8(ids: list[int]) -> str:
+    """Byte tokens: a character split over chunks decodes to U+FFFD until its last byte arrives."""
+    return bytes(ids).decode("utf-8", errors="replace")
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_text_stream_equals_the_whole_decode_under_any_chunking(seed):
+    import random
+
+    from freespec.textstream import TextStream
+
+    rng = random.Random(seed)
+    text = "".join(rng.choice(["a", " ", "é", "€", "😀", "stop", "s", "\n"]) for _ in range(40))
+    ids = list(text.encode())
+    stops = rng.choice([[], ["stop"], ["😀", "xyz"], ["€a"]])
+    stream, deltas, at = TextStream(utf8, stops), [], 0
+    while at < len(ids) and not stream.stopped:
+        size = rng.randint(1, 4)
+        deltas.append(stream.push(ids[at:at + size]))
+        at += size
+    deltas.append(stream.finish())
+    hits = [text.index(stop) for stop in stops if stop in text]
+    expected = text[: min(hits)] if hits else text
+    assert "".join(deltas) == stream.text == expected
+    assert not any("\ufffd" in delta for delta in deltas)
+    assert stream.stopped == bool(hits)
