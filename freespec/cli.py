@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -170,6 +171,25 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("-o", "--output", type=Path, required=True, metavar="DIR")
     build.add_argument("--model", help="whose tokenizer to use (default: the embedded SmolLM2-135M-Instruct)")
     build.set_defaults(run=_datastore_build)
+
+
+    serve = commands.add_parser("serve", parents=[model_options], help="serve an OpenAI-compatible HTTP API",
+                                description="POST /v1/chat/completions and /v1/completions (streaming too), "
+                                            "GET /v1/models, /health and /metrics.")
+    serve.add_argument("--drafter", type=_drafter_name, default="recycling", metavar="NAME",
+                       help="default draft source; a request may name another (default: recycling)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    serve.add_argument("--port", type=_positive_int, default=8000, help="(default: 8000)")
+    serve.add_argument("--api-key", default=os.environ.get("FREESPEC_API_KEY"), metavar="KEY",
+                       help="require 'Authorization: Bearer KEY' on /v1 routes (default: $FREESPEC_API_KEY)")
+    serve.add_argument("--served-model-name", metavar="NAME", help="the model id clients send (default: --model)")
+    serve.add_argument("--max-tokens", type=_positive_int, default=256, metavar="N",
+                       help="tokens per answer when a request gives no max_tokens (default: 256)")
+    serve.add_argument("--max-queue", type=_positive_int, default=64, metavar="N",
+                       help="requests that may wait; more get 429 (default: 64)")
+    serve.add_argument("--max-body-bytes", type=_positive_int, default=1 << 20, metavar="N",
+                       help="largest request body (default: 1 MiB)")
+    serve.set_defaults(run=_serve)
     return parser
 
 
@@ -416,3 +436,19 @@ def _datastore_build(args: argparse.Namespace) -> None:
     except OSError as error:
         raise UsageError(f"cannot write {args.output}: {error.strerror}") from None
     print(f"[freespec] {meta['documents']} documents, {meta['tokens']} tokens → {args.output}", file=sys.stderr)
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from freespec import server
+
+    model = _load(args)
+    if not args.quiet:
+        where = f"http://{args.host}:{args.port}/v1"
+        print(f"[freespec] serving {args.served_model_name or model.name} at {where}"
+              f"{' (API key required)' if args.api_key else ''}", file=sys.stderr)
+    try:
+        server.serve(model, host=args.host, port=args.port, log_level="warning" if args.quiet else "info",
+                     served_name=args.served_model_name, drafter=args.drafter, max_tokens=args.max_tokens,
+                     max_queue=args.max_queue, api_key=args.api_key, max_body_bytes=args.max_body_bytes)
+    except OSError as error:
+        raise UsageError(f"cannot listen on {args.host}:{args.port}: {error.strerror or error}") from None
