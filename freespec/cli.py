@@ -100,7 +100,8 @@ def _parser() -> argparse.ArgumentParser:
                                help="Token Recycling's tree: best-first by recycled probabilities, "
                                     "or the paper's static template (default: dynamic)")
     model_options.add_argument("--datastore", type=Path, metavar="DIR",
-                               help="the retrieval drafter's datastore (freespec datastore build)")
+                               help="datastore for the retrieval drafter and aded's tri-gram prior "
+                                    "(freespec datastore build)")
 
     generate = commands.add_parser("generate", parents=[model_options, _sampling_options()], help="generate text",
                                    description="Stream one completion to stdout, or run a JSONL batch.")

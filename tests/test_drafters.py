@@ -241,3 +241,63 @@ def test_jacobi_window_converges_on_a_loop():
     again = generate(model, PROMPTS[0], "jacobi", 48)  # the n-gram pool is kept across requests
     assert first.token_ids == again.token_ids == generate(model, PROMPTS[0], "none", 48).token_ids
     assert first.stats.mean_accepted > 1.5 and again.stats.mean_accepted > 2.5
+
+
+def test_lookup_index_grows_incrementally():
+    from freespec.drafters.lookup import NgramIndex, PromptLookup
+
+    context = np.random.default_rng(1).integers(0, 20, 3000)
+    drafter = PromptLookup()
+    drafter.begin(context[:100], None)
+    for end in (100, 101, 137, 3000):  # each proposal indexes only the tokens it has not seen
+        tree = drafter.propose(context[:end], 8)
+        assert len(drafter.index) == end and tree.tokens[0] == context[end - 1]
+    scratch = NgramIndex(drafter.key)
+    scratch.extend(context.tolist())
+    assert scratch.positions == drafter.index.positions
+
+
+def _random_tree(rng, root, size, vocab=4):
+    tokens, parents, scores = [root], [-1], [1.0]
+    for i in range(1, size):
+        parent = int(rng.integers(0, i))
+        tokens.append(int(rng.integers(0, vocab)))
+        parents.append(parent)
+        scores.append(scores[parent] * float(rng.uniform(0.2, 1.0)))
+    return DraftTree(np.array(tokens), np.array(parents), np.array(scores))
+
+
+def _paths(tree):
+    paths = [()]
+    for i in range(1, len(tree)):
+        paths.append(paths[tree.parents[i]] + (int(tree.tokens[i]),))
+    return paths
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_merged_trees_keep_paths_and_best_first_order(seed):
+    from freespec.drafters.fused import merge_trees
+
+    rng = np.random.default_rng(seed)
+    sources = [_random_tree(rng, 9, int(rng.integers(1, 30))) for _ in range(3)]
+    budget = int(rng.integers(0, 40))
+    merged, where = merge_trees(sources, budget)
+    merged_paths = _paths(merged)
+    assert len(merged) - 1 == min(budget, len({p for s in sources for p in _paths(s)[1:]}))
+    assert len(set(merged_paths)) == len(merged_paths)  # common prefixes merged
+    assert np.all(np.diff(merged.scores[1:]) <= 0)  # best-first
+    for source, index in zip(sources, where):
+        for node, path in enumerate(_paths(source)):
+            if index[node] >= 0:
+                assert merged_paths[index[node]] == path
+            else:  # cut: every kept node scores at least as much
+                assert path in merged_paths or len(merged) - 1 == budget
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_context_limit_inside_a_draft(name, store):
+    model = drafter_model("llama", 0, 16, store)
+    prompt = [2, *([7] * 500), 3]  # the context is 512: drafts must shrink to the room left
+    plain = generate(model, prompt, "none", 100)
+    fast = generate(model, prompt, name, 100)
+    assert fast.token_ids == plain.token_ids and len(fast.token_ids) == 512 - len(prompt)

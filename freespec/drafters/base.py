@@ -1,4 +1,10 @@
-"""The drafter protocol: propose a tree before each verification, learn from its result after."""
+"""The drafter protocol: propose a tree before each verification, learn from its result after.
+
+Drafters are made by name by the factories in :mod:`freespec.drafters`, from
+:class:`freespec.drafters.DrafterSettings` (vocabulary size, Token Recycling's tree shape, the
+datastore directory, the model's tokenizer): what a drafter needs beyond this protocol comes from
+there, so the protocol itself stays the same for all of them.
+"""
 
 from __future__ import annotations
 
