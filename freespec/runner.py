@@ -171,6 +171,9 @@ class ModelRunner:
         """The one-call C decoder for Llama-style models with SiLU MLPs, where kernels exist."""
         if self.family not in LLAMA_STYLE or self.config.hidden_act != "silu" or not kernel_available():
             return None
+        if any(w["o_bias"] is not None or w["gate_up_bias"] is not None or w["down_bias"] is not None
+               for w in self._layers):
+            return None  # only QKV biases (Qwen2) are fused
 
         def norm(module):
             return None if module is None else RMSNorm(module.weight, float(module.variance_epsilon))
@@ -180,9 +183,6 @@ class ModelRunner:
                        w["qkv_bias"], w["o"], w["gate_up"], w["down"])
             for w in self._layers
         ]
-        if any(w["o_bias"] is not None or w["gate_up_bias"] is not None or w["down_bias"] is not None
-               for w in self._layers):
-            return None
         return FusedDecoder(layers, self.num_heads, self.num_kv_heads, self.head_dim, self.scale)
 
     # -- cache -----------------------------------------------------------------------------------
