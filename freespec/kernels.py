@@ -95,6 +95,13 @@ def _library() -> ctypes.CDLL | None:
     return library
 
 
+def _required_library() -> ctypes.CDLL:
+    library = _library()
+    if library is None:
+        raise RuntimeError("the freespec kernels are not available on this machine")
+    return library
+
+
 def kernel_available() -> bool:
     return _library() is not None
 
@@ -172,9 +179,7 @@ class TreeAttention:
 
     def __init__(self, past: int, tree_mask: torch.Tensor, heads: int, kv_heads: int, dim: int, scale: float,
                  cos: torch.Tensor | None, sin: torch.Tensor | None):
-        self._library = _library()
-        if self._library is None:
-            raise RuntimeError("the freespec kernels are not available on this machine")
+        self._library = _required_library()
         n = tree_mask.shape[0]
         self.past, self.n, self.heads, self.kv_heads, self.dim, self.scale = past, n, heads, kv_heads, dim, scale
         # cos, sin: [n, dim] or None (no rotary)
@@ -243,9 +248,7 @@ class FusedDecoder:
     """
 
     def __init__(self, layers: list[LlamaLayer], heads: int, kv_heads: int, head_dim: int, scale: float):
-        self._library = _library()
-        if self._library is None:
-            raise RuntimeError("the freespec kernels are not available on this machine")
+        self._library = _required_library()
         self.heads, self.kv_heads, self.head_dim, self.scale = heads, kv_heads, head_dim, scale
         self.hidden = layers[0].o.shape[0]
         self.intermediate = layers[0].down.shape[1]
