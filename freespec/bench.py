@@ -151,8 +151,8 @@ def _done_records(out: Path, settings: dict, resume: bool) -> dict[tuple, dict]:
         return {}
     if run_file.is_file():
         before = json.loads(run_file.read_text())
-        changed = [f"{key} {before.get(key)!r} → {value!r}" for key, value in settings.items()
-                   if before.get(key) != value]
+        changed = [f"{key} {before[key]!r} → {value!r}" for key, value in settings.items()
+                   if key in before and before[key] != value]  # keys newer than the folder are not compared
         if changed:
             raise BenchError(f"cannot resume {out}: its results were made with other settings ({'; '.join(changed)}); "
                              "run without --resume to start over, or choose another --out")
@@ -172,7 +172,8 @@ def run_bench(model: Model, questions: list[Question], methods: list[str], out: 
         raise BenchError(f"{model.name} has no chat template: the benchmark sends chat-formatted questions")
     out.mkdir(parents=True, exist_ok=True)
     settings = {"model": model.name, "max_new_tokens": setup.max_new_tokens, "seed": setup.seed,
-                "sampling": dataclasses.asdict(setup.sampling)}
+                "sampling": dataclasses.asdict(setup.sampling), "budget": model.fixed_budget, "tree": model.tree,
+                "datastore": str(model.datastore) if model.datastore else None}
     done = _done_records(out, settings, resume)
     todo = [(q, turn, m) for q in questions for turn in range(1, len(q.turns) + 1) for m in methods
             if (q.question_id, m, turn) not in done]

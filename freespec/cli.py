@@ -151,6 +151,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--baseline", help="method speedups are relative to (default: hf-greedy, or "
                        "hf-sample when sampling)")
     bench.add_argument("--seed", type=int, default=0, help="seeds the RNGs per question and turn (default: 0)")
+    bench.add_argument("--budget", type=_positive_int, metavar="N",
+                       help="fixed draft nodes per step for every drafter (default: chosen from measured costs)")
     bench.add_argument("--draft-model", type=Path, metavar="PATH",
                        help="a smaller model with the same tokenizer: adds hf-assisted (transformers' assisted "
                             "generation)")
@@ -383,7 +385,7 @@ def _bench(args: argparse.Namespace) -> None:
         questions = bench.load_questions(args.questions or bench.DEFAULT_QUESTIONS,
                                          args.categories.split(",") if args.categories else None,
                                          args.per_category, args.limit)
-        model = _load(args)
+        model = _load(args, args.budget)
         setup = Setup(model, args.max_new_tokens, args.seed, args.draft_model, _gguf_source(args.model),
                       sampling=sampling)
         methods, notes = bench.plan(methods, setup)

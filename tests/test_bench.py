@@ -430,3 +430,16 @@ def test_cli_bench_runs_and_notes_skipped_peers(tiny_model_dir, tmp_path, capsys
     assert "| **overall** |" in captured.out and "hf-lookup 100% (vs hf-greedy)" in captured.out
     assert len(lines(out / "results.jsonl")) == 2 * 3
     assert json.loads((out / "run.json").read_text())["seed"] == 3
+
+
+def test_cli_bench_budget_fixes_the_draft_size(tiny_model_dir, tmp_path, capsys):
+    path = write_questions(tmp_path / "q.jsonl", (1, "qa", "w1 w2 w3 w1 w2"))
+    out = tmp_path / "out"
+    assert main(["bench", "--model", str(tiny_model_dir), "--questions", str(path), "--out", str(out), "--quiet",
+                 "--methods", "none,recycling", "--baseline", "none", "--max-new-tokens", "6", "--budget", "3", "--tree", "static"]) == 0
+    records = {record["method"]: record for record in lines(out / "results.jsonl")}
+    assert set(records["recycling"]["draft_sizes"]) == {3}
+    assert records["recycling"]["token_ids"] == records["none"]["token_ids"]
+    assert main(["bench", "--model", str(tiny_model_dir), "--questions", str(path), "--out", str(out), "--quiet",
+                 "--methods", "none,recycling", "--baseline", "none", "--max-new-tokens", "6", "--resume"]) == 2
+    assert "other settings (budget 3 → None; tree 'static' → 'dynamic')" in capsys.readouterr().err
