@@ -122,11 +122,28 @@ def test_dynamic_tree_goes_deep_when_confident_and_wide_when_not():
     drafter.successors[4], drafter.probs[4] = [6, 7], [0.9, 0.05]
     deep = drafter.propose(np.array([1]), budget=3)
     assert deep.tokens.tolist() == [1, 2, 4, 6] and deep.depths.tolist() == [0, 1, 2, 3]
-    drafter.probs[1] = [0.5, 0.45]  # hesitant: both candidates of the root come early
+    drafter.probs[1] = [0.5, 0.48]  # hesitant: both candidates of the root come early
     wide = drafter.propose(np.array([1]), budget=3)
     assert wide.tokens.tolist() == [1, 2, 3, 4] and wide.parents.tolist() == [-1, 0, 0, 1]
     # a cold matrix (probability 0 everywhere) drafts nothing
     assert len(TokenRecycling(vocab_size=10, k=2).propose(np.array([5]), budget=8)) == 1
+
+
+def test_dynamic_tree_learns_that_recycled_confidence_overstates():
+    drafter = TokenRecycling(vocab_size=10, k=2)
+    drafter.successors[1], drafter.probs[1] = [2, 3], [0.95, 0.04]
+    drafter.successors[2], drafter.probs[2] = [4, 5], [0.9, 0.05]
+    tree = drafter.propose(np.array([1]), budget=3)  # 1→2 (0.95), 1→2→4 (0.855), 1→2→5 (0.0475)
+    assert tree.tokens.tolist() == [1, 2, 4, 5] and tree.parents.tolist() == [-1, 0, 1, 1]
+    tried = drafter.calibration.tries.copy()
+    drafter.update(tree, torch.zeros(4, 10), accepted=[0, 1])  # 2 accepted, then neither 4 nor 5
+    assert (drafter.calibration.tries - tried).tolist() == [1, 0, 0, 0, 0, 0, 0, 0, 0, 2]  # 0.05, 0.9, 0.95
+    for _ in range(30):  # predictions of 0.9+ keep failing: the tree stops going deep on them
+        drafter.calibration.observe(np.array([0.9, 0.95]), np.array([False, False]))
+    drafter.successors[1], drafter.probs[1] = [2, 3], [0.95, 0.04]
+    drafter.successors[2], drafter.probs[2] = [4, 5], [0.9, 0.05]
+    scores = drafter.propose(np.array([1]), budget=3).scores
+    assert scores[1] < 0.2 and scores[2] < 0.2 * 0.2
 
 
 def test_recycling_warm_start_and_save_load(tmp_path):

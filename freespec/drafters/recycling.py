@@ -10,13 +10,16 @@ that size (which the budget policy relies on):
 
 - ``dynamic`` (default): the matrix also keeps the probability the model gave each candidate, and
   every step grows its tree best-first by path probability (the product along the path), as
-  DySpec and OPT-Tree do: deep where the model was confident, wide where it hesitated.
+  DySpec and OPT-Tree do: deep where the model was confident, wide where it hesitated. Each
+  recycled probability is first mapped to the acceptance rate verification showed for such
+  probabilities (:class:`freespec.drafters.grow.Calibration`): recycled confidence overstates.
 - ``static``: the paper's template, its nodes ordered by per-rank hit rates learned online.
 """
 
 from __future__ import annotations
 
 import heapq
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -24,6 +27,7 @@ import numpy as np
 import torch
 
 from freespec import kernels
+from freespec.drafters.grow import Calibration
 from freespec.tree import DraftTree
 
 # The paper's best template: 80 nodes of depth <= 6 (8/21/25/15/8/3 nodes per depth), as rank paths.
@@ -40,6 +44,8 @@ PAPER_TEMPLATE: tuple[tuple[int, ...], ...] = (
     (0, 0, 1, 0, 0), (0, 1, 0, 0, 0), (1, 0, 0, 0, 0),
     (0, 0, 0, 0, 0, 0), (0, 0, 0, 0, 0, 1), (0, 0, 0, 1, 0, 0),
 )
+
+CALIBRATION_LEVELS = 1024  # dynamic trees read the calibration at this resolution of probability
 
 
 def order_template(template, rank_hit_rate: np.ndarray) -> list[tuple[int, ...]]:
@@ -64,12 +70,14 @@ def top_candidates(logits: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray
     return ids.numpy(), torch.exp(values - normalizer[:, None]).numpy()
 
 
-def best_first_tree(root: int, successors: np.ndarray, probs: np.ndarray, budget: int) -> DraftTree:
+def best_first_tree(root: int, successors: np.ndarray, probs: np.ndarray, budget: int,
+                    calibrate: Callable[[float], float] = float) -> DraftTree:
     """Grow a tree from ``root`` by decreasing path probability, at most ``budget`` nodes besides it.
 
     A node's children are its token's row of ``successors`` with the row's ``probs`` (sorted
-    descending); a path's probability is the product along it. Siblings are expanded lazily (the
-    next rank only once the previous one is taken), so the heap stays small.
+    descending) mapped through ``calibrate`` (non-decreasing); a path's probability is the
+    product along it. Siblings are expanded lazily (the next rank only once the previous one is
+    taken), so the heap stays small.
 
     >>> successors = np.array([[1, 2], [2, 0], [0, 1]])
     >>> probs = np.array([[0.6, 0.3], [0.9, 0.1], [0.5, 0.4]])
@@ -79,7 +87,7 @@ def best_first_tree(root: int, successors: np.ndarray, probs: np.ndarray, budget
     """
     tokens, parents, scores = [root], [-1], [1.0]
     # (-path probability, parent node, parent path probability, rank)
-    frontier = [(-probs[root, 0], 0, 1.0, 0)]
+    frontier = [(-calibrate(probs[root, 0]), 0, 1.0, 0)]
     while frontier and len(tokens) <= budget:
         negative, parent, parent_probability, rank = heapq.heappop(frontier)
         probability = -negative
@@ -90,9 +98,9 @@ def best_first_tree(root: int, successors: np.ndarray, probs: np.ndarray, budget
         parents.append(parent)
         scores.append(probability)
         if rank + 1 < successors.shape[1]:
-            sibling = parent_probability * probs[tokens[parent], rank + 1]
+            sibling = parent_probability * calibrate(probs[tokens[parent], rank + 1])
             heapq.heappush(frontier, (-sibling, parent, parent_probability, rank + 1))
-        heapq.heappush(frontier, (-probability * probs[token, 0], len(tokens) - 1, probability, 0))
+        heapq.heappush(frontier, (-probability * calibrate(probs[token, 0]), len(tokens) - 1, probability, 0))
     return DraftTree(np.array(tokens, dtype=np.int64), np.array(parents, dtype=np.int64),
                      np.array(scores, dtype=np.float64))
 
@@ -121,6 +129,7 @@ class TokenRecycling:
         self._rank_hits = np.ones(self.k)  # Laplace-smoothed counts of which rank was accepted
         self._rank_hits[0] = 4.0
         self._rank_tries = float(self.k + 8)
+        self.calibration = Calibration()  # dynamic trees: recycled probability → observed acceptance
         self._reorder()
 
     def _reorder(self) -> None:
@@ -142,7 +151,9 @@ class TokenRecycling:
 
     def propose(self, context: np.ndarray, budget: int) -> DraftTree:
         if self.tree == "dynamic":
-            return best_first_tree(int(context[-1]), self.successors, self.probs, budget)
+            levels = self.calibration(np.arange(CALIBRATION_LEVELS + 1) / CALIBRATION_LEVELS).tolist()
+            return best_first_tree(int(context[-1]), self.successors, self.probs, budget,
+                                   lambda p: levels[int(p * CALIBRATION_LEVELS)])
         size = min(budget, len(self._node_rank))
         tokens = np.empty(size + 1, dtype=np.int64)
         tokens[0] = context[-1]
@@ -152,6 +163,8 @@ class TokenRecycling:
         return DraftTree(tokens, parents, np.concatenate(([1.0], self._node_score[:size])))
 
     def update(self, tree: DraftTree, logits: torch.Tensor, accepted: list[int]) -> None:
+        if self.tree == "dynamic" and len(tree) > 1:
+            self._calibrate(tree, accepted)
         ids, probs = top_candidates(logits, self.k)  # [n, k] each
         self.successors[tree.tokens] = ids  # a token drafted twice keeps its last row
         self.probs[tree.tokens] = probs
@@ -163,9 +176,19 @@ class TokenRecycling:
             if self._steps_since_reorder >= 64:
                 self._reorder()
 
+    def _calibrate(self, tree: DraftTree, accepted: list[int]) -> None:
+        """Teach the calibration with the nodes whose parent was accepted (read before the rows change)."""
+        on_path = np.zeros(len(tree), dtype=bool)
+        on_path[accepted] = True
+        tried = np.flatnonzero(on_path[tree.parents[1:]]) + 1
+        rows = self.successors[tree.tokens[tree.parents[tried]]]  # [tried, k]: the parents' candidates
+        rank = np.argmax(rows == tree.tokens[tried, None], axis=1)
+        self.calibration.observe(self.probs[tree.tokens[tree.parents[tried]], rank], on_path[tried])
+
     def save(self, path: str | Path) -> None:
         np.savez_compressed(path, successors=self.successors, probs=self.probs, rank_hits=self._rank_hits,
-                            rank_tries=self._rank_tries)
+                            rank_tries=self._rank_tries, calibration_hits=self.calibration.hits,
+                            calibration_tries=self.calibration.tries)
 
     def load(self, path: str | Path) -> None:
         state = np.load(path)
@@ -174,4 +197,6 @@ class TokenRecycling:
         self.successors = state["successors"].astype(np.int64)
         self.probs = state["probs"].astype(np.float32)
         self._rank_hits, self._rank_tries = state["rank_hits"], float(state["rank_tries"])
+        if "calibration_hits" in state:  # files saved before calibration start it fresh
+            self.calibration.hits, self.calibration.tries = state["calibration_hits"], state["calibration_tries"]
         self._reorder()
