@@ -18,7 +18,7 @@ from freespec import calibrate
 from freespec.budget import BudgetPolicy
 from freespec.drafters import Drafter, DrafterSettings, create
 from freespec.engine import Generation, GenerationStats
-from freespec.loading import LoadedModel, load as load_model, packed_cache_path
+from freespec.loading import LoadedModel, ModelLoadError, load as load_model, packed_cache_path
 from freespec.runner import ModelRunner
 from freespec.sampling import SamplingParams
 
@@ -35,7 +35,7 @@ class Model:
     """A loaded model with its runner and its drafters' state, kept warm across requests."""
 
     def __init__(self, loaded: LoadedModel, budget: int | None = None, tree: str = "dynamic",
-                 datastore: str | os.PathLike | None = None):
+                 datastore: str | os.PathLike | None = None, draft_model: LoadedModel | None = None):
         self.name = loaded.name
         self.tokenizer = loaded.tokenizer
         self.hf_model = loaded.model  # the transformers model, for peers such as HF generate
@@ -43,8 +43,16 @@ class Model:
         self.fixed_budget = budget
         self.tree = tree  # Token Recycling's tree shape: "dynamic" (best-first) or "static" (paper template)
         self.datastore = datastore  # the retrieval drafter's datastore directory
+        self.draft_runner = None if draft_model is None else self._draft_runner(draft_model)  # draft-model's
         self._drafters: dict[str, tuple[Drafter, BudgetPolicy]] = {}
         self.stop_ids = self._stop_ids(loaded.model)
+
+    def _draft_runner(self, draft: LoadedModel) -> ModelRunner:
+        """The draft-model drafter's runner, once the draft model is known to share our tokenizer."""
+        if draft.tokenizer.get_vocab() != self.tokenizer.get_vocab():
+            raise ValueError(f"the draft model {draft.name} has a different vocabulary from {self.name}: "
+                             f"it must use the same tokenizer")
+        return ModelRunner(draft.model, packed_cache=packed_cache_path(draft.source))
 
     def _stop_ids(self, hf_model) -> set[int]:
         ids = set()
@@ -88,7 +96,8 @@ class Model:
         if name in self._drafters:
             return self._drafters[name]
         datastore = None if self.datastore is None else Path(self.datastore)
-        drafter = create(name, DrafterSettings(self.runner.vocab_size, self.tree, datastore, self.tokenizer))
+        drafter = create(name, DrafterSettings(self.runner.vocab_size, self.tree, datastore, self.tokenizer,
+                                               self.runner, self.draft_runner))
         if drafter is None:
             return None, None
         costs = calibrate.load_or_measure(self.runner)
@@ -142,14 +151,23 @@ class Model:
 
 
 def load(model: str | os.PathLike | None = None, *, threads: int | None = None, budget: int | None = None,
-         tree: str = "dynamic", datastore: str | os.PathLike | None = None) -> Model:
+         tree: str = "dynamic", datastore: str | os.PathLike | None = None,
+         draft_model: str | os.PathLike | None = None) -> Model:
     """Load ``model`` (None: the embedded SmolLM2-135M-Instruct; a directory; a .gguf; a hub id).
 
     ``budget`` fixes the number of draft nodes per step instead of choosing it from measured costs.
     ``threads`` sets torch's (and the kernels') thread count. ``tree`` picks Token Recycling's tree
     shape: ``dynamic`` (best-first by recycled probabilities) or ``static`` (the paper's template).
     ``datastore`` is the directory the ``retrieval`` drafter reads (``freespec datastore build``).
+    ``draft_model`` (same forms as ``model``) is the smaller model, with the same tokenizer, that the
+    ``draft-model`` drafter drafts with.
     """
     if threads:
         torch.set_num_threads(threads)
-    return Model(load_model(model), budget=budget, tree=tree, datastore=datastore)
+    draft = None
+    if draft_model is not None:
+        try:
+            draft = load_model(draft_model)
+        except ModelLoadError as error:
+            raise ModelLoadError(f"the draft model: {error}") from None
+    return Model(load_model(model), budget=budget, tree=tree, datastore=datastore, draft_model=draft)

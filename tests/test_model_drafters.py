@@ -1,0 +1,160 @@
+"""The model-based drafters, ``layerskip`` (SWIFT) and ``draft-model``: lossless greedy output,
+exact sampling distributions, the skip-set search, errors, and the real model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_model, word_tokenizer
+from freespec.api import Model
+from freespec.drafters import DraftModel, LayerSkip
+from freespec.drafters.chain import ChainSampler
+from freespec.drafters.layerskip import SkipSearch
+from freespec.loading import LoadedModel
+from freespec.runner import ModelRunner
+
+PROMPTS = [[2, 5, 6, 7, 3], [2, *range(40, 90), 3], [2, *[4 + (i * 7) % 250 for i in range(200)], 3]]
+NAMES = ["layerskip", "draft-model", "layerskip+lookup", "draft-model+recycling"]
+
+
+def make_model(family: str, draft: str = "same", budget: int | None = 6, layers: int = 4) -> Model:
+    """A 4-layer tiny target; its draft model is the same weights (drafts are accepted) or another
+    random model over the same vocabulary (most are not)."""
+    target = tiny_model(family, seed=0, scale=8.0, layers=layers)
+    small = tiny_model(family, seed=0 if draft == "same" else 9, scale=8.0, layers=layers if draft == "same" else 1)
+    return Model(LoadedModel(target, word_tokenizer(), family, None), budget=budget,
+                 draft_model=LoadedModel(small, word_tokenizer(), f"{draft}-draft", None))
+
+
+def generate(model: Model, prompt: list[int], drafter: str, max_new_tokens: int = 32):
+    return model.generate(prompt_ids=prompt, drafter=drafter, max_new_tokens=max_new_tokens)
+
+
+# -- greedy: token for token what plain decoding gives --------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+def test_model_drafters_equal_plain_greedy(family):
+    model = make_model(family)
+    other = make_model(family, draft="other")
+    plain = [generate(model, prompt, "none").token_ids for prompt in PROMPTS]
+    for name in NAMES:
+        results = [generate(model, prompt, name) for prompt in PROMPTS]
+        assert [r.token_ids for r in results] == plain, name
+        if name == "draft-model":  # the draft is the target itself: its chains are accepted
+            assert sum(r.stats.new_tokens for r in results) > 1.5 * sum(r.stats.forward_passes for r in results)
+    assert [generate(other, prompt, "draft-model").token_ids for prompt in PROMPTS] == plain
+    skipping = [generate(model, prompt, "layerskip") for prompt in PROMPTS]
+    assert sum(r.stats.new_tokens for r in skipping) > sum(r.stats.forward_passes for r in skipping)
+
+
+@pytest.mark.parametrize("name", ["layerskip", "draft-model"])
+@pytest.mark.parametrize("max_new_tokens", [1, 2, 5])
+def test_token_limit_inside_a_draft(name, max_new_tokens):
+    model = make_model("llama", budget=8)
+    plain = generate(model, PROMPTS[0], "none", max_new_tokens)
+    fast = generate(model, PROMPTS[0], name, max_new_tokens)
+    assert fast.token_ids == plain.token_ids and len(fast.token_ids) == max_new_tokens
+    assert fast.finish_reason == "length"
+
+
+@pytest.mark.parametrize("name", ["layerskip", "draft-model"])
+def test_stop_token_inside_a_draft(name):
+    model = make_model("llama", budget=8)
+    reference = generate(model, PROMPTS[0], "none", 32).token_ids
+    stop = next(t for i, t in enumerate(reference) if i > 10 and t not in reference[:i])  # reached mid-draft
+    model.stop_ids = {stop}
+    plain = generate(model, PROMPTS[0], "none", 32)
+    fast = generate(model, PROMPTS[0], name, 32)
+    assert plain.token_ids == reference[: reference.index(stop) + 1]
+    assert fast.token_ids == plain.token_ids and fast.finish_reason == "stop"
+    assert max(fast.stats.accepted_lengths) > 1
+
+
+def test_context_limit_with_model_drafts():
+    model = make_model("llama", budget=8)
+    prompt = [2, *([7] * 490), 3]  # context is 512: the last drafts must shrink, then stop
+    plain = generate(model, prompt, "none", 40)
+    for name in ("layerskip", "draft-model"):
+        fast = generate(model, prompt, name, 40)
+        assert fast.token_ids == plain.token_ids and len(fast.token_ids) == 512 - len(prompt)
+
+
+# -- the pieces ----------------------------------------------------------------------------------
+
+
+def test_skip_search_keeps_the_best_rate():
+    search = SkipSearch(num_layers=6, trial_steps=2, search_steps=40)
+    assert search.best == search.current == frozenset({1, 3})  # every other layer between first and last
+    rates = {}
+    while search.steps_left > 0:
+        current = search.current
+        drafted = 4
+        emitted = 1 + (3 if current == frozenset({1, 2}) else 1)  # a neighbour of the start drafts best
+        search.observe(drafted, emitted)
+        rates.setdefault(current, emitted / (1 + drafted * (6 - len(current)) / 6))
+    assert search.best == max(rates, key=rates.get) == frozenset({1, 2})
+    assert len(rates) >= 5  # its neighbours were tried too
+    assert search.current == search.best  # the search is over: the best set drafts from now on
+
+
+def test_draft_chain_rolls_the_target_cache_back():
+    model = make_model("llama")
+    runner = model.runner
+    drafter = LayerSkip(runner)
+    runner.reset(64)
+    runner.prefill(torch.tensor(PROMPTS[1][:-1]))
+    tree = drafter.propose(np.array(PROMPTS[1]), budget=5)
+    assert runner.length == len(PROMPTS[1]) - 1
+    assert 2 <= len(tree) <= 6 and tree.draft_probs is None
+    assert np.all(np.diff(tree.scores) <= 0) and tree.parents.tolist() == list(range(-1, len(tree) - 1))
+
+
+def test_sampled_drafts_carry_their_distribution():
+    from freespec.sampling import SamplingParams
+
+    sampler = ChainSampler()
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0])
+    assert sampler.pick(logits, np.array([1]))[0] == 0  # greedy: the argmax, no q
+    sampler.set_sampling(SamplingParams(temperature=1.0, top_k=2), torch.Generator().manual_seed(0))
+    draws = [sampler.pick(logits, np.array([1])) for _ in range(200)]
+    assert {d[0] for d in draws} == {0, 1}  # top-k 2: only the two best, drawn at random
+    assert all(torch.allclose(d[2], torch.tensor([0.7311, 0.2689, 0, 0]), atol=1e-4) for d in draws)
+    sampler.set_sampling(SamplingParams(temperature=1.0), None)  # inside a fused tree: point masses
+    assert sampler.pick(logits, np.array([1]))[2] is None
+
+
+def test_drafter_errors_are_clear():
+    target = tiny_model("llama", seed=0)
+    plain = Model(LoadedModel(target, word_tokenizer(), "tiny", None))
+    with pytest.raises(ValueError, match="needs a draft model.*--draft-model PATH"):
+        plain.generate(prompt_ids=[2, 5], drafter="draft-model", max_new_tokens=2)
+    with pytest.raises(ValueError, match="needs a draft model"):
+        plain.generate(prompt_ids=[2, 5], drafter="lookup+draft-model", max_new_tokens=2)
+    other_tokenizer = word_tokenizer()
+    other_tokenizer.add_tokens(["extra"])
+    with pytest.raises(ValueError, match="different vocabulary from tiny: it must use the same tokenizer"):
+        Model(LoadedModel(target, word_tokenizer(), "tiny", None),
+              draft_model=LoadedModel(target, other_tokenizer, "other", None))
+    with pytest.raises(ValueError, match="vocabulary has 256 tokens, the target's 300"):
+        DraftModel(ModelRunner(target), vocab_size=300)
+
+
+def test_cli_draft_model(tiny_model_dir, capsys):
+    import freespec
+    from freespec.cli import main
+
+    prompt = "w1 w2 w3 w4 w5 w6"
+    assert main(["generate", prompt, "--model", str(tiny_model_dir), "--drafter", "draft-model",
+                 "--max-new-tokens", "2"]) == 2
+    assert capsys.readouterr().err.strip() == ("freespec: error: the draft-model drafter needs --draft-model PATH "
+                                               "(a smaller model with the same tokenizer)")
+    expected = freespec.load(str(tiny_model_dir)).generate(prompt, max_new_tokens=12, drafter="none")
+    assert main(["generate", prompt, "--model", str(tiny_model_dir), "--drafter", "draft-model", "--draft-model",
+                 str(tiny_model_dir), "--max-new-tokens", "12", "--quiet"]) == 0
+    assert capsys.readouterr().out == expected.text + "\n"
+    assert main(["generate", prompt, "--model", str(tiny_model_dir), "--drafter", "draft-model", "--draft-model",
+                 "/nonexistent", "--max-new-tokens", "2"]) == 2
+    assert "freespec: error: the draft model: model not found: /nonexistent" in capsys.readouterr().err
