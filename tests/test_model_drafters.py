@@ -158,3 +158,83 @@ def test_cli_draft_model(tiny_model_dir, capsys):
     assert main(["generate", prompt, "--model", str(tiny_model_dir), "--drafter", "draft-model", "--draft-model",
                  "/nonexistent", "--max-new-tokens", "2"]) == 2
     assert "freespec: error: the draft model: model not found: /nonexistent" in capsys.readouterr().err
+
+
+# -- sampling: the distribution of plain sampling, exactly ------------------------------------------
+
+
+def small_model(seed: int, layers: int):
+    """test_sampling's 12-token model, with ``layers`` layers (layerskip needs a layer to keep)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from test_sampling import VOCAB
+
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                         bos_token_id=None, eos_token_id=0, pad_token_id=0)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(12.0)
+    return model
+
+
+SAMPLED_RUNS = 600  # whole engine runs of 2 tokens each, as test_sampling's end-to-end test
+
+
+def first_two_counts(model: Model, drafter: str) -> tuple[np.ndarray, int]:
+    """Counts of the first two sampled tokens over seeded runs, and how many drafted tokens were kept."""
+    from test_sampling import CONTEXT, FULL, VOCAB
+
+    options = dict(temperature=FULL.temperature, top_k=FULL.top_k, top_p=FULL.top_p, min_p=FULL.min_p,
+                   repetition_penalty=FULL.repetition_penalty)
+    model.stop_ids = set()
+    counts = np.zeros(VOCAB * VOCAB, dtype=np.int64)
+    kept = 0
+    for seed in range(SAMPLED_RUNS):
+        result = model.generate(prompt_ids=list(CONTEXT), drafter=drafter, max_new_tokens=2, seed=seed, **options)
+        counts[result.token_ids[0] * VOCAB + result.token_ids[1]] += 1
+        kept += result.stats.new_tokens - result.stats.forward_passes
+    return counts, kept
+
+
+@pytest.fixture(scope="module")
+def sampled_setup():
+    from test_sampling import FULL, VOCAB, exact_joint, exact_table
+
+    target = small_model(seed=0, layers=3)
+    model = Model(LoadedModel(target, word_tokenizer(), "small", None), budget=4,
+                  draft_model=LoadedModel(small_model(seed=1, layers=1), word_tokenizer(), "small-draft", None))
+    first_two = exact_joint(exact_table(target, FULL)).reshape(VOCAB * VOCAB, VOCAB).sum(axis=1)
+    return model, first_two
+
+
+@pytest.mark.parametrize("drafter", ["layerskip", "draft-model"])
+def test_sampling_keeps_the_distribution(sampled_setup, drafter):
+    from test_sampling import ALPHA, chi_square_p
+
+    model, first_two = sampled_setup
+    counts, kept = first_two_counts(model, drafter)
+    assert kept >= 50  # drafted tokens were accepted, not only bonus tokens
+    assert model.drafter(drafter)[0].sampler.samples  # drafts were sampled from q and verified against it
+    assert chi_square_p(counts, first_two) > ALPHA
+
+
+def test_drafts_not_drawn_from_their_q_fail_the_same_test(sampled_setup, monkeypatch):
+    """The argmax drafted but declared as drawn from q: the rejection rule is then biased, and the
+    test sees it, so it can fail."""
+    from test_sampling import ALPHA, chi_square_p
+
+    model, first_two = sampled_setup
+    honest = ChainSampler.pick
+
+    def argmax_as_if_sampled(self, logits, prefix):
+        token, probability, q = honest(self, logits, prefix)
+        if q is None:
+            return token, probability, q
+        best = int(torch.argmax(q))
+        return best, float(q[best]), q
+
+    monkeypatch.setattr(ChainSampler, "pick", argmax_as_if_sampled)
+    counts, _ = first_two_counts(model, "draft-model")
+    assert chi_square_p(counts, first_two) < ALPHA

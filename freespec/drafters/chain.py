@@ -75,7 +75,7 @@ def draft_chain(runner: ModelRunner, feed: np.ndarray, context: np.ndarray, budg
     path_score = 1.0
     while len(tokens) <= budget:
         logits = runner.logits(_advance(runner, feed, skip)[-1:])[0]  # [vocab]
-        token, probability, q = sampler.pick(logits, np.concatenate((context, tokens[1:])))
+        token, probability, q = sampler.pick(logits, np.concatenate((context, np.array(tokens[1:], dtype=np.int64))))
         rows.append(q)
         path_score *= probability
         tokens.append(token)
