@@ -180,9 +180,10 @@ def small_model(seed: int, layers: int):
 
 
 SAMPLED_RUNS = 600  # whole engine runs of 2 tokens each, as test_sampling's end-to-end test
+WRONG_RUNS = 200  # a biased rule is rejected by dozens of orders of magnitude already
 
 
-def first_two_counts(model: Model, drafter: str) -> tuple[np.ndarray, int]:
+def first_two_counts(model: Model, drafter: str, runs: int = SAMPLED_RUNS) -> tuple[np.ndarray, int]:
     """Counts of the first two sampled tokens over seeded runs, and how many drafted tokens were kept."""
     from test_sampling import CONTEXT, FULL, VOCAB
 
@@ -191,7 +192,7 @@ def first_two_counts(model: Model, drafter: str) -> tuple[np.ndarray, int]:
     model.stop_ids = set()
     counts = np.zeros(VOCAB * VOCAB, dtype=np.int64)
     kept = 0
-    for seed in range(SAMPLED_RUNS):
+    for seed in range(runs):
         result = model.generate(prompt_ids=list(CONTEXT), drafter=drafter, max_new_tokens=2, seed=seed, **options)
         counts[result.token_ids[0] * VOCAB + result.token_ids[1]] += 1
         kept += result.stats.new_tokens - result.stats.forward_passes
@@ -236,5 +237,5 @@ def test_drafts_not_drawn_from_their_q_fail_the_same_test(sampled_setup, monkeyp
         return best, float(q[best]), q
 
     monkeypatch.setattr(ChainSampler, "pick", argmax_as_if_sampled)
-    counts, _ = first_two_counts(model, "draft-model")
+    counts, _ = first_two_counts(model, "draft-model", WRONG_RUNS)
     assert chi_square_p(counts, first_two) < ALPHA

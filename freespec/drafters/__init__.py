@@ -20,6 +20,7 @@ from freespec.drafters.lookup import PromptLookup
 from freespec.drafters.recycling import TokenRecycling
 from freespec.drafters.retrieval import Retrieval
 from freespec.drafters.trie import LookaheadTrie
+from freespec.runner import ModelRunner
 
 
 @dataclass(frozen=True)
@@ -30,8 +31,8 @@ class DrafterSettings:
     tree: str = "dynamic"  # Token Recycling's tree shape: "dynamic" (best-first) or "static" (paper template)
     datastore: Path | None = None  # retrieval's datastore directory (``freespec datastore build``)
     tokenizer: object | None = None  # the model's tokenizer, to check a datastore was built with it
-    runner: object | None = None  # the target's ModelRunner: layerskip drafts with it
-    draft_runner: object | None = None  # a smaller model's ModelRunner, same tokenizer: draft-model drafts with it
+    runner: ModelRunner | None = None  # the target's runner: layerskip drafts with it
+    draft_runner: ModelRunner | None = None  # a smaller model's runner, same tokenizer: draft-model drafts with it
 
 
 def _retrieval(settings: DrafterSettings) -> Retrieval:

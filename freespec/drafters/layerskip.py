@@ -9,9 +9,10 @@ simple search: start by skipping every other layer between the first and the las
 starting ratio), try evenly spread sets a half, a quarter and an eighth that size (small models
 lose their drafts' agreement quickly: on SmolLM2-135M skipping half the layers agrees with the
 full model almost never), then sets next to the best (one layer moved, added or dropped), a few
-steps each, and keep the set that gives the most tokens per unit of cost. Cost is counted in full forward passes: one per
-verification plus, per drafted token, the fraction of layers the draft runs. It is a model of the
-time rather than a clock reading, so the search does not depend on how loaded the machine is.
+steps each, and keep the set that gives the most tokens per unit of cost. Cost is counted in full
+forward passes: one per verification plus, per drafted token, the fraction of layers the draft
+runs. It is a model of the time rather than a clock reading, so the search does not depend on how
+loaded the machine is.
 """
 
 from __future__ import annotations
