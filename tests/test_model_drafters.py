@@ -239,3 +239,29 @@ def test_drafts_not_drawn_from_their_q_fail_the_same_test(sampled_setup, monkeyp
     monkeypatch.setattr(ChainSampler, "pick", argmax_as_if_sampled)
     counts, _ = first_two_counts(model, "draft-model", WRONG_RUNS)
     assert chi_square_p(counts, first_two) < ALPHA
+
+
+@pytest.mark.parametrize("name", ["layerskip+lookup", "draft-model+recycling"])
+def test_fused_model_drafts_are_point_masses_so_a_seed_repeats_plain_sampling(name):
+    """Inside a fused tree the model drafters draft their argmax; the point-mass rule then emits
+    exactly plain sampling's tokens for the same seed."""
+    model = make_model("llama")
+    options = dict(max_new_tokens=24, temperature=0.8, top_k=20, repetition_penalty=1.2, seed=3)
+    plain = model.generate(prompt_ids=PROMPTS[1], drafter="none", **options)
+    fast = model.generate(prompt_ids=PROMPTS[1], drafter=name, **options)
+    assert fast.token_ids == plain.token_ids
+    assert fast.stats.forward_passes < len(fast.token_ids)
+    assert not model.drafter(name)[0].drafters[0].sampler.samples
+
+
+def test_a_seed_repeats_a_sampled_run():
+    """Sampled output follows the drafts (recursive rejection), so it repeats when they do: always
+    for draft-model; for layerskip once its skip-set search is over."""
+    model = make_model("qwen2")
+    options = dict(prompt_ids=PROMPTS[0], max_new_tokens=16, temperature=0.9, seed=11)
+    assert (model.generate(drafter="draft-model", **options).token_ids
+            == model.generate(drafter="draft-model", **options).token_ids)
+    generate(model, PROMPTS[1], "layerskip", 200)  # long enough to end the search
+    assert model.drafter("layerskip")[0].search.steps_left == 0
+    assert (model.generate(drafter="layerskip", **options).token_ids
+            == model.generate(drafter="layerskip", **options).token_ids)
