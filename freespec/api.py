@@ -43,16 +43,20 @@ class Model:
         self.fixed_budget = budget
         self.tree = tree  # Token Recycling's tree shape: "dynamic" (best-first) or "static" (paper template)
         self.datastore = datastore  # the retrieval drafter's datastore directory
-        self.draft_runner = None if draft_model is None else self._draft_runner(draft_model)  # draft-model's
         self._drafters: dict[str, tuple[Drafter, BudgetPolicy]] = {}
         self.stop_ids = self._stop_ids(loaded.model)
+        self.draft_runner: ModelRunner | None = None  # the draft-model drafter's
+        if draft_model is not None:
+            self.use_draft_model(draft_model)
 
-    def _draft_runner(self, draft: LoadedModel) -> ModelRunner:
-        """The draft-model drafter's runner, once the draft model is known to share our tokenizer."""
+    def use_draft_model(self, draft: LoadedModel) -> None:
+        """Draft with ``draft`` (a smaller model with the same tokenizer) in the draft-model drafter."""
         if draft.tokenizer.get_vocab() != self.tokenizer.get_vocab():
             raise ValueError(f"the draft model {draft.name} has a different vocabulary from {self.name}: "
                              f"it must use the same tokenizer")
-        return ModelRunner(draft.model, packed_cache=packed_cache_path(draft.source))
+        self.draft_runner = ModelRunner(draft.model, packed_cache=packed_cache_path(draft.source))
+        for name in [name for name in self._drafters if "draft-model" in name.split("+")]:
+            del self._drafters[name]  # made with the previous draft model
 
     def _stop_ids(self, hf_model) -> set[int]:
         ids = set()

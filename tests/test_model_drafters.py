@@ -133,6 +133,11 @@ def test_drafter_errors_are_clear():
         plain.generate(prompt_ids=[2, 5], drafter="draft-model", max_new_tokens=2)
     with pytest.raises(ValueError, match="needs a draft model"):
         plain.generate(prompt_ids=[2, 5], drafter="lookup+draft-model", max_new_tokens=2)
+    plain.use_draft_model(LoadedModel(target, word_tokenizer(), "itself", None))
+    first = plain.drafter("draft-model")[0]
+    assert first.runner is plain.draft_runner
+    plain.use_draft_model(LoadedModel(tiny_model("llama", seed=1), word_tokenizer(), "another", None))
+    assert plain.drafter("draft-model")[0].runner is plain.draft_runner is not first.runner
     other_tokenizer = word_tokenizer()
     other_tokenizer.add_tokens(["extra"])
     with pytest.raises(ValueError, match="different vocabulary from tiny: it must use the same tokenizer"):

@@ -16,7 +16,7 @@ PROMPTS = ["Repeat this sentence exactly: The quick brown fox jumps over the laz
 @pytest.fixture(scope="module")
 def model():
     model = freespec.load(budget=6)
-    model.draft_runner = model._draft_runner(LoadedModel(model.hf_model, model.tokenizer, "itself", None))
+    model.use_draft_model(LoadedModel(model.hf_model, model.tokenizer, "itself", None))
     return model
 
 
