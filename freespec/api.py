@@ -18,7 +18,7 @@ from freespec import calibrate
 from freespec.budget import BudgetPolicy
 from freespec.drafters import Drafter, DrafterSettings, create
 from freespec.engine import Generation, GenerationStats
-from freespec.loading import LoadedModel, load as load_model, packed_cache_path
+from freespec.loading import LoadedModel, ModelLoadError, load as load_model, packed_cache_path
 from freespec.runner import ModelRunner
 from freespec.sampling import SamplingParams
 
@@ -35,7 +35,7 @@ class Model:
     """A loaded model with its runner and its drafters' state, kept warm across requests."""
 
     def __init__(self, loaded: LoadedModel, budget: int | None = None, tree: str = "dynamic",
-                 datastore: str | os.PathLike | None = None):
+                 datastore: str | os.PathLike | None = None, draft_model: LoadedModel | None = None):
         self.name = loaded.name
         self.tokenizer = loaded.tokenizer
         self.hf_model = loaded.model  # the transformers model, for peers such as HF generate
@@ -45,6 +45,18 @@ class Model:
         self.datastore = datastore  # the retrieval drafter's datastore directory
         self._drafters: dict[str, tuple[Drafter, BudgetPolicy]] = {}
         self.stop_ids = self._stop_ids(loaded.model)
+        self.draft_runner: ModelRunner | None = None  # the draft-model drafter's
+        if draft_model is not None:
+            self.use_draft_model(draft_model)
+
+    def use_draft_model(self, draft: LoadedModel) -> None:
+        """Draft with ``draft`` (a smaller model with the same tokenizer) in the draft-model drafter."""
+        if draft.tokenizer.get_vocab() != self.tokenizer.get_vocab():
+            raise ValueError(f"the draft model {draft.name} has a different vocabulary from {self.name}: "
+                             f"it must use the same tokenizer")
+        self.draft_runner = ModelRunner(draft.model, packed_cache=packed_cache_path(draft.source))
+        for name in [name for name in self._drafters if "draft-model" in name.split("+")]:
+            del self._drafters[name]  # made with the previous draft model
 
     def _stop_ids(self, hf_model) -> set[int]:
         ids = set()
@@ -88,7 +100,8 @@ class Model:
         if name in self._drafters:
             return self._drafters[name]
         datastore = None if self.datastore is None else Path(self.datastore)
-        drafter = create(name, DrafterSettings(self.runner.vocab_size, self.tree, datastore, self.tokenizer))
+        drafter = create(name, DrafterSettings(self.runner.vocab_size, self.tree, datastore, self.tokenizer,
+                                               self.runner, self.draft_runner))
         if drafter is None:
             return None, None
         costs = calibrate.load_or_measure(self.runner)
@@ -142,14 +155,23 @@ class Model:
 
 
 def load(model: str | os.PathLike | None = None, *, threads: int | None = None, budget: int | None = None,
-         tree: str = "dynamic", datastore: str | os.PathLike | None = None) -> Model:
+         tree: str = "dynamic", datastore: str | os.PathLike | None = None,
+         draft_model: str | os.PathLike | None = None) -> Model:
     """Load ``model`` (None: the embedded SmolLM2-135M-Instruct; a directory; a .gguf; a hub id).
 
     ``budget`` fixes the number of draft nodes per step instead of choosing it from measured costs.
     ``threads`` sets torch's (and the kernels') thread count. ``tree`` picks Token Recycling's tree
     shape: ``dynamic`` (best-first by recycled probabilities) or ``static`` (the paper's template).
     ``datastore`` is the directory the ``retrieval`` drafter reads (``freespec datastore build``).
+    ``draft_model`` (same forms as ``model``) is the smaller model, with the same tokenizer, that the
+    ``draft-model`` drafter drafts with.
     """
     if threads:
         torch.set_num_threads(threads)
-    return Model(load_model(model), budget=budget, tree=tree, datastore=datastore)
+    draft = None
+    if draft_model is not None:
+        try:
+            draft = load_model(draft_model)
+        except ModelLoadError as error:
+            raise ModelLoadError(f"the draft model: {error}") from None
+    return Model(load_model(model), budget=budget, tree=tree, datastore=datastore, draft_model=draft)

@@ -49,7 +49,7 @@ class Setup:
     model: Model
     max_new_tokens: int
     seed: int = 0
-    draft_model: Path | None = None  # a smaller model with the same tokenizer, for hf-assisted
+    draft_model: Path | None = None  # a smaller model with the same tokenizer, for hf-assisted (and draft-model)
     gguf: Path | None = None  # the GGUF file the model came from, for llama.cpp
     context: int = 2048  # tokens llama.cpp must hold: the longest prompt plus the answer and a draft
     # how freespec methods and hf-sample choose tokens (greedy peers keep only the repetition

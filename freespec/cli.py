@@ -102,6 +102,10 @@ def _parser() -> argparse.ArgumentParser:
     model_options.add_argument("--datastore", type=Path, metavar="DIR",
                                help="datastore for the retrieval drafter and aded's tri-gram prior "
                                     "(freespec datastore build)")
+    model_options.add_argument("--draft-model", type=Path, metavar="PATH",
+                               help="a smaller model with the same tokenizer (directory or .gguf) for the "
+                                    "draft-model drafter; in bench it also adds hf-assisted (transformers' "
+                                    "assisted generation)")
 
     generate = commands.add_parser("generate", parents=[model_options, _sampling_options()], help="generate text",
                                    description="Stream one completion to stdout, or run a JSONL batch.")
@@ -153,9 +157,6 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--seed", type=int, default=0, help="seeds the RNGs per question and turn (default: 0)")
     bench.add_argument("--budget", type=_positive_int, metavar="N",
                        help="fixed draft nodes per step for every drafter (default: chosen from measured costs)")
-    bench.add_argument("--draft-model", type=Path, metavar="PATH",
-                       help="a smaller model with the same tokenizer: adds hf-assisted (transformers' assisted "
-                            "generation)")
     bench.add_argument("--out", type=Path, default=Path("bench-out"), metavar="DIR")
     bench.add_argument("--resume", action="store_true", help="keep results.jsonl and skip what it holds")
     bench.add_argument("--compare", nargs=2, type=Path, metavar=("A", "B"),
@@ -210,11 +211,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _check_draft_model(names: list[str], args: argparse.Namespace) -> None:
+    """Refuse the draft-model drafter without --draft-model before any model is loaded."""
+    if args.draft_model is None and any("draft-model" in name.split("+") for name in names):
+        raise UsageError("the draft-model drafter needs --draft-model PATH (a smaller model with the same tokenizer)")
+
+
 def _load(args: argparse.Namespace, budget: int | None = None) -> Model:
+    if getattr(args, "drafter", None):
+        _check_draft_model([args.drafter], args)
     if args.quiet or not sys.stderr.isatty():
         transformers_logging.disable_progress_bar()  # it draws them into files and pipes too
     try:
-        model = load(args.model, threads=args.threads, budget=budget, tree=args.tree, datastore=args.datastore)
+        model = load(args.model, threads=args.threads, budget=budget, tree=args.tree, datastore=args.datastore,
+                     draft_model=args.draft_model)
         if getattr(args, "state", None) and args.state.exists():
             model.load_state(args.state)
     except (ModelLoadError, UnsupportedModelError, ValueError) as error:
@@ -380,6 +390,7 @@ def _bench(args: argparse.Namespace) -> None:
         if args.draft_model and "hf-assisted" not in methods:
             methods.append("hf-assisted")
         check_methods(methods)
+        _check_draft_model(methods, args)
         if args.baseline not in methods:
             raise UsageError(f"the baseline {args.baseline} is not among --methods")
         questions = bench.load_questions(args.questions or bench.DEFAULT_QUESTIONS,

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from freespec.budget import BudgetPolicy
-from freespec.drafters.base import Drafter
+from freespec.drafters.base import Drafter, SamplingAware
 from freespec.runner import ModelRunner
 from freespec.sampling import SamplingParams
 from freespec.tree import DraftTree
@@ -151,6 +151,8 @@ class Generation:
         hidden = runner.prefill(prompt)
         if drafter is None:
             return
+        if isinstance(drafter, SamplingAware):
+            drafter.set_sampling(self.sampling, self.generator)
         if drafter.wants_prompt_logits and len(prompt):
             recent = hidden[-WARM_START_POSITIONS:]  # the last prompt tokens but the root
             drafter.begin(prompt[-len(recent) :].numpy(), runner.logits(recent, exact=False))

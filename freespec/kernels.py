@@ -87,7 +87,7 @@ def _library() -> ctypes.CDLL | None:
     library.freespec_rope_store.restype = None
     library.freespec_forward_llama.argtypes = (
         [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 4
-        + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 3 + [ctypes.c_float]
+        + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 3 + [ctypes.c_float, ctypes.c_void_p]
     )
     library.freespec_forward_llama.restype = None
     library.freespec_top_k.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 3
@@ -281,18 +281,25 @@ class FusedDecoder:
         )
 
     def __call__(self, h: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, past: int,
-                 tree_mask: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+                 tree_mask: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 skip: frozenset[int] = frozenset()) -> torch.Tensor:
         """h [n, hidden] embeddings → hidden states after the last layer (before the final norm).
 
         keys, values: [layers, kv_heads, capacity, head_dim], written after row ``past``;
-        tree_mask [n, n]; cos, sin [n, head_dim].
+        tree_mask [n, n]; cos, sin [n, head_dim]. Layers in ``skip`` are left out: the hidden
+        state passes them unchanged and their cache rows are not written (self-speculation drafts).
         """
         h = h.contiguous().clone()
         n = h.shape[0]
         nodes, count = tree_layout(tree_mask)
         cos, sin = cos.contiguous(), sin.contiguous()
+        mask = None
+        if skip:
+            mask = torch.zeros(len(self._layers), dtype=torch.uint8)  # [layers] 1 = skipped
+            mask[list(skip)] = 1
         self._library.freespec_forward_llama(
             self._layers, len(self._layers), h.data_ptr(), n, self.hidden, self.intermediate, cos.data_ptr(),
             sin.data_ptr(), keys.data_ptr(), values.data_ptr(), keys.shape[2], past, nodes.data_ptr(),
-            count.data_ptr(), self.heads, self.kv_heads, self.head_dim, self.scale)
+            count.data_ptr(), self.heads, self.kv_heads, self.head_dim, self.scale,
+            None if mask is None else mask.data_ptr())
         return h

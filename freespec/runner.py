@@ -201,6 +201,25 @@ class ModelRunner:
     def capacity(self) -> int:
         return self._keys.shape[2] if self._keys.dim() == 4 else 0
 
+    def reserve(self, capacity: int) -> None:
+        """Make sure the cache holds ``capacity`` positions, keeping the committed rows (a draft
+        model's cache grows with the request instead of being sized for the longest one)."""
+        if capacity <= self.capacity:
+            return
+        keys, values, length = self._keys, self._values, self.length
+        self.reset(capacity)
+        if length:
+            self._keys[:, :, :length] = keys[:, :, :length]
+            self._values[:, :, :length] = values[:, :, :length]
+        self.length = length
+
+    def truncate(self, length: int) -> None:
+        """Drop the committed rows from ``length`` on: rows a drafter committed while drafting
+        (e.g. with skipped layers) are rolled back before verification overwrites them."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate the cache to {length} rows: it holds {self.length}")
+        self.length = length
+
     def commit(self, kept: Sequence[int]) -> None:
         """Keep the cache rows of the last forward's nodes ``kept`` (ascending), drop the others."""
         start, count = self.length, len(kept)
@@ -227,16 +246,25 @@ class ModelRunner:
             self.commit(range(n))
         return torch.cat(hidden) if hidden else torch.empty(0, self._embed.shape[1])
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, tree_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, tree_mask: torch.Tensor,
+                skip: frozenset[int] = frozenset()) -> torch.Tensor:
         """Final hidden states [q, hidden] for ``tokens`` [q] at ``positions`` [q].
 
         ``tree_mask`` [q, q] (bool, True = attend) says which new tokens each new token sees; all
         of them see the whole committed prefix. Their keys/values are written after the prefix.
         A token's result is bit-identical for any tree it sits in (see :mod:`freespec.kernels`).
-        """
-        return self._run(tokens, positions, tree_mask, exact=True)
 
-    def _run(self, tokens: torch.Tensor, positions: torch.Tensor, tree_mask: torch.Tensor, exact: bool) -> torch.Tensor:
+        ``skip``: decoder layers to leave out (a cheaper draft of the same model, as SWIFT drafts):
+        the hidden state passes them unchanged and their cache rows are not written, so such rows
+        are only good for further skipping passes; :meth:`truncate` drops them before verification.
+        """
+        bad = [index for index in skip if not 0 <= index < self.num_layers]
+        if bad:
+            raise ValueError(f"cannot skip layers {sorted(bad)}: the model has layers 0..{self.num_layers - 1}")
+        return self._run(tokens, positions, tree_mask, exact=True, skip=frozenset(skip))
+
+    def _run(self, tokens: torch.Tensor, positions: torch.Tensor, tree_mask: torch.Tensor, exact: bool,
+             skip: frozenset[int] = frozenset()) -> torch.Tensor:
         end = self.length + tokens.shape[0]
         if end > self.capacity:
             raise ValueError(f"cache overflow: {end} rows needed, capacity {self.capacity}")
@@ -245,7 +273,7 @@ class ModelRunner:
             if self.family in LLAMA_STYLE:
                 cos, sin = self._rotary_tables(positions)
             if exact and self._decoder is not None:
-                h = self._decoder(self._embed[tokens], self._keys, self._values, self.length, tree_mask, cos, sin)
+                h = self._decoder(self._embed[tokens], self._keys, self._values, self.length, tree_mask, cos, sin, skip)
                 return _rms_norm(h, self._final_norm)
             if exact and kernel_available():
                 attention = TreeAttention(self.length, tree_mask, self.num_heads, self.num_kv_heads, self.head_dim,
@@ -254,8 +282,8 @@ class ModelRunner:
                 attention = self._sdpa(tree_mask, cos, sin)
             project = partial(linear, invariant=exact)
             if self.family in LLAMA_STYLE:
-                return self._forward_llama(tokens, attention, project)
-            return self._forward_gpt2(tokens, positions, attention, project)
+                return self._forward_llama(tokens, attention, project, skip)
+            return self._forward_gpt2(tokens, positions, attention, project, skip)
 
     def embedding_probe(self) -> list[float]:
         """A few embedding values: tells models of the same shape apart in cache keys."""
@@ -303,9 +331,11 @@ class ModelRunner:
 
         return attend
 
-    def _forward_llama(self, tokens, attention, project) -> torch.Tensor:
+    def _forward_llama(self, tokens, attention, project, skip) -> torch.Tensor:
         h = self._embed[tokens]  # [n, hidden]
         for index, w in enumerate(self._layers):
+            if index in skip:
+                continue
             qkv = project(_rms_norm(h, w["attn_norm"]), w["qkv"], w["qkv_bias"])  # [n, (heads + 2 kv_heads) head_dim]
             if w["q_norm"] is not None:
                 qkv = self._norm_queries_and_keys(qkv, w)
@@ -320,9 +350,11 @@ class ModelRunner:
         q, k, v = qkv.view(n, heads + 2 * kv_heads, dim).split([heads, kv_heads, kv_heads], dim=1)
         return torch.cat([_rms_norm(q, w["q_norm"]), _rms_norm(k, w["k_norm"]), v], dim=1).view(n, -1)
 
-    def _forward_gpt2(self, tokens, positions, attention, project) -> torch.Tensor:
+    def _forward_gpt2(self, tokens, positions, attention, project, skip) -> torch.Tensor:
         h = self._embed[tokens] + self._positions[positions]
         for index, w in enumerate(self._layers):
+            if index in skip:
+                continue
             qkv = project(w["attn_norm"](h), w["qkv"], w["qkv_bias"])
             h = h + project(attention(qkv, self._keys[index], self._values[index]), w["o"], w["o_bias"])
             h = h + project(self._act(project(w["mlp_norm"](h), w["up"], w["up_bias"])), w["down"], w["down_bias"])

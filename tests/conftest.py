@@ -17,26 +17,26 @@ CHAT_TEMPLATE = (
 )
 
 
-def tiny_config(family: str, vocab: int = len(WORDS)):
+def tiny_config(family: str, vocab: int = len(WORDS), layers: int = 2):
     common = dict(vocab_size=vocab, bos_token_id=None, eos_token_id=0, pad_token_id=0)
     if family == "llama":
-        return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
                            num_key_value_heads=2, max_position_embeddings=512, **common)
     if family == "qwen2":
-        return Qwen2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        return Qwen2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
                            num_key_value_heads=1, max_position_embeddings=512, **common)
     if family == "qwen3":  # per-head RMSNorm on queries and keys
-        return Qwen3Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        return Qwen3Config(hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
                            num_key_value_heads=2, head_dim=16, max_position_embeddings=512, **common)
     if family == "gpt2":
-        return GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=512, **common)
+        return GPT2Config(n_embd=64, n_layer=layers, n_head=4, n_positions=512, **common)
     raise ValueError(family)
 
 
-def tiny_model(family: str, seed: int = 0, scale: float = 1.0):
+def tiny_model(family: str, seed: int = 0, scale: float = 1.0, layers: int = 2):
     """A random model; ``scale`` sharpens its logits so greedy text has repeats worth drafting."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(family)).eval()
+    model = AutoModelForCausalLM.from_config(tiny_config(family, layers=layers)).eval()
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(scale)
     return model

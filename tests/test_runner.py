@@ -141,3 +141,76 @@ def test_top_k_matches_torch(vocab):
     assert torch.equal(kernels.argmax(logits), torch.argmax(logits, dim=-1))
     assert ids[3].tolist() == list(range(k))
     torch.testing.assert_close(normalizer, torch.logsumexp(logits, dim=-1), rtol=1e-5, atol=1e-5)
+
+
+def without_layers(model, skip: set[int]):
+    """The transformers model with the layers in ``skip`` removed: the reference for skipping passes."""
+    import copy
+
+    model = copy.deepcopy(model)
+    if model.config.model_type == "gpt2":
+        model.transformer.h = torch.nn.ModuleList(b for i, b in enumerate(model.transformer.h) if i not in skip)
+        return model
+    model.model.layers = torch.nn.ModuleList(layer for i, layer in enumerate(model.model.layers) if i not in skip)
+    return model
+
+
+@pytest.mark.parametrize("family, kernel", [("llama", True), ("qwen2", True), ("qwen3", True), ("gpt2", True),
+                                            ("llama", False)])
+def test_skipping_layers_equals_the_model_without_them(family, kernel, monkeypatch):
+    """Fused C decoder (Llama, Qwen2, Qwen3), torch layers with kernels (GPT-2) and without (SDPA)."""
+    if not kernel:
+        monkeypatch.setenv("FREESPEC_NO_KERNEL", "1")
+        kernels._library.cache_clear()
+    try:
+        model = tiny_model(family, seed=5, layers=4)
+        runner = ModelRunner(model)
+        assert (runner._decoder is not None) == (kernel and family != "gpt2")
+        ids = torch.randint(runner.vocab_size, (10,), generator=torch.Generator().manual_seed(5))
+        skip = {1, 2}
+        with torch.no_grad():
+            reference = without_layers(model, skip)(ids[None], use_cache=False).logits[0]  # [10, vocab]
+        runner.reset(32)
+        causal = torch.ones(8, 8, dtype=torch.bool).tril()
+        first = runner.logits(runner.forward(ids[:8], torch.arange(8), causal, frozenset(skip)))
+        runner.commit(range(8))
+        then = runner.logits(runner.forward(ids[8:10], torch.arange(8, 10), causal[:2, :2], frozenset(skip)))
+        torch.testing.assert_close(torch.cat([first, then]), reference, rtol=1e-4, atol=1e-4)
+    finally:
+        monkeypatch.delenv("FREESPEC_NO_KERNEL", raising=False)
+        kernels._library.cache_clear()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_skipping_nothing_is_the_normal_pass_and_truncate_rolls_back(family):
+    """A skipping draft advances the cache; after truncate, verification is bit-identical to a
+    pass that never saw the draft (its rows, stale in skipped layers, are overwritten)."""
+    runner = ModelRunner(tiny_model(family, seed=6, layers=3))
+    ids = torch.randint(runner.vocab_size, (12,), generator=torch.Generator().manual_seed(6))
+    one = torch.ones(1, 1, dtype=torch.bool)
+    runner.reset(32)
+    runner.prefill(ids[:8])
+    tree = DraftTree(ids[8:12].numpy(), np.array([-1, 0, 1, 2]))
+    expected = runner.logits(runner.forward(*tree.attention_inputs(runner.length)))
+    assert torch.equal(runner.logits(runner.forward(*tree.attention_inputs(runner.length), frozenset())), expected)
+    for position in range(8, 11):  # draft three tokens, committing them, with layer 1 skipped
+        runner.forward(ids[position : position + 1] + 1, torch.tensor([position]), one, frozenset({1}))
+        runner.commit([0])
+    runner.truncate(8)
+    assert torch.equal(runner.logits(runner.forward(*tree.attention_inputs(runner.length))), expected)
+    with pytest.raises(ValueError, match="cannot truncate the cache to 9 rows: it holds 8"):
+        runner.truncate(9)
+    with pytest.raises(ValueError, match=r"cannot skip layers \[3\]: the model has layers 0..2"):
+        runner.forward(ids[:1], torch.tensor([8]), one, frozenset({3}))
+
+
+def test_reserve_grows_the_cache_and_keeps_its_rows():
+    runner = ModelRunner(tiny_model("llama", seed=7))
+    ids = torch.randint(runner.vocab_size, (9,), generator=torch.Generator().manual_seed(7))
+    one = torch.ones(1, 1, dtype=torch.bool)
+    runner.reset(8)
+    runner.prefill(ids[:8])
+    expected = runner.logits(runner.forward(ids[8:9], torch.tensor([8]), one))
+    runner.reserve(300)
+    assert runner.capacity >= 300 and runner.length == 8
+    assert torch.equal(runner.logits(runner.forward(ids[8:9], torch.tensor([8]), one)), expected)

@@ -389,7 +389,7 @@ static void silu_mul(const float *gate_up, float *act, int64_t rows, int64_t n) 
 void freespec_forward_llama(const DecoderLayer *layers, int64_t num_layers, float *h, int64_t n, int64_t hidden,
                             int64_t intermediate, const float *cos, const float *sin, float *keys, float *values,
                             int64_t capacity, int64_t past, const int64_t *key_nodes, const int64_t *count,
-                            int64_t H, int64_t KV, int64_t D, float scale) {
+                            int64_t H, int64_t KV, int64_t D, float scale, const uint8_t *skip) {
     const int64_t qkv_width = (H + 2 * KV) * D, width = past + n;
     float *normed = malloc(sizeof(float) * n * hidden);
     float *qkv = malloc(sizeof(float) * n * qkv_width);
@@ -400,6 +400,7 @@ void freespec_forward_llama(const DecoderLayer *layers, int64_t num_layers, floa
     float *scores = malloc(sizeof(float) * n * H * width);
     float *probs = malloc(sizeof(float) * n * H * width);
     for (int64_t l = 0; l < num_layers; l++) {
+        if (skip && skip[l]) continue; /* a skipped layer is the identity and writes no cache rows */
         const DecoderLayer *layer = layers + l;
         float *layer_keys = keys + l * KV * capacity * D, *layer_values = values + l * KV * capacity * D;
         rms_norm(h, layer->attn_norm, layer->attn_eps, normed, n, hidden);

@@ -11,13 +11,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from freespec.drafters.aded import Aded
-from freespec.drafters.base import Drafter
+from freespec.drafters.base import Drafter, SamplingAware
+from freespec.drafters.draft_model import DraftModel
 from freespec.drafters.fused import Fused
 from freespec.drafters.jacobi import Jacobi
+from freespec.drafters.layerskip import LayerSkip
 from freespec.drafters.lookup import PromptLookup
 from freespec.drafters.recycling import TokenRecycling
 from freespec.drafters.retrieval import Retrieval
 from freespec.drafters.trie import LookaheadTrie
+from freespec.runner import ModelRunner
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,8 @@ class DrafterSettings:
     tree: str = "dynamic"  # Token Recycling's tree shape: "dynamic" (best-first) or "static" (paper template)
     datastore: Path | None = None  # retrieval's datastore directory (``freespec datastore build``)
     tokenizer: object | None = None  # the model's tokenizer, to check a datastore was built with it
+    runner: ModelRunner | None = None  # the target's runner: layerskip drafts with it
+    draft_runner: ModelRunner | None = None  # a smaller model's runner, same tokenizer: draft-model drafts with it
 
 
 def _retrieval(settings: DrafterSettings) -> Retrieval:
@@ -43,6 +48,19 @@ def _aded(settings: DrafterSettings) -> Aded:
     return Aded.from_datastore(settings.datastore, settings.tokenizer)  # the corpus's tri-grams as the prior
 
 
+def _layerskip(settings: DrafterSettings) -> LayerSkip:
+    if settings.runner is None:
+        raise ValueError("the layerskip drafter needs the target model's runner (DrafterSettings.runner)")
+    return LayerSkip(settings.runner)
+
+
+def _draft_model(settings: DrafterSettings) -> DraftModel:
+    if settings.draft_runner is None:
+        raise ValueError("the draft-model drafter needs a draft model: a smaller model with the same tokenizer, "
+                         "given as draft_model=PATH (--draft-model PATH)")
+    return DraftModel(settings.draft_runner, settings.vocab_size)
+
+
 FACTORIES: dict[str, Callable[[DrafterSettings], Drafter]] = {
     "recycling": lambda s: TokenRecycling(s.vocab_size, tree=s.tree),
     "lookup": lambda s: PromptLookup(),
@@ -50,6 +68,8 @@ FACTORIES: dict[str, Callable[[DrafterSettings], Drafter]] = {
     "retrieval": _retrieval,
     "aded": _aded,
     "jacobi": lambda s: Jacobi(),
+    "layerskip": _layerskip,
+    "draft-model": _draft_model,
 }
 
 DRAFTERS = (*FACTORIES, "none")
@@ -83,5 +103,5 @@ def create(name: str, settings: DrafterSettings) -> Drafter | None:
     return FACTORIES[name](settings)
 
 
-__all__ = ["DRAFTERS", "Aded", "Drafter", "DrafterSettings", "FACTORIES", "Fused", "Jacobi", "LookaheadTrie", "PromptLookup", "Retrieval", "TokenRecycling",
-           "check_name", "create"]
+__all__ = ["DRAFTERS", "Aded", "DraftModel", "Drafter", "DrafterSettings", "FACTORIES", "Fused", "Jacobi", "LayerSkip",
+           "LookaheadTrie", "PromptLookup", "Retrieval", "SamplingAware", "TokenRecycling", "check_name", "create"]

@@ -4,15 +4,20 @@ Drafters are made by name by the factories in :mod:`freespec.drafters`, from
 :class:`freespec.drafters.DrafterSettings` (vocabulary size, Token Recycling's tree shape, the
 datastore directory, the model's tokenizer): what a drafter needs beyond this protocol comes from
 there, so the protocol itself stays the same for all of them.
+
+Drafters that sample their drafts from a model (``layerskip``, ``draft-model``) also need the
+request's sampling settings and random generator: they implement :class:`SamplingAware`, which
+the engine checks for and calls before each request (:class:`freespec.drafters.Fused` forwards it).
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
+from freespec.sampling import SamplingParams
 from freespec.tree import DraftTree
 
 
@@ -39,3 +44,17 @@ class Drafter(Protocol):
         ``tree`` is the last proposed tree, or the root alone when the engine verified no draft
         this step (then no :meth:`propose` preceded this call).
         """
+
+
+@runtime_checkable
+class SamplingAware(Protocol):
+    """Optional capability: learn how the request chooses tokens before it starts.
+
+    With ``params.greedy`` (or ``generator`` None) draft point masses, e.g. the draft's argmax,
+    and leave ``DraftTree.draft_probs`` None. Otherwise draw each node's children from the
+    drafter's own distribution q with ``generator`` (without replacement, in index order) and set
+    ``draft_probs``, so that verification's recursive rejection keeps the output distribution exact.
+    """
+
+    def set_sampling(self, params: SamplingParams, generator: torch.Generator | None) -> None:
+        ...

@@ -14,7 +14,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from freespec.drafters.base import Drafter
+from freespec.drafters.base import Drafter, SamplingAware
+from freespec.sampling import SamplingParams
 from freespec.tree import DraftTree
 
 
@@ -105,6 +106,13 @@ class Fused:
         self.drafters = drafters
         self.wants_prompt_logits = any(d.wants_prompt_logits for d in drafters)
         self._proposed: tuple[DraftTree, list[DraftTree], list[np.ndarray]] | None = None
+
+    def set_sampling(self, params: SamplingParams, generator: torch.Generator | None) -> None:
+        """Sources draft point masses: the merged tree keeps no draft probabilities, and
+        verification's point-mass rule is exact for any tree (see :mod:`freespec.verify`)."""
+        for drafter in self.drafters:
+            if isinstance(drafter, SamplingAware):
+                drafter.set_sampling(params, None)
 
     def begin(self, prompt: np.ndarray, prompt_logits: torch.Tensor | None) -> None:
         for drafter in self.drafters:

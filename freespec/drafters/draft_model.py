@@ -1,0 +1,53 @@
+"""A smaller model with the same tokenizer drafts a chain (SpS, Big Little Decoder).
+
+The draft model runs on its own :class:`freespec.runner.ModelRunner` and KV cache. At each
+proposal it catches up on the tokens the target accepted since the last one: the rows of drafted
+tokens that were accepted are kept (same tokens after the same prefix), the rest are dropped, so
+a step usually forwards only the bonus token before drafting.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from freespec.drafters.chain import CONFIDENCE, ChainSampler, common_prefix, draft_chain
+from freespec.runner import ModelRunner
+from freespec.sampling import SamplingParams
+from freespec.tree import DraftTree
+
+
+class DraftModel:
+    """Drafts with ``runner`` (the small model), whose vocabulary must be the target's."""
+
+    wants_prompt_logits = False
+
+    def __init__(self, runner: ModelRunner, vocab_size: int, confidence: float = CONFIDENCE):
+        if runner.vocab_size != vocab_size:
+            raise ValueError(f"the draft model's vocabulary has {runner.vocab_size} tokens, the target's "
+                             f"{vocab_size}: the draft model must use the same tokenizer")
+        self.runner = runner
+        self.confidence = confidence
+        self.sampler = ChainSampler()
+        self._cached = np.empty(0, dtype=np.int64)  # the tokens whose rows the draft cache holds
+
+    def set_sampling(self, params: SamplingParams, generator: torch.Generator | None) -> None:
+        self.sampler.set_sampling(params, generator)
+
+    def begin(self, prompt: np.ndarray, prompt_logits: torch.Tensor | None) -> None:
+        self._cached = np.empty(0, dtype=np.int64)  # the first proposal prefills the whole context
+
+    def propose(self, context: np.ndarray, budget: int) -> DraftTree:
+        runner = self.runner
+        if len(context) + budget > runner.max_positions:
+            return DraftTree.root_only(int(context[-1]))  # beyond the draft model's context
+        runner.reserve(len(context) + budget)
+        kept = common_prefix(self._cached, context[:-1])  # the root is always forwarded: its logits
+        runner.truncate(kept)
+        self._cached = np.empty(0, dtype=np.int64)  # unknown until the draft is done
+        tree = draft_chain(runner, context[kept:], context, budget, self.sampler, confidence=self.confidence)
+        self._cached = np.concatenate((context, tree.tokens[1:-1]))  # every drafted token but the last
+        return tree
+
+    def update(self, tree: DraftTree, logits: torch.Tensor, accepted: list[int]) -> None:
+        pass
