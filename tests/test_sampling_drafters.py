@@ -32,7 +32,7 @@ from test_sampling import ALPHA, VOCAB, chi_square_p, small_model, total_variati
 # Whole generations per drafter and tree shape. A run costs 1-6 ms of drafting and verification
 # on one CPU thread, so the default keeps the file near a minute; FREESPEC_STATS_SAMPLES=20000
 # runs the full proof (several minutes).
-SAMPLES = int(os.environ.get("FREESPEC_STATS_SAMPLES", 2_000))
+SAMPLES = int(os.environ.get("FREESPEC_STATS_SAMPLES", 1_500))
 FEW_SAMPLES = max(SAMPLES // 2, 800)  # plain temperature
 WRONG_SAMPLES = 600  # the wrong rules are rejected by many orders of magnitude
 ADED_ITERATIONS = 30  # MCTS iterations per aded draft (150 by default): a smaller search, 5x faster
