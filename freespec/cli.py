@@ -104,8 +104,8 @@ def _parser() -> argparse.ArgumentParser:
                                     "(freespec datastore build)")
     model_options.add_argument("--draft-model", type=Path, metavar="PATH",
                                help="a smaller model with the same tokenizer (directory or .gguf) for the "
-                                    "draft-model drafter; in bench it also adds hf-assisted (transformers' "
-                                    "assisted generation)")
+                                    "draft-model drafter; in bench without --methods it also adds hf-assisted "
+                                    "(transformers' assisted generation)")
 
     generate = commands.add_parser("generate", parents=[model_options, _sampling_options()], help="generate text",
                                    description="Stream one completion to stdout, or run a JSONL batch.")
@@ -387,8 +387,8 @@ def _bench(args: argparse.Namespace) -> None:
         default = ",".join(DEFAULT_METHODS) + ("" if sampling.greedy else ",hf-sample")
         methods = list(dict.fromkeys(m for m in (args.methods or default).split(",") if m))
         args.baseline = args.baseline or peer
-        if args.draft_model and "hf-assisted" not in methods:
-            methods.append("hf-assisted")
+        if args.draft_model and not args.methods:  # an explicit --methods is taken as given
+            methods += ["draft-model", "hf-assisted"]
         check_methods(methods)
         _check_draft_model(methods, args)
         if args.baseline not in methods:

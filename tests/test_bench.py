@@ -443,3 +443,14 @@ def test_cli_bench_budget_fixes_the_draft_size(tiny_model_dir, tmp_path, capsys)
     assert main(["bench", "--model", str(tiny_model_dir), "--questions", str(path), "--out", str(out), "--quiet",
                  "--methods", "none,recycling", "--baseline", "none", "--max-new-tokens", "6", "--resume"]) == 2
     assert "other settings (budget 3 → None; tree 'static' → 'dynamic')" in capsys.readouterr().err
+
+
+def test_cli_bench_draft_model_runs_the_methods_asked_for(tiny_model_dir, tmp_path):
+    path = write_questions(tmp_path / "q.jsonl", (1, "qa", "w1 w2 w3"))
+    out = tmp_path / "out"
+    assert main(["bench", "--model", str(tiny_model_dir), "--questions", str(path), "--out", str(out), "--quiet",
+                 "--methods", "none,draft-model", "--baseline", "none", "--draft-model", str(tiny_model_dir),
+                 "--max-new-tokens", "6"]) == 0
+    records = lines(out / "results.jsonl")
+    assert sorted(r["method"] for r in records) == ["draft-model", "none"]  # no hf-assisted added
+    assert records[0]["token_ids"] == records[1]["token_ids"]
