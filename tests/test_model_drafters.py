@@ -168,22 +168,6 @@ def test_cli_draft_model(tiny_model_dir, capsys):
 # -- sampling: the distribution of plain sampling, exactly ------------------------------------------
 
 
-def small_model(seed: int, layers: int):
-    """test_sampling's 12-token model, with ``layers`` layers (layerskip needs a layer to keep)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from test_sampling import VOCAB
-
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
-                         bos_token_id=None, eos_token_id=0, pad_token_id=0)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        model.get_output_embeddings().weight.mul_(12.0)
-    return model
-
-
 SAMPLED_RUNS = 600  # whole engine runs of 2 tokens each, as test_sampling's end-to-end test
 WRONG_RUNS = 200  # a biased rule is rejected by dozens of orders of magnitude already
 
@@ -206,7 +190,7 @@ def first_two_counts(model: Model, drafter: str, runs: int = SAMPLED_RUNS) -> tu
 
 @pytest.fixture(scope="module")
 def sampled_setup():
-    from test_sampling import FULL, VOCAB, exact_joint, exact_table
+    from test_sampling import FULL, VOCAB, exact_joint, exact_table, small_model
 
     target = small_model(seed=0, layers=3)
     model = Model(LoadedModel(target, word_tokenizer(), "small", None), budget=4,

@@ -41,9 +41,9 @@ PLAIN = SamplingParams(temperature=1.0)
 # -- helpers -----------------------------------------------------------------------------------
 
 
-def small_model(seed: int = 0) -> torch.nn.Module:
-    """1 layer, 12 tokens; logits scaled so a few tokens dominate, as in real text."""
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+def small_model(seed: int = 0, layers: int = 1) -> torch.nn.Module:
+    """12 tokens, 1 layer by default; logits scaled so a few tokens dominate, as in real text."""
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
                          bos_token_id=None, eos_token_id=0, pad_token_id=0)
     torch.manual_seed(seed)
