@@ -45,6 +45,7 @@ class Model:
         self.datastore = datastore  # the retrieval drafter's datastore directory
         self._drafters: dict[str, tuple[Drafter, BudgetPolicy]] = {}
         self.stop_ids = self._stop_ids(loaded.model)
+        self.draft: LoadedModel | None = None  # the smaller model the draft-model drafter (and hf-assisted) use
         self.draft_runner: ModelRunner | None = None  # the draft-model drafter's
         if draft_model is not None:
             self.use_draft_model(draft_model)
@@ -54,6 +55,7 @@ class Model:
         if draft.tokenizer.get_vocab() != self.tokenizer.get_vocab():
             raise ValueError(f"the draft model {draft.name} has a different vocabulary from {self.name}: "
                              f"it must use the same tokenizer")
+        self.draft = draft
         self.draft_runner = ModelRunner(draft.model, packed_cache=packed_cache_path(draft.source))
         for name in [name for name in self._drafters if "draft-model" in name.split("+")]:
             del self._drafters[name]  # made with the previous draft model

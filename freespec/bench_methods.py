@@ -49,7 +49,6 @@ class Setup:
     model: Model
     max_new_tokens: int
     seed: int = 0
-    draft_model: Path | None = None  # a smaller model with the same tokenizer, for hf-assisted (and draft-model)
     gguf: Path | None = None  # the GGUF file the model came from, for llama.cpp
     context: int = 2048  # tokens llama.cpp must hold: the longest prompt plus the answer and a draft
     # how freespec methods and hf-sample choose tokens (greedy peers keep only the repetition
@@ -149,15 +148,7 @@ def _hf_runner(setup: Setup, sample: bool = False, **options) -> Runner:
 
 
 def _hf_assisted(setup: Setup) -> Runner:
-    from freespec.loading import ModelLoadError, load
-
-    try:
-        draft = load(setup.draft_model)
-    except ModelLoadError as error:
-        raise BenchError(f"--draft-model: {error}") from None
-    if draft.tokenizer.get_vocab() != setup.model.tokenizer.get_vocab():
-        raise BenchError(f"the draft model {setup.draft_model} has a different vocabulary from {setup.model.name}")
-    return _hf_runner(setup, assistant_model=draft.model)
+    return _hf_runner(setup, assistant_model=setup.model.draft.model)  # loaded and checked with the model
 
 
 # --- llama.cpp (llama-cpp-python, an optional extra) -------------------------------------------
@@ -218,7 +209,7 @@ def _llama_cpp(setup: Setup, lookup: bool) -> Runner:
 
 
 def _needs_draft_model(setup: Setup) -> str | None:
-    return None if setup.draft_model else "needs --draft-model PATH (a smaller model with the same tokenizer)"
+    return None if setup.model.draft else "needs --draft-model PATH (a smaller model with the same tokenizer)"
 
 
 def _always(setup: Setup) -> None:

@@ -397,7 +397,7 @@ def _bench(args: argparse.Namespace) -> None:
                                          args.categories.split(",") if args.categories else None,
                                          args.per_category, args.limit)
         model = _load(args, args.budget)
-        setup = Setup(model, args.max_new_tokens, args.seed, args.draft_model, _gguf_source(args.model),
+        setup = Setup(model, args.max_new_tokens, args.seed, _gguf_source(args.model),
                       sampling=sampling)
         methods, notes = bench.plan(methods, setup)
         for note in notes:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from freespec import bench, bench_methods, bench_report
-from freespec.api import Model
+from freespec.api import Model, load
 from freespec.bench_methods import Output, Peer, Setup
 from freespec.cli import main
 from freespec.loading import LoadedModel
@@ -214,7 +214,7 @@ REPETITIVE = "w5 w6 w7 w8 w9 w5 w6 w7 w8 w9 w5 w6 w7"
 
 
 def test_hf_peers_match_hf_greedy_and_count_passes(model, tiny_model_dir):
-    setup = Setup(model, 24, draft_model=tiny_model_dir)
+    setup = Setup(load(tiny_model_dir, draft_model=tiny_model_dir), 24)
     prompt = model.encode(REPETITIVE)
     outputs = {m: bench_methods.build_runner(m, setup)(prompt) for m in ("hf-greedy", "hf-lookup", "hf-assisted")}
     assert outputs["hf-greedy"].accepted_lengths == [1] * len(outputs["hf-greedy"].token_ids)
