@@ -10,7 +10,9 @@ tau(b) is learned online. Drafters order nodes best-first, so from one step veri
 B we also learn what any smaller budget b would have accepted: the accepted path cut at the first
 node with index > b. Every ``explore_every`` steps the policy probes about twice the current best
 size (at least ``min_probe`` nodes), which climbs quickly and keeps a drafter that learns from
-verified nodes (Token Recycling) fed even while speculation is switched off.
+verified nodes (Token Recycling) fed even while speculation is switched off. A probe that does
+worse than the best size doubles the wait before the next one (up to ``max_interval`` steps), so
+where speculation does not pay, probing costs little; a probe that does better restores the pace.
 """
 
 from __future__ import annotations
@@ -36,17 +38,20 @@ def accepted_within(path: list[int], budget: int) -> int:
 
 class BudgetPolicy:
     def __init__(self, cost: dict[int, float], candidates: list[int], explore_every: int = 4, smoothing: float = 0.05,
-                 min_probe: int = 3):
+                 min_probe: int = 3, max_interval: int = 32):
         """``cost``: seconds (or any unit) per forward of q tokens, for some q ≥ 1.
         ``candidates``: the draft sizes to choose among (0 is added: plain decoding)."""
         self._cost_q = np.array(sorted(cost), dtype=float)
         self._cost_t = np.array([cost[q] for q in sorted(cost)], dtype=float)
         self.candidates = sorted(set([0, *candidates]))
         self.explore_every = explore_every
+        self.max_interval = max_interval
         self.min_probe = min_probe
         self.smoothing = smoothing
         self.tau: dict[int, float] = {0: 1.0}  # estimated mean accepted length per candidate
-        self._step = 0
+        self.interval = explore_every  # steps between probes
+        self._until_probe = explore_every
+        self._probe: tuple[int, int] | None = None  # (probed size, best size then) awaiting its result
 
     def record_cost(self, q: int, seconds: float) -> None:
         """Fold a timed step of q tokens (draft + forward + verify) into t(q)."""
@@ -63,16 +68,27 @@ class BudgetPolicy:
 
     def choose(self, limit: int) -> int:
         """The draft size for the next step, at most ``limit`` nodes."""
-        self._step += 1
         best = self.best(limit)
-        if self._step % self.explore_every == 0:
+        self._until_probe -= 1
+        if self._until_probe <= 0:
+            self._until_probe = self.interval
             target = max(2 * best, self.min_probe)
             larger = [b for b in self.candidates if best < b <= limit]
             if larger:
-                return min(larger, key=lambda b: abs(b - target))
+                probe = min(larger, key=lambda b: abs(b - target))
+                self._probe = (probe, best)
+                return probe
         return best
 
     def observe(self, budget: int, path: list[int]) -> None:
+        """Learn from a verified step that drafted ``budget`` nodes and accepted ``path``."""
+        if self._probe is not None and self._probe[0] == budget:
+            best = self._probe[1]
+            self._probe = None
+            beat_best = accepted_within(path, budget) / self.cost(budget + 1) > self.tau[best] / self.cost(best + 1)
+            previous = self.interval
+            self.interval = self.explore_every if beat_best else min(2 * previous, self.max_interval)
+            self._until_probe += self.interval - previous
         for b in self.candidates:
             if 0 < b <= budget:
                 sample = accepted_within(path, b)

@@ -23,7 +23,7 @@ from freespec.sampling import SamplingParams
 from freespec.tree import DraftTree
 from freespec.verify import verify
 
-WARM_START_POSITIONS = 256  # prompt positions whose logits warm the drafter
+WARM_START_POSITIONS = 16  # prompt positions whose logits warm the drafter (see README, warm start)
 
 
 @dataclass

@@ -35,26 +35,50 @@ log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).parent / "csrc" / "kernels.c"
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
+_AVX512_FLAGS = ["-mavx512f", "-DFREESPEC_AVX512"]
 BLAS_ROWS = 64
 """From this many rows up, non-invariant calls (prefill) use BLAS, which is faster there."""
 
 
-def _cpu_has_avx2_fma() -> bool:
+def _cpu_flags() -> set[str]:
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    return " avx2" in flags and " fma" in flags
+        return set()
+    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+
+
+@cache
+def _isa() -> str | None:
+    """The instruction set the kernels are built for: ``avx512`` (16-lane sums), ``avx2`` (8-lane)
+    or None (no kernels). ``FREESPEC_KERNEL_ISA=avx2`` forces the 8-lane build on an AVX-512 CPU.
+
+    The two builds round differently in the last bits, so greedy outputs are reproducible per
+    build, not across them; plain and speculative decoding in one process always share a build.
+    """
+    flags = _cpu_flags()
+    if not {"avx2", "fma"} <= flags:
+        return None
+    wanted = os.environ.get("FREESPEC_KERNEL_ISA", "").lower()
+    if wanted not in ("", "avx2", "avx512"):
+        raise ValueError(f"FREESPEC_KERNEL_ISA must be avx2 or avx512, not {wanted!r}")
+    if wanted == "avx512" and "avx512f" not in flags:
+        raise ValueError("FREESPEC_KERNEL_ISA=avx512, but this CPU has no AVX-512")
+    return "avx512" if "avx512f" in flags and wanted != "avx2" else "avx2"
+
+
+def _flags() -> list[str]:
+    return _FLAGS + (_AVX512_FLAGS if _isa() == "avx512" else [])
 
 
 @cache
 def _source_digest() -> str:
-    return hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode()).hexdigest()[:16]
+    return hashlib.sha256(_SOURCE.read_bytes() + " ".join(_flags()).encode()).hexdigest()[:16]
 
 
 @cache
 def _library() -> ctypes.CDLL | None:
-    if os.environ.get("FREESPEC_NO_KERNEL") or not _cpu_has_avx2_fma():
+    if os.environ.get("FREESPEC_NO_KERNEL") or _isa() is None:
         return None
     compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if compiler is None:
@@ -66,7 +90,7 @@ def _library() -> ctypes.CDLL | None:
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             built = Path(tmp) / target.name
             result = subprocess.run(
-                [compiler, *_FLAGS, str(_SOURCE), "-o", str(built)], capture_output=True, text=True
+                [compiler, *_flags(), str(_SOURCE), "-o", str(built)], capture_output=True, text=True
             )
             if result.returncode != 0:
                 log.warning("building the kernels failed, using torch instead:\n%s", result.stderr)

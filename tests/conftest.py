@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,34 @@ def word_tokenizer() -> PreTrainedTokenizerFast:
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>")
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
+
+
+def _kernel_builds() -> list[str]:
+    """The kernel builds this CPU runs: the 16-lane AVX-512 one where it exists, always the AVX2 one."""
+    from freespec import kernels
+
+    return ["avx512", "avx2"] if "avx512f" in kernels._cpu_flags() else ["avx2"]
+
+
+def _use_kernel_build(isa: str | None) -> None:
+    from freespec import kernels
+
+    if isa is None:
+        os.environ.pop("FREESPEC_KERNEL_ISA", None)
+    else:
+        os.environ["FREESPEC_KERNEL_ISA"] = isa
+    for cached in (kernels._isa, kernels._source_digest, kernels._library):
+        cached.cache_clear()
+
+
+@pytest.fixture(params=_kernel_builds())
+def kernel_build(request):
+    """Runs a test once per kernel build (batch invariance must hold in each); runners made
+    inside keep the build they were made with."""
+    before = os.environ.get("FREESPEC_KERNEL_ISA")
+    _use_kernel_build(request.param)
+    yield request.param
+    _use_kernel_build(before)
 
 
 @pytest.fixture(scope="session")

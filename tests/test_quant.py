@@ -39,7 +39,7 @@ def quantized_like_gguf(model: torch.nn.Module) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("kind,expected", [(GGMLQuantizationType.Q4_1, "q4"), (GGMLQuantizationType.Q8_0, "q8")])
-def test_gguf_blocks_are_recovered_and_multiply_bit_identically(kind, expected):
+def test_gguf_blocks_are_recovered_and_multiply_bit_identically(kind, expected, kernel_build):
     torch.manual_seed(0)
     weight = gguf_roundtrip(torch.randn(45, 96) * 0.05, kind)
     packed = quant.pack(weight)
@@ -73,7 +73,7 @@ def test_packed_cache_round_trip(tmp_path):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gpt2"])
-def test_packed_runner_gives_the_same_bits_as_fp32(family):
+def test_packed_runner_gives_the_same_bits_as_fp32(family, kernel_build):
     model = quantized_like_gguf(tiny_model(family, seed=2))
     packed, dense = ModelRunner(model), ModelRunner(model, pack=False)
     assert packed.weight_formats == ["q4", "q8"] and dense.weight_formats == ["fp32"]
@@ -93,7 +93,7 @@ def test_packed_runner_gives_the_same_bits_as_fp32(family):
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 @pytest.mark.parametrize("budget", [4, 32])
-def test_speculation_on_packed_weights_equals_plain_greedy(family, budget):
+def test_speculation_on_packed_weights_equals_plain_greedy(family, budget, kernel_build):
     model = Model(LoadedModel(quantized_like_gguf(tiny_model(family, seed=3, scale=8.0)), word_tokenizer(), family, None),
                   budget=budget)
     assert model.runner.weight_formats == ["q4", "q8"]

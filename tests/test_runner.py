@@ -16,8 +16,22 @@ def test_kernel_is_built_here():
     assert kernels.kernel_available()
 
 
+def test_a_kernel_build_can_be_forced_and_a_bad_one_is_named(monkeypatch):
+    try:
+        monkeypatch.setenv("FREESPEC_KERNEL_ISA", "avx2")
+        kernels._isa.cache_clear()
+        assert kernels._isa() == "avx2"
+        monkeypatch.setenv("FREESPEC_KERNEL_ISA", "sse")
+        kernels._isa.cache_clear()
+        with pytest.raises(ValueError, match="FREESPEC_KERNEL_ISA must be avx2 or avx512, not 'sse'"):
+            kernels._isa()
+    finally:
+        monkeypatch.delenv("FREESPEC_KERNEL_ISA")
+        kernels._isa.cache_clear()
+
+
 @pytest.mark.parametrize("k", [8, 37, 64, 576])
-def test_kernel_matches_torch_and_is_batch_invariant(k):
+def test_kernel_matches_torch_and_is_batch_invariant(k, kernel_build):
     torch.manual_seed(0)
     x, w, b = torch.randn(70, k), torch.randn(53, k), torch.randn(53)
     full = kernels.linear(x[:40], w, b)
@@ -60,7 +74,7 @@ def decode_one_by_one(runner: ModelRunner, ids: torch.Tensor, start: int, end: i
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gpt2"])
-def test_tree_logits_equal_one_token_logits_bitwise(family):
+def test_tree_logits_equal_one_token_logits_bitwise(family, kernel_build):
     """Verification and plain decoding compute a token's logits identically (the lossless core)."""
     runner = ModelRunner(tiny_model(family, seed=2))
     ids = torch.randint(runner.vocab_size, (12,), generator=torch.Generator().manual_seed(1))
@@ -71,7 +85,7 @@ def test_tree_logits_equal_one_token_logits_bitwise(family):
     assert torch.equal(tree_logits[:4], decode_one_by_one(runner, ids, 8, 12))
 
 
-def test_large_tree_is_batch_invariant_too():
+def test_large_tree_is_batch_invariant_too(kernel_build):
     """An 80-node tree (the paper's size) must not switch to a non-invariant kernel."""
     runner = ModelRunner(tiny_model("llama", seed=3))
     ids = torch.randint(runner.vocab_size, (12,), generator=torch.Generator().manual_seed(2))

@@ -85,6 +85,25 @@ def test_policy_probes_about_twice_the_best_size():
     assert [policy.choose(limit=10) for _ in range(2)] == [7, 7]  # no room above 7 within the limit
 
 
+def test_probes_that_lose_back_off_and_a_winning_probe_restores_the_pace():
+    # 4 draft nodes cost 2x one token: a probe pays only when it accepts more than 2 tokens
+    policy = BudgetPolicy({1: 1.0, 5: 2.0}, candidates=[4], explore_every=2, max_interval=8)
+    sizes = []
+    for _ in range(40):
+        size = policy.choose(limit=100)
+        sizes.append(size)
+        policy.observe(size, [0, 1] if size else [0])  # 2 tokens per probe: never worth it
+    probes = [step for step, size in enumerate(sizes) if size]
+    assert probes == [1, 5, 13, 21, 29, 37]  # waits 2, 4, 8, 8, ... steps
+    assert policy.interval == 8
+    policy.observe(4, [0])  # not a probe the policy asked for: the pace is unchanged
+    assert policy.interval == 8
+    while not policy.choose(limit=100):
+        pass
+    policy.observe(4, [0, 1, 2, 3, 4])  # 5 tokens for 2x the cost: probe again soon
+    assert policy.interval == 2
+
+
 def test_order_template_parents_first_and_by_score():
     ordered = order_template(PAPER_TEMPLATE, np.array([0.5, 0.2, 0.1, 0.05, 0.04, 0.03, 0.02, 0.01]))
     assert len(ordered) == 80 and ordered[:3] == [(0,), (0, 0), (1,)]

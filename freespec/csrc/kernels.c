@@ -25,66 +25,109 @@ static inline float horizontal_sum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-static inline float finish(__m256 acc, const float *w, const float *x, int64_t k8, int64_t K) {
-    float s = horizontal_sum(acc);
-    for (int64_t k = k8; k < K; k++) s += w[k] * x[k];
+/* The vector the linear kernels accumulate in: 16 lanes where the CPU has AVX-512 (the build
+ * defines FREESPEC_AVX512), else 8. A build uses one width for every call, so the per-output
+ * arithmetic stays the same across calls; two builds give slightly different (equally exact)
+ * sums. vec_sum is the one fixed horizontal sum of a build. */
+#ifdef FREESPEC_AVX512
+typedef __m512 vec;
+#define LANES 16
+#define vec_load _mm512_loadu_ps
+#define vec_fma _mm512_fmadd_ps
+#define vec_mul _mm512_mul_ps
+#define vec_zero _mm512_setzero_ps
+#define vec_set1 _mm512_set1_ps
+#define vec_store _mm512_storeu_ps
+static inline float vec_sum(vec v) {
+    return horizontal_sum(_mm256_add_ps(_mm512_castps512_ps256(v),
+                                        _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))));
+}
+#else
+typedef __m256 vec;
+#define LANES 8
+#define vec_load _mm256_loadu_ps
+#define vec_fma _mm256_fmadd_ps
+#define vec_mul _mm256_mul_ps
+#define vec_zero _mm256_setzero_ps
+#define vec_set1 _mm256_set1_ps
+#define vec_store _mm256_storeu_ps
+#define vec_sum horizontal_sum
+#endif
+#define STEPS (32 / LANES) /* vectors per block of 32 quantized weights */
+
+static inline float finish(vec acc, const float *w, const float *x, int64_t kv, int64_t K) {
+    float s = vec_sum(acc);
+    for (int64_t k = kv; k < K; k++) s += w[k] * x[k];
     return s;
 }
 
 /* One register tile: ROWS weight rows times up to COLS input rows (cols <= COLS live). */
 #define DEFINE_TILE(ROWS, COLS)                                                                  \
     static inline void tile_##ROWS##x##COLS(const float *x, const float *w, float *y, int64_t N, \
-                                            int64_t K, int64_t k8, int64_t cols) {               \
-        __m256 acc[ROWS][COLS];                                                                  \
+                                            int64_t K, int64_t kv, int64_t cols) {               \
+        vec acc[ROWS][COLS];                                                                     \
         _Pragma("GCC unroll 8") for (int i = 0; i < ROWS; i++)                                   \
-            _Pragma("GCC unroll 8") for (int j = 0; j < COLS; j++) acc[i][j] = _mm256_setzero_ps(); \
-        for (int64_t k = 0; k < k8; k += 8) {                                                    \
-            __m256 wv[ROWS];                                                                     \
-            _Pragma("GCC unroll 8") for (int i = 0; i < ROWS; i++) wv[i] = _mm256_loadu_ps(w + i * K + k); \
+            _Pragma("GCC unroll 8") for (int j = 0; j < COLS; j++) acc[i][j] = vec_zero();      \
+        for (int64_t k = 0; k < kv; k += LANES) {                                                \
+            vec wv[ROWS];                                                                        \
+            _Pragma("GCC unroll 8") for (int i = 0; i < ROWS; i++) wv[i] = vec_load(w + i * K + k); \
             _Pragma("GCC unroll 8") for (int j = 0; j < COLS; j++) {                             \
                 if (j < cols) {                                                                  \
-                    __m256 xv = _mm256_loadu_ps(x + j * K + k);                                  \
+                    vec xv = vec_load(x + j * K + k);                                            \
                     _Pragma("GCC unroll 8") for (int i = 0; i < ROWS; i++)                       \
-                        acc[i][j] = _mm256_fmadd_ps(wv[i], xv, acc[i][j]);                       \
+                        acc[i][j] = vec_fma(wv[i], xv, acc[i][j]);                               \
                 }                                                                                \
             }                                                                                    \
         }                                                                                        \
         _Pragma("GCC unroll 8") for (int i = 0; i < ROWS; i++)                                   \
             _Pragma("GCC unroll 8") for (int j = 0; j < COLS; j++)                               \
-                if (j < cols) y[j * N + i] = finish(acc[i][j], w + i * K, x + j * K, k8, K);    \
+                if (j < cols) y[j * N + i] = finish(acc[i][j], w + i * K, x + j * K, kv, K);    \
     }
-
-DEFINE_TILE(6, 2)
-DEFINE_TILE(4, 3)
-DEFINE_TILE(1, 1)
 
 /* Splits the weight rows over the threads of torch's own OpenMP pool (libgomp is shared). */
 #define DEFINE_LINEAR(ROWS, COLS)                                                                \
     static void linear_##ROWS##x##COLS(const float *x, const float *w, float *y, int64_t M,     \
                                        int64_t N, int64_t K) {                                   \
-        const int64_t k8 = K & ~(int64_t)7;                                                      \
+        const int64_t kv = K & ~(int64_t)(LANES - 1);                                            \
         const int64_t blocks = N / ROWS;                                                         \
         _Pragma("omp parallel for schedule(static)")                                             \
         for (int64_t b = 0; b <= blocks; b++) {                                                  \
             int64_t n = b * ROWS;                                                                \
             if (b < blocks) {                                                                    \
                 for (int64_t m = 0; m < M; m += COLS)                                            \
-                    tile_##ROWS##x##COLS(x + m * K, w + n * K, y + m * N + n, N, K, k8,          \
+                    tile_##ROWS##x##COLS(x + m * K, w + n * K, y + m * N + n, N, K, kv,          \
                                          M - m < COLS ? M - m : COLS);                           \
             } else {                                                                             \
                 for (; n < N; n++)                                                               \
                     for (int64_t m = 0; m < M; m++)                                              \
-                        tile_1x1(x + m * K, w + n * K, y + m * N + n, N, K, k8, 1);              \
+                        tile_1x1(x + m * K, w + n * K, y + m * N + n, N, K, kv, 1);              \
             }                                                                                    \
         }                                                                                        \
     }
 
-DEFINE_LINEAR(6, 2)
-DEFINE_LINEAR(4, 3)
+DEFINE_TILE(1, 1)
+#ifdef FREESPEC_AVX512 /* 32 registers: wider tiles */
+#define SMALL_ROWS 6
+#define SMALL_COLS 4
+#define LARGE_ROWS 4
+#define LARGE_COLS 6
+#else
+#define SMALL_ROWS 6
+#define SMALL_COLS 2
+#define LARGE_ROWS 4
+#define LARGE_COLS 3
+#endif
+#define TILE_NAME(R, C) tile_##R##x##C
+#define LINEAR_NAME(R, C) linear_##R##x##C
+#define EXPAND(MACRO, R, C) MACRO(R, C)
+EXPAND(DEFINE_TILE, SMALL_ROWS, SMALL_COLS)
+EXPAND(DEFINE_TILE, LARGE_ROWS, LARGE_COLS)
+EXPAND(DEFINE_LINEAR, SMALL_ROWS, SMALL_COLS)
+EXPAND(DEFINE_LINEAR, LARGE_ROWS, LARGE_COLS)
 
 void freespec_linear(const float *x, const float *w, float *y, int64_t M, int64_t N, int64_t K) {
-    if (M <= 12) linear_6x2(x, w, y, M, N, K);
-    else linear_4x3(x, w, y, M, N, K);
+    if (M <= 12) EXPAND(LINEAR_NAME, SMALL_ROWS, SMALL_COLS)(x, w, y, M, N, K);
+    else EXPAND(LINEAR_NAME, LARGE_ROWS, LARGE_COLS)(x, w, y, M, N, K);
 }
 
 /* The same linear layer over weights stored as 4-bit or 8-bit blocks, dequantized in registers.
@@ -99,82 +142,108 @@ void freespec_linear(const float *x, const float *w, float *y, int64_t M, int64_
  *
  * Q4: nibbles [N, K/2] uint8; per block of 32 weights, byte j < 8 holds weights j (low nibble)
  * and 8 + j (high), byte 8 + j holds 16 + j and 24 + j. scales [N, K/32, 2]: (d, m) as fp32.
- * Q8: values [N, K] int8; scales [N, K/32]: d as fp32. K must be a multiple of 32. */
-static inline __m256 q4_weights(const uint8_t *nibbles, const float *scales, int64_t block, int step) {
+ * Q8: values [N, K] int8; scales [N, K/32]: d as fp32. K must be a multiple of 32.
+ * q4_weights / q8_weights return the LANES weights of vector `step` (0 .. STEPS-1) of a block. */
+
+#ifdef FREESPEC_AVX512
+static inline vec q4_weights(const uint8_t *nibbles, const float *scales, int64_t block, int step) {
+    /* step s holds weights 16s .. 16s+15: the low nibbles of bytes 8s .. 8s+7, then their high
+     * nibbles. The block's 16 possible weights d * q + m form a table and each lane picks its
+     * entry (the permute reads only the index's low 4 bits, so the nibbles need no masking). */
+    const __m128i bytes = _mm_loadu_si128((const __m128i *)(nibbles + block * 16));
+    const __m128i shifted = _mm_srli_epi16(bytes, 4);
+    const __m128i lanes = step ? _mm_unpackhi_epi64(bytes, shifted) : _mm_unpacklo_epi64(bytes, shifted);
+    const __m512 table = _mm512_fmadd_ps(_mm512_set1_ps(scales[2 * block]),
+                                         _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                         _mm512_set1_ps(scales[2 * block + 1]));
+    return _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(lanes), table);
+}
+
+static inline vec q8_weights(const int8_t *values, const float *scales, int64_t block, int step) {
+    __m512i q = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(values + block * 32 + step * 16)));
+    return _mm512_mul_ps(_mm512_set1_ps(scales[block]), _mm512_cvtepi32_ps(q));
+}
+#else
+static inline vec q4_weights(const uint8_t *nibbles, const float *scales, int64_t block, int step) {
     __m256i q = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(nibbles + block * 16 + (step >> 1) * 8)));
     q = (step & 1) ? _mm256_srli_epi32(q, 4) : _mm256_and_si256(q, _mm256_set1_epi32(15));
     return _mm256_fmadd_ps(_mm256_set1_ps(scales[2 * block]), _mm256_cvtepi32_ps(q), _mm256_set1_ps(scales[2 * block + 1]));
 }
 
-static inline __m256 q8_weights(const int8_t *values, const float *scales, int64_t block, int step) {
+static inline vec q8_weights(const int8_t *values, const float *scales, int64_t block, int step) {
     __m256i q = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(values + block * 32 + step * 8)));
     return _mm256_mul_ps(_mm256_set1_ps(scales[block]), _mm256_cvtepi32_ps(q));
 }
+#endif
 
-/* ROWS weight rows times up to COLS input rows; WEIGHTS(i, block, step) dequantizes 8 weights. */
+/* ROWS weight rows times up to COLS input rows; LOAD(row, scales, block, step) dequantizes. */
 #define DEFINE_QUANT_TILE(NAME, ROWS, COLS, TYPE, ROW_BYTES, ROW_SCALES, LOAD)                    \
     static inline void NAME(const float *x, const TYPE *q, const float *scales, float *y, int64_t N, \
                             int64_t K, int64_t cols) {                                           \
-        __m256 acc[ROWS][COLS];                                                                  \
+        vec acc[ROWS][COLS];                                                                     \
         _Pragma("GCC unroll 8") for (int i = 0; i < ROWS; i++)                                   \
-            _Pragma("GCC unroll 8") for (int j = 0; j < COLS; j++) acc[i][j] = _mm256_setzero_ps(); \
+            _Pragma("GCC unroll 8") for (int j = 0; j < COLS; j++) acc[i][j] = vec_zero();      \
         const int64_t blocks = K / 32;                                                           \
         for (int64_t block = 0; block < blocks; block++) {                                       \
-            _Pragma("GCC unroll 4") for (int step = 0; step < 4; step++) {                       \
-                __m256 wv[ROWS];                                                                 \
+            _Pragma("GCC unroll 4") for (int step = 0; step < STEPS; step++) {                   \
+                vec wv[ROWS];                                                                    \
                 _Pragma("GCC unroll 8") for (int i = 0; i < ROWS; i++)                           \
                     wv[i] = LOAD(q + i * (ROW_BYTES), scales + i * (ROW_SCALES), block, step);   \
-                const int64_t k = block * 32 + step * 8;                                         \
+                const int64_t k = block * 32 + step * LANES;                                     \
                 _Pragma("GCC unroll 8") for (int j = 0; j < COLS; j++) {                         \
                     if (j < cols) {                                                              \
-                        __m256 xv = _mm256_loadu_ps(x + j * K + k);                              \
+                        vec xv = vec_load(x + j * K + k);                                        \
                         _Pragma("GCC unroll 8") for (int i = 0; i < ROWS; i++)                   \
-                            acc[i][j] = _mm256_fmadd_ps(wv[i], xv, acc[i][j]);                   \
+                            acc[i][j] = vec_fma(wv[i], xv, acc[i][j]);                           \
                     }                                                                            \
                 }                                                                                \
             }                                                                                    \
         }                                                                                        \
         _Pragma("GCC unroll 8") for (int i = 0; i < ROWS; i++)                                   \
             _Pragma("GCC unroll 8") for (int j = 0; j < COLS; j++)                               \
-                if (j < cols) y[j * N + i] = horizontal_sum(acc[i][j]);                          \
+                if (j < cols) y[j * N + i] = vec_sum(acc[i][j]);                                 \
     }
 
-/* Few input rows (M <= 2): dequantize in registers, one pass over the blocks. More rows:
- * dequantize ROWS weight rows into a buffer that stays in L1 and run the plain fp32 tiles on it,
+/* Few input rows (M <= 2): dequantize in registers, one pass over the blocks, REGISTER_ROWS
+ * weight rows at a time (several streams from memory in flight). More rows: dequantize
+ * BUFFER_ROWS weight rows into a buffer that stays in L1 and run the plain fp32 tiles on it,
  * so each weight is decoded once per call whatever M is. */
+#define BUFFER_ROWS SMALL_ROWS
+#define REGISTER_ROWS (SMALL_ROWS / 2)
 #define DEFINE_QUANT_LINEAR(NAME, TILE, TYPE, ROW_BYTES, ROW_SCALES, LOAD)                       \
     void NAME(const float *x, const TYPE *q, const float *scales, float *y, int64_t M,         \
                      int64_t N, int64_t K) {                                                     \
-        const int64_t blocks = N / 6;                                                            \
+        const int64_t blocks = N / BUFFER_ROWS;                                                  \
         _Pragma("omp parallel for schedule(static)")                                             \
         for (int64_t b = 0; b <= blocks; b++) {                                                  \
-            const int64_t n = b * 6, rows = b < blocks ? 6 : N - n;                              \
-            if (M <= 2 || rows < 6) {                                                            \
+            const int64_t n = b * BUFFER_ROWS, rows = b < blocks ? BUFFER_ROWS : N - n;          \
+            if (M <= 2 || rows < BUFFER_ROWS) {                                                  \
                 int64_t r = 0;                                                                   \
-                for (; r + 3 <= rows; r += 3)                                                    \
+                for (; r + REGISTER_ROWS <= rows; r += REGISTER_ROWS)                            \
                     for (int64_t m = 0; m < M; m += 2)                                           \
-                        TILE##_3x2(x + m * K, q + (n + r) * (ROW_BYTES), scales + (n + r) * (ROW_SCALES), \
-                                   y + m * N + n + r, N, K, M - m < 2 ? M - m : 2);              \
+                        TILE##_registers(x + m * K, q + (n + r) * (ROW_BYTES), scales + (n + r) * (ROW_SCALES), \
+                                         y + m * N + n + r, N, K, M - m < 2 ? M - m : 2);        \
                 for (; r < rows; r++)                                                            \
                     for (int64_t m = 0; m < M; m++)                                              \
                         TILE##_1x1(x + m * K, q + (n + r) * (ROW_BYTES), scales + (n + r) * (ROW_SCALES), \
                                    y + m * N + n + r, N, K, 1);                                  \
                 continue;                                                                        \
             }                                                                                    \
-            float w[6 * K];                                                                         \
-            for (int64_t r = 0; r < 6; r++)                                                      \
+            float w[BUFFER_ROWS * K];                                                            \
+            for (int64_t r = 0; r < BUFFER_ROWS; r++)                                            \
                 for (int64_t block = 0; block < K / 32; block++)                                 \
-                    for (int step = 0; step < 4; step++)                                         \
-                        _mm256_storeu_ps(w + r * K + block * 32 + step * 8,                       \
-                                        LOAD(q + (n + r) * (ROW_BYTES), scales + (n + r) * (ROW_SCALES), block, step)); \
-            for (int64_t m = 0; m < M; m += 2)                                                   \
-                tile_6x2(x + m * K, w, y + m * N + n, N, K, K, M - m < 2 ? M - m : 2);           \
+                    for (int step = 0; step < STEPS; step++)                                     \
+                        vec_store(w + r * K + block * 32 + step * LANES,                         \
+                                  LOAD(q + (n + r) * (ROW_BYTES), scales + (n + r) * (ROW_SCALES), block, step)); \
+            for (int64_t m = 0; m < M; m += SMALL_COLS)                                          \
+                EXPAND(TILE_NAME, SMALL_ROWS, SMALL_COLS)(x + m * K, w, y + m * N + n, N, K, K,  \
+                                                          M - m < SMALL_COLS ? M - m : SMALL_COLS); \
         }                                                                                        \
     }
 
-DEFINE_QUANT_TILE(q4_tile_3x2, 3, 2, uint8_t, K / 2, K / 16, q4_weights)
+DEFINE_QUANT_TILE(q4_tile_registers, REGISTER_ROWS, 2, uint8_t, K / 2, K / 16, q4_weights)
 DEFINE_QUANT_TILE(q4_tile_1x1, 1, 1, uint8_t, K / 2, K / 16, q4_weights)
-DEFINE_QUANT_TILE(q8_tile_3x2, 3, 2, int8_t, K, K / 32, q8_weights)
+DEFINE_QUANT_TILE(q8_tile_registers, REGISTER_ROWS, 2, int8_t, K, K / 32, q8_weights)
 DEFINE_QUANT_TILE(q8_tile_1x1, 1, 1, int8_t, K, K / 32, q8_weights)
 DEFINE_QUANT_LINEAR(freespec_linear_q4, q4_tile, uint8_t, K / 2, K / 16, q4_weights)
 DEFINE_QUANT_LINEAR(freespec_linear_q8, q8_tile, int8_t, K, K / 32, q8_weights)
@@ -252,16 +321,16 @@ void freespec_tree_attention(const float *q, const float *keys, const float *val
         const float inverse = 1.0f / horizontal_sum(lanes);
         /* out = sum_t p_t v_t in logical order, then normalise */
         float *o = out + (i * H + h) * D;
-        if (D == 64) {  /* the common head size: accumulate in registers */
-            __m256 acc[8];
-            for (int d = 0; d < 8; d++) acc[d] = _mm256_setzero_ps();
+        if (D == 64) {  /* the common head size: accumulate in registers (lane-wise: any width) */
+            vec acc[64 / LANES];
+            for (int d = 0; d < 64 / LANES; d++) acc[d] = vec_zero();
             for (int64_t t2 = 0; t2 < total; t2++) {
-                const __m256 pv = _mm256_set1_ps(p[t2]);
+                const vec pv = vec_set1(p[t2]);
                 const float *v = v_head + ROW(t2) * D;
-                for (int d = 0; d < 8; d++) acc[d] = _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + 8 * d), acc[d]);
+                for (int d = 0; d < 64 / LANES; d++) acc[d] = vec_fma(pv, vec_load(v + LANES * d), acc[d]);
             }
-            const __m256 inverse_v = _mm256_set1_ps(inverse);
-            for (int d = 0; d < 8; d++) _mm256_storeu_ps(o + 8 * d, _mm256_mul_ps(acc[d], inverse_v));
+            const vec inverse_v = vec_set1(inverse);
+            for (int d = 0; d < 64 / LANES; d++) vec_store(o + LANES * d, vec_mul(acc[d], inverse_v));
         } else {
             for (int64_t d = 0; d < D; d++) o[d] = 0.0f;
             for (int64_t t2 = 0; t2 < total; t2++) {
