@@ -233,8 +233,10 @@ def _running(tokens: int, seconds: float, passes: int) -> str:
 
 def machine_description() -> str:
     from freespec.calibrate import _cpu_name
+    from freespec.kernels import kernel_isa
 
-    return (f"{_cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+    kernels = f"{kernel_isa()} kernels" if kernel_isa() else "torch kernels"
+    return (f"{_cpu_name()}, {torch.get_num_threads()} threads, {kernels}, torch {torch.__version__}, "
             f"Python {platform.python_version()}")
 
 

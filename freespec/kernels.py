@@ -104,7 +104,7 @@ def _library() -> ctypes.CDLL | None:
         getattr(library, name).restype = None
     library.freespec_tree_attention.argtypes = (
         [ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 5
-        + [ctypes.c_float] + [ctypes.c_void_p] * 3
+        + [ctypes.c_float] + [ctypes.c_void_p] * 2
     )
     library.freespec_tree_attention.restype = None
     library.freespec_rope_store.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 6 + [ctypes.c_void_p]
@@ -128,6 +128,11 @@ def _required_library() -> ctypes.CDLL:
 
 def kernel_available() -> bool:
     return _library() is not None
+
+
+def kernel_isa() -> str | None:
+    """The instruction set the loaded kernels were built for (``avx512``, ``avx2``), or None."""
+    return _isa() if _library() is not None else None
 
 
 def kernel_version() -> str | None:
@@ -211,7 +216,6 @@ class TreeAttention:
         self._sin = None if sin is None else sin.contiguous()
         self._nodes, self._count = tree_layout(tree_mask)
         self._queries = torch.empty(kv_heads, n * (heads // kv_heads), dim)
-        self._scores = torch.empty(heads * n, past + n)
         self._probs = torch.empty(heads * n, past + n)
 
     def __call__(self, qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -226,7 +230,7 @@ class TreeAttention:
         self._library.freespec_tree_attention(
             self._queries.data_ptr(), keys.data_ptr(), values.data_ptr(), keys.shape[1], self._nodes.data_ptr(),
             self._count.data_ptr(), self.past, n, heads, kv_heads, dim, self.scale, out.data_ptr(),
-            self._scores.data_ptr(), self._probs.data_ptr())
+            self._probs.data_ptr())
         return out
 
 

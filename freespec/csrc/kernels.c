@@ -55,10 +55,58 @@ typedef __m256 vec;
 #endif
 #define STEPS (32 / LANES) /* vectors per block of 32 quantized weights */
 
-static inline float finish(vec acc, const float *w, const float *x, int64_t kv, int64_t K) {
-    float s = vec_sum(acc);
-    for (int64_t k = kv; k < K; k++) s += w[k] * x[k];
-    return s;
+/* sums[o] = vec_sum(v[o]) for o < count <= LANES, bit for bit: the same pairs of lanes are added
+ * in the same grouping, but LANES vectors share each add (a transpose as it goes), which costs
+ * about a third of LANES separate horizontal sums. Missing vectors are zeros, never read back. */
+#ifdef FREESPEC_AVX512
+static inline void vec_sums(const vec *v, int count, float *sums) {
+    vec in[16], a[8], b[4], c[2];
+    for (int o = 0; o < 16; o++) in[o] = o < count ? v[o] : vec_zero();
+    for (int p = 0; p < 8; p++) /* 16 -> 8 lanes each: [out 2p | out 2p+1] */
+        a[p] = _mm512_add_ps(_mm512_shuffle_f32x4(in[2 * p], in[2 * p + 1], 0x44),
+                             _mm512_shuffle_f32x4(in[2 * p], in[2 * p + 1], 0xEE));
+    for (int p = 0; p < 4; p++) /* 8 -> 4: [4p | 4p+1 | 4p+2 | 4p+3] */
+        b[p] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * p], a[2 * p + 1], 0x88),
+                             _mm512_shuffle_f32x4(a[2 * p], a[2 * p + 1], 0xDD));
+    for (int p = 0; p < 2; p++) /* 4 -> 2: 128-bit lane i holds outputs 8p + i and 8p + 4 + i */
+        c[p] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * p], b[2 * p + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_ps(b[2 * p], b[2 * p + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    /* 2 -> 1: element 4i + j is output 4j + i */
+    float out[16];
+    _mm512_storeu_ps(out, _mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                        _mm512_shuffle_ps(c[0], c[1], _MM_SHUFFLE(3, 1, 3, 1))));
+    for (int o = 0; o < count; o++) sums[o] = out[(o % 4) * 4 + o / 4];
+}
+#else
+static inline void vec_sums(const vec *v, int count, float *sums) {
+    vec in[8], a[4], b[2];
+    for (int o = 0; o < 8; o++) in[o] = o < count ? v[o] : vec_zero();
+    for (int p = 0; p < 4; p++) /* 8 -> 4 lanes each: [out 2p | out 2p+1] */
+        a[p] = _mm256_add_ps(_mm256_permute2f128_ps(in[2 * p], in[2 * p + 1], 0x20),
+                             _mm256_permute2f128_ps(in[2 * p], in[2 * p + 1], 0x31));
+    for (int p = 0; p < 2; p++) /* 4 -> 2: 128-bit lane i holds outputs 4p + i and 4p + 2 + i */
+        b[p] = _mm256_add_ps(_mm256_shuffle_ps(a[2 * p], a[2 * p + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm256_shuffle_ps(a[2 * p], a[2 * p + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    /* 2 -> 1: element 4i + j is output 2j + i */
+    float out[8];
+    _mm256_storeu_ps(out, _mm256_add_ps(_mm256_shuffle_ps(b[0], b[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                        _mm256_shuffle_ps(b[0], b[1], _MM_SHUFFLE(3, 1, 3, 1))));
+    for (int o = 0; o < count; o++) sums[o] = out[(o % 2) * 4 + o / 2];
+}
+#endif
+
+/* y[j * N + i] = vec_sum(acc[i * cols_max + j]) for the live outputs of a ROWS x cols tile. */
+static inline void tile_sums(const vec *acc, int rows, int cols_max, int cols, float *y, int64_t N) {
+    const int count = rows * cols_max;
+    float sums[count];
+    if (rows * cols * 2 < LANES) { /* few live outputs: separate sums are cheaper */
+        for (int i = 0; i < rows; i++)
+            for (int j = 0; j < cols; j++) y[j * N + i] = vec_sum(acc[i * cols_max + j]);
+        return;
+    }
+    for (int o = 0; o < count; o += LANES) vec_sums(acc + o, count - o < LANES ? count - o : LANES, sums + o);
+    for (int i = 0; i < rows; i++)
+        for (int j = 0; j < cols; j++) y[j * N + i] = sums[i * cols_max + j];
 }
 
 /* One register tile: ROWS weight rows times up to COLS input rows (cols <= COLS live). */
@@ -79,9 +127,10 @@ static inline float finish(vec acc, const float *w, const float *x, int64_t kv, 
                 }                                                                                \
             }                                                                                    \
         }                                                                                        \
-        _Pragma("GCC unroll 8") for (int i = 0; i < ROWS; i++)                                   \
-            _Pragma("GCC unroll 8") for (int j = 0; j < COLS; j++)                               \
-                if (j < cols) y[j * N + i] = finish(acc[i][j], w + i * K, x + j * K, kv, K);    \
+        tile_sums(&acc[0][0], ROWS, COLS, cols, y, N);                                           \
+        for (int64_t k = kv; k < K; k++) /* the K % LANES tail, in order, after the sum */      \
+            for (int i = 0; i < ROWS; i++)                                                       \
+                for (int j = 0; j < cols; j++) y[j * N + i] += w[i * K + k] * x[j * K + k];     \
     }
 
 /* Splits the weight rows over the threads of torch's own OpenMP pool (libgomp is shared). */
@@ -199,9 +248,7 @@ static inline vec q8_weights(const int8_t *values, const float *scales, int64_t 
                 }                                                                                \
             }                                                                                    \
         }                                                                                        \
-        _Pragma("GCC unroll 8") for (int i = 0; i < ROWS; i++)                                   \
-            _Pragma("GCC unroll 8") for (int j = 0; j < COLS; j++)                               \
-                if (j < cols) y[j * N + i] = vec_sum(acc[i][j]);                                 \
+        tile_sums(&acc[0][0], ROWS, COLS, cols, y, N);                                           \
     }
 
 /* Few input rows (M <= 2): dequantize in registers, one pass over the blocks, REGISTER_ROWS
@@ -266,38 +313,78 @@ static inline __m256 exp_nonpositive(__m256 x) {
     return _mm256_mul_ps(y, _mm256_castsi256_ps(exponent));
 }
 
+/* p[t] = scale * (query . key of logical position t) for t < total, each dot product computed
+ * exactly as freespec_linear computes it (LANES-wide FMAs over D, vec_sum, then the D % LANES
+ * tail): logical position t < past is cache row t, later ones are cache rows past + tree_rows[.].
+ * LANES keys at a time share one batched horizontal sum. */
+static void attention_scores(const float *query, const float *keys, int64_t D, int64_t past, int64_t total,
+                             const int64_t *tree_rows, float scale, float *p) {
+    const int64_t dv = D & ~(int64_t)(LANES - 1);
+    float sums[LANES];
+    int64_t t0 = 0;
+    for (; t0 + LANES <= past; t0 += LANES) { /* LANES consecutive cache rows */
+        const float *block = keys + t0 * D;
+        vec acc[LANES];
+        _Pragma("GCC unroll 16") for (int c = 0; c < LANES; c++) acc[c] = vec_zero();
+        for (int64_t d = 0; d < dv; d += LANES) {
+            const vec qv = vec_load(query + d);
+            _Pragma("GCC unroll 16") for (int c = 0; c < LANES; c++)
+                acc[c] = vec_fma(vec_load(block + c * D + d), qv, acc[c]);
+        }
+        vec_sums(acc, LANES, sums);
+        for (int c = 0; c < LANES; c++) {
+            float sum = sums[c];
+            for (int64_t d = dv; d < D; d++) sum += block[c * D + d] * query[d];
+            p[t0 + c] = sum * scale;
+        }
+    }
+    for (; t0 < total; t0 += LANES) { /* the rest of the prefix and the tree rows */
+        const int count = total - t0 < LANES ? (int)(total - t0) : LANES;
+        const float *rows[LANES];
+        vec acc[LANES];
+        for (int c = 0; c < count; c++) {
+            const int64_t t = t0 + c;
+            rows[c] = keys + (t < past ? t : past + tree_rows[t - past]) * D;
+            acc[c] = vec_zero();
+        }
+        for (int64_t d = 0; d < dv; d += LANES) {
+            const vec qv = vec_load(query + d);
+            for (int c = 0; c < count; c++) acc[c] = vec_fma(vec_load(rows[c] + d), qv, acc[c]);
+        }
+        vec_sums(acc, count, sums);
+        for (int c = 0; c < count; c++) {
+            float sum = sums[c];
+            for (int64_t d = dv; d < D; d++) sum += rows[c][d] * query[d];
+            p[t0 + c] = sum * scale;
+        }
+    }
+}
+
 /* Tree attention whose result depends only on the *logical* key sequence of each query.
  *
  * Query i attends to cache rows [0, past) and then to the new rows past + key_nodes[i, 0..count[i]):
  * its ancestors in depth order, then itself. Plain decoding sees the same keys in the same
  * order at other cache rows, so every reduction below runs identically in both modes:
- * scores come from the batch-invariant linear kernel; the softmax and P·V run over the
- * logical sequence.
+ * scores are the batch-invariant linear kernel's dot products; the softmax and P·V run over the
+ * logical sequence. One task per query and head, in one parallel region.
  * q: [kv_heads, n * group, D] (query heads grouped by their KV head); keys/values:
- * [kv_heads, capacity, D] of one layer; out: [n, H, D];
- * scores: [kv_heads, n * group, past + n] and probs: [n * H, past + n] floats of scratch.
+ * [kv_heads, capacity, D] of one layer; out: [n, H, D]; probs: [n * H, past + n] floats of scratch.
  */
 void freespec_tree_attention(const float *q, const float *keys, const float *values, int64_t capacity,
                              const int64_t *key_nodes, const int64_t *count, int64_t past, int64_t n,
-                             int64_t H, int64_t KV, int64_t D, float scale, float *out, float *scores,
-                             float *probs) {
+                             int64_t H, int64_t KV, int64_t D, float scale, float *out, float *probs) {
     const int64_t group = H / KV, width = past + n;
-    for (int64_t g = 0; g < KV; g++)
-        freespec_linear(q + g * n * group * D, keys + g * capacity * D, scores + g * n * group * width,
-                        n * group, width, D);
     #pragma omp parallel for schedule(static)
     for (int64_t task = 0; task < n * H; task++) {
         const int64_t i = task / H, h = task % H, g = h / group;
-        const float *score_row = scores + (g * n * group + i * group + h % group) * width;
         const float *v_head = values + g * capacity * D;
         const int64_t total = past + count[i];
         float *p = probs + task * width;
         #define ROW(t) ((t) < past ? (t) : past + key_nodes[i * n + (t) - past])
+        attention_scores(q + (g * n * group + i * group + h % group) * D, keys + g * capacity * D, D, past, total,
+                         key_nodes + i * n, scale, p);
         float top = -INFINITY;
-        for (int64_t t = 0; t < total; t++) {
-            p[t] = score_row[ROW(t)] * scale;
-            top = p[t] > top ? p[t] : top;
-        }
+        for (int64_t t = 0; t < total; t++) top = p[t] > top ? p[t] : top;
         /* p = exp(score - top), summed lane-wise by logical index; the tail is zero-padded */
         const __m256 top_v = _mm256_set1_ps(top);
         __m256 lanes = _mm256_setzero_ps();
@@ -466,7 +553,6 @@ void freespec_forward_llama(const DecoderLayer *layers, int64_t num_layers, floa
     float *attended = malloc(sizeof(float) * n * H * D);
     float *projected = malloc(sizeof(float) * n * (2 * intermediate > hidden ? 2 * intermediate : hidden));
     float *act = malloc(sizeof(float) * n * intermediate);
-    float *scores = malloc(sizeof(float) * n * H * width);
     float *probs = malloc(sizeof(float) * n * H * width);
     for (int64_t l = 0; l < num_layers; l++) {
         if (skip && skip[l]) continue; /* a skipped layer is the identity and writes no cache rows */
@@ -484,7 +570,7 @@ void freespec_forward_llama(const DecoderLayer *layers, int64_t num_layers, floa
             }
         freespec_rope_store(qkv, cos, sin, layer_keys, layer_values, capacity, past, n, H, KV, D, queries);
         freespec_tree_attention(queries, layer_keys, layer_values, capacity, key_nodes, count, past, n, H, KV, D,
-                                scale, attended, scores, probs);
+                                scale, attended, probs);
         matmul(&layer->o, attended, projected, n);
         for (int64_t i = 0; i < n * hidden; i++) h[i] += projected[i];
         rms_norm(h, layer->mlp_norm, layer->mlp_eps, normed, n, hidden);
@@ -493,7 +579,7 @@ void freespec_forward_llama(const DecoderLayer *layers, int64_t num_layers, floa
         matmul(&layer->down, act, projected, n);
         for (int64_t i = 0; i < n * hidden; i++) h[i] += projected[i];
     }
-    free(normed); free(qkv); free(queries); free(attended); free(projected); free(act); free(scores); free(probs);
+    free(normed); free(qkv); free(queries); free(attended); free(projected); free(act); free(probs);
 }
 
 /* Per row of logits [rows, V]: the k largest values in descending order with their ids (ties:
