@@ -8,10 +8,11 @@
  * the time needed to read the weights until M reaches about 8.
  *
  * Batch invariance: every output y[m, n] is computed by the same arithmetic whatever M is and
- * whichever register tile it lands in: 8 lane-wise FMA partial sums over k in steps of 8, one fixed
- * horizontal sum, then the k % 8 tail added in order. So a token's logits are bit-identical whether
- * it is verified alone or inside a tree of 80 tokens, which is what makes speculative decoding
- * reproduce plain decoding exactly. Compile without -ffast-math.
+ * whichever register tile it lands in: LANES lane-wise FMA partial sums over k in steps of LANES
+ * (16 with AVX-512, else 8), one fixed horizontal sum, then the k % LANES tail added in order. So
+ * a token's logits are bit-identical whether it is verified alone or inside a tree of 80 tokens,
+ * which is what makes speculative decoding reproduce plain decoding exactly. Compile without
+ * -ffast-math.
  */
 #include <immintrin.h>
 #include <math.h>
