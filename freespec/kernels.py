@@ -36,8 +36,11 @@ log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).parent / "csrc" / "kernels.c"
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
 _AVX512_FLAGS = ["-mavx512f", "-DFREESPEC_AVX512"]
-BLAS_ROWS = 64
-"""From this many rows up, non-invariant calls (prefill) use BLAS, which is faster there."""
+BLAS_ROWS = {"avx2": 64}
+"""Per kernel build: from this many rows up, calls that need not be batch-invariant (prefill) use
+BLAS, which is as fast or faster there. The AVX-512 build beat BLAS at every prefill length
+measured (100 to 1,500 tokens, 1.4-2.1x), so it never hands over."""
+SKINNY_ROWS = 64  # without the kernels: below this many rows, ``W @ x.T`` beats ``F.linear``
 
 
 def _cpu_flags() -> set[str]:
@@ -145,12 +148,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight, bias: torch.Ten
     """``x @ weight.T + bias`` for x [M, K] and weight [N, K] (contiguous fp32 or exact blocks) → [M, N].
 
     ``invariant``: every row's result must not depend on M (decoding and verification). Otherwise
-    (prefill) BLAS takes large M, where it is faster. Block weights give bit-identical results
+    (prefill) BLAS takes large M where it is the faster choice (:data:`BLAS_ROWS`). Block weights give bit-identical results
     to their fp32 form (see :mod:`freespec.quant`), reading 4-6x fewer bytes.
     """
     rows = x.shape[0]
     library = _library()
-    if library is not None and (invariant or rows < BLAS_ROWS):
+    blas_rows = BLAS_ROWS.get(_isa())
+    if library is not None and (invariant or blas_rows is None or rows < blas_rows):
         x = x.contiguous()
         out = torch.empty(rows, weight.shape[0], dtype=torch.float32)
         if isinstance(weight, PackedWeight):
@@ -163,7 +167,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight, bias: torch.Ten
         return out if bias is None else out + bias
     if isinstance(weight, PackedWeight):
         weight = weight.dense
-    if rows < BLAS_ROWS:
+    if rows < SKINNY_ROWS:
         out = torch.mm(weight, x.t()).t()  # far faster than F.linear's kernel choice for few rows
     else:
         out = torch.mm(x, weight.t())
