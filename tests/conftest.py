@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -70,14 +71,23 @@ def _use_kernel_build(isa: str | None) -> None:
         cached.cache_clear()
 
 
+@contextmanager
+def forced_kernel_build(isa: str):
+    """FREESPEC_KERNEL_ISA=isa with the kernel caches cleared, then the previous setting back."""
+    before = os.environ.get("FREESPEC_KERNEL_ISA")
+    _use_kernel_build(isa)
+    try:
+        yield
+    finally:
+        _use_kernel_build(before)
+
+
 @pytest.fixture(params=_kernel_builds())
 def kernel_build(request):
     """Runs a test once per kernel build (batch invariance must hold in each); runners made
     inside keep the build they were made with."""
-    before = os.environ.get("FREESPEC_KERNEL_ISA")
-    _use_kernel_build(request.param)
-    yield request.param
-    _use_kernel_build(before)
+    with forced_kernel_build(request.param):
+        yield request.param
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_model
+from conftest import forced_kernel_build, tiny_model
 from freespec import kernels
 from freespec.runner import ModelRunner, UnsupportedModelError
 from freespec.tree import DraftTree
@@ -16,18 +16,12 @@ def test_kernel_is_built_here():
     assert kernels.kernel_available()
 
 
-def test_a_kernel_build_can_be_forced_and_a_bad_one_is_named(monkeypatch):
-    try:
-        monkeypatch.setenv("FREESPEC_KERNEL_ISA", "avx2")
-        kernels._isa.cache_clear()
+def test_a_kernel_build_can_be_forced_and_a_bad_one_is_named():
+    with forced_kernel_build("avx2"):
         assert kernels._isa() == "avx2"
-        monkeypatch.setenv("FREESPEC_KERNEL_ISA", "sse")
-        kernels._isa.cache_clear()
+    with forced_kernel_build("sse"):
         with pytest.raises(ValueError, match="FREESPEC_KERNEL_ISA must be avx2 or avx512, not 'sse'"):
             kernels._isa()
-    finally:
-        monkeypatch.delenv("FREESPEC_KERNEL_ISA")
-        kernels._isa.cache_clear()
 
 
 @pytest.mark.parametrize("k", [8, 37, 64, 576])

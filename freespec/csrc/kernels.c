@@ -314,6 +314,18 @@ static inline __m256 exp_nonpositive(__m256 x) {
     return _mm256_mul_ps(y, _mm256_castsi256_ps(exponent));
 }
 
+/* p[c] = scale * (vec_sum(acc[c]) + the D % LANES tail of rows[c] . query), for c < count. */
+static inline void finish_scores(const vec *acc, const float *const *rows, int count, const float *query,
+                                 int64_t dv, int64_t D, float scale, float *p) {
+    float sums[LANES];
+    vec_sums(acc, count, sums);
+    for (int c = 0; c < count; c++) {
+        float sum = sums[c];
+        for (int64_t d = dv; d < D; d++) sum += rows[c][d] * query[d];
+        p[c] = sum * scale;
+    }
+}
+
 /* p[t] = scale * (query . key of logical position t) for t < total, each dot product computed
  * exactly as freespec_linear computes it (LANES-wide FMAs over D, vec_sum, then the D % LANES
  * tail): logical position t < past is cache row t, later ones are cache rows past + tree_rows[.].
@@ -321,7 +333,6 @@ static inline __m256 exp_nonpositive(__m256 x) {
 static void attention_scores(const float *query, const float *keys, int64_t D, int64_t past, int64_t total,
                              const int64_t *tree_rows, float scale, float *p) {
     const int64_t dv = D & ~(int64_t)(LANES - 1);
-    float sums[LANES];
     int64_t t0 = 0;
     for (; t0 + LANES <= past; t0 += LANES) { /* LANES consecutive cache rows */
         const float *block = keys + t0 * D;
@@ -332,12 +343,9 @@ static void attention_scores(const float *query, const float *keys, int64_t D, i
             _Pragma("GCC unroll 16") for (int c = 0; c < LANES; c++)
                 acc[c] = vec_fma(vec_load(block + c * D + d), qv, acc[c]);
         }
-        vec_sums(acc, LANES, sums);
-        for (int c = 0; c < LANES; c++) {
-            float sum = sums[c];
-            for (int64_t d = dv; d < D; d++) sum += block[c * D + d] * query[d];
-            p[t0 + c] = sum * scale;
-        }
+        const float *rows[LANES];
+        for (int c = 0; c < LANES; c++) rows[c] = block + c * D;
+        finish_scores(acc, rows, LANES, query, dv, D, scale, p + t0);
     }
     for (; t0 < total; t0 += LANES) { /* the rest of the prefix and the tree rows */
         const int count = total - t0 < LANES ? (int)(total - t0) : LANES;
@@ -352,12 +360,7 @@ static void attention_scores(const float *query, const float *keys, int64_t D, i
             const vec qv = vec_load(query + d);
             for (int c = 0; c < count; c++) acc[c] = vec_fma(vec_load(rows[c] + d), qv, acc[c]);
         }
-        vec_sums(acc, count, sums);
-        for (int c = 0; c < count; c++) {
-            float sum = sums[c];
-            for (int64_t d = dv; d < D; d++) sum += rows[c][d] * query[d];
-            p[t0 + c] = sum * scale;
-        }
+        finish_scores(acc, rows, count, query, dv, D, scale, p + t0);
     }
 }
 
