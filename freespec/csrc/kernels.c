@@ -15,6 +15,7 @@
  * -ffast-math.
  */
 #include <immintrin.h>
+#include <omp.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -341,115 +342,169 @@ static inline void finish_scores(const vec *acc, const float *const *rows, int c
     }
 }
 
-/* p[t] = scale * (query . key of logical position t) for t < total, each dot product computed
- * exactly as freespec_linear computes it (LANES-wide FMAs over D, vec_sum, then the D % LANES
- * tail): logical position t < past is cache row t, later ones are cache rows past + tree_rows[.].
- * LANES keys at a time share one batched horizontal sum. */
-static void attention_scores(const float *query, const float *keys, int64_t D, int64_t past, int64_t total,
-                             const int64_t *tree_rows, float scale, float *p) {
+/* p[c] = scale * (query . rows[c]) for c < count, each dot product computed exactly as
+ * freespec_linear computes it (LANES-wide FMAs over D, vec_sum, then the D % LANES tail);
+ * LANES rows at a time share one batched horizontal sum. */
+static void row_scores(const float *query, const float *const *rows, int64_t count, int64_t D, float scale,
+                       float *p) {
     const int64_t dv = D & ~(int64_t)(LANES - 1);
-    int64_t t0 = 0;
-    for (; t0 + LANES <= past; t0 += LANES) { /* LANES consecutive cache rows */
-        const float *block = keys + t0 * D;
+    for (int64_t c0 = 0; c0 < count; c0 += LANES) {
+        const int live = count - c0 < LANES ? (int)(count - c0) : LANES;
         vec acc[LANES];
-        _Pragma("GCC unroll 16") for (int c = 0; c < LANES; c++) acc[c] = vec_zero();
+        for (int c = 0; c < live; c++) acc[c] = vec_zero();
         for (int64_t d = 0; d < dv; d += LANES) {
             const vec qv = vec_load(query + d);
-            _Pragma("GCC unroll 16") for (int c = 0; c < LANES; c++)
-                acc[c] = vec_fma(vec_load(block + c * D + d), qv, acc[c]);
+            for (int c = 0; c < live; c++) acc[c] = vec_fma(vec_load(rows[c0 + c] + d), qv, acc[c]);
         }
-        const float *rows[LANES];
-        for (int c = 0; c < LANES; c++) rows[c] = block + c * D;
-        finish_scores(acc, rows, LANES, query, dv, D, scale, p + t0);
+        finish_scores(acc, rows + c0, live, query, dv, D, scale, p + c0);
     }
-    for (; t0 < total; t0 += LANES) { /* the rest of the prefix and the tree rows */
-        const int count = total - t0 < LANES ? (int)(total - t0) : LANES;
-        const float *rows[LANES];
-        vec acc[LANES];
-        for (int c = 0; c < count; c++) {
-            const int64_t t = t0 + c;
-            rows[c] = keys + (t < past ? t : past + tree_rows[t - past]) * D;
-            acc[c] = vec_zero();
-        }
-        for (int64_t d = 0; d < dv; d += LANES) {
-            const vec qv = vec_load(query + d);
-            for (int c = 0; c < count; c++) acc[c] = vec_fma(vec_load(rows[c] + d), qv, acc[c]);
-        }
-        finish_scores(acc, rows, count, query, dv, D, scale, p + t0);
+}
+
+/* p[t] = exp(p[t] - max(p)) in place for t < total, summed lane-wise by logical index (the tail
+ * zero-padded), so the sum depends only on the values and their logical order. Returns 1 / sum. */
+static float softmax_unnormalized(float *p, int64_t total) {
+    __m256 top_lanes = _mm256_set1_ps(-INFINITY);
+    int64_t t = 0;
+    for (; t + 8 <= total; t += 8) top_lanes = _mm256_max_ps(top_lanes, _mm256_loadu_ps(p + t));
+    float lane_tops[8], top = -INFINITY;
+    _mm256_storeu_ps(lane_tops, top_lanes);
+    for (int k = 0; k < 8; k++) top = lane_tops[k] > top ? lane_tops[k] : top;
+    for (; t < total; t++) top = p[t] > top ? p[t] : top;
+    const __m256 top_v = _mm256_set1_ps(top);
+    __m256 lanes = _mm256_setzero_ps();
+    for (t = 0; t + 8 <= total; t += 8) {
+        __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(p + t), top_v));
+        _mm256_storeu_ps(p + t, e);
+        lanes = _mm256_add_ps(lanes, e);
     }
+    if (t < total) {
+        float padded[8] = {0};
+        for (int64_t j = t; j < total; j++) padded[j - t] = p[j] - top;
+        __m256 e = exp_nonpositive(_mm256_loadu_ps(padded));
+        e = _mm256_blendv_ps(e, _mm256_setzero_ps(),
+                             _mm256_cmp_ps(_mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7),
+                                           _mm256_set1_ps((float)(total - t)), _CMP_GE_OQ));
+        _mm256_storeu_ps(padded, e);
+        for (int64_t j = t; j < total; j++) p[j] = padded[j - t];
+        lanes = _mm256_add_ps(lanes, e);
+    }
+    return 1.0f / horizontal_sum(lanes);
 }
 
 /* Tree attention whose result depends only on the *logical* key sequence of each query.
  *
  * Query i attends to cache rows [0, past) and then to the new rows past + key_nodes[i, 0..count[i]):
  * its ancestors in depth order, then itself. Plain decoding sees the same keys in the same
- * order at other cache rows, so every reduction below runs identically in both modes:
- * scores are the batch-invariant linear kernel's dot products; the softmax and P·V run over the
- * logical sequence. One task per query and head, in one parallel region.
- * q: [kv_heads, n * group, D] (query heads grouped by their KV head); keys/values:
- * [kv_heads, capacity, D] of one layer; out: [n, H, D]; probs: [n * H, past + n] floats of scratch.
+ * order at other cache rows, so every reduction below runs identically in both modes: scores
+ * are the batch-invariant linear kernel's dot products; the softmax and P·V run over the
+ * logical sequence.
+ *
+ * Every query of a KV head reads the same `past` committed keys and values, so those are read
+ * once for all of them: the prefix scores come from the linear kernel's tiles (keys as weight
+ * rows, queries as inputs), and P·V walks the value rows once per block of queries. Only the
+ * few tree rows are visited per query. Results are bit-identical to one query at a time.
+ * q: [KV, n * group, D] (query heads grouped by their KV head: row i * group + h % group);
+ * keys/values: [KV, capacity, D] of one layer; out: [n, H, D];
+ * probs: [KV, n * group, past + n] floats of scratch.
  */
+#define PV_ROWS (LANES == 16 ? 6 : 3) /* queries sharing a P·V pass: 6 x 64 / LANES accumulators */
 void freespec_tree_attention(const float *q, const float *keys, const float *values, int64_t capacity,
                              const int64_t *key_nodes, const int64_t *count, int64_t past, int64_t n,
                              int64_t H, int64_t KV, int64_t D, float scale, float *out, float *probs) {
-    const int64_t group = H / KV, width = past + n;
-    #pragma omp parallel for schedule(static)
-    for (int64_t task = 0; task < n * H; task++) {
-        const int64_t i = task / H, h = task % H, g = h / group;
-        const float *v_head = values + g * capacity * D;
-        const int64_t total = past + count[i];
-        float *p = probs + task * width;
-        #define ROW(t) ((t) < past ? (t) : past + key_nodes[i * n + (t) - past])
-        attention_scores(q + (g * n * group + i * group + h % group) * D, keys + g * capacity * D, D, past, total,
-                         key_nodes + i * n, scale, p);
-        float top = -INFINITY;
-        for (int64_t t = 0; t < total; t++) top = p[t] > top ? p[t] : top;
-        /* p = exp(score - top), summed lane-wise by logical index; the tail is zero-padded */
-        const __m256 top_v = _mm256_set1_ps(top);
-        __m256 lanes = _mm256_setzero_ps();
-        int64_t t = 0;
-        for (; t + 8 <= total; t += 8) {
-            __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(p + t), top_v));
-            _mm256_storeu_ps(p + t, e);
-            lanes = _mm256_add_ps(lanes, e);
-        }
-        if (t < total) {
-            float padded[8] = {0};
-            for (int64_t j = t; j < total; j++) padded[j - t] = p[j] - top;
-            __m256 e = exp_nonpositive(_mm256_loadu_ps(padded));
-            e = _mm256_blendv_ps(e, _mm256_setzero_ps(),
-                                 _mm256_cmp_ps(_mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7),
-                                               _mm256_set1_ps((float)(total - t)), _CMP_GE_OQ));
-            _mm256_storeu_ps(padded, e);
-            for (int64_t j = t; j < total; j++) p[j] = padded[j - t];
-            lanes = _mm256_add_ps(lanes, e);
-        }
-        const float inverse = 1.0f / horizontal_sum(lanes);
-        /* out = sum_t p_t v_t in logical order, then normalise */
-        float *o = out + (i * H + h) * D;
-        if (D == 64) {  /* the common head size: accumulate in registers (lane-wise: any width) */
-            vec acc[64 / LANES];
-            for (int d = 0; d < 64 / LANES; d++) acc[d] = vec_zero();
-            for (int64_t t2 = 0; t2 < total; t2++) {
-                const vec pv = vec_set1(p[t2]);
-                const float *v = v_head + ROW(t2) * D;
-                for (int d = 0; d < 64 / LANES; d++) acc[d] = vec_fma(pv, vec_load(v + LANES * d), acc[d]);
+    const int64_t group = H / KV, rows = n * group, width = past + n, dv = D & ~(int64_t)(LANES - 1);
+    const int64_t key_blocks = (past + SMALL_ROWS - 1) / SMALL_ROWS;
+    /* queries per P·V task: up to PV_ROWS, fewer when that leaves under two tasks a thread */
+    const int64_t threads = omp_get_max_threads();
+    int64_t per_task = KV * rows / (2 * threads);
+    per_task = per_task < 1 ? 1 : per_task > PV_ROWS ? PV_ROWS : per_task;
+    const int64_t query_blocks = (rows + per_task - 1) / per_task;
+    #pragma omp parallel
+    {
+        /* phase 1: probs[g, j, t] = q[g, j] . keys[g, t] for t < past */
+        #pragma omp for schedule(static)
+        for (int64_t item = 0; item < KV * key_blocks; item++) {
+            const int64_t g = item / key_blocks, t0 = (item % key_blocks) * SMALL_ROWS;
+            const float *head_queries = q + g * rows * D, *head_keys = keys + (g * capacity + t0) * D;
+            float *head_probs = probs + g * rows * width + t0;
+            if (t0 + 5 * SMALL_ROWS <= past) /* cache rows come from memory: ask 4 blocks ahead */
+                prefetch((const char *)(head_keys + 4 * SMALL_ROWS * D), SMALL_ROWS * D * (int64_t)sizeof(float));
+            if (t0 + SMALL_ROWS <= past) {
+                for (int64_t j = 0; j < rows; j += SMALL_COLS)
+                    EXPAND(TILE_NAME, SMALL_ROWS, SMALL_COLS)(head_queries + j * D, head_keys, head_probs + j * width,
+                                                              width, D, dv, rows - j < SMALL_COLS ? rows - j : SMALL_COLS);
+            } else {
+                for (int64_t t = 0; t < past - t0; t++)
+                    for (int64_t j = 0; j < rows; j++)
+                        tile_1x1(head_queries + j * D, head_keys + t * D, head_probs + j * width + t, width, D, dv, 1);
             }
-            const vec inverse_v = vec_set1(inverse);
-            for (int d = 0; d < 64 / LANES; d++) vec_store(o + LANES * d, vec_mul(acc[d], inverse_v));
-        } else {
-            for (int64_t d = 0; d < D; d++) o[d] = 0.0f;
-            for (int64_t t2 = 0; t2 < total; t2++) {
-                const float pt = p[t2];
-                const float *v = v_head + ROW(t2) * D;
-                const __m256 pv = _mm256_set1_ps(pt);
-                int64_t d = 0;
-                for (; d + 8 <= D; d += 8) _mm256_storeu_ps(o + d, _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + d), _mm256_loadu_ps(o + d)));
-                for (; d < D; d++) o[d] += pt * v[d];
-            }
-            for (int64_t d = 0; d < D; d++) o[d] *= inverse;
         }
-        #undef ROW
+        /* phase 2: tree scores, softmax and P·V for a block of queries of one KV head */
+        #pragma omp for schedule(static)
+        for (int64_t task = 0; task < KV * query_blocks; task++) {
+            const int64_t g = task / query_blocks, j0 = (task % query_blocks) * per_task;
+            const int64_t live = rows - j0 < per_task ? rows - j0 : per_task;
+            const float *v_head = values + g * capacity * D;
+            float inverse[PV_ROWS];
+            for (int64_t r = 0; r < live; r++) {
+                const int64_t j = j0 + r, i = j / group;
+                float *p = probs + (g * rows + j) * width;
+                int64_t t = 0;
+                for (; t + LANES <= past; t += LANES) vec_store(p + t, vec_mul(vec_load(p + t), vec_set1(scale)));
+                for (; t < past; t++) p[t] *= scale;
+                const float *tree_rows[count[i]];
+                for (int64_t c = 0; c < count[i]; c++)
+                    tree_rows[c] = keys + (g * capacity + past + key_nodes[i * n + c]) * D;
+                row_scores(q + (g * rows + j) * D, tree_rows, count[i], D, scale, p + past);
+                inverse[r] = softmax_unnormalized(p, past + count[i]);
+            }
+            /* out = sum_t p_t v_t in logical order (prefix, then tree rows), then normalise */
+            if (D == 64) { /* the common head size: accumulate in registers (lane-wise: any width) */
+                vec acc[PV_ROWS][64 / LANES];
+                for (int64_t r = 0; r < live; r++)
+                    for (int d = 0; d < 64 / LANES; d++) acc[r][d] = vec_zero();
+                for (int64_t t = 0; t < past; t++) {
+                    const float *v = v_head + t * D;
+                    if (t + 16 < past) prefetch((const char *)(v + 16 * D), 64 * sizeof(float)); /* 16 rows ahead */
+                    vec value[64 / LANES];
+                    for (int d = 0; d < 64 / LANES; d++) value[d] = vec_load(v + LANES * d);
+                    _Pragma("GCC unroll 6") for (int r = 0; r < PV_ROWS; r++) {
+                        if (r < live) {
+                            const vec pv = vec_set1(probs[(g * rows + j0 + r) * width + t]);
+                            for (int d = 0; d < 64 / LANES; d++) acc[r][d] = vec_fma(pv, value[d], acc[r][d]);
+                        }
+                    }
+                }
+                for (int64_t r = 0; r < live; r++) {
+                    const int64_t j = j0 + r, i = j / group;
+                    const float *p = probs + (g * rows + j) * width + past;
+                    for (int64_t c = 0; c < count[i]; c++) {
+                        const vec pv = vec_set1(p[c]);
+                        const float *v = v_head + (past + key_nodes[i * n + c]) * D;
+                        for (int d = 0; d < 64 / LANES; d++) acc[r][d] = vec_fma(pv, vec_load(v + LANES * d), acc[r][d]);
+                    }
+                    float *o = out + (i * H + g * group + j % group) * D;
+                    const vec inverse_v = vec_set1(inverse[r]);
+                    for (int d = 0; d < 64 / LANES; d++) vec_store(o + LANES * d, vec_mul(acc[r][d], inverse_v));
+                }
+            } else {
+                for (int64_t r = 0; r < live; r++) {
+                    const int64_t j = j0 + r, i = j / group, total = past + count[i];
+                    const float *p = probs + (g * rows + j) * width;
+                    float *o = out + (i * H + g * group + j % group) * D;
+                    for (int64_t d = 0; d < D; d++) o[d] = 0.0f;
+                    for (int64_t t = 0; t < total; t++) {
+                        const float pt = p[t];
+                        const float *v = v_head + (t < past ? t : past + key_nodes[i * n + t - past]) * D;
+                        const __m256 pv = _mm256_set1_ps(pt);
+                        int64_t d = 0;
+                        for (; d + 8 <= D; d += 8)
+                            _mm256_storeu_ps(o + d, _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + d), _mm256_loadu_ps(o + d)));
+                        for (; d < D; d++) o[d] += pt * v[d];
+                    }
+                    for (int64_t d = 0; d < D; d++) o[d] *= inverse[r];
+                }
+            }
+        }
     }
 }
 
