@@ -20,6 +20,11 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+/* 64-byte aligned scratch: a vector load that straddles two cache lines costs two. */
+static float *scratch(int64_t floats) {
+    return aligned_alloc(64, ((floats * sizeof(float) + 63) / 64) * 64);
+}
+
 static inline float horizontal_sum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -171,11 +176,13 @@ DEFINE_TILE(1, 1)
 #define SMALL_COLS 4
 #define LARGE_ROWS 4
 #define LARGE_COLS 6
+#define WIDE_REGISTER_COLS 4 /* M = 3, 4 decode in registers: no buffer round trip */
 #else
 #define SMALL_ROWS 6
 #define SMALL_COLS 2
 #define LARGE_ROWS 4
 #define LARGE_COLS 3
+#define WIDE_REGISTER_COLS 2 /* 16 registers: a 3 x 4 tile that also decodes would spill */
 #endif
 #define TILE_NAME(R, C) tile_##R##x##C
 #define LINEAR_NAME(R, C) linear_##R##x##C
@@ -262,16 +269,18 @@ static inline vec q8_weights(const int8_t *values, const float *scales, int64_t 
         tile_sums(&acc[0][0], ROWS, COLS, cols, y, N);                                           \
     }
 
-/* Few input rows (M <= 2): dequantize in registers, one pass over the blocks, REGISTER_ROWS
- * weight rows at a time (several streams from memory in flight). More rows: dequantize
- * BUFFER_ROWS weight rows into a buffer that stays in L1 and run the plain fp32 tiles on it,
- * so each weight is decoded once per call whatever M is. */
+/* Few input rows (M <= WIDE_COLS): dequantize in registers, one pass over the blocks,
+ * REGISTER_ROWS weight rows at a time (several streams from memory in flight), with a tile of 2
+ * input rows up to M = 2 and of WIDE_COLS above. More rows: dequantize BUFFER_ROWS weight rows
+ * into a buffer that stays in L1 and run the plain fp32 tiles on it, so each weight is decoded
+ * once per call whatever M is. */
 #define BUFFER_ROWS SMALL_ROWS
 #define REGISTER_ROWS (SMALL_ROWS / 2)
+#define WIDE_COLS WIDE_REGISTER_COLS
 #define DEFINE_QUANT_LINEAR(NAME, TILE, TYPE, ROW_BYTES, ROW_SCALES, LOAD)                       \
     void NAME(const float *x, const TYPE *q, const float *scales, float *y, int64_t M,         \
                      int64_t N, int64_t K) {                                                     \
-        const int64_t blocks = N / BUFFER_ROWS, ahead = M <= 2 ? 2 : 1;                          \
+        const int64_t blocks = N / BUFFER_ROWS, ahead = M <= WIDE_COLS ? 2 : 1;                  \
         _Pragma("omp parallel for schedule(static)")                                             \
         for (int64_t b = 0; b <= blocks; b++) {                                                  \
             const int64_t n = b * BUFFER_ROWS, rows = b < blocks ? BUFFER_ROWS : N - n;          \
@@ -281,19 +290,27 @@ static inline vec q8_weights(const int8_t *values, const float *scales, int64_t 
                 prefetch((const char *)(scales + (n + ahead * BUFFER_ROWS) * (ROW_SCALES)),      \
                          BUFFER_ROWS * (ROW_SCALES) * (int64_t)sizeof(float));                   \
             }                                                                                    \
-            if (M <= 2 || rows < BUFFER_ROWS) {                                                  \
+            if (M <= WIDE_COLS || rows < BUFFER_ROWS) {                                          \
                 int64_t r = 0;                                                                   \
-                for (; r + REGISTER_ROWS <= rows; r += REGISTER_ROWS)                            \
-                    for (int64_t m = 0; m < M; m += 2)                                           \
-                        TILE##_registers(x + m * K, q + (n + r) * (ROW_BYTES), scales + (n + r) * (ROW_SCALES), \
-                                         y + m * N + n + r, N, K, M - m < 2 ? M - m : 2);        \
+                for (; r + REGISTER_ROWS <= rows; r += REGISTER_ROWS) {                          \
+                    const TYPE *block_q = q + (n + r) * (ROW_BYTES);                             \
+                    const float *block_scales = scales + (n + r) * (ROW_SCALES);                 \
+                    if (M <= 2)                                                                  \
+                        for (int64_t m = 0; m < M; m += 2)                                       \
+                            TILE##_registers(x + m * K, block_q, block_scales, y + m * N + n + r, N, K, \
+                                             M - m < 2 ? M - m : 2);                             \
+                    else                                                                         \
+                        for (int64_t m = 0; m < M; m += WIDE_COLS)                               \
+                            TILE##_wide(x + m * K, block_q, block_scales, y + m * N + n + r, N, K, \
+                                        M - m < WIDE_COLS ? M - m : WIDE_COLS);                  \
+                }                                                                                \
                 for (; r < rows; r++)                                                            \
                     for (int64_t m = 0; m < M; m++)                                              \
                         TILE##_1x1(x + m * K, q + (n + r) * (ROW_BYTES), scales + (n + r) * (ROW_SCALES), \
                                    y + m * N + n + r, N, K, 1);                                  \
                 continue;                                                                        \
             }                                                                                    \
-            float w[BUFFER_ROWS * K];                                                            \
+            float w[BUFFER_ROWS * K] __attribute__((aligned(64)));                                                            \
             for (int64_t r = 0; r < BUFFER_ROWS; r++)                                            \
                 for (int64_t block = 0; block < K / 32; block++)                                 \
                     for (int step = 0; step < STEPS; step++)                                     \
@@ -306,8 +323,10 @@ static inline vec q8_weights(const int8_t *values, const float *scales, int64_t 
     }
 
 DEFINE_QUANT_TILE(q4_tile_registers, REGISTER_ROWS, 2, uint8_t, K / 2, K / 16, q4_weights)
+DEFINE_QUANT_TILE(q4_tile_wide, REGISTER_ROWS, WIDE_COLS, uint8_t, K / 2, K / 16, q4_weights)
 DEFINE_QUANT_TILE(q4_tile_1x1, 1, 1, uint8_t, K / 2, K / 16, q4_weights)
 DEFINE_QUANT_TILE(q8_tile_registers, REGISTER_ROWS, 2, int8_t, K, K / 32, q8_weights)
+DEFINE_QUANT_TILE(q8_tile_wide, REGISTER_ROWS, WIDE_COLS, int8_t, K, K / 32, q8_weights)
 DEFINE_QUANT_TILE(q8_tile_1x1, 1, 1, int8_t, K, K / 32, q8_weights)
 DEFINE_QUANT_LINEAR(freespec_linear_q4, q4_tile, uint8_t, K / 2, K / 16, q4_weights)
 DEFINE_QUANT_LINEAR(freespec_linear_q8, q8_tile, int8_t, K, K / 32, q8_weights)
@@ -621,13 +640,13 @@ void freespec_forward_llama(const DecoderLayer *layers, int64_t num_layers, floa
                             int64_t capacity, int64_t past, const int64_t *key_nodes, const int64_t *count,
                             int64_t H, int64_t KV, int64_t D, float scale, const uint8_t *skip) {
     const int64_t qkv_width = (H + 2 * KV) * D, width = past + n;
-    float *normed = malloc(sizeof(float) * n * hidden);
-    float *qkv = malloc(sizeof(float) * n * qkv_width);
-    float *queries = malloc(sizeof(float) * n * H * D);
-    float *attended = malloc(sizeof(float) * n * H * D);
-    float *projected = malloc(sizeof(float) * n * (2 * intermediate > hidden ? 2 * intermediate : hidden));
-    float *act = malloc(sizeof(float) * n * intermediate);
-    float *probs = malloc(sizeof(float) * n * H * width);
+    float *normed = scratch(n * hidden);
+    float *qkv = scratch(n * qkv_width);
+    float *queries = scratch(n * H * D);
+    float *attended = scratch(n * H * D);
+    float *projected = scratch(n * (2 * intermediate > hidden ? 2 * intermediate : hidden));
+    float *act = scratch(n * intermediate);
+    float *probs = scratch(n * H * width);
     for (int64_t l = 0; l < num_layers; l++) {
         if (skip && skip[l]) continue; /* a skipped layer is the identity and writes no cache rows */
         const DecoderLayer *layer = layers + l;
