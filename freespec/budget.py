@@ -8,11 +8,18 @@ when it would not pay.
 
 tau(b) is learned online. Drafters order nodes best-first, so from one step verified with budget
 B we also learn what any smaller budget b would have accepted: the accepted path cut at the first
-node with index > b. Every ``explore_every`` steps the policy probes about twice the current best
-size (at least ``min_probe`` nodes), which climbs quickly and keeps a drafter that learns from
-verified nodes (Token Recycling) fed even while speculation is switched off. A probe that does
-worse than the best size doubles the wait before the next one (up to ``max_interval`` steps), so
-where speculation does not pay, probing costs little; a probe that does better restores the pace.
+node with index > b. Larger sizes are learned in one of two ways:
+
+- *Shadow drafts* (drafters whose proposals are cheap and free of side effects): every step
+  drafts about twice the best size (at least ``min_probe`` nodes) but verifies only the best
+  size's prefix. Once the next tokens are known, the branch of the full draft that spells them
+  is what verifying it would have accepted (:meth:`freespec.tree.DraftTree.follow`): tau(b) for
+  every size, from every step, without spending a forward pass on it.
+- *Probes* (other drafters): every ``explore_every`` steps the policy verifies about twice the
+  best size, which climbs quickly and keeps a drafter that learns from verified nodes fed even
+  while speculation is switched off. A probe that does worse than the best size doubles the wait
+  before the next one (up to ``max_interval`` steps), so where speculation does not pay, probing
+  costs little; a probe that does better restores the pace.
 """
 
 from __future__ import annotations
@@ -66,19 +73,32 @@ class BudgetPolicy:
         known = [b for b in self.candidates if b in self.tau and b <= limit]
         return max(known, key=lambda b: self.tau[b] / self.cost(b + 1))
 
-    def choose(self, limit: int) -> int:
-        """The draft size for the next step, at most ``limit`` nodes."""
+    def _larger(self, best: int, limit: int) -> int | None:
+        """The candidate above ``best`` nearest to twice it (at least ``min_probe``), if any."""
+        target = max(2 * best, self.min_probe)
+        larger = [b for b in self.candidates if best < b <= limit]
+        return min(larger, key=lambda b: abs(b - target)) if larger else None
+
+    def choose(self, limit: int, probe: bool = True) -> int:
+        """The draft size for the next step, at most ``limit`` nodes; with ``probe`` False always
+        the best size (for shadow drafts, which learn larger sizes without verifying them)."""
         best = self.best(limit)
+        if not probe:
+            return best
         self._until_probe -= 1
         if self._until_probe <= 0:
             self._until_probe = self.interval
-            target = max(2 * best, self.min_probe)
-            larger = [b for b in self.candidates if best < b <= limit]
-            if larger:
-                probe = min(larger, key=lambda b: abs(b - target))
-                self._probe = (probe, best)
-                return probe
+            larger = self._larger(best, limit)
+            if larger is not None:
+                self._probe = (larger, best)
+                return larger
         return best
+
+    def shadow_size(self, limit: int) -> int:
+        """How many nodes to draft when only :meth:`choose`'s size is verified."""
+        best = self.best(limit)
+        larger = self._larger(best, limit)
+        return best if larger is None else larger
 
     def observe(self, budget: int, path: list[int]) -> None:
         """Learn from a verified step that drafted ``budget`` nodes and accepted ``path``."""
@@ -89,8 +109,18 @@ class BudgetPolicy:
             previous = self.interval
             self.interval = self.explore_every if beat_best else min(2 * previous, self.max_interval)
             self._until_probe += self.interval - previous
+        self._learn(path, 0, budget)
+
+    def observe_shadow(self, drafted: int, path: list[int], verified: int) -> None:
+        """Learn from a shadow draft of ``drafted`` nodes, of which the first ``verified`` were
+        verified (and learned from by :meth:`observe`): ``path`` is the branch the tokens that
+        followed spelled in it."""
+        self._learn(path, verified, drafted)
+
+    def _learn(self, path: list[int], above: int, up_to: int) -> None:
+        """Fold what ``path`` says into tau(b) for the candidates above < b <= up_to."""
         for b in self.candidates:
-            if 0 < b <= budget:
+            if above < b <= up_to:
                 sample = accepted_within(path, b)
                 old = self.tau.get(b)
                 self.tau[b] = sample if old is None else old + self.smoothing * (sample - old)

@@ -19,7 +19,7 @@ from freespec.kernels import kernel_version
 from freespec.paths import cache_dir
 from freespec.runner import ModelRunner
 
-SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 81)
+SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 81)
 """Forward sizes measured: root + draft nodes. The largest holds the paper's 80-node tree."""
 
 
@@ -71,7 +71,9 @@ def load_or_measure(runner: ModelRunner, force: bool = False, repeats: int = 3) 
     """Cached costs for this model and machine, measured now if missing (a few seconds)."""
     path = _path(runner)
     if path.exists() and not force:
-        return {int(q): t for q, t in json.loads(path.read_text())["seconds"].items()}
+        cached = {int(q): t for q, t in json.loads(path.read_text())["seconds"].items()}
+        if set(cached) == set(SIZES):  # else measured for another size list: measure again
+            return cached
     costs = measure(runner, repeats=repeats)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"cpu": _cpu_name(), "threads": torch.get_num_threads(),

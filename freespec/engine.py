@@ -104,18 +104,24 @@ class Generation:
         self._prefill()
         stats.prefill_seconds = time.perf_counter() - started
         context = np.array(self.prompt_ids, dtype=np.int64)
+        shadows = drafter is not None and self.fixed_budget is None and getattr(drafter, "shadow_drafts", False)
+        pending: list[tuple[DraftTree, int, int]] = []  # shadow drafts: (tree, tokens before it, nodes verified)
         started = time.perf_counter()
         while len(self.token_ids) < self.max_new_tokens:
             step_started = time.perf_counter()
             # draft
             room = runner.capacity - runner.length - 1
             if drafter is None:
-                budget = 0
+                budget = drafted = 0
             elif self.fixed_budget is not None:
-                budget = min(self.fixed_budget, room)
+                budget = drafted = min(self.fixed_budget, room)
             else:
-                budget = self.policy.choose(room)
-            tree = DraftTree.root_only(int(context[-1])) if budget == 0 else drafter.propose(context, budget)
+                budget = self.policy.choose(room, probe=not shadows)
+                drafted = max(budget, self.policy.shadow_size(room)) if shadows else budget
+            tree = DraftTree.root_only(int(context[-1])) if drafted == 0 else drafter.propose(context, drafted)
+            if len(tree) > budget + 1:  # verify the best `budget` nodes; the rest is a shadow draft
+                pending.append((tree, len(self.token_ids), budget))
+                tree = tree.prefix(budget + 1)
             # verify
             hidden = runner.forward(*tree.attention_inputs(runner.length))
             logits = runner.logits(hidden)  # [nodes, vocab]
@@ -134,6 +140,8 @@ class Generation:
                 self.policy.record_cost(len(tree), time.perf_counter() - step_started)
             self.token_ids += emitted
             context = np.concatenate((context, emitted))
+            if pending:
+                pending = self._learn_from_shadows(pending)
             stats.new_tokens = len(self.token_ids)
             stats.decode_seconds = time.perf_counter() - started
             yield emitted
@@ -158,6 +166,18 @@ class Generation:
             drafter.begin(prompt[-len(recent) :].numpy(), runner.logits(recent, exact=False))
         else:
             drafter.begin(prompt.numpy(), None)
+
+    def _learn_from_shadows(self, pending: list[tuple[DraftTree, int, int]]) -> list[tuple[DraftTree, int, int]]:
+        """Tell the policy what each shadow draft would have accepted, once the tokens that followed
+        it reach its depth; return the drafts still waiting."""
+        waiting = []
+        for tree, start, verified in pending:
+            continuation = self.token_ids[start:]
+            if len(continuation) < tree.depths.max():
+                waiting.append((tree, start, verified))
+            else:
+                self.policy.observe_shadow(len(tree) - 1, tree.follow(continuation), verified)
+        return waiting
 
     def _cut(self, emitted: list[int]) -> list[int]:
         """Stop after a stop token or at the token limit."""

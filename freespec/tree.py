@@ -73,6 +73,37 @@ class DraftTree:
             children[self.parents[i]].append(i)
         return children
 
+    def prefix(self, size: int) -> DraftTree:
+        """The first ``size`` nodes (at least the root): itself a tree, since parents come first.
+
+        >>> DraftTree(np.array([7, 8, 9, 4]), np.array([-1, 0, 1, 0])).prefix(2).tokens.tolist()
+        [7, 8]
+        """
+        size = max(1, min(size, len(self)))
+        if size == len(self):
+            return self
+        return DraftTree(self.tokens[:size], self.parents[:size],
+                         None if self.scores is None else self.scores[:size],
+                         None if self.draft_probs is None else self.draft_probs[:size])
+
+    def follow(self, continuation) -> list[int]:
+        """Nodes from the root down the branch that spells ``continuation`` (the tokens that came
+        after the root), as far as it goes: the path greedy verification accepts when the model's
+        own next tokens are ``continuation``.
+
+        >>> DraftTree(np.array([7, 8, 9, 4]), np.array([-1, 0, 1, 0])).follow([4, 5])
+        [0, 3]
+        >>> DraftTree(np.array([7, 8, 9, 4]), np.array([-1, 0, 1, 0])).follow([8, 9, 1])
+        [0, 1, 2]
+        """
+        path = [0]
+        for token in continuation:
+            child = next((c for c in self.children[path[-1]] if self.tokens[c] == token), None)
+            if child is None:
+                break
+            path.append(child)
+        return path
+
     def attention_inputs(self, cache_length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(tokens [n], positions [n], tree mask [n, n]) for ModelRunner.forward."""
         return (

@@ -4,12 +4,16 @@ Plain decoding runs through the same runner (a tree of one node per step), and t
 batch-invariant, so the comparison is strict: any difference is a bug, not floating point.
 """
 
+import numpy as np
 import pytest
 import torch
 
 from conftest import tiny_model, word_tokenizer
 from freespec.api import Model
+from freespec.budget import BudgetPolicy
+from freespec.engine import Generation
 from freespec.loading import LoadedModel
+from freespec.tree import DraftTree
 
 PROMPTS = [[2, 5, 6, 7, 3], [2, *range(40, 90), 3]]
 
@@ -104,3 +108,47 @@ def test_bad_requests_are_refused():
         model.generate(42)
     with pytest.raises(ValueError, match="budget must be >= 0"):
         model.generate(prompt_ids=[1, 2], budget=-1)
+
+
+class ReplayDrafter:
+    """Test-only drafter: a chain whose first ``right`` tokens are what plain decoding produced next
+    (read from its output) and whose later tokens are wrong. Records the sizes it was asked for."""
+
+    wants_prompt_logits = False
+    shadow_drafts = True
+
+    def __init__(self, prompt: list[int], reference: list[int], right: int, vocab: int):
+        self.prompt, self.reference, self.right, self.vocab = prompt, reference, right, vocab
+        self.asked: list[int] = []
+
+    def begin(self, prompt, prompt_logits) -> None:
+        pass
+
+    def propose(self, context: np.ndarray, budget: int) -> DraftTree:
+        self.asked.append(budget)
+        upcoming = self.reference[len(context) - len(self.prompt):][:budget]
+        chain = [t if i < self.right else (t + 1) % self.vocab for i, t in enumerate(upcoming)]
+        return DraftTree(np.array([context[-1], *chain]), np.arange(-1, len(chain)))
+
+    def update(self, tree, logits, accepted) -> None:
+        pass
+
+
+@pytest.mark.parametrize("right", [0, 100])
+def test_shadow_drafts_learn_sizes_they_do_not_verify(right):
+    """The policy drafts more than it verifies and learns from what followed: a drafter that is
+    always wrong never gets a node verified, one that is always right soon gets the largest size."""
+    model = make_model("llama", 0)
+    prompt = PROMPTS[1]
+    reference = generate(model, prompt, "none", 64).token_ids
+    drafter = ReplayDrafter(prompt, reference, right, model.runner.vocab_size)
+    policy = BudgetPolicy({1: 1.0, 2: 1.05, 4: 1.1, 8: 1.2, 16: 1.5}, candidates=[1, 3, 7, 15])
+    generation = Generation(model.runner, drafter, policy, prompt, 64, set())
+    for _ in generation:
+        pass
+    assert generation.token_ids == reference
+    assert min(drafter.asked) >= 3  # always a draft to learn from
+    if right == 0:
+        assert max(generation.stats.draft_sizes) == 0  # yet no forward pass spent on it
+    else:
+        assert max(generation.stats.draft_sizes) == 15 and generation.stats.forward_passes <= 64 / 4

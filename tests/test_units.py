@@ -179,3 +179,17 @@ def test_recycling_warm_start_and_save_load(tmp_path):
         TokenRecycling(vocab_size=11, k=2, template=[(0,)]).load(tmp_path / "state.npz")
     with pytest.raises(ValueError, match="tree must be"):
         TokenRecycling(vocab_size=11, tree="bushy")
+
+
+def test_policy_learns_from_shadow_drafts_without_probing():
+    policy = BudgetPolicy({1: 1.0, 2: 1.1, 4: 1.3, 8: 2.0}, candidates=[1, 3, 7], min_probe=3)
+    assert policy.choose(limit=100, probe=False) == 0  # nothing known yet: verify no draft...
+    assert policy.shadow_size(limit=100) == 3  # ...but draft min_probe nodes to learn from
+    policy.observe_shadow(3, [0, 1, 2, 3], verified=0)  # the tokens that followed spelled nodes 1-3
+    assert policy.tau == {0: 1.0, 1: 2, 3: 4}
+    assert policy.best(limit=100) == 3 and policy.shadow_size(limit=100) == 7
+    policy.observe(3, [0, 1])  # a verified step of 3 nodes
+    policy.observe_shadow(7, [0, 1], verified=3)  # its shadow teaches only the sizes above 3
+    assert policy.tau[7] == 2 and policy.tau[3] == 4 + policy.smoothing * (2 - 4)
+    assert policy.shadow_size(limit=5) == 3  # no room for 7
+    assert all(policy.choose(limit=100, probe=False) == policy.best(limit=100) for _ in range(20))

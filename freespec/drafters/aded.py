@@ -146,6 +146,8 @@ class Aded:
 
     wants_prompt_logits = False
 
+    shadow_drafts = True
+
     def __init__(self, prior: TrigramPrior | None = None, boost: float = 0.04, iterations: int = 150,
                  depth: int = 4, max_nodes: int = 64):
         self.table = TrigramTable(prior, boost)

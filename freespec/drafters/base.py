@@ -25,6 +25,12 @@ class Drafter(Protocol):
     wants_prompt_logits: bool
     """Whether :meth:`begin` wants the prompt's logits (computing them costs an lm_head pass)."""
 
+    shadow_drafts: bool
+    """Whether the engine may draft more nodes than it verifies, to learn what larger trees would
+    accept (see :mod:`freespec.budget`): :meth:`propose` costs little next to a forward pass, draws
+    no random numbers, leaves no state that depends on the budget, and :meth:`update` takes any
+    prefix of the proposed tree."""
+
     def begin(self, prompt: np.ndarray, prompt_logits: torch.Tensor | None) -> None:
         """A new request starts. ``prompt_logits`` [len(prompt), vocab]: the model's logits after
         each of these prompt tokens, when asked for (the last few hundred prompt tokens)."""

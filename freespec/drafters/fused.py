@@ -105,6 +105,7 @@ class Fused:
             raise ValueError("a fused drafter needs at least two drafters")
         self.drafters = drafters
         self.wants_prompt_logits = any(d.wants_prompt_logits for d in drafters)
+        self.shadow_drafts = False  # update() credits each source from the very tree it proposed
         self._proposed: tuple[DraftTree, list[DraftTree], list[np.ndarray]] | None = None
 
     def set_sampling(self, params: SamplingParams, generator: torch.Generator | None) -> None:

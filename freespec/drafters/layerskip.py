@@ -116,6 +116,8 @@ class LayerSkip:
 
     wants_prompt_logits = False
 
+    shadow_drafts = False
+
     def __init__(self, runner: ModelRunner, confidence: float = CONFIDENCE):
         self.runner = runner
         self.confidence = confidence

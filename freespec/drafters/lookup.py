@@ -121,6 +121,8 @@ class PromptLookup:
 
     wants_prompt_logits = False
 
+    shadow_drafts = True
+
     def __init__(self, key: int = 3, max_candidates: int = 16, max_match: int = 64, depth: int = 16,
                  decay: float = 0.8):
         self.key, self.max_candidates, self.max_match = key, max_candidates, max_match

@@ -110,6 +110,8 @@ class TokenRecycling:
 
     wants_prompt_logits = True
 
+    shadow_drafts = True
+
     def __init__(self, vocab_size: int, k: int = 8, tree: Literal["dynamic", "static"] = "dynamic",
                  template=PAPER_TEMPLATE):
         if tree not in ("dynamic", "static"):

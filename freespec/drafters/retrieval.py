@@ -25,6 +25,8 @@ class Retrieval:
 
     wants_prompt_logits = False
 
+    shadow_drafts = True
+
     def __init__(self, datastore: str | Path | Datastore, tokenizer=None, max_match: int = 16,
                  max_candidates: int = 64, depth: int = 12):
         self.store = datastore if isinstance(datastore, Datastore) else Datastore(datastore, tokenizer)
