@@ -143,6 +143,38 @@ def test_fused_passes_the_root_alone_to_every_source():
     assert fused.drafters[0].successors[3, 0] == 5
 
 
+class FixedDrafter:
+    """Test-only source: always the same tree; records what each update receives."""
+
+    wants_prompt_logits = False
+    shadow_drafts = True
+
+    def __init__(self, tokens: list[int], parents: list[int]):
+        self.tree = DraftTree(np.array(tokens), np.array(parents))
+        self.updates = []
+
+    def begin(self, prompt, prompt_logits) -> None:
+        pass
+
+    def propose(self, context, budget) -> DraftTree:
+        return self.tree
+
+    def update(self, tree, logits, accepted) -> None:
+        self.updates.append((tree.tokens.tolist(), logits[:, 0].tolist(), accepted))
+
+
+def test_fused_sources_learn_from_a_verified_prefix_of_a_shadow_draft():
+    a, b = FixedDrafter([9, 1, 2], [-1, 0, 1]), FixedDrafter([9, 3], [-1, 0])
+    fused = Fused([a, b])
+    assert fused.shadow_drafts
+    tree = fused.propose(np.array([9]), 3)
+    assert tree.tokens.tolist() == [9, 1, 3, 2] and tree.parents.tolist() == [-1, 0, 0, 1]
+    logits = torch.tensor([[10.0], [11.0]])  # the engine verified the first two nodes only
+    fused.update(tree.prefix(2), logits, [0, 1])
+    assert a.updates == [([9, 1], [10.0, 11.0], [0, 1])]  # its node 2 (merged 3) was not verified
+    assert b.updates == [([9], [10.0], [0])]  # its node 1 (merged 2) neither
+
+
 def test_trie_drafts_a_repeated_request_from_the_first():
     model = make_model("llama", 1, budget=16)
     first = generate(model, PROMPTS[1], "trie", 40)

@@ -6,7 +6,8 @@ merges retrieval and model drafts), a merged node scoring the best of its source
 best-first with parents before children and any prefix is again the best tree of its size.
 
 A source without scores gets ones that fall with its node order. After verification each source
-learns from the longest prefix of its own tree that was verified, in its own node numbering.
+learns from the longest prefix of its own tree that was verified, in its own node numbering (the
+engine may verify only a prefix of the merged tree: a shadow draft, see :mod:`freespec.budget`).
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ class Fused:
             raise ValueError("a fused drafter needs at least two drafters")
         self.drafters = drafters
         self.wants_prompt_logits = any(d.wants_prompt_logits for d in drafters)
-        self.shadow_drafts = False  # update() credits each source from the very tree it proposed
+        self.shadow_drafts = all(d.shadow_drafts for d in drafters)
         self._proposed: tuple[DraftTree, list[DraftTree], list[np.ndarray]] | None = None
 
     def set_sampling(self, params: SamplingParams, generator: torch.Generator | None) -> None:
@@ -126,12 +127,17 @@ class Fused:
         return tree
 
     def update(self, tree: DraftTree, logits: torch.Tensor, accepted: list[int]) -> None:
-        if self._proposed is None or tree is not self._proposed[0]:  # the engine verified the root alone
+        proposed = None if self._proposed is None else self._proposed[0]
+        if proposed is None or len(tree) > len(proposed) or not (
+            np.array_equal(tree.tokens, proposed.tokens[: len(tree)])
+            and np.array_equal(tree.parents, proposed.parents[: len(tree)])
+        ):  # the engine verified a tree this drafter did not propose: the root alone
             for drafter in self.drafters:
                 drafter.update(tree, logits, accepted)
             return
         _, trees, where = self._proposed
         for drafter, own, index in zip(self.drafters, trees, where):
+            index = np.where(index < len(tree), index, -1)  # beyond a verified prefix: as if cut
             verified, path = source_view(own, index, accepted)
             part = DraftTree(own.tokens[:verified], own.parents[:verified],
                              None if own.scores is None else own.scores[:verified])
