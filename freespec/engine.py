@@ -1,10 +1,12 @@
 """The draft → verify loop.
 
 Each step has four phases: **draft** (the drafter proposes a tree under the budget the policy
-picked), **verify** (one forward pass over root + draft), **accept** (greedy: the longest path
-agreeing with the argmax plus the bonus token; sampling: the exact rule of
-:mod:`freespec.verify`; cut at a stop token or the token limit) and
-**commit** (keep the accepted rows in the KV cache; the drafter and the policy learn).
+picked; a cheap drafter drafts about twice that, and the unverified rest is a shadow draft the
+policy learns from once the next tokens are known, see :mod:`freespec.budget`), **verify** (one
+forward pass over root + draft), **accept** (greedy: the longest path agreeing with the argmax
+plus the bonus token; sampling: the exact rule of :mod:`freespec.verify`; cut at a stop token or
+the token limit) and **commit** (keep the accepted rows in the KV cache; the drafter and the
+policy learn).
 """
 
 from __future__ import annotations
