@@ -29,7 +29,7 @@ class Drafter(Protocol):
     """Whether the engine may draft more nodes than it verifies, to learn what larger trees would
     accept (see :mod:`freespec.budget`): :meth:`propose` costs little next to a forward pass, draws
     no random numbers, leaves no state that depends on the budget, and :meth:`update` takes any
-    prefix of the proposed tree."""
+    prefix of the proposed tree. A drafter without the attribute is taken as False."""
 
     def begin(self, prompt: np.ndarray, prompt_logits: torch.Tensor | None) -> None:
         """A new request starts. ``prompt_logits`` [len(prompt), vocab]: the model's logits after
