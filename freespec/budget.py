@@ -11,18 +11,26 @@ B we also learn what any smaller budget b would have accepted: the accepted path
 node with index > b. Larger sizes are learned in one of two ways:
 
 - *Shadow drafts* (drafters whose proposals are cheap and free of side effects): every step
-  drafts about twice the best size (at least ``min_probe`` nodes) but verifies only the best
-  size's prefix. Once the next tokens are known, the branch of the full draft that spells them
-  is what verifying it would have accepted (:meth:`freespec.tree.DraftTree.follow`): tau(b) for
-  every size, from every step, without spending a forward pass on it.
+  drafts about twice the best size (at least ``min_probe`` nodes) but verifies only a prefix.
+  Once the next tokens are known, the branch of the full draft that spells them is what
+  verifying it would have accepted (:meth:`freespec.tree.DraftTree.follow`): tau(b) for every
+  size, from every step, without spending a forward pass on it.
 - *Probes* (other drafters): every ``explore_every`` steps the policy verifies about twice the
   best size, which climbs quickly and keeps a drafter that learns from verified nodes fed even
   while speculation is switched off. A probe that does worse than the best size doubles the wait
   before the next one (up to ``max_interval`` steps), so where speculation does not pay, probing
   costs little; a probe that does better restores the pace.
+
+A shadow draft whose nodes carry scores (each node's calibrated chance of being accepted) is cut
+by its own scores instead (:meth:`BudgetPolicy.size_for`): verifying its first b nodes yields
+1 + their scores' sum on average, so each step takes the prefix with the most tokens per second.
+Averages cannot tell a confident draft from a hopeless one; the scores can, so a step verifies
+more where the drafter is sure and nothing where it is not.
 """
 
 from __future__ import annotations
+
+import bisect
 
 import numpy as np
 
@@ -48,8 +56,8 @@ class BudgetPolicy:
                  min_probe: int = 3, max_interval: int = 32):
         """``cost``: seconds (or any unit) per forward of q tokens, for some q ≥ 1.
         ``candidates``: the draft sizes to choose among (0 is added: plain decoding)."""
-        self._cost_q = np.array(sorted(cost), dtype=float)
-        self._cost_t = np.array([cost[q] for q in sorted(cost)], dtype=float)
+        self._cost_q = sorted(cost)  # plain lists: this runs every step, where numpy's call overhead shows
+        self._cost_t = [float(cost[q]) for q in self._cost_q]
         self.candidates = sorted(set([0, *candidates]))
         self.explore_every = explore_every
         self.max_interval = max_interval
@@ -62,12 +70,20 @@ class BudgetPolicy:
 
     def record_cost(self, q: int, seconds: float) -> None:
         """Fold a timed step of q tokens (draft + forward + verify) into t(q)."""
-        index = np.searchsorted(self._cost_q, q)
+        index = bisect.bisect_left(self._cost_q, q)
         if index < len(self._cost_q) and self._cost_q[index] == q:
             self._cost_t[index] += self.smoothing * (seconds - self._cost_t[index])
 
     def cost(self, q: int) -> float:
-        return float(np.interp(q, self._cost_q, self._cost_t))
+        """t(q): interpolated between the measured sizes, constant beyond them."""
+        sizes, seconds = self._cost_q, self._cost_t
+        right = bisect.bisect_left(sizes, q)
+        if right == len(sizes):
+            return seconds[-1]
+        if right == 0 or sizes[right] == q:
+            return seconds[right]
+        share = (q - sizes[right - 1]) / (sizes[right] - sizes[right - 1])
+        return seconds[right - 1] + share * (seconds[right] - seconds[right - 1])
 
     def best(self, limit: int) -> int:
         known = [b for b in self.candidates if b in self.tau and b <= limit]
@@ -79,12 +95,10 @@ class BudgetPolicy:
         larger = [b for b in self.candidates if best < b <= limit]
         return min(larger, key=lambda b: abs(b - target)) if larger else None
 
-    def choose(self, limit: int, probe: bool = True) -> int:
-        """The draft size for the next step, at most ``limit`` nodes; with ``probe`` False always
-        the best size (for shadow drafts, which learn larger sizes without verifying them)."""
+    def choose(self, limit: int) -> int:
+        """The draft size for the next step, at most ``limit`` nodes: the best size, or now and
+        then a probe of a larger one (for drafters without shadow drafts)."""
         best = self.best(limit)
-        if not probe:
-            return best
         self._until_probe -= 1
         if self._until_probe <= 0:
             self._until_probe = self.interval
@@ -94,8 +108,34 @@ class BudgetPolicy:
                 return larger
         return best
 
+    def size_for(self, scores: np.ndarray | None, limit: int) -> int:
+        """How many nodes of a drafted best-first tree to verify this step (at most ``limit``).
+
+        With the tree's ``scores`` (each node's calibrated chance of being accepted, root first)
+        this step's own yield is known: verifying the first b nodes emits 1 + the sum of their
+        scores on average, at cost t(b + 1). Taking the b with the most tokens per second sees
+        what the running averages cannot: whether *this* draft is a confident one. Without
+        scores, the best size by the running averages.
+
+        >>> policy = BudgetPolicy({1: 1.0, 2: 1.1, 3: 1.3}, candidates=[1, 2])
+        >>> policy.size_for(np.array([1.0, 0.9, 0.1]), limit=2)  # 1.9 / 1.1 beats 1 / 1 and 2.0 / 1.3
+        1
+        >>> policy.size_for(np.array([1.0, 0.05, 0.01]), limit=2)  # 1.05 / 1.1 < 1 / 1: plain decoding
+        0
+        """
+        if scores is None:
+            return self.best(limit)
+        best, best_rate, expected = 0, 1.0 / self.cost(1), 1.0
+        for size, score in enumerate(scores[1 : limit + 1].tolist(), start=1):
+            expected += score
+            if expected / self.cost(size + 1) > best_rate:
+                best, best_rate = size, expected / self.cost(size + 1)
+        return best
+
     def shadow_size(self, limit: int) -> int:
-        """How many nodes to draft when only :meth:`choose`'s size is verified."""
+        """How many nodes a shadow draft has: about twice the best size by the running averages
+        (at least ``min_probe``), so that :meth:`size_for` can go beyond it and :meth:`observe_shadow`
+        learns the larger sizes."""
         best = self.best(limit)
         larger = self._larger(best, limit)
         return best if larger is None else larger

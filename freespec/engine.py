@@ -1,8 +1,9 @@
 """The draft → verify loop.
 
 Each step has four phases: **draft** (the drafter proposes a tree under the budget the policy
-picked; a cheap drafter drafts about twice that, and the unverified rest is a shadow draft the
-policy learns from once the next tokens are known, see :mod:`freespec.budget`), **verify** (one
+picked; a cheap drafter drafts about twice the best size, the policy cuts the prefix worth
+verifying by the nodes' scores, and the unverified rest is a shadow draft the policy learns from
+once the next tokens are known, see :mod:`freespec.budget`), **verify** (one
 forward pass over root + draft), **accept** (greedy: the longest path agreeing with the argmax
 plus the bonus token; sampling: the exact rule of :mod:`freespec.verify`; cut at a stop token or
 the token limit) and **commit** (keep the accepted rows in the KV cache; the drafter and the
@@ -113,14 +114,15 @@ class Generation:
             step_started = time.perf_counter()
             # draft
             room = runner.capacity - runner.length - 1
-            if drafter is None:
-                budget = drafted = 0
-            elif self.fixed_budget is not None:
-                budget = drafted = min(self.fixed_budget, room)
+            if drafter is None or self.fixed_budget is not None:
+                budget = 0 if drafter is None else min(self.fixed_budget, room)
+                tree = self._propose(context, budget)
+            elif shadows:  # draft more than is verified
+                tree = self._propose(context, self.policy.shadow_size(room))
+                budget = self.policy.size_for(tree.scores, room)
             else:
-                budget = self.policy.choose(room, probe=not shadows)
-                drafted = max(budget, self.policy.shadow_size(room)) if shadows else budget
-            tree = DraftTree.root_only(int(context[-1])) if drafted == 0 else drafter.propose(context, drafted)
+                budget = self.policy.choose(room)
+                tree = self._propose(context, budget)
             if len(tree) > budget + 1:  # verify the best `budget` nodes; the rest is a shadow draft
                 pending.append((tree, len(self.token_ids), budget))
                 tree = tree.prefix(budget + 1)
@@ -168,6 +170,9 @@ class Generation:
             drafter.begin(prompt[-len(recent) :].numpy(), runner.logits(recent, exact=False))
         else:
             drafter.begin(prompt.numpy(), None)
+
+    def _propose(self, context: np.ndarray, nodes: int) -> DraftTree:
+        return DraftTree.root_only(int(context[-1])) if nodes == 0 else self.drafter.propose(context, nodes)
 
     def _learn_from_shadows(self, pending: list[tuple[DraftTree, int, int]]) -> list[tuple[DraftTree, int, int]]:
         """Tell the policy what each shadow draft would have accepted, once the tokens that followed

@@ -179,20 +179,26 @@ def top_k(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, tor
 
     ``ids[:, 0]`` is the first maximum of each row, as ``torch.argmax`` gives it.
     """
-    library = _library()
-    if library is None or k > logits.shape[1]:
+    if _library() is None or k > logits.shape[1]:
         values, ids = torch.topk(logits, k, dim=-1)
         return values, ids, torch.logsumexp(logits, dim=-1)
-    logits = logits.contiguous()
-    rows, vocab = logits.shape
-    values, ids, normalizer = torch.empty(rows, k), torch.empty(rows, k, dtype=torch.long), torch.empty(rows)
-    library.freespec_top_k(logits.data_ptr(), rows, vocab, k, values.data_ptr(), ids.data_ptr(), normalizer.data_ptr())
-    return values, ids, normalizer
+    normalizer = torch.empty(logits.shape[0])
+    return (*_top_k(logits, k, normalizer), normalizer)
 
 
 def argmax(logits: torch.Tensor) -> torch.Tensor:
-    """[n, V] → [n] first index of each row's maximum (like ``torch.argmax``), without a full sort."""
-    return top_k(logits, 1)[1][:, 0] if _library() is not None else torch.argmax(logits, dim=-1)
+    """[n, V] → [n] first index of each row's maximum (like ``torch.argmax``), in one pass."""
+    return _top_k(logits, 1, None)[1][:, 0] if _library() is not None else torch.argmax(logits, dim=-1)
+
+
+def _top_k(logits: torch.Tensor, k: int, normalizer: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's top k of each row; it writes the logsumexp into ``normalizer`` when given."""
+    logits = logits.contiguous()
+    rows, vocab = logits.shape
+    values, ids = torch.empty(rows, k), torch.empty(rows, k, dtype=torch.long)
+    _library().freespec_top_k(logits.data_ptr(), rows, vocab, k, values.data_ptr(), ids.data_ptr(),
+                              None if normalizer is None else normalizer.data_ptr())
+    return values, ids
 
 
 def tree_layout(tree_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -112,13 +112,15 @@ def test_bad_requests_are_refused():
 
 class ReplayDrafter:
     """Test-only drafter: a chain whose first ``right`` tokens are what plain decoding produced next
-    (read from its output) and whose later tokens are wrong. Records the sizes it was asked for."""
+    (read from its output) and whose later tokens are wrong. Records the sizes it was asked for.
+    ``scored``: it knows it, scoring right nodes 0.99 and wrong ones 0.01."""
 
     wants_prompt_logits = False
     shadow_drafts = True
 
-    def __init__(self, prompt: list[int], reference: list[int], right: int, vocab: int):
+    def __init__(self, prompt: list[int], reference: list[int], right: int, vocab: int, scored: bool = False):
         self.prompt, self.reference, self.right, self.vocab = prompt, reference, right, vocab
+        self.scored = scored
         self.asked: list[int] = []
 
     def begin(self, prompt, prompt_logits) -> None:
@@ -128,7 +130,8 @@ class ReplayDrafter:
         self.asked.append(budget)
         upcoming = self.reference[len(context) - len(self.prompt):][:budget]
         chain = [t if i < self.right else (t + 1) % self.vocab for i, t in enumerate(upcoming)]
-        return DraftTree(np.array([context[-1], *chain]), np.arange(-1, len(chain)))
+        scores = np.cumprod([1.0] + [0.99 if i < self.right else 0.01 for i in range(len(chain))])
+        return DraftTree(np.array([context[-1], *chain]), np.arange(-1, len(chain)), scores if self.scored else None)
 
     def update(self, tree, logits, accepted) -> None:
         pass
@@ -152,3 +155,18 @@ def test_shadow_drafts_learn_sizes_they_do_not_verify(right):
         assert max(generation.stats.draft_sizes) == 0  # yet no forward pass spent on it
     else:
         assert max(generation.stats.draft_sizes) == 15 and generation.stats.forward_passes <= 64 / 4
+
+
+def test_a_scored_draft_is_verified_as_far_as_its_scores_pay():
+    """Each step verifies the prefix its scores make worth it: the right nodes, not the wrong."""
+    model = make_model("llama", 0)
+    prompt = PROMPTS[1]
+    reference = generate(model, prompt, "none", 64).token_ids
+    drafter = ReplayDrafter(prompt, reference, 2, model.runner.vocab_size, scored=True)
+    policy = BudgetPolicy({1: 1.0, 2: 1.05, 4: 1.1, 8: 1.2, 16: 1.5}, candidates=[1, 3, 7, 15])
+    generation = Generation(model.runner, drafter, policy, prompt, 64, set())
+    for _ in generation:
+        pass
+    assert generation.token_ids == reference
+    assert set(generation.stats.draft_sizes[:-1]) == {2}  # the last step may lack room
+    assert set(generation.stats.accepted_lengths[:-1]) == {3}

@@ -151,12 +151,12 @@ def test_dynamic_tree_goes_deep_when_confident_and_wide_when_not():
 def test_dynamic_tree_learns_that_recycled_confidence_overstates():
     drafter = TokenRecycling(vocab_size=10, k=2)
     drafter.successors[1], drafter.probs[1] = [2, 3], [0.95, 0.04]
-    drafter.successors[2], drafter.probs[2] = [4, 5], [0.9, 0.05]
-    tree = drafter.propose(np.array([1]), budget=3)  # 1→2 (0.95), 1→2→4 (0.855), 1→2→5 (0.0475)
+    drafter.successors[2], drafter.probs[2] = [4, 5], [0.92, 0.05]
+    tree = drafter.propose(np.array([1]), budget=3)  # 1→2 (0.95), 1→2→4 (0.874), 1→2→5 (0.0475)
     assert tree.tokens.tolist() == [1, 2, 4, 5] and tree.parents.tolist() == [-1, 0, 1, 1]
     tried = drafter.calibration.tries.copy()
     drafter.update(tree, torch.zeros(4, 10), accepted=[0, 1])  # 2 accepted, then neither 4 nor 5
-    assert (drafter.calibration.tries - tried).tolist() == [1, 0, 0, 0, 0, 0, 0, 0, 0, 2]  # 0.05, 0.9, 0.95
+    assert (drafter.calibration.tries - tried).tolist() == [1, 0, 0, 0, 0, 0, 0, 0, 0, 2]  # 0.05, 0.92, 0.95
     for _ in range(30):  # predictions of 0.9+ keep failing: the tree stops going deep on them
         drafter.calibration.observe(np.array([0.9, 0.95]), np.array([False, False]))
     drafter.successors[1], drafter.probs[1] = [2, 3], [0.95, 0.04]
@@ -183,7 +183,7 @@ def test_recycling_warm_start_and_save_load(tmp_path):
 
 def test_policy_learns_from_shadow_drafts_without_probing():
     policy = BudgetPolicy({1: 1.0, 2: 1.1, 4: 1.3, 8: 2.0}, candidates=[1, 3, 7], min_probe=3)
-    assert policy.choose(limit=100, probe=False) == 0  # nothing known yet: verify no draft...
+    assert policy.best(limit=100) == 0  # nothing known yet: verify no draft...
     assert policy.shadow_size(limit=100) == 3  # ...but draft min_probe nodes to learn from
     policy.observe_shadow(3, [0, 1, 2, 3], verified=0)  # the tokens that followed spelled nodes 1-3
     assert policy.tau == {0: 1.0, 1: 2, 3: 4}
@@ -192,4 +192,12 @@ def test_policy_learns_from_shadow_drafts_without_probing():
     policy.observe_shadow(7, [0, 1], verified=3)  # its shadow teaches only the sizes above 3
     assert policy.tau[7] == 2 and policy.tau[3] == 4 + policy.smoothing * (2 - 4)
     assert policy.shadow_size(limit=5) == 3  # no room for 7
-    assert all(policy.choose(limit=100, probe=False) == policy.best(limit=100) for _ in range(20))
+    assert all(policy.size_for(None, limit=100) == policy.best(limit=100) for _ in range(20))  # never a probe
+
+
+def test_policy_sizes_a_scored_draft_by_its_own_scores():
+    policy = BudgetPolicy({1: 1.0, 2: 1.1, 4: 1.3, 8: 2.0}, candidates=[1, 3, 7])
+    confident = np.array([1.0, 0.99, 0.98, 0.97, 0.2, 0.1])
+    assert policy.size_for(confident, limit=100) == 3  # 3.94 tokens / t(4) = 1.3 beats 1.99 / 1.1 and 4.24 / 1.65
+    assert policy.size_for(confident, limit=2) == 2
+    assert policy.size_for(np.array([1.0, 0.05]), limit=100) == 0  # 1.05 / 1.1: plain decoding pays more

@@ -675,8 +675,9 @@ void freespec_forward_llama(const DecoderLayer *layers, int64_t num_layers, floa
 }
 
 /* Per row of logits [rows, V]: the k largest values in descending order with their ids (ties:
- * the lower id first, so ids[0] is the first maximum, like torch.argmax) and log(sum(exp(row))).
- * One vectorised pass finds candidates above the current k-th value; a second sums exp. */
+ * the lower id first, so ids[0] is the first maximum, like torch.argmax) and, unless
+ * log_normalizer is NULL, log(sum(exp(row))). One vectorised pass finds candidates above the
+ * current k-th value; a second sums exp. */
 void freespec_top_k(const float *logits, int64_t rows, int64_t V, int64_t k, float *values, int64_t *ids,
                     float *log_normalizer) {
     #pragma omp parallel for schedule(static) if (rows > 1)
@@ -703,6 +704,7 @@ void freespec_top_k(const float *logits, int64_t rows, int64_t V, int64_t k, flo
                 top[at] = x, top_ids[at] = index;
             }
         }
+        if (!log_normalizer) continue;
         const __m256 largest = _mm256_set1_ps(top[0]);
         __m256 sum = _mm256_setzero_ps();
         for (v = 0; v + 8 <= V; v += 8)

@@ -9,6 +9,7 @@ scores (which the budget policy and :mod:`freespec.drafters.fused` rely on).
 
 from __future__ import annotations
 
+import bisect
 import heapq
 from collections.abc import Callable, Hashable, Iterable, Sequence
 
@@ -135,16 +136,17 @@ class Calibration:
     Recycled probabilities are the model's confidence after the same token in an *earlier*
     context, so they overstate: on Spec-Bench, nodes predicted at 0.9-1.0 were accepted ~60% of
     the time while low predictions held. Calibrated scores let a tree, or a fused tree of
-    several sources, weigh such nodes fairly. The table is made non-decreasing (:func:`isotonic`) and read by linear
-    interpolation from 0 (which stays 0: no candidate at all) through the bin centres, so
-    siblings sorted by prediction stay sorted and an untrained calibration is the identity (up
-    to the last centre).
+    several sources, weigh such nodes fairly. The table is made non-decreasing (:func:`isotonic`)
+    and read by linear interpolation from 0 (which stays 0: no candidate at all) through the bin
+    centres, so siblings sorted by prediction stay sorted and an untrained calibration is the
+    identity (up to the last centre). A tree calls it once or twice per node, every step, so it is
+    plain Python on a table kept until the next :meth:`observe`.
 
     >>> calibration = Calibration(bins=2, prior=1.0)  # prior: one pseudo-try at each bin's centre
-    >>> calibration(np.array([0.25, 0.5, 0.0])).tolist()
+    >>> [calibration(p) for p in (0.25, 0.5, 0.0)]
     [0.25, 0.5, 0.0]
-    >>> calibration.observe(np.array([0.9, 0.9, 0.9, 0.2]), np.array([True, False, False, False]))
-    >>> calibration.table().tolist(), calibration(np.array([0.75, 0.5])).tolist()
+    >>> calibration.observe([0.9, 0.9, 0.9, 0.2], [True, False, False, False])
+    >>> calibration.table().tolist(), [calibration(p) for p in (0.75, 0.5)]
     ([0.125, 0.4375], [0.4375, 0.28125])
     """
 
@@ -152,21 +154,26 @@ class Calibration:
         self.bins = bins
         self.hits = (np.arange(bins) + 0.5) / bins * prior
         self.tries = np.full(bins, prior)
-
-    def _bin(self, predicted: np.ndarray) -> np.ndarray:
-        return np.clip((np.asarray(predicted) * self.bins).astype(np.int64), 0, self.bins - 1)
+        self._centres = [0.0, *((np.arange(bins) + 0.5) / bins).tolist()]  # interpolation knots
+        self._values: list[float] | None = None  # [0, *table()] until the next observe
 
     def table(self) -> np.ndarray:
         """[bins] the calibrated probability for each bin of predictions."""
         return isotonic(self.hits / self.tries, self.tries)
 
-    def __call__(self, predicted: np.ndarray) -> np.ndarray:
-        predicted = np.asarray(predicted, dtype=np.float64)
-        centres = (np.arange(self.bins) + 0.5) / self.bins
-        return np.interp(predicted, np.concatenate(([0.0], centres)), np.concatenate(([0.0], self.table())))
+    def __call__(self, predicted: float) -> float:
+        if self._values is None:
+            self._values = [0.0, *self.table().tolist()]
+        right = bisect.bisect_right(self._centres, predicted)
+        if right == len(self._centres):
+            return self._values[-1]
+        x0, x1, y0, y1 = self._centres[right - 1], self._centres[right], self._values[right - 1], self._values[right]
+        return y0 + (y1 - y0) * (predicted - x0) / (x1 - x0)
 
-    def observe(self, predicted: np.ndarray, hit: np.ndarray) -> None:
-        """``predicted`` [n] chances of nodes whose parent was accepted; ``hit`` [n] whether each was."""
-        bins = self._bin(predicted)
-        np.add.at(self.tries, bins, 1.0)
-        np.add.at(self.hits, bins[np.asarray(hit, dtype=bool)], 1.0)
+    def observe(self, predicted: Iterable[float], hit: Iterable[bool]) -> None:
+        """Chances predicted for nodes whose parent was accepted, and whether each node was."""
+        for chance, accepted in zip(predicted, hit):
+            index = min(max(int(chance * self.bins), 0), self.bins - 1)
+            self.tries[index] += 1.0
+            self.hits[index] += bool(accepted)
+        self._values = None

@@ -45,9 +45,6 @@ PAPER_TEMPLATE: tuple[tuple[int, ...], ...] = (
     (0, 0, 0, 0, 0, 0), (0, 0, 0, 0, 0, 1), (0, 0, 0, 1, 0, 0),
 )
 
-CALIBRATION_LEVELS = 1024  # dynamic trees read the calibration at this resolution of probability
-
-
 def order_template(template, rank_hit_rate: np.ndarray) -> list[tuple[int, ...]]:
     """Sort rank paths by decreasing product of hit rates; parents always precede children.
 
@@ -153,9 +150,7 @@ class TokenRecycling:
 
     def propose(self, context: np.ndarray, budget: int) -> DraftTree:
         if self.tree == "dynamic":
-            levels = self.calibration(np.arange(CALIBRATION_LEVELS + 1) / CALIBRATION_LEVELS).tolist()
-            return best_first_tree(int(context[-1]), self.successors, self.probs, budget,
-                                   lambda p: levels[int(p * CALIBRATION_LEVELS)])
+            return best_first_tree(int(context[-1]), self.successors, self.probs, budget, self.calibration)
         size = min(budget, len(self._node_rank))
         tokens = np.empty(size + 1, dtype=np.int64)
         tokens[0] = context[-1]
@@ -180,12 +175,17 @@ class TokenRecycling:
 
     def _calibrate(self, tree: DraftTree, accepted: list[int]) -> None:
         """Teach the calibration with the nodes whose parent was accepted (read before the rows change)."""
-        on_path = np.zeros(len(tree), dtype=bool)
-        on_path[accepted] = True
-        tried = np.flatnonzero(on_path[tree.parents[1:]]) + 1
-        rows = self.successors[tree.tokens[tree.parents[tried]]]  # [tried, k]: the parents' candidates
-        rank = np.argmax(rows == tree.tokens[tried, None], axis=1)
-        self.calibration.observe(self.probs[tree.tokens[tree.parents[tried]], rank], on_path[tried])
+        on_path = set(accepted)
+        tokens, parents = tree.tokens.tolist(), tree.parents.tolist()
+        predicted, hit = [], []
+        for node in range(1, len(tokens)):
+            if parents[node] in on_path:
+                parent_token = tokens[parents[node]]
+                row = self.successors[parent_token].tolist()
+                if tokens[node] in row:  # always, unless the tree came from elsewhere
+                    predicted.append(float(self.probs[parent_token, row.index(tokens[node])]))
+                    hit.append(node in on_path)
+        self.calibration.observe(predicted, hit)
 
     def save(self, path: str | Path) -> None:
         np.savez_compressed(path, successors=self.successors, probs=self.probs, rank_hits=self._rank_hits,
@@ -199,6 +199,7 @@ class TokenRecycling:
         self.successors = state["successors"].astype(np.int64)
         self.probs = state["probs"].astype(np.float32)
         self._rank_hits, self._rank_tries = state["rank_hits"], float(state["rank_tries"])
+        self.calibration = Calibration()
         if "calibration_hits" in state:  # files saved before calibration start it fresh
             self.calibration.hits, self.calibration.tries = state["calibration_hits"], state["calibration_tries"]
         self._reorder()
