@@ -69,10 +69,13 @@ class BudgetPolicy:
         self._probe: tuple[int, int] | None = None  # (probed size, best size then) awaiting its result
 
     def record_cost(self, q: int, seconds: float) -> None:
-        """Fold a timed step of q tokens (draft + forward + verify) into t(q)."""
+        """Fold a timed step of q tokens (draft + forward + verify) into t(q). A step is counted
+        at most 1.5x the estimate: a pause of the process (a page fault, the garbage collector,
+        another program) would otherwise hold up a size that is rarely chosen for many steps."""
         index = bisect.bisect_left(self._cost_q, q)
         if index < len(self._cost_q) and self._cost_q[index] == q:
-            self._cost_t[index] += self.smoothing * (seconds - self._cost_t[index])
+            estimate = self._cost_t[index]
+            self._cost_t[index] += self.smoothing * (min(seconds, 1.5 * estimate) - estimate)
 
     def cost(self, q: int) -> float:
         """t(q): interpolated between the measured sizes, constant beyond them."""

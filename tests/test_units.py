@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from freespec.budget import BudgetPolicy, accepted_within
+from freespec.drafters.grow import HitRate
 from freespec.drafters.recycling import PAPER_TEMPLATE, TokenRecycling, order_template
 from freespec.tree import DraftTree
 from freespec.verify import greedy_accept
@@ -201,3 +202,14 @@ def test_policy_sizes_a_scored_draft_by_its_own_scores():
     assert policy.size_for(confident, limit=100) == 3  # 3.94 tokens / t(4) = 1.3 beats 1.99 / 1.1 and 4.24 / 1.65
     assert policy.size_for(confident, limit=2) == 2
     assert policy.size_for(np.array([1.0, 0.05]), limit=100) == 0  # 1.05 / 1.1: plain decoding pays more
+
+
+def test_hit_rate_learns_each_depth():
+    rate = HitRate()
+    chain = DraftTree(np.arange(5), np.arange(-1, 4))  # the root and 4 nodes in a row
+    for attempt in range(20):  # half the first nodes fail; a copy that has started goes on
+        rate.observe(chain, [0, 1, 2, 3, 4] if attempt % 2 else [0])
+    assert rate(1) == pytest.approx((10 + 2 * 0.5) / (20 + 2))
+    assert rate(2) == pytest.approx((10 + 2 * rate(1)) / (10 + 2))
+    assert rate(4) > rate(3) > rate(2) > 0.9
+    assert rate(5) == rate(4) == rate(100)  # never tried deeper: the depth above's rate

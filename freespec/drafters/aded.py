@@ -175,13 +175,10 @@ class Aded:
         if len(context) < 2:
             return DraftTree.root_only(int(context[-1]))
         root = search(self.table, int(context[-2]), int(context[-1]), self.iterations, self.depth, self.max_nodes)
-        confidence = self.hit_rate.value
-
         def expand(node: SearchNode):
-            return [(child.token, confidence * child.visits / node.visits, child)
-                    for child in node.children if child.visits]
+            return [(child.token, child.visits / node.visits, child) for child in node.children if child.visits]
 
-        return grow(int(context[-1]), root, expand, budget)
+        return grow(int(context[-1]), root, expand, budget, self.hit_rate)
 
     def update(self, tree: DraftTree, logits: torch.Tensor, accepted: list[int]) -> None:
         self.hit_rate.observe(tree, accepted)

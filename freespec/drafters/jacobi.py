@@ -90,7 +90,7 @@ class Jacobi:
         trie = WeightedTrie()
         for rank, gram in enumerate(reversed(self.pool.get(root, [])[-self.guesses :])):
             trie.add(gram, 0.9**rank)
-        return grow(root, 0, trie.expander(self.hit_rate.value), budget)
+        return grow(root, 0, trie.expander(), budget, self.hit_rate)
 
     def update(self, tree: DraftTree, logits: torch.Tensor, accepted: list[int]) -> None:
         if self._root_position is None:  # no proposal yet in this request

@@ -139,7 +139,7 @@ class PromptLookup:
         self.index.extend(context[len(self.index) :].tolist())
         _, ends = longest_suffix_matches(self.index, self.max_candidates, self.max_match)
         trie = continuation_trie(self.index.tokens, ends, self.depth, self.decay)
-        return grow(int(context[-1]), 0, trie.expander(self.hit_rate.value), budget)
+        return grow(int(context[-1]), 0, trie.expander(), budget, self.hit_rate)
 
     def update(self, tree: DraftTree, logits: torch.Tensor, accepted: list[int]) -> None:
         self.hit_rate.observe(tree, accepted)

@@ -44,7 +44,7 @@ class Retrieval:
                 trie.add(tokens, 1.0)
         if not trie.children[0]:
             return DraftTree.root_only(int(context[-1]))
-        return grow(int(context[-1]), 0, trie.expander(self.hit_rate.value), budget)
+        return grow(int(context[-1]), 0, trie.expander(), budget, self.hit_rate)
 
     def update(self, tree: DraftTree, logits: torch.Tensor, accepted: list[int]) -> None:
         self.hit_rate.observe(tree, accepted)

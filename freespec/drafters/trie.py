@@ -119,12 +119,10 @@ class LookaheadTrie:
         match = next((node for node in reversed(self.trie.suffixes[: self.max_match]) if node.children), None)
         if match is None:
             return DraftTree.root_only(int(context[-1]))
-        confidence = self.hit_rate.value
-
         def expand(node: Node):
-            return [(token, confidence * child.count / node.count, child) for token, child in node.children.items()]
+            return [(token, child.count / node.count, child) for token, child in node.children.items()]
 
-        return grow(int(context[-1]), match, expand, budget)
+        return grow(int(context[-1]), match, expand, budget, self.hit_rate)
 
     def update(self, tree: DraftTree, logits: torch.Tensor, accepted: list[int]) -> None:
         self.hit_rate.observe(tree, accepted)
