@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from freespec.budget import BudgetPolicy
-from freespec.drafters.base import Drafter, SamplingAware
+from freespec.drafters.base import Drafter, SamplingAware, ShadowLearner
 from freespec.runner import ModelRunner
 from freespec.sampling import SamplingParams
 from freespec.tree import DraftTree
@@ -183,7 +183,10 @@ class Generation:
             if len(continuation) < tree.depths.max():
                 waiting.append((tree, start, verified))
             else:
-                self.policy.observe_shadow(len(tree) - 1, tree.follow(continuation), verified)
+                path = tree.follow(continuation)
+                self.policy.observe_shadow(len(tree) - 1, path, verified)
+                if isinstance(self.drafter, ShadowLearner):
+                    self.drafter.learn_unverified(tree, path, verified)
         return waiting
 
     def _cut(self, emitted: list[int]) -> list[int]:

@@ -157,6 +157,34 @@ def test_shadow_drafts_learn_sizes_they_do_not_verify(right):
         assert max(generation.stats.draft_sizes) == 15 and generation.stats.forward_passes <= 64 / 4
 
 
+class LearningReplayDrafter(ReplayDrafter):
+    """Also records what the engine says of the unverified part of its shadow drafts."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.learned: list[tuple[int, list[int], int]] = []  # (nodes, path, verified)
+
+    def learn_unverified(self, tree, path, verified) -> None:
+        self.learned.append((len(tree), path, verified))
+
+
+@pytest.mark.parametrize("right", [0, 3])
+def test_shadow_learners_hear_what_their_unverified_nodes_would_have_done(right):
+    model = make_model("llama", 0)
+    prompt = PROMPTS[1]
+    reference = generate(model, prompt, "none", 48).token_ids
+    drafter = LearningReplayDrafter(prompt, reference, right, model.runner.vocab_size)
+    policy = BudgetPolicy({1: 1.0, 2: 1.05, 4: 1.1, 8: 1.2, 16: 1.5}, candidates=[1, 3, 7, 15])
+    generation = Generation(model.runner, drafter, policy, prompt, 48, set())
+    for _ in generation:
+        pass
+    assert generation.token_ids == reference
+    assert len(drafter.learned) > 10
+    for nodes, path, verified in drafter.learned:
+        assert verified < nodes - 1
+        assert path == list(range(min(right, nodes - 1) + 1))  # a chain: right nodes, then wrong ones
+
+
 def test_a_scored_draft_is_verified_as_far_as_its_scores_pay():
     """Each step verifies the prefix its scores make worth it: the right nodes, not the wrong."""
     model = make_model("llama", 0)

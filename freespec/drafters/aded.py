@@ -182,3 +182,6 @@ class Aded:
 
     def update(self, tree: DraftTree, logits: torch.Tensor, accepted: list[int]) -> None:
         self.hit_rate.observe(tree, accepted)
+
+    def learn_unverified(self, tree: DraftTree, path: list[int], verified: int) -> None:
+        self.hit_rate.observe(tree, path, verified)

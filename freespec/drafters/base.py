@@ -8,6 +8,8 @@ there, so the protocol itself stays the same for all of them.
 Drafters that sample their drafts from a model (``layerskip``, ``draft-model``) also need the
 request's sampling settings and random generator: they implement :class:`SamplingAware`, which
 the engine checks for and calls before each request (:class:`freespec.drafters.Fused` forwards it).
+Drafters whose scores come from acceptance rates learned online also implement
+:class:`ShadowLearner`, to learn from the unverified part of their shadow drafts.
 """
 
 from __future__ import annotations
@@ -63,4 +65,20 @@ class SamplingAware(Protocol):
     """
 
     def set_sampling(self, params: SamplingParams, generator: torch.Generator | None) -> None:
+        ...
+
+
+@runtime_checkable
+class ShadowLearner(Protocol):
+    """Optional capability of a drafter with shadow drafts: learn from the nodes never verified.
+
+    Once the tokens that followed a shadow draft are known, the engine passes the whole draft,
+    ``path`` (the branch those tokens spelled in it: what verifying all of it would have
+    accepted, :meth:`freespec.tree.DraftTree.follow`) and ``verified``, the number of nodes
+    after the root that were verified and already given to :meth:`Drafter.update`. Without this,
+    a drafter whose scores say that deeper nodes rarely pay never gets them verified, so never
+    learns otherwise.
+    """
+
+    def learn_unverified(self, tree: DraftTree, path: list[int], verified: int) -> None:
         ...

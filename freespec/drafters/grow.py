@@ -130,13 +130,27 @@ class HitRate:
             self._rates = rates
         return self._rates[min(depth, len(self._rates) - 1)]
 
-    def observe(self, tree: DraftTree, accepted: list[int]) -> None:
+    def observe(self, tree: DraftTree, accepted: list[int], verified: int | None = None) -> None:
+        """Learn from ``accepted``, the path verification took in ``tree``. With ``verified``,
+        ``tree`` is a shadow draft whose first ``verified`` nodes after the root were observed
+        already: count only what they did not show (tries at path nodes whose children all lie
+        beyond them, hits beyond them), so that every node counts once.
+
+        >>> rate = HitRate()
+        >>> shadow = DraftTree(np.array([1, 2, 3, 4]), np.array([-1, 0, 1, 2]))
+        >>> rate.observe(shadow.prefix(2), [0, 1]); rate.observe(shadow, [0, 1, 2, 3], verified=1)
+        >>> rate.tries[1:4].tolist(), rate.hits[1:4].tolist()  # node 1 seen verified, 2 and 3 in the shadow
+        ([1.0, 1.0, 1.0], [1.0, 1.0, 1.0])
+        """
+        seen = len(tree) if verified is None else verified + 1  # nodes [0, seen) already observed
         deepest = len(self.hits) - 1
         for node in accepted:
-            if tree.children[node]:
+            children = tree.children[node]
+            if children and (verified is None or children[0] >= seen):
                 self.tries[min(int(tree.depths[node]) + 1, deepest)] += 1
         for node in accepted[1:]:
-            self.hits[min(int(tree.depths[node]), deepest)] += 1
+            if verified is None or node >= seen:
+                self.hits[min(int(tree.depths[node]), deepest)] += 1
         self._rates = None
 
 

@@ -143,3 +143,6 @@ class PromptLookup:
 
     def update(self, tree: DraftTree, logits: torch.Tensor, accepted: list[int]) -> None:
         self.hit_rate.observe(tree, accepted)
+
+    def learn_unverified(self, tree: DraftTree, path: list[int], verified: int) -> None:
+        self.hit_rate.observe(tree, path, verified)
