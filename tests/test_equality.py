@@ -137,26 +137,6 @@ class ReplayDrafter:
         pass
 
 
-@pytest.mark.parametrize("right", [0, 100])
-def test_shadow_drafts_learn_sizes_they_do_not_verify(right):
-    """The policy drafts more than it verifies and learns from what followed: a drafter that is
-    always wrong never gets a node verified, one that is always right soon gets the largest size."""
-    model = make_model("llama", 0)
-    prompt = PROMPTS[1]
-    reference = generate(model, prompt, "none", 64).token_ids
-    drafter = ReplayDrafter(prompt, reference, right, model.runner.vocab_size)
-    policy = BudgetPolicy({1: 1.0, 2: 1.05, 4: 1.1, 8: 1.2, 16: 1.5}, candidates=[1, 3, 7, 15])
-    generation = Generation(model.runner, drafter, policy, prompt, 64, set())
-    for _ in generation:
-        pass
-    assert generation.token_ids == reference
-    assert min(drafter.asked) >= 3  # always a draft to learn from
-    if right == 0:
-        assert max(generation.stats.draft_sizes) == 0  # yet no forward pass spent on it
-    else:
-        assert max(generation.stats.draft_sizes) == 15 and generation.stats.forward_passes <= 64 / 4
-
-
 class LearningReplayDrafter(ReplayDrafter):
     """Also records what the engine says of the unverified part of its shadow drafts."""
 
@@ -168,16 +148,36 @@ class LearningReplayDrafter(ReplayDrafter):
         self.learned.append((len(tree), path, verified))
 
 
-@pytest.mark.parametrize("right", [0, 3])
-def test_shadow_learners_hear_what_their_unverified_nodes_would_have_done(right):
+def replay(right: int, tokens: int, drafter_class=ReplayDrafter, **options):
+    """Greedy generation with the budget policy and a replay drafter of ``right`` right tokens;
+    returns (generation, drafter, plain decoding's tokens)."""
     model = make_model("llama", 0)
     prompt = PROMPTS[1]
-    reference = generate(model, prompt, "none", 48).token_ids
-    drafter = LearningReplayDrafter(prompt, reference, right, model.runner.vocab_size)
+    reference = generate(model, prompt, "none", tokens).token_ids
+    drafter = drafter_class(prompt, reference, right, model.runner.vocab_size, **options)
     policy = BudgetPolicy({1: 1.0, 2: 1.05, 4: 1.1, 8: 1.2, 16: 1.5}, candidates=[1, 3, 7, 15])
-    generation = Generation(model.runner, drafter, policy, prompt, 48, set())
+    generation = Generation(model.runner, drafter, policy, prompt, tokens, set())
     for _ in generation:
         pass
+    return generation, drafter, reference
+
+
+@pytest.mark.parametrize("right", [0, 100])
+def test_shadow_drafts_learn_sizes_they_do_not_verify(right):
+    """The policy drafts more than it verifies and learns from what followed: a drafter that is
+    always wrong never gets a node verified, one that is always right soon gets the largest size."""
+    generation, drafter, reference = replay(right, 64)
+    assert generation.token_ids == reference
+    assert min(drafter.asked) >= 3  # always a draft to learn from
+    if right == 0:
+        assert max(generation.stats.draft_sizes) == 0  # yet no forward pass spent on it
+    else:
+        assert max(generation.stats.draft_sizes) == 15 and generation.stats.forward_passes <= 64 / 4
+
+
+@pytest.mark.parametrize("right", [0, 3])
+def test_shadow_learners_hear_what_their_unverified_nodes_would_have_done(right):
+    generation, drafter, reference = replay(right, 48, LearningReplayDrafter)
     assert generation.token_ids == reference
     assert len(drafter.learned) > 10
     for nodes, path, verified in drafter.learned:
@@ -187,14 +187,7 @@ def test_shadow_learners_hear_what_their_unverified_nodes_would_have_done(right)
 
 def test_a_scored_draft_is_verified_as_far_as_its_scores_pay():
     """Each step verifies the prefix its scores make worth it: the right nodes, not the wrong."""
-    model = make_model("llama", 0)
-    prompt = PROMPTS[1]
-    reference = generate(model, prompt, "none", 64).token_ids
-    drafter = ReplayDrafter(prompt, reference, 2, model.runner.vocab_size, scored=True)
-    policy = BudgetPolicy({1: 1.0, 2: 1.05, 4: 1.1, 8: 1.2, 16: 1.5}, candidates=[1, 3, 7, 15])
-    generation = Generation(model.runner, drafter, policy, prompt, 64, set())
-    for _ in generation:
-        pass
+    generation, drafter, reference = replay(2, 64, scored=True)
     assert generation.token_ids == reference
     assert set(generation.stats.draft_sizes[:-1]) == {2}  # the last step may lack room
     assert set(generation.stats.accepted_lengths[:-1]) == {3}
