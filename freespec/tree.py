@@ -73,6 +73,14 @@ class DraftTree:
             children[self.parents[i]].append(i)
         return children
 
+    def child_holding(self, node: int, token: int) -> int | None:
+        """The first child of ``node`` whose token is ``token``, or None.
+
+        >>> DraftTree(np.array([7, 8, 9, 4]), np.array([-1, 0, 1, 0])).child_holding(0, 4)
+        3
+        """
+        return next((child for child in self.children[node] if self.tokens[child] == token), None)
+
     def prefix(self, size: int) -> DraftTree:
         """The first ``size`` nodes (at least the root): itself a tree, since parents come first.
 
@@ -98,7 +106,7 @@ class DraftTree:
         """
         path = [0]
         for token in continuation:
-            child = next((c for c in self.children[path[-1]] if self.tokens[c] == token), None)
+            child = self.child_holding(path[-1], token)
             if child is None:
                 break
             path.append(child)

@@ -42,7 +42,7 @@ def greedy_accept(tree: DraftTree, predicted: np.ndarray) -> tuple[list[int], in
     node = 0
     while True:
         want = predicted[node]
-        follow = next((c for c in tree.children[node] if tree.tokens[c] == want), None)
+        follow = tree.child_holding(node, want)
         if follow is None:
             return path, int(want)
         path.append(follow)
@@ -73,7 +73,7 @@ def sample_accept(tree: DraftTree, target: Target, generator: torch.Generator) -
     node = 0
     while True:
         token = draw(target(node), generator)
-        follow = next((c for c in tree.children[node] if tree.tokens[c] == token), None)
+        follow = tree.child_holding(node, token)
         if follow is None:
             return path, token
         path.append(follow)

@@ -11,12 +11,12 @@ best-first with their scores (which the budget policy and :mod:`freespec.drafter
 
 from __future__ import annotations
 
-import bisect
 import heapq
 from collections.abc import Callable, Hashable, Iterable, Sequence
 
 import numpy as np
 
+from freespec.budget import interpolate
 from freespec.tree import DraftTree
 
 Expand = Callable[[Hashable], Iterable[tuple[int, float, Hashable]]]
@@ -204,11 +204,7 @@ class Calibration:
     def __call__(self, predicted: float) -> float:
         if self._values is None:
             self._values = [0.0, *self.table().tolist()]
-        right = bisect.bisect_right(self._centres, predicted)
-        if right == len(self._centres):
-            return self._values[-1]
-        x0, x1, y0, y1 = self._centres[right - 1], self._centres[right], self._values[right - 1], self._values[right]
-        return y0 + (y1 - y0) * (predicted - x0) / (x1 - x0)
+        return interpolate(self._centres, self._values, predicted)
 
     def observe(self, predicted: Iterable[float], hit: Iterable[bool]) -> None:
         """Chances predicted for nodes whose parent was accepted, and whether each node was."""
