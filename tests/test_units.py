@@ -6,7 +6,7 @@ import torch
 
 from freespec.budget import BudgetPolicy, accepted_within
 from freespec.drafters.grow import HitRate
-from freespec.drafters.recycling import PAPER_TEMPLATE, TokenRecycling, order_template
+from freespec.drafters.recycling import PAPER_TEMPLATE, PairRows, TokenRecycling, order_template
 from freespec.tree import DraftTree
 from freespec.verify import greedy_accept
 
@@ -166,6 +166,52 @@ def test_dynamic_tree_learns_that_recycled_confidence_overstates():
     assert scores[1] < 0.2 and scores[2] < 0.2 * 0.2
 
 
+def test_recycling_drafts_from_the_pair_row_when_the_pair_was_seen():
+    drafter = TokenRecycling(vocab_size=10, k=2)
+    drafter.successors[1], drafter.probs[1] = [2, 3], [0.9, 0.05]  # after 1 in general: 2
+    assert drafter.propose(np.array([5, 1]), budget=1).tokens.tolist() == [1, 2]
+    logits = torch.full((2, 10), -9.0)
+    logits[0, 4], logits[1, 6] = 5.0, 5.0  # after "5 1" the model says 4; after "1 2", 6
+    drafter.update(DraftTree(np.array([1, 2]), np.array([-1, 0])), logits, accepted=[0])
+    assert drafter.successors[1].tolist()[0] == 4  # the token's own row is recycled too
+    drafter.successors[1], drafter.probs[1] = [2, 3], [0.9, 0.05]  # ...and later overwritten elsewhere
+    assert drafter.propose(np.array([7, 5, 1]), budget=1).tokens.tolist() == [1, 4]  # the pair (5, 1) remembers
+    assert drafter.propose(np.array([7, 8, 1]), budget=1).tokens.tolist() == [1, 2]  # an unseen pair: the token's row
+    assert drafter.propose(np.array([1]), budget=1).tokens.tolist() == [1, 2]  # no predecessor: the token's row
+    assert drafter.row(1, 2)[0].tolist()[0] == 6  # a drafted node's pair is keyed by its parent's token
+    paper = TokenRecycling(vocab_size=10, k=2, pair_slots=0)  # one-token rows only, as in the paper
+    paper.successors[1], paper.probs[1] = [2, 3], [0.9, 0.05]
+    paper.update(DraftTree(np.array([1, 2]), np.array([-1, 0])), logits, accepted=[0])
+    assert paper.pairs is None and paper.propose(np.array([5, 1]), budget=1).tokens.tolist() == [1, 4]
+    with pytest.raises(ValueError, match="power of two"):
+        TokenRecycling(vocab_size=10, pair_slots=12)
+
+
+def test_pair_rows_are_a_bounded_table_whose_pairs_evict_each_other():
+    table = PairRows(vocab_size=1000, k=2, slots=16)
+    rng = np.random.default_rng(0)
+    pairs = rng.integers(0, 1000, (200, 2)).tolist()
+    rows = rng.integers(0, 1000, (200, 2))
+    table.store([a for a, _ in pairs], [b for _, b in pairs], rows, np.ones((200, 2)))
+    kept = [(i, table.find(a, b)) for i, (a, b) in enumerate(pairs) if table.find(a, b) >= 0]
+    assert 0 < len(kept) <= 16 and len(table.keys) == 16
+    for i, slot in kept:  # whatever survived holds its own row
+        assert table.successors[slot].tolist() == rows[i].tolist()
+    assert table.find(-1, 5) == -1
+
+
+def test_each_row_kind_keeps_its_own_calibration():
+    drafter = TokenRecycling(vocab_size=10, k=2)
+    drafter.successors[1], drafter.probs[1] = [2, 3], [0.95, 0.04]
+    drafter.pairs.store([5], [1], np.array([[4, 3]]), np.array([[0.55, 0.4]]))
+    tree = drafter.propose(np.array([5, 1]), budget=1)
+    assert tree.tokens.tolist() == [1, 4]
+    pair_tries, token_tries = drafter.pair_calibration.tries.copy(), drafter.calibration.tries.copy()
+    drafter.update(tree, torch.zeros(2, 10), accepted=[0, 1])
+    assert (drafter.pair_calibration.tries - pair_tries).tolist() == [0, 0, 0, 0, 0, 1, 0, 0, 0, 0]  # 0.55
+    assert (drafter.calibration.tries == token_tries).all()
+
+
 def test_recycling_warm_start_and_save_load(tmp_path):
     drafter = TokenRecycling(vocab_size=10, k=2)
     logits = torch.tensor([[0.0, 5.0, 4.0] + [-9.0] * 7, [0.0, 0.0, 0.0, 7.0, 6.0] + [-9.0] * 5])
@@ -176,6 +222,7 @@ def test_recycling_warm_start_and_save_load(tmp_path):
     other = TokenRecycling(vocab_size=10, k=2)
     other.load(tmp_path / "state.npz")
     assert np.array_equal(other.successors, drafter.successors) and np.array_equal(other.probs, drafter.probs)
+    assert other.row(4, 5)[0].tolist() == [3, 4] and np.array_equal(other.pairs.keys, drafter.pairs.keys)
     with pytest.raises(ValueError, match="shape"):
         TokenRecycling(vocab_size=11, k=2, template=[(0,)]).load(tmp_path / "state.npz")
     with pytest.raises(ValueError, match="tree must be"):
