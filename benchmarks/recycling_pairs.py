@@ -5,7 +5,8 @@ with pair rows (the default) and recycling with one-token rows only (``pair_slot
 interleaved per question so that machine drift hits all three alike; each drafter keeps its
 state across questions, as in a server. Prints tokens/s, speedup over plain decoding, τ and
 identical-output counts, then which kind of row each step's first draft node came from (the
-pair's, the token's alone, none: a token never seen) and how often such nodes were accepted.
+model's row for the pair, the prompt's follower of the pair, the token's row alone, none: a token
+never seen) and how often such nodes were accepted.
 With ``--budget 1`` every step drafts exactly one node, so those rates are first-node acceptances.
 
     python benchmarks/recycling_pairs.py [--per-category 2] [--max-new-tokens 256] [--budget 1]
@@ -39,6 +40,8 @@ class RowKinds:
             root, before = int(context[-1]), int(context[-2]) if len(context) > 1 else -1
             if drafter.pairs is not None and drafter.pairs.find(before, root) >= 0:
                 self._kind = "pair"
+            elif drafter.text_pairs is not None and drafter.text_pairs.find(before, root) >= 0:
+                self._kind = "text"
             else:
                 self._kind = "token" if drafter.probs[root, 0] > 0 else "never seen"
             self.tried[self._kind, "steps"] += 1
@@ -53,9 +56,9 @@ class RowKinds:
         drafter.propose, drafter.update = counting_propose, counting_update
 
     def table(self) -> str:
-        steps = sum(self.tried[kind, "steps"] for kind in ("pair", "token", "never seen"))
+        steps = sum(self.tried[kind, "steps"] for kind in ("pair", "text", "token", "never seen"))
         lines = ["| first node's row | share of steps | drafted | accepted |", "|---|---|---|---|"]
-        for kind in ("pair", "token", "never seen"):
+        for kind in ("pair", "text", "token", "never seen"):
             drafted = self.tried[kind, "drafted"]
             rate = f"{self.hit[kind] / drafted:.0%}" if drafted else "-"
             lines.append(f"| {kind} | {self.tried[kind, 'steps'] / max(steps, 1):.0%} | {drafted} | {rate} |")

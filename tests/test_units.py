@@ -200,15 +200,34 @@ def test_pair_rows_are_a_bounded_table_whose_pairs_evict_each_other():
     assert table.find(-1, 5) == -1
 
 
+def test_recycling_drafts_what_followed_a_pair_in_the_prompt():
+    drafter = TokenRecycling(vocab_size=10, k=2)
+    drafter.begin(np.array([3, 4]), None)
+    tree = drafter.propose(np.array([1, 2, 3, 4, 5, 2, 3]), budget=3)  # "2 3" was followed by 4, "3 4" by 5, ...
+    assert tree.tokens.tolist() == [3, 4, 5, 2] and tree.parents.tolist() == [-1, 0, 1, 2]
+    assert drafter.row(2, 3)[2] is drafter.text_pairs.calibration
+    drafter.update(tree, torch.zeros(4, 10), accepted=[0])  # rejected: the prompt's follower is trusted less
+    assert drafter.text_pairs.calibration(1.0) < 0.95
+    assert drafter.row(2, 3)[2] is drafter.pairs.calibration  # once verified, the model's own row comes first
+    assert drafter.row(1, 2)[0].tolist()[0] == 3 and drafter.row(1, 2)[2] is drafter.text_pairs.calibration
+    fresh = TokenRecycling(vocab_size=10, k=2)
+    fresh.begin(np.array([3]), None)
+    fresh.propose(np.array([9, 9, 1, 2, 3]), budget=1)
+    assert fresh.row(1, 2)[0].tolist() == [3, 3]  # the first draft's context was the prompt; later ones are not
+    fresh.propose(np.array([9, 9, 1, 2, 3, 6, 7]), budget=1)
+    assert fresh.text_pairs.find(3, 6) == -1
+    assert TokenRecycling(vocab_size=10, k=2, tree="static", template=[(0,)]).text_pairs is None
+
+
 def test_each_row_kind_keeps_its_own_calibration():
     drafter = TokenRecycling(vocab_size=10, k=2)
     drafter.successors[1], drafter.probs[1] = [2, 3], [0.95, 0.04]
     drafter.pairs.store([5], [1], np.array([[4, 3]]), np.array([[0.55, 0.4]]))
     tree = drafter.propose(np.array([5, 1]), budget=1)
     assert tree.tokens.tolist() == [1, 4]
-    pair_tries, token_tries = drafter.pair_calibration.tries.copy(), drafter.calibration.tries.copy()
+    pair_tries, token_tries = drafter.pairs.calibration.tries.copy(), drafter.calibration.tries.copy()
     drafter.update(tree, torch.zeros(2, 10), accepted=[0, 1])
-    assert (drafter.pair_calibration.tries - pair_tries).tolist() == [0, 0, 0, 0, 0, 1, 0, 0, 0, 0]  # 0.55
+    assert (drafter.pairs.calibration.tries - pair_tries).tolist() == [0, 0, 0, 0, 0, 1, 0, 0, 0, 0]  # 0.55
     assert (drafter.calibration.tries == token_tries).all()
 
 
@@ -223,6 +242,10 @@ def test_recycling_warm_start_and_save_load(tmp_path):
     other.load(tmp_path / "state.npz")
     assert np.array_equal(other.successors, drafter.successors) and np.array_equal(other.probs, drafter.probs)
     assert other.row(4, 5)[0].tolist() == [3, 4] and np.array_equal(other.pairs.keys, drafter.pairs.keys)
+    drafter.propose(np.array([6, 7, 8]), budget=1)  # the prompt's pairs: "6 7" was followed by 8
+    drafter.save(tmp_path / "state.npz")
+    other.load(tmp_path / "state.npz")
+    assert other.row(6, 7)[0].tolist()[0] == 8
     with pytest.raises(ValueError, match="shape"):
         TokenRecycling(vocab_size=11, k=2, template=[(0,)]).load(tmp_path / "state.npz")
     with pytest.raises(ValueError, match="tree must be"):

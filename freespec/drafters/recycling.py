@@ -5,8 +5,9 @@ recently ranked highest right after token t. A draft is a static tree template w
 paths of ranks: the node (r1, r2) is ``successors[successors[root, r1], r2]``. After every
 verification, each verified node's row is overwritten with its top-k, accepted or not.
 
-freespec also keeps the rows keyed by the last *two* tokens (:class:`PairRows`) and drafts from
-the pair's row whenever the pair has been seen: the model's candidates after "... a b" predict
+freespec also keeps rows keyed by the last *two* tokens (:class:`PairRows`): the model's top-k
+after each verified pair, and the token that followed each pair of the prompt. A node drafts from
+its pair's row whenever the pair has been seen: the model's candidates after "... a b" predict
 what follows b far better when the same pair recurs than its candidates after b in any earlier
 context. ``pair_slots=0`` gives the paper's one-token rows alone.
 
@@ -119,9 +120,8 @@ def best_first_tree(root: int, before_root: int, rows: Callable[[int, int], Row]
 class PairRows:
     """Recycled candidate rows keyed by a pair of tokens (a, b): the model's top-k after "... a b".
 
-    Generating 26 Spec-Bench answers (256 tokens, one draft node per step), a node drafted from its
-    pair's row was accepted 63% of the time; where the pair was new and the row of b alone was
-    used, 21%. Pairs live in a direct-mapped table of fixed size (a pair takes its slot from
+    Generating 26 Spec-Bench answers (256 tokens, one draft node per step), a node drafted from the
+    model's row for its pair was accepted 64% of the time; from the row of b alone, 23%. Pairs live in a direct-mapped table of fixed size (a pair takes its slot from
     whichever pair held it), so memory stays bounded however long a server runs.
 
     >>> table = PairRows(vocab_size=10, k=2, slots=8)
@@ -142,6 +142,7 @@ class PairRows:
         self.keys = np.full(slots, -1, dtype=np.int64)  # [slots] a * vocab + b, -1 = empty
         self.successors = np.zeros((slots, k), dtype=np.int64)  # [slots, k]
         self.probs = np.zeros((slots, k), dtype=np.float32)  # [slots, k], rows descending
+        self.calibration = Calibration()  # these rows' probabilities → observed acceptance
 
     def _slot(self, key: int) -> int:
         return ((key * self._GOLDEN) & 0xFFFFFFFFFFFFFFFF) >> self._shift
@@ -168,8 +169,10 @@ class PairRows:
 class TokenRecycling:
     """The Token Recycling drafter; its matrix stays warm across requests until :meth:`reset`.
 
-    ``pair_slots``: size of the table of rows keyed by token pairs (:class:`PairRows`, a power of
-    two; 0 keeps only the paper's one-token rows).
+    ``pair_slots``: size of the table of the model's rows keyed by token pairs (:class:`PairRows`,
+    a power of two; the prompt's followers get half as many; 0 keeps only the paper's one-token
+    rows). Dynamic trees only draft the prompt's followers: the static template would fill a
+    one-candidate row's other ranks with copies.
     """
 
     wants_prompt_logits = True
@@ -193,13 +196,16 @@ class TokenRecycling:
         """Forget everything learned (rows start as arbitrary distinct tokens of probability 0)."""
         self.successors = np.tile(np.arange(self.k, dtype=np.int64), (self.vocab_size, 1))  # [vocab, k]
         self.probs = np.zeros((self.vocab_size, self.k), dtype=np.float32)  # [vocab, k], rows descending
-        self.pairs = PairRows(self.vocab_size, self.k, self.pair_slots) if self.pair_slots else None
+        self.calibration = Calibration()  # dynamic trees: the token rows' probability → observed acceptance
+        self.pairs = self.text_pairs = None
+        if self.pair_slots:
+            self.pairs = PairRows(self.vocab_size, self.k, self.pair_slots)  # the model's top-k per pair
+            if self.tree == "dynamic":  # the token that followed each pair in the prompt (one candidate)
+                self.text_pairs = PairRows(self.vocab_size, self.k, max(self.pair_slots // 2, 1))
         self._rank_hits = np.ones(self.k)  # Laplace-smoothed counts of which rank was accepted
         self._rank_hits[0] = 4.0
         self._rank_tries = float(self.k + 8)
-        # dynamic trees: recycled probability → observed acceptance, for one-token and pair rows
-        self.calibration = Calibration()
-        self.pair_calibration = Calibration()
+        self._prompt_unread = False  # a request began and its prompt's pairs are not filed yet
         self._proposed_root: tuple[int, int] | None = None  # (token before the root, root) of the last draft
         self._reorder()
 
@@ -215,25 +221,39 @@ class TokenRecycling:
         self._node_rank = np.array([p[-1] for p in ordered], dtype=np.int64)
 
     def row(self, before: int, token: int) -> Row:
-        """The candidates after ``token`` preceded by ``before`` (-1: unknown): the pair's row
-        when the pair has been seen, else the token's."""
-        slot = -1 if self.pairs is None else self.pairs.find(before, token)
-        if slot >= 0:
-            return self.pairs.successors[slot], self.pairs.probs[slot], self.pair_calibration
+        """The candidates after ``token`` preceded by ``before`` (-1: unknown): the model's row for
+        the pair if it has one, else the prompt's follower of the pair, else the token's row."""
+        for table in (self.pairs, self.text_pairs):
+            slot = -1 if table is None else table.find(before, token)
+            if slot >= 0:
+                return table.successors[slot], table.probs[slot], table.calibration
         return self.successors[token], self.probs[token], self.calibration
 
     def begin(self, prompt: np.ndarray, prompt_logits: torch.Tensor | None) -> None:
         """Warm start: the model's candidates after each of the last prompt tokens."""
+        self._prompt_unread = True
         if prompt_logits is not None and len(prompt_logits):
             ids, probs = top_candidates(prompt_logits, self.k)
             self.successors[prompt], self.probs[prompt] = ids, probs
             if self.pairs is not None:
                 self.pairs.store([-1, *prompt[:-1].tolist()], prompt.tolist(), ids, probs)
 
+    def _read_prompt(self, prompt: np.ndarray) -> None:
+        """File each pair of the prompt with the token that followed it there, as a one-candidate
+        row of probability 1 (its calibration learns how often the model copies). :meth:`begin`
+        sees only the prompt's last tokens; the whole prompt is the first draft's context."""
+        followers = np.repeat(prompt[2:, None], self.k, axis=1)  # [n - 2, k]
+        probs = np.zeros(followers.shape, dtype=np.float32)
+        probs[:, 0] = 1.0
+        self.text_pairs.store(prompt[:-2].tolist(), prompt[1:-1].tolist(), followers, probs)
+
     def propose(self, context: np.ndarray, budget: int) -> DraftTree:
         root = int(context[-1])
         before_root = int(context[-2]) if len(context) > 1 else -1
         self._proposed_root = (before_root, root)
+        if self._prompt_unread and self.text_pairs is not None:
+            self._read_prompt(context)
+        self._prompt_unread = False
         if self.tree == "dynamic":
             return best_first_tree(root, before_root, self.row, budget)
         size = min(budget, len(self._node_rank))
@@ -287,32 +307,35 @@ class TokenRecycling:
         for calibration, predicted, hit in observed.values():
             calibration.observe(predicted, hit)
 
+    def _tables(self) -> dict[str, PairRows]:
+        return {name: table for name, table in (("pairs", self.pairs), ("text_pairs", self.text_pairs)) if table}
+
     def save(self, path: str | Path) -> None:
-        pairs = {} if self.pairs is None else {"pair_keys": self.pairs.keys, "pair_successors": self.pairs.successors,
-                                              "pair_probs": self.pairs.probs}
+        tables = {}
+        for name, table in self._tables().items():
+            tables.update({f"{name}_keys": table.keys, f"{name}_successors": table.successors,
+                           f"{name}_probs": table.probs, f"{name}_calibration_hits": table.calibration.hits,
+                           f"{name}_calibration_tries": table.calibration.tries})
         np.savez_compressed(path, successors=self.successors, probs=self.probs, rank_hits=self._rank_hits,
                             rank_tries=self._rank_tries, calibration_hits=self.calibration.hits,
-                            calibration_tries=self.calibration.tries, pair_calibration_hits=self.pair_calibration.hits,
-                            pair_calibration_tries=self.pair_calibration.tries, **pairs)
+                            calibration_tries=self.calibration.tries, **tables)
 
     def load(self, path: str | Path) -> None:
         state = np.load(path)
         if state["successors"].shape != (self.vocab_size, self.k):
             raise ValueError(f"{path}: matrix shape {state['successors'].shape} != ({self.vocab_size}, {self.k})")
+        self.reset()
         self.successors = state["successors"].astype(np.int64)
         self.probs = state["probs"].astype(np.float32)
         self._rank_hits, self._rank_tries = state["rank_hits"], float(state["rank_tries"])
-        self.calibration, self.pair_calibration = Calibration(), Calibration()
         if "calibration_hits" in state:  # files saved before calibration start it fresh
             self.calibration.hits, self.calibration.tries = state["calibration_hits"], state["calibration_tries"]
-        if "pair_calibration_hits" in state:
-            self.pair_calibration.hits = state["pair_calibration_hits"]
-            self.pair_calibration.tries = state["pair_calibration_tries"]
-        self.pairs = PairRows(self.vocab_size, self.k, self.pair_slots) if self.pair_slots else None
-        # pairs saved with another table size (or before pairs existed) are dropped: they re-learn in a few requests
-        if self.pairs is not None and "pair_keys" in state and len(state["pair_keys"]) == self.pair_slots:
-            self.pairs.keys = state["pair_keys"].astype(np.int64)
-            self.pairs.successors = state["pair_successors"].astype(np.int64)
-            self.pairs.probs = state["pair_probs"].astype(np.float32)
-        self._proposed_root = None
+        for name, table in self._tables().items():
+            # tables saved with another size, or before they existed, start empty: they refill within a request
+            if f"{name}_keys" in state and len(state[f"{name}_keys"]) == len(table.keys):
+                table.keys = state[f"{name}_keys"].astype(np.int64)
+                table.successors = state[f"{name}_successors"].astype(np.int64)
+                table.probs = state[f"{name}_probs"].astype(np.float32)
+                table.calibration.hits = state[f"{name}_calibration_hits"]
+                table.calibration.tries = state[f"{name}_calibration_tries"]
         self._reorder()
