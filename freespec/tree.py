@@ -27,7 +27,8 @@ class DraftTree:
     def __post_init__(self):
         if len(self.tokens) != len(self.parents) or len(self.tokens) == 0:
             raise ValueError("a tree needs one parent per token and at least the root")
-        if self.parents[0] != -1 or np.any(self.parents[1:] >= np.arange(1, len(self.parents))) or np.any(self.parents[1:] < 0):
+        parents = self.parents.tolist()  # a few nodes: plain Python beats numpy's per-call overhead
+        if parents[0] != -1 or not all(0 <= parent < node for node, parent in enumerate(parents[1:], 1)):
             raise ValueError(f"parents must satisfy parents[0] == -1 and 0 <= parents[i] < i: {self.parents}")
         if self.scores is not None and len(self.scores) != len(self.tokens):
             raise ValueError(f"a tree of {len(self.tokens)} nodes needs as many scores, got {len(self.scores)}")

@@ -175,6 +175,18 @@ def test_fused_sources_learn_from_a_verified_prefix_of_a_shadow_draft():
     assert b.updates == [([9], [10.0], [0])]  # its node 1 (merged 2) neither
 
 
+def test_fused_hands_each_source_its_own_rows_and_none_to_a_source_that_reads_no_logits():
+    a, b = FixedDrafter([9, 3, 4], [-1, 0, 1]), FixedDrafter([9, 1, 2], [-1, 0, 1])
+    b.reads_logits = False
+    fused = Fused([a, b])
+    assert fused.reads_logits
+    tree = fused.propose(np.array([9]), 4)  # interleaved by score: a's 3, b's 1, a's 4, b's 2
+    assert tree.tokens.tolist() == [9, 3, 1, 4, 2]
+    fused.update(tree, torch.arange(5.0).unsqueeze(1), [0, 1])
+    assert a.updates == [([9, 3, 4], [0.0, 1.0, 3.0], [0, 1])]
+    assert b.updates == [([9, 1, 2], [], [0])]
+
+
 def test_trie_drafts_a_repeated_request_from_the_first():
     model = make_model("llama", 1, budget=16)
     first = generate(model, PROMPTS[1], "trie", 40)

@@ -148,6 +148,8 @@ class Aded:
 
     shadow_drafts = True
 
+    reads_logits = False
+
     def __init__(self, prior: TrigramPrior | None = None, boost: float = 0.04, iterations: int = 150,
                  depth: int = 4, max_nodes: int = 64):
         self.table = TrigramTable(prior, boost)

@@ -24,6 +24,8 @@ class DraftModel:
 
     shadow_drafts = False
 
+    reads_logits = False
+
     def __init__(self, runner: ModelRunner, vocab_size: int, confidence: float = CONFIDENCE):
         if runner.vocab_size != vocab_size:
             raise ValueError(f"the draft model's vocabulary has {runner.vocab_size} tokens, the target's "

@@ -31,46 +31,45 @@ def tree_scores(tree: DraftTree) -> np.ndarray:
     return 0.5 ** np.arange(len(tree), dtype=np.float64)
 
 
-def merge_trees(trees: list[DraftTree], budget: int) -> tuple[DraftTree, list[np.ndarray]]:
+def merge_trees(trees: list[DraftTree], budget: int) -> tuple[DraftTree, list[list[int]]]:
     """Merge trees with the same root by common prefix; keep the ``budget`` best nodes.
 
     Returns the merged tree and, per source, the merged index of each of its nodes (-1: cut).
+    Plain Python on lists: trees have a handful of nodes, where numpy's per-call overhead shows.
 
     >>> a = DraftTree(np.array([9, 1, 2]), np.array([-1, 0, 1]), np.array([1.0, 0.8, 0.6]))
     >>> b = DraftTree(np.array([9, 1, 3, 4]), np.array([-1, 0, 1, 0]), np.array([1.0, 0.5, 0.7, 0.3]))
     >>> tree, where = merge_trees([a, b], budget=3)  # 9→1 (0.8), 9→1→3 (0.7 capped at 0.8), 9→1→2 (0.6)
     >>> tree.tokens.tolist(), tree.parents.tolist(), tree.scores.tolist()
     ([9, 1, 3, 2], [-1, 0, 1, 1], [1.0, 0.8, 0.7, 0.6])
-    >>> [w.tolist() for w in where]
+    >>> where
     [[0, 1, 3], [0, 1, 2, -1]]
     """
     root = int(trees[0].tokens[0])
     if any(int(t.tokens[0]) != root for t in trees):
         raise ValueError("merged trees must share their root")
     node_of: dict[tuple[int, int], int] = {}  # (merged parent, token) → merged node
-    parents, tokens, scores = [-1], [root], [1.0]
+    parents, tokens, scores, depths = [-1], [root], [1.0], [0]
     merged_index = []
     for tree in trees:
-        own = tree_scores(tree)
-        index = np.zeros(len(tree), dtype=np.int64)
+        own, own_parents, own_tokens = tree_scores(tree).tolist(), tree.parents.tolist(), tree.tokens.tolist()
+        index = [0] * len(tree)
         for i in range(1, len(tree)):
-            key = (int(index[tree.parents[i]]), int(tree.tokens[i]))
+            key = (index[own_parents[i]], own_tokens[i])
             node = node_of.get(key)
             if node is None:
                 node = node_of[key] = len(tokens)
                 parents.append(key[0])
                 tokens.append(key[1])
                 scores.append(0.0)
-            scores[node] = max(scores[node], float(own[i]))
+                depths.append(depths[key[0]] + 1)
+            scores[node] = max(scores[node], own[i])
             index[i] = node
         merged_index.append(index)
     for node in range(1, len(tokens)):  # a path's score never exceeds its parent's
         scores[node] = min(scores[node], scores[parents[node]])
-    depth = np.zeros(len(tokens), dtype=np.int64)
-    for node in range(1, len(tokens)):
-        depth[node] = depth[parents[node]] + 1
-    keep = sorted(range(1, len(tokens)), key=lambda n: (-scores[n], depth[n], n))[:budget]
-    new = np.full(len(tokens), -1, dtype=np.int64)
+    keep = sorted(range(1, len(tokens)), key=lambda n: (-scores[n], depths[n], n))[:budget]
+    new = [-1] * len(tokens)
     new[0] = 0
     for position, node in enumerate(keep, 1):
         new[node] = position
@@ -78,24 +77,31 @@ def merge_trees(trees: list[DraftTree], budget: int) -> tuple[DraftTree, list[np
     tree = DraftTree(np.array([tokens[n] for n in order], dtype=np.int64),
                      np.array([-1, *(new[parents[n]] for n in keep)], dtype=np.int64),
                      np.array([scores[n] for n in order], dtype=np.float64))
-    return tree, [new[index] for index in merged_index]
+    return tree, [[new[node] for node in index] for index in merged_index]
 
 
-def source_view(tree: DraftTree, where: np.ndarray, accepted: list[int]) -> tuple[int, list[int]]:
-    """(n, path): the source's first n nodes were all verified; its accepted path among them.
+def source_view(where: list[int], accepted: list[int]) -> tuple[int, list[int]]:
+    """(n, path): a source's first n nodes were all verified (``where``: the verified merged index
+    of each of its nodes, -1 if not verified); its accepted path among them, in its own numbering.
 
-    >>> source = DraftTree(np.array([9, 1, 2, 5]), np.array([-1, 0, 1, 0]))
-    >>> source_view(source, np.array([0, 2, 1, -1]), accepted=[0, 2, 1])  # merged 2 is its node 1
+    >>> source_view([0, 2, 1, -1], accepted=[0, 2, 1])  # merged 2 is its node 1
     (3, [0, 1, 2])
     """
-    verified = int(np.argmin(where >= 0)) if np.any(where < 0) else len(where)
-    source_node = {int(m): s for s, m in enumerate(where[:verified]) if m >= 0}
+    verified = next((node for node, merged in enumerate(where) if merged < 0), len(where))
+    source_node = {merged: node for node, merged in enumerate(where[:verified])}
     path = [0]
     for node in accepted[1:]:
         if node not in source_node:
             break
         path.append(source_node[node])
     return verified, path
+
+
+def rows_of(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """``logits[rows]``: a view when the rows are consecutive (the common case), else a copy."""
+    if rows == list(range(rows[0], rows[0] + len(rows))):
+        return logits[rows[0] : rows[0] + len(rows)]
+    return logits[rows]
 
 
 class Fused:
@@ -107,7 +113,8 @@ class Fused:
         self.drafters = drafters
         self.wants_prompt_logits = any(d.wants_prompt_logits for d in drafters)
         self.shadow_drafts = all(d.shadow_drafts for d in drafters)
-        self._proposed: tuple[DraftTree, list[DraftTree], list[np.ndarray]] | None = None
+        self.reads_logits = any(getattr(d, "reads_logits", True) for d in drafters)
+        self._proposed: tuple[DraftTree, list[DraftTree], list[list[int]]] | None = None
 
     def set_sampling(self, params: SamplingParams, generator: torch.Generator | None) -> None:
         """Sources draft point masses: the merged tree keeps no draft probabilities, and
@@ -128,17 +135,17 @@ class Fused:
 
     def update(self, tree: DraftTree, logits: torch.Tensor, accepted: list[int]) -> None:
         proposed = None if self._proposed is None else self._proposed[0]
-        if proposed is None or len(tree) > len(proposed) or not (
-            np.array_equal(tree.tokens, proposed.tokens[: len(tree)])
-            and np.array_equal(tree.parents, proposed.parents[: len(tree)])
+        if proposed is None or len(tree) > len(proposed) or tree is not proposed and not (
+            tree.tokens.tolist() == proposed.tokens[: len(tree)].tolist()
+            and tree.parents.tolist() == proposed.parents[: len(tree)].tolist()
         ):  # the engine verified a tree this drafter did not propose: the root alone
             for drafter in self.drafters:
                 drafter.update(tree, logits, accepted)
             return
         _, trees, where = self._proposed
         for drafter, own, index in zip(self.drafters, trees, where):
-            index = np.where(index < len(tree), index, -1)  # beyond a verified prefix: as if cut
-            verified, path = source_view(own, index, accepted)
-            part = DraftTree(own.tokens[:verified], own.parents[:verified],
-                             None if own.scores is None else own.scores[:verified])
-            drafter.update(part, logits[torch.from_numpy(index[:verified])], path)
+            index = [merged if merged < len(tree) else -1 for merged in index]  # beyond a verified prefix: cut
+            verified, path = source_view(index, accepted)
+            part = own.prefix(verified)
+            reads = getattr(drafter, "reads_logits", True)
+            drafter.update(part, rows_of(logits, index[:verified]) if reads else logits[:0], path)

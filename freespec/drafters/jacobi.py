@@ -52,6 +52,8 @@ class Jacobi:
 
     shadow_drafts = False
 
+    reads_logits = True
+
     def __init__(self, n: int = 5, window: int = 7, guesses: int = 7, pool_per_token: int = 32):
         if n < 2 or window < 1 or guesses < 1:
             raise ValueError(f"need N >= 2, W >= 1, G >= 1, got {n}, {window}, {guesses}")

@@ -118,6 +118,8 @@ class LayerSkip:
 
     shadow_drafts = False
 
+    reads_logits = False
+
     def __init__(self, runner: ModelRunner, confidence: float = CONFIDENCE):
         self.runner = runner
         self.confidence = confidence

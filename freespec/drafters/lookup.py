@@ -123,6 +123,8 @@ class PromptLookup:
 
     shadow_drafts = True
 
+    reads_logits = False
+
     def __init__(self, key: int = 3, max_candidates: int = 16, max_match: int = 64, depth: int = 16,
                  decay: float = 0.8):
         self.key, self.max_candidates, self.max_match = key, max_candidates, max_match

@@ -179,6 +179,8 @@ class TokenRecycling:
 
     shadow_drafts = True
 
+    reads_logits = True
+
     def __init__(self, vocab_size: int, k: int = 8, tree: Literal["dynamic", "static"] = "dynamic",
                  template=PAPER_TEMPLATE, pair_slots: int = 1 << 17):
         if tree not in ("dynamic", "static"):

@@ -27,6 +27,8 @@ class Retrieval:
 
     shadow_drafts = False  # a datastore lookup costs ~0.7 ms, a fifth of a pass: not worth doing every step
 
+    reads_logits = False
+
     def __init__(self, datastore: str | Path | Datastore, tokenizer=None, max_match: int = 16,
                  max_candidates: int = 64, depth: int = 12):
         self.store = datastore if isinstance(datastore, Datastore) else Datastore(datastore, tokenizer)

@@ -99,6 +99,8 @@ class LookaheadTrie:
 
     shadow_drafts = True
 
+    reads_logits = False
+
     def __init__(self, window: int = 16, max_match: int = 6, capacity: int = 65536):
         if not 1 <= max_match < window:
             raise ValueError(f"need 1 <= max_match < window, got {max_match} and {window}")
