@@ -187,6 +187,27 @@ def test_fused_hands_each_source_its_own_rows_and_none_to_a_source_that_reads_no
     assert b.updates == [([9, 1, 2], [], [0])]
 
 
+class ShadowLearningFixedDrafter(FixedDrafter):
+    """Test-only source that also learns from shadow drafts; records what it is told."""
+
+    def __init__(self, tokens: list[int], parents: list[int]):
+        super().__init__(tokens, parents)
+        self.shadows = []
+
+    def learn_unverified(self, tree, path, verified) -> None:
+        self.shadows.append((tree.tokens.tolist(), path, verified))
+
+
+def test_fused_passes_a_resolved_shadow_to_its_sources_that_learn_from_shadows():
+    a, b = ShadowLearningFixedDrafter([9, 1, 2], [-1, 0, 1]), FixedDrafter([9, 3], [-1, 0])
+    fused = Fused([a, b])
+    tree = fused.propose(np.array([9]), 3)  # merged [9, 1, 3, 2]: a's nodes are merged 0, 1, 3
+    fused.learn_unverified(tree, [0, 1, 3], verified=1)  # the model went 9 → 1 → 2; node 1 was verified
+    assert a.shadows == [([9, 1, 2], [0, 1, 2], 1)]
+    fused.learn_unverified(DraftTree.root_only(9), [0], 0)  # not a draft it proposed: nothing to pass on
+    assert len(a.shadows) == 1
+
+
 def test_trie_drafts_a_repeated_request_from_the_first():
     model = make_model("llama", 1, budget=16)
     first = generate(model, PROMPTS[1], "trie", 40)

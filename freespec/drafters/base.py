@@ -9,7 +9,8 @@ Drafters that sample their drafts from a model (``layerskip``, ``draft-model``) 
 request's sampling settings and random generator: they implement :class:`SamplingAware`, which
 the engine checks for and calls before each request (:class:`freespec.drafters.Fused` forwards it).
 Drafters whose scores come from acceptance rates learned online also implement
-:class:`ShadowLearner`, to learn from the unverified part of their shadow drafts.
+:class:`ShadowLearner`, to learn from the unverified part of their shadow drafts (a fused drafter
+passes each its own part).
 """
 
 from __future__ import annotations

@@ -12,10 +12,12 @@ engine may verify only a prefix of the merged tree: a shadow draft, see :mod:`fr
 
 from __future__ import annotations
 
+from collections import deque
+
 import numpy as np
 import torch
 
-from freespec.drafters.base import Drafter, SamplingAware
+from freespec.drafters.base import Drafter, SamplingAware, ShadowLearner
 from freespec.sampling import SamplingParams
 from freespec.tree import DraftTree
 
@@ -115,6 +117,8 @@ class Fused:
         self.shadow_drafts = all(d.shadow_drafts for d in drafters)
         self.reads_logits = any(getattr(d, "reads_logits", True) for d in drafters)
         self._proposed: tuple[DraftTree, list[DraftTree], list[list[int]]] | None = None
+        # the last proposals (merged tree, sources' trees, their merged indices), for shadows that resolve later
+        self._recent: deque[tuple[DraftTree, list[DraftTree], list[list[int]]]] = deque(maxlen=64)
 
     def set_sampling(self, params: SamplingParams, generator: torch.Generator | None) -> None:
         """Sources draft point masses: the merged tree keeps no draft probabilities, and
@@ -131,6 +135,8 @@ class Fused:
         trees = [drafter.propose(context, budget) for drafter in self.drafters]
         tree, where = merge_trees(trees, budget)
         self._proposed = (tree, trees, where)
+        if self.shadow_drafts:
+            self._recent.append(self._proposed)
         return tree
 
     def update(self, tree: DraftTree, logits: torch.Tensor, accepted: list[int]) -> None:
@@ -149,3 +155,18 @@ class Fused:
             part = own.prefix(verified)
             reads = getattr(drafter, "reads_logits", True)
             drafter.update(part, rows_of(logits, index[:verified]) if reads else logits[:0], path)
+
+    def learn_unverified(self, tree: DraftTree, path: list[int], verified: int) -> None:
+        """Pass a resolved shadow draft on to the sources that learn from shadows, each in its own
+        numbering: its nodes that made the merged draft, the accepted path among them, and how
+        many of them were verified (and given to :meth:`update`)."""
+        proposal = next((entry for entry in self._recent if entry[0] is tree), None)
+        if proposal is None:  # older than the proposals kept, or not this drafter's
+            return
+        _, trees, where = proposal
+        for drafter, own, index in zip(self.drafters, trees, where):
+            if not isinstance(drafter, ShadowLearner):
+                continue
+            drafted, own_path = source_view(index, path)
+            seen, _ = source_view([merged if merged <= verified else -1 for merged in index], [0])
+            drafter.learn_unverified(own.prefix(drafted), own_path, seen - 1)
