@@ -269,11 +269,16 @@ static inline vec q8_weights(const int8_t *values, const float *scales, int64_t 
         tile_sums(&acc[0][0], ROWS, COLS, cols, y, N);                                           \
     }
 
-/* Few input rows (M <= WIDE_COLS): dequantize in registers, one pass over the blocks,
- * REGISTER_ROWS weight rows at a time (several streams from memory in flight), with a tile of 2
- * input rows up to M = 2 and of WIDE_COLS above. More rows: dequantize BUFFER_ROWS weight rows
- * into a buffer that stays in L1 and run the plain fp32 tiles on it, so each weight is decoded
- * once per call whatever M is. */
+/* Few input rows (M <= WIDE_COLS): dequantize in registers, one pass over the blocks. One input
+ * row (decoding) in the AVX-512 build: all BUFFER_ROWS weight rows at once, so that enough
+ * independent FMA chains hide the FMA latency (3 chains left it the bound: 7% off the decoder's
+ * matmuls; AVX2's 16 registers would spill). Otherwise REGISTER_ROWS weight rows at a time
+ * (several streams from memory in flight), with a tile of exactly M input rows for M = 2 and 3
+ * (a 4-wide tile with one column idle cost 11% at M = 3) and of WIDE_COLS above. More rows:
+ * dequantize BUFFER_ROWS weight rows into a buffer that stays in L1 and run the plain fp32 tiles
+ * on it, so each weight is decoded once per call whatever M is. Every tile computes each output
+ * with the same FMA sequence and the same horizontal sum, so the choice of tile never changes a
+ * bit. */
 #define BUFFER_ROWS SMALL_ROWS
 #define REGISTER_ROWS (SMALL_ROWS / 2)
 #define DEFINE_QUANT_LINEAR(NAME, TILE, TYPE, ROW_BYTES, ROW_SCALES, LOAD)                       \
@@ -289,6 +294,10 @@ static inline vec q8_weights(const int8_t *values, const float *scales, int64_t 
                 prefetch((const char *)(scales + (n + ahead * BUFFER_ROWS) * (ROW_SCALES)),      \
                          BUFFER_ROWS * (ROW_SCALES) * (int64_t)sizeof(float));                   \
             }                                                                                    \
+            if (M == 1 && rows == BUFFER_ROWS && LANES == 16) { /* 16 registers would spill */   \
+                TILE##_single(x, q + n * (ROW_BYTES), scales + n * (ROW_SCALES), y + n, N, K, 1); \
+                continue;                                                                        \
+            }                                                                                    \
             if (M <= WIDE_COLS || rows < BUFFER_ROWS) {                                          \
                 int64_t r = 0;                                                                   \
                 for (; r + REGISTER_ROWS <= rows; r += REGISTER_ROWS) {                          \
@@ -298,6 +307,8 @@ static inline vec q8_weights(const int8_t *values, const float *scales, int64_t 
                         for (int64_t m = 0; m < M; m += 2)                                       \
                             TILE##_registers(x + m * K, block_q, block_scales, y + m * N + n + r, N, K, \
                                              M - m < 2 ? M - m : 2);                             \
+                    else if (M == 3 && WIDE_COLS >= 3)                                           \
+                        TILE##_three(x, block_q, block_scales, y + n + r, N, K, 3);              \
                     else                                                                         \
                         for (int64_t m = 0; m < M; m += WIDE_COLS)                               \
                             TILE##_wide(x + m * K, block_q, block_scales, y + m * N + n + r, N, K, \
@@ -323,9 +334,13 @@ static inline vec q8_weights(const int8_t *values, const float *scales, int64_t 
 
 DEFINE_QUANT_TILE(q4_tile_registers, REGISTER_ROWS, 2, uint8_t, K / 2, K / 16, q4_weights)
 DEFINE_QUANT_TILE(q4_tile_wide, REGISTER_ROWS, WIDE_COLS, uint8_t, K / 2, K / 16, q4_weights)
+DEFINE_QUANT_TILE(q4_tile_three, REGISTER_ROWS, 3, uint8_t, K / 2, K / 16, q4_weights)
+DEFINE_QUANT_TILE(q4_tile_single, BUFFER_ROWS, 1, uint8_t, K / 2, K / 16, q4_weights)
 DEFINE_QUANT_TILE(q4_tile_1x1, 1, 1, uint8_t, K / 2, K / 16, q4_weights)
 DEFINE_QUANT_TILE(q8_tile_registers, REGISTER_ROWS, 2, int8_t, K, K / 32, q8_weights)
 DEFINE_QUANT_TILE(q8_tile_wide, REGISTER_ROWS, WIDE_COLS, int8_t, K, K / 32, q8_weights)
+DEFINE_QUANT_TILE(q8_tile_three, REGISTER_ROWS, 3, int8_t, K, K / 32, q8_weights)
+DEFINE_QUANT_TILE(q8_tile_single, BUFFER_ROWS, 1, int8_t, K, K / 32, q8_weights)
 DEFINE_QUANT_TILE(q8_tile_1x1, 1, 1, int8_t, K, K / 32, q8_weights)
 DEFINE_QUANT_LINEAR(freespec_linear_q4, q4_tile, uint8_t, K / 2, K / 16, q4_weights)
 DEFINE_QUANT_LINEAR(freespec_linear_q8, q8_tile, int8_t, K, K / 32, q8_weights)
