@@ -7,7 +7,8 @@ best-first with parents before children and any prefix is again the best tree of
 
 A source without scores gets ones that fall with its node order. After verification each source
 learns from the longest prefix of its own tree that was verified, in its own node numbering (the
-engine may verify only a prefix of the merged tree: a shadow draft, see :mod:`freespec.budget`).
+engine may verify only a prefix of the merged tree: a shadow draft, see :mod:`freespec.budget`),
+and once the shadow resolves, a source that learns from shadows hears about the rest of its part.
 """
 
 from __future__ import annotations
@@ -83,8 +84,9 @@ def merge_trees(trees: list[DraftTree], budget: int) -> tuple[DraftTree, list[li
 
 
 def source_view(where: list[int], accepted: list[int]) -> tuple[int, list[int]]:
-    """(n, path): a source's first n nodes were all verified (``where``: the verified merged index
-    of each of its nodes, -1 if not verified); its accepted path among them, in its own numbering.
+    """(n, path): a source's first n nodes are all present (``where``: the merged index of each of
+    its nodes, -1 when absent: cut from the draft, or not verified); the accepted path among them,
+    in the source's own numbering.
 
     >>> source_view([0, 2, 1, -1], accepted=[0, 2, 1])  # merged 2 is its node 1
     (3, [0, 1, 2])
