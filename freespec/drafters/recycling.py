@@ -310,7 +310,7 @@ class TokenRecycling:
             calibration.observe(predicted, hit)
 
     def _tables(self) -> dict[str, PairRows]:
-        return {name: table for name, table in (("pairs", self.pairs), ("text_pairs", self.text_pairs)) if table}
+        return {name: table for name, table in (("pairs", self.pairs), ("text_pairs", self.text_pairs)) if table is not None}
 
     def save(self, path: str | Path) -> None:
         tables = {}
