@@ -121,8 +121,9 @@ class PairRows:
     """Recycled candidate rows keyed by a pair of tokens (a, b): the model's top-k after "... a b".
 
     Generating 26 Spec-Bench answers (256 tokens, one draft node per step), a node drafted from the
-    model's row for its pair was accepted 64% of the time; from the row of b alone, 23%. Pairs live in a direct-mapped table of fixed size (a pair takes its slot from
-    whichever pair held it), so memory stays bounded however long a server runs.
+    model's row for its pair was accepted 64% of the time; from the row of b alone, 23%. Pairs live
+    in a direct-mapped table of fixed size (a pair takes its slot from whichever pair held it), so
+    memory stays bounded however long a server runs.
 
     >>> table = PairRows(vocab_size=10, k=2, slots=8)
     >>> table.store([3, -1], [4, 5], np.array([[6, 7], [8, 9]]), np.ones((2, 2)))
@@ -274,7 +275,8 @@ class TokenRecycling:
     def update(self, tree: DraftTree, logits: torch.Tensor, accepted: list[int]) -> None:
         tokens = tree.tokens.tolist()
         proposed, self._proposed_root = self._proposed_root, None
-        before = [proposed[0] if proposed is not None and proposed[1] == tokens[0] else -1]  # the token before each node
+        # the token before each node; the root's, if this tree is the last proposal
+        before = [proposed[0] if proposed is not None and proposed[1] == tokens[0] else -1]
         before += [tokens[parent] for parent in tree.parents.tolist()[1:]]
         if self.tree == "dynamic" and len(tree) > 1:
             self._calibrate(tree, before, accepted)
@@ -310,7 +312,8 @@ class TokenRecycling:
             calibration.observe(predicted, hit)
 
     def _tables(self) -> dict[str, PairRows]:
-        return {name: table for name, table in (("pairs", self.pairs), ("text_pairs", self.text_pairs)) if table is not None}
+        tables = {"pairs": self.pairs, "text_pairs": self.text_pairs}
+        return {name: table for name, table in tables.items() if table is not None}
 
     def save(self, path: str | Path) -> None:
         tables = {}
