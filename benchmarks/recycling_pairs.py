@@ -38,12 +38,12 @@ class RowKinds:
 
         def counting_propose(context: np.ndarray, budget: int):
             root, before = int(context[-1]), int(context[-2]) if len(context) > 1 else -1
-            if drafter.pairs is not None and drafter.pairs.find(before, root) >= 0:
-                self._kind = "pair"
-            elif drafter.text_pairs is not None and drafter.text_pairs.find(before, root) >= 0:
-                self._kind = "text"
-            else:
-                self._kind = "token" if drafter.probs[root, 0] > 0 else "never seen"
+            _, probs, calibration = drafter.row(before, root)  # the row the draft's first node comes from
+            kinds = {id(drafter.calibration): "token"}
+            for kind, table in (("pair", drafter.pairs), ("text", drafter.text_pairs)):
+                if table is not None:
+                    kinds[id(table.calibration)] = kind
+            self._kind = kinds[id(calibration)] if probs[0] > 0 else "never seen"
             self.tried[self._kind, "steps"] += 1
             return propose(context, budget)
 

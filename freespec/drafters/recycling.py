@@ -273,13 +273,13 @@ class TokenRecycling:
         return DraftTree(tokens, parents, np.concatenate(([1.0], self._node_score[:size])))
 
     def update(self, tree: DraftTree, logits: torch.Tensor, accepted: list[int]) -> None:
-        tokens = tree.tokens.tolist()
+        tokens, parents = tree.tokens.tolist(), tree.parents.tolist()
         proposed, self._proposed_root = self._proposed_root, None
         # the token before each node; the root's, if this tree is the last proposal
         before = [proposed[0] if proposed is not None and proposed[1] == tokens[0] else -1]
-        before += [tokens[parent] for parent in tree.parents.tolist()[1:]]
+        before += [tokens[parent] for parent in parents[1:]]
         if self.tree == "dynamic" and len(tree) > 1:
-            self._calibrate(tree, before, accepted)
+            self._calibrate(tokens, parents, before, accepted)
         ids, probs = top_candidates(logits, self.k)  # [n, k] each
         self.successors[tree.tokens] = ids  # a token drafted twice keeps its last row
         self.probs[tree.tokens] = probs
@@ -293,11 +293,10 @@ class TokenRecycling:
             if self._steps_since_reorder >= 64:
                 self._reorder()
 
-    def _calibrate(self, tree: DraftTree, before: list[int], accepted: list[int]) -> None:
+    def _calibrate(self, tokens: list[int], parents: list[int], before: list[int], accepted: list[int]) -> None:
         """Teach each calibration with the nodes whose parent was accepted, from the rows they were
         drafted from (read before the rows change)."""
         on_path = set(accepted)
-        tokens, parents = tree.tokens.tolist(), tree.parents.tolist()
         observed: dict[int, tuple[Calibration, list[float], list[bool]]] = {}
         for node in range(1, len(tokens)):
             parent = parents[node]
