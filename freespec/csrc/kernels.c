@@ -269,12 +269,14 @@ static inline vec q8_weights(const int8_t *values, const float *scales, int64_t 
         tile_sums(&acc[0][0], ROWS, COLS, cols, y, N);                                           \
     }
 
-/* Few input rows (M <= WIDE_COLS): dequantize in registers, one pass over the blocks. One input
- * row (decoding) in the AVX-512 build: all BUFFER_ROWS weight rows at once, so that enough
- * independent FMA chains hide the FMA latency (3 chains left it the bound: 7% off the decoder's
- * matmuls; AVX2's 16 registers would spill). Otherwise REGISTER_ROWS weight rows at a time
- * (several streams from memory in flight), with a tile of exactly M input rows for M = 2 and 3
- * (a 4-wide tile with one column idle cost 11% at M = 3) and of WIDE_COLS above. More rows:
+/* Few input rows (M <= WIDE_COLS): dequantize in registers, one pass over the blocks. One or
+ * two input rows (decoding, verifying one-node drafts) in the AVX-512 build: all BUFFER_ROWS
+ * weight rows at once, so that enough independent FMA chains hide the FMA latency and each
+ * input vector load serves six weight rows (against REGISTER_ROWS-row tiles: 7% off the
+ * decoder's matmuls for one row, 16% off the Q8_0 lm_head for two; three rows gained nothing;
+ * AVX2's 16 registers would spill). Otherwise REGISTER_ROWS weight rows at a time (several
+ * streams from memory in flight), with a two-column tile for M <= 2, a tile exactly three wide
+ * for M = 3 (a 4-wide tile with one column idle cost 11%) and WIDE_COLS wide above. More rows:
  * dequantize BUFFER_ROWS weight rows into a buffer that stays in L1 and run the plain fp32 tiles
  * on it, so each weight is decoded once per call whatever M is. Every tile computes each output
  * with the same FMA sequence and the same horizontal sum, so the choice of tile never changes a
@@ -294,8 +296,11 @@ static inline vec q8_weights(const int8_t *values, const float *scales, int64_t 
                 prefetch((const char *)(scales + (n + ahead * BUFFER_ROWS) * (ROW_SCALES)),      \
                          BUFFER_ROWS * (ROW_SCALES) * (int64_t)sizeof(float));                   \
             }                                                                                    \
-            if (M == 1 && rows == BUFFER_ROWS && LANES == 16) { /* 16 registers would spill */   \
-                TILE##_single(x, q + n * (ROW_BYTES), scales + n * (ROW_SCALES), y + n, N, K, 1); \
+            if (M <= 2 && rows == BUFFER_ROWS && LANES == 16) { /* 16 registers would spill */   \
+                const TYPE *block_q = q + n * (ROW_BYTES);                                       \
+                const float *block_scales = scales + n * (ROW_SCALES);                           \
+                if (M == 1) TILE##_one(x, block_q, block_scales, y + n, N, K, 1);                \
+                else TILE##_two(x, block_q, block_scales, y + n, N, K, 2);                       \
                 continue;                                                                        \
             }                                                                                    \
             if (M <= WIDE_COLS || rows < BUFFER_ROWS) {                                          \
@@ -304,9 +309,7 @@ static inline vec q8_weights(const int8_t *values, const float *scales, int64_t 
                     const TYPE *block_q = q + (n + r) * (ROW_BYTES);                             \
                     const float *block_scales = scales + (n + r) * (ROW_SCALES);                 \
                     if (M <= 2)                                                                  \
-                        for (int64_t m = 0; m < M; m += 2)                                       \
-                            TILE##_registers(x + m * K, block_q, block_scales, y + m * N + n + r, N, K, \
-                                             M - m < 2 ? M - m : 2);                             \
+                        TILE##_registers(x, block_q, block_scales, y + n + r, N, K, M);          \
                     else if (M == 3 && WIDE_COLS >= 3)                                           \
                         TILE##_three(x, block_q, block_scales, y + n + r, N, K, 3);              \
                     else                                                                         \
@@ -334,13 +337,15 @@ static inline vec q8_weights(const int8_t *values, const float *scales, int64_t 
 
 DEFINE_QUANT_TILE(q4_tile_registers, REGISTER_ROWS, 2, uint8_t, K / 2, K / 16, q4_weights)
 DEFINE_QUANT_TILE(q4_tile_wide, REGISTER_ROWS, WIDE_COLS, uint8_t, K / 2, K / 16, q4_weights)
+DEFINE_QUANT_TILE(q4_tile_one, BUFFER_ROWS, 1, uint8_t, K / 2, K / 16, q4_weights)
+DEFINE_QUANT_TILE(q4_tile_two, BUFFER_ROWS, 2, uint8_t, K / 2, K / 16, q4_weights)
 DEFINE_QUANT_TILE(q4_tile_three, REGISTER_ROWS, 3, uint8_t, K / 2, K / 16, q4_weights)
-DEFINE_QUANT_TILE(q4_tile_single, BUFFER_ROWS, 1, uint8_t, K / 2, K / 16, q4_weights)
 DEFINE_QUANT_TILE(q4_tile_1x1, 1, 1, uint8_t, K / 2, K / 16, q4_weights)
 DEFINE_QUANT_TILE(q8_tile_registers, REGISTER_ROWS, 2, int8_t, K, K / 32, q8_weights)
 DEFINE_QUANT_TILE(q8_tile_wide, REGISTER_ROWS, WIDE_COLS, int8_t, K, K / 32, q8_weights)
+DEFINE_QUANT_TILE(q8_tile_one, BUFFER_ROWS, 1, int8_t, K, K / 32, q8_weights)
+DEFINE_QUANT_TILE(q8_tile_two, BUFFER_ROWS, 2, int8_t, K, K / 32, q8_weights)
 DEFINE_QUANT_TILE(q8_tile_three, REGISTER_ROWS, 3, int8_t, K, K / 32, q8_weights)
-DEFINE_QUANT_TILE(q8_tile_single, BUFFER_ROWS, 1, int8_t, K, K / 32, q8_weights)
 DEFINE_QUANT_TILE(q8_tile_1x1, 1, 1, int8_t, K, K / 32, q8_weights)
 DEFINE_QUANT_LINEAR(freespec_linear_q4, q4_tile, uint8_t, K / 2, K / 16, q4_weights)
 DEFINE_QUANT_LINEAR(freespec_linear_q8, q8_tile, int8_t, K, K / 32, q8_weights)
