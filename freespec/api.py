@@ -112,8 +112,9 @@ class Model:
         return self._drafters[name]
 
     def reset(self) -> None:
-        """Forget all drafter state learned from earlier requests."""
+        """Forget all drafter state learned from earlier requests and the prompt rows they cached."""
         self._drafters.clear()
+        self.runner.reset(0)
 
     def save_state(self, path: str | os.PathLike) -> None:
         """Write Token Recycling's learned matrix to ``path`` (.npz), to warm a later process."""
@@ -129,13 +130,16 @@ class Model:
     def stream(self, prompt: str | None = None, *, messages: list[dict] | None = None, max_new_tokens: int = 256,
                drafter: str = "recycling", chat: bool = True, prompt_ids: list[int] | None = None,
                budget: int | None = None, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-               min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None) -> Generation:
+               min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
+               reuse_prefix: bool = True) -> Generation:
         """Start a request; iterate the result for token-id chunks as they are accepted.
 
         ``budget`` fixes the draft nodes per step (default: the model's, else chosen from measured costs).
         ``temperature`` 0 is greedy; above 0 tokens are sampled with ``top_k``, ``top_p``, ``min_p``
         and ``repetition_penalty`` as transformers applies them, from exactly that distribution
         whatever the drafter (see :class:`freespec.sampling.SamplingParams`). ``seed`` repeats a run.
+        ``reuse_prefix``: skip prefilling the prompt's leading tokens that the previous request
+        already cached (a chat's earlier turns); it never changes the output.
         """
         sampling = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
         if prompt_ids is None:
@@ -143,7 +147,7 @@ class Model:
         drafter_state, policy = self.drafter(drafter)
         budget = self.fixed_budget if budget is None else budget
         return Generation(self.runner, drafter_state, policy, prompt_ids, max_new_tokens, self.stop_ids, budget,
-                          sampling)
+                          sampling, reuse_prefix)
 
     def generate(self, prompt: str | None = None, **kwargs) -> GenerationResult:
         generation = self.stream(prompt, **kwargs)

@@ -101,7 +101,9 @@ def build_runner(method: str, setup: Setup) -> Runner:
 
     def run(prompt_ids: list[int]) -> Output:
         options = {**asdict(setup.sampling), "seed": torch.initial_seed()}  # the same for every method
-        result = model.generate(prompt_ids=prompt_ids, drafter=method, max_new_tokens=setup.max_new_tokens, **options)
+        # every turn prefills its whole conversation, as the peers' turns do (llama.cpp is reset)
+        result = model.generate(prompt_ids=prompt_ids, drafter=method, max_new_tokens=setup.max_new_tokens,
+                                reuse_prefix=False, **options)
         return Output(result.token_ids, result.stats.accepted_lengths, result.stats.draft_sizes,
                       sampled=not setup.sampling.greedy)
 

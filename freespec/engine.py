@@ -34,6 +34,7 @@ class GenerationStats:
     """Counters for one request. ``mean_accepted`` (τ) counts the bonus token: plain decoding has 1."""
 
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose cache rows an earlier request left (not prefilled)
     new_tokens: int = 0
     forward_passes: int = 0  # verification passes, prefill excluded
     prefill_seconds: float = 0.0
@@ -56,6 +57,7 @@ class GenerationStats:
     def as_dict(self) -> dict:
         return {
             "prompt_tokens": self.prompt_tokens,
+            "cached_tokens": self.cached_tokens,
             "new_tokens": self.new_tokens,
             "forward_passes": self.forward_passes,
             "mean_accepted": round(self.mean_accepted, 4),
@@ -71,11 +73,14 @@ class Generation:
     """One request in flight: iterate to receive token chunks as they are accepted.
 
     After iteration ``token_ids``, ``stats`` and ``finish_reason`` ("stop" or "length") are final.
+    ``reuse_prefix``: keep the cache rows of the prompt's leading tokens that the runner's last
+    request left there (a chat's earlier turns), instead of prefilling them again; the output is
+    the same bits either way (see :meth:`ModelRunner.reuse`).
     """
 
     def __init__(self, runner: ModelRunner, drafter: Drafter | None, policy: BudgetPolicy | None,
                  prompt_ids: list[int], max_new_tokens: int, stop_ids: set[int], fixed_budget: int | None = None,
-                 sampling: SamplingParams = SamplingParams()):
+                 sampling: SamplingParams = SamplingParams(), reuse_prefix: bool = True):
         if not prompt_ids:
             raise ValueError("the prompt is empty")
         if max_new_tokens <= 0:
@@ -88,6 +93,7 @@ class Generation:
             raise ValueError(f"budget must be >= 0, got {fixed_budget}")
         self.runner, self.drafter, self.policy = runner, drafter, policy
         self.fixed_budget = fixed_budget
+        self.reuse_prefix = reuse_prefix
         self.prompt_ids = list(prompt_ids)
         self.max_new_tokens = min(max_new_tokens, runner.max_positions - len(prompt_ids))
         self.finish_reason = "length"
@@ -153,23 +159,30 @@ class Generation:
                 break
 
     def _prefill(self) -> None:
-        """Cache all prompt tokens but the last, which becomes the first step's root."""
+        """Cache all prompt tokens but the last, which becomes the first step's root; keep the rows
+        of a leading part an earlier request left in the cache, if asked to."""
         runner, drafter = self.runner, self.drafter
         capacity = len(self.prompt_ids) + self.max_new_tokens
         if drafter is not None:
             capacity += max(self.policy.candidates + [self.fixed_budget or 0]) + 1
-        runner.reset(min(capacity, runner.max_positions))
-        prompt = torch.tensor(self.prompt_ids[:-1], dtype=torch.long)
-        hidden = runner.prefill(prompt)
+        capacity = min(capacity, runner.max_positions)
+        prompt = self.prompt_ids[:-1]
+        if self.reuse_prefix:
+            cached = runner.reuse(prompt, capacity)
+        else:
+            cached = 0
+            runner.reset(capacity)
+        self.stats.cached_tokens = cached
+        hidden = runner.prefill(torch.tensor(prompt[cached:], dtype=torch.long))  # [prompt - cached, hidden]
         if drafter is None:
             return
         if isinstance(drafter, SamplingAware):
             drafter.set_sampling(self.sampling, self.generator)
-        if drafter.wants_prompt_logits and len(prompt):
+        if drafter.wants_prompt_logits and len(hidden):
             recent = hidden[-WARM_START_POSITIONS:]  # the last prompt tokens but the root
-            drafter.begin(prompt[-len(recent) :].numpy(), runner.logits(recent, exact=False))
+            drafter.begin(np.array(prompt[-len(recent) :], dtype=np.int64), runner.logits(recent))
         else:
-            drafter.begin(prompt.numpy(), None)
+            drafter.begin(np.array(prompt, dtype=np.int64), None)
 
     def _propose(self, context: np.ndarray, nodes: int) -> DraftTree:
         return DraftTree.root_only(int(context[-1])) if nodes == 0 else self.drafter.propose(context, nodes)

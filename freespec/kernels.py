@@ -36,10 +36,6 @@ log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).parent / "csrc" / "kernels.c"
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
 _AVX512_FLAGS = ["-mavx512f", "-DFREESPEC_AVX512"]
-BLAS_ROWS = {"avx2": 64}
-"""Per kernel build: from this many rows up, calls that need not be batch-invariant (prefill) use
-BLAS, which is as fast or faster there. The AVX-512 build beat BLAS at every prefill length
-measured (100 to 1,500 tokens, 1.4-2.1x), so it never hands over."""
 SKINNY_ROWS = 64  # without the kernels: below this many rows, ``W @ x.T`` beats ``F.linear``
 
 
@@ -143,18 +139,15 @@ def kernel_version() -> str | None:
     return _source_digest() if _library() is not None else None
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight, bias: torch.Tensor | None = None,
-           invariant: bool = True) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ weight.T + bias`` for x [M, K] and weight [N, K] (contiguous fp32 or exact blocks) → [M, N].
 
-    ``invariant``: every row's result must not depend on M (decoding and verification). Otherwise
-    (prefill) BLAS takes large M where it is the faster choice (:data:`BLAS_ROWS`). Block weights give bit-identical results
-    to their fp32 form (see :mod:`freespec.quant`), reading 4-6x fewer bytes.
+    With the kernels, every row's result is the same whatever M is. Block weights give
+    bit-identical results to their fp32 form (see :mod:`freespec.quant`), reading 4-6x fewer bytes.
     """
     rows = x.shape[0]
     library = _library()
-    blas_rows = BLAS_ROWS.get(_isa())
-    if library is not None and (invariant or blas_rows is None or rows < blas_rows):
+    if library is not None:
         x = x.contiguous()
         out = torch.empty(rows, weight.shape[0], dtype=torch.float32)
         if isinstance(weight, PackedWeight):

@@ -1,7 +1,8 @@
 """ModelRunner: the target model's forward pass over a preallocated KV cache with tree attention.
 
 One code path serves prefill, plain decoding (a tree of one node) and tree verification, so a
-token's logits do not depend on which mode produced them. The matmuls go through the
+token's logits and cache rows do not depend on which mode produced them; the rows of an earlier
+request can therefore serve a later one that starts with the same tokens (:meth:`ModelRunner.reuse`). The matmuls go through the
 batch-invariant kernels in :mod:`freespec.kernels`; rotary tables, activations, LayerNorms and
 the RMSNorm weights and epsilons are the Hugging Face model's own, so no model file is forked.
 What is replaced is the orchestration: a static cache with a length pointer (commit = gather of
@@ -14,10 +15,10 @@ Supported families: Llama-style decoders (llama, mistral, qwen2, qwen3) and GPT-
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
@@ -29,6 +30,19 @@ LLAMA_STYLE = ("llama", "mistral", "qwen2", "qwen3")
 GPT2_STYLE = ("gpt2",)
 SUPPORTED_FAMILIES = LLAMA_STYLE + GPT2_STYLE
 PREFILL_CHUNK = 512
+SKIPPED = -1  # the token recorded for a cache row written by a pass that skipped layers
+PREFILL_SCRATCH = 1 << 24  # attention scores (floats) one prefill chunk may hold: 64 MB
+
+
+def common_prefix(a: Sequence[int] | np.ndarray, b: Sequence[int] | np.ndarray) -> int:
+    """Length of the longest common prefix of two token sequences.
+
+    >>> common_prefix([1, 2, 3], [1, 2, 4, 5]), common_prefix(np.array([1]), np.array([1, 2]))
+    (2, 1)
+    """
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(differ[0]) if len(differ) else n
 
 
 class UnsupportedModelError(ValueError):
@@ -97,6 +111,8 @@ class ModelRunner:
         self.length = 0  # committed cache rows
         self._keys = torch.empty(0)
         self._values = torch.empty(0)
+        self._row_tokens: list[int] = []  # the token of each committed row; SKIPPED: not reusable
+        self._forwarded: list[int] = []  # the last forward's tokens, as commit would record them
 
     # -- weights ---------------------------------------------------------------------------------
 
@@ -196,6 +212,21 @@ class ModelRunner:
             shape = (self.num_layers, self.num_kv_heads, rounded, self.head_dim)
             self._keys, self._values = torch.zeros(shape), torch.zeros(shape)
         self.length = 0
+        self._row_tokens = []
+
+    def reuse(self, tokens: Sequence[int], capacity: int) -> int:
+        """Keep the committed rows of the longest prefix of ``tokens`` the cache already holds,
+        drop the rest, make sure the cache holds ``capacity`` positions; return the rows kept.
+
+        A row depends only on the tokens up to it (every pass is batch-invariant, prefill
+        included), so a kept row is bit-identical to the one a fresh prefill would write: what
+        came before never changes a request's output. Rows of passes that skipped layers are
+        never kept. Without the kernels nothing is kept (torch's kernels are not batch-invariant).
+        """
+        kept = common_prefix(self._row_tokens, tokens) if kernel_available() else 0
+        self.truncate(kept)
+        self.reserve(capacity)
+        return kept
 
     @property
     def capacity(self) -> int:
@@ -206,12 +237,12 @@ class ModelRunner:
         model's cache grows with the request instead of being sized for the longest one)."""
         if capacity <= self.capacity:
             return
-        keys, values, length = self._keys, self._values, self.length
+        keys, values, length, row_tokens = self._keys, self._values, self.length, self._row_tokens
         self.reset(capacity)
         if length:
             self._keys[:, :, :length] = keys[:, :, :length]
             self._values[:, :, :length] = values[:, :, :length]
-        self.length = length
+        self.length, self._row_tokens = length, row_tokens
 
     def truncate(self, length: int) -> None:
         """Drop the committed rows from ``length`` on: rows a drafter committed while drafting
@@ -219,6 +250,7 @@ class ModelRunner:
         if not 0 <= length <= self.length:
             raise ValueError(f"cannot truncate the cache to {length} rows: it holds {self.length}")
         self.length = length
+        del self._row_tokens[length:]
 
     def commit(self, kept: Sequence[int]) -> None:
         """Keep the cache rows of the last forward's nodes ``kept`` (ascending), drop the others."""
@@ -228,22 +260,26 @@ class ModelRunner:
             self._keys[:, :, start : start + count] = self._keys[:, :, source]
             self._values[:, :, start : start + count] = self._values[:, :, source]
         self.length += count
+        self._row_tokens += [self._forwarded[node] for node in kept]
 
     # -- forward ---------------------------------------------------------------------------------
 
     def prefill(self, tokens: torch.Tensor) -> torch.Tensor:
         """Run and commit a prompt (causally, in chunks); return its final hidden states [n, hidden].
 
-        Uses torch's SDPA, faster than the batch-invariant attention on long sequences; plain
-        and speculative decoding share the prefill, so this does not affect their equality.
+        The same batch-invariant pass as decoding, so the rows do not depend on the chunks. A
+        chunk holds up to PREFILL_CHUNK tokens, fewer deep in a long context, where its attention
+        scores (tokens x heads x keys) would outgrow PREFILL_SCRATCH.
         """
-        hidden = []
-        for start in range(0, tokens.shape[0], PREFILL_CHUNK):
-            chunk = tokens[start : start + PREFILL_CHUNK]
+        hidden, start = [], 0
+        while start < tokens.shape[0]:
+            size = max(1, min(PREFILL_CHUNK, PREFILL_SCRATCH // (self.num_heads * (self.length + PREFILL_CHUNK))))
+            chunk = tokens[start : start + size]
             n = chunk.shape[0]
             positions = torch.arange(self.length, self.length + n)
-            hidden.append(self._run(chunk, positions, torch.ones(n, n, dtype=torch.bool).tril_(), exact=False))
+            hidden.append(self._run(chunk, positions, torch.ones(n, n, dtype=torch.bool).tril_()))
             self.commit(range(n))
+            start += n
         return torch.cat(hidden) if hidden else torch.empty(0, self._embed.shape[1])
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, tree_mask: torch.Tensor,
@@ -261,29 +297,29 @@ class ModelRunner:
         bad = [index for index in skip if not 0 <= index < self.num_layers]
         if bad:
             raise ValueError(f"cannot skip layers {sorted(bad)}: the model has layers 0..{self.num_layers - 1}")
-        return self._run(tokens, positions, tree_mask, exact=True, skip=frozenset(skip))
+        return self._run(tokens, positions, tree_mask, skip=frozenset(skip))
 
-    def _run(self, tokens: torch.Tensor, positions: torch.Tensor, tree_mask: torch.Tensor, exact: bool,
+    def _run(self, tokens: torch.Tensor, positions: torch.Tensor, tree_mask: torch.Tensor,
              skip: frozenset[int] = frozenset()) -> torch.Tensor:
         end = self.length + tokens.shape[0]
         if end > self.capacity:
             raise ValueError(f"cache overflow: {end} rows needed, capacity {self.capacity}")
+        self._forwarded = [SKIPPED] * len(tokens) if skip else tokens.tolist()
         with torch.inference_mode():
             cos = sin = None
             if self.family in LLAMA_STYLE:
                 cos, sin = self._rotary_tables(positions)
-            if exact and self._decoder is not None:
+            if self._decoder is not None:
                 h = self._decoder(self._embed[tokens], self._keys, self._values, self.length, tree_mask, cos, sin, skip)
                 return _rms_norm(h, self._final_norm)
-            if exact and kernel_available():
+            if kernel_available():
                 attention = TreeAttention(self.length, tree_mask, self.num_heads, self.num_kv_heads, self.head_dim,
                                           self.scale, cos, sin)
             else:
                 attention = self._sdpa(tree_mask, cos, sin)
-            project = partial(linear, invariant=exact)
             if self.family in LLAMA_STYLE:
-                return self._forward_llama(tokens, attention, project, skip)
-            return self._forward_gpt2(tokens, positions, attention, project, skip)
+                return self._forward_llama(tokens, attention, skip)
+            return self._forward_gpt2(tokens, positions, attention, skip)
 
     def embedding_probe(self) -> list[float]:
         """A few embedding values: tells models of the same shape apart in cache keys."""
@@ -302,14 +338,14 @@ class ModelRunner:
             self._cos_table, self._sin_table = cos[0].contiguous(), sin[0].contiguous()
         return self._cos_table[positions], self._sin_table[positions]
 
-    def logits(self, hidden: torch.Tensor, exact: bool = True) -> torch.Tensor:
-        """[q, hidden] → [q, vocab] fp32 logits; ``exact=False`` allows BLAS (not batch-invariant)."""
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[q, hidden] → [q, vocab] fp32 logits."""
         with torch.inference_mode():
-            return linear(hidden, self._lm_head, self._lm_head_bias, invariant=exact)
+            return linear(hidden, self._lm_head, self._lm_head_bias)
 
     def _sdpa(self, tree_mask: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None):
-        """torch's rotary, cache writes and attention: faster on long sequences (prefill), not
-        batch-invariant. Same contract as :class:`freespec.kernels.TreeAttention`."""
+        """torch's rotary, cache writes and attention, where the kernels are not built (not
+        batch-invariant). Same contract as :class:`freespec.kernels.TreeAttention`."""
         n, start = tree_mask.shape[0], self.length
         heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
         mask = torch.cat([torch.ones(n, start, dtype=torch.bool), tree_mask], dim=1)
@@ -331,17 +367,17 @@ class ModelRunner:
 
         return attend
 
-    def _forward_llama(self, tokens, attention, project, skip) -> torch.Tensor:
+    def _forward_llama(self, tokens, attention, skip) -> torch.Tensor:
         h = self._embed[tokens]  # [n, hidden]
         for index, w in enumerate(self._layers):
             if index in skip:
                 continue
-            qkv = project(_rms_norm(h, w["attn_norm"]), w["qkv"], w["qkv_bias"])  # [n, (heads + 2 kv_heads) head_dim]
+            qkv = linear(_rms_norm(h, w["attn_norm"]), w["qkv"], w["qkv_bias"])  # [n, (heads + 2 kv_heads) head_dim]
             if w["q_norm"] is not None:
                 qkv = self._norm_queries_and_keys(qkv, w)
-            h = h + project(attention(qkv, self._keys[index], self._values[index]), w["o"], w["o_bias"])
-            gate, up = project(_rms_norm(h, w["mlp_norm"]), w["gate_up"], w["gate_up_bias"]).chunk(2, dim=-1)
-            h = h + project(self._act(gate) * up, w["down"], w["down_bias"])
+            h = h + linear(attention(qkv, self._keys[index], self._values[index]), w["o"], w["o_bias"])
+            gate, up = linear(_rms_norm(h, w["mlp_norm"]), w["gate_up"], w["gate_up_bias"]).chunk(2, dim=-1)
+            h = h + linear(self._act(gate) * up, w["down"], w["down_bias"])
         return _rms_norm(h, self._final_norm)
 
     def _norm_queries_and_keys(self, qkv: torch.Tensor, w: dict) -> torch.Tensor:
@@ -350,12 +386,12 @@ class ModelRunner:
         q, k, v = qkv.view(n, heads + 2 * kv_heads, dim).split([heads, kv_heads, kv_heads], dim=1)
         return torch.cat([_rms_norm(q, w["q_norm"]), _rms_norm(k, w["k_norm"]), v], dim=1).view(n, -1)
 
-    def _forward_gpt2(self, tokens, positions, attention, project, skip) -> torch.Tensor:
+    def _forward_gpt2(self, tokens, positions, attention, skip) -> torch.Tensor:
         h = self._embed[tokens] + self._positions[positions]
         for index, w in enumerate(self._layers):
             if index in skip:
                 continue
-            qkv = project(w["attn_norm"](h), w["qkv"], w["qkv_bias"])
-            h = h + project(attention(qkv, self._keys[index], self._values[index]), w["o"], w["o_bias"])
-            h = h + project(self._act(project(w["mlp_norm"](h), w["up"], w["up_bias"])), w["down"], w["down_bias"])
+            qkv = linear(w["attn_norm"](h), w["qkv"], w["qkv_bias"])
+            h = h + linear(attention(qkv, self._keys[index], self._values[index]), w["o"], w["o_bias"])
+            h = h + linear(self._act(linear(w["mlp_norm"](h), w["up"], w["up_bias"])), w["down"], w["down_bias"])
         return self._final_norm(h)

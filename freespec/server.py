@@ -345,6 +345,7 @@ def _usage(finished: Finished) -> dict:
         "prompt_tokens": stats.prompt_tokens,
         "completion_tokens": stats.new_tokens,
         "total_tokens": stats.prompt_tokens + stats.new_tokens,
+        "prompt_tokens_details": {"cached_tokens": stats.cached_tokens},
         "speculative": {
             "drafter": finished.drafter,
             "forward_passes": stats.forward_passes,

@@ -46,6 +46,23 @@ def test_recycling_equals_plain_greedy(family, seed, budget, tree):
         assert tokens / passes > 1.2
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("drafter", ["none", "recycling", "lookup"])
+def test_a_reused_prefix_changes_no_token(family, drafter):
+    """A chat's second turn finds the first turn's rows still cached: keeping them gives the same
+    tokens as prefilling the whole conversation afresh in another process."""
+    model = make_model(family, 0)
+    first = generate(model, PROMPTS[1], drafter)
+    second_prompt = PROMPTS[1] + first.token_ids + [2, 7, 8, 9, 3]
+    warm = generate(model, second_prompt, drafter)
+    cold = make_model(family, 0).generate(prompt_ids=second_prompt, drafter=drafter, max_new_tokens=48,
+                                          reuse_prefix=False)
+    assert warm.token_ids == cold.token_ids
+    assert warm.stats.cached_tokens >= len(PROMPTS[1]) + len(first.token_ids) - 1 and cold.stats.cached_tokens == 0
+    model.reset()  # forgets the rows too
+    assert generate(model, second_prompt, drafter).stats.cached_tokens == 0
+
+
 @pytest.mark.parametrize("max_new_tokens", [1, 2, 3, 7, 33])
 @pytest.mark.parametrize("tree", ["dynamic", "static"])
 def test_token_limit_inside_a_draft(max_new_tokens, tree):

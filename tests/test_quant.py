@@ -48,7 +48,6 @@ def test_gguf_blocks_are_recovered_and_multiply_bit_identically(kind, expected, 
     dense = kernels.linear(x, weight)
     for rows in (1, 2, 3, 4, 7, 13, 20):  # every path of the kernel: one, two, three, four input rows, buffered, edge rows
         assert torch.equal(kernels.linear(x[:rows], packed), dense[:rows])
-    torch.testing.assert_close(kernels.linear(x, packed, invariant=False), dense, rtol=1e-5, atol=1e-5)
 
 
 def test_plain_fp32_weights_are_left_alone():

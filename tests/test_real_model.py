@@ -50,3 +50,17 @@ def test_seeded_sampling_equals_plain_sampling_on_the_real_model(model):
     fast = model.generate(PROMPTS[2], drafter="recycling", budget=16, **options)
     assert fast.token_ids == plain.token_ids
     assert plain.token_ids != model.generate(PROMPTS[2], drafter="none", **{**options, "seed": 2}).token_ids
+
+
+def test_a_second_chat_turn_reuses_the_first_and_changes_no_token(model):
+    """The second turn's conversation starts with the first turn's rows: kept, they give the
+    tokens a whole fresh prefill gives, plain and speculative alike."""
+    chat = [{"role": "user", "content": PROMPTS[2]}]
+    first = model.generate(messages=chat, drafter="recycling", max_new_tokens=32)
+    chat += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "Now three uses of iron."}]
+    cold = model.generate(messages=chat, drafter="none", max_new_tokens=32, reuse_prefix=False)
+    model.generate(messages=chat[:1], drafter="none", max_new_tokens=32)  # leave the first turn cached again
+    for drafter in ("recycling", "none"):
+        warm = model.generate(messages=chat, drafter=drafter, max_new_tokens=32)
+        assert warm.token_ids == cold.token_ids, drafter
+        assert warm.stats.cached_tokens > len(model.encode(messages=chat[:1])) - 1

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from conftest import forced_kernel_build, tiny_model
 from freespec import kernels
+from freespec import runner as runner_module
 from freespec.runner import ModelRunner, UnsupportedModelError
 from freespec.tree import DraftTree
 import numpy as np
@@ -34,9 +35,6 @@ def test_kernel_matches_torch_and_is_batch_invariant(k, kernel_build):
         # any row, computed in any batch, gives the same bits
         assert torch.equal(kernels.linear(x[:rows], w, b), full[:rows])
     assert torch.equal(kernels.linear(x[5:6], w, b)[0], full[5])
-    torch.testing.assert_close(kernels.linear(x, w, invariant=False), F.linear(x, w), rtol=1e-5, atol=1e-4)  # BLAS
-    if kernel_build == "avx512":  # faster than BLAS at any size, so prefill keeps the kernel's bits
-        assert torch.equal(kernels.linear(x, w, invariant=False), kernels.linear(x, w))
     assert torch.equal(kernels.linear(x, w)[:40], kernels.linear(x[:40], w))  # invariant at any size
 
 
@@ -224,3 +222,55 @@ def test_reserve_grows_the_cache_and_keeps_its_rows():
     runner.reserve(300)
     assert runner.capacity >= 300 and runner.length == 8
     assert torch.equal(runner.logits(runner.forward(ids[8:9], torch.tensor([8]), one)), expected)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("chunk,scratch", [(7, runner_module.PREFILL_SCRATCH), (512, 600)])
+def test_prefill_rows_do_not_depend_on_chunks_or_on_decoding(family, chunk, scratch, kernel_build, monkeypatch):
+    """A prompt's cache rows and hidden states are the same bits prefilled at once, in chunks
+    (cut by PREFILL_CHUNK or by the attention scratch bound), or decoded one token at a time:
+    what a reused prefix relies on."""
+    runner = ModelRunner(tiny_model(family, seed=8))
+    ids = torch.randint(runner.vocab_size, (40,), generator=torch.Generator().manual_seed(8))
+    runner.reset(64)
+    whole = runner.prefill(ids)
+    keys, values = runner._keys[:, :, :40].clone(), runner._values[:, :, :40].clone()
+    monkeypatch.setattr(runner_module, "PREFILL_CHUNK", chunk)
+    monkeypatch.setattr(runner_module, "PREFILL_SCRATCH", scratch)
+    runner.reset(64)
+    assert torch.equal(runner.prefill(ids), whole)
+    assert torch.equal(runner._keys[:, :, :40], keys) and torch.equal(runner._values[:, :, :40], values)
+    runner.reset(64)
+    runner.prefill(ids[:25])
+    assert torch.equal(decode_one_by_one(runner, ids, 25, 40), runner.logits(whole[25:]))
+    assert torch.equal(runner._keys[:, :, :40], keys) and torch.equal(runner._values[:, :, :40], values)
+
+
+def test_reuse_keeps_the_shared_prefix_and_never_rows_of_skipping_passes(monkeypatch):
+    runner = ModelRunner(tiny_model("llama", seed=9, layers=3))
+    ids = list(range(5, 25))
+    one = torch.ones(1, 1, dtype=torch.bool)
+    runner.reset(16)
+    runner.prefill(torch.tensor(ids[:12]))
+    assert runner.reuse([*ids[:8], 99, 98], 300) == 8
+    assert runner.length == 8 and runner.capacity >= 300
+    assert runner.reuse(ids[:5], 300) == 5
+    runner.prefill(torch.tensor(ids[5:10]))
+    runner.forward(torch.tensor(ids[10:11]), torch.tensor([10]), one, frozenset({1}))  # a skipping draft
+    runner.commit([0])
+    assert runner.reuse(ids, 300) == 10
+    tree = DraftTree(np.array(ids[10:13]), np.array([-1, 0, 1]))  # a verified path commits reusable rows
+    runner.forward(*tree.attention_inputs(runner.length))
+    runner.commit([0, 2])
+    assert runner.reuse([*ids[:10], ids[10], ids[12]], 300) == 12 and runner.reuse(ids, 300) == 11
+    runner.reset(16)
+    assert runner.reuse(ids, 16) == 0
+    monkeypatch.setenv("FREESPEC_NO_KERNEL", "1")  # torch's kernels are not batch-invariant: keep nothing
+    kernels._library.cache_clear()
+    try:
+        runner.prefill(torch.tensor(ids[:4]))
+        assert runner.reuse(ids, 16) == 0
+    finally:
+        monkeypatch.delenv("FREESPEC_NO_KERNEL")
+        kernels._library.cache_clear()
+

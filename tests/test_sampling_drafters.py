@@ -89,9 +89,19 @@ class ReplayRunner:
     def reset(self, capacity: int) -> None:
         self.capacity, self.sequence = capacity, []
 
+    def reuse(self, tokens: list[int], capacity: int) -> int:
+        kept = 0
+        while kept < min(len(tokens), self.length) and self.sequence[kept] == tokens[kept]:
+            kept += 1
+        self.capacity, self.sequence = max(capacity, self.capacity), self.sequence[:kept]
+        return kept
+
     def prefill(self, tokens: torch.Tensor) -> torch.Tensor:
-        self.sequence = tokens.tolist()
-        return self.cache.logits([tuple(self.sequence[: i + 1]) for i in range(len(self.sequence))])
+        start = self.length
+        self.sequence += tokens.tolist()
+        if start == self.length:
+            return torch.empty(0, 0)
+        return self.cache.logits([tuple(self.sequence[: i + 1]) for i in range(start, len(self.sequence))])
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, tree_mask: torch.Tensor) -> torch.Tensor:
         self._nodes = tokens.tolist()
@@ -100,7 +110,7 @@ class ReplayRunner:
         assert positions.tolist() == [len(p) - 1 for p in prefixes], "positions disagree with the tree mask"
         return self.cache.logits(prefixes)  # [nodes, vocab]
 
-    def logits(self, hidden: torch.Tensor, exact: bool = True) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden
 
     def commit(self, kept: list[int]) -> None:

@@ -96,6 +96,19 @@ def test_chat_answer_is_plain_greedy_with_usage(client, reference, drafter):
         assert speculative["draft_tokens"] == 0 and speculative["accepted_per_position"] == []
 
 
+def test_a_chat_turn_reuses_the_cached_rows_of_the_turns_before(client, reference):
+    """The second turn's prompt starts with the first turn and its answer: those rows stay cached
+    (usage.prompt_tokens_details.cached_tokens), and the answer is still plain greedy's."""
+    first = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=12)
+    history = [*CHAT, {"role": "assistant", "content": first.choices[0].message.content},
+               {"role": "user", "content": "w9 w8 w7"}]
+    expected = reference.generate(messages=history, max_new_tokens=12, drafter="none", reuse_prefix=False)
+    second = client.chat.completions.create(model="tiny", messages=history, max_tokens=12)
+    assert second.choices[0].message.content == expected.text
+    assert len(reference.encode(messages=CHAT)) <= second.usage.prompt_tokens_details.cached_tokens
+    assert second.usage.prompt_tokens_details.cached_tokens < second.usage.prompt_tokens
+
+
 def test_completion_answer_is_plain_greedy(client, reference):
     expected = reference.generate(PROMPT, chat=False, max_new_tokens=20, drafter="none")
     reply = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=20)

@@ -24,17 +24,6 @@ CONFIDENCE = 0.8
 PREFILL_ROWS = 64  # from this many tokens to catch up on, a chunked prefill is faster
 
 
-def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
-    """Length of the longest common prefix of two token arrays.
-
-    >>> common_prefix(np.array([1, 2, 3]), np.array([1, 2, 4, 5])), common_prefix(np.array([1]), np.array([1, 2]))
-    (2, 1)
-    """
-    n = min(len(a), len(b))
-    differ = np.flatnonzero(a[:n] != b[:n])
-    return int(differ[0]) if len(differ) else n
-
-
 class ChainSampler:
     """How the next draft token is chosen: the request's sampling settings and random generator."""
 

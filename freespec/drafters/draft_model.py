@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from freespec.drafters.chain import CONFIDENCE, ChainSampler, common_prefix, draft_chain
-from freespec.runner import ModelRunner
+from freespec.drafters.chain import CONFIDENCE, ChainSampler, draft_chain
+from freespec.runner import ModelRunner, common_prefix
 from freespec.sampling import SamplingParams
 from freespec.tree import DraftTree
 
