@@ -176,13 +176,21 @@ DEFINE_TILE(1, 1)
 #define SMALL_COLS 4
 #define LARGE_ROWS 4
 #define LARGE_COLS 6
-#define WIDE_COLS 4 /* M = 3, 4 decode in registers: no buffer round trip */
+#define WIDE_COLS 4 /* up to this many input rows, block weights are decoded in registers */
+#define ONE_ROWS 6  /* weight rows per register tile for 1, 2, 3 and 4 input rows */
+#define TWO_ROWS 6
+#define THREE_ROWS 3
+#define FOUR_ROWS 3
 #else
 #define SMALL_ROWS 6
 #define SMALL_COLS 2
 #define LARGE_ROWS 4
 #define LARGE_COLS 3
-#define WIDE_COLS 2 /* 16 registers: a 3 x 4 tile that also decodes would spill */
+#define WIDE_COLS 3
+#define ONE_ROWS 3
+#define TWO_ROWS 2
+#define THREE_ROWS 2
+#define FOUR_ROWS 1 /* unused: four rows take the buffer */
 #endif
 #define TILE_NAME(R, C) tile_##R##x##C
 #define LINEAR_NAME(R, C) linear_##R##x##C
@@ -269,20 +277,25 @@ static inline vec q8_weights(const int8_t *values, const float *scales, int64_t 
         tile_sums(&acc[0][0], ROWS, COLS, cols, y, N);                                           \
     }
 
-/* Few input rows (M <= WIDE_COLS): dequantize in registers, one pass over the blocks. One or
- * two input rows (decoding, verifying one-node drafts) in the AVX-512 build: all BUFFER_ROWS
- * weight rows at once, so that enough independent FMA chains hide the FMA latency and each
- * input vector load serves six weight rows (against REGISTER_ROWS-row tiles: 7% off the
- * decoder's matmuls for one row, 16% off the Q8_0 lm_head for two; three rows gained nothing;
- * AVX2's 16 registers would spill). Otherwise REGISTER_ROWS weight rows at a time (several
- * streams from memory in flight), with a two-column tile for M <= 2, a tile exactly three wide
- * for M = 3 (a 4-wide tile with one column idle cost 11%) and WIDE_COLS wide above. More rows:
- * dequantize BUFFER_ROWS weight rows into a buffer that stays in L1 and run the plain fp32 tiles
- * on it, so each weight is decoded once per call whatever M is. Every tile computes each output
- * with the same FMA sequence and the same horizontal sum, so the choice of tile never changes a
- * bit. */
+/* Few input rows (M <= WIDE_COLS: decoding, verifying small drafts): decode the block weights in
+ * registers, one pass over them, with a tile of exactly M input rows (a column left idle costs
+ * its registers: 11% at M = 3) and as many weight rows as the registers hold without spilling.
+ * Measured per build on the decoder's matmuls and the Q8_0 lm_head (median forward pass of
+ * SmolLM2-135M with 300 cached tokens):
+ *   AVX-512 (32 registers): 6 weight rows for M = 1 and 2 (enough independent FMA chains to
+ *     hide the FMA latency, and each input load serves six rows: 7% off M = 1, 16% off the
+ *     lm_head at M = 2), 3 for M = 3 and 4 (six gained nothing at M = 3).
+ *   AVX2 (16 registers): 3 rows for M = 1, 2 for M = 2 and 3 (the 3 x 2 tile spilled: the pass
+ *     went 6.4 -> 5.3 ms at M = 2 and 7.7 -> 6.4 ms at M = 3 against buffered decoding); M = 4
+ *     is buffered.
+ * More rows: dequantize BUFFER_ROWS weight rows into a buffer that stays in L1 and run the plain
+ * fp32 tiles on it, so each weight is decoded once per call whatever M is. The few weight rows
+ * of a last partial block go one at a time. Every tile computes each output with the same FMA
+ * sequence and the same horizontal sum, so the choice of tile never changes a bit. */
 #define BUFFER_ROWS SMALL_ROWS
-#define REGISTER_ROWS (SMALL_ROWS / 2)
+#define REGISTER_TILES(TILE, ROWS, M, ROW_BYTES, ROW_SCALES)                                      \
+    for (int64_t r = 0; r < BUFFER_ROWS; r += ROWS)                                              \
+        TILE(x, block_q + r * (ROW_BYTES), block_scales + r * (ROW_SCALES), y + n + r, N, K, M)
 #define DEFINE_QUANT_LINEAR(NAME, TILE, TYPE, ROW_BYTES, ROW_SCALES, LOAD)                       \
     void NAME(const float *x, const TYPE *q, const float *scales, float *y, int64_t M,         \
                      int64_t N, int64_t K) {                                                     \
@@ -296,31 +309,20 @@ static inline vec q8_weights(const int8_t *values, const float *scales, int64_t 
                 prefetch((const char *)(scales + (n + ahead * BUFFER_ROWS) * (ROW_SCALES)),      \
                          BUFFER_ROWS * (ROW_SCALES) * (int64_t)sizeof(float));                   \
             }                                                                                    \
-            if (M <= 2 && rows == BUFFER_ROWS && LANES == 16) { /* 16 registers would spill */   \
-                const TYPE *block_q = q + n * (ROW_BYTES);                                       \
-                const float *block_scales = scales + n * (ROW_SCALES);                           \
-                if (M == 1) TILE##_one(x, block_q, block_scales, y + n, N, K, 1);                \
-                else TILE##_two(x, block_q, block_scales, y + n, N, K, 2);                       \
-                continue;                                                                        \
-            }                                                                                    \
-            if (M <= WIDE_COLS || rows < BUFFER_ROWS) {                                          \
-                int64_t r = 0;                                                                   \
-                for (; r + REGISTER_ROWS <= rows; r += REGISTER_ROWS) {                          \
-                    const TYPE *block_q = q + (n + r) * (ROW_BYTES);                             \
-                    const float *block_scales = scales + (n + r) * (ROW_SCALES);                 \
-                    if (M <= 2)                                                                  \
-                        TILE##_registers(x, block_q, block_scales, y + n + r, N, K, M);          \
-                    else if (M == 3 && WIDE_COLS >= 3)                                           \
-                        TILE##_three(x, block_q, block_scales, y + n + r, N, K, 3);              \
-                    else                                                                         \
-                        for (int64_t m = 0; m < M; m += WIDE_COLS)                               \
-                            TILE##_wide(x + m * K, block_q, block_scales, y + m * N + n + r, N, K, \
-                                        M - m < WIDE_COLS ? M - m : WIDE_COLS);                  \
-                }                                                                                \
-                for (; r < rows; r++)                                                            \
+            if (rows < BUFFER_ROWS) {                                                            \
+                for (int64_t r = 0; r < rows; r++)                                               \
                     for (int64_t m = 0; m < M; m++)                                              \
                         TILE##_1x1(x + m * K, q + (n + r) * (ROW_BYTES), scales + (n + r) * (ROW_SCALES), \
                                    y + m * N + n + r, N, K, 1);                                  \
+                continue;                                                                        \
+            }                                                                                    \
+            if (M <= WIDE_COLS) {                                                                \
+                const TYPE *block_q = q + n * (ROW_BYTES);                                       \
+                const float *block_scales = scales + n * (ROW_SCALES);                           \
+                if (M == 1) REGISTER_TILES(TILE##_one, ONE_ROWS, 1, ROW_BYTES, ROW_SCALES);  \
+                else if (M == 2) REGISTER_TILES(TILE##_two, TWO_ROWS, 2, ROW_BYTES, ROW_SCALES); \
+                else if (M == 3) REGISTER_TILES(TILE##_three, THREE_ROWS, 3, ROW_BYTES, ROW_SCALES); \
+                else REGISTER_TILES(TILE##_four, FOUR_ROWS, 4, ROW_BYTES, ROW_SCALES);     \
                 continue;                                                                        \
             }                                                                                    \
             float w[BUFFER_ROWS * K] __attribute__((aligned(64)));                               \
@@ -335,17 +337,15 @@ static inline vec q8_weights(const int8_t *values, const float *scales, int64_t 
         }                                                                                        \
     }
 
-DEFINE_QUANT_TILE(q4_tile_registers, REGISTER_ROWS, 2, uint8_t, K / 2, K / 16, q4_weights)
-DEFINE_QUANT_TILE(q4_tile_wide, REGISTER_ROWS, WIDE_COLS, uint8_t, K / 2, K / 16, q4_weights)
-DEFINE_QUANT_TILE(q4_tile_one, BUFFER_ROWS, 1, uint8_t, K / 2, K / 16, q4_weights)
-DEFINE_QUANT_TILE(q4_tile_two, BUFFER_ROWS, 2, uint8_t, K / 2, K / 16, q4_weights)
-DEFINE_QUANT_TILE(q4_tile_three, REGISTER_ROWS, 3, uint8_t, K / 2, K / 16, q4_weights)
+DEFINE_QUANT_TILE(q4_tile_one, ONE_ROWS, 1, uint8_t, K / 2, K / 16, q4_weights)
+DEFINE_QUANT_TILE(q4_tile_two, TWO_ROWS, 2, uint8_t, K / 2, K / 16, q4_weights)
+DEFINE_QUANT_TILE(q4_tile_three, THREE_ROWS, 3, uint8_t, K / 2, K / 16, q4_weights)
+DEFINE_QUANT_TILE(q4_tile_four, FOUR_ROWS, 4, uint8_t, K / 2, K / 16, q4_weights)
 DEFINE_QUANT_TILE(q4_tile_1x1, 1, 1, uint8_t, K / 2, K / 16, q4_weights)
-DEFINE_QUANT_TILE(q8_tile_registers, REGISTER_ROWS, 2, int8_t, K, K / 32, q8_weights)
-DEFINE_QUANT_TILE(q8_tile_wide, REGISTER_ROWS, WIDE_COLS, int8_t, K, K / 32, q8_weights)
-DEFINE_QUANT_TILE(q8_tile_one, BUFFER_ROWS, 1, int8_t, K, K / 32, q8_weights)
-DEFINE_QUANT_TILE(q8_tile_two, BUFFER_ROWS, 2, int8_t, K, K / 32, q8_weights)
-DEFINE_QUANT_TILE(q8_tile_three, REGISTER_ROWS, 3, int8_t, K, K / 32, q8_weights)
+DEFINE_QUANT_TILE(q8_tile_one, ONE_ROWS, 1, int8_t, K, K / 32, q8_weights)
+DEFINE_QUANT_TILE(q8_tile_two, TWO_ROWS, 2, int8_t, K, K / 32, q8_weights)
+DEFINE_QUANT_TILE(q8_tile_three, THREE_ROWS, 3, int8_t, K, K / 32, q8_weights)
+DEFINE_QUANT_TILE(q8_tile_four, FOUR_ROWS, 4, int8_t, K, K / 32, q8_weights)
 DEFINE_QUANT_TILE(q8_tile_1x1, 1, 1, int8_t, K, K / 32, q8_weights)
 DEFINE_QUANT_LINEAR(freespec_linear_q4, q4_tile, uint8_t, K / 2, K / 16, q4_weights)
 DEFINE_QUANT_LINEAR(freespec_linear_q8, q8_tile, int8_t, K, K / 32, q8_weights)
