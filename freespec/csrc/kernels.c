@@ -182,8 +182,8 @@ DEFINE_TILE(1, 1)
 #define THREE_ROWS 3
 #define FOUR_ROWS 3
 #else
-#define SMALL_ROWS 6
-#define SMALL_COLS 2
+#define SMALL_ROWS 3 /* 12 accumulators + 3 weights + 1 input: 16 registers (6 x 2 spilled) */
+#define SMALL_COLS 4
 #define LARGE_ROWS 4
 #define LARGE_COLS 3
 #define WIDE_COLS 3
@@ -292,7 +292,7 @@ static inline vec q8_weights(const int8_t *values, const float *scales, int64_t 
  * fp32 tiles on it, so each weight is decoded once per call whatever M is. The few weight rows
  * of a last partial block go one at a time. Every tile computes each output with the same FMA
  * sequence and the same horizontal sum, so the choice of tile never changes a bit. */
-#define BUFFER_ROWS SMALL_ROWS
+#define BUFFER_ROWS 6 /* weight rows per block: a multiple of every tile's rows */
 #define REGISTER_TILES(TILE, ROWS, M, ROW_BYTES, ROW_SCALES)                                      \
     for (int64_t r = 0; r < BUFFER_ROWS; r += ROWS)                                              \
         TILE(x, block_q + r * (ROW_BYTES), block_scales + r * (ROW_SCALES), y + n + r, N, K, M)
@@ -331,9 +331,10 @@ static inline vec q8_weights(const int8_t *values, const float *scales, int64_t 
                     for (int step = 0; step < STEPS; step++)                                     \
                         vec_store(w + r * K + block * 32 + step * LANES,                         \
                                   LOAD(q + (n + r) * (ROW_BYTES), scales + (n + r) * (ROW_SCALES), block, step)); \
-            for (int64_t m = 0; m < M; m += SMALL_COLS)                                          \
-                EXPAND(TILE_NAME, SMALL_ROWS, SMALL_COLS)(x + m * K, w, y + m * N + n, N, K, K,  \
-                                                          M - m < SMALL_COLS ? M - m : SMALL_COLS); \
+            for (int64_t r = 0; r < BUFFER_ROWS; r += SMALL_ROWS)                                \
+                for (int64_t m = 0; m < M; m += SMALL_COLS)                                      \
+                    EXPAND(TILE_NAME, SMALL_ROWS, SMALL_COLS)(x + m * K, w + r * K, y + m * N + n + r, N, K, K, \
+                                                              M - m < SMALL_COLS ? M - m : SMALL_COLS); \
         }                                                                                        \
     }
 
