@@ -1,14 +1,15 @@
 """ModelRunner: the target model's forward pass over a preallocated KV cache with tree attention.
 
 One code path serves prefill, plain decoding (a tree of one node) and tree verification, so a
-token's logits and cache rows do not depend on which mode produced them; the rows of an earlier
-request can therefore serve a later one that starts with the same tokens (:meth:`ModelRunner.reuse`). The matmuls go through the
-batch-invariant kernels in :mod:`freespec.kernels`; rotary tables, activations, LayerNorms and
-the RMSNorm weights and epsilons are the Hugging Face model's own, so no model file is forked.
-What is replaced is the orchestration: a static cache with a length pointer (commit = gather of
-the kept rows), fused QKV and gate/up weights, and an explicit tree mask. Decoding and
-verification of Llama-style models run as one C call per pass (:class:`freespec.kernels.FusedDecoder`),
-and weights that are exact 4/8-bit blocks (GGUF Q4_1/Q8_0 files) are streamed in that form.
+token's logits and cache rows do not depend on which mode produced them, and the rows of an
+earlier request can serve a later one that starts with the same tokens (:meth:`ModelRunner.reuse`).
+The matmuls go through the batch-invariant kernels in :mod:`freespec.kernels`; rotary tables,
+activations, LayerNorms and the RMSNorm weights and epsilons are the Hugging Face model's own,
+so no model file is forked. What is replaced is the orchestration: a static cache with a length
+pointer (commit = gather of the kept rows), fused QKV and gate/up weights, and an explicit tree
+mask. The passes of Llama-style models run as one C call each
+(:class:`freespec.kernels.FusedDecoder`), and weights that are exact 4/8-bit blocks (GGUF
+Q4_1/Q8_0 files) are streamed in that form.
 
 Supported families: Llama-style decoders (llama, mistral, qwen2, qwen3) and GPT-2.
 """

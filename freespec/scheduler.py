@@ -101,6 +101,8 @@ class ServerMetrics:
             "left), invalid (4xx), rejected (429, queue full), error (5xx).", ("endpoint", "status"))
         self.prompt_tokens = registry.counter("freespec_prompt_tokens_total", "Prompt tokens of admitted requests.",
                                               ("drafter",))
+        self.cached_tokens = registry.counter("freespec_prompt_tokens_cached_total", "Prompt tokens whose cache "
+                                              "rows an earlier request left (not prefilled).", ("drafter",))
         self.generated = registry.counter("freespec_generation_tokens_total", "Tokens generated.", ("drafter",))
         self.passes = registry.counter("freespec_forward_passes_total",
                                        "Verification forward passes (prefill excluded).", ("drafter",))
@@ -131,6 +133,7 @@ class ServerMetrics:
     def record(self, drafter: str, stats: GenerationStats) -> None:
         self._drafters.add(drafter)
         self.prompt_tokens.inc(stats.prompt_tokens, drafter=drafter)
+        self.cached_tokens.inc(stats.cached_tokens, drafter=drafter)
         self.generated.inc(stats.new_tokens, drafter=drafter)
         self.passes.inc(stats.forward_passes, drafter=drafter)
         self.drafted.inc(sum(stats.draft_sizes), drafter=drafter)

@@ -273,4 +273,3 @@ def test_reuse_keeps_the_shared_prefix_and_never_rows_of_skipping_passes(monkeyp
     finally:
         monkeypatch.delenv("FREESPEC_NO_KERNEL")
         kernels._library.cache_clear()
-

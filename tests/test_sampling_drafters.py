@@ -25,6 +25,7 @@ from freespec import datastore, engine
 from freespec.budget import BudgetPolicy
 from freespec.drafters import FACTORIES, DrafterSettings, create
 from freespec.engine import Generation
+from freespec.runner import common_prefix
 from freespec.sampling import SamplingParams, draw, repetition_penalty, target_probs, tree_repetition_penalty
 from freespec.tree import DraftTree
 from test_sampling import ALPHA, VOCAB, chi_square_p, small_model, total_variation
@@ -90,9 +91,7 @@ class ReplayRunner:
         self.capacity, self.sequence = capacity, []
 
     def reuse(self, tokens: list[int], capacity: int) -> int:
-        kept = 0
-        while kept < min(len(tokens), self.length) and self.sequence[kept] == tokens[kept]:
-            kept += 1
+        kept = common_prefix(self.sequence, tokens)
         self.capacity, self.sequence = max(capacity, self.capacity), self.sequence[:kept]
         return kept
 

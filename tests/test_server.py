@@ -96,15 +96,18 @@ def test_chat_answer_is_plain_greedy_with_usage(client, reference, drafter):
         assert speculative["draft_tokens"] == 0 and speculative["accepted_per_position"] == []
 
 
-def test_a_chat_turn_reuses_the_cached_rows_of_the_turns_before(client, reference):
+def test_a_chat_turn_reuses_the_cached_rows_of_the_turns_before(server, client, reference):
     """The second turn's prompt starts with the first turn and its answer: those rows stay cached
     (usage.prompt_tokens_details.cached_tokens), and the answer is still plain greedy's."""
     first = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=12)
     history = [*CHAT, {"role": "assistant", "content": first.choices[0].message.content},
                {"role": "user", "content": "w9 w8 w7"}]
     expected = reference.generate(messages=history, max_new_tokens=12, drafter="none", reuse_prefix=False)
+    cached_before = metric(server, "freespec_prompt_tokens_cached_total", drafter="recycling")
     second = client.chat.completions.create(model="tiny", messages=history, max_tokens=12)
     assert second.choices[0].message.content == expected.text
+    assert metric(server, "freespec_prompt_tokens_cached_total", drafter="recycling") == (
+        cached_before + second.usage.prompt_tokens_details.cached_tokens)
     assert len(reference.encode(messages=CHAT)) <= second.usage.prompt_tokens_details.cached_tokens
     assert second.usage.prompt_tokens_details.cached_tokens < second.usage.prompt_tokens
 
