@@ -37,7 +37,7 @@ class PackedWeight:
 
     ``kind`` "q4": ``codes`` uint8 [N, K/2] (two 4-bit codes a byte, see :func:`pack_nibbles`),
     ``scales`` fp32 [N, K/32, 2] = (d, m). ``kind`` "q8": ``codes`` int8 [N, K], ``scales`` fp32
-    [N, K/32] = d. ``dense`` keeps the fp32 matrix for BLAS (long prefills).
+    [N, K/32] = d. ``dense`` keeps the fp32 matrix for torch, where the C kernels are not built.
     """
 
     kind: str

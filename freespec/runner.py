@@ -224,9 +224,17 @@ class ModelRunner:
         came before never changes a request's output. Rows of passes that skipped layers are
         never kept. Without the kernels nothing is kept (torch's kernels are not batch-invariant).
         """
-        kept = common_prefix(self._row_tokens, tokens) if kernel_available() else 0
-        self.truncate(kept)
+        if not kernel_available():
+            self.truncate(0)
+        kept = self.keep_prefix(tokens)
         self.reserve(capacity)
+        return kept
+
+    def keep_prefix(self, tokens: Sequence[int]) -> int:
+        """Drop the committed rows after the longest prefix of ``tokens`` they hold; return how
+        many rows are left."""
+        kept = common_prefix(self._row_tokens, tokens)
+        self.truncate(kept)
         return kept
 
     @property

@@ -50,6 +50,19 @@ def test_model_drafters_equal_plain_greedy(family):
     assert sum(r.stats.new_tokens for r in skipping) > sum(r.stats.forward_passes for r in skipping)
 
 
+def test_the_draft_model_keeps_its_rows_for_a_request_that_starts_alike(monkeypatch):
+    """A chat's next turn: the draft cache still holds the conversation, so the first proposal
+    forwards only what is new, and the answer is still plain greedy's."""
+    model = make_model("llama")
+    first = generate(model, PROMPTS[1], "draft-model")
+    runner, kept = model.draft_runner, []
+    keep_prefix = runner.keep_prefix
+    monkeypatch.setattr(runner, "keep_prefix", lambda tokens: kept.append(keep_prefix(tokens)) or kept[-1])
+    follow_up = PROMPTS[1] + first.token_ids + [2, 5, 6, 3]
+    assert generate(model, follow_up, "draft-model").token_ids == generate(model, follow_up, "none").token_ids
+    assert kept[0] >= len(PROMPTS[1])
+
+
 @pytest.mark.parametrize("name", ["layerskip", "draft-model"])
 @pytest.mark.parametrize("max_new_tokens", [1, 2, 5])
 def test_token_limit_inside_a_draft(name, max_new_tokens):

@@ -285,15 +285,15 @@ static inline vec q8_weights(const int8_t *values, const float *scales, int64_t 
  *   AVX-512 (32 registers): 6 weight rows for M = 1 and 2 (enough independent FMA chains to
  *     hide the FMA latency, and each input load serves six rows: 7% off M = 1, 16% off the
  *     lm_head at M = 2), 3 for M = 3 and 4 (six gained nothing at M = 3).
- *   AVX2 (16 registers): 3 rows for M = 1, 2 for M = 2 and 3 (the 3 x 2 tile spilled: the pass
- *     went 6.4 -> 5.3 ms at M = 2 and 7.7 -> 6.4 ms at M = 3 against buffered decoding); M = 4
+ *   AVX2 (16 registers): 3 rows for M = 1, 2 for M = 2 and 3 (a 3 x 2 tile spilled and three
+ *     rows were buffered: pass + logits 6.3 -> 5.0 ms at M = 2, 7.5 -> 5.8 ms at M = 3); M = 4
  *     is buffered.
  * More rows: dequantize BUFFER_ROWS weight rows into a buffer that stays in L1 and run the plain
  * fp32 tiles on it, so each weight is decoded once per call whatever M is. The few weight rows
  * of a last partial block go one at a time. Every tile computes each output with the same FMA
  * sequence and the same horizontal sum, so the choice of tile never changes a bit. */
 #define BUFFER_ROWS 6 /* weight rows per block: a multiple of every tile's rows */
-#define REGISTER_TILES(TILE, ROWS, M, ROW_BYTES, ROW_SCALES)                                      \
+#define REGISTER_TILES(TILE, ROWS, M, ROW_BYTES, ROW_SCALES)                                     \
     for (int64_t r = 0; r < BUFFER_ROWS; r += ROWS)                                              \
         TILE(x, block_q + r * (ROW_BYTES), block_scales + r * (ROW_SCALES), y + n + r, N, K, M)
 #define DEFINE_QUANT_LINEAR(NAME, TILE, TYPE, ROW_BYTES, ROW_SCALES, LOAD)                       \
@@ -319,10 +319,10 @@ static inline vec q8_weights(const int8_t *values, const float *scales, int64_t 
             if (M <= WIDE_COLS) {                                                                \
                 const TYPE *block_q = q + n * (ROW_BYTES);                                       \
                 const float *block_scales = scales + n * (ROW_SCALES);                           \
-                if (M == 1) REGISTER_TILES(TILE##_one, ONE_ROWS, 1, ROW_BYTES, ROW_SCALES);  \
+                if (M == 1) REGISTER_TILES(TILE##_one, ONE_ROWS, 1, ROW_BYTES, ROW_SCALES);      \
                 else if (M == 2) REGISTER_TILES(TILE##_two, TWO_ROWS, 2, ROW_BYTES, ROW_SCALES); \
                 else if (M == 3) REGISTER_TILES(TILE##_three, THREE_ROWS, 3, ROW_BYTES, ROW_SCALES); \
-                else REGISTER_TILES(TILE##_four, FOUR_ROWS, 4, ROW_BYTES, ROW_SCALES);     \
+                else REGISTER_TILES(TILE##_four, FOUR_ROWS, 4, ROW_BYTES, ROW_SCALES);           \
                 continue;                                                                        \
             }                                                                                    \
             float w[BUFFER_ROWS * K] __attribute__((aligned(64)));                               \

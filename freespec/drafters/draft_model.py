@@ -3,7 +3,8 @@
 The draft model runs on its own :class:`freespec.runner.ModelRunner` and KV cache. At each
 proposal it catches up on the tokens the target accepted since the last one: the rows of drafted
 tokens that were accepted are kept (same tokens after the same prefix), the rest are dropped, so
-a step usually forwards only the bonus token before drafting.
+a step usually forwards only the bonus token before drafting. The rows outlive the request: a
+chat's next turn forwards only what its conversation added.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import numpy as np
 import torch
 
 from freespec.drafters.chain import CONFIDENCE, ChainSampler, draft_chain
-from freespec.runner import ModelRunner, common_prefix
+from freespec.runner import ModelRunner
 from freespec.sampling import SamplingParams
 from freespec.tree import DraftTree
 
@@ -33,25 +34,20 @@ class DraftModel:
         self.runner = runner
         self.confidence = confidence
         self.sampler = ChainSampler()
-        self._cached = np.empty(0, dtype=np.int64)  # the tokens whose rows the draft cache holds
 
     def set_sampling(self, params: SamplingParams, generator: torch.Generator | None) -> None:
         self.sampler.set_sampling(params, generator)
 
     def begin(self, prompt: np.ndarray, prompt_logits: torch.Tensor | None) -> None:
-        self._cached = np.empty(0, dtype=np.int64)  # the first proposal prefills the whole context
+        pass  # the first proposal catches up on the prompt
 
     def propose(self, context: np.ndarray, budget: int) -> DraftTree:
         runner = self.runner
         if len(context) + budget > runner.max_positions:
             return DraftTree.root_only(int(context[-1]))  # beyond the draft model's context
         runner.reserve(len(context) + budget)
-        kept = common_prefix(self._cached, context[:-1])  # the root is always forwarded: its logits
-        runner.truncate(kept)
-        self._cached = np.empty(0, dtype=np.int64)  # unknown until the draft is done
-        tree = draft_chain(runner, context[kept:], context, budget, self.sampler, confidence=self.confidence)
-        self._cached = np.concatenate((context, tree.tokens[1:-1]))  # every drafted token but the last
-        return tree
+        kept = runner.keep_prefix(context[:-1])  # the root is always forwarded: its logits
+        return draft_chain(runner, context[kept:], context, budget, self.sampler, confidence=self.confidence)
 
     def update(self, tree: DraftTree, logits: torch.Tensor, accepted: list[int]) -> None:
         pass
