@@ -114,7 +114,9 @@ class Model:
     def reset(self) -> None:
         """Forget all drafter state learned from earlier requests and the prompt rows they cached."""
         self._drafters.clear()
-        self.runner.reset(0)
+        for runner in (self.runner, self.draft_runner):
+            if runner is not None:
+                runner.reset(0)
 
     def save_state(self, path: str | os.PathLike) -> None:
         """Write Token Recycling's learned matrix to ``path`` (.npz), to warm a later process."""
