@@ -17,6 +17,7 @@ import logging
 import os
 import tempfile
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -37,17 +38,30 @@ class PackedWeight:
 
     ``kind`` "q4": ``codes`` uint8 [N, K/2] (two 4-bit codes a byte, see :func:`pack_nibbles`),
     ``scales`` fp32 [N, K/32, 2] = (d, m). ``kind`` "q8": ``codes`` int8 [N, K], ``scales`` fp32
-    [N, K/32] = d. ``dense`` keeps the fp32 matrix for torch, where the C kernels are not built.
+    [N, K/32] = d. Only the blocks are stored: :attr:`dense` decodes the fp32 matrix on first
+    use, for torch where the C kernels are not built (keeping it would double the memory).
     """
 
     kind: str
     codes: torch.Tensor
     scales: torch.Tensor
-    dense: torch.Tensor
 
     @property
     def shape(self) -> torch.Size:
-        return self.dense.shape
+        rows, columns = self.codes.shape
+        return torch.Size([rows, columns * 2 if self.kind == "q4" else columns])
+
+    @cached_property
+    def dense(self) -> torch.Tensor:
+        """The fp32 matrix [N, K], the same bits as the weight that was packed."""
+        rows, columns = self.shape
+        scales = self.scales.numpy()
+        if self.kind == "q4":
+            codes = unpack_nibbles(self.codes.numpy()).reshape(rows, columns // BLOCK, BLOCK)
+            weight = scales[..., 0:1] * codes.astype(np.float32) + scales[..., 1:2]  # as encode_q4_1 checks
+        else:
+            weight = scales[..., None] * self.codes.numpy().reshape(rows, columns // BLOCK, BLOCK).astype(np.float32)
+        return torch.from_numpy(np.ascontiguousarray(weight.reshape(rows, columns)))
 
 
 def _fp16_candidates(estimate: np.ndarray):
@@ -140,10 +154,22 @@ def pack_nibbles(codes: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(packed.reshape(rows, cols // 2))
 
 
+def unpack_nibbles(packed: np.ndarray) -> np.ndarray:
+    """The inverse of :func:`pack_nibbles`: bytes [N, K/2] → 4-bit codes [N, K].
+
+    >>> codes = np.arange(64, dtype=np.uint8).reshape(1, 64) % 16
+    >>> np.array_equal(unpack_nibbles(pack_nibbles(codes)), codes)
+    True
+    """
+    rows, half = packed.shape
+    pairs = packed.reshape(rows, half // 16, 2, 1, 8)  # [.., half of the block, 1, 8]
+    codes = np.concatenate([pairs & 15, pairs >> 4], axis=3)  # [.., half, low/high, 8]
+    return codes.reshape(rows, half * 2)
+
+
 def pack(weight: torch.Tensor) -> PackedWeight | None:
     """The exact block form of ``weight`` [N, K] (fp32), trying Q4_1 then Q8_0; None if neither."""
-    dense = weight.detach().to(torch.float32).contiguous()
-    array = dense.numpy()
+    array = weight.detach().to(torch.float32).contiguous().numpy()
     if array.ndim != 2 or array.shape[1] % BLOCK:
         return None
     probe = array[:PROBE_ROWS]
@@ -152,12 +178,12 @@ def pack(weight: torch.Tensor) -> PackedWeight | None:
         if encoded is not None:
             codes, d, m = encoded
             scales = np.stack([d, m], axis=-1)
-            return PackedWeight("q4", torch.from_numpy(pack_nibbles(codes)), torch.from_numpy(scales), dense)
+            return PackedWeight("q4", torch.from_numpy(pack_nibbles(codes)), torch.from_numpy(scales))
     if encode_q8_0(probe) is not None:
         encoded = encode_q8_0(array)
         if encoded is not None:
             codes, d = encoded
-            return PackedWeight("q8", torch.from_numpy(codes), torch.from_numpy(d), dense)
+            return PackedWeight("q8", torch.from_numpy(codes), torch.from_numpy(d))
     return None
 
 
@@ -199,9 +225,9 @@ def _load_packed(path: Path, weights: dict[str, torch.Tensor]) -> dict[str, torc
             if name not in kinds:
                 result[name] = weight
                 continue
-            dense = weight.detach().to(torch.float32).contiguous()
             codes, scales = stored.get_tensor(f"{name}.codes"), stored.get_tensor(f"{name}.scales")
-            if scales.shape[0] != dense.shape[0] or scales.shape[1] * BLOCK != dense.shape[1]:
+            packed = PackedWeight(kinds[name], codes, scales)
+            if packed.shape != weight.shape or scales.shape[1] * BLOCK != weight.shape[1]:
                 raise ValueError(f"{name}: cached blocks do not match the weight's shape")
-            result[name] = PackedWeight(kinds[name], codes, scales, dense)
+            result[name] = packed
     return result

@@ -48,6 +48,8 @@ def test_gguf_blocks_are_recovered_and_multiply_bit_identically(kind, expected, 
     dense = kernels.linear(x, weight)
     for rows in (1, 2, 3, 4, 7, 13, 20):  # every path of the kernel: one, two, three, four input rows, buffered, edge rows
         assert torch.equal(kernels.linear(x[:rows], packed), dense[:rows])
+    assert packed.shape == weight.shape
+    assert torch.equal(packed.dense, weight)  # torch's fallback decodes the same fp32 matrix from the blocks
 
 
 def test_plain_fp32_weights_are_left_alone():
@@ -67,6 +69,9 @@ def test_packed_cache_round_trip(tmp_path):
     assert cache.exists() and isinstance(first["a"], quant.PackedWeight) and first["b"] is weights["b"]
     again = quant.pack_all(weights, cache)
     assert torch.equal(again["a"].codes, first["a"].codes) and torch.equal(again["a"].scales, first["a"].scales)
+    assert torch.equal(again["a"].dense, weights["a"])
+    with pytest.raises(ValueError, match="do not match"):  # a cache written for another shape
+        quant._load_packed(cache, {"a": torch.zeros(8, 96), "b": weights["b"]})
     cache.write_bytes(b"garbage")
     assert isinstance(quant.pack_all(weights, cache)["a"], quant.PackedWeight)  # rebuilt, not crashed
 
