@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from freespec.paths import cache_dir
@@ -109,8 +110,9 @@ def _library() -> ctypes.CDLL | None:
     library.freespec_rope_store.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 6 + [ctypes.c_void_p]
     library.freespec_rope_store.restype = None
     library.freespec_forward_llama.argtypes = (
-        [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 4
-        + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 3 + [ctypes.c_float, ctypes.c_void_p]
+        [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 5
+        + [ctypes.c_int64] * 2 + [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_float] + [ctypes.c_void_p] * 2
+        + [ctypes.c_float, ctypes.c_void_p]
     )
     library.freespec_forward_llama.restype = None
     library.freespec_top_k.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 3
@@ -175,23 +177,27 @@ def top_k(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, tor
     if _library() is None or k > logits.shape[1]:
         values, ids = torch.topk(logits, k, dim=-1)
         return values, ids, torch.logsumexp(logits, dim=-1)
-    normalizer = torch.empty(logits.shape[0])
-    return (*_top_k(logits, k, normalizer), normalizer)
+    values, ids, normalizer = _top_k(logits, k, normalize=True)
+    return torch.from_numpy(values), torch.from_numpy(ids), torch.from_numpy(normalizer)
 
 
 def argmax(logits: torch.Tensor) -> torch.Tensor:
     """[n, V] → [n] first index of each row's maximum (like ``torch.argmax``), in one pass."""
-    return _top_k(logits, 1, None)[1][:, 0] if _library() is not None else torch.argmax(logits, dim=-1)
+    if _library() is None:
+        return torch.argmax(logits, dim=-1)
+    return torch.from_numpy(_top_k(logits, 1, normalize=False)[1].reshape(-1))
 
 
-def _top_k(logits: torch.Tensor, k: int, normalizer: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kernel's top k of each row; it writes the logsumexp into ``normalizer`` when given."""
+def _top_k(logits: torch.Tensor, k: int, normalize: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The kernel's top k of each row, and each row's logsumexp if asked (numpy outputs: cheaper
+    to make than tensors, and this runs once or twice every step)."""
     logits = logits.contiguous()
     rows, vocab = logits.shape
-    values, ids = torch.empty(rows, k), torch.empty(rows, k, dtype=torch.long)
-    _library().freespec_top_k(logits.data_ptr(), rows, vocab, k, values.data_ptr(), ids.data_ptr(),
-                              None if normalizer is None else normalizer.data_ptr())
-    return values, ids
+    values, ids = np.empty((rows, k), dtype=np.float32), np.empty((rows, k), dtype=np.int64)
+    normalizer = np.empty(rows, dtype=np.float32) if normalize else None
+    _library().freespec_top_k(logits.data_ptr(), rows, vocab, k, values.ctypes.data, ids.ctypes.data,
+                              None if normalizer is None else normalizer.ctypes.data)
+    return values, ids, normalizer
 
 
 def tree_layout(tree_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -274,17 +280,22 @@ class FusedDecoder:
     """All decoder layers of a Llama-style model (RMSNorm, SiLU-gated MLP) in one kernel call.
 
     Same arithmetic for every row whatever the number of rows, like the other kernels, and
-    with no per-operation call overhead: norms, rotary, cache writes, attention, residuals and
-    the activation all run in C between the matmuls.
+    with no per-operation call overhead: the embedding lookup, norms, rotary, cache writes,
+    attention, residuals, the activation and the final norm all run in C between the matmuls
+    (a torch call between two passes costs several times its warm price: the pass has just
+    streamed the weights through the caches).
     """
 
-    def __init__(self, layers: list[LlamaLayer], heads: int, kv_heads: int, head_dim: int, scale: float):
+    def __init__(self, layers: list[LlamaLayer], embed: torch.Tensor, final_norm: RMSNorm, heads: int,
+                 kv_heads: int, head_dim: int, scale: float):
         self._library = _required_library()
         self.heads, self.kv_heads, self.head_dim, self.scale = heads, kv_heads, head_dim, scale
         self.hidden = layers[0].o.shape[0]
         self.intermediate = layers[0].down.shape[1]
         self._keep = []  # tensors the C structs point into
         self._layers = (_DecoderLayer * len(layers))(*(self._layer(layer) for layer in layers))
+        self._embed = self._pointer(embed)  # [vocab, hidden]
+        self._final_norm, self._final_eps = self._pointer(final_norm.weight), final_norm.eps
 
     def _pointer(self, tensor: torch.Tensor | None) -> int | None:
         if tensor is None:
@@ -311,26 +322,27 @@ class FusedDecoder:
             self._matrix(layer.down),
         )
 
-    def __call__(self, h: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, past: int,
-                 tree_mask: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    def __call__(self, tokens: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, past: int,
+                 tree_mask: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor, rope_rows: torch.Tensor,
                  skip: frozenset[int] = frozenset()) -> torch.Tensor:
-        """h [n, hidden] embeddings → hidden states after the last layer (before the final norm).
+        """tokens [n] → final hidden states [n, hidden] (after the final norm).
 
         keys, values: [layers, kv_heads, capacity, head_dim], written after row ``past``;
-        tree_mask [n, n]; cos, sin [n, head_dim]. Layers in ``skip`` are left out: the hidden
-        state passes them unchanged and their cache rows are not written (self-speculation drafts).
+        tree_mask [n, n] bool; token i is rotated by row ``rope_rows[i]`` of the contiguous
+        tables ``cos_table``, ``sin_table`` [*, head_dim]. Layers in ``skip`` are left out: the
+        hidden state passes them unchanged and their cache rows are not written (self-speculation
+        drafts).
         """
-        h = h.contiguous().clone()
-        n = h.shape[0]
-        nodes, count = tree_layout(tree_mask)
-        cos, sin = cos.contiguous(), sin.contiguous()
+        n = tokens.shape[0]
+        tokens, rope_rows, tree_mask = tokens.contiguous(), rope_rows.contiguous(), tree_mask.contiguous()
+        out = torch.empty(n, self.hidden)
         mask = None
         if skip:
             mask = torch.zeros(len(self._layers), dtype=torch.uint8)  # [layers] 1 = skipped
             mask[list(skip)] = 1
         self._library.freespec_forward_llama(
-            self._layers, len(self._layers), h.data_ptr(), n, self.hidden, self.intermediate, cos.data_ptr(),
-            sin.data_ptr(), keys.data_ptr(), values.data_ptr(), keys.shape[2], past, nodes.data_ptr(),
-            count.data_ptr(), self.heads, self.kv_heads, self.head_dim, self.scale,
-            None if mask is None else mask.data_ptr())
-        return h
+            self._layers, len(self._layers), self._embed, tokens.data_ptr(), n, self.hidden, self.intermediate,
+            cos_table.data_ptr(), sin_table.data_ptr(), rope_rows.data_ptr(), keys.data_ptr(), values.data_ptr(),
+            keys.shape[2], past, tree_mask.data_ptr(), self.heads, self.kv_heads, self.head_dim, self.scale,
+            None if mask is None else mask.data_ptr(), self._final_norm, self._final_eps, out.data_ptr())
+        return out

@@ -200,7 +200,9 @@ class ModelRunner:
                        w["qkv_bias"], w["o"], w["gate_up"], w["down"])
             for w in self._layers
         ]
-        return FusedDecoder(layers, self.num_heads, self.num_kv_heads, self.head_dim, self.scale)
+        final_norm = RMSNorm(self._final_norm.weight, float(self._final_norm.variance_epsilon))
+        return FusedDecoder(layers, self._embed, final_norm, self.num_heads, self.num_kv_heads, self.head_dim,
+                            self.scale)
 
     # -- cache -----------------------------------------------------------------------------------
 
@@ -315,12 +317,14 @@ class ModelRunner:
             raise ValueError(f"cache overflow: {end} rows needed, capacity {self.capacity}")
         self._forwarded = [SKIPPED] * len(tokens) if skip else tokens.tolist()
         with torch.inference_mode():
+            if self._decoder is not None:
+                cos_table, sin_table, rope_rows = self._rotary_rows(positions)
+                return self._decoder(tokens, self._keys, self._values, self.length, tree_mask.to(torch.bool),
+                                     cos_table, sin_table, rope_rows, skip)
             cos = sin = None
             if self.family in LLAMA_STYLE:
-                cos, sin = self._rotary_tables(positions)
-            if self._decoder is not None:
-                h = self._decoder(self._embed[tokens], self._keys, self._values, self.length, tree_mask, cos, sin, skip)
-                return _rms_norm(h, self._final_norm)
+                cos_table, sin_table, rope_rows = self._rotary_rows(positions)
+                cos, sin = cos_table[rope_rows], sin_table[rope_rows]
             if kernel_available():
                 attention = TreeAttention(self.length, tree_mask, self.num_heads, self.num_kv_heads, self.head_dim,
                                           self.scale, cos, sin)
@@ -334,18 +338,19 @@ class ModelRunner:
         """A few embedding values: tells models of the same shape apart in cache keys."""
         return self._embed[:4, :8].flatten().tolist()
 
-    def _rotary_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin) [n, head_dim] at ``positions``, from tables computed once by the model's own
-        rotary module, so a position's values never depend on the other positions in the pass."""
+    def _rotary_rows(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(cos table, sin table, rows): token i's rotary (cos, sin) [head_dim] are row ``rows[i]``
+        of the tables. Tables computed once by the model's own rotary module, so a position's
+        values never depend on the other positions in the pass."""
         if "dynamic" in str(getattr(self._rotary, "rope_type", "")):  # tables change with length
             cos, sin = self._rotary(self._embed[:1], positions.unsqueeze(0))
-            return cos[0], sin[0]
+            return cos[0].contiguous(), sin[0].contiguous(), torch.arange(len(positions))
         end = int(positions.max()) + 1
         if self._cos_table.shape[0] < end:
             size = min(self.max_positions, max(end, 2 * self._cos_table.shape[0], 1024))
             cos, sin = self._rotary(self._embed[:1], torch.arange(size).unsqueeze(0))
             self._cos_table, self._sin_table = cos[0].contiguous(), sin[0].contiguous()
-        return self._cos_table[positions], self._sin_table[positions]
+        return self._cos_table, self._sin_table, positions
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[q, hidden] → [q, vocab] fp32 logits."""

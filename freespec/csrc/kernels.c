@@ -19,6 +19,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 /* 64-byte aligned scratch: a vector load that straddles two cache lines costs two. */
 static float *scratch(int64_t floats) {
@@ -655,11 +656,28 @@ static void silu_mul(const float *gate_up, float *act, int64_t rows, int64_t n) 
     }
 }
 
-void freespec_forward_llama(const DecoderLayer *layers, int64_t num_layers, float *h, int64_t n, int64_t hidden,
-                            int64_t intermediate, const float *cos, const float *sin, float *keys, float *values,
-                            int64_t capacity, int64_t past, const int64_t *key_nodes, const int64_t *count,
-                            int64_t H, int64_t KV, int64_t D, float scale, const uint8_t *skip) {
+/* Tokens to final hidden states in one call, so a decoding step pays no per-operation overhead
+ * outside C. tokens [n] index embed [vocab, hidden]; token i is rotated by row rope_rows[i] of
+ * cos_table / sin_table [*, D]; tree_mask [n, n] (1 = token i sees new token j; each sees all
+ * `past` cached rows). Layers with skip[l] set are the identity and write no cache rows (skip
+ * may be NULL). out [n, hidden] = final_norm(h). */
+void freespec_forward_llama(const DecoderLayer *layers, int64_t num_layers, const float *embed, const int64_t *tokens,
+                            int64_t n, int64_t hidden, int64_t intermediate, const float *cos_table,
+                            const float *sin_table, const int64_t *rope_rows, float *keys, float *values,
+                            int64_t capacity, int64_t past, const uint8_t *tree_mask, int64_t H, int64_t KV, int64_t D,
+                            float scale, const uint8_t *skip, const float *final_norm, float final_eps, float *out) {
     const int64_t qkv_width = (H + 2 * KV) * D, width = past + n;
+    float *h = scratch(n * hidden), *cos = cos_table ? scratch(n * D) : NULL, *sin = sin_table ? scratch(n * D) : NULL;
+    int64_t *key_nodes = malloc(n * n * sizeof(int64_t)), *count = malloc(n * sizeof(int64_t));
+    for (int64_t i = 0; i < n; i++) {
+        memcpy(h + i * hidden, embed + tokens[i] * hidden, hidden * sizeof(float));
+        if (cos) memcpy(cos + i * D, cos_table + rope_rows[i] * D, D * sizeof(float));
+        if (sin) memcpy(sin + i * D, sin_table + rope_rows[i] * D, D * sizeof(float));
+        count[i] = 0; /* the new tokens token i sees, in index (= depth) order, padded with n */
+        for (int64_t j = 0; j < n; j++)
+            if (tree_mask[i * n + j]) key_nodes[i * n + count[i]++] = j;
+        for (int64_t j = count[i]; j < n; j++) key_nodes[i * n + j] = n;
+    }
     float *normed = scratch(n * hidden);
     float *qkv = scratch(n * qkv_width);
     float *queries = scratch(n * H * D);
@@ -692,7 +710,9 @@ void freespec_forward_llama(const DecoderLayer *layers, int64_t num_layers, floa
         matmul(&layer->down, act, projected, n);
         for (int64_t i = 0; i < n * hidden; i++) h[i] += projected[i];
     }
+    rms_norm(h, final_norm, final_eps, out, n, hidden);
     free(normed); free(qkv); free(queries); free(attended); free(projected); free(act); free(probs);
+    free(h); free(cos); free(sin); free(key_nodes); free(count);
 }
 
 /* Per row of logits [rows, V]: the k largest values in descending order with their ids (ties:

@@ -70,7 +70,7 @@ def order_template(template, rank_hit_rate: np.ndarray) -> list[tuple[int, ...]]
 def top_candidates(logits: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The k most likely next tokens per row and their probabilities: ([n, k] ids, [n, k] probs)."""
     values, ids, normalizer = kernels.top_k(logits, k)
-    return ids.numpy(), torch.exp(values - normalizer[:, None]).numpy()
+    return ids.numpy(), np.exp(values.numpy() - normalizer.numpy()[:, None])
 
 
 Row = tuple[np.ndarray, np.ndarray, Callable[[float], float]]
