@@ -334,7 +334,8 @@ class FusedDecoder:
         drafts).
         """
         n = tokens.shape[0]
-        tokens, rope_rows, tree_mask = tokens.contiguous(), rope_rows.contiguous(), tree_mask.contiguous()
+        tokens, rope_rows = tokens.to(torch.int64).contiguous(), rope_rows.to(torch.int64).contiguous()
+        tree_mask = tree_mask.to(torch.bool).contiguous()
         out = torch.empty(n, self.hidden)
         mask = None
         if skip:

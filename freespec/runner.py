@@ -316,11 +316,12 @@ class ModelRunner:
         if end > self.capacity:
             raise ValueError(f"cache overflow: {end} rows needed, capacity {self.capacity}")
         self._forwarded = [SKIPPED] * len(tokens) if skip else tokens.tolist()
+        tree_mask = tree_mask.to(torch.bool)
         with torch.inference_mode():
             if self._decoder is not None:
                 cos_table, sin_table, rope_rows = self._rotary_rows(positions)
-                return self._decoder(tokens, self._keys, self._values, self.length, tree_mask.to(torch.bool),
-                                     cos_table, sin_table, rope_rows, skip)
+                return self._decoder(tokens, self._keys, self._values, self.length, tree_mask, cos_table, sin_table,
+                                     rope_rows, skip)
             cos = sin = None
             if self.family in LLAMA_STYLE:
                 cos_table, sin_table, rope_rows = self._rotary_rows(positions)

@@ -38,6 +38,20 @@ def test_kernel_matches_torch_and_is_batch_invariant(k, kernel_build):
     assert torch.equal(kernels.linear(x, w)[:40], kernels.linear(x[:40], w))  # invariant at any size
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+def test_forward_takes_any_integer_ids_and_mask_dtype(family):
+    # the fused decoder reads raw pointers: other dtypes must be converted, not misread
+    runner = ModelRunner(tiny_model(family, seed=2))
+    ids = torch.randint(runner.vocab_size, (9,), generator=torch.Generator().manual_seed(0))
+    results = []
+    for id_type, mask_type in ((torch.int64, torch.bool), (torch.int32, torch.float32)):
+        runner.reset(16)
+        runner.prefill(ids[:6].to(id_type))
+        mask = torch.ones(3, 3).tril().to(mask_type)
+        results.append(runner.logits(runner.forward(ids[6:].to(id_type), torch.arange(6, 9).to(id_type), mask)))
+    assert torch.equal(results[0], results[1])
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gpt2"])
 def test_runner_matches_transformers_and_commits_tree_paths(family):
     model = tiny_model(family, seed=1)
