@@ -227,7 +227,7 @@ def _load_packed(path: Path, weights: dict[str, torch.Tensor]) -> dict[str, torc
                 continue
             codes, scales = stored.get_tensor(f"{name}.codes"), stored.get_tensor(f"{name}.scales")
             packed = PackedWeight(kinds[name], codes, scales)
-            if packed.shape != weight.shape or scales.shape[1] * BLOCK != weight.shape[1]:
+            if packed.shape != weight.shape or tuple(scales.shape[:2]) != (weight.shape[0], weight.shape[1] // BLOCK):
                 raise ValueError(f"{name}: cached blocks do not match the weight's shape")
             result[name] = packed
     return result
