@@ -3,8 +3,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
 
-from conftest import forced_kernel_build, tiny_model
+from conftest import forced_kernel_build, tiny_config, tiny_model
 from freespec import kernels
 from freespec import runner as runner_module
 from freespec.runner import ModelRunner, UnsupportedModelError
@@ -36,6 +37,23 @@ def test_kernel_matches_torch_and_is_batch_invariant(k, kernel_build):
         assert torch.equal(kernels.linear(x[:rows], w, b), full[:rows])
     assert torch.equal(kernels.linear(x[5:6], w, b)[0], full[5])
     assert torch.equal(kernels.linear(x, w)[:40], kernels.linear(x[:40], w))  # invariant at any size
+
+
+@pytest.mark.parametrize("rope_type", ["dynamic", "linear"])
+def test_runner_matches_transformers_with_scaled_rotary_tables(rope_type):
+    # dynamic tables are recomputed per pass and handed to the decoder with their own rows
+    config = tiny_config("llama")
+    config.rope_parameters = {**config.rope_parameters, "rope_type": rope_type, "factor": 2.0}
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    runner = ModelRunner(model)
+    ids = torch.randint(runner.vocab_size, (40,), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = model(ids[None]).logits[0]  # [40, vocab]
+    runner.reset(48)
+    prefill = runner.logits(runner.prefill(ids[:35]))
+    step = runner.logits(runner.forward(ids[35:], torch.arange(35, 40), torch.ones(5, 5, dtype=torch.bool).tril()))
+    torch.testing.assert_close(torch.cat([prefill, step]), reference, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
@@ -107,7 +125,7 @@ def test_large_tree_is_batch_invariant_too(kernel_build):
 
 
 def test_unsupported_architecture_is_named():
-    from transformers import AutoModelForCausalLM, BloomConfig
+    from transformers import BloomConfig
 
     model = AutoModelForCausalLM.from_config(BloomConfig(vocab_size=50, hidden_size=32, n_layer=1, n_head=2))
     with pytest.raises(UnsupportedModelError, match="bloom.*supported: llama"):
