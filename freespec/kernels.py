@@ -149,7 +149,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight, bias: torch.Ten
     """
     rows = x.shape[0]
     library = _library()
-    if library is not None:
+    if library is not None and rows > 0:  # the kernels assume at least one row
         x = x.contiguous()
         out = torch.empty(rows, weight.shape[0], dtype=torch.float32)
         if isinstance(weight, PackedWeight):

@@ -305,6 +305,10 @@ class ModelRunner:
         the hidden state passes them unchanged and their cache rows are not written, so such rows
         are only good for further skipping passes; :meth:`truncate` drops them before verification.
         """
+        n = tokens.shape[0]
+        if tokens.ndim != 1 or n == 0 or positions.shape != (n,) or tree_mask.shape != (n, n):
+            raise ValueError(f"forward needs tokens [q], positions [q] and a tree mask [q, q] with q >= 1; got "
+                             f"{list(tokens.shape)}, {list(positions.shape)} and {list(tree_mask.shape)}")
         bad = [index for index in skip if not 0 <= index < self.num_layers]
         if bad:
             raise ValueError(f"cannot skip layers {sorted(bad)}: the model has layers 0..{self.num_layers - 1}")

@@ -46,7 +46,7 @@ def test_gguf_blocks_are_recovered_and_multiply_bit_identically(kind, expected, 
     assert packed is not None and packed.kind == expected
     x = torch.randn(20, 96)
     dense = kernels.linear(x, weight)
-    for rows in (1, 2, 3, 4, 7, 13, 20):  # every path of the kernel: one, two, three, four input rows, buffered, edge rows
+    for rows in (0, 1, 2, 3, 4, 7, 13, 20):  # every path of the kernel: no rows, one to four, buffered, edge rows
         assert torch.equal(kernels.linear(x[:rows], packed), dense[:rows])
     assert packed.shape == weight.shape
     assert torch.equal(packed.dense, weight)  # torch's fallback decodes the same fp32 matrix from the blocks

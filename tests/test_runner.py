@@ -39,6 +39,18 @@ def test_kernel_matches_torch_and_is_batch_invariant(k, kernel_build):
     assert torch.equal(kernels.linear(x, w)[:40], kernels.linear(x[:40], w))  # invariant at any size
 
 
+def test_forward_refuses_inputs_whose_lengths_disagree():
+    runner = ModelRunner(tiny_model("llama"))
+    runner.reset(16)
+    runner.prefill(torch.tensor([1, 2, 3]))
+    for tokens, positions, mask in ((torch.tensor([], dtype=torch.long), torch.tensor([3]), torch.ones(1, 1)),
+                                    (torch.tensor([4, 5]), torch.tensor([3]), torch.ones(2, 2)),
+                                    (torch.tensor([4]), torch.tensor([3]), torch.ones(2, 2))):
+        with pytest.raises(ValueError, match=r"forward needs tokens \[q\], positions \[q\] and a tree mask"):
+            runner.forward(tokens, positions, mask.bool())
+    assert kernels.linear(torch.empty(0, 64), torch.randn(8, 64)).shape == (0, 8)  # no rows: no kernel call
+
+
 @pytest.mark.parametrize("rope_type", ["dynamic", "linear"])
 def test_runner_matches_transformers_with_scaled_rotary_tables(rope_type):
     # dynamic tables are recomputed per pass and handed to the decoder with their own rows
