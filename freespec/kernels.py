@@ -104,7 +104,7 @@ def _library() -> ctypes.CDLL | None:
         getattr(library, name).restype = None
     library.freespec_tree_attention.argtypes = (
         [ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 5
-        + [ctypes.c_float] + [ctypes.c_void_p] * 2
+        + [ctypes.c_float, ctypes.c_int64] + [ctypes.c_void_p] * 2
     )
     library.freespec_tree_attention.restype = None
     library.freespec_rope_store.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 6 + [ctypes.c_void_p]
@@ -224,6 +224,8 @@ class TreeAttention:
         self._cos = None if cos is None else cos.contiguous()
         self._sin = None if sin is None else sin.contiguous()
         self._nodes, self._count = tree_layout(tree_mask)
+        # a causal chain (a prefill chunk): the kernel may let its rows join the shared prefix
+        self._causal = torch.equal(tree_mask, torch.ones(n, n, dtype=torch.bool).tril())
         self._queries = torch.empty(kv_heads, n * (heads // kv_heads), dim)
         self._probs = torch.empty(heads * n, past + n)
 
@@ -238,7 +240,7 @@ class TreeAttention:
         out = torch.empty(n, heads * dim)
         self._library.freespec_tree_attention(
             self._queries.data_ptr(), keys.data_ptr(), values.data_ptr(), keys.shape[1], self._nodes.data_ptr(),
-            self._count.data_ptr(), self.past, n, heads, kv_heads, dim, self.scale, out.data_ptr(),
+            self._count.data_ptr(), self.past, n, heads, kv_heads, dim, self.scale, int(self._causal), out.data_ptr(),
             self._probs.data_ptr())
         return out
 

@@ -290,6 +290,26 @@ def test_prefill_rows_do_not_depend_on_chunks_or_on_decoding(family, chunk, scra
     assert torch.equal(runner._keys[:, :, :40], keys) and torch.equal(runner._values[:, :, :40], values)
 
 
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_causal_prefill_chunks_after_cached_rows_equal_decoding(kv_heads, kernel_build, monkeypatch):
+    """Chunks of 32+ rows take the attention kernel's causal path (the chunk joins the shared
+    prefix), here after cached rows and with 64-wide heads (the register P·V); the rows must be
+    the bits that decoding one token at a time writes."""
+    config = tiny_config("llama")
+    config.hidden_size, config.num_attention_heads, config.num_key_value_heads = 256, 4, kv_heads
+    torch.manual_seed(3)
+    runner = ModelRunner(AutoModelForCausalLM.from_config(config).eval())
+    ids = torch.randint(runner.vocab_size, (100,), generator=torch.Generator().manual_seed(3))
+    monkeypatch.setattr(runner_module, "PREFILL_CHUNK", 40)  # chunks 40 (causal), 40 (causal, past 40), 20
+    runner.reset(128)
+    chunked = runner.prefill(ids[:100])
+    keys, values = runner._keys[:, :, :100].clone(), runner._values[:, :, :100].clone()
+    runner.reset(128)
+    runner.prefill(ids[:10])
+    assert torch.equal(decode_one_by_one(runner, ids, 10, 100), runner.logits(chunked[10:]))
+    assert torch.equal(runner._keys[:, :, :100], keys) and torch.equal(runner._values[:, :, :100], values)
+
+
 def test_reuse_keeps_the_shared_prefix_and_never_rows_of_skipping_passes(monkeypatch):
     runner = ModelRunner(tiny_model("llama", seed=9, layers=3))
     ids = list(range(5, 25))
