@@ -327,17 +327,17 @@ class FusedDecoder:
     def __call__(self, tokens: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, past: int,
                  tree_mask: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor, rope_rows: torch.Tensor,
                  skip: frozenset[int] = frozenset()) -> torch.Tensor:
-        """tokens [n] → final hidden states [n, hidden] (after the final norm).
+        """tokens [n] int64 → final hidden states [n, hidden] (after the final norm).
 
         keys, values: [layers, kv_heads, capacity, head_dim], written after row ``past``;
-        tree_mask [n, n] bool; token i is rotated by row ``rope_rows[i]`` of the contiguous
-        tables ``cos_table``, ``sin_table`` [*, head_dim]. Layers in ``skip`` are left out: the
-        hidden state passes them unchanged and their cache rows are not written (self-speculation
-        drafts).
+        tree_mask [n, n] bool; token i is rotated by row ``rope_rows[i]`` (int64) of the
+        contiguous tables ``cos_table``, ``sin_table`` [*, head_dim]. The C code reads these
+        by pointer: the dtypes are the caller's to guarantee (:meth:`ModelRunner._run` does).
+        Layers in ``skip`` are left out: the hidden state passes them unchanged and their cache
+        rows are not written (self-speculation drafts).
         """
         n = tokens.shape[0]
-        tokens, rope_rows = tokens.to(torch.int64).contiguous(), rope_rows.to(torch.int64).contiguous()
-        tree_mask = tree_mask.to(torch.bool).contiguous()
+        tokens, rope_rows, tree_mask = tokens.contiguous(), rope_rows.contiguous(), tree_mask.contiguous()
         out = torch.empty(n, self.hidden)
         mask = None
         if skip:

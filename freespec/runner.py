@@ -320,7 +320,8 @@ class ModelRunner:
         if end > self.capacity:
             raise ValueError(f"cache overflow: {end} rows needed, capacity {self.capacity}")
         self._forwarded = [SKIPPED] * len(tokens) if skip else tokens.tolist()
-        tree_mask = tree_mask.to(torch.bool)
+        # the dtypes every path reads (the C decoder by pointer): any integer ids, any mask
+        tokens, positions, tree_mask = tokens.to(torch.int64), positions.to(torch.int64), tree_mask.to(torch.bool)
         with torch.inference_mode():
             if self._decoder is not None:
                 cos_table, sin_table, rope_rows = self._rotary_rows(positions)
