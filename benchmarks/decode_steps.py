@@ -18,7 +18,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 import freespec
-from freespec.bench import DEFAULT_QUESTIONS, load_questions
+from freespec.bench.run import DEFAULT_QUESTIONS, load_questions
 
 
 @dataclass

@@ -17,7 +17,7 @@ import torch
 from transformers import DynamicCache
 
 import freespec
-from freespec.runner import ModelRunner
+from freespec.model.runner import ModelRunner
 
 SIZES = (1, 2, 4, 8, 16, 32)
 CONTEXT = 256

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 import freespec
-from freespec.bench import DEFAULT_QUESTIONS, load_questions
+from freespec.bench.run import DEFAULT_QUESTIONS, load_questions
 from freespec.drafters import FACTORIES, TokenRecycling
 
 ONE_TOKEN_ROWS = "recycling-one-token-rows"

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 import freespec
-from freespec.quant import PackedWeight
+from freespec.model.quant import PackedWeight
 
 PROBE = r"""
 #include <immintrin.h>

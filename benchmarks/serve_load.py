@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         report = _run_against(args.url, args, drafters)
     else:
         import freespec
-        from freespec.server import BackgroundServer, create_app
+        from freespec.serve.app import BackgroundServer, create_app
 
         model = freespec.load(args.model)
         with BackgroundServer(create_app(model, max_queue=max(64, args.clients))) as url:

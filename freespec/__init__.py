@@ -11,7 +11,7 @@ if "torch" not in sys.modules:
     os.environ.setdefault("GOMP_SPINCOUNT", "10000000")
 
 from freespec.api import GenerationResult, Model, load
-from freespec.engine import GenerationStats
+from freespec.engine.loop import GenerationStats
 
 __all__ = ["GenerationResult", "GenerationStats", "Model", "load"]
 __version__ = "0.1.0"

@@ -14,13 +14,14 @@ from pathlib import Path
 
 import torch
 
-from freespec import calibrate
-from freespec.budget import BudgetPolicy
 from freespec.drafters import Drafter, DrafterSettings, create
-from freespec.engine import Generation, GenerationStats
-from freespec.loading import LoadedModel, ModelLoadError, load as load_model, packed_cache_path
-from freespec.runner import ModelRunner
-from freespec.sampling import SamplingParams
+from freespec.engine.costs import load_or_measure
+from freespec.engine.budget import BudgetPolicy
+from freespec.engine.loop import Generation, GenerationStats
+from freespec.engine.sampling import SamplingParams
+from freespec.model.loading import LoadedModel, ModelLoadError, packed_cache_path
+from freespec.model.loading import load as load_model
+from freespec.model.runner import ModelRunner
 
 
 @dataclass
@@ -106,7 +107,7 @@ class Model:
                                                self.runner, self.draft_runner))
         if drafter is None:
             return None, None
-        costs = calibrate.load_or_measure(self.runner)
+        costs = load_or_measure(self.runner)
         policy = BudgetPolicy(costs, candidates=[q - 1 for q in costs if q > 1])
         self._drafters[name] = (drafter, policy)
         return self._drafters[name]
@@ -139,7 +140,7 @@ class Model:
         ``budget`` fixes the draft nodes per step (default: the model's, else chosen from measured costs).
         ``temperature`` 0 is greedy; above 0 tokens are sampled with ``top_k``, ``top_p``, ``min_p``
         and ``repetition_penalty`` as transformers applies them, from exactly that distribution
-        whatever the drafter (see :class:`freespec.sampling.SamplingParams`). ``seed`` repeats a run.
+        whatever the drafter (see :class:`freespec.engine.sampling.SamplingParams`). ``seed`` repeats a run.
         ``reuse_prefix``: skip prefilling the prompt's leading tokens that the previous request
         already cached (a chat's earlier turns); it never changes the output.
         """

@@ -19,13 +19,13 @@ from tqdm import tqdm
 from transformers.utils import logging as transformers_logging
 
 from freespec.api import Model, load
-from freespec.bench_methods import DEFAULT_METHODS, PEERS
-from freespec.calibrate import load_or_measure
+from freespec.bench.methods import DEFAULT_METHODS, PEERS
 from freespec.drafters import DRAFTERS, check_name
-from freespec.engine import Generation, GenerationStats
-from freespec.loading import ModelLoadError
-from freespec.runner import UnsupportedModelError
-from freespec.sampling import SamplingParams
+from freespec.engine.costs import load_or_measure
+from freespec.engine.loop import Generation, GenerationStats
+from freespec.engine.sampling import SamplingParams
+from freespec.model.loading import ModelLoadError
+from freespec.model.runner import UnsupportedModelError
 
 USAGE_ERROR = 2
 INTERRUPTED = 130
@@ -57,7 +57,7 @@ SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty",
 
 
 def _sampling_options(seed: bool = True) -> argparse.ArgumentParser:
-    """Flags checked by :class:`freespec.sampling.SamplingParams` (its messages name what is wrong).
+    """Flags checked by :class:`freespec.engine.sampling.SamplingParams` (its messages name what is wrong).
 
     ``bench`` has its own ``--seed`` (per question and turn), so it takes these without one.
     """
@@ -371,9 +371,9 @@ def _calibrate(args: argparse.Namespace) -> None:
 
 
 def _bench(args: argparse.Namespace) -> None:
-    from freespec import bench
-    from freespec.bench_methods import Setup, check_methods
-    from freespec.bench_report import compare
+    from freespec.bench import run as bench
+    from freespec.bench.methods import Setup, check_methods
+    from freespec.bench.report import compare
 
     try:
         sampling = SamplingParams(**{key: getattr(args, key) for key in SAMPLING_KEYS if key != "seed"})
@@ -416,7 +416,7 @@ def _bench(args: argparse.Namespace) -> None:
 
 def _gguf_source(model: str | None) -> Path | None:
     """The GGUF file behind ``--model`` (for llama.cpp peers), or None for other models."""
-    from freespec.loading import DEFAULT_MODEL, embedded_gguf_path
+    from freespec.model.loading import DEFAULT_MODEL, embedded_gguf_path
 
     if model is None or model in ("", "default", DEFAULT_MODEL):
         try:
@@ -433,8 +433,8 @@ def _gguf_source(model: str | None) -> Path | None:
 def _datastore_build(args: argparse.Namespace) -> None:
     from transformers import AutoTokenizer
 
-    from freespec import datastore
-    from freespec.loading import resolve
+    from freespec.drafters import datastore
+    from freespec.model.loading import resolve
 
     if not args.corpus.is_file():
         raise UsageError(f"corpus not found: {args.corpus}")
@@ -453,7 +453,7 @@ def _datastore_build(args: argparse.Namespace) -> None:
 
 
 def _serve(args: argparse.Namespace) -> None:
-    from freespec import server
+    from freespec.serve import app as server
 
     model = _load(args)
     if not args.quiet:

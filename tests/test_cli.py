@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 import freespec
-from freespec.calibrate import SIZES
 from freespec import cli
 from freespec.cli import main
+from freespec.engine.costs import SIZES
 
 PROMPT = "w1 w2 w3 w4 w5 w6"
 

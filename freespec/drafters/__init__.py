@@ -14,13 +14,13 @@ from freespec.drafters.aded import Aded
 from freespec.drafters.base import Drafter, SamplingAware
 from freespec.drafters.draft_model import DraftModel
 from freespec.drafters.fused import Fused
-from freespec.drafters.jacobi import Jacobi
 from freespec.drafters.layerskip import LayerSkip
+from freespec.drafters.lookahead import Jacobi
 from freespec.drafters.lookup import PromptLookup
+from freespec.drafters.ngram_trie import LookaheadTrie
 from freespec.drafters.recycling import TokenRecycling
 from freespec.drafters.retrieval import Retrieval
-from freespec.drafters.trie import LookaheadTrie
-from freespec.runner import ModelRunner
+from freespec.model.runner import ModelRunner
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from freespec.drafters.grow import HitRate, grow
-from freespec.tree import DraftTree
+from freespec.engine.tree import DraftTree
 
 
 class TrigramPrior:
@@ -160,7 +160,7 @@ class Aded:
     @classmethod
     def from_datastore(cls, path: str | Path, tokenizer=None) -> Aded:
         """With the tri-grams of a retrieval datastore's corpus as the prior."""
-        from freespec.datastore import Datastore
+        from freespec.drafters.datastore import Datastore
 
         return cls(TrigramPrior.count(np.asarray(Datastore(path, tokenizer).tokens)))
 

@@ -20,8 +20,8 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from freespec.sampling import SamplingParams
-from freespec.tree import DraftTree
+from freespec.engine.sampling import SamplingParams
+from freespec.engine.tree import DraftTree
 
 
 class Drafter(Protocol):
@@ -30,7 +30,7 @@ class Drafter(Protocol):
 
     shadow_drafts: bool
     """Whether the engine may draft more nodes than it verifies, to learn what larger trees would
-    accept (see :mod:`freespec.budget`): :meth:`propose` costs little next to a forward pass, draws
+    accept (see :mod:`freespec.engine.budget`): :meth:`propose` costs little next to a forward pass, draws
     no random numbers, leaves no state that depends on the budget, and :meth:`update` takes any
     prefix of the proposed tree. A drafter without the attribute is taken as False."""
 
@@ -81,7 +81,7 @@ class ShadowLearner(Protocol):
 
     Once the tokens that followed a shadow draft are known, the engine passes the whole draft,
     ``path`` (the branch those tokens spelled in it: what verifying all of it would have
-    accepted, :meth:`freespec.tree.DraftTree.follow`) and ``verified``, the number of nodes
+    accepted, :meth:`freespec.engine.tree.DraftTree.follow`) and ``verified``, the number of nodes
     after the root that were verified and already given to :meth:`Drafter.update`. Without this,
     a drafter whose scores say that deeper nodes rarely pay never gets them verified, so never
     learns otherwise.

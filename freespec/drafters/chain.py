@@ -1,13 +1,13 @@
 """Autoregressive chain drafts from a model (the target with layers skipped, or a smaller model).
 
 Shared by :mod:`freespec.drafters.layerskip` and :mod:`freespec.drafters.draft_model`. The draft
-runs on a :class:`freespec.runner.ModelRunner`: each drafted token is forwarded and committed so
+runs on a :class:`freespec.model.runner.ModelRunner`: each drafted token is forwarded and committed so
 the next one sees it; the caller decides which of those rows to keep afterwards.
 
 What a drafted token is depends on the request (:class:`ChainSampler`): greedy requests, and
 point-mass drafts (a fused tree, whose merge keeps no draft probabilities), take the argmax;
 sampled requests draw it from the draft's own processed distribution q and keep q as
-``DraftTree.draft_probs``, so :func:`freespec.verify.rejection_accept` keeps the output exact.
+``DraftTree.draft_probs``, so :func:`freespec.engine.verify.rejection_accept` keeps the output exact.
 """
 
 from __future__ import annotations
@@ -15,9 +15,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from freespec.runner import ModelRunner
-from freespec.sampling import SamplingParams, draw, repetition_penalty, target_probs
-from freespec.tree import DraftTree
+from freespec.engine.sampling import (
+    SamplingParams,
+    draw,
+    repetition_penalty,
+    target_probs,
+)
+from freespec.engine.tree import DraftTree
+from freespec.model.runner import ModelRunner
 
 CONFIDENCE = 0.8
 """Drafting stops after a token whose draft probability falls below this (SWIFT's early stop)."""

@@ -1,6 +1,6 @@
 """A smaller model with the same tokenizer drafts a chain (SpS, Big Little Decoder).
 
-The draft model runs on its own :class:`freespec.runner.ModelRunner` and KV cache. At each
+The draft model runs on its own :class:`freespec.model.runner.ModelRunner` and KV cache. At each
 proposal it catches up on the tokens the target accepted since the last one: the rows of drafted
 tokens that were accepted are kept (same tokens after the same prefix), the rest are dropped, so
 a step usually forwards only the bonus token before drafting. The rows outlive the request: a
@@ -13,9 +13,9 @@ import numpy as np
 import torch
 
 from freespec.drafters.chain import CONFIDENCE, ChainSampler, draft_chain
-from freespec.runner import ModelRunner
-from freespec.sampling import SamplingParams
-from freespec.tree import DraftTree
+from freespec.engine.sampling import SamplingParams
+from freespec.engine.tree import DraftTree
+from freespec.model.runner import ModelRunner
 
 
 class DraftModel:

@@ -7,7 +7,7 @@ best-first with parents before children and any prefix is again the best tree of
 
 A source without scores gets ones that fall with its node order. After verification each source
 learns from the longest prefix of its own tree that was verified, in its own node numbering (the
-engine may verify only a prefix of the merged tree: a shadow draft, see :mod:`freespec.budget`),
+engine may verify only a prefix of the merged tree: a shadow draft, see :mod:`freespec.engine.budget`),
 and once the shadow resolves, a source that learns from shadows hears about the rest of its part.
 """
 
@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from freespec.drafters.base import Drafter, SamplingAware, ShadowLearner
-from freespec.sampling import SamplingParams
-from freespec.tree import DraftTree
+from freespec.engine.sampling import SamplingParams
+from freespec.engine.tree import DraftTree
 
 
 def tree_scores(tree: DraftTree) -> np.ndarray:
@@ -124,7 +124,7 @@ class Fused:
 
     def set_sampling(self, params: SamplingParams, generator: torch.Generator | None) -> None:
         """Sources draft point masses: the merged tree keeps no draft probabilities, and
-        verification's point-mass rule is exact for any tree (see :mod:`freespec.verify`)."""
+        verification's point-mass rule is exact for any tree (see :mod:`freespec.engine.verify`)."""
         for drafter in self.drafters:
             if isinstance(drafter, SamplingAware):
                 drafter.set_sampling(params, None)

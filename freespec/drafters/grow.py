@@ -16,8 +16,8 @@ from collections.abc import Callable, Hashable, Iterable, Sequence
 
 import numpy as np
 
-from freespec.budget import interpolate
-from freespec.tree import DraftTree
+from freespec.engine.budget import interpolate
+from freespec.engine.tree import DraftTree
 
 Expand = Callable[[Hashable], Iterable[tuple[int, float, Hashable]]]
 

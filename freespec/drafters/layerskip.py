@@ -21,9 +21,9 @@ import numpy as np
 import torch
 
 from freespec.drafters.chain import CONFIDENCE, ChainSampler, draft_chain
-from freespec.runner import ModelRunner
-from freespec.sampling import SamplingParams
-from freespec.tree import DraftTree
+from freespec.engine.sampling import SamplingParams
+from freespec.engine.tree import DraftTree
+from freespec.model.runner import ModelRunner
 
 
 def skippable_layers(num_layers: int) -> list[int]:

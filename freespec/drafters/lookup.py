@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from freespec.drafters.grow import HitRate, WeightedTrie, grow
-from freespec.tree import DraftTree
+from freespec.engine.tree import DraftTree
 
 
 class NgramIndex:

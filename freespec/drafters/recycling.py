@@ -34,7 +34,7 @@ import torch
 
 from freespec import kernels
 from freespec.drafters.grow import Calibration
-from freespec.tree import DraftTree
+from freespec.engine.tree import DraftTree
 
 # The paper's best template: 80 nodes of depth <= 6 (8/21/25/15/8/3 nodes per depth), as rank paths.
 PAPER_TEMPLATE: tuple[tuple[int, ...], ...] = (

@@ -1,6 +1,6 @@
 """REST (retrieval-based speculative decoding): draft what followed the context in a corpus.
 
-The datastore (:mod:`freespec.datastore`, built with ``freespec datastore build``) is a suffix
+The datastore (:mod:`freespec.drafters.datastore`, built with ``freespec datastore build``) is a suffix
 array over a tokenised corpus. Each step finds the longest suffix of the context (at most
 ``max_match`` tokens) that occurs in the corpus, samples up to ``max_candidates`` of its
 occurrences evenly across the matching range, and merges the ``depth`` tokens that follow each
@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from freespec.datastore import Datastore
+from freespec.drafters.datastore import Datastore
 from freespec.drafters.grow import HitRate, WeightedTrie, grow
-from freespec.tree import DraftTree
+from freespec.engine.tree import DraftTree
 
 
 class Retrieval:

@@ -1,0 +1,234 @@
+"""Benchmark methods: freespec drafters and peers behind one signature, prompt ids → :class:`Output`.
+
+A method is a peer named in :data:`PEERS` or any freespec drafter name, run as
+``model.generate(prompt_ids=..., drafter=name)``. Every peer names its *reference*: the greedy
+method of its own engine whose output it must reproduce token for token (``hf-lookup`` against
+``hf-greedy``, ``llamacpp-lookup`` against ``llamacpp-greedy``; the greedy peers and all freespec
+drafters against freespec's ``none``). Adding a peer is one function and one :data:`PEERS` entry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from transformers.generation.streamers import BaseStreamer
+
+from freespec.api import Model
+from freespec.drafters import DRAFTERS
+from freespec.engine.sampling import SamplingParams
+
+REFERENCE = "none"
+DEFAULT_METHODS = ("none", "recycling", "hf-greedy", "hf-lookup", "llamacpp-greedy", "llamacpp-lookup")
+LOOKUP_TOKENS = 10  # draft length of both prompt-lookup peers (Spec-Bench's PLD setting)
+
+
+class BenchError(ValueError):
+    """Bad benchmark input the user can fix (questions file, methods, result folders)."""
+
+
+@dataclass
+class Output:
+    """One generation: its tokens and, per forward pass of the target model, the tokens it emitted."""
+
+    token_ids: list[int]
+    accepted_lengths: list[int]
+    draft_sizes: list[int] | None = None  # freespec only: draft nodes verified per pass
+    sampled: bool = False  # drawn at temperature > 0: equal to a reference only with the same seed and engine
+
+
+Runner = Callable[[list[int]], Output]
+
+
+@dataclass
+class Setup:
+    """What runners are built from: the loaded model and the run's settings."""
+
+    model: Model
+    max_new_tokens: int
+    seed: int = 0
+    gguf: Path | None = None  # the GGUF file the model came from, for llama.cpp
+    context: int = 2048  # tokens llama.cpp must hold: the longest prompt plus the answer and a draft
+    # how freespec methods and hf-sample choose tokens (greedy peers keep only the repetition
+    # penalty); freespec requests are seeded from the per-question seed the bench sets in torch
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass(frozen=True)
+class Peer:
+    build: Callable[[Setup], Runner]
+    reference: str  # the greedy method whose output this one must equal
+    missing: Callable[[Setup], str | None]  # why it cannot run here, or None
+    about: str
+
+
+def is_drafter(name: str) -> bool:
+    """A freespec drafter name, or drafters fused with ``+``.
+
+    >>> is_drafter("none"), is_drafter("hf-greedy")
+    (True, False)
+    """
+    return name in DRAFTERS or ("+" in name and all(part in DRAFTERS for part in name.split("+")))
+
+
+def reference_of(method: str) -> str:
+    """The greedy method ``method``'s output is compared with (``none`` is its own reference).
+
+    >>> reference_of("hf-lookup"), reference_of("recycling")
+    ('hf-greedy', 'none')
+    """
+    return PEERS[method].reference if method in PEERS else REFERENCE
+
+
+def check_methods(methods: list[str]) -> None:
+    unknown = [m for m in methods if m not in PEERS and not is_drafter(m)]
+    if unknown or not methods:
+        raise BenchError(f"unknown methods: {', '.join(unknown) or '(none given)'}; choose from freespec drafters "
+                         f"({', '.join(DRAFTERS)}) and peers ({', '.join(PEERS)})")
+
+
+def unavailable(method: str, setup: Setup) -> str | None:
+    """Why ``method`` cannot run with this setup (a note for the report), or None."""
+    return PEERS[method].missing(setup) if method in PEERS else None
+
+
+def build_runner(method: str, setup: Setup) -> Runner:
+    if method in PEERS:
+        return PEERS[method].build(setup)
+    model = setup.model
+
+    def run(prompt_ids: list[int]) -> Output:
+        options = {**asdict(setup.sampling), "seed": torch.initial_seed()}  # the same for every method
+        # every turn prefills its whole conversation, as the peers' turns do (llama.cpp is reset)
+        result = model.generate(prompt_ids=prompt_ids, drafter=method, max_new_tokens=setup.max_new_tokens,
+                                reuse_prefix=False, **options)
+        return Output(result.token_ids, result.stats.accepted_lengths, result.stats.draft_sizes,
+                      sampled=not setup.sampling.greedy)
+
+    return run
+
+
+# --- transformers ------------------------------------------------------------------------------
+
+class _StepSizes(BaseStreamer):
+    """Tokens each forward pass of HF ``generate`` added; its first ``put`` is the prompt."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if self._prompt_seen:
+            self.sizes.append(int(value.numel()))  # batch of one: [1, k] or [k]
+        self._prompt_seen = True
+
+    def end(self) -> None:
+        pass
+
+
+def _hf_runner(setup: Setup, sample: bool = False, **options) -> Runner:
+    """transformers' own ``generate``, greedy or sampling with the bench's options, with ``options``
+    (prompt lookup, an assistant model)."""
+    model, stop, sampling = setup.model, sorted(setup.model.stop_ids), setup.sampling
+    options.update(do_sample=sample and not sampling.greedy, repetition_penalty=sampling.repetition_penalty)
+    if options["do_sample"]:
+        options.update(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+                       min_p=sampling.min_p)
+
+    def run(prompt_ids: list[int]) -> Output:
+        inputs = torch.tensor([prompt_ids])  # [1, prompt]
+        steps = _StepSizes()
+        with torch.inference_mode():
+            output = model.hf_model.generate(
+                inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=setup.max_new_tokens,
+                eos_token_id=stop or None, pad_token_id=stop[0] if stop else 0, streamer=steps, **options)
+        return Output(output[0, len(prompt_ids):].tolist(), steps.sizes, sampled=options["do_sample"])
+
+    return run
+
+
+def _hf_assisted(setup: Setup) -> Runner:
+    return _hf_runner(setup, assistant_model=setup.model.draft.model)  # loaded and checked with the model
+
+
+# --- llama.cpp (llama-cpp-python, an optional extra) -------------------------------------------
+
+def _llama_cpp_missing(setup: Setup) -> str | None:
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return ("llama-cpp-python is not installed (pip install 'freespec[llamacpp]'; it compiles llama.cpp, "
+                "about 8 minutes)")
+    if setup.gguf is None:
+        return "llama.cpp needs a GGUF model: --model FILE.gguf or the embedded default"
+    return None
+
+
+def _llama_cpp(setup: Setup, lookup: bool) -> Runner:
+    """llama.cpp greedy on the same GGUF file, or with its prompt-lookup draft.
+
+    The prompt ids are freespec's (the tokenizer was converted from the same file), so every method
+    sees the same tokens. ``reset()`` before each request: llama-cpp-python would otherwise reuse the
+    cached prefix shared with the previous prompt and skip part of the prefill.
+    """
+    import llama_cpp
+    from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+    options = {}
+    if lookup:
+        # Its score buffer has n_batch rows unless logits_all is set, and drafting writes a row per
+        # context token: without it, generation fails once the context passes n_batch (512).
+        options = dict(draft_model=LlamaPromptLookupDecoding(num_pred_tokens=LOOKUP_TOKENS), logits_all=True)
+    threads = torch.get_num_threads()
+    llm = llama_cpp.Llama(model_path=str(setup.gguf), n_ctx=setup.context, n_threads=threads,
+                          n_threads_batch=threads, seed=setup.seed, verbose=False, **options)
+    stop = setup.model.stop_ids
+
+    def run(prompt_ids: list[int]) -> Output:
+        lengths: list[int] = []  # one entry per eval (forward pass), counting the tokens it produced
+        evaluate = llm.eval
+
+        def counted(tokens) -> None:
+            lengths.append(0)
+            evaluate(tokens)
+
+        llm.eval = counted
+        llm.reset()
+        token_ids: list[int] = []
+        try:
+            for token in llm.generate(prompt_ids, temp=0.0, repeat_penalty=1.0):
+                token_ids.append(int(token))
+                lengths[-1] += 1
+                if token in stop or len(token_ids) >= setup.max_new_tokens:
+                    break
+        finally:
+            del llm.eval  # back to the class's method
+        return Output(token_ids, lengths)
+
+    return run
+
+
+def _needs_draft_model(setup: Setup) -> str | None:
+    return None if setup.model.draft else "needs --draft-model PATH (a smaller model with the same tokenizer)"
+
+
+def _always(setup: Setup) -> None:
+    return None
+
+
+PEERS: dict[str, Peer] = {
+    "hf-greedy": Peer(lambda s: _hf_runner(s), REFERENCE, _always, "transformers generate, greedy"),
+    "hf-sample": Peer(lambda s: _hf_runner(s, sample=True), "hf-greedy", _always,
+                      "transformers generate with the sampling options (greedy at temperature 0)"),
+    "hf-lookup": Peer(lambda s: _hf_runner(s, prompt_lookup_num_tokens=LOOKUP_TOKENS), "hf-greedy", _always,
+                      f"transformers generate with prompt lookup ({LOOKUP_TOKENS} tokens)"),
+    "hf-assisted": Peer(_hf_assisted, "hf-greedy", _needs_draft_model,
+                        "transformers generate with an assistant model (--draft-model)"),
+    "llamacpp-greedy": Peer(lambda s: _llama_cpp(s, lookup=False), REFERENCE, _llama_cpp_missing,
+                            "llama.cpp (llama-cpp-python) greedy on the same GGUF"),
+    "llamacpp-lookup": Peer(lambda s: _llama_cpp(s, lookup=True), "llamacpp-greedy", _llama_cpp_missing,
+                            f"llama.cpp with LlamaPromptLookupDecoding ({LOOKUP_TOKENS} tokens)"),
+}
+"""Peers by name: how to build each, its greedy reference, and when it cannot run."""

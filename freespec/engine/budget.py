@@ -1,0 +1,178 @@
+"""Hardware-aware tree size: verify as many draft nodes as maximises tokens per second.
+
+Verifying q tokens costs t(q) on this machine (measured by :mod:`freespec.engine.costs`, then refined
+from the steps actually timed, since a shared machine's speed drifts); a tree of
+b draft nodes yields on average tau(b) tokens per pass. The policy picks the b with the largest
+tau(b) / t(b + 1), where b = 0 is plain decoding (tau = 1), so speculation switches itself off
+when it would not pay.
+
+tau(b) is learned online. Drafters order nodes best-first, so from one step verified with budget
+B we also learn what any smaller budget b would have accepted: the accepted path cut at the first
+node with index > b. Larger sizes are learned in one of two ways:
+
+- *Shadow drafts* (drafters whose proposals are cheap and free of side effects): every step
+  drafts about twice the best size (at least ``min_probe`` nodes) but verifies only a prefix.
+  Once the next tokens are known, the branch of the full draft that spells them is what
+  verifying it would have accepted (:meth:`freespec.engine.tree.DraftTree.follow`): tau(b) for every
+  size, from every step, without spending a forward pass on it.
+- *Probes* (other drafters): every ``explore_every`` steps the policy verifies about twice the
+  best size, which climbs quickly and keeps a drafter that learns from verified nodes fed even
+  while speculation is switched off. A probe that does worse than the best size doubles the wait
+  before the next one (up to ``max_interval`` steps), so where speculation does not pay, probing
+  costs little; a probe that does better restores the pace.
+
+A shadow draft whose nodes carry scores (each node's calibrated chance of being accepted) is cut
+by its own scores instead (:meth:`BudgetPolicy.size_for`): verifying its first b nodes yields
+1 + their scores' sum on average, so each step takes the prefix with the most tokens per second.
+Averages cannot tell a confident draft from a hopeless one; the scores can, so a step verifies
+more where the drafter is sure and nothing where it is not.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+import numpy as np
+
+
+def interpolate(xs: list[float], ys: list[float], x: float) -> float:
+    """``np.interp`` on plain lists, for one point: linear between the knots ``xs`` (ascending),
+    constant beyond them. Called several times a step, where numpy's per-call overhead shows.
+
+    >>> interpolate([1, 2, 4], [1.0, 1.5, 2.5], 3), interpolate([1, 2, 4], [1.0, 1.5, 2.5], 9)
+    (2.0, 2.5)
+    """
+    right = bisect.bisect_left(xs, x)
+    if right == len(xs):
+        return ys[-1]
+    if right == 0 or xs[right] == x:
+        return ys[right]
+    share = (x - xs[right - 1]) / (xs[right] - xs[right - 1])
+    return ys[right - 1] + share * (ys[right] - ys[right - 1])
+
+
+def accepted_within(path: list[int], budget: int) -> int:
+    """Tokens a step would have emitted had only nodes 1..budget been drafted (bonus included).
+
+    >>> accepted_within([0, 1, 3, 9], 5)  # node 9 lies beyond the first 5 draft nodes
+    3
+    >>> accepted_within([0, 1, 3, 9], 0)
+    1
+    """
+    emitted = 1
+    for node in path[1:]:
+        if node > budget:
+            break
+        emitted += 1
+    return emitted
+
+
+class BudgetPolicy:
+    def __init__(self, cost: dict[int, float], candidates: list[int], explore_every: int = 4, smoothing: float = 0.05,
+                 min_probe: int = 3, max_interval: int = 32):
+        """``cost``: seconds (or any unit) per forward of q tokens, for some q ≥ 1.
+        ``candidates``: the draft sizes to choose among (0 is added: plain decoding)."""
+        self._cost_q = sorted(cost)  # plain lists: this runs every step, where numpy's call overhead shows
+        self._cost_t = [float(cost[q]) for q in self._cost_q]
+        self.candidates = sorted(set([0, *candidates]))
+        self.explore_every = explore_every
+        self.max_interval = max_interval
+        self.min_probe = min_probe
+        self.smoothing = smoothing
+        self.tau: dict[int, float] = {0: 1.0}  # estimated mean accepted length per candidate
+        self.interval = explore_every  # steps between probes
+        self._until_probe = explore_every
+        self._probe: tuple[int, int] | None = None  # (probed size, best size then) awaiting its result
+
+    def record_cost(self, q: int, seconds: float) -> None:
+        """Fold a timed step of q tokens (draft + forward + verify) into t(q). A step is counted
+        at most 1.5x the estimate: a pause of the process (a page fault, the garbage collector,
+        another program) would otherwise hold up a size that is rarely chosen for many steps."""
+        index = bisect.bisect_left(self._cost_q, q)
+        if index < len(self._cost_q) and self._cost_q[index] == q:
+            estimate = self._cost_t[index]
+            self._cost_t[index] += self.smoothing * (min(seconds, 1.5 * estimate) - estimate)
+
+    def cost(self, q: int) -> float:
+        """t(q): interpolated between the measured sizes, constant beyond them."""
+        return interpolate(self._cost_q, self._cost_t, q)
+
+    def best(self, limit: int) -> int:
+        known = [b for b in self.candidates if b in self.tau and b <= limit]
+        return max(known, key=lambda b: self.tau[b] / self.cost(b + 1))
+
+    def _larger(self, best: int, limit: int) -> int | None:
+        """The candidate above ``best`` nearest to twice it (at least ``min_probe``), if any."""
+        target = max(2 * best, self.min_probe)
+        larger = [b for b in self.candidates if best < b <= limit]
+        return min(larger, key=lambda b: abs(b - target)) if larger else None
+
+    def choose(self, limit: int) -> int:
+        """The draft size for the next step, at most ``limit`` nodes: the best size, or now and
+        then a probe of a larger one (for drafters without shadow drafts)."""
+        best = self.best(limit)
+        self._until_probe -= 1
+        if self._until_probe <= 0:
+            self._until_probe = self.interval
+            larger = self._larger(best, limit)
+            if larger is not None:
+                self._probe = (larger, best)
+                return larger
+        return best
+
+    def size_for(self, scores: np.ndarray | None, limit: int) -> int:
+        """How many nodes of a drafted best-first tree to verify this step (at most ``limit``).
+
+        With the tree's ``scores`` (each node's calibrated chance of being accepted, root first)
+        this step's own yield is known: verifying the first b nodes emits 1 + the sum of their
+        scores on average, at cost t(b + 1). Taking the b with the most tokens per second sees
+        what the running averages cannot: whether *this* draft is a confident one. Without
+        scores, the best size by the running averages.
+
+        >>> policy = BudgetPolicy({1: 1.0, 2: 1.1, 3: 1.3}, candidates=[1, 2])
+        >>> policy.size_for(np.array([1.0, 0.9, 0.1]), limit=2)  # 1.9 / 1.1 beats 1 / 1 and 2.0 / 1.3
+        1
+        >>> policy.size_for(np.array([1.0, 0.05, 0.01]), limit=2)  # 1.05 / 1.1 < 1 / 1: plain decoding
+        0
+        """
+        if scores is None:
+            return self.best(limit)
+        best, best_rate, expected = 0, 1.0 / self.cost(1), 1.0
+        for size, score in enumerate(scores[1 : limit + 1].tolist(), start=1):
+            expected += score
+            if expected / self.cost(size + 1) > best_rate:
+                best, best_rate = size, expected / self.cost(size + 1)
+        return best
+
+    def shadow_size(self, limit: int) -> int:
+        """How many nodes a shadow draft has: about twice the best size by the running averages
+        (at least ``min_probe``), so that :meth:`size_for` can go beyond it and :meth:`observe_shadow`
+        learns the larger sizes."""
+        best = self.best(limit)
+        larger = self._larger(best, limit)
+        return best if larger is None else larger
+
+    def observe(self, budget: int, path: list[int]) -> None:
+        """Learn from a verified step that drafted ``budget`` nodes and accepted ``path``."""
+        if self._probe is not None and self._probe[0] == budget:
+            best = self._probe[1]
+            self._probe = None
+            beat_best = accepted_within(path, budget) / self.cost(budget + 1) > self.tau[best] / self.cost(best + 1)
+            previous = self.interval
+            self.interval = self.explore_every if beat_best else min(2 * previous, self.max_interval)
+            self._until_probe += self.interval - previous
+        self._learn(path, 0, budget)
+
+    def observe_shadow(self, drafted: int, path: list[int], verified: int) -> None:
+        """Learn from a shadow draft of ``drafted`` nodes, of which the first ``verified`` were
+        verified (and learned from by :meth:`observe`): ``path`` is the branch the tokens that
+        followed spelled in it."""
+        self._learn(path, verified, drafted)
+
+    def _learn(self, path: list[int], above: int, up_to: int) -> None:
+        """Fold what ``path`` says into tau(b) for the candidates above < b <= up_to."""
+        for b in self.candidates:
+            if above < b <= up_to:
+                sample = accepted_within(path, b)
+                old = self.tau.get(b)
+                self.tau[b] = sample if old is None else old + self.smoothing * (sample - old)

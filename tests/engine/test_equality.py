@@ -1,0 +1,197 @@
+"""Lossless: speculative output equals plain greedy output, token for token.
+
+Plain decoding runs through the same runner (a tree of one node per step), and the runner is
+batch-invariant, so the comparison is strict: any difference is a bug, not floating point.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from freespec.engine.budget import BudgetPolicy
+from freespec.engine.loop import Generation
+from freespec.engine.tree import DraftTree
+from tests.helpers import PROMPTS, generate, make_model, tiny_model
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gpt2"])
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("budget", [1, 4, 16, 80, None])
+@pytest.mark.parametrize("tree", ["dynamic", "static"])
+def test_recycling_equals_plain_greedy(family, seed, budget, tree):
+    model = make_model(family, seed, budget, tree=tree)
+    tokens = passes = 0
+    for prompt in PROMPTS:
+        plain = generate(model, prompt, "none")
+        fast = generate(model, prompt, "recycling")
+        assert fast.token_ids == plain.token_ids
+        assert fast.finish_reason == plain.finish_reason
+        assert fast.stats.new_tokens == len(plain.token_ids)
+        tokens, passes = tokens + fast.stats.new_tokens, passes + fast.stats.forward_passes
+    # the matrix stays warm across requests, so drafts get accepted: acceptance paths are exercised
+    if budget and budget >= 4 and tokens >= 40:
+        assert tokens / passes > 1.2
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("drafter", ["none", "recycling", "lookup"])
+def test_a_reused_prefix_changes_no_token(family, drafter):
+    """A chat's second turn finds the first turn's rows still cached: keeping them gives the same
+    tokens as prefilling the whole conversation afresh in another process."""
+    model = make_model(family, 0)
+    first = generate(model, PROMPTS[1], drafter)
+    second_prompt = PROMPTS[1] + first.token_ids + [2, 7, 8, 9, 3]
+    warm = generate(model, second_prompt, drafter)
+    cold = make_model(family, 0).generate(prompt_ids=second_prompt, drafter=drafter, max_new_tokens=48,
+                                          reuse_prefix=False)
+    assert warm.token_ids == cold.token_ids
+    assert warm.stats.cached_tokens >= len(PROMPTS[1]) + len(first.token_ids) - 1 and cold.stats.cached_tokens == 0
+    model.reset()  # forgets the rows too
+    assert generate(model, second_prompt, drafter).stats.cached_tokens == 0
+
+
+@pytest.mark.parametrize("max_new_tokens", [1, 2, 3, 7, 33])
+@pytest.mark.parametrize("tree", ["dynamic", "static"])
+def test_token_limit_inside_a_draft(max_new_tokens, tree):
+    model = make_model("llama", 0, budget=80, tree=tree)
+    generate(model, PROMPTS[0], "recycling", 64)  # warm: later drafts accept several tokens per pass
+    plain = generate(model, PROMPTS[0], "none", max_new_tokens)
+    fast = generate(model, PROMPTS[0], "recycling", max_new_tokens)
+    assert fast.token_ids == plain.token_ids and len(fast.token_ids) == max_new_tokens
+    assert fast.finish_reason == "length"
+
+
+@pytest.mark.parametrize("tree", ["dynamic", "static"])
+def test_stop_token_inside_a_draft(tree):
+    model = make_model("llama", 0, budget=80, tree=tree)
+    reference = generate(model, PROMPTS[0], "none", 64).token_ids
+    generate(model, PROMPTS[0], "recycling", 64)  # warm the matrix
+    # a token first produced late in the reply, so it is reached inside an accepted draft
+    stop = next(t for i, t in enumerate(reference) if i > 10 and t not in reference[:i])
+    model.stop_ids = {stop}
+    plain = generate(model, PROMPTS[0], "none", 64)
+    fast = generate(model, PROMPTS[0], "recycling", 64)
+    assert plain.token_ids == reference[: reference.index(stop) + 1]
+    assert fast.token_ids == plain.token_ids and fast.finish_reason == "stop"
+    assert max(fast.stats.accepted_lengths) > 1
+
+
+def test_plain_path_matches_transformers_generate():
+    model = make_model("qwen2", 3)
+    hf = model.runner  # the runner wraps the same weights
+    hf_model = tiny_model("qwen2", seed=3, scale=8.0)
+    prompt = torch.tensor([PROMPTS[1]])
+    expected = hf_model.generate(prompt, max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0)
+    ours = generate(model, PROMPTS[1], "none", 24)
+    assert ours.token_ids == expected[0, prompt.shape[1] :].tolist()
+    assert hf.length > 0
+
+
+def test_context_limit_stops_cleanly():
+    model = make_model("llama", 0, budget=16)
+    prompt = [2, *([7] * 500), 3]  # context is 512
+    plain = generate(model, prompt, "none", 100)
+    fast = generate(model, prompt, "recycling", 100)
+    assert len(plain.token_ids) == 512 - len(prompt) == len(fast.token_ids)
+    assert fast.token_ids == plain.token_ids
+    with pytest.raises(ValueError, match="the model's context is 512"):
+        generate(model, [5] * 512, "none", 4)
+
+
+def test_bad_requests_are_refused():
+    model = make_model("llama", 0)
+    with pytest.raises(ValueError, match="empty"):
+        model.generate(prompt_ids=[], max_new_tokens=4)
+    with pytest.raises(ValueError, match="positive"):
+        model.generate(prompt_ids=[1, 2], max_new_tokens=0)
+    with pytest.raises(ValueError, match="unknown drafter 'magic'"):
+        model.generate(prompt_ids=[1, 2], drafter="magic")
+    with pytest.raises(ValueError, match="prompt is empty"):
+        model.generate("   ")
+    with pytest.raises(ValueError, match="must be a string, got int"):
+        model.generate(42)
+    with pytest.raises(ValueError, match="budget must be >= 0"):
+        model.generate(prompt_ids=[1, 2], budget=-1)
+
+
+class ReplayDrafter:
+    """Test-only drafter: a chain whose first ``right`` tokens are what plain decoding produced next
+    (read from its output) and whose later tokens are wrong. Records the sizes it was asked for.
+    ``scored``: it knows it, scoring right nodes 0.99 and wrong ones 0.01."""
+
+    wants_prompt_logits = False
+    shadow_drafts = True
+
+    def __init__(self, prompt: list[int], reference: list[int], right: int, vocab: int, scored: bool = False):
+        self.prompt, self.reference, self.right, self.vocab = prompt, reference, right, vocab
+        self.scored = scored
+        self.asked: list[int] = []
+
+    def begin(self, prompt, prompt_logits) -> None:
+        pass
+
+    def propose(self, context: np.ndarray, budget: int) -> DraftTree:
+        self.asked.append(budget)
+        upcoming = self.reference[len(context) - len(self.prompt):][:budget]
+        chain = [t if i < self.right else (t + 1) % self.vocab for i, t in enumerate(upcoming)]
+        scores = np.cumprod([1.0] + [0.99 if i < self.right else 0.01 for i in range(len(chain))])
+        return DraftTree(np.array([context[-1], *chain]), np.arange(-1, len(chain)), scores if self.scored else None)
+
+    def update(self, tree, logits, accepted) -> None:
+        pass
+
+
+class LearningReplayDrafter(ReplayDrafter):
+    """Also records what the engine says of the unverified part of its shadow drafts."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.learned: list[tuple[int, list[int], int]] = []  # (nodes, path, verified)
+
+    def learn_unverified(self, tree, path, verified) -> None:
+        self.learned.append((len(tree), path, verified))
+
+
+def replay(right: int, tokens: int, drafter_class=ReplayDrafter, **options):
+    """Greedy generation with the budget policy and a replay drafter of ``right`` right tokens;
+    returns (generation, drafter, plain decoding's tokens)."""
+    model = make_model("llama", 0)
+    prompt = PROMPTS[1]
+    reference = generate(model, prompt, "none", tokens).token_ids
+    drafter = drafter_class(prompt, reference, right, model.runner.vocab_size, **options)
+    policy = BudgetPolicy({1: 1.0, 2: 1.05, 4: 1.1, 8: 1.2, 16: 1.5}, candidates=[1, 3, 7, 15])
+    generation = Generation(model.runner, drafter, policy, prompt, tokens, set())
+    for _ in generation:
+        pass
+    return generation, drafter, reference
+
+
+@pytest.mark.parametrize("right", [0, 100])
+def test_shadow_drafts_learn_sizes_they_do_not_verify(right):
+    """The policy drafts more than it verifies and learns from what followed: a drafter that is
+    always wrong never gets a node verified, one that is always right soon gets the largest size."""
+    generation, drafter, reference = replay(right, 64)
+    assert generation.token_ids == reference
+    assert min(drafter.asked) >= 3  # always a draft to learn from
+    if right == 0:
+        assert max(generation.stats.draft_sizes) == 0  # yet no forward pass spent on it
+    else:
+        assert max(generation.stats.draft_sizes) == 15 and generation.stats.forward_passes <= 64 / 4
+
+
+@pytest.mark.parametrize("right", [0, 3])
+def test_shadow_learners_hear_what_their_unverified_nodes_would_have_done(right):
+    generation, drafter, reference = replay(right, 48, LearningReplayDrafter)
+    assert generation.token_ids == reference
+    assert len(drafter.learned) > 10
+    for nodes, path, verified in drafter.learned:
+        assert verified < nodes - 1
+        assert path == list(range(min(right, nodes - 1) + 1))  # a chain: right nodes, then wrong ones
+
+
+def test_a_scored_draft_is_verified_as_far_as_its_scores_pay():
+    """Each step verifies the prefix its scores make worth it: the right nodes, not the wrong."""
+    generation, drafter, reference = replay(2, 64, scored=True)
+    assert generation.token_ids == reference
+    assert set(generation.stats.draft_sizes[:-1]) == {2}  # the last step may lack room
+    assert set(generation.stats.accepted_lengths[:-1]) == {3}

@@ -1,0 +1,68 @@
+"""The embedded SmolLM2-135M-Instruct: speculative output equals plain greedy, token for token."""
+
+import pytest
+
+import freespec
+
+pytestmark = pytest.mark.real_model  # the real SmolLM2-135M GGUF: skip with -m 'not real_model'
+
+PROMPTS = [
+    "Write a Python function that checks if a number is prime.",
+    "Summarize in one sentence: The quick brown fox jumps over the lazy dog because the dog was asleep.",
+    "List three uses of copper.",
+]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return freespec.load()
+
+
+def test_recycling_equals_plain_on_the_real_model(model):
+    """With the budget chosen from measured costs (which may switch speculation off on a fast
+    machine) and with 8 draft nodes every step, so drafts are surely verified."""
+    accepted = []
+    for prompt in PROMPTS:
+        plain = model.generate(prompt, drafter="none", max_new_tokens=64)
+        for budget in (None, 8):
+            fast = model.generate(prompt, drafter="recycling", max_new_tokens=64, budget=budget)
+            assert fast.token_ids == plain.token_ids, (prompt, budget)
+        accepted.append(fast.stats.mean_accepted)
+    assert plain.text.strip()
+    assert max(accepted) > 1.0
+
+
+@pytest.mark.parametrize("tree", ["static", "dynamic"])
+def test_fixed_large_tree_equals_plain_on_the_real_model(model, tree):
+    model.tree = tree
+    model.reset()
+    plain = model.generate(PROMPTS[0], drafter="none", max_new_tokens=48)
+    fast = model.generate(PROMPTS[0], drafter="recycling", max_new_tokens=48, budget=80)
+    assert fast.token_ids == plain.token_ids
+    if tree == "static":
+        assert set(fast.stats.draft_sizes) == {80}
+    else:  # best-first trees stop where recycled probabilities run out
+        assert max(fast.stats.draft_sizes) == 80
+
+
+def test_seeded_sampling_equals_plain_sampling_on_the_real_model(model):
+    """Each emitted token consumes one random number either way: a seed fixes the text."""
+    options = dict(max_new_tokens=32, temperature=0.7, top_p=0.9, repetition_penalty=1.1, seed=1)
+    plain = model.generate(PROMPTS[2], drafter="none", **options)
+    fast = model.generate(PROMPTS[2], drafter="recycling", budget=16, **options)
+    assert fast.token_ids == plain.token_ids
+    assert plain.token_ids != model.generate(PROMPTS[2], drafter="none", **{**options, "seed": 2}).token_ids
+
+
+def test_a_second_chat_turn_reuses_the_first_and_changes_no_token(model):
+    """The second turn's conversation starts with the first turn's rows: kept, they give the
+    tokens a whole fresh prefill gives, plain and speculative alike."""
+    chat = [{"role": "user", "content": PROMPTS[2]}]
+    first = model.generate(messages=chat, drafter="recycling", max_new_tokens=32)
+    chat += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "Now three uses of iron."}]
+    cold = model.generate(messages=chat, drafter="none", max_new_tokens=32, reuse_prefix=False)
+    model.generate(messages=chat[:1], drafter="none", max_new_tokens=32)  # leave the first turn cached again
+    for drafter in ("recycling", "none"):
+        warm = model.generate(messages=chat, drafter=drafter, max_new_tokens=32)
+        assert warm.token_ids == cold.token_ids, drafter
+        assert warm.stats.cached_tokens > len(model.encode(messages=chat[:1])) - 1

@@ -1,0 +1,335 @@
+"""The forward pass: batch-invariant kernel, agreement with transformers, tree masks, cache commit."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+
+from freespec import kernels
+from freespec.engine.tree import DraftTree
+from freespec.model import runner as runner_module
+from freespec.model.runner import ModelRunner, UnsupportedModelError
+from tests.helpers import (
+    decode_one_by_one,
+    forced_kernel_build,
+    tiny_config,
+    tiny_model,
+)
+
+
+def test_kernel_is_built_here():
+    # CI machines have gcc and AVX2; the fallback would silently lose batch invariance.
+    assert kernels.kernel_available()
+
+
+def test_a_kernel_build_can_be_forced_and_a_bad_one_is_named():
+    with forced_kernel_build("avx2"):
+        assert kernels._isa() == "avx2"
+    with forced_kernel_build("sse"):
+        with pytest.raises(ValueError, match="FREESPEC_KERNEL_ISA must be avx2 or avx512, not 'sse'"):
+            kernels._isa()
+
+
+@pytest.mark.parametrize("k", [8, 37, 64, 576])
+def test_kernel_matches_torch_and_is_batch_invariant(k, kernel_build):
+    torch.manual_seed(0)
+    x, w, b = torch.randn(70, k), torch.randn(53, k), torch.randn(53)
+    full = kernels.linear(x[:40], w, b)
+    torch.testing.assert_close(full, F.linear(x[:40], w, b), rtol=1e-5, atol=1e-4)
+    for rows in (1, 2, 3, 7, 13, 40):
+        # any row, computed in any batch, gives the same bits
+        assert torch.equal(kernels.linear(x[:rows], w, b), full[:rows])
+    assert torch.equal(kernels.linear(x[5:6], w, b)[0], full[5])
+    assert torch.equal(kernels.linear(x, w)[:40], kernels.linear(x[:40], w))  # invariant at any size
+
+
+def test_forward_refuses_inputs_whose_lengths_disagree():
+    runner = ModelRunner(tiny_model("llama"))
+    runner.reset(16)
+    runner.prefill(torch.tensor([1, 2, 3]))
+    for tokens, positions, mask in ((torch.tensor([], dtype=torch.long), torch.tensor([3]), torch.ones(1, 1)),
+                                    (torch.tensor([4, 5]), torch.tensor([3]), torch.ones(2, 2)),
+                                    (torch.tensor([4]), torch.tensor([3]), torch.ones(2, 2))):
+        with pytest.raises(ValueError, match=r"forward needs tokens \[q\], positions \[q\] and a tree mask"):
+            runner.forward(tokens, positions, mask.bool())
+    assert kernels.linear(torch.empty(0, 64), torch.randn(8, 64)).shape == (0, 8)  # no rows: no kernel call
+
+
+@pytest.mark.parametrize("rope_type", ["dynamic", "linear"])
+def test_runner_matches_transformers_with_scaled_rotary_tables(rope_type):
+    # dynamic tables are recomputed per pass and handed to the decoder with their own rows
+    config = tiny_config("llama")
+    config.rope_parameters = {**config.rope_parameters, "rope_type": rope_type, "factor": 2.0}
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    runner = ModelRunner(model)
+    ids = torch.randint(runner.vocab_size, (40,), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = model(ids[None]).logits[0]  # [40, vocab]
+    runner.reset(48)
+    prefill = runner.logits(runner.prefill(ids[:35]))
+    step = runner.logits(runner.forward(ids[35:], torch.arange(35, 40), torch.ones(5, 5, dtype=torch.bool).tril()))
+    torch.testing.assert_close(torch.cat([prefill, step]), reference, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+def test_forward_takes_any_integer_ids_and_mask_dtype(family):
+    # the fused decoder reads raw pointers: other dtypes must be converted, not misread
+    runner = ModelRunner(tiny_model(family, seed=2))
+    ids = torch.randint(runner.vocab_size, (9,), generator=torch.Generator().manual_seed(0))
+    results = []
+    for id_type, mask_type in ((torch.int64, torch.bool), (torch.int32, torch.float32)):
+        runner.reset(16)
+        runner.prefill(ids[:6].to(id_type))
+        mask = torch.ones(3, 3).tril().to(mask_type)
+        results.append(runner.logits(runner.forward(ids[6:].to(id_type), torch.arange(6, 9).to(id_type), mask)))
+    assert torch.equal(results[0], results[1])
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gpt2"])
+def test_runner_matches_transformers_and_commits_tree_paths(family):
+    model = tiny_model(family, seed=1)
+    runner = ModelRunner(model)
+    ids = torch.randint(runner.vocab_size, (30,), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = model(ids[None]).logits[0]  # [30, vocab]
+    runner.reset(64)
+    prefill = runner.logits(runner.prefill(ids[:20]))
+    torch.testing.assert_close(prefill, reference[:20], rtol=1e-4, atol=1e-4)
+    # root ids[20] with the true continuation ids[21:24] on one branch and junk on another
+    tree = DraftTree(np.array([*ids[20:24].tolist(), 3, 4]), np.array([-1, 0, 1, 2, 0, 4]))
+    logits = runner.logits(runner.forward(*tree.attention_inputs(runner.length)))
+    torch.testing.assert_close(logits[:4], reference[20:24], rtol=1e-4, atol=1e-4)
+    runner.commit([0, 1, 2])  # keep ids[20:23], drop the rest
+    assert runner.length == 23
+    tail = runner.logits(runner.forward(ids[23:30], torch.arange(23, 30), torch.ones(7, 7, dtype=torch.bool).tril()))
+    torch.testing.assert_close(tail, reference[23:30], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gpt2"])
+def test_tree_logits_equal_one_token_logits_bitwise(family, kernel_build):
+    """Verification and plain decoding compute a token's logits identically (the lossless core)."""
+    runner = ModelRunner(tiny_model(family, seed=2))
+    ids = torch.randint(runner.vocab_size, (12,), generator=torch.Generator().manual_seed(1))
+    runner.reset(32)
+    runner.prefill(ids[:8])
+    tree = DraftTree(np.array([*ids[8:12].tolist(), 7, 9]), np.array([-1, 0, 1, 2, 0, 4]))
+    tree_logits = runner.logits(runner.forward(*tree.attention_inputs(runner.length)))
+    assert torch.equal(tree_logits[:4], decode_one_by_one(runner, ids, 8, 12))
+
+
+def test_large_tree_is_batch_invariant_too(kernel_build):
+    """An 80-node tree (the paper's size) must not switch to a non-invariant kernel."""
+    runner = ModelRunner(tiny_model("llama", seed=3))
+    ids = torch.randint(runner.vocab_size, (12,), generator=torch.Generator().manual_seed(2))
+    runner.reset(128)
+    runner.prefill(ids[:8])
+    junk = torch.randint(runner.vocab_size, (86,), generator=torch.Generator().manual_seed(3)).tolist()
+    # the real chain ids[8:12] first, then 86 junk nodes hanging off the root and off each other
+    tree = DraftTree(np.array([*ids[8:12].tolist(), *junk]), np.array([-1, 0, 1, 2, *[max(0, i - 2) for i in range(4, 90)]]))
+    tree_logits = runner.logits(runner.forward(*tree.attention_inputs(runner.length)))
+    assert torch.equal(tree_logits[:4], decode_one_by_one(runner, ids, 8, 12))
+
+
+def test_unsupported_architecture_is_named():
+    from transformers import BloomConfig
+
+    model = AutoModelForCausalLM.from_config(BloomConfig(vocab_size=50, hidden_size=32, n_layer=1, n_head=2))
+    with pytest.raises(UnsupportedModelError, match="bloom.*supported: llama"):
+        ModelRunner(model)
+
+
+def test_cache_bounds():
+    runner = ModelRunner(tiny_model("llama"))
+    with pytest.raises(ValueError, match="context of 512"):
+        runner.reset(513)
+    runner.reset(4)  # rounded up to 256 rows
+    runner.prefill(torch.arange(4))
+    with pytest.raises(ValueError, match="cache overflow: 304 rows needed, capacity 256"):
+        runner.forward(torch.arange(300) % 100, torch.arange(4, 304), torch.ones(300, 300, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_fallback_without_kernels_still_decodes_correctly(family, monkeypatch):
+    """Without a C compiler, torch kernels serve decode and verification (not batch-invariant)."""
+    monkeypatch.setenv("FREESPEC_NO_KERNEL", "1")
+    kernels._library.cache_clear()
+    try:
+        assert not kernels.kernel_available()
+        model = tiny_model(family, seed=4)
+        runner = ModelRunner(model)
+        ids = torch.randint(runner.vocab_size, (20,), generator=torch.Generator().manual_seed(4))
+        with torch.no_grad():
+            reference = model(ids[None]).logits[0]
+        runner.reset(32)
+        runner.prefill(ids[:12])
+        tree = DraftTree(np.array([*ids[12:20].tolist(), 5]), np.array([-1, 0, 1, 2, 3, 4, 5, 6, 0]))
+        logits = runner.logits(runner.forward(*tree.attention_inputs(runner.length)))
+        torch.testing.assert_close(logits[:8], reference[12:20], rtol=1e-4, atol=1e-4)
+    finally:
+        monkeypatch.delenv("FREESPEC_NO_KERNEL")
+        kernels._library.cache_clear()
+    assert kernels.kernel_available()  # later tests get the kernels back
+
+
+@pytest.mark.parametrize("vocab", [5, 8, 1000, 49157])
+def test_top_k_matches_torch(vocab):
+    torch.manual_seed(0)
+    logits = torch.randn(7, vocab) * 3
+    logits[3] = 0.5  # a row of ties: the first index wins, like torch.argmax
+    logits[4, [2, vocab - 1]] = 100.0
+    k = min(8, vocab)
+    values, ids, normalizer = kernels.top_k(logits, k)
+    expected_values, _ = torch.topk(logits, k, dim=-1)
+    assert torch.equal(values, expected_values)
+    assert torch.equal(logits.gather(1, ids), values)  # ids point at those values, each once
+    assert all(len(set(row)) == k for row in ids.tolist())
+    assert torch.equal(ids[:, 0], torch.argmax(logits, dim=-1))
+    assert torch.equal(kernels.argmax(logits), torch.argmax(logits, dim=-1))
+    assert ids[3].tolist() == list(range(k))
+    torch.testing.assert_close(normalizer, torch.logsumexp(logits, dim=-1), rtol=1e-5, atol=1e-5)
+
+
+def without_layers(model, skip: set[int]):
+    """The transformers model with the layers in ``skip`` removed: the reference for skipping passes."""
+    import copy
+
+    model = copy.deepcopy(model)
+    if model.config.model_type == "gpt2":
+        model.transformer.h = torch.nn.ModuleList(b for i, b in enumerate(model.transformer.h) if i not in skip)
+        return model
+    model.model.layers = torch.nn.ModuleList(layer for i, layer in enumerate(model.model.layers) if i not in skip)
+    return model
+
+
+@pytest.mark.parametrize("family, kernel", [("llama", True), ("qwen2", True), ("qwen3", True), ("gpt2", True),
+                                            ("llama", False)])
+def test_skipping_layers_equals_the_model_without_them(family, kernel, monkeypatch):
+    """Fused C decoder (Llama, Qwen2, Qwen3), torch layers with kernels (GPT-2) and without (SDPA)."""
+    if not kernel:
+        monkeypatch.setenv("FREESPEC_NO_KERNEL", "1")
+        kernels._library.cache_clear()
+    try:
+        model = tiny_model(family, seed=5, layers=4)
+        runner = ModelRunner(model)
+        assert (runner._decoder is not None) == (kernel and family != "gpt2")
+        ids = torch.randint(runner.vocab_size, (10,), generator=torch.Generator().manual_seed(5))
+        skip = {1, 2}
+        with torch.no_grad():
+            reference = without_layers(model, skip)(ids[None], use_cache=False).logits[0]  # [10, vocab]
+        runner.reset(32)
+        causal = torch.ones(8, 8, dtype=torch.bool).tril()
+        first = runner.logits(runner.forward(ids[:8], torch.arange(8), causal, frozenset(skip)))
+        runner.commit(range(8))
+        then = runner.logits(runner.forward(ids[8:10], torch.arange(8, 10), causal[:2, :2], frozenset(skip)))
+        torch.testing.assert_close(torch.cat([first, then]), reference, rtol=1e-4, atol=1e-4)
+    finally:
+        monkeypatch.delenv("FREESPEC_NO_KERNEL", raising=False)
+        kernels._library.cache_clear()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_skipping_nothing_is_the_normal_pass_and_truncate_rolls_back(family):
+    """A skipping draft advances the cache; after truncate, verification is bit-identical to a
+    pass that never saw the draft (its rows, stale in skipped layers, are overwritten)."""
+    runner = ModelRunner(tiny_model(family, seed=6, layers=3))
+    ids = torch.randint(runner.vocab_size, (12,), generator=torch.Generator().manual_seed(6))
+    one = torch.ones(1, 1, dtype=torch.bool)
+    runner.reset(32)
+    runner.prefill(ids[:8])
+    tree = DraftTree(ids[8:12].numpy(), np.array([-1, 0, 1, 2]))
+    expected = runner.logits(runner.forward(*tree.attention_inputs(runner.length)))
+    assert torch.equal(runner.logits(runner.forward(*tree.attention_inputs(runner.length), frozenset())), expected)
+    for position in range(8, 11):  # draft three tokens, committing them, with layer 1 skipped
+        runner.forward(ids[position : position + 1] + 1, torch.tensor([position]), one, frozenset({1}))
+        runner.commit([0])
+    runner.truncate(8)
+    assert torch.equal(runner.logits(runner.forward(*tree.attention_inputs(runner.length))), expected)
+    with pytest.raises(ValueError, match="cannot truncate the cache to 9 rows: it holds 8"):
+        runner.truncate(9)
+    with pytest.raises(ValueError, match=r"cannot skip layers \[3\]: the model has layers 0..2"):
+        runner.forward(ids[:1], torch.tensor([8]), one, frozenset({3}))
+
+
+def test_reserve_grows_the_cache_and_keeps_its_rows():
+    runner = ModelRunner(tiny_model("llama", seed=7))
+    ids = torch.randint(runner.vocab_size, (9,), generator=torch.Generator().manual_seed(7))
+    one = torch.ones(1, 1, dtype=torch.bool)
+    runner.reset(8)
+    runner.prefill(ids[:8])
+    expected = runner.logits(runner.forward(ids[8:9], torch.tensor([8]), one))
+    runner.reserve(300)
+    assert runner.capacity >= 300 and runner.length == 8
+    assert torch.equal(runner.logits(runner.forward(ids[8:9], torch.tensor([8]), one)), expected)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("chunk,scratch", [(7, runner_module.PREFILL_SCRATCH), (512, 600)])
+def test_prefill_rows_do_not_depend_on_chunks_or_on_decoding(family, chunk, scratch, kernel_build, monkeypatch):
+    """A prompt's cache rows and hidden states are the same bits prefilled at once, in chunks
+    (cut by PREFILL_CHUNK or by the attention scratch bound), or decoded one token at a time:
+    what a reused prefix relies on."""
+    runner = ModelRunner(tiny_model(family, seed=8))
+    ids = torch.randint(runner.vocab_size, (40,), generator=torch.Generator().manual_seed(8))
+    runner.reset(64)
+    whole = runner.prefill(ids)
+    keys, values = runner._keys[:, :, :40].clone(), runner._values[:, :, :40].clone()
+    monkeypatch.setattr(runner_module, "PREFILL_CHUNK", chunk)
+    monkeypatch.setattr(runner_module, "PREFILL_SCRATCH", scratch)
+    runner.reset(64)
+    assert torch.equal(runner.prefill(ids), whole)
+    assert torch.equal(runner._keys[:, :, :40], keys) and torch.equal(runner._values[:, :, :40], values)
+    runner.reset(64)
+    runner.prefill(ids[:25])
+    assert torch.equal(decode_one_by_one(runner, ids, 25, 40), runner.logits(whole[25:]))
+    assert torch.equal(runner._keys[:, :, :40], keys) and torch.equal(runner._values[:, :, :40], values)
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_causal_prefill_chunks_after_cached_rows_equal_decoding(kv_heads, kernel_build, monkeypatch):
+    """Chunks of 32+ rows take the attention kernel's causal path (the chunk joins the shared
+    prefix), here after cached rows and with 64-wide heads (the register P·V); the rows must be
+    the bits that decoding one token at a time writes."""
+    config = tiny_config("llama")
+    config.hidden_size, config.num_attention_heads, config.num_key_value_heads = 256, 4, kv_heads
+    torch.manual_seed(3)
+    runner = ModelRunner(AutoModelForCausalLM.from_config(config).eval())
+    ids = torch.randint(runner.vocab_size, (100,), generator=torch.Generator().manual_seed(3))
+    monkeypatch.setattr(runner_module, "PREFILL_CHUNK", 40)  # chunks 40 (causal), 40 (causal, past 40), 20
+    runner.reset(128)
+    chunked = runner.prefill(ids[:100])
+    keys, values = runner._keys[:, :, :100].clone(), runner._values[:, :, :100].clone()
+    runner.reset(128)
+    runner.prefill(ids[:10])
+    assert torch.equal(decode_one_by_one(runner, ids, 10, 100), runner.logits(chunked[10:]))
+    assert torch.equal(runner._keys[:, :, :100], keys) and torch.equal(runner._values[:, :, :100], values)
+
+
+def test_reuse_keeps_the_shared_prefix_and_never_rows_of_skipping_passes(monkeypatch):
+    runner = ModelRunner(tiny_model("llama", seed=9, layers=3))
+    ids = list(range(5, 25))
+    one = torch.ones(1, 1, dtype=torch.bool)
+    runner.reset(16)
+    runner.prefill(torch.tensor(ids[:12]))
+    assert runner.reuse([*ids[:8], 99, 98], 300) == 8
+    assert runner.length == 8 and runner.capacity >= 300
+    assert runner.reuse(ids[:5], 300) == 5
+    runner.prefill(torch.tensor(ids[5:10]))
+    runner.forward(torch.tensor(ids[10:11]), torch.tensor([10]), one, frozenset({1}))  # a skipping draft
+    runner.commit([0])
+    assert runner.reuse(ids, 300) == 10
+    tree = DraftTree(np.array(ids[10:13]), np.array([-1, 0, 1]))  # a verified path commits reusable rows
+    runner.forward(*tree.attention_inputs(runner.length))
+    runner.commit([0, 2])
+    assert runner.reuse([*ids[:10], ids[10], ids[12]], 300) == 12 and runner.reuse(ids, 300) == 11
+    runner.reset(16)
+    assert runner.reuse(ids, 16) == 0
+    monkeypatch.setenv("FREESPEC_NO_KERNEL", "1")  # torch's kernels are not batch-invariant: keep nothing
+    kernels._library.cache_clear()
+    try:
+        runner.prefill(torch.tensor(ids[:4]))
+        assert runner.reuse(ids, 16) == 0
+    finally:
+        monkeypatch.delenv("FREESPEC_NO_KERNEL")
+        kernels._library.cache_clear()

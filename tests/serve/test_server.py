@@ -1,0 +1,461 @@
+"""The HTTP server, run for real on a loopback port, driven by the official ``openai`` client and raw HTTP."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import openai
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import freespec
+from freespec.cli import main
+from freespec.serve import app as server_module
+from freespec.serve.app import BackgroundServer, create_app, engine_keywords
+from tests.helpers import metric, tiny_config, word_tokenizer
+
+CHAT = [{"role": "user", "content": "w1 w2 w3 w4"}]
+PROMPT = "w9 w8 w7"
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir):
+    """A second copy of the model, decoding plainly (drafter none): what every answer must equal."""
+    return freespec.load(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir):
+    app = create_app(freespec.load(str(tiny_model_dir)), served_name="tiny", max_tokens=16)
+    with BackgroundServer(app) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def post(url: str, body: bytes | str | dict, headers: dict | None = None, method: str = "POST"):
+    """Raw HTTP: (status, parsed JSON body or text, headers)."""
+    data = json.dumps(body).encode() if isinstance(body, dict) else body.encode() if isinstance(body, str) else body
+    request = urllib.request.Request(url, data=data, method=method,
+                                     headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            status, raw, response_headers = response.status, response.read(), response.headers
+    except urllib.error.HTTPError as error:
+        status, raw, response_headers = error.code, error.read(), error.headers
+    try:
+        return status, json.loads(raw), response_headers
+    except ValueError:
+        return status, raw.decode(), response_headers
+
+
+# ---------------------------------------------------------------- answers through the openai client
+
+
+@pytest.mark.parametrize("drafter", ["recycling", "none"])
+def test_chat_answer_is_plain_greedy_with_usage(client, reference, drafter):
+    expected = reference.generate(messages=CHAT, max_new_tokens=24, drafter="none")
+    reply = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=24,
+                                           extra_body={"drafter": drafter})
+    assert reply.object == "chat.completion" and reply.model == "tiny"
+    assert reply.choices[0].message.role == "assistant"
+    assert reply.choices[0].message.content == expected.text
+    assert reply.choices[0].finish_reason == expected.finish_reason
+    usage = reply.usage
+    assert usage.prompt_tokens == len(reference.encode(messages=CHAT))
+    assert usage.completion_tokens == len(expected.token_ids)
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    speculative = usage.speculative
+    assert speculative["drafter"] == drafter
+    assert 0 < speculative["forward_passes"] <= usage.completion_tokens
+    assert speculative["mean_accepted_length"] == pytest.approx(usage.completion_tokens / speculative["forward_passes"],
+                                                                abs=1e-4)
+    if drafter == "none":
+        assert speculative["draft_tokens"] == 0 and speculative["accepted_per_position"] == []
+
+
+def test_a_chat_turn_reuses_the_cached_rows_of_the_turns_before(server, client, reference):
+    """The second turn's prompt starts with the first turn and its answer: those rows stay cached
+    (usage.prompt_tokens_details.cached_tokens), and the answer is still plain greedy's."""
+    first = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=12)
+    history = [*CHAT, {"role": "assistant", "content": first.choices[0].message.content},
+               {"role": "user", "content": "w9 w8 w7"}]
+    expected = reference.generate(messages=history, max_new_tokens=12, drafter="none", reuse_prefix=False)
+    cached_before = metric(server, "freespec_prompt_tokens_cached_total", drafter="recycling")
+    second = client.chat.completions.create(model="tiny", messages=history, max_tokens=12)
+    assert second.choices[0].message.content == expected.text
+    assert metric(server, "freespec_prompt_tokens_cached_total", drafter="recycling") == (
+        cached_before + second.usage.prompt_tokens_details.cached_tokens)
+    assert len(reference.encode(messages=CHAT)) <= second.usage.prompt_tokens_details.cached_tokens
+    assert second.usage.prompt_tokens_details.cached_tokens < second.usage.prompt_tokens
+
+
+def test_completion_answer_is_plain_greedy(client, reference):
+    expected = reference.generate(PROMPT, chat=False, max_new_tokens=20, drafter="none")
+    reply = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=20)
+    assert reply.object == "text_completion"
+    assert reply.choices[0].text == expected.text
+    assert reply.usage.completion_tokens == len(expected.token_ids)
+    as_ids = client.completions.create(model="tiny", prompt=reference.encode(PROMPT, chat=False), max_tokens=20)
+    assert as_ids.choices[0].text == expected.text
+
+
+def test_default_max_tokens_is_the_servers(client):
+    reply = client.completions.create(model="tiny", prompt="w5", extra_body={"drafter": "none"})
+    assert reply.usage.completion_tokens == 16 and reply.choices[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+def test_stream_equals_the_whole_answer(client, endpoint):
+    if endpoint == "chat":
+        create, request = client.chat.completions.create, {"messages": CHAT}
+        text_of = lambda chunk: chunk.choices[0].delta.content or ""
+    else:
+        create, request = client.completions.create, {"prompt": PROMPT}
+        text_of = lambda chunk: chunk.choices[0].text
+    whole = create(model="tiny", max_tokens=30, **request)
+    chunks = list(create(model="tiny", max_tokens=30, stream=True, stream_options={"include_usage": True}, **request))
+    *content, last, usage = chunks
+    assert usage.choices == [] and usage.usage.completion_tokens == whole.usage.completion_tokens
+    assert last.choices[0].finish_reason == whole.choices[0].finish_reason
+    streamed = "".join(text_of(chunk) for chunk in content)
+    assert streamed == (whole.choices[0].message.content if endpoint == "chat" else whole.choices[0].text)
+    assert len(content) > 2  # it did stream
+    assert len({chunk.id for chunk in chunks}) == 1
+
+
+def test_stream_without_usage_option_sends_no_usage_chunk(client):
+    chunks = list(client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=5, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(chunk.choices for chunk in chunks) and chunks[-1].choices[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_string_cuts_the_answer_and_ends_generation(client, reference, stream):
+    full = reference.generate(PROMPT, chat=False, max_new_tokens=40, drafter="none")
+    words = full.text.split()
+    stop = " " + words[6]  # a string that begins at a word boundary inside the answer
+    expected = full.text[: full.text.index(stop)]
+    request = dict(model="tiny", prompt=PROMPT, max_tokens=40, stop=["w999", stop])
+    if stream:
+        chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **request))
+        text = "".join(chunk.choices[0].text for chunk in chunks if chunk.choices)
+        finish = [chunk.choices[0].finish_reason for chunk in chunks if chunk.choices][-1]
+        usage = chunks[-1].usage
+    else:
+        reply = client.completions.create(**request)
+        text, finish, usage = reply.choices[0].text, reply.choices[0].finish_reason, reply.usage
+    assert text == expected and finish == "stop"
+    assert usage.completion_tokens < len(full.token_ids)  # generation ended early
+
+
+def test_models_health_and_metrics(client, server):
+    assert [model.id for model in client.models.list()] == ["tiny"]
+    assert client.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("other")
+    status, body, _ = post(server + "/health", b"", method="GET")
+    assert status == 200 and body["status"] == "ok"
+    before = metric(server, "freespec_requests_total", endpoint="chat", status="success")
+    passes = metric(server, "freespec_forward_passes_total", drafter="recycling")
+    reply = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=12)
+    assert metric(server, "freespec_requests_total", endpoint="chat", status="success") == before + 1
+    assert metric(server, "freespec_forward_passes_total", drafter="recycling") == (
+        passes + reply.usage.speculative["forward_passes"])
+    text = urllib.request.urlopen(server + "/metrics").read().decode()
+    for name in ("freespec_prompt_tokens_total", "freespec_generation_tokens_total", "freespec_draft_tokens_total",
+                 "freespec_mean_accepted_length", "freespec_queue_depth 0.0", "freespec_requests_running",
+                 "freespec_queue_wait_seconds_bucket", "freespec_time_to_first_token_seconds_count",
+                 'freespec_request_duration_seconds_bucket{endpoint="chat",le="+Inf"}'):
+        assert name in text
+
+
+def test_accepted_tokens_per_position_add_up(server, client):
+    """Counters per draft depth must agree with the per-request usage the server reports."""
+    def accepted():
+        return [metric(server, "freespec_accepted_tokens_total", drafter="recycling", position=str(p))
+                for p in range(1, 40)]
+    before = accepted()
+    reply = client.completions.create(model="tiny", prompt="w5", max_tokens=60)  # repetitive: drafts get accepted
+    per_position = reply.usage.speculative["accepted_per_position"]
+    assert per_position and sum(per_position) > 0
+    after = accepted()
+    assert [a - b for a, b in zip(after, before)][: len(per_position)] == per_position
+    assert sum(per_position) + reply.usage.speculative["forward_passes"] >= reply.usage.completion_tokens
+
+
+# ---------------------------------------------------------------- client mistakes: 4xx, never 5xx
+
+MESSAGE = {"role": "user", "content": "w1"}
+CHAT_ERRORS = [
+    ("{bad json", 400, None, "malformed JSON"),
+    ("[1, 2]", 400, None, "JSON object"),
+    ({}, 400, "messages", "missing required parameter: messages"),
+    ({"messages": []}, 400, "messages", "at least 1 item"),
+    ({"messages": "hi"}, 400, "messages", "messages"),
+    ({"messages": [{"role": "robot", "content": "w1"}]}, 400, "messages", "messages.0.role"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400,
+     "messages", "messages.0.content"),
+    ({"messages": [{"role": "user"}]}, 400, "messages", "missing required parameter: messages.0.content"),
+    ({"messages": [MESSAGE], "max_tokens": 0}, 400, "max_tokens", "max_tokens"),
+    ({"messages": [MESSAGE], "max_tokens": -3}, 400, "max_tokens", "max_tokens"),
+    ({"messages": [MESSAGE], "max_tokens": "5"}, 400, "max_tokens", "valid integer"),
+    ({"messages": [MESSAGE], "max_tokens": 5.5}, 400, "max_tokens", "valid integer"),
+    ({"messages": [MESSAGE], "max_tokens": 100000}, 400, "max_tokens", "context of 512"),
+    ({"messages": [{"role": "user", "content": " ".join(["w7"] * 600)}]}, 400, "messages", "context is 512"),
+    ({"messages": [MESSAGE], "model": "gpt-4"}, 404, "model", "does not exist"),
+    ({"messages": [MESSAGE], "drafter": "eagle"}, 400, "drafter", "unknown drafter 'eagle'"),
+    ({"messages": [MESSAGE], "n": 2}, 400, "n", "only n=1"),
+    ({"messages": [MESSAGE], "stream": "yes"}, 400, "stream", "valid boolean"),
+    ({"messages": [MESSAGE], "temperature": -0.5}, 400, "temperature", "temperature"),
+    ({"messages": [MESSAGE], "temperature": 1e400}, 400, "temperature", "finite"),
+    ({"messages": [MESSAGE], "top_p": 0}, 400, "top_p", "top_p"),
+    ({"messages": [MESSAGE], "top_p": 1.5}, 400, "top_p", "top_p"),
+    ({"messages": [MESSAGE], "top_k": -1}, 400, "top_k", "top_k"),
+    ({"messages": [MESSAGE], "min_p": 2}, 400, "min_p", "min_p"),
+    ({"messages": [MESSAGE], "repetition_penalty": 0}, 400, "repetition_penalty", "repetition_penalty"),
+    ({"messages": [MESSAGE], "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "at most 4"),
+    ({"messages": [MESSAGE], "stop": [""]}, 400, "stop", "non-empty"),
+    ({"messages": [MESSAGE], "stop": 5}, 400, "stop", "stop"),
+    ({"messages": [MESSAGE], "logprobs": True}, 400, "logprobs", "not supported"),
+    ({"messages": [MESSAGE], "presence_penalty": 0.5}, 400, "presence_penalty", "not supported"),
+    ({"messages": [MESSAGE], "tools": []}, 400, "tools", "unsupported parameter: tools"),
+]
+COMPLETION_ERRORS = [
+    ({}, 400, "prompt", "missing required parameter: prompt"),
+    ({"prompt": ""}, 400, "prompt", "empty"),
+    ({"prompt": ["w1", "w2"]}, 400, "prompt", "one prompt per request"),
+    ({"prompt": []}, 400, "prompt", "non-empty"),
+    ({"prompt": [1, 99999]}, 400, "prompt", "token ids"),
+    ({"prompt": "w1", "echo": True}, 400, "echo", "not supported"),
+    ({"prompt": "w1", "best_of": 3}, 400, "best_of", "best_of=1"),
+    ({"prompt": "w1", "logprobs": 2}, 400, "logprobs", "not supported"),
+    ({"prompt": "w1", "suffix": "w2"}, 400, "suffix", "not supported"),
+    ({"prompt": "w1", "max_tokens": 600}, 400, "max_tokens", "context"),
+]
+
+
+def check_error(status, body, expected_status, param, fragment):
+    assert status == expected_status, body
+    error = body["error"]
+    assert fragment in error["message"] and error["type"] == "invalid_request_error"
+    assert error["param"] == param
+
+
+@pytest.mark.parametrize("body, status, param, fragment", CHAT_ERRORS)
+def test_chat_client_mistakes_are_4xx(server, body, status, param, fragment):
+    check_error(*post(server + "/v1/chat/completions", body)[:2], status, param, fragment)
+
+
+@pytest.mark.parametrize("body, status, param, fragment", COMPLETION_ERRORS)
+def test_completion_client_mistakes_are_4xx(server, body, status, param, fragment):
+    check_error(*post(server + "/v1/completions", body)[:2], status, param, fragment)
+
+
+def test_sampling_is_passed_on_or_refused_clearly(server, tiny_model_dir):
+    greedy = {"messages": [MESSAGE], "max_tokens": 4}
+    # Filters that keep the most likely token cannot change greedy output: accepted without sampling.
+    status, body, _ = post(server + "/v1/chat/completions", {**greedy, "temperature": 0, "top_p": 0.5, "seed": 1})
+    assert status == 200, body
+    status, body, _ = post(server + "/v1/chat/completions", {**greedy, "temperature": 0.7, "top_k": 5})
+    if "temperature" in (engine_keywords(freespec.load(str(tiny_model_dir))) or {"temperature"}):
+        assert status == 200, body
+    else:
+        assert status == 400 and "sampling is not supported" in body["error"]["message"]
+        assert body["error"]["param"] == "temperature"
+
+
+def test_the_openai_client_raises_its_own_error_types(client):
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=0)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4", messages=CHAT)
+    with pytest.raises(openai.BadRequestError, match="only n=1"):
+        client.chat.completions.create(model="tiny", messages=CHAT, n=3)
+
+
+def test_transport_level_mistakes(server):
+    status, body, _ = post(server + "/v1/chat/completions", b"x" * (2 << 20))
+    assert status == 413 and "exceeds" in body["error"]["message"]
+    host, port = server.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)  # no Content-Length: chunked
+    connection.request("POST", "/v1/completions", (b"y" * 65536 for _ in range(24)),
+                       {"Content-Type": "application/json"}, encode_chunked=True)
+    response = connection.getresponse()
+    assert response.status == 413 and "exceeds" in json.loads(response.read())["error"]["message"]
+    connection.close()
+    status, body, _ = post(server + "/v1/chat/completions", b"", method="GET")
+    assert status == 405 and "error" in body
+    status, body, _ = post(server + "/v1/nothing", {"messages": [MESSAGE]})
+    assert status == 404 and "error" in body
+    assert post(server + "/health", b"", method="GET")[0] == 200  # still serving
+
+
+# ---------------------------------------------------------------- queueing, disconnects, auth
+
+
+@pytest.fixture(scope="module")
+def long_model_dir(tmp_path_factory) -> Path:
+    """The tiny Llama with a 4096-token context: one answer can keep the model busy for seconds."""
+    torch.manual_seed(0)
+    config = tiny_config("llama")
+    config.max_position_embeddings = 4096
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(8.0)
+    path = tmp_path_factory.mktemp("tiny-llama-4k")
+    model.save_pretrained(path)
+    word_tokenizer().save_pretrained(path)
+    return path
+
+
+def open_stream(url: str, body: dict) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+    host, port = url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    connection.request("POST", "/v1/chat/completions", json.dumps({**body, "stream": True}),
+                       {"Content-Type": "application/json"})
+    return connection, connection.getresponse()
+
+
+def wait_for(condition, seconds: float = 20) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_full_queue_429_and_a_disconnect_frees_the_model(long_model_dir):
+    """One request runs (4000 tokens: ~15 s if left alone), one waits, the next is turned away; the
+    running client hangs up after its first chunks, and the waiting request is served at once."""
+    long = {"messages": [{"role": "user", "content": "w5"}], "max_tokens": 4000, "drafter": "none"}
+    app = create_app(freespec.load(str(long_model_dir)), served_name="tiny", max_queue=1)
+    with BackgroundServer(app) as url:
+        connection, response = open_stream(url, long)
+        assert response.status == 200 and response.getheader("content-type").startswith("text/event-stream")
+        for _ in range(3):
+            assert response.readline().startswith(b"data: ")
+            response.readline()
+        waiting: dict = {}
+        thread = threading.Thread(target=lambda: waiting.update(
+            result=post(url + "/v1/chat/completions", {**long, "max_tokens": 8})))
+        thread.start()
+        wait_for(lambda: metric(url, "freespec_queue_depth") == 1)
+        status, body, headers = post(url + "/v1/chat/completions", long)
+        assert status == 429 and body["error"]["code"] == "queue_full"
+        assert int(headers["Retry-After"]) >= 1
+        hung_up = time.monotonic()
+        connection.sock.shutdown(socket.SHUT_RDWR)
+        connection.close()
+        thread.join(timeout=30)
+        assert time.monotonic() - hung_up < 5  # not the ~15 s the abandoned answer would have taken
+        status, body, _ = waiting["result"]
+        assert status == 200 and body["usage"]["completion_tokens"] == 8
+        assert metric(url, "freespec_requests_total", endpoint="chat", status="cancelled") == 1
+        assert metric(url, "freespec_requests_total", endpoint="chat", status="rejected") == 1
+        assert metric(url, "freespec_generation_tokens_total", drafter="none") < 4000
+
+
+def test_api_key_required_when_set(tiny_model_dir):
+    app = create_app(freespec.load(str(tiny_model_dir)), served_name="tiny", api_key="s3cret", max_tokens=4)
+    with BackgroundServer(app) as url:
+        wrong = openai.OpenAI(base_url=url + "/v1", api_key="guess", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            wrong.chat.completions.create(model="tiny", messages=CHAT)
+        status, body, _ = post(url + "/v1/chat/completions", "{bad json")  # no key: 401 before parsing
+        assert status == 401 and body["error"]["code"] == "invalid_api_key"
+        right = openai.OpenAI(base_url=url + "/v1", api_key="s3cret", max_retries=0)
+        assert right.chat.completions.create(model="tiny", messages=CHAT).usage.completion_tokens == 4
+        assert post(url + "/health", b"", method="GET")[0] == 200  # health and metrics stay open
+
+
+def test_serve_command_passes_its_options(tiny_model_dir, monkeypatch):
+    """The command's defaults: loopback only, the key from the environment."""
+    calls = []
+    monkeypatch.setattr(server_module, "serve", lambda model, **options: calls.append((model, options)))
+    monkeypatch.setenv("FREESPEC_API_KEY", "from-env")
+    assert main(["serve", "--model", str(tiny_model_dir), "--quiet", "--max-queue", "3"]) == 0
+    model, options = calls[0]
+    assert isinstance(model, freespec.Model)
+    assert options == {"host": "127.0.0.1", "port": 8000, "log_level": "warning", "served_name": None,
+                       "drafter": "recycling", "max_tokens": 256, "max_queue": 3, "api_key": "from-env",
+                       "max_body_bytes": 1 << 20}
+
+
+def test_serve_reports_a_taken_port(tiny_model_dir, capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert main(["serve", "--model", str(tiny_model_dir), "--port", str(taken.getsockname()[1]), "--quiet"]) == 2
+    assert "freespec: error: cannot listen on 127.0.0.1:" in capsys.readouterr().err
+
+
+def test_a_fault_in_the_engine_fails_that_request_only(tiny_model_dir):
+    """A 500 (or an error event mid-stream) for the request that met the fault; the next one is served."""
+    model = freespec.load(str(tiny_model_dir))
+    app = create_app(model, served_name="tiny", max_tokens=6)
+    real_stream = model.stream
+
+    def faulty_stream(**kwargs):
+        generation = real_stream(**kwargs)
+        if kwargs["max_new_tokens"] != 13:
+            return generation
+
+        def chunks():  # one chunk, then the fault
+            for chunk in generation:
+                yield chunk
+                raise RuntimeError("simulated fault")
+        return chunks()
+
+    model.stream = faulty_stream
+    with BackgroundServer(app) as url:
+        status, body, _ = post(url + "/v1/completions", {"prompt": "w1", "max_tokens": 13})
+        assert status == 500 and body["error"]["type"] == "server_error"
+        assert "simulated fault" in body["error"]["message"]
+        connection, response = open_stream(url, {"messages": CHAT, "max_tokens": 13})
+        events = [line for line in response.read().decode().split("\n\n") if line]
+        connection.close()
+        assert "simulated fault" in events[-2] and events[-1] == "data: [DONE]"
+        assert post(url + "/v1/completions", {"prompt": "w1", "max_tokens": 5})[0] == 200
+        assert metric(url, "freespec_requests_total", endpoint="completions", status="error") == 1
+
+
+# ---------------------------------------------------------------- text assembly
+
+
+def utf8(ids: list[int]) -> str:
+    """Byte tokens: a character split over chunks decodes to U+FFFD until its last byte arrives."""
+    return bytes(ids).decode("utf-8", errors="replace")
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_text_stream_equals_the_whole_decode_under_any_chunking(seed):
+    import random
+
+    from freespec.serve.textstream import TextStream
+
+    rng = random.Random(seed)
+    text = "".join(rng.choice(["a", " ", "é", "€", "😀", "stop", "s", "\n"]) for _ in range(40))
+    ids = list(text.encode())
+    stops = rng.choice([[], ["stop"], ["😀", "xyz"], ["€a"]])
+    stream, deltas, at = TextStream(utf8, stops), [], 0
+    while at < len(ids) and not stream.stopped:
+        size = rng.randint(1, 4)
+        deltas.append(stream.push(ids[at:at + size]))
+        at += size
+    deltas.append(stream.finish())
+    hits = [text.index(stop) for stop in stops if stop in text]
+    expected = text[: min(hits)] if hits else text
+    assert "".join(deltas) == stream.text == expected
+    assert not any("\ufffd" in delta for delta in deltas)
+    assert stream.stopped == bool(hits)

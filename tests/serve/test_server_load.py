@@ -1,0 +1,76 @@
+"""Load and schema fuzzing against the real server on loopback, with the tiny model."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, settings
+from schemathesis.checks import not_a_server_error
+
+import freespec
+from freespec.serve.app import BackgroundServer, create_app
+from tests.helpers import metric
+
+pytestmark = pytest.mark.real_model  # the real SmolLM2-135M GGUF: skip with -m 'not real_model'
+
+LOAD_SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "serve_load.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("serve_load", LOAD_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_eight_clients_lose_nothing_and_stream_what_they_would_get_whole(tiny_model_dir):
+    serve_load = load_script()
+    app = create_app(freespec.load(str(tiny_model_dir)), served_name="tiny")
+    prompts = ["w1 w2 w3", "w9 w8 w7", "w5", "w10 w11", "w40 w41 w42 w43", "w7 w7"]
+    with BackgroundServer(app) as url:
+        report = serve_load.run_load(url, "tiny", clients=8, requests=25, max_tokens=12, prompts=prompts,
+                                     time_limit=120)
+        assert metric(url, "freespec_requests_total", endpoint="chat", status="success") == 200
+    assert len(report.outcomes) == 200
+    assert report.failed == []
+    assert report.mismatches() == {}
+    seen = defaultdict(set)
+    for outcome in report.outcomes:
+        seen[outcome.key].add((outcome.mode, outcome.drafter))
+    combinations = {(mode, drafter) for mode in ("stream", "whole") for drafter in ("recycling", "none")}
+    assert seen == {prompt: combinations for prompt in prompts}
+    summary = report.summary()
+    assert summary["requests"] == 200 and summary["latency_p50_s"] <= summary["latency_p99_s"]
+
+
+def test_load_script_refuses_other_hosts():
+    with pytest.raises(SystemExit, match="loopback"):
+        load_script().check_loopback("http://10.0.0.1:8000")
+
+
+@pytest.fixture(scope="module")
+def fuzzed_server(tiny_model_dir):
+    app = create_app(freespec.load(str(tiny_model_dir)), served_name="tiny", max_tokens=8)
+    with BackgroundServer(app) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def api_schema(fuzzed_server):
+    return schemathesis.openapi.from_url(fuzzed_server + "/openapi.json")
+
+
+schema = schemathesis.pytest.from_fixture("api_schema")
+
+
+@schema.parametrize()
+@settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
+def test_no_request_from_the_schema_gets_a_server_error(case, fuzzed_server):
+    """Valid and invalid requests generated from /openapi.json: all answered, none with a 5xx."""
+    case.call_and_validate(base_url=fuzzed_server, checks=[not_a_server_error], timeout=60)
