@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from freespec.drafters import Drafter, DrafterSettings, create
-from freespec.engine.budget import BudgetPolicy
 from freespec.engine.costs import load_or_measure
+from freespec.engine.budget import BudgetPolicy
 from freespec.engine.loop import Generation, GenerationStats
 from freespec.engine.sampling import SamplingParams
 from freespec.kernels import Kernels
@@ -44,7 +44,8 @@ class Model:
         self.name = loaded.name
         self.tokenizer = loaded.tokenizer
         self.hf_model = loaded.model  # the transformers model, for peers such as HF generate
-        self.runner = ModelRunner(loaded.model, kernels or select_kernels(), packed_cache=packed_cache_path(loaded.source))
+        self.runner = ModelRunner(loaded.model, kernels or select_kernels(),
+                                  packed_cache=packed_cache_path(loaded.source))
         self.fixed_budget = budget
         self.tree = tree  # Token Recycling's tree shape: "dynamic" (best-first) or "static" (paper template)
         self.datastore = datastore  # the retrieval drafter's datastore directory

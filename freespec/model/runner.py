@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
-from freespec.kernels import Kernels, LayerNorm, RMSNorm
+from freespec.kernels import Attention, Kernels, LayerNorm, RMSNorm
 from freespec.model.kv_cache import SKIPPED, KVCache
 from freespec.model.rotary import RotaryTables
 from freespec.model.weights import extract, pack_weights
@@ -62,7 +62,6 @@ class ModelRunner:
         cached in ``packed_cache``; results are bit-identical either way (see :mod:`freespec.model.quant`)."""
         self.kernels = kernels
         self.config = hf_model.config
-        self.family = self.config.model_type
         self.weights = extract(hf_model)
         self.vocab_size = self.weights.lm_head.weight.shape[0]
         self.vocab_rows = self.weights.embed.shape[0]  # token ids the embedding holds
@@ -138,7 +137,8 @@ class ModelRunner:
             size = max(1, min(PREFILL_CHUNK, PREFILL_SCRATCH // (self.heads.heads * (length + PREFILL_CHUNK))))
             chunk = tokens[start : start + size]
             n = chunk.shape[0]
-            hidden.append(self._run(chunk, torch.arange(length, length + n), torch.ones(n, n, dtype=torch.bool).tril_()))
+            causal = torch.ones(n, n, dtype=torch.bool).tril_()
+            hidden.append(self._run(chunk, torch.arange(length, length + n), causal))
             self.cache.commit(range(n))
             start += n
         return torch.cat(hidden) if hidden else torch.empty(0, self.weights.embed.shape[1])
@@ -195,8 +195,8 @@ class ModelRunner:
             attention = self.kernels.attention(cache.length, tree_mask, self.heads, cos, sin)
             return self._forward_per_op(tokens, positions, attention, skip)
 
-    def _forward_per_op(self, tokens: torch.Tensor, positions: torch.Tensor, attention, skip: frozenset[int]
-                        ) -> torch.Tensor:
+    def _forward_per_op(self, tokens: torch.Tensor, positions: torch.Tensor, attention: Attention,
+                        skip: frozenset[int]) -> torch.Tensor:
         """The pass one operation at a time, in Python: what the one-call C decoder does in C.
 
         Needed where that decoder does not run: GPT-2 (learned positions, LayerNorm, plain MLP),

@@ -85,7 +85,7 @@ def test_the_guard_refuses_arrays_c_would_misread(c_kernels):
     """A wrong width read past the weights (a segfault) and fp16 bits were read as fp32: every
     array now passes dtype, shape and contiguity checks before C sees its address."""
     weight = torch.randn(8, 64)
-    with pytest.raises(ValueError, match=r"linear input: .* shape \[3, 64\], got a torch.float32 tensor of shape \[3, 65\]"):
+    with pytest.raises(ValueError, match=r"linear input: .* shape \[3, 64\], got a .* shape \[3, 65\]"):
         c_kernels.linear(torch.randn(3, 65), weight)
     with pytest.raises(ValueError, match="linear input: the kernel needs a contiguous torch.float32 tensor"):
         c_kernels.linear(torch.randn(3, 64).half(), weight)
@@ -139,8 +139,8 @@ def test_the_ctypes_declarations_mirror_the_header(tmp_path):
                     str(tmp_path / "layout")], check=True)
     printed = [int(line) for line in subprocess.run([str(tmp_path / "layout")], capture_output=True, text=True,
                                                     check=True).stdout.split()]
-    expected = [ctypes.sizeof(s) for s in structs] + [getattr(s, field).offset for s in structs for field, _ in s._fields_]
-    assert printed == expected
+    offsets = [getattr(s, field).offset for s in structs for field, _ in s._fields_]
+    assert printed == [ctypes.sizeof(s) for s in structs] + offsets
 
 
 def test_a_failed_allocation_in_the_decoder_is_a_memory_error():

@@ -184,7 +184,8 @@ DEFINE_TILE(1, 1)
 #define TWO_ROWS 6
 #define THREE_ROWS 3
 #define FOUR_ROWS 3
-#define FOUR_ROW_TILES(TILE, ROW_BYTES, ROW_SCALES) else REGISTER_TILES(TILE##_four, FOUR_ROWS, 4, ROW_BYTES, ROW_SCALES);
+#define FOUR_ROW_TILES(TILE, ROW_BYTES, ROW_SCALES) \
+    else REGISTER_TILES(TILE##_four, FOUR_ROWS, 4, ROW_BYTES, ROW_SCALES);
 #else
 #define SMALL_ROWS 3 /* 12 accumulators + 3 weights + 1 input: 16 registers (6 x 2 spilled) */
 #define SMALL_COLS 4
