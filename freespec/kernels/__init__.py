@@ -17,7 +17,13 @@ the guard every array passes), ``backend`` (the backends and their operations), 
 typed parameters the kernels read).
 """
 
-from freespec.kernels.backend import Attention, CKernels, Kernels, OneCallDecoder, select
+from freespec.kernels.backend import (
+    Attention,
+    CKernels,
+    Kernels,
+    OneCallDecoder,
+    select,
+)
 from freespec.kernels.build import supported_isas
 from freespec.kernels.weights import (
     DecoderLayer,
@@ -31,6 +37,6 @@ from freespec.kernels.weights import (
 )
 
 __all__ = [
-    "Attention", "CKernels", "DecoderLayer", "Heads", "Kernels", "LayerNorm", "Linear", "Matrix", "ModelWeights", "OneCallDecoder",
-    "PackedWeight", "RMSNorm", "select", "supported_isas",
+    "Attention", "CKernels", "DecoderLayer", "Heads", "Kernels", "LayerNorm", "Linear", "Matrix", "ModelWeights",
+    "OneCallDecoder", "PackedWeight", "RMSNorm", "select", "supported_isas",
 ]
