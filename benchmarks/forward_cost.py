@@ -70,7 +70,8 @@ def main() -> None:
     context = torch.randint(1000, (CONTEXT,), generator=torch.Generator().manual_seed(0))
     rows = {
         "transformers stock forward": transformers_costs(model.hf_model, context, args.repeats),
-        "freespec runner, fp32 weights": runner_costs(ModelRunner(model.hf_model, pack=False), context, args.repeats),
+        "freespec runner, fp32 weights":
+            runner_costs(ModelRunner(model.hf_model, model.runner.kernels, pack=False), context, args.repeats),
         f"freespec runner, {'/'.join(model.runner.weight_formats)} blocks (default)":
             runner_costs(model.runner, context, args.repeats),
     }

@@ -20,7 +20,6 @@ import time
 import torch
 
 import freespec
-from freespec import kernels
 
 LENGTHS = (100, 400, 1500)
 NEW_TURN = 24  # tokens of the follow-up question and its chat markup
@@ -66,7 +65,7 @@ def main() -> None:
         conversation = torch.randint(1000, (n + NEW_TURN,)).tolist()
         fresh.append(next_turn(conversation, reuse=False))
         reused.append(next_turn(conversation, reuse=True))
-    print(f"{kernels.kernel_isa() or 'torch'} kernels, {torch.get_num_threads()} threads, "
+    print(f"{model.runner.kernels.isa} kernels, {torch.get_num_threads()} threads, "
           f"median of {args.repeats}, ms\n")
     print("| conversation tokens | " + " | ".join(str(n) for n in LENGTHS) + " |")
     print("|---" * (len(LENGTHS) + 1) + "|")

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 import freespec
-from freespec.model.quant import PackedWeight
+from freespec.kernels import PackedWeight
 
 PROBE = r"""
 #include <immintrin.h>
@@ -114,8 +114,9 @@ def build_probe() -> ctypes.CDLL:
 
 def streamed_bytes(runner) -> tuple[int, int]:
     """(bytes of weights one pass reads, weights multiplied per token) for the runner's matmuls."""
-    matrices = [layer[name] for layer in runner._layers for name in ("qkv", "o", "gate_up", "down")]
-    matrices.append(runner._lm_head)
+    layers = runner.weights.layers
+    matrices = [linear.weight for layer in layers for linear in (layer.qkv, layer.o, layer.up, layer.down)]
+    matrices.append(runner.weights.lm_head.weight)
     total = weights = 0
     for matrix in matrices:
         if isinstance(matrix, PackedWeight):

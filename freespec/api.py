@@ -19,6 +19,8 @@ from freespec.engine.costs import load_or_measure
 from freespec.engine.budget import BudgetPolicy
 from freespec.engine.loop import Generation, GenerationStats
 from freespec.engine.sampling import SamplingParams
+from freespec.kernels import Kernels
+from freespec.kernels import select as select_kernels
 from freespec.model.loading import LoadedModel, ModelLoadError, packed_cache_path
 from freespec.model.loading import load as load_model
 from freespec.model.runner import ModelRunner
@@ -36,11 +38,14 @@ class Model:
     """A loaded model with its runner and its drafters' state, kept warm across requests."""
 
     def __init__(self, loaded: LoadedModel, budget: int | None = None, tree: str = "dynamic",
-                 datastore: str | os.PathLike | None = None, draft_model: LoadedModel | None = None):
+                 datastore: str | os.PathLike | None = None, draft_model: LoadedModel | None = None,
+                 kernels: Kernels | None = None):
+        """``kernels``: the backend the runners compute with (default: :func:`freespec.kernels.select`)."""
         self.name = loaded.name
         self.tokenizer = loaded.tokenizer
         self.hf_model = loaded.model  # the transformers model, for peers such as HF generate
-        self.runner = ModelRunner(loaded.model, packed_cache=packed_cache_path(loaded.source))
+        self.runner = ModelRunner(loaded.model, kernels or select_kernels(),
+                                  packed_cache=packed_cache_path(loaded.source))
         self.fixed_budget = budget
         self.tree = tree  # Token Recycling's tree shape: "dynamic" (best-first) or "static" (paper template)
         self.datastore = datastore  # the retrieval drafter's datastore directory
@@ -57,7 +62,7 @@ class Model:
             raise ValueError(f"the draft model {draft.name} has a different vocabulary from {self.name}: "
                              f"it must use the same tokenizer")
         self.draft = draft
-        self.draft_runner = ModelRunner(draft.model, packed_cache=packed_cache_path(draft.source))
+        self.draft_runner = ModelRunner(draft.model, self.runner.kernels, packed_cache=packed_cache_path(draft.source))
         for name in [name for name in self._drafters if "draft-model" in name.split("+")]:
             del self._drafters[name]  # made with the previous draft model
 

@@ -25,7 +25,7 @@ from freespec.engine.costs import load_or_measure
 from freespec.engine.loop import Generation, GenerationStats
 from freespec.engine.sampling import SamplingParams
 from freespec.model.loading import ModelLoadError
-from freespec.model.runner import UnsupportedModelError
+from freespec.model.weights import UnsupportedModelError
 
 USAGE_ERROR = 2
 INTERRUPTED = 130

@@ -8,20 +8,24 @@ from pathlib import Path
 
 import pytest
 
+from freespec import kernels
 from tests.helpers import (
-    _kernel_builds,
-    forced_kernel_build,
     tiny_model,
     word_tokenizer,
 )
 
 
-@pytest.fixture(params=_kernel_builds())
-def kernel_build(request):
-    """Runs a test once per kernel build (batch invariance must hold in each); runners made
-    inside keep the build they were made with."""
-    with forced_kernel_build(request.param):
-        yield request.param
+@pytest.fixture
+def c_kernels() -> kernels.Kernels:
+    """The default C kernel build (every test machine has one: tests/kernels checks it)."""
+    return kernels.select()
+
+
+@pytest.fixture(params=kernels.supported_isas())
+def kernel_build(request) -> kernels.Kernels:
+    """Runs a test once per C kernel build (batch invariance must hold in each): the backend
+    to pass to the runners it makes."""
+    return kernels.select(request.param)
 
 
 @pytest.fixture(scope="session")

@@ -3,9 +3,7 @@ built offline, and the statistics and generation helpers several test folders us
 
 from __future__ import annotations
 
-import os
 import urllib.request
-from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -68,36 +66,6 @@ def word_tokenizer() -> PreTrainedTokenizerFast:
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>")
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
-
-
-def _kernel_builds() -> list[str]:
-    """The kernel builds this CPU runs: the 16-lane AVX-512 one where it exists, always the AVX2 one."""
-    from freespec import kernels
-
-    return ["avx512", "avx2"] if "avx512f" in kernels._cpu_flags() else ["avx2"]
-
-
-def _use_kernel_build(isa: str | None) -> None:
-    from freespec import kernels
-
-    if isa is None:
-        os.environ.pop("FREESPEC_KERNEL_ISA", None)
-    else:
-        os.environ["FREESPEC_KERNEL_ISA"] = isa
-    for cached in (kernels._isa, kernels._source_digest, kernels._library):
-        cached.cache_clear()
-
-
-@contextmanager
-def forced_kernel_build(isa: str):
-    """FREESPEC_KERNEL_ISA=isa with the kernel caches cleared, then the previous setting back."""
-    before = os.environ.get("FREESPEC_KERNEL_ISA")
-    _use_kernel_build(isa)
-    try:
-        yield
-    finally:
-        _use_kernel_build(before)
-
 
 
 # -- from test_sampling.py ------------------------------------------------------------

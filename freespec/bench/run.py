@@ -233,9 +233,9 @@ def _running(tokens: int, seconds: float, passes: int) -> str:
 
 def machine_description() -> str:
     from freespec.engine.costs import _cpu_name
-    from freespec.kernels import kernel_isa
+    from freespec.kernels import select
 
-    kernels = f"{kernel_isa()} kernels" if kernel_isa() else "torch kernels"
+    kernels = f"{select().isa} kernels"
     return (f"{_cpu_name()}, {torch.get_num_threads()} threads, {kernels}, torch {torch.__version__}, "
             f"Python {platform.python_version()}")
 

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 
-from freespec.kernels import kernel_version
 from freespec.model.runner import ModelRunner
 from freespec.paths import cache_dir
 
@@ -37,7 +36,7 @@ def calibration_key(runner: ModelRunner) -> str:
     """Identifies model shape, weights sample, CPU, threads and kernel: what t(q) depends on."""
     probe = runner.embedding_probe()
     text = json.dumps([runner.config.to_json_string(use_diff=False), probe, _cpu_name(), torch.get_num_threads(),
-                       kernel_version(), runner.weight_formats, torch.__version__])
+                       runner.kernels.version, runner.weight_formats, torch.__version__])
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 

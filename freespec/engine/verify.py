@@ -155,7 +155,7 @@ def verify(tree: DraftTree, logits: torch.Tensor, context: np.ndarray, params: S
     """
     logits = tree_repetition_penalty(logits, context, tree, params.repetition_penalty)
     if params.greedy:
-        return greedy_accept(tree, kernels.argmax(logits).numpy())
+        return greedy_accept(tree, kernels.select().argmax(logits).numpy())
 
     def target(node: int) -> torch.Tensor:
         return target_probs(logits[node], params)

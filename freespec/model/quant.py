@@ -16,8 +16,6 @@ import json
 import logging
 import os
 import tempfile
-from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -25,43 +23,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from freespec.kernels.weights import BLOCK, PackedWeight, pack_nibbles
+
 log = logging.getLogger(__name__)
 
-BLOCK = 32
 PROBE_ROWS = 16  # rows tried first, so plain fp32 matrices are rejected cheaply
 _SCALE_STEPS = (0, -1, 1, -2, 2)  # fp16 neighbours of the estimated scale worth trying
-
-
-@dataclass(frozen=True)
-class PackedWeight:
-    """A weight matrix [N, K] stored as exact blocks for the kernels in :mod:`freespec.kernels`.
-
-    ``kind`` "q4": ``codes`` uint8 [N, K/2] (two 4-bit codes a byte, see :func:`pack_nibbles`),
-    ``scales`` fp32 [N, K/32, 2] = (d, m). ``kind`` "q8": ``codes`` int8 [N, K], ``scales`` fp32
-    [N, K/32] = d. Only the blocks are stored: :attr:`dense` decodes the fp32 matrix on first
-    use, for torch where the C kernels are not built (keeping it would double the memory).
-    """
-
-    kind: str
-    codes: torch.Tensor
-    scales: torch.Tensor
-
-    @property
-    def shape(self) -> torch.Size:
-        rows, columns = self.codes.shape
-        return torch.Size([rows, columns * 2 if self.kind == "q4" else columns])
-
-    @cached_property
-    def dense(self) -> torch.Tensor:
-        """The fp32 matrix [N, K], the same bits as the weight that was packed."""
-        rows, columns = self.shape
-        scales = self.scales.numpy()
-        if self.kind == "q4":
-            codes = unpack_nibbles(self.codes.numpy()).reshape(rows, columns // BLOCK, BLOCK)
-            weight = scales[..., 0:1] * codes.astype(np.float32) + scales[..., 1:2]  # as encode_q4_1 checks
-        else:
-            weight = scales[..., None] * self.codes.numpy().reshape(rows, columns // BLOCK, BLOCK).astype(np.float32)
-        return torch.from_numpy(np.ascontiguousarray(weight.reshape(rows, columns)))
 
 
 def _fp16_candidates(estimate: np.ndarray):
@@ -140,33 +107,6 @@ def encode_q8_0(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     return codes.reshape(rows, cols), scales
 
 
-def pack_nibbles(codes: np.ndarray) -> np.ndarray:
-    """4-bit codes [N, K] → bytes [N, K/2] in the kernel's order: per block of 32, byte j < 8
-    holds codes j (low nibble) and 8 + j (high); byte 8 + j holds 16 + j and 24 + j, so one
-    8-byte load yields 16 consecutive codes.
-
-    >>> pack_nibbles(np.arange(32, dtype=np.uint8).reshape(1, 32) % 16)[0, :2].tolist()
-    [128, 145]
-    """
-    rows, cols = codes.shape
-    blocks = codes.reshape(rows, cols // BLOCK, 2, 2, 8)  # [.., half, low/high, 8]
-    packed = blocks[:, :, :, 0, :] | (blocks[:, :, :, 1, :] << 4)
-    return np.ascontiguousarray(packed.reshape(rows, cols // 2))
-
-
-def unpack_nibbles(packed: np.ndarray) -> np.ndarray:
-    """The inverse of :func:`pack_nibbles`: bytes [N, K/2] → 4-bit codes [N, K].
-
-    >>> codes = np.arange(64, dtype=np.uint8).reshape(1, 64) % 16
-    >>> np.array_equal(unpack_nibbles(pack_nibbles(codes)), codes)
-    True
-    """
-    rows, half = packed.shape
-    pairs = packed.reshape(rows, half // 16, 2, 1, 8)  # [.., half of the block, 1, 8]
-    codes = np.concatenate([pairs & 15, pairs >> 4], axis=3)  # [.., half, low/high, 8]
-    return codes.reshape(rows, half * 2)
-
-
 def pack(weight: torch.Tensor) -> PackedWeight | None:
     """The exact block form of ``weight`` [N, K] (fp32), trying Q4_1 then Q8_0; None if neither."""
     array = weight.detach().to(torch.float32).contiguous().numpy()
@@ -191,13 +131,14 @@ def pack_all(weights: dict[str, torch.Tensor], cache: Path | None = None) -> dic
     """Each weight in its exact block form where it has one, else unchanged.
 
     Finding the blocks reads every weight a few times (~30 s for a 135M model), so the result
-    is kept in ``cache`` (a safetensors file) when given and read from there next time.
+    is kept in ``cache`` (a safetensors file) when given and read from there next time. A cache
+    that cannot be read or does not fit these weights (kind, dtype or shape) is packed afresh.
     """
     if cache is not None and cache.exists():
         try:
             return _load_packed(cache, weights)
-        except (OSError, ValueError, KeyError, SafetensorError):
-            log.warning("ignoring unreadable packed-weight cache %s", cache)
+        except (OSError, ValueError, KeyError, SafetensorError) as error:
+            log.warning("packing the weights afresh: the packed-weight cache %s is unusable (%s)", cache, error)
     packed = {name: pack(weight) or weight for name, weight in weights.items()}
     if cache is not None:
         _save_packed(cache, packed)
@@ -218,16 +159,23 @@ def _save_packed(path: Path, packed: dict[str, torch.Tensor | PackedWeight]) -> 
 
 
 def _load_packed(path: Path, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | PackedWeight]:
+    """The weights with the cached blocks in place; a ValueError (or the reader's own error) if
+    the file does not hold exactly what :func:`_save_packed` writes for these weights. The
+    blocks are read by pointer in C, so each one's kind, dtypes and shapes are checked
+    (:class:`PackedWeight` refuses any other layout)."""
     with safe_open(str(path), framework="pt") as stored:
-        kinds = json.loads(stored.metadata()["kinds"])
+        kinds = json.loads((stored.metadata() or {}).get("kinds", "null"))
+        if not isinstance(kinds, dict) or not set(kinds) <= set(weights) or not all(
+                isinstance(kind, str) for kind in kinds.values()):
+            raise ValueError("its block kinds do not name these weights")
         result: dict[str, torch.Tensor | PackedWeight] = {}
         for name, weight in weights.items():
             if name not in kinds:
                 result[name] = weight
                 continue
-            codes, scales = stored.get_tensor(f"{name}.codes"), stored.get_tensor(f"{name}.scales")
-            packed = PackedWeight(kinds[name], codes, scales)
-            if packed.shape != weight.shape or tuple(scales.shape[:2]) != (weight.shape[0], weight.shape[1] // BLOCK):
-                raise ValueError(f"{name}: cached blocks do not match the weight's shape")
+            packed = PackedWeight(kinds[name], stored.get_tensor(f"{name}.codes"), stored.get_tensor(f"{name}.scales"))
+            if packed.shape != weight.shape:
+                raise ValueError(f"{name}: cached blocks of shape {list(packed.shape)} do not match the weight's "
+                                 f"{list(weight.shape)}")
             result[name] = packed
     return result

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from freespec import kernels
 from freespec.api import Model
 from freespec.drafters import DraftModel, LayerSkip
 from freespec.drafters.chain import ChainSampler
@@ -157,7 +158,7 @@ def test_drafter_errors_are_clear():
         Model(LoadedModel(target, word_tokenizer(), "tiny", None),
               draft_model=LoadedModel(target, other_tokenizer, "other", None))
     with pytest.raises(ValueError, match="vocabulary has 256 tokens, the target's 300"):
-        DraftModel(ModelRunner(target), vocab_size=300)
+        DraftModel(ModelRunner(target, kernels.select()), vocab_size=300)
 
 
 def test_cli_draft_model(tiny_model_dir, capsys):

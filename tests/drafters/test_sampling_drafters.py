@@ -32,7 +32,7 @@ from freespec.engine.sampling import (
     tree_repetition_penalty,
 )
 from freespec.engine.tree import DraftTree
-from freespec.model.runner import common_prefix
+from freespec.model.kv_cache import common_prefix
 from tests.helpers import (
     ALPHA,
     VOCAB,

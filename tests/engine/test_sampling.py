@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from freespec import kernels
 from freespec.api import Model
 from freespec.drafters import TokenRecycling
 from freespec.engine.sampling import (
@@ -153,7 +154,7 @@ def independent_rule(tree: DraftTree, target, generator):
 @pytest.fixture(scope="module")
 def setup():
     hf_model = small_model()
-    runner = ModelRunner(hf_model)
+    runner = ModelRunner(hf_model, kernels.select())
     tables = {"full": exact_table(hf_model, FULL), "plain": exact_table(hf_model, PLAIN)}
     return hf_model, runner, tables, trees(tables["full"], hf_model)
 

@@ -1,9 +1,13 @@
 """Exact block weights: found only where they reproduce every fp32 weight, and bit-identical results."""
 
+import json
+import logging
+
 import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType, quants
+from safetensors.torch import save_file
 from transformers.pytorch_utils import Conv1D
 
 from freespec import kernels
@@ -44,9 +48,9 @@ def test_gguf_blocks_are_recovered_and_multiply_bit_identically(kind, expected, 
     packed = quant.pack(weight)
     assert packed is not None and packed.kind == expected
     x = torch.randn(20, 96)
-    dense = kernels.linear(x, weight)
+    dense = kernel_build.linear(x, weight)
     for rows in (0, 1, 2, 3, 4, 7, 13, 20):  # every path of the kernel: no rows, one to four, buffered, edge rows
-        assert torch.equal(kernels.linear(x[:rows], packed), dense[:rows])
+        assert torch.equal(kernel_build.linear(x[:rows], packed), dense[:rows])
     assert packed.shape == weight.shape
     assert torch.equal(packed.dense, weight)  # torch's fallback decodes the same fp32 matrix from the blocks
 
@@ -65,20 +69,56 @@ def test_packed_cache_round_trip(tmp_path):
     weights = {"a": gguf_roundtrip(torch.randn(8, 64), GGMLQuantizationType.Q4_1), "b": torch.randn(8, 64)}
     cache = tmp_path / "packed.safetensors"
     first = quant.pack_all(weights, cache)
-    assert cache.exists() and isinstance(first["a"], quant.PackedWeight) and first["b"] is weights["b"]
+    assert cache.exists() and isinstance(first["a"], kernels.PackedWeight) and first["b"] is weights["b"]
     again = quant.pack_all(weights, cache)
     assert torch.equal(again["a"].codes, first["a"].codes) and torch.equal(again["a"].scales, first["a"].scales)
     assert torch.equal(again["a"].dense, weights["a"])
     with pytest.raises(ValueError, match="do not match"):  # a cache written for another shape
         quant._load_packed(cache, {"a": torch.zeros(8, 96), "b": weights["b"]})
     cache.write_bytes(b"garbage")
-    assert isinstance(quant.pack_all(weights, cache)["a"], quant.PackedWeight)  # rebuilt, not crashed
+    assert isinstance(quant.pack_all(weights, cache)["a"], kernels.PackedWeight)  # rebuilt, not crashed
+
+
+def test_a_damaged_packed_cache_is_packed_afresh_never_trusted(tmp_path, caplog):
+    """The loader checked shapes only: blocks stored with another dtype or under an unknown kind
+    reached the C kernels as they were, and a file without metadata raised a TypeError. Now any
+    damage means packing afresh, with a warning."""
+    torch.manual_seed(0)
+    weights = {"a": gguf_roundtrip(torch.randn(8, 64), GGMLQuantizationType.Q4_1),
+               "b": gguf_roundtrip(torch.randn(8, 64), GGMLQuantizationType.Q8_0)}
+    cache = tmp_path / "packed.safetensors"
+    good = quant.pack_all(weights, cache)
+    assert [good[name].kind for name in "ab"] == ["q4", "q8"]
+    tensors = {f"{name}.{part}": getattr(good[name], part) for name in "ab" for part in ("codes", "scales")}
+    kinds = {"a": "q4", "b": "q8"}
+    damaged = {
+        "codes of another dtype": ({**tensors, "a.codes": tensors["a.codes"].float()}, kinds),
+        "an unknown kind": (tensors, {"a": "q4", "b": "q16"}),
+        "swapped kinds": (tensors, {"a": "q8", "b": "q4"}),
+        "scales of another shape": ({**tensors, "b.scales": tensors["b.scales"][:, :1].contiguous()}, kinds),
+        "a kind that is not a string": (tensors, {"a": ["q4"], "b": "q8"}),
+        "kinds that are not a mapping": (tensors, ["q4", "q8"]),
+        "kinds for other weights": (tensors, {**kinds, "c": "q8"}),
+        "no metadata": (tensors, None),
+    }
+    for damage, (stored, stored_kinds) in damaged.items():
+        metadata = None if stored_kinds is None else {"kinds": json.dumps(stored_kinds)}
+        save_file(stored, str(cache), metadata=metadata)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="freespec.model.quant"):
+            again = quant.pack_all(weights, cache)
+        assert "packing the weights afresh" in caplog.text, damage
+        for name in "ab":
+            assert again[name].kind == good[name].kind, damage
+            assert torch.equal(again[name].codes, good[name].codes), damage
+    cache.write_bytes(cache.read_bytes()[:200])  # a truncated file
+    assert torch.equal(quant.pack_all(weights, cache)["a"].codes, good["a"].codes)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gpt2"])
 def test_packed_runner_gives_the_same_bits_as_fp32(family, kernel_build):
     model = quantized_like_gguf(tiny_model(family, seed=2))
-    packed, dense = ModelRunner(model), ModelRunner(model, pack=False)
+    packed, dense = ModelRunner(model, kernel_build), ModelRunner(model, kernel_build, pack=False)
     assert packed.weight_formats == ["q4", "q8"] and dense.weight_formats == ["fp32"]
     ids = torch.randint(packed.vocab_size, (16,), generator=torch.Generator().manual_seed(0))
     tree = DraftTree(np.array(ids[8:12].tolist() + [5, 6]), np.array([-1, 0, 1, 2, 0, 4]))
@@ -98,7 +138,7 @@ def test_packed_runner_gives_the_same_bits_as_fp32(family, kernel_build):
 @pytest.mark.parametrize("budget", [4, 32])
 def test_speculation_on_packed_weights_equals_plain_greedy(family, budget, kernel_build):
     model = Model(LoadedModel(quantized_like_gguf(tiny_model(family, seed=3, scale=8.0)), word_tokenizer(), family, None),
-                  budget=budget)
+                  budget=budget, kernels=kernel_build)
     assert model.runner.weight_formats == ["q4", "q8"]
     for prompt in PROMPTS:
         plain = model.generate(prompt_ids=prompt, drafter="none", max_new_tokens=40)

@@ -3,49 +3,25 @@
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from freespec import kernels
 from freespec.engine.tree import DraftTree
 from freespec.model import runner as runner_module
-from freespec.model.runner import ModelRunner, UnsupportedModelError
+from freespec.model.runner import ModelRunner
+from freespec.model.weights import UnsupportedModelError
 from tests.helpers import (
     decode_one_by_one,
-    forced_kernel_build,
+    make_model,
     tiny_config,
     tiny_model,
 )
 
-
-def test_kernel_is_built_here():
-    # CI machines have gcc and AVX2; the fallback would silently lose batch invariance.
-    assert kernels.kernel_available()
+TORCH = kernels.select("torch")  # torch's ops: no build
 
 
-def test_a_kernel_build_can_be_forced_and_a_bad_one_is_named():
-    with forced_kernel_build("avx2"):
-        assert kernels._isa() == "avx2"
-    with forced_kernel_build("sse"):
-        with pytest.raises(ValueError, match="FREESPEC_KERNEL_ISA must be avx2 or avx512, not 'sse'"):
-            kernels._isa()
-
-
-@pytest.mark.parametrize("k", [8, 37, 64, 576])
-def test_kernel_matches_torch_and_is_batch_invariant(k, kernel_build):
-    torch.manual_seed(0)
-    x, w, b = torch.randn(70, k), torch.randn(53, k), torch.randn(53)
-    full = kernels.linear(x[:40], w, b)
-    torch.testing.assert_close(full, F.linear(x[:40], w, b), rtol=1e-5, atol=1e-4)
-    for rows in (1, 2, 3, 7, 13, 40):
-        # any row, computed in any batch, gives the same bits
-        assert torch.equal(kernels.linear(x[:rows], w, b), full[:rows])
-    assert torch.equal(kernels.linear(x[5:6], w, b)[0], full[5])
-    assert torch.equal(kernels.linear(x, w)[:40], kernels.linear(x[:40], w))  # invariant at any size
-
-
-def test_forward_refuses_inputs_whose_lengths_disagree():
-    runner = ModelRunner(tiny_model("llama"))
+def test_forward_refuses_inputs_whose_lengths_disagree(c_kernels):
+    runner = ModelRunner(tiny_model("llama"), c_kernels)
     runner.reset(16)
     runner.prefill(torch.tensor([1, 2, 3]))
     for tokens, positions, mask in ((torch.tensor([], dtype=torch.long), torch.tensor([3]), torch.ones(1, 1)),
@@ -53,17 +29,16 @@ def test_forward_refuses_inputs_whose_lengths_disagree():
                                     (torch.tensor([4]), torch.tensor([3]), torch.ones(2, 2))):
         with pytest.raises(ValueError, match=r"forward needs tokens \[q\], positions \[q\] and a tree mask"):
             runner.forward(tokens, positions, mask.bool())
-    assert kernels.linear(torch.empty(0, 64), torch.randn(8, 64)).shape == (0, 8)  # no rows: no kernel call
 
 
 @pytest.mark.parametrize("rope_type", ["dynamic", "linear"])
-def test_runner_matches_transformers_with_scaled_rotary_tables(rope_type):
+def test_runner_matches_transformers_with_scaled_rotary_tables(rope_type, c_kernels):
     # dynamic tables are recomputed per pass and handed to the decoder with their own rows
     config = tiny_config("llama")
     config.rope_parameters = {**config.rope_parameters, "rope_type": rope_type, "factor": 2.0}
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()
-    runner = ModelRunner(model)
+    runner = ModelRunner(model, c_kernels)
     ids = torch.randint(runner.vocab_size, (40,), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         reference = model(ids[None]).logits[0]  # [40, vocab]
@@ -74,9 +49,9 @@ def test_runner_matches_transformers_with_scaled_rotary_tables(rope_type):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
-def test_forward_takes_any_integer_ids_and_mask_dtype(family):
+def test_forward_takes_any_integer_ids_and_mask_dtype(family, c_kernels):
     # the fused decoder reads raw pointers: other dtypes must be converted, not misread
-    runner = ModelRunner(tiny_model(family, seed=2))
+    runner = ModelRunner(tiny_model(family, seed=2), c_kernels)
     ids = torch.randint(runner.vocab_size, (9,), generator=torch.Generator().manual_seed(0))
     results = []
     for id_type, mask_type in ((torch.int64, torch.bool), (torch.int32, torch.float32)):
@@ -88,9 +63,9 @@ def test_forward_takes_any_integer_ids_and_mask_dtype(family):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gpt2"])
-def test_runner_matches_transformers_and_commits_tree_paths(family):
+def test_runner_matches_transformers_and_commits_tree_paths(family, c_kernels):
     model = tiny_model(family, seed=1)
-    runner = ModelRunner(model)
+    runner = ModelRunner(model, c_kernels)
     ids = torch.randint(runner.vocab_size, (30,), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         reference = model(ids[None]).logits[0]  # [30, vocab]
@@ -110,7 +85,7 @@ def test_runner_matches_transformers_and_commits_tree_paths(family):
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gpt2"])
 def test_tree_logits_equal_one_token_logits_bitwise(family, kernel_build):
     """Verification and plain decoding compute a token's logits identically (the lossless core)."""
-    runner = ModelRunner(tiny_model(family, seed=2))
+    runner = ModelRunner(tiny_model(family, seed=2), kernel_build)
     ids = torch.randint(runner.vocab_size, (12,), generator=torch.Generator().manual_seed(1))
     runner.reset(32)
     runner.prefill(ids[:8])
@@ -121,7 +96,7 @@ def test_tree_logits_equal_one_token_logits_bitwise(family, kernel_build):
 
 def test_large_tree_is_batch_invariant_too(kernel_build):
     """An 80-node tree (the paper's size) must not switch to a non-invariant kernel."""
-    runner = ModelRunner(tiny_model("llama", seed=3))
+    runner = ModelRunner(tiny_model("llama", seed=3), kernel_build)
     ids = torch.randint(runner.vocab_size, (12,), generator=torch.Generator().manual_seed(2))
     runner.reset(128)
     runner.prefill(ids[:8])
@@ -132,16 +107,16 @@ def test_large_tree_is_batch_invariant_too(kernel_build):
     assert torch.equal(tree_logits[:4], decode_one_by_one(runner, ids, 8, 12))
 
 
-def test_unsupported_architecture_is_named():
+def test_unsupported_architecture_is_named(c_kernels):
     from transformers import BloomConfig
 
     model = AutoModelForCausalLM.from_config(BloomConfig(vocab_size=50, hidden_size=32, n_layer=1, n_head=2))
     with pytest.raises(UnsupportedModelError, match="bloom.*supported: llama"):
-        ModelRunner(model)
+        ModelRunner(model, c_kernels)
 
 
-def test_cache_bounds():
-    runner = ModelRunner(tiny_model("llama"))
+def test_cache_bounds(c_kernels):
+    runner = ModelRunner(tiny_model("llama"), c_kernels)
     with pytest.raises(ValueError, match="context of 512"):
         runner.reset(513)
     runner.reset(4)  # rounded up to 256 rows
@@ -151,44 +126,19 @@ def test_cache_bounds():
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_fallback_without_kernels_still_decodes_correctly(family, monkeypatch):
+def test_fallback_without_kernels_still_decodes_correctly(family):
     """Without a C compiler, torch kernels serve decode and verification (not batch-invariant)."""
-    monkeypatch.setenv("FREESPEC_NO_KERNEL", "1")
-    kernels._library.cache_clear()
-    try:
-        assert not kernels.kernel_available()
-        model = tiny_model(family, seed=4)
-        runner = ModelRunner(model)
-        ids = torch.randint(runner.vocab_size, (20,), generator=torch.Generator().manual_seed(4))
-        with torch.no_grad():
-            reference = model(ids[None]).logits[0]
-        runner.reset(32)
-        runner.prefill(ids[:12])
-        tree = DraftTree(np.array([*ids[12:20].tolist(), 5]), np.array([-1, 0, 1, 2, 3, 4, 5, 6, 0]))
-        logits = runner.logits(runner.forward(*tree.attention_inputs(runner.length)))
-        torch.testing.assert_close(logits[:8], reference[12:20], rtol=1e-4, atol=1e-4)
-    finally:
-        monkeypatch.delenv("FREESPEC_NO_KERNEL")
-        kernels._library.cache_clear()
-    assert kernels.kernel_available()  # later tests get the kernels back
-
-
-@pytest.mark.parametrize("vocab", [5, 8, 1000, 49157])
-def test_top_k_matches_torch(vocab):
-    torch.manual_seed(0)
-    logits = torch.randn(7, vocab) * 3
-    logits[3] = 0.5  # a row of ties: the first index wins, like torch.argmax
-    logits[4, [2, vocab - 1]] = 100.0
-    k = min(8, vocab)
-    values, ids, normalizer = kernels.top_k(logits, k)
-    expected_values, _ = torch.topk(logits, k, dim=-1)
-    assert torch.equal(values, expected_values)
-    assert torch.equal(logits.gather(1, ids), values)  # ids point at those values, each once
-    assert all(len(set(row)) == k for row in ids.tolist())
-    assert torch.equal(ids[:, 0], torch.argmax(logits, dim=-1))
-    assert torch.equal(kernels.argmax(logits), torch.argmax(logits, dim=-1))
-    assert ids[3].tolist() == list(range(k))
-    torch.testing.assert_close(normalizer, torch.logsumexp(logits, dim=-1), rtol=1e-5, atol=1e-5)
+    model = tiny_model(family, seed=4)
+    runner = ModelRunner(model, TORCH)
+    assert not runner.kernels.batch_invariant and runner._decoder is None
+    ids = torch.randint(runner.vocab_size, (20,), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        reference = model(ids[None]).logits[0]
+    runner.reset(32)
+    runner.prefill(ids[:12])
+    tree = DraftTree(np.array([*ids[12:20].tolist(), 5]), np.array([-1, 0, 1, 2, 3, 4, 5, 6, 0]))
+    logits = runner.logits(runner.forward(*tree.attention_inputs(runner.length)))
+    torch.testing.assert_close(logits[:8], reference[12:20], rtol=1e-4, atol=1e-4)
 
 
 def without_layers(model, skip: set[int]):
@@ -203,37 +153,32 @@ def without_layers(model, skip: set[int]):
     return model
 
 
-@pytest.mark.parametrize("family, kernel", [("llama", True), ("qwen2", True), ("qwen3", True), ("gpt2", True),
-                                            ("llama", False)])
-def test_skipping_layers_equals_the_model_without_them(family, kernel, monkeypatch):
-    """Fused C decoder (Llama, Qwen2, Qwen3), torch layers with kernels (GPT-2) and without (SDPA)."""
-    if not kernel:
-        monkeypatch.setenv("FREESPEC_NO_KERNEL", "1")
-        kernels._library.cache_clear()
-    try:
-        model = tiny_model(family, seed=5, layers=4)
-        runner = ModelRunner(model)
-        assert (runner._decoder is not None) == (kernel and family != "gpt2")
-        ids = torch.randint(runner.vocab_size, (10,), generator=torch.Generator().manual_seed(5))
-        skip = {1, 2}
-        with torch.no_grad():
-            reference = without_layers(model, skip)(ids[None], use_cache=False).logits[0]  # [10, vocab]
-        runner.reset(32)
-        causal = torch.ones(8, 8, dtype=torch.bool).tril()
-        first = runner.logits(runner.forward(ids[:8], torch.arange(8), causal, frozenset(skip)))
-        runner.commit(range(8))
-        then = runner.logits(runner.forward(ids[8:10], torch.arange(8, 10), causal[:2, :2], frozenset(skip)))
-        torch.testing.assert_close(torch.cat([first, then]), reference, rtol=1e-4, atol=1e-4)
-    finally:
-        monkeypatch.delenv("FREESPEC_NO_KERNEL", raising=False)
-        kernels._library.cache_clear()
+@pytest.mark.parametrize("family, backend", [("llama", "one call"), ("qwen2", "one call"), ("qwen3", "one call"),
+                                             ("gpt2", "per op"), ("llama", "per op"), ("llama", "torch")])
+def test_skipping_layers_equals_the_model_without_them(family, backend, c_kernels):
+    """One-call C decoder (Llama, Qwen2, Qwen3), C kernels one operation at a time (GPT-2, and
+    Llama when asked for) and torch's (SDPA)."""
+    chosen = {"one call": c_kernels, "per op": kernels.select(c_kernels.isa, one_call_decoder=False), "torch": TORCH}
+    model = tiny_model(family, seed=5, layers=4)
+    runner = ModelRunner(model, chosen[backend])
+    assert (runner._decoder is not None) == (backend == "one call")
+    ids = torch.randint(runner.vocab_size, (10,), generator=torch.Generator().manual_seed(5))
+    skip = {1, 2}
+    with torch.no_grad():
+        reference = without_layers(model, skip)(ids[None], use_cache=False).logits[0]  # [10, vocab]
+    runner.reset(32)
+    causal = torch.ones(8, 8, dtype=torch.bool).tril()
+    first = runner.logits(runner.forward(ids[:8], torch.arange(8), causal, frozenset(skip)))
+    runner.commit(range(8))
+    then = runner.logits(runner.forward(ids[8:10], torch.arange(8, 10), causal[:2, :2], frozenset(skip)))
+    torch.testing.assert_close(torch.cat([first, then]), reference, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_skipping_nothing_is_the_normal_pass_and_truncate_rolls_back(family):
+def test_skipping_nothing_is_the_normal_pass_and_truncate_rolls_back(family, c_kernels):
     """A skipping draft advances the cache; after truncate, verification is bit-identical to a
     pass that never saw the draft (its rows, stale in skipped layers, are overwritten)."""
-    runner = ModelRunner(tiny_model(family, seed=6, layers=3))
+    runner = ModelRunner(tiny_model(family, seed=6, layers=3), c_kernels)
     ids = torch.randint(runner.vocab_size, (12,), generator=torch.Generator().manual_seed(6))
     one = torch.ones(1, 1, dtype=torch.bool)
     runner.reset(32)
@@ -252,8 +197,8 @@ def test_skipping_nothing_is_the_normal_pass_and_truncate_rolls_back(family):
         runner.forward(ids[:1], torch.tensor([8]), one, frozenset({3}))
 
 
-def test_reserve_grows_the_cache_and_keeps_its_rows():
-    runner = ModelRunner(tiny_model("llama", seed=7))
+def test_reserve_grows_the_cache_and_keeps_its_rows(c_kernels):
+    runner = ModelRunner(tiny_model("llama", seed=7), c_kernels)
     ids = torch.randint(runner.vocab_size, (9,), generator=torch.Generator().manual_seed(7))
     one = torch.ones(1, 1, dtype=torch.bool)
     runner.reset(8)
@@ -270,20 +215,20 @@ def test_prefill_rows_do_not_depend_on_chunks_or_on_decoding(family, chunk, scra
     """A prompt's cache rows and hidden states are the same bits prefilled at once, in chunks
     (cut by PREFILL_CHUNK or by the attention scratch bound), or decoded one token at a time:
     what a reused prefix relies on."""
-    runner = ModelRunner(tiny_model(family, seed=8))
+    runner = ModelRunner(tiny_model(family, seed=8), kernel_build)
     ids = torch.randint(runner.vocab_size, (40,), generator=torch.Generator().manual_seed(8))
     runner.reset(64)
     whole = runner.prefill(ids)
-    keys, values = runner._keys[:, :, :40].clone(), runner._values[:, :, :40].clone()
+    keys, values = runner.cache.keys[:, :, :40].clone(), runner.cache.values[:, :, :40].clone()
     monkeypatch.setattr(runner_module, "PREFILL_CHUNK", chunk)
     monkeypatch.setattr(runner_module, "PREFILL_SCRATCH", scratch)
     runner.reset(64)
     assert torch.equal(runner.prefill(ids), whole)
-    assert torch.equal(runner._keys[:, :, :40], keys) and torch.equal(runner._values[:, :, :40], values)
+    assert torch.equal(runner.cache.keys[:, :, :40], keys) and torch.equal(runner.cache.values[:, :, :40], values)
     runner.reset(64)
     runner.prefill(ids[:25])
     assert torch.equal(decode_one_by_one(runner, ids, 25, 40), runner.logits(whole[25:]))
-    assert torch.equal(runner._keys[:, :, :40], keys) and torch.equal(runner._values[:, :, :40], values)
+    assert torch.equal(runner.cache.keys[:, :, :40], keys) and torch.equal(runner.cache.values[:, :, :40], values)
 
 
 @pytest.mark.parametrize("kv_heads", [1, 2])
@@ -294,20 +239,20 @@ def test_causal_prefill_chunks_after_cached_rows_equal_decoding(kv_heads, kernel
     config = tiny_config("llama")
     config.hidden_size, config.num_attention_heads, config.num_key_value_heads = 256, 4, kv_heads
     torch.manual_seed(3)
-    runner = ModelRunner(AutoModelForCausalLM.from_config(config).eval())
+    runner = ModelRunner(AutoModelForCausalLM.from_config(config).eval(), kernel_build)
     ids = torch.randint(runner.vocab_size, (100,), generator=torch.Generator().manual_seed(3))
     monkeypatch.setattr(runner_module, "PREFILL_CHUNK", 40)  # chunks 40 (causal), 40 (causal, past 40), 20
     runner.reset(128)
     chunked = runner.prefill(ids[:100])
-    keys, values = runner._keys[:, :, :100].clone(), runner._values[:, :, :100].clone()
+    keys, values = runner.cache.keys[:, :, :100].clone(), runner.cache.values[:, :, :100].clone()
     runner.reset(128)
     runner.prefill(ids[:10])
     assert torch.equal(decode_one_by_one(runner, ids, 10, 100), runner.logits(chunked[10:]))
-    assert torch.equal(runner._keys[:, :, :100], keys) and torch.equal(runner._values[:, :, :100], values)
+    assert torch.equal(runner.cache.keys[:, :, :100], keys) and torch.equal(runner.cache.values[:, :, :100], values)
 
 
-def test_reuse_keeps_the_shared_prefix_and_never_rows_of_skipping_passes(monkeypatch):
-    runner = ModelRunner(tiny_model("llama", seed=9, layers=3))
+def test_reuse_keeps_the_shared_prefix_and_never_rows_of_skipping_passes(c_kernels):
+    runner = ModelRunner(tiny_model("llama", seed=9, layers=3), c_kernels)
     ids = list(range(5, 25))
     one = torch.ones(1, 1, dtype=torch.bool)
     runner.reset(16)
@@ -325,11 +270,40 @@ def test_reuse_keeps_the_shared_prefix_and_never_rows_of_skipping_passes(monkeyp
     assert runner.reuse([*ids[:10], ids[10], ids[12]], 300) == 12 and runner.reuse(ids, 300) == 11
     runner.reset(16)
     assert runner.reuse(ids, 16) == 0
-    monkeypatch.setenv("FREESPEC_NO_KERNEL", "1")  # torch's kernels are not batch-invariant: keep nothing
-    kernels._library.cache_clear()
-    try:
-        runner.prefill(torch.tensor(ids[:4]))
-        assert runner.reuse(ids, 16) == 0
-    finally:
-        monkeypatch.delenv("FREESPEC_NO_KERNEL")
-        kernels._library.cache_clear()
+    on_torch = ModelRunner(tiny_model("llama", seed=9, layers=3), TORCH)  # not batch-invariant: keep nothing
+    on_torch.reset(16)
+    on_torch.prefill(torch.tensor(ids[:4]))
+    assert on_torch.reuse(ids, 16) == 0
+
+
+@pytest.mark.parametrize("family, backend", [("llama", "one call"), ("llama", "per op"), ("gpt2", "per op"),
+                                             ("llama", "torch")])
+def test_token_ids_and_positions_outside_the_tables_are_refused(family, backend, c_kernels):
+    """An id past the embedding was read as the memory after it in C (id 49200 of 49152 gave a
+    normal-looking answer, 10**12 a segfault), a negative one as memory before it (torch wrapped
+    it around): the runner refuses them, and positions outside the context, before any work."""
+    chosen = {"one call": c_kernels, "per op": kernels.select(c_kernels.isa, one_call_decoder=False), "torch": TORCH}
+    runner = ModelRunner(tiny_model(family, seed=10), chosen[backend])
+    assert runner.vocab_rows == 256
+    runner.reset(16)
+    runner.prefill(torch.tensor([1, 2, 3]))
+    chain = torch.ones(2, 2, dtype=torch.bool).tril()
+    expected = runner.logits(runner.forward(torch.tensor([4, 5]), torch.tensor([3, 4]), chain))
+    for bad in (256, 10**12, -3):
+        with pytest.raises(ValueError, match=f"token id {bad} is out of range: this model's ids are 0..255"):
+            runner.forward(torch.tensor([4, bad]), torch.tensor([3, 4]), chain)
+        with pytest.raises(ValueError, match=f"token id {bad} is out of range"):
+            runner.prefill(torch.tensor([4, bad]))
+    for bad in (-1, 512):
+        with pytest.raises(ValueError, match=f"positions {bad}..{bad} are outside the model's context of 512"):
+            runner.forward(torch.tensor([4]), torch.tensor([bad]), chain[:1, :1])
+    assert runner.length == 3
+    assert torch.equal(runner.logits(runner.forward(torch.tensor([4, 5]), torch.tensor([3, 4]), chain)), expected)
+
+
+def test_generate_names_a_prompt_id_outside_the_vocabulary():
+    model = make_model("llama", seed=0)
+    for drafter in ("none", "recycling"):
+        with pytest.raises(ValueError, match="token id 1000000000000 is out of range: this model's ids are 0..255"):
+            model.generate(prompt_ids=[1, 2, 3, 10**12, 5], drafter=drafter, max_new_tokens=4)
+    assert len(model.generate(prompt_ids=[1, 2, 3], drafter="none", max_new_tokens=4).token_ids) == 4

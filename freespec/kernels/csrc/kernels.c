@@ -1,4 +1,4 @@
-/* Batch-invariant kernels for decoding and tree verification: see freespec/kernels.py.
+/* Batch-invariant kernels for decoding and tree verification: see freespec/kernels/ and freespec.h.
  *
  * y[M, N] = x[M, K] @ w[N, K]^T for fp32 with few rows M (decode and tree verification).
  *
@@ -14,6 +14,8 @@
  * which is what makes speculative decoding reproduce plain decoding exactly. Compile without
  * -ffast-math.
  */
+#include "freespec.h"
+
 #include <immintrin.h>
 #include <omp.h>
 #include <math.h>
@@ -182,6 +184,8 @@ DEFINE_TILE(1, 1)
 #define TWO_ROWS 6
 #define THREE_ROWS 3
 #define FOUR_ROWS 3
+#define FOUR_ROW_TILES(TILE, ROW_BYTES, ROW_SCALES) \
+    else REGISTER_TILES(TILE##_four, FOUR_ROWS, 4, ROW_BYTES, ROW_SCALES);
 #else
 #define SMALL_ROWS 3 /* 12 accumulators + 3 weights + 1 input: 16 registers (6 x 2 spilled) */
 #define SMALL_COLS 4
@@ -191,7 +195,7 @@ DEFINE_TILE(1, 1)
 #define ONE_ROWS 3
 #define TWO_ROWS 2
 #define THREE_ROWS 2
-#define FOUR_ROWS 1 /* unused: four rows take the buffer */
+#define FOUR_ROW_TILES(TILE, ROW_BYTES, ROW_SCALES) /* four input rows take the buffer */
 #endif
 #define TILE_NAME(R, C) tile_##R##x##C
 #define LINEAR_NAME(R, C) linear_##R##x##C
@@ -323,7 +327,7 @@ static inline vec q8_weights(const int8_t *values, const float *scales, int64_t 
                 if (M == 1) REGISTER_TILES(TILE##_one, ONE_ROWS, 1, ROW_BYTES, ROW_SCALES);      \
                 else if (M == 2) REGISTER_TILES(TILE##_two, TWO_ROWS, 2, ROW_BYTES, ROW_SCALES); \
                 else if (M == 3) REGISTER_TILES(TILE##_three, THREE_ROWS, 3, ROW_BYTES, ROW_SCALES); \
-                else REGISTER_TILES(TILE##_four, FOUR_ROWS, 4, ROW_BYTES, ROW_SCALES);           \
+                FOUR_ROW_TILES(TILE, ROW_BYTES, ROW_SCALES)                                      \
                 continue;                                                                        \
             }                                                                                    \
             float w[BUFFER_ROWS * K] __attribute__((aligned(64)));                               \
@@ -342,13 +346,15 @@ static inline vec q8_weights(const int8_t *values, const float *scales, int64_t 
 DEFINE_QUANT_TILE(q4_tile_one, ONE_ROWS, 1, uint8_t, K / 2, K / 16, q4_weights)
 DEFINE_QUANT_TILE(q4_tile_two, TWO_ROWS, 2, uint8_t, K / 2, K / 16, q4_weights)
 DEFINE_QUANT_TILE(q4_tile_three, THREE_ROWS, 3, uint8_t, K / 2, K / 16, q4_weights)
-DEFINE_QUANT_TILE(q4_tile_four, FOUR_ROWS, 4, uint8_t, K / 2, K / 16, q4_weights)
 DEFINE_QUANT_TILE(q4_tile_1x1, 1, 1, uint8_t, K / 2, K / 16, q4_weights)
 DEFINE_QUANT_TILE(q8_tile_one, ONE_ROWS, 1, int8_t, K, K / 32, q8_weights)
 DEFINE_QUANT_TILE(q8_tile_two, TWO_ROWS, 2, int8_t, K, K / 32, q8_weights)
 DEFINE_QUANT_TILE(q8_tile_three, THREE_ROWS, 3, int8_t, K, K / 32, q8_weights)
-DEFINE_QUANT_TILE(q8_tile_four, FOUR_ROWS, 4, int8_t, K, K / 32, q8_weights)
 DEFINE_QUANT_TILE(q8_tile_1x1, 1, 1, int8_t, K, K / 32, q8_weights)
+#ifdef FREESPEC_AVX512 /* four input rows in registers */
+DEFINE_QUANT_TILE(q4_tile_four, FOUR_ROWS, 4, uint8_t, K / 2, K / 16, q4_weights)
+DEFINE_QUANT_TILE(q8_tile_four, FOUR_ROWS, 4, int8_t, K, K / 32, q8_weights)
+#endif
 DEFINE_QUANT_LINEAR(freespec_linear_q4, q4_tile, uint8_t, K / 2, K / 16, q4_weights)
 DEFINE_QUANT_LINEAR(freespec_linear_q8, q8_tile, int8_t, K, K / 32, q8_weights)
 
@@ -555,6 +561,18 @@ static inline void block_attend(const float *q, const float *keys, const float *
     }
 }
 
+int64_t freespec_tree_layout(const uint8_t *tree_mask, int64_t n, int64_t *key_nodes, int64_t *count) {
+    int64_t causal = 1;
+    for (int64_t i = 0; i < n; i++) {
+        count[i] = 0;
+        for (int64_t j = 0; j < n; j++)
+            if (tree_mask[i * n + j]) key_nodes[i * n + count[i]++] = j;
+        for (int64_t j = count[i]; j < n; j++) key_nodes[i * n + j] = n;
+        causal = causal && count[i] == i + 1 && key_nodes[i * n + i] == i; /* sees exactly 0..i */
+    }
+    return causal;
+}
+
 void freespec_tree_attention(const float *q, const float *keys, const float *values, int64_t capacity,
                              const int64_t *key_nodes, const int64_t *count, int64_t past, int64_t n,
                              int64_t H, int64_t KV, int64_t D, float scale, int64_t causal, float *out, float *probs) {
@@ -649,20 +667,6 @@ void freespec_rope_store(const float *qkv, const float *cos, const float *sin, f
  * residual), so a token's result still does not depend on which other tokens share the pass.
  * ------------------------------------------------------------------------------------------- */
 
-typedef struct {
-    const void *codes;    /* fp32 [N, K] weights, or block codes (see freespec_linear_q4/q8) */
-    const float *scales;  /* NULL for fp32 */
-    const float *bias;    /* [N] or NULL */
-    int64_t kind;         /* 0 fp32, 4 q4, 8 q8 */
-    int64_t N, K;
-} Matrix;
-
-typedef struct {
-    const float *attn_norm, *mlp_norm, *q_norm, *k_norm; /* q_norm, k_norm: per-head [D] or NULL */
-    float attn_eps, mlp_eps, q_eps, k_eps;
-    Matrix qkv, o, gate_up, down;
-} DecoderLayer;
-
 static void matmul(const Matrix *m, const float *x, float *y, int64_t rows) {
     if (m->kind == 4) freespec_linear_q4(x, m->codes, m->scales, y, rows, m->N, m->K);
     else if (m->kind == 8) freespec_linear_q8(x, m->codes, m->scales, y, rows, m->N, m->K);
@@ -711,28 +715,15 @@ static void silu_mul(const float *gate_up, float *act, int64_t rows, int64_t n) 
 }
 
 /* Tokens to final hidden states in one call, so a decoding step pays no per-operation overhead
- * outside C. tokens [n] index embed [vocab, hidden]; token i is rotated by row rope_rows[i] of
- * cos_table / sin_table [*, D]; tree_mask [n, n] (1 = token i sees new token j; each sees all
- * `past` cached rows). Layers with skip[l] set are the identity and write no cache rows (skip
- * may be NULL). out [n, hidden] = final_norm(h). */
-void freespec_forward_llama(const DecoderLayer *layers, int64_t num_layers, const float *embed, const int64_t *tokens,
-                            int64_t n, int64_t hidden, int64_t intermediate, const float *cos_table,
-                            const float *sin_table, const int64_t *rope_rows, float *keys, float *values,
-                            int64_t capacity, int64_t past, const uint8_t *tree_mask, int64_t H, int64_t KV, int64_t D,
-                            float scale, const uint8_t *skip, const float *final_norm, float final_eps, float *out) {
+ * outside C (see DecoderPass in freespec.h). Layers with skip[l] set are the identity and write
+ * no cache rows. All scratch is allocated before the first layer: on failure nothing is written. */
+int freespec_forward_llama(const DecoderPass *pass) {
+    const int64_t n = pass->n, hidden = pass->hidden, intermediate = pass->intermediate;
+    const int64_t H = pass->H, KV = pass->KV, D = pass->D, capacity = pass->capacity, past = pass->past;
     const int64_t qkv_width = (H + 2 * KV) * D, width = past + n;
-    float *h = scratch(n * hidden), *cos = cos_table ? scratch(n * D) : NULL, *sin = sin_table ? scratch(n * D) : NULL;
-    int64_t *key_nodes = malloc(n * n * sizeof(int64_t)), *count = malloc(n * sizeof(int64_t)), causal = 1;
-    for (int64_t i = 0; i < n; i++) {
-        memcpy(h + i * hidden, embed + tokens[i] * hidden, hidden * sizeof(float));
-        if (cos) memcpy(cos + i * D, cos_table + rope_rows[i] * D, D * sizeof(float));
-        if (sin) memcpy(sin + i * D, sin_table + rope_rows[i] * D, D * sizeof(float));
-        count[i] = 0; /* the new tokens token i sees, in index (= depth) order, padded with n */
-        for (int64_t j = 0; j < n; j++)
-            if (tree_mask[i * n + j]) key_nodes[i * n + count[i]++] = j;
-        for (int64_t j = count[i]; j < n; j++) key_nodes[i * n + j] = n;
-        causal = causal && count[i] == i + 1 && key_nodes[i * n + i] == i; /* sees exactly 0..i */
-    }
+    float *h = scratch(n * hidden);
+    float *cos = pass->cos_table ? scratch(n * D) : NULL, *sin = pass->sin_table ? scratch(n * D) : NULL;
+    int64_t *key_nodes = malloc(n * n * sizeof(int64_t)), *count = malloc(n * sizeof(int64_t));
     float *normed = scratch(n * hidden);
     float *qkv = scratch(n * qkv_width);
     float *queries = scratch(n * H * D);
@@ -740,10 +731,22 @@ void freespec_forward_llama(const DecoderLayer *layers, int64_t num_layers, cons
     float *projected = scratch(n * (2 * intermediate > hidden ? 2 * intermediate : hidden));
     float *act = scratch(n * intermediate);
     float *probs = scratch(n * H * width);
-    for (int64_t l = 0; l < num_layers; l++) {
-        if (skip && skip[l]) continue; /* a skipped layer is the identity and writes no cache rows */
-        const DecoderLayer *layer = layers + l;
-        float *layer_keys = keys + l * KV * capacity * D, *layer_values = values + l * KV * capacity * D;
+    int status = FREESPEC_OK;
+    if (!h || (pass->cos_table && !cos) || (pass->sin_table && !sin) || !key_nodes || !count || !normed || !qkv ||
+        !queries || !attended || !projected || !act || !probs) {
+        status = FREESPEC_OUT_OF_MEMORY;
+        goto done;
+    }
+    for (int64_t i = 0; i < n; i++) {
+        memcpy(h + i * hidden, pass->embed + pass->tokens[i] * hidden, hidden * sizeof(float));
+        if (cos) memcpy(cos + i * D, pass->cos_table + pass->rope_rows[i] * D, D * sizeof(float));
+        if (sin) memcpy(sin + i * D, pass->sin_table + pass->rope_rows[i] * D, D * sizeof(float));
+    }
+    const int64_t causal = freespec_tree_layout(pass->tree_mask, n, key_nodes, count);
+    for (int64_t l = 0; l < pass->num_layers; l++) {
+        if (pass->skip && pass->skip[l]) continue; /* a skipped layer is the identity and writes no cache rows */
+        const DecoderLayer *layer = pass->layers + l;
+        float *layer_keys = pass->keys + l * KV * capacity * D, *layer_values = pass->values + l * KV * capacity * D;
         rms_norm(h, layer->attn_norm, layer->attn_eps, normed, n, hidden);
         matmul(&layer->qkv, normed, qkv, n);
         if (layer->q_norm)
@@ -756,7 +759,7 @@ void freespec_forward_llama(const DecoderLayer *layers, int64_t num_layers, cons
             }
         freespec_rope_store(qkv, cos, sin, layer_keys, layer_values, capacity, past, n, H, KV, D, queries);
         freespec_tree_attention(queries, layer_keys, layer_values, capacity, key_nodes, count, past, n, H, KV, D,
-                                scale, causal, attended, probs);
+                                pass->scale, causal, attended, probs);
         matmul(&layer->o, attended, projected, n);
         for (int64_t i = 0; i < n * hidden; i++) h[i] += projected[i];
         rms_norm(h, layer->mlp_norm, layer->mlp_eps, normed, n, hidden);
@@ -765,9 +768,11 @@ void freespec_forward_llama(const DecoderLayer *layers, int64_t num_layers, cons
         matmul(&layer->down, act, projected, n);
         for (int64_t i = 0; i < n * hidden; i++) h[i] += projected[i];
     }
-    rms_norm(h, final_norm, final_eps, out, n, hidden);
+    rms_norm(h, pass->final_norm, pass->final_eps, pass->out, n, hidden);
+done:
     free(normed); free(qkv); free(queries); free(attended); free(projected); free(act); free(probs);
     free(h); free(cos); free(sin); free(key_nodes); free(count);
+    return status;
 }
 
 /* Per row of logits [rows, V]: the k largest values in descending order with their ids (ties:

@@ -1,0 +1,73 @@
+"""The ctypes side of ``csrc/freespec.h``, declared once, and the one guard every array passes
+on its way to C.
+
+C reads arrays by address with no idea of their dtype or size: a wrong width or dtype reads
+past a buffer or misreads its bytes. :func:`address` is the only way a tensor's address reaches
+a kernel here, and it checks dtype, shape and contiguity first (a few attribute reads).
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+OK, OUT_OF_MEMORY = 0, 1  # the FREESPEC_OK / FREESPEC_OUT_OF_MEMORY status codes
+
+_P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+
+
+class Matrix(ctypes.Structure):
+    _fields_ = [("codes", _P), ("scales", _P), ("bias", _P), ("kind", _I), ("N", _I), ("K", _I)]
+
+
+class DecoderLayer(ctypes.Structure):
+    _fields_ = [("attn_norm", _P), ("mlp_norm", _P), ("q_norm", _P), ("k_norm", _P), ("attn_eps", _F),
+                ("mlp_eps", _F), ("q_eps", _F), ("k_eps", _F), ("qkv", Matrix), ("o", Matrix), ("gate_up", Matrix),
+                ("down", Matrix)]
+
+
+class DecoderPass(ctypes.Structure):
+    _fields_ = [("layers", _P), ("num_layers", _I), ("hidden", _I), ("intermediate", _I), ("embed", _P),
+                ("final_norm", _P), ("final_eps", _F), ("scale", _F), ("H", _I), ("KV", _I), ("D", _I),
+                ("tokens", _P), ("n", _I), ("cos_table", _P), ("sin_table", _P), ("rope_rows", _P), ("keys", _P),
+                ("values", _P), ("capacity", _I), ("past", _I), ("tree_mask", _P), ("skip", _P), ("out", _P)]
+
+
+SIGNATURES: dict[str, tuple[type | None, list]] = {
+    "freespec_linear": (None, [_P, _P, _P, _I, _I, _I]),
+    "freespec_linear_q4": (None, [_P, _P, _P, _P, _I, _I, _I]),
+    "freespec_linear_q8": (None, [_P, _P, _P, _P, _I, _I, _I]),
+    "freespec_tree_layout": (_I, [_P, _I, _P, _P]),
+    "freespec_tree_attention": (None, [_P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _F, _I, _P, _P]),
+    "freespec_rope_store": (None, [_P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _P]),
+    "freespec_forward_llama": (ctypes.c_int, [ctypes.POINTER(DecoderPass)]),
+    "freespec_top_k": (None, [_P, _I, _I, _I, _P, _P, _P]),
+}
+"""Each exported function's (return type, argument types), in the header's order."""
+
+
+def declare(library: ctypes.CDLL) -> ctypes.CDLL:
+    """Give every exported function of ``library`` its C signature."""
+    for name, (result, arguments) in SIGNATURES.items():
+        function = getattr(library, name)
+        function.restype, function.argtypes = result, arguments
+    return library
+
+
+def address(name: str, tensor: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+    """The address of ``tensor``'s data, once it is known to be a contiguous ``dtype`` array of
+    exactly ``shape``; else a ValueError naming the argument."""
+    if tensor.dtype != dtype or tensor.shape != shape or not tensor.is_contiguous():
+        layout = "" if tensor.is_contiguous() else "non-contiguous "
+        raise ValueError(f"{name}: the kernel needs a contiguous {dtype} tensor of shape {list(shape)}, "
+                         f"got a {layout}{tensor.dtype} tensor of shape {list(tensor.shape)}")
+    return tensor.data_ptr()
+
+
+def check_status(status: int, what: str) -> None:
+    """Raise for a failed call's status code."""
+    if status == OUT_OF_MEMORY:
+        raise MemoryError(f"{what}: the kernel could not allocate its scratch memory")
+    if status != OK:
+        raise RuntimeError(f"{what}: the kernel failed with status {status}")

@@ -1,0 +1,376 @@
+"""The kernel backends: one object that every forward pass computes with, chosen once.
+
+:func:`select` returns :class:`CKernels` (the C library of one build) or :class:`Kernels`
+(torch's ops, the fallback); a :class:`freespec.model.runner.ModelRunner` takes one as an
+argument. Both offer the same operations: ``linear``, ``top_k``, ``argmax``, ``attention`` (the
+tree attention of one layer) and ``decoder`` (all layers of a Llama-style model in one C call,
+None where not available).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from functools import cache
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from freespec.kernels import abi
+from freespec.kernels.build import (
+    ISAS,
+    TORCH,
+    digest,
+    load,
+    requested_isa,
+    supported_isas,
+)
+from freespec.kernels.weights import (
+    DecoderLayer,
+    Heads,
+    Linear,
+    Matrix,
+    ModelWeights,
+    PackedWeight,
+    RMSNorm,
+)
+
+SKINNY_ROWS = 64  # torch: below this many rows, ``W @ x.T`` beats ``F.linear``
+
+Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""One layer's attention in a pass: (qkv [n, (heads + 2 kv_heads) dim], keys, values
+[kv_heads, capacity, dim]) → [n, heads * dim]; rotates the fresh queries and keys, writes keys
+and values to the cache after the committed rows, and attends."""
+
+
+def select(isa: str | None = None, *, one_call_decoder: bool = True) -> Kernels:
+    """The kernels to compute with: the C build ``isa`` ("avx512" or "avx2"), torch's ops
+    ("torch"), or by default the build the environment asks for (:func:`requested_isa`, read
+    once). A build that cannot be compiled falls back to torch with a warning.
+
+    ``one_call_decoder=False`` keeps Llama-style models on the per-operation C kernels (what
+    other architectures use). One object per choice, built on first use.
+    """
+    return _select(_default_isa() if isa is None else isa, one_call_decoder)
+
+
+@cache
+def _default_isa() -> str:
+    return requested_isa()
+
+
+@cache
+def _select(isa: str, one_call_decoder: bool) -> Kernels:
+    if isa == TORCH:
+        return Kernels()
+    if isa not in ISAS:
+        raise ValueError(f"unknown kernel build {isa!r}: expected one of {', '.join((*ISAS, TORCH))}")
+    if isa not in supported_isas():
+        raise ValueError(f"this CPU cannot run the {isa} kernels (it runs: {', '.join((*supported_isas(), TORCH))})")
+    library = load(isa)
+    return Kernels() if library is None else CKernels(library, isa, one_call_decoder)
+
+
+class Kernels:
+    """torch's ops: the fallback without a C compiler or AVX2+FMA, or when asked for.
+
+    Not batch-invariant: verification logits may then differ from decoding logits in the last
+    bits, and a near-tie may flip a greedy choice.
+    """
+
+    isa = TORCH
+    version: str | None = None  # digest of the C sources and flags; None for torch
+    batch_invariant = False
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.isa})"
+
+    def linear(self, x: torch.Tensor, weight: Matrix, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``x @ weight.T + bias`` for x [M, K] and weight [N, K] (fp32 or exact blocks) → [M, N]."""
+        if isinstance(weight, PackedWeight):
+            weight = weight.dense
+        if x.shape[0] < SKINNY_ROWS:
+            out = torch.mm(weight, x.t()).t()  # far faster than F.linear's kernel choice for few rows
+        else:
+            out = torch.mm(x, weight.t())
+        return out if bias is None else out + bias
+
+    def top_k(self, logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(values [n, k] descending, ids [n, k], logsumexp [n]) of logits [n, V].
+
+        ``ids[:, 0]`` is the first maximum of each row, as ``torch.argmax`` gives it.
+        """
+        values, ids = torch.topk(logits, k, dim=-1)
+        return values, ids, torch.logsumexp(logits, dim=-1)
+
+    def argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        """[n, V] → [n] first index of each row's maximum."""
+        return torch.argmax(logits, dim=-1)
+
+    def attention(self, past: int, tree_mask: torch.Tensor, heads: Heads, cos: torch.Tensor | None,
+                  sin: torch.Tensor | None) -> Attention:
+        """The attention of the n new tokens of one pass, for every layer of it: they see the
+        ``past`` committed rows and the new tokens ``tree_mask`` [n, n] (bool) allows; token i
+        is rotated by ``cos[i]``, ``sin[i]`` [n, dim] (None: no rotary embedding)."""
+        return TorchAttention(past, tree_mask, heads, cos, sin)
+
+    def decoder(self, weights: ModelWeights) -> OneCallDecoder | None:
+        """All layers of ``weights`` in one C call, or None (torch has none)."""
+        return None
+
+
+class CKernels(Kernels):
+    """The C kernels of one build (see :mod:`freespec.kernels`): batch-invariant."""
+
+    batch_invariant = True
+
+    def __init__(self, library: ctypes.CDLL, isa: str, one_call_decoder: bool = True):
+        self.library, self.isa, self.version = library, isa, digest(isa)
+        self.one_call_decoder = one_call_decoder
+
+    def __repr__(self) -> str:
+        return f"CKernels({self.isa}{'' if self.one_call_decoder else ', per operation'})"
+
+    def linear(self, x: torch.Tensor, weight: Matrix, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """With any M, every row's result is the same bits. Block weights give bit-identical
+        results to their fp32 form (see :mod:`freespec.model.quant`), reading 4-6x fewer bytes."""
+        x = x.contiguous()
+        rows, (outputs, inputs) = x.shape[0], weight.shape
+        x_address = abi.address("linear input", x, torch.float32, (rows, inputs))
+        out = torch.empty(rows, outputs)
+        if rows:  # the kernels assume at least one row
+            kind, codes, scales = _matrix_addresses(weight)
+            out_address = abi.address("linear output", out, torch.float32, (rows, outputs))
+            if kind == 0:
+                self.library.freespec_linear(x_address, codes, out_address, rows, outputs, inputs)
+            else:
+                kernel = self.library.freespec_linear_q4 if kind == 4 else self.library.freespec_linear_q8
+                kernel(x_address, codes, scales, out_address, rows, outputs, inputs)
+        return out if bias is None else out + bias
+
+    def top_k(self, logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """In one pass over each row."""
+        if k > logits.shape[-1]:
+            return super().top_k(logits, k)  # torch names the error
+        return self._top_k(logits, k, normalize=True)
+
+    def argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        return self._top_k(logits, 1, normalize=False)[1].view(-1)
+
+    def _top_k(self, logits: torch.Tensor, k: int, normalize: bool):
+        logits = logits.contiguous()
+        rows, vocab = logits.shape
+        values, ids = torch.empty(rows, k), torch.empty(rows, k, dtype=torch.int64)
+        normalizer = torch.empty(rows) if normalize else None
+        self.library.freespec_top_k(
+            abi.address("logits", logits, torch.float32, (rows, vocab)), rows, vocab, k,
+            abi.address("top values", values, torch.float32, (rows, k)),
+            abi.address("top ids", ids, torch.int64, (rows, k)),
+            None if normalizer is None else abi.address("normalizer", normalizer, torch.float32, (rows,)))
+        return values, ids, normalizer
+
+    def attention(self, past: int, tree_mask: torch.Tensor, heads: Heads, cos: torch.Tensor | None,
+                  sin: torch.Tensor | None) -> Attention:
+        """Batch-invariant: each query reduces over its keys in logical order (prefix, ancestors, self)."""
+        return TreeAttention(self.library, past, tree_mask, heads, cos, sin)
+
+    def decoder(self, weights: ModelWeights) -> OneCallDecoder | None:
+        """For Llama-style models (RMSNorm, rotary, SiLU-gated MLP, biases on QKV only), unless
+        this backend was selected without the one-call decoder."""
+        if not self.one_call_decoder or not OneCallDecoder.runs(weights):
+            return None
+        return OneCallDecoder(self.library, weights)
+
+
+def _matrix_addresses(weight: Matrix) -> tuple[int, int, int | None]:
+    """(kind 0/4/8, address of the fp32 weights or block codes, address of the block scales)."""
+    rows, columns = weight.shape
+    if not isinstance(weight, PackedWeight):
+        return 0, abi.address("weight", weight, torch.float32, (rows, columns)), None
+    if weight.kind == "q4":
+        codes = abi.address("q4 codes", weight.codes, torch.uint8, (rows, columns // 2))
+        return 4, codes, abi.address("q4 scales", weight.scales, torch.float32, (rows, columns // 32, 2))
+    codes = abi.address("q8 codes", weight.codes, torch.int8, (rows, columns))
+    return 8, codes, abi.address("q8 scales", weight.scales, torch.float32, (rows, columns // 32))
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class TorchAttention:
+    """torch's rotary, cache writes and scaled-dot-product attention (not batch-invariant)."""
+
+    def __init__(self, past: int, tree_mask: torch.Tensor, heads: Heads, cos: torch.Tensor | None,
+                 sin: torch.Tensor | None):
+        n = tree_mask.shape[0]
+        self.past, self.n, self.heads = past, n, heads
+        self._mask = torch.cat([torch.ones(n, past, dtype=torch.bool), tree_mask], dim=1)  # [n, past + n]
+        # [n, 1, dim]: broadcast over heads
+        self._cos = None if cos is None else cos.unsqueeze(1)
+        self._sin = None if sin is None else sin.unsqueeze(1)
+
+    def __call__(self, qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        n, start, h = self.n, self.past, self.heads
+        qk, v = qkv.view(n, h.heads + 2 * h.kv_heads, h.dim).split([h.heads + h.kv_heads, h.kv_heads], dim=1)
+        if self._cos is not None:
+            qk = qk * self._cos + _rotate_half(qk) * self._sin
+        q, k = qk.split([h.heads, h.kv_heads], dim=1)
+        keys[:, start : start + n] = k.transpose(0, 1)
+        values[:, start : start + n] = v.transpose(0, 1)
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1).unsqueeze(0), keys[:, : start + n].unsqueeze(0), values[:, : start + n].unsqueeze(0),
+            attn_mask=self._mask, scale=h.scale, enable_gqa=h.kv_heads != h.heads,
+        )  # [1, heads, n, dim]
+        return out[0].transpose(0, 1).reshape(n, h.heads * h.dim)
+
+
+class TreeAttention:
+    """Batch-invariant attention of n new tokens over the KV cache, in C.
+
+    Built once per forward pass: the tree layout (computed in C: :c:func:`freespec_tree_layout`),
+    the rotary rows and the scratch buffers are shared by all layers.
+    """
+
+    def __init__(self, library: ctypes.CDLL, past: int, tree_mask: torch.Tensor, heads: Heads,
+                 cos: torch.Tensor | None, sin: torch.Tensor | None):
+        self._library = library
+        n = tree_mask.shape[0]
+        self.past, self.n, self.heads = past, n, heads
+        h = heads
+        mask = tree_mask.contiguous()
+        # buffers and tables the C code reads for every layer, kept alive with their addresses
+        self._nodes, self._count = torch.empty(n, n, dtype=torch.int64), torch.empty(n, dtype=torch.int64)
+        self._nodes_address = abi.address("key nodes", self._nodes, torch.int64, (n, n))
+        self._count_address = abi.address("key counts", self._count, torch.int64, (n,))
+        # a causal chain (a prefill chunk): the kernel may let its rows join the shared prefix
+        self._causal = library.freespec_tree_layout(abi.address("tree mask", mask, torch.bool, (n, n)), n,
+                                                    self._nodes_address, self._count_address)
+        self._cos, self._sin = (None, None) if cos is None else (cos.contiguous(), sin.contiguous())
+        self._cos_address = None if cos is None else abi.address("cos", self._cos, torch.float32, (n, h.dim))
+        self._sin_address = None if sin is None else abi.address("sin", self._sin, torch.float32, (n, h.dim))
+        group_rows = n * (h.heads // h.kv_heads)
+        self._queries, self._probs = torch.empty(h.kv_heads, group_rows, h.dim), torch.empty(h.heads * n, past + n)
+        self._queries_address = abi.address("queries", self._queries, torch.float32, (h.kv_heads, group_rows, h.dim))
+        self._probs_address = abi.address("scores", self._probs, torch.float32, (h.heads * n, past + n))
+
+    def __call__(self, qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """qkv: [n, (heads + 2 kv_heads) dim]; keys, values: [kv_heads, capacity, dim]. → [n, heads * dim]."""
+        n, h, past = self.n, self.heads, self.past
+        qkv = qkv.contiguous()
+        capacity = keys.shape[1]
+        if past + n > capacity:
+            raise ValueError(f"cache overflow: {past + n} rows needed, capacity {capacity}")
+        cache_shape = (h.kv_heads, capacity, h.dim)
+        keys_address = abi.address("keys", keys, torch.float32, cache_shape)
+        values_address = abi.address("values", values, torch.float32, cache_shape)
+        self._library.freespec_rope_store(
+            abi.address("qkv", qkv, torch.float32, (n, (h.heads + 2 * h.kv_heads) * h.dim)), self._cos_address,
+            self._sin_address, keys_address, values_address, capacity, past, n, h.heads, h.kv_heads, h.dim,
+            self._queries_address)
+        out = torch.empty(n, h.heads * h.dim)
+        self._library.freespec_tree_attention(
+            self._queries_address, keys_address, values_address, capacity, self._nodes_address,
+            self._count_address, past, n, h.heads, h.kv_heads, h.dim, h.scale, self._causal,
+            abi.address("attention output", out, torch.float32, (n, h.heads * h.dim)), self._probs_address)
+        return out
+
+
+class OneCallDecoder:
+    """All decoder layers of a Llama-style model (RMSNorm, SiLU-gated MLP) in one C call.
+
+    Same arithmetic for every row whatever the number of rows, like the other kernels, and
+    with no per-operation call overhead: the embedding lookup, norms, rotary, cache writes,
+    attention, residuals, the activation and the final norm all run in C between the matmuls
+    (a torch call between two passes costs several times its warm price: the pass has just
+    streamed the weights through the caches). Every weight's dtype and shape is checked once
+    here; each call checks the pass's own arrays.
+    """
+
+    @staticmethod
+    def runs(weights: ModelWeights) -> bool:
+        """Whether the C decoder computes this model: rotary positions, RMSNorms, SiLU-gated
+        MLPs, no biases except on the QKV projection (Qwen2)."""
+        return (weights.positions is None and weights.activation == "silu"
+                and isinstance(weights.final_norm, RMSNorm)
+                and all(layer.gated and isinstance(layer.attn_norm, RMSNorm) and isinstance(layer.mlp_norm, RMSNorm)
+                        and layer.o.bias is None and layer.up.bias is None and layer.down.bias is None
+                        for layer in weights.layers))
+
+    def __init__(self, library: ctypes.CDLL, weights: ModelWeights):
+        if not self.runs(weights):
+            raise ValueError("the one-call decoder runs Llama-style models only (RMSNorm, rotary, SiLU-gated MLP)")
+        self._library, self._weights = library, weights  # the weights: what the C structs point into
+        h = self.heads = weights.heads
+        vocab, self.hidden = weights.embed.shape
+        self.num_layers = len(weights.layers)
+        self.intermediate = weights.layers[0].down.weight.shape[1]
+        self._layers = (abi.DecoderLayer * self.num_layers)(*(self._layer(layer) for layer in weights.layers))
+        self._pass = abi.DecoderPass(
+            layers=ctypes.addressof(self._layers), num_layers=self.num_layers, hidden=self.hidden,
+            intermediate=self.intermediate, embed=abi.address("embedding", weights.embed, torch.float32,
+                                                              (vocab, self.hidden)),
+            final_norm=self._norm("final norm", weights.final_norm, self.hidden), final_eps=weights.final_norm.eps,
+            scale=h.scale, H=h.heads, KV=h.kv_heads, D=h.dim)
+
+    def _norm(self, name: str, norm: RMSNorm | None, width: int) -> int | None:
+        return None if norm is None else abi.address(name, norm.weight, torch.float32, (width,))
+
+    def _matrix(self, name: str, linear: Linear, shape: tuple[int, int]) -> abi.Matrix:
+        if tuple(linear.weight.shape) != shape:
+            raise ValueError(f"{name}: expected a {list(shape)} matrix, got {list(linear.weight.shape)}")
+        kind, codes, scales = _matrix_addresses(linear.weight)
+        bias = None if linear.bias is None else abi.address(f"{name} bias", linear.bias, torch.float32, (shape[0],))
+        return abi.Matrix(codes, scales, bias, kind, *shape)
+
+    def _layer(self, layer: DecoderLayer) -> abi.DecoderLayer:
+        h, hidden = self.heads, self.hidden
+        q_norm, k_norm = layer.q_norm, layer.k_norm
+        return abi.DecoderLayer(
+            self._norm("attention norm", layer.attn_norm, hidden), self._norm("MLP norm", layer.mlp_norm, hidden),
+            self._norm("query norm", q_norm, h.dim), self._norm("key norm", k_norm, h.dim),
+            layer.attn_norm.eps, layer.mlp_norm.eps, q_norm.eps if q_norm else 0.0, k_norm.eps if k_norm else 0.0,
+            self._matrix("qkv", layer.qkv, ((h.heads + 2 * h.kv_heads) * h.dim, hidden)),
+            self._matrix("o", layer.o, (hidden, h.heads * h.dim)),
+            self._matrix("gate_up", layer.up, (2 * self.intermediate, hidden)),
+            self._matrix("down", layer.down, (hidden, self.intermediate)),
+        )
+
+    def __call__(self, tokens: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, past: int,
+                 tree_mask: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor, rope_rows: torch.Tensor,
+                 skip: frozenset[int] = frozenset()) -> torch.Tensor:
+        """tokens [n] int64 → final hidden states [n, hidden] (after the final norm).
+
+        keys, values: [layers, kv_heads, capacity, head_dim], written after row ``past``;
+        tree_mask [n, n] bool; token i is rotated by row ``rope_rows[i]`` (int64) of the
+        tables ``cos_table``, ``sin_table`` [*, head_dim]. The values of ``tokens`` and
+        ``rope_rows`` index tables: they are the caller's to check (:class:`ModelRunner` does).
+        Layers in ``skip`` are left out: the hidden state passes them unchanged and their cache
+        rows are not written (self-speculation drafts).
+        """
+        h, n, call = self.heads, tokens.shape[0], self._pass
+        capacity = keys.shape[2]
+        if past + n > capacity:
+            raise ValueError(f"cache overflow: {past + n} rows needed, capacity {capacity}")
+        cache_shape = (self.num_layers, h.kv_heads, capacity, h.dim)
+        out = torch.empty(n, self.hidden)
+        skipped = None
+        if skip:
+            skipped = torch.zeros(self.num_layers, dtype=torch.uint8)  # [layers] 1 = skipped
+            skipped[list(skip)] = 1
+        # contiguous copies (if any) stay referenced until the call returns
+        tokens, rope_rows, tree_mask = tokens.contiguous(), rope_rows.contiguous(), tree_mask.contiguous()
+        call.tokens = abi.address("tokens", tokens, torch.int64, (n,))
+        call.n = n
+        call.cos_table = abi.address("cos table", cos_table, torch.float32, (cos_table.shape[0], h.dim))
+        call.sin_table = abi.address("sin table", sin_table, torch.float32, (sin_table.shape[0], h.dim))
+        call.rope_rows = abi.address("rotary rows", rope_rows, torch.int64, (n,))
+        call.keys = abi.address("keys", keys, torch.float32, cache_shape)
+        call.values = abi.address("values", values, torch.float32, cache_shape)
+        call.capacity, call.past = capacity, past
+        call.tree_mask = abi.address("tree mask", tree_mask, torch.bool, (n, n))
+        call.skip = None if skipped is None else abi.address("skipped layers", skipped, torch.uint8, (self.num_layers,))
+        call.out = abi.address("output", out, torch.float32, (n, self.hidden))
+        abi.check_status(self._library.freespec_forward_llama(ctypes.byref(call)), "the decoder pass")
+        return out

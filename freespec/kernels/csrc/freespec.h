@@ -1,0 +1,97 @@
+/* The C interface of the freespec kernels: every exported function and struct, declared once.
+ *
+ * freespec/kernels/abi.py mirrors this file for ctypes (same names, same field order); change
+ * both together. All arrays are row-major and contiguous; shapes are given in brackets. The
+ * Python side checks every array's dtype, shape and contiguity before a call (abi.address), so
+ * nothing here re-checks them.
+ */
+#ifndef FREESPEC_H
+#define FREESPEC_H
+
+#include <stdint.h>
+
+/* What a call that can fail returns. */
+enum { FREESPEC_OK = 0, FREESPEC_OUT_OF_MEMORY = 1 };
+
+/* y[M, N] = x[M, K] @ w[N, K]^T; every output has the same arithmetic whatever M is. */
+void freespec_linear(const float *x, const float *w, float *y, int64_t M, int64_t N, int64_t K);
+
+/* The same over exact 4-bit blocks: q [N, K/2] nibbles, scales [N, K/32, 2] = (d, m); K % 32 == 0. */
+void freespec_linear_q4(const float *x, const uint8_t *q, const float *scales, float *y, int64_t M, int64_t N,
+                        int64_t K);
+
+/* The same over exact 8-bit blocks: q [N, K], scales [N, K/32] = d; K % 32 == 0. */
+void freespec_linear_q8(const float *x, const int8_t *q, const float *scales, float *y, int64_t M, int64_t N,
+                        int64_t K);
+
+/* The form the attention kernel reads a tree mask in: for tree_mask [n, n] (1 = token i sees new
+ * token j), key_nodes [n, n] lists each row's visible tokens in ascending (= depth) order padded
+ * with n, and count [n] says how many there are. Returns 1 if the mask is causal (row i sees
+ * exactly 0..i: a prefill chunk), else 0. */
+int64_t freespec_tree_layout(const uint8_t *tree_mask, int64_t n, int64_t *key_nodes, int64_t *count);
+
+/* Attention of n new tokens over `past` cached rows plus their tree rows (see kernels.c).
+ * q [KV, n * H / KV, D]; keys, values [KV, capacity, D]; key_nodes, count from
+ * freespec_tree_layout; out [n, H * D]; probs [KV, n * H / KV, past + n] scratch. */
+void freespec_tree_attention(const float *q, const float *keys, const float *values, int64_t capacity,
+                             const int64_t *key_nodes, const int64_t *count, int64_t past, int64_t n, int64_t H,
+                             int64_t KV, int64_t D, float scale, int64_t causal, float *out, float *probs);
+
+/* Rotary embedding of one layer's fresh queries and keys, and the cache writes: qkv
+ * [n, (H + 2 KV) D]; cos, sin [n, D] or NULL (no rotary); rows start .. start + n of keys and
+ * values [KV, capacity, D] are written; q_out [KV, n * H / KV, D]. */
+void freespec_rope_store(const float *qkv, const float *cos, const float *sin, float *keys, float *values,
+                         int64_t capacity, int64_t start, int64_t n, int64_t H, int64_t KV, int64_t D,
+                         float *q_out);
+
+/* A weight matrix [N, K] as freespec_forward_llama reads it. */
+typedef struct {
+    const void *codes;   /* fp32 [N, K] weights, or block codes (see freespec_linear_q4/q8) */
+    const float *scales; /* NULL for fp32 */
+    const float *bias;   /* [N] or NULL */
+    int64_t kind;        /* 0 fp32, 4 q4, 8 q8 */
+    int64_t N, K;
+} Matrix;
+
+/* One Llama-style decoder layer: RMSNorms (weight [hidden], or per head [D]) and its matrices. */
+typedef struct {
+    const float *attn_norm, *mlp_norm, *q_norm, *k_norm; /* q_norm, k_norm: per-head [D] or NULL */
+    float attn_eps, mlp_eps, q_eps, k_eps;
+    Matrix qkv;     /* [(H + 2 KV) D, hidden] */
+    Matrix o;       /* [hidden, H D] */
+    Matrix gate_up; /* [2 intermediate, hidden]: rows [gate | up] */
+    Matrix down;    /* [hidden, intermediate] */
+} DecoderLayer;
+
+/* Everything one pass of freespec_forward_llama reads and writes: the model (set once), then
+ * the pass's tokens, rotary rows, cache and output. */
+typedef struct {
+    const DecoderLayer *layers;
+    int64_t num_layers, hidden, intermediate;
+    const float *embed;      /* [vocab, hidden] */
+    const float *final_norm; /* [hidden] */
+    float final_eps, scale;  /* scale: of the attention scores */
+    int64_t H, KV, D;        /* query heads, key/value heads, head size */
+
+    const int64_t *tokens;    /* [n], each in 0 .. vocab - 1 */
+    int64_t n;
+    const float *cos_table;   /* [*, D]: token i is rotated by row rope_rows[i] */
+    const float *sin_table;
+    const int64_t *rope_rows; /* [n] */
+    float *keys, *values;     /* [num_layers, KV, capacity, D]: rows past .. past + n are written */
+    int64_t capacity, past;
+    const uint8_t *tree_mask; /* [n, n]: 1 = token i sees new token j; all see the `past` rows */
+    const uint8_t *skip;      /* [num_layers]: 1 = leave the layer out; NULL: none */
+    float *out;               /* [n, hidden]: final hidden states, after the final norm */
+} DecoderPass;
+
+/* Tokens to final hidden states through every decoder layer in one call. Returns FREESPEC_OK,
+ * or FREESPEC_OUT_OF_MEMORY (nothing written to out). */
+int freespec_forward_llama(const DecoderPass *pass);
+
+/* Per row of logits [rows, V]: the k largest values [rows, k] in descending order with their ids
+ * [rows, k] (ties: the lower id first) and, unless log_normalizer is NULL, logsumexp [rows]. */
+void freespec_top_k(const float *logits, int64_t rows, int64_t V, int64_t k, float *values, int64_t *ids,
+                    float *log_normalizer);
+
+#endif

@@ -1,0 +1,167 @@
+"""A model's parameters as the kernels read them: one typed carrier per concept.
+
+:class:`PackedWeight` is a matrix stored as exact 4/8-bit blocks (the kernels' block format is
+defined here: :func:`pack_nibbles`); :class:`Linear`, :class:`RMSNorm`, :class:`LayerNorm` and
+:class:`DecoderLayer` describe one decoder layer, :class:`Heads` the attention geometry and
+:class:`ModelWeights` a whole model. The model layer (:mod:`freespec.model.weights`) fills them
+from a transformers model; the C decoder and the runner's per-operation pass read them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import torch
+
+BLOCK = 32  # weights per quantization block (GGUF Q4_1 and Q8_0)
+
+
+@dataclass(frozen=True)
+class PackedWeight:
+    """A weight matrix [N, K] stored as exact blocks for the C linear kernels.
+
+    ``kind`` "q4": ``codes`` uint8 [N, K/2] (two 4-bit codes a byte, see :func:`pack_nibbles`),
+    ``scales`` fp32 [N, K/32, 2] = (d, m). ``kind`` "q8": ``codes`` int8 [N, K], ``scales`` fp32
+    [N, K/32] = d. Only the blocks are stored: :attr:`dense` decodes the fp32 matrix on first
+    use, for torch where the C kernels are not built (keeping it would double the memory).
+    The C code reads the blocks by pointer, so a PackedWeight that does not hold exactly this
+    layout cannot be made (a damaged cache file is refused here, not read out of bounds).
+    """
+
+    kind: str
+    codes: torch.Tensor
+    scales: torch.Tensor
+
+    def __post_init__(self):
+        codes_dtype, scale_tail = {"q4": (torch.uint8, (2,)), "q8": (torch.int8, ())}.get(self.kind, (None, None))
+        if codes_dtype is None:
+            raise ValueError(f"unknown block kind {self.kind!r}: expected q4 or q8")
+        if self.codes.dtype != codes_dtype or self.scales.dtype != torch.float32:
+            raise ValueError(f"{self.kind} blocks need {codes_dtype} codes and float32 scales, "
+                             f"got {self.codes.dtype} and {self.scales.dtype}")
+        if self.codes.dim() != 2 or not (self.codes.is_contiguous() and self.scales.is_contiguous()):
+            raise ValueError(f"{self.kind} codes must be one contiguous matrix, got {list(self.codes.shape)}")
+        rows, columns = self.shape
+        if columns % BLOCK or self.scales.shape != (rows, columns // BLOCK, *scale_tail):
+            raise ValueError(f"{self.kind} scales {list(self.scales.shape)} do not fit a [{rows}, {columns}] matrix")
+
+    @property
+    def shape(self) -> torch.Size:
+        rows, columns = self.codes.shape
+        return torch.Size([rows, columns * 2 if self.kind == "q4" else columns])
+
+    @cached_property
+    def dense(self) -> torch.Tensor:
+        """The fp32 matrix [N, K], the same bits as the weight that was packed."""
+        rows, columns = self.shape
+        scales = self.scales.numpy()
+        if self.kind == "q4":
+            codes = unpack_nibbles(self.codes.numpy()).reshape(rows, columns // BLOCK, BLOCK)
+            weight = scales[..., 0:1] * codes.astype(np.float32) + scales[..., 1:2]  # as encode_q4_1 checks
+        else:
+            weight = scales[..., None] * self.codes.numpy().reshape(rows, columns // BLOCK, BLOCK).astype(np.float32)
+        return torch.from_numpy(np.ascontiguousarray(weight.reshape(rows, columns)))
+
+
+Matrix = torch.Tensor | PackedWeight
+"""A weight matrix [out, in]: contiguous fp32, or its exact blocks."""
+
+
+def pack_nibbles(codes: np.ndarray) -> np.ndarray:
+    """4-bit codes [N, K] → bytes [N, K/2] in the kernel's order: per block of 32, byte j < 8
+    holds codes j (low nibble) and 8 + j (high); byte 8 + j holds 16 + j and 24 + j, so one
+    8-byte load yields 16 consecutive codes.
+
+    >>> pack_nibbles(np.arange(32, dtype=np.uint8).reshape(1, 32) % 16)[0, :2].tolist()
+    [128, 145]
+    """
+    rows, cols = codes.shape
+    blocks = codes.reshape(rows, cols // BLOCK, 2, 2, 8)  # [.., half, low/high, 8]
+    packed = blocks[:, :, :, 0, :] | (blocks[:, :, :, 1, :] << 4)
+    return np.ascontiguousarray(packed.reshape(rows, cols // 2))
+
+
+def unpack_nibbles(packed: np.ndarray) -> np.ndarray:
+    """The inverse of :func:`pack_nibbles`: bytes [N, K/2] → 4-bit codes [N, K].
+
+    >>> codes = np.arange(64, dtype=np.uint8).reshape(1, 64) % 16
+    >>> np.array_equal(unpack_nibbles(pack_nibbles(codes)), codes)
+    True
+    """
+    rows, half = packed.shape
+    pairs = packed.reshape(rows, half // 16, 2, 1, 8)  # [.., half of the block, 1, 8]
+    codes = np.concatenate([pairs & 15, pairs >> 4], axis=3)  # [.., half, low/high, 8]
+    return codes.reshape(rows, half * 2)
+
+
+@dataclass
+class Linear:
+    """``x @ weight.T + bias``: weight [out, in], bias [out] fp32 or None."""
+
+    weight: Matrix
+    bias: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class RMSNorm:
+    weight: torch.Tensor  # [n] fp32
+    eps: float
+
+
+@dataclass(frozen=True)
+class LayerNorm:
+    weight: torch.Tensor  # [n] fp32
+    bias: torch.Tensor  # [n] fp32
+    eps: float
+
+
+@dataclass
+class DecoderLayer:
+    """One pre-norm decoder layer: ``h += o(attention(qkv(attn_norm(h))))``, then
+    ``h += down(act(up(mlp_norm(h))))``.
+
+    ``qkv`` is the fused query, key and value projection [(heads + 2 kv_heads) head_dim, hidden].
+    ``gated`` MLPs (Llama-style) compute ``act(gate) * up`` from ``up`` [2 intermediate, hidden]
+    with rows [gate | up]; others (GPT-2) ``act(up)`` from ``up`` [intermediate, hidden].
+    ``q_norm``, ``k_norm``: per-head RMSNorms of queries and keys before the rotary embedding
+    (Qwen3), else None.
+    """
+
+    attn_norm: RMSNorm | LayerNorm
+    qkv: Linear
+    o: Linear
+    mlp_norm: RMSNorm | LayerNorm
+    up: Linear
+    down: Linear
+    gated: bool
+    q_norm: RMSNorm | None = None
+    k_norm: RMSNorm | None = None
+
+
+@dataclass(frozen=True)
+class Heads:
+    """The attention geometry: query heads, key/value heads (grouped-query attention when fewer),
+    the head size and the factor the scores are scaled by."""
+
+    heads: int
+    kv_heads: int
+    dim: int
+    scale: float
+
+
+@dataclass
+class ModelWeights:
+    """Everything a forward pass reads: token embeddings [vocab, hidden], learned position
+    embeddings [positions, hidden] (GPT-2; None with rotary embeddings), the decoder layers, the
+    final norm, the output projection [vocab, hidden], the attention geometry and the MLP's
+    activation (its transformers name, e.g. "silu")."""
+
+    embed: torch.Tensor
+    positions: torch.Tensor | None
+    layers: list[DecoderLayer]
+    final_norm: RMSNorm | LayerNorm
+    lm_head: Linear
+    heads: Heads
+    activation: str

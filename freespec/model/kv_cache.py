@@ -1,0 +1,91 @@
+"""The KV cache: preallocated keys and values of every layer with a length pointer.
+
+A forward pass writes its n new tokens' rows after the ``length`` committed ones; committing
+keeps the rows of the accepted nodes (a gather into place) and drops the rest. Each committed
+row remembers its token, so a later request that starts with the same tokens can keep them.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+SKIPPED = -1  # the token recorded for a cache row written by a pass that skipped layers
+ROUNDING = 256  # capacities are allocated in multiples of this many rows
+
+
+def common_prefix(a: Sequence[int] | np.ndarray, b: Sequence[int] | np.ndarray) -> int:
+    """Length of the longest common prefix of two token sequences.
+
+    >>> common_prefix([1, 2, 3], [1, 2, 4, 5]), common_prefix(np.array([1]), np.array([1, 2]))
+    (2, 1)
+    """
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(differ[0]) if len(differ) else n
+
+
+class KVCache:
+    """Keys and values [layers, kv_heads, capacity, head_dim] of up to ``max_positions`` rows."""
+
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, max_positions: int):
+        self.layers, self.kv_heads, self.head_dim, self.max_positions = layers, kv_heads, head_dim, max_positions
+        self.keys = torch.empty(0)
+        self.values = torch.empty(0)
+        self.length = 0  # committed rows
+        self.row_tokens: list[int] = []  # the token of each committed row; SKIPPED: not reusable
+        self.pending: list[int] = []  # the last forward's tokens, as commit records them
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[2] if self.keys.dim() == 4 else 0
+
+    def reset(self, capacity: int) -> None:
+        """Empty the cache and make sure it holds ``capacity`` positions."""
+        if capacity > self.max_positions:
+            raise ValueError(f"{capacity} positions exceed the model's context of {self.max_positions}")
+        if self.capacity < capacity:
+            rounded = min(self.max_positions, -(-capacity // ROUNDING) * ROUNDING)
+            shape = (self.layers, self.kv_heads, rounded, self.head_dim)
+            self.keys, self.values = torch.zeros(shape), torch.zeros(shape)
+        self.length = 0
+        self.row_tokens = []
+
+    def reserve(self, capacity: int) -> None:
+        """Make sure the cache holds ``capacity`` positions, keeping the committed rows (a draft
+        model's cache grows with the request instead of being sized for the longest one)."""
+        if capacity <= self.capacity:
+            return
+        keys, values, length, row_tokens = self.keys, self.values, self.length, self.row_tokens
+        self.reset(capacity)
+        if length:
+            self.keys[:, :, :length] = keys[:, :, :length]
+            self.values[:, :, :length] = values[:, :, :length]
+        self.length, self.row_tokens = length, row_tokens
+
+    def truncate(self, length: int) -> None:
+        """Drop the committed rows from ``length`` on: rows a drafter committed while drafting
+        (e.g. with skipped layers) are rolled back before verification overwrites them."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate the cache to {length} rows: it holds {self.length}")
+        self.length = length
+        del self.row_tokens[length:]
+
+    def keep_prefix(self, tokens: Sequence[int]) -> int:
+        """Drop the committed rows after the longest prefix of ``tokens`` they hold; return how
+        many rows are left."""
+        kept = common_prefix(self.row_tokens, tokens)
+        self.truncate(kept)
+        return kept
+
+    def commit(self, kept: Sequence[int]) -> None:
+        """Keep the rows of the last forward's nodes ``kept`` (ascending), drop the others."""
+        start, count = self.length, len(kept)
+        if list(kept) != list(range(count)):
+            source = torch.as_tensor(kept, dtype=torch.long) + start
+            self.keys[:, :, start : start + count] = self.keys[:, :, source]
+            self.values[:, :, start : start + count] = self.values[:, :, source]
+        self.length += count
+        self.row_tokens += [self.pending[node] for node in kept]
