@@ -9,18 +9,15 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import openai
 import pytest
-import torch
-from transformers import AutoModelForCausalLM
 
 import freespec
 from freespec.cli import main
 from freespec.serve import app as server_module
 from freespec.serve.app import BackgroundServer, create_app
-from tests.helpers import metric, tiny_config, word_tokenizer
+from tests.helpers import metric, open_stream, post, wait_for
 
 CHAT = [{"role": "user", "content": "w1 w2 w3 w4"}]
 PROMPT = "w9 w8 w7"
@@ -42,22 +39,6 @@ def server(tiny_model_dir):
 @pytest.fixture(scope="module")
 def client(server):
     return openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0, timeout=60)
-
-
-def post(url: str, body: bytes | str | dict, headers: dict | None = None, method: str = "POST"):
-    """Raw HTTP: (status, parsed JSON body or text, headers)."""
-    data = json.dumps(body).encode() if isinstance(body, dict) else body.encode() if isinstance(body, str) else body
-    request = urllib.request.Request(url, data=data, method=method,
-                                     headers={"Content-Type": "application/json", **(headers or {})})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            status, raw, response_headers = response.status, response.read(), response.headers
-    except urllib.error.HTTPError as error:
-        status, raw, response_headers = error.code, error.read(), error.headers
-    try:
-        return status, json.loads(raw), response_headers
-    except ValueError:
-        return status, raw.decode(), response_headers
 
 
 # ---------------------------------------------------------------- answers through the openai client
@@ -306,36 +287,6 @@ def test_transport_level_mistakes(server):
 # ---------------------------------------------------------------- queueing, disconnects, auth
 
 
-@pytest.fixture(scope="module")
-def long_model_dir(tmp_path_factory) -> Path:
-    """The tiny Llama with a 4096-token context: one answer can keep the model busy for seconds."""
-    torch.manual_seed(0)
-    config = tiny_config("llama")
-    config.max_position_embeddings = 4096
-    model = AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        model.get_output_embeddings().weight.mul_(8.0)
-    path = tmp_path_factory.mktemp("tiny-llama-4k")
-    model.save_pretrained(path)
-    word_tokenizer().save_pretrained(path)
-    return path
-
-
-def open_stream(url: str, body: dict) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
-    host, port = url.removeprefix("http://").split(":")
-    connection = http.client.HTTPConnection(host, int(port), timeout=60)
-    connection.request("POST", "/v1/chat/completions", json.dumps({**body, "stream": True}),
-                       {"Content-Type": "application/json"})
-    return connection, connection.getresponse()
-
-
-def wait_for(condition, seconds: float = 20) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
-
-
 def test_full_queue_429_and_a_disconnect_frees_the_model(long_model_dir):
     """One request runs (4000 tokens: ~15 s if left alone), one waits, the next is turned away; the
     running client hangs up after its first chunks, and the waiting request is served at once."""
@@ -448,34 +399,3 @@ def test_a_fault_in_the_engine_fails_that_request_only(tiny_model_dir, caplog):
         assert "simulated fault" not in events[-2] and events[-1] == "data: [DONE]"
         assert post(url + "/v1/completions", {"prompt": "w1", "max_tokens": 5})[0] == 200
         assert metric(url, "freespec_requests_total", endpoint="completions", status="error") == 1
-
-
-# ---------------------------------------------------------------- text assembly
-
-
-def utf8(ids: list[int]) -> str:
-    """Byte tokens: a character split over chunks decodes to U+FFFD until its last byte arrives."""
-    return bytes(ids).decode("utf-8", errors="replace")
-
-
-@pytest.mark.parametrize("seed", range(20))
-def test_text_stream_equals_the_whole_decode_under_any_chunking(seed):
-    import random
-
-    from freespec.serve.textstream import TextStream
-
-    rng = random.Random(seed)
-    text = "".join(rng.choice(["a", " ", "é", "€", "😀", "stop", "s", "\n"]) for _ in range(40))
-    ids = list(text.encode())
-    stops = rng.choice([[], ["stop"], ["😀", "xyz"], ["€a"]])
-    stream, deltas, at = TextStream(utf8, stops), [], 0
-    while at < len(ids) and not stream.stopped:
-        size = rng.randint(1, 4)
-        deltas.append(stream.push(ids[at:at + size]))
-        at += size
-    deltas.append(stream.finish())
-    hits = [text.index(stop) for stop in stops if stop in text]
-    expected = text[: min(hits)] if hits else text
-    assert "".join(deltas) == stream.text == expected
-    assert not any("\ufffd" in delta for delta in deltas)
-    assert stream.stopped == bool(hits)
