@@ -215,7 +215,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-tokens", type=_positive_int, default=256, metavar="N",
                        help="tokens per answer when a request gives no max_tokens (default: 256)")
     serve.add_argument("--max-queue", type=_positive_int, default=64, metavar="N",
-                       help="requests that may wait; more get 429 (default: 64)")
+                       help="requests that may wait (being tokenized or queued); more get 429 (default: 64)")
     serve.add_argument("--max-body-bytes", type=_positive_int, default=1 << 20, metavar="N",
                        help="largest request body (default: 1 MiB)")
     serve.set_defaults(run=_serve)

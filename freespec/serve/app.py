@@ -364,7 +364,7 @@ def create_app(model: Model, *, served_name: str | None = None, drafter: str = "
         try:
             job = await service.admit(endpoint, body, tenant_of(request.headers.get("authorization")))
         except ApiError as error:
-            metrics.requests.inc(endpoint=endpoint, status="rejected" if error.status == 429 else "invalid")
+            metrics.requests.inc(endpoint=endpoint, status="rejected" if error.status in (429, 503) else "invalid")
             return error.response()
         reply = Reply(endpoint, job.id, service.served_name)
         watcher = asyncio.create_task(_watch_disconnect(request, job))

@@ -201,8 +201,8 @@ class ServerMetrics:
         self.registry = registry = Registry()
         self.requests = registry.counter(
             "freespec_requests_total", "Requests by endpoint and outcome: success, cancelled (the client "
-            "left, or the server stopped), timeout (past --request-timeout), invalid (4xx), rejected (429, "
-            "queue full), error (5xx).", ("endpoint", "status"))
+            "left, or the server stopped), timeout (past --request-timeout), invalid (4xx), rejected (429: "
+            "queue full; 503: not serving), error (5xx).", ("endpoint", "status"))
         self.prompt_tokens = registry.counter("freespec_prompt_tokens_total", "Prompt tokens of admitted requests.",
                                               ("drafter",))
         self.cached_tokens = registry.counter("freespec_prompt_tokens_cached_total", "Prompt tokens whose cache "

@@ -229,8 +229,8 @@ class Scheduler:
             elif not job.should_stop():
                 self._running, self._current = 1, job
         if self._current is not job:
-            return self._stopped(job) or Finished("", [], "cancelled", GenerationStats(prompt_tokens=len(job.prompt_ids)),
-                                                  job.drafter)
+            skipped = GenerationStats(prompt_tokens=len(job.prompt_ids))
+            return self._stopped(job) or Finished("", [], "cancelled", skipped, job.drafter)
         try:
             return self._run(job)
         except Exception:  # a fault in freespec: report it, keep serving
@@ -262,23 +262,21 @@ class Scheduler:
             self._recent_seconds = 0.8 * self._recent_seconds + 0.2 * elapsed
         job.post(end)
 
-    def _may_reuse_rows(self, job: Job) -> bool:
-        """Whether ``job`` may reuse the prompt rows the previous request left: only the same tenant's.
-
-        Otherwise the draft model's rows are dropped here and the target's by the generation
-        (``reuse_prefix=False``), so cached_tokens and prefill time say nothing of another client.
-        """
-        same = self.prefix_reuse and job.tenant == self._cache_tenant
-        if not same and self.model.draft_runner is not None:
-            self.model.draft_runner.reset(0)
-        self._cache_tenant = job.tenant
-        return same
+    def _switch_tenant(self, job: Job) -> None:
+        """Drop the cache rows the previous request left unless it came from ``job``'s tenant, so
+        that cached_tokens and prefill time say nothing of another client's prompt."""
+        if job.tenant != self._cache_tenant:
+            for runner in (self.model.runner, self.model.draft_runner):
+                if runner is not None:
+                    runner.reset(0)
+            self._cache_tenant = job.tenant
 
     def _run(self, job: Job) -> Finished | Failed:
         """Generate one job, posting its progress; return the event that ends it."""
+        self._switch_tenant(job)
         try:
             generation = self.model.stream(prompt_ids=job.prompt_ids, max_new_tokens=job.max_tokens,
-                                           drafter=job.drafter, reuse_prefix=self._may_reuse_rows(job),
+                                           drafter=job.drafter, reuse_prefix=self.prefix_reuse,
                                            should_stop=job.should_stop, **job.sampling)
         except ValueError as error:
             return Failed(400, str(error))

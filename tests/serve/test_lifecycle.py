@@ -28,17 +28,23 @@ CHUNKS = 8
 
 
 def slow_prefill(model: freespec.Model, seconds: float) -> list[float]:
-    """Make each committed chunk take ``seconds`` longer; return the list of commit times."""
-    commits: list[float] = []
-    real_commit = model.runner.commit
+    """Make each prefill chunk take ``seconds`` longer: the server's ``should_stop``, asked before
+    each chunk, answers that much later. Returns the times it was asked (one per chunk started or refused)."""
+    asked: list[float] = []
+    real_stream = model.stream
 
-    def commit(kept):
-        commits.append(time.monotonic())
-        time.sleep(seconds)
-        return real_commit(kept)
+    def stream(**options):
+        should_stop = options["should_stop"]
 
-    model.runner.commit = commit
-    return commits
+        def slow_should_stop() -> bool:
+            asked.append(time.monotonic())
+            time.sleep(seconds)
+            return should_stop()
+
+        return real_stream(**{**options, "should_stop": slow_should_stop})
+
+    model.stream = stream
+    return asked
 
 
 def test_the_prefill_hook_stops_between_chunks(long_model_dir):
@@ -62,30 +68,29 @@ def test_a_client_leaving_stops_its_prefill(long_model_dir):
     """An 8-chunk prefill (~2.4 s here) stops within a chunk or two of the client hanging up, and
     the request queued behind it starts."""
     model = freespec.load(str(long_model_dir))
-    commits = slow_prefill(model, 0.3)
+    asked = slow_prefill(model, 0.3)
     with BackgroundServer(create_app(model, served_name="tiny", drafter="none")) as url:
         connection, response = open_stream(url, {"prompt": LONG_PROMPT, "max_tokens": 4}, path="/v1/completions")
         assert response.status == 200  # the headers come as the prefill starts
-        wait_for(lambda: len(commits) >= 1, 10)
+        wait_for(lambda: len(asked) >= 2, 10)  # a chunk is done
         connection.sock.shutdown(socket.SHUT_RDWR)
         connection.close()
         hung_up = time.monotonic()
         wait_for(lambda: metric(url, "freespec_requests_total", endpoint="completions", status="cancelled") == 1, 10)
-        assert len([t for t in commits if t > hung_up]) <= 2
-        assert len(commits) < CHUNKS
-        del model.runner.commit  # full speed again
+        assert len([t for t in asked if t > hung_up]) <= 2
+        assert len(asked) < CHUNKS  # the last one said stop
         assert post(url + "/v1/completions", {"prompt": "w1 w2", "max_tokens": 3})[0] == 200
 
 
 def test_a_request_past_its_deadline_stops_in_prefill_with_504(long_model_dir):
     model = freespec.load(str(long_model_dir))
-    commits = slow_prefill(model, 0.3)
+    asked = slow_prefill(model, 0.3)
     app = create_app(model, served_name="tiny", drafter="none", request_timeout=0.5)
     with BackgroundServer(app) as url:
         started = time.monotonic()
         status, body, _ = post(url + "/v1/completions", {"prompt": LONG_PROMPT, "max_tokens": 4})
         assert status == 504 and "request timeout of 0.5 s" in body["error"]["message"], body
-        assert time.monotonic() - started < 2.0 and len(commits) <= 3
+        assert time.monotonic() - started < 2.0 and len(asked) <= 3
         assert metric(url, "freespec_requests_total", endpoint="completions", status="timeout") == 1
 
 
