@@ -11,12 +11,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from freespec.drafters import Drafter, DrafterSettings, create
-from freespec.engine.costs import load_or_measure
 from freespec.engine.budget import BudgetPolicy
+from freespec.engine.costs import load_or_measure
 from freespec.engine.loop import Generation, GenerationStats
 from freespec.engine.sampling import SamplingParams
 from freespec.kernels import Kernels
@@ -139,7 +140,7 @@ class Model:
                drafter: str = "recycling", chat: bool = True, prompt_ids: list[int] | None = None,
                budget: int | None = None, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
-               reuse_prefix: bool = True) -> Generation:
+               reuse_prefix: bool = True, should_stop: Callable[[], bool] | None = None) -> Generation:
         """Start a request; iterate the result for token-id chunks as they are accepted.
 
         ``budget`` fixes the draft nodes per step (default: the model's, else chosen from measured costs).
@@ -148,6 +149,8 @@ class Model:
         whatever the drafter (see :class:`freespec.engine.sampling.SamplingParams`). ``seed`` repeats a run.
         ``reuse_prefix``: skip prefilling the prompt's leading tokens that the previous request
         already cached (a chat's earlier turns); it never changes the output.
+        ``should_stop`` is asked between prefill chunks; True stops the prefill with
+        :class:`freespec.model.runner.PrefillCancelled` (a server whose client left).
         """
         sampling = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
         if prompt_ids is None:
@@ -155,7 +158,7 @@ class Model:
         drafter_state, policy = self.drafter(drafter)
         budget = self.fixed_budget if budget is None else budget
         return Generation(self.runner, drafter_state, policy, prompt_ids, max_new_tokens, self.stop_ids, budget,
-                          sampling, reuse_prefix)
+                          sampling, reuse_prefix, should_stop)
 
     def generate(self, prompt: str | None = None, **kwargs) -> GenerationResult:
         generation = self.stream(prompt, **kwargs)

@@ -26,6 +26,7 @@ from freespec.engine.loop import Generation, GenerationStats
 from freespec.engine.sampling import SamplingParams
 from freespec.model.loading import ModelLoadError
 from freespec.model.weights import UnsupportedModelError
+from freespec.serve.textstream import TextStream
 
 USAGE_ERROR = 2
 INTERRUPTED = 130
@@ -85,6 +86,20 @@ def _drafter_name(text: str) -> str:
         return check_name(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _drafter_names(text: str) -> list[str]:
+    return [_drafter_name(name.strip()) for name in text.split(",") if name.strip()]
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -181,16 +196,26 @@ def _parser() -> argparse.ArgumentParser:
                                 description="POST /v1/chat/completions and /v1/completions (streaming too), "
                                             "GET /v1/models, /health and /metrics.")
     serve.add_argument("--drafter", type=_drafter_name, default="recycling", metavar="NAME",
-                       help="default draft source; a request may name another (default: recycling)")
+                       help="default draft source (default: recycling)")
+    serve.add_argument("--drafters", type=_drafter_names, metavar="A,B,...",
+                       help="the drafters a request may name, each built once at start; the --drafter is "
+                            "always one (default: the --drafter and none)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     serve.add_argument("--port", type=_positive_int, default=8000, help="(default: 8000)")
-    serve.add_argument("--api-key", default=os.environ.get("FREESPEC_API_KEY"), metavar="KEY",
-                       help="require 'Authorization: Bearer KEY' on /v1 routes (default: $FREESPEC_API_KEY)")
+    serve.add_argument("--api-key", action="append", metavar="KEY",
+                       help="require 'Authorization: Bearer KEY' on every route but /health and /metrics; "
+                            "repeat it for several tenants (default: $FREESPEC_API_KEY)")
+    serve.add_argument("--no-prefix-reuse", dest="prefix_reuse", action="store_false",
+                       help="prefill every prompt whole; by default a request reuses the cache rows of its "
+                            "tenant's (API key's) previous request where the prompts agree")
+    serve.add_argument("--request-timeout", type=_positive_seconds, metavar="SECONDS",
+                       help="stop a request this long after it arrived, queueing and prefill included, "
+                            "and answer 504 (default: no limit)")
     serve.add_argument("--served-model-name", metavar="NAME", help="the model id clients send (default: --model)")
     serve.add_argument("--max-tokens", type=_positive_int, default=256, metavar="N",
                        help="tokens per answer when a request gives no max_tokens (default: 256)")
     serve.add_argument("--max-queue", type=_positive_int, default=64, metavar="N",
-                       help="requests that may wait; more get 429 (default: 64)")
+                       help="requests that may wait (being tokenized or queued); more get 429 (default: 64)")
     serve.add_argument("--max-body-bytes", type=_positive_int, default=1 << 20, metavar="N",
                        help="largest request body (default: 1 MiB)")
     serve.set_defaults(run=_serve)
@@ -276,22 +301,14 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _generate_one(args: argparse.Namespace) -> None:
-    """Print text as it is accepted.
-
-    The whole token list is decoded each time, since a token's text can depend on its neighbours
-    (leading spaces, a character split across byte tokens); an incomplete trailing character
-    (U+FFFD) waits for the next chunk.
-    """
+    """Print text as it is accepted (see :class:`TextStream` for how chunks become text)."""
     model = _load(args, args.budget)
     generation = _start(model, args, {"prompt": args.prompt})
-    shown = ""
-    for _ in generation:
-        text = model.decode(generation.token_ids)
-        if not text.endswith("\ufffd"):
-            sys.stdout.write(text[len(shown):])
-            sys.stdout.flush()
-            shown = text
-    sys.stdout.write(model.decode(generation.token_ids)[len(shown):] + "\n")
+    text = TextStream(model.decode)
+    for chunk in generation:
+        sys.stdout.write(text.push(chunk))
+        sys.stdout.flush()
+    sys.stdout.write(text.finish() + "\n")
     sys.stdout.flush()
     _save_state(model, args)
     if not args.quiet:
@@ -455,14 +472,23 @@ def _datastore_build(args: argparse.Namespace) -> None:
 def _serve(args: argparse.Namespace) -> None:
     from freespec.serve import app as server
 
+    api_keys = args.api_key or [key for key in [os.environ.get(server.API_KEY_ENV)] if key]
+    drafters = args.drafters if args.drafters is not None else ["none"]
+    _check_draft_model([args.drafter, *drafters], args)
+    if warning := server.exposure_warning(args.host, api_keys):
+        print(f"[freespec] {warning}", file=sys.stderr)
     model = _load(args)
     if not args.quiet:
         where = f"http://{args.host}:{args.port}/v1"
         print(f"[freespec] serving {args.served_model_name or model.name} at {where}"
-              f"{' (API key required)' if args.api_key else ''}", file=sys.stderr)
+              f"{' (API key required)' if api_keys else ''}", file=sys.stderr)
     try:
         server.serve(model, host=args.host, port=args.port, log_level="warning" if args.quiet else "info",
-                     served_name=args.served_model_name, drafter=args.drafter, max_tokens=args.max_tokens,
-                     max_queue=args.max_queue, api_key=args.api_key, max_body_bytes=args.max_body_bytes)
+                     served_name=args.served_model_name, drafter=args.drafter, drafters=drafters,
+                     max_tokens=args.max_tokens, max_queue=args.max_queue, api_keys=api_keys,
+                     max_body_bytes=args.max_body_bytes, prefix_reuse=args.prefix_reuse,
+                     request_timeout=args.request_timeout)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     except OSError as error:
         raise UsageError(f"cannot listen on {args.host}:{args.port}: {error.strerror or error}") from None

@@ -3,6 +3,10 @@ built offline, and the statistics and generation helpers several test folders us
 
 from __future__ import annotations
 
+import http.client
+import json
+import time
+import urllib.error
 import urllib.request
 
 import numpy as np
@@ -181,3 +185,35 @@ def metric(url: str, name: str, **labels: str) -> float:
             return float(line.split()[-1])
     return 0.0
 
+
+def post(url: str, body: bytes | str | dict, headers: dict | None = None, method: str = "POST",
+         timeout: float = 60):
+    """Raw HTTP: (status, parsed JSON body or text, headers)."""
+    data = json.dumps(body).encode() if isinstance(body, dict) else body.encode() if isinstance(body, str) else body
+    request = urllib.request.Request(url, data=data, method=method,
+                                     headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            status, raw, response_headers = response.status, response.read(), response.headers
+    except urllib.error.HTTPError as error:
+        status, raw, response_headers = error.code, error.read(), error.headers
+    try:
+        return status, json.loads(raw), response_headers
+    except ValueError:
+        return status, raw.decode(), response_headers
+
+
+def open_stream(url: str, body: dict, path: str = "/v1/chat/completions",
+                timeout: float = 60) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+    """POST ``body`` with ``stream: true``; the response is read line by line (server-sent events)."""
+    host, port = url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    connection.request("POST", path, json.dumps({**body, "stream": True}), {"Content-Type": "application/json"})
+    return connection, connection.getresponse()
+
+
+def wait_for(condition, seconds: float = 20) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)

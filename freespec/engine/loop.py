@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -75,12 +75,14 @@ class Generation:
     After iteration ``token_ids``, ``stats`` and ``finish_reason`` ("stop" or "length") are final.
     ``reuse_prefix``: keep the cache rows of the prompt's leading tokens that the runner's last
     request left there (a chat's earlier turns), instead of prefilling them again; the output is
-    the same bits either way (see :meth:`ModelRunner.reuse`).
+    the same bits either way (see :meth:`ModelRunner.reuse`). ``should_stop`` is asked between
+    prefill chunks (see :meth:`ModelRunner.prefill`).
     """
 
     def __init__(self, runner: ModelRunner, drafter: Drafter | None, policy: BudgetPolicy | None,
                  prompt_ids: list[int], max_new_tokens: int, stop_ids: set[int], fixed_budget: int | None = None,
-                 sampling: SamplingParams = SamplingParams(), reuse_prefix: bool = True):
+                 sampling: SamplingParams = SamplingParams(), reuse_prefix: bool = True,
+                 should_stop: Callable[[], bool] | None = None):
         if not prompt_ids:
             raise ValueError("the prompt is empty")
         if max_new_tokens <= 0:
@@ -94,6 +96,7 @@ class Generation:
         self.runner, self.drafter, self.policy = runner, drafter, policy
         self.fixed_budget = fixed_budget
         self.reuse_prefix = reuse_prefix
+        self.should_stop = should_stop
         self.prompt_ids = list(prompt_ids)
         self.max_new_tokens = min(max_new_tokens, runner.max_positions - len(prompt_ids))
         self.finish_reason = "length"
@@ -173,7 +176,8 @@ class Generation:
             cached = 0
             runner.reset(capacity)
         self.stats.cached_tokens = cached
-        hidden = runner.prefill(torch.tensor(prompt[cached:], dtype=torch.long))  # [prompt - cached, hidden]
+        hidden = runner.prefill(torch.tensor(prompt[cached:], dtype=torch.long),  # [prompt - cached, hidden]
+                                self.should_stop)
         if drafter is None:
             return
         if isinstance(drafter, SamplingAware):

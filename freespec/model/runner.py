@@ -15,7 +15,7 @@ Supported families: Llama-style decoders (llama, mistral, qwen2, qwen3) and GPT-
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +45,10 @@ def _norm(x: torch.Tensor, norm: RMSNorm | LayerNorm) -> torch.Tensor:
     if isinstance(norm, LayerNorm):
         return F.layer_norm(x, norm.weight.shape, norm.weight, norm.bias, norm.eps)
     return F.rms_norm(x, norm.weight.shape, norm.weight, norm.eps)
+
+
+class PrefillCancelled(Exception):
+    """A prefill's ``should_stop`` said stop (a server's client left); the chunks run so far stay committed."""
 
 
 class ModelRunner:
@@ -124,15 +128,18 @@ class ModelRunner:
 
     # -- forward ---------------------------------------------------------------------------------
 
-    def prefill(self, tokens: torch.Tensor) -> torch.Tensor:
+    def prefill(self, tokens: torch.Tensor, should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
         """Run and commit a prompt (causally, in chunks); return its final hidden states [n, hidden].
 
         The same batch-invariant pass as decoding, so the rows do not depend on the chunks. A
         chunk holds up to PREFILL_CHUNK tokens, fewer deep in a long context, where its attention
-        scores (tokens x heads x keys) would outgrow PREFILL_SCRATCH.
+        scores (tokens x heads x keys) would outgrow PREFILL_SCRATCH. ``should_stop`` is asked
+        before each chunk; True raises :class:`PrefillCancelled`.
         """
         hidden, start = [], 0
         while start < tokens.shape[0]:
+            if should_stop is not None and should_stop():
+                raise PrefillCancelled(f"prefill stopped after {start} of {tokens.shape[0]} tokens")
             length = self.cache.length
             size = max(1, min(PREFILL_CHUNK, PREFILL_SCRATCH // (self.heads.heads * (length + PREFILL_CHUNK))))
             chunk = tokens[start : start + size]

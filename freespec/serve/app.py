@@ -1,30 +1,34 @@
 """``freespec serve``: an OpenAI-compatible HTTP server (chat and text completions, SSE streaming).
 
-The event loop (FastAPI on uvicorn) parses and checks requests, encodes prompts and streams
-answers; the model runs on one generation thread (:mod:`freespec.serve.scheduler`) that takes requests
-in arrival order from a bounded queue. Every client mistake is a 4xx with an OpenAI-style body,
-``{"error": {"message", "type", "param", "code"}}``; a fault inside freespec is a 500 for that
-request only, and the server keeps serving.
+The event loop (FastAPI on uvicorn) checks requests (:mod:`freespec.serve.schemas`), encodes
+prompts and streams answers; the model runs on one generation thread
+(:mod:`freespec.serve.scheduler`) that takes requests in arrival order from a bounded queue. A
+fault inside freespec is a 500 for that request only (its details go to the log, not the client),
+and the server keeps serving.
 
-Besides OpenAI's fields, a request may name a ``drafter`` and the sampling options ``top_k``,
-``min_p`` and ``repetition_penalty``. Sampling keywords reach the engine only when a request sets
-them to values that change the output; an engine without them answers 400.
+Tenancy: the API key a request presents (``Authorization: Bearer KEY``; none is a tenant of its
+own) is its tenant. A request reuses the KV-cache rows of the previous request's prompt only when
+both come from the same tenant, so one client cannot read another's prompt from
+``cached_tokens`` or prefill time.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
+import hashlib
 import hmac
-import inspect
-import json
+import ipaddress
+import logging
 import socket
 import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Literal
+from typing import AsyncIterator, Sequence
 
 import jinja2
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import (
@@ -33,12 +37,11 @@ from fastapi.responses import (
     Response,
     StreamingResponse,
 )
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from freespec.api import Model
-from freespec.drafters import DRAFTERS, check_name
+from freespec.drafters import FACTORIES, check_name
 from freespec.serve.scheduler import (
     Delta,
     Failed,
@@ -47,164 +50,89 @@ from freespec.serve.scheduler import (
     QueueFull,
     Scheduler,
     Started,
-    accepted_per_position,
+    Unavailable,
 )
+from freespec.serve.schemas import (
+    ApiError,
+    ChatRequest,
+    CompletionRequest,
+    Reply,
+    RequestBody,
+    error_body,
+    error_response,
+    prompt_param,
+    request_sampling,
+    sse,
+    validation_message,
+)
+
+log = logging.getLogger(__name__)
 
 DEFAULT_HOST = "127.0.0.1"
 API_KEY_ENV = "FREESPEC_API_KEY"
 CLIENT_CLOSED = 499  # the client left before its answer was ready (nginx's code; nobody reads it)
+OPEN_PATHS = ("/health", "/metrics")  # answered without a key; every other path needs one when keys are set
+# A prompt longer than the context times this (or the vocabulary's longest token, if longer) in
+# characters cannot fit the context: it is refused before the tokenizer spends time on it.
+MIN_CHARS_PER_TOKEN = 16
 
 
-# ---------------------------------------------------------------- request bodies
+def canonical_drafter(name: str) -> str:
+    """``name`` with a fused drafter's parts in registry order (``lookup+recycling`` is
+    ``recycling+lookup``); ValueError when it names no drafter.
 
-
-class _Strict(BaseModel):
-    """Wrong types are errors, not coerced ("5" is not 5); unknown fields are refused by name."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
-
-
-class StreamOptions(_Strict):
-    include_usage: bool | None = None
-
-
-class TextPart(_Strict):
-    type: Literal["text"]
-    text: str
-
-
-class Message(_Strict):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart]
-    name: str | None = None
-
-
-class _Options(_Strict):
-    """Fields both endpoints take. ``None`` means "not sent"."""
-
-    model: str | None = Field(None, description="the served model id (GET /v1/models); optional")
-    max_tokens: int | None = Field(None, ge=1, description="most tokens to generate (default: the server's "
-                                   "--max-tokens, cut to the context left)")
-    stream: bool | None = None
-    stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = Field(None, description="up to 4 strings; the answer ends before the first")
-    n: int | None = Field(None, ge=1, description="only 1")
-    temperature: float | None = Field(None, ge=0, description="0 (the default here) is greedy")
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0, description="0: off (freespec extension)")
-    min_p: float | None = Field(None, ge=0, le=1, description="freespec extension")
-    repetition_penalty: float | None = Field(None, gt=0, description="1: off (freespec extension)")
-    seed: int | None = None
-    presence_penalty: float | None = Field(None, ge=-2, le=2, description="only 0")
-    frequency_penalty: float | None = Field(None, ge=-2, le=2, description="only 0")
-    logit_bias: dict[str, float] | None = Field(None, description="only empty")
-    user: str | None = None
-    drafter: str | None = Field(None, description=f"freespec extension: {', '.join(DRAFTERS)} "
-                                "(default: the server's --drafter)")
-
-
-class ChatRequest(_Options):
-    messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1, description="same as max_tokens")
-    logprobs: bool | None = Field(None, description="only false")
-    top_logprobs: int | None = Field(None, ge=0, le=20, description="not supported")
-
-
-class CompletionRequest(_Options):
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(
-        description="one prompt: text, or token ids (a list of one of either is accepted too)")
-    echo: bool | None = Field(None, description="only false")
-    logprobs: int | None = Field(None, ge=0, le=5, description="not supported")
-    best_of: int | None = Field(None, ge=1, description="only 1")
-    suffix: str | None = Field(None, description="not supported")
-
-
-# ---------------------------------------------------------------- errors
-
-
-class ApiError(Exception):
-    """A request the server refuses: status, message, and the offending field."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
-
-
-def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
-    kind = "server_error" if status >= 500 else "rate_limit_error" if status == 429 else "invalid_request_error"
-    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
-def _validation_message(error: dict) -> tuple[str, str | None]:
-    """One readable line and the field name for pydantic's first complaint about a body."""
-    where = [str(part) for part in error.get("loc", ()) if part != "body"]
-    param = where[0] if where else None
-    field = ".".join(where)
-    kind = error.get("type", "")
-    if kind == "json_invalid":
-        return f"malformed JSON: {error.get('ctx', {}).get('error', error.get('msg'))}", None
-    if kind == "missing":
-        return (f"missing required parameter: {field}" if field else "the request needs a JSON body"), param
-    if kind == "extra_forbidden":
-        return f"unsupported parameter: {field}", param
-    if not field:
-        return f"the request body must be a JSON object: {error.get('msg')}", None
-    return f"{field}: {error.get('msg')}", param
-
-
-# ---------------------------------------------------------------- sampling options
-
-NEUTRAL = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
-FILTERS = ("top_p", "top_k", "min_p", "seed")  # keep the most likely token: cannot change greedy output
-
-
-def sampling_keywords(options: dict[str, Any]) -> dict[str, Any]:
-    """The engine keywords a request needs: only values that change the output.
-
-    >>> sampling_keywords({"temperature": 0.0, "top_p": 0.9, "seed": 3})
-    {}
-    >>> sampling_keywords({"temperature": 0.7, "top_p": 1.0, "seed": 3})
-    {'temperature': 0.7, 'seed': 3}
-    >>> sampling_keywords({"repetition_penalty": 1.2})
-    {'repetition_penalty': 1.2}
+    >>> canonical_drafter("lookup+recycling"), canonical_drafter("none")
+    ('recycling+lookup', 'none')
     """
-    chosen = {name: value for name, value in options.items()
-              if value is not None and (name not in NEUTRAL or value != NEUTRAL[name])}
-    if "temperature" not in chosen:
-        chosen = {name: value for name, value in chosen.items() if name not in FILTERS}
-    return chosen
+    check_name(name)
+    order = list(FACTORIES)
+    return "+".join(sorted(name.split("+"), key=order.index)) if "+" in name else name
 
 
-def engine_keywords(model: Model) -> set[str] | None:
-    """Keywords ``model.stream`` accepts; None when it takes any (``**kwargs``)."""
-    parameters = inspect.signature(model.stream).parameters.values()
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+def tenant_of(authorization: str | None) -> str | None:
+    """Who a request is, for prefix reuse: a digest of the key it presents (None: no key)."""
+    return None if authorization is None else hashlib.sha256(authorization.encode("latin-1")).hexdigest()
+
+
+def exposure_warning(host: str, api_keys: Sequence[str]) -> str | None:
+    """A one-line warning when ``host`` can be reached from other machines and no key is required."""
+    if api_keys:
         return None
-    return {p.name for p in parameters}
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if loopback:
+        return None
+    return (f"warning: serving on {host} without an API key: anyone who can reach it can use the model "
+            f"(set --api-key or ${API_KEY_ENV})")
 
 
-# ---------------------------------------------------------------- the app
+# ---------------------------------------------------------------- transport
 
 
 class _Guard:
-    """ASGI middleware: the API key on /v1 routes, then the body size limit, before any parsing."""
+    """ASGI middleware: the API key on every path but /health and /metrics, then the body size
+    limit, before any parsing."""
 
-    def __init__(self, app, api_key: str | None, max_body_bytes: int):
-        self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
+    def __init__(self, app, api_keys: Sequence[str], max_body_bytes: int):
+        self.app, self.max_body_bytes = app, max_body_bytes
+        self.expected = [f"Bearer {key}".encode() for key in api_keys]
+
+    def _authorized(self, scope) -> bool:
+        if not self.expected or scope["path"] in OPEN_PATHS:
+            return True
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        matches = [hmac.compare_digest(given, expected) for expected in self.expected]  # each, in constant time
+        return any(matches)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        if self.api_key and scope["path"].startswith("/v1"):
-            headers = dict(scope["headers"])
-            given = headers.get(b"authorization", b"").decode("latin-1")
-            if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
-                response = error_response(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
-                                          code="invalid_api_key")
-                return await response(scope, receive, send)
+        if not self._authorized(scope):
+            response = error_response(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
+                                      code="invalid_api_key")
+            return await response(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
             return await self._too_large(scope, receive, send)
@@ -243,99 +171,110 @@ class _Guard:
         await response(scope, receive, send)
 
 
+# ---------------------------------------------------------------- admission
+
+
 class _Service:
-    """State shared by the routes: the model, the scheduler and the server's defaults."""
+    """State shared by the routes: the model, the scheduler and the server's settings."""
 
-    def __init__(self, model: Model, served_name: str, drafter: str, max_tokens: int, max_queue: int):
-        self.model, self.served_name, self.drafter, self.max_tokens = model, served_name, drafter, max_tokens
+    def __init__(self, model: Model, served_name: str, drafter: str, drafters: Sequence[str], max_tokens: int,
+                 max_queue: int, prefix_reuse: bool, request_timeout: float | None):
+        self.model, self.served_name, self.max_tokens = model, served_name, max_tokens
+        self.drafter = canonical_drafter(drafter)
+        self.drafters = tuple(dict.fromkeys([self.drafter, *map(canonical_drafter, drafters)]))
         self.context = model.runner.max_positions
+        longest_token = max(map(len, model.tokenizer.get_vocab()), default=1)
+        self.max_prompt_chars = self.context * max(MIN_CHARS_PER_TOKEN, longest_token)
         self.created = int(time.time())
-        self._tokenizer = threading.Lock()  # a fast tokenizer must not encode and decode at once
-        self.scheduler = Scheduler(model, max_queue, self._decode)
-        self.keywords = engine_keywords(model)
+        self._encoding = threading.Lock()  # a fast tokenizer must not encode twice at once
+        decoder = copy.deepcopy(model.tokenizer)  # the generation thread's own: encoding never holds it up
+        self.scheduler = Scheduler(model, max_queue, lambda ids: decoder.decode(ids, skip_special_tokens=True),
+                                   prefix_reuse, request_timeout)
 
-    def _decode(self, token_ids: list[int]) -> str:
-        with self._tokenizer:
-            return self.model.decode(token_ids)
+    async def admit(self, endpoint: str, body: RequestBody, tenant: str | None) -> Job:
+        """Check a request, encode its prompt and queue it; raise ApiError if it cannot run.
 
-    def _encode(self, **kwargs) -> list[int]:
-        with self._tokenizer:
-            return self.model.encode(**kwargs)
-
-    # -------------------------------------------------------- checking a request
-
-    async def admit(self, endpoint: str, body: ChatRequest | CompletionRequest) -> Job:
-        """Check a request, encode its prompt and queue it; raise ApiError if it cannot run."""
+        Checks that need no tokenizer come first; the tokenizer runs off the event loop, while
+        the request holds a queue slot, so a flood of prompts gets 429s instead of a backlog.
+        """
         if body.model is not None and body.model != self.served_name:
             raise ApiError(404, f"the model {body.model!r} does not exist; this server has {self.served_name!r}",
                            "model", "model_not_found")
-        self._refuse_unsupported(body)
-        drafter = self.drafter if body.drafter is None else body.drafter
-        try:
-            check_name(drafter)
-        except ValueError as error:
-            raise ApiError(400, str(error), "drafter") from None
-        sampling = sampling_keywords({name: getattr(body, name) for name in (*NEUTRAL, "seed")})
-        if self.keywords is not None and (missing := [name for name in sampling if name not in self.keywords]):
-            given = ", ".join(f"{name}={sampling[name]}" for name in missing)
-            raise ApiError(400, f"sampling is not supported by this freespec version ({given}); "
-                           "send temperature 0 or leave it out for greedy decoding", missing[0])
+        _refuse_unsupported(body)
+        drafter = self._drafter(body.drafter)
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if len(stops) > 4 or not all(stops):
             raise ApiError(400, "stop: give at most 4 non-empty strings", "stop")
-        prompt_ids = await asyncio.to_thread(self._prompt_ids, body)
-        max_tokens = self._max_tokens(body, len(prompt_ids))
-        job = Job(endpoint, prompt_ids, max_tokens, drafter, stops, sampling)
+        self._check_prompt_size(body)
         try:
-            self.scheduler.submit(job)
+            self.scheduler.reserve()
         except QueueFull as error:
             raise ApiError(429, str(error), code="queue_full", headers={"Retry-After": str(error.retry_after)})
+        except Unavailable as error:
+            raise ApiError(503, str(error), code="unavailable") from None
+        try:
+            prompt_ids = await asyncio.to_thread(self._prompt_ids, body)
+            job = Job(uuid.uuid4().hex, endpoint, prompt_ids, self._max_tokens(body, len(prompt_ids)), drafter,
+                      stops, request_sampling(body), tenant)
+            self.scheduler.submit(job)
+        except Unavailable as error:
+            self.scheduler.release()
+            raise ApiError(503, str(error), code="unavailable") from None
+        except BaseException:
+            self.scheduler.release()
+            raise
         return job
 
-    @staticmethod
-    def _refuse_unsupported(body: ChatRequest | CompletionRequest) -> None:
-        checks = [("n", body.n in (None, 1), "only n=1 is supported"),
-                  ("presence_penalty", not body.presence_penalty, "presence_penalty is not supported (only 0)"),
-                  ("frequency_penalty", not body.frequency_penalty, "frequency_penalty is not supported (only 0)"),
-                  ("logit_bias", not body.logit_bias, "logit_bias is not supported")]
-        if isinstance(body, ChatRequest):
-            checks += [("logprobs", not body.logprobs, "logprobs are not supported"),
-                       ("top_logprobs", not body.top_logprobs, "top_logprobs are not supported")]
-        else:
-            checks += [("logprobs", body.logprobs is None, "logprobs are not supported"),
-                       ("echo", not body.echo, "echo is not supported"),
-                       ("best_of", body.best_of in (None, 1), "only best_of=1 is supported"),
-                       ("suffix", body.suffix is None, "suffix is not supported")]
-        for param, fine, message in checks:
-            if not fine:
-                raise ApiError(400, message, param)
+    def _drafter(self, asked: str | None) -> str:
+        if asked is None:
+            return self.drafter
+        try:
+            name = canonical_drafter(asked)
+        except ValueError:
+            name = None
+        if name not in self.drafters:
+            raise ApiError(400, f"drafter {asked!r} is not available; this server offers "
+                           f"{', '.join(self.drafters)} (its --drafters)", "drafter")
+        return name
 
-    def _prompt_ids(self, body: ChatRequest | CompletionRequest) -> list[int]:
+    def _check_prompt_size(self, body: RequestBody) -> None:
+        """Refuse a text prompt too long for the context before the tokenizer spends time on it."""
+        if isinstance(body, ChatRequest):
+            size = sum(len(message.text) for message in body.messages)
+        else:
+            prompts = body.prompt if isinstance(body.prompt, list) else [body.prompt]
+            size = sum(len(prompt) for prompt in prompts if isinstance(prompt, str))
+        if size > self.max_prompt_chars:
+            raise ApiError(400, f"the prompt has {size} characters; the model's context of {self.context} tokens "
+                           f"holds at most {self.max_prompt_chars}", prompt_param(body), "context_length_exceeded")
+
+    def _prompt_ids(self, body: RequestBody) -> list[int]:
         try:
             if isinstance(body, ChatRequest):
-                messages = [{"role": m.role, "content": m.content if isinstance(m.content, str)
-                             else "\n".join(part.text for part in m.content)} for m in body.messages]
-                return self._encode(messages=messages)
+                messages = [{"role": message.role, "content": message.text} for message in body.messages]
+                with self._encoding:
+                    return self.model.encode(messages=messages)
             prompt = body.prompt
             if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
                 if len(prompt) != 1:
                     raise ApiError(400, "one prompt per request", "prompt")
                 prompt = prompt[0]
             if isinstance(prompt, str):
-                return self._encode(prompt=prompt, chat=False)
+                with self._encoding:
+                    return self.model.encode(prompt=prompt, chat=False)
             vocab = self.model.runner.vocab_size
             if not prompt or not all(0 <= token < vocab for token in prompt):
                 raise ApiError(400, f"prompt: token ids must be a non-empty list of integers in [0, {vocab})",
                                "prompt")
             return list(prompt)
         except (ValueError, jinja2.TemplateError) as error:
-            param = "messages" if isinstance(body, ChatRequest) else "prompt"
+            param = prompt_param(body)
             raise ApiError(400, f"{param}: {error}", param) from None
 
-    def _max_tokens(self, body: ChatRequest | CompletionRequest, prompt_tokens: int) -> int:
+    def _max_tokens(self, body: RequestBody, prompt_tokens: int) -> int:
         if prompt_tokens >= self.context:
             raise ApiError(400, f"the prompt has {prompt_tokens} tokens; the model's context is {self.context}",
-                           "messages" if isinstance(body, ChatRequest) else "prompt", "context_length_exceeded")
+                           prompt_param(body), "context_length_exceeded")
         asked = body.max_tokens
         if isinstance(body, ChatRequest) and body.max_completion_tokens is not None:
             asked = body.max_completion_tokens
@@ -347,76 +286,50 @@ class _Service:
         return asked
 
 
+def _refuse_unsupported(body: RequestBody) -> None:
+    checks = [("n", body.n in (None, 1), "only n=1 is supported"),
+              ("presence_penalty", not body.presence_penalty, "presence_penalty is not supported (only 0)"),
+              ("frequency_penalty", not body.frequency_penalty, "frequency_penalty is not supported (only 0)"),
+              ("logit_bias", not body.logit_bias, "logit_bias is not supported")]
+    if isinstance(body, ChatRequest):
+        checks += [("logprobs", not body.logprobs, "logprobs are not supported"),
+                   ("top_logprobs", not body.top_logprobs, "top_logprobs are not supported")]
+    else:
+        checks += [("logprobs", body.logprobs is None, "logprobs are not supported"),
+                   ("echo", not body.echo, "echo is not supported"),
+                   ("best_of", body.best_of in (None, 1), "only best_of=1 is supported"),
+                   ("suffix", body.suffix is None, "suffix is not supported")]
+    for param, fine, message in checks:
+        if not fine:
+            raise ApiError(400, message, param)
+
+
+# ---------------------------------------------------------------- routes
+
+
 async def _watch_disconnect(request: Request, job: Job) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
     job.cancel()
 
 
-def _usage(finished: Finished) -> dict:
-    stats = finished.stats
-    return {
-        "prompt_tokens": stats.prompt_tokens,
-        "completion_tokens": stats.new_tokens,
-        "total_tokens": stats.prompt_tokens + stats.new_tokens,
-        "prompt_tokens_details": {"cached_tokens": stats.cached_tokens},
-        "speculative": {
-            "drafter": finished.drafter,
-            "forward_passes": stats.forward_passes,
-            "mean_accepted_length": round(stats.mean_accepted, 4),
-            "draft_tokens": sum(stats.draft_sizes),
-            "accepted_per_position": accepted_per_position(stats.accepted_lengths),
-            "prefill_seconds": round(stats.prefill_seconds, 4),
-            "decode_seconds": round(stats.decode_seconds, 4),
-        },
-    }
+def create_app(model: Model, *, served_name: str | None = None, drafter: str = "recycling",
+               drafters: Sequence[str] = ("none",), max_tokens: int = 256, max_queue: int = 64,
+               api_keys: Sequence[str] = (), max_body_bytes: int = 1 << 20, prefix_reuse: bool = True,
+               request_timeout: float | None = None) -> FastAPI:
+    """The ASGI app serving ``model``; its generation thread runs while the app's lifespan does.
 
-
-class _Reply:
-    """Shapes one request's answer as OpenAI does, for either endpoint, whole or in chunks."""
-
-    def __init__(self, endpoint: str, model: str):
-        self.chat = endpoint == "chat"
-        self.id = ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex
-        self.created = int(time.time())
-        self.model = model
-
-    def _envelope(self, choices: list[dict], chunk: bool) -> dict:
-        kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
-
-    def whole(self, finished: Finished) -> dict:
-        if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": finished.text}, "logprobs": None,
-                      "finish_reason": finished.finish_reason}
-        else:
-            choice = {"index": 0, "text": finished.text, "logprobs": None, "finish_reason": finished.finish_reason}
-        return {**self._envelope([choice], chunk=False), "usage": _usage(finished)}
-
-    def chunk(self, text: str | None = None, finish_reason: str | None = None, role: bool = False) -> str:
-        if self.chat:
-            delta = {"role": "assistant", "content": ""} if role else {} if text is None else {"content": text}
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-        else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
-        return _sse(self._envelope([choice], chunk=True))
-
-    def usage_chunk(self, finished: Finished) -> str:
-        return _sse({**self._envelope([], chunk=True), "usage": _usage(finished)})
-
-
-def _sse(data: dict | str) -> str:
-    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
-
-
-def create_app(model: Model, *, served_name: str | None = None, drafter: str = "recycling", max_tokens: int = 256,
-               max_queue: int = 64, api_key: str | None = None, max_body_bytes: int = 1 << 20) -> FastAPI:
-    """The ASGI app serving ``model``; its generation thread runs while the app's lifespan does."""
-    check_name(drafter)
-    for name, value in (("max_tokens", max_tokens), ("max_queue", max_queue), ("max_body_bytes", max_body_bytes)):
-        if value <= 0:
+    ``drafters``: the drafters a request may name besides ``drafter`` (each is built once and kept).
+    ``api_keys``: any of them opens the API; each key is a tenant of its own. ``prefix_reuse``:
+    let a request reuse the prompt rows its tenant's previous request left. ``request_timeout``:
+    seconds from arrival after which a request is stopped (504), queueing and prefill included.
+    """
+    for name, value in (("max_tokens", max_tokens), ("max_queue", max_queue), ("max_body_bytes", max_body_bytes),
+                        ("request_timeout", request_timeout)):
+        if value is not None and value <= 0:
             raise ValueError(f"{name} must be positive, got {value}")
-    service = _Service(model, served_name or model.name, drafter, max_tokens, max_queue)
+    service = _Service(model, served_name or model.name, drafter, drafters, max_tokens, max_queue, prefix_reuse,
+                       request_timeout)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -427,12 +340,13 @@ def create_app(model: Model, *, served_name: str | None = None, drafter: str = "
     app = FastAPI(title="freespec", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible completions with lossless speculative decoding.")
     app.state.service = service
+    metrics = service.scheduler.metrics
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, error: RequestValidationError):
-        message, param = _validation_message(error.errors()[0])
+        message, param = validation_message(error.errors()[0])
         endpoint = "chat" if request.url.path.endswith("chat/completions") else "completions"
-        service.scheduler.metrics.requests.inc(endpoint=endpoint, status="invalid")
+        metrics.requests.inc(endpoint=endpoint, status="invalid")
         return error_response(400, message, param)
 
     @app.exception_handler(StarletteHTTPException)
@@ -440,17 +354,19 @@ def create_app(model: Model, *, served_name: str | None = None, drafter: str = "
         return error_response(error.status_code, str(error.detail), headers=getattr(error, "headers", None))
 
     @app.exception_handler(Exception)
-    async def fault(_request: Request, error: Exception):
-        return error_response(500, f"internal error: {type(error).__name__}: {error}")
+    async def fault(request: Request, error: Exception):
+        request_id = uuid.uuid4().hex
+        log.error("request %s (%s %s) failed", request_id, request.method, request.url.path,
+                  exc_info=(type(error), error, error.__traceback__))
+        return error_response(500, f"internal error (request {request_id}); the server log has the details")
 
-    async def answer(endpoint: str, body: ChatRequest | CompletionRequest, request: Request) -> Response:
-        metrics = service.scheduler.metrics
+    async def answer(endpoint: str, body: RequestBody, request: Request) -> Response:
         try:
-            job = await service.admit(endpoint, body)
+            job = await service.admit(endpoint, body, tenant_of(request.headers.get("authorization")))
         except ApiError as error:
-            metrics.requests.inc(endpoint=endpoint, status="rejected" if error.status == 429 else "invalid")
-            return error_response(error.status, error.message, error.param, error.code, error.headers)
-        reply = _Reply(endpoint, service.served_name)
+            metrics.requests.inc(endpoint=endpoint, status="rejected" if error.status in (429, 503) else "invalid")
+            return error.response()
+        reply = Reply(endpoint, job.id, service.served_name)
         watcher = asyncio.create_task(_watch_disconnect(request, job))
         try:
             event = await job.events.get()
@@ -461,7 +377,7 @@ def create_app(model: Model, *, served_name: str | None = None, drafter: str = "
             while isinstance(event, (Started, Delta)):
                 event = await job.events.get()
         except asyncio.CancelledError:  # the server is stopping
-            job.cancel()
+            job.cancel("shutdown")
             raise
         finally:
             watcher.cancel()
@@ -471,7 +387,7 @@ def create_app(model: Model, *, served_name: str | None = None, drafter: str = "
             return error_response(CLIENT_CLOSED, "the client closed the connection")
         return JSONResponse(reply.whole(event))
 
-    async def _stream(job: Job, reply: _Reply, include_usage: bool) -> AsyncIterator[str]:
+    async def _stream(job: Job, reply: Reply, include_usage: bool) -> AsyncIterator[str]:
         try:
             if reply.chat:
                 yield reply.chunk(role=True)
@@ -485,10 +401,9 @@ def create_app(model: Model, *, served_name: str | None = None, drafter: str = "
                         yield reply.usage_chunk(event)
                     break
                 elif isinstance(event, Failed):
-                    yield _sse({"error": {"message": event.message, "type": "server_error", "param": None,
-                                          "code": None}})
+                    yield sse(error_body(event.status, event.message))
                     break
-            yield _sse("[DONE]")
+            yield sse("[DONE]")
         finally:
             job.cancel()  # the client left (or we are done): stop generating for it
 
@@ -514,17 +429,36 @@ def create_app(model: Model, *, served_name: str | None = None, drafter: str = "
             return error_response(404, f"the model {model_id!r} does not exist", "model", "model_not_found")
         return JSONResponse(model_card())
 
-    @app.get("/health", summary="Liveness")
-    async def health() -> dict:
-        return {"status": "ok", "queue_depth": service.scheduler.depth}
+    @app.get("/health", summary="Liveness: 503 when no request can be served")
+    async def health() -> JSONResponse:
+        scheduler = service.scheduler
+        if scheduler.alive:
+            return JSONResponse({"status": "ok", "queue_depth": scheduler.depth})
+        return JSONResponse({"status": "unavailable", "queue_depth": scheduler.depth,
+                             "reason": "the generation thread is not running"}, status_code=503)
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
-    async def metrics() -> PlainTextResponse:
-        return PlainTextResponse(service.scheduler.metrics.registry.render(),
-                                 media_type="text/plain; version=0.0.4")
+    async def metrics_text() -> PlainTextResponse:
+        return PlainTextResponse(metrics.registry.render(), media_type="text/plain; version=0.0.4")
 
-    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes)
+    app.add_middleware(_Guard, api_keys=tuple(api_keys), max_body_bytes=max_body_bytes)
     return app
+
+
+# ---------------------------------------------------------------- running it
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, ending every open answer at once when it stops (a stream gets an error event and
+    ``[DONE]``), instead of waiting out the graceful timeout and then cancelling them mid-send."""
+
+    def __init__(self, app: FastAPI, **config):
+        super().__init__(uvicorn.Config(app, timeout_graceful_shutdown=5, **config))
+        self._scheduler: Scheduler = app.state.service.scheduler
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self._scheduler.close()
+        await super().shutdown(sockets)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -540,17 +474,15 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def serve(model: Model, *, host: str = DEFAULT_HOST, port: int = 8000, log_level: str = "info", **options) -> None:
-    """Warm the default drafter (its costs are measured once per machine), then serve until interrupted.
+    """Build every allowed drafter (the costs are measured once per machine), then serve until interrupted.
 
-    Raises OSError when ``host:port`` cannot be bound.
+    Raises ValueError when a drafter cannot be built, OSError when ``host:port`` cannot be bound.
     """
-    import uvicorn
-
     app = create_app(model, **options)
+    for name in app.state.service.drafters:
+        model.drafter(name)
     sock = bind(host, port)
-    model.drafter(app.state.service.drafter)
-    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)
-    uvicorn.Server(config).run(sockets=[sock])
+    _Server(app, log_level=log_level).run(sockets=[sock])
 
 
 class BackgroundServer:
@@ -561,11 +493,9 @@ class BackgroundServer:
     """
 
     def __init__(self, app: FastAPI, host: str = DEFAULT_HOST, port: int = 0):
-        import uvicorn
-
         self._socket = bind(host, port)
         self.url = f"http://{host}:{self._socket.getsockname()[1]}"
-        self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+        self._server = _Server(app, log_level="warning")
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]},
                                         name="freespec-server", daemon=True)
 
@@ -578,7 +508,11 @@ class BackgroundServer:
             time.sleep(0.01)
         return self.url
 
-    def __exit__(self, *exc_info) -> None:
+    def stop(self) -> None:
+        """Stop as Ctrl-C stops ``freespec serve``: open answers end at once, then the thread."""
         self._server.should_exit = True
         self._thread.join(timeout=30)
         self._socket.close()
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()

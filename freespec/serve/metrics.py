@@ -1,4 +1,5 @@
-"""Prometheus counters, gauges and histograms for the server, in the text exposition format.
+"""What ``GET /metrics`` shows (:class:`ServerMetrics`), and the Prometheus counters, gauges and
+histograms it is made of, in the text exposition format.
 
 Hand-written rather than a dependency: the server needs three metric kinds, thread-safe updates
 (the generation thread and the event loop both write) and one ``render()``.
@@ -18,6 +19,8 @@ import bisect
 import math
 import threading
 from typing import Callable
+
+from freespec.engine.loop import GenerationStats
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
@@ -179,3 +182,65 @@ class Registry:
                     body = family.lines()
             lines += family.header() + body
         return "\n".join(lines) + "\n"
+
+
+def accepted_per_position(accepted_lengths: list[int]) -> list[int]:
+    """How many passes accepted a draft token at depth 1, 2, ... (the bonus token is not a draft).
+
+    >>> accepted_per_position([1, 3, 2, 1])
+    [2, 1]
+    """
+    depth = max(accepted_lengths, default=1) - 1
+    return [sum(1 for length in accepted_lengths if length - 1 >= d) for d in range(1, depth + 1)]
+
+
+class ServerMetrics:
+    """The server's metrics. Token and pass counters are labelled by drafter (a set fixed at start)."""
+
+    def __init__(self, depth: Callable[[], int], running: Callable[[], int]):
+        self.registry = registry = Registry()
+        self.requests = registry.counter(
+            "freespec_requests_total", "Requests by endpoint and outcome: success, cancelled (the client "
+            "left, or the server stopped), timeout (past --request-timeout), invalid (4xx), rejected (429: "
+            "queue full; 503: not serving), error (5xx).", ("endpoint", "status"))
+        self.prompt_tokens = registry.counter("freespec_prompt_tokens_total", "Prompt tokens of admitted requests.",
+                                              ("drafter",))
+        self.cached_tokens = registry.counter("freespec_prompt_tokens_cached_total", "Prompt tokens whose cache "
+                                              "rows an earlier request left (not prefilled).", ("drafter",))
+        self.generated = registry.counter("freespec_generation_tokens_total", "Tokens generated.", ("drafter",))
+        self.passes = registry.counter("freespec_forward_passes_total",
+                                       "Verification forward passes (prefill excluded).", ("drafter",))
+        self.drafted = registry.counter("freespec_draft_tokens_total", "Draft tokens verified.", ("drafter",))
+        self.accepted = registry.counter(
+            "freespec_accepted_tokens_total", "Draft tokens accepted at each depth of the draft "
+            "(position 1 is the first token after the verified root).", ("drafter", "position"))
+        registry.gauge("freespec_mean_accepted_length", "Tokens per forward pass since start, bonus "
+                       "token included (plain decoding: 1).", self._mean_accepted, ("drafter",))
+        registry.gauge("freespec_queue_depth", "Requests admitted and waiting for the model (being tokenized "
+                       "or queued).", lambda: {(): depth()})
+        registry.gauge("freespec_requests_running", "Requests on the model (0 or 1).", lambda: {(): running()})
+        self.queue_wait = registry.histogram("freespec_queue_wait_seconds", "Time from arrival to the start of "
+                                             "generation.")
+        self.first_token = registry.histogram("freespec_time_to_first_token_seconds",
+                                              "Time from arrival to the first generated text.")
+        self.latency = registry.histogram("freespec_request_duration_seconds",
+                                          "Time from arrival to the last token, by endpoint.", ("endpoint",))
+        self._drafters: set[str] = set()
+
+    def _mean_accepted(self) -> dict[tuple[str, ...], float]:
+        means = {}
+        for drafter in sorted(self._drafters):
+            passes = self.passes.value(drafter=drafter)
+            if passes:
+                means[(drafter,)] = self.generated.value(drafter=drafter) / passes
+        return means
+
+    def record(self, drafter: str, stats: GenerationStats) -> None:
+        self._drafters.add(drafter)
+        self.prompt_tokens.inc(stats.prompt_tokens, drafter=drafter)
+        self.cached_tokens.inc(stats.cached_tokens, drafter=drafter)
+        self.generated.inc(stats.new_tokens, drafter=drafter)
+        self.passes.inc(stats.forward_passes, drafter=drafter)
+        self.drafted.inc(sum(stats.draft_sizes), drafter=drafter)
+        for position, count in enumerate(accepted_per_position(stats.accepted_lengths), 1):
+            self.accepted.inc(count, drafter=drafter, position=position)

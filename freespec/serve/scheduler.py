@@ -3,8 +3,13 @@
 A :class:`~freespec.api.Model` owns one KV cache, so requests run one after another on a single
 thread, off the event loop. Each :class:`Job` carries an asyncio queue that receives its events
 (``Started``, text ``Delta``s, then exactly one ``Finished`` or ``Failed``), posted thread-safely
-to the loop that submitted it. A job whose client went away is cancelled: the thread stops its
-generation at the next chunk, or skips it if it has not started.
+to the loop that submitted it.
+
+Admission takes a queue slot (:meth:`Scheduler.reserve`) before the prompt is tokenized, so
+requests being tokenized count against ``max_queue`` too. A job stops at the next prefill chunk or
+decoded chunk once its client leaves, its deadline passes or the server closes; one that has not
+started is skipped. The cache rows a request leaves are reused only by the next request of the
+same tenant (API key), so nothing of one client's prompt shows in another's ``cached_tokens``.
 """
 
 from __future__ import annotations
@@ -20,10 +25,13 @@ from typing import Callable
 
 from freespec.api import Model
 from freespec.engine.loop import GenerationStats
-from freespec.serve.metrics import Registry
+from freespec.model.runner import PrefillCancelled
+from freespec.serve.metrics import ServerMetrics
 from freespec.serve.textstream import TextStream
 
 log = logging.getLogger(__name__)
+
+SHUTTING_DOWN = "the server is shutting down"
 
 
 @dataclass
@@ -47,7 +55,7 @@ class Finished:
 
 @dataclass
 class Failed:
-    status: int  # 400: the engine refused the request; 500: a fault in freespec
+    status: int  # 400: the engine refused the request; 500: a fault in freespec; 503: stopping; 504: too late
     message: str
 
 
@@ -56,25 +64,39 @@ Event = Started | Delta | Finished | Failed
 
 @dataclass
 class Job:
-    """One admitted request. ``sampling`` holds the engine's sampling keywords, already checked."""
+    """One admitted request. ``sampling`` holds the engine's sampling keywords, already checked;
+    ``tenant`` names whose prompt rows it may reuse; ``deadline`` is a ``time.perf_counter()`` time."""
 
+    id: str
     endpoint: str
     prompt_ids: list[int]
     max_tokens: int
     drafter: str
     stops: list[str] = field(default_factory=list)
     sampling: dict = field(default_factory=dict)
+    tenant: str | None = None
+    deadline: float | None = None
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     loop: asyncio.AbstractEventLoop | None = None
     arrived: float = field(default_factory=time.perf_counter)
+    stop_reason: str | None = None  # why it was cancelled: "client" (left) or "shutdown"
     _cancelled: threading.Event = field(default_factory=threading.Event)
 
-    def cancel(self) -> None:
-        self._cancelled.set()
+    def cancel(self, reason: str = "client") -> None:
+        if not self._cancelled.is_set():
+            self.stop_reason = reason
+            self._cancelled.set()
 
     @property
     def cancelled(self) -> bool:
         return self._cancelled.is_set()
+
+    @property
+    def expired(self) -> bool:
+        return self.deadline is not None and time.perf_counter() > self.deadline
+
+    def should_stop(self) -> bool:
+        return self.cancelled or self.expired
 
     def post(self, event: Event) -> None:
         try:
@@ -91,128 +113,146 @@ class QueueFull(Exception):
         self.retry_after = retry_after
 
 
-class ServerMetrics:
-    """What ``GET /metrics`` shows. Token and pass counters are labelled by drafter."""
-
-    def __init__(self, depth: Callable[[], int], running: Callable[[], int]):
-        self.registry = registry = Registry()
-        self.requests = registry.counter(
-            "freespec_requests_total", "Requests by endpoint and outcome: success, cancelled (the client "
-            "left), invalid (4xx), rejected (429, queue full), error (5xx).", ("endpoint", "status"))
-        self.prompt_tokens = registry.counter("freespec_prompt_tokens_total", "Prompt tokens of admitted requests.",
-                                              ("drafter",))
-        self.cached_tokens = registry.counter("freespec_prompt_tokens_cached_total", "Prompt tokens whose cache "
-                                              "rows an earlier request left (not prefilled).", ("drafter",))
-        self.generated = registry.counter("freespec_generation_tokens_total", "Tokens generated.", ("drafter",))
-        self.passes = registry.counter("freespec_forward_passes_total",
-                                       "Verification forward passes (prefill excluded).", ("drafter",))
-        self.drafted = registry.counter("freespec_draft_tokens_total", "Draft tokens verified.", ("drafter",))
-        self.accepted = registry.counter(
-            "freespec_accepted_tokens_total", "Draft tokens accepted at each depth of the draft "
-            "(position 1 is the first token after the verified root).", ("drafter", "position"))
-        registry.gauge("freespec_mean_accepted_length", "Tokens per forward pass since start, bonus "
-                       "token included (plain decoding: 1).", self._mean_accepted, ("drafter",))
-        registry.gauge("freespec_queue_depth", "Requests waiting for the model.", lambda: {(): depth()})
-        registry.gauge("freespec_requests_running", "Requests on the model (0 or 1).", lambda: {(): running()})
-        self.queue_wait = registry.histogram("freespec_queue_wait_seconds", "Time from arrival to the start of "
-                                             "generation.")
-        self.first_token = registry.histogram("freespec_time_to_first_token_seconds",
-                                              "Time from arrival to the first generated text.")
-        self.latency = registry.histogram("freespec_request_duration_seconds",
-                                          "Time from arrival to the last token, by endpoint.", ("endpoint",))
-        self._drafters: set[str] = set()
-
-    def _mean_accepted(self) -> dict[tuple[str, ...], float]:
-        means = {}
-        for drafter in sorted(self._drafters):
-            passes = self.passes.value(drafter=drafter)
-            if passes:
-                means[(drafter,)] = self.generated.value(drafter=drafter) / passes
-        return means
-
-    def record(self, drafter: str, stats: GenerationStats) -> None:
-        self._drafters.add(drafter)
-        self.prompt_tokens.inc(stats.prompt_tokens, drafter=drafter)
-        self.cached_tokens.inc(stats.cached_tokens, drafter=drafter)
-        self.generated.inc(stats.new_tokens, drafter=drafter)
-        self.passes.inc(stats.forward_passes, drafter=drafter)
-        self.drafted.inc(sum(stats.draft_sizes), drafter=drafter)
-        for position, count in enumerate(accepted_per_position(stats.accepted_lengths), 1):
-            self.accepted.inc(count, drafter=drafter, position=position)
-
-
-def accepted_per_position(accepted_lengths: list[int]) -> list[int]:
-    """How many passes accepted a draft token at depth 1, 2, ... (the bonus token is not a draft).
-
-    >>> accepted_per_position([1, 3, 2, 1])
-    [2, 1]
-    """
-    depth = max(accepted_lengths, default=1) - 1
-    return [sum(1 for length in accepted_lengths if length - 1 >= d) for d in range(1, depth + 1)]
+class Unavailable(Exception):
+    """The server takes no more requests: it is shutting down, or its generation thread has died."""
 
 
 class Scheduler:
-    """Runs jobs FIFO on one thread; at most ``max_queue`` wait behind the running one."""
+    """Runs jobs FIFO on one thread; at most ``max_queue`` wait (tokenizing or queued) behind the running one.
 
-    def __init__(self, model: Model, max_queue: int, decode: Callable[[list[int]], str]):
+    ``prefix_reuse``: let a request reuse the cache rows the previous one left when both come from
+    the same tenant (off: every request prefills its whole prompt). ``request_timeout``: seconds
+    from arrival after which a job is stopped and fails with 504 (None: no deadline).
+    """
+
+    def __init__(self, model: Model, max_queue: int, decode: Callable[[list[int]], str],
+                 prefix_reuse: bool = True, request_timeout: float | None = None):
         self.model = model
         self._decode = decode
-        self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
+        self.max_queue = max_queue
+        self.prefix_reuse = prefix_reuse
+        self.request_timeout = request_timeout
+        self._queue: queue.Queue[Job | None] = queue.Queue()  # bounded by the slots
+        self._lock = threading.Lock()
+        self._waiting = 0  # slots taken: jobs being tokenized or queued
+        self._closed: str | None = None  # why no more requests are taken
         self._running = 0
         self._current: Job | None = None
+        self._cache_tenant: object = object()  # whose prompt rows the model's cache holds (none yet)
         self._recent_seconds = 1.0  # moving mean of request time, for Retry-After
-        self.metrics = ServerMetrics(self._queue.qsize, lambda: self._running)
+        self.metrics = ServerMetrics(lambda: self.depth, lambda: self._running)
         self._thread = threading.Thread(target=self._loop, name="freespec-generation", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self) -> None:
-        """Cancel what waits, let the running job see its cancellation, and end the thread."""
-        if (current := self._current) is not None:
-            current.cancel()
+    @property
+    def alive(self) -> bool:
+        """Whether the generation thread runs (False before start, after stop, or if it died)."""
+        return self._thread.is_alive()
+
+    @property
+    def depth(self) -> int:
+        return self._waiting
+
+    # -------------------------------------------------------- admission
+
+    def reserve(self) -> None:
+        """Take a queue slot for a request about to be tokenized; raise QueueFull or Unavailable."""
+        with self._lock:
+            if self._closed is not None or not self.alive:
+                raise Unavailable(self._closed or "the generation thread is not running")
+            if self._waiting >= self.max_queue:
+                depth = self._waiting + self._running
+                raise QueueFull(max(1, min(60, math.ceil(depth * self._recent_seconds))))
+            self._waiting += 1
+
+    def release(self) -> None:
+        """Give back a slot whose request will not be submitted."""
+        with self._lock:
+            self._waiting -= 1
+
+    def submit(self, job: Job) -> None:
+        """Queue a job whose slot :meth:`reserve` took (it is freed when the job starts)."""
+        job.loop = asyncio.get_running_loop()
+        if self.request_timeout is not None:
+            job.deadline = job.arrived + self.request_timeout
+        with self._lock:
+            if self._closed is not None:
+                raise Unavailable(self._closed)
+            self._queue.put(job)
+
+    # -------------------------------------------------------- stopping
+
+    def close(self, reason: str = SHUTTING_DOWN) -> None:
+        """Take no more requests and end every waiting and running one now with a 503 (a stream
+        gets an error event), so that connections finish instead of holding up a shutdown."""
+        with self._lock:
+            self._closed = self._closed or reason
+            if (current := self._current) is not None:
+                current.cancel("shutdown")  # the thread ends it at its next chunk
         while True:
             try:
                 job = self._queue.get_nowait()
             except queue.Empty:
                 break
             if job is not None:
-                job.cancel()
-                job.post(Failed(503, "the server is shutting down"))
+                self.release()
+                job.cancel("shutdown")
+                self._end(job, Failed(503, self._closed))
+
+    def stop(self) -> None:
+        """Close, then end the thread."""
+        self.close()
         self._queue.put(None)
         self._thread.join(timeout=30)
 
-    def submit(self, job: Job) -> None:
-        job.loop = asyncio.get_running_loop()
-        try:
-            self._queue.put_nowait(job)
-        except queue.Full:
-            depth = self._queue.qsize() + self._running
-            raise QueueFull(max(1, min(60, math.ceil(depth * self._recent_seconds)))) from None
-
-    @property
-    def depth(self) -> int:
-        return self._queue.qsize()
+    # -------------------------------------------------------- the generation thread
 
     def _loop(self) -> None:
-        while (job := self._queue.get()) is not None:
-            if job.cancelled:
-                end = Finished("", [], "cancelled", GenerationStats(prompt_tokens=len(job.prompt_ids)), job.drafter)
-            else:
-                self._running, self._current = 1, job
-                try:
-                    end = self._run(job)
-                except Exception as error:  # a fault in freespec: report it, keep serving
-                    log.exception("generation failed")
-                    end = Failed(500, f"internal error: {type(error).__name__}: {error}")
-                finally:
-                    self._running, self._current = 0, None
-            self._count(job, end)
-            job.post(end)  # last, so a client that has its answer sees it counted
+        job = None
+        try:
+            while (job := self._queue.get()) is not None:
+                self.release()
+                self._end(job, self._serve(job))
+        except BaseException:  # not a request's fault (those end in _serve): the thread cannot go on
+            log.critical("the generation thread stopped", exc_info=True)
+            if job is not None:
+                self._end(job, _internal_error(job))
+            self.close("the generation thread has stopped; restart the server (its log says why)")
 
-    def _count(self, job: Job, end: Finished | Failed) -> None:
+    def _serve(self, job: Job) -> Finished | Failed:
+        """Run one job unless it is already over; return the event that ends it."""
+        with self._lock:
+            if self._closed is not None:
+                job.cancel("shutdown")
+            elif not job.should_stop():
+                self._running, self._current = 1, job
+        if self._current is not job:
+            skipped = GenerationStats(prompt_tokens=len(job.prompt_ids))
+            return self._stopped(job) or Finished("", [], "cancelled", skipped, job.drafter)
+        try:
+            return self._run(job)
+        except Exception:  # a fault in freespec: report it, keep serving
+            log.exception("request %s failed", job.id)
+            return _internal_error(job)
+        finally:
+            with self._lock:
+                self._running, self._current = 0, None
+
+    def _stopped(self, job: Job) -> Failed | None:
+        """The failure that ends a job stopped by the server, None when it ended otherwise."""
+        if job.stop_reason == "shutdown":
+            return Failed(503, self._closed or SHUTTING_DOWN)
+        if not job.cancelled and job.expired:
+            return Failed(504, f"the request took longer than the server's request timeout of "
+                               f"{self.request_timeout:g} s")
+        return None
+
+    def _end(self, job: Job, end: Finished | Failed) -> None:
+        """Count a job's outcome, then tell its client (last, so a client that has its answer sees it counted)."""
         if isinstance(end, Failed):
-            status = "invalid" if end.status < 500 else "error"
+            status = {503: "cancelled", 504: "timeout"}.get(end.status, "invalid" if end.status < 500 else "error")
         else:
             status = "cancelled" if end.finish_reason == "cancelled" else "success"
         self.metrics.requests.inc(endpoint=job.endpoint, status=status)
@@ -220,12 +260,24 @@ class Scheduler:
             elapsed = time.perf_counter() - job.arrived
             self.metrics.latency.observe(elapsed, endpoint=job.endpoint)
             self._recent_seconds = 0.8 * self._recent_seconds + 0.2 * elapsed
+        job.post(end)
+
+    def _switch_tenant(self, job: Job) -> None:
+        """Drop the cache rows the previous request left unless it came from ``job``'s tenant, so
+        that cached_tokens and prefill time say nothing of another client's prompt."""
+        if job.tenant != self._cache_tenant:
+            for runner in (self.model.runner, self.model.draft_runner):
+                if runner is not None:
+                    runner.reset(0)
+            self._cache_tenant = job.tenant
 
     def _run(self, job: Job) -> Finished | Failed:
         """Generate one job, posting its progress; return the event that ends it."""
+        self._switch_tenant(job)
         try:
             generation = self.model.stream(prompt_ids=job.prompt_ids, max_new_tokens=job.max_tokens,
-                                           drafter=job.drafter, **job.sampling)
+                                           drafter=job.drafter, reuse_prefix=self.prefix_reuse,
+                                           should_stop=job.should_stop, **job.sampling)
         except ValueError as error:
             return Failed(400, str(error))
         waited = time.perf_counter() - job.arrived
@@ -242,12 +294,21 @@ class Scheduler:
                         self.metrics.first_token.observe(time.perf_counter() - job.arrived)
                         first = False
                     job.post(Delta(delta))
-                if text.stopped or job.cancelled:
+                if text.stopped or job.should_stop():
                     break
+        except PrefillCancelled:
+            pass  # job.should_stop() said so
         finally:
             chunks.close()  # ends the generation where it is
+        self.metrics.record(job.drafter, generation.stats)
+        if stopped := self._stopped(job):
+            return stopped
         if not text.stopped and (delta := text.finish()):
             job.post(Delta(delta))
-        self.metrics.record(job.drafter, generation.stats)
         reason = "cancelled" if job.cancelled else "stop" if text.stopped else generation.finish_reason
         return Finished(text.text, generation.token_ids, reason, generation.stats, job.drafter)
+
+
+def _internal_error(job: Job) -> Failed:
+    """What a client learns of a fault: the request id to find it in the log, never the exception."""
+    return Failed(500, f"internal error (request {job.id}); the server log has the details")

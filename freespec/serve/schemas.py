@@ -1,0 +1,225 @@
+"""What crosses the wire: request bodies (checked strictly), OpenAI-shaped answers and errors.
+
+Every client mistake is a 4xx with OpenAI's error body, ``{"error": {"message", "type", "param",
+"code"}}``. Besides OpenAI's fields, a request may name a ``drafter`` and the sampling options
+``top_k``, ``min_p`` and ``repetition_penalty``; sampling keywords reach the engine only when a
+request sets them to values that change the output.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Literal
+
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from freespec.serve.metrics import accepted_per_position
+from freespec.serve.scheduler import Finished
+
+# ---------------------------------------------------------------- request bodies
+
+SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.Generator.manual_seed takes
+
+
+class _Strict(BaseModel):
+    """Wrong types are errors, not coerced ("5" is not 5); unknown fields are refused by name."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool | None = None
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class Message(_Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    @property
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "\n".join(part.text for part in self.content)
+
+
+class _Options(_Strict):
+    """Fields both endpoints take. ``None`` means "not sent"."""
+
+    model: str | None = Field(None, description="the served model id (GET /v1/models); optional")
+    max_tokens: int | None = Field(None, ge=1, description="most tokens to generate (default: the server's "
+                                   "--max-tokens, cut to the context left)")
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = Field(None, description="up to 4 strings; the answer ends before the first")
+    n: int | None = Field(None, ge=1, description="only 1")
+    temperature: float | None = Field(None, ge=0, le=2, description="0 (the default here) is greedy; at most 2")
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0, description="0: off (freespec extension)")
+    min_p: float | None = Field(None, ge=0, le=1, description="freespec extension")
+    repetition_penalty: float | None = Field(None, gt=0, description="1: off (freespec extension)")
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
+    presence_penalty: float | None = Field(None, ge=-2, le=2, description="only 0")
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, description="only 0")
+    logit_bias: dict[str, float] | None = Field(None, description="only empty")
+    user: str | None = None
+    drafter: str | None = Field(None, description="freespec extension: one of the server's --drafters "
+                                "(default: its --drafter)")
+
+
+class ChatRequest(_Options):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1, description="same as max_tokens")
+    logprobs: bool | None = Field(None, description="only false")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="not supported")
+
+
+class CompletionRequest(_Options):
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="one prompt: text, or token ids (a list of one of either is accepted too)")
+    echo: bool | None = Field(None, description="only false")
+    logprobs: int | None = Field(None, ge=0, le=5, description="not supported")
+    best_of: int | None = Field(None, ge=1, description="only 1")
+    suffix: str | None = Field(None, description="not supported")
+
+
+RequestBody = ChatRequest | CompletionRequest
+
+
+def prompt_param(body: RequestBody) -> str:
+    """The field that holds a request's prompt, for errors about it."""
+    return "messages" if isinstance(body, ChatRequest) else "prompt"
+
+
+# ---------------------------------------------------------------- sampling options
+
+NEUTRAL = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
+FILTERS = ("top_p", "top_k", "min_p", "seed")  # keep the most likely token: cannot change greedy output
+
+
+def sampling_keywords(options: dict[str, Any]) -> dict[str, Any]:
+    """The engine keywords a request needs: only values that change the output.
+
+    >>> sampling_keywords({"temperature": 0.0, "top_p": 0.9, "seed": 3})
+    {}
+    >>> sampling_keywords({"temperature": 0.7, "top_p": 1.0, "seed": 3})
+    {'temperature': 0.7, 'seed': 3}
+    >>> sampling_keywords({"repetition_penalty": 1.2})
+    {'repetition_penalty': 1.2}
+    """
+    chosen = {name: value for name, value in options.items()
+              if value is not None and (name not in NEUTRAL or value != NEUTRAL[name])}
+    if "temperature" not in chosen:
+        chosen = {name: value for name, value in chosen.items() if name not in FILTERS}
+    return chosen
+
+
+def request_sampling(body: RequestBody) -> dict[str, Any]:
+    return sampling_keywords({name: getattr(body, name) for name in (*NEUTRAL, "seed")})
+
+
+# ---------------------------------------------------------------- errors
+
+
+class ApiError(Exception):
+    """A request the server refuses: status, message, and the offending field."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
+
+    def response(self) -> JSONResponse:
+        return error_response(self.status, self.message, self.param, self.code, self.headers)
+
+
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    kind = "server_error" if status >= 500 else "rate_limit_error" if status == 429 else "invalid_request_error"
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
+
+
+def validation_message(error: dict) -> tuple[str, str | None]:
+    """One readable line and the field name for pydantic's first complaint about a body."""
+    where = [str(part) for part in error.get("loc", ()) if part != "body"]
+    param = where[0] if where else None
+    field = ".".join(where)
+    kind = error.get("type", "")
+    if kind == "json_invalid":
+        return f"malformed JSON: {error.get('ctx', {}).get('error', error.get('msg'))}", None
+    if kind == "missing":
+        return (f"missing required parameter: {field}" if field else "the request needs a JSON body"), param
+    if kind == "extra_forbidden":
+        return f"unsupported parameter: {field}", param
+    if not field:
+        return f"the request body must be a JSON object: {error.get('msg')}", None
+    return f"{field}: {error.get('msg')}", param
+
+
+# ---------------------------------------------------------------- answers
+
+
+def usage(finished: Finished) -> dict:
+    stats = finished.stats
+    return {
+        "prompt_tokens": stats.prompt_tokens,
+        "completion_tokens": stats.new_tokens,
+        "total_tokens": stats.prompt_tokens + stats.new_tokens,
+        "prompt_tokens_details": {"cached_tokens": stats.cached_tokens},
+        "speculative": {
+            "drafter": finished.drafter,
+            "forward_passes": stats.forward_passes,
+            "mean_accepted_length": round(stats.mean_accepted, 4),
+            "draft_tokens": sum(stats.draft_sizes),
+            "accepted_per_position": accepted_per_position(stats.accepted_lengths),
+            "prefill_seconds": round(stats.prefill_seconds, 4),
+            "decode_seconds": round(stats.decode_seconds, 4),
+        },
+    }
+
+
+def sse(data: dict | str) -> str:
+    """One server-sent event."""
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+class Reply:
+    """Shapes one request's answer as OpenAI does, for either endpoint, whole or in chunks."""
+
+    def __init__(self, endpoint: str, request_id: str, model: str):
+        self.chat = endpoint == "chat"
+        self.id = ("chatcmpl-" if self.chat else "cmpl-") + request_id
+        self.created = int(time.time())
+        self.model = model
+
+    def _envelope(self, choices: list[dict], chunk: bool) -> dict:
+        kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
+
+    def whole(self, finished: Finished) -> dict:
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": finished.text}, "logprobs": None,
+                      "finish_reason": finished.finish_reason}
+        else:
+            choice = {"index": 0, "text": finished.text, "logprobs": None, "finish_reason": finished.finish_reason}
+        return {**self._envelope([choice], chunk=False), "usage": usage(finished)}
+
+    def chunk(self, text: str | None = None, finish_reason: str | None = None, role: bool = False) -> str:
+        if self.chat:
+            delta = {"role": "assistant", "content": ""} if role else {} if text is None else {"content": text}
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        else:
+            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        return sse(self._envelope([choice], chunk=True))
+
+    def usage_chunk(self, finished: Finished) -> str:
+        return sse({**self._envelope([], chunk=True), "usage": usage(finished)})
