@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from freespec.drafters import Drafter, DrafterSettings, create
-from freespec.engine.costs import load_or_measure
 from freespec.engine.budget import BudgetPolicy
+from freespec.engine.costs import load_or_measure
 from freespec.engine.loop import Generation, GenerationStats
 from freespec.engine.sampling import SamplingParams
 from freespec.model.loading import LoadedModel, ModelLoadError, packed_cache_path
@@ -35,14 +35,14 @@ class GenerationResult:
 class Model:
     """A loaded model with its runner and its drafters' state, kept warm across requests."""
 
-    def __init__(self, loaded: LoadedModel, budget: int | None = None, tree: str = "dynamic",
+    def __init__(self, loaded: LoadedModel, budget: int | None = None, tree_shape: str = "dynamic",
                  datastore: str | os.PathLike | None = None, draft_model: LoadedModel | None = None):
         self.name = loaded.name
         self.tokenizer = loaded.tokenizer
         self.hf_model = loaded.model  # the transformers model, for peers such as HF generate
         self.runner = ModelRunner(loaded.model, packed_cache=packed_cache_path(loaded.source))
         self.fixed_budget = budget
-        self.tree = tree  # Token Recycling's tree shape: "dynamic" (best-first) or "static" (paper template)
+        self.tree_shape = tree_shape  # Token Recycling's: "dynamic" (best-first) or "static" (paper template)
         self.datastore = datastore  # the retrieval drafter's datastore directory
         self._drafters: dict[str, tuple[Drafter, BudgetPolicy]] = {}
         self.stop_ids = self._stop_ids(loaded.model)
@@ -103,7 +103,7 @@ class Model:
         if name in self._drafters:
             return self._drafters[name]
         datastore = None if self.datastore is None else Path(self.datastore)
-        drafter = create(name, DrafterSettings(self.runner.vocab_size, self.tree, datastore, self.tokenizer,
+        drafter = create(name, DrafterSettings(self.runner.vocab_size, self.tree_shape, datastore, self.tokenizer,
                                                self.runner, self.draft_runner))
         if drafter is None:
             return None, None
@@ -164,13 +164,13 @@ class Model:
 
 
 def load(model: str | os.PathLike | None = None, *, threads: int | None = None, budget: int | None = None,
-         tree: str = "dynamic", datastore: str | os.PathLike | None = None,
+         tree_shape: str = "dynamic", datastore: str | os.PathLike | None = None,
          draft_model: str | os.PathLike | None = None) -> Model:
     """Load ``model`` (None: the embedded SmolLM2-135M-Instruct; a directory; a .gguf; a hub id).
 
     ``budget`` fixes the number of draft nodes per step instead of choosing it from measured costs.
-    ``threads`` sets torch's (and the kernels') thread count. ``tree`` picks Token Recycling's tree
-    shape: ``dynamic`` (best-first by recycled probabilities) or ``static`` (the paper's template).
+    ``threads`` sets torch's (and the kernels') thread count. ``tree_shape`` picks Token Recycling's
+    tree shape: ``dynamic`` (best-first by recycled probabilities) or ``static`` (the paper's template).
     ``datastore`` is the directory the ``retrieval`` drafter reads (``freespec datastore build``).
     ``draft_model`` (same forms as ``model``) is the smaller model, with the same tokenizer, that the
     ``draft-model`` drafter drafts with.
@@ -183,4 +183,5 @@ def load(model: str | os.PathLike | None = None, *, threads: int | None = None, 
             draft = load_model(draft_model)
         except ModelLoadError as error:
             raise ModelLoadError(f"the draft model: {error}") from None
-    return Model(load_model(model), budget=budget, tree=tree, datastore=datastore, draft_model=draft)
+    return Model(load_model(model), budget=budget, tree_shape=tree_shape, datastore=datastore,
+                 draft_model=draft)

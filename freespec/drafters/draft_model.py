@@ -12,18 +12,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from freespec.drafters.base import BaseDrafter
 from freespec.drafters.chain import CONFIDENCE, ChainSampler, draft_chain
 from freespec.engine.sampling import SamplingParams
 from freespec.engine.tree import DraftTree
 from freespec.model.runner import ModelRunner
 
 
-class DraftModel:
+class DraftModel(BaseDrafter):
     """Drafts with ``runner`` (the small model), whose vocabulary must be the target's."""
-
-    wants_prompt_logits = False
-
-    shadow_drafts = False
 
     reads_logits = False
 
@@ -38,9 +35,6 @@ class DraftModel:
     def set_sampling(self, params: SamplingParams, generator: torch.Generator | None) -> None:
         self.sampler.set_sampling(params, generator)
 
-    def begin(self, prompt: np.ndarray, prompt_logits: torch.Tensor | None) -> None:
-        pass  # the first proposal catches up on the prompt
-
     def propose(self, context: np.ndarray, budget: int) -> DraftTree:
         runner = self.runner
         if len(context) + budget > runner.max_positions:
@@ -48,6 +42,3 @@ class DraftModel:
         runner.reserve(len(context) + budget)
         kept = runner.keep_prefix(context[:-1])  # the root is always forwarded: its logits
         return draft_chain(runner, context[kept:], context, budget, self.sampler, confidence=self.confidence)
-
-    def update(self, tree: DraftTree, logits: torch.Tensor, accepted: list[int]) -> None:
-        pass

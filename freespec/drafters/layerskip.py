@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from freespec.drafters.base import BaseDrafter
 from freespec.drafters.chain import CONFIDENCE, ChainSampler, draft_chain
 from freespec.engine.sampling import SamplingParams
 from freespec.engine.tree import DraftTree
@@ -87,7 +88,7 @@ class SkipSearch:
         self._tokens = self._cost = 0.0
         self._steps = 0
 
-    def observe(self, drafted: int, emitted: int) -> None:
+    def learn(self, drafted: int, emitted: int) -> None:
         """One verified step drafted with ``current``: ``drafted`` tokens, ``emitted`` kept."""
         if self.steps_left <= 0:
             return
@@ -111,12 +112,8 @@ class SkipSearch:
         self.current = self._queue.pop() if self.steps_left > 0 else self.best
 
 
-class LayerSkip:
+class LayerSkip(BaseDrafter):
     """Drafts with the target model itself, skipping the layers :class:`SkipSearch` picks."""
-
-    wants_prompt_logits = False
-
-    shadow_drafts = False
 
     reads_logits = False
 
@@ -143,7 +140,7 @@ class LayerSkip:
         self._drafted = tree
         return tree
 
-    def update(self, tree: DraftTree, logits: torch.Tensor, accepted: list[int]) -> None:
+    def learn(self, tree: DraftTree, logits: torch.Tensor, accepted: list[int]) -> None:
         if self._drafted is not None and len(tree) > 1:
-            self.search.observe(len(self._drafted) - 1, len(accepted))
+            self.search.learn(len(self._drafted) - 1, len(accepted))
         self._drafted = None

@@ -18,7 +18,8 @@ that size (which the budget policy relies on):
   every step grows its tree best-first by path probability (the product along the path), as
   DySpec and OPT-Tree do: deep where the model was confident, wide where it hesitated. Each
   recycled probability is first mapped to the acceptance rate verification showed for such
-  probabilities (:class:`freespec.drafters.grow.Calibration`): recycled confidence overstates.
+  probabilities (:class:`freespec.drafters.scoring.AcceptanceCalibration`): recycled confidence
+  overstates.
 - ``static``: the paper's template, its nodes ordered by per-rank hit rates learned online.
 """
 
@@ -33,7 +34,8 @@ import numpy as np
 import torch
 
 from freespec import kernels
-from freespec.drafters.grow import Calibration
+from freespec.drafters.base import BaseDrafter
+from freespec.drafters.scoring import AcceptanceCalibration
 from freespec.engine.tree import DraftTree
 
 # The paper's best template: 80 nodes of depth <= 6 (8/21/25/15/8/3 nodes per depth), as rank paths.
@@ -143,7 +145,7 @@ class PairRows:
         self.keys = np.full(slots, -1, dtype=np.int64)  # [slots] a * vocab + b, -1 = empty
         self.successors = np.zeros((slots, k), dtype=np.int64)  # [slots, k]
         self.probs = np.zeros((slots, k), dtype=np.float32)  # [slots, k], rows descending
-        self.calibration = Calibration()  # these rows' probabilities → observed acceptance
+        self.calibration = AcceptanceCalibration()  # these rows' probabilities → observed acceptance
 
     def _slot(self, key: int) -> int:
         return ((key * self._GOLDEN) & 0xFFFFFFFFFFFFFFFF) >> self._shift
@@ -167,7 +169,7 @@ class PairRows:
                 self.successors[slot], self.probs[slot] = successors[row], probs[row]
 
 
-class TokenRecycling:
+class TokenRecycling(BaseDrafter):
     """The Token Recycling drafter; its matrix stays warm across requests until :meth:`reset`.
 
     ``pair_slots``: size of the table of the model's rows keyed by token pairs (:class:`PairRows`,
@@ -177,21 +179,18 @@ class TokenRecycling:
     """
 
     wants_prompt_logits = True
-
     shadow_drafts = True
 
-    reads_logits = True
-
-    def __init__(self, vocab_size: int, k: int = 8, tree: Literal["dynamic", "static"] = "dynamic",
+    def __init__(self, vocab_size: int, k: int = 8, tree_shape: Literal["dynamic", "static"] = "dynamic",
                  template=PAPER_TEMPLATE, pair_slots: int = 1 << 17):
-        if tree not in ("dynamic", "static"):
-            raise ValueError(f"tree must be 'dynamic' or 'static', got {tree!r}")
+        if tree_shape not in ("dynamic", "static"):
+            raise ValueError(f"the tree shape must be 'dynamic' or 'static', got {tree_shape!r}")
         self.vocab_size = vocab_size
         self.k = k
-        self.tree = tree
+        self.tree_shape = tree_shape
         self.template = tuple(template)
         self.pair_slots = pair_slots
-        if tree == "static" and max(max(path) for path in self.template) >= k:
+        if tree_shape == "static" and max(max(path) for path in self.template) >= k:
             raise ValueError(f"template uses ranks beyond k={k}")
         self.reset()
 
@@ -199,11 +198,11 @@ class TokenRecycling:
         """Forget everything learned (rows start as arbitrary distinct tokens of probability 0)."""
         self.successors = np.tile(np.arange(self.k, dtype=np.int64), (self.vocab_size, 1))  # [vocab, k]
         self.probs = np.zeros((self.vocab_size, self.k), dtype=np.float32)  # [vocab, k], rows descending
-        self.calibration = Calibration()  # dynamic trees: the token rows' probability → observed acceptance
+        self.calibration = AcceptanceCalibration()  # dynamic trees: token rows' probability → acceptance
         self.pairs = self.text_pairs = None
         if self.pair_slots:
             self.pairs = PairRows(self.vocab_size, self.k, self.pair_slots)  # the model's top-k per pair
-            if self.tree == "dynamic":  # the token that followed each pair in the prompt (one candidate)
+            if self.tree_shape == "dynamic":  # the token that followed each pair in the prompt (one candidate)
                 self.text_pairs = PairRows(self.vocab_size, self.k, max(self.pair_slots // 2, 1))
         self._rank_hits = np.ones(self.k)  # Laplace-smoothed counts of which rank was accepted
         self._rank_hits[0] = 4.0
@@ -214,7 +213,7 @@ class TokenRecycling:
 
     def _reorder(self) -> None:
         self._steps_since_reorder = 0
-        if self.tree != "static":
+        if self.tree_shape != "static":
             return
         rates = self._rank_hits / self._rank_tries
         ordered = order_template(self.template, rates)
@@ -257,7 +256,7 @@ class TokenRecycling:
         if self._prompt_unread and self.text_pairs is not None:
             self._read_prompt(context)
         self._prompt_unread = False
-        if self.tree == "dynamic":
+        if self.tree_shape == "dynamic":
             return best_first_tree(root, before_root, self.row, budget)
         size = min(budget, len(self._node_rank))
         tokens = np.empty(size + 1, dtype=np.int64)
@@ -272,20 +271,20 @@ class TokenRecycling:
         parents = np.concatenate(([-1], self._node_parent[:size]))
         return DraftTree(tokens, parents, np.concatenate(([1.0], self._node_score[:size])))
 
-    def update(self, tree: DraftTree, logits: torch.Tensor, accepted: list[int]) -> None:
+    def learn(self, tree: DraftTree, logits: torch.Tensor, accepted: list[int]) -> None:
         tokens, parents = tree.tokens.tolist(), tree.parents.tolist()
         proposed, self._proposed_root = self._proposed_root, None
         # the token before each node; the root's, if this tree is the last proposal
         before = [proposed[0] if proposed is not None and proposed[1] == tokens[0] else -1]
         before += [tokens[parent] for parent in parents[1:]]
-        if self.tree == "dynamic" and len(tree) > 1:
+        if self.tree_shape == "dynamic" and len(tree) > 1:
             self._calibrate(tokens, parents, before, accepted)
         ids, probs = top_candidates(logits, self.k)  # [n, k] each
         self.successors[tree.tokens] = ids  # a token drafted twice keeps its last row
         self.probs[tree.tokens] = probs
         if self.pairs is not None:
             self.pairs.store(before, tokens, ids, probs)
-        if self.tree == "static":  # learn which ranks get accepted, to reorder the template
+        if self.tree_shape == "static":  # learn which ranks get accepted, to reorder the template
             self._rank_tries += len(accepted)
             for node in accepted[1:]:
                 self._rank_hits[self._node_rank[node - 1]] += 1
@@ -297,7 +296,7 @@ class TokenRecycling:
         """Teach each calibration with the nodes whose parent was accepted, from the rows they were
         drafted from (read before the rows change)."""
         on_path = set(accepted)
-        observed: dict[int, tuple[Calibration, list[float], list[bool]]] = {}
+        observed: dict[int, tuple[AcceptanceCalibration, list[float], list[bool]]] = {}
         for node in range(1, len(tokens)):
             parent = parents[node]
             if parent in on_path:
@@ -308,7 +307,7 @@ class TokenRecycling:
                     predicted.append(float(probs[row.index(tokens[node])]))
                     hit.append(node in on_path)
         for calibration, predicted, hit in observed.values():
-            calibration.observe(predicted, hit)
+            calibration.learn(predicted, hit)
 
     def _tables(self) -> dict[str, PairRows]:
         tables = {"pairs": self.pairs, "text_pairs": self.text_pairs}

@@ -15,6 +15,7 @@ import torch
 from freespec.cli import main
 from freespec.drafters import (
     DRAFTERS,
+    BaseDrafter,
     DrafterSettings,
     Fused,
     check_name,
@@ -144,27 +145,23 @@ def test_fused_passes_the_root_alone_to_every_source():
     root = DraftTree.root_only(3)
     logits = torch.zeros(1, 16)
     logits[0, 5] = 4.0
-    fused.update(root, logits, [0])  # no propose came first: budget 0 this step
+    fused.learn(root, logits, [0])  # no propose came first: budget 0 this step
     assert fused.drafters[0].successors[3, 0] == 5
 
 
-class FixedDrafter:
-    """Test-only source: always the same tree; records what each update receives."""
+class FixedDrafter(BaseDrafter):
+    """Test-only source: always the same tree; records what each learn receives."""
 
-    wants_prompt_logits = False
     shadow_drafts = True
 
     def __init__(self, tokens: list[int], parents: list[int]):
         self.tree = DraftTree(np.array(tokens), np.array(parents))
         self.updates = []
 
-    def begin(self, prompt, prompt_logits) -> None:
-        pass
-
     def propose(self, context, budget) -> DraftTree:
         return self.tree
 
-    def update(self, tree, logits, accepted) -> None:
+    def learn(self, tree, logits, accepted) -> None:
         self.updates.append((tree.tokens.tolist(), logits[:, 0].tolist(), accepted))
 
 
@@ -175,7 +172,7 @@ def test_fused_sources_learn_from_a_verified_prefix_of_a_shadow_draft():
     tree = fused.propose(np.array([9]), 3)
     assert tree.tokens.tolist() == [9, 1, 3, 2] and tree.parents.tolist() == [-1, 0, 0, 1]
     logits = torch.tensor([[10.0], [11.0]])  # the engine verified the first two nodes only
-    fused.update(tree.prefix(2), logits, [0, 1])
+    fused.learn(tree.prefix(2), logits, [0, 1])
     assert a.updates == [([9, 1], [10.0, 11.0], [0, 1])]  # its node 2 (merged 3) was not verified
     assert b.updates == [([9], [10.0], [0])]  # its node 1 (merged 2) neither
 
@@ -187,7 +184,7 @@ def test_fused_hands_each_source_its_own_rows_and_none_to_a_source_that_reads_no
     assert fused.reads_logits
     tree = fused.propose(np.array([9]), 4)  # interleaved by score: a's 3, b's 1, a's 4, b's 2
     assert tree.tokens.tolist() == [9, 3, 1, 4, 2]
-    fused.update(tree, torch.arange(5.0).unsqueeze(1), [0, 1])
+    fused.learn(tree, torch.arange(5.0).unsqueeze(1), [0, 1])
     assert a.updates == [([9, 3, 4], [0.0, 1.0, 3.0], [0, 1])]
     assert b.updates == [([9, 1, 2], [], [0])]
 
@@ -199,7 +196,7 @@ class ShadowLearningFixedDrafter(FixedDrafter):
         super().__init__(tokens, parents)
         self.shadows = []
 
-    def learn_unverified(self, tree, path, verified) -> None:
+    def learn_shadow(self, tree, path, verified) -> None:
         self.shadows.append((tree.tokens.tolist(), path, verified))
 
 
@@ -207,9 +204,9 @@ def test_fused_passes_a_resolved_shadow_to_its_sources_that_learn_from_shadows()
     a, b = ShadowLearningFixedDrafter([9, 1, 2], [-1, 0, 1]), FixedDrafter([9, 3], [-1, 0])
     fused = Fused([a, b])
     tree = fused.propose(np.array([9]), 3)  # merged [9, 1, 3, 2]: a's nodes are merged 0, 1, 3
-    fused.learn_unverified(tree, [0, 1, 3], verified=1)  # the model went 9 → 1 → 2; node 1 was verified
+    fused.learn_shadow(tree, [0, 1, 3], verified=1)  # the model went 9 → 1 → 2; node 1 was verified
     assert a.shadows == [([9, 1, 2], [0, 1, 2], 1)]
-    fused.learn_unverified(DraftTree.root_only(9), [0], 0)  # not a draft it proposed: nothing to pass on
+    fused.learn_shadow(DraftTree.root_only(9), [0], 0)  # not a draft it proposed: nothing to pass on
     assert len(a.shadows) == 1
 
 

@@ -26,7 +26,7 @@ def test_order_template_parents_first_and_by_score():
 
 
 def test_static_tree_follows_the_matrix_and_update_recycles_topk():
-    drafter = TokenRecycling(vocab_size=20, k=2, tree="static", template=[(0,), (1,), (0, 0), (0, 1)])
+    drafter = TokenRecycling(vocab_size=20, k=2, tree_shape="static", template=[(0,), (1,), (0, 0), (0, 1)])
     drafter.successors[7] = [3, 4]
     drafter.successors[3] = [9, 5]
     t = drafter.propose(np.array([1, 7]), budget=4)
@@ -36,7 +36,7 @@ def test_static_tree_follows_the_matrix_and_update_recycles_topk():
     logits = torch.full((len(t), 20), -10.0)
     logits[0, 11], logits[0, 12] = 2.0, 1.0  # after 7 the model ranks 11 then 12
     logits[1, 13], logits[1, 14] = 1.0, 3.0
-    drafter.update(t, logits, accepted=[0])
+    drafter.learn(t, logits, accepted=[0])
     assert drafter.successors[7].tolist() == [11, 12]
     assert drafter.successors[t.tokens[1]].tolist() == [14, 13]
     expected = torch.softmax(logits[0], dim=-1)[[11, 12]].numpy()
@@ -64,10 +64,10 @@ def test_dynamic_tree_learns_that_recycled_confidence_overstates():
     tree = drafter.propose(np.array([1]), budget=3)  # 1→2 (0.95), 1→2→4 (0.874), 1→2→5 (0.0475)
     assert tree.tokens.tolist() == [1, 2, 4, 5] and tree.parents.tolist() == [-1, 0, 1, 1]
     tried = drafter.calibration.tries.copy()
-    drafter.update(tree, torch.zeros(4, 10), accepted=[0, 1])  # 2 accepted, then neither 4 nor 5
+    drafter.learn(tree, torch.zeros(4, 10), accepted=[0, 1])  # 2 accepted, then neither 4 nor 5
     assert (drafter.calibration.tries - tried).tolist() == [1, 0, 0, 0, 0, 0, 0, 0, 0, 2]  # 0.05, 0.92, 0.95
     for _ in range(30):  # predictions of 0.9+ keep failing: the tree stops going deep on them
-        drafter.calibration.observe(np.array([0.9, 0.95]), np.array([False, False]))
+        drafter.calibration.learn(np.array([0.9, 0.95]), np.array([False, False]))
     drafter.successors[1], drafter.probs[1] = [2, 3], [0.95, 0.04]
     drafter.successors[2], drafter.probs[2] = [4, 5], [0.9, 0.05]
     scores = drafter.propose(np.array([1]), budget=3).scores
@@ -80,7 +80,7 @@ def test_recycling_drafts_from_the_pair_row_when_the_pair_was_seen():
     assert drafter.propose(np.array([5, 1]), budget=1).tokens.tolist() == [1, 2]
     logits = torch.full((2, 10), -9.0)
     logits[0, 4], logits[1, 6] = 5.0, 5.0  # after "5 1" the model says 4; after "1 2", 6
-    drafter.update(DraftTree(np.array([1, 2]), np.array([-1, 0])), logits, accepted=[0])
+    drafter.learn(DraftTree(np.array([1, 2]), np.array([-1, 0])), logits, accepted=[0])
     assert drafter.successors[1].tolist()[0] == 4  # the token's own row is recycled too
     drafter.successors[1], drafter.probs[1] = [2, 3], [0.9, 0.05]  # ...and later overwritten elsewhere
     assert drafter.propose(np.array([7, 5, 1]), budget=1).tokens.tolist() == [1, 4]  # the pair (5, 1) remembers
@@ -89,7 +89,7 @@ def test_recycling_drafts_from_the_pair_row_when_the_pair_was_seen():
     assert drafter.row(1, 2)[0].tolist()[0] == 6  # a drafted node's pair is keyed by its parent's token
     paper = TokenRecycling(vocab_size=10, k=2, pair_slots=0)  # one-token rows only, as in the paper
     paper.successors[1], paper.probs[1] = [2, 3], [0.9, 0.05]
-    paper.update(DraftTree(np.array([1, 2]), np.array([-1, 0])), logits, accepted=[0])
+    paper.learn(DraftTree(np.array([1, 2]), np.array([-1, 0])), logits, accepted=[0])
     assert paper.pairs is None and paper.propose(np.array([5, 1]), budget=1).tokens.tolist() == [1, 4]
     with pytest.raises(ValueError, match="power of two"):
         TokenRecycling(vocab_size=10, pair_slots=12)
@@ -114,7 +114,7 @@ def test_recycling_drafts_what_followed_a_pair_in_the_prompt():
     tree = drafter.propose(np.array([1, 2, 3, 4, 5, 2, 3]), budget=3)  # "2 3" was followed by 4, "3 4" by 5, ...
     assert tree.tokens.tolist() == [3, 4, 5, 2] and tree.parents.tolist() == [-1, 0, 1, 2]
     assert drafter.row(2, 3)[2] is drafter.text_pairs.calibration
-    drafter.update(tree, torch.zeros(4, 10), accepted=[0])  # rejected: the prompt's follower is trusted less
+    drafter.learn(tree, torch.zeros(4, 10), accepted=[0])  # rejected: the prompt's follower is trusted less
     assert drafter.text_pairs.calibration(1.0) < 0.95
     assert drafter.row(2, 3)[2] is drafter.pairs.calibration  # once verified, the model's own row comes first
     assert drafter.row(1, 2)[0].tolist()[0] == 3 and drafter.row(1, 2)[2] is drafter.text_pairs.calibration
@@ -124,7 +124,7 @@ def test_recycling_drafts_what_followed_a_pair_in_the_prompt():
     assert fresh.row(1, 2)[0].tolist() == [3, 3]  # the first draft's context was the prompt; later ones are not
     fresh.propose(np.array([9, 9, 1, 2, 3, 6, 7]), budget=1)
     assert fresh.text_pairs.find(3, 6) == -1
-    assert TokenRecycling(vocab_size=10, k=2, tree="static", template=[(0,)]).text_pairs is None
+    assert TokenRecycling(vocab_size=10, k=2, tree_shape="static", template=[(0,)]).text_pairs is None
 
 
 def test_each_row_kind_keeps_its_own_calibration():
@@ -134,7 +134,7 @@ def test_each_row_kind_keeps_its_own_calibration():
     tree = drafter.propose(np.array([5, 1]), budget=1)
     assert tree.tokens.tolist() == [1, 4]
     pair_tries, token_tries = drafter.pairs.calibration.tries.copy(), drafter.calibration.tries.copy()
-    drafter.update(tree, torch.zeros(2, 10), accepted=[0, 1])
+    drafter.learn(tree, torch.zeros(2, 10), accepted=[0, 1])
     assert (drafter.pairs.calibration.tries - pair_tries).tolist() == [0, 0, 0, 0, 0, 1, 0, 0, 0, 0]  # 0.55
     assert (drafter.calibration.tries == token_tries).all()
 
@@ -156,5 +156,5 @@ def test_recycling_warm_start_and_save_load(tmp_path):
     assert other.row(6, 7)[0].tolist()[0] == 8
     with pytest.raises(ValueError, match="shape"):
         TokenRecycling(vocab_size=11, k=2, template=[(0,)]).load(tmp_path / "state.npz")
-    with pytest.raises(ValueError, match="tree must be"):
-        TokenRecycling(vocab_size=11, tree="bushy")
+    with pytest.raises(ValueError, match="tree shape must be"):
+        TokenRecycling(vocab_size=11, tree_shape="bushy")

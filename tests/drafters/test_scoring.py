@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from freespec.drafters.grow import HitRate
+from freespec.drafters.scoring import HitRate
 from freespec.engine.tree import DraftTree
 
 
@@ -11,7 +11,7 @@ def test_hit_rate_learns_each_depth():
     rate = HitRate()
     chain = DraftTree(np.arange(5), np.arange(-1, 4))  # the root and 4 nodes in a row
     for attempt in range(20):  # half the first nodes fail; a copy that has started goes on
-        rate.observe(chain, [0, 1, 2, 3, 4] if attempt % 2 else [0])
+        rate.learn(chain, [0, 1, 2, 3, 4] if attempt % 2 else [0])
     assert rate(1) == pytest.approx((10 + 2 * 0.5) / (20 + 2))
     assert rate(2) == pytest.approx((10 + 2 * rate(1)) / (10 + 2))
     assert rate(4) > rate(3) > rate(2) > 0.9

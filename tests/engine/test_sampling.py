@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from freespec.api import Model
-from freespec.drafters import TokenRecycling
+from freespec.drafters import BaseDrafter, TokenRecycling
 from freespec.engine.sampling import (
     SamplingParams,
     draw,
@@ -115,7 +115,7 @@ def trees(table: dict[tuple, torch.Tensor], hf_model) -> dict[str, DraftTree]:
     with torch.no_grad():
         warm_logits = hf_model(warm[None]).logits[0]  # [64, vocab]
     for shape in ("static", "dynamic"):
-        drafter = TokenRecycling(VOCAB, tree=shape)
+        drafter = TokenRecycling(VOCAB, tree_shape=shape)
         drafter.begin(warm.numpy(), warm_logits)
         shapes[f"recycling-{shape}"] = drafter.propose(CONTEXT, 80)
     return shapes
@@ -354,13 +354,13 @@ E2E_SAMPLES = 600  # whole engine runs (a prefill and a few forward passes each)
 
 def make_model(family: str, seed: int = 0, budget: int | None = None, tree: str = "dynamic") -> Model:
     return Model(LoadedModel(tiny_model(family, seed=seed, scale=8.0), word_tokenizer(), family, None),
-                 budget=budget, tree=tree)
+                 budget=budget, tree_shape=tree)
 
 
 @pytest.mark.parametrize("tree, budget", [("dynamic", None), ("static", 16)])
 def test_speculative_sampling_equals_plain_sampling_with_the_same_seed(tree, budget):
     """One uniform number per emitted token either way, so a seed fixes the text whatever the drafter."""
-    model = make_model("llama", budget=budget, tree=tree)
+    model = make_model("llama", budget=budget, tree_shape=tree)
     tokens = passes = 0
     for options in SAMPLED:
         for seed in range(2):
@@ -411,19 +411,14 @@ def test_bad_sampling_options_are_refused_by_the_api():
         model.generate(prompt_ids=[1, 2], max_new_tokens=2, temprature=1.0)
 
 
-class SampledDrafter:
+class SampledDrafter(BaseDrafter):
     """Test-only drafter with probabilities: a random bigram draft model q(next | token), whose
     children are drawn without replacement (3 below the root, 2 below each of those)."""
-
-    wants_prompt_logits = False
 
     def __init__(self, seed: int = 0):
         generator = torch.Generator().manual_seed(seed)
         self.q = torch.softmax(torch.randn(VOCAB, VOCAB, generator=generator) * 2, dim=-1)  # [token, next]
         self.generator = generator
-
-    def begin(self, prompt, prompt_logits) -> None:
-        pass
 
     def _children(self, token: int, k: int) -> list[int]:
         noise = -torch.log(-torch.log(torch.rand(VOCAB, generator=self.generator)))
@@ -439,9 +434,6 @@ class SampledDrafter:
                 tokens.append(second), parents.append(parent)
         tokens, parents = tokens[: budget + 1], parents[: budget + 1]
         return DraftTree(np.array(tokens), np.array(parents), draft_probs=self.q[tokens])
-
-    def update(self, tree, logits, accepted) -> None:
-        pass
 
 
 @pytest.mark.parametrize("drafter", ["recycling", "sampled"])
