@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,19 +133,19 @@ class Model:
 
     def stream(self, prompt: str | None = None, *, messages: list[dict] | None = None, max_new_tokens: int = 256,
                drafter: str = "recycling", chat: bool = True, prompt_ids: list[int] | None = None,
-               budget: int | None = None, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-               min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
-               reuse_prefix: bool = True) -> Generation:
+               budget: int | None = None, sampling: SamplingParams | None = None, reuse_prefix: bool = True,
+               **sampling_options) -> Generation:
         """Start a request; iterate the result for token-id chunks as they are accepted.
 
         ``budget`` fixes the draft nodes per step (default: the model's, else chosen from measured costs).
-        ``temperature`` 0 is greedy; above 0 tokens are sampled with ``top_k``, ``top_p``, ``min_p``
-        and ``repetition_penalty`` as transformers applies them, from exactly that distribution
-        whatever the drafter (see :class:`freespec.engine.sampling.SamplingParams`). ``seed`` repeats a run.
+        ``sampling`` chooses the tokens (default: greedy); any of its fields may be given as a keyword
+        instead, or over it (``temperature=0.7, seed=3``). Sampled tokens come from exactly the
+        distribution transformers samples from, whatever the drafter (see
+        :class:`freespec.engine.sampling.SamplingParams`); a seed repeats a run.
         ``reuse_prefix``: skip prefilling the prompt's leading tokens that the previous request
         already cached (a chat's earlier turns); it never changes the output.
         """
-        sampling = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
+        sampling = dataclasses.replace(sampling or SamplingParams(), **sampling_options)
         if prompt_ids is None:
             prompt_ids = self.encode(prompt, messages, chat)
         drafter_state, policy = self.drafter(drafter)

@@ -20,7 +20,8 @@ from transformers import (
 )
 
 from freespec.api import Model
-from freespec.engine.sampling import SamplingParams, repetition_penalty, target_probs
+from freespec.engine.distribution import repetition_penalty, target_probs
+from freespec.engine.sampling import SamplingParams
 from freespec.model.loading import LoadedModel
 from freespec.model.runner import ModelRunner
 

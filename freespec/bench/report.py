@@ -28,17 +28,13 @@ from freespec.bench.methods import REFERENCE, BenchError, is_drafter, reference_
 PLOTS = ("speedup.png", "accepted.png")
 
 
-def _turn(record: dict) -> int:
-    return record.get("turn", 1)  # runs from before multi-turn support hold first turns only
-
-
 def _order(methods: set[str]) -> list[str]:
     return sorted(methods, key=lambda m: (m != REFERENCE, reference_of(m) != REFERENCE, m))
 
 
 def summarize(records: list[dict], baseline: str) -> dict:
     """Per method (overall and per category): tokens/s, τ, speedup vs ``baseline``, identical rate."""
-    by_key = {(r["question_id"], r["method"], _turn(r)): r for r in records}
+    by_key = {(r["question_id"], r["method"], r["turn"]): r for r in records}
     methods = _order({r["method"] for r in records})
 
     def speed(method: str, question, turns: set[int]) -> float | None:
@@ -56,7 +52,7 @@ def summarize(records: list[dict], baseline: str) -> dict:
             entry["mean_accepted"] = round(sum(r["new_tokens"] for r in rows if "accepted_lengths" in r) / passes, 4)
         turns = defaultdict(set)
         for r in rows:
-            turns[r["question_id"]].add(_turn(r))
+            turns[r["question_id"]].add(r["turn"])
         ratios = []
         for question, mine in turns.items():
             common = {t for t in mine if (question, baseline, t) in by_key}
@@ -66,7 +62,7 @@ def summarize(records: list[dict], baseline: str) -> dict:
             entry["speedup"] = round(statistics.fmean(ratios), 4)
         reference = reference_of(method)
         same = [r["token_ids"] == by_key[key]["token_ids"] for r in rows
-                if (key := (r["question_id"], reference, _turn(r))) in by_key and comparable(r, by_key[key])]
+                if (key := (r["question_id"], reference, r["turn"])) in by_key and comparable(r, by_key[key])]
         entry["reference"] = reference
         if any(r.get("sampled") for r in rows):
             entry["sampled"] = True
@@ -191,6 +187,10 @@ def plot(summary: dict, out: Path) -> list[str]:
     return written
 
 
+RECORD_KEYS = ("question_id", "category", "method", "turn", "new_tokens", "seconds", "token_ids")
+"""What every record holds (see the module's docstring)."""
+
+
 def load_records(path: Path) -> list[dict]:
     """Records of a results.jsonl; a line cut short by an interruption, if last, is dropped."""
     lines = path.read_text(encoding="utf-8").splitlines()
@@ -199,11 +199,15 @@ def load_records(path: Path) -> list[dict]:
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             if number == len(lines):
                 break
             raise BenchError(f"{path} line {number}: not a JSON record") from None
+        missing = [key for key in RECORD_KEYS if key not in record] if isinstance(record, dict) else RECORD_KEYS
+        if missing:
+            raise BenchError(f"{path} line {number}: not a result record (no {', '.join(missing)})")
+        records.append(record)
     return records
 
 

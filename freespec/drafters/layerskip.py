@@ -20,9 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from freespec.drafters.base import BaseDrafter
-from freespec.drafters.chain import CONFIDENCE, ChainSampler, draft_chain
-from freespec.engine.sampling import SamplingParams
+from freespec.drafters.chain import CONFIDENCE, ChainDrafter, draft_chain
 from freespec.engine.tree import DraftTree
 from freespec.model.runner import ModelRunner
 
@@ -112,20 +110,13 @@ class SkipSearch:
         self.current = self._queue.pop() if self.steps_left > 0 else self.best
 
 
-class LayerSkip(BaseDrafter):
+class LayerSkip(ChainDrafter):
     """Drafts with the target model itself, skipping the layers :class:`SkipSearch` picks."""
 
-    reads_logits = False
-
     def __init__(self, runner: ModelRunner, confidence: float = CONFIDENCE):
-        self.runner = runner
-        self.confidence = confidence
+        super().__init__(runner, confidence)
         self.search = SkipSearch(runner.num_layers)
-        self.sampler = ChainSampler()
         self._drafted: DraftTree | None = None
-
-    def set_sampling(self, params: SamplingParams, generator: torch.Generator | None) -> None:
-        self.sampler.set_sampling(params, generator)
 
     def begin(self, prompt: np.ndarray, prompt_logits: torch.Tensor | None) -> None:
         self._drafted = None

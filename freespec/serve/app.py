@@ -7,8 +7,8 @@ in arrival order from a bounded queue. Every client mistake is a 4xx with an Ope
 request only, and the server keeps serving.
 
 Besides OpenAI's fields, a request may name a ``drafter`` and the sampling options ``top_k``,
-``min_p`` and ``repetition_penalty``. Sampling keywords reach the engine only when a request sets
-them to values that change the output; an engine without them answers 400.
+``min_p`` and ``repetition_penalty``. Every sampling field, its bounds and its description come
+from :class:`freespec.engine.sampling.SamplingParams`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Literal
+from typing import AsyncIterator, Literal
 
 import jinja2
 from fastapi import FastAPI, Request
@@ -33,12 +33,13 @@ from fastapi.responses import (
     Response,
     StreamingResponse,
 )
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from freespec.api import Model
 from freespec.drafters import DRAFTERS, check_name
+from freespec.engine.sampling import OPTIONS, SAMPLING_KEYS
 from freespec.serve.scheduler import (
     Delta,
     Failed,
@@ -79,7 +80,13 @@ class Message(_Strict):
     name: str | None = None
 
 
-class _Options(_Strict):
+_Sampling = create_model(
+    "_Sampling", __base__=_Strict,
+    **{option.name: (option.kind | None, Field(None, description=option.help, **option.bounds)) for option in OPTIONS})
+"""The sampling fields, one per field of :class:`freespec.engine.sampling.SamplingParams`, with its bounds."""
+
+
+class _Options(_Sampling):
     """Fields both endpoints take. ``None`` means "not sent"."""
 
     model: str | None = Field(None, description="the served model id (GET /v1/models); optional")
@@ -89,12 +96,6 @@ class _Options(_Strict):
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = Field(None, description="up to 4 strings; the answer ends before the first")
     n: int | None = Field(None, ge=1, description="only 1")
-    temperature: float | None = Field(None, ge=0, description="0 (the default here) is greedy")
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0, description="0: off (freespec extension)")
-    min_p: float | None = Field(None, ge=0, le=1, description="freespec extension")
-    repetition_penalty: float | None = Field(None, gt=0, description="1: off (freespec extension)")
-    seed: int | None = None
     presence_penalty: float | None = Field(None, ge=-2, le=2, description="only 0")
     frequency_penalty: float | None = Field(None, ge=-2, le=2, description="only 0")
     logit_bias: dict[str, float] | None = Field(None, description="only empty")
@@ -153,29 +154,6 @@ def _validation_message(error: dict) -> tuple[str, str | None]:
     if not field:
         return f"the request body must be a JSON object: {error.get('msg')}", None
     return f"{field}: {error.get('msg')}", param
-
-
-# ---------------------------------------------------------------- sampling options
-
-NEUTRAL = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
-FILTERS = ("top_p", "top_k", "min_p", "seed")  # keep the most likely token: cannot change greedy output
-
-
-def sampling_keywords(options: dict[str, Any]) -> dict[str, Any]:
-    """The engine keywords a request needs: only values that change the output.
-
-    >>> sampling_keywords({"temperature": 0.0, "top_p": 0.9, "seed": 3})
-    {}
-    >>> sampling_keywords({"temperature": 0.7, "top_p": 1.0, "seed": 3})
-    {'temperature': 0.7, 'seed': 3}
-    >>> sampling_keywords({"repetition_penalty": 1.2})
-    {'repetition_penalty': 1.2}
-    """
-    chosen = {name: value for name, value in options.items()
-              if value is not None and (name not in NEUTRAL or value != NEUTRAL[name])}
-    if "temperature" not in chosen:
-        chosen = {name: value for name, value in chosen.items() if name not in FILTERS}
-    return chosen
 
 
 def engine_keywords(model: Model) -> set[str] | None:
@@ -275,7 +253,7 @@ class _Service:
             check_name(drafter)
         except ValueError as error:
             raise ApiError(400, str(error), "drafter") from None
-        sampling = sampling_keywords({name: getattr(body, name) for name in (*NEUTRAL, "seed")})
+        sampling = {name: value for name in SAMPLING_KEYS if (value := getattr(body, name)) is not None}
         if self.keywords is not None and (missing := [name for name in sampling if name not in self.keywords]):
             given = ", ".join(f"{name}={sampling[name]}" for name in missing)
             raise ApiError(400, f"sampling is not supported by this freespec version ({given}); "

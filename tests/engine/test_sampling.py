@@ -12,6 +12,7 @@ of fixed trees (20,000 draws each); end-to-end tests run the engine for whole sh
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -20,13 +21,13 @@ import torch
 
 from freespec.api import Model
 from freespec.drafters import BaseDrafter, TokenRecycling
-from freespec.engine.sampling import (
-    SamplingParams,
+from freespec.engine.distribution import (
     draw,
     repetition_penalty,
     target_probs,
     tree_repetition_penalty,
 )
+from freespec.engine.sampling import OPTIONS, SAMPLING_KEYS, SamplingParams
 from freespec.engine.tree import DraftTree
 from freespec.engine.verify import rejection_accept, sample_accept
 from freespec.model.loading import LoadedModel
@@ -201,20 +202,65 @@ def test_tree_penalty_uses_each_nodes_own_prefix():
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("temperature", -0.1, "temperature must be a number >= 0, got -0.1"),
+    ("temperature", -0.1, r"temperature must be a number in \[0, 2\], got -0.1"),
+    ("temperature", 2.5, r"temperature must be a number in \[0, 2\], got 2.5"),  # OpenAI's bound
     ("top_k", -1, "top_k must be an integer >= 0"),
     ("top_k", 2.5, "top_k must be an integer"),
     ("top_p", 0.0, r"top_p must be a number in \(0, 1\]"),
     ("top_p", 1.5, "top_p must be"),
-    ("min_p", 1.0, r"min_p must be a number in \[0, 1\)"),
+    ("min_p", 1.5, r"min_p must be a number in \[0, 1\]"),
     ("repetition_penalty", 0.0, "repetition_penalty must be a number > 0"),
-    ("seed", "7", "seed must be an integer or None, got '7'"),
+    ("seed", "7", r"seed must be an integer in \[-2\*\*63, 2\*\*64 - 1\] or None, got '7'"),
+    ("seed", 2**64, "seed must be an integer in"),  # beyond what torch's generator takes
     ("temperature", float("nan"), "temperature must be"),
     ("temperature", True, "temperature must be"),
 ])
 def test_bad_sampling_params_are_refused(field, value, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**{field: value})
+
+
+def test_the_bounds_are_inclusive_where_they_say_so():
+    for options in (dict(temperature=2), dict(min_p=1), dict(top_p=1), dict(seed=-(2**63)), dict(seed=2**64 - 1)):
+        SamplingParams(**options)
+
+
+def test_every_field_reaches_the_cli_the_server_and_the_api_with_its_bounds():
+    """One carrier: each SamplingParams field is a CLI flag, a request field with the same bounds
+    and description, and an API keyword (an unknown one is a TypeError)."""
+    from freespec.cli import _parser
+    from freespec.serve.app import ChatRequest, CompletionRequest
+
+    flags = {action.dest: action for action in _parser()._subparsers._group_actions[0].choices["generate"]._actions}
+    for option in OPTIONS:
+        assert flags[option.name].option_strings == [f"--{option.name.replace('_', '-')}"]
+        assert flags[option.name].default == option.default and flags[option.name].type is option.kind
+        for request in (ChatRequest, CompletionRequest):
+            field = request.model_fields[option.name]
+            assert field.description == option.help
+            bounds = {name: value for m in field.metadata for name, value in dataclasses.asdict(m).items()}
+            assert bounds == option.bounds, (option.name, bounds)
+    assert SAMPLING_KEYS == tuple(option.name for option in OPTIONS)
+    model = make_model("llama")
+    with pytest.raises(TypeError):
+        model.generate(prompt_ids=[1, 2], max_new_tokens=2, temprature=1.0)
+    keywords = model.generate(prompt_ids=[1, 2], max_new_tokens=4, temperature=0.9, top_k=7, seed=5)
+    carried = model.generate(prompt_ids=[1, 2], max_new_tokens=4,
+                             sampling=SamplingParams(temperature=0.9, top_k=7, seed=5))
+    assert keywords.token_ids == carried.token_ids
+
+
+def test_a_temperature_that_overflows_the_logits_is_refused():
+    """At temperature 1e-300 the logits overflow and every probability is NaN; drawing from that
+    used to return the last token of the vocabulary."""
+    with pytest.raises(ValueError, match="not finite or all 0 .*use 0 for greedy"):
+        draw(torch.tensor([float("nan"), float("nan"), 1.0]), torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="not finite or all 0"):
+        draw(torch.zeros(3), torch.Generator().manual_seed(0))
+    model = make_model("llama")
+    for drafter in ("none", "recycling"):
+        with pytest.raises(ValueError, match="cannot sample: the token probabilities are not finite"):
+            model.generate(prompt_ids=[1, 2, 3], max_new_tokens=4, drafter=drafter, temperature=1e-300, seed=0)
 
 
 # -- tree-level statistics ------------------------------------------------------------------------
@@ -499,8 +545,8 @@ def test_cli_samples_as_the_api_does(tiny_model_dir, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["generate", "w1", "--temperature", "-1"], "temperature must be a number >= 0, got -1.0"),
-    (["generate", "w1", "--min-p", "1"], "min_p must be a number in [0, 1), got 1.0"),
+    (["generate", "w1", "--temperature", "-1"], "temperature must be a number in [0, 2], got -1.0"),
+    (["generate", "w1", "--min-p", "1.5"], "min_p must be a number in [0, 1], got 1.5"),
     (["generate", "w1", "--top-k", "two"], "argument --top-k: invalid int value: 'two'"),
     (["bench", "--repetition-penalty", "0", "--questions", "q.jsonl"], "repetition_penalty must be a number > 0"),
 ])
