@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from freespec.drafters import Drafter, DrafterSettings, create
+from freespec.drafters import DamagedStateError, Drafter, DrafterSettings, create
 from freespec.engine.budget import BudgetPolicy
 from freespec.engine.costs import load_or_measure
 from freespec.engine.loop import Generation, GenerationStats
@@ -121,15 +121,25 @@ class Model:
                 runner.reset(0)
 
     def save_state(self, path: str | os.PathLike) -> None:
-        """Write Token Recycling's learned matrix to ``path`` (.npz), to warm a later process."""
+        """Write Token Recycling's learned state to exactly ``path`` (an .npz archive whatever its
+        name), atomically, to warm a later process."""
         self.drafter("recycling")[0].save(path)
 
     def load_state(self, path: str | os.PathLike) -> None:
-        """Load a matrix written by :meth:`save_state` for this model's vocabulary."""
+        """Load a state written by :meth:`save_state` for this model's vocabulary.
+
+        Raises :class:`DamagedStateError` (a ValueError) for a file cut short or corrupted, which
+        a caller may ignore and overwrite, and ValueError for anything else (not a state file,
+        another model's, unreadable); the drafter is unchanged either way.
+        """
         try:
             self.drafter("recycling")[0].load(path)
-        except (OSError, KeyError, ValueError) as error:
-            raise ValueError(f"cannot load drafter state {path}: {error}") from None
+        except DamagedStateError as error:
+            raise DamagedStateError(f"cannot load drafter state: {error}") from None
+        except OSError as error:
+            raise ValueError(f"cannot load drafter state {path}: {error.strerror or error}") from None
+        except ValueError as error:
+            raise ValueError(f"cannot load drafter state: {error}") from None
 
     def stream(self, prompt: str | None = None, *, messages: list[dict] | None = None, max_new_tokens: int = 256,
                drafter: str = "recycling", chat: bool = True, prompt_ids: list[int] | None = None,

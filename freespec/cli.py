@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 from transformers.utils import logging as transformers_logging
 
-from freespec.api import Model, load
+from freespec.api import DamagedStateError, Model, load
 from freespec.bench.methods import DEFAULT_METHODS, PEERS
 from freespec.drafters import DRAFTERS, check_name
 from freespec.engine.costs import load_or_measure
@@ -219,7 +219,10 @@ def _load(args: argparse.Namespace, budget: int | None = None) -> Model:
         model = load(args.model, threads=args.threads, budget=budget, tree_shape=args.tree, datastore=args.datastore,
                      draft_model=args.draft_model)
         if getattr(args, "state", None) and args.state.exists():
-            model.load_state(args.state)
+            try:
+                model.load_state(args.state)
+            except DamagedStateError as error:  # overwritten by this run's state at the end
+                print(f"freespec: warning: {error}; starting without it", file=sys.stderr)
     except (ModelLoadError, UnsupportedModelError, ValueError) as error:
         raise UsageError(str(error)) from None
     return model

@@ -18,7 +18,7 @@ from freespec.drafters.layerskip import LayerSkip
 from freespec.drafters.lookahead import Lookahead
 from freespec.drafters.lookup import PromptLookup
 from freespec.drafters.ngram_trie import TrieLookup
-from freespec.drafters.recycling import TokenRecycling
+from freespec.drafters.recycling import DamagedStateError, TokenRecycling
 from freespec.drafters.retrieval import Retrieval
 from freespec.model.runner import ModelRunner
 
@@ -39,13 +39,13 @@ def _retrieval(settings: DrafterSettings) -> Retrieval:
     if settings.datastore is None:
         raise ValueError("the retrieval drafter needs a datastore: build one with "
                          "`freespec datastore build CORPUS -o DIR`, then pass datastore=DIR (--datastore DIR)")
-    return Retrieval(settings.datastore, settings.tokenizer)
+    return Retrieval(settings.datastore, settings.tokenizer, vocab_size=settings.vocab_size)
 
 
 def _aded(settings: DrafterSettings) -> Aded:
     if settings.datastore is None:
         return Aded()
-    return Aded.from_datastore(settings.datastore, settings.tokenizer)  # the corpus's tri-grams as the prior
+    return Aded.from_datastore(settings.datastore, settings.tokenizer, settings.vocab_size)  # the corpus's tri-grams
 
 
 def _layerskip(settings: DrafterSettings) -> LayerSkip:
@@ -103,6 +103,6 @@ def create(name: str, settings: DrafterSettings) -> Drafter | None:
     return FACTORIES[name](settings)
 
 
-__all__ = ["DRAFTERS", "Aded", "BaseDrafter", "DraftModel", "Drafter", "DrafterSettings", "FACTORIES", "Fused",
+__all__ = ["DRAFTERS", "Aded", "BaseDrafter", "DamagedStateError", "DraftModel", "Drafter", "DrafterSettings", "FACTORIES", "Fused",
            "LayerSkip", "Lookahead", "PromptLookup", "Retrieval", "TokenRecycling", "TrieLookup", "check_name",
            "create"]

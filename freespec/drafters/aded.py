@@ -156,11 +156,11 @@ class Aded(HitRateDrafter):
         self._seen = 0  # context tokens of this request already counted in the table
 
     @classmethod
-    def from_datastore(cls, path: str | Path, tokenizer=None) -> Aded:
+    def from_datastore(cls, path: str | Path, tokenizer=None, vocab_size: int | None = None) -> Aded:
         """With the tri-grams of a retrieval datastore's corpus as the prior."""
         from freespec.drafters.datastore import Datastore
 
-        return cls(TrigramPrior.count(np.asarray(Datastore(path, tokenizer).tokens)))
+        return cls(TrigramPrior.count(np.asarray(Datastore(path, tokenizer, vocab_size).tokens)))
 
     def begin(self, prompt: np.ndarray, prompt_logits: torch.Tensor | None) -> None:
         self._seen = 0

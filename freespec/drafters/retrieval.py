@@ -29,9 +29,10 @@ class Retrieval(HitRateDrafter):
     reads_logits = False
 
     def __init__(self, datastore: str | Path | Datastore, tokenizer=None, max_match: int = 16,
-                 max_candidates: int = 64, depth: int = 12):
+                 max_candidates: int = 64, depth: int = 12, vocab_size: int | None = None):
+        """``tokenizer`` and ``vocab_size`` (the model's) check the datastore fits the model."""
         super().__init__()
-        self.store = datastore if isinstance(datastore, Datastore) else Datastore(datastore, tokenizer)
+        self.store = datastore if isinstance(datastore, Datastore) else Datastore(datastore, tokenizer, vocab_size)
         self.max_match, self.max_candidates, self.depth = max_match, max_candidates, depth
 
     def propose(self, context: np.ndarray, budget: int) -> DraftTree:

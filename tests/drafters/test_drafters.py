@@ -7,6 +7,7 @@ n-gram drafters feed on, so their drafts get accepted and the acceptance paths a
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -250,6 +251,37 @@ def test_retrieval_needs_a_datastore_built_with_its_tokenizer(tmp_path, store):
     model.tokenizer.add_tokens(["w999"])
     with pytest.raises(ValueError, match="built with another tokenizer"):
         generate(model, PROMPTS[0], "retrieval")
+
+
+def test_a_datastore_holding_ids_outside_the_vocabulary_is_refused_when_opened(tmp_path):
+    """Its ids are drafted straight into the model's embedding lookup: a bad one must never get there."""
+    tokenizer = word_tokenizer()
+    good = tmp_path / "good"
+    datastore.build(["w1 w2 w3 w1 w2 w4", "w5 w6"], tokenizer, good)
+    tokens = np.load(good / "tokens.npy")
+    assert datastore.Datastore(good, tokenizer, vocab_size=256).tokens.tolist() == tokens.tolist()
+    model = make_model("llama", 0)  # vocabulary 256
+    for name, bad, found in [("big", 10**6, 10**6), ("negative", -3, -3), ("vocab", 256, 256)]:
+        folder = tmp_path / name
+        shutil.copytree(good, folder)
+        changed = tokens.copy()
+        changed[2] = bad
+        np.save(folder / "tokens.npy", changed)
+        message = f"{folder / 'tokens.npy'}: token ids must lie in \\[-1, 256\\), found {found}"
+        with pytest.raises(ValueError, match=message):
+            create("retrieval", DrafterSettings(256, datastore=folder, tokenizer=tokenizer))
+        with pytest.raises(ValueError, match=message):
+            create("aded", DrafterSettings(256, datastore=folder, tokenizer=tokenizer))
+        model.datastore, model._drafters = folder, {}
+        with pytest.raises(ValueError, match=message):  # a request, not a crash in the embedding lookup
+            generate(model, PROMPTS[0], "retrieval")
+    np.save(tmp_path / "vocab" / "tokens.npy", tokens.astype(np.float32))
+    with pytest.raises(ValueError, match="tokens.npy: expected a 1-D integer array, got float32"):
+        datastore.Datastore(tmp_path / "vocab", tokenizer)
+    np.save(tmp_path / "vocab" / "tokens.npy", tokens)
+    np.save(tmp_path / "vocab" / "suffixes.npy", np.full(len(tokens), len(tokens)))
+    with pytest.raises(ValueError, match=rf"suffixes.npy: suffix positions must lie in \[0, {len(tokens)}\), found"):
+        datastore.Datastore(tmp_path / "vocab", tokenizer)
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -1,11 +1,15 @@
 """Token Recycling on tiny integer arrays: the template, both tree shapes, pair rows, warm state."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
+from freespec.cli import main
 from freespec.drafters.recycling import (
     PAPER_TEMPLATE,
+    DamagedStateError,
     PairRows,
     TokenRecycling,
     order_template,
@@ -154,7 +158,89 @@ def test_recycling_warm_start_and_save_load(tmp_path):
     drafter.save(tmp_path / "state.npz")
     other.load(tmp_path / "state.npz")
     assert other.row(6, 7)[0].tolist()[0] == 8
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(ValueError, match="saved for a vocabulary of 10 tokens"):
         TokenRecycling(vocab_size=11, k=2, template=[(0,)]).load(tmp_path / "state.npz")
     with pytest.raises(ValueError, match="tree shape must be"):
         TokenRecycling(vocab_size=11, tree_shape="bushy")
+
+
+def warm_recycling(vocab_size: int = 10) -> TokenRecycling:
+    drafter = TokenRecycling(vocab_size=vocab_size, k=2)
+    drafter.begin(np.array([4, 5]), torch.randn(2, vocab_size, generator=torch.Generator().manual_seed(0)))
+    drafter.propose(np.array([6, 7, 8]), budget=1)
+    return drafter
+
+
+def test_state_is_saved_to_exactly_the_path_given_and_atomically(tmp_path, monkeypatch):
+    drafter = warm_recycling()
+    drafter.save(tmp_path / "warm.state")  # numpy alone would write warm.state.npz, which no run reads
+    assert [p.name for p in tmp_path.iterdir()] == ["warm.state"]
+    other = TokenRecycling(vocab_size=10, k=2)
+    other.load(tmp_path / "warm.state")
+    assert np.array_equal(other.successors, drafter.successors) and other.row(6, 7)[0].tolist()[0] == 8
+    saved = (tmp_path / "warm.state").read_bytes()
+
+    def dies_half_way(file, **arrays):  # a full disk, a killed process: the file is left half written
+        file.write(b"PK\x03\x04 half an archive")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "savez_compressed", dies_half_way)
+    with pytest.raises(OSError, match="No space left"):
+        drafter.save(tmp_path / "warm.state")
+    assert (tmp_path / "warm.state").read_bytes() == saved  # the previous state is intact
+    assert [p.name for p in tmp_path.iterdir()] == ["warm.state"]  # and nothing is left behind
+
+
+def test_damaged_state_files_are_refused_in_one_line_and_change_nothing(tmp_path):
+    good = tmp_path / "good.npz"
+    warm_recycling().save(good)
+    data = good.read_bytes()
+    arrays = dict(np.load(good))
+
+    def variant(name: str, **changes) -> Path:
+        path = tmp_path / name
+        np.savez(path, **{**arrays, **changes})
+        return path
+
+    damaged = {
+        "cut short": tmp_path / "cut", "empty": tmp_path / "empty", "garbled": tmp_path / "garbled",
+        "no successors": variant("none.npz", successors=np.zeros(0)),
+        "id -3": variant("negative.npz", successors=np.where(arrays["successors"] == 0, -3, arrays["successors"])),
+        "id = vocab": variant("vocab.npz", successors=np.full_like(arrays["successors"], 10)),
+        "pair row id": variant("pair.npz", pairs_successors=np.full_like(arrays["pairs_successors"], 99)),
+        "nan probability": variant("nan.npz", probs=np.full_like(arrays["probs"], np.nan)),
+        "float ids": variant("float.npz", successors=arrays["successors"].astype(np.float64)),
+        "hits above tries": variant("hits.npz", calibration_hits=arrays["calibration_tries"] + 1),
+        "no calibration": tmp_path / "old.npz",
+    }
+    (tmp_path / "cut").write_bytes(data[: len(data) // 2])
+    (tmp_path / "empty").write_bytes(b"")
+    (tmp_path / "garbled").write_bytes(data[:200] + bytes(len(data) - 200))
+    np.savez(tmp_path / "old.npz", **{k: v for k, v in arrays.items() if k != "calibration_tries"})
+    drafter = warm_recycling()
+    before = drafter.successors.copy()
+    for why, path in damaged.items():
+        with pytest.raises(DamagedStateError) as caught:
+            drafter.load(path)
+        message = str(caught.value)
+        assert message.startswith(f"{path} is damaged") and "\n" not in message, (why, message)
+        assert np.array_equal(drafter.successors, before), why
+    (tmp_path / "notes.txt").write_text("not a matrix")
+    with pytest.raises(ValueError, match="notes.txt is not a drafter state file") as caught:
+        drafter.load(tmp_path / "notes.txt")  # maybe not ours to overwrite: an error, not a warning
+    assert not isinstance(caught.value, DamagedStateError)
+    with pytest.raises(ValueError, match="saved for a vocabulary of 10 tokens and k=2, not 11") as caught:
+        TokenRecycling(vocab_size=11, k=2).load(good)
+    assert not isinstance(caught.value, DamagedStateError)
+
+
+def test_the_cli_warns_about_a_damaged_state_file_and_replaces_it(tiny_model_dir, tmp_path, capsys):
+    state = tmp_path / "warm.state"
+    state.write_bytes(b"PK\x03\x04 cut short by a crash")
+    args = ["generate", "w1 w2 w3", "--model", str(tiny_model_dir), "--max-new-tokens", "8", "--state", str(state)]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert f"freespec: warning: cannot load drafter state: {state} is damaged (BadZipFile" in err
+    assert "Traceback" not in err and len([line for line in err.splitlines() if "warning" in line]) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["warm.state"]  # rewritten where it was asked for
+    assert main(args) == 0 and "warning" not in capsys.readouterr().err  # the next run starts warm
