@@ -149,42 +149,43 @@ def plot(summary: dict, out: Path) -> list[str]:
     methods = [m for m in summary["overall"] if "speedup" in summary["overall"][m]]
     if methods:
         groups = list(summary["categories"]) + ["overall"]
-        width = 0.8 / len(methods)
-        figure, axes = plt.subplots(figsize=(min(18.0, max(8.0, 0.25 * len(groups) * len(methods) + 2)), 4.5))
-        for i, method in enumerate(methods):
-            values = [summary["categories"][g].get(method, {}).get("speedup", 0.0) for g in groups[:-1]]
-            values.append(summary["overall"][method]["speedup"])
-            axes.bar([x + (i - (len(methods) - 1) / 2) * width for x in range(len(groups))], values, width,
-                     label=method)
+        speedups = {method: [summary["categories"][g].get(method, {}).get("speedup", 0.0) for g in groups[:-1]]
+                    + [summary["overall"][method]["speedup"]] for method in methods}
+        figure, axes = _bars(plt, speedups, groups, (min(18.0, max(8.0, 0.25 * len(groups) * len(methods) + 2)), 4.5))
         axes.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
         axes.set_xticks(range(len(groups)), groups, rotation=35, ha="right")
         axes.set_ylabel(f"speedup vs {summary['baseline']}")
         axes.set_title("Speedup per category (mean of per-question tokens/s ratios)")
-        axes.legend(fontsize="small")
-        figure.tight_layout()
-        figure.savefig(out / "speedup.png", dpi=110)
-        plt.close(figure)
-        written.append("speedup.png")
+        written.append(_save(plt, figure, axes, out / "speedup.png"))
     histograms = {m: h for m, h in summary["accepted_histogram"].items() if h}
     if histograms:
-        longest = max(int(n) for h in histograms.values() for n in h)
-        width = 0.8 / len(histograms)
-        figure, axes = plt.subplots(figsize=(max(6.0, 0.5 * longest + 3), 4.0))
-        for i, (method, histogram) in enumerate(histograms.items()):
-            steps = sum(histogram.values())
-            xs = range(1, longest + 1)
-            axes.bar([x + (i - (len(histograms) - 1) / 2) * width for x in xs],
-                     [histogram.get(str(x), 0) / steps for x in xs], width, label=method)
-        axes.set_xticks(range(1, longest + 1))
+        lengths = range(1, max(int(n) for h in histograms.values() for n in h) + 1)
+        shares = {method: [histogram.get(str(n), 0) / sum(histogram.values()) for n in lengths]
+                  for method, histogram in histograms.items()}
+        figure, axes = _bars(plt, shares, lengths, (max(6.0, 0.5 * len(lengths) + 3), 4.0))
+        axes.set_xticks(range(len(lengths)), lengths)
         axes.set_xlabel("tokens accepted per forward pass (bonus token included)")
         axes.set_ylabel("share of forward passes")
         axes.set_title("Accepted length per step")
-        axes.legend(fontsize="small")
-        figure.tight_layout()
-        figure.savefig(out / "accepted.png", dpi=110)
-        plt.close(figure)
-        written.append("accepted.png")
+        written.append(_save(plt, figure, axes, out / "accepted.png"))
     return written
+
+
+def _bars(plt, series: dict[str, list[float]], groups, size: tuple[float, float]):
+    """A figure with one bar per series in each group, side by side; (figure, axes)."""
+    figure, axes = plt.subplots(figsize=size)
+    width = 0.8 / len(series)
+    for i, (label, values) in enumerate(series.items()):
+        axes.bar([x + (i - (len(series) - 1) / 2) * width for x in range(len(groups))], values, width, label=label)
+    return figure, axes
+
+
+def _save(plt, figure, axes, path: Path) -> str:
+    axes.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path.name
 
 
 RECORD_KEYS = ("question_id", "category", "method", "turn", "new_tokens", "seconds", "token_ids")
