@@ -216,8 +216,8 @@ def _load(args: argparse.Namespace, budget: int | None = None) -> Model:
     if args.quiet or not sys.stderr.isatty():
         transformers_logging.disable_progress_bar()  # it draws them into files and pipes too
     try:
-        model = load(args.model, threads=args.threads, budget=budget, tree_shape=args.tree, datastore=args.datastore,
-                     draft_model=args.draft_model)
+        model = load(args.model, threads=args.threads, budget=budget, tree_shape=args.tree,
+                     datastore=args.datastore, draft_model=args.draft_model)
         if getattr(args, "state", None) and args.state.exists():
             try:
                 model.load_state(args.state)

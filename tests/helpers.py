@@ -179,7 +179,7 @@ def total_variation(counts: np.ndarray, probs: np.ndarray) -> float:
 PROMPTS = [[2, 5, 6, 7, 3], [2, *range(40, 90), 3]]
 
 
-def make_model(family, seed, budget=None, scale=8.0, tree_shape="dynamic"):
+def make_model(family, seed=0, budget=None, scale=8.0, tree_shape="dynamic"):
     return Model(LoadedModel(tiny_model(family, seed=seed, scale=scale), word_tokenizer(), family, None),
                  budget=budget, tree_shape=tree_shape)
 

@@ -103,6 +103,6 @@ def create(name: str, settings: DrafterSettings) -> Drafter | None:
     return FACTORIES[name](settings)
 
 
-__all__ = ["DRAFTERS", "Aded", "BaseDrafter", "DamagedStateError", "DraftModel", "Drafter", "DrafterSettings", "FACTORIES", "Fused",
-           "LayerSkip", "Lookahead", "PromptLookup", "Retrieval", "TokenRecycling", "TrieLookup", "check_name",
-           "create"]
+__all__ = ["DRAFTERS", "Aded", "BaseDrafter", "DamagedStateError", "DraftModel", "Drafter", "DrafterSettings",
+           "FACTORIES", "Fused", "LayerSkip", "Lookahead", "PromptLookup", "Retrieval", "TokenRecycling",
+           "TrieLookup", "check_name", "create"]

@@ -55,7 +55,7 @@ class ChainSampler:
 
 class ChainDrafter(BaseDrafter):
     """A drafter that drafts chains on ``runner`` with :func:`draft_chain`, choosing tokens as the
-    request does (:class:`ChainSampler`); it learns nothing from the target's logits."""
+    request does (:class:`ChainSampler`); it never reads the target's logits."""
 
     reads_logits = False
 

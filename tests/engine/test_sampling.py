@@ -41,6 +41,7 @@ from tests.helpers import (
     chi_square_p,
     exact_joint,
     exact_table,
+    make_model,
     small_model,
     tiny_model,
     total_variation,
@@ -398,11 +399,6 @@ SAMPLED = [dict(temperature=1.0), dict(temperature=0.7, top_k=20, top_p=0.9, min
 E2E_SAMPLES = 600  # whole engine runs (a prefill and a few forward passes each): slower than the rules alone
 
 
-def make_model(family: str, seed: int = 0, budget: int | None = None, tree: str = "dynamic") -> Model:
-    return Model(LoadedModel(tiny_model(family, seed=seed, scale=8.0), word_tokenizer(), family, None),
-                 budget=budget, tree_shape=tree)
-
-
 @pytest.mark.parametrize("tree, budget", [("dynamic", None), ("static", 16)])
 def test_speculative_sampling_equals_plain_sampling_with_the_same_seed(tree, budget):
     """One uniform number per emitted token either way, so a seed fixes the text whatever the drafter."""
@@ -443,7 +439,7 @@ def test_penalised_greedy_matches_transformers():
 
 def test_a_seed_repeats_a_run_and_no_seed_does_not():
     model = make_model("llama", budget=16)
-    runs = [model.generate(prompt_ids=PROMPTS[0], max_new_tokens=32, temperature=3.0, seed=seed).token_ids
+    runs = [model.generate(prompt_ids=PROMPTS[0], max_new_tokens=32, temperature=2.0, seed=seed).token_ids
             for seed in (7, 7, None, None)]
     assert runs[0] == runs[1]  # the drafter learned in between: the text does not depend on it
     assert runs[2] != runs[3]
