@@ -74,7 +74,7 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=None, help="fixed draft nodes per step (default: the policy)")
     args = parser.parse_args()
 
-    FACTORIES[ONE_TOKEN_ROWS] = lambda settings: TokenRecycling(settings.vocab_size, tree=settings.tree, pair_slots=0)
+    FACTORIES[ONE_TOKEN_ROWS] = lambda settings: TokenRecycling(settings.vocab_size, tree_shape=settings.tree_shape, pair_slots=0)
     methods = ["none", "recycling", ONE_TOKEN_ROWS]
     model = freespec.load(args.model, budget=args.budget)
     for method in methods:  # compile kernels, calibrate t(q), then start every drafter cold

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from freespec.drafters import Drafter, DrafterSettings, create
+from freespec.drafters import DamagedStateError, Drafter, DrafterSettings, create
 from freespec.engine.budget import BudgetPolicy
 from freespec.engine.costs import load_or_measure
 from freespec.engine.loop import Generation, GenerationStats
@@ -38,7 +39,7 @@ class GenerationResult:
 class Model:
     """A loaded model with its runner and its drafters' state, kept warm across requests."""
 
-    def __init__(self, loaded: LoadedModel, budget: int | None = None, tree: str = "dynamic",
+    def __init__(self, loaded: LoadedModel, budget: int | None = None, tree_shape: str = "dynamic",
                  datastore: str | os.PathLike | None = None, draft_model: LoadedModel | None = None,
                  kernels: Kernels | None = None):
         """``kernels``: the backend the runners compute with (default: :func:`freespec.kernels.select`)."""
@@ -48,7 +49,7 @@ class Model:
         self.runner = ModelRunner(loaded.model, kernels or select_kernels(),
                                   packed_cache=packed_cache_path(loaded.source))
         self.fixed_budget = budget
-        self.tree = tree  # Token Recycling's tree shape: "dynamic" (best-first) or "static" (paper template)
+        self.tree_shape = tree_shape  # Token Recycling's: "dynamic" (best-first) or "static" (paper template)
         self.datastore = datastore  # the retrieval drafter's datastore directory
         self._drafters: dict[str, tuple[Drafter, BudgetPolicy]] = {}
         self.stop_ids = self._stop_ids(loaded.model)
@@ -109,7 +110,7 @@ class Model:
         if name in self._drafters:
             return self._drafters[name]
         datastore = None if self.datastore is None else Path(self.datastore)
-        drafter = create(name, DrafterSettings(self.runner.vocab_size, self.tree, datastore, self.tokenizer,
+        drafter = create(name, DrafterSettings(self.runner.vocab_size, self.tree_shape, datastore, self.tokenizer,
                                                self.runner, self.draft_runner))
         if drafter is None:
             return None, None
@@ -126,33 +127,44 @@ class Model:
                 runner.reset(0)
 
     def save_state(self, path: str | os.PathLike) -> None:
-        """Write Token Recycling's learned matrix to ``path`` (.npz), to warm a later process."""
+        """Write Token Recycling's learned state to exactly ``path`` (an .npz archive whatever its
+        name), atomically, to warm a later process."""
         self.drafter("recycling")[0].save(path)
 
     def load_state(self, path: str | os.PathLike) -> None:
-        """Load a matrix written by :meth:`save_state` for this model's vocabulary."""
+        """Load a state written by :meth:`save_state` for this model's vocabulary.
+
+        Raises :class:`DamagedStateError` (a ValueError) for a file cut short or corrupted, which
+        a caller may ignore and overwrite, and ValueError for anything else (not a state file,
+        another model's, unreadable); the drafter is unchanged either way.
+        """
         try:
             self.drafter("recycling")[0].load(path)
-        except (OSError, KeyError, ValueError) as error:
-            raise ValueError(f"cannot load drafter state {path}: {error}") from None
+        except DamagedStateError as error:
+            raise DamagedStateError(f"cannot load drafter state: {error}") from None
+        except OSError as error:
+            raise ValueError(f"cannot load drafter state {path}: {error.strerror or error}") from None
+        except ValueError as error:
+            raise ValueError(f"cannot load drafter state: {error}") from None
 
     def stream(self, prompt: str | None = None, *, messages: list[dict] | None = None, max_new_tokens: int = 256,
                drafter: str = "recycling", chat: bool = True, prompt_ids: list[int] | None = None,
-               budget: int | None = None, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-               min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
-               reuse_prefix: bool = True, should_stop: Callable[[], bool] | None = None) -> Generation:
+               budget: int | None = None, sampling: SamplingParams | None = None, reuse_prefix: bool = True,
+               should_stop: Callable[[], bool] | None = None,
+               **sampling_options) -> Generation:
         """Start a request; iterate the result for token-id chunks as they are accepted.
 
         ``budget`` fixes the draft nodes per step (default: the model's, else chosen from measured costs).
-        ``temperature`` 0 is greedy; above 0 tokens are sampled with ``top_k``, ``top_p``, ``min_p``
-        and ``repetition_penalty`` as transformers applies them, from exactly that distribution
-        whatever the drafter (see :class:`freespec.engine.sampling.SamplingParams`). ``seed`` repeats a run.
+        ``sampling`` chooses the tokens (default: greedy); any of its fields may be given as a keyword
+        instead, or over it (``temperature=0.7, seed=3``). Sampled tokens come from exactly the
+        distribution transformers samples from, whatever the drafter (see
+        :class:`freespec.engine.sampling.SamplingParams`); a seed repeats a run.
         ``reuse_prefix``: skip prefilling the prompt's leading tokens that the previous request
         already cached (a chat's earlier turns); it never changes the output.
         ``should_stop`` is asked between prefill chunks; True stops the prefill with
         :class:`freespec.model.runner.PrefillCancelled` (a server whose client left).
         """
-        sampling = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
+        sampling = dataclasses.replace(sampling or SamplingParams(), **sampling_options)
         if prompt_ids is None:
             prompt_ids = self.encode(prompt, messages, chat)
         drafter_state, policy = self.drafter(drafter)
@@ -172,13 +184,13 @@ class Model:
 
 
 def load(model: str | os.PathLike | None = None, *, threads: int | None = None, budget: int | None = None,
-         tree: str = "dynamic", datastore: str | os.PathLike | None = None,
+         tree_shape: str = "dynamic", datastore: str | os.PathLike | None = None,
          draft_model: str | os.PathLike | None = None) -> Model:
     """Load ``model`` (None: the embedded SmolLM2-135M-Instruct; a directory; a .gguf; a hub id).
 
     ``budget`` fixes the number of draft nodes per step instead of choosing it from measured costs.
-    ``threads`` sets torch's (and the kernels') thread count. ``tree`` picks Token Recycling's tree
-    shape: ``dynamic`` (best-first by recycled probabilities) or ``static`` (the paper's template).
+    ``threads`` sets torch's (and the kernels') thread count. ``tree_shape`` picks Token Recycling's
+    tree shape: ``dynamic`` (best-first by recycled probabilities) or ``static`` (the paper's template).
     ``datastore`` is the directory the ``retrieval`` drafter reads (``freespec datastore build``).
     ``draft_model`` (same forms as ``model``) is the smaller model, with the same tokenizer, that the
     ``draft-model`` drafter drafts with.
@@ -191,4 +203,5 @@ def load(model: str | os.PathLike | None = None, *, threads: int | None = None, 
             draft = load_model(draft_model)
         except ModelLoadError as error:
             raise ModelLoadError(f"the draft model: {error}") from None
-    return Model(load_model(model), budget=budget, tree=tree, datastore=datastore, draft_model=draft)
+    return Model(load_model(model), budget=budget, tree_shape=tree_shape, datastore=datastore,
+                 draft_model=draft)

@@ -18,12 +18,12 @@ import torch
 from tqdm import tqdm
 from transformers.utils import logging as transformers_logging
 
-from freespec.api import Model, load
+from freespec.api import DamagedStateError, Model, load
 from freespec.bench.methods import DEFAULT_METHODS, PEERS
 from freespec.drafters import DRAFTERS, check_name
 from freespec.engine.costs import load_or_measure
 from freespec.engine.loop import Generation, GenerationStats
-from freespec.engine.sampling import SamplingParams
+from freespec.engine.sampling import OPTIONS, SAMPLING_KEYS, SamplingParams
 from freespec.model.loading import ModelLoadError
 from freespec.model.weights import UnsupportedModelError
 from freespec.serve.textstream import TextStream
@@ -53,32 +53,26 @@ def _positive_int(text: str) -> int:
     return value
 
 
-SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
-"""Sampling options: CLI flags (``--top-k``...), batch JSONL keys and ``Model.stream`` arguments alike."""
-
-
 def _sampling_options(seed: bool = True) -> argparse.ArgumentParser:
-    """Flags checked by :class:`freespec.engine.sampling.SamplingParams` (its messages name what is wrong).
+    """One flag per field of :class:`freespec.engine.sampling.SamplingParams` (``--top-k`` for
+    ``top_k``), described by its help; the dataclass checks the values (its messages name the field).
 
     ``bench`` has its own ``--seed`` (per question and turn), so it takes these without one.
     """
     options = _Parser(add_help=False)
-    options.add_argument("--temperature", type=float, default=0.0, metavar="T",
-                         help="sample at temperature T; 0 is greedy (default: 0)")
-    options.add_argument("--top-k", type=int, default=0, metavar="K", help="keep the K most likely tokens (0: off)")
-    options.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (1: off)")
-    options.add_argument("--min-p", type=float, default=0.0, metavar="P",
-                         help="drop tokens below P times the most likely one (0: off)")
-    options.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R",
-                         help="penalise tokens already in the text, greedy included (1: off)")
-    if seed:
-        options.add_argument("--seed", type=int, metavar="N", help="seed each request's sampler: repeatable output")
+    for option in OPTIONS:
+        if option.name != "seed" or seed:
+            default = "" if option.default is None else f" (default: {option.default})"
+            options.add_argument(f"--{option.name.replace('_', '-')}", type=option.kind, default=option.default,
+                                 metavar=option.metavar, help=option.help + default)
     return options
 
 
-def _sampling(args: argparse.Namespace, request: dict | None = None) -> dict:
-    """The sampling keyword arguments for a request: its own keys over the command's flags."""
-    return {key: (request or {}).get(key, getattr(args, key)) for key in SAMPLING_KEYS}
+def _sampling(args: argparse.Namespace, request: dict | None = None, seed: bool = True) -> SamplingParams:
+    """How a request samples: its own keys over the command's flags (``seed=False``: the command's
+    ``--seed`` is not a sampling seed). Raises ValueError for a bad value."""
+    keys = [key for key in SAMPLING_KEYS if key != "seed" or seed]
+    return SamplingParams(**{key: (request or {}).get(key, getattr(args, key)) for key in keys})
 
 
 def _drafter_name(text: str) -> str:
@@ -139,8 +133,7 @@ def _parser() -> argparse.ArgumentParser:
                                "afterwards, so later runs start warm")
     generate.add_argument("--input", metavar="FILE", help="JSONL requests, one "
                           '{"prompt": ...} or {"messages": [...]} per line, optional "max_new_tokens" '
-                          'and sampling keys ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", '
-                          '"seed") overriding the flags')
+                          f"and sampling keys ({', '.join(map(json.dumps, SAMPLING_KEYS))}) overriding the flags")
     generate.add_argument("--output", metavar="FILE", help="JSONL results, one line per request, "
                           "written as each finishes")
     generate.set_defaults(run=_generate)
@@ -248,10 +241,13 @@ def _load(args: argparse.Namespace, budget: int | None = None) -> Model:
     if args.quiet or not sys.stderr.isatty():
         transformers_logging.disable_progress_bar()  # it draws them into files and pipes too
     try:
-        model = load(args.model, threads=args.threads, budget=budget, tree=args.tree, datastore=args.datastore,
-                     draft_model=args.draft_model)
+        model = load(args.model, threads=args.threads, budget=budget, tree_shape=args.tree,
+                     datastore=args.datastore, draft_model=args.draft_model)
         if getattr(args, "state", None) and args.state.exists():
-            model.load_state(args.state)
+            try:
+                model.load_state(args.state)
+            except DamagedStateError as error:  # overwritten by this run's state at the end
+                print(f"freespec: warning: {error}; starting without it", file=sys.stderr)
     except (ModelLoadError, UnsupportedModelError, ValueError) as error:
         raise UsageError(str(error)) from None
     return model
@@ -270,7 +266,7 @@ def _start(model: Model, args: argparse.Namespace, request: dict, where: str = "
     try:
         return model.stream(request.get("prompt"), messages=request.get("messages"),
                             max_new_tokens=request.get("max_new_tokens", args.max_new_tokens),
-                            drafter=args.drafter, chat=args.chat, **_sampling(args, request))
+                            drafter=args.drafter, chat=args.chat, sampling=_sampling(args, request))
     except ValueError as error:
         raise UsageError(f"{where}{error}") from None
 
@@ -283,7 +279,7 @@ def _summary(stats: GenerationStats, drafter: str) -> str:
 
 def _generate(args: argparse.Namespace) -> None:
     try:
-        SamplingParams(**_sampling(args))  # bad flags are reported before a model loads
+        _sampling(args)  # bad flags are reported before a model loads
     except ValueError as error:
         raise UsageError(str(error)) from None
     if args.input is None and args.output is None:
@@ -393,7 +389,7 @@ def _bench(args: argparse.Namespace) -> None:
     from freespec.bench.report import compare
 
     try:
-        sampling = SamplingParams(**{key: getattr(args, key) for key in SAMPLING_KEYS if key != "seed"})
+        sampling = _sampling(args, seed=False)
     except ValueError as error:
         raise UsageError(str(error)) from None
     try:

@@ -22,7 +22,8 @@ from transformers import (
 )
 
 from freespec.api import Model
-from freespec.engine.sampling import SamplingParams, repetition_penalty, target_probs
+from freespec.engine.distribution import repetition_penalty, target_probs
+from freespec.engine.sampling import SamplingParams
 from freespec.model.loading import LoadedModel
 from freespec.model.runner import ModelRunner
 
@@ -150,9 +151,9 @@ def total_variation(counts: np.ndarray, probs: np.ndarray) -> float:
 PROMPTS = [[2, 5, 6, 7, 3], [2, *range(40, 90), 3]]
 
 
-def make_model(family, seed, budget=None, scale=8.0, tree="dynamic"):
+def make_model(family, seed=0, budget=None, scale=8.0, tree_shape="dynamic"):
     return Model(LoadedModel(tiny_model(family, seed=seed, scale=scale), word_tokenizer(), family, None),
-                 budget=budget, tree=tree)
+                 budget=budget, tree_shape=tree_shape)
 
 
 def generate(model, prompt, drafter, max_new_tokens=48):

@@ -9,7 +9,7 @@ drafters against freespec's ``none``). Adding a peer is one function and one :da
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -18,7 +18,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from freespec.api import Model
 from freespec.drafters import DRAFTERS
-from freespec.engine.sampling import SamplingParams
+from freespec.engine.sampling import OPTIONS, SamplingParams
 
 REFERENCE = "none"
 DEFAULT_METHODS = ("none", "recycling", "hf-greedy", "hf-lookup", "llamacpp-greedy", "llamacpp-lookup")
@@ -39,12 +39,13 @@ class Output:
     sampled: bool = False  # drawn at temperature > 0: equal to a reference only with the same seed and engine
 
 
-Runner = Callable[[list[int]], Output]
+Generate = Callable[[list[int]], Output]
+"""One method, ready to run: prompt ids → its generation."""
 
 
 @dataclass
 class Setup:
-    """What runners are built from: the loaded model and the run's settings."""
+    """What methods are built from: the loaded model and the run's settings."""
 
     model: Model
     max_new_tokens: int
@@ -58,7 +59,7 @@ class Setup:
 
 @dataclass(frozen=True)
 class Peer:
-    build: Callable[[Setup], Runner]
+    build: Callable[[Setup], Generate]
     reference: str  # the greedy method whose output this one must equal
     missing: Callable[[Setup], str | None]  # why it cannot run here, or None
     about: str
@@ -94,16 +95,16 @@ def unavailable(method: str, setup: Setup) -> str | None:
     return PEERS[method].missing(setup) if method in PEERS else None
 
 
-def build_runner(method: str, setup: Setup) -> Runner:
+def build_method(method: str, setup: Setup) -> Generate:
     if method in PEERS:
         return PEERS[method].build(setup)
     model = setup.model
 
     def run(prompt_ids: list[int]) -> Output:
-        options = {**asdict(setup.sampling), "seed": torch.initial_seed()}  # the same for every method
+        sampling = replace(setup.sampling, seed=torch.initial_seed())  # the same for every method
         # every turn prefills its whole conversation, as the peers' turns do (llama.cpp is reset)
         result = model.generate(prompt_ids=prompt_ids, drafter=method, max_new_tokens=setup.max_new_tokens,
-                                reuse_prefix=False, **options)
+                                reuse_prefix=False, sampling=sampling)
         return Output(result.token_ids, result.stats.accepted_lengths, result.stats.draft_sizes,
                       sampled=not setup.sampling.greedy)
 
@@ -128,14 +129,18 @@ class _StepSizes(BaseStreamer):
         pass
 
 
-def _hf_runner(setup: Setup, sample: bool = False, **options) -> Runner:
+def _hf_generate(setup: Setup, sample: bool = False, **options) -> Generate:
     """transformers' own ``generate``, greedy or sampling with the bench's options, with ``options``
-    (prompt lookup, an assistant model)."""
+    (prompt lookup, an assistant model).
+
+    transformers names its sampling keywords as :class:`SamplingParams` does: a sampling peer gets
+    them all, a greedy one those that change greedy output too. The seed is not one of them: the
+    bench seeds torch per question and turn.
+    """
     model, stop, sampling = setup.model, sorted(setup.model.stop_ids), setup.sampling
-    options.update(do_sample=sample and not sampling.greedy, repetition_penalty=sampling.repetition_penalty)
-    if options["do_sample"]:
-        options.update(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
-                       min_p=sampling.min_p)
+    do_sample = sample and not sampling.greedy
+    options.update({option.name: getattr(sampling, option.name) for option in OPTIONS
+                    if option.name != "seed" and (do_sample or option.greedy)}, do_sample=do_sample)
 
     def run(prompt_ids: list[int]) -> Output:
         inputs = torch.tensor([prompt_ids])  # [1, prompt]
@@ -149,8 +154,8 @@ def _hf_runner(setup: Setup, sample: bool = False, **options) -> Runner:
     return run
 
 
-def _hf_assisted(setup: Setup) -> Runner:
-    return _hf_runner(setup, assistant_model=setup.model.draft.model)  # loaded and checked with the model
+def _hf_assisted(setup: Setup) -> Generate:
+    return _hf_generate(setup, assistant_model=setup.model.draft.model)  # loaded and checked with the model
 
 
 # --- llama.cpp (llama-cpp-python, an optional extra) -------------------------------------------
@@ -166,7 +171,7 @@ def _llama_cpp_missing(setup: Setup) -> str | None:
     return None
 
 
-def _llama_cpp(setup: Setup, lookup: bool) -> Runner:
+def _llama_cpp(setup: Setup, lookup: bool) -> Generate:
     """llama.cpp greedy on the same GGUF file, or with its prompt-lookup draft.
 
     The prompt ids are freespec's (the tokenizer was converted from the same file), so every method
@@ -219,10 +224,10 @@ def _always(setup: Setup) -> None:
 
 
 PEERS: dict[str, Peer] = {
-    "hf-greedy": Peer(lambda s: _hf_runner(s), REFERENCE, _always, "transformers generate, greedy"),
-    "hf-sample": Peer(lambda s: _hf_runner(s, sample=True), "hf-greedy", _always,
+    "hf-greedy": Peer(lambda s: _hf_generate(s), REFERENCE, _always, "transformers generate, greedy"),
+    "hf-sample": Peer(lambda s: _hf_generate(s, sample=True), "hf-greedy", _always,
                       "transformers generate with the sampling options (greedy at temperature 0)"),
-    "hf-lookup": Peer(lambda s: _hf_runner(s, prompt_lookup_num_tokens=LOOKUP_TOKENS), "hf-greedy", _always,
+    "hf-lookup": Peer(lambda s: _hf_generate(s, prompt_lookup_num_tokens=LOOKUP_TOKENS), "hf-greedy", _always,
                       f"transformers generate with prompt lookup ({LOOKUP_TOKENS} tokens)"),
     "hf-assisted": Peer(_hf_assisted, "hf-greedy", _needs_draft_model,
                         "transformers generate with an assistant model (--draft-model)"),

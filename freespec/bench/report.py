@@ -28,17 +28,13 @@ from freespec.bench.methods import REFERENCE, BenchError, is_drafter, reference_
 PLOTS = ("speedup.png", "accepted.png")
 
 
-def _turn(record: dict) -> int:
-    return record.get("turn", 1)  # runs from before multi-turn support hold first turns only
-
-
 def _order(methods: set[str]) -> list[str]:
     return sorted(methods, key=lambda m: (m != REFERENCE, reference_of(m) != REFERENCE, m))
 
 
 def summarize(records: list[dict], baseline: str) -> dict:
     """Per method (overall and per category): tokens/s, τ, speedup vs ``baseline``, identical rate."""
-    by_key = {(r["question_id"], r["method"], _turn(r)): r for r in records}
+    by_key = {(r["question_id"], r["method"], r["turn"]): r for r in records}
     methods = _order({r["method"] for r in records})
 
     def speed(method: str, question, turns: set[int]) -> float | None:
@@ -56,7 +52,7 @@ def summarize(records: list[dict], baseline: str) -> dict:
             entry["mean_accepted"] = round(sum(r["new_tokens"] for r in rows if "accepted_lengths" in r) / passes, 4)
         turns = defaultdict(set)
         for r in rows:
-            turns[r["question_id"]].add(_turn(r))
+            turns[r["question_id"]].add(r["turn"])
         ratios = []
         for question, mine in turns.items():
             common = {t for t in mine if (question, baseline, t) in by_key}
@@ -66,7 +62,7 @@ def summarize(records: list[dict], baseline: str) -> dict:
             entry["speedup"] = round(statistics.fmean(ratios), 4)
         reference = reference_of(method)
         same = [r["token_ids"] == by_key[key]["token_ids"] for r in rows
-                if (key := (r["question_id"], reference, _turn(r))) in by_key and comparable(r, by_key[key])]
+                if (key := (r["question_id"], reference, r["turn"])) in by_key and comparable(r, by_key[key])]
         entry["reference"] = reference
         if any(r.get("sampled") for r in rows):
             entry["sampled"] = True
@@ -153,42 +149,47 @@ def plot(summary: dict, out: Path) -> list[str]:
     methods = [m for m in summary["overall"] if "speedup" in summary["overall"][m]]
     if methods:
         groups = list(summary["categories"]) + ["overall"]
-        width = 0.8 / len(methods)
-        figure, axes = plt.subplots(figsize=(min(18.0, max(8.0, 0.25 * len(groups) * len(methods) + 2)), 4.5))
-        for i, method in enumerate(methods):
-            values = [summary["categories"][g].get(method, {}).get("speedup", 0.0) for g in groups[:-1]]
-            values.append(summary["overall"][method]["speedup"])
-            axes.bar([x + (i - (len(methods) - 1) / 2) * width for x in range(len(groups))], values, width,
-                     label=method)
+        speedups = {method: [summary["categories"][g].get(method, {}).get("speedup", 0.0) for g in groups[:-1]]
+                    + [summary["overall"][method]["speedup"]] for method in methods}
+        figure, axes = _bars(plt, speedups, groups, (min(18.0, max(8.0, 0.25 * len(groups) * len(methods) + 2)), 4.5))
         axes.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
         axes.set_xticks(range(len(groups)), groups, rotation=35, ha="right")
         axes.set_ylabel(f"speedup vs {summary['baseline']}")
         axes.set_title("Speedup per category (mean of per-question tokens/s ratios)")
-        axes.legend(fontsize="small")
-        figure.tight_layout()
-        figure.savefig(out / "speedup.png", dpi=110)
-        plt.close(figure)
-        written.append("speedup.png")
+        written.append(_save(plt, figure, axes, out / "speedup.png"))
     histograms = {m: h for m, h in summary["accepted_histogram"].items() if h}
     if histograms:
-        longest = max(int(n) for h in histograms.values() for n in h)
-        width = 0.8 / len(histograms)
-        figure, axes = plt.subplots(figsize=(max(6.0, 0.5 * longest + 3), 4.0))
-        for i, (method, histogram) in enumerate(histograms.items()):
-            steps = sum(histogram.values())
-            xs = range(1, longest + 1)
-            axes.bar([x + (i - (len(histograms) - 1) / 2) * width for x in xs],
-                     [histogram.get(str(x), 0) / steps for x in xs], width, label=method)
-        axes.set_xticks(range(1, longest + 1))
+        lengths = range(1, max(int(n) for h in histograms.values() for n in h) + 1)
+        shares = {method: [histogram.get(str(n), 0) / sum(histogram.values()) for n in lengths]
+                  for method, histogram in histograms.items()}
+        figure, axes = _bars(plt, shares, lengths, (max(6.0, 0.5 * len(lengths) + 3), 4.0))
+        axes.set_xticks(range(len(lengths)), lengths)
         axes.set_xlabel("tokens accepted per forward pass (bonus token included)")
         axes.set_ylabel("share of forward passes")
         axes.set_title("Accepted length per step")
-        axes.legend(fontsize="small")
-        figure.tight_layout()
-        figure.savefig(out / "accepted.png", dpi=110)
-        plt.close(figure)
-        written.append("accepted.png")
+        written.append(_save(plt, figure, axes, out / "accepted.png"))
     return written
+
+
+def _bars(plt, series: dict[str, list[float]], groups, size: tuple[float, float]):
+    """A figure with one bar per series in each group, side by side; (figure, axes)."""
+    figure, axes = plt.subplots(figsize=size)
+    width = 0.8 / len(series)
+    for i, (label, values) in enumerate(series.items()):
+        axes.bar([x + (i - (len(series) - 1) / 2) * width for x in range(len(groups))], values, width, label=label)
+    return figure, axes
+
+
+def _save(plt, figure, axes, path: Path) -> str:
+    axes.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path.name
+
+
+RECORD_KEYS = ("question_id", "category", "method", "turn", "new_tokens", "seconds", "token_ids")
+"""What every record holds (see the module's docstring)."""
 
 
 def load_records(path: Path) -> list[dict]:
@@ -199,11 +200,15 @@ def load_records(path: Path) -> list[dict]:
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             if number == len(lines):
                 break
             raise BenchError(f"{path} line {number}: not a JSON record") from None
+        missing = [key for key in RECORD_KEYS if key not in record] if isinstance(record, dict) else RECORD_KEYS
+        if missing:
+            raise BenchError(f"{path} line {number}: not a result record (no {', '.join(missing)})")
+        records.append(record)
     return records
 
 

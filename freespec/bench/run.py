@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from freespec.api import Model
-from freespec.bench.methods import BenchError, Setup, build_runner, unavailable
+from freespec.bench.methods import BenchError, Setup, build_method, unavailable
 from freespec.bench.report import PLOTS, load_records, markdown, plot, summarize
 
 DEFAULT_QUESTIONS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "spec_bench" / "question.jsonl"
@@ -162,7 +162,7 @@ def _done_records(out: Path, settings: dict, resume: bool) -> dict[tuple, dict]:
     records = load_records(results)
     # rewrite without a line cut short by the interruption, so appending starts on a fresh line
     results.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    return {(r["question_id"], r["method"], r.get("turn", 1)): r for r in records}
+    return {(r["question_id"], r["method"], r["turn"]): r for r in records}
 
 
 def run_bench(model: Model, questions: list[Question], methods: list[str], out: Path, setup: Setup,
@@ -172,8 +172,8 @@ def run_bench(model: Model, questions: list[Question], methods: list[str], out: 
         raise BenchError(f"{model.name} has no chat template: the benchmark sends chat-formatted questions")
     out.mkdir(parents=True, exist_ok=True)
     settings = {"model": model.name, "max_new_tokens": setup.max_new_tokens, "seed": setup.seed,
-                "sampling": dataclasses.asdict(setup.sampling), "budget": model.fixed_budget, "tree": model.tree,
-                "datastore": str(model.datastore) if model.datastore else None}
+                "sampling": dataclasses.asdict(setup.sampling), "budget": model.fixed_budget,
+                "tree": model.tree_shape, "datastore": str(model.datastore) if model.datastore else None}
     done = _done_records(out, settings, resume)
     todo = [(q, turn, m) for q in questions for turn in range(1, len(q.turns) + 1) for m in methods
             if (q.question_id, m, turn) not in done]
@@ -181,11 +181,11 @@ def run_bench(model: Model, questions: list[Question], methods: list[str], out: 
         return out / "results.jsonl"
     try:
         setup = dataclasses.replace(setup, context=context_bound(model, questions, setup.max_new_tokens))
-        runners = {m: build_runner(m, setup) for m in methods}
+        generate = {m: build_method(m, setup) for m in methods}
         warm = model.encode(WARM_UP)
     except ValueError as error:
         raise BenchError(str(error)) from None
-    for run in runners.values():
+    for run in generate.values():
         run(warm)
     totals = defaultdict(lambda: [0, 0.0, 0])  # method → new tokens, seconds, forward passes
     with open(out / "results.jsonl", "a", encoding="utf-8") as results, \
@@ -201,7 +201,7 @@ def run_bench(model: Model, questions: list[Question], methods: list[str], out: 
             _seed(setup.seed, question.question_id, turn)
             started = time.perf_counter()
             try:
-                output = runners[method](prompt_ids)
+                output = generate[method](prompt_ids)
             except ValueError as error:
                 raise BenchError(f"question {question.question_id} turn {turn}, {method}: {error}") from None
             seconds = time.perf_counter() - started

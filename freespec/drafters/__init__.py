@@ -1,4 +1,4 @@
-"""Draft sources. Each implements :class:`freespec.drafters.base.Drafter`; none touches verification.
+"""Draft sources. Each subclasses :class:`freespec.drafters.base.BaseDrafter`; none touches verification.
 
 Drafters are made by name (:func:`create`) from a small registry of factories; ``a+b`` fuses
 several into one tree (:mod:`freespec.drafters.fused`).
@@ -11,14 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from freespec.drafters.aded import Aded
-from freespec.drafters.base import Drafter, SamplingAware
+from freespec.drafters.base import BaseDrafter, Drafter
 from freespec.drafters.draft_model import DraftModel
 from freespec.drafters.fused import Fused
 from freespec.drafters.layerskip import LayerSkip
-from freespec.drafters.lookahead import Jacobi
+from freespec.drafters.lookahead import Lookahead
 from freespec.drafters.lookup import PromptLookup
-from freespec.drafters.ngram_trie import LookaheadTrie
-from freespec.drafters.recycling import TokenRecycling
+from freespec.drafters.ngram_trie import TrieLookup
+from freespec.drafters.recycling import DamagedStateError, TokenRecycling
 from freespec.drafters.retrieval import Retrieval
 from freespec.model.runner import ModelRunner
 
@@ -28,7 +28,7 @@ class DrafterSettings:
     """What factories may need besides the name; every field but the vocabulary is optional."""
 
     vocab_size: int
-    tree: str = "dynamic"  # Token Recycling's tree shape: "dynamic" (best-first) or "static" (paper template)
+    tree_shape: str = "dynamic"  # Token Recycling's: "dynamic" (best-first) or "static" (paper template)
     datastore: Path | None = None  # retrieval's datastore directory (``freespec datastore build``)
     tokenizer: object | None = None  # the model's tokenizer, to check a datastore was built with it
     runner: ModelRunner | None = None  # the target's runner: layerskip drafts with it
@@ -39,13 +39,13 @@ def _retrieval(settings: DrafterSettings) -> Retrieval:
     if settings.datastore is None:
         raise ValueError("the retrieval drafter needs a datastore: build one with "
                          "`freespec datastore build CORPUS -o DIR`, then pass datastore=DIR (--datastore DIR)")
-    return Retrieval(settings.datastore, settings.tokenizer)
+    return Retrieval(settings.datastore, settings.tokenizer, vocab_size=settings.vocab_size)
 
 
 def _aded(settings: DrafterSettings) -> Aded:
     if settings.datastore is None:
         return Aded()
-    return Aded.from_datastore(settings.datastore, settings.tokenizer)  # the corpus's tri-grams as the prior
+    return Aded.from_datastore(settings.datastore, settings.tokenizer, settings.vocab_size)  # the corpus's tri-grams
 
 
 def _layerskip(settings: DrafterSettings) -> LayerSkip:
@@ -62,12 +62,12 @@ def _draft_model(settings: DrafterSettings) -> DraftModel:
 
 
 FACTORIES: dict[str, Callable[[DrafterSettings], Drafter]] = {
-    "recycling": lambda s: TokenRecycling(s.vocab_size, tree=s.tree),
+    "recycling": lambda s: TokenRecycling(s.vocab_size, tree_shape=s.tree_shape),
     "lookup": lambda s: PromptLookup(),
-    "trie": lambda s: LookaheadTrie(),
+    "trie": lambda s: TrieLookup(),
     "retrieval": _retrieval,
     "aded": _aded,
-    "jacobi": lambda s: Jacobi(),
+    "jacobi": lambda s: Lookahead(),
     "layerskip": _layerskip,
     "draft-model": _draft_model,
 }
@@ -103,5 +103,6 @@ def create(name: str, settings: DrafterSettings) -> Drafter | None:
     return FACTORIES[name](settings)
 
 
-__all__ = ["DRAFTERS", "Aded", "DraftModel", "Drafter", "DrafterSettings", "FACTORIES", "Fused", "Jacobi", "LayerSkip",
-           "LookaheadTrie", "PromptLookup", "Retrieval", "SamplingAware", "TokenRecycling", "check_name", "create"]
+__all__ = ["DRAFTERS", "Aded", "BaseDrafter", "DamagedStateError", "DraftModel", "Drafter", "DrafterSettings",
+           "FACTORIES", "Fused", "LayerSkip", "Lookahead", "PromptLookup", "Retrieval", "TokenRecycling",
+           "TrieLookup", "check_name", "create"]

@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from freespec.drafters.grow import HitRate, grow
+from freespec.drafters.grow import grow
+from freespec.drafters.scoring import HitRateDrafter
 from freespec.engine.tree import DraftTree
 
 
@@ -80,11 +81,11 @@ class TrigramTable:
             row = self.prior.row(a, b) if self.prior is not None else {}
         return row
 
-    def observe(self, a: int, b: int, c: int) -> None:
+    def learn(self, a: int, b: int, c: int) -> None:
         """The tri-gram (a, b, c) appeared: c gains ``boost``; the row stays a (sub-)distribution.
 
         >>> table = TrigramTable(boost=0.5, top=2)
-        >>> table.observe(1, 2, 3); table.observe(1, 2, 3); table.observe(1, 2, 4); table.row(1, 2)
+        >>> table.learn(1, 2, 3); table.learn(1, 2, 3); table.learn(1, 2, 4); table.row(1, 2)
         {3: 0.6667, 4: 0.3333}
         """
         row = dict(self.row(a, b))
@@ -111,8 +112,8 @@ def search(table: TrigramTable, a: int, b: int, iterations: int = 150, depth: in
     """The MCTS tree from the pair (a, b); its root holds token b.
 
     >>> table = TrigramTable(boost=0.5)
-    >>> for c in (3, 3, 4): table.observe(1, 2, c)
-    >>> table.observe(2, 3, 5)
+    >>> for c in (3, 3, 4): table.learn(1, 2, c)
+    >>> table.learn(2, 3, 5)
     >>> root = search(table, 1, 2, iterations=20)
     >>> [(n.token, n.visits) for n in root.children], [(n.token, n.visits) for n in root.children[0].children]
     ([(3, 13), (4, 6)], [(5, 12)])
@@ -141,28 +142,25 @@ def search(table: TrigramTable, a: int, b: int, iterations: int = 150, depth: in
     return root
 
 
-class Aded:
+class Aded(HitRateDrafter):
     """The ``aded`` drafter; its table is shared across requests until the model is reset."""
 
-    wants_prompt_logits = False
-
     shadow_drafts = True
-
     reads_logits = False
 
     def __init__(self, prior: TrigramPrior | None = None, boost: float = 0.04, iterations: int = 150,
                  depth: int = 4, max_nodes: int = 64):
+        super().__init__()
         self.table = TrigramTable(prior, boost)
         self.iterations, self.depth, self.max_nodes = iterations, depth, max_nodes
-        self.hit_rate = HitRate()
         self._seen = 0  # context tokens of this request already counted in the table
 
     @classmethod
-    def from_datastore(cls, path: str | Path, tokenizer=None) -> Aded:
+    def from_datastore(cls, path: str | Path, tokenizer=None, vocab_size: int | None = None) -> Aded:
         """With the tri-grams of a retrieval datastore's corpus as the prior."""
         from freespec.drafters.datastore import Datastore
 
-        return cls(TrigramPrior.count(np.asarray(Datastore(path, tokenizer).tokens)))
+        return cls(TrigramPrior.count(np.asarray(Datastore(path, tokenizer, vocab_size).tokens)))
 
     def begin(self, prompt: np.ndarray, prompt_logits: torch.Tensor | None) -> None:
         self._seen = 0
@@ -172,7 +170,7 @@ class Aded:
             self._seen = 0
         tokens = context[max(self._seen - 2, 0) :].tolist()
         for a, b, c in zip(tokens, tokens[1:], tokens[2:]):
-            self.table.observe(a, b, c)
+            self.table.learn(a, b, c)
         self._seen = len(context)
         if len(context) < 2:
             return DraftTree.root_only(int(context[-1]))
@@ -181,9 +179,3 @@ class Aded:
             return [(child.token, child.visits / node.visits, child) for child in node.children if child.visits]
 
         return grow(int(context[-1]), root, expand, budget, self.hit_rate)
-
-    def update(self, tree: DraftTree, logits: torch.Tensor, accepted: list[int]) -> None:
-        self.hit_rate.observe(tree, accepted)
-
-    def learn_unverified(self, tree: DraftTree, path: list[int], verified: int) -> None:
-        self.hit_rate.observe(tree, path, verified)

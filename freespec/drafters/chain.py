@@ -15,12 +15,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from freespec.engine.sampling import (
-    SamplingParams,
-    draw,
-    repetition_penalty,
-    target_probs,
-)
+from freespec.drafters.base import BaseDrafter
+from freespec.engine.distribution import draw, repetition_penalty, target_probs
+from freespec.engine.sampling import SamplingParams
 from freespec.engine.tree import DraftTree
 from freespec.model.runner import ModelRunner
 
@@ -54,6 +51,21 @@ class ChainSampler:
         q = target_probs(logits, self.params)  # [vocab]
         token = draw(q, self.generator)
         return token, float(q[token]), q
+
+
+class ChainDrafter(BaseDrafter):
+    """A drafter that drafts chains on ``runner`` with :func:`draft_chain`, choosing tokens as the
+    request does (:class:`ChainSampler`); it never reads the target's logits."""
+
+    reads_logits = False
+
+    def __init__(self, runner: ModelRunner, confidence: float = CONFIDENCE):
+        self.runner = runner
+        self.confidence = confidence
+        self.sampler = ChainSampler()
+
+    def set_sampling(self, params: SamplingParams, generator: torch.Generator | None) -> None:
+        self.sampler.set_sampling(params, generator)
 
 
 def draft_chain(runner: ModelRunner, feed: np.ndarray, context: np.ndarray, budget: int, sampler: ChainSampler,

@@ -128,6 +128,18 @@ def build(documents: Iterable[str], tokenizer, out: Path, batch: int = 256) -> d
     return meta
 
 
+def _check_ids(path: Path, values: np.ndarray, low: int, high: int, what: str) -> None:
+    """ValueError naming ``path`` unless ``values`` is a 1-D integer array within [low, high)."""
+    if values.ndim != 1 or not np.issubdtype(values.dtype, np.integer):
+        raise ValueError(f"{path}: expected a 1-D integer array, got {values.dtype} {list(values.shape)}; "
+                         "the datastore is damaged, build it again")
+    smallest, largest = (int(values.min()), int(values.max())) if len(values) else (low, low)
+    if smallest < low or largest >= high:
+        bad = smallest if smallest < low else largest
+        raise ValueError(f"{path}: {what} must lie in [{low}, {high}), found {bad}; the datastore is damaged or "
+                         "was built for another model, build it again")
+
+
 def _first_not_below(tokens: np.ndarray, suffixes: np.ndarray, query: np.ndarray, upper: bool) -> int:
     """First suffix index whose first len(query) tokens are >= query (> query when ``upper``)."""
     low, high = 0, len(suffixes)
@@ -185,9 +197,14 @@ def longest_match(tokens: np.ndarray, suffixes: np.ndarray, context: np.ndarray,
 
 
 class Datastore:
-    """A built datastore, memory-mapped: find continuations of a token sequence."""
+    """A built datastore, memory-mapped: find continuations of a token sequence.
 
-    def __init__(self, path: str | Path, tokenizer=None):
+    Its contents are checked when it is opened, since its ids are drafted straight into the model:
+    token ids in [0, ``vocab_size``) (default: the vocabulary it was built for) or ``SEPARATOR``,
+    suffixes in [0, n). That reads both arrays once (about a second per GB).
+    """
+
+    def __init__(self, path: str | Path, tokenizer=None, vocab_size: int | None = None):
         path = Path(path)
         try:
             self.meta = json.loads((path / "meta.json").read_text())
@@ -196,10 +213,19 @@ class Datastore:
         except (OSError, ValueError) as error:
             raise ValueError(f"{path} is not a freespec datastore ({error}); build one with "
                              f"`freespec datastore build CORPUS -o {path}`") from None
-        if self.meta.get("format") != FORMAT or len(self.tokens) != len(self.suffixes):
+        if not isinstance(self.meta, dict) or self.meta.get("format") != FORMAT:
             raise ValueError(f"{path}: unknown or damaged datastore; build it again")
-        if tokenizer is not None and self.meta["tokenizer"] != tokenizer_fingerprint(tokenizer):
+        if tokenizer is not None and self.meta.get("tokenizer") != tokenizer_fingerprint(tokenizer):
             raise ValueError(f"{path} was built with another tokenizer; build it with this model's")
+        if vocab_size is None:
+            vocab_size = self.meta.get("vocab_size")
+            if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size <= 0:
+                raise ValueError(f"{path / 'meta.json'}: no valid vocab_size; the datastore is damaged, build it again")
+        _check_ids(path / "tokens.npy", self.tokens, SEPARATOR, vocab_size, "token ids")
+        _check_ids(path / "suffixes.npy", self.suffixes, 0, len(self.tokens), "suffix positions")
+        if len(self.suffixes) != len(self.tokens):
+            raise ValueError(f"{path / 'suffixes.npy'}: {len(self.suffixes)} suffixes for {len(self.tokens)} tokens; "
+                             "the datastore is damaged, build it again")
 
     def longest_match(self, context: np.ndarray, max_length: int) -> tuple[int, int, int]:
         return longest_match(self.tokens, self.suffixes, context, max_length)

@@ -10,36 +10,20 @@ chat's next turn forwards only what its conversation added.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
-from freespec.drafters.chain import CONFIDENCE, ChainSampler, draft_chain
-from freespec.engine.sampling import SamplingParams
+from freespec.drafters.chain import CONFIDENCE, ChainDrafter, draft_chain
 from freespec.engine.tree import DraftTree
 from freespec.model.runner import ModelRunner
 
 
-class DraftModel:
+class DraftModel(ChainDrafter):
     """Drafts with ``runner`` (the small model), whose vocabulary must be the target's."""
-
-    wants_prompt_logits = False
-
-    shadow_drafts = False
-
-    reads_logits = False
 
     def __init__(self, runner: ModelRunner, vocab_size: int, confidence: float = CONFIDENCE):
         if runner.vocab_size != vocab_size:
             raise ValueError(f"the draft model's vocabulary has {runner.vocab_size} tokens, the target's "
                              f"{vocab_size}: the draft model must use the same tokenizer")
-        self.runner = runner
-        self.confidence = confidence
-        self.sampler = ChainSampler()
-
-    def set_sampling(self, params: SamplingParams, generator: torch.Generator | None) -> None:
-        self.sampler.set_sampling(params, generator)
-
-    def begin(self, prompt: np.ndarray, prompt_logits: torch.Tensor | None) -> None:
-        pass  # the first proposal catches up on the prompt
+        super().__init__(runner, confidence)
 
     def propose(self, context: np.ndarray, budget: int) -> DraftTree:
         runner = self.runner
@@ -48,6 +32,3 @@ class DraftModel:
         runner.reserve(len(context) + budget)
         kept = runner.keep_prefix(context[:-1])  # the root is always forwarded: its logits
         return draft_chain(runner, context[kept:], context, budget, self.sampler, confidence=self.confidence)
-
-    def update(self, tree: DraftTree, logits: torch.Tensor, accepted: list[int]) -> None:
-        pass

@@ -8,7 +8,7 @@ best-first with parents before children and any prefix is again the best tree of
 A source without scores gets ones that fall with its node order. After verification each source
 learns from the longest prefix of its own tree that was verified, in its own node numbering (the
 engine may verify only a prefix of the merged tree: a shadow draft, see :mod:`freespec.engine.budget`),
-and once the shadow resolves, a source that learns from shadows hears about the rest of its part.
+and once the shadow resolves, each source hears about the rest of its part.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections import deque
 import numpy as np
 import torch
 
-from freespec.drafters.base import Drafter, SamplingAware, ShadowLearner
+from freespec.drafters.base import BaseDrafter, Drafter
 from freespec.engine.sampling import SamplingParams
 from freespec.engine.tree import DraftTree
 
@@ -108,7 +108,7 @@ def rows_of(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
     return logits[rows]
 
 
-class Fused:
+class Fused(BaseDrafter):
     """Drafters named ``a+b+...``: one tree from all of them, each learning from its part."""
 
     def __init__(self, drafters: list[Drafter]):
@@ -117,7 +117,7 @@ class Fused:
         self.drafters = drafters
         self.wants_prompt_logits = any(d.wants_prompt_logits for d in drafters)
         self.shadow_drafts = all(d.shadow_drafts for d in drafters)
-        self.reads_logits = any(getattr(d, "reads_logits", True) for d in drafters)
+        self.reads_logits = any(d.reads_logits for d in drafters)
         self._proposed: tuple[DraftTree, list[DraftTree], list[list[int]]] | None = None
         # the last proposals (merged tree, sources' trees, their merged indices), for shadows that resolve later
         self._recent: deque[tuple[DraftTree, list[DraftTree], list[list[int]]]] = deque(maxlen=64)
@@ -126,8 +126,7 @@ class Fused:
         """Sources draft point masses: the merged tree keeps no draft probabilities, and
         verification's point-mass rule is exact for any tree (see :mod:`freespec.engine.verify`)."""
         for drafter in self.drafters:
-            if isinstance(drafter, SamplingAware):
-                drafter.set_sampling(params, None)
+            drafter.set_sampling(params, None)
 
     def begin(self, prompt: np.ndarray, prompt_logits: torch.Tensor | None) -> None:
         for drafter in self.drafters:
@@ -141,34 +140,31 @@ class Fused:
             self._recent.append(self._proposed)
         return tree
 
-    def update(self, tree: DraftTree, logits: torch.Tensor, accepted: list[int]) -> None:
+    def learn(self, tree: DraftTree, logits: torch.Tensor, accepted: list[int]) -> None:
         proposed = None if self._proposed is None else self._proposed[0]
         if proposed is None or len(tree) > len(proposed) or tree is not proposed and not (
             tree.tokens.tolist() == proposed.tokens[: len(tree)].tolist()
             and tree.parents.tolist() == proposed.parents[: len(tree)].tolist()
         ):  # the engine verified a tree this drafter did not propose: the root alone
             for drafter in self.drafters:
-                drafter.update(tree, logits, accepted)
+                drafter.learn(tree, logits, accepted)
             return
         _, trees, where = self._proposed
         for drafter, own, index in zip(self.drafters, trees, where):
             index = [merged if merged < len(tree) else -1 for merged in index]  # beyond a verified prefix: cut
             verified, path = source_view(index, accepted)
             part = own.prefix(verified)
-            reads = getattr(drafter, "reads_logits", True)
-            drafter.update(part, rows_of(logits, index[:verified]) if reads else logits[:0], path)
+            drafter.learn(part, rows_of(logits, index[:verified]) if drafter.reads_logits else logits[:0], path)
 
-    def learn_unverified(self, tree: DraftTree, path: list[int], verified: int) -> None:
-        """Pass a resolved shadow draft on to the sources that learn from shadows, each in its own
-        numbering: its nodes that made the merged draft, the accepted path among them, and how
-        many of them were verified (and given to :meth:`update`)."""
+    def learn_shadow(self, tree: DraftTree, path: list[int], verified: int) -> None:
+        """Pass a resolved shadow draft on to every source, each in its own numbering: its nodes
+        that made the merged draft, the accepted path among them, and how many of them were
+        verified (and given to :meth:`learn`)."""
         proposal = next((entry for entry in self._recent if entry[0] is tree), None)
         if proposal is None:  # older than the proposals kept, or not this drafter's
             return
         _, trees, where = proposal
         for drafter, own, index in zip(self.drafters, trees, where):
-            if not isinstance(drafter, ShadowLearner):
-                continue
             drafted, own_path = source_view(index, path)
             seen, _ = source_view([merged if merged <= verified else -1 for merged in index], [0])
-            drafter.learn_unverified(own.prefix(drafted), own_path, seen - 1)
+            drafter.learn_shadow(own.prefix(drafted), own_path, seen - 1)

@@ -20,8 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from freespec.drafters.chain import CONFIDENCE, ChainSampler, draft_chain
-from freespec.engine.sampling import SamplingParams
+from freespec.drafters.chain import CONFIDENCE, ChainDrafter, draft_chain
 from freespec.engine.tree import DraftTree
 from freespec.model.runner import ModelRunner
 
@@ -87,7 +86,7 @@ class SkipSearch:
         self._tokens = self._cost = 0.0
         self._steps = 0
 
-    def observe(self, drafted: int, emitted: int) -> None:
+    def learn(self, drafted: int, emitted: int) -> None:
         """One verified step drafted with ``current``: ``drafted`` tokens, ``emitted`` kept."""
         if self.steps_left <= 0:
             return
@@ -111,24 +110,13 @@ class SkipSearch:
         self.current = self._queue.pop() if self.steps_left > 0 else self.best
 
 
-class LayerSkip:
+class LayerSkip(ChainDrafter):
     """Drafts with the target model itself, skipping the layers :class:`SkipSearch` picks."""
 
-    wants_prompt_logits = False
-
-    shadow_drafts = False
-
-    reads_logits = False
-
     def __init__(self, runner: ModelRunner, confidence: float = CONFIDENCE):
-        self.runner = runner
-        self.confidence = confidence
+        super().__init__(runner, confidence)
         self.search = SkipSearch(runner.num_layers)
-        self.sampler = ChainSampler()
         self._drafted: DraftTree | None = None
-
-    def set_sampling(self, params: SamplingParams, generator: torch.Generator | None) -> None:
-        self.sampler.set_sampling(params, generator)
 
     def begin(self, prompt: np.ndarray, prompt_logits: torch.Tensor | None) -> None:
         self._drafted = None
@@ -143,7 +131,7 @@ class LayerSkip:
         self._drafted = tree
         return tree
 
-    def update(self, tree: DraftTree, logits: torch.Tensor, accepted: list[int]) -> None:
+    def learn(self, tree: DraftTree, logits: torch.Tensor, accepted: list[int]) -> None:
         if self._drafted is not None and len(tree) > 1:
-            self.search.observe(len(self._drafted) - 1, len(accepted))
+            self.search.learn(len(self._drafted) - 1, len(accepted))
         self._drafted = None

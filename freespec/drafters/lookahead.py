@@ -6,7 +6,7 @@ Each step the tree holds two kinds of branches off the root:
   tokens), merged by common prefix and weighted by recency: the *verification* branch;
 - the *lookahead* branch: a chain of ``W`` guessed future tokens (the Jacobi window). The model's
   argmax at each chain node is a new guess for the position after it, given the guesses before
-  it, which is one Jacobi iteration; :meth:`Jacobi.update` reads those logits.
+  it, which is one Jacobi iteration; :meth:`Lookahead.learn` reads those logits.
 
 Guesses live at absolute positions. After ``N - 1`` iterations the tokens along a diagonal (the
 guess for position q from the oldest window, for q + 1 from the next, ..., and the newest
@@ -23,7 +23,8 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from freespec.drafters.grow import HitRate, WeightedTrie, grow
+from freespec.drafters.grow import WeightedTrie, grow
+from freespec.drafters.scoring import HitRateDrafter
 from freespec.engine.tree import DraftTree
 
 
@@ -45,21 +46,15 @@ def diagonal_ngrams(windows: list[dict[int, int]], predicted: dict[int, int], n:
     return grams
 
 
-class Jacobi:
+class Lookahead(HitRateDrafter):
     """The ``jacobi`` drafter (lookahead decoding: N, W, G); its n-gram pool lasts across requests."""
-
-    wants_prompt_logits = False
-
-    shadow_drafts = False
-
-    reads_logits = True
 
     def __init__(self, n: int = 5, window: int = 7, guesses: int = 7, pool_per_token: int = 32):
         if n < 2 or window < 1 or guesses < 1:
             raise ValueError(f"need N >= 2, W >= 1, G >= 1, got {n}, {window}, {guesses}")
+        super().__init__()
         self.n, self.window, self.guesses, self.pool_per_token = n, window, guesses, pool_per_token
         self.pool: dict[int, list[tuple[int, ...]]] = defaultdict(list)  # first token → continuations, newest last
-        self.hit_rate = HitRate()
         self.begin(np.zeros(0, dtype=np.int64), None)
 
     def begin(self, prompt: np.ndarray, prompt_logits: torch.Tensor | None) -> None:
@@ -94,12 +89,12 @@ class Jacobi:
             trie.add(gram, 0.9**rank)
         return grow(root, 0, trie.expander(), budget, self.hit_rate)
 
-    def update(self, tree: DraftTree, logits: torch.Tensor, accepted: list[int]) -> None:
+    def learn(self, tree: DraftTree, logits: torch.Tensor, accepted: list[int]) -> None:
         if self._root_position is None:  # no proposal yet in this request
             return
         # ``tree`` is the proposal, a prefix of it (in a fused drafter), or the root alone
         chain = [c for c in self._chain if c < len(tree)] if self._proposed is not None else []
-        self.hit_rate.observe(tree, accepted)
+        super().learn(tree, logits, accepted)  # the hit rate
         nodes = [0, *chain]
         predicted_tokens = torch.argmax(logits[nodes], dim=-1).tolist()
         verified = {self._root_position + i: int(tree.tokens[node]) for i, node in enumerate(nodes)}

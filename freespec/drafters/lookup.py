@@ -18,7 +18,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from freespec.drafters.grow import HitRate, WeightedTrie, grow
+from freespec.drafters.grow import WeightedTrie, grow
+from freespec.drafters.scoring import HitRateDrafter
 from freespec.engine.tree import DraftTree
 
 
@@ -116,20 +117,17 @@ def continuation_trie(tokens: list[int], ends: list[int], depth: int, decay: flo
     return trie
 
 
-class PromptLookup:
+class PromptLookup(HitRateDrafter):
     """The ``lookup`` drafter: per request, copies from that request's prompt and output."""
 
-    wants_prompt_logits = False
-
     shadow_drafts = True
-
     reads_logits = False
 
     def __init__(self, key: int = 3, max_candidates: int = 16, max_match: int = 64, depth: int = 16,
                  decay: float = 0.8):
+        super().__init__()
         self.key, self.max_candidates, self.max_match = key, max_candidates, max_match
         self.depth, self.decay = depth, decay
-        self.hit_rate = HitRate()
         self.index = NgramIndex(key)
 
     def begin(self, prompt: np.ndarray, prompt_logits: torch.Tensor | None) -> None:
@@ -142,9 +140,3 @@ class PromptLookup:
         _, ends = longest_suffix_matches(self.index, self.max_candidates, self.max_match)
         trie = continuation_trie(self.index.tokens, ends, self.depth, self.decay)
         return grow(int(context[-1]), 0, trie.expander(), budget, self.hit_rate)
-
-    def update(self, tree: DraftTree, logits: torch.Tensor, accepted: list[int]) -> None:
-        self.hit_rate.observe(tree, accepted)
-
-    def learn_unverified(self, tree: DraftTree, path: list[int], verified: int) -> None:
-        self.hit_rate.observe(tree, path, verified)

@@ -1,4 +1,4 @@
-"""Lookahead (Ant Group): a bounded trie of n-grams from prompts and outputs, shared by requests.
+"""Trie lookup, after Ant Group's Lookahead: a bounded trie of n-grams from prompts and outputs, shared by requests.
 
 Every token of every request's prompt and output is counted in the trie as the end of the
 n-grams (n ≤ ``window``) that lead to it, so the trie holds each window-long span with the
@@ -17,7 +17,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from freespec.drafters.grow import HitRate, grow
+from freespec.drafters.grow import grow
+from freespec.drafters.scoring import HitRateDrafter
 from freespec.engine.tree import DraftTree
 
 
@@ -92,21 +93,18 @@ def _size(node: Node) -> int:
     return sum(1 + _size(child) for child in node.children.values())
 
 
-class LookaheadTrie:
+class TrieLookup(HitRateDrafter):
     """The ``trie`` drafter: one trie for all requests of a :class:`freespec.api.Model`."""
 
-    wants_prompt_logits = False
-
     shadow_drafts = True
-
     reads_logits = False
 
     def __init__(self, window: int = 16, max_match: int = 6, capacity: int = 65536):
         if not 1 <= max_match < window:
             raise ValueError(f"need 1 <= max_match < window, got {max_match} and {window}")
+        super().__init__()
         self.trie = NgramTrie(window, capacity)
         self.max_match = max_match
-        self.hit_rate = HitRate()
         self._fed = 0  # context tokens of this request already in the trie
 
     def begin(self, prompt: np.ndarray, prompt_logits: torch.Tensor | None) -> None:
@@ -125,9 +123,3 @@ class LookaheadTrie:
             return [(token, child.count / node.count, child) for token, child in node.children.items()]
 
         return grow(int(context[-1]), match, expand, budget, self.hit_rate)
-
-    def update(self, tree: DraftTree, logits: torch.Tensor, accepted: list[int]) -> None:
-        self.hit_rate.observe(tree, accepted)
-
-    def learn_unverified(self, tree: DraftTree, path: list[int], verified: int) -> None:
-        self.hit_rate.observe(tree, path, verified)

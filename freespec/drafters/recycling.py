@@ -18,22 +18,29 @@ that size (which the budget policy relies on):
   every step grows its tree best-first by path probability (the product along the path), as
   DySpec and OPT-Tree do: deep where the model was confident, wide where it hesitated. Each
   recycled probability is first mapped to the acceptance rate verification showed for such
-  probabilities (:class:`freespec.drafters.grow.Calibration`): recycled confidence overstates.
+  probabilities (:class:`freespec.drafters.scoring.AcceptanceCalibration`): recycled confidence
+  overstates.
 - ``static``: the paper's template, its nodes ordered by per-rank hit rates learned online.
 """
 
 from __future__ import annotations
 
 import heapq
+import math
+import os
+import secrets
+import zipfile
+import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import BinaryIO, Literal
 
 import numpy as np
 import torch
 
 from freespec import kernels
-from freespec.drafters.grow import Calibration
+from freespec.drafters.base import BaseDrafter
+from freespec.drafters.scoring import AcceptanceCalibration
 from freespec.engine.tree import DraftTree
 
 # The paper's best template: 80 nodes of depth <= 6 (8/21/25/15/8/3 nodes per depth), as rank paths.
@@ -143,7 +150,7 @@ class PairRows:
         self.keys = np.full(slots, -1, dtype=np.int64)  # [slots] a * vocab + b, -1 = empty
         self.successors = np.zeros((slots, k), dtype=np.int64)  # [slots, k]
         self.probs = np.zeros((slots, k), dtype=np.float32)  # [slots, k], rows descending
-        self.calibration = Calibration()  # these rows' probabilities → observed acceptance
+        self.calibration = AcceptanceCalibration()  # these rows' probabilities → observed acceptance
 
     def _slot(self, key: int) -> int:
         return ((key * self._GOLDEN) & 0xFFFFFFFFFFFFFFFF) >> self._shift
@@ -167,7 +174,7 @@ class PairRows:
                 self.successors[slot], self.probs[slot] = successors[row], probs[row]
 
 
-class TokenRecycling:
+class TokenRecycling(BaseDrafter):
     """The Token Recycling drafter; its matrix stays warm across requests until :meth:`reset`.
 
     ``pair_slots``: size of the table of the model's rows keyed by token pairs (:class:`PairRows`,
@@ -177,21 +184,18 @@ class TokenRecycling:
     """
 
     wants_prompt_logits = True
-
     shadow_drafts = True
 
-    reads_logits = True
-
-    def __init__(self, vocab_size: int, k: int = 8, tree: Literal["dynamic", "static"] = "dynamic",
+    def __init__(self, vocab_size: int, k: int = 8, tree_shape: Literal["dynamic", "static"] = "dynamic",
                  template=PAPER_TEMPLATE, pair_slots: int = 1 << 17):
-        if tree not in ("dynamic", "static"):
-            raise ValueError(f"tree must be 'dynamic' or 'static', got {tree!r}")
+        if tree_shape not in ("dynamic", "static"):
+            raise ValueError(f"the tree shape must be 'dynamic' or 'static', got {tree_shape!r}")
         self.vocab_size = vocab_size
         self.k = k
-        self.tree = tree
+        self.tree_shape = tree_shape
         self.template = tuple(template)
         self.pair_slots = pair_slots
-        if tree == "static" and max(max(path) for path in self.template) >= k:
+        if tree_shape == "static" and max(max(path) for path in self.template) >= k:
             raise ValueError(f"template uses ranks beyond k={k}")
         self.reset()
 
@@ -199,11 +203,11 @@ class TokenRecycling:
         """Forget everything learned (rows start as arbitrary distinct tokens of probability 0)."""
         self.successors = np.tile(np.arange(self.k, dtype=np.int64), (self.vocab_size, 1))  # [vocab, k]
         self.probs = np.zeros((self.vocab_size, self.k), dtype=np.float32)  # [vocab, k], rows descending
-        self.calibration = Calibration()  # dynamic trees: the token rows' probability → observed acceptance
+        self.calibration = AcceptanceCalibration()  # dynamic trees: token rows' probability → acceptance
         self.pairs = self.text_pairs = None
         if self.pair_slots:
             self.pairs = PairRows(self.vocab_size, self.k, self.pair_slots)  # the model's top-k per pair
-            if self.tree == "dynamic":  # the token that followed each pair in the prompt (one candidate)
+            if self.tree_shape == "dynamic":  # the token that followed each pair in the prompt (one candidate)
                 self.text_pairs = PairRows(self.vocab_size, self.k, max(self.pair_slots // 2, 1))
         self._rank_hits = np.ones(self.k)  # Laplace-smoothed counts of which rank was accepted
         self._rank_hits[0] = 4.0
@@ -214,7 +218,7 @@ class TokenRecycling:
 
     def _reorder(self) -> None:
         self._steps_since_reorder = 0
-        if self.tree != "static":
+        if self.tree_shape != "static":
             return
         rates = self._rank_hits / self._rank_tries
         ordered = order_template(self.template, rates)
@@ -257,7 +261,7 @@ class TokenRecycling:
         if self._prompt_unread and self.text_pairs is not None:
             self._read_prompt(context)
         self._prompt_unread = False
-        if self.tree == "dynamic":
+        if self.tree_shape == "dynamic":
             return best_first_tree(root, before_root, self.row, budget)
         size = min(budget, len(self._node_rank))
         tokens = np.empty(size + 1, dtype=np.int64)
@@ -272,20 +276,20 @@ class TokenRecycling:
         parents = np.concatenate(([-1], self._node_parent[:size]))
         return DraftTree(tokens, parents, np.concatenate(([1.0], self._node_score[:size])))
 
-    def update(self, tree: DraftTree, logits: torch.Tensor, accepted: list[int]) -> None:
+    def learn(self, tree: DraftTree, logits: torch.Tensor, accepted: list[int]) -> None:
         tokens, parents = tree.tokens.tolist(), tree.parents.tolist()
         proposed, self._proposed_root = self._proposed_root, None
         # the token before each node; the root's, if this tree is the last proposal
         before = [proposed[0] if proposed is not None and proposed[1] == tokens[0] else -1]
         before += [tokens[parent] for parent in parents[1:]]
-        if self.tree == "dynamic" and len(tree) > 1:
+        if self.tree_shape == "dynamic" and len(tree) > 1:
             self._calibrate(tokens, parents, before, accepted)
         ids, probs = top_candidates(logits, self.k)  # [n, k] each
         self.successors[tree.tokens] = ids  # a token drafted twice keeps its last row
         self.probs[tree.tokens] = probs
         if self.pairs is not None:
             self.pairs.store(before, tokens, ids, probs)
-        if self.tree == "static":  # learn which ranks get accepted, to reorder the template
+        if self.tree_shape == "static":  # learn which ranks get accepted, to reorder the template
             self._rank_tries += len(accepted)
             for node in accepted[1:]:
                 self._rank_hits[self._node_rank[node - 1]] += 1
@@ -297,7 +301,7 @@ class TokenRecycling:
         """Teach each calibration with the nodes whose parent was accepted, from the rows they were
         drafted from (read before the rows change)."""
         on_path = set(accepted)
-        observed: dict[int, tuple[Calibration, list[float], list[bool]]] = {}
+        observed: dict[int, tuple[AcceptanceCalibration, list[float], list[bool]]] = {}
         for node in range(1, len(tokens)):
             parent = parents[node]
             if parent in on_path:
@@ -308,38 +312,130 @@ class TokenRecycling:
                     predicted.append(float(probs[row.index(tokens[node])]))
                     hit.append(node in on_path)
         for calibration, predicted, hit in observed.values():
-            calibration.observe(predicted, hit)
+            calibration.learn(predicted, hit)
 
     def _tables(self) -> dict[str, PairRows]:
         tables = {"pairs": self.pairs, "text_pairs": self.text_pairs}
         return {name: table for name, table in tables.items() if table is not None}
 
     def save(self, path: str | Path) -> None:
+        """Write the learned state to exactly ``path`` (an .npz archive whatever its name), atomically:
+        a crash while writing leaves the previous file as it was, never a damaged one."""
         tables = {}
         for name, table in self._tables().items():
             tables.update({f"{name}_keys": table.keys, f"{name}_successors": table.successors,
                            f"{name}_probs": table.probs, f"{name}_calibration_hits": table.calibration.hits,
                            f"{name}_calibration_tries": table.calibration.tries})
-        np.savez_compressed(path, successors=self.successors, probs=self.probs, rank_hits=self._rank_hits,
-                            rank_tries=self._rank_tries, calibration_hits=self.calibration.hits,
-                            calibration_tries=self.calibration.tries, **tables)
+        _write_atomically(Path(path), lambda file: np.savez_compressed(
+            file, successors=self.successors, probs=self.probs, rank_hits=self._rank_hits,
+            rank_tries=self._rank_tries, calibration_hits=self.calibration.hits,
+            calibration_tries=self.calibration.tries, **tables))
 
     def load(self, path: str | Path) -> None:
-        state = np.load(path)
-        if state["successors"].shape != (self.vocab_size, self.k):
-            raise ValueError(f"{path}: matrix shape {state['successors'].shape} != ({self.vocab_size}, {self.k})")
-        self.reset()
-        self.successors = state["successors"].astype(np.int64)
-        self.probs = state["probs"].astype(np.float32)
-        self._rank_hits, self._rank_tries = state["rank_hits"], float(state["rank_tries"])
-        if "calibration_hits" in state:  # files saved before calibration start it fresh
-            self.calibration.hits, self.calibration.tries = state["calibration_hits"], state["calibration_tries"]
+        """Take over the state :meth:`save` wrote for this vocabulary and ``k``; nothing changes if it fails.
+
+        Every array is checked before any is used (their ids are drafted straight into the model).
+        Raises :class:`DamagedStateError` for a file cut short, corrupted or holding values no run
+        writes, ValueError for a file that is not a state file or was saved for another vocabulary,
+        OSError when it cannot be read.
+        """
+        path = Path(path)
+        with open(path, "rb") as file:
+            magic = file.read(4)
+        if magic and magic != b"PK\x03\x04":  # every .npz is a zip archive; an empty file was cut short
+            raise ValueError(f"{path} is not a drafter state file (one written by --state or save_state)")
+        try:
+            with np.load(path) as archive:
+                state = {name: archive[name] for name in archive.files}
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as error:
+            raise DamagedStateError(f"{path} is damaged ({type(error).__name__}: {error})") from None
+        shape = state["successors"].shape if "successors" in state else None
+        if shape is not None and len(shape) == 2 and shape != (self.vocab_size, self.k):
+            raise ValueError(f"{path} was saved for a vocabulary of {shape[0]} tokens and k={shape[1]}, "
+                             f"not {self.vocab_size} and k={self.k}: another model's state")
+        check = _StateCheck(state, path, self.vocab_size)
+        matrix = (self.vocab_size, self.k)
+        successors, probs = check.ids("successors", matrix), check.probs("probs", matrix)
+        rank_hits, rank_tries = check.counts("rank_hits", (self.k,)), check.counts("rank_tries", ())
+        calibration = check.calibration("calibration", self.calibration)
+        tables = {}  # name → (keys, successors, probs, (calibration hits, tries))
         for name, table in self._tables().items():
-            # tables saved with another size, or before they existed, start empty: they refill within a request
+            # a table saved with another size, or not saved (pair_slots=0, a static tree), starts
+            # empty: it refills within a request
             if f"{name}_keys" in state and len(state[f"{name}_keys"]) == len(table.keys):
-                table.keys = state[f"{name}_keys"].astype(np.int64)
-                table.successors = state[f"{name}_successors"].astype(np.int64)
-                table.probs = state[f"{name}_probs"].astype(np.float32)
-                table.calibration.hits = state[f"{name}_calibration_hits"]
-                table.calibration.tries = state[f"{name}_calibration_tries"]
+                rows = (len(table.keys), self.k)
+                tables[name] = (check.keys(f"{name}_keys", rows[:1]), check.ids(f"{name}_successors", rows),
+                                check.probs(f"{name}_probs", rows),
+                                check.calibration(f"{name}_calibration", table.calibration))
+        self.reset()
+        self.successors, self.probs = successors.astype(np.int64), probs.astype(np.float32)
+        self._rank_hits, self._rank_tries = rank_hits.astype(np.float64), float(rank_tries)
+        self.calibration.hits, self.calibration.tries = calibration
+        for name, (keys, ids, table_probs, table_calibration) in tables.items():
+            table = self._tables()[name]
+            table.keys, table.successors = keys.astype(np.int64), ids.astype(np.int64)
+            table.probs = table_probs.astype(np.float32)
+            table.calibration.hits, table.calibration.tries = table_calibration
         self._reorder()
+
+
+class DamagedStateError(ValueError):
+    """A state file cut short, corrupted, or holding values no run writes: ignore it and start cold."""
+
+
+class _StateCheck:
+    """The arrays of a state file, each checked for its shape, kind and range before use."""
+
+    def __init__(self, state: dict[str, np.ndarray], path: Path, vocab_size: int):
+        self.state, self.path, self.vocab_size = state, path, vocab_size
+
+    def _array(self, name: str, shape: tuple[int, ...], integer: bool, low: float, high: float) -> np.ndarray:
+        value = self.state.get(name)
+        if value is None:
+            raise DamagedStateError(f"{self.path} is damaged: it holds no {name}")
+        kind = np.integer if integer else np.number
+        if value.shape != shape or not np.issubdtype(value.dtype, kind) or value.dtype == bool:
+            raise DamagedStateError(f"{self.path} is damaged: {name} is {value.dtype} {list(value.shape)}, "
+                                    f"expected {'integers' if integer else 'numbers'} {list(shape)}")
+        if value.size and not (np.isfinite(value).all() and value.min() >= low and value.max() <= high):
+            raise DamagedStateError(f"{self.path} is damaged: {name} holds values outside [{low}, {high}]")
+        return value
+
+    def ids(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        """Token ids, drafted into the model as they are: within the vocabulary."""
+        return self._array(name, shape, True, 0, self.vocab_size - 1)
+
+    def keys(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        """A pair table's keys: a * vocab + b, or -1 for an empty slot."""
+        return self._array(name, shape, True, -1, self.vocab_size**2 - 1)
+
+    def probs(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        return self._array(name, shape, False, 0.0, 1.0)
+
+    def counts(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        """Smoothed counts, positive."""
+        value = self._array(name, shape, False, 0.0, math.inf)
+        if value.size and value.min() <= 0:
+            raise DamagedStateError(f"{self.path} is damaged: {name} holds counts <= 0")
+        return value
+
+    def calibration(self, prefix: str, like: AcceptanceCalibration) -> tuple[np.ndarray, np.ndarray]:
+        """(hits, tries) of a calibration shaped as ``like``: 0 <= hits <= tries."""
+        tries = self.counts(f"{prefix}_tries", like.tries.shape)
+        hits = self._array(f"{prefix}_hits", like.hits.shape, False, 0.0, math.inf)
+        if (hits > tries).any():
+            raise DamagedStateError(f"{self.path} is damaged: {prefix}_hits exceed {prefix}_tries")
+        return hits.astype(np.float64), tries.astype(np.float64)
+
+
+def _write_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Call ``write`` on a new file beside ``path``, then rename it over ``path`` (atomic on POSIX)."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(temporary, "xb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)

@@ -13,30 +13,27 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from freespec.drafters.datastore import Datastore
-from freespec.drafters.grow import HitRate, WeightedTrie, grow
+from freespec.drafters.grow import WeightedTrie, grow
+from freespec.drafters.scoring import HitRateDrafter
 from freespec.engine.tree import DraftTree
 
 
-class Retrieval:
-    """The ``retrieval`` drafter over one datastore; stateless across requests but for its hit rate."""
+class Retrieval(HitRateDrafter):
+    """The ``retrieval`` drafter over one datastore; stateless across requests but for its hit rate.
 
-    wants_prompt_logits = False
-
-    shadow_drafts = False  # a datastore lookup costs ~0.7 ms, a fifth of a pass: not worth doing every step
+    No shadow drafts: a datastore lookup costs ~0.7 ms, a fifth of a pass, not worth doing every step.
+    """
 
     reads_logits = False
 
     def __init__(self, datastore: str | Path | Datastore, tokenizer=None, max_match: int = 16,
-                 max_candidates: int = 64, depth: int = 12):
-        self.store = datastore if isinstance(datastore, Datastore) else Datastore(datastore, tokenizer)
+                 max_candidates: int = 64, depth: int = 12, vocab_size: int | None = None):
+        """``tokenizer`` and ``vocab_size`` (the model's) check the datastore fits the model."""
+        super().__init__()
+        self.store = datastore if isinstance(datastore, Datastore) else Datastore(datastore, tokenizer, vocab_size)
         self.max_match, self.max_candidates, self.depth = max_match, max_candidates, depth
-        self.hit_rate = HitRate()
-
-    def begin(self, prompt: np.ndarray, prompt_logits: torch.Tensor | None) -> None:
-        pass  # nothing per request: the corpus is fixed
 
     def propose(self, context: np.ndarray, budget: int) -> DraftTree:
         length, low, high = self.store.longest_match(context, self.max_match)
@@ -47,6 +44,3 @@ class Retrieval:
         if not trie.children[0]:
             return DraftTree.root_only(int(context[-1]))
         return grow(int(context[-1]), 0, trie.expander(), budget, self.hit_rate)
-
-    def update(self, tree: DraftTree, logits: torch.Tensor, accepted: list[int]) -> None:
-        self.hit_rate.observe(tree, accepted)

@@ -19,8 +19,8 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from freespec.drafters.base import Drafter, SamplingAware, ShadowLearner
 from freespec.engine.budget import BudgetPolicy
+from freespec.engine.drafter import Drafter
 from freespec.engine.sampling import SamplingParams
 from freespec.engine.tree import DraftTree
 from freespec.engine.verify import verify
@@ -116,7 +116,7 @@ class Generation:
         self._prefill()
         stats.prefill_seconds = time.perf_counter() - started
         context = np.array(self.prompt_ids, dtype=np.int64)
-        shadows = drafter is not None and self.fixed_budget is None and getattr(drafter, "shadow_drafts", False)
+        shadows = drafter is not None and self.fixed_budget is None and drafter.shadow_drafts
         pending: list[tuple[DraftTree, int, int]] = []  # shadow drafts: (tree, tokens before it, nodes verified)
         started = time.perf_counter()
         while len(self.token_ids) < self.max_new_tokens:
@@ -148,7 +148,7 @@ class Generation:
             # commit
             runner.commit(path)
             if drafter is not None:
-                drafter.update(tree, logits, path)
+                drafter.learn(tree, logits, path)
                 self.policy.observe(len(tree) - 1, path)
                 self.policy.record_cost(len(tree), time.perf_counter() - step_started)
             self.token_ids += emitted
@@ -180,8 +180,7 @@ class Generation:
                                 self.should_stop)
         if drafter is None:
             return
-        if isinstance(drafter, SamplingAware):
-            drafter.set_sampling(self.sampling, self.generator)
+        drafter.set_sampling(self.sampling, self.generator)
         if drafter.wants_prompt_logits and len(hidden):
             recent = hidden[-WARM_START_POSITIONS:]  # the last prompt tokens but the root
             drafter.begin(np.array(prompt[-len(recent) :], dtype=np.int64), runner.logits(recent))
@@ -192,8 +191,8 @@ class Generation:
         return DraftTree.root_only(int(context[-1])) if nodes == 0 else self.drafter.propose(context, nodes)
 
     def _learn_from_shadows(self, pending: list[tuple[DraftTree, int, int]]) -> list[tuple[DraftTree, int, int]]:
-        """Tell the policy what each shadow draft would have accepted, once the tokens that followed
-        it reach its depth; return the drafts still waiting."""
+        """Tell the policy and the drafter what each shadow draft would have accepted, once the
+        tokens that followed it reach its depth; return the drafts still waiting."""
         waiting = []
         for tree, start, verified in pending:
             continuation = self.token_ids[start:]
@@ -202,8 +201,7 @@ class Generation:
             else:
                 path = tree.follow(continuation)
                 self.policy.observe_shadow(len(tree) - 1, path, verified)
-                if isinstance(self.drafter, ShadowLearner):
-                    self.drafter.learn_unverified(tree, path, verified)
+                self.drafter.learn_shadow(tree, path, verified)
         return waiting
 
     def _cut(self, emitted: list[int]) -> list[int]:

@@ -1,164 +1,124 @@
-"""Sampling options and the target distribution at one node of a draft tree.
+"""How the next token is chosen: one carrier from the CLI, the server, the benchmark and the API to the engine.
 
-Speculative sampling is lossless only if every node's distribution is exactly the one plain
-sampling would use after the same tokens. So each node's logits are processed with that node's
-own prefix (prompt + generated + its ancestors in the tree, itself included), in the order
-transformers' ``generate`` applies its processors: repetition penalty, then temperature, top-k,
-top-p, min-p. Every function works on a row at a time or a batch of rows, elementwise or per row,
-so a node's result does not depend on which other nodes are verified with it.
+Each field of :class:`SamplingParams` carries its user-facing description as an :class:`Option`
+(help text, bounds, whether it matters to greedy decoding), and everything else is derived from
+it: the checks here, the command line's flags (``--top-k`` ...), the server's request fields and
+their bounds, the benchmark's transformers peer. Adding an option is one field here plus its
+effect in :mod:`freespec.engine.distribution`.
+
+This module imports neither torch nor numpy, so a command line can build its flags quickly.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+from numbers import Integral, Real
 
-import numpy as np
-import torch
 
-from freespec.engine.tree import DraftTree
+@dataclass(frozen=True)
+class Option:
+    """How one sampling field is described to users and checked.
+
+    ``ge``, ``gt`` and ``le`` bound the value as pydantic's ``Field`` does; ``greedy`` says whether
+    the field changes greedy decoding too (else it only shapes the distribution sampling draws from).
+    """
+
+    help: str
+    metavar: str
+    kind: type  # int or float (int values are taken for a float); None only where it is the default
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    greedy: bool = False
+    name: str = ""  # filled in from the field
+    default: object = None
+
+    @property
+    def bounds(self) -> dict[str, float]:
+        """The bounds as keyword arguments (``ge``, ``gt``, ``le``) for pydantic's ``Field``."""
+        return {name: value for name in ("ge", "gt", "le") if (value := getattr(self, name)) is not None}
+
+    def accepts(self, value: object) -> bool:
+        if value is None:
+            return self.default is None
+        if isinstance(value, bool) or not isinstance(value, Integral if self.kind is int else Real):
+            return False
+        if self.kind is float and not math.isfinite(value):
+            return False
+        return ((self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
+                and (self.le is None or value <= self.le))
+
+    def expected(self) -> str:
+        """What the value must be, in words.
+
+        >>> Option("", "P", float, gt=0, le=1).expected(), Option("", "K", int, ge=0).expected()
+        ('a number in (0, 1]', 'an integer >= 0')
+        """
+        noun = "an integer" if self.kind is int else "a number"
+        low = ("[", self.ge) if self.ge is not None else ("(", self.gt) if self.gt is not None else None
+        if low is not None and self.le is not None:
+            text = f"{noun} in {low[0]}{_show(low[1])}, {_show(self.le)}]"
+        elif low is not None:
+            text = f"{noun} {'>=' if low[0] == '[' else '>'} {_show(low[1])}"
+        else:
+            text = noun
+        return text + (" or None" if self.default is None else "")
+
+
+def _show(bound: float) -> str:
+    """A bound as the user would write it: ``2**64 - 1`` rather than twenty digits.
+
+    >>> _show(0), _show(0.5), _show(-2**63), _show(2**64 - 1)
+    ('0', '0.5', '-2**63', '2**64 - 1')
+    """
+    for power in (63, 64):
+        if bound in (2**power, -(2**power)):
+            return f"{'-' if bound < 0 else ''}2**{power}"
+        if bound == 2**power - 1:
+            return f"2**{power} - 1"
+    return f"{bound:g}"
+
+
+def _option(default: object, help: str, metavar: str, kind: type, **checks) -> object:
+    return field(default=default, metadata={"option": Option(help, metavar, kind, **checks)})
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How the next token is chosen; the defaults are greedy decoding."""
+    """How the next token is chosen; the defaults are greedy decoding. Each field's help is its
+    :class:`Option` (see :data:`OPTIONS`); bad values raise ValueError naming the field."""
 
-    temperature: float = 0.0
-    """Divides the logits; 0 means greedy (argmax), where top_k, top_p and min_p change nothing."""
-    top_k: int = 0
-    """Keep the k most likely tokens (ties with the k-th kept too); 0 keeps all."""
-    top_p: float = 1.0
-    """Keep the smallest set of most likely tokens whose probability reaches top_p; 1 keeps all."""
-    min_p: float = 0.0
-    """Drop tokens less likely than min_p times the most likely one; 0 keeps all."""
-    repetition_penalty: float = 1.0
-    """Logits of tokens already in the prefix are divided by it (multiplied when negative); 1 is off."""
-    seed: int | None = None
-    """Seeds the request's random generator, so a run repeats on the same machine; None: fresh."""
+    temperature: float = _option(
+        0.0, "sample at temperature T; 0 is greedy (argmax), where top-k, top-p and min-p change nothing",
+        "T", float, ge=0, le=2)
+    top_k: int = _option(0, "keep the K most likely tokens (ties with the K-th too); 0 keeps all", "K", int, ge=0)
+    top_p: float = _option(
+        1.0, "keep the fewest most likely tokens whose probability reaches P (nucleus); 1 keeps all", "P", float,
+        gt=0, le=1)
+    min_p: float = _option(0.0, "drop tokens less likely than P times the most likely one; 0 keeps all", "P", float,
+                           ge=0, le=1)
+    repetition_penalty: float = _option(
+        1.0, "divide the logits of tokens already in the text by R (multiply the negative ones), greedy "
+        "decoding included; 1 is off", "R", float, gt=0, greedy=True)
+    seed: int | None = _option(None, "seed each request's random generator, so a run repeats on the same machine "
+                               "(default: fresh)", "N", int, ge=-(2**63), le=2**64 - 1)
 
     def __post_init__(self):
-        checks = (
-            ("temperature", self.temperature, "a number >= 0", _is_number(self.temperature) and self.temperature >= 0),
-            ("top_k", self.top_k, "an integer >= 0 (0 = off)", _is_int(self.top_k) and self.top_k >= 0),
-            ("top_p", self.top_p, "a number in (0, 1]", _is_number(self.top_p) and 0 < self.top_p <= 1),
-            ("min_p", self.min_p, "a number in [0, 1)", _is_number(self.min_p) and 0 <= self.min_p < 1),
-            ("repetition_penalty", self.repetition_penalty, "a number > 0",
-             _is_number(self.repetition_penalty) and self.repetition_penalty > 0),
-            ("seed", self.seed, "an integer or None", self.seed is None or _is_int(self.seed)),
-        )
-        for name, value, expected, ok in checks:
-            if not ok:
-                raise ValueError(f"{name} must be {expected}, got {value!r}")
+        for option in OPTIONS:
+            value = getattr(self, option.name)
+            if not option.accepts(value):
+                raise ValueError(f"{option.name} must be {option.expected()}, got {value!r}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
+OPTIONS: tuple[Option, ...] = tuple(dataclasses.replace(f.metadata["option"], name=f.name, default=f.default)
+                                    for f in fields(SamplingParams))
+"""Every field's :class:`Option`, with its name and default, in field order."""
 
-
-def _is_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _penalize(logits: torch.Tensor, penalty: float) -> torch.Tensor:
-    # negative logits are multiplied, positive divided: both make the token less likely
-    return torch.where(logits < 0, logits * penalty, logits / penalty)
-
-
-def repetition_penalty(logits: torch.Tensor, prefix: np.ndarray, penalty: float) -> torch.Tensor:
-    """[vocab] logits after ``prefix`` (token ids) with every token seen in it penalised once.
-
-    >>> repetition_penalty(torch.tensor([2.0, -1.0, 4.0]), np.array([1, 2, 2]), 2.0).tolist()
-    [2.0, -2.0, 2.0]
-    """
-    if penalty == 1.0:
-        return logits
-    seen = torch.from_numpy(np.unique(prefix))
-    out = logits.clone()
-    out[seen] = _penalize(logits[seen], penalty)
-    return out
-
-
-def tree_repetition_penalty(logits: torch.Tensor, context: np.ndarray, tree: DraftTree,
-                            penalty: float) -> torch.Tensor:
-    """[n, vocab] logits of every node with the penalty for that node's own prefix.
-
-    ``context`` is the prompt and the tokens generated so far; it ends with the root's token.
-    Node i's prefix adds its ancestors below the root and itself, so the same token may be
-    penalised at one node and not at its sibling.
-
-    >>> tree = DraftTree(np.array([0, 1, 2]), np.array([-1, 0, 0]))  # root 0 with children 1 and 2
-    >>> tree_repetition_penalty(torch.full((3, 3), 3.0), np.array([0]), tree, 3.0).tolist()
-    [[1.0, 3.0, 3.0], [1.0, 1.0, 3.0], [1.0, 3.0, 1.0]]
-    """
-    if penalty == 1.0:
-        return logits
-    out = logits.clone()
-    seen = torch.from_numpy(np.unique(context))
-    out[:, seen] = _penalize(logits[:, seen], penalty)
-    rows, ancestors = np.nonzero(tree.ancestor_mask)  # node i, each of its ancestors (itself included)
-    rows, columns = torch.from_numpy(rows), torch.from_numpy(tree.tokens[ancestors])
-    out[rows, columns] = _penalize(logits[rows, columns], penalty)  # from the raw logits: once per token
-    return out
-
-
-def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """[..., vocab] logits after temperature, top-k, top-p and min-p; removed tokens are -inf.
-
-    The same operations as transformers' warpers, in the same order, so the distribution is the
-    one ``generate(do_sample=True, ...)`` samples from.
-
-    >>> logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
-    >>> warp(logits, SamplingParams(temperature=0.5, top_k=3)).tolist()
-    [[4.0, 2.0, 0.0, -inf]]
-    >>> warp(logits, SamplingParams(temperature=1.0, top_p=0.8)).tolist()  # 0.64 + 0.24 reach 0.8
-    [[2.0, 1.0, -inf, -inf]]
-    >>> warp(logits, SamplingParams(temperature=1.0, min_p=0.3)).tolist()  # e^-1 >= 0.3 > e^-2
-    [[2.0, 1.0, -inf, -inf]]
-    """
-    if params.temperature != 1.0:
-        logits = logits / params.temperature
-    if params.top_k:
-        kth = torch.topk(logits, min(params.top_k, logits.shape[-1]))[0][..., -1, None]
-        logits = logits.masked_fill(logits < kth, -float("inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=False)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        remove = cumulative <= 1 - params.top_p
-        remove[..., -1:] = False  # the most likely token always stays
-        logits = logits.masked_fill(remove.scatter(-1, order, remove), -float("inf"))
-    if params.min_p:
-        probs = torch.softmax(logits, dim=-1)
-        remove = probs < params.min_p * probs.amax(dim=-1, keepdim=True)
-        remove.scatter_(-1, torch.topk(probs, 1, dim=-1).indices, False)
-        logits = logits.masked_fill(remove, -float("inf"))
-    return logits
-
-
-def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """[..., vocab] the distribution to sample from, given already penalised logits (temperature > 0).
-
-    >>> target_probs(torch.tensor([0.0, 0.0, -float("inf")]), SamplingParams(temperature=1.0)).tolist()
-    [0.5, 0.5, 0.0]
-    """
-    return torch.softmax(warp(logits, params), dim=-1)
-
-
-def draw(probs: torch.Tensor, generator: torch.Generator) -> int:
-    """One token from [vocab] ``probs`` by inverting the CDF at one uniform number.
-
-    Exactly one uniform per call, whatever ``probs`` is: the walk over a tree then consumes one per
-    emitted token, like plain sampling, so with a seed speculative output equals plain output.
-    Tokens of probability 0 are never drawn.
-
-    >>> draw(torch.tensor([0.0, 1.0, 0.0]), torch.Generator().manual_seed(0))
-    1
-    """
-    cdf = np.cumsum(probs.numpy(), dtype=np.float64)  # [vocab]
-    u = torch.rand(1, dtype=torch.float64, generator=generator).item()
-    token = int(np.searchsorted(cdf, u * cdf[-1], side="right"))
-    if token == len(cdf):  # u * total rounded up to the total
-        token = int(np.flatnonzero(probs.numpy()).max())
-    return token
+SAMPLING_KEYS = tuple(option.name for option in OPTIONS)
+"""The field names: CLI flags (``--top-k`` ...), batch JSONL keys, request fields and API keywords alike."""

@@ -18,12 +18,8 @@ import numpy as np
 import torch
 
 from freespec import kernels
-from freespec.engine.sampling import (
-    SamplingParams,
-    draw,
-    target_probs,
-    tree_repetition_penalty,
-)
+from freespec.engine.distribution import draw, target_probs, tree_repetition_penalty
+from freespec.engine.sampling import SamplingParams
 from freespec.engine.tree import DraftTree
 
 Target = Callable[[int], torch.Tensor]

@@ -2,8 +2,8 @@
 
 Every client mistake is a 4xx with OpenAI's error body, ``{"error": {"message", "type", "param",
 "code"}}``. Besides OpenAI's fields, a request may name a ``drafter`` and the sampling options
-``top_k``, ``min_p`` and ``repetition_penalty``; sampling keywords reach the engine only when a
-request sets them to values that change the output.
+``top_k``, ``min_p`` and ``repetition_penalty``. Every sampling field, its bounds and its
+description come from :class:`freespec.engine.sampling.SamplingParams`.
 """
 
 from __future__ import annotations
@@ -13,15 +13,13 @@ import time
 from typing import Any, Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
+from freespec.engine.sampling import OPTIONS, SAMPLING_KEYS
 from freespec.serve.metrics import accepted_per_position
 from freespec.serve.scheduler import Finished
 
 # ---------------------------------------------------------------- request bodies
-
-SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.Generator.manual_seed takes
-
 
 class _Strict(BaseModel):
     """Wrong types are errors, not coerced ("5" is not 5); unknown fields are refused by name."""
@@ -48,7 +46,13 @@ class Message(_Strict):
         return self.content if isinstance(self.content, str) else "\n".join(part.text for part in self.content)
 
 
-class _Options(_Strict):
+_Sampling = create_model(
+    "_Sampling", __base__=_Strict,
+    **{option.name: (option.kind | None, Field(None, description=option.help, **option.bounds)) for option in OPTIONS})
+"""The sampling fields, one per field of :class:`freespec.engine.sampling.SamplingParams`, with its bounds."""
+
+
+class _Options(_Sampling):
     """Fields both endpoints take. ``None`` means "not sent"."""
 
     model: str | None = Field(None, description="the served model id (GET /v1/models); optional")
@@ -58,12 +62,6 @@ class _Options(_Strict):
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = Field(None, description="up to 4 strings; the answer ends before the first")
     n: int | None = Field(None, ge=1, description="only 1")
-    temperature: float | None = Field(None, ge=0, le=2, description="0 (the default here) is greedy; at most 2")
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0, description="0: off (freespec extension)")
-    min_p: float | None = Field(None, ge=0, le=1, description="freespec extension")
-    repetition_penalty: float | None = Field(None, gt=0, description="1: off (freespec extension)")
-    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     presence_penalty: float | None = Field(None, ge=-2, le=2, description="only 0")
     frequency_penalty: float | None = Field(None, ge=-2, le=2, description="only 0")
     logit_bias: dict[str, float] | None = Field(None, description="only empty")
@@ -98,29 +96,9 @@ def prompt_param(body: RequestBody) -> str:
 
 # ---------------------------------------------------------------- sampling options
 
-NEUTRAL = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
-FILTERS = ("top_p", "top_k", "min_p", "seed")  # keep the most likely token: cannot change greedy output
-
-
-def sampling_keywords(options: dict[str, Any]) -> dict[str, Any]:
-    """The engine keywords a request needs: only values that change the output.
-
-    >>> sampling_keywords({"temperature": 0.0, "top_p": 0.9, "seed": 3})
-    {}
-    >>> sampling_keywords({"temperature": 0.7, "top_p": 1.0, "seed": 3})
-    {'temperature': 0.7, 'seed': 3}
-    >>> sampling_keywords({"repetition_penalty": 1.2})
-    {'repetition_penalty': 1.2}
-    """
-    chosen = {name: value for name, value in options.items()
-              if value is not None and (name not in NEUTRAL or value != NEUTRAL[name])}
-    if "temperature" not in chosen:
-        chosen = {name: value for name, value in chosen.items() if name not in FILTERS}
-    return chosen
-
-
 def request_sampling(body: RequestBody) -> dict[str, Any]:
-    return sampling_keywords({name: getattr(body, name) for name in (*NEUTRAL, "seed")})
+    """The sampling fields a request sent, as keywords of :class:`freespec.engine.sampling.SamplingParams`."""
+    return {name: value for name in SAMPLING_KEYS if (value := getattr(body, name)) is not None}
 
 
 # ---------------------------------------------------------------- errors

@@ -172,7 +172,7 @@ def test_an_interrupted_run_resumes_without_losing_or_repeating(model, tmp_path,
     questions = bench.load_questions(path)
     methods = ["none", "recycling", "hf-greedy"]
     calls = {"n": 0}
-    real_build = bench.build_runner
+    real_build = bench.build_method
 
     def flaky_build(method, setup):
         run = real_build(method, setup)
@@ -185,10 +185,10 @@ def test_an_interrupted_run_resumes_without_losing_or_repeating(model, tmp_path,
         return flaky
 
     out = tmp_path / "out"
-    monkeypatch.setattr(bench, "build_runner", flaky_build)
+    monkeypatch.setattr(bench, "build_method", flaky_build)
     with pytest.raises(KeyboardInterrupt):
         bench.run_bench(model, questions, methods, out, Setup(model, MAX_NEW), progress=False)
-    monkeypatch.setattr(bench, "build_runner", real_build)
+    monkeypatch.setattr(bench, "build_method", real_build)
     kept = (out / "results.jsonl").read_text()
     assert len(kept.splitlines()) == 5
     with open(out / "results.jsonl", "a") as results:  # a line cut short by a kill
@@ -218,7 +218,7 @@ REPETITIVE = "w5 w6 w7 w8 w9 w5 w6 w7 w8 w9 w5 w6 w7"
 def test_hf_peers_match_hf_greedy_and_count_passes(model, tiny_model_dir):
     setup = Setup(load(tiny_model_dir, draft_model=tiny_model_dir), 24)
     prompt = model.encode(REPETITIVE)
-    outputs = {m: bench_methods.build_runner(m, setup)(prompt) for m in ("hf-greedy", "hf-lookup", "hf-assisted")}
+    outputs = {m: bench_methods.build_method(m, setup)(prompt) for m in ("hf-greedy", "hf-lookup", "hf-assisted")}
     assert outputs["hf-greedy"].accepted_lengths == [1] * len(outputs["hf-greedy"].token_ids)
     for method, output in outputs.items():
         assert output.token_ids == outputs["hf-greedy"].token_ids, method
@@ -326,7 +326,7 @@ def test_llama_cpp_peers_through_the_documented_api(model, tmp_path, fake_llama_
     assert summary["llamacpp-lookup"]["mean_accepted"] > 1.5
     assert summary["llamacpp-lookup"]["identical"] == 1.0 and summary["llamacpp-lookup"]["reference"] == "llamacpp-greedy"
     # length-limited too
-    output = bench_methods.build_runner("llamacpp-lookup", Setup(model, 5, gguf=gguf))(model.encode("w1"))
+    output = bench_methods.build_method("llamacpp-lookup", Setup(model, 5, gguf=gguf))(model.encode("w1"))
     assert len(output.token_ids) == 5
 
 

@@ -7,6 +7,7 @@ n-gram drafters feed on, so their drafts get accepted and the acceptance paths a
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ import torch
 from freespec.cli import main
 from freespec.drafters import (
     DRAFTERS,
+    BaseDrafter,
     DrafterSettings,
     Fused,
     check_name,
@@ -144,27 +146,23 @@ def test_fused_passes_the_root_alone_to_every_source():
     root = DraftTree.root_only(3)
     logits = torch.zeros(1, 16)
     logits[0, 5] = 4.0
-    fused.update(root, logits, [0])  # no propose came first: budget 0 this step
+    fused.learn(root, logits, [0])  # no propose came first: budget 0 this step
     assert fused.drafters[0].successors[3, 0] == 5
 
 
-class FixedDrafter:
-    """Test-only source: always the same tree; records what each update receives."""
+class FixedDrafter(BaseDrafter):
+    """Test-only source: always the same tree; records what each learn receives."""
 
-    wants_prompt_logits = False
     shadow_drafts = True
 
     def __init__(self, tokens: list[int], parents: list[int]):
         self.tree = DraftTree(np.array(tokens), np.array(parents))
         self.updates = []
 
-    def begin(self, prompt, prompt_logits) -> None:
-        pass
-
     def propose(self, context, budget) -> DraftTree:
         return self.tree
 
-    def update(self, tree, logits, accepted) -> None:
+    def learn(self, tree, logits, accepted) -> None:
         self.updates.append((tree.tokens.tolist(), logits[:, 0].tolist(), accepted))
 
 
@@ -175,7 +173,7 @@ def test_fused_sources_learn_from_a_verified_prefix_of_a_shadow_draft():
     tree = fused.propose(np.array([9]), 3)
     assert tree.tokens.tolist() == [9, 1, 3, 2] and tree.parents.tolist() == [-1, 0, 0, 1]
     logits = torch.tensor([[10.0], [11.0]])  # the engine verified the first two nodes only
-    fused.update(tree.prefix(2), logits, [0, 1])
+    fused.learn(tree.prefix(2), logits, [0, 1])
     assert a.updates == [([9, 1], [10.0, 11.0], [0, 1])]  # its node 2 (merged 3) was not verified
     assert b.updates == [([9], [10.0], [0])]  # its node 1 (merged 2) neither
 
@@ -187,7 +185,7 @@ def test_fused_hands_each_source_its_own_rows_and_none_to_a_source_that_reads_no
     assert fused.reads_logits
     tree = fused.propose(np.array([9]), 4)  # interleaved by score: a's 3, b's 1, a's 4, b's 2
     assert tree.tokens.tolist() == [9, 3, 1, 4, 2]
-    fused.update(tree, torch.arange(5.0).unsqueeze(1), [0, 1])
+    fused.learn(tree, torch.arange(5.0).unsqueeze(1), [0, 1])
     assert a.updates == [([9, 3, 4], [0.0, 1.0, 3.0], [0, 1])]
     assert b.updates == [([9, 1, 2], [], [0])]
 
@@ -199,7 +197,7 @@ class ShadowLearningFixedDrafter(FixedDrafter):
         super().__init__(tokens, parents)
         self.shadows = []
 
-    def learn_unverified(self, tree, path, verified) -> None:
+    def learn_shadow(self, tree, path, verified) -> None:
         self.shadows.append((tree.tokens.tolist(), path, verified))
 
 
@@ -207,9 +205,9 @@ def test_fused_passes_a_resolved_shadow_to_its_sources_that_learn_from_shadows()
     a, b = ShadowLearningFixedDrafter([9, 1, 2], [-1, 0, 1]), FixedDrafter([9, 3], [-1, 0])
     fused = Fused([a, b])
     tree = fused.propose(np.array([9]), 3)  # merged [9, 1, 3, 2]: a's nodes are merged 0, 1, 3
-    fused.learn_unverified(tree, [0, 1, 3], verified=1)  # the model went 9 → 1 → 2; node 1 was verified
+    fused.learn_shadow(tree, [0, 1, 3], verified=1)  # the model went 9 → 1 → 2; node 1 was verified
     assert a.shadows == [([9, 1, 2], [0, 1, 2], 1)]
-    fused.learn_unverified(DraftTree.root_only(9), [0], 0)  # not a draft it proposed: nothing to pass on
+    fused.learn_shadow(DraftTree.root_only(9), [0], 0)  # not a draft it proposed: nothing to pass on
     assert len(a.shadows) == 1
 
 
@@ -253,6 +251,37 @@ def test_retrieval_needs_a_datastore_built_with_its_tokenizer(tmp_path, store):
     model.tokenizer.add_tokens(["w999"])
     with pytest.raises(ValueError, match="built with another tokenizer"):
         generate(model, PROMPTS[0], "retrieval")
+
+
+def test_a_datastore_holding_ids_outside_the_vocabulary_is_refused_when_opened(tmp_path):
+    """Its ids are drafted straight into the model's embedding lookup: a bad one must never get there."""
+    tokenizer = word_tokenizer()
+    good = tmp_path / "good"
+    datastore.build(["w1 w2 w3 w1 w2 w4", "w5 w6"], tokenizer, good)
+    tokens = np.load(good / "tokens.npy")
+    assert datastore.Datastore(good, tokenizer, vocab_size=256).tokens.tolist() == tokens.tolist()
+    model = make_model("llama", 0)  # vocabulary 256
+    for name, bad, found in [("big", 10**6, 10**6), ("negative", -3, -3), ("vocab", 256, 256)]:
+        folder = tmp_path / name
+        shutil.copytree(good, folder)
+        changed = tokens.copy()
+        changed[2] = bad
+        np.save(folder / "tokens.npy", changed)
+        message = f"{folder / 'tokens.npy'}: token ids must lie in \\[-1, 256\\), found {found}"
+        with pytest.raises(ValueError, match=message):
+            create("retrieval", DrafterSettings(256, datastore=folder, tokenizer=tokenizer))
+        with pytest.raises(ValueError, match=message):
+            create("aded", DrafterSettings(256, datastore=folder, tokenizer=tokenizer))
+        model.datastore, model._drafters = folder, {}
+        with pytest.raises(ValueError, match=message):  # a request, not a crash in the embedding lookup
+            generate(model, PROMPTS[0], "retrieval")
+    np.save(tmp_path / "vocab" / "tokens.npy", tokens.astype(np.float32))
+    with pytest.raises(ValueError, match="tokens.npy: expected a 1-D integer array, got float32"):
+        datastore.Datastore(tmp_path / "vocab", tokenizer)
+    np.save(tmp_path / "vocab" / "tokens.npy", tokens)
+    np.save(tmp_path / "vocab" / "suffixes.npy", np.full(len(tokens), len(tokens)))
+    with pytest.raises(ValueError, match=rf"suffixes.npy: suffix positions must lie in \[0, {len(tokens)}\), found"):
+        datastore.Datastore(tmp_path / "vocab", tokenizer)
 
 
 @pytest.mark.parametrize("seed", range(5))

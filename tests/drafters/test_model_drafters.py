@@ -107,7 +107,7 @@ def test_skip_search_keeps_the_best_rate():
         current = search.current
         drafted = 4
         emitted = 1 + (3 if current == frozenset({1, 2}) else 1)  # a neighbour of the start drafts best
-        search.observe(drafted, emitted)
+        search.learn(drafted, emitted)
         rates.setdefault(current, emitted / (1 + drafted * (6 - len(current)) / 6))
     assert search.best == max(rates, key=rates.get) == frozenset({1, 2})
     assert len(rates) >= 5  # its neighbours were tried too

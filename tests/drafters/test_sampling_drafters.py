@@ -23,14 +23,14 @@ import torch
 from freespec.drafters import FACTORIES, DrafterSettings, create, datastore
 from freespec.engine import loop as engine
 from freespec.engine.budget import BudgetPolicy
-from freespec.engine.loop import Generation
-from freespec.engine.sampling import (
-    SamplingParams,
+from freespec.engine.distribution import (
     draw,
     repetition_penalty,
     target_probs,
     tree_repetition_penalty,
 )
+from freespec.engine.loop import Generation
+from freespec.engine.sampling import SamplingParams
 from freespec.engine.tree import DraftTree
 from freespec.model.kv_cache import common_prefix
 from tests.helpers import (

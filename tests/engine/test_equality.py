@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from freespec.drafters import BaseDrafter
 from freespec.engine.budget import BudgetPolicy
 from freespec.engine.loop import Generation
 from freespec.engine.tree import DraftTree
@@ -19,7 +20,7 @@ from tests.helpers import PROMPTS, generate, make_model, tiny_model
 @pytest.mark.parametrize("budget", [1, 4, 16, 80, None])
 @pytest.mark.parametrize("tree", ["dynamic", "static"])
 def test_recycling_equals_plain_greedy(family, seed, budget, tree):
-    model = make_model(family, seed, budget, tree=tree)
+    model = make_model(family, seed, budget, tree_shape=tree)
     tokens = passes = 0
     for prompt in PROMPTS:
         plain = generate(model, prompt, "none")
@@ -53,7 +54,7 @@ def test_a_reused_prefix_changes_no_token(family, drafter):
 @pytest.mark.parametrize("max_new_tokens", [1, 2, 3, 7, 33])
 @pytest.mark.parametrize("tree", ["dynamic", "static"])
 def test_token_limit_inside_a_draft(max_new_tokens, tree):
-    model = make_model("llama", 0, budget=80, tree=tree)
+    model = make_model("llama", 0, budget=80, tree_shape=tree)
     generate(model, PROMPTS[0], "recycling", 64)  # warm: later drafts accept several tokens per pass
     plain = generate(model, PROMPTS[0], "none", max_new_tokens)
     fast = generate(model, PROMPTS[0], "recycling", max_new_tokens)
@@ -63,7 +64,7 @@ def test_token_limit_inside_a_draft(max_new_tokens, tree):
 
 @pytest.mark.parametrize("tree", ["dynamic", "static"])
 def test_stop_token_inside_a_draft(tree):
-    model = make_model("llama", 0, budget=80, tree=tree)
+    model = make_model("llama", 0, budget=80, tree_shape=tree)
     reference = generate(model, PROMPTS[0], "none", 64).token_ids
     generate(model, PROMPTS[0], "recycling", 64)  # warm the matrix
     # a token first produced late in the reply, so it is reached inside an accepted draft
@@ -114,12 +115,11 @@ def test_bad_requests_are_refused():
         model.generate(prompt_ids=[1, 2], budget=-1)
 
 
-class ReplayDrafter:
+class ReplayDrafter(BaseDrafter):
     """Test-only drafter: a chain whose first ``right`` tokens are what plain decoding produced next
     (read from its output) and whose later tokens are wrong. Records the sizes it was asked for.
     ``scored``: it knows it, scoring right nodes 0.99 and wrong ones 0.01."""
 
-    wants_prompt_logits = False
     shadow_drafts = True
 
     def __init__(self, prompt: list[int], reference: list[int], right: int, vocab: int, scored: bool = False):
@@ -127,18 +127,12 @@ class ReplayDrafter:
         self.scored = scored
         self.asked: list[int] = []
 
-    def begin(self, prompt, prompt_logits) -> None:
-        pass
-
     def propose(self, context: np.ndarray, budget: int) -> DraftTree:
         self.asked.append(budget)
         upcoming = self.reference[len(context) - len(self.prompt):][:budget]
         chain = [t if i < self.right else (t + 1) % self.vocab for i, t in enumerate(upcoming)]
         scores = np.cumprod([1.0] + [0.99 if i < self.right else 0.01 for i in range(len(chain))])
         return DraftTree(np.array([context[-1], *chain]), np.arange(-1, len(chain)), scores if self.scored else None)
-
-    def update(self, tree, logits, accepted) -> None:
-        pass
 
 
 class LearningReplayDrafter(ReplayDrafter):
@@ -148,7 +142,7 @@ class LearningReplayDrafter(ReplayDrafter):
         super().__init__(*args, **kwargs)
         self.learned: list[tuple[int, list[int], int]] = []  # (nodes, path, verified)
 
-    def learn_unverified(self, tree, path, verified) -> None:
+    def learn_shadow(self, tree, path, verified) -> None:
         self.learned.append((len(tree), path, verified))
 
 

@@ -12,6 +12,7 @@ of fixed trees (20,000 draws each); end-to-end tests run the engine for whole sh
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -20,14 +21,14 @@ import torch
 
 from freespec import kernels
 from freespec.api import Model
-from freespec.drafters import TokenRecycling
-from freespec.engine.sampling import (
-    SamplingParams,
+from freespec.drafters import BaseDrafter, TokenRecycling
+from freespec.engine.distribution import (
     draw,
     repetition_penalty,
     target_probs,
     tree_repetition_penalty,
 )
+from freespec.engine.sampling import OPTIONS, SAMPLING_KEYS, SamplingParams
 from freespec.engine.tree import DraftTree
 from freespec.engine.verify import rejection_accept, sample_accept
 from freespec.model.loading import LoadedModel
@@ -41,6 +42,7 @@ from tests.helpers import (
     chi_square_p,
     exact_joint,
     exact_table,
+    make_model,
     small_model,
     tiny_model,
     total_variation,
@@ -116,7 +118,7 @@ def trees(table: dict[tuple, torch.Tensor], hf_model) -> dict[str, DraftTree]:
     with torch.no_grad():
         warm_logits = hf_model(warm[None]).logits[0]  # [64, vocab]
     for shape in ("static", "dynamic"):
-        drafter = TokenRecycling(VOCAB, tree=shape)
+        drafter = TokenRecycling(VOCAB, tree_shape=shape)
         drafter.begin(warm.numpy(), warm_logits)
         shapes[f"recycling-{shape}"] = drafter.propose(CONTEXT, 80)
     return shapes
@@ -202,20 +204,65 @@ def test_tree_penalty_uses_each_nodes_own_prefix():
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("temperature", -0.1, "temperature must be a number >= 0, got -0.1"),
+    ("temperature", -0.1, r"temperature must be a number in \[0, 2\], got -0.1"),
+    ("temperature", 2.5, r"temperature must be a number in \[0, 2\], got 2.5"),  # OpenAI's bound
     ("top_k", -1, "top_k must be an integer >= 0"),
     ("top_k", 2.5, "top_k must be an integer"),
     ("top_p", 0.0, r"top_p must be a number in \(0, 1\]"),
     ("top_p", 1.5, "top_p must be"),
-    ("min_p", 1.0, r"min_p must be a number in \[0, 1\)"),
+    ("min_p", 1.5, r"min_p must be a number in \[0, 1\]"),
     ("repetition_penalty", 0.0, "repetition_penalty must be a number > 0"),
-    ("seed", "7", "seed must be an integer or None, got '7'"),
+    ("seed", "7", r"seed must be an integer in \[-2\*\*63, 2\*\*64 - 1\] or None, got '7'"),
+    ("seed", 2**64, "seed must be an integer in"),  # beyond what torch's generator takes
     ("temperature", float("nan"), "temperature must be"),
     ("temperature", True, "temperature must be"),
 ])
 def test_bad_sampling_params_are_refused(field, value, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**{field: value})
+
+
+def test_the_bounds_are_inclusive_where_they_say_so():
+    for options in (dict(temperature=2), dict(min_p=1), dict(top_p=1), dict(seed=-(2**63)), dict(seed=2**64 - 1)):
+        SamplingParams(**options)
+
+
+def test_every_field_reaches_the_cli_the_server_and_the_api_with_its_bounds():
+    """One carrier: each SamplingParams field is a CLI flag, a request field with the same bounds
+    and description, and an API keyword (an unknown one is a TypeError)."""
+    from freespec.cli import _parser
+    from freespec.serve.app import ChatRequest, CompletionRequest
+
+    flags = {action.dest: action for action in _parser()._subparsers._group_actions[0].choices["generate"]._actions}
+    for option in OPTIONS:
+        assert flags[option.name].option_strings == [f"--{option.name.replace('_', '-')}"]
+        assert flags[option.name].default == option.default and flags[option.name].type is option.kind
+        for request in (ChatRequest, CompletionRequest):
+            field = request.model_fields[option.name]
+            assert field.description == option.help
+            bounds = {name: value for m in field.metadata for name, value in dataclasses.asdict(m).items()}
+            assert bounds == option.bounds, (option.name, bounds)
+    assert SAMPLING_KEYS == tuple(option.name for option in OPTIONS)
+    model = make_model("llama")
+    with pytest.raises(TypeError):
+        model.generate(prompt_ids=[1, 2], max_new_tokens=2, temprature=1.0)
+    keywords = model.generate(prompt_ids=[1, 2], max_new_tokens=4, temperature=0.9, top_k=7, seed=5)
+    carried = model.generate(prompt_ids=[1, 2], max_new_tokens=4,
+                             sampling=SamplingParams(temperature=0.9, top_k=7, seed=5))
+    assert keywords.token_ids == carried.token_ids
+
+
+def test_a_temperature_that_overflows_the_logits_is_refused():
+    """At temperature 1e-300 the logits overflow and every probability is NaN; drawing from that
+    used to return the last token of the vocabulary."""
+    with pytest.raises(ValueError, match="not finite or all 0 .*use 0 for greedy"):
+        draw(torch.tensor([float("nan"), float("nan"), 1.0]), torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="not finite or all 0"):
+        draw(torch.zeros(3), torch.Generator().manual_seed(0))
+    model = make_model("llama")
+    for drafter in ("none", "recycling"):
+        with pytest.raises(ValueError, match="cannot sample: the token probabilities are not finite"):
+            model.generate(prompt_ids=[1, 2, 3], max_new_tokens=4, drafter=drafter, temperature=1e-300, seed=0)
 
 
 # -- tree-level statistics ------------------------------------------------------------------------
@@ -353,15 +400,10 @@ SAMPLED = [dict(temperature=1.0), dict(temperature=0.7, top_k=20, top_p=0.9, min
 E2E_SAMPLES = 600  # whole engine runs (a prefill and a few forward passes each): slower than the rules alone
 
 
-def make_model(family: str, seed: int = 0, budget: int | None = None, tree: str = "dynamic") -> Model:
-    return Model(LoadedModel(tiny_model(family, seed=seed, scale=8.0), word_tokenizer(), family, None),
-                 budget=budget, tree=tree)
-
-
 @pytest.mark.parametrize("tree, budget", [("dynamic", None), ("static", 16)])
 def test_speculative_sampling_equals_plain_sampling_with_the_same_seed(tree, budget):
     """One uniform number per emitted token either way, so a seed fixes the text whatever the drafter."""
-    model = make_model("llama", budget=budget, tree=tree)
+    model = make_model("llama", budget=budget, tree_shape=tree)
     tokens = passes = 0
     for options in SAMPLED:
         for seed in range(2):
@@ -398,7 +440,7 @@ def test_penalised_greedy_matches_transformers():
 
 def test_a_seed_repeats_a_run_and_no_seed_does_not():
     model = make_model("llama", budget=16)
-    runs = [model.generate(prompt_ids=PROMPTS[0], max_new_tokens=32, temperature=3.0, seed=seed).token_ids
+    runs = [model.generate(prompt_ids=PROMPTS[0], max_new_tokens=32, temperature=2.0, seed=seed).token_ids
             for seed in (7, 7, None, None)]
     assert runs[0] == runs[1]  # the drafter learned in between: the text does not depend on it
     assert runs[2] != runs[3]
@@ -412,19 +454,14 @@ def test_bad_sampling_options_are_refused_by_the_api():
         model.generate(prompt_ids=[1, 2], max_new_tokens=2, temprature=1.0)
 
 
-class SampledDrafter:
+class SampledDrafter(BaseDrafter):
     """Test-only drafter with probabilities: a random bigram draft model q(next | token), whose
     children are drawn without replacement (3 below the root, 2 below each of those)."""
-
-    wants_prompt_logits = False
 
     def __init__(self, seed: int = 0):
         generator = torch.Generator().manual_seed(seed)
         self.q = torch.softmax(torch.randn(VOCAB, VOCAB, generator=generator) * 2, dim=-1)  # [token, next]
         self.generator = generator
-
-    def begin(self, prompt, prompt_logits) -> None:
-        pass
 
     def _children(self, token: int, k: int) -> list[int]:
         noise = -torch.log(-torch.log(torch.rand(VOCAB, generator=self.generator)))
@@ -440,9 +477,6 @@ class SampledDrafter:
                 tokens.append(second), parents.append(parent)
         tokens, parents = tokens[: budget + 1], parents[: budget + 1]
         return DraftTree(np.array(tokens), np.array(parents), draft_probs=self.q[tokens])
-
-    def update(self, tree, logits, accepted) -> None:
-        pass
 
 
 @pytest.mark.parametrize("drafter", ["recycling", "sampled"])
@@ -508,8 +542,8 @@ def test_cli_samples_as_the_api_does(tiny_model_dir, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["generate", "w1", "--temperature", "-1"], "temperature must be a number >= 0, got -1.0"),
-    (["generate", "w1", "--min-p", "1"], "min_p must be a number in [0, 1), got 1.0"),
+    (["generate", "w1", "--temperature", "-1"], "temperature must be a number in [0, 2], got -1.0"),
+    (["generate", "w1", "--min-p", "1.5"], "min_p must be a number in [0, 1], got 1.5"),
     (["generate", "w1", "--top-k", "two"], "argument --top-k: invalid int value: 'two'"),
     (["bench", "--repetition-penalty", "0", "--questions", "q.jsonl"], "repetition_penalty must be a number > 0"),
 ])

@@ -34,7 +34,7 @@ def test_recycling_equals_plain_on_the_real_model(model):
 
 @pytest.mark.parametrize("tree", ["static", "dynamic"])
 def test_fixed_large_tree_equals_plain_on_the_real_model(model, tree):
-    model.tree = tree
+    model.tree_shape = tree
     model.reset()
     plain = model.generate(PROMPTS[0], drafter="none", max_new_tokens=48)
     fast = model.generate(PROMPTS[0], drafter="recycling", max_new_tokens=48, budget=80)
