@@ -3,6 +3,10 @@
 Every input the user can fix (arguments, input lines, prompts the model cannot take, models that
 cannot be found) is reported as one line, ``freespec: error: ...``, with exit status 2, so
 scripts get a stable message instead of a traceback.
+
+torch and transformers take seconds to import, so this module imports them (and every part of
+freespec that needs them) only inside the commands: ``--help``, ``--version`` and argument errors
+answer at once.
 """
 
 from __future__ import annotations
@@ -11,33 +15,70 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
-import torch
-from tqdm import tqdm
-from transformers.utils import logging as transformers_logging
+from freespec import __version__
+from freespec.engine.sampling import (  # light: no torch
+    OPTIONS,
+    SAMPLING_KEYS,
+    SamplingParams,
+)
+from freespec.paths import AtomicFile
 
-from freespec.api import DamagedStateError, Model, load
-from freespec.bench.methods import DEFAULT_METHODS, PEERS
-from freespec.drafters import DRAFTERS, check_name
-from freespec.engine.costs import load_or_measure
-from freespec.engine.loop import Generation, GenerationStats
-from freespec.engine.sampling import OPTIONS, SAMPLING_KEYS, SamplingParams
-from freespec.model.loading import ModelLoadError
-from freespec.model.weights import UnsupportedModelError
-from freespec.serve.textstream import TextStream
+if TYPE_CHECKING:
+    from freespec.api import Model
+    from freespec.engine.loop import Generation, GenerationStats
 
 USAGE_ERROR = 2
 INTERRUPTED = 130
+DEFAULT_MAX_NEW_TOKENS = 256
 
 
 class UsageError(Exception):
     """Bad input the user can fix: printed as one line, exit status 2."""
 
 
+def _drafter_names() -> str:
+    from freespec.drafters import DRAFTERS
+
+    return ", ".join(DRAFTERS)
+
+
+def _peer_names() -> str:
+    from freespec.bench.methods import PEERS
+
+    return ", ".join(PEERS)
+
+
+def _default_methods() -> str:
+    from freespec.bench.methods import DEFAULT_METHODS
+
+    return ",".join(DEFAULT_METHODS)
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Fills in the names of drafters and benchmark methods only when help is printed: they are
+    defined beside code that needs torch."""
+
+    NAMES: dict[str, Callable[[], str]] = {"{drafters}": _drafter_names, "{peers}": _peer_names,
+                                           "{default_methods}": _default_methods}
+
+    def _expand_help(self, action: argparse.Action) -> str:
+        text = super()._expand_help(action)
+        for marker, names in self.NAMES.items():
+            if marker in text:
+                text = text.replace(marker, names())
+        return text
+
+
 class _Parser(argparse.ArgumentParser):
     """Reports argument errors like every other user error (subcommand parsers inherit this)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{message} (see {self.prog} --help)")
@@ -76,6 +117,10 @@ def _sampling(args: argparse.Namespace, request: dict | None = None, seed: bool 
 
 
 def _drafter_name(text: str) -> str:
+    if text == "recycling":  # the default: argparse converts it on every parse, and checking imports torch
+        return text
+    from freespec.drafters import check_name
+
     try:
         return check_name(text)
     except ValueError as error:
@@ -98,12 +143,14 @@ def _positive_seconds(text: str) -> float:
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="freespec", description="Lossless speculative decoding on the CPU.")
+    parser.add_argument("--version", action="version", version=f"freespec {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     model_options = _Parser(add_help=False)
-    model_options.add_argument("--model", help="model directory, .gguf file or hub id "
-                               "(default: the embedded SmolLM2-135M-Instruct)")
-    model_options.add_argument("--threads", type=_positive_int, metavar="N", help="torch CPU threads")
+    model_options.add_argument("--model", help="model directory, .gguf file or hub id owner/name; anything "
+                               "else is taken for a local path (default: the embedded SmolLM2-135M-Instruct)")
+    model_options.add_argument("--threads", type=_positive_int, metavar="N",
+                               help="torch CPU threads (default: torch's, one per core)")
     model_options.add_argument("--quiet", action="store_true", help="no statistics, no progress bars")
     model_options.add_argument("--tree", choices=("dynamic", "static"), default="dynamic",
                                help="Token Recycling's tree: best-first by recycled probabilities, "
@@ -120,10 +167,11 @@ def _parser() -> argparse.ArgumentParser:
                                    description="Stream one completion to stdout, or run a JSONL batch.")
     generate.add_argument("prompt", nargs="?", metavar="PROMPT", help="the prompt (omit with --input)")
     generate.add_argument("--drafter", type=_drafter_name, default="recycling", metavar="NAME",
-                          help=f"draft source: {', '.join(DRAFTERS)}, or several joined by '+' "
+                          help="draft source: {drafters}, or several joined by '+' "
                                "(one fused tree); none is plain greedy decoding (default: recycling)")
-    generate.add_argument("--max-new-tokens", type=_positive_int, default=256, metavar="N",
-                          help="most tokens to generate per prompt (default: 256)")
+    generate.add_argument("--max-new-tokens", type=_positive_int, metavar="N",
+                          help=f"most tokens to generate per prompt; with the prompt it must fit the model's "
+                               f"context (default: {DEFAULT_MAX_NEW_TOKENS}, cut to the context left)")
     generate.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
                           help="apply the model's chat template to prompts (default: on)")
     generate.add_argument("--budget", type=_positive_int, metavar="N",
@@ -134,8 +182,9 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--input", metavar="FILE", help="JSONL requests, one "
                           '{"prompt": ...} or {"messages": [...]} per line, optional "max_new_tokens" '
                           f"and sampling keys ({', '.join(map(json.dumps, SAMPLING_KEYS))}) overriding the flags")
-    generate.add_argument("--output", metavar="FILE", help="JSONL results, one line per request, "
-                          "written as each finishes")
+    generate.add_argument("--output", metavar="FILE", help="JSONL results, one line per request; FILE is "
+                          "replaced when the batch ends, stops on an error or is interrupted (until then "
+                          "results go to a temporary file beside it), and left alone if nothing ran")
     generate.set_defaults(run=_generate)
 
     calibrate = commands.add_parser("calibrate", parents=[model_options], help="measure forward costs",
@@ -151,22 +200,27 @@ def _parser() -> argparse.ArgumentParser:
                                             "summary.json, summary.md and PNG plots. --compare A B prints the "
                                             "changes between two result folders instead.")
     bench.add_argument("--methods",
-                       help="comma-separated: freespec drafters (" + ", ".join(DRAFTERS) + ") and peers ("
-                            + ", ".join(PEERS) + "); peers that cannot run here are skipped with a note "
-                            "(default: " + ",".join(DEFAULT_METHODS) + ", and hf-sample when sampling)")
+                       help="comma-separated: freespec drafters ({drafters}) and peers ({peers}); peers that "
+                            "cannot run here are skipped with a note (default: {default_methods}, and "
+                            "hf-sample when sampling)")
     bench.add_argument("--questions", type=Path, default=None, metavar="FILE",
-                       help="Spec-Bench-format JSONL (default: shared/data/spec_bench/question.jsonl)")
-    bench.add_argument("--categories", help="comma-separated categories to keep")
-    bench.add_argument("--per-category", type=_positive_int, metavar="N", help="first N questions of each category")
-    bench.add_argument("--limit", type=_positive_int, metavar="N", help="at most N questions")
-    bench.add_argument("--max-new-tokens", type=_positive_int, default=256, metavar="N")
-    bench.add_argument("--baseline", help="method speedups are relative to (default: hf-greedy, or "
-                       "hf-sample when sampling)")
+                       help="Spec-Bench-format JSONL (default: the 480 Spec-Bench questions shipped with freespec)")
+    bench.add_argument("--categories", help="comma-separated categories to keep (default: all)")
+    bench.add_argument("--per-category", type=_positive_int, metavar="N",
+                       help="first N questions of each category (default: all)")
+    bench.add_argument("--limit", type=_positive_int, metavar="N", help="at most N questions (default: all)")
+    bench.add_argument("--max-new-tokens", type=_positive_int, default=DEFAULT_MAX_NEW_TOKENS, metavar="N",
+                       help=f"most tokens per answer (default: {DEFAULT_MAX_NEW_TOKENS})")
+    bench.add_argument("--baseline", metavar="METHOD",
+                       help="the method speedups are relative to (default: hf-greedy, or hf-sample when "
+                            "sampling, if among the methods; else the first method)")
     bench.add_argument("--seed", type=int, default=0, help="seeds the RNGs per question and turn (default: 0)")
     bench.add_argument("--budget", type=_positive_int, metavar="N",
                        help="fixed draft nodes per step for every drafter (default: chosen from measured costs)")
-    bench.add_argument("--out", type=Path, default=Path("bench-out"), metavar="DIR")
-    bench.add_argument("--resume", action="store_true", help="keep results.jsonl and skip what it holds")
+    bench.add_argument("--out", type=Path, default=Path("bench-out"), metavar="DIR",
+                       help="folder for results and reports (default: bench-out)")
+    bench.add_argument("--resume", action="store_true",
+                       help="keep results.jsonl and skip what it holds (default: start over)")
     bench.add_argument("--compare", nargs=2, type=Path, metavar=("A", "B"),
                        help="print the changes from result folder A to B and exit")
     bench.set_defaults(run=_bench)
@@ -236,6 +290,12 @@ def _check_draft_model(names: list[str], args: argparse.Namespace) -> None:
 
 
 def _load(args: argparse.Namespace, budget: int | None = None) -> Model:
+    from transformers.utils import logging as transformers_logging
+
+    from freespec.api import DamagedStateError, load
+    from freespec.model.loading import ModelLoadError
+    from freespec.model.weights import UnsupportedModelError
+
     if getattr(args, "drafter", None):
         _check_draft_model([args.drafter], args)
     if args.quiet or not sys.stderr.isatty():
@@ -262,11 +322,20 @@ def _save_state(model: Model, args: argparse.Namespace) -> None:
 
 
 def _start(model: Model, args: argparse.Namespace, request: dict, where: str = "") -> Generation:
-    """Encode and check one request: freespec raises ValueError with a readable message for bad input."""
+    """Encode and check one request: freespec raises ValueError with a readable message for bad input.
+
+    A token limit the user gave must fit the context with the prompt (as the server checks
+    ``max_tokens``); the default one is cut to the context left.
+    """
     try:
-        return model.stream(request.get("prompt"), messages=request.get("messages"),
-                            max_new_tokens=request.get("max_new_tokens", args.max_new_tokens),
-                            drafter=args.drafter, chat=args.chat, sampling=_sampling(args, request))
+        prompt_ids = model.encode(request.get("prompt"), request.get("messages"), args.chat)
+        asked = request.get("max_new_tokens", args.max_new_tokens)
+        context = model.runner.max_positions
+        if asked is not None and len(prompt_ids) < context < len(prompt_ids) + asked:
+            raise ValueError(f"max_new_tokens {asked} + the prompt's {len(prompt_ids)} tokens exceed the model's "
+                             f"context of {context}")
+        return model.stream(prompt_ids=prompt_ids, max_new_tokens=asked or DEFAULT_MAX_NEW_TOKENS,
+                            drafter=args.drafter, sampling=_sampling(args, request))
     except ValueError as error:
         raise UsageError(f"{where}{error}") from None
 
@@ -278,26 +347,29 @@ def _summary(stats: GenerationStats, drafter: str) -> str:
 
 
 def _generate(args: argparse.Namespace) -> None:
-    try:
-        _sampling(args)  # bad flags are reported before a model loads
-    except ValueError as error:
-        raise UsageError(str(error)) from None
     if args.input is None and args.output is None:
         if args.prompt is None:
             raise UsageError("give a PROMPT, or --input and --output for a batch")
         if not args.prompt.strip():
             raise UsageError("the prompt is empty")
-        _generate_one(args)
     elif args.input is None or args.output is None:
         raise UsageError("--input and --output go together")
     elif args.prompt is not None:
         raise UsageError("give either PROMPT or --input/--output, not both")
+    try:
+        _sampling(args)  # bad flags are reported before a model loads
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    if args.input is None:
+        _generate_one(args)
     else:
         _generate_batch(args)
 
 
 def _generate_one(args: argparse.Namespace) -> None:
     """Print text as it is accepted (see :class:`TextStream` for how chunks become text)."""
+    from freespec.serve.textstream import TextStream
+
     model = _load(args, args.budget)
     generation = _start(model, args, {"prompt": args.prompt})
     text = TextStream(model.decode)
@@ -342,42 +414,65 @@ def _parse_request(line: str, where: str) -> dict:
 
 
 def _generate_batch(args: argparse.Namespace) -> None:
-    """Run each request in turn, writing its result at once so an interrupted batch keeps them."""
+    """Run each request in turn, writing each result at once to a temporary file beside the output.
+
+    The output is replaced by it when the batch ends, and also when it stops early (an error, an
+    interrupt) with results, which are kept; a batch that fails before its first result (the model
+    cannot load, the first line is bad) leaves the output as it was, and so does a killed process.
+    """
+    from tqdm import tqdm
+
+    from freespec.engine.loop import GenerationStats
+
     requests = [(number, line) for number, line in enumerate(_read_lines(args.input), 1) if line.strip()]
     try:
-        output = open(args.output, "w", encoding="utf-8")
+        output = AtomicFile(args.output)
     except OSError as error:
         raise UsageError(f"cannot write {args.output}: {error.strerror}") from None
-    total = GenerationStats()
+    total, written, finished = GenerationStats(), 0, False
     with output, tqdm(total=len(requests), unit="prompt", disable=True if args.quiet else None) as progress:
         model = _load(args, args.budget)
-        for number, line in requests:
-            where = f"{args.input} line {number}: "
-            request = _parse_request(line, where)
-            generation = _start(model, args, request, where)
-            for _ in generation:
-                pass
-            result = {**request, "text": model.decode(generation.token_ids), "token_ids": generation.token_ids,
-                      "finish_reason": generation.finish_reason, "stats": generation.stats.as_dict()}
-            output.write(json.dumps(result, ensure_ascii=False) + "\n")
-            output.flush()
-            progress.update()
-            stats = generation.stats
-            total.new_tokens += stats.new_tokens
-            total.forward_passes += stats.forward_passes
-            total.prefill_seconds += stats.prefill_seconds
-            total.decode_seconds += stats.decode_seconds
+        try:
+            for number, line in requests:
+                where = f"{args.input} line {number}: "
+                request = _parse_request(line, where)
+                generation = _start(model, args, request, where)
+                for _ in generation:
+                    pass
+                result = {**request, "text": model.decode(generation.token_ids), "token_ids": generation.token_ids,
+                          "finish_reason": generation.finish_reason, "stats": generation.stats.as_dict()}
+                output.write(json.dumps(result, ensure_ascii=False) + "\n")
+                output.flush()
+                written += 1
+                progress.update()
+                stats = generation.stats
+                total.new_tokens += stats.new_tokens
+                total.forward_passes += stats.forward_passes
+                total.prefill_seconds += stats.prefill_seconds
+                total.decode_seconds += stats.decode_seconds
+            finished = True
+        finally:
+            if finished or written:
+                _commit(output)
         _save_state(model, args)
     if not args.quiet:
         print(f"[freespec] {len(requests)} prompts → {args.output}: {_summary(total, args.drafter)}",
               file=sys.stderr)
 
 
+def _commit(output: AtomicFile) -> None:
+    try:
+        output.commit()
+    except OSError as error:
+        raise UsageError(f"cannot write {output.path}: {error.strerror} (the results are in {output.temporary})") \
+            from None
+
+
 def _calibrate(args: argparse.Namespace) -> None:
+    from freespec.engine.costs import load_or_measure
+
     model = _load(args)
-    if not args.quiet:
-        print(f"measuring {model.name} on {torch.get_num_threads()} threads ...", file=sys.stderr)
-    costs = load_or_measure(model.runner, force=True, repeats=args.repeats)
+    costs = load_or_measure(model.runner, force=True, repeats=args.repeats)  # it says that it measures
     print(f"{'q':>4} {'ms':>9} {'× t(1)':>7}")
     for q, seconds in costs.items():
         print(f"{q:>4} {seconds * 1000:>9.3f} {seconds / costs[1]:>7.2f}")
@@ -385,7 +480,7 @@ def _calibrate(args: argparse.Namespace) -> None:
 
 def _bench(args: argparse.Namespace) -> None:
     from freespec.bench import run as bench
-    from freespec.bench.methods import Setup, check_methods
+    from freespec.bench.methods import DEFAULT_METHODS, Setup, check_methods
     from freespec.bench.report import compare
 
     try:
@@ -399,12 +494,13 @@ def _bench(args: argparse.Namespace) -> None:
         peer = "hf-greedy" if sampling.greedy else "hf-sample"  # transformers doing what freespec does
         default = ",".join(DEFAULT_METHODS) + ("" if sampling.greedy else ",hf-sample")
         methods = list(dict.fromkeys(m for m in (args.methods or default).split(",") if m))
-        args.baseline = args.baseline or peer
         if args.draft_model and not args.methods:  # an explicit --methods is taken as given
             methods += ["draft-model", "hf-assisted"]
         check_methods(methods)
         _check_draft_model(methods, args)
-        if args.baseline not in methods:
+        if args.baseline is None:
+            args.baseline = peer if peer in methods else methods[0]
+        elif args.baseline not in methods:
             raise UsageError(f"the baseline {args.baseline} is not among --methods")
         questions = bench.load_questions(args.questions or bench.DEFAULT_QUESTIONS,
                                          args.categories.split(",") if args.categories else None,
@@ -429,7 +525,7 @@ def _bench(args: argparse.Namespace) -> None:
 
 def _gguf_source(model: str | None) -> Path | None:
     """The GGUF file behind ``--model`` (for llama.cpp peers), or None for other models."""
-    from freespec.model.loading import DEFAULT_MODEL, embedded_gguf_path
+    from freespec.model.loading import DEFAULT_MODEL, ModelLoadError, embedded_gguf_path
 
     if model is None or model in ("", "default", DEFAULT_MODEL):
         try:
@@ -447,7 +543,7 @@ def _datastore_build(args: argparse.Namespace) -> None:
     from transformers import AutoTokenizer
 
     from freespec.drafters import datastore
-    from freespec.model.loading import resolve
+    from freespec.model.loading import ModelLoadError, resolve
 
     if not args.corpus.is_file():
         raise UsageError(f"corpus not found: {args.corpus}")

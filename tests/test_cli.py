@@ -15,6 +15,8 @@ from freespec import cli
 from freespec.cli import main
 from freespec.engine.costs import SIZES
 
+REPO = Path(__file__).parents[1]
+
 PROMPT = "w1 w2 w3 w4 w5 w6"
 
 
@@ -164,10 +166,107 @@ def test_calibrate_prints_a_cost_table(tiny_model_dir, capsys):
     assert rows[0][2] == "1.00" and all(float(ms) > 0 for _, ms, _ in rows)
 
 
+def run_python(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=REPO)
+
+
 def test_python_dash_m_runs_the_cli():
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-    done = subprocess.run([sys.executable, "-m", "freespec", "generate", ""], capture_output=True, text=True, env=env)
+    done = run_python("-m", "freespec", "generate", "")
     assert done.returncode == 2 and done.stderr == "freespec: error: the prompt is empty\n"
+    done = run_python("-m", "freespec", "--version")
+    assert done.returncode == 0 and done.stdout == f"freespec {freespec.__version__}\n"
+
+
+def test_help_and_argument_errors_import_neither_torch_nor_transformers():
+    """They took 3.5-5 s, most of it importing torch and transformers that they do not need."""
+    script = """
+import contextlib, io, sys
+from freespec.cli import main
+for argv in (["--help"], ["--version"], ["generate", "w1", "--max-new-tokens", "0"], ["generate"],
+             ["generate", "--input", "in.jsonl"], ["bench", "--limit", "0"], ["calibrate", "--repeats", "x"],
+             ["serve", "--port", "x"], ["datastore", "build"], ["frobnicate"]):
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:
+        try:
+            code = main(argv)
+        except SystemExit as exit:
+            code = exit.code
+    assert code == (2 if err.getvalue() else 0), (argv, code, err.getvalue())
+print(sorted(name for name in ("torch", "transformers", "freespec.api") if name in sys.modules))
+"""
+    done = run_python("-c", script)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "[]\n"
+
+
+def test_package_names_load_on_first_use():
+    done = run_python("-c", "import sys, freespec; print('torch' in sys.modules, freespec.load.__module__, "
+                            "freespec.GenerationStats.__name__, 'torch' in sys.modules)")
+    assert done.stdout == "False freespec.api GenerationStats True\n"
+    with pytest.raises(AttributeError, match="has no attribute 'nothing'"):
+        freespec.nothing  # noqa: B018
+
+
+def test_a_failed_start_leaves_the_output_alone(tiny_model_dir, tmp_path, capsys):
+    """Before, ``--output`` was emptied before the model was even looked for."""
+    source = write_jsonl(tmp_path / "prompts.jsonl", {"prompt": PROMPT})
+    output = tmp_path / "out.jsonl"
+    output.write_text("yesterday's results\n")
+    assert "model not found: /nonexistent" in run_error(capsys, ["generate", "--model", "/nonexistent", "--input",
+                                                                  str(source), "--output", str(output)])
+    write_jsonl(source, "{not json", {"prompt": PROMPT})
+    assert "line 1: invalid JSON" in run_error(capsys, ["generate", "--model", str(tiny_model_dir), "--input",
+                                                         str(source), "--output", str(output)])
+    assert output.read_text() == "yesterday's results\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl", "prompts.jsonl"]  # no temporary file left
+
+
+def test_the_output_is_replaced_in_one_step(tiny_model_dir, tmp_path, monkeypatch):
+    """While the batch runs, the output keeps its old content; a killed process leaves it so."""
+    source = write_jsonl(tmp_path / "prompts.jsonl", {"prompt": "w1 w2"}, {"prompt": "w3 w4"})
+    output = tmp_path / "out.jsonl"
+    output.write_text("yesterday's results\n")
+    start, seen = cli._start, []
+
+    def look_at_the_output(*args, **kwargs):
+        seen.append(output.read_text())
+        return start(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "_start", look_at_the_output)
+    assert main(["generate", "--model", str(tiny_model_dir), "--input", str(source), "--output", str(output),
+                 "--max-new-tokens", "3", "--drafter", "none", "--quiet"]) == 0
+    assert seen == ["yesterday's results\n"] * 2
+    assert [r["prompt"] for r in read_jsonl(output)] == ["w1 w2", "w3 w4"]
+
+
+def test_max_new_tokens_must_fit_the_context_with_the_prompt(tiny_model_dir, tmp_path, capsys):
+    """As the server checks max_tokens; before, the limit was cut silently. The default is cut."""
+    err = run_error(capsys, ["generate", PROMPT, "--model", str(tiny_model_dir), "--max-new-tokens", "600"])
+    assert "max_new_tokens 600 + the prompt's " in err and "exceed the model's context of 512" in err
+    source = write_jsonl(tmp_path / "prompts.jsonl", {"prompt": PROMPT, "max_new_tokens": 509})
+    err = run_error(capsys, ["generate", "--model", str(tiny_model_dir), "--input", str(source),
+                             "--output", str(tmp_path / "out.jsonl")])
+    assert "prompts.jsonl line 1: max_new_tokens 509 + the prompt's" in err
+    long_prompt = " ".join(["w7"] * 500)
+    left = 512 - len(freespec.load(str(tiny_model_dir)).encode(long_prompt, chat=False))
+    assert main(["generate", long_prompt, "--model", str(tiny_model_dir), "--no-chat", "--drafter", "none"]) == 0
+    assert f"[freespec] {left} tokens, " in capsys.readouterr().err  # 256 by default, cut to the context left
+
+
+def test_a_mistyped_local_path_fails_at_once(tmp_path, monkeypatch, capsys):
+    """Before, ``models/x`` was taken for a hub id: 50 s of network retries, then a traceback."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    err = run_error(capsys, ["generate", "w1", "--model", "models/x"])
+    assert "model not found: models/x (no such file or directory" in err
+
+
+def test_a_gguf_file_cut_short_is_a_one_line_error(tmp_path, capsys):
+    """Before: a struct.error traceback from transformers' GGUF reader."""
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(b"GGUF\x03\x00\x00\x00")
+    assert f"cannot load GGUF file {cut}: it is cut short or damaged" in run_error(
+        capsys, ["generate", "w1", "--model", str(cut)])
 
 
 def test_state_file_warms_the_next_run(tiny_model_dir, tmp_path, capsys):

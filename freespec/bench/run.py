@@ -31,8 +31,10 @@ from tqdm import tqdm
 from freespec.api import Model
 from freespec.bench.methods import BenchError, Setup, build_method, unavailable
 from freespec.bench.report import PLOTS, load_records, markdown, plot, summarize
+from freespec.paths import write_atomically
 
-DEFAULT_QUESTIONS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "spec_bench" / "question.jsonl"
+DEFAULT_QUESTIONS = Path(__file__).resolve().parent / "data" / "spec_bench_questions.jsonl"
+"""Spec-Bench's 480 questions, shipped with freespec (Apache-2.0: see LICENSE and NOTICE beside it)."""
 WARM_UP = "Say hello."
 
 __all__ = ["BenchError", "DEFAULT_QUESTIONS", "Question", "load_questions", "plan", "run_bench", "write_reports"]
@@ -147,7 +149,7 @@ def _done_records(out: Path, settings: dict, resume: bool) -> dict[tuple, dict]:
     results, run_file = out / "results.jsonl", out / "run.json"
     if not resume:
         results.unlink(missing_ok=True)
-        run_file.write_text(json.dumps(settings, indent=1))
+        write_atomically(run_file, json.dumps(settings, indent=1))
         return {}
     if run_file.is_file():
         before = json.loads(run_file.read_text())
@@ -156,12 +158,13 @@ def _done_records(out: Path, settings: dict, resume: bool) -> dict[tuple, dict]:
         if changed:
             raise BenchError(f"cannot resume {out}: its results were made with other settings ({'; '.join(changed)}); "
                              "run without --resume to start over, or choose another --out")
-    run_file.write_text(json.dumps(settings, indent=1))
+    write_atomically(run_file, json.dumps(settings, indent=1))
     if not results.exists():
         return {}
     records = load_records(results)
-    # rewrite without a line cut short by the interruption, so appending starts on a fresh line
-    results.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    # rewrite without a line cut short by the interruption, so appending starts on a fresh line;
+    # atomically, since the file holds every result so far
+    write_atomically(results, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     return {(r["question_id"], r["method"], r["turn"]): r for r in records}
 
 
@@ -232,11 +235,11 @@ def _running(tokens: int, seconds: float, passes: int) -> str:
 
 
 def machine_description() -> str:
-    from freespec.engine.costs import _cpu_name
+    from freespec.engine.costs import cpu_name
     from freespec.kernels import select
 
     kernels = f"{select().isa} kernels"
-    return (f"{_cpu_name()}, {torch.get_num_threads()} threads, {kernels}, torch {torch.__version__}, "
+    return (f"{cpu_name()}, {torch.get_num_threads()} threads, {kernels}, torch {torch.__version__}, "
             f"Python {platform.python_version()}")
 
 
@@ -251,6 +254,6 @@ def write_reports(out: Path, baseline: str, command: str, notes: list[str] = ())
     except ImportError:
         summary["plots"] = []
         summary["notes"].append("plots skipped: matplotlib is not installed (pip install 'freespec[bench]')")
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False))
-    (out / "summary.md").write_text(markdown(summary), encoding="utf-8")
+    write_atomically(out / "summary.json", json.dumps(summary, indent=1, ensure_ascii=False))
+    write_atomically(out / "summary.md", markdown(summary))
     return summary

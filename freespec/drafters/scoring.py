@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from freespec.drafters.base import BaseDrafter
-from freespec.engine.budget import interpolate
+from freespec.engine.costs import interpolate
 from freespec.engine.tree import DraftTree
 
 

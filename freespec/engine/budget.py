@@ -26,29 +26,26 @@ by its own scores instead (:meth:`BudgetPolicy.size_for`): verifying its first b
 1 + their scores' sum on average, so each step takes the prefix with the most tokens per second.
 Averages cannot tell a confident draft from a hopeless one; the scores can, so a step verifies
 more where the drafter is sure and nothing where it is not.
+
+t(q) starts from the calibration and follows the steps the loop times. A calibration can be wrong
+in the direction that hurts: a size measured during a burst of load looks too expensive, is never
+chosen, so never timed, so never corrected. Hence the first timed step of a size replaces a
+larger calibrated value outright (a step cannot be faster than its pass, so a fast one is proof;
+slow ones only nudge the estimate, as a pause of the process would otherwise count), and a shadow
+draft that says a larger size would emit clearly more tokens than the one chosen gets that size
+verified once, to time it (:meth:`BudgetPolicy.size_for`). A step faster than half its
+calibrated cost also marks the cache stale (:meth:`freespec.engine.costs.CostCurve.mark_stale`), so
+the next process measures again.
 """
 
 from __future__ import annotations
 
 import bisect
+from collections.abc import Mapping
 
 import numpy as np
 
-
-def interpolate(xs: list[float], ys: list[float], x: float) -> float:
-    """``np.interp`` on plain lists, for one point: linear between the knots ``xs`` (ascending),
-    constant beyond them. Called several times a step, where numpy's per-call overhead shows.
-
-    >>> interpolate([1, 2, 4], [1.0, 1.5, 2.5], 3), interpolate([1, 2, 4], [1.0, 1.5, 2.5], 9)
-    (2.0, 2.5)
-    """
-    right = bisect.bisect_left(xs, x)
-    if right == len(xs):
-        return ys[-1]
-    if right == 0 or xs[right] == x:
-        return ys[right]
-    share = (x - xs[right - 1]) / (xs[right] - xs[right - 1])
-    return ys[right - 1] + share * (ys[right] - ys[right - 1])
+from freespec.engine.costs import CostCurve, interpolate
 
 
 def accepted_within(path: list[int], budget: int) -> int:
@@ -68,12 +65,15 @@ def accepted_within(path: list[int], budget: int) -> int:
 
 
 class BudgetPolicy:
-    def __init__(self, cost: dict[int, float], candidates: list[int], explore_every: int = 4, smoothing: float = 0.05,
-                 min_probe: int = 3, max_interval: int = 32):
-        """``cost``: seconds (or any unit) per forward of q tokens, for some q ≥ 1.
+    def __init__(self, cost: Mapping[int, float], candidates: list[int], explore_every: int = 4,
+                 smoothing: float = 0.05, min_probe: int = 3, max_interval: int = 32):
+        """``cost``: seconds (or any unit) per forward of q tokens, for some q ≥ 1; a
+        :class:`~freespec.engine.costs.CostCurve` is marked stale when steps show it wrong.
         ``candidates``: the draft sizes to choose among (0 is added: plain decoding)."""
         self._cost_q = sorted(cost)  # plain lists: this runs every step, where numpy's call overhead shows
         self._cost_t = [float(cost[q]) for q in self._cost_q]
+        self._calibration = cost if isinstance(cost, CostCurve) else None
+        self._timed: set[int] = set()  # sizes with a timed step: their cost no longer rests on the calibration
         self.candidates = sorted(set([0, *candidates]))
         self.explore_every = explore_every
         self.max_interval = max_interval
@@ -87,11 +87,22 @@ class BudgetPolicy:
     def record_cost(self, q: int, seconds: float) -> None:
         """Fold a timed step of q tokens (draft + forward + verify) into t(q). A step is counted
         at most 1.5x the estimate: a pause of the process (a page fault, the garbage collector,
-        another program) would otherwise hold up a size that is rarely chosen for many steps."""
+        another program) would otherwise hold up a size that is rarely chosen for many steps.
+        The first timed step of a size that is faster than its calibrated cost replaces it: the
+        calibration ran slow there (see the module's notes)."""
         index = bisect.bisect_left(self._cost_q, q)
-        if index < len(self._cost_q) and self._cost_q[index] == q:
-            estimate = self._cost_t[index]
-            self._cost_t[index] += self.smoothing * (min(seconds, 1.5 * estimate) - estimate)
+        if index == len(self._cost_q) or self._cost_q[index] != q:
+            return
+        estimate = self._cost_t[index]
+        if q not in self._timed:
+            self._timed.add(q)
+            if self._calibration is not None and seconds < 0.5 * estimate:
+                self._calibration.mark_stale(f"a step over {q} tokens took {seconds * 1000:.2f} ms, "
+                                             f"the calibration says {estimate * 1000:.2f} ms")
+            if seconds < estimate:
+                self._cost_t[index] = seconds
+                return
+        self._cost_t[index] += self.smoothing * (min(seconds, 1.5 * estimate) - estimate)
 
     def cost(self, q: int) -> float:
         """t(q): interpolated between the measured sizes, constant beyond them."""
@@ -136,13 +147,24 @@ class BudgetPolicy:
         0
         """
         if scores is None:
-            return self.best(limit)
-        best, best_rate, expected = 0, 1.0 / self.cost(1), 1.0
+            best = self.best(limit)
+            return self._time_larger(best, self.tau.get(best, 1.0), limit)
+        best, best_rate, expected, best_expected = 0, 1.0 / self.cost(1), 1.0, 1.0
         for size, score in enumerate(scores[1 : limit + 1].tolist(), start=1):
             expected += score
             if expected / self.cost(size + 1) > best_rate:
-                best, best_rate = size, expected / self.cost(size + 1)
-        return best
+                best, best_rate, best_expected = size, expected / self.cost(size + 1), expected
+        return self._time_larger(best, best_expected, min(limit, len(scores) - 1))
+
+    def _time_larger(self, chosen: int, expected: float, limit: int) -> int:
+        """``chosen``, or once per size a larger one to time: the candidate about twice ``chosen``
+        if no step has timed it yet and the shadow drafts say it would emit at least a quarter more
+        tokens than ``expected`` (what ``chosen`` should emit). Where the calibrated costs are
+        right this spends one step per size; where they are too high, it is what corrects them."""
+        larger = self._larger(chosen, limit)
+        if larger is None or larger + 1 in self._timed or larger + 1 not in self._cost_q:
+            return chosen
+        return larger if self.tau.get(larger, 1.0) >= 1.25 * expected else chosen
 
     def shadow_size(self, limit: int) -> int:
         """How many nodes a shadow draft has: about twice the best size by the running averages

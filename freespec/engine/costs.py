@@ -1,28 +1,102 @@
 """Measure t(q): the cost of one forward pass over q new tokens, on this machine, for this model.
 
-The budget policy divides expected accepted tokens by these costs. Results are cached per model,
-CPU and thread count, since the best tree size depends on the hardware.
+The budget policy divides expected accepted tokens by these costs, so what matters is the curve's
+*shape*, t(q) / t(1): a machine that is uniformly slow while it measures picks the same sizes.
+What a busy machine does get wrong is a burst of load while a few sizes are timed: they look far
+too expensive, and speculation at those sizes never seems to pay. So the sizes are timed in
+interleaved rounds (a burst hits every size of one round, and the median over the rounds drops
+it); a curve of impossible shape (:func:`implausible`) is measured again, and after a few tries
+smoothed (:func:`repair`); a cache file that is damaged or of impossible shape is measured again
+with a one-line warning. Results are cached per model, CPU and thread count, since the best tree
+size depends on the hardware; the budget policy refines them from the steps it times and marks
+the cache stale (:meth:`CostCurve.mark_stale`) when a step shows the calibration ran slow.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
+import logging
+import math
 import platform
 import statistics
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from freespec.model.runner import ModelRunner
-from freespec.paths import cache_dir
+from freespec.paths import cache_dir, write_atomically
+
+if TYPE_CHECKING:
+    from freespec.model.runner import ModelRunner
+
+log = logging.getLogger(__name__)
 
 SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 81)
 """Forward sizes measured: root + draft nodes. The largest holds the paper's 80-node tree."""
 
+MAX_GROWTH = 2.0
+"""t(q) may be at most ``MAX_GROWTH * q`` times t(1). A pass over q tokens streams the same
+weights as a pass over one and does q times its arithmetic (matmuls and attention alike), so its
+cost grows at most about linearly; measured curves stay below 0.7 q (README: 1.33x at q = 2 and
+11.6x at q = 32 in the 8-lane build)."""
 
-def _cpu_name() -> str:
+MAX_DROP = 2 / 3
+"""t(q) must be at least ``MAX_DROP`` times the largest t of a smaller size: a pass over more
+tokens does more work, never less; the margin is timing noise."""
+
+ATTEMPTS = 3
+"""Measurements of an implausible curve before it is smoothed instead."""
+
+
+def interpolate(xs: list[float], ys: list[float], x: float) -> float:
+    """``np.interp`` on plain lists, for one point: linear between the knots ``xs`` (ascending),
+    constant beyond them. Called several times a step, where numpy's per-call overhead shows.
+
+    >>> interpolate([1, 2, 4], [1.0, 1.5, 2.5], 3), interpolate([1, 2, 4], [1.0, 1.5, 2.5], 9)
+    (2.0, 2.5)
+    """
+    right = bisect.bisect_left(xs, x)
+    if right == len(xs):
+        return ys[-1]
+    if right == 0 or xs[right] == x:
+        return ys[right]
+    share = (x - xs[right - 1]) / (xs[right] - xs[right - 1])
+    return ys[right - 1] + share * (ys[right] - ys[right - 1])
+
+
+class CostCurve(dict[int, float]):
+    """t(q) in seconds for the measured sizes q, and the cache file it was read from or written to.
+
+    A plain mapping for whoever only reads it; the budget policy, which times real steps, calls
+    :meth:`mark_stale` when one was much faster than the curve allows, so the next process
+    measures again instead of trusting a calibration that ran on a busy machine.
+    """
+
+    def __init__(self, seconds: Mapping[int, float], cache: Path | None = None):
+        super().__init__(seconds)
+        self.cache = cache
+
+    def mark_stale(self, reason: str) -> None:
+        """Flag the cache file (if any) so that the next :func:`load_or_measure` measures again."""
+        if self.cache is None:
+            return
+        try:
+            data = json.loads(self.cache.read_text())
+            if not isinstance(data, dict) or data.get("stale"):
+                return
+            data["stale"] = reason
+            write_atomically(self.cache, json.dumps(data, indent=1))
+        except (OSError, ValueError):
+            return  # gone, replaced or unwritable: the next process decides afresh
+        log.info("calibration cache %s marked stale: %s", self.cache, reason)
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what the platform module says."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -35,46 +109,141 @@ def _cpu_name() -> str:
 def calibration_key(runner: ModelRunner) -> str:
     """Identifies model shape, weights sample, CPU, threads and kernel: what t(q) depends on."""
     probe = runner.embedding_probe()
-    text = json.dumps([runner.config.to_json_string(use_diff=False), probe, _cpu_name(), torch.get_num_threads(),
+    text = json.dumps([runner.config.to_json_string(use_diff=False), probe, cpu_name(), torch.get_num_threads(),
                        runner.kernels.version, runner.weight_formats, torch.__version__])
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
-def measure(runner: ModelRunner, sizes=SIZES, context: int = 256, repeats: int = 3) -> dict[int, float]:
-    """Median seconds of ``forward + logits`` over q tokens after ``context`` cached tokens."""
+def measure(runner: ModelRunner, sizes=SIZES, context: int = 256, repeats: int = 3,
+            announce: Callable[[float], None] | None = None) -> dict[int, float]:
+    """Median seconds of ``forward + logits`` over q tokens after ``context`` cached tokens.
+
+    One warm-up pass per size, then ``repeats`` rounds that each time every size once; after the
+    warm-up, ``announce`` is told about how many seconds the rounds will take.
+    """
     context = min(context, runner.max_positions - max(sizes) - 1)
     generator = torch.Generator().manual_seed(0)
     runner.reset(context + max(sizes))
     runner.prefill(torch.randint(runner.vocab_size, (context,), generator=generator))
-    costs = {}
+    passes = {}
     for q in sizes:
-        tokens = torch.randint(runner.vocab_size, (q,), generator=generator)
-        positions = torch.arange(context, context + q)
-        mask = torch.ones(q, q, dtype=torch.bool).tril_()
-        runner.logits(runner.forward(tokens, positions, mask))  # warm-up
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            runner.logits(runner.forward(tokens, positions, mask))
-            times.append(time.perf_counter() - start)
-        costs[q] = statistics.median(times)
+        passes[q] = (torch.randint(runner.vocab_size, (q,), generator=generator),  # [q]
+                     torch.arange(context, context + q),  # [q]
+                     torch.ones(q, q, dtype=torch.bool).tril_())  # [q, q]
+
+    def timed(q: int) -> float:
+        start = time.perf_counter()
+        runner.logits(runner.forward(*passes[q]))
+        return time.perf_counter() - start
+
+    warm_up = sum(timed(q) for q in sizes)
+    if announce is not None:
+        announce(repeats * warm_up)
+    times: dict[int, list[float]] = {q: [] for q in sizes}
+    for _ in range(repeats):
+        for q in sizes:
+            times[q].append(timed(q))
     runner.reset(1)
-    return costs
+    return {q: statistics.median(samples) for q, samples in times.items()}
+
+
+def implausible(costs: Mapping[int, float]) -> str | None:
+    """Why the curve ``costs`` (seconds by size) cannot be this machine's, or None if it can.
+
+    >>> implausible({1: 0.013, 2: 0.014, 6: 1.36, 8: 1.34, 12: 0.03})  # a burst of load while 6 and 8 were timed
+    't(6) is 105x t(1): more than 2x the work of 6 tokens'
+    >>> implausible({1: 0.013, 2: 0.014, 6: 0.02, 8: 0.001})
+    't(8) = 1.0 ms is less than 67% of t(6) = 20.0 ms'
+    >>> implausible({1: 0.013, 2: 0.014, 6: 0.02, 8: 0.022}) is None
+    True
+    """
+    sizes = sorted(costs)
+    if any(not (math.isfinite(costs[q]) and costs[q] > 0) for q in sizes):
+        return "a time that is not a positive number"
+    first = sizes[0]
+    for q in sizes[1:]:
+        if costs[q] > MAX_GROWTH * q / first * costs[first]:
+            return f"t({q}) is {costs[q] / costs[first]:.0f}x t({first}): more than {MAX_GROWTH:g}x the work of {q} tokens"
+    slowest = first
+    for q in sizes[1:]:
+        if costs[q] < MAX_DROP * costs[slowest]:
+            return (f"t({q}) = {costs[q] * 1000:.1f} ms is less than {MAX_DROP:.0%} of t({slowest}) = "
+                    f"{costs[slowest] * 1000:.1f} ms")
+        if costs[q] > costs[slowest]:
+            slowest = q
+    return None
+
+
+def repair(measurements: list[dict[int, float]]) -> dict[int, float]:
+    """One plausible curve from measurements that were not: load only ever adds time, so take
+    each size's fastest time, then make the curve non-decreasing (a size costs at most what any
+    larger one did) and cap its growth at :data:`MAX_GROWTH`.
+
+    >>> repair([{1: 1.0, 2: 9.0, 4: 2.0}, {1: 1.2, 2: 8.0, 4: 1.5}])
+    {1: 1.0, 2: 1.5, 4: 1.5}
+    """
+    sizes = sorted(measurements[0])
+    fastest = {q: min(m[q] for m in measurements) for q in sizes}
+    costs, ceiling = {}, math.inf
+    for q in reversed(sizes):
+        ceiling = min(ceiling, fastest[q])
+        costs[q] = ceiling
+    first = sizes[0]
+    return {q: min(costs[q], MAX_GROWTH * q / first * costs[first]) for q in sizes}
 
 
 def _path(runner: ModelRunner) -> Path:
     return cache_dir() / "calibration" / f"{calibration_key(runner)}.json"
 
 
-def load_or_measure(runner: ModelRunner, force: bool = False, repeats: int = 3) -> dict[int, float]:
-    """Cached costs for this model and machine, measured now if missing (a few seconds)."""
-    path = _path(runner)
-    if path.exists() and not force:
-        cached = {int(q): t for q, t in json.loads(path.read_text())["seconds"].items()}
-        if set(cached) == set(SIZES):  # else measured for another size list: measure again
-            return cached
-    costs = measure(runner, repeats=repeats)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"cpu": _cpu_name(), "threads": torch.get_num_threads(),
-                                "seconds": {str(q): t for q, t in costs.items()}}, indent=1))
+def _read_cache(path: Path) -> dict[int, float] | None:
+    """The curve cached in ``path``, or None if there is none worth using (said in one line)."""
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        costs = {int(q): float(t) for q, t in data["seconds"].items()}
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as error:
+        log.warning("calibration cache %s is damaged (%s: %s); measuring again", path, type(error).__name__, error)
+        return None
+    if set(costs) != set(SIZES):  # measured for another size list
+        return None
+    if data.get("stale"):
+        log.warning("calibration cache %s is stale (%s); measuring again", path, data["stale"])
+        return None
+    if reason := implausible(costs):
+        log.warning("calibration cache %s is implausible (%s); measuring again", path, reason)
+        return None
     return costs
+
+
+def load_or_measure(runner: ModelRunner, force: bool = False, repeats: int = 3) -> CostCurve:
+    """Cached costs for this model and machine, measured now if missing, damaged, implausible or
+    stale (a few seconds, said in one line)."""
+    path = _path(runner)
+    cached = None if force else _read_cache(path)
+    if cached is not None:
+        return CostCurve(cached, path)
+
+    def announce(seconds: float) -> None:
+        once = "" if force else "once, "
+        log.warning("calibrating verification cost on this machine (%s~%d s)...", once, max(1, round(seconds)))
+
+    measurements = []
+    for attempt in range(ATTEMPTS):
+        costs = measure(runner, repeats=repeats, announce=None if attempt else announce)
+        if (reason := implausible(costs)) is None:
+            break
+        log.info("measured costs are implausible (%s); measuring again", reason)
+        measurements.append(costs)
+    else:
+        costs = repair(measurements)
+        log.warning("the machine was too busy to measure verification costs cleanly; using a smoothed "
+                    "curve (freespec calibrate measures again)")
+    record = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "seconds": {str(q): t for q, t in costs.items()}}
+    try:
+        write_atomically(path, json.dumps(record, indent=1))
+    except OSError as error:
+        log.warning("cannot write the calibration cache %s (%s); it is measured again next time", path,
+                    error.strerror or error)
+    return CostCurve(costs, path)

@@ -2,7 +2,8 @@
 
 GGUF files are dequantized to fp32 by transformers (about 25 s for SmolLM2-135M); the result is
 cached as a normal safetensors directory keyed by the file's SHA-256, so later loads take well
-under a second.
+under a second. torch and transformers are imported only when a model is loaded: the command
+line answers ``--help`` and argument errors without them.
 """
 
 from __future__ import annotations
@@ -12,13 +13,18 @@ import importlib.metadata
 import json
 import logging
 import os
+import re
+import shutil
+import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from freespec.paths import cache_dir
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -62,33 +68,63 @@ def _sha256(path: Path) -> str:
 
 
 def converted_gguf_dir(gguf: Path) -> Path:
-    """Convert ``gguf`` to an fp32 safetensors directory once; return the cached directory."""
-    target = cache_dir() / "converted" / _sha256(gguf)[:24]
+    """Convert ``gguf`` to an fp32 safetensors directory once; return the cached directory.
+
+    Safe to run in several processes at once: each converts into a folder of its own and renames
+    it into place; one rename wins and the others use its result.
+    """
+    try:
+        target = cache_dir() / "converted" / _sha256(gguf)[:24]
+    except OSError as error:
+        raise ModelLoadError(f"cannot read GGUF file {gguf}: {error.strerror or error}") from None
     if (target / "config.json").exists():
         return target
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.warning("converting %s to fp32 safetensors (once; cached in %s)", gguf.name, target)
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    except (ValueError, KeyError, RuntimeError) as error:
-        raise ModelLoadError(f"cannot load GGUF file {gguf}: {error}") from error
+    except (struct.error, EOFError) as error:  # transformers' GGUF reader ran past the end of the file
+        raise ModelLoadError(f"cannot load GGUF file {gguf}: it is cut short or damaged ({error})") from None
+    except (ValueError, KeyError, IndexError, TypeError, RuntimeError, OSError) as error:
+        raise ModelLoadError(f"cannot load GGUF file {gguf}: {error}") from None
     # transformers marks GGUF-loaded models as quantized and refuses to save them; the weights
     # are plain fp32 tensors by now, so drop the marker.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        staging = Path(tmp) / "model"
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        (staging / "freespec-source.json").write_text(json.dumps({"gguf": str(gguf)}))
-        if target.exists():  # a concurrent conversion finished first
-            return target
-        os.replace(staging, target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            staging = Path(tmp) / "model"
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            (staging / "freespec-source.json").write_text(json.dumps({"gguf": str(gguf)}))
+            _install(staging, target)
+    except OSError as error:
+        raise ModelLoadError(f"cannot write the converted model to {target.parent}: {error.strerror or error}") from None
     return target
+
+
+def _install(staging: Path, target: Path) -> None:
+    """Rename the finished ``staging`` folder to ``target``, unless a concurrent conversion got
+    there first; a ``target`` without config.json (left by an older freespec) is replaced."""
+    try:
+        os.replace(staging, target)
+        return
+    except OSError:
+        if (target / "config.json").is_file():  # another process finished first: same file, same result
+            return
+        if not target.exists():
+            raise
+    shutil.rmtree(target, ignore_errors=True)  # incomplete: make way, then rename again
+    try:
+        os.replace(staging, target)
+    except OSError:
+        if not (target / "config.json").is_file():
+            raise
 
 
 PACKED_FORMAT = 1  # bump when freespec.model.quant's stored layout changes
@@ -110,11 +146,31 @@ def packed_cache_path(source: Path | None) -> Path | None:
     return cache_dir() / "packed" / f"{digest}.safetensors"
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
+"""A Hugging Face repository id, ``owner/name``."""
+
+
+def _hub_id(text: str) -> bool:
+    """Whether ``text`` can only be a hub id, not a local path the user mistyped: ``owner/name``
+    where no folder ``owner`` exists here (``models/x`` beside a ``models`` folder is a path).
+
+    >>> _hub_id("HuggingFaceTB/SmolLM2-135M-Instruct"), _hub_id("a/b/c"), _hub_id("./a"), _hub_id("a/../b")
+    (True, False, False, False)
+    """
+    return (HUB_ID.fullmatch(text) is not None and ".." not in text and "--" not in text
+            and not Path(text.split("/")[0]).is_dir())
+
+
 def resolve(model: str | os.PathLike | None) -> tuple[Path | str, str]:
-    """Map what the user typed to (local directory or hub id, display name)."""
+    """Map what the user typed to (local directory or hub id, display name).
+
+    Only ``owner/name`` (:func:`_hub_id`) goes to the hub; anything else is a local path, so a
+    mistyped one fails at once instead of after the hub's network retries.
+    """
     if model is None or str(model) in ("", "default", DEFAULT_MODEL):
         return converted_gguf_dir(embedded_gguf_path()), DEFAULT_MODEL
-    path = Path(model).expanduser()
+    text = str(model)
+    path = Path(text).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelLoadError(f"GGUF file not found: {path}")
@@ -122,14 +178,16 @@ def resolve(model: str | os.PathLike | None) -> tuple[Path | str, str]:
     if path.exists():
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{path} is not a model directory (no config.json)")
-        return path, str(model)
-    if str(model).count("/") == 1 and not str(model).startswith((".", "/", "~")):
-        return str(model), str(model)  # a hub id; transformers reports if it is unreachable
-    raise ModelLoadError(f"model not found: {model} (expected a directory, a .gguf file or a hub id)")
+        return path, text
+    if _hub_id(text):
+        return text, text  # transformers reports if it is unreachable
+    raise ModelLoadError(f"model not found: {text} (no such file or directory; expected a model directory, "
+                         "a .gguf file or a hub id owner/name)")
 
 
 def load(model: str | os.PathLike | None = None) -> LoadedModel:
     """Load model and tokenizer in fp32 on the CPU."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     location, name = resolve(model)

@@ -1,0 +1,92 @@
+"""Finding and loading models: what the user typed, damaged GGUF files, concurrent conversions."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+
+from freespec.model import loading
+from freespec.model.loading import ModelLoadError, converted_gguf_dir, resolve
+from tests.helpers import tiny_model, word_tokenizer
+
+
+@pytest.mark.parametrize("text", ["models/x", "./x", "x/", "~/no-such-model-here", "a/b/c", "x.gguf", "../no-such-model", "no/../x"])
+def test_what_looks_like_a_path_is_a_path(tmp_path, monkeypatch, text):
+    """Before, ``models/x`` went to the hub (50 s of network retries) even beside a ``models`` folder."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    with pytest.raises(ModelLoadError, match="not found"):
+        resolve(text)
+
+
+@pytest.mark.parametrize("text", ["HuggingFaceTB/SmolLM2-135M-Instruct", "owner/model.v2"])
+def test_owner_slash_name_is_a_hub_id(tmp_path, monkeypatch, text):
+    monkeypatch.chdir(tmp_path)
+    assert resolve(text) == (text, text)
+
+
+def test_an_existing_folder_without_a_config_is_refused(tmp_path):
+    with pytest.raises(ModelLoadError, match="is not a model directory"):
+        resolve(tmp_path)
+
+
+@pytest.mark.parametrize("content", [
+    b"GGUF\x03\x00\x00\x00",  # the magic, then nothing
+    b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", 50) + b"general.arch",  # a key cut short
+])
+def test_a_gguf_file_cut_short_is_a_one_line_error(tmp_path, content):
+    path = tmp_path / "cut.gguf"
+    path.write_bytes(content)
+    with pytest.raises(ModelLoadError, match=f"cannot load GGUF file {path}: it is cut short or damaged") as error:
+        resolve(path)
+    assert "\n" not in str(error.value)
+
+
+@pytest.fixture
+def fake_gguf(tmp_path, monkeypatch) -> Path:
+    """A .gguf file whose 'conversion' gives the tiny test model, in a cache of the test's own."""
+    monkeypatch.setenv("FREESPEC_CACHE", str(tmp_path / "cache"))
+    model, tokenizer = tiny_model("llama"), word_tokenizer()
+
+    class Loader:
+        def __init__(self, result):
+            self.result = result
+
+        def from_pretrained(self, *args, **kwargs):
+            return self.result
+
+    # by name: building a model can put a fresh transformers module in sys.modules
+    monkeypatch.setattr("transformers.AutoModelForCausalLM", Loader(model))
+    monkeypatch.setattr("transformers.AutoTokenizer", Loader(tokenizer))
+    path = tmp_path / "tiny.gguf"
+    path.write_bytes(b"GGUF not really")
+    return path
+
+
+def test_a_concurrent_conversion_that_finishes_first_is_used(fake_gguf, monkeypatch):
+    """Two processes converting the same file both rename their result into place; before, the
+    loser's rename failed with ENOTEMPTY and a traceback."""
+    rename = os.replace
+
+    def another_process_wins(source, target):
+        if Path(source).name == "model" and not Path(target).exists():
+            shutil.copytree(source, target)  # the other conversion lands just before ours
+        rename(source, target)
+
+    monkeypatch.setattr(os, "replace", another_process_wins)
+    target = converted_gguf_dir(fake_gguf)
+    assert (target / "config.json").is_file() and (target / "freespec-source.json").is_file()
+    assert sorted(p.name for p in target.parent.iterdir()) == [target.name]  # our copy was cleaned up
+    assert converted_gguf_dir(fake_gguf) == target
+
+
+def test_an_incomplete_conversion_folder_is_replaced(fake_gguf):
+    target = loading.cache_dir() / "converted" / loading._sha256(fake_gguf)[:24]
+    target.mkdir(parents=True)
+    (target / "model.safetensors").write_bytes(b"half")  # an older freespec was killed mid-copy
+    assert converted_gguf_dir(fake_gguf) == target
+    assert (target / "config.json").is_file() and resolve(target)[0] == target
