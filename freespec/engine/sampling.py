@@ -53,8 +53,8 @@ class Option:
     def expected(self) -> str:
         """What the value must be, in words.
 
-        >>> Option("", "P", float, gt=0, le=1).expected(), Option("", "K", int, ge=0).expected()
-        ('a number in (0, 1]', 'an integer >= 0')
+        >>> Option("", "P", float, gt=0, le=1, default=1.0).expected(), Option("", "N", int, ge=0).expected()
+        ('a number in (0, 1]', 'an integer >= 0 or None')
         """
         noun = "an integer" if self.kind is int else "a number"
         low = ("[", self.ge) if self.ge is not None else ("(", self.gt) if self.gt is not None else None

@@ -48,7 +48,8 @@ def test_a_failed_resume_rewrite_keeps_every_result(tmp_path, monkeypatch):
     fails part way (a full disk, a killed process) used to leave it truncated."""
     out = tmp_path / "out"
     out.mkdir()
-    records = [{"question_id": q, "method": "none", "turn": 1, "text": "w1"} for q in range(3)]
+    records = [{"question_id": q, "category": "qa", "method": "none", "turn": 1, "new_tokens": 1, "seconds": 0.1,
+                "token_ids": [5], "text": "w1"} for q in range(3)]
     results = out / "results.jsonl"
     before = "".join(json.dumps(r) + "\n" for r in records) + '{"question_id": 3, "meth'
     results.write_text(before)

@@ -16,9 +16,13 @@ import torch
 from freespec.cli import main
 from freespec.drafters import (
     DRAFTERS,
+    FACTORIES,
     BaseDrafter,
     DrafterSettings,
+    DraftModel,
     Fused,
+    LayerSkip,
+    Retrieval,
     check_name,
     create,
     datastore,
@@ -70,6 +74,10 @@ def copy_prompt(model, length: int = 24) -> tuple[list[int], list[int]]:
 
 def test_registry_names_and_errors():
     assert DRAFTERS[-1] == "none" and {"recycling", "lookup"} <= set(DRAFTERS)
+    made = {type(create(name, DrafterSettings(16))) for name in FACTORIES if name not in ("retrieval", "layerskip",
+                                                                                            "draft-model")}
+    made |= {LayerSkip, DraftModel, Retrieval, Fused}  # these need a runner or a datastore
+    assert len(made) == 9 and all(issubclass(cls, BaseDrafter) for cls in made)  # the engine's contract
     assert check_name("lookup+recycling") == "lookup+recycling"
     assert create("none", DrafterSettings(10)) is None
     assert isinstance(create("recycling+lookup", DrafterSettings(10)), Fused)
@@ -272,7 +280,8 @@ def test_a_datastore_holding_ids_outside_the_vocabulary_is_refused_when_opened(t
             create("retrieval", DrafterSettings(256, datastore=folder, tokenizer=tokenizer))
         with pytest.raises(ValueError, match=message):
             create("aded", DrafterSettings(256, datastore=folder, tokenizer=tokenizer))
-        model.datastore, model._drafters = folder, {}
+        model.datastore = folder
+        model.reset()  # forget the drafters made with the previous datastore
         with pytest.raises(ValueError, match=message):  # a request, not a crash in the embedding lookup
             generate(model, PROMPTS[0], "retrieval")
     np.save(tmp_path / "vocab" / "tokens.npy", tokens.astype(np.float32))
