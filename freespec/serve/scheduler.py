@@ -298,6 +298,10 @@ class Scheduler:
                     break
         except PrefillCancelled:
             pass  # job.should_stop() said so
+        except ValueError as error:  # the request's own values, e.g. a temperature that overflows the logits
+            if not first:
+                raise
+            return Failed(400, str(error))
         finally:
             chunks.close()  # ends the generation where it is
         self.metrics.record(job.drafter, generation.stats)

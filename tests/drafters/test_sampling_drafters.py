@@ -107,7 +107,7 @@ class ReplayRunner:
         self.capacity, self.sequence = max(capacity, self.capacity), self.sequence[:kept]
         return kept
 
-    def prefill(self, tokens: torch.Tensor) -> torch.Tensor:
+    def prefill(self, tokens: torch.Tensor, should_stop=None) -> torch.Tensor:
         start = self.length
         self.sequence += tokens.tolist()
         if start == self.length:
