@@ -3,8 +3,10 @@
 Two kernels make a token's logits bit-identical whether it is decoded alone or verified inside
 a draft tree: a small-M linear layer whose per-output arithmetic does not depend on M, and a
 tree attention that reduces over each query's keys in logical order (prefix, ancestors, self).
-The linear layer also reads weights stored as exact 4/8-bit blocks (:class:`PackedWeight`) with
-the same results, and :class:`OneCallDecoder` runs all layers of a Llama-style model in one call.
+The linear layer also reads weights in their file's own layout (:class:`GGMLWeight`: GGUF's block
+types Q4_0 .. Q6_K, and F16/BF16/F32 from GGUF or safetensors) and exact 4/8-bit blocks
+(:class:`PackedWeight`) with the same results as on their fp32 form, and :class:`OneCallDecoder`
+runs all layers of a Llama-style model in one call.
 
 The backend is an object, chosen once and passed in: :func:`select` gives :class:`CKernels` for
 one build (``avx512`` or ``avx2``, compiled with the system C compiler into the freespec cache,
@@ -14,7 +16,8 @@ the last bits, and a near-tie may flip a greedy choice.
 
 Modules: ``build`` (compile, load, choose the build), ``abi`` (the ctypes mirror of the header and
 the guard every array passes), ``backend`` (the backends and their operations), ``weights`` (the
-typed parameters the kernels read).
+typed parameters the kernels read), ``formats`` (the ggml types they read: :data:`SUPPORTED_TYPES`,
+:func:`ggml_type`, :func:`row_bytes`, :func:`random_blocks`).
 """
 
 from freespec.kernels.backend import (
@@ -25,8 +28,10 @@ from freespec.kernels.backend import (
     select,
 )
 from freespec.kernels.build import supported_isas
+from freespec.kernels.formats import SUPPORTED_TYPES, ggml_type, random_blocks, row_bytes
 from freespec.kernels.weights import (
     DecoderLayer,
+    GGMLWeight,
     Heads,
     LayerNorm,
     Linear,
@@ -37,6 +42,7 @@ from freespec.kernels.weights import (
 )
 
 __all__ = [
-    "Attention", "CKernels", "DecoderLayer", "Heads", "Kernels", "LayerNorm", "Linear", "Matrix", "ModelWeights",
-    "OneCallDecoder", "PackedWeight", "RMSNorm", "select", "supported_isas",
+    "SUPPORTED_TYPES", "Attention", "CKernels", "DecoderLayer", "GGMLWeight", "Heads", "Kernels", "LayerNorm",
+    "Linear", "Matrix", "ModelWeights", "OneCallDecoder", "PackedWeight", "RMSNorm", "ggml_type", "random_blocks",
+    "row_bytes", "select", "supported_isas",
 ]

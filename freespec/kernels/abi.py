@@ -12,7 +12,7 @@ import ctypes
 
 import torch
 
-OK, OUT_OF_MEMORY = 0, 1  # the FREESPEC_OK / FREESPEC_OUT_OF_MEMORY status codes
+OK, OUT_OF_MEMORY, UNKNOWN_TYPE = 0, 1, 2  # the FREESPEC_* status codes
 
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 
@@ -38,6 +38,7 @@ SIGNATURES: dict[str, tuple[type | None, list]] = {
     "freespec_linear": (None, [_P, _P, _P, _I, _I, _I]),
     "freespec_linear_q4": (None, [_P, _P, _P, _P, _I, _I, _I]),
     "freespec_linear_q8": (None, [_P, _P, _P, _P, _I, _I, _I]),
+    "freespec_linear_gguf": (ctypes.c_int, [_I, _P, _P, _P, _I, _I, _I]),
     "freespec_tree_layout": (_I, [_P, _I, _P, _P]),
     "freespec_tree_attention": (None, [_P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _F, _I, _P, _P]),
     "freespec_rope_store": (None, [_P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _P]),
@@ -69,5 +70,7 @@ def check_status(status: int, what: str) -> None:
     """Raise for a failed call's status code."""
     if status == OUT_OF_MEMORY:
         raise MemoryError(f"{what}: the kernel could not allocate its scratch memory")
+    if status == UNKNOWN_TYPE:
+        raise RuntimeError(f"{what}: the kernel does not read this weight type (a stale kernel build?)")
     if status != OK:
         raise RuntimeError(f"{what}: the kernel failed with status {status}")

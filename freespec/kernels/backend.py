@@ -27,6 +27,7 @@ from freespec.kernels.build import (
 )
 from freespec.kernels.weights import (
     DecoderLayer,
+    GGMLWeight,
     Heads,
     Linear,
     Matrix,
@@ -86,9 +87,11 @@ class Kernels:
         return f"{type(self).__name__}({self.isa})"
 
     def linear(self, x: torch.Tensor, weight: Matrix, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """``x @ weight.T + bias`` for x [M, K] and weight [N, K] (fp32 or exact blocks) → [M, N]."""
+        """``x @ weight.T + bias`` for x [M, K] and weight [N, K] (any :data:`Matrix`) → [M, N]."""
         if isinstance(weight, PackedWeight):
             weight = weight.dense
+        elif isinstance(weight, GGMLWeight):
+            weight = weight.dequantize()
         if x.shape[0] < SKINNY_ROWS:
             out = torch.mm(weight, x.t()).t()  # far faster than F.linear's kernel choice for few rows
         else:
@@ -139,8 +142,13 @@ class CKernels(Kernels):
         x_address = abi.address("linear input", x, torch.float32, (rows, inputs))
         out = torch.empty(rows, outputs)
         if rows:  # the kernels assume at least one row
-            kind, codes, scales = _matrix_addresses(weight)
             out_address = abi.address("linear output", out, torch.float32, (rows, outputs))
+            if isinstance(weight, GGMLWeight):
+                status = self.library.freespec_linear_gguf(int(weight.type), x_address, weight.data.ctypes.data,
+                                                           out_address, rows, outputs, inputs)
+                abi.check_status(status, f"a {weight.type.name} linear layer")
+                return out if bias is None else out + bias
+            kind, codes, scales = _matrix_addresses(weight)
             if kind == 0:
                 self.library.freespec_linear(x_address, codes, out_address, rows, outputs, inputs)
             else:

@@ -23,16 +23,17 @@ from freespec.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
-SOURCES = (Path(__file__).parent / "csrc" / "freespec.h", Path(__file__).parent / "csrc" / "kernels.c")
+_CSRC = Path(__file__).parent / "csrc"
+SOURCES = (_CSRC / "freespec.h", _CSRC / "formats.h", _CSRC / "kernels.c")
+"""Every file of the build (the digest covers them all): the header, then what kernels.c includes, then kernels.c."""
+_MAIN = SOURCES[-1]
 ISAS = ("avx512", "avx2")
 """The builds: 16-lane sums with AVX-512, 8-lane with AVX2 (both with FMA)."""
 _NAMES = {"avx512": "AVX-512", "avx2": "AVX2"}
 TORCH = "torch"
 """Not a build: torch's own ops (no compiler, no AVX2, or asked for)."""
-_FLAGS = {
-    "avx2": ["-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared", "-std=c11"],
-    "avx512": ["-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared", "-std=c11", "-mavx512f", "-DFREESPEC_AVX512"],
-}
+_COMMON_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
+_FLAGS = {"avx2": _COMMON_FLAGS, "avx512": [*_COMMON_FLAGS, "-mavx512f", "-DFREESPEC_AVX512"]}
 
 
 @cache
@@ -46,9 +47,10 @@ def cpu_flags() -> frozenset[str]:
 
 
 def supported_isas() -> list[str]:
-    """The builds this CPU runs, widest first (empty without AVX2 and FMA)."""
+    """The builds this CPU runs, widest first (empty without AVX2, FMA and F16C: every AVX2 CPU
+    has F16C, which converts the fp16 scales and weights)."""
     flags = cpu_flags()
-    if not {"avx2", "fma"} <= flags:
+    if not {"avx2", "fma", "f16c"} <= flags:
         return []
     return ["avx512", "avx2"] if "avx512f" in flags else ["avx2"]
 
@@ -93,7 +95,7 @@ def load(isa: str) -> ctypes.CDLL | None:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             built = Path(tmp) / target.name
-            result = subprocess.run([compiler, *_FLAGS[isa], str(SOURCES[1]), "-o", str(built)],
+            result = subprocess.run([compiler, *_FLAGS[isa], str(_MAIN), "-o", str(built)],
                                     capture_output=True, text=True)
             if result.returncode != 0:
                 log.warning("building the kernels failed, using torch instead:\n%s", result.stderr)

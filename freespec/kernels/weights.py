@@ -14,6 +14,9 @@ from functools import cached_property
 
 import numpy as np
 import torch
+from gguf import GGMLQuantizationType, quants
+
+from freespec.kernels.formats import ggml_type, row_bytes
 
 BLOCK = 32  # weights per quantization block (GGUF Q4_1 and Q8_0)
 
@@ -65,8 +68,59 @@ class PackedWeight:
         return torch.from_numpy(np.ascontiguousarray(weight.reshape(rows, columns)))
 
 
-Matrix = torch.Tensor | PackedWeight
-"""A weight matrix [out, in]: contiguous fp32, or its exact blocks."""
+class GGMLWeight:
+    """A weight matrix [N, K] stored in a ggml type (:data:`~freespec.kernels.formats.SUPPORTED_TYPES`):
+    block-quantized (Q4_0 .. Q6_K) or F16/BF16/F32, its bytes exactly as a GGUF file stores them.
+    A safetensors bf16/f16/f32 tensor has the same layout, so it is a GGMLWeight of that type.
+
+    ``data``: the bytes, a C-contiguous numpy array (a read-only memmap is fine) or CPU tensor of
+    any dtype, ``N * row_bytes`` bytes in all; kept as a uint8 view [N, row_bytes] of the same
+    memory, never copied, so a memory-mapped file is multiplied where it lies. The kernels give
+    the same bits as the fp32 kernel on :meth:`dequantize`'s matrix.
+    """
+
+    def __init__(self, kind: str | int | GGMLQuantizationType, data: np.ndarray | torch.Tensor,
+                 shape: tuple[int, int]):
+        self.type = ggml_type(kind)
+        try:
+            rows, columns = (int(size) for size in shape)
+        except (TypeError, ValueError):
+            rows = columns = 0
+        if rows <= 0 or columns <= 0:
+            raise ValueError(f"a weight matrix has a shape (N, K) of positive sizes, not {shape!r}")
+        self.shape = (rows, columns)
+        self.row_bytes = row_bytes(self.type, columns)
+        if isinstance(data, torch.Tensor):
+            if data.device.type != "cpu" or not data.is_contiguous():
+                raise ValueError("weight data must be a contiguous CPU tensor")
+            data = data.detach().view(torch.uint8).numpy()
+        if not isinstance(data, np.ndarray):
+            raise ValueError(f"weight data must be a numpy array or torch tensor, not {type(data).__name__}")
+        if not data.flags.c_contiguous:
+            raise ValueError("weight data must be C-contiguous (it is read in place)")
+        expected = rows * self.row_bytes
+        if data.nbytes != expected:
+            raise ValueError(f"a {self.type.name} matrix of shape {self.shape} takes {expected} bytes, "
+                             f"the data holds {data.nbytes}")
+        self.data = data.reshape(-1).view(np.uint8).reshape(rows, self.row_bytes)  # [N, row_bytes]
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes
+
+    def __repr__(self) -> str:
+        return f"GGMLWeight({self.type.name}, shape={self.shape})"
+
+    def dequantize(self) -> torch.Tensor:
+        """The fp32 matrix [N, K] ggml's formulas give (``gguf.quants.dequantize``); F32 data may be shared."""
+        array = quants.dequantize(self.data, self.type).reshape(self.shape)
+        if not array.flags.writeable:  # a read-only memmap's F32 view: torch wants writable memory
+            array = array.copy()
+        return torch.from_numpy(array)
+
+
+Matrix = torch.Tensor | PackedWeight | GGMLWeight
+"""A weight matrix [out, in]: contiguous fp32, its exact 4/8-bit blocks, or a ggml type's bytes."""
 
 
 def pack_nibbles(codes: np.ndarray) -> np.ndarray:

@@ -11,7 +11,7 @@
 #include <stdint.h>
 
 /* What a call that can fail returns. */
-enum { FREESPEC_OK = 0, FREESPEC_OUT_OF_MEMORY = 1 };
+enum { FREESPEC_OK = 0, FREESPEC_OUT_OF_MEMORY = 1, FREESPEC_UNKNOWN_TYPE = 2 };
 
 /* y[M, N] = x[M, K] @ w[N, K]^T; every output has the same arithmetic whatever M is. */
 void freespec_linear(const float *x, const float *w, float *y, int64_t M, int64_t N, int64_t K);
@@ -23,6 +23,13 @@ void freespec_linear_q4(const float *x, const uint8_t *q, const float *scales, f
 /* The same over exact 8-bit blocks: q [N, K], scales [N, K/32] = d; K % 32 == 0. */
 void freespec_linear_q8(const float *x, const int8_t *q, const float *scales, float *y, int64_t M, int64_t N,
                         int64_t K);
+
+/* The same over a matrix stored in a ggml type (ggml.h's ids: F32 0, F16 1, Q4_0 2, Q4_1 3, Q5_0 6,
+ * Q5_1 7, Q8_0 8, Q4_K 12, Q5_K 13, Q6_K 14, BF16 30): w holds its N rows of blocks exactly as a
+ * GGUF file stores them (a bf16/f16/f32 safetensors matrix is the same bytes), K a multiple of the
+ * type's block size. Same bits as freespec_linear on the weights gguf.quants.dequantize gives.
+ * Returns FREESPEC_OK, or FREESPEC_UNKNOWN_TYPE (nothing read or written). */
+int freespec_linear_gguf(int64_t type, const float *x, const void *w, float *y, int64_t M, int64_t N, int64_t K);
 
 /* The form the attention kernel reads a tree mask in: for tree_mask [n, n] (1 = token i sees new
  * token j), key_nodes [n, n] lists each row's visible tokens in ascending (= depth) order padded

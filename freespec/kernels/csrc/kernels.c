@@ -127,16 +127,18 @@ static inline void tile_sums(const vec *acc, int rows, int cols_max, int cols, f
         for (int j = 0; j < cols; j++) y[j * N + i] = sums[i * cols_max + j];
 }
 
-/* One register tile: ROWS weight rows times up to COLS input rows (cols <= COLS live). */
-#define DEFINE_TILE(ROWS, COLS)                                                                  \
-    static inline void tile_##ROWS##x##COLS(const float *x, const float *w, float *y, int64_t N, \
-                                            int64_t K, int64_t kv, int64_t cols) {               \
+/* One register tile: ROWS weight rows times up to COLS input rows (cols <= COLS live). Weights
+ * of another TYPE are widened to fp32 exactly by LOAD (LANES of them) and SCALAR (one). */
+#define DEFINE_TILE(ROWS, COLS) DEFINE_LOAD_TILE(tile_##ROWS##x##COLS, ROWS, COLS, float, vec_load, )
+#define DEFINE_LOAD_TILE(NAME, ROWS, COLS, TYPE, LOAD, SCALAR)                                   \
+    static inline void NAME(const float *x, const TYPE *w, float *y, int64_t N, int64_t K,      \
+                            int64_t kv, int64_t cols) {                                          \
         vec acc[ROWS][COLS];                                                                     \
         _Pragma("GCC unroll 8") for (int i = 0; i < ROWS; i++)                                   \
             _Pragma("GCC unroll 8") for (int j = 0; j < COLS; j++) acc[i][j] = vec_zero();      \
         for (int64_t k = 0; k < kv; k += LANES) {                                                \
             vec wv[ROWS];                                                                        \
-            _Pragma("GCC unroll 8") for (int i = 0; i < ROWS; i++) wv[i] = vec_load(w + i * K + k); \
+            _Pragma("GCC unroll 8") for (int i = 0; i < ROWS; i++) wv[i] = LOAD(w + i * K + k);  \
             _Pragma("GCC unroll 8") for (int j = 0; j < COLS; j++) {                             \
                 if (j < cols) {                                                                  \
                     vec xv = vec_load(x + j * K + k);                                            \
@@ -148,7 +150,7 @@ static inline void tile_sums(const vec *acc, int rows, int cols_max, int cols, f
         tile_sums(&acc[0][0], ROWS, COLS, cols, y, N);                                           \
         for (int64_t k = kv; k < K; k++) /* the K % LANES tail, in order, after the sum */      \
             for (int i = 0; i < ROWS; i++)                                                       \
-                for (int j = 0; j < cols; j++) y[j * N + i] += w[i * K + k] * x[j * K + k];     \
+                for (int j = 0; j < cols; j++) y[j * N + i] += SCALAR(w[i * K + k]) * x[j * K + k]; \
     }
 
 /* Splits the weight rows over the threads of torch's own OpenMP pool (libgomp is shared). */
@@ -357,6 +359,9 @@ DEFINE_QUANT_TILE(q8_tile_four, FOUR_ROWS, 4, int8_t, K, K / 32, q8_weights)
 #endif
 DEFINE_QUANT_LINEAR(freespec_linear_q4, q4_tile, uint8_t, K / 2, K / 16, q4_weights)
 DEFINE_QUANT_LINEAR(freespec_linear_q8, q8_tile, int8_t, K, K / 32, q8_weights)
+
+/* GGUF/safetensors tensors read in their own layout (Q4_0 .. Q6_K, F16, BF16): formats.h */
+#include "formats.h"
 
 /* exp(x) for x <= 0 on 8 lanes (Cephes-style range reduction and polynomial, ~2 ulp).
  * Elementwise, so a value's result never depends on its neighbours. */

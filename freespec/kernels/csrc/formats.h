@@ -1,0 +1,424 @@
+/* The linear layer over GGUF tensors in their own block layout, read in place (a memory-mapped
+ * file needs no copy): y[M, N] = x[M, K] @ W[N, K]^T, where each row of W is K / block weights'
+ * blocks exactly as ggml stores them (ggml-common.h). See freespec/kernels/formats.py.
+ *
+ * Included once by kernels.c, after the machinery it shares with the other linear kernels (vec,
+ * LANES, tile_sums, the fp32 tiles, DEFINE_LOAD_TILE, BUFFER_ROWS, prefetch); needs F16C (-mf16c).
+ *
+ * Same bits as the fp32 kernel: each decoder below returns, for vector `step` of a group of 32
+ * weights, exactly the fp32 weights gguf.quants.dequantize computes, and the tiles multiply them
+ * with freespec_linear's FMA sequence and horizontal sum (see the Q4/Q8 note in kernels.c). Every
+ * format's weight is scale * code + offset with per-group constants, and every product in ggml's
+ * formulas is exact in fp32: an fp16 d (11 significant bits) times a K-quant sub-block scale (Q4_K,
+ * Q5_K: 6 bits; Q6_K: |sc| <= 127 or 128, 7 bits) times a code (at most 6 bits) needs at most 24
+ * bits, and so do d * 8, d * 16, 32 * d * sc. So the only rounding is the one addition of an offset
+ * (Q4_1, Q5_1: + m; Q4_K, Q5_K: - dmin * m), and fma(scale, code, offset) rounds the same exact
+ * sum once, as ggml's separate multiply and add do; Q4_0's d * (q - 8) equals fma(d, q, -8 d)
+ * exactly (but for the sign of a zero weight, which no sum sees: an FMA chain that starts at +0
+ * never holds -0). The tests check every format bit for bit.
+ */
+
+/* ggml_type ids (ggml.h) and the bytes of one block of each */
+enum {
+    GGML_F32 = 0, GGML_F16 = 1, GGML_Q4_0 = 2, GGML_Q4_1 = 3, GGML_Q5_0 = 6, GGML_Q5_1 = 7, GGML_Q8_0 = 8,
+    GGML_Q4_K = 12, GGML_Q5_K = 13, GGML_Q6_K = 14, GGML_BF16 = 30,
+};
+#define Q4_0_BYTES 18  /* f16 d; qs[16]: element j < 16 is the low nibble of qs[j], 16 + j the high */
+#define Q4_1_BYTES 20  /* f16 d, f16 m; qs[16] */
+#define Q5_0_BYTES 22  /* f16 d; u32 qh (fifth bit of element j: bit j); qs[16] */
+#define Q5_1_BYTES 24  /* f16 d, f16 m; u32 qh; qs[16] */
+#define Q8_0_BYTES 34  /* f16 d; i8 qs[32] */
+#define Q4_K_BYTES 144 /* 256 weights: f16 d, f16 dmin; scales[12] (6-bit sc, m per 32); qs[128] */
+#define Q5_K_BYTES 176 /* 256: d, dmin, scales[12]; qh[32] (fifth bit of element l of group j: bit j of qh[l]); qs[128] */
+#define Q6_K_BYTES 210 /* 256: ql[128], qh[64], i8 scales[16] (one per 16), f16 d */
+
+/* Integer vectors of LANES 32-bit codes, in the build's width. */
+#ifdef FREESPEC_AVX512
+typedef __m512i ivec;
+#define ivec_set1 _mm512_set1_epi32
+#define ivec_and _mm512_and_si512
+#define ivec_or _mm512_or_si512
+#define ivec_srlv _mm512_srlv_epi32
+#define ivec_add _mm512_add_epi32
+#define ivec_to_vec _mm512_cvtepi32_ps
+#define LANE_INDEX _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
+static inline ivec widen_u8(const uint8_t *p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p)); }
+static inline ivec widen_i8(const uint8_t *p) { return _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)); }
+static inline ivec ivec_shr4(ivec v) { return _mm512_srli_epi32(v, 4); }
+/* 16-bit floats to fp32: exact */
+static inline vec load_f16(const uint16_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
+static inline vec load_bf16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+#else
+typedef __m256i ivec;
+#define ivec_set1 _mm256_set1_epi32
+#define ivec_and _mm256_and_si256
+#define ivec_or _mm256_or_si256
+#define ivec_srlv _mm256_srlv_epi32
+#define ivec_add _mm256_add_epi32
+#define ivec_to_vec _mm256_cvtepi32_ps
+#define LANE_INDEX _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)
+static inline ivec widen_u8(const uint8_t *p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)); }
+static inline ivec widen_i8(const uint8_t *p) { return _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)); }
+static inline ivec ivec_shr4(ivec v) { return _mm256_srli_epi32(v, 4); }
+static inline vec load_f16(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+static inline vec load_bf16(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+#endif
+
+static inline float f16_at(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, sizeof(h));
+    return _cvtsh_ss(h);
+}
+
+static inline float bf16_to_float(uint16_t h) {
+    const uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, sizeof(f));
+    return f;
+}
+
+static inline float f16_to_float(uint16_t h) { return _cvtsh_ss(h); }
+
+/* The LANES 4-bit codes in bytes [p, p + LANES): low nibbles, or high ones if `high`. */
+static inline ivec nibbles(const uint8_t *p, int high) {
+    const ivec q = widen_u8(p);
+    return high ? ivec_shr4(q) : ivec_and(q, ivec_set1(15));
+}
+
+/* The fifth bits of the LANES codes from element e of a Q5_0/Q5_1 block, as 16 or 0: bit e + l
+ * of qh shifted to bit 4 of lane l (from qh << 4 for the first vector). The broadcast of qh is the
+ * same for every vector of a block, and the shift counts are constants. */
+static inline ivec fifth_bits(const uint8_t *qh_bytes, int e) {
+    uint32_t qh;
+    memcpy(&qh, qh_bytes, sizeof(qh));
+    const ivec counts = ivec_add(LANE_INDEX, ivec_set1(e >= 4 ? e - 4 : 0));
+    return ivec_and(ivec_srlv(ivec_set1((int)(e >= 4 ? qh : qh << 4)), counts), ivec_set1(16));
+}
+
+/* A format reads a row in units of GROUPS groups of 32 weights (one block; a K-quant's 256-weight
+ * super-block is 8 groups). PREPARE(unit, params) computes a unit's per-group constants once per
+ * row: weight = scale * code + offset, with scale[i], offset[i] for group i (Q6_K: for 16
+ * weights, i = 2 group + e / 16). DECODE(unit, params, group, step) returns the group's weights
+ * e .. e + LANES - 1, e = step * LANES. */
+typedef struct {
+    float scale[16], offset[16];
+} UnitParams;
+
+static inline vec scaled_codes(const UnitParams *p, int index, ivec codes) {
+    return vec_fma(vec_set1(p->scale[index]), ivec_to_vec(codes), vec_set1(p->offset[index]));
+}
+
+/* the 32-weight blocks: element j < 16 is the low nibble of qs[j], 16 + j its high nibble */
+static inline void q4_0_prepare(const uint8_t *b, UnitParams *p) { /* d * (q - 8) */
+    p->scale[0] = f16_at(b);
+    p->offset[0] = -8.0f * p->scale[0];
+}
+static inline vec q4_0_decode(const uint8_t *b, const UnitParams *p, int group, int step) {
+    (void)group;
+    const int e = step * LANES;
+    return scaled_codes(p, 0, nibbles(b + 2 + e % 16, e >= 16));
+}
+
+static inline void q4_1_prepare(const uint8_t *b, UnitParams *p) { /* d * q + m */
+    p->scale[0] = f16_at(b);
+    p->offset[0] = f16_at(b + 2);
+}
+static inline vec q4_1_decode(const uint8_t *b, const UnitParams *p, int group, int step) {
+    (void)group;
+    const int e = step * LANES;
+    return scaled_codes(p, 0, nibbles(b + 4 + e % 16, e >= 16));
+}
+
+static inline void q5_0_prepare(const uint8_t *b, UnitParams *p) { /* d * (q - 16) */
+    p->scale[0] = f16_at(b);
+    p->offset[0] = -16.0f * p->scale[0];
+}
+static inline vec q5_0_decode(const uint8_t *b, const UnitParams *p, int group, int step) {
+    (void)group;
+    const int e = step * LANES;
+    return scaled_codes(p, 0, ivec_or(nibbles(b + 6 + e % 16, e >= 16), fifth_bits(b + 2, e)));
+}
+
+#define q5_1_prepare q4_1_prepare /* d * q + m */
+static inline vec q5_1_decode(const uint8_t *b, const UnitParams *p, int group, int step) {
+    (void)group;
+    const int e = step * LANES;
+    return scaled_codes(p, 0, ivec_or(nibbles(b + 8 + e % 16, e >= 16), fifth_bits(b + 4, e)));
+}
+
+static inline void q8_0_prepare(const uint8_t *b, UnitParams *p) { p->scale[0] = f16_at(b); } /* d * q */
+static inline vec q8_0_decode(const uint8_t *b, const UnitParams *p, int group, int step) {
+    (void)group;
+    return vec_mul(vec_set1(p->scale[0]), ivec_to_vec(widen_i8(b + 2 + step * LANES)));
+}
+
+/* Q4_K, Q5_K: scale[j] = d * sc_j, offset[j] = -(dmin * m_j), with the 6-bit sc_j, m_j of
+ * ggml's get_scale_min_k4 unpacked for all eight groups at once (as ggml's own kernels do). */
+static inline void k_prepare(const uint8_t *b, UnitParams *p) {
+    uint32_t words[3];
+    memcpy(words, b + 4, sizeof(words));
+    const uint32_t low6 = 0x3F3F3F3Fu, low4 = 0x0F0F0F0Fu, bits45 = 0x30303030u;
+    const __m128i packed = _mm_setr_epi32((int)(words[0] & low6), (int)((words[2] & low4) | ((words[0] >> 2) & bits45)),
+                                          (int)(words[1] & low6),
+                                          (int)(((words[2] >> 4) & low4) | ((words[1] >> 2) & bits45)));
+    const __m256 sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(packed));
+    const __m256 m = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(packed, packed)));
+    _mm256_storeu_ps(p->scale, _mm256_mul_ps(_mm256_set1_ps(f16_at(b)), sc));
+    _mm256_storeu_ps(p->offset, _mm256_mul_ps(_mm256_set1_ps(-f16_at(b + 2)), m));
+}
+
+/* 64-weight chunks: 32 low nibbles of qs, then the same 32 bytes' high nibbles */
+static inline vec q4_k_decode(const uint8_t *b, const UnitParams *p, int group, int step) {
+    return scaled_codes(p, group, nibbles(b + 16 + (group >> 1) * 32 + step * LANES, group & 1));
+}
+
+/* The codes of vector `step` of a group whose 32 codes are the bytes of `codes`. */
+static inline ivec step_codes(__m256i codes, int step) {
+#ifdef FREESPEC_AVX512
+    return _mm512_cvtepu8_epi32(step ? _mm256_extracti128_si256(codes, 1) : _mm256_castsi256_si128(codes));
+#else
+    const __m128i half = step >= 2 ? _mm256_extracti128_si256(codes, 1) : _mm256_castsi256_si128(codes);
+    return _mm256_cvtepu8_epi32(step & 1 ? _mm_unpackhi_epi64(half, half) : half);
+#endif
+}
+
+/* A group's 32 codes as bytes: nibbles of qs (high ones if `high`) with two more bits taken from
+ * qh at bit `shift` and placed at bits 4 (and 5: `mask` 0x30) - computed once per group, shared by
+ * its vectors; byte-wise shifts through 16-bit lanes, the mask drops what crosses bytes. */
+static inline __m256i group_codes(const uint8_t *qs, int high, const uint8_t *qh, int shift, int mask) {
+    const __m256i low4 = _mm256_set1_epi8(0x0F), q = _mm256_loadu_si256((const __m256i *)qs);
+    const __m256i nib = _mm256_and_si256(high ? _mm256_srli_epi16(q, 4) : q, low4);
+    const __m256i h = _mm256_loadu_si256((const __m256i *)qh);
+    const __m256i bits = shift <= 4 ? _mm256_slli_epi16(h, 4 - shift) : _mm256_srli_epi16(h, shift - 4);
+    return _mm256_or_si256(nib, _mm256_and_si256(bits, _mm256_set1_epi8((char)mask)));
+}
+
+static inline vec q5_k_decode(const uint8_t *b, const UnitParams *p, int group, int step) {
+    /* fifth bit of element l of group j: bit j of qh[l] */
+    const __m256i codes = group_codes(b + 48 + (group >> 1) * 32, group & 1, b + 16, group, 0x10);
+    return scaled_codes(p, group, step_codes(codes, step));
+}
+
+/* Q6_K: (d sc_i) (q - 32) for the 16 weights of i, as fma(d sc_i, q, -32 d sc_i), all exact */
+static inline void q6_k_prepare(const uint8_t *b, UnitParams *p) {
+    const __m128i sc = _mm_loadu_si128((const __m128i *)(b + 192));
+    const __m256 d = _mm256_set1_ps(f16_at(b + 208)), minus32 = _mm256_set1_ps(-32.0f);
+    const __m256 low = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc)));
+    const __m256 high = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(sc, sc))));
+    _mm256_storeu_ps(p->scale, low);
+    _mm256_storeu_ps(p->scale + 8, high);
+    _mm256_storeu_ps(p->offset, _mm256_mul_ps(minus32, low));
+    _mm256_storeu_ps(p->offset + 8, _mm256_mul_ps(minus32, high));
+}
+
+/* each 128-weight half: low nibbles of ql[0..63], then their high nibbles; the two high bits of
+ * its group `quarter` are bits 2 quarter and 2 quarter + 1 of qh[l] */
+static inline vec q6_k_decode(const uint8_t *b, const UnitParams *p, int group, int step) {
+    const int half = group >> 2, quarter = group & 3;
+    const __m256i codes = group_codes(b + half * 64 + (quarter & 1) * 32, quarter >= 2, b + 128 + half * 32, 2 * quarter, 0x30);
+    return scaled_codes(p, 2 * group + step * LANES / 16, step_codes(codes, step));
+}
+
+/* BUFFER_ROWS weight rows times up to COLS input rows, decoded in registers. The rows' units
+ * are visited unit-major: for each unit, PAIR rows at a time are decoded and multiplied, their
+ * accumulators loaded from and stored back to a small array in L1. So the next rows' work does
+ * not wait for the FMA chains in flight, and the out-of-order core overlaps a chain's latency
+ * (4 cycles an FMA) with decoding. Keeping every accumulator in registers instead ran out of
+ * AVX2's 16 (GCC spilled them, and the chains then went through memory at every FMA), and
+ * decoding into an fp32 buffer first cost a store per vector: on Zen 3 this order measured
+ * 1.2-2x faster than either at 1-4 rows. The per-output arithmetic is freespec_linear's: one
+ * FMA chain over k in steps of LANES, in order, then tile_sums (a round trip through memory
+ * leaves a value's bits alone). */
+#define DEFINE_FORMAT_TILE(NAME, PAIR, COLS, GROUPS, UNIT_BYTES, PREPARE, DECODE)                \
+    static inline void NAME(const float *x, const uint8_t *w, float *y, int64_t N, int64_t K) { \
+        const int64_t units = K / (32 * GROUPS), row_bytes = units * UNIT_BYTES;                 \
+        vec acc[BUFFER_ROWS][COLS];                                                              \
+        for (int i = 0; i < BUFFER_ROWS; i++)                                                    \
+            for (int j = 0; j < COLS; j++) acc[i][j] = vec_zero();                               \
+        for (int64_t u = 0; u < units; u++) {                                                    \
+            const float *xu = x + u * GROUPS * 32;                                               \
+            _Pragma("GCC unroll 1") for (int i = 0; i < BUFFER_ROWS; i += PAIR) {                \
+                const uint8_t *unit[PAIR];                                                       \
+                UnitParams params[PAIR];                                                         \
+                vec a[PAIR][COLS];                                                               \
+                _Pragma("GCC unroll 2") for (int r = 0; r < PAIR; r++) {                         \
+                    unit[r] = w + (i + r) * row_bytes + u * UNIT_BYTES;                          \
+                    PREPARE(unit[r], &params[r]);                                                \
+                    _Pragma("GCC unroll 4") for (int j = 0; j < COLS; j++) a[r][j] = acc[i + r][j]; \
+                }                                                                                \
+                _Pragma("GCC unroll 8") for (int g = 0; g < GROUPS; g++)                         \
+                    _Pragma("GCC unroll 4") for (int s = 0; s < STEPS; s++) {                    \
+                        vec xv[COLS];                                                            \
+                        _Pragma("GCC unroll 4") for (int j = 0; j < COLS; j++)                   \
+                            xv[j] = vec_load(xu + j * K + g * 32 + s * LANES);                   \
+                        _Pragma("GCC unroll 2") for (int r = 0; r < PAIR; r++) {                 \
+                            const vec wv = DECODE(unit[r], &params[r], g, s);                    \
+                            _Pragma("GCC unroll 4") for (int j = 0; j < COLS; j++)               \
+                                a[r][j] = vec_fma(wv, xv[j], a[r][j]);                           \
+                        }                                                                        \
+                    }                                                                            \
+                _Pragma("GCC unroll 2") for (int r = 0; r < PAIR; r++)                           \
+                    _Pragma("GCC unroll 4") for (int j = 0; j < COLS; j++) acc[i + r][j] = a[r][j]; \
+            }                                                                                    \
+        }                                                                                        \
+        tile_sums(&acc[0][0], BUFFER_ROWS, COLS, COLS, y, N);                                    \
+    }
+
+/* Rows decoded together for 1, 2, 3 and 4 input rows (AVX2: 1 for four, whose 4 inputs and
+ * 2 x 4 accumulators would not fit beside the decoding), and the most input rows decoded in
+ * registers: more take an fp32 buffer of BUFFER_ROWS decoded rows and the plain tiles, which
+ * decodes each weight once whatever M is. */
+#ifdef FREESPEC_AVX512
+#define FORMAT_PAIR_1 2
+#define FORMAT_PAIR_2 2
+#define FORMAT_PAIR_3 2
+#define FORMAT_PAIR_4 2
+#else
+#define FORMAT_PAIR_1 2
+#define FORMAT_PAIR_2 2
+#define FORMAT_PAIR_3 2
+#define FORMAT_PAIR_4 1
+#endif
+#define FORMAT_WIDE_COLS 4
+
+/* Decodes `rows` weight rows into buffer [rows, K] (fp32). */
+#define DEFINE_FORMAT_DECODE_ROWS(NAME, GROUPS, UNIT_BYTES, PREPARE, DECODE)                     \
+    static void NAME(const uint8_t *w, int64_t rows, int64_t K, float *buffer) {                 \
+        const int64_t units = K / (32 * GROUPS), row_bytes = units * UNIT_BYTES;                 \
+        for (int64_t r = 0; r < rows; r++)                                                       \
+            for (int64_t u = 0; u < units; u++) {                                                \
+                const uint8_t *unit = w + r * row_bytes + u * UNIT_BYTES;                        \
+                UnitParams params;                                                               \
+                PREPARE(unit, &params);                                                          \
+                _Pragma("GCC unroll 8") for (int g = 0; g < GROUPS; g++)                         \
+                    _Pragma("GCC unroll 4") for (int s = 0; s < STEPS; s++)                      \
+                        vec_store(buffer + r * K + (u * GROUPS + g) * 32 + s * LANES, DECODE(unit, &params, g, s)); \
+            }                                                                                    \
+    }
+
+/* Blocks of BUFFER_ROWS weight rows split over the threads, like DEFINE_QUANT_LINEAR: register
+ * tiles up to FORMAT_WIDE_COLS input rows, else the rows decoded into an fp32 buffer (in cache)
+ * for the plain tiles; the rows of a last partial block likewise, one plain 1 x 1 tile each. */
+#define DEFINE_FORMAT_LINEAR(NAME, GROUPS, UNIT_BYTES, PREPARE, DECODE)                          \
+    DEFINE_FORMAT_TILE(NAME##_one, FORMAT_PAIR_1, 1, GROUPS, UNIT_BYTES, PREPARE, DECODE)        \
+    DEFINE_FORMAT_TILE(NAME##_two, FORMAT_PAIR_2, 2, GROUPS, UNIT_BYTES, PREPARE, DECODE)        \
+    DEFINE_FORMAT_TILE(NAME##_three, FORMAT_PAIR_3, 3, GROUPS, UNIT_BYTES, PREPARE, DECODE)      \
+    DEFINE_FORMAT_TILE(NAME##_four, FORMAT_PAIR_4, 4, GROUPS, UNIT_BYTES, PREPARE, DECODE)       \
+    DEFINE_FORMAT_DECODE_ROWS(NAME##_decode_rows, GROUPS, UNIT_BYTES, PREPARE, DECODE)           \
+    static void NAME(const float *x, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K) { \
+        const int64_t row_bytes = K / (32 * GROUPS) * UNIT_BYTES;                                \
+        const int64_t blocks = N / BUFFER_ROWS, ahead = M <= FORMAT_WIDE_COLS ? 2 : 1;           \
+        _Pragma("omp parallel for schedule(static)")                                             \
+        for (int64_t b = 0; b <= blocks; b++) {                                                  \
+            const int64_t n = b * BUFFER_ROWS, rows = b < blocks ? BUFFER_ROWS : N - n;          \
+            const uint8_t *block = w + n * row_bytes;                                            \
+            if (b + ahead < blocks) prefetch((const char *)(block + ahead * BUFFER_ROWS * row_bytes), BUFFER_ROWS * row_bytes); \
+            if (rows == BUFFER_ROWS && M <= FORMAT_WIDE_COLS) {                                  \
+                if (M == 1) NAME##_one(x, block, y + n, N, K);                                   \
+                else if (M == 2) NAME##_two(x, block, y + n, N, K);                              \
+                else if (M == 3) NAME##_three(x, block, y + n, N, K);                            \
+                else NAME##_four(x, block, y + n, N, K);                                         \
+                continue;                                                                        \
+            }                                                                                    \
+            if (rows == 0) continue;                                                             \
+            float buffer[BUFFER_ROWS * K] __attribute__((aligned(64)));                          \
+            NAME##_decode_rows(block, rows, K, buffer);                                          \
+            if (rows < BUFFER_ROWS) {                                                            \
+                for (int64_t r = 0; r < rows; r++)                                               \
+                    for (int64_t m = 0; m < M; m++)                                              \
+                        tile_1x1(x + m * K, buffer + r * K, y + m * N + n + r, N, K, K, 1);     \
+                continue;                                                                        \
+            }                                                                                    \
+            for (int64_t r = 0; r < BUFFER_ROWS; r += SMALL_ROWS)                                \
+                for (int64_t m = 0; m < M; m += SMALL_COLS)                                      \
+                    EXPAND(TILE_NAME, SMALL_ROWS, SMALL_COLS)(x + m * K, buffer + r * K, y + m * N + n + r, N, K, K, \
+                                                              M - m < SMALL_COLS ? M - m : SMALL_COLS); \
+        }                                                                                        \
+    }
+
+DEFINE_FORMAT_LINEAR(freespec_linear_q4_0, 1, Q4_0_BYTES, q4_0_prepare, q4_0_decode)
+DEFINE_FORMAT_LINEAR(freespec_linear_q4_1, 1, Q4_1_BYTES, q4_1_prepare, q4_1_decode)
+DEFINE_FORMAT_LINEAR(freespec_linear_q5_0, 1, Q5_0_BYTES, q5_0_prepare, q5_0_decode)
+DEFINE_FORMAT_LINEAR(freespec_linear_q5_1, 1, Q5_1_BYTES, q5_1_prepare, q5_1_decode)
+DEFINE_FORMAT_LINEAR(freespec_linear_q8_0, 1, Q8_0_BYTES, q8_0_prepare, q8_0_decode)
+DEFINE_FORMAT_LINEAR(freespec_linear_q4_k, 8, Q4_K_BYTES, k_prepare, q4_k_decode)
+DEFINE_FORMAT_LINEAR(freespec_linear_q5_k, 8, Q5_K_BYTES, k_prepare, q5_k_decode)
+DEFINE_FORMAT_LINEAR(freespec_linear_q6_k, 8, Q6_K_BYTES, q6_k_prepare, q6_k_decode)
+
+/* 16-bit weights [N, K], any K: freespec_linear's tiles (DEFINE_LOAD_TILE) with a converting load
+ * (16-bit floats widen to fp32 exactly), so the arithmetic, the K % LANES tail included, is the
+ * fp32 kernel's. Like DEFINE_QUANT_LINEAR: register tiles up to WIDE_COLS input rows (AVX-512: 4,
+ * AVX2: 3), else BUFFER_ROWS rows widened into an fp32 buffer for the plain tiles; the rows of a
+ * last partial block one at a time. */
+#define WIDEN_TILES(TILE, ROWS, M)                                                               \
+    for (int64_t r = 0; r < BUFFER_ROWS; r += ROWS) TILE(x, w + (n + r) * K, y + n + r, N, K, kv, M)
+#ifdef FREESPEC_AVX512 /* four input rows in registers */
+#define WIDEN_FOUR_TILE(NAME, LOAD, SCALAR) DEFINE_LOAD_TILE(NAME##_tile_four, FOUR_ROWS, 4, uint16_t, LOAD, SCALAR)
+#define WIDEN_FOUR_TILES(NAME) else if (M == 4) WIDEN_TILES(NAME##_tile_four, FOUR_ROWS, 4);
+#else /* four input rows take the buffer */
+#define WIDEN_FOUR_TILE(NAME, LOAD, SCALAR)
+#define WIDEN_FOUR_TILES(NAME)
+#endif
+#define DEFINE_WIDEN_LINEAR(NAME, LOAD, SCALAR)                                                  \
+    DEFINE_LOAD_TILE(NAME##_tile_one, ONE_ROWS, 1, uint16_t, LOAD, SCALAR)                       \
+    DEFINE_LOAD_TILE(NAME##_tile_two, TWO_ROWS, 2, uint16_t, LOAD, SCALAR)                       \
+    DEFINE_LOAD_TILE(NAME##_tile_three, THREE_ROWS, 3, uint16_t, LOAD, SCALAR)                   \
+    WIDEN_FOUR_TILE(NAME, LOAD, SCALAR)                                                          \
+    DEFINE_LOAD_TILE(NAME##_tile_1x1, 1, 1, uint16_t, LOAD, SCALAR)                              \
+    static void NAME(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K) { \
+        const int64_t kv = K & ~(int64_t)(LANES - 1);                                            \
+        const int64_t blocks = N / BUFFER_ROWS, ahead = M <= WIDE_COLS ? 2 : 1;                  \
+        _Pragma("omp parallel for schedule(static)")                                             \
+        for (int64_t b = 0; b <= blocks; b++) {                                                  \
+            const int64_t n = b * BUFFER_ROWS, rows = b < blocks ? BUFFER_ROWS : N - n;          \
+            if (b + ahead < blocks)                                                              \
+                prefetch((const char *)(w + (n + ahead * BUFFER_ROWS) * K),                      \
+                         BUFFER_ROWS * K * (int64_t)sizeof(uint16_t));                           \
+            if (rows < BUFFER_ROWS) {                                                            \
+                for (int64_t r = 0; r < rows; r++)                                               \
+                    for (int64_t m = 0; m < M; m++)                                              \
+                        NAME##_tile_1x1(x + m * K, w + (n + r) * K, y + m * N + n + r, N, K, kv, 1); \
+                continue;                                                                        \
+            }                                                                                    \
+            if (M == 1) WIDEN_TILES(NAME##_tile_one, ONE_ROWS, 1);                               \
+            else if (M == 2) WIDEN_TILES(NAME##_tile_two, TWO_ROWS, 2);                          \
+            else if (M == 3) WIDEN_TILES(NAME##_tile_three, THREE_ROWS, 3);                      \
+            WIDEN_FOUR_TILES(NAME)                                                               \
+            else {                                                                               \
+                float buffer[BUFFER_ROWS * K] __attribute__((aligned(64)));                      \
+                for (int64_t r = 0; r < BUFFER_ROWS; r++) {                                      \
+                    const uint16_t *row = w + (n + r) * K;                                       \
+                    for (int64_t k = 0; k < kv; k += LANES) vec_store(buffer + r * K + k, LOAD(row + k)); \
+                    for (int64_t k = kv; k < K; k++) buffer[r * K + k] = SCALAR(row[k]);         \
+                }                                                                                \
+                for (int64_t r = 0; r < BUFFER_ROWS; r += SMALL_ROWS)                            \
+                    for (int64_t m = 0; m < M; m += SMALL_COLS)                                  \
+                        EXPAND(TILE_NAME, SMALL_ROWS, SMALL_COLS)(x + m * K, buffer + r * K, y + m * N + n + r, \
+                                                                  N, K, kv, M - m < SMALL_COLS ? M - m : SMALL_COLS); \
+            }                                                                                    \
+        }                                                                                        \
+    }
+
+DEFINE_WIDEN_LINEAR(freespec_linear_f16, load_f16, f16_to_float)
+DEFINE_WIDEN_LINEAR(freespec_linear_bf16, load_bf16, bf16_to_float)
+
+int freespec_linear_gguf(int64_t type, const float *x, const void *w, float *y, int64_t M, int64_t N, int64_t K) {
+    switch (type) {
+    case GGML_F32: freespec_linear(x, w, y, M, N, K); return FREESPEC_OK;
+    case GGML_F16: freespec_linear_f16(x, w, y, M, N, K); return FREESPEC_OK;
+    case GGML_BF16: freespec_linear_bf16(x, w, y, M, N, K); return FREESPEC_OK;
+    case GGML_Q4_0: freespec_linear_q4_0(x, w, y, M, N, K); return FREESPEC_OK;
+    case GGML_Q4_1: freespec_linear_q4_1(x, w, y, M, N, K); return FREESPEC_OK;
+    case GGML_Q5_0: freespec_linear_q5_0(x, w, y, M, N, K); return FREESPEC_OK;
+    case GGML_Q5_1: freespec_linear_q5_1(x, w, y, M, N, K); return FREESPEC_OK;
+    case GGML_Q8_0: freespec_linear_q8_0(x, w, y, M, N, K); return FREESPEC_OK;
+    case GGML_Q4_K: freespec_linear_q4_k(x, w, y, M, N, K); return FREESPEC_OK;
+    case GGML_Q5_K: freespec_linear_q5_k(x, w, y, M, N, K); return FREESPEC_OK;
+    case GGML_Q6_K: freespec_linear_q6_k(x, w, y, M, N, K); return FREESPEC_OK;
+    default: return FREESPEC_UNKNOWN_TYPE;
+    }
+}

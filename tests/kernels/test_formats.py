@@ -1,0 +1,168 @@
+"""Weights in a ggml type multiplied in their own layout: the same bits as the fp32 kernel on the
+matrix ggml's formulas dequantize, for every row count (batch-invariant), and clear errors for bad
+input."""
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFWriter, quants
+
+from freespec import kernels
+from freespec.kernels import abi
+
+ROW_COUNTS = range(1, 34)  # every path: 1-4 rows in registers, buffered, partial tiles
+BLOCK_COLUMNS = (32, 96, 256, 320)  # one block, fewer than 256, a K-quant's super-block, not a multiple of 256
+SUPER_BLOCK_COLUMNS = (256, 768)
+HALF_COLUMNS = (8, 37, 100, 256)  # fewer than a vector, and tails of every length
+CASES = (
+    [(name, k) for name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0") for k in BLOCK_COLUMNS]
+    + [(name, k) for name in ("Q4_K", "Q5_K", "Q6_K") for k in SUPER_BLOCK_COLUMNS]
+    + [(name, k) for name in ("F16", "BF16", "F32") for k in HALF_COLUMNS]
+)
+
+
+def weight_bytes(kind: GGMLQuantizationType, rows: int, columns: int, seed: int = 0) -> np.ndarray:
+    """Random valid blocks [rows, row_bytes] with the corner cases in the first rows: a row of
+    zero bytes (zero scales and codes), a row of the largest codes, a row of zero codes."""
+    generator = np.random.default_rng(seed)
+    data = kernels.random_blocks(kind, (rows, columns), generator)
+    data[0] = 0
+    if kind in (GGMLQuantizationType.F16, GGMLQuantizationType.BF16, GGMLQuantizationType.F32):
+        return data
+    for row, code in ((1, 0xFF), (2, 0x00)):
+        if row < rows:
+            data[row] = kernels.random_blocks(kind, (1, columns), generator, code_byte=code)[0]
+    return data
+
+
+def test_random_blocks_cover_negative_zero_and_subnormal_scales():
+    halves = kernels.random_blocks("F16", (64, 256), np.random.default_rng(0)).view(np.float16)
+    assert np.isfinite(halves).all() and (halves < 0).any() and (halves == 0).any()
+    assert ((halves != 0) & (np.abs(halves) < np.float16(6.1e-5))).any()  # fp16 subnormals
+
+
+@pytest.mark.parametrize("name,columns", CASES)
+def test_kernel_equals_the_fp32_kernel_on_the_dequantized_matrix_bitwise(name, columns, kernel_build):
+    kind = kernels.ggml_type(name)
+    rows = 13  # two blocks of six rows and one left over
+    weight = kernels.GGMLWeight(kind, weight_bytes(kind, rows, columns), (rows, columns))
+    dense = weight.dequantize()  # [13, K] fp32, gguf's formulas
+    assert torch.equal(dense, torch.from_numpy(quants.dequantize(weight.data, kind).reshape(rows, columns)))
+    torch.manual_seed(0)
+    x = torch.randn(max(ROW_COUNTS), columns)
+    alone = torch.cat([kernel_build.linear(x[i:i + 1], weight) for i in range(len(x))])  # [33, 13] a row a call
+    for count in ROW_COUNTS:
+        out = kernel_build.linear(x[:count], weight)
+        assert out.shape == (count, rows) and out.dtype == torch.float32
+        assert torch.equal(out, kernel_build.linear(x[:count], dense)), f"{name} K={columns} M={count}"
+        assert torch.equal(out, alone[:count]), f"{name} K={columns} M={count}: not batch-invariant"
+
+
+@pytest.mark.parametrize("name", ["Q4_0", "Q8_0", "Q4_K", "Q6_K", "BF16"])
+@pytest.mark.parametrize("rows", [1, 6, 7])  # only the leftover path, exactly one block, one block and one row
+def test_every_row_split_gives_the_same_bits(name, rows, c_kernels):
+    kind = kernels.ggml_type(name)
+    columns = 512
+    weight = kernels.GGMLWeight(kind, weight_bytes(kind, rows, columns, seed=1), (rows, columns))
+    x = torch.randn(9, columns)
+    assert torch.equal(c_kernels.linear(x, weight), c_kernels.linear(x, weight.dequantize()))
+
+
+def test_blocks_quantized_by_gguf_multiply_like_their_dequantized_form(c_kernels):
+    torch.manual_seed(0)
+    values = (torch.randn(20, 512) * 0.05).numpy()
+    x = torch.randn(5, 512)
+    for name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "BF16"):
+        kind = kernels.ggml_type(name)
+        weight = kernels.GGMLWeight(kind, quants.quantize(values, kind), (20, 512))
+        expected = c_kernels.linear(x, torch.from_numpy(quants.dequantize(quants.quantize(values, kind), kind)))
+        assert torch.equal(c_kernels.linear(x, weight), expected), name
+
+
+def test_bias_is_added_and_no_rows_give_an_empty_result(c_kernels):
+    weight = kernels.GGMLWeight("Q8_0", weight_bytes(GGMLQuantizationType.Q8_0, 7, 64), (7, 64))
+    x, bias = torch.randn(3, 64), torch.randn(7)
+    assert torch.equal(c_kernels.linear(x, weight, bias), c_kernels.linear(x, weight) + bias)
+    assert c_kernels.linear(x[:0], weight).shape == (0, 7)
+
+
+def test_gguf_file_tensors_multiply_in_place_from_the_memory_map(tmp_path, c_kernels):
+    """The loader's path: a GGUF file read by gguf's memory-mapped reader, each tensor's bytes
+    handed over as they lie in the file (never copied, never dequantized)."""
+    path = tmp_path / "weights.gguf"
+    writer = GGUFWriter(path, "llama")
+    shapes = {"Q4_K": (7, 512), "Q5_K": (6, 256), "Q6_K": (5, 256), "Q4_0": (9, 96), "Q5_0": (4, 64),
+              "Q8_0": (8, 160), "F16": (3, 40), "BF16": (2, 64), "F32": (3, 24)}
+    for name, (rows, columns) in shapes.items():
+        kind = kernels.ggml_type(name)
+        writer.add_tensor(name, weight_bytes(kind, rows, columns), raw_dtype=kind)  # the bytes [rows, row_bytes]
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    reader = GGUFReader(path)  # read-only np.memmap
+    assert len(reader.tensors) == len(shapes)
+    for tensor in reader.tensors:
+        columns, rows = (int(size) for size in tensor.shape)  # ggml order: fastest dimension first
+        weight = kernels.GGMLWeight(tensor.tensor_type, tensor.data, (rows, columns))
+        assert np.shares_memory(weight.data, tensor.data)  # the file's pages, not a copy
+        x = torch.randn(4, columns)
+        assert torch.equal(c_kernels.linear(x, weight), c_kernels.linear(x, weight.dequantize())), tensor.name
+
+
+def test_torch_tensors_and_any_dtype_are_viewed_not_copied(c_kernels):
+    data = torch.from_numpy(weight_bytes(GGMLQuantizationType.Q4_K, 3, 256))
+    weight = kernels.GGMLWeight(12, data, (3, 256))  # a ggml type id works too
+    assert weight.type == GGMLQuantizationType.Q4_K and weight.data.ctypes.data == data.data_ptr()
+    assert weight.nbytes == 3 * 144
+    bf16 = torch.randn(5, 48).to(torch.bfloat16)  # a safetensors bf16 matrix as it is
+    weight = kernels.GGMLWeight("bf16", bf16, (5, 48))
+    assert weight.data.ctypes.data == bf16.data_ptr()
+    assert torch.equal(weight.dequantize(), bf16.float())
+    x = torch.randn(2, 48)
+    assert torch.equal(c_kernels.linear(x, weight), c_kernels.linear(x, bf16.float()))
+
+
+def test_torch_backend_multiplies_the_dequantized_matrix():
+    weight = kernels.GGMLWeight("Q5_K", weight_bytes(GGMLQuantizationType.Q5_K, 4, 256), (4, 256))
+    x = torch.randn(3, 256)
+    expected = (x.double() @ weight.dequantize().double().T).float()
+    out = kernels.select("torch").linear(x, weight)
+    assert out.shape == (3, 4) and torch.allclose(out, expected, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("kind,data,shape,message", [
+    ("Q9_9", np.zeros((1, 18), np.uint8), (1, 32), "unknown GGUF tensor type 'Q9_9'"),
+    (99, np.zeros((1, 18), np.uint8), (1, 32), "unknown GGUF tensor type 99"),
+    ("Q2_K", np.zeros((1, 84), np.uint8), (1, 256), "Q2_K is not supported"),
+    ("Q4_K", np.zeros((1, 72), np.uint8), (1, 128), "whole blocks of 256 weights; 128 is not"),
+    ("Q4_0", np.zeros((2, 18), np.uint8), (2, 64), "takes 72 bytes, the data holds 36"),
+    ("Q8_0", np.zeros((2, 68), np.uint8)[:, ::2], (2, 32), "C-contiguous"),
+    ("F16", [0, 1], (1, 1), "numpy array or torch tensor"),
+    ("F32", np.zeros(4, np.float32), (0, 4), "positive sizes"),
+    ("F32", np.zeros(4, np.float32), 4, "positive sizes"),
+])
+def test_bad_weights_are_refused_in_one_line(kind, data, shape, message):
+    with pytest.raises(ValueError, match=message) as error:
+        kernels.GGMLWeight(kind, data, shape)
+    assert "\n" not in str(error.value)
+
+
+def test_bad_inputs_are_refused_before_the_kernel_runs(c_kernels):
+    weight = kernels.GGMLWeight("Q4_0", np.zeros((2, 36), np.uint8), (2, 64))
+    for x in (torch.zeros(3, 32), torch.zeros(3, 64, dtype=torch.float64)):
+        with pytest.raises(ValueError, match=r"linear input: the kernel needs a contiguous torch.float32 tensor "
+                                             r"of shape \[3, 64\]"):
+            c_kernels.linear(x, weight)
+
+
+def test_the_c_dispatcher_refuses_an_unknown_type_without_touching_memory(c_kernels):
+    linear = c_kernels.library.freespec_linear_gguf
+    assert linear(99, None, None, None, 1, 1, 32) == abi.UNKNOWN_TYPE
+    assert linear(int(GGMLQuantizationType.Q2_K), None, None, None, 1, 1, 256) == abi.UNKNOWN_TYPE
+
+
+def test_supported_types_match_gguf_block_sizes():
+    for kind in kernels.SUPPORTED_TYPES:
+        block_size, block_bytes = GGML_QUANT_SIZES[kind]
+        assert kernels.row_bytes(kind, 4 * 256) == 4 * 256 // block_size * block_bytes
