@@ -44,6 +44,7 @@ from freespec.kernels.weights import (
     ModelWeights,
     PackedWeight,
     RMSNorm,
+    Stacked,
 )
 
 __all__ = [

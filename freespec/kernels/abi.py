@@ -12,13 +12,18 @@ import ctypes
 
 import torch
 
-OK, OUT_OF_MEMORY, UNKNOWN_TYPE = 0, 1, 2  # the FREESPEC_* status codes
+OK, OUT_OF_MEMORY, BAD_MATRIX = 0, 1, 2  # the FREESPEC_* status codes
+PACKED_Q4, PACKED_Q8, STACKED = 1004, 1008, 1100  # Matrix kinds besides the ggml type ids
 
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 
 
 class Matrix(ctypes.Structure):
-    _fields_ = [("codes", _P), ("scales", _P), ("bias", _P), ("kind", _I), ("N", _I), ("K", _I)]
+    pass
+
+
+Matrix._fields_ = [("kind", _I), ("N", _I), ("K", _I), ("data", _P), ("scales", _P), ("bias", _P),
+                   ("parts", ctypes.POINTER(Matrix)), ("num_parts", _I)]
 
 
 class DecoderLayer(ctypes.Structure):
@@ -28,17 +33,15 @@ class DecoderLayer(ctypes.Structure):
 
 
 class DecoderPass(ctypes.Structure):
-    _fields_ = [("layers", _P), ("num_layers", _I), ("hidden", _I), ("intermediate", _I), ("embed", _P),
+    _fields_ = [("layers", _P), ("num_layers", _I), ("hidden", _I), ("intermediate", _I), ("embed", Matrix),
                 ("final_norm", _P), ("final_eps", _F), ("scale", _F), ("H", _I), ("KV", _I), ("D", _I),
                 ("tokens", _P), ("n", _I), ("cos_table", _P), ("sin_table", _P), ("rope_rows", _P), ("keys", _P),
                 ("values", _P), ("capacity", _I), ("past", _I), ("tree_mask", _P), ("skip", _P), ("out", _P)]
 
 
 SIGNATURES: dict[str, tuple[type | None, list]] = {
-    "freespec_linear": (None, [_P, _P, _P, _I, _I, _I]),
-    "freespec_linear_q4": (None, [_P, _P, _P, _P, _I, _I, _I]),
-    "freespec_linear_q8": (None, [_P, _P, _P, _P, _I, _I, _I]),
-    "freespec_linear_gguf": (ctypes.c_int, [_I, _P, _P, _P, _I, _I, _I]),
+    "freespec_linear": (ctypes.c_int, [ctypes.POINTER(Matrix), _P, _P, _I]),
+    "freespec_rows": (ctypes.c_int, [ctypes.POINTER(Matrix), _P, _I, _P]),
     "freespec_tree_layout": (_I, [_P, _I, _P, _P]),
     "freespec_tree_attention": (None, [_P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _F, _I, _P, _P]),
     "freespec_rope_store": (None, [_P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _P]),
@@ -70,7 +73,7 @@ def check_status(status: int, what: str) -> None:
     """Raise for a failed call's status code."""
     if status == OUT_OF_MEMORY:
         raise MemoryError(f"{what}: the kernel could not allocate its scratch memory")
-    if status == UNKNOWN_TYPE:
-        raise RuntimeError(f"{what}: the kernel does not read this weight type (a stale kernel build?)")
+    if status == BAD_MATRIX:
+        raise RuntimeError(f"{what}: the kernel does not read this weight matrix (a stale kernel build?)")
     if status != OK:
         raise RuntimeError(f"{what}: the kernel failed with status {status}")

@@ -2,8 +2,9 @@
 
 :func:`select` returns :class:`CKernels` (the C library of one build) or :class:`Kernels`
 (torch's ops, the fallback); a :class:`freespec.model.runner.ModelRunner` takes one as an
-argument. Both offer the same operations: ``linear``, ``top_k``, ``argmax``, ``attention`` (the
-tree attention of one layer) and ``decoder`` (all layers of a Llama-style model in one C call,
+argument. Both offer the same operations: ``linear`` (over any :data:`~freespec.kernels.Matrix`),
+``embed`` (rows of one), ``top_k``, ``argmax``, ``attention`` (the tree attention of one layer) and
+``decoder`` (all layers of a Llama-style model in one C call,
 None where not available).
 """
 
@@ -34,6 +35,8 @@ from freespec.kernels.weights import (
     ModelWeights,
     PackedWeight,
     RMSNorm,
+    Stacked,
+    dense,
 )
 
 SKINNY_ROWS = 64  # torch: below this many rows, ``W @ x.T`` beats ``F.linear``
@@ -87,16 +90,21 @@ class Kernels:
         return f"{type(self).__name__}({self.isa})"
 
     def linear(self, x: torch.Tensor, weight: Matrix, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """``x @ weight.T + bias`` for x [M, K] and weight [N, K] (any :data:`Matrix`) → [M, N]."""
-        if isinstance(weight, PackedWeight):
-            weight = weight.dense
-        elif isinstance(weight, GGMLWeight):
-            weight = weight.dequantize()
+        """``x @ weight.T + bias`` for x [M, K] and weight [N, K] (any :data:`Matrix`) → [M, N].
+
+        Here on the weight's fp32 form, which a quantized weight keeps once made."""
+        weight = dense(weight)
         if x.shape[0] < SKINNY_ROWS:
             out = torch.mm(weight, x.t()).t()  # far faster than F.linear's kernel choice for few rows
         else:
             out = torch.mm(x, weight.t())
         return out if bias is None else out + bias
+
+    def embed(self, matrix: Matrix, tokens: torch.Tensor) -> torch.Tensor:
+        """Rows ``tokens`` (int64 [n]) of ``matrix`` [vocab, hidden] in fp32 → [n, hidden]: an
+        embedding lookup, with the values ggml's formulas give for a quantized table."""
+        _check_rows(matrix, tokens)
+        return dense(matrix)[tokens]
 
     def top_k(self, logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(values [n, k] descending, ids [n, k], logsumexp [n]) of logits [n, V].
@@ -135,26 +143,29 @@ class CKernels(Kernels):
         return f"CKernels({self.isa}{'' if self.one_call_decoder else ', per operation'})"
 
     def linear(self, x: torch.Tensor, weight: Matrix, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """With any M, every row's result is the same bits. Block weights give bit-identical
-        results to their fp32 form (see :mod:`freespec.model.quant`), reading 4-6x fewer bytes."""
+        """With any M, every row's result is the same bits, and every kind of weight gives the
+        bits of the fp32 kernel on its dequantized form while reading only its own bytes."""
         x = x.contiguous()
         rows, (outputs, inputs) = x.shape[0], weight.shape
         x_address = abi.address("linear input", x, torch.float32, (rows, inputs))
+        matrix = MatrixStruct("weight", weight, bias)
         out = torch.empty(rows, outputs)
-        if rows:  # the kernels assume at least one row
-            out_address = abi.address("linear output", out, torch.float32, (rows, outputs))
-            if isinstance(weight, GGMLWeight):
-                status = self.library.freespec_linear_gguf(int(weight.type), x_address, weight.data.ctypes.data,
-                                                           out_address, rows, outputs, inputs)
-                abi.check_status(status, f"a {weight.type.name} linear layer")
-                return out if bias is None else out + bias
-            kind, codes, scales = _matrix_addresses(weight)
-            if kind == 0:
-                self.library.freespec_linear(x_address, codes, out_address, rows, outputs, inputs)
-            else:
-                kernel = self.library.freespec_linear_q4 if kind == 4 else self.library.freespec_linear_q8
-                kernel(x_address, codes, scales, out_address, rows, outputs, inputs)
-        return out if bias is None else out + bias
+        status = self.library.freespec_linear(matrix.pointer, x_address,
+                                              abi.address("linear output", out, torch.float32, (rows, outputs)), rows)
+        abi.check_status(status, "linear layer")
+        return out
+
+    def embed(self, matrix: Matrix, tokens: torch.Tensor) -> torch.Tensor:
+        """Decodes only the rows asked for (a block-quantized table is never dequantized whole)."""
+        _check_rows(matrix, tokens)
+        tokens = tokens.contiguous()
+        n, (_, hidden) = tokens.shape[0], matrix.shape
+        out = torch.empty(n, hidden)
+        status = self.library.freespec_rows(MatrixStruct("embedding", matrix).pointer,
+                                            abi.address("tokens", tokens, torch.int64, (n,)), n,
+                                            abi.address("embeddings", out, torch.float32, (n, hidden)))
+        abi.check_status(status, "embedding lookup")
+        return out
 
     def top_k(self, logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """In one pass over each row."""
@@ -190,16 +201,45 @@ class CKernels(Kernels):
         return OneCallDecoder(self.library, weights)
 
 
-def _matrix_addresses(weight: Matrix) -> tuple[int, int, int | None]:
-    """(kind 0/4/8, address of the fp32 weights or block codes, address of the block scales)."""
-    rows, columns = weight.shape
-    if not isinstance(weight, PackedWeight):
-        return 0, abi.address("weight", weight, torch.float32, (rows, columns)), None
-    if weight.kind == "q4":
-        codes = abi.address("q4 codes", weight.codes, torch.uint8, (rows, columns // 2))
-        return 4, codes, abi.address("q4 scales", weight.scales, torch.float32, (rows, columns // 32, 2))
-    codes = abi.address("q8 codes", weight.codes, torch.int8, (rows, columns))
-    return 8, codes, abi.address("q8 scales", weight.scales, torch.float32, (rows, columns // 32))
+def _check_rows(matrix: Matrix, tokens: torch.Tensor) -> None:
+    """Token ids index the rows of ``matrix``: an id outside them is refused, not read."""
+    if tokens.dtype != torch.int64 or tokens.dim() != 1:
+        raise ValueError(f"token ids must be int64 [n], got {tokens.dtype} of shape {list(tokens.shape)}")
+    vocab = matrix.shape[0]
+    if tokens.numel() and not (0 <= int(tokens.min()) and int(tokens.max()) < vocab):
+        raise ValueError(f"token ids must lie in 0 .. {vocab - 1}, got {int(tokens.min())} .. {int(tokens.max())}")
+
+
+class MatrixStruct:
+    """The C description (``abi.Matrix``) of a weight matrix and its bias, built after the guard
+    has checked every array it points to; it keeps what it points to alive while it lives."""
+
+    def __init__(self, name: str, weight: Matrix, bias: torch.Tensor | None = None):
+        rows, columns = weight.shape
+        self.struct = abi.Matrix(N=rows, K=columns)
+        self._keep: list = [weight, bias]
+        if bias is not None:
+            self.struct.bias = abi.address(f"{name} bias", bias, torch.float32, (rows,))
+        if isinstance(weight, Stacked):
+            parts = [MatrixStruct(f"{name} part {index}", part) for index, part in enumerate(weight.parts)]
+            array = (abi.Matrix * len(parts))(*(part.struct for part in parts))
+            self._keep += [parts, array]
+            self.struct.kind, self.struct.parts, self.struct.num_parts = abi.STACKED, array, len(parts)
+        elif isinstance(weight, GGMLWeight):  # checked when made: its bytes hold exactly its rows
+            self.struct.kind, self.struct.data = int(weight.type), weight.data.ctypes.data
+        elif isinstance(weight, PackedWeight):
+            q4 = weight.kind == "q4"
+            self.struct.kind = abi.PACKED_Q4 if q4 else abi.PACKED_Q8
+            self.struct.data = abi.address(f"{name} {weight.kind} codes", weight.codes,
+                                           torch.uint8 if q4 else torch.int8, (rows, columns // 2 if q4 else columns))
+            self.struct.scales = abi.address(f"{name} {weight.kind} scales", weight.scales, torch.float32,
+                                             (rows, columns // 32, 2) if q4 else (rows, columns // 32))
+        else:
+            self.struct.kind, self.struct.data = 0, abi.address(name, weight, torch.float32, (rows, columns))
+
+    @property
+    def pointer(self):
+        return ctypes.byref(self.struct)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -292,8 +332,9 @@ class OneCallDecoder:
     with no per-operation call overhead: the embedding lookup, norms, rotary, cache writes,
     attention, residuals, the activation and the final norm all run in C between the matmuls
     (a torch call between two passes costs several times its warm price: the pass has just
-    streamed the weights through the caches). Every weight's dtype and shape is checked once
-    here; each call checks the pass's own arrays.
+    streamed the weights through the caches). Every matrix may be of any kind (:data:`Matrix`),
+    the embedding table included. Every weight's dtype and shape is checked once here; each call
+    checks the pass's own arrays.
     """
 
     @staticmethod
@@ -309,28 +350,31 @@ class OneCallDecoder:
     def __init__(self, library: ctypes.CDLL, weights: ModelWeights):
         if not self.runs(weights):
             raise ValueError("the one-call decoder runs Llama-style models only (RMSNorm, rotary, SiLU-gated MLP)")
-        self._library, self._weights = library, weights  # the weights: what the C structs point into
+        self._library = library
+        self._matrices: list[MatrixStruct] = []  # what the C structs point into, kept alive
         h = self.heads = weights.heads
-        vocab, self.hidden = weights.embed.shape
+        self.hidden = weights.embed.shape[1]
         self.num_layers = len(weights.layers)
         self.intermediate = weights.layers[0].down.weight.shape[1]
         self._layers = (abi.DecoderLayer * self.num_layers)(*(self._layer(layer) for layer in weights.layers))
         self._pass = abi.DecoderPass(
             layers=ctypes.addressof(self._layers), num_layers=self.num_layers, hidden=self.hidden,
-            intermediate=self.intermediate, embed=abi.address("embedding", weights.embed, torch.float32,
-                                                              (vocab, self.hidden)),
+            intermediate=self.intermediate, embed=self._struct("embedding", weights.embed),
             final_norm=self._norm("final norm", weights.final_norm, self.hidden), final_eps=weights.final_norm.eps,
             scale=h.scale, H=h.heads, KV=h.kv_heads, D=h.dim)
 
     def _norm(self, name: str, norm: RMSNorm | None, width: int) -> int | None:
         return None if norm is None else abi.address(name, norm.weight, torch.float32, (width,))
 
+    def _struct(self, name: str, weight: Matrix, bias: torch.Tensor | None = None) -> abi.Matrix:
+        matrix = MatrixStruct(name, weight, bias)
+        self._matrices.append(matrix)
+        return matrix.struct
+
     def _matrix(self, name: str, linear: Linear, shape: tuple[int, int]) -> abi.Matrix:
         if tuple(linear.weight.shape) != shape:
             raise ValueError(f"{name}: expected a {list(shape)} matrix, got {list(linear.weight.shape)}")
-        kind, codes, scales = _matrix_addresses(linear.weight)
-        bias = None if linear.bias is None else abi.address(f"{name} bias", linear.bias, torch.float32, (shape[0],))
-        return abi.Matrix(codes, scales, bias, kind, *shape)
+        return self._struct(name, linear.weight, linear.bias)
 
     def _layer(self, layer: DecoderLayer) -> abi.DecoderLayer:
         h, hidden = self.heads, self.hidden

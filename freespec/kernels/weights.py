@@ -1,10 +1,12 @@
 """A model's parameters as the kernels read them: one typed carrier per concept.
 
-:class:`PackedWeight` is a matrix stored as exact 4/8-bit blocks (the kernels' block format is
-defined here: :func:`pack_nibbles`); :class:`Linear`, :class:`RMSNorm`, :class:`LayerNorm` and
-:class:`DecoderLayer` describe one decoder layer, :class:`Heads` the attention geometry and
-:class:`ModelWeights` a whole model. The model layer (:mod:`freespec.model.weights`) fills them
-from a transformers model; the C decoder and the runner's per-operation pass read them.
+A weight matrix (:data:`Matrix`) is an fp32 tensor, a :class:`GGMLWeight` (a GGUF tensor's or a
+16-bit safetensors tensor's bytes as the file holds them), a :class:`PackedWeight` (exact 4/8-bit
+blocks; the kernels' block format is defined here: :func:`pack_nibbles`) or a :class:`Stacked`
+(the rows of several of these, e.g. q, k and v of different types). :class:`Linear`,
+:class:`RMSNorm`, :class:`LayerNorm` and :class:`DecoderLayer` describe one decoder layer,
+:class:`Heads` the attention geometry and :class:`ModelWeights` a whole model. The model layer
+(:mod:`freespec.model`) fills them; the C decoder and the runner's per-operation pass read them.
 """
 
 from __future__ import annotations
@@ -118,9 +120,68 @@ class GGMLWeight:
             array = array.copy()
         return torch.from_numpy(array)
 
+    @cached_property
+    def dense(self) -> torch.Tensor:
+        """:meth:`dequantize`'s matrix, kept: for torch where the C kernels are not built."""
+        return self.dequantize()
 
-Matrix = torch.Tensor | PackedWeight | GGMLWeight
-"""A weight matrix [out, in]: contiguous fp32, its exact 4/8-bit blocks, or a ggml type's bytes."""
+
+@dataclass(frozen=True, eq=False)
+class Stacked:
+    """The rows of several matrices with the same K stacked into one [sum N, K] matrix, each part
+    in its own format: a GGUF stores q, k and v (or gate and up) as separate tensors, often of
+    different types (Q4_K_M mixes Q4_K and Q6_K), and one fused projection reads them all where
+    they lie. A linear layer over it gives the parts' outputs side by side, the same bits as one
+    matrix of all the rows. Parts are fp32 tensors, :class:`PackedWeight` or :class:`GGMLWeight`.
+    """
+
+    parts: tuple[Matrix, ...]
+
+    def __post_init__(self):
+        if not self.parts:
+            raise ValueError("a stacked matrix needs at least one part")
+        for part in self.parts:
+            if not isinstance(part, (torch.Tensor, PackedWeight, GGMLWeight)):
+                raise ValueError(f"a stacked matrix's parts are fp32 tensors, PackedWeight or GGMLWeight, "
+                                 f"not {type(part).__name__}")
+            if len(part.shape) != 2:
+                raise ValueError(f"a stacked matrix's parts are matrices, not of shape {list(part.shape)}")
+        columns = {part.shape[1] for part in self.parts}
+        if len(columns) > 1:
+            raise ValueError(f"stacked matrices need the same number of columns, got {sorted(columns)}")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return sum(part.shape[0] for part in self.parts), self.parts[0].shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(_nbytes(part) for part in self.parts)
+
+    def __repr__(self) -> str:
+        return f"Stacked({', '.join(map(repr, self.parts))})"
+
+    @cached_property
+    def dense(self) -> torch.Tensor:
+        """The fp32 matrix [sum N, K], kept: for torch where the C kernels are not built."""
+        # the parts' fp32 forms are not kept as well
+        return torch.cat([part.dequantize() if isinstance(part, GGMLWeight) else dense(part) for part in self.parts])
+
+
+Matrix = torch.Tensor | PackedWeight | GGMLWeight | Stacked
+"""A weight matrix [out, in]: contiguous fp32, its exact 4/8-bit blocks, a ggml type's bytes, or
+the rows of several of these stacked."""
+
+
+def dense(matrix: Matrix) -> torch.Tensor:
+    """The fp32 form [N, K] of any matrix (kept by a carrier once made: torch's fallback reads it)."""
+    return matrix if isinstance(matrix, torch.Tensor) else matrix.dense
+
+
+def _nbytes(matrix: Matrix) -> int:
+    if isinstance(matrix, PackedWeight):
+        return matrix.codes.nbytes + matrix.scales.nbytes
+    return matrix.nbytes
 
 
 def pack_nibbles(codes: np.ndarray) -> np.ndarray:
@@ -210,9 +271,13 @@ class ModelWeights:
     """Everything a forward pass reads: token embeddings [vocab, hidden], learned position
     embeddings [positions, hidden] (GPT-2; None with rotary embeddings), the decoder layers, the
     final norm, the output projection [vocab, hidden], the attention geometry and the MLP's
-    activation (its transformers name, e.g. "silu")."""
+    activation (its transformers name, e.g. "silu").
 
-    embed: torch.Tensor
+    ``embed`` is any :data:`Matrix` (a GGUF's token_embd is often Q4_K, Q6_K or Q8_0): a pass
+    reads the rows of its tokens (``Kernels.embed``), never the whole table in fp32. A model
+    with tied embeddings has the same object as ``embed`` and ``lm_head.weight``."""
+
+    embed: Matrix
     positions: torch.Tensor | None
     layers: list[DecoderLayer]
     final_norm: RMSNorm | LayerNorm

@@ -2,6 +2,8 @@
 matrix ggml's formulas dequantize, for every row count (batch-invariant), and clear errors for bad
 input."""
 
+import ctypes
+
 import numpy as np
 import pytest
 import torch
@@ -156,10 +158,86 @@ def test_bad_inputs_are_refused_before_the_kernel_runs(c_kernels):
             c_kernels.linear(x, weight)
 
 
-def test_the_c_dispatcher_refuses_an_unknown_type_without_touching_memory(c_kernels):
-    linear = c_kernels.library.freespec_linear_gguf
-    assert linear(99, None, None, None, 1, 1, 32) == abi.UNKNOWN_TYPE
-    assert linear(int(GGMLQuantizationType.Q2_K), None, None, None, 1, 1, 256) == abi.UNKNOWN_TYPE
+def test_the_c_dispatcher_refuses_matrices_it_cannot_read_without_touching_memory(c_kernels):
+    def status(matrix: abi.Matrix) -> int:
+        return c_kernels.library.freespec_linear(ctypes.byref(matrix), None, None, 1)
+
+    assert status(abi.Matrix(kind=99, N=1, K=32)) == abi.BAD_MATRIX
+    assert status(abi.Matrix(kind=int(GGMLQuantizationType.Q2_K), N=1, K=256)) == abi.BAD_MATRIX
+    parts = (abi.Matrix * 2)(abi.Matrix(kind=0, N=2, K=32), abi.Matrix(kind=0, N=3, K=64))
+    assert status(abi.Matrix(kind=abi.STACKED, N=5, K=32, parts=parts, num_parts=2)) == abi.BAD_MATRIX  # K
+    parts[1].K = 32
+    assert status(abi.Matrix(kind=abi.STACKED, N=6, K=32, parts=parts, num_parts=2)) == abi.BAD_MATRIX  # N
+    assert status(abi.Matrix(kind=abi.STACKED, N=5, K=32, parts=None, num_parts=2)) == abi.BAD_MATRIX
+    parts[1].kind = abi.STACKED
+    assert status(abi.Matrix(kind=abi.STACKED, N=5, K=32, parts=parts, num_parts=2)) == abi.BAD_MATRIX  # nested
+
+
+def mixed_parts(columns: int = 256) -> tuple:
+    """One part of each kind a Stacked may hold: Q4_K q, Q6_K k and Q8_0 v (a Q4_K_M file's
+    mix), an fp32 tensor, a BF16 matrix and packed q4 blocks; row counts not multiples of six."""
+    generator = np.random.default_rng(3)
+    ggml = [kernels.GGMLWeight(name, kernels.random_blocks(name, (rows, columns), generator, largest=0.05),
+                               (rows, columns)) for name, rows in (("Q4_K", 13), ("Q6_K", 7), ("Q8_0", 5), ("BF16", 4))]
+    packed = kernels.PackedWeight("q4", torch.randint(0, 256, (8, columns // 2), dtype=torch.uint8),
+                                  (torch.rand(8, columns // 32, 2) * 0.01).half().float())  # exact: fp16 scales
+    return (*ggml[:3], torch.randn(3, columns), ggml[3], packed)
+
+
+def test_a_stacked_matrix_gives_the_bits_of_one_matrix_of_all_its_rows(kernel_build):
+    stacked = kernels.Stacked(mixed_parts())
+    dense = torch.cat([kernels.weights.dense(part) for part in stacked.parts])  # [40, 256]
+    assert stacked.shape == (40, 256) and torch.equal(stacked.dense, dense)
+    assert stacked.nbytes == sum(part.nbytes for part in stacked.parts[:5]) + 8 * 128 + 8 * 8 * 2 * 4
+    torch.manual_seed(0)
+    x, bias = torch.randn(9, 256), torch.randn(40)
+    alone = torch.cat([kernel_build.linear(x[i:i + 1], stacked, bias) for i in range(len(x))])
+    for count in range(1, len(x) + 1):
+        out = kernel_build.linear(x[:count], stacked, bias)
+        assert torch.equal(out, kernel_build.linear(x[:count], dense, bias)), count
+        assert torch.equal(out, alone[:count]), f"M={count}: not batch-invariant"
+    assert torch.equal(kernels.select("torch").linear(x, stacked), torch.mm(dense, x.t()).t())
+
+
+def test_stacked_parts_are_checked():
+    q4_k = kernels.GGMLWeight("Q4_K", np.zeros((2, 144), np.uint8), (2, 256))
+    with pytest.raises(ValueError, match="at least one part"):
+        kernels.Stacked(())
+    with pytest.raises(ValueError, match=r"the same number of columns, got \[128, 256\]"):
+        kernels.Stacked((q4_k, torch.zeros(2, 128)))
+    with pytest.raises(ValueError, match="not Stacked"):
+        kernels.Stacked((q4_k, kernels.Stacked((q4_k,))))
+    with pytest.raises(ValueError, match="weight part 1: the kernel needs a contiguous torch.float32 tensor"):
+        kernels.select().linear(torch.zeros(1, 256), kernels.Stacked((q4_k, torch.zeros(2, 256, dtype=torch.float64))))
+
+
+@pytest.mark.parametrize("name", [kind.name for kind in kernels.SUPPORTED_TYPES])
+def test_embedding_rows_are_the_dequantized_rows(name, c_kernels):
+    kind = kernels.ggml_type(name)
+    columns = 256
+    table = kernels.GGMLWeight(kind, weight_bytes(kind, 11, columns), (11, columns))
+    tokens = torch.tensor([3, 0, 10, 3, 1, 2], dtype=torch.int64)
+    expected = table.dequantize()[tokens]  # [6, 256]
+    for backend in (c_kernels, kernels.select("torch")):
+        rows = backend.embed(table, tokens)
+        assert rows.shape == (6, columns) and torch.equal(rows, expected), backend
+        assert backend.embed(table, tokens[:0]).shape == (0, columns)
+
+
+def test_embedding_rows_of_every_other_kind(c_kernels):
+    tokens = torch.tensor([39, 0, 13, 20, 25, 34, 12], dtype=torch.int64)  # a row of each part and its edges
+    for table in (kernels.Stacked(mixed_parts()), *mixed_parts()[3:]):
+        expected = kernels.weights.dense(table)[tokens[tokens < table.shape[0]]]
+        assert torch.equal(c_kernels.embed(table, tokens[tokens < table.shape[0]]), expected), repr(table)
+
+
+def test_embedding_token_ids_outside_the_table_are_refused(c_kernels):
+    table = kernels.GGMLWeight("Q8_0", weight_bytes(GGMLQuantizationType.Q8_0, 4, 32), (4, 32))
+    for backend in (c_kernels, kernels.select("torch")):
+        with pytest.raises(ValueError, match=r"token ids must lie in 0 .. 3, got -1 .. 4"):
+            backend.embed(table, torch.tensor([-1, 4]))
+        with pytest.raises(ValueError, match=r"token ids must be int64 \[n\]"):
+            backend.embed(table, torch.tensor([[1]]))
 
 
 def test_supported_types_match_gguf_block_sizes():

@@ -1,13 +1,15 @@
-/* The linear layer over GGUF tensors in their own block layout, read in place (a memory-mapped
- * file needs no copy): y[M, N] = x[M, K] @ W[N, K]^T, where each row of W is K / block weights'
- * blocks exactly as ggml stores them (ggml-common.h). See freespec/kernels/formats.py.
+/* The linear layer over matrices stored in a ggml type, read in place (a memory-mapped GGUF or
+ * safetensors file needs no copy): y[M, N] = x[M, K] @ W[N, K]^T, where each row of W is K / block
+ * weights' blocks exactly as ggml stores them (ggml-common.h), or K 16-bit floats. For each type
+ * TYPE_linear(matrix, x, y, M, ldy) and TYPE_row(matrix, r, out) (one row as fp32), which
+ * kernels.c's table of matrix kinds dispatches to. See freespec/kernels/formats.py.
  *
  * Included once by kernels.c, after the machinery it shares with the other linear kernels (vec,
  * LANES, tile_sums, the fp32 tiles, DEFINE_LOAD_TILE, BUFFER_ROWS, prefetch); needs F16C (-mf16c).
  *
  * Same bits as the fp32 kernel: each decoder below returns, for vector `step` of a group of 32
  * weights, exactly the fp32 weights gguf.quants.dequantize computes, and the tiles multiply them
- * with freespec_linear's FMA sequence and horizontal sum (see the Q4/Q8 note in kernels.c). Every
+ * with the fp32 kernel's FMA sequence and horizontal sum (see the Q4/Q8 note in kernels.c). Every
  * format's weight is scale * code + offset with per-group constants, and every product in ggml's
  * formulas is exact in fp32: an fp16 d (11 significant bits) times a K-quant sub-block scale (Q4_K,
  * Q5_K: 6 bits; Q6_K: |sc| <= 127 or 128, 7 bits) times a code (at most 6 bits) needs at most 24
@@ -230,7 +232,7 @@ static inline vec q6_k_decode(const uint8_t *b, const UnitParams *p, int group, 
  * (4 cycles an FMA) with decoding. Keeping every accumulator in registers instead ran out of
  * AVX2's 16 (GCC spilled them, and the chains then went through memory at every FMA), and
  * decoding into an fp32 buffer first cost a store per vector: on Zen 3 this order measured
- * 1.2-2x faster than either at 1-4 rows. The per-output arithmetic is freespec_linear's: one
+ * 1.2-2x faster than either at 1-4 rows. The per-output arithmetic is the fp32 kernel's: one
  * FMA chain over k in steps of LANES, in order, then tile_sums (a round trip through memory
  * leaves a value's bits alone). */
 #define DEFINE_FORMAT_TILE(NAME, PAIR, COLS, GROUPS, UNIT_BYTES, PREPARE, DECODE)                \
@@ -302,15 +304,21 @@ static inline vec q6_k_decode(const uint8_t *b, const UnitParams *p, int group, 
 
 /* Blocks of BUFFER_ROWS weight rows split over the threads, like DEFINE_QUANT_LINEAR: register
  * tiles up to FORMAT_WIDE_COLS input rows, else the rows decoded into an fp32 buffer (in cache)
- * for the plain tiles; the rows of a last partial block likewise, one plain 1 x 1 tile each. */
+ * for the plain tiles; the rows of a last partial block likewise, one plain 1 x 1 tile each.
+ * NAME(matrix, x, y, M, ldy): output row m at y + m * ldy; NAME##_row: weight row r as fp32. */
 #define DEFINE_FORMAT_LINEAR(NAME, GROUPS, UNIT_BYTES, PREPARE, DECODE)                          \
     DEFINE_FORMAT_TILE(NAME##_one, FORMAT_PAIR_1, 1, GROUPS, UNIT_BYTES, PREPARE, DECODE)        \
     DEFINE_FORMAT_TILE(NAME##_two, FORMAT_PAIR_2, 2, GROUPS, UNIT_BYTES, PREPARE, DECODE)        \
     DEFINE_FORMAT_TILE(NAME##_three, FORMAT_PAIR_3, 3, GROUPS, UNIT_BYTES, PREPARE, DECODE)      \
     DEFINE_FORMAT_TILE(NAME##_four, FORMAT_PAIR_4, 4, GROUPS, UNIT_BYTES, PREPARE, DECODE)       \
     DEFINE_FORMAT_DECODE_ROWS(NAME##_decode_rows, GROUPS, UNIT_BYTES, PREPARE, DECODE)           \
-    static void NAME(const float *x, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K) { \
-        const int64_t row_bytes = K / (32 * GROUPS) * UNIT_BYTES;                                \
+    static void NAME##_row(const Matrix *matrix, int64_t r, float *out) {                        \
+        const int64_t row_bytes = matrix->K / (32 * GROUPS) * UNIT_BYTES;                        \
+        NAME##_decode_rows((const uint8_t *)matrix->data + r * row_bytes, 1, matrix->K, out);    \
+    }                                                                                            \
+    static void NAME(const Matrix *matrix, const float *x, float *y, int64_t M, int64_t ldy) {  \
+        const uint8_t *w = matrix->data;                                                         \
+        const int64_t N = matrix->N, K = matrix->K, row_bytes = K / (32 * GROUPS) * UNIT_BYTES;  \
         const int64_t blocks = N / BUFFER_ROWS, ahead = M <= FORMAT_WIDE_COLS ? 2 : 1;           \
         _Pragma("omp parallel for schedule(static)")                                             \
         for (int64_t b = 0; b <= blocks; b++) {                                                  \
@@ -318,10 +326,10 @@ static inline vec q6_k_decode(const uint8_t *b, const UnitParams *p, int group, 
             const uint8_t *block = w + n * row_bytes;                                            \
             if (b + ahead < blocks) prefetch((const char *)(block + ahead * BUFFER_ROWS * row_bytes), BUFFER_ROWS * row_bytes); \
             if (rows == BUFFER_ROWS && M <= FORMAT_WIDE_COLS) {                                  \
-                if (M == 1) NAME##_one(x, block, y + n, N, K);                                   \
-                else if (M == 2) NAME##_two(x, block, y + n, N, K);                              \
-                else if (M == 3) NAME##_three(x, block, y + n, N, K);                            \
-                else NAME##_four(x, block, y + n, N, K);                                         \
+                if (M == 1) NAME##_one(x, block, y + n, ldy, K);                                 \
+                else if (M == 2) NAME##_two(x, block, y + n, ldy, K);                            \
+                else if (M == 3) NAME##_three(x, block, y + n, ldy, K);                          \
+                else NAME##_four(x, block, y + n, ldy, K);                                       \
                 continue;                                                                        \
             }                                                                                    \
             if (rows == 0) continue;                                                             \
@@ -330,32 +338,32 @@ static inline vec q6_k_decode(const uint8_t *b, const UnitParams *p, int group, 
             if (rows < BUFFER_ROWS) {                                                            \
                 for (int64_t r = 0; r < rows; r++)                                               \
                     for (int64_t m = 0; m < M; m++)                                              \
-                        tile_1x1(x + m * K, buffer + r * K, y + m * N + n + r, N, K, K, 1);     \
+                        tile_1x1(x + m * K, buffer + r * K, y + m * ldy + n + r, ldy, K, K, 1);  \
                 continue;                                                                        \
             }                                                                                    \
             for (int64_t r = 0; r < BUFFER_ROWS; r += SMALL_ROWS)                                \
                 for (int64_t m = 0; m < M; m += SMALL_COLS)                                      \
-                    EXPAND(TILE_NAME, SMALL_ROWS, SMALL_COLS)(x + m * K, buffer + r * K, y + m * N + n + r, N, K, K, \
-                                                              M - m < SMALL_COLS ? M - m : SMALL_COLS); \
+                    EXPAND(TILE_NAME, SMALL_ROWS, SMALL_COLS)(x + m * K, buffer + r * K, y + m * ldy + n + r, ldy, K, \
+                                                              K, M - m < SMALL_COLS ? M - m : SMALL_COLS); \
         }                                                                                        \
     }
 
-DEFINE_FORMAT_LINEAR(freespec_linear_q4_0, 1, Q4_0_BYTES, q4_0_prepare, q4_0_decode)
-DEFINE_FORMAT_LINEAR(freespec_linear_q4_1, 1, Q4_1_BYTES, q4_1_prepare, q4_1_decode)
-DEFINE_FORMAT_LINEAR(freespec_linear_q5_0, 1, Q5_0_BYTES, q5_0_prepare, q5_0_decode)
-DEFINE_FORMAT_LINEAR(freespec_linear_q5_1, 1, Q5_1_BYTES, q5_1_prepare, q5_1_decode)
-DEFINE_FORMAT_LINEAR(freespec_linear_q8_0, 1, Q8_0_BYTES, q8_0_prepare, q8_0_decode)
-DEFINE_FORMAT_LINEAR(freespec_linear_q4_k, 8, Q4_K_BYTES, k_prepare, q4_k_decode)
-DEFINE_FORMAT_LINEAR(freespec_linear_q5_k, 8, Q5_K_BYTES, k_prepare, q5_k_decode)
-DEFINE_FORMAT_LINEAR(freespec_linear_q6_k, 8, Q6_K_BYTES, q6_k_prepare, q6_k_decode)
+DEFINE_FORMAT_LINEAR(q4_0_linear, 1, Q4_0_BYTES, q4_0_prepare, q4_0_decode)
+DEFINE_FORMAT_LINEAR(q4_1_linear, 1, Q4_1_BYTES, q4_1_prepare, q4_1_decode)
+DEFINE_FORMAT_LINEAR(q5_0_linear, 1, Q5_0_BYTES, q5_0_prepare, q5_0_decode)
+DEFINE_FORMAT_LINEAR(q5_1_linear, 1, Q5_1_BYTES, q5_1_prepare, q5_1_decode)
+DEFINE_FORMAT_LINEAR(q8_0_linear, 1, Q8_0_BYTES, q8_0_prepare, q8_0_decode)
+DEFINE_FORMAT_LINEAR(q4_k_linear, 8, Q4_K_BYTES, k_prepare, q4_k_decode)
+DEFINE_FORMAT_LINEAR(q5_k_linear, 8, Q5_K_BYTES, k_prepare, q5_k_decode)
+DEFINE_FORMAT_LINEAR(q6_k_linear, 8, Q6_K_BYTES, q6_k_prepare, q6_k_decode)
 
-/* 16-bit weights [N, K], any K: freespec_linear's tiles (DEFINE_LOAD_TILE) with a converting load
+/* 16-bit weights [N, K], any K: the fp32 kernel's tiles (DEFINE_LOAD_TILE) with a converting load
  * (16-bit floats widen to fp32 exactly), so the arithmetic, the K % LANES tail included, is the
  * fp32 kernel's. Like DEFINE_QUANT_LINEAR: register tiles up to WIDE_COLS input rows (AVX-512: 4,
  * AVX2: 3), else BUFFER_ROWS rows widened into an fp32 buffer for the plain tiles; the rows of a
  * last partial block one at a time. */
 #define WIDEN_TILES(TILE, ROWS, M)                                                               \
-    for (int64_t r = 0; r < BUFFER_ROWS; r += ROWS) TILE(x, w + (n + r) * K, y + n + r, N, K, kv, M)
+    for (int64_t r = 0; r < BUFFER_ROWS; r += ROWS) TILE(x, w + (n + r) * K, y + n + r, ldy, K, kv, M)
 #ifdef FREESPEC_AVX512 /* four input rows in registers */
 #define WIDEN_FOUR_TILE(NAME, LOAD, SCALAR) DEFINE_LOAD_TILE(NAME##_tile_four, FOUR_ROWS, 4, uint16_t, LOAD, SCALAR)
 #define WIDEN_FOUR_TILES(NAME) else if (M == 4) WIDEN_TILES(NAME##_tile_four, FOUR_ROWS, 4);
@@ -369,8 +377,17 @@ DEFINE_FORMAT_LINEAR(freespec_linear_q6_k, 8, Q6_K_BYTES, q6_k_prepare, q6_k_dec
     DEFINE_LOAD_TILE(NAME##_tile_three, THREE_ROWS, 3, uint16_t, LOAD, SCALAR)                   \
     WIDEN_FOUR_TILE(NAME, LOAD, SCALAR)                                                          \
     DEFINE_LOAD_TILE(NAME##_tile_1x1, 1, 1, uint16_t, LOAD, SCALAR)                              \
-    static void NAME(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K) { \
+    static void NAME##_widen_row(const uint16_t *row, int64_t K, float *out) {                   \
         const int64_t kv = K & ~(int64_t)(LANES - 1);                                            \
+        for (int64_t k = 0; k < kv; k += LANES) vec_store(out + k, LOAD(row + k));               \
+        for (int64_t k = kv; k < K; k++) out[k] = SCALAR(row[k]);                                \
+    }                                                                                            \
+    static void NAME##_row(const Matrix *matrix, int64_t r, float *out) {                        \
+        NAME##_widen_row((const uint16_t *)matrix->data + r * matrix->K, matrix->K, out);        \
+    }                                                                                            \
+    static void NAME(const Matrix *matrix, const float *x, float *y, int64_t M, int64_t ldy) {  \
+        const uint16_t *w = matrix->data;                                                        \
+        const int64_t N = matrix->N, K = matrix->K, kv = K & ~(int64_t)(LANES - 1);              \
         const int64_t blocks = N / BUFFER_ROWS, ahead = M <= WIDE_COLS ? 2 : 1;                  \
         _Pragma("omp parallel for schedule(static)")                                             \
         for (int64_t b = 0; b <= blocks; b++) {                                                  \
@@ -381,7 +398,7 @@ DEFINE_FORMAT_LINEAR(freespec_linear_q6_k, 8, Q6_K_BYTES, q6_k_prepare, q6_k_dec
             if (rows < BUFFER_ROWS) {                                                            \
                 for (int64_t r = 0; r < rows; r++)                                               \
                     for (int64_t m = 0; m < M; m++)                                              \
-                        NAME##_tile_1x1(x + m * K, w + (n + r) * K, y + m * N + n + r, N, K, kv, 1); \
+                        NAME##_tile_1x1(x + m * K, w + (n + r) * K, y + m * ldy + n + r, ldy, K, kv, 1); \
                 continue;                                                                        \
             }                                                                                    \
             if (M == 1) WIDEN_TILES(NAME##_tile_one, ONE_ROWS, 1);                               \
@@ -390,35 +407,14 @@ DEFINE_FORMAT_LINEAR(freespec_linear_q6_k, 8, Q6_K_BYTES, q6_k_prepare, q6_k_dec
             WIDEN_FOUR_TILES(NAME)                                                               \
             else {                                                                               \
                 float buffer[BUFFER_ROWS * K] __attribute__((aligned(64)));                      \
-                for (int64_t r = 0; r < BUFFER_ROWS; r++) {                                      \
-                    const uint16_t *row = w + (n + r) * K;                                       \
-                    for (int64_t k = 0; k < kv; k += LANES) vec_store(buffer + r * K + k, LOAD(row + k)); \
-                    for (int64_t k = kv; k < K; k++) buffer[r * K + k] = SCALAR(row[k]);         \
-                }                                                                                \
+                for (int64_t r = 0; r < BUFFER_ROWS; r++) NAME##_widen_row(w + (n + r) * K, K, buffer + r * K); \
                 for (int64_t r = 0; r < BUFFER_ROWS; r += SMALL_ROWS)                            \
                     for (int64_t m = 0; m < M; m += SMALL_COLS)                                  \
-                        EXPAND(TILE_NAME, SMALL_ROWS, SMALL_COLS)(x + m * K, buffer + r * K, y + m * N + n + r, \
-                                                                  N, K, kv, M - m < SMALL_COLS ? M - m : SMALL_COLS); \
+                        EXPAND(TILE_NAME, SMALL_ROWS, SMALL_COLS)(x + m * K, buffer + r * K, y + m * ldy + n + r, \
+                                                                  ldy, K, kv, M - m < SMALL_COLS ? M - m : SMALL_COLS); \
             }                                                                                    \
         }                                                                                        \
     }
 
-DEFINE_WIDEN_LINEAR(freespec_linear_f16, load_f16, f16_to_float)
-DEFINE_WIDEN_LINEAR(freespec_linear_bf16, load_bf16, bf16_to_float)
-
-int freespec_linear_gguf(int64_t type, const float *x, const void *w, float *y, int64_t M, int64_t N, int64_t K) {
-    switch (type) {
-    case GGML_F32: freespec_linear(x, w, y, M, N, K); return FREESPEC_OK;
-    case GGML_F16: freespec_linear_f16(x, w, y, M, N, K); return FREESPEC_OK;
-    case GGML_BF16: freespec_linear_bf16(x, w, y, M, N, K); return FREESPEC_OK;
-    case GGML_Q4_0: freespec_linear_q4_0(x, w, y, M, N, K); return FREESPEC_OK;
-    case GGML_Q4_1: freespec_linear_q4_1(x, w, y, M, N, K); return FREESPEC_OK;
-    case GGML_Q5_0: freespec_linear_q5_0(x, w, y, M, N, K); return FREESPEC_OK;
-    case GGML_Q5_1: freespec_linear_q5_1(x, w, y, M, N, K); return FREESPEC_OK;
-    case GGML_Q8_0: freespec_linear_q8_0(x, w, y, M, N, K); return FREESPEC_OK;
-    case GGML_Q4_K: freespec_linear_q4_k(x, w, y, M, N, K); return FREESPEC_OK;
-    case GGML_Q5_K: freespec_linear_q5_k(x, w, y, M, N, K); return FREESPEC_OK;
-    case GGML_Q6_K: freespec_linear_q6_k(x, w, y, M, N, K); return FREESPEC_OK;
-    default: return FREESPEC_UNKNOWN_TYPE;
-    }
-}
+DEFINE_WIDEN_LINEAR(f16_linear, load_f16, f16_to_float)
+DEFINE_WIDEN_LINEAR(bf16_linear, load_bf16, bf16_to_float)

@@ -11,25 +11,39 @@
 #include <stdint.h>
 
 /* What a call that can fail returns. */
-enum { FREESPEC_OK = 0, FREESPEC_OUT_OF_MEMORY = 1, FREESPEC_UNKNOWN_TYPE = 2 };
+enum { FREESPEC_OK = 0, FREESPEC_OUT_OF_MEMORY = 1, FREESPEC_BAD_MATRIX = 2 };
 
-/* y[M, N] = x[M, K] @ w[N, K]^T; every output has the same arithmetic whatever M is. */
-void freespec_linear(const float *x, const float *w, float *y, int64_t M, int64_t N, int64_t K);
+/* The kinds of weight matrix: a ggml type id, for a matrix stored in that type (ggml.h's ids:
+ * F32 0, F16 1, Q4_0 2, Q4_1 3, Q5_0 6, Q5_1 7, Q8_0 8, Q4_K 12, Q5_K 13, Q6_K 14, BF16 30; data
+ * holds its N rows of blocks exactly as a GGUF file stores them, a bf16/f16/f32 safetensors
+ * tensor being the same bytes; K a multiple of the type's block size), or one of these. */
+enum {
+    FREESPEC_PACKED_Q4 = 1004, /* data: nibbles [N, K/2] (see kernels.c), scales [N, K/32, 2] = (d, m) */
+    FREESPEC_PACKED_Q8 = 1008, /* data: int8 [N, K], scales [N, K/32] = d */
+    FREESPEC_STACKED = 1100,   /* parts: the rows of num_parts matrices of K columns, stacked in order */
+};
 
-/* The same over exact 4-bit blocks: q [N, K/2] nibbles, scales [N, K/32, 2] = (d, m); K % 32 == 0. */
-void freespec_linear_q4(const float *x, const uint8_t *q, const float *scales, float *y, int64_t M, int64_t N,
-                        int64_t K);
+/* A weight matrix [N, K]. */
+typedef struct Matrix {
+    int64_t kind;              /* see above */
+    int64_t N, K;
+    const void *data;          /* the weights (NULL when stacked) */
+    const float *scales;       /* packed kinds' block scales, else NULL */
+    const float *bias;         /* [N] or NULL (a stacked matrix's parts have none) */
+    const struct Matrix *parts; /* stacked: num_parts matrices, none of them stacked */
+    int64_t num_parts;
+} Matrix;
 
-/* The same over exact 8-bit blocks: q [N, K], scales [N, K/32] = d; K % 32 == 0. */
-void freespec_linear_q8(const float *x, const int8_t *q, const float *scales, float *y, int64_t M, int64_t N,
-                        int64_t K);
+/* y[M, N] = x[M, K] @ w[N, K]^T + bias. Every output has the same arithmetic whatever M is (a row's
+ * result has the same bits in a call of 1 or of 64 rows), and every kind gives the same bits as
+ * the fp32 kind on its weights dequantized by ggml's formulas (gguf.quants.dequantize). Returns
+ * FREESPEC_OK, or FREESPEC_BAD_MATRIX (an unknown kind, or parts that do not make the matrix:
+ * nothing written). */
+int freespec_linear(const Matrix *w, const float *x, float *y, int64_t M);
 
-/* The same over a matrix stored in a ggml type (ggml.h's ids: F32 0, F16 1, Q4_0 2, Q4_1 3, Q5_0 6,
- * Q5_1 7, Q8_0 8, Q4_K 12, Q5_K 13, Q6_K 14, BF16 30): w holds its N rows of blocks exactly as a
- * GGUF file stores them (a bf16/f16/f32 safetensors matrix is the same bytes), K a multiple of the
- * type's block size. Same bits as freespec_linear on the weights gguf.quants.dequantize gives.
- * Returns FREESPEC_OK, or FREESPEC_UNKNOWN_TYPE (nothing read or written). */
-int freespec_linear_gguf(int64_t type, const float *x, const void *w, float *y, int64_t M, int64_t N, int64_t K);
+/* out[i, K] = row tokens[i] of w as fp32 (an embedding lookup), the values ggml's formulas give.
+ * Returns FREESPEC_OK or FREESPEC_BAD_MATRIX. */
+int freespec_rows(const Matrix *w, const int64_t *tokens, int64_t n, float *out);
 
 /* The form the attention kernel reads a tree mask in: for tree_mask [n, n] (1 = token i sees new
  * token j), key_nodes [n, n] lists each row's visible tokens in ascending (= depth) order padded
@@ -51,15 +65,6 @@ void freespec_rope_store(const float *qkv, const float *cos, const float *sin, f
                          int64_t capacity, int64_t start, int64_t n, int64_t H, int64_t KV, int64_t D,
                          float *q_out);
 
-/* A weight matrix [N, K] as freespec_forward_llama reads it. */
-typedef struct {
-    const void *codes;   /* fp32 [N, K] weights, or block codes (see freespec_linear_q4/q8) */
-    const float *scales; /* NULL for fp32 */
-    const float *bias;   /* [N] or NULL */
-    int64_t kind;        /* 0 fp32, 4 q4, 8 q8 */
-    int64_t N, K;
-} Matrix;
-
 /* One Llama-style decoder layer: RMSNorms (weight [hidden], or per head [D]) and its matrices. */
 typedef struct {
     const float *attn_norm, *mlp_norm, *q_norm, *k_norm; /* q_norm, k_norm: per-head [D] or NULL */
@@ -75,7 +80,7 @@ typedef struct {
 typedef struct {
     const DecoderLayer *layers;
     int64_t num_layers, hidden, intermediate;
-    const float *embed;      /* [vocab, hidden] */
+    Matrix embed;            /* [vocab, hidden] */
     const float *final_norm; /* [hidden] */
     float final_eps, scale;  /* scale: of the attention scores */
     int64_t H, KV, D;        /* query heads, key/value heads, head size */

@@ -153,10 +153,11 @@ static inline void tile_sums(const vec *acc, int rows, int cols_max, int cols, f
                 for (int j = 0; j < cols; j++) y[j * N + i] += SCALAR(w[i * K + k]) * x[j * K + k]; \
     }
 
-/* Splits the weight rows over the threads of torch's own OpenMP pool (libgomp is shared). */
+/* Splits the weight rows over the threads of torch's own OpenMP pool (libgomp is shared). Output
+ * row m starts at y + m * ldy (ldy >= N: a stacked matrix's part writes its columns of a wider y). */
 #define DEFINE_LINEAR(ROWS, COLS)                                                                \
     static void linear_##ROWS##x##COLS(const float *x, const float *w, float *y, int64_t M,     \
-                                       int64_t N, int64_t K) {                                   \
+                                       int64_t N, int64_t K, int64_t ldy) {                      \
         const int64_t kv = K & ~(int64_t)(LANES - 1);                                            \
         const int64_t blocks = N / ROWS;                                                         \
         _Pragma("omp parallel for schedule(static)")                                             \
@@ -165,12 +166,12 @@ static inline void tile_sums(const vec *acc, int rows, int cols_max, int cols, f
             if (b + 1 < blocks) prefetch((const char *)(w + (n + ROWS) * K), ROWS * K * (int64_t)sizeof(float)); \
             if (b < blocks) {                                                                    \
                 for (int64_t m = 0; m < M; m += COLS)                                            \
-                    tile_##ROWS##x##COLS(x + m * K, w + n * K, y + m * N + n, N, K, kv,          \
+                    tile_##ROWS##x##COLS(x + m * K, w + n * K, y + m * ldy + n, ldy, K, kv,      \
                                          M - m < COLS ? M - m : COLS);                           \
             } else {                                                                             \
                 for (; n < N; n++)                                                               \
                     for (int64_t m = 0; m < M; m++)                                              \
-                        tile_1x1(x + m * K, w + n * K, y + m * N + n, N, K, kv, 1);              \
+                        tile_1x1(x + m * K, w + n * K, y + m * ldy + n, ldy, K, kv, 1);          \
             }                                                                                    \
         }                                                                                        \
     }
@@ -207,9 +208,14 @@ EXPAND(DEFINE_TILE, LARGE_ROWS, LARGE_COLS)
 EXPAND(DEFINE_LINEAR, SMALL_ROWS, SMALL_COLS)
 EXPAND(DEFINE_LINEAR, LARGE_ROWS, LARGE_COLS)
 
-void freespec_linear(const float *x, const float *w, float *y, int64_t M, int64_t N, int64_t K) {
-    if (M <= 12) EXPAND(LINEAR_NAME, SMALL_ROWS, SMALL_COLS)(x, w, y, M, N, K);
-    else EXPAND(LINEAR_NAME, LARGE_ROWS, LARGE_COLS)(x, w, y, M, N, K);
+/* fp32 weights [N, K] (any K; a GGML F32 matrix is the same layout). */
+static void f32_linear(const Matrix *matrix, const float *x, float *y, int64_t M, int64_t ldy) {
+    if (M <= 12) EXPAND(LINEAR_NAME, SMALL_ROWS, SMALL_COLS)(x, matrix->data, y, M, matrix->N, matrix->K, ldy);
+    else EXPAND(LINEAR_NAME, LARGE_ROWS, LARGE_COLS)(x, matrix->data, y, M, matrix->N, matrix->K, ldy);
+}
+
+static void f32_row(const Matrix *matrix, int64_t r, float *out) {
+    memcpy(out, (const float *)matrix->data + r * matrix->K, matrix->K * sizeof(float));
 }
 
 /* The same linear layer over weights stored as 4-bit or 8-bit blocks, dequantized in registers.
@@ -220,7 +226,7 @@ void freespec_linear(const float *x, const float *w, float *y, int64_t M, int64_
  * d * q are exact in fp32 (an fp16 scale times a small integer), so fma(d, q, m) rounds once,
  * like the fp32 dequantization did: every register holds exactly the fp32 weight the plain
  * kernel would load, and the FMA sequence per output is the plain kernel's. The results are
- * therefore bit-identical to freespec_linear on the dequantized weights.
+ * therefore bit-identical to the fp32 kernel's on the dequantized weights.
  *
  * Q4: nibbles [N, K/2] uint8; per block of 32 weights, byte j < 8 holds weights j (low nibble)
  * and 8 + j (high), byte 8 + j holds 16 + j and 24 + j. scales [N, K/32, 2]: (d, m) as fp32.
@@ -302,10 +308,23 @@ static inline vec q8_weights(const int8_t *values, const float *scales, int64_t 
 #define BUFFER_ROWS 6 /* weight rows per block: a multiple of every tile's rows */
 #define REGISTER_TILES(TILE, ROWS, M, ROW_BYTES, ROW_SCALES)                                     \
     for (int64_t r = 0; r < BUFFER_ROWS; r += ROWS)                                              \
-        TILE(x, block_q + r * (ROW_BYTES), block_scales + r * (ROW_SCALES), y + n + r, N, K, M)
+        TILE(x, block_q + r * (ROW_BYTES), block_scales + r * (ROW_SCALES), y + n + r, ldy, K, M)
+/* NAME(matrix, x, y, M, ldy): the linear layer (output row m at y + m * ldy); NAME##_row(matrix,
+ * r, out): weight row r as fp32 [K], the same values the tiles multiply. */
 #define DEFINE_QUANT_LINEAR(NAME, TILE, TYPE, ROW_BYTES, ROW_SCALES, LOAD)                       \
-    void NAME(const float *x, const TYPE *q, const float *scales, float *y, int64_t M,         \
-                     int64_t N, int64_t K) {                                                     \
+    static void NAME##_decode_row(const TYPE *q, const float *scales, int64_t K, float *out) {  \
+        for (int64_t block = 0; block < K / 32; block++)                                         \
+            for (int step = 0; step < STEPS; step++)                                             \
+                vec_store(out + block * 32 + step * LANES, LOAD(q, scales, block, step));        \
+    }                                                                                            \
+    static void NAME##_row(const Matrix *matrix, int64_t r, float *out) {                        \
+        const int64_t K = matrix->K;                                                             \
+        NAME##_decode_row((const TYPE *)matrix->data + r * (ROW_BYTES), matrix->scales + r * (ROW_SCALES), K, out); \
+    }                                                                                            \
+    static void NAME(const Matrix *matrix, const float *x, float *y, int64_t M, int64_t ldy) {  \
+        const TYPE *q = matrix->data;                                                            \
+        const float *scales = matrix->scales;                                                    \
+        const int64_t N = matrix->N, K = matrix->K;                                              \
         const int64_t blocks = N / BUFFER_ROWS, ahead = M <= WIDE_COLS ? 2 : 1;                  \
         _Pragma("omp parallel for schedule(static)")                                             \
         for (int64_t b = 0; b <= blocks; b++) {                                                  \
@@ -320,7 +339,7 @@ static inline vec q8_weights(const int8_t *values, const float *scales, int64_t 
                 for (int64_t r = 0; r < rows; r++)                                               \
                     for (int64_t m = 0; m < M; m++)                                              \
                         TILE##_1x1(x + m * K, q + (n + r) * (ROW_BYTES), scales + (n + r) * (ROW_SCALES), \
-                                   y + m * N + n + r, N, K, 1);                                  \
+                                   y + m * ldy + n + r, ldy, K, 1);                              \
                 continue;                                                                        \
             }                                                                                    \
             if (M <= WIDE_COLS) {                                                                \
@@ -334,13 +353,10 @@ static inline vec q8_weights(const int8_t *values, const float *scales, int64_t 
             }                                                                                    \
             float w[BUFFER_ROWS * K] __attribute__((aligned(64)));                               \
             for (int64_t r = 0; r < BUFFER_ROWS; r++)                                            \
-                for (int64_t block = 0; block < K / 32; block++)                                 \
-                    for (int step = 0; step < STEPS; step++)                                     \
-                        vec_store(w + r * K + block * 32 + step * LANES,                         \
-                                  LOAD(q + (n + r) * (ROW_BYTES), scales + (n + r) * (ROW_SCALES), block, step)); \
+                NAME##_decode_row(q + (n + r) * (ROW_BYTES), scales + (n + r) * (ROW_SCALES), K, w + r * K); \
             for (int64_t r = 0; r < BUFFER_ROWS; r += SMALL_ROWS)                                \
                 for (int64_t m = 0; m < M; m += SMALL_COLS)                                      \
-                    EXPAND(TILE_NAME, SMALL_ROWS, SMALL_COLS)(x + m * K, w + r * K, y + m * N + n + r, N, K, K, \
+                    EXPAND(TILE_NAME, SMALL_ROWS, SMALL_COLS)(x + m * K, w + r * K, y + m * ldy + n + r, ldy, K, K, \
                                                               M - m < SMALL_COLS ? M - m : SMALL_COLS); \
         }                                                                                        \
     }
@@ -357,11 +373,103 @@ DEFINE_QUANT_TILE(q8_tile_1x1, 1, 1, int8_t, K, K / 32, q8_weights)
 DEFINE_QUANT_TILE(q4_tile_four, FOUR_ROWS, 4, uint8_t, K / 2, K / 16, q4_weights)
 DEFINE_QUANT_TILE(q8_tile_four, FOUR_ROWS, 4, int8_t, K, K / 32, q8_weights)
 #endif
-DEFINE_QUANT_LINEAR(freespec_linear_q4, q4_tile, uint8_t, K / 2, K / 16, q4_weights)
-DEFINE_QUANT_LINEAR(freespec_linear_q8, q8_tile, int8_t, K, K / 32, q8_weights)
+DEFINE_QUANT_LINEAR(packed_q4_linear, q4_tile, uint8_t, K / 2, K / 16, q4_weights)
+DEFINE_QUANT_LINEAR(packed_q8_linear, q8_tile, int8_t, K, K / 32, q8_weights)
 
 /* GGUF/safetensors tensors read in their own layout (Q4_0 .. Q6_K, F16, BF16): formats.h */
 #include "formats.h"
+
+/* ---------------------------------------------------------------------------------------------
+ * Any weight matrix (freespec.h's Matrix): what each kind does, in one table.
+ * ------------------------------------------------------------------------------------------- */
+
+typedef struct {
+    /* y[m * ldy + j] = x[m] . row j, for m < M and j < N */
+    void (*linear)(const Matrix *matrix, const float *x, float *y, int64_t M, int64_t ldy);
+    /* out[K] = row r as fp32 */
+    void (*row)(const Matrix *matrix, int64_t r, float *out);
+} KindOps;
+
+/* A stacked matrix's parts write their columns of y side by side: each output has the
+ * arithmetic of its part alone, so the result is bit-identical to one matrix of all the rows. */
+static void stacked_linear(const Matrix *matrix, const float *x, float *y, int64_t M, int64_t ldy);
+static void stacked_row(const Matrix *matrix, int64_t r, float *out);
+
+/* The operations of a kind, or NULL for a kind the kernels do not read. */
+static const KindOps *kind_ops(int64_t kind) {
+    static const KindOps f32 = {f32_linear, f32_row}, f16 = {f16_linear, f16_linear_row},
+                         bf16 = {bf16_linear, bf16_linear_row}, q4_0 = {q4_0_linear, q4_0_linear_row},
+                         q4_1 = {q4_1_linear, q4_1_linear_row}, q5_0 = {q5_0_linear, q5_0_linear_row},
+                         q5_1 = {q5_1_linear, q5_1_linear_row}, q8_0 = {q8_0_linear, q8_0_linear_row},
+                         q4_k = {q4_k_linear, q4_k_linear_row}, q5_k = {q5_k_linear, q5_k_linear_row},
+                         q6_k = {q6_k_linear, q6_k_linear_row}, packed_q4 = {packed_q4_linear, packed_q4_linear_row},
+                         packed_q8 = {packed_q8_linear, packed_q8_linear_row},
+                         stacked = {stacked_linear, stacked_row};
+    switch (kind) {
+    case GGML_F32: return &f32;
+    case GGML_F16: return &f16;
+    case GGML_BF16: return &bf16;
+    case GGML_Q4_0: return &q4_0;
+    case GGML_Q4_1: return &q4_1;
+    case GGML_Q5_0: return &q5_0;
+    case GGML_Q5_1: return &q5_1;
+    case GGML_Q8_0: return &q8_0;
+    case GGML_Q4_K: return &q4_k;
+    case GGML_Q5_K: return &q5_k;
+    case GGML_Q6_K: return &q6_k;
+    case FREESPEC_PACKED_Q4: return &packed_q4;
+    case FREESPEC_PACKED_Q8: return &packed_q8;
+    case FREESPEC_STACKED: return &stacked;
+    default: return NULL;
+    }
+}
+
+static void stacked_linear(const Matrix *matrix, const float *x, float *y, int64_t M, int64_t ldy) {
+    for (int64_t p = 0, column = 0; p < matrix->num_parts; column += matrix->parts[p++].N)
+        kind_ops(matrix->parts[p].kind)->linear(matrix->parts + p, x, y + column, M, ldy);
+}
+
+static void stacked_row(const Matrix *matrix, int64_t r, float *out) {
+    int64_t p = 0;
+    for (; r >= matrix->parts[p].N; p++) r -= matrix->parts[p].N;
+    kind_ops(matrix->parts[p].kind)->row(matrix->parts + p, r, out);
+}
+
+/* Whether the kernels read this matrix: a known kind, and for a stacked one, known unstacked
+ * parts with its K whose rows add up to its N. (Sizes and pointers are the caller's to check.) */
+static int matrix_ok(const Matrix *matrix) {
+    if (!kind_ops(matrix->kind)) return 0;
+    if (matrix->kind != FREESPEC_STACKED) return 1;
+    if (!matrix->parts || matrix->num_parts < 1) return 0;
+    int64_t rows = 0;
+    for (int64_t p = 0; p < matrix->num_parts; p++) {
+        const Matrix *part = matrix->parts + p;
+        if (part->kind == FREESPEC_STACKED || !kind_ops(part->kind) || part->K != matrix->K || part->bias) return 0;
+        rows += part->N;
+    }
+    return rows == matrix->N;
+}
+
+/* y[M, N] = x @ w^T + bias, every kind's linear layer behind one call (see freespec.h). */
+static void linear(const Matrix *w, const float *x, float *y, int64_t M) {
+    kind_ops(w->kind)->linear(w, x, y, M, w->N);
+    if (w->bias)
+        for (int64_t r = 0; r < M; r++)
+            for (int64_t j = 0; j < w->N; j++) y[r * w->N + j] += w->bias[j];
+}
+
+int freespec_linear(const Matrix *w, const float *x, float *y, int64_t M) {
+    if (!matrix_ok(w)) return FREESPEC_BAD_MATRIX;
+    if (M > 0) linear(w, x, y, M);
+    return FREESPEC_OK;
+}
+
+int freespec_rows(const Matrix *w, const int64_t *tokens, int64_t n, float *out) {
+    if (!matrix_ok(w)) return FREESPEC_BAD_MATRIX;
+    const KindOps *ops = kind_ops(w->kind);
+    for (int64_t i = 0; i < n; i++) ops->row(w, tokens[i], out + i * w->K);
+    return FREESPEC_OK;
+}
 
 /* exp(x) for x <= 0 on 8 lanes (Cephes-style range reduction and polynomial, ~2 ulp).
  * Elementwise, so a value's result never depends on its neighbours. */
@@ -394,7 +502,7 @@ static inline void finish_scores(const vec *acc, const float *const *rows, int c
 }
 
 /* p[c] = scale * (query . rows[c]) for c < count, each dot product computed exactly as
- * freespec_linear computes it (LANES-wide FMAs over D, vec_sum, then the D % LANES tail);
+ * the fp32 linear kernel computes it (LANES-wide FMAs over D, vec_sum, then the D % LANES tail);
  * LANES rows at a time share one batched horizontal sum. */
 static void row_scores(const float *query, const float *const *rows, int64_t count, int64_t D, float scale,
                        float *p) {
@@ -672,15 +780,6 @@ void freespec_rope_store(const float *qkv, const float *cos, const float *sin, f
  * residual), so a token's result still does not depend on which other tokens share the pass.
  * ------------------------------------------------------------------------------------------- */
 
-static void matmul(const Matrix *m, const float *x, float *y, int64_t rows) {
-    if (m->kind == 4) freespec_linear_q4(x, m->codes, m->scales, y, rows, m->N, m->K);
-    else if (m->kind == 8) freespec_linear_q8(x, m->codes, m->scales, y, rows, m->N, m->K);
-    else freespec_linear(x, m->codes, y, rows, m->N, m->K);
-    if (m->bias)
-        for (int64_t r = 0; r < rows; r++)
-            for (int64_t j = 0; j < m->N; j++) y[r * m->N + j] += m->bias[j];
-}
-
 /* out = weight * (x / sqrt(mean(x^2) + eps)) for each of the rows of width n. */
 static void rms_norm(const float *x, const float *weight, float eps, float *out, int64_t rows, int64_t n) {
     for (int64_t r = 0; r < rows; r++) {
@@ -719,10 +818,22 @@ static void silu_mul(const float *gate_up, float *act, int64_t rows, int64_t n) 
     }
 }
 
+/* Whether the kernels read every matrix of the model. */
+static int matrices_ok(const DecoderPass *pass) {
+    if (!matrix_ok(&pass->embed)) return 0;
+    for (int64_t l = 0; l < pass->num_layers; l++) {
+        const DecoderLayer *layer = pass->layers + l;
+        if (!matrix_ok(&layer->qkv) || !matrix_ok(&layer->o) || !matrix_ok(&layer->gate_up) || !matrix_ok(&layer->down))
+            return 0;
+    }
+    return 1;
+}
+
 /* Tokens to final hidden states in one call, so a decoding step pays no per-operation overhead
  * outside C (see DecoderPass in freespec.h). Layers with skip[l] set are the identity and write
  * no cache rows. All scratch is allocated before the first layer: on failure nothing is written. */
 int freespec_forward_llama(const DecoderPass *pass) {
+    if (!matrices_ok(pass)) return FREESPEC_BAD_MATRIX;
     const int64_t n = pass->n, hidden = pass->hidden, intermediate = pass->intermediate;
     const int64_t H = pass->H, KV = pass->KV, D = pass->D, capacity = pass->capacity, past = pass->past;
     const int64_t qkv_width = (H + 2 * KV) * D, width = past + n;
@@ -742,8 +853,8 @@ int freespec_forward_llama(const DecoderPass *pass) {
         status = FREESPEC_OUT_OF_MEMORY;
         goto done;
     }
+    freespec_rows(&pass->embed, pass->tokens, n, h);
     for (int64_t i = 0; i < n; i++) {
-        memcpy(h + i * hidden, pass->embed + pass->tokens[i] * hidden, hidden * sizeof(float));
         if (cos) memcpy(cos + i * D, pass->cos_table + pass->rope_rows[i] * D, D * sizeof(float));
         if (sin) memcpy(sin + i * D, pass->sin_table + pass->rope_rows[i] * D, D * sizeof(float));
     }
@@ -753,7 +864,7 @@ int freespec_forward_llama(const DecoderPass *pass) {
         const DecoderLayer *layer = pass->layers + l;
         float *layer_keys = pass->keys + l * KV * capacity * D, *layer_values = pass->values + l * KV * capacity * D;
         rms_norm(h, layer->attn_norm, layer->attn_eps, normed, n, hidden);
-        matmul(&layer->qkv, normed, qkv, n);
+        linear(&layer->qkv, normed, qkv, n);
         if (layer->q_norm)
             for (int64_t i = 0; i < n; i++) {
                 float *row = qkv + i * qkv_width;
@@ -765,12 +876,12 @@ int freespec_forward_llama(const DecoderPass *pass) {
         freespec_rope_store(qkv, cos, sin, layer_keys, layer_values, capacity, past, n, H, KV, D, queries);
         freespec_tree_attention(queries, layer_keys, layer_values, capacity, key_nodes, count, past, n, H, KV, D,
                                 pass->scale, causal, attended, probs);
-        matmul(&layer->o, attended, projected, n);
+        linear(&layer->o, attended, projected, n);
         for (int64_t i = 0; i < n * hidden; i++) h[i] += projected[i];
         rms_norm(h, layer->mlp_norm, layer->mlp_eps, normed, n, hidden);
-        matmul(&layer->gate_up, normed, projected, n);
+        linear(&layer->gate_up, normed, projected, n);
         silu_mul(projected, act, n, intermediate);
-        matmul(&layer->down, act, projected, n);
+        linear(&layer->down, act, projected, n);
         for (int64_t i = 0; i < n * hidden; i++) h[i] += projected[i];
     }
     rms_norm(h, pass->final_norm, pass->final_eps, pass->out, n, hidden);
