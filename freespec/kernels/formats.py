@@ -57,26 +57,44 @@ def _random_halves(count: int, generator: np.random.Generator, largest: float, b
     return bits
 
 
+def _normal_halves(count: int, generator: np.random.Generator, typical: float, brain: bool) -> np.ndarray:
+    """``count`` normal 16-bit floats of standard deviation ``typical`` as uint16 bits."""
+    values = generator.standard_normal(count, dtype=np.float32) * np.float32(typical)
+    if brain:  # round to nearest even, as torch does
+        bits = values.view(np.uint32)
+        return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    return values.astype(np.float16).view(np.uint16)
+
+
 def random_blocks(kind: str | int | GGMLQuantizationType, shape: tuple[int, int], generator: np.random.Generator,
-                  largest: float = 65504.0, code_byte: int | None = None) -> np.ndarray:
+                  largest: float = 65504.0, code_byte: int | None = None, typical: float | None = None) -> np.ndarray:
     """Valid random bytes of a matrix of type ``kind`` [N, row_bytes] (tests and benchmarks).
 
     Codes (and K-quant sub-block scales) are uniform random bytes, every value included, or all
     ``code_byte`` if given (0xFF: the largest codes); fp16 scale fields and 16-bit weights are
     random finite values up to ``largest`` in magnitude, of either sign, subnormals and zeros
-    included. F32 weights are standard normal times ``largest``.
+    included (every exponent alike: most are tiny). F32 weights are standard normal times
+    ``largest``. With ``typical``, scale fields and 16-bit and F32 weights are normal of that
+    standard deviation instead: magnitudes like a real model's.
     """
     kind = ggml_type(kind)
     rows, columns = shape
+    brain = kind == GGMLQuantizationType.BF16
+
+    def halves(count: int) -> np.ndarray:
+        if typical is None:
+            return _random_halves(count, generator, largest, brain)
+        return _normal_halves(count, generator, typical, brain)
+
     if kind == GGMLQuantizationType.F32:
-        return (generator.standard_normal((rows, columns), dtype=np.float32) * np.float32(largest)).view(np.uint8)
+        std = np.float32(largest if typical is None else typical)
+        return (generator.standard_normal((rows, columns), dtype=np.float32) * std).view(np.uint8)
     if kind in (GGMLQuantizationType.F16, GGMLQuantizationType.BF16):
-        halves = _random_halves(rows * columns, generator, largest, kind == GGMLQuantizationType.BF16)
-        return halves.view(np.uint8).reshape(rows, columns * 2)
+        return halves(rows * columns).view(np.uint8).reshape(rows, columns * 2)
     block_size, block_bytes = GGML_QUANT_SIZES[kind]
     blocks = generator.integers(0, 256, size=(rows * columns // block_size, block_bytes), dtype=np.uint8)
     if code_byte is not None:
         blocks[:] = code_byte
     for offset in _HALF_FIELDS[kind.name]:
-        blocks[:, offset:offset + 2] = _random_halves(len(blocks), generator, largest, False).view(np.uint8).reshape(-1, 2)
+        blocks[:, offset:offset + 2] = halves(len(blocks)).view(np.uint8).reshape(-1, 2)
     return blocks.reshape(rows, row_bytes(kind, columns))
