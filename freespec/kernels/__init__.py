@@ -26,7 +26,9 @@ from freespec.kernels.backend import (
 )
 from freespec.kernels.build import supported_isas
 from freespec.kernels.weights import (
+    SUPPORTED_TYPES,
     DecoderLayer,
+    GGMLWeight,
     Heads,
     LayerNorm,
     Linear,
@@ -34,9 +36,14 @@ from freespec.kernels.weights import (
     ModelWeights,
     PackedWeight,
     RMSNorm,
+    Stacked,
+    ggml_type,
+    random_blocks,
+    row_bytes,
 )
 
 __all__ = [
-    "Attention", "CKernels", "DecoderLayer", "Heads", "Kernels", "LayerNorm", "Linear", "Matrix", "ModelWeights",
-    "OneCallDecoder", "PackedWeight", "RMSNorm", "select", "supported_isas",
+    "SUPPORTED_TYPES", "Attention", "CKernels", "DecoderLayer", "GGMLWeight", "Heads", "Kernels", "LayerNorm", "Linear",
+    "Matrix", "ModelWeights", "OneCallDecoder", "PackedWeight", "RMSNorm", "Stacked", "ggml_type", "random_blocks",
+    "row_bytes", "select", "supported_isas",
 ]

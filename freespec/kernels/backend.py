@@ -10,11 +10,13 @@ None where not available).
 from __future__ import annotations
 
 import ctypes
+import weakref
 from functools import cache
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from gguf import quants
 
 from freespec.kernels import abi
 from freespec.kernels.build import (
@@ -27,12 +29,14 @@ from freespec.kernels.build import (
 )
 from freespec.kernels.weights import (
     DecoderLayer,
+    GGMLWeight,
     Heads,
     Linear,
     Matrix,
     ModelWeights,
     PackedWeight,
     RMSNorm,
+    Stacked,
 )
 
 SKINNY_ROWS = 64  # torch: below this many rows, ``W @ x.T`` beats ``F.linear``
@@ -87,13 +91,19 @@ class Kernels:
 
     def linear(self, x: torch.Tensor, weight: Matrix, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``x @ weight.T + bias`` for x [M, K] and weight [N, K] (fp32 or exact blocks) → [M, N]."""
-        if isinstance(weight, PackedWeight):
-            weight = weight.dense
+        weight = _dense(weight)
         if x.shape[0] < SKINNY_ROWS:
             out = torch.mm(weight, x.t()).t()  # far faster than F.linear's kernel choice for few rows
         else:
             out = torch.mm(x, weight.t())
         return out if bias is None else out + bias
+
+    def embed(self, matrix: Matrix, tokens: torch.Tensor) -> torch.Tensor:
+        """Rows ``tokens`` [n] (int64) of the embedding ``matrix`` [vocab, hidden] → fp32 [n, hidden]."""
+        if isinstance(matrix, GGMLWeight):  # decode only the rows used
+            rows = matrix.data[tokens.numpy()]
+            return torch.from_numpy(quants.dequantize(rows, matrix.type).reshape(len(rows), matrix.shape[1]))
+        return _dense(matrix)[tokens]
 
     def top_k(self, logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(values [n, k] descending, ids [n, k], logsumexp [n]) of logits [n, V].
@@ -182,11 +192,29 @@ class CKernels(Kernels):
         return OneCallDecoder(self.library, weights)
 
 
+_DENSE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _dense(matrix: Matrix) -> torch.Tensor:
+    """The fp32 form of a matrix the kernels here cannot read in its own format (kept while the
+    matrix lives): ggml-typed and stacked matrices until the format kernels land."""
+    if isinstance(matrix, torch.Tensor):
+        return matrix
+    if isinstance(matrix, PackedWeight):
+        return matrix.dense
+    if matrix not in _DENSE:
+        if isinstance(matrix, Stacked):
+            _DENSE[matrix] = torch.cat([_dense(part) for part in matrix.parts])
+        else:
+            _DENSE[matrix] = matrix.dequantize().contiguous()
+    return _DENSE[matrix]
+
+
 def _matrix_addresses(weight: Matrix) -> tuple[int, int, int | None]:
     """(kind 0/4/8, address of the fp32 weights or block codes, address of the block scales)."""
     rows, columns = weight.shape
     if not isinstance(weight, PackedWeight):
-        return 0, abi.address("weight", weight, torch.float32, (rows, columns)), None
+        return 0, abi.address("weight", _dense(weight), torch.float32, (rows, columns)), None
     if weight.kind == "q4":
         codes = abi.address("q4 codes", weight.codes, torch.uint8, (rows, columns // 2))
         return 4, codes, abi.address("q4 scales", weight.scales, torch.float32, (rows, columns // 32, 2))
@@ -309,7 +337,7 @@ class OneCallDecoder:
         self._layers = (abi.DecoderLayer * self.num_layers)(*(self._layer(layer) for layer in weights.layers))
         self._pass = abi.DecoderPass(
             layers=ctypes.addressof(self._layers), num_layers=self.num_layers, hidden=self.hidden,
-            intermediate=self.intermediate, embed=abi.address("embedding", weights.embed, torch.float32,
+            intermediate=self.intermediate, embed=abi.address("embedding", _dense(weights.embed), torch.float32,
                                                               (vocab, self.hidden)),
             final_norm=self._norm("final norm", weights.final_norm, self.hidden), final_eps=weights.final_norm.eps,
             scale=h.scale, H=h.heads, KV=h.kv_heads, D=h.dim)

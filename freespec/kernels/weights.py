@@ -14,6 +14,7 @@ from functools import cached_property
 
 import numpy as np
 import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
 
 BLOCK = 32  # weights per quantization block (GGUF Q4_1 and Q8_0)
 
@@ -65,8 +66,146 @@ class PackedWeight:
         return torch.from_numpy(np.ascontiguousarray(weight.reshape(rows, columns)))
 
 
-Matrix = torch.Tensor | PackedWeight
-"""A weight matrix [out, in]: contiguous fp32, or its exact blocks."""
+SUPPORTED_TYPES = tuple(GGMLQuantizationType[name] for name in (
+    "F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"))
+_NAMES = ", ".join(kind.name for kind in SUPPORTED_TYPES)
+
+
+def ggml_type(kind: str | int | GGMLQuantizationType) -> GGMLQuantizationType:
+    """The supported ggml type named by ``kind`` (a name such as ``"Q4_K"``, any case, or a ggml type id)."""
+    try:
+        if isinstance(kind, str):
+            resolved = GGMLQuantizationType[kind.upper()]
+        else:
+            resolved = GGMLQuantizationType(int(kind))
+    except (KeyError, ValueError, TypeError):
+        raise ValueError(f"unknown GGUF tensor type {kind!r}; supported: {_NAMES}") from None
+    if resolved not in SUPPORTED_TYPES:
+        raise ValueError(f"GGUF tensor type {resolved.name} is not supported; supported: {_NAMES}")
+    return resolved
+
+
+def row_bytes(kind: GGMLQuantizationType, columns: int) -> int:
+    """Bytes of one row of ``columns`` weights of type ``kind`` (``columns`` a multiple of its block)."""
+    block_size, block_bytes = GGML_QUANT_SIZES[kind]
+    if columns % block_size:
+        raise ValueError(f"a {kind.name} row holds whole blocks of {block_size} weights; {columns} is not a multiple")
+    return columns // block_size * block_bytes
+
+
+class GGMLWeight:
+    """A weight matrix [N, K] of a ggml type (block-quantized, or F16/BF16/F32), its bytes as the file holds them.
+
+    ``data``: the bytes, a C-contiguous numpy array (a read-only memmap is fine) or CPU tensor of
+    any dtype, ``N * row_bytes`` bytes in all; kept as a uint8 view [N, row_bytes] of the same
+    memory, never copied.
+    """
+
+    def __init__(self, kind: str | int | GGMLQuantizationType, data: np.ndarray | torch.Tensor,
+                 shape: tuple[int, int]):
+        self.type = ggml_type(kind)
+        try:
+            rows, columns = (int(size) for size in shape)
+        except (TypeError, ValueError):
+            rows = columns = 0
+        if rows <= 0 or columns <= 0:
+            raise ValueError(f"a GGUF weight matrix has a shape (N, K) of positive sizes, not {shape!r}")
+        self.shape = (rows, columns)
+        self.row_bytes = row_bytes(self.type, self.shape[1])
+        if isinstance(data, torch.Tensor):
+            if data.device.type != "cpu" or not data.is_contiguous():
+                raise ValueError("GGUF weight data must be a contiguous CPU tensor")
+            data = data.detach().view(torch.uint8).numpy()
+        if not isinstance(data, np.ndarray):
+            raise ValueError(f"GGUF weight data must be a numpy array or torch tensor, not {type(data).__name__}")
+        if not data.flags.c_contiguous:
+            raise ValueError("GGUF weight data must be C-contiguous (it is read in place)")
+        expected = self.shape[0] * self.row_bytes
+        if data.nbytes != expected:
+            raise ValueError(f"a {self.type.name} matrix of shape {self.shape} takes {expected} bytes, "
+                             f"the data holds {data.nbytes}")
+        self.data = data.reshape(-1).view(np.uint8).reshape(self.shape[0], self.row_bytes)  # [N, row_bytes]
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes
+
+    def __repr__(self) -> str:
+        return f"GGMLWeight({self.type.name}, shape={self.shape})"
+
+    def dequantize(self) -> torch.Tensor:
+        """The fp32 matrix [N, K] ggml's formulas give (``gguf.quants.dequantize``); F32 data may be shared."""
+        array = quants.dequantize(self.data, self.type).reshape(self.shape)
+        if not array.flags.writeable:  # a read-only memmap's F32 view: torch wants writable memory
+            array = array.copy()
+        return torch.from_numpy(array)
+
+
+_HALF_FIELDS = {  # byte offsets of the fp16 scale fields in one block
+    "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,), "Q4_K": (0, 2), "Q5_K": (0, 2),
+    "Q6_K": (208,),
+}
+
+
+def _random_halves(count: int, generator: np.random.Generator, largest: float, brain: bool) -> np.ndarray:
+    """``count`` random 16-bit floats (fp16, or bf16 if ``brain``) as uint16 bits: every sign and
+    exponent, subnormals and zeros included, all finite and at most ``largest`` in magnitude."""
+    bits = np.empty(count, dtype=np.uint16)
+    todo = np.arange(count)
+    while todo.size:
+        drawn = generator.integers(0, 1 << 16, size=todo.size, dtype=np.uint16)
+        values = (drawn.astype(np.uint32) << 16).view(np.float32) if brain else drawn.view(np.float16)
+        good = np.isfinite(values) & (np.abs(values.astype(np.float32)) <= largest)
+        bits[todo[good]] = drawn[good]
+        todo = todo[~good]
+    return bits
+
+
+def random_blocks(kind: str | int | GGMLQuantizationType, shape: tuple[int, int], generator: np.random.Generator,
+                  largest: float = 65504.0, code_byte: int | None = None) -> np.ndarray:
+    """Valid random bytes of a matrix of type ``kind`` [N, row_bytes] (tests and benchmarks).
+
+    Codes (and K-quant sub-block scales) are uniform random bytes, every value included, or all
+    ``code_byte`` if given (0xFF: the largest codes); fp16 scale fields and 16-bit weights are
+    random finite values up to ``largest`` in magnitude, of either sign, subnormals and zeros
+    included. F32 weights are standard normal times ``largest``.
+    """
+    kind = ggml_type(kind)
+    rows, columns = shape
+    if kind == GGMLQuantizationType.F32:
+        return (generator.standard_normal((rows, columns), dtype=np.float32) * np.float32(largest)).view(np.uint8)
+    if kind in (GGMLQuantizationType.F16, GGMLQuantizationType.BF16):
+        halves = _random_halves(rows * columns, generator, largest, kind == GGMLQuantizationType.BF16)
+        return halves.view(np.uint8).reshape(rows, columns * 2)
+    block_size, block_bytes = GGML_QUANT_SIZES[kind]
+    blocks = generator.integers(0, 256, size=(rows * columns // block_size, block_bytes), dtype=np.uint8)
+    if code_byte is not None:
+        blocks[:] = code_byte
+    for offset in _HALF_FIELDS[kind.name]:
+        blocks[:, offset:offset + 2] = _random_halves(len(blocks), generator, largest, False).view(np.uint8).reshape(-1, 2)
+    return blocks.reshape(rows, row_bytes(kind, columns))
+
+
+@dataclass(frozen=True)
+class Stacked:
+    """The rows of several matrices with the same K stacked into one [sum N, K] matrix, each part
+    in its own format (a GGUF's q, k, v or gate, up tensors, of different types in a Q4_K_M file).
+    A linear over it is the parts' outputs side by side."""
+
+    parts: tuple
+
+    def __post_init__(self):
+        columns = {part.shape[1] for part in self.parts}
+        if not self.parts or len(columns) != 1:
+            raise ValueError(f"stacked matrices need the same number of columns, got {sorted(columns)}")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return sum(part.shape[0] for part in self.parts), self.parts[0].shape[1]
+
+
+Matrix = torch.Tensor | PackedWeight | GGMLWeight | Stacked
+"""A weight matrix [out, in]: contiguous fp32, its exact blocks, a ggml-typed matrix, or several stacked."""
 
 
 def pack_nibbles(codes: np.ndarray) -> np.ndarray:
