@@ -23,7 +23,7 @@ from freespec.engine.loop import Generation, GenerationStats
 from freespec.engine.sampling import SamplingParams
 from freespec.kernels import Kernels
 from freespec.kernels import select as select_kernels
-from freespec.model.loading import LoadedModel, ModelLoadError, packed_cache_path
+from freespec.model.loading import LoadedModel, ModelLoadError
 from freespec.model.loading import load as load_model
 from freespec.model.runner import ModelRunner
 
@@ -44,15 +44,14 @@ class Model:
                  kernels: Kernels | None = None):
         """``kernels``: the backend the runners compute with (default: :func:`freespec.kernels.select`)."""
         self.name = loaded.name
+        self.loaded = loaded
         self.tokenizer = loaded.tokenizer
-        self.hf_model = loaded.model  # the transformers model, for peers such as HF generate
-        self.runner = ModelRunner(loaded.model, kernels or select_kernels(),
-                                  packed_cache=packed_cache_path(loaded.source))
+        self.runner = ModelRunner(loaded.config, loaded.weights, kernels or select_kernels())
         self.fixed_budget = budget
         self.tree_shape = tree_shape  # Token Recycling's: "dynamic" (best-first) or "static" (paper template)
         self.datastore = datastore  # the retrieval drafter's datastore directory
         self._drafters: dict[str, tuple[Drafter, BudgetPolicy]] = {}
-        self.stop_ids = self._stop_ids(loaded.model)
+        self.stop_ids = self._stop_ids(loaded.generation_config)
         self.draft: LoadedModel | None = None  # the smaller model the draft-model drafter (and hf-assisted) use
         self.draft_runner: ModelRunner | None = None  # the draft-model drafter's
         if draft_model is not None:
@@ -64,13 +63,18 @@ class Model:
             raise ValueError(f"the draft model {draft.name} has a different vocabulary from {self.name}: "
                              f"it must use the same tokenizer")
         self.draft = draft
-        self.draft_runner = ModelRunner(draft.model, self.runner.kernels, packed_cache=packed_cache_path(draft.source))
+        self.draft_runner = ModelRunner(draft.config, draft.weights, self.runner.kernels)
         for name in [name for name in self._drafters if "draft-model" in name.split("+")]:
             del self._drafters[name]  # made with the previous draft model
 
-    def _stop_ids(self, hf_model) -> set[int]:
+    @property
+    def hf_model(self) -> torch.nn.Module:
+        """The model as a transformers module, for peers such as HF generate (built on first use)."""
+        return self.loaded.transformers_model()
+
+    def _stop_ids(self, generation_config) -> set[int]:
         ids = set()
-        for source in (self.tokenizer.eos_token_id, getattr(hf_model.generation_config, "eos_token_id", None)):
+        for source in (self.tokenizer.eos_token_id, getattr(generation_config, "eos_token_id", None)):
             if isinstance(source, int):
                 ids.add(source)
             elif source:

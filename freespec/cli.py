@@ -506,7 +506,7 @@ def _bench(args: argparse.Namespace) -> None:
                                          args.categories.split(",") if args.categories else None,
                                          args.per_category, args.limit)
         model = _load(args, args.budget)
-        setup = Setup(model, args.max_new_tokens, args.seed, _gguf_source(args.model),
+        setup = Setup(model, args.max_new_tokens, args.seed, _gguf_file(model),
                       sampling=sampling)
         methods, notes = bench.plan(methods, setup)
         for note in notes:
@@ -523,35 +523,22 @@ def _bench(args: argparse.Namespace) -> None:
         print(f"[freespec] {len(questions)} questions → {args.out}/ ({summary['machine']})", file=sys.stderr)
 
 
-def _gguf_source(model: str | None) -> Path | None:
-    """The GGUF file behind ``--model`` (for llama.cpp peers), or None for other models."""
-    from freespec.model.loading import DEFAULT_MODEL, ModelLoadError, embedded_gguf_path
-
-    if model is None or model in ("", "default", DEFAULT_MODEL):
-        try:
-            return embedded_gguf_path()
-        except ModelLoadError:
-            return None
-    path = Path(model).expanduser()
-    if path.suffix == ".gguf":
-        return path
-    source = path / "freespec-source.json"  # a directory freespec converted from a GGUF file
-    return Path(json.loads(source.read_text())["gguf"]) if source.is_file() else None
+def _gguf_file(model: Model) -> Path | None:
+    """The GGUF file the model was read from (for llama.cpp peers), or None for other models."""
+    source = model.loaded.source
+    return source if isinstance(source, Path) and source.suffix == ".gguf" else None
 
 
 def _datastore_build(args: argparse.Namespace) -> None:
-    from transformers import AutoTokenizer
-
     from freespec.drafters import datastore
-    from freespec.model.loading import ModelLoadError, resolve
+    from freespec.model.loading import ModelLoadError, load_tokenizer
 
     if not args.corpus.is_file():
         raise UsageError(f"corpus not found: {args.corpus}")
     try:
-        location, _ = resolve(args.model)
-        tokenizer = AutoTokenizer.from_pretrained(location)
-    except (ModelLoadError, OSError, ValueError) as error:
-        raise UsageError(f"cannot load the tokenizer: {error}") from None
+        tokenizer = load_tokenizer(args.model)
+    except ModelLoadError as error:
+        raise UsageError(str(error)) from None
     try:
         meta = datastore.build(datastore.read_documents(args.corpus), tokenizer, args.output)
     except ValueError as error:

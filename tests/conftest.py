@@ -53,12 +53,13 @@ def tiny_model_no_chat_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(autouse=True, scope="session")
 def isolated_cache(tmp_path_factory):
-    """Kernels and calibrations go to a per-run cache; converted GGUF models stay shared (slow to make)."""
+    """Kernels and calibrations go to a per-run cache; what transformers reads from GGUF files'
+    metadata (config, tokenizer) stays shared (slow to make)."""
 
     previous = os.environ.get("FREESPEC_CACHE")
     os.environ["FREESPEC_CACHE"] = str(tmp_path_factory.mktemp("freespec-cache"))
     shared = Path(previous) if previous else Path.home() / ".cache" / "freespec"
-    converted = Path(os.environ["FREESPEC_CACHE"]) / "converted"
-    (shared / "converted").mkdir(parents=True, exist_ok=True)
-    converted.symlink_to(shared / "converted", target_is_directory=True)
+    metadata = Path(os.environ["FREESPEC_CACHE"]) / "gguf"
+    (shared / "gguf").mkdir(parents=True, exist_ok=True)
+    metadata.symlink_to(shared / "gguf", target_is_directory=True)
     yield

@@ -24,7 +24,8 @@ from transformers import (
 from freespec.api import Model
 from freespec.engine.distribution import repetition_penalty, target_probs
 from freespec.engine.sampling import SamplingParams
-from freespec.model.loading import LoadedModel
+from freespec.kernels import Kernels
+from freespec.model.loading import from_transformers
 from freespec.model.runner import ModelRunner
 
 # -- from conftest.py ------------------------------------------------------------
@@ -53,6 +54,13 @@ def tiny_config(family: str, vocab: int = len(WORDS), layers: int = 2):
     if family == "gpt2":
         return GPT2Config(n_embd=64, n_layer=layers, n_head=4, n_positions=512, **common)
     raise ValueError(family)
+
+
+def runner_for(hf_model: torch.nn.Module, kernels: Kernels, pack: bool = True) -> ModelRunner:
+    """A runner over a transformers model's weights (taken over as fp32; with ``pack``, those
+    that are exact 4/8-bit blocks packed), as :func:`freespec.model.loading.from_transformers` reads them."""
+    loaded = from_transformers(hf_model, None, "test", pack=pack)
+    return ModelRunner(loaded.config, loaded.weights, kernels)
 
 
 def tiny_model(family: str, seed: int = 0, scale: float = 1.0, layers: int = 2):
@@ -152,7 +160,7 @@ PROMPTS = [[2, 5, 6, 7, 3], [2, *range(40, 90), 3]]
 
 
 def make_model(family, seed=0, budget=None, scale=8.0, tree_shape="dynamic"):
-    return Model(LoadedModel(tiny_model(family, seed=seed, scale=scale), word_tokenizer(), family, None),
+    return Model(from_transformers(tiny_model(family, seed=seed, scale=scale), word_tokenizer(), family),
                  budget=budget, tree_shape=tree_shape)
 
 

@@ -137,7 +137,8 @@ def _hf_generate(setup: Setup, sample: bool = False, **options) -> Generate:
     them all, a greedy one those that change greedy output too. The seed is not one of them: the
     bench seeds torch per question and turn.
     """
-    model, stop, sampling = setup.model, sorted(setup.model.stop_ids), setup.sampling
+    stop, sampling = sorted(setup.model.stop_ids), setup.sampling
+    hf_model = setup.model.hf_model  # built here, not in the first timed run
     do_sample = sample and not sampling.greedy
     options.update({option.name: getattr(sampling, option.name) for option in OPTIONS
                     if option.name != "seed" and (do_sample or option.greedy)}, do_sample=do_sample)
@@ -146,7 +147,7 @@ def _hf_generate(setup: Setup, sample: bool = False, **options) -> Generate:
         inputs = torch.tensor([prompt_ids])  # [1, prompt]
         steps = _StepSizes()
         with torch.inference_mode():
-            output = model.hf_model.generate(
+            output = hf_model.generate(
                 inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=setup.max_new_tokens,
                 eos_token_id=stop or None, pad_token_id=stop[0] if stop else 0, streamer=steps, **options)
         return Output(output[0, len(prompt_ids):].tolist(), steps.sizes, sampled=options["do_sample"])
@@ -155,7 +156,8 @@ def _hf_generate(setup: Setup, sample: bool = False, **options) -> Generate:
 
 
 def _hf_assisted(setup: Setup) -> Generate:
-    return _hf_generate(setup, assistant_model=setup.model.draft.model)  # loaded and checked with the model
+    # the draft model was checked when loaded; its transformers form is built here
+    return _hf_generate(setup, assistant_model=setup.model.draft.transformers_model())
 
 
 # --- llama.cpp (llama-cpp-python, an optional extra) -------------------------------------------

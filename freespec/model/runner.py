@@ -6,25 +6,24 @@ earlier request can serve a later one that starts with the same tokens (:meth:`M
 The runner computes with the kernel backend it is given (:func:`freespec.kernels.select`):
 Llama-style passes run as one C call each (:class:`freespec.kernels.OneCallDecoder`), other
 passes one operation at a time with the batch-invariant C matmuls and attention, or with torch's.
-Weights are the model's own, in the kernels' layout (:mod:`freespec.model.weights`); exact 4/8-bit
-blocks (GGUF Q4_1/Q8_0 files) are streamed in that form.
+Weights are the model's own, in the kernels' layout and in the formats of its file (GGUF blocks,
+bf16, ...: :mod:`freespec.model.weights`); no transformers model is involved.
 
 Supported families: Llama-style decoders (llama, mistral, qwen2, qwen3) and GPT-2.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
-from freespec.kernels import Attention, Kernels, LayerNorm, RMSNorm
+from freespec.kernels import Attention, Kernels, LayerNorm, ModelWeights, RMSNorm
 from freespec.model.kv_cache import SKIPPED, KVCache
 from freespec.model.rotary import RotaryTables
-from freespec.model.weights import extract, pack_weights
+from freespec.model.weights import weight_formats
 
 PREFILL_CHUNK = 512
 PREFILL_SCRATCH = 1 << 24  # attention scores (floats) one prefill chunk may hold: 64 MB
@@ -59,26 +58,24 @@ class ModelRunner:
     rows of the nodes in ``kept`` (in that order) and drops the rest.
     """
 
-    def __init__(self, hf_model: torch.nn.Module, kernels: Kernels, packed_cache: Path | None = None,
-                 pack: bool = True):
-        """``kernels``: the backend every pass computes with (:func:`freespec.kernels.select`).
-        ``pack``: stream weights that are exact 4/8-bit blocks (e.g. from GGUF) in that form,
-        cached in ``packed_cache``; results are bit-identical either way (see :mod:`freespec.model.quant`)."""
+    def __init__(self, config, weights: ModelWeights, kernels: Kernels):
+        """``config``: the model's transformers config; ``weights``: its parameters in the kernels'
+        layout (:mod:`freespec.model.loading` reads them from the model's file,
+        :func:`freespec.model.weights.extract` from a transformers model); ``kernels``: the
+        backend every pass computes with (:func:`freespec.kernels.select`)."""
         self.kernels = kernels
-        self.config = hf_model.config
-        self.weights = extract(hf_model)
-        self.vocab_size = self.weights.lm_head.weight.shape[0]
-        self.vocab_rows = self.weights.embed.shape[0]  # token ids the embedding holds
-        self.max_positions = context_length(self.config)
-        self.weight_formats = pack_weights(self.weights, packed_cache) if pack else ["fp32"]
-        self.num_layers = len(self.weights.layers)
-        heads = self.heads = self.weights.heads
+        self.config = config
+        self.weights = weights
+        self.vocab_size = weights.lm_head.weight.shape[0]
+        self.vocab_rows = weights.embed.shape[0]  # token ids the embedding holds
+        self.max_positions = context_length(config)
+        self.weight_formats = weight_formats(weights)
+        self.num_layers = len(weights.layers)
+        heads = self.heads = weights.heads
         self.cache = KVCache(self.num_layers, heads.kv_heads, heads.dim, self.max_positions)
-        self.rotary = None
-        if self.weights.positions is None:
-            self.rotary = RotaryTables(hf_model.model.rotary_emb, self.max_positions, self.weights.embed[:1])
-        self._act = ACT2FN[self.weights.activation]
-        self._decoder = kernels.decoder(self.weights)
+        self.rotary = None if weights.positions is not None else RotaryTables(config, self.max_positions)
+        self._act = ACT2FN[weights.activation]
+        self._decoder = kernels.decoder(weights)
 
     # -- the cache (see KVCache) -----------------------------------------------------------------
 
@@ -214,7 +211,7 @@ class ModelRunner:
         the one-call decoder's (a model always runs one of the two).
         """
         weights, linear = self.weights, self.kernels.linear
-        h = weights.embed[tokens]  # [n, hidden]
+        h = self.kernels.embed(weights.embed, tokens)  # [n, hidden]
         if weights.positions is not None:
             h = h + weights.positions[positions]
         for index, layer in enumerate(weights.layers):
@@ -247,4 +244,4 @@ class ModelRunner:
 
     def embedding_probe(self) -> list[float]:
         """A few embedding values: tells models of the same shape apart in cache keys."""
-        return self.weights.embed[:4, :8].flatten().tolist()
+        return self.kernels.embed(self.weights.embed, torch.arange(4))[:, :8].flatten().tolist()

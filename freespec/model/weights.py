@@ -1,29 +1,40 @@
-"""A transformers model's parameters as typed weights (:class:`freespec.kernels.ModelWeights`).
+"""A model's parameters as typed weights (:class:`freespec.kernels.ModelWeights`), from its files
+or from a transformers model in memory.
 
 The forward pass needs its own layout, not the modules': fused QKV and gate/up matrices (one
-matmul each), GPT-2's Conv1D weights turned to [out, in], every matrix contiguous fp32, norms
-as (weight, eps). Weights that are exact 4/8-bit blocks are then packed (:func:`pack_weights`).
-The rotary tables and activation stay the model's own (:mod:`freespec.model.rotary`), so no
-model file is forked.
+matmul each: :class:`freespec.kernels.Stacked` when read from files, whose parts may be of
+different formats), GPT-2's Conv1D weights turned to [out, in], norms as (weight, eps).
+:func:`from_tensors` builds a Llama-style model from named tensors (a GGUF or safetensors file,
+read in place: :mod:`freespec.model.gguf_file`, :mod:`freespec.model.safetensors_file`), checking
+every shape against the config; :func:`extract` takes a transformers model's parameters as fp32
+(tests' tiny models, architectures without a file reader), and :func:`pack_weights` replaces those
+that are exact 4/8-bit blocks by their packed form.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Protocol, Sequence
 
 import torch
 
 from freespec.kernels.weights import (
     DecoderLayer,
+    GGMLWeight,
     Heads,
     LayerNorm,
     Linear,
+    Matrix,
     ModelWeights,
     PackedWeight,
     RMSNorm,
+    Stacked,
 )
+from freespec.model.errors import ModelLoadError
 from freespec.model.quant import pack_all
+
+log = logging.getLogger(__name__)
 
 LLAMA_STYLE = ("llama", "mistral", "qwen2", "qwen3")
 GPT2_STYLE = ("gpt2",)
@@ -34,11 +45,128 @@ class UnsupportedModelError(ValueError):
     pass
 
 
+def check_family(config) -> None:
+    """Refuse, in one line, a model whose architecture the runner does not compute."""
+    if config.model_type not in SUPPORTED_FAMILIES:
+        raise UnsupportedModelError(f"unsupported architecture {config.model_type!r}; supported: "
+                                    f"{', '.join(SUPPORTED_FAMILIES)}")
+
+
+class TensorSource(Protocol):
+    """A model file's tensors under transformers' names (``model.layers.0.self_attn.q_proj.weight``)."""
+
+    def has(self, name: str) -> bool: ...
+
+    def matrix(self, name: str) -> Matrix:
+        """[out, in] in the file's own format, not copied."""
+
+    def vector(self, name: str) -> torch.Tensor:
+        """fp32 copy [n] (norm weights, biases)."""
+
+    def where(self, name: str) -> str:
+        """The file and the tensor's name in it, for messages."""
+
+    def unused(self, names: set[str]) -> list[str]:
+        """The file's tensors that none of ``names`` is."""
+
+
+def from_tensors(config, source: TensorSource) -> ModelWeights:
+    """The weights of a Llama-style model (see LLAMA_STYLE) from its file, in the file's formats.
+
+    Every matrix's shape is checked against ``config``; q, k, v and gate, up are stacked (each
+    keeps its own format), biases where the file has them. Without an output matrix (or with
+    ``tie_word_embeddings``) the head is the embedding matrix itself.
+    """
+    if config.model_type not in LLAMA_STYLE:
+        check_family(config)
+        raise UnsupportedModelError(f"{config.model_type} models are read through transformers, not from the file")
+    heads, hidden = config.num_attention_heads, config.hidden_size
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    intermediate, vocab, eps = config.intermediate_size, config.vocab_size, config.rms_norm_eps
+    read: set[str] = set()
+
+    def matrix(name: str, rows: int, columns: int) -> Matrix:
+        read.add(name)
+        weight = source.matrix(name)
+        if tuple(weight.shape) != (rows, columns):
+            raise ModelLoadError(f"cannot load {source.where(name)} has shape {list(weight.shape)} where the model's "
+                                 f"config needs [{rows}, {columns}]")
+        return weight
+
+    def vector(name: str, size: int) -> torch.Tensor:
+        read.add(name)
+        values = source.vector(name)
+        if values.shape != (size,):
+            raise ModelLoadError(f"cannot load {source.where(name)} has {values.numel()} values where the model's "
+                                 f"config needs {size}")
+        return values
+
+    def bias(name: str, size: int) -> torch.Tensor | None:
+        return vector(name, size) if source.has(name) else None
+
+    def stacked(prefix: str, names: Sequence[str], sizes: Sequence[int], columns: int) -> Linear:
+        parts = tuple(matrix(f"{prefix}.{name}.weight", size, columns) for name, size in zip(names, sizes))
+        biases = [bias(f"{prefix}.{name}.bias", size) for name, size in zip(names, sizes)]
+        if all(b is None for b in biases):
+            return Linear(Stacked(parts))
+        return Linear(Stacked(parts), torch.cat([torch.zeros(size) if b is None else b
+                                                 for b, size in zip(biases, sizes)]))
+
+    def linear(name: str, rows: int, columns: int) -> Linear:
+        return Linear(matrix(f"{name}.weight", rows, columns), bias(f"{name}.bias", rows))
+
+    def norm(name: str, size: int) -> RMSNorm:
+        return RMSNorm(vector(name, size), float(eps))
+
+    layers = []
+    for index in range(config.num_hidden_layers):
+        prefix = f"model.layers.{index}"
+        qk_norm = source.has(f"{prefix}.self_attn.q_norm.weight")
+        layers.append(DecoderLayer(
+            attn_norm=norm(f"{prefix}.input_layernorm.weight", hidden),
+            qkv=stacked(f"{prefix}.self_attn", ("q_proj", "k_proj", "v_proj"),
+                        (heads * head_dim, kv_heads * head_dim, kv_heads * head_dim), hidden),
+            o=linear(f"{prefix}.self_attn.o_proj", hidden, heads * head_dim),
+            mlp_norm=norm(f"{prefix}.post_attention_layernorm.weight", hidden),
+            up=stacked(f"{prefix}.mlp", ("gate_proj", "up_proj"), (intermediate, intermediate), hidden),
+            down=linear(f"{prefix}.mlp.down_proj", hidden, intermediate),
+            gated=True,
+            q_norm=norm(f"{prefix}.self_attn.q_norm.weight", head_dim) if qk_norm else None,
+            k_norm=norm(f"{prefix}.self_attn.k_norm.weight", head_dim) if qk_norm else None,
+        ))
+    embed = matrix("model.embed_tokens.weight", vocab, hidden)
+    tied = getattr(config, "tie_word_embeddings", False) or not source.has("lm_head.weight")
+    lm_head = Linear(embed) if tied else linear("lm_head", vocab, hidden)
+    weights = ModelWeights(embed, None, layers, norm("model.norm.weight", hidden), lm_head,
+                           Heads(heads, kv_heads, head_dim, head_dim**-0.5), config.hidden_act)
+    unused = source.unused(read)
+    if unused:
+        log.warning("ignoring tensors the model does not use: %s", ", ".join(unused[:8]) + (" ..." if len(unused) > 8
+                                                                                           else ""))
+    return weights
+
+
+def weight_formats(weights: ModelWeights) -> list[str]:
+    """The formats the linear layers' matrices (what a pass streams) are stored in: "fp32", "q4"/"q8"
+    (packed blocks), ggml type names ("Q4_K", "BF16", ...)."""
+    def formats(matrix: Matrix) -> set[str]:
+        if isinstance(matrix, Stacked):
+            return set().union(*(formats(part) for part in matrix.parts))
+        if isinstance(matrix, GGMLWeight):
+            return {matrix.type.name}
+        return {matrix.kind if isinstance(matrix, PackedWeight) else "fp32"}
+
+    matrices = [weights.lm_head.weight]
+    for layer in weights.layers:
+        matrices += [layer.qkv.weight, layer.o.weight, layer.up.weight, layer.down.weight]
+    return sorted(set().union(*(formats(matrix) for matrix in matrices)))
+
+
 def extract(hf_model: torch.nn.Module) -> ModelWeights:
-    """The weights of a supported transformers causal LM (see SUPPORTED_FAMILIES)."""
+    """The weights of a supported transformers causal LM (see SUPPORTED_FAMILIES), fp32."""
     family = hf_model.config.model_type
-    if family not in SUPPORTED_FAMILIES:
-        raise UnsupportedModelError(f"unsupported architecture {family!r}; supported: {', '.join(SUPPORTED_FAMILIES)}")
+    check_family(hf_model.config)
     output = hf_model.get_output_embeddings()
     lm_head = Linear(_fp32(output.weight), _optional_fp32(getattr(output, "bias", None)))
     embed = _fp32(hf_model.get_input_embeddings().weight)
@@ -116,15 +244,16 @@ def _gpt2(hf_model: torch.nn.Module, embed: torch.Tensor, lm_head: Linear) -> Mo
                         Heads(config.n_head, config.n_head, head_dim, head_dim**-0.5), config.activation_function)
 
 
-def pack_weights(weights: ModelWeights, cache: Path | None) -> list[str]:
-    """Replace the matrices that are exact 4/8-bit blocks by their packed form (bit-identical
-    results, see :mod:`freespec.model.quant`), cached in ``cache``; return the formats now used."""
+def pack_weights(weights: ModelWeights, cache: Path | None) -> None:
+    """Replace the fp32 matrices that are exact 4/8-bit blocks by their packed form (bit-identical
+    results, see :mod:`freespec.model.quant`), cached in ``cache``. Matrices in a file's own
+    format (:class:`GGMLWeight`) stay as they are."""
     linears = {"lm_head": weights.lm_head}
     for index, layer in enumerate(weights.layers):
         # the names are the cache file's keys: keep them stable
         names = {"qkv": layer.qkv, "o": layer.o, "gate_up" if layer.gated else "up": layer.up, "down": layer.down}
         linears.update({f"{index}.{name}": linear for name, linear in names.items()})
+    linears = {name: linear for name, linear in linears.items() if isinstance(linear.weight, torch.Tensor)}
     packed = pack_all({name: linear.weight for name, linear in linears.items()}, cache)
     for name, linear in linears.items():
         linear.weight = packed[name]
-    return sorted({w.kind if isinstance(w, PackedWeight) else "fp32" for w in packed.values()})

@@ -16,7 +16,7 @@ from freespec.bench import report as bench_report
 from freespec.bench import run as bench
 from freespec.bench.methods import Output, Peer, Setup
 from freespec.cli import main
-from freespec.model.loading import LoadedModel
+from freespec.model.loading import from_transformers
 from tests.helpers import tiny_model, word_tokenizer
 
 MAX_NEW = 10
@@ -24,7 +24,7 @@ MAX_NEW = 10
 
 @pytest.fixture(scope="module")
 def model() -> Model:
-    return Model(LoadedModel(tiny_model("llama", scale=8.0), word_tokenizer(), "tiny", None))
+    return Model(from_transformers(tiny_model("llama", scale=8.0), word_tokenizer(), "tiny"))
 
 
 def write_questions(path: Path, *questions: tuple) -> Path:
@@ -403,7 +403,7 @@ def test_compare_shows_per_method_and_category_changes(tmp_path, capsys):
 def test_models_without_a_chat_template_are_refused(tmp_path):
     tokenizer = word_tokenizer()
     tokenizer.chat_template = None
-    plain = Model(LoadedModel(tiny_model("llama"), tokenizer, "plain", None))
+    plain = Model(from_transformers(tiny_model("llama"), tokenizer, "plain"))
     questions = bench.load_questions(write_questions(tmp_path / "q.jsonl", (1, "qa", "w1")))
     with pytest.raises(bench.BenchError, match="plain has no chat template"):
         bench.run_bench(plain, questions, ["none"], tmp_path / "out", Setup(plain, 4), progress=False)

@@ -12,9 +12,8 @@ from freespec.api import Model
 from freespec.drafters import DraftModel, LayerSkip
 from freespec.drafters.chain import ChainSampler
 from freespec.drafters.layerskip import SkipSearch
-from freespec.model.loading import LoadedModel
-from freespec.model.runner import ModelRunner
-from tests.helpers import tiny_model, word_tokenizer
+from freespec.model.loading import from_transformers
+from tests.helpers import runner_for, tiny_model, word_tokenizer
 
 PROMPTS = [[2, 5, 6, 7, 3], [2, *range(40, 90), 3], [2, *[4 + (i * 7) % 250 for i in range(200)], 3]]
 NAMES = ["layerskip", "draft-model", "layerskip+lookup", "draft-model+recycling"]
@@ -25,8 +24,8 @@ def make_model(family: str, draft: str = "same", budget: int | None = 6, layers:
     random model over the same vocabulary (most are not)."""
     target = tiny_model(family, seed=0, scale=8.0, layers=layers)
     small = tiny_model(family, seed=0 if draft == "same" else 9, scale=8.0, layers=layers if draft == "same" else 1)
-    return Model(LoadedModel(target, word_tokenizer(), family, None), budget=budget,
-                 draft_model=LoadedModel(small, word_tokenizer(), f"{draft}-draft", None))
+    return Model(from_transformers(target, word_tokenizer(), family), budget=budget,
+                 draft_model=from_transformers(small, word_tokenizer(), f"{draft}-draft"))
 
 
 def generate(model: Model, prompt: list[int], drafter: str, max_new_tokens: int = 32):
@@ -142,23 +141,23 @@ def test_sampled_drafts_carry_their_distribution():
 
 def test_drafter_errors_are_clear():
     target = tiny_model("llama", seed=0)
-    plain = Model(LoadedModel(target, word_tokenizer(), "tiny", None))
+    plain = Model(from_transformers(target, word_tokenizer(), "tiny"))
     with pytest.raises(ValueError, match="needs a draft model.*--draft-model PATH"):
         plain.generate(prompt_ids=[2, 5], drafter="draft-model", max_new_tokens=2)
     with pytest.raises(ValueError, match="needs a draft model"):
         plain.generate(prompt_ids=[2, 5], drafter="lookup+draft-model", max_new_tokens=2)
-    plain.use_draft_model(LoadedModel(target, word_tokenizer(), "itself", None))
+    plain.use_draft_model(from_transformers(target, word_tokenizer(), "itself"))
     first = plain.drafter("draft-model")[0]
     assert first.runner is plain.draft_runner
-    plain.use_draft_model(LoadedModel(tiny_model("llama", seed=1), word_tokenizer(), "another", None))
+    plain.use_draft_model(from_transformers(tiny_model("llama", seed=1), word_tokenizer(), "another"))
     assert plain.drafter("draft-model")[0].runner is plain.draft_runner is not first.runner
     other_tokenizer = word_tokenizer()
     other_tokenizer.add_tokens(["extra"])
     with pytest.raises(ValueError, match="different vocabulary from tiny: it must use the same tokenizer"):
-        Model(LoadedModel(target, word_tokenizer(), "tiny", None),
-              draft_model=LoadedModel(target, other_tokenizer, "other", None))
+        Model(from_transformers(target, word_tokenizer(), "tiny"),
+              draft_model=from_transformers(target, other_tokenizer, "other"))
     with pytest.raises(ValueError, match="vocabulary has 256 tokens, the target's 300"):
-        DraftModel(ModelRunner(target, kernels.select()), vocab_size=300)
+        DraftModel(runner_for(target, kernels.select()), vocab_size=300)
 
 
 def test_cli_draft_model(tiny_model_dir, capsys):
@@ -207,8 +206,8 @@ def sampled_setup():
     from tests.helpers import FULL, VOCAB, exact_joint, exact_table, small_model
 
     target = small_model(seed=0, layers=3)
-    model = Model(LoadedModel(target, word_tokenizer(), "small", None), budget=4,
-                  draft_model=LoadedModel(small_model(seed=1, layers=1), word_tokenizer(), "small-draft", None))
+    model = Model(from_transformers(target, word_tokenizer(), "small"), budget=4,
+                  draft_model=from_transformers(small_model(seed=1, layers=1), word_tokenizer(), "small-draft"))
     first_two = exact_joint(exact_table(target, FULL)).reshape(VOCAB * VOCAB, VOCAB).sum(axis=1)
     return model, first_two
 

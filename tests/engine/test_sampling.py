@@ -31,7 +31,7 @@ from freespec.engine.distribution import (
 from freespec.engine.sampling import OPTIONS, SAMPLING_KEYS, SamplingParams
 from freespec.engine.tree import DraftTree
 from freespec.engine.verify import rejection_accept, sample_accept
-from freespec.model.loading import LoadedModel
+from freespec.model.loading import from_transformers
 from freespec.model.runner import ModelRunner
 from tests.helpers import (
     ALPHA,
@@ -43,6 +43,7 @@ from tests.helpers import (
     exact_joint,
     exact_table,
     make_model,
+    runner_for,
     small_model,
     tiny_model,
     total_variation,
@@ -156,7 +157,7 @@ def independent_rule(tree: DraftTree, target, generator):
 @pytest.fixture(scope="module")
 def setup():
     hf_model = small_model()
-    runner = ModelRunner(hf_model, kernels.select())
+    runner = runner_for(hf_model, kernels.select())
     tables = {"full": exact_table(hf_model, FULL), "plain": exact_table(hf_model, PLAIN)}
     return hf_model, runner, tables, trees(tables["full"], hf_model)
 
@@ -486,7 +487,7 @@ def test_engine_runs_keep_the_distribution(setup, drafter):
     from freespec.engine.loop import Generation
 
     hf_model, _, tables, _ = setup
-    model = Model(LoadedModel(hf_model, word_tokenizer(), "tiny", None), budget=8)
+    model = Model(from_transformers(hf_model, word_tokenizer(), "tiny"), budget=8)
     options = dict(temperature=FULL.temperature, top_k=FULL.top_k, top_p=FULL.top_p, min_p=FULL.min_p,
                    repetition_penalty=FULL.repetition_penalty)
     sampled = SampledDrafter()

@@ -156,7 +156,7 @@ def test_a_failed_allocation_in_the_decoder_is_a_memory_error():
 
         config = LlamaConfig(vocab_size=64, hidden_size=256, intermediate_size=64, num_hidden_layers=1,
                              num_attention_heads=64, num_key_value_heads=64, max_position_embeddings=2048)
-        runner = ModelRunner(AutoModelForCausalLM.from_config(config).eval(), kernels.select(), pack=False)
+        runner = runner_for(AutoModelForCausalLM.from_config(config).eval(), kernels.select(), pack=False)
         assert runner._decoder is not None
         n = 1024  # scores: n tokens x 64 heads x n keys x 4 bytes = 256 MB
         runner.reset(n)

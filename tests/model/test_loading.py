@@ -1,4 +1,5 @@
-"""Finding and loading models: what the user typed, damaged GGUF files, concurrent conversions."""
+"""Finding and loading models: what the user typed, GGUF files cut short, the GGUF metadata cache
+(concurrent builds, incomplete folders, keyed by the file's identity)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from freespec.model import loading
-from freespec.model.loading import ModelLoadError, converted_gguf_dir, resolve
-from tests.helpers import tiny_model, word_tokenizer
+from freespec.model.loading import ModelLoadError, gguf_metadata, load, resolve
+from tests.helpers import tiny_config, word_tokenizer
 
 
 @pytest.mark.parametrize("text", ["models/x", "./x", "x/", "~/no-such-model-here", "a/b/c", "x.gguf", "../no-such-model", "no/../x"])
@@ -42,15 +42,15 @@ def test_a_gguf_file_cut_short_is_a_one_line_error(tmp_path, content):
     path = tmp_path / "cut.gguf"
     path.write_bytes(content)
     with pytest.raises(ModelLoadError, match=f"cannot load GGUF file {path}: it is cut short or damaged") as error:
-        resolve(path)
+        load(path)
     assert "\n" not in str(error.value)
 
 
 @pytest.fixture
 def fake_gguf(tmp_path, monkeypatch) -> Path:
-    """A .gguf file whose 'conversion' gives the tiny test model, in a cache of the test's own."""
+    """A .gguf file whose metadata 'read by transformers' is the tiny test model's, in a cache of the test's own."""
     monkeypatch.setenv("FREESPEC_CACHE", str(tmp_path / "cache"))
-    model, tokenizer = tiny_model("llama"), word_tokenizer()
+    config, tokenizer = tiny_config("llama"), word_tokenizer()
 
     class Loader:
         def __init__(self, result):
@@ -59,34 +59,43 @@ def fake_gguf(tmp_path, monkeypatch) -> Path:
         def from_pretrained(self, *args, **kwargs):
             return self.result
 
-    # by name: building a model can put a fresh transformers module in sys.modules
-    monkeypatch.setattr("transformers.AutoModelForCausalLM", Loader(model))
+    # by name: loading imports them from transformers when called
+    monkeypatch.setattr("transformers.AutoConfig", Loader(config))
     monkeypatch.setattr("transformers.AutoTokenizer", Loader(tokenizer))
     path = tmp_path / "tiny.gguf"
     path.write_bytes(b"GGUF not really")
     return path
 
 
-def test_a_concurrent_conversion_that_finishes_first_is_used(fake_gguf, monkeypatch):
-    """Two processes converting the same file both rename their result into place; before, the
-    loser's rename failed with ENOTEMPTY and a traceback."""
+def test_a_concurrent_metadata_build_that_finishes_first_is_used(fake_gguf, monkeypatch):
+    """Two processes reading the same file's metadata both rename their result into place; the
+    loser's rename fails (the folder exists, ENOTEMPTY) and it takes the winner's."""
     rename = os.replace
 
     def another_process_wins(source, target):
-        if Path(source).name == "model" and not Path(target).exists():
-            shutil.copytree(source, target)  # the other conversion lands just before ours
+        if Path(source).name == "metadata" and not Path(target).exists():
+            shutil.copytree(source, target)  # the other process lands just before ours
         rename(source, target)
 
     monkeypatch.setattr(os, "replace", another_process_wins)
-    target = converted_gguf_dir(fake_gguf)
-    assert (target / "config.json").is_file() and (target / "freespec-source.json").is_file()
+    target = gguf_metadata(fake_gguf)
+    assert (target / "config.json").is_file() and (target / "tokenizer.json").is_file()
+    assert not list(target.glob("*.safetensors"))  # no weights
     assert sorted(p.name for p in target.parent.iterdir()) == [target.name]  # our copy was cleaned up
-    assert converted_gguf_dir(fake_gguf) == target
+    assert gguf_metadata(fake_gguf) == target
 
 
-def test_an_incomplete_conversion_folder_is_replaced(fake_gguf):
-    target = loading.cache_dir() / "converted" / loading._sha256(fake_gguf)[:24]
-    target.mkdir(parents=True)
-    (target / "model.safetensors").write_bytes(b"half")  # an older freespec was killed mid-copy
-    assert converted_gguf_dir(fake_gguf) == target
-    assert (target / "config.json").is_file() and resolve(target)[0] == target
+def test_an_incomplete_metadata_folder_is_replaced(fake_gguf):
+    target = gguf_metadata(fake_gguf)
+    shutil.rmtree(target)
+    target.mkdir()
+    (target / "tokenizer.json").write_bytes(b"half")  # a process was killed mid-copy
+    assert gguf_metadata(fake_gguf) == target
+    assert (target / "config.json").is_file()
+
+
+def test_an_edited_file_gets_fresh_metadata(fake_gguf):
+    first = gguf_metadata(fake_gguf)
+    fake_gguf.write_bytes(b"GGUF edited, and longer")
+    assert gguf_metadata(fake_gguf) != first
+    assert gguf_metadata(fake_gguf).parent == first.parent

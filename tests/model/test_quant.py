@@ -14,9 +14,14 @@ from freespec import kernels
 from freespec.api import Model
 from freespec.engine.tree import DraftTree
 from freespec.model import quant
-from freespec.model.loading import LoadedModel
-from freespec.model.runner import ModelRunner
-from tests.helpers import PROMPTS, decode_one_by_one, tiny_model, word_tokenizer
+from freespec.model.loading import from_transformers
+from tests.helpers import (
+    PROMPTS,
+    decode_one_by_one,
+    runner_for,
+    tiny_model,
+    word_tokenizer,
+)
 
 
 def gguf_roundtrip(weight: torch.Tensor, kind: GGMLQuantizationType) -> torch.Tensor:
@@ -118,7 +123,7 @@ def test_a_damaged_packed_cache_is_packed_afresh_never_trusted(tmp_path, caplog)
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gpt2"])
 def test_packed_runner_gives_the_same_bits_as_fp32(family, kernel_build):
     model = quantized_like_gguf(tiny_model(family, seed=2))
-    packed, dense = ModelRunner(model, kernel_build), ModelRunner(model, kernel_build, pack=False)
+    packed, dense = runner_for(model, kernel_build), runner_for(model, kernel_build, pack=False)
     assert packed.weight_formats == ["q4", "q8"] and dense.weight_formats == ["fp32"]
     ids = torch.randint(packed.vocab_size, (16,), generator=torch.Generator().manual_seed(0))
     tree = DraftTree(np.array(ids[8:12].tolist() + [5, 6]), np.array([-1, 0, 1, 2, 0, 4]))
@@ -137,7 +142,7 @@ def test_packed_runner_gives_the_same_bits_as_fp32(family, kernel_build):
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 @pytest.mark.parametrize("budget", [4, 32])
 def test_speculation_on_packed_weights_equals_plain_greedy(family, budget, kernel_build):
-    model = Model(LoadedModel(quantized_like_gguf(tiny_model(family, seed=3, scale=8.0)), word_tokenizer(), family, None),
+    model = Model(from_transformers(quantized_like_gguf(tiny_model(family, seed=3, scale=8.0)), word_tokenizer(), family),
                   budget=budget, kernels=kernel_build)
     assert model.runner.weight_formats == ["q4", "q8"]
     for prompt in PROMPTS:

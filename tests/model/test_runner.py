@@ -8,11 +8,11 @@ from transformers import AutoModelForCausalLM
 from freespec import kernels
 from freespec.engine.tree import DraftTree
 from freespec.model import runner as runner_module
-from freespec.model.runner import ModelRunner
 from freespec.model.weights import UnsupportedModelError
 from tests.helpers import (
     decode_one_by_one,
     make_model,
+    runner_for,
     tiny_config,
     tiny_model,
 )
@@ -21,7 +21,7 @@ TORCH = kernels.select("torch")  # torch's ops: no build
 
 
 def test_forward_refuses_inputs_whose_lengths_disagree(c_kernels):
-    runner = ModelRunner(tiny_model("llama"), c_kernels)
+    runner = runner_for(tiny_model("llama"), c_kernels)
     runner.reset(16)
     runner.prefill(torch.tensor([1, 2, 3]))
     for tokens, positions, mask in ((torch.tensor([], dtype=torch.long), torch.tensor([3]), torch.ones(1, 1)),
@@ -38,7 +38,7 @@ def test_runner_matches_transformers_with_scaled_rotary_tables(rope_type, c_kern
     config.rope_parameters = {**config.rope_parameters, "rope_type": rope_type, "factor": 2.0}
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()
-    runner = ModelRunner(model, c_kernels)
+    runner = runner_for(model, c_kernels)
     ids = torch.randint(runner.vocab_size, (40,), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         reference = model(ids[None]).logits[0]  # [40, vocab]
@@ -51,7 +51,7 @@ def test_runner_matches_transformers_with_scaled_rotary_tables(rope_type, c_kern
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
 def test_forward_takes_any_integer_ids_and_mask_dtype(family, c_kernels):
     # the fused decoder reads raw pointers: other dtypes must be converted, not misread
-    runner = ModelRunner(tiny_model(family, seed=2), c_kernels)
+    runner = runner_for(tiny_model(family, seed=2), c_kernels)
     ids = torch.randint(runner.vocab_size, (9,), generator=torch.Generator().manual_seed(0))
     results = []
     for id_type, mask_type in ((torch.int64, torch.bool), (torch.int32, torch.float32)):
@@ -65,7 +65,7 @@ def test_forward_takes_any_integer_ids_and_mask_dtype(family, c_kernels):
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gpt2"])
 def test_runner_matches_transformers_and_commits_tree_paths(family, c_kernels):
     model = tiny_model(family, seed=1)
-    runner = ModelRunner(model, c_kernels)
+    runner = runner_for(model, c_kernels)
     ids = torch.randint(runner.vocab_size, (30,), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         reference = model(ids[None]).logits[0]  # [30, vocab]
@@ -85,7 +85,7 @@ def test_runner_matches_transformers_and_commits_tree_paths(family, c_kernels):
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gpt2"])
 def test_tree_logits_equal_one_token_logits_bitwise(family, kernel_build):
     """Verification and plain decoding compute a token's logits identically (the lossless core)."""
-    runner = ModelRunner(tiny_model(family, seed=2), kernel_build)
+    runner = runner_for(tiny_model(family, seed=2), kernel_build)
     ids = torch.randint(runner.vocab_size, (12,), generator=torch.Generator().manual_seed(1))
     runner.reset(32)
     runner.prefill(ids[:8])
@@ -96,7 +96,7 @@ def test_tree_logits_equal_one_token_logits_bitwise(family, kernel_build):
 
 def test_large_tree_is_batch_invariant_too(kernel_build):
     """An 80-node tree (the paper's size) must not switch to a non-invariant kernel."""
-    runner = ModelRunner(tiny_model("llama", seed=3), kernel_build)
+    runner = runner_for(tiny_model("llama", seed=3), kernel_build)
     ids = torch.randint(runner.vocab_size, (12,), generator=torch.Generator().manual_seed(2))
     runner.reset(128)
     runner.prefill(ids[:8])
@@ -112,11 +112,11 @@ def test_unsupported_architecture_is_named(c_kernels):
 
     model = AutoModelForCausalLM.from_config(BloomConfig(vocab_size=50, hidden_size=32, n_layer=1, n_head=2))
     with pytest.raises(UnsupportedModelError, match="bloom.*supported: llama"):
-        ModelRunner(model, c_kernels)
+        runner_for(model, c_kernels)
 
 
 def test_cache_bounds(c_kernels):
-    runner = ModelRunner(tiny_model("llama"), c_kernels)
+    runner = runner_for(tiny_model("llama"), c_kernels)
     with pytest.raises(ValueError, match="context of 512"):
         runner.reset(513)
     runner.reset(4)  # rounded up to 256 rows
@@ -129,7 +129,7 @@ def test_cache_bounds(c_kernels):
 def test_fallback_without_kernels_still_decodes_correctly(family):
     """Without a C compiler, torch kernels serve decode and verification (not batch-invariant)."""
     model = tiny_model(family, seed=4)
-    runner = ModelRunner(model, TORCH)
+    runner = runner_for(model, TORCH)
     assert not runner.kernels.batch_invariant and runner._decoder is None
     ids = torch.randint(runner.vocab_size, (20,), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
@@ -160,7 +160,7 @@ def test_skipping_layers_equals_the_model_without_them(family, backend, c_kernel
     Llama when asked for) and torch's (SDPA)."""
     chosen = {"one call": c_kernels, "per op": kernels.select(c_kernels.isa, one_call_decoder=False), "torch": TORCH}
     model = tiny_model(family, seed=5, layers=4)
-    runner = ModelRunner(model, chosen[backend])
+    runner = runner_for(model, chosen[backend])
     assert (runner._decoder is not None) == (backend == "one call")
     ids = torch.randint(runner.vocab_size, (10,), generator=torch.Generator().manual_seed(5))
     skip = {1, 2}
@@ -178,7 +178,7 @@ def test_skipping_layers_equals_the_model_without_them(family, backend, c_kernel
 def test_skipping_nothing_is_the_normal_pass_and_truncate_rolls_back(family, c_kernels):
     """A skipping draft advances the cache; after truncate, verification is bit-identical to a
     pass that never saw the draft (its rows, stale in skipped layers, are overwritten)."""
-    runner = ModelRunner(tiny_model(family, seed=6, layers=3), c_kernels)
+    runner = runner_for(tiny_model(family, seed=6, layers=3), c_kernels)
     ids = torch.randint(runner.vocab_size, (12,), generator=torch.Generator().manual_seed(6))
     one = torch.ones(1, 1, dtype=torch.bool)
     runner.reset(32)
@@ -198,7 +198,7 @@ def test_skipping_nothing_is_the_normal_pass_and_truncate_rolls_back(family, c_k
 
 
 def test_reserve_grows_the_cache_and_keeps_its_rows(c_kernels):
-    runner = ModelRunner(tiny_model("llama", seed=7), c_kernels)
+    runner = runner_for(tiny_model("llama", seed=7), c_kernels)
     ids = torch.randint(runner.vocab_size, (9,), generator=torch.Generator().manual_seed(7))
     one = torch.ones(1, 1, dtype=torch.bool)
     runner.reset(8)
@@ -215,7 +215,7 @@ def test_prefill_rows_do_not_depend_on_chunks_or_on_decoding(family, chunk, scra
     """A prompt's cache rows and hidden states are the same bits prefilled at once, in chunks
     (cut by PREFILL_CHUNK or by the attention scratch bound), or decoded one token at a time:
     what a reused prefix relies on."""
-    runner = ModelRunner(tiny_model(family, seed=8), kernel_build)
+    runner = runner_for(tiny_model(family, seed=8), kernel_build)
     ids = torch.randint(runner.vocab_size, (40,), generator=torch.Generator().manual_seed(8))
     runner.reset(64)
     whole = runner.prefill(ids)
@@ -239,7 +239,7 @@ def test_causal_prefill_chunks_after_cached_rows_equal_decoding(kv_heads, kernel
     config = tiny_config("llama")
     config.hidden_size, config.num_attention_heads, config.num_key_value_heads = 256, 4, kv_heads
     torch.manual_seed(3)
-    runner = ModelRunner(AutoModelForCausalLM.from_config(config).eval(), kernel_build)
+    runner = runner_for(AutoModelForCausalLM.from_config(config).eval(), kernel_build)
     ids = torch.randint(runner.vocab_size, (100,), generator=torch.Generator().manual_seed(3))
     monkeypatch.setattr(runner_module, "PREFILL_CHUNK", 40)  # chunks 40 (causal), 40 (causal, past 40), 20
     runner.reset(128)
@@ -252,7 +252,7 @@ def test_causal_prefill_chunks_after_cached_rows_equal_decoding(kv_heads, kernel
 
 
 def test_reuse_keeps_the_shared_prefix_and_never_rows_of_skipping_passes(c_kernels):
-    runner = ModelRunner(tiny_model("llama", seed=9, layers=3), c_kernels)
+    runner = runner_for(tiny_model("llama", seed=9, layers=3), c_kernels)
     ids = list(range(5, 25))
     one = torch.ones(1, 1, dtype=torch.bool)
     runner.reset(16)
@@ -270,7 +270,7 @@ def test_reuse_keeps_the_shared_prefix_and_never_rows_of_skipping_passes(c_kerne
     assert runner.reuse([*ids[:10], ids[10], ids[12]], 300) == 12 and runner.reuse(ids, 300) == 11
     runner.reset(16)
     assert runner.reuse(ids, 16) == 0
-    on_torch = ModelRunner(tiny_model("llama", seed=9, layers=3), TORCH)  # not batch-invariant: keep nothing
+    on_torch = runner_for(tiny_model("llama", seed=9, layers=3), TORCH)  # not batch-invariant: keep nothing
     on_torch.reset(16)
     on_torch.prefill(torch.tensor(ids[:4]))
     assert on_torch.reuse(ids, 16) == 0
@@ -283,7 +283,7 @@ def test_token_ids_and_positions_outside_the_tables_are_refused(family, backend,
     normal-looking answer, 10**12 a segfault), a negative one as memory before it (torch wrapped
     it around): the runner refuses them, and positions outside the context, before any work."""
     chosen = {"one call": c_kernels, "per op": kernels.select(c_kernels.isa, one_call_decoder=False), "torch": TORCH}
-    runner = ModelRunner(tiny_model(family, seed=10), chosen[backend])
+    runner = runner_for(tiny_model(family, seed=10), chosen[backend])
     assert runner.vocab_rows == 256
     runner.reset(16)
     runner.prefill(torch.tensor([1, 2, 3]))
