@@ -20,9 +20,10 @@ from freespec.model.loading import load
 from freespec.model.runner import ModelRunner
 from tests.helpers import (
     PROMPTS,
-    decode_one_by_one,
+    assert_matches_transformers,
+    assert_same_bits,
+    model_for,
     runner_for,
-    tiny_config,
     write_gguf,
 )
 
@@ -31,27 +32,6 @@ K_QUANT_TYPES = ["Q4_K", "Q5_K", "Q6_K"]
 Q4_K_M_LIKE = {"default": "Q4_K", "attn_k": "Q5_K", "attn_v": "Q6_K", "ffn_up": "Q8_0", "ffn_down": "Q6_K",
                "output": "Q6_K", "token_embd": "Q5_0"}
 """A mix as llama.cpp's Q4_K_M makes one: q, k, v (and gate, up) of different types in one layer."""
-PROMPT = [2, 5, 6, 7, 3, 40, 41, 42, 43, 44, 45, 9]
-NEW_TOKENS = 12
-
-
-def model_for(family: str, types, tied: bool = False, seed: int = 0) -> torch.nn.Module:
-    """A tiny model with random norms (a mix-up of norms shows), wide enough for K-quants' 256-weight
-    blocks when ``types`` uses them."""
-    config = tiny_config(family)
-    uses_k_quants = any(kind.endswith("_K") for kind in ([types] if isinstance(types, str) else types.values()))
-    if uses_k_quants:
-        config.hidden_size, config.intermediate_size = 256, 512
-        config.head_dim = 256 // config.num_attention_heads
-    config.tie_word_embeddings = tied
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if name.endswith("norm.weight"):
-                parameter.uniform_(0.5, 1.5)
-        model.get_output_embeddings().weight.mul_(8.0)  # sharper logits: greedy margins well above fp32 noise
-    return model
 
 
 @pytest.fixture
@@ -64,42 +44,6 @@ def written(tmp_path):
         return path, oracle
 
     return write
-
-
-def greedy(runner: ModelRunner, prompt: list[int], count: int) -> list[int]:
-    runner.reset(len(prompt) + count + 1)
-    logits = runner.logits(runner.prefill(torch.tensor(prompt)))[-1:]
-    tokens = []
-    for _ in range(count):
-        tokens.append(int(logits.argmax()))
-        logits = runner.logits(runner.forward(torch.tensor(tokens[-1:]), torch.tensor([runner.length]),
-                                              torch.ones(1, 1, dtype=torch.bool)))
-        runner.commit([0])
-    return tokens
-
-
-def assert_matches_transformers(runner: ModelRunner, oracle: torch.nn.Module) -> None:
-    runner.reset(len(PROMPT))
-    ours = runner.logits(runner.prefill(torch.tensor(PROMPT)))  # [n, vocab]
-    with torch.no_grad():
-        theirs = oracle(torch.tensor([PROMPT])).logits[0]
-    assert (ours - theirs).abs().max() <= 1e-5 * theirs.abs().max()
-    expected = oracle.generate(torch.tensor([PROMPT]), max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None,
-                               pad_token_id=0)[0, len(PROMPT):].tolist()
-    assert greedy(runner, PROMPT, NEW_TOKENS) == expected
-
-
-def assert_same_bits(ours: ModelRunner, reference: ModelRunner) -> None:
-    """Prefill, decoding and a tree pass give the same bits on both runners."""
-    ids = torch.tensor(PROMPTS[1][:24])
-    for runner in (ours, reference):
-        runner.reset(len(ids))
-    assert torch.equal(ours.logits(ours.prefill(ids[:16])), reference.logits(reference.prefill(ids[:16])))
-    assert torch.equal(decode_one_by_one(ours, ids, 16, 20), decode_one_by_one(reference, ids, 16, 20))
-    tree = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 1, 1]], dtype=torch.bool)
-    positions = torch.tensor([20, 21, 21, 22])
-    assert torch.equal(ours.logits(ours.forward(ids[20:24], positions, tree)),
-                       reference.logits(reference.forward(ids[20:24], positions, tree)))
 
 
 @pytest.mark.parametrize("types", BLOCK_32_TYPES + K_QUANT_TYPES + ["Q4_K_M-like"])
