@@ -231,6 +231,7 @@ def wait_for(condition, seconds: float = 20) -> None:
 # -- GGUF files written as llama.cpp's converter writes them (tests/model) -------------------------
 
 
+QUANTIZABLE = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")  # by gguf.quants
 K_QUANT_SCALES = {"Q4_K": 2e-4, "Q5_K": 1e-4, "Q6_K": 1e-5}
 """Largest fp16 scale of hand-packed random K-quant blocks: weights of about 0.05, as in real models."""
 
@@ -302,8 +303,11 @@ def write_gguf(path, hf_model: torch.nn.Module, types: str | dict[str, str], see
         kind = "F32" if values.ndim == 1 else types.get(role, types["default"])
         if kind in K_QUANT_SCALES:
             data = random_blocks(kind, values.shape, rng, largest=K_QUANT_SCALES[kind])
-        else:
+        elif kind in QUANTIZABLE:
             data = gguf.quants.quantize(np.ascontiguousarray(values), gguf.GGMLQuantizationType[kind])
+        else:  # a type freespec does not read (bad-file tests): random bytes of its size
+            data = rng.integers(0, 256, gguf.quants.quant_shape_to_byte_shape(values.shape, gguf.GGMLQuantizationType[kind]),
+                                dtype=np.uint8)
         writer.add_tensor(gguf_name, data, raw_dtype=gguf.GGMLQuantizationType[kind])
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
