@@ -226,3 +226,153 @@ def wait_for(condition, seconds: float = 20) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.02)
+
+
+# -- GGUF files written as llama.cpp's converter writes them (tests/model) -------------------------
+
+
+QUANTIZABLE = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")  # by gguf.quants
+K_QUANT_SCALES = {"Q4_K": 2e-4, "Q5_K": 1e-4, "Q6_K": 1e-5}
+"""Largest fp16 scale of hand-packed random K-quant blocks: weights of about 0.05, as in real models."""
+
+_GGUF_GLOBAL = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+_GGUF_LAYER = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+               "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+               "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+
+
+def llama_cpp_permute(weights: np.ndarray, heads: int, kv_heads: int | None = None) -> np.ndarray:
+    """convert_hf_to_gguf.py's ``LlamaModel.permute`` of query and key rows, copied as written there."""
+    if kv_heads is not None and heads != kv_heads:
+        heads = kv_heads
+    return (weights.reshape(heads, 2, weights.shape[0] // heads // 2, *weights.shape[1:])
+            .swapaxes(1, 2).reshape(weights.shape))
+
+
+def byte_level_tokens() -> list[str]:
+    """GPT-2's 256 byte symbols: a byte-level BPE vocabulary that needs no merges (one token a byte)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    symbols = bytes_to_unicode()
+    return [symbols[byte] for byte in range(256)]
+
+
+def write_gguf(path, hf_model: torch.nn.Module, types: str | dict[str, str], seed: int = 0):
+    """``hf_model`` (a tiny Llama or Qwen2) as llama.cpp writes a GGUF file: metadata, a byte-level
+    tokenizer, norms and biases F32, each matrix in ``types`` (one type name, or GGUF tensor roles
+    such as ``attn_v`` or ``token_embd`` → type, with a ``default``), query and key rows permuted
+    for the llama architecture. Q4_K, Q5_K and Q6_K matrices are random blocks
+    (:func:`freespec.kernels.random_blocks`: gguf cannot quantize to them): the model the file holds
+    is then what its blocks dequantize to. No output tensor if the head is tied."""
+    import gguf
+
+    from freespec.kernels import random_blocks
+
+    types = {"default": types} if isinstance(types, str) else types
+    config, rng = hf_model.config, np.random.default_rng(seed)
+    architecture, heads, hidden = config.model_type, config.num_attention_heads, config.hidden_size
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    writer = gguf.GGUFWriter(str(path), architecture)
+    writer.add_name(f"tiny {architecture}")
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(hidden)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    if architecture == "llama":
+        writer.add_rope_dimension_count(head_dim)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(byte_level_tokens()[:config.vocab_size])
+    writer.add_token_types([1] * config.vocab_size)
+    writer.add_token_scores([0.0] * config.vocab_size)  # no merges: transformers derives none from these
+    writer.add_eos_token_id(0)
+    writer.add_chat_template(CHAT_TEMPLATE)
+    for name, tensor in hf_model.state_dict().items():
+        module, suffix = name.rsplit(".", 1)
+        if module == "lm_head" and config.tie_word_embeddings:
+            continue
+        parts = module.split(".")
+        role = _GGUF_GLOBAL.get(module) or _GGUF_LAYER[".".join(parts[3:])]
+        gguf_name = f"{role}.{suffix}" if module in _GGUF_GLOBAL else f"blk.{parts[2]}.{role}.{suffix}"
+        values = tensor.detach().to(torch.float32).numpy()
+        if architecture == "llama" and role in ("attn_q", "attn_k"):
+            values = llama_cpp_permute(values, heads, heads if role == "attn_q" else config.num_key_value_heads)
+        kind = "F32" if values.ndim == 1 else types.get(role, types["default"])
+        if kind in K_QUANT_SCALES:
+            data = random_blocks(kind, values.shape, rng, largest=K_QUANT_SCALES[kind])
+        elif kind in QUANTIZABLE:
+            data = gguf.quants.quantize(np.ascontiguousarray(values), gguf.GGMLQuantizationType[kind])
+        else:  # a type freespec does not read (bad-file tests): random bytes of its size
+            data = rng.integers(0, 256, gguf.quants.quant_shape_to_byte_shape(values.shape, gguf.GGMLQuantizationType[kind]),
+                                dtype=np.uint8)
+        writer.add_tensor(gguf_name, data, raw_dtype=gguf.GGMLQuantizationType[kind])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+# -- models read from files against transformers (tests/model) ---------------------------------
+
+
+PROMPT = [2, 5, 6, 7, 3, 40, 41, 42, 43, 44, 45, 9]
+NEW_TOKENS = 12
+
+
+def model_for(family: str, types: str | dict[str, str] = "F32", tied: bool = False, seed: int = 0) -> torch.nn.Module:
+    """A tiny model with random norms (a mix-up of norms shows), wide enough for K-quants' 256-weight
+    blocks when ``types`` (see :func:`write_gguf`) uses them."""
+    config = tiny_config(family)
+    uses_k_quants = any(kind.endswith("_K") for kind in ([types] if isinstance(types, str) else types.values()))
+    if uses_k_quants:
+        config.hidden_size, config.intermediate_size = 256, 512
+        config.head_dim = 256 // config.num_attention_heads
+    config.tie_word_embeddings = tied
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("norm.weight"):
+                parameter.uniform_(0.5, 1.5)
+        model.get_output_embeddings().weight.mul_(8.0)  # sharper logits: greedy margins well above fp32 noise
+    return model
+
+
+def greedy(runner: ModelRunner, prompt: list[int], count: int) -> list[int]:
+    runner.reset(len(prompt) + count + 1)
+    logits = runner.logits(runner.prefill(torch.tensor(prompt)))[-1:]
+    tokens = []
+    for _ in range(count):
+        tokens.append(int(logits.argmax()))
+        logits = runner.logits(runner.forward(torch.tensor(tokens[-1:]), torch.tensor([runner.length]),
+                                              torch.ones(1, 1, dtype=torch.bool)))
+        runner.commit([0])
+    return tokens
+
+
+def assert_matches_transformers(runner: ModelRunner, oracle: torch.nn.Module) -> None:
+    runner.reset(len(PROMPT))
+    ours = runner.logits(runner.prefill(torch.tensor(PROMPT)))  # [n, vocab]
+    with torch.no_grad():
+        theirs = oracle(torch.tensor([PROMPT])).logits[0]
+    assert (ours - theirs).abs().max() <= 1e-5 * theirs.abs().max()
+    expected = oracle.generate(torch.tensor([PROMPT]), max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None,
+                               pad_token_id=0)[0, len(PROMPT):].tolist()
+    assert greedy(runner, PROMPT, NEW_TOKENS) == expected
+
+
+def assert_same_bits(ours: ModelRunner, reference: ModelRunner) -> None:
+    """Prefill, decoding and a tree pass give the same bits on both runners."""
+    ids = torch.tensor(PROMPTS[1][:24])
+    for runner in (ours, reference):
+        runner.reset(len(ids))
+    assert torch.equal(ours.logits(ours.prefill(ids[:16])), reference.logits(reference.prefill(ids[:16])))
+    assert torch.equal(decode_one_by_one(ours, ids, 16, 20), decode_one_by_one(reference, ids, 16, 20))
+    tree = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 1, 1]], dtype=torch.bool)
+    positions = torch.tensor([20, 21, 21, 22])
+    assert torch.equal(ours.logits(ours.forward(ids[20:24], positions, tree)),
+                       reference.logits(reference.forward(ids[20:24], positions, tree)))

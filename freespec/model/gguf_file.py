@@ -76,7 +76,7 @@ class GGUFFile:
 
     def tensor_bytes(self) -> int:
         """Bytes of all tensor data: what the weights occupy in memory once read."""
-        return sum(self._size(info, self._type(info)) for info in self.tensors.values())
+        return sum(self._size(info, self._known_type(info)) for info in self.tensors.values())
 
     def matrix(self, name: str) -> GGMLWeight:
         """Tensor ``name`` as a matrix [N, K] (K = its row length; higher dimensions fold into N), not copied."""
@@ -128,6 +128,8 @@ class GGUFFile:
         start = -(-self._position // alignment) * alignment  # the data begins at the next aligned byte
         self.tensors = {name: TensorInfo(name, type_id, dims, start + offset)
                         for name, (type_id, dims, offset) in records.items()}
+        for info in self.tensors.values():  # a file cut short is refused here, naming its first missing tensor
+            self._data(info, self._known_type(info))
 
     def _read(self, fmt: str):
         end = self._position + struct.calcsize(fmt)
@@ -183,12 +185,15 @@ class GGUFFile:
 
     # -- tensor data -----------------------------------------------------------------------------
 
-    def _type(self, info: TensorInfo) -> GGMLQuantizationType:
-        try:
-            kind = GGMLQuantizationType(info.type_id)
-        except ValueError:
+    def _known_type(self, info: TensorInfo) -> GGMLQuantizationType:
+        if info.type_id not in GGML_QUANT_SIZES:
             raise ModelLoadError(f"cannot load GGUF file {self.path}: tensor {info.name} has an unknown type "
-                                 f"(id {info.type_id}); freespec reads {_TYPE_NAMES}") from None
+                                 f"(id {info.type_id}); freespec reads {_TYPE_NAMES}")
+        return GGMLQuantizationType(info.type_id)
+
+    def _type(self, info: TensorInfo) -> GGMLQuantizationType:
+        """The tensor's type, if the kernels read it."""
+        kind = self._known_type(info)
         if kind not in SUPPORTED_TYPES:
             raise ModelLoadError(f"cannot load GGUF file {self.path}: tensor {info.name} is {kind.name}, a type "
                                  f"freespec does not read; it reads {_TYPE_NAMES}")

@@ -338,8 +338,8 @@ def check_memory(path: Path, weight_bytes: int) -> None:
     from disk again for every token)."""
     available = available_memory()
     if available is not None and weight_bytes > available:
-        raise ModelLoadError(f"cannot load {path}: its weights take {weight_bytes / 1e9:.1f} GB, more than the "
-                             f"{available / 1e9:.1f} GB of memory available")
+        raise ModelLoadError(f"cannot load {path}: its weights take {weight_bytes / 1e6:,.1f} MB, more than the "
+                             f"{available / 1e6:,.1f} MB of memory available")
 
 
 def _one_line(error: BaseException) -> str:

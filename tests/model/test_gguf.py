@@ -1,0 +1,124 @@
+"""GGUF files read in place, end to end: tiny Llama and Qwen2 models written as llama.cpp writes
+them, in every weight type freespec reads, against transformers' own GGUF loading (which
+dequantizes with gguf's formulas): logits within fp32 tolerance and the same greedy tokens, the
+same bits as the dequantized model's weights taken from transformers, speculative == plain."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from freespec import kernels
+from freespec.api import Model
+from freespec.kernels import GGMLWeight, Stacked
+from freespec.model import loading
+from freespec.model.loading import load
+from freespec.model.runner import ModelRunner
+from tests.helpers import (
+    PROMPTS,
+    assert_matches_transformers,
+    assert_same_bits,
+    model_for,
+    runner_for,
+    write_gguf,
+)
+
+BLOCK_32_TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
+K_QUANT_TYPES = ["Q4_K", "Q5_K", "Q6_K"]
+Q4_K_M_LIKE = {"default": "Q4_K", "attn_k": "Q5_K", "attn_v": "Q6_K", "ffn_up": "Q8_0", "ffn_down": "Q6_K",
+               "output": "Q6_K", "token_embd": "Q5_0"}
+"""A mix as llama.cpp's Q4_K_M makes one: q, k, v (and gate, up) of different types in one layer."""
+
+
+@pytest.fixture
+def written(tmp_path):
+    """(file, transformers' model of it) for a family, types and tying."""
+
+    def write(family: str, types, tied: bool = False):
+        path = write_gguf(tmp_path / "model.gguf", model_for(family, types, tied), types)
+        oracle = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
+        return path, oracle
+
+    return write
+
+
+@pytest.mark.parametrize("types", BLOCK_32_TYPES + K_QUANT_TYPES + ["Q4_K_M-like"])
+def test_a_tiny_llama_file_matches_transformers_gguf_loading(written, c_kernels, types):
+    path, oracle = written("llama", Q4_K_M_LIKE if types == "Q4_K_M-like" else types)
+    loaded = load(path)
+    assert_matches_transformers(ModelRunner(loaded.config, loaded.weights, c_kernels), oracle)
+    backends = [c_kernels, kernels.select(one_call_decoder=False), kernels.select("torch")]
+    for backend in backends:  # the file's blocks give the bits its dequantized fp32 weights give
+        assert_same_bits(ModelRunner(loaded.config, loaded.weights, backend), runner_for(oracle, backend, pack=False))
+
+
+@pytest.mark.parametrize("types", ["Q8_0", "Q5_1", "BF16"])
+def test_qwen2_with_biases_matches_transformers(written, c_kernels, types):
+    path, oracle = written("qwen2", types)
+    loaded = load(path)
+    assert loaded.weights.layers[0].qkv.bias is not None
+    assert_matches_transformers(ModelRunner(loaded.config, loaded.weights, c_kernels), oracle)
+    assert_same_bits(ModelRunner(loaded.config, loaded.weights, c_kernels), runner_for(oracle, c_kernels, pack=False))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_a_tied_head_is_the_embedding_matrix_itself(written, c_kernels, family):
+    path, oracle = written(family, "Q8_0", tied=True)
+    loaded = load(path)
+    assert loaded.weights.lm_head.weight is loaded.weights.embed
+    assert_matches_transformers(ModelRunner(loaded.config, loaded.weights, c_kernels), oracle)
+
+
+def test_matrices_are_the_files_bytes_in_their_own_format(written):
+    """No weight matrix is dequantized or copied, except the query and key rows llama.cpp
+    reordered: those are put back in their block format (rows are independent)."""
+    path, _ = written("llama", Q4_K_M_LIKE)
+    loaded = load(path)
+
+    def mapped(matrix: GGMLWeight) -> bool:  # a view of the mapped file (numpy keeps its name on views)
+        return isinstance(matrix.data, np.memmap) and Path(matrix.data.filename).resolve() == path.resolve()
+
+    layer = loaded.weights.layers[0]
+    q, k, v = layer.qkv.weight.parts
+    gate, up = layer.up.weight.parts
+    assert [part.type.name for part in (q, k, v, gate, up, layer.down.weight)] == [
+        "Q4_K", "Q5_K", "Q6_K", "Q4_K", "Q8_0", "Q6_K"]
+    assert isinstance(layer.qkv.weight, Stacked) and layer.qkv.weight.shape == (256 + 2 * 128, 256)
+    for matrix in (v, gate, up, layer.down.weight, layer.o.weight, loaded.weights.embed, loaded.weights.lm_head.weight):
+        assert isinstance(matrix, GGMLWeight) and mapped(matrix)
+    assert not mapped(q) and not mapped(k) and q.data.shape == (256, 144)  # reordered rows: a Q4_K copy
+    assert loaded.weights.embed.type.name == "Q5_0" and loaded.weights.lm_head.weight.type.name == "Q6_K"
+
+
+def test_the_cache_holds_metadata_only_and_a_second_load_reads_it(written, monkeypatch):
+    path, _ = written("llama", "Q4_0")
+    first = load(path)
+    cached = [file for file in loading.cache_dir().rglob("*") if file.is_file()]
+    assert cached and sum(file.stat().st_size for file in cached) < 2_000_000  # tokenizer and configs
+    assert not [file for file in cached if file.suffix in (".safetensors", ".bin", ".gguf")]
+
+    def no_second_read(*args, **kwargs):
+        raise AssertionError("transformers read the GGUF file again")
+
+    for reader in ("modeling_gguf_pytorch_utils.load_gguf_checkpoint", "integrations.gguf.read_gguf_metadata",
+                   "integrations.gguf.get_gguf_tokenizer"):
+        monkeypatch.setattr(f"transformers.{reader}", no_second_read)
+    second = load(path)
+    assert second.config.to_dict() == first.config.to_dict()
+    assert second.tokenizer.get_vocab() == first.tokenizer.get_vocab()
+
+
+@pytest.mark.parametrize("types", ["Q4_K_M-like", "Q8_0"])
+@pytest.mark.parametrize("drafter", ["recycling", "lookup"])
+def test_speculative_equals_plain_greedy_on_a_gguf_file(written, types, drafter):
+    path, _ = written("llama", Q4_K_M_LIKE if types == "Q4_K_M-like" else types)
+    model = Model(load(path), budget=8)
+    for prompt in PROMPTS:
+        plain = model.generate(prompt_ids=prompt, drafter="none", max_new_tokens=40)
+        fast = model.generate(prompt_ids=prompt, drafter=drafter, max_new_tokens=40)
+        assert fast.token_ids == plain.token_ids
+    assert max(fast.stats.draft_sizes) > 0  # drafts were verified
