@@ -11,6 +11,11 @@ Two tables:
 - ``formats``: every format at M = 1 and 4 (``--rows``) over a set of shapes, GB/s of weight
   bytes and the share of the measured read bandwidth (a vector sum over a 128 MB array, best of
   several, as ``benchmarks/roofline.py`` measures it).
+- ``resident``: the work of decoding alone: one 120 x 2048 matrix per format, which stays in the
+  L2 cache, on one thread, best of many short calls (which a busy machine rarely interrupts):
+  billions of weights per second at M = 1 and 4. Where this rate times the format's bytes per
+  weight times the threads is below the read bandwidth, the kernel is bound by its arithmetic,
+  not by memory.
 
 Each shape gets enough random matrices to stream ``--stream-mb`` per pass, far more than the
 last-level cache holds (like a model's consecutive layers, each comes from memory). Each call is
@@ -18,7 +23,7 @@ timed on its own, best of ``--repeats`` (a busy machine's interruptions drop out
 the sum of those times. The weights are random blocks with a real model's magnitudes (speed does
 not depend on their values).
 
-    python benchmarks/format_kernels.py [--table packed|formats|both] [--repeats 20]
+    PYTHONPATH=. python benchmarks/format_kernels.py [--table packed formats resident] [--repeats 20]
 """
 
 from __future__ import annotations
@@ -63,6 +68,21 @@ def random_weight(name: str, shape: tuple[int, int], generator: np.random.Genera
     return kernels.GGMLWeight(name, kernels.random_blocks(name, shape, generator, typical=0.01), shape)
 
 
+def random_weights(name: str, shape: tuple[int, int], stream_mb: float,
+                   generator: np.random.Generator) -> list[kernels.GGMLWeight]:
+    """Enough matrices of ``shape`` to hold ``stream_mb``: consecutive rows of one random matrix."""
+    rows, columns = shape
+    count = max(2, round(stream_mb * 1e6 / (rows * kernels.row_bytes(kernels.ggml_type(name), columns))))
+    whole = random_weight(name, (count * rows, columns), generator)
+    return [kernels.GGMLWeight(name, whole.data[index * rows:(index + 1) * rows], shape) for index in range(count)]
+
+
+def split_packed(whole: kernels.PackedWeight, count: int) -> list[kernels.PackedWeight]:
+    rows = whole.shape[0] // count
+    return [kernels.PackedWeight(whole.kind, whole.codes[index * rows:(index + 1) * rows],
+                                 whole.scales[index * rows:(index + 1) * rows]) for index in range(count)]
+
+
 class Calls:
     """One linear call per matrix, straight through ctypes, with its best time."""
 
@@ -94,10 +114,6 @@ def interleaved(groups: list[Calls], repeats: int) -> list[float]:
     return [group.pass_seconds for group in groups]
 
 
-def count_for(matrix_bytes: int, stream_mb: float) -> int:
-    return max(2, round(stream_mb * 1e6 / matrix_bytes))
-
-
 def packed_table(library: ctypes.CDLL, args: argparse.Namespace) -> None:
     print("\nNative GGML kernels vs packed q4/q8 (microseconds per call, best of repeats; ratio = packed / native)\n")
     print("| shape N x K | format | " + " | ".join(f"M={m} native / packed (ratio)" for m in PACKED_ROWS) + " |")
@@ -106,10 +122,10 @@ def packed_table(library: ctypes.CDLL, args: argparse.Namespace) -> None:
     totals = {name: [0.0, 0.0] for name in ("Q4_1", "Q8_0")}
     for shape in SMOLLM2_SHAPES + ONE_B_SHAPES:
         for name in ("Q4_1", "Q8_0"):
-            first = random_weight(name, shape, generator)
-            natives = [first] + [random_weight(name, shape, generator)
-                                 for _ in range(count_for(first.nbytes, args.stream_mb) - 1)]
-            packed = [repack(weight) for weight in natives]
+            natives = random_weights(name, shape, args.stream_mb, generator)
+            whole = kernels.GGMLWeight(name, np.concatenate([weight.data for weight in natives]),
+                                       (len(natives) * shape[0], shape[1]))
+            packed = split_packed(repack(whole), len(natives))
             x = torch.randn(3, shape[1])
             backend = kernels.select()
             assert torch.equal(backend.linear(x, natives[0]), backend.linear(x, packed[0])), "not the same weights"
@@ -136,24 +152,44 @@ def formats_table(library: ctypes.CDLL, args: argparse.Namespace, bandwidth: flo
     for name in args.formats:
         seconds, streamed, per_weight = [0.0] * len(args.rows), 0, 0.0
         for shape in shapes:
-            first = random_weight(name, shape, generator)
-            matrices = [first] + [random_weight(name, shape, generator)
-                                  for _ in range(count_for(first.nbytes, args.stream_mb / len(shapes)) - 1)]
+            matrices = random_weights(name, shape, args.stream_mb, generator)
             for index, rows in enumerate(args.rows):
                 seconds[index] += interleaved([Calls(library, matrices, rows)], args.repeats)[0]
-            streamed += first.nbytes * len(matrices)
-            per_weight = first.nbytes / (shape[0] * shape[1])
+            streamed += sum(matrix.nbytes for matrix in matrices)
+            per_weight = matrices[0].nbytes / (shape[0] * shape[1])
             del matrices
         cells = [f"{streamed / s / 1e9:.1f} ({100 * streamed / s / bandwidth:.0f}%)" for s in seconds]
         print(f"| {name} | {per_weight:.4g} | " + " | ".join(cells) + " |", flush=True)
 
 
+def resident_table(library: ctypes.CDLL, args: argparse.Namespace) -> None:
+    shape, threads = (120, 2048), torch.get_num_threads()
+    torch.set_num_threads(1)
+    print(f"\nDecoding alone: one {shape[0]} x {shape[1]} matrix in L2, one thread, best of "
+          f"{15 * args.repeats} calls (billions of weights per second, GB/s)\n")
+    print("| format | " + " | ".join(f"M={m}" for m in args.rows) + " |")
+    print("|---|" + "---|" * len(args.rows))
+    generator = np.random.default_rng(2)
+    for name in args.formats:
+        native = random_weight(name, shape, generator)
+        rows = [(name, native)] + ([(f"{name} packed", repack(native))] if name in ("Q4_1", "Q8_0") else [])
+        for label, matrix in rows:
+            cells = []
+            for m in args.rows:
+                seconds = interleaved([Calls(library, [matrix], m)], 15 * args.repeats)[0]
+                cells.append(f"{shape[0] * shape[1] / seconds / 1e9:.1f} ({matrix.nbytes / seconds / 1e9:.1f} GB/s)")
+            print(f"| {label} | " + " | ".join(cells) + " |", flush=True)
+    torch.set_num_threads(threads)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--table", choices=("packed", "formats", "both"), default="both")
+    parser.add_argument("--table", nargs="+", choices=("packed", "formats", "resident"),
+                        default=["packed", "formats", "resident"])
     parser.add_argument("--formats", nargs="+", default=FORMATS)
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 4], help="input rows M of the formats table")
-    parser.add_argument("--stream-mb", type=float, default=200.0, help="weight bytes per shape and pass")
+    parser.add_argument("--stream-mb", type=float, default=100.0,
+                        help="weight bytes per shape and pass (several times the last-level cache)")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=None, help="threads (default: torch's)")
     args = parser.parse_args()
@@ -167,10 +203,12 @@ def main() -> None:
     bandwidth = max(probe.read_bandwidth(array.data_ptr(), array.numel(), 10) for _ in range(4))
     del array
     print(f"{torch.get_num_threads()} threads, {backend.isa} build; read bandwidth {bandwidth / 1e9:.1f} GB/s")
-    if args.table in ("packed", "both"):
+    if "packed" in args.table:
         packed_table(backend.library, args)
-    if args.table in ("formats", "both"):
+    if "formats" in args.table:
         formats_table(backend.library, args, bandwidth)
+    if "resident" in args.table:
+        resident_table(backend.library, args)
 
 
 if __name__ == "__main__":
