@@ -4,8 +4,7 @@
 (torch's ops, the fallback); a :class:`freespec.model.runner.ModelRunner` takes one as an
 argument. Both offer the same operations: ``linear`` (over any :data:`~freespec.kernels.Matrix`),
 ``embed`` (rows of one), ``top_k``, ``argmax``, ``attention`` (the tree attention of one layer) and
-``decoder`` (all layers of a Llama-style model in one C call,
-None where not available).
+``decoder`` (all layers of a Llama-style model in one C call, None where not available).
 """
 
 from __future__ import annotations
@@ -350,8 +349,8 @@ class OneCallDecoder:
     def __init__(self, library: ctypes.CDLL, weights: ModelWeights):
         if not self.runs(weights):
             raise ValueError("the one-call decoder runs Llama-style models only (RMSNorm, rotary, SiLU-gated MLP)")
-        self._library = library
-        self._matrices: list[MatrixStruct] = []  # what the C structs point into, kept alive
+        self._library, self._weights = library, weights  # the weights: what the C structs point into
+        self._matrices: list[MatrixStruct] = []  # and the C descriptions of stacked parts
         h = self.heads = weights.heads
         self.hidden = weights.embed.shape[1]
         self.num_layers = len(weights.layers)

@@ -57,6 +57,11 @@ class PackedWeight:
         rows, columns = self.codes.shape
         return torch.Size([rows, columns * 2 if self.kind == "q4" else columns])
 
+    @property
+    def nbytes(self) -> int:
+        """The bytes a pass streams: codes and scales."""
+        return self.codes.nbytes + self.scales.nbytes
+
     @cached_property
     def dense(self) -> torch.Tensor:
         """The fp32 matrix [N, K], the same bits as the weight that was packed."""
@@ -156,7 +161,7 @@ class Stacked:
 
     @property
     def nbytes(self) -> int:
-        return sum(_nbytes(part) for part in self.parts)
+        return sum(part.nbytes for part in self.parts)
 
     def __repr__(self) -> str:
         return f"Stacked({', '.join(map(repr, self.parts))})"
@@ -176,12 +181,6 @@ the rows of several of these stacked."""
 def dense(matrix: Matrix) -> torch.Tensor:
     """The fp32 form [N, K] of any matrix (kept by a carrier once made: torch's fallback reads it)."""
     return matrix if isinstance(matrix, torch.Tensor) else matrix.dense
-
-
-def _nbytes(matrix: Matrix) -> int:
-    if isinstance(matrix, PackedWeight):
-        return matrix.codes.nbytes + matrix.scales.nbytes
-    return matrix.nbytes
 
 
 def pack_nibbles(codes: np.ndarray) -> np.ndarray:

@@ -103,9 +103,14 @@ static inline ivec fifth_bits(const uint8_t *qh_bytes, int e) {
 
 /* A format reads a row in units of GROUPS groups of 32 weights (one block; a K-quant's 256-weight
  * super-block is 8 groups). PREPARE(unit, params) computes a unit's per-group constants once per
- * row: weight = scale * code + offset, with scale[i], offset[i] for group i (Q6_K: for 16
- * weights, i = 2 group + e / 16). DECODE(unit, params, group, step) returns the group's weights
- * e .. e + LANES - 1, e = step * LANES. */
+ * row, DECODE(unit, params, group, step) returns the group's weights e .. e + LANES - 1, e = step *
+ * LANES: weight = scale * code + offset. A block's constants are two vectors (BlockParams), a
+ * K-quant's sixteen pairs of floats, broadcast as a group needs them (UnitParams: scale[i],
+ * offset[i] for group i; Q6_K: for 16 weights, i = 2 group + e / 16). */
+typedef struct {
+    vec scale, offset;
+} BlockParams;
+
 typedef struct {
     float scale[16], offset[16];
 } UnitParams;
@@ -114,48 +119,75 @@ static inline vec scaled_codes(const UnitParams *p, int index, ivec codes) {
     return vec_fma(vec_set1(p->scale[index]), ivec_to_vec(codes), vec_set1(p->offset[index]));
 }
 
+/* Lane `lane` of v in every lane. */
+static inline vec broadcast_lane(__m128 v, int lane) {
+#ifdef FREESPEC_AVX512
+    return _mm512_permutexvar_ps(_mm512_set1_epi32(lane), _mm512_castps128_ps512(v));
+#else
+    return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(v), _mm256_set1_epi32(lane));
+#endif
+}
+
+/* The block's first `fields` fp16 values (d; d and m) in fp32, lanes 0 and 1: one conversion for
+ * both, where converting each on its own cost twice the vector work. */
+static inline __m128 block_halves(const uint8_t *b, int fields) {
+    uint32_t bits = 0;
+    memcpy(&bits, b, 2 * fields);
+    return _mm_cvtph_ps(_mm_cvtsi32_si128((int)bits));
+}
+
+/* scale d, offset factor * d (d * (q - 8) = fma(d, q, -8 d) exactly, see the top) */
+static inline void d_prepare(const uint8_t *b, BlockParams *p, float factor) {
+    p->scale = broadcast_lane(block_halves(b, 1), 0);
+    p->offset = vec_mul(p->scale, vec_set1(factor));
+}
+
+/* scale d, offset m */
+static inline void dm_prepare(const uint8_t *b, BlockParams *p) {
+    const __m128 dm = block_halves(b, 2);
+    p->scale = broadcast_lane(dm, 0);
+    p->offset = broadcast_lane(dm, 1);
+}
+
+static inline vec block_codes(const BlockParams *p, ivec codes) {
+    return vec_fma(p->scale, ivec_to_vec(codes), p->offset);
+}
+
 /* the 32-weight blocks: element j < 16 is the low nibble of qs[j], 16 + j its high nibble */
-static inline void q4_0_prepare(const uint8_t *b, UnitParams *p) { /* d * (q - 8) */
-    p->scale[0] = f16_at(b);
-    p->offset[0] = -8.0f * p->scale[0];
-}
-static inline vec q4_0_decode(const uint8_t *b, const UnitParams *p, int group, int step) {
+static inline void q4_0_prepare(const uint8_t *b, BlockParams *p) { d_prepare(b, p, -8.0f); } /* d * (q - 8) */
+static inline vec q4_0_decode(const uint8_t *b, const BlockParams *p, int group, int step) {
     (void)group;
     const int e = step * LANES;
-    return scaled_codes(p, 0, nibbles(b + 2 + e % 16, e >= 16));
+    return block_codes(p, nibbles(b + 2 + e % 16, e >= 16));
 }
 
-static inline void q4_1_prepare(const uint8_t *b, UnitParams *p) { /* d * q + m */
-    p->scale[0] = f16_at(b);
-    p->offset[0] = f16_at(b + 2);
-}
-static inline vec q4_1_decode(const uint8_t *b, const UnitParams *p, int group, int step) {
+#define q4_1_prepare dm_prepare /* d * q + m */
+static inline vec q4_1_decode(const uint8_t *b, const BlockParams *p, int group, int step) {
     (void)group;
     const int e = step * LANES;
-    return scaled_codes(p, 0, nibbles(b + 4 + e % 16, e >= 16));
+    return block_codes(p, nibbles(b + 4 + e % 16, e >= 16));
 }
 
-static inline void q5_0_prepare(const uint8_t *b, UnitParams *p) { /* d * (q - 16) */
-    p->scale[0] = f16_at(b);
-    p->offset[0] = -16.0f * p->scale[0];
-}
-static inline vec q5_0_decode(const uint8_t *b, const UnitParams *p, int group, int step) {
+static inline void q5_0_prepare(const uint8_t *b, BlockParams *p) { d_prepare(b, p, -16.0f); } /* d * (q - 16) */
+static inline vec q5_0_decode(const uint8_t *b, const BlockParams *p, int group, int step) {
     (void)group;
     const int e = step * LANES;
-    return scaled_codes(p, 0, ivec_or(nibbles(b + 6 + e % 16, e >= 16), fifth_bits(b + 2, e)));
+    return block_codes(p, ivec_or(nibbles(b + 6 + e % 16, e >= 16), fifth_bits(b + 2, e)));
 }
 
-#define q5_1_prepare q4_1_prepare /* d * q + m */
-static inline vec q5_1_decode(const uint8_t *b, const UnitParams *p, int group, int step) {
+#define q5_1_prepare dm_prepare /* d * q + m */
+static inline vec q5_1_decode(const uint8_t *b, const BlockParams *p, int group, int step) {
     (void)group;
     const int e = step * LANES;
-    return scaled_codes(p, 0, ivec_or(nibbles(b + 8 + e % 16, e >= 16), fifth_bits(b + 4, e)));
+    return block_codes(p, ivec_or(nibbles(b + 8 + e % 16, e >= 16), fifth_bits(b + 4, e)));
 }
 
-static inline void q8_0_prepare(const uint8_t *b, UnitParams *p) { p->scale[0] = f16_at(b); } /* d * q */
-static inline vec q8_0_decode(const uint8_t *b, const UnitParams *p, int group, int step) {
+static inline void q8_0_prepare(const uint8_t *b, BlockParams *p) { /* d * q */
+    p->scale = broadcast_lane(block_halves(b, 1), 0);
+}
+static inline vec q8_0_decode(const uint8_t *b, const BlockParams *p, int group, int step) {
     (void)group;
-    return vec_mul(vec_set1(p->scale[0]), ivec_to_vec(widen_i8(b + 2 + step * LANES)));
+    return vec_mul(p->scale, ivec_to_vec(widen_i8(b + 2 + step * LANES)));
 }
 
 /* Q4_K, Q5_K: scale[j] = d * sc_j, offset[j] = -(dmin * m_j), with the 6-bit sc_j, m_j of
@@ -225,76 +257,95 @@ static inline vec q6_k_decode(const uint8_t *b, const UnitParams *p, int group, 
     return scaled_codes(p, 2 * group + step * LANES / 16, step_codes(codes, step));
 }
 
-/* BUFFER_ROWS weight rows times up to COLS input rows, decoded in registers. The rows' units
- * are visited unit-major: for each unit, PAIR rows at a time are decoded and multiplied, their
- * accumulators loaded from and stored back to a small array in L1. So the next rows' work does
- * not wait for the FMA chains in flight, and the out-of-order core overlaps a chain's latency
- * (4 cycles an FMA) with decoding. Keeping every accumulator in registers instead ran out of
- * AVX2's 16 (GCC spilled them, and the chains then went through memory at every FMA), and
- * decoding into an fp32 buffer first cost a store per vector: on Zen 3 this order measured
- * 1.2-2x faster than either at 1-4 rows. The per-output arithmetic is the fp32 kernel's: one
- * FMA chain over k in steps of LANES, in order, then tile_sums (a round trip through memory
- * leaves a value's bits alone). */
-#define DEFINE_FORMAT_TILE(NAME, PAIR, COLS, GROUPS, UNIT_BYTES, PREPARE, DECODE)                \
-    static inline void NAME(const float *x, const uint8_t *w, float *y, int64_t N, int64_t K) { \
+/* ROWS weight rows times COLS input rows, decoded in registers with every accumulator in a
+ * register, unit after unit: the tile for 1 to 3 input rows (and 4 with AVX-512), with as many
+ * weight rows as the packed q4/q8 tiles hold (ONE_ROWS, TWO_ROWS, THREE_ROWS, FOUR_ROWS: see
+ * kernels.c). Measured on Zen 3 (AVX2) against the unit-major tile below: 14-16% faster for the
+ * K-quants at one row, 5-15% for the 32-weight blocks at 2 and 3 rows, the same otherwise. The
+ * per-output arithmetic is the fp32 kernel's: one FMA chain over k in steps of LANES, in order,
+ * then tile_sums. */
+#define DEFINE_FORMAT_REGISTER_TILE(NAME, ROWS, COLS, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE) \
+    static inline void NAME##_rows(const float *x, const uint8_t *w, float *y, int64_t ldy, int64_t K) { \
         const int64_t units = K / (32 * GROUPS), row_bytes = units * UNIT_BYTES;                 \
-        vec acc[BUFFER_ROWS][COLS];                                                              \
-        for (int i = 0; i < BUFFER_ROWS; i++)                                                    \
-            for (int j = 0; j < COLS; j++) acc[i][j] = vec_zero();                               \
+        vec acc[ROWS][COLS];                                                                     \
+        _Pragma("GCC unroll 8") for (int i = 0; i < ROWS; i++)                                   \
+            _Pragma("GCC unroll 4") for (int j = 0; j < COLS; j++) acc[i][j] = vec_zero();      \
         for (int64_t u = 0; u < units; u++) {                                                    \
             const float *xu = x + u * GROUPS * 32;                                               \
-            _Pragma("GCC unroll 1") for (int i = 0; i < BUFFER_ROWS; i += PAIR) {                \
-                const uint8_t *unit[PAIR];                                                       \
-                UnitParams params[PAIR];                                                         \
-                vec a[PAIR][COLS];                                                               \
-                _Pragma("GCC unroll 2") for (int r = 0; r < PAIR; r++) {                         \
-                    unit[r] = w + (i + r) * row_bytes + u * UNIT_BYTES;                          \
-                    PREPARE(unit[r], &params[r]);                                                \
-                    _Pragma("GCC unroll 4") for (int j = 0; j < COLS; j++) a[r][j] = acc[i + r][j]; \
-                }                                                                                \
-                _Pragma("GCC unroll 8") for (int g = 0; g < GROUPS; g++)                         \
-                    _Pragma("GCC unroll 4") for (int s = 0; s < STEPS; s++) {                    \
-                        vec xv[COLS];                                                            \
-                        _Pragma("GCC unroll 4") for (int j = 0; j < COLS; j++)                   \
-                            xv[j] = vec_load(xu + j * K + g * 32 + s * LANES);                   \
-                        _Pragma("GCC unroll 2") for (int r = 0; r < PAIR; r++) {                 \
-                            const vec wv = DECODE(unit[r], &params[r], g, s);                    \
-                            _Pragma("GCC unroll 4") for (int j = 0; j < COLS; j++)               \
-                                a[r][j] = vec_fma(wv, xv[j], a[r][j]);                           \
-                        }                                                                        \
-                    }                                                                            \
-                _Pragma("GCC unroll 2") for (int r = 0; r < PAIR; r++)                           \
-                    _Pragma("GCC unroll 4") for (int j = 0; j < COLS; j++) acc[i + r][j] = a[r][j]; \
+            const uint8_t *unit[ROWS];                                                           \
+            PARAMS params[ROWS];                                                                 \
+            _Pragma("GCC unroll 8") for (int r = 0; r < ROWS; r++) {                             \
+                unit[r] = w + r * row_bytes + u * UNIT_BYTES;                                    \
+                PREPARE(unit[r], &params[r]);                                                    \
             }                                                                                    \
+            _Pragma("GCC unroll 8") for (int g = 0; g < GROUPS; g++)                             \
+                _Pragma("GCC unroll 4") for (int s = 0; s < STEPS; s++) {                        \
+                    vec xv[COLS];                                                                \
+                    _Pragma("GCC unroll 4") for (int j = 0; j < COLS; j++)                       \
+                        xv[j] = vec_load(xu + j * K + g * 32 + s * LANES);                       \
+                    _Pragma("GCC unroll 8") for (int r = 0; r < ROWS; r++) {                     \
+                        const vec wv = DECODE(unit[r], &params[r], g, s);                        \
+                        _Pragma("GCC unroll 4") for (int j = 0; j < COLS; j++)                   \
+                            acc[r][j] = vec_fma(wv, xv[j], acc[r][j]);                           \
+                    }                                                                            \
+                }                                                                                \
         }                                                                                        \
-        tile_sums(&acc[0][0], BUFFER_ROWS, COLS, COLS, y, N);                                    \
+        tile_sums(&acc[0][0], ROWS, COLS, COLS, y, ldy);                                         \
+    }                                                                                            \
+    /* BUFFER_ROWS weight rows as BUFFER_ROWS / ROWS tiles */                                    \
+    static inline void NAME(const float *x, const uint8_t *w, float *y, int64_t ldy, int64_t K) { \
+        const int64_t row_bytes = K / (32 * GROUPS) * UNIT_BYTES;                                \
+        for (int r = 0; r < BUFFER_ROWS; r += ROWS) NAME##_rows(x, w + r * row_bytes, y + r, ldy, K); \
     }
 
-/* Rows decoded together for 1, 2, 3 and 4 input rows (AVX2: 1 for four, whose 4 inputs and
- * 2 x 4 accumulators would not fit beside the decoding), and the most input rows decoded in
- * registers: more take an fp32 buffer of BUFFER_ROWS decoded rows and the plain tiles, which
- * decodes each weight once whatever M is. */
 #ifdef FREESPEC_AVX512
-#define FORMAT_PAIR_1 2
-#define FORMAT_PAIR_2 2
-#define FORMAT_PAIR_3 2
-#define FORMAT_PAIR_4 2
+#define DEFINE_FORMAT_FOUR_TILE(NAME, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)               \
+    DEFINE_FORMAT_REGISTER_TILE(NAME, FOUR_ROWS, 4, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)
 #else
-#define FORMAT_PAIR_1 2
-#define FORMAT_PAIR_2 2
-#define FORMAT_PAIR_3 2
-#define FORMAT_PAIR_4 1
+/* AVX2, four input rows: BUFFER_ROWS weight rows visited unit-major, one row's unit at a time,
+ * its accumulators loaded from and stored back to a small array in L1. Four inputs and four
+ * accumulators per row beside the decoding fill AVX2's 16 registers, so a register tile of even
+ * one row spills; here the out-of-order core overlaps one row's FMA chains (4 cycles an FMA) with
+ * the next row's decoding. On Zen 3: 5-10% faster than a one-row register tile, and than
+ * decoding into an fp32 buffer first (a store per vector). The per-output arithmetic is the fp32
+ * kernel's (a round trip through memory leaves a value's bits alone). */
+#define DEFINE_FORMAT_FOUR_TILE(NAME, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)               \
+    static inline void NAME(const float *x, const uint8_t *w, float *y, int64_t ldy, int64_t K) { \
+        const int64_t units = K / (32 * GROUPS), row_bytes = units * UNIT_BYTES;                 \
+        vec acc[BUFFER_ROWS][4];                                                                 \
+        for (int i = 0; i < BUFFER_ROWS; i++)                                                    \
+            for (int j = 0; j < 4; j++) acc[i][j] = vec_zero();                                  \
+        for (int64_t u = 0; u < units; u++) {                                                    \
+            const float *xu = x + u * GROUPS * 32;                                               \
+            _Pragma("GCC unroll 1") for (int i = 0; i < BUFFER_ROWS; i++) {                      \
+                const uint8_t *unit = w + i * row_bytes + u * UNIT_BYTES;                        \
+                PARAMS params;                                                                   \
+                PREPARE(unit, &params);                                                          \
+                vec a[4];                                                                        \
+                _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) a[j] = acc[i][j];            \
+                _Pragma("GCC unroll 8") for (int g = 0; g < GROUPS; g++)                         \
+                    _Pragma("GCC unroll 4") for (int s = 0; s < STEPS; s++) {                    \
+                        const vec wv = DECODE(unit, &params, g, s);                              \
+                        _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++)                      \
+                            a[j] = vec_fma(wv, vec_load(xu + j * K + g * 32 + s * LANES), a[j]); \
+                    }                                                                            \
+                _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) acc[i][j] = a[j];            \
+            }                                                                                    \
+        }                                                                                        \
+        tile_sums(&acc[0][0], BUFFER_ROWS, 4, 4, y, ldy);                                        \
+    }
 #endif
-#define FORMAT_WIDE_COLS 4
+#define FORMAT_WIDE_COLS 4 /* more input rows take an fp32 buffer of BUFFER_ROWS decoded rows and
+                            * the plain tiles, which decodes each weight once whatever M is */
 
 /* Decodes `rows` weight rows into buffer [rows, K] (fp32). */
-#define DEFINE_FORMAT_DECODE_ROWS(NAME, GROUPS, UNIT_BYTES, PREPARE, DECODE)                     \
+#define DEFINE_FORMAT_DECODE_ROWS(NAME, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)                     \
     static void NAME(const uint8_t *w, int64_t rows, int64_t K, float *buffer) {                 \
         const int64_t units = K / (32 * GROUPS), row_bytes = units * UNIT_BYTES;                 \
         for (int64_t r = 0; r < rows; r++)                                                       \
             for (int64_t u = 0; u < units; u++) {                                                \
                 const uint8_t *unit = w + r * row_bytes + u * UNIT_BYTES;                        \
-                UnitParams params;                                                               \
+                PARAMS params;                                                                   \
                 PREPARE(unit, &params);                                                          \
                 _Pragma("GCC unroll 8") for (int g = 0; g < GROUPS; g++)                         \
                     _Pragma("GCC unroll 4") for (int s = 0; s < STEPS; s++)                      \
@@ -306,12 +357,12 @@ static inline vec q6_k_decode(const uint8_t *b, const UnitParams *p, int group, 
  * tiles up to FORMAT_WIDE_COLS input rows, else the rows decoded into an fp32 buffer (in cache)
  * for the plain tiles; the rows of a last partial block likewise, one plain 1 x 1 tile each.
  * NAME(matrix, x, y, M, ldy): output row m at y + m * ldy; NAME##_row: weight row r as fp32. */
-#define DEFINE_FORMAT_LINEAR(NAME, GROUPS, UNIT_BYTES, PREPARE, DECODE)                          \
-    DEFINE_FORMAT_TILE(NAME##_one, FORMAT_PAIR_1, 1, GROUPS, UNIT_BYTES, PREPARE, DECODE)        \
-    DEFINE_FORMAT_TILE(NAME##_two, FORMAT_PAIR_2, 2, GROUPS, UNIT_BYTES, PREPARE, DECODE)        \
-    DEFINE_FORMAT_TILE(NAME##_three, FORMAT_PAIR_3, 3, GROUPS, UNIT_BYTES, PREPARE, DECODE)      \
-    DEFINE_FORMAT_TILE(NAME##_four, FORMAT_PAIR_4, 4, GROUPS, UNIT_BYTES, PREPARE, DECODE)       \
-    DEFINE_FORMAT_DECODE_ROWS(NAME##_decode_rows, GROUPS, UNIT_BYTES, PREPARE, DECODE)           \
+#define DEFINE_FORMAT_LINEAR(NAME, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)                          \
+    DEFINE_FORMAT_REGISTER_TILE(NAME##_one, ONE_ROWS, 1, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)    \
+    DEFINE_FORMAT_REGISTER_TILE(NAME##_two, TWO_ROWS, 2, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)    \
+    DEFINE_FORMAT_REGISTER_TILE(NAME##_three, THREE_ROWS, 3, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE) \
+    DEFINE_FORMAT_FOUR_TILE(NAME##_four, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)                   \
+    DEFINE_FORMAT_DECODE_ROWS(NAME##_decode_rows, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)           \
     static void NAME##_row(const Matrix *matrix, int64_t r, float *out) {                        \
         const int64_t row_bytes = matrix->K / (32 * GROUPS) * UNIT_BYTES;                        \
         NAME##_decode_rows((const uint8_t *)matrix->data + r * row_bytes, 1, matrix->K, out);    \
@@ -348,14 +399,14 @@ static inline vec q6_k_decode(const uint8_t *b, const UnitParams *p, int group, 
         }                                                                                        \
     }
 
-DEFINE_FORMAT_LINEAR(q4_0_linear, 1, Q4_0_BYTES, q4_0_prepare, q4_0_decode)
-DEFINE_FORMAT_LINEAR(q4_1_linear, 1, Q4_1_BYTES, q4_1_prepare, q4_1_decode)
-DEFINE_FORMAT_LINEAR(q5_0_linear, 1, Q5_0_BYTES, q5_0_prepare, q5_0_decode)
-DEFINE_FORMAT_LINEAR(q5_1_linear, 1, Q5_1_BYTES, q5_1_prepare, q5_1_decode)
-DEFINE_FORMAT_LINEAR(q8_0_linear, 1, Q8_0_BYTES, q8_0_prepare, q8_0_decode)
-DEFINE_FORMAT_LINEAR(q4_k_linear, 8, Q4_K_BYTES, k_prepare, q4_k_decode)
-DEFINE_FORMAT_LINEAR(q5_k_linear, 8, Q5_K_BYTES, k_prepare, q5_k_decode)
-DEFINE_FORMAT_LINEAR(q6_k_linear, 8, Q6_K_BYTES, q6_k_prepare, q6_k_decode)
+DEFINE_FORMAT_LINEAR(q4_0_linear, 1, Q4_0_BYTES, BlockParams, q4_0_prepare, q4_0_decode)
+DEFINE_FORMAT_LINEAR(q4_1_linear, 1, Q4_1_BYTES, BlockParams, q4_1_prepare, q4_1_decode)
+DEFINE_FORMAT_LINEAR(q5_0_linear, 1, Q5_0_BYTES, BlockParams, q5_0_prepare, q5_0_decode)
+DEFINE_FORMAT_LINEAR(q5_1_linear, 1, Q5_1_BYTES, BlockParams, q5_1_prepare, q5_1_decode)
+DEFINE_FORMAT_LINEAR(q8_0_linear, 1, Q8_0_BYTES, BlockParams, q8_0_prepare, q8_0_decode)
+DEFINE_FORMAT_LINEAR(q4_k_linear, 8, Q4_K_BYTES, UnitParams, k_prepare, q4_k_decode)
+DEFINE_FORMAT_LINEAR(q5_k_linear, 8, Q5_K_BYTES, UnitParams, k_prepare, q5_k_decode)
+DEFINE_FORMAT_LINEAR(q6_k_linear, 8, Q6_K_BYTES, UnitParams, q6_k_prepare, q6_k_decode)
 
 /* 16-bit weights [N, K], any K: the fp32 kernel's tiles (DEFINE_LOAD_TILE) with a converting load
  * (16-bit floats widen to fp32 exactly), so the arithmetic, the K % LANES tail included, is the
