@@ -17,6 +17,7 @@ import torch
 from transformers import DynamicCache
 
 import freespec
+from freespec.model.loading import from_transformers
 from freespec.model.runner import ModelRunner
 
 SIZES = (1, 2, 4, 8, 16, 32)
@@ -61,6 +62,12 @@ def runner_costs(runner: ModelRunner, context: torch.Tensor, repeats: int) -> di
     return costs
 
 
+def fp32_runner(model: freespec.Model) -> ModelRunner:
+    """A runner over the transformers model's fp32 weights (for a GGUF file: dequantized)."""
+    loaded = from_transformers(model.hf_model, model.tokenizer, model.name, pack=False)
+    return ModelRunner(loaded.config, loaded.weights, model.runner.kernels)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="model (default: the embedded SmolLM2-135M-Instruct)")
@@ -71,8 +78,8 @@ def main() -> None:
     rows = {
         "transformers stock forward": transformers_costs(model.hf_model, context, args.repeats),
         "freespec runner, fp32 weights":
-            runner_costs(ModelRunner(model.hf_model, model.runner.kernels, pack=False), context, args.repeats),
-        f"freespec runner, {'/'.join(model.runner.weight_formats)} blocks (default)":
+            runner_costs(fp32_runner(model), context, args.repeats),
+        f"freespec runner, {'/'.join(model.runner.weight_formats)} (default)":
             runner_costs(model.runner, context, args.repeats),
     }
     print(f"{torch.get_num_threads()} threads, {CONTEXT} cached tokens, median of {args.repeats}, ms\n")

@@ -1,8 +1,13 @@
-"""The embedded SmolLM2-135M-Instruct: speculative output equals plain greedy, token for token."""
+"""The embedded SmolLM2-135M-Instruct: read in place from its GGUF file, the greedy output it gave
+before (when it went through an fp32 conversion), and speculative output equal to plain greedy."""
+
+import json
+from pathlib import Path
 
 import pytest
 
 import freespec
+from freespec.kernels import GGMLWeight, Stacked
 
 pytestmark = pytest.mark.real_model  # the real SmolLM2-135M GGUF: skip with -m 'not real_model'
 
@@ -16,6 +21,24 @@ PROMPTS = [
 @pytest.fixture(scope="module")
 def model():
     return freespec.load()
+
+
+def test_the_greedy_output_is_what_the_fp32_conversion_gave(model):
+    """Recorded with the previous loader (GGUF → transformers fp32 → exact Q4_1/Q8_0 blocks
+    recovered): the weights read in place are the same numbers, so every token is the same."""
+    recorded = json.loads((Path(__file__).parent / "data" / "smollm2_greedy.json").read_text())
+    for kind, outputs in recorded.items():
+        for prompt, expected in outputs.items():
+            result = model.generate(prompt, drafter="none", max_new_tokens=64, chat=kind == "chat")
+            assert result.token_ids == expected, (kind, prompt)
+
+
+def test_the_weights_are_the_files_blocks(model):
+    layer = model.runner.weights.layers[0]
+    assert isinstance(layer.qkv.weight, Stacked) and {part.type.name for part in layer.qkv.weight.parts} == {"Q4_1"}
+    assert isinstance(model.runner.weights.embed, GGMLWeight) and model.runner.weights.embed.type.name == "Q8_0"
+    assert model.runner.weights.lm_head.weight is model.runner.weights.embed  # tied
+    assert model.runner.weight_formats == ["Q4_1", "Q8_0"]
 
 
 def test_recycling_equals_plain_on_the_real_model(model):
