@@ -26,6 +26,7 @@ from freespec.engine.sampling import (  # light: no torch
     SamplingParams,
 )
 from freespec.paths import AtomicFile
+from freespec.serve import DEFAULT_PREFIX_CACHE_MB
 
 if TYPE_CHECKING:
     from freespec.api import Model
@@ -138,6 +139,16 @@ def _positive_seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
+def _megabytes(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of megabytes, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of megabytes >= 0, got {text}")
     return value
 
 
@@ -254,7 +265,10 @@ def _parser() -> argparse.ArgumentParser:
                             "repeat it for several tenants (default: $FREESPEC_API_KEY)")
     serve.add_argument("--no-prefix-reuse", dest="prefix_reuse", action="store_false",
                        help="prefill every prompt whole; by default a request reuses the cache rows of its "
-                            "tenant's (API key's) previous request where the prompts agree")
+                            "tenant's (API key's) earlier prompts where they agree")
+    serve.add_argument("--prefix-cache-mb", type=_megabytes, default=DEFAULT_PREFIX_CACHE_MB, metavar="MB",
+                       help="memory for the cache rows of earlier prompts, every tenant's together, least recently "
+                            f"used dropped first; 0 keeps only the last request's (default: {DEFAULT_PREFIX_CACHE_MB})")
     serve.add_argument("--request-timeout", type=_positive_seconds, metavar="SECONDS",
                        help="stop a request this long after it arrived, queueing and prefill included, "
                             "and answer 504 (default: no limit)")
@@ -579,7 +593,7 @@ def _serve(args: argparse.Namespace) -> None:
                      served_name=args.served_model_name, drafter=args.drafter, drafters=drafters,
                      max_tokens=args.max_tokens, max_queue=args.max_queue, api_keys=api_keys,
                      max_body_bytes=args.max_body_bytes, prefix_reuse=args.prefix_reuse,
-                     request_timeout=args.request_timeout)
+                     request_timeout=args.request_timeout, prefix_cache_mb=args.prefix_cache_mb)
     except ValueError as error:
         raise UsageError(str(error)) from None
     except OSError as error:

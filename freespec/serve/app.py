@@ -7,8 +7,8 @@ fault inside freespec is a 500 for that request only (its details go to the log,
 and the server keeps serving.
 
 Tenancy: the API key a request presents (``Authorization: Bearer KEY``; none is a tenant of its
-own) is its tenant. A request reuses the KV-cache rows of the previous request's prompt only when
-both come from the same tenant, so one client cannot read another's prompt from
+own) is its tenant. A request reuses the KV-cache rows of earlier prompts of its own tenant only
+(the prefix cache keeps one tree per tenant), so one client cannot read another's prompt from
 ``cached_tokens`` or prefill time.
 """
 
@@ -42,6 +42,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from freespec.api import Model
 from freespec.drafters import FACTORIES, check_name
+from freespec.serve import DEFAULT_PREFIX_CACHE_MB
 from freespec.serve.scheduler import (
     Delta,
     Failed,
@@ -178,7 +179,7 @@ class _Service:
     """State shared by the routes: the model, the scheduler and the server's settings."""
 
     def __init__(self, model: Model, served_name: str, drafter: str, drafters: Sequence[str], max_tokens: int,
-                 max_queue: int, prefix_reuse: bool, request_timeout: float | None):
+                 max_queue: int, prefix_reuse: bool, request_timeout: float | None, prefix_cache_mb: float):
         self.model, self.served_name, self.max_tokens = model, served_name, max_tokens
         self.drafter = canonical_drafter(drafter)
         self.drafters = tuple(dict.fromkeys([self.drafter, *map(canonical_drafter, drafters)]))
@@ -189,7 +190,7 @@ class _Service:
         self._encoding = threading.Lock()  # a fast tokenizer must not encode twice at once
         decoder = copy.deepcopy(model.tokenizer)  # the generation thread's own: encoding never holds it up
         self.scheduler = Scheduler(model, max_queue, lambda ids: decoder.decode(ids, skip_special_tokens=True),
-                                   prefix_reuse, request_timeout)
+                                   prefix_reuse, request_timeout, prefix_cache_mb)
 
     async def admit(self, endpoint: str, body: RequestBody, tenant: str | None) -> Job:
         """Check a request, encode its prompt and queue it; raise ApiError if it cannot run.
@@ -316,20 +317,23 @@ async def _watch_disconnect(request: Request, job: Job) -> None:
 def create_app(model: Model, *, served_name: str | None = None, drafter: str = "recycling",
                drafters: Sequence[str] = ("none",), max_tokens: int = 256, max_queue: int = 64,
                api_keys: Sequence[str] = (), max_body_bytes: int = 1 << 20, prefix_reuse: bool = True,
-               request_timeout: float | None = None) -> FastAPI:
+               request_timeout: float | None = None, prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB) -> FastAPI:
     """The ASGI app serving ``model``; its generation thread runs while the app's lifespan does.
 
     ``drafters``: the drafters a request may name besides ``drafter`` (each is built once and kept).
     ``api_keys``: any of them opens the API; each key is a tenant of its own. ``prefix_reuse``:
-    let a request reuse the prompt rows its tenant's previous request left. ``request_timeout``:
-    seconds from arrival after which a request is stopped (504), queueing and prefill included.
+    let a request reuse the prompt rows of its tenant's earlier requests; ``prefix_cache_mb``: the
+    memory those rows may take (0: only the previous request's). ``request_timeout``: seconds from
+    arrival after which a request is stopped (504), queueing and prefill included.
     """
     for name, value in (("max_tokens", max_tokens), ("max_queue", max_queue), ("max_body_bytes", max_body_bytes),
                         ("request_timeout", request_timeout)):
         if value is not None and value <= 0:
             raise ValueError(f"{name} must be positive, got {value}")
+    if prefix_cache_mb < 0:
+        raise ValueError(f"prefix_cache_mb must be >= 0, got {prefix_cache_mb}")
     service = _Service(model, served_name or model.name, drafter, drafters, max_tokens, max_queue, prefix_reuse,
-                       request_timeout)
+                       request_timeout, prefix_cache_mb)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):

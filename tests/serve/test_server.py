@@ -348,12 +348,14 @@ def test_serve_command_passes_its_options(tiny_model_dir, monkeypatch):
     assert options == {"host": "127.0.0.1", "port": 8000, "log_level": "warning", "served_name": None,
                        "drafter": "recycling", "drafters": ["none"], "max_tokens": 256, "max_queue": 3,
                        "api_keys": ["from-env"], "max_body_bytes": 1 << 20, "prefix_reuse": True,
-                       "request_timeout": None}
+                       "request_timeout": None, "prefix_cache_mb": 512}
     assert main(["serve", "--model", str(tiny_model_dir), "--quiet", "--drafters", "lookup+recycling,none",
-                 "--api-key", "a", "--api-key", "b", "--no-prefix-reuse", "--request-timeout", "2.5"]) == 0
+                 "--api-key", "a", "--api-key", "b", "--no-prefix-reuse", "--request-timeout", "2.5",
+                 "--prefix-cache-mb", "0.5"]) == 0
     options = calls[1][1]
     assert options["drafters"] == ["lookup+recycling", "none"] and options["api_keys"] == ["a", "b"]
     assert options["prefix_reuse"] is False and options["request_timeout"] == 2.5
+    assert options["prefix_cache_mb"] == 0.5
 
 
 def test_serve_reports_a_taken_port(tiny_model_dir, capsys):
