@@ -279,6 +279,11 @@ def _parser() -> argparse.ArgumentParser:
                        help="requests that may wait (being tokenized or queued); more get 429 (default: 64)")
     serve.add_argument("--max-body-bytes", type=_positive_int, default=1 << 20, metavar="N",
                        help="largest request body (default: 1 MiB)")
+    serve.add_argument("--replicas", type=_positive_int, metavar="N",
+                       help="serve N copies of the model behind Ray Serve on a local Ray instance, each "
+                            "conversation kept on one copy; --threads is then per copy (default: the cores "
+                            "shared out) and --max-queue per copy (needs: pip install 'freespec[ray]'; "
+                            "default: one copy in this process, no Ray)")
     serve.set_defaults(run=_serve)
     return parser
 
@@ -583,6 +588,8 @@ def _serve(args: argparse.Namespace) -> None:
     _check_draft_model([args.drafter, *drafters], args)
     if warning := server.exposure_warning(args.host, api_keys):
         print(f"[freespec] {warning}", file=sys.stderr)
+    if args.replicas:
+        return _serve_replicas(args, api_keys, drafters)
     model = _load(args)
     if not args.quiet:
         where = f"http://{args.host}:{args.port}/v1"
@@ -598,3 +605,33 @@ def _serve(args: argparse.Namespace) -> None:
         raise UsageError(str(error)) from None
     except OSError as error:
         raise UsageError(f"cannot listen on {args.host}:{args.port}: {error.strerror or error}") from None
+
+
+def _serve_replicas(args: argparse.Namespace, api_keys: list[str], drafters: list[str]) -> None:
+    """``serve --replicas N``: the model is loaded by each replica, not here; a model that cannot
+    be found is a usage error before Ray starts."""
+    from freespec.model.loading import ModelLoadError, resolve
+
+    try:
+        from freespec.serve import replicas
+    except ImportError:
+        raise UsageError("--replicas needs Ray Serve: pip install 'freespec[ray]'") from None
+    try:
+        _, name = resolve(args.model)  # converts a GGUF once, for every replica
+    except ModelLoadError as error:
+        raise UsageError(str(error)) from None
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.replicas)
+    options = {"model": args.model, "threads": threads, "tree_shape": args.tree, "datastore": args.datastore,
+               "draft_model": args.draft_model, "served_name": args.served_model_name, "drafter": args.drafter,
+               "drafters": drafters, "max_tokens": args.max_tokens, "max_queue": args.max_queue,
+               "prefix_reuse": args.prefix_reuse, "request_timeout": args.request_timeout,
+               "prefix_cache_mb": args.prefix_cache_mb, "replicas": args.replicas, "api_keys": api_keys,
+               "max_body_bytes": args.max_body_bytes}
+    if not args.quiet:
+        print(f"[freespec] serving {args.served_model_name or name} at http://{args.host}:{args.port}/v1 on "
+              f"{args.replicas} replicas of {threads} thread(s) (Ray Serve){' (API key required)' if api_keys else ''}",
+              file=sys.stderr)
+    try:
+        replicas.serve_replicas(options, args.host, args.port)
+    except ValueError as error:
+        raise UsageError(str(error)) from None

@@ -175,8 +175,13 @@ class _Guard:
 # ---------------------------------------------------------------- admission
 
 
-class _Service:
-    """State shared by the routes: the model, the scheduler and the server's settings."""
+class Service:
+    """What the routes serve from: the model, its scheduler and the server's settings, in this process.
+
+    The routes (:func:`build_app`) use ``served_name``, ``created``, ``context``, ``metrics``,
+    :meth:`admit`, :meth:`health`, :meth:`start`, :meth:`stop` and :meth:`close`; the Ray Serve
+    ingress (:mod:`freespec.serve.replicas`) offers the same over replicas of this one.
+    """
 
     def __init__(self, model: Model, served_name: str, drafter: str, drafters: Sequence[str], max_tokens: int,
                  max_queue: int, prefix_reuse: bool, request_timeout: float | None, prefix_cache_mb: float):
@@ -191,6 +196,24 @@ class _Service:
         decoder = copy.deepcopy(model.tokenizer)  # the generation thread's own: encoding never holds it up
         self.scheduler = Scheduler(model, max_queue, lambda ids: decoder.decode(ids, skip_special_tokens=True),
                                    prefix_reuse, request_timeout, prefix_cache_mb)
+        self.metrics = self.scheduler.metrics
+
+    def start(self) -> None:
+        self.scheduler.start()
+
+    async def stop(self) -> None:
+        await asyncio.to_thread(self.scheduler.stop)
+
+    def close(self) -> None:
+        """End every open answer now (the server is stopping)."""
+        self.scheduler.close()
+
+    async def health(self) -> tuple[bool, dict]:
+        """Whether a request can be served, and what /health says."""
+        if self.scheduler.alive:
+            return True, {"status": "ok", "queue_depth": self.scheduler.depth}
+        return False, {"status": "unavailable", "queue_depth": self.scheduler.depth,
+                       "reason": "the generation thread is not running"}
 
     async def admit(self, endpoint: str, body: RequestBody, tenant: str | None) -> Job:
         """Check a request, encode its prompt and queue it; raise ApiError if it cannot run.
@@ -326,25 +349,42 @@ def create_app(model: Model, *, served_name: str | None = None, drafter: str = "
     memory those rows may take (0: only the previous request's). ``request_timeout``: seconds from
     arrival after which a request is stopped (504), queueing and prefill included.
     """
-    for name, value in (("max_tokens", max_tokens), ("max_queue", max_queue), ("max_body_bytes", max_body_bytes),
-                        ("request_timeout", request_timeout)):
+    return build_app(create_service(model, served_name=served_name, drafter=drafter, drafters=drafters,
+                                    max_tokens=max_tokens, max_queue=max_queue, prefix_reuse=prefix_reuse,
+                                    request_timeout=request_timeout, prefix_cache_mb=prefix_cache_mb),
+                     api_keys=api_keys, max_body_bytes=max_body_bytes)
+
+
+def create_service(model: Model, *, served_name: str | None = None, drafter: str = "recycling",
+                   drafters: Sequence[str] = ("none",), max_tokens: int = 256, max_queue: int = 64,
+                   prefix_reuse: bool = True, request_timeout: float | None = None,
+                   prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB) -> Service:
+    """The :class:`Service` of :func:`create_app` (its options), checked; not started."""
+    for name, value in (("max_tokens", max_tokens), ("max_queue", max_queue), ("request_timeout", request_timeout)):
         if value is not None and value <= 0:
             raise ValueError(f"{name} must be positive, got {value}")
     if prefix_cache_mb < 0:
         raise ValueError(f"prefix_cache_mb must be >= 0, got {prefix_cache_mb}")
-    service = _Service(model, served_name or model.name, drafter, drafters, max_tokens, max_queue, prefix_reuse,
-                       request_timeout, prefix_cache_mb)
+    return Service(model, served_name or model.name, drafter, drafters, max_tokens, max_queue, prefix_reuse,
+                   request_timeout, prefix_cache_mb)
+
+
+def build_app(service, *, api_keys: Sequence[str] = (), max_body_bytes: int = 1 << 20) -> FastAPI:
+    """The OpenAI routes over ``service`` (a :class:`Service`, or the Ray Serve ingress's), started
+    and stopped with the app's lifespan, behind the API key and body size guard."""
+    if max_body_bytes <= 0:
+        raise ValueError(f"max_body_bytes must be positive, got {max_body_bytes}")
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
-        service.scheduler.start()
+        service.start()
         yield
-        await asyncio.to_thread(service.scheduler.stop)
+        await service.stop()
 
     app = FastAPI(title="freespec", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible completions with lossless speculative decoding.")
     app.state.service = service
-    metrics = service.scheduler.metrics
+    metrics = service.metrics
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, error: RequestValidationError):
@@ -435,11 +475,8 @@ def create_app(model: Model, *, served_name: str | None = None, drafter: str = "
 
     @app.get("/health", summary="Liveness: 503 when no request can be served")
     async def health() -> JSONResponse:
-        scheduler = service.scheduler
-        if scheduler.alive:
-            return JSONResponse({"status": "ok", "queue_depth": scheduler.depth})
-        return JSONResponse({"status": "unavailable", "queue_depth": scheduler.depth,
-                             "reason": "the generation thread is not running"}, status_code=503)
+        healthy, body = await service.health()
+        return JSONResponse(body, status_code=200 if healthy else 503)
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
     async def metrics_text() -> PlainTextResponse:
@@ -458,10 +495,10 @@ class _Server(uvicorn.Server):
 
     def __init__(self, app: FastAPI, **config):
         super().__init__(uvicorn.Config(app, timeout_graceful_shutdown=5, **config))
-        self._scheduler: Scheduler = app.state.service.scheduler
+        self._service = app.state.service
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        self._scheduler.close()
+        self._service.close()
         await super().shutdown(sockets)
 
 

@@ -245,6 +245,14 @@ class ServerMetrics:
                 means[(drafter,)] = self.generated.value(drafter=drafter) / passes
         return means
 
+    def count_end(self, endpoint: str, status: str, elapsed: float) -> str:
+        """Count a request's end (``status`` as :func:`freespec.serve.scheduler.outcome` says) and
+        a success's time from arrival; return ``status``."""
+        self.requests.inc(endpoint=endpoint, status=status)
+        if status == "success":
+            self.latency.observe(elapsed, endpoint=endpoint)
+        return status
+
     def record(self, drafter: str, stats: GenerationStats) -> None:
         self._drafters.add(drafter)
         self.prompt_tokens.inc(stats.prompt_tokens, drafter=drafter)

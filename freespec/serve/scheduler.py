@@ -17,6 +17,7 @@ nothing of one client's prompt shows in another's ``cached_tokens`` or prefill t
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import queue
@@ -62,9 +63,18 @@ class Finished:
 class Failed:
     status: int  # 400: the engine refused the request; 500: a fault in freespec; 503: stopping; 504: too late
     message: str
+    stats: GenerationStats | None = None  # of the tokens generated before it stopped, if any
+    drafter: str = ""
 
 
 Event = Started | Delta | Finished | Failed
+
+
+def outcome(end: Finished | Failed) -> str:
+    """The ``status`` label /metrics counts a request's end under."""
+    if isinstance(end, Failed):
+        return {503: "cancelled", 504: "timeout"}.get(end.status, "invalid" if end.status < 500 else "error")
+    return "cancelled" if end.finish_reason == "cancelled" else "success"
 
 
 @dataclass
@@ -266,14 +276,8 @@ class Scheduler:
 
     def _end(self, job: Job, end: Finished | Failed) -> None:
         """Count a job's outcome, then tell its client (last, so a client that has its answer sees it counted)."""
-        if isinstance(end, Failed):
-            status = {503: "cancelled", 504: "timeout"}.get(end.status, "invalid" if end.status < 500 else "error")
-        else:
-            status = "cancelled" if end.finish_reason == "cancelled" else "success"
-        self.metrics.requests.inc(endpoint=job.endpoint, status=status)
-        if status == "success":
-            elapsed = time.perf_counter() - job.arrived
-            self.metrics.latency.observe(elapsed, endpoint=job.endpoint)
+        elapsed = time.perf_counter() - job.arrived
+        if self.metrics.count_end(job.endpoint, outcome(end), elapsed) == "success":
             self._recent_seconds = 0.8 * self._recent_seconds + 0.2 * elapsed
         job.post(end)
 
@@ -334,7 +338,7 @@ class Scheduler:
             chunks.close()  # ends the generation where it is
         self.metrics.record(job.drafter, generation.stats)
         if stopped := self._stopped(job):
-            return stopped
+            return dataclasses.replace(stopped, stats=generation.stats, drafter=job.drafter)
         if not text.stopped and (delta := text.finish()):
             job.post(Delta(delta))
         reason = "cancelled" if job.cancelled else "stop" if text.stopped else generation.finish_reason
