@@ -24,12 +24,9 @@ output is the same bits on any replica of the same machine type, and a seeded sa
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import logging
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Sequence
 
@@ -43,8 +40,22 @@ import freespec
 from freespec.engine.loop import GenerationStats
 from freespec.serve.app import API_KEY_ENV, build_app, create_service
 from freespec.serve.metrics import ServerMetrics
-from freespec.serve.scheduler import SHUTTING_DOWN, Delta, Failed, Finished, Started, outcome
-from freespec.serve.schemas import ApiError, ChatRequest, RequestBody
+from freespec.serve.routing import (
+    Admitted,
+    Rejected,
+    ReplicaRequest,
+    conversation_of,
+    rank,
+)
+from freespec.serve.scheduler import (
+    SHUTTING_DOWN,
+    Delta,
+    Failed,
+    Finished,
+    Started,
+    outcome,
+)
+from freespec.serve.schemas import ApiError, RequestBody
 
 log = logging.getLogger(__name__)
 
@@ -52,85 +63,21 @@ LOAD_OPTIONS = ("model", "threads", "tree_shape", "datastore", "draft_model")  #
 SERVICE_OPTIONS = ("served_name", "drafter", "drafters", "max_tokens", "max_queue", "prefix_reuse",
                    "request_timeout", "prefix_cache_mb")  # freespec.serve.app.create_service's
 APP_OPTIONS = ("replicas", "api_keys", "max_body_bytes")
-OPENING_CHARS = 512  # of a text prompt: what names its conversation
-OPENING_TOKENS = 64  # of a prompt of token ids
-
-
-# ---------------------------------------------------------------- what travels between the two
-
-
-@dataclass
-class ReplicaRequest:
-    """A parsed request on its way to a replica; ``conversation`` is what the router ranks replicas by."""
-
-    endpoint: str
-    body: RequestBody
-    tenant: str | None
-    conversation: str
-
-
-@dataclass
-class Admitted:
-    """A replica's first answer: it queued the request under ``id``."""
-
-    id: str
-    replica: str
-
-
-@dataclass
-class Rejected:
-    """A replica's first answer: it refused the request (an :class:`ApiError`'s fields)."""
-
-    status: int
-    message: str
-    param: str | None
-    code: str | None
-    headers: dict[str, str] | None
-
-
-def conversation_of(body: RequestBody, tenant: str | None) -> str:
-    """A digest of the tenant and the opening of the conversation: the same for every turn of it.
-
-    >>> first = ChatRequest(messages=[{"role": "user", "content": "hi"}])
-    >>> later = ChatRequest(messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
-    ...                              {"role": "user", "content": "and?"}])
-    >>> conversation_of(first, "t") == conversation_of(later, "t") != conversation_of(first, None)
-    True
-    """
-    if isinstance(body, ChatRequest):
-        opening = []
-        for message in body.messages:
-            opening.append([message.role, message.text])
-            if message.role == "user":
-                break
-    else:
-        prompt = body.prompt[0] if isinstance(body.prompt, list) and body.prompt and not isinstance(
-            body.prompt[0], int) else body.prompt
-        opening = prompt[:OPENING_CHARS] if isinstance(prompt, str) else list(prompt[:OPENING_TOKENS])
-    return hashlib.sha256(json.dumps([tenant, opening]).encode()).hexdigest()
+AFFINITY_WAIT_S = 2.0  # how long a request waits for its conversation's replica to answer Serve's probe
 
 
 # ---------------------------------------------------------------- routing
 
 
-def rank(conversation: str, replica_ids: Sequence[str]) -> list[str]:
-    """``replica_ids`` in ``conversation``'s order of preference (rendezvous hashing).
-
-    >>> order = rank("c", ["a", "b", "x"])
-    >>> sorted(order), rank("c", ["x", "b", "a"]) == order, [r for r in rank("c", ["a", "b"])] == [
-    ...     r for r in order if r != "x"]
-    (['a', 'b', 'x'], True, True)
-    """
-    def weight(replica: str) -> bytes:
-        return hashlib.sha256(f"{conversation}/{replica}".encode()).digest()
-
-    return sorted(replica_ids, key=weight, reverse=True)
-
-
 class ConversationRouter(RequestRouter):
-    """Ray Serve request router: a conversation's turns to the replica it ranks first, the others
-    in its order after it (Serve passes over a replica whose queue is full). Calls that are not
-    requests (describe, health) go to the least loaded replica."""
+    """Ray Serve request router: a conversation's turns to the replica it ranks first.
+
+    Serve asks a replica for its queue length before sending (within 0.1 s at first) and moves to
+    the next rank when the answer is late, which a busy machine makes common; so for up to
+    ``AFFINITY_WAIT_S`` the first replica is the only rank offered (Serve retries with longer
+    deadlines) unless Serve knows its queue is full; after that, the others follow in the
+    conversation's order. Calls that are not requests (describe, health) go to the least loaded.
+    """
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
@@ -139,7 +86,17 @@ class ConversationRouter(RequestRouter):
         if not isinstance(conversation, str):
             return [candidate_replicas]
         by_id = {replica.replica_id.unique_id: replica for replica in candidate_replicas}
-        return [[by_id[replica]] for replica in rank(conversation, list(by_id))]
+        ranked = [by_id[replica] for replica in rank(conversation, list(by_id))]
+        waited = time.time() - pending_request.created_at
+        if waited < AFFINITY_WAIT_S and not self._full(ranked[0]):
+            return [ranked[:1]]
+        return [[replica] for replica in ranked]
+
+    def _full(self, replica: RunningReplica) -> bool:
+        """Whether Serve's cache of queue lengths says ``replica`` takes no more requests now."""
+        cache = getattr(self, "_replica_queue_len_cache", None)
+        queue = cache.get(replica.replica_id) if cache is not None else None
+        return queue is not None and queue >= replica.max_ongoing_requests
 
 
 # ---------------------------------------------------------------- the replicas

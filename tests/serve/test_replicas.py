@@ -4,7 +4,10 @@ that holds its prefix, and every answer is a single in-process server's."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
+import time
+from dataclasses import dataclass
 
 import pytest
 
@@ -12,6 +15,8 @@ pytest.importorskip("ray.serve", reason="ray[serve] is not installed (pip instal
 
 import freespec  # noqa: E402
 from freespec.serve.app import BackgroundServer, create_app  # noqa: E402
+from freespec.serve.routing import ReplicaRequest, conversation_of, rank  # noqa: E402
+from freespec.serve.schemas import ChatRequest  # noqa: E402
 from tests.helpers import metric, open_stream, post  # noqa: E402
 
 CONVERSATIONS = [[{"role": "user", "content": f"w{10 + i} w5 w6 w{100 + i}"}] for i in range(12)]
@@ -90,3 +95,54 @@ def test_streams_drafters_and_errors_are_the_single_servers(replicas_url, single
     assert post(replicas_url + "/health", b"", method="GET")[0] == 200
     models = post(replicas_url + "/v1/models", b"", method="GET")[1]
     assert models["data"][0]["id"] == "tiny" and models["data"][0]["max_model_len"] == 512
+
+
+class _Id:
+    def __init__(self, unique_id: str):
+        self.unique_id = unique_id
+
+
+@dataclass
+class _Replica:
+    replica_id: _Id
+    max_ongoing_requests: int = 3
+
+
+@dataclass
+class _Pending:
+    args: list
+    created_at: float
+
+
+def test_the_router_keeps_a_conversation_on_its_replica_while_it_has_room():
+    """The first replica in the conversation's order is the only one offered for a while (Serve's
+    queue probes may be late on a busy machine), all of them in order after that, or at once when
+    Serve knows the first one is full; calls that are not requests go anywhere."""
+    from freespec.serve.replicas import AFFINITY_WAIT_S, ConversationRouter
+
+    router = ConversationRouter.__new__(ConversationRouter)  # its state is Serve's; choosing needs none
+    replicas = [_Replica(_Id(name)) for name in ("r1", "r2", "r3")]
+    body = ChatRequest(messages=CONVERSATIONS[0])
+    request = ReplicaRequest("chat", body, None, conversation_of(body, None))
+    order = rank(request.conversation, ["r1", "r2", "r3"])
+
+    def choose(pending) -> list[list[str]]:
+        ranks = asyncio.run(router.choose_replicas(replicas, pending))
+        return [[replica.replica_id.unique_id for replica in group] for group in ranks]
+
+    assert choose(_Pending([request], time.time())) == [order[:1]]
+    assert choose(_Pending([request], time.time() - AFFINITY_WAIT_S - 1)) == [[name] for name in order]
+    first = next(replica for replica in replicas if replica.replica_id.unique_id == order[0])
+    router._replica_queue_len_cache = {first.replica_id: 3}
+    assert choose(_Pending([request], time.time())) == [[name] for name in order]
+    assert choose(_Pending([], time.time())) == [["r1", "r2", "r3"]]
+    assert choose(None) == [["r1", "r2", "r3"]]
+
+
+def test_conversations_are_named_by_tenant_and_opening():
+    turn = ChatRequest(messages=CONVERSATIONS[0])
+    later = ChatRequest(messages=[*CONVERSATIONS[0], {"role": "assistant", "content": "w1"},
+                                  {"role": "user", "content": "w2"}])
+    assert conversation_of(turn, "a") == conversation_of(later, "a") != conversation_of(turn, "b")
+    assert conversation_of(ChatRequest(messages=CONVERSATIONS[1]), "a") != conversation_of(turn, "a")
+    assert len({rank(conversation_of(ChatRequest(messages=m), None), ["r1", "r2"])[0] for m in CONVERSATIONS}) == 2
