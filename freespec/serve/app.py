@@ -25,7 +25,7 @@ import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
-from typing import AsyncIterator, Sequence
+from typing import AsyncIterator, Protocol, Sequence
 
 import jinja2
 import uvicorn
@@ -43,6 +43,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from freespec.api import Model
 from freespec.drafters import FACTORIES, check_name
 from freespec.serve import DEFAULT_PREFIX_CACHE_MB
+from freespec.serve.metrics import ServerMetrics
 from freespec.serve.scheduler import (
     Delta,
     Failed,
@@ -363,13 +364,28 @@ def create_service(model: Model, *, served_name: str | None = None, drafter: str
     for name, value in (("max_tokens", max_tokens), ("max_queue", max_queue), ("request_timeout", request_timeout)):
         if value is not None and value <= 0:
             raise ValueError(f"{name} must be positive, got {value}")
-    if prefix_cache_mb < 0:
-        raise ValueError(f"prefix_cache_mb must be >= 0, got {prefix_cache_mb}")
     return Service(model, served_name or model.name, drafter, drafters, max_tokens, max_queue, prefix_reuse,
                    request_timeout, prefix_cache_mb)
 
 
-def build_app(service, *, api_keys: Sequence[str] = (), max_body_bytes: int = 1 << 20) -> FastAPI:
+class Serving(Protocol):
+    """What the routes need of whatever runs the requests: a :class:`Service` here, or the Ray
+    Serve ingress's pool of replicas (:class:`freespec.serve.replicas.ReplicaPool`). ``admit``
+    returns a job with ``id``, ``events`` (an asyncio queue of scheduler events) and ``cancel()``."""
+
+    served_name: str
+    created: int
+    context: int
+    metrics: ServerMetrics
+
+    async def admit(self, endpoint: str, body: RequestBody, tenant: str | None) -> Job: ...
+    async def health(self) -> tuple[bool, dict]: ...
+    def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    def close(self) -> None: ...
+
+
+def build_app(service: Serving, *, api_keys: Sequence[str] = (), max_body_bytes: int = 1 << 20) -> FastAPI:
     """The OpenAI routes over ``service`` (a :class:`Service`, or the Ray Serve ingress's), started
     and stopped with the app's lifespan, behind the API key and body size guard."""
     if max_body_bytes <= 0:

@@ -17,13 +17,13 @@ import freespec  # noqa: E402
 from freespec.serve.app import BackgroundServer, create_app  # noqa: E402
 from freespec.serve.routing import ReplicaRequest, conversation_of, rank  # noqa: E402
 from freespec.serve.schemas import ChatRequest  # noqa: E402
-from tests.helpers import metric, open_stream, post  # noqa: E402
+from tests.helpers import metric, open_stream, post, wait_for  # noqa: E402
 
 CONVERSATIONS = [[{"role": "user", "content": f"w{10 + i} w5 w6 w{100 + i}"}] for i in range(12)]
 
 
 @pytest.fixture(scope="module")
-def replicas_url(tiny_model_dir):
+def replicas_url(long_model_dir):
     from ray import serve
 
     from freespec.serve import replicas
@@ -33,7 +33,7 @@ def replicas_url(tiny_model_dir):
         port = probe.getsockname()[1]
     replicas.start_local(2, 1, "127.0.0.1", port)
     try:
-        serve.run(replicas.build({"model": str(tiny_model_dir), "replicas": 2, "threads": 1, "served_name": "tiny",
+        serve.run(replicas.build({"model": str(long_model_dir), "replicas": 2, "threads": 1, "served_name": "tiny",
                                   "max_tokens": 8, "drafters": ["none", "lookup"]}),
                   name="freespec", route_prefix="/")
         yield f"http://127.0.0.1:{port}"
@@ -42,8 +42,8 @@ def replicas_url(tiny_model_dir):
 
 
 @pytest.fixture(scope="module")
-def single_url(tiny_model_dir):
-    app = create_app(freespec.load(str(tiny_model_dir)), served_name="tiny", max_tokens=8,
+def single_url(long_model_dir):
+    app = create_app(freespec.load(str(long_model_dir)), served_name="tiny", max_tokens=8,
                      drafters=("none", "lookup"))
     with BackgroundServer(app) as url:
         yield url
@@ -78,6 +78,23 @@ def test_conversations_spread_over_both_replicas_and_keep_their_prefix(replicas_
     assert metric(replicas_url, "freespec_prefix_cache_hits_total") == hits
 
 
+def test_a_client_that_hangs_up_frees_its_replica(replicas_url):
+    """A stream of 4000 tokens (~15 s if left alone) is abandoned after its first chunks: the next
+    turn of the same conversation (same replica) is answered at once."""
+    long = {"messages": CONVERSATIONS[1], "max_tokens": 4000, "drafter": "none"}
+    connection, response = open_stream(replicas_url, long)
+    assert response.status == 200
+    for _ in range(3):
+        assert response.readline().startswith(b"data: ")
+        response.readline()
+    hung_up = time.monotonic()
+    connection.sock.shutdown(socket.SHUT_RDWR)
+    connection.close()
+    assert chat(replicas_url, CONVERSATIONS[1], max_tokens=4)["usage"]["completion_tokens"] == 4
+    assert time.monotonic() - hung_up < 5
+    wait_for(lambda: metric(replicas_url, "freespec_requests_total", endpoint="chat", status="cancelled") == 1)
+
+
 def test_streams_drafters_and_errors_are_the_single_servers(replicas_url, single_url):
     messages = CONVERSATIONS[0]
     for url in (replicas_url, single_url):
@@ -94,7 +111,7 @@ def test_streams_drafters_and_errors_are_the_single_servers(replicas_url, single
         assert 400 <= status < 500
     assert post(replicas_url + "/health", b"", method="GET")[0] == 200
     models = post(replicas_url + "/v1/models", b"", method="GET")[1]
-    assert models["data"][0]["id"] == "tiny" and models["data"][0]["max_model_len"] == 512
+    assert models["data"][0]["id"] == "tiny" and models["data"][0]["max_model_len"] == 4096
 
 
 class _Id:
