@@ -214,11 +214,12 @@ class RemoteJob:
 
 
 class ReplicaPool:
-    """The ingress's :class:`freespec.serve.app.Service`: requests go to the replicas through
-    ``handle`` (routed by :class:`ConversationRouter`); ``card`` is a replica's description."""
+    """What the ingress's routes serve from (a :class:`freespec.serve.app.Serving`): requests go to
+    the replicas through ``handle`` (routed by :class:`ConversationRouter`); ``card`` is a
+    replica's description."""
 
-    def __init__(self, handle: DeploymentHandle, card: dict[str, Any], max_queue: int):
-        self._handle, self.max_queue = handle, max_queue
+    def __init__(self, handle: DeploymentHandle, card: dict[str, Any]):
+        self._handle = handle
         self._stream = handle.options(stream=True)
         self.served_name, self.created, self.context = card["served_name"], card["created"], card["context"]
         self.waiting = self.running = 0
@@ -270,9 +271,8 @@ class ReplicaPool:
 class FreespecIngress:
     """The HTTP routes, in front of the replicas."""
 
-    async def __init__(self, replica: DeploymentHandle, api_keys: Sequence[str], max_body_bytes: int,
-                       max_queue: int):
-        self.pool = ReplicaPool(replica, await replica.describe.remote(), max_queue)
+    async def __init__(self, replica: DeploymentHandle, api_keys: Sequence[str], max_body_bytes: int):
+        self.pool = ReplicaPool(replica, await replica.describe.remote())
         self.api_keys, self.max_body_bytes = tuple(api_keys), max_body_bytes
 
     def __serve_build_asgi_app__(self):
@@ -308,7 +308,7 @@ def build(args: dict[str, Any]):
     replica = FreespecReplica.options(
         num_replicas=replicas, max_ongoing_requests=max_queue + 1, max_queued_requests=max_queue,
         ray_actor_options={"num_cpus": threads}).bind(load, options)
-    return FreespecIngress.bind(replica, list(api_keys), int(args.get("max_body_bytes", 1 << 20)), max_queue)
+    return FreespecIngress.bind(replica, list(api_keys), int(args.get("max_body_bytes", 1 << 20)))
 
 
 def start_local(replicas: int, threads: int, host: str, port: int) -> None:
