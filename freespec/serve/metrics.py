@@ -228,7 +228,8 @@ class ServerMetrics:
                        "token included (plain decoding: 1).", self._mean_accepted, ("drafter",))
         registry.gauge("freespec_queue_depth", "Requests admitted and waiting for the model (being tokenized "
                        "or queued).", lambda: {(): depth()})
-        registry.gauge("freespec_requests_running", "Requests on the model (0 or 1 per model copy).", lambda: {(): running()})
+        registry.gauge("freespec_requests_running", "Requests on the model (0 or 1 per model copy).",
+                       lambda: {(): running()})
         self.queue_wait = registry.histogram("freespec_queue_wait_seconds", "Time from arrival to the start of "
                                              "generation.")
         self.first_token = registry.histogram("freespec_time_to_first_token_seconds",
