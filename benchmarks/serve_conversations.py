@@ -36,8 +36,8 @@ def run(model: freespec.Model, budget_mb: float, args: argparse.Namespace) -> tu
     model.reset()  # each budget starts cold: no cached rows, no drafter state
     model.drafter(args.drafter)  # built (its costs measured) before the clock starts
     app = create_app(model, served_name="m", drafter=args.drafter, prefix_cache_mb=budget_mb)
-    histories = [[{"role": "system", "content": SYSTEM},
-                  {"role": "user", "content": f"What should I know about {topic}?"}] for topic in TOPICS[: args.conversations]]
+    openings = [f"What should I know about {topic}?" for topic in TOPICS[: args.conversations]]
+    histories = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": opening}] for opening in openings]
     totals = {"prompt_tokens": 0, "cached_tokens": 0, "prefill_seconds": 0.0, "wall_seconds": 0.0}
     answers = []
     with BackgroundServer(app) as url:
