@@ -26,6 +26,7 @@ from freespec.engine.sampling import (  # light: no torch
     SamplingParams,
 )
 from freespec.paths import AtomicFile
+from freespec.serve import DEFAULT_PREFIX_CACHE_MB
 
 if TYPE_CHECKING:
     from freespec.api import Model
@@ -138,6 +139,16 @@ def _positive_seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
+def _megabytes(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of megabytes, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of megabytes >= 0, got {text}")
     return value
 
 
@@ -254,7 +265,10 @@ def _parser() -> argparse.ArgumentParser:
                             "repeat it for several tenants (default: $FREESPEC_API_KEY)")
     serve.add_argument("--no-prefix-reuse", dest="prefix_reuse", action="store_false",
                        help="prefill every prompt whole; by default a request reuses the cache rows of its "
-                            "tenant's (API key's) previous request where the prompts agree")
+                            "tenant's (API key's) earlier prompts where they agree")
+    serve.add_argument("--prefix-cache-mb", type=_megabytes, default=DEFAULT_PREFIX_CACHE_MB, metavar="MB",
+                       help="memory for the cache rows of earlier prompts, every tenant's together, least recently "
+                            f"used dropped first; 0 keeps only the last request's (default: {DEFAULT_PREFIX_CACHE_MB})")
     serve.add_argument("--request-timeout", type=_positive_seconds, metavar="SECONDS",
                        help="stop a request this long after it arrived, queueing and prefill included, "
                             "and answer 504 (default: no limit)")
@@ -265,6 +279,11 @@ def _parser() -> argparse.ArgumentParser:
                        help="requests that may wait (being tokenized or queued); more get 429 (default: 64)")
     serve.add_argument("--max-body-bytes", type=_positive_int, default=1 << 20, metavar="N",
                        help="largest request body (default: 1 MiB)")
+    serve.add_argument("--replicas", type=_positive_int, metavar="N",
+                       help="serve N copies of the model behind Ray Serve on a local Ray instance, each "
+                            "conversation kept on one copy; --threads is then per copy (default: the cores "
+                            "shared out) and --max-queue per copy (needs: pip install 'freespec[ray]'; "
+                            "default: one copy in this process, no Ray)")
     serve.set_defaults(run=_serve)
     return parser
 
@@ -556,6 +575,8 @@ def _serve(args: argparse.Namespace) -> None:
     _check_draft_model([args.drafter, *drafters], args)
     if warning := server.exposure_warning(args.host, api_keys):
         print(f"[freespec] {warning}", file=sys.stderr)
+    if args.replicas:
+        return _serve_replicas(args, api_keys, drafters)
     model = _load(args)
     if not args.quiet:
         where = f"http://{args.host}:{args.port}/v1"
@@ -566,8 +587,38 @@ def _serve(args: argparse.Namespace) -> None:
                      served_name=args.served_model_name, drafter=args.drafter, drafters=drafters,
                      max_tokens=args.max_tokens, max_queue=args.max_queue, api_keys=api_keys,
                      max_body_bytes=args.max_body_bytes, prefix_reuse=args.prefix_reuse,
-                     request_timeout=args.request_timeout)
+                     request_timeout=args.request_timeout, prefix_cache_mb=args.prefix_cache_mb)
     except ValueError as error:
         raise UsageError(str(error)) from None
     except OSError as error:
         raise UsageError(f"cannot listen on {args.host}:{args.port}: {error.strerror or error}") from None
+
+
+def _serve_replicas(args: argparse.Namespace, api_keys: list[str], drafters: list[str]) -> None:
+    """``serve --replicas N``: the model is loaded by each replica, not here; a model that cannot
+    be found is a usage error before Ray starts."""
+    from freespec.model.loading import ModelLoadError, resolve
+
+    try:
+        from freespec.serve import replicas
+    except ImportError:
+        raise UsageError("--replicas needs Ray Serve: pip install 'freespec[ray]'") from None
+    try:
+        _, name = resolve(args.model)  # converts a GGUF once, for every replica
+    except ModelLoadError as error:
+        raise UsageError(str(error)) from None
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.replicas)
+    options = {"model": args.model, "threads": threads, "tree_shape": args.tree, "datastore": args.datastore,
+               "draft_model": args.draft_model, "served_name": args.served_model_name, "drafter": args.drafter,
+               "drafters": drafters, "max_tokens": args.max_tokens, "max_queue": args.max_queue,
+               "prefix_reuse": args.prefix_reuse, "request_timeout": args.request_timeout,
+               "prefix_cache_mb": args.prefix_cache_mb, "replicas": args.replicas, "api_keys": api_keys,
+               "max_body_bytes": args.max_body_bytes}
+    if not args.quiet:
+        print(f"[freespec] serving {args.served_model_name or name} at http://{args.host}:{args.port}/v1 on "
+              f"{args.replicas} replicas of {threads} thread(s) (Ray Serve){' (API key required)' if api_keys else ''}",
+              file=sys.stderr)
+    try:
+        replicas.serve_replicas(options, args.host, args.port)
+    except ValueError as error:
+        raise UsageError(str(error)) from None

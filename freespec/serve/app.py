@@ -7,8 +7,8 @@ fault inside freespec is a 500 for that request only (its details go to the log,
 and the server keeps serving.
 
 Tenancy: the API key a request presents (``Authorization: Bearer KEY``; none is a tenant of its
-own) is its tenant. A request reuses the KV-cache rows of the previous request's prompt only when
-both come from the same tenant, so one client cannot read another's prompt from
+own) is its tenant. A request reuses the KV-cache rows of earlier prompts of its own tenant only
+(the prefix cache keeps one tree per tenant), so one client cannot read another's prompt from
 ``cached_tokens`` or prefill time.
 """
 
@@ -25,7 +25,7 @@ import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
-from typing import AsyncIterator, Sequence
+from typing import AsyncIterator, Protocol, Sequence
 
 import jinja2
 import uvicorn
@@ -42,6 +42,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from freespec.api import Model
 from freespec.drafters import FACTORIES, check_name
+from freespec.serve import DEFAULT_PREFIX_CACHE_MB
+from freespec.serve.metrics import ServerMetrics
 from freespec.serve.scheduler import (
     Delta,
     Failed,
@@ -174,11 +176,16 @@ class _Guard:
 # ---------------------------------------------------------------- admission
 
 
-class _Service:
-    """State shared by the routes: the model, the scheduler and the server's settings."""
+class Service:
+    """What the routes serve from: the model, its scheduler and the server's settings, in this process.
+
+    The routes (:func:`build_app`) use ``served_name``, ``created``, ``context``, ``metrics``,
+    :meth:`admit`, :meth:`health`, :meth:`start`, :meth:`stop` and :meth:`close`; the Ray Serve
+    ingress (:mod:`freespec.serve.replicas`) offers the same over replicas of this one.
+    """
 
     def __init__(self, model: Model, served_name: str, drafter: str, drafters: Sequence[str], max_tokens: int,
-                 max_queue: int, prefix_reuse: bool, request_timeout: float | None):
+                 max_queue: int, prefix_reuse: bool, request_timeout: float | None, prefix_cache_mb: float):
         self.model, self.served_name, self.max_tokens = model, served_name, max_tokens
         self.drafter = canonical_drafter(drafter)
         self.drafters = tuple(dict.fromkeys([self.drafter, *map(canonical_drafter, drafters)]))
@@ -189,7 +196,25 @@ class _Service:
         self._encoding = threading.Lock()  # a fast tokenizer must not encode twice at once
         decoder = copy.deepcopy(model.tokenizer)  # the generation thread's own: encoding never holds it up
         self.scheduler = Scheduler(model, max_queue, lambda ids: decoder.decode(ids, skip_special_tokens=True),
-                                   prefix_reuse, request_timeout)
+                                   prefix_reuse, request_timeout, prefix_cache_mb)
+        self.metrics = self.scheduler.metrics
+
+    def start(self) -> None:
+        self.scheduler.start()
+
+    async def stop(self) -> None:
+        await asyncio.to_thread(self.scheduler.stop)
+
+    def close(self) -> None:
+        """End every open answer now (the server is stopping)."""
+        self.scheduler.close()
+
+    async def health(self) -> tuple[bool, dict]:
+        """Whether a request can be served, and what /health says."""
+        if self.scheduler.alive:
+            return True, {"status": "ok", "queue_depth": self.scheduler.depth}
+        return False, {"status": "unavailable", "queue_depth": self.scheduler.depth,
+                       "reason": "the generation thread is not running"}
 
     async def admit(self, endpoint: str, body: RequestBody, tenant: str | None) -> Job:
         """Check a request, encode its prompt and queue it; raise ApiError if it cannot run.
@@ -316,31 +341,66 @@ async def _watch_disconnect(request: Request, job: Job) -> None:
 def create_app(model: Model, *, served_name: str | None = None, drafter: str = "recycling",
                drafters: Sequence[str] = ("none",), max_tokens: int = 256, max_queue: int = 64,
                api_keys: Sequence[str] = (), max_body_bytes: int = 1 << 20, prefix_reuse: bool = True,
-               request_timeout: float | None = None) -> FastAPI:
+               request_timeout: float | None = None, prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB) -> FastAPI:
     """The ASGI app serving ``model``; its generation thread runs while the app's lifespan does.
 
     ``drafters``: the drafters a request may name besides ``drafter`` (each is built once and kept).
     ``api_keys``: any of them opens the API; each key is a tenant of its own. ``prefix_reuse``:
-    let a request reuse the prompt rows its tenant's previous request left. ``request_timeout``:
-    seconds from arrival after which a request is stopped (504), queueing and prefill included.
+    let a request reuse the prompt rows of its tenant's earlier requests; ``prefix_cache_mb``: the
+    memory those rows may take (0: only the previous request's). ``request_timeout``: seconds from
+    arrival after which a request is stopped (504), queueing and prefill included.
     """
-    for name, value in (("max_tokens", max_tokens), ("max_queue", max_queue), ("max_body_bytes", max_body_bytes),
-                        ("request_timeout", request_timeout)):
+    return build_app(create_service(model, served_name=served_name, drafter=drafter, drafters=drafters,
+                                    max_tokens=max_tokens, max_queue=max_queue, prefix_reuse=prefix_reuse,
+                                    request_timeout=request_timeout, prefix_cache_mb=prefix_cache_mb),
+                     api_keys=api_keys, max_body_bytes=max_body_bytes)
+
+
+def create_service(model: Model, *, served_name: str | None = None, drafter: str = "recycling",
+                   drafters: Sequence[str] = ("none",), max_tokens: int = 256, max_queue: int = 64,
+                   prefix_reuse: bool = True, request_timeout: float | None = None,
+                   prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB) -> Service:
+    """The :class:`Service` of :func:`create_app` (its options), checked; not started."""
+    for name, value in (("max_tokens", max_tokens), ("max_queue", max_queue), ("request_timeout", request_timeout)):
         if value is not None and value <= 0:
             raise ValueError(f"{name} must be positive, got {value}")
-    service = _Service(model, served_name or model.name, drafter, drafters, max_tokens, max_queue, prefix_reuse,
-                       request_timeout)
+    return Service(model, served_name or model.name, drafter, drafters, max_tokens, max_queue, prefix_reuse,
+                   request_timeout, prefix_cache_mb)
+
+
+class Serving(Protocol):
+    """What the routes need of whatever runs the requests: a :class:`Service` here, or the Ray
+    Serve ingress's pool of replicas (:class:`freespec.serve.replicas.ReplicaPool`). ``admit``
+    returns a job with ``id``, ``events`` (an asyncio queue of scheduler events) and ``cancel()``."""
+
+    served_name: str
+    created: int
+    context: int
+    metrics: ServerMetrics
+
+    async def admit(self, endpoint: str, body: RequestBody, tenant: str | None) -> Job: ...
+    async def health(self) -> tuple[bool, dict]: ...
+    def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    def close(self) -> None: ...
+
+
+def build_app(service: Serving, *, api_keys: Sequence[str] = (), max_body_bytes: int = 1 << 20) -> FastAPI:
+    """The OpenAI routes over ``service`` (a :class:`Service`, or the Ray Serve ingress's), started
+    and stopped with the app's lifespan, behind the API key and body size guard."""
+    if max_body_bytes <= 0:
+        raise ValueError(f"max_body_bytes must be positive, got {max_body_bytes}")
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
-        service.scheduler.start()
+        service.start()
         yield
-        await asyncio.to_thread(service.scheduler.stop)
+        await service.stop()
 
     app = FastAPI(title="freespec", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible completions with lossless speculative decoding.")
     app.state.service = service
-    metrics = service.scheduler.metrics
+    metrics = service.metrics
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, error: RequestValidationError):
@@ -431,11 +491,8 @@ def create_app(model: Model, *, served_name: str | None = None, drafter: str = "
 
     @app.get("/health", summary="Liveness: 503 when no request can be served")
     async def health() -> JSONResponse:
-        scheduler = service.scheduler
-        if scheduler.alive:
-            return JSONResponse({"status": "ok", "queue_depth": scheduler.depth})
-        return JSONResponse({"status": "unavailable", "queue_depth": scheduler.depth,
-                             "reason": "the generation thread is not running"}, status_code=503)
+        healthy, body = await service.health()
+        return JSONResponse(body, status_code=200 if healthy else 503)
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
     async def metrics_text() -> PlainTextResponse:
@@ -454,10 +511,10 @@ class _Server(uvicorn.Server):
 
     def __init__(self, app: FastAPI, **config):
         super().__init__(uvicorn.Config(app, timeout_graceful_shutdown=5, **config))
-        self._scheduler: Scheduler = app.state.service.scheduler
+        self._service = app.state.service
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        self._scheduler.close()
+        self._service.close()
         await super().shutdown(sockets)
 
 

@@ -21,6 +21,7 @@ import threading
 from typing import Callable
 
 from freespec.engine.loop import GenerationStats
+from freespec.model.prefix_cache import PrefixCache
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
@@ -195,9 +196,10 @@ def accepted_per_position(accepted_lengths: list[int]) -> list[int]:
 
 
 class ServerMetrics:
-    """The server's metrics. Token and pass counters are labelled by drafter (a set fixed at start)."""
+    """The server's metrics. Token and pass counters are labelled by drafter (a set fixed at start).
+    ``prefixes``: the prefix cache whose size is shown (None: the server keeps none)."""
 
-    def __init__(self, depth: Callable[[], int], running: Callable[[], int]):
+    def __init__(self, depth: Callable[[], int], running: Callable[[], int], prefixes: PrefixCache | None = None):
         self.registry = registry = Registry()
         self.requests = registry.counter(
             "freespec_requests_total", "Requests by endpoint and outcome: success, cancelled (the client "
@@ -207,6 +209,14 @@ class ServerMetrics:
                                               ("drafter",))
         self.cached_tokens = registry.counter("freespec_prompt_tokens_cached_total", "Prompt tokens whose cache "
                                               "rows an earlier request left (not prefilled).", ("drafter",))
+        self.prefix_hits = registry.counter("freespec_prefix_cache_hits_total", "Requests that reused the cache "
+                                            "rows of at least one prompt token.")
+        self.prefix_evicted = registry.counter("freespec_prefix_cache_evicted_tokens_total", "Cached prompt "
+                                               "rows dropped to stay within --prefix-cache-mb.")
+        registry.gauge("freespec_prefix_cache_bytes", "Memory the rows of earlier prompts take (every tenant).",
+                       lambda: {(): prefixes.bytes if prefixes else 0})
+        registry.gauge("freespec_prefix_cache_budget_bytes", "The most memory they may take (--prefix-cache-mb).",
+                       lambda: {(): prefixes.budget_bytes if prefixes else 0})
         self.generated = registry.counter("freespec_generation_tokens_total", "Tokens generated.", ("drafter",))
         self.passes = registry.counter("freespec_forward_passes_total",
                                        "Verification forward passes (prefill excluded).", ("drafter",))
@@ -218,7 +228,8 @@ class ServerMetrics:
                        "token included (plain decoding: 1).", self._mean_accepted, ("drafter",))
         registry.gauge("freespec_queue_depth", "Requests admitted and waiting for the model (being tokenized "
                        "or queued).", lambda: {(): depth()})
-        registry.gauge("freespec_requests_running", "Requests on the model (0 or 1).", lambda: {(): running()})
+        registry.gauge("freespec_requests_running", "Requests on the model (0 or 1 per model copy).",
+                       lambda: {(): running()})
         self.queue_wait = registry.histogram("freespec_queue_wait_seconds", "Time from arrival to the start of "
                                              "generation.")
         self.first_token = registry.histogram("freespec_time_to_first_token_seconds",
@@ -235,10 +246,20 @@ class ServerMetrics:
                 means[(drafter,)] = self.generated.value(drafter=drafter) / passes
         return means
 
+    def count_end(self, endpoint: str, status: str, elapsed: float) -> str:
+        """Count a request's end (``status`` as :func:`freespec.serve.scheduler.outcome` says) and
+        a success's time from arrival; return ``status``."""
+        self.requests.inc(endpoint=endpoint, status=status)
+        if status == "success":
+            self.latency.observe(elapsed, endpoint=endpoint)
+        return status
+
     def record(self, drafter: str, stats: GenerationStats) -> None:
         self._drafters.add(drafter)
         self.prompt_tokens.inc(stats.prompt_tokens, drafter=drafter)
         self.cached_tokens.inc(stats.cached_tokens, drafter=drafter)
+        if stats.cached_tokens:
+            self.prefix_hits.inc()
         self.generated.inc(stats.new_tokens, drafter=drafter)
         self.passes.inc(stats.forward_passes, drafter=drafter)
         self.drafted.inc(sum(stats.draft_sizes), drafter=drafter)

@@ -8,13 +8,16 @@ to the loop that submitted it.
 Admission takes a queue slot (:meth:`Scheduler.reserve`) before the prompt is tokenized, so
 requests being tokenized count against ``max_queue`` too. A job stops at the next prefill chunk or
 decoded chunk once its client leaves, its deadline passes or the server closes; one that has not
-started is skipped. The cache rows a request leaves are reused only by the next request of the
-same tenant (API key), so nothing of one client's prompt shows in another's ``cached_tokens``.
+started is skipped. A request reuses the cache rows of earlier prompts of its own tenant (API key)
+only: the rows the previous request left when it came from the same tenant, and the prefixes
+its tenant's earlier requests filed in the :class:`~freespec.model.prefix_cache.PrefixCache`, so
+nothing of one client's prompt shows in another's ``cached_tokens`` or prefill time.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import queue
@@ -25,13 +28,16 @@ from typing import Callable
 
 from freespec.api import Model
 from freespec.engine.loop import GenerationStats
+from freespec.model.prefix_cache import PrefixCache
 from freespec.model.runner import PrefillCancelled
+from freespec.serve import DEFAULT_PREFIX_CACHE_MB
 from freespec.serve.metrics import ServerMetrics
 from freespec.serve.textstream import TextStream
 
 log = logging.getLogger(__name__)
 
 SHUTTING_DOWN = "the server is shutting down"
+_NOBODY = object()  # the tenant of an empty cache
 
 
 @dataclass
@@ -57,9 +63,18 @@ class Finished:
 class Failed:
     status: int  # 400: the engine refused the request; 500: a fault in freespec; 503: stopping; 504: too late
     message: str
+    stats: GenerationStats | None = None  # of the tokens generated before it stopped, if any
+    drafter: str = ""
 
 
 Event = Started | Delta | Finished | Failed
+
+
+def outcome(end: Finished | Failed) -> str:
+    """The ``status`` label /metrics counts a request's end under."""
+    if isinstance(end, Failed):
+        return {503: "cancelled", 504: "timeout"}.get(end.status, "invalid" if end.status < 500 else "error")
+    return "cancelled" if end.finish_reason == "cancelled" else "success"
 
 
 @dataclass
@@ -120,17 +135,24 @@ class Unavailable(Exception):
 class Scheduler:
     """Runs jobs FIFO on one thread; at most ``max_queue`` wait (tokenizing or queued) behind the running one.
 
-    ``prefix_reuse``: let a request reuse the cache rows the previous one left when both come from
-    the same tenant (off: every request prefills its whole prompt). ``request_timeout``: seconds
-    from arrival after which a job is stopped and fails with 504 (None: no deadline).
+    ``prefix_reuse``: let a request reuse cache rows of its tenant's earlier prompts (off: every
+    request prefills its whole prompt); ``prefix_cache_mb``: memory for the rows of earlier
+    requests' prompts (0: only the previous request's rows are reused). Reuse needs batch-invariant
+    kernels (see :meth:`freespec.model.runner.ModelRunner.reuse`): with torch's it stays off.
+    ``request_timeout``: seconds from arrival after which a job is stopped and fails with 504
+    (None: no deadline).
     """
 
     def __init__(self, model: Model, max_queue: int, decode: Callable[[list[int]], str],
-                 prefix_reuse: bool = True, request_timeout: float | None = None):
+                 prefix_reuse: bool = True, request_timeout: float | None = None,
+                 prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB):
+        if prefix_cache_mb < 0:
+            raise ValueError(f"prefix_cache_mb must be >= 0, got {prefix_cache_mb}")
         self.model = model
         self._decode = decode
         self.max_queue = max_queue
-        self.prefix_reuse = prefix_reuse
+        self.prefix_reuse = prefix_reuse and model.runner.kernels.batch_invariant
+        self.prefixes = PrefixCache(int(prefix_cache_mb * 2**20)) if self.prefix_reuse and prefix_cache_mb else None
         self.request_timeout = request_timeout
         self._queue: queue.Queue[Job | None] = queue.Queue()  # bounded by the slots
         self._lock = threading.Lock()
@@ -138,9 +160,9 @@ class Scheduler:
         self._closed: str | None = None  # why no more requests are taken
         self._running = 0
         self._current: Job | None = None
-        self._cache_tenant: object = object()  # whose prompt rows the model's cache holds (none yet)
+        self._cache_tenant: object = _NOBODY  # whose prompt rows the model's cache holds
         self._recent_seconds = 1.0  # moving mean of request time, for Retry-After
-        self.metrics = ServerMetrics(lambda: self.depth, lambda: self._running)
+        self.metrics = ServerMetrics(lambda: self.depth, lambda: self._running, self.prefixes)
         self._thread = threading.Thread(target=self._loop, name="freespec-generation", daemon=True)
 
     def start(self) -> None:
@@ -232,9 +254,12 @@ class Scheduler:
             skipped = GenerationStats(prompt_tokens=len(job.prompt_ids))
             return self._stopped(job) or Finished("", [], "cancelled", skipped, job.drafter)
         try:
-            return self._run(job)
+            end = self._run(job)
+            self._file_rows()
+            return end
         except Exception:  # a fault in freespec: report it, keep serving
             log.exception("request %s failed", job.id)
+            self._drop_rows(_NOBODY)  # whatever the fault left in the cache is not filed away
             return _internal_error(job)
         finally:
             with self._lock:
@@ -251,29 +276,36 @@ class Scheduler:
 
     def _end(self, job: Job, end: Finished | Failed) -> None:
         """Count a job's outcome, then tell its client (last, so a client that has its answer sees it counted)."""
-        if isinstance(end, Failed):
-            status = {503: "cancelled", 504: "timeout"}.get(end.status, "invalid" if end.status < 500 else "error")
-        else:
-            status = "cancelled" if end.finish_reason == "cancelled" else "success"
-        self.metrics.requests.inc(endpoint=job.endpoint, status=status)
-        if status == "success":
-            elapsed = time.perf_counter() - job.arrived
-            self.metrics.latency.observe(elapsed, endpoint=job.endpoint)
+        elapsed = time.perf_counter() - job.arrived
+        if self.metrics.count_end(job.endpoint, outcome(end), elapsed) == "success":
             self._recent_seconds = 0.8 * self._recent_seconds + 0.2 * elapsed
         job.post(end)
 
-    def _switch_tenant(self, job: Job) -> None:
-        """Drop the cache rows the previous request left unless it came from ``job``'s tenant, so
-        that cached_tokens and prefill time say nothing of another client's prompt."""
+    def _drop_rows(self, tenant: object) -> None:
+        """Empty the models' caches, which then belong to ``tenant``."""
+        for runner in (self.model.runner, self.model.draft_runner):
+            if runner is not None:
+                runner.reset(0)
+        self._cache_tenant = tenant
+
+    def _prepare_cache(self, job: Job) -> None:
+        """Drop the rows the previous request left unless ``job`` comes from the same tenant
+        (cached_tokens and prefill time then say nothing of another client's prompt), then load
+        the longest prefix of ``job``'s prompt its tenant has filed, if longer than what is left."""
         if job.tenant != self._cache_tenant:
-            for runner in (self.model.runner, self.model.draft_runner):
-                if runner is not None:
-                    runner.reset(0)
-            self._cache_tenant = job.tenant
+            self._drop_rows(job.tenant)
+        if self.prefixes is not None:
+            self.prefixes.load(self.model.runner.cache, job.prompt_ids, job.tenant)
+
+    def _file_rows(self) -> None:
+        """File the rows a request left (its prompt and answer) under its tenant, before its client
+        hears the end, so /metrics already counts them."""
+        if self.prefixes is not None and self._cache_tenant is not _NOBODY:
+            self.metrics.prefix_evicted.inc(self.prefixes.save(self.model.runner.cache, self._cache_tenant))
 
     def _run(self, job: Job) -> Finished | Failed:
         """Generate one job, posting its progress; return the event that ends it."""
-        self._switch_tenant(job)
+        self._prepare_cache(job)
         try:
             generation = self.model.stream(prompt_ids=job.prompt_ids, max_new_tokens=job.max_tokens,
                                            drafter=job.drafter, reuse_prefix=self.prefix_reuse,
@@ -306,7 +338,7 @@ class Scheduler:
             chunks.close()  # ends the generation where it is
         self.metrics.record(job.drafter, generation.stats)
         if stopped := self._stopped(job):
-            return stopped
+            return dataclasses.replace(stopped, stats=generation.stats, drafter=job.drafter)
         if not text.stopped and (delta := text.finish()):
             job.post(Delta(delta))
         reason = "cancelled" if job.cancelled else "stop" if text.stopped else generation.finish_reason

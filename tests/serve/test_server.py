@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import socket
+import sys
 import threading
 import time
+import types
 import urllib.error
 import urllib.request
 
@@ -14,6 +17,7 @@ import openai
 import pytest
 
 import freespec
+import freespec.serve
 from freespec.cli import main
 from freespec.serve import app as server_module
 from freespec.serve.app import BackgroundServer, create_app
@@ -348,12 +352,40 @@ def test_serve_command_passes_its_options(tiny_model_dir, monkeypatch):
     assert options == {"host": "127.0.0.1", "port": 8000, "log_level": "warning", "served_name": None,
                        "drafter": "recycling", "drafters": ["none"], "max_tokens": 256, "max_queue": 3,
                        "api_keys": ["from-env"], "max_body_bytes": 1 << 20, "prefix_reuse": True,
-                       "request_timeout": None}
+                       "request_timeout": None, "prefix_cache_mb": 512}
     assert main(["serve", "--model", str(tiny_model_dir), "--quiet", "--drafters", "lookup+recycling,none",
-                 "--api-key", "a", "--api-key", "b", "--no-prefix-reuse", "--request-timeout", "2.5"]) == 0
+                 "--api-key", "a", "--api-key", "b", "--no-prefix-reuse", "--request-timeout", "2.5",
+                 "--prefix-cache-mb", "0.5"]) == 0
     options = calls[1][1]
     assert options["drafters"] == ["lookup+recycling", "none"] and options["api_keys"] == ["a", "b"]
     assert options["prefix_reuse"] is False and options["request_timeout"] == 2.5
+    assert options["prefix_cache_mb"] == 0.5
+
+
+def test_serve_replicas_passes_its_options_without_loading_here(tiny_model_dir, monkeypatch, capsys):
+    """``--replicas``: the replicas load the model (nothing is loaded here); threads are shared out;
+    without Ray installed it is a one-line usage error."""
+    calls = []
+    module = types.ModuleType("freespec.serve.replicas")
+    module.serve_replicas = lambda options, host, port: calls.append((options, host, port))
+    monkeypatch.setitem(sys.modules, "freespec.serve.replicas", module)
+    monkeypatch.setattr(freespec.serve, "replicas", module, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    monkeypatch.delenv("FREESPEC_API_KEY", raising=False)
+    assert main(["serve", "--model", str(tiny_model_dir), "--quiet", "--replicas", "2", "--port", "9000",
+                 "--prefix-cache-mb", "64"]) == 0
+    options, host, port = calls[0]
+    assert (host, port) == ("127.0.0.1", 9000)
+    assert options == {"model": str(tiny_model_dir), "threads": 2, "tree_shape": "dynamic", "datastore": None,
+                       "draft_model": None, "served_name": None, "drafter": "recycling", "drafters": ["none"],
+                       "max_tokens": 256, "max_queue": 64, "prefix_reuse": True, "request_timeout": None,
+                       "prefix_cache_mb": 64.0, "replicas": 2, "api_keys": [], "max_body_bytes": 1 << 20}
+    assert main(["serve", "--model", "/no/such/model", "--replicas", "2"]) == 2
+    assert "freespec: error:" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "freespec.serve.replicas", None)  # as if Ray were not installed
+    monkeypatch.delattr(freespec.serve, "replicas", raising=False)
+    assert main(["serve", "--model", str(tiny_model_dir), "--replicas", "2"]) == 2
+    assert "--replicas needs Ray Serve: pip install 'freespec[ray]'" in capsys.readouterr().err
 
 
 def test_serve_reports_a_taken_port(tiny_model_dir, capsys):

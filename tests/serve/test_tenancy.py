@@ -1,6 +1,6 @@
-"""Prefix reuse never crosses tenants (issue 18, item 4): a request reuses the cache rows of the
-previous prompt only when both present the same API key, so another client's prompt cannot be
-probed through ``cached_tokens`` (or prefill time)."""
+"""Prefix reuse never crosses tenants (issue 18, item 4; issue 21, item 4): a request reuses the
+cache rows of earlier prompts only when they presented the same API key, so another client's
+prompt cannot be probed through ``cached_tokens`` (or prefill time)."""
 
 from __future__ import annotations
 
@@ -27,20 +27,25 @@ def ask(url: str, messages: list[dict], key: str | None) -> tuple[str, int]:
     return body["choices"][0]["message"]["content"], body["usage"]["prompt_tokens_details"]["cached_tokens"]
 
 
+@pytest.mark.parametrize("prefix_cache_mb", [0, 64])
 @pytest.mark.parametrize("api_keys", [(), ("alice", "mallory")])
-def test_a_probe_from_another_tenant_sees_no_cached_tokens(tiny_model_dir, reference, api_keys):
-    """With keys configured or not (then whatever key a client sends, or none, is its tenant)."""
+def test_a_probe_from_another_tenant_sees_no_cached_tokens(tiny_model_dir, reference, api_keys, prefix_cache_mb):
+    """With keys configured or not (then whatever key a client sends, or none, is its tenant), with
+    the prefix cache or only the last request's rows."""
     expected = reference.generate(messages=PROBE, max_new_tokens=6, drafter="none", reuse_prefix=False).text
-    app = create_app(freespec.load(str(tiny_model_dir)), served_name="tiny", api_keys=api_keys)
+    app = create_app(freespec.load(str(tiny_model_dir)), served_name="tiny", api_keys=api_keys,
+                     prefix_cache_mb=prefix_cache_mb)
+    filed = prefix_cache_mb > 0  # a tenant's rows outlast another tenant's request
     with BackgroundServer(app) as url:
         ask(url, SECRET, "alice")
         assert ask(url, PROBE, "mallory") == (expected, 0)
         if not api_keys:
             assert ask(url, PROBE, None) == (expected, 0)
-            assert ask(url, PROBE, "mallory") == (expected, 0)  # a tenant's rows last until another's request
+            answer, cached = ask(url, PROBE, "mallory")
+            assert answer == expected and (cached > 0) == filed
         answer, cached = ask(url, PROBE, "mallory")  # its own rows: reuse within a tenant goes on
         assert answer == expected and cached > 0
-        assert ask(url, SECRET, "alice")[1] == 0
+        assert (ask(url, SECRET, "alice")[1] > 0) == filed
 
 
 def test_no_prefix_reuse_prefills_every_prompt_whole(tiny_model_dir, reference):
