@@ -188,11 +188,14 @@ def resolve(model: str | os.PathLike | None) -> tuple[Path | str, str]:
 def load(model: str | os.PathLike | None = None) -> LoadedModel:
     """Load model and tokenizer in fp32 on the CPU."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from freespec.model.hf_runner import refuse_unsupported
 
     location, name = resolve(model)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(location)
+        refuse_unsupported(AutoConfig.from_pretrained(location))  # in one line, before any weight loads
+        tokenizer = _tokenizer(location, name)
         hf_model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32)
     except OSError as error:
         raise ModelLoadError(f"cannot load {name}: {error}") from error
@@ -200,3 +203,15 @@ def load(model: str | os.PathLike | None = None) -> LoadedModel:
         raise ModelLoadError(f"unsupported model {name}: {error}") from error
     hf_model.eval()
     return LoadedModel(hf_model, tokenizer, name, location if isinstance(location, Path) else None)
+
+
+def _tokenizer(location: Path | str, name: str):
+    """The model's tokenizer; a model without one is refused in one line (transformers' own
+    message lists conversions that do not apply)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(location)
+    except (OSError, ValueError, TypeError):
+        raise ModelLoadError(f"cannot load the tokenizer of {name}: freespec needs the model's tokenizer files "
+                             "(tokenizer.json, or tokenizer_config.json with its vocabulary) beside the weights") from None
