@@ -6,7 +6,7 @@ at transformers' speed, with the same protocol (prefill, forward over a draft tr
 accepted path, logits), so drafters, verification, sampling, the CLI and the server work on it:
 
 - the model's own forward gets a 4-D additive attention mask (every new token sees the committed
-  prefix and the tree mask's nodes; sliding-window and chunked layers only those within their
+  prefix and the tree mask's nodes; sliding-window layers only those within their
   window) and position ids from the tree depths;
 - the cache is a DynamicCache of plain layers (never trimmed to a window, so it can roll back);
   committing keeps the rows of the accepted nodes in order on every layer;
@@ -31,7 +31,10 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING,
+    MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+)
 
 from freespec.kernels import Kernels
 from freespec.kernels import select as select_kernels
@@ -39,10 +42,11 @@ from freespec.model.kv_cache import SKIPPED, common_prefix
 from freespec.model.runner import PREFILL_CHUNK, ModelRunner, PrefillCancelled
 from freespec.model.weights import SUPPORTED_FAMILIES, UnsupportedModelError
 
-ATTENTION_KINDS = ("full_attention", "sliding_attention", "chunked_attention")
+ATTENTION_KINDS = ("full_attention", "sliding_attention")  # layer types the masks cover
 MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 CAUSAL_HEADS = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")  # architecture names that generate
-CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "max_seq_len", "seq_length",
+                "n_ctx")
 
 
 def supported() -> str:
@@ -98,7 +102,8 @@ def refuse_unsupported(config) -> None:
     alone (before any weight loads): encoder-decoder models, checkpoints without a causal-LM head,
     mixture-of-experts models and models with recurrent state (Mamba, RWKV, linear attention)."""
     family = config.model_type
-    if getattr(config, "is_encoder_decoder", False):
+    # a decoder taken out of an encoder-decoder model (BartForCausalLM) says is_encoder_decoder=False
+    if getattr(config, "is_encoder_decoder", False) or family in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES:
         raise UnsupportedModelError(f"{family} is an encoder-decoder model; {supported()}")
     architectures = getattr(config, "architectures", None) or []
     if architectures and not any(name.endswith(CAUSAL_HEADS) for name in architectures):
@@ -110,10 +115,13 @@ def refuse_unsupported(config) -> None:
     text = config.get_text_config(decoder=True)
     if any((getattr(text, key, None) or 0) > 1 for key in MOE_KEYS):
         raise UnsupportedModelError(f"{family} is a mixture-of-experts model, not supported yet; {supported()}")
-    kinds = set(getattr(text, "layer_types", None) or ["full_attention"])
-    if getattr(model_class, "_is_stateful", False) or not kinds <= set(ATTENTION_KINDS):
-        raise UnsupportedModelError(f"{family} has recurrent layers whose state cannot follow a draft tree; "
+    if getattr(model_class, "_is_stateful", False):
+        raise UnsupportedModelError(f"{family} keeps a recurrent state, which cannot follow a draft tree; "
                                     f"{supported()}")
+    unknown = set(getattr(text, "layer_types", None) or []) - set(ATTENTION_KINDS)
+    if unknown:
+        raise UnsupportedModelError(f"{family} has {', '.join(sorted(unknown))} layers, which freespec cannot run "
+                                    f"on a draft tree; {supported()}")
 
 
 class _Passthrough(torch.nn.Module):
@@ -172,7 +180,6 @@ class TransformersRunner:
         self._layers = self._layer_list(self.num_layers)
         self._kinds = sorted(set(getattr(text, "layer_types", None) or ["full_attention"]))
         self._window = getattr(text, "sliding_window", None)
-        self._chunk = getattr(text, "attention_chunk_size", None)
         self.max_positions = self._context_length(text)
         parameters = inspect.signature(self.decoder.forward).parameters
         self._cache_keyword = "cache" if "cache" in parameters else "past_key_values"  # renamed within 5.x
@@ -325,18 +332,15 @@ class TransformersRunner:
 
     def _mask(self, positions: torch.Tensor, tree_mask: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
         """The additive 4-D mask [1, 1, q, committed + q] of each attention kind the layers use: a
-        tensor if all layers attend fully, else {layer type: mask}, as transformers' hybrid models take it."""
+        tensor if all layers attend fully, else {layer type: mask}, as transformers' hybrid models
+        take it. A sliding layer sees the keys less than its window before the query's position."""
         n, past = positions.shape[0], self.length
         keys = torch.cat([torch.arange(past, device=self.device), positions])  # [past + q] key positions
         visible = torch.cat([torch.ones(n, past, dtype=torch.bool, device=self.device), tree_mask], dim=1)
         distance = positions[:, None] - keys[None, :]  # [q, past + q]
         masks = {}
         for kind in self._kinds:
-            allowed = visible
-            if kind == "sliding_attention":
-                allowed = visible & (distance < self._window)
-            elif kind == "chunked_attention":
-                allowed = visible & (positions[:, None] // self._chunk == keys[None, :] // self._chunk)
+            allowed = visible & (distance < self._window) if kind == "sliding_attention" else visible
             additive = torch.zeros(n, past + n, dtype=self.dtype, device=self.device)
             masks[kind] = additive.masked_fill_(~allowed, torch.finfo(self.dtype).min)[None, None]
         return masks if self._kinds != ["full_attention"] else masks["full_attention"]

@@ -211,7 +211,10 @@ def _tokenizer(location: Path | str, name: str):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(location)
+        tokenizer = AutoTokenizer.from_pretrained(location)
     except (OSError, ValueError, TypeError):
+        tokenizer = None
+    if tokenizer is None or not tokenizer.vocab_size:  # transformers makes an empty BPE tokenizer from no files
         raise ModelLoadError(f"cannot load the tokenizer of {name}: freespec needs the model's tokenizer files "
-                             "(tokenizer.json, or tokenizer_config.json with its vocabulary) beside the weights") from None
+                             "(tokenizer.json, or tokenizer_config.json with its vocabulary) beside the weights")
+    return tokenizer
