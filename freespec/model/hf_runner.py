@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -55,7 +56,7 @@ def supported() -> str:
             "any other through transformers)")
 
 
-def make_runner(hf_model: torch.nn.Module, kernels: Kernels, packed_cache=None,
+def make_runner(hf_model: torch.nn.Module, kernels: Kernels, packed_cache: Path | None = None,
                 device: str | torch.device = "cpu") -> ModelRunner | TransformersRunner:
     """The runner for ``hf_model``: the native one on the CPU for the families it supports
     (:data:`freespec.model.weights.SUPPORTED_FAMILIES`), else transformers' own forward on ``device``.
@@ -113,7 +114,7 @@ def refuse_unsupported(config) -> None:
     if model_class is None:
         raise UnsupportedModelError(f"{family} is not a causal LM transformers knows; {supported()}")
     text = config.get_text_config(decoder=True)
-    if any((getattr(text, key, None) or 0) > 1 for key in MOE_KEYS):
+    if any(isinstance(experts := getattr(text, key, None), int) and experts > 1 for key in MOE_KEYS):
         raise UnsupportedModelError(f"{family} is a mixture-of-experts model, not supported yet; {supported()}")
     if getattr(model_class, "_is_stateful", False):
         raise UnsupportedModelError(f"{family} keeps a recurrent state, which cannot follow a draft tree; "
@@ -134,18 +135,18 @@ class _Passthrough(torch.nn.Module):
 class _Given(torch.nn.Module):
     """Stands in for a causal LM's decoder so that its head runs on hidden states computed earlier.
 
-    Any submodule the head's caller reaches for (OPT calls ``model.decoder``) is this stand-in too.
+    The decoder's submodules are this stand-in too (OPT's head calls ``model.decoder``).
     """
 
-    def __init__(self, hidden: torch.Tensor):
+    def __init__(self, hidden: torch.Tensor, decoder: torch.nn.Module):
         super().__init__()
         self.hidden = hidden  # [1, n, hidden]
+        self.submodules = frozenset(name for name, _ in decoder.named_children())
 
     def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
+        if name in self.__dict__.get("submodules", ()):
             return self
+        return super().__getattr__(name)
 
     def forward(self, *args, **kwargs) -> BaseModelOutputWithPastAndCrossAttentions:
         return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=self.hidden)
@@ -211,9 +212,12 @@ class TransformersRunner:
         return length
 
     def _layer_list(self, count: int) -> torch.nn.ModuleList | None:
-        """The decoder's list of layers (what a skipping pass leaves out), or None if not found."""
+        """The decoder's list of layers (what a skipping pass leaves out), or None if not found:
+        ``count`` modules of a class the model names as a layer (``_no_split_modules``)."""
+        layer_classes = set(getattr(self.model, "_no_split_modules", None) or [])
         return next((module for module in self.decoder.modules()
-                     if isinstance(module, torch.nn.ModuleList) and len(module) == count), None)
+                     if isinstance(module, torch.nn.ModuleList) and len(module) == count
+                     and (not layer_classes or type(module[0]).__name__ in layer_classes)), None)
 
     # -- the cache --------------------------------------------------------------------------------
 
@@ -361,7 +365,7 @@ class TransformersRunner:
         """[q, hidden] → [q, vocab] fp32 logits on the CPU, from the model's own head."""
         prefix = self.model.base_model_prefix
         with torch.inference_mode():
-            setattr(self.model, prefix, _Given(hidden[None]))
+            setattr(self.model, prefix, _Given(hidden[None], self.decoder))
             try:
                 dummy = torch.zeros(1, hidden.shape[0], dtype=torch.long, device=self.device)
                 logits = self.model(input_ids=dummy, use_cache=False).logits[0]
@@ -379,27 +383,35 @@ class TransformersRunner:
         """Refuse a model whose forward does not follow a draft tree: prefill, a tree with a wrong
         branch, a commit that reorders rows and one more pass must reproduce its plain forward."""
         ids = torch.randint(self.vocab_size, (9,), generator=torch.Generator().manual_seed(0))
-        # root ids[4]; children: a wrong token and ids[5], whose child is ids[6]
-        tokens = torch.stack([ids[4], (ids[5] + 1) % self.vocab_size, ids[5], ids[6]])
-        tree_mask = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 1, 1]], dtype=torch.bool)
+        # root ids[4]; first a wrong chain of three tokens, then the true ids[5], ids[6]: their cache
+        # rows lie three past their positions
+        wrong = (ids[5:8] + 1) % self.vocab_size
+        tokens = torch.cat([ids[4:5], wrong, ids[5:7]])
+        parents = [-1, 0, 1, 2, 0, 4]
+        tree_mask = torch.eye(6, dtype=torch.bool)
+        for node, parent in enumerate(parents):
+            if parent >= 0:
+                tree_mask[node] |= tree_mask[parent]
         try:
             with torch.inference_mode():
                 reference = self.model(ids[None].to(self.device)).logits[0].float().cpu()  # [9, vocab]
-            self.reset(len(ids))
+            self.reset(len(ids) + 2)
             prefill = self.logits(self.prefill(ids[:4]))
-            tree = self.logits(self.forward(tokens, torch.tensor([4, 5, 5, 6]), tree_mask))
-            self.commit([0, 2, 3])
-            last = self.logits(self.forward(ids[7:], torch.tensor([7, 8]), torch.ones(2, 2, dtype=torch.bool).tril()))
+            tree = self.logits(self.forward(tokens, torch.tensor([4, 5, 6, 7, 5, 6]), tree_mask))
+            self.commit([0, 4, 5])
+            causal = torch.ones(2, 2, dtype=torch.bool).tril()
+            last = self.logits(self.forward(ids[7:], torch.tensor([7, 8]), causal))
             layer_kinds = {type(layer) for layer in self.cache.layers}
         except Exception as error:  # any failure of the model's own code: refused, said in one line
             message = str(error).splitlines()[0] if str(error) else ""
-            raise UnsupportedModelError(f"{self.family} cannot run on a draft tree through transformers "
-                                        f"({type(error).__name__}: {message}); {supported()}") from None
+            raise UnsupportedModelError(f"{self.family}'s transformers forward fails on a draft tree's 4-D mask "
+                                        f"and position ids ({type(error).__name__}: {message}); "
+                                        f"{supported()}") from None
         finally:
             self.reset(0)
-        got = torch.cat([prefill, tree[[0, 2, 3]], last])  # [9, vocab]
+        got = torch.cat([prefill, tree[[0, 4, 5]], last])  # [9, vocab]
         error = float((got - reference).abs().max())
-        tolerance = (1e-3 if self.dtype == torch.float32 else 5e-2) * max(1.0, float(reference.abs().max()))
+        tolerance = (1e-4 if self.dtype == torch.float32 else 5e-2) * max(1.0, float(reference.abs().max()))
         if not error <= tolerance:
             raise UnsupportedModelError(f"{self.family}'s transformers forward does not follow a draft tree (logits "
                                         f"differ by {error:.3g}; ALiBi and other row-based attention biases do not); "
