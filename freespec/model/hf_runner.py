@@ -40,7 +40,12 @@ from transformers.models.auto.modeling_auto import (
 from freespec.kernels import Kernels
 from freespec.kernels import select as select_kernels
 from freespec.model.kv_cache import SKIPPED, common_prefix
-from freespec.model.runner import PREFILL_CHUNK, ModelRunner, PrefillCancelled
+from freespec.model.runner import (
+    PREFILL_CHUNK,
+    ModelRunner,
+    PrefillCancelled,
+    check_pass,
+)
 from freespec.model.weights import SUPPORTED_FAMILIES, UnsupportedModelError
 
 ATTENTION_KINDS = ("full_attention", "sliding_attention")  # layer types the masks cover
@@ -304,19 +309,10 @@ class TransformersRunner:
         see the committed prefix. ``skip``: decoder layers to leave out (a cheaper draft); their
         rows are not written, so :meth:`truncate` must drop such rows before a full pass.
         """
-        n = tokens.shape[0]
-        if tokens.ndim != 1 or n == 0 or positions.shape != (n,) or tree_mask.shape != (n, n):
-            raise ValueError(f"forward needs tokens [q], positions [q] and a tree mask [q, q] with q >= 1; got "
-                             f"{list(tokens.shape)}, {list(positions.shape)} and {list(tree_mask.shape)}")
-        bad = [index for index in skip if not 0 <= index < self.num_layers]
-        if bad:
-            raise ValueError(f"cannot skip layers {sorted(bad)}: the model has layers 0..{self.num_layers - 1}")
+        check_pass(tokens, positions, tree_mask, skip, self.num_layers, self.max_positions)
         if skip and self._layers is None:
             raise ValueError(f"cannot skip layers of {self.family}: its decoder layers were not found")
-        where, ids = positions.tolist(), tokens.tolist()
-        if min(where) < 0 or max(where) >= self.max_positions:
-            raise ValueError(f"positions {min(where)}..{max(where)} are outside the model's context of "
-                             f"{self.max_positions}")
+        n, ids = tokens.shape[0], tokens.tolist()
         if self.length + n > self.capacity:
             raise ValueError(f"cache overflow: {self.length + n} rows needed, capacity {self.capacity}")
         if min(ids) < 0 or max(ids) >= self.vocab_size:
