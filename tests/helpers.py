@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     GPT2Config,
     LlamaConfig,
@@ -233,8 +234,6 @@ def fallback_config(family: str, window: int = 8):
 
     ``cohere2`` and ``gemma3_text`` interleave sliding-window layers (of ``window`` positions) with
     global ones."""
-    from transformers import AutoConfig
-
     common = dict(vocab_size=len(WORDS), bos_token_id=None, eos_token_id=0, pad_token_id=0, num_hidden_layers=2,
                   num_attention_heads=4, max_position_embeddings=512)
     if family == "opt":

@@ -53,7 +53,9 @@ def fallback(family: str, seed: int = 0, **options) -> Model:
     """A Model of ``family`` with the model itself as its draft model (every drafter can run)."""
     hf_model = fallback_model(family, seed=seed, window=options.pop("window", 8))
     draft = LoadedModel(copy.deepcopy(hf_model), word_tokenizer(), f"{family}-draft", None)
-    return Model(LoadedModel(hf_model, word_tokenizer(), family, None), draft_model=draft, **options)
+    model = Model(LoadedModel(hf_model, word_tokenizer(), family, None), draft_model=draft, **options)
+    assert isinstance(model.runner, TransformersRunner), f"{family} has a fast path now: test another family"
+    return model
 
 
 def random_ids(count: int, seed: int = 0) -> torch.Tensor:
