@@ -23,9 +23,9 @@ from freespec.engine.loop import Generation, GenerationStats
 from freespec.engine.sampling import SamplingParams
 from freespec.kernels import Kernels
 from freespec.kernels import select as select_kernels
+from freespec.model.hf_runner import Runner, make_runner, torch_device
 from freespec.model.loading import LoadedModel, ModelLoadError
 from freespec.model.loading import load as load_model
-from freespec.model.runner import ModelRunner
 
 
 @dataclass
@@ -41,19 +41,23 @@ class Model:
 
     def __init__(self, loaded: LoadedModel, budget: int | None = None, tree_shape: str = "dynamic",
                  datastore: str | os.PathLike | None = None, draft_model: LoadedModel | None = None,
-                 kernels: Kernels | None = None):
-        """``kernels``: the backend the runners compute with (default: :func:`freespec.kernels.select`)."""
+                 kernels: Kernels | None = None, device: str = "cpu"):
+        """``kernels``: the backend the native runners compute with (default: :func:`freespec.kernels.select`).
+        ``device``: where models run; models without a fast path, and every model off the CPU, run
+        through transformers' own forward (:func:`freespec.model.hf_runner.make_runner`)."""
         self.name = loaded.name
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
-        self.runner = ModelRunner(loaded.config, loaded.weights, kernels or select_kernels())
+        self.kernels = kernels or select_kernels()
+        self.device = device
+        self.runner: Runner = make_runner(loaded, self.kernels, device)
         self.fixed_budget = budget
         self.tree_shape = tree_shape  # Token Recycling's: "dynamic" (best-first) or "static" (paper template)
         self.datastore = datastore  # the retrieval drafter's datastore directory
         self._drafters: dict[str, tuple[Drafter, BudgetPolicy]] = {}
         self.stop_ids = self._stop_ids(loaded.generation_config)
         self.draft: LoadedModel | None = None  # the smaller model the draft-model drafter (and hf-assisted) use
-        self.draft_runner: ModelRunner | None = None  # the draft-model drafter's
+        self.draft_runner: Runner | None = None  # the draft-model drafter's
         if draft_model is not None:
             self.use_draft_model(draft_model)
 
@@ -63,7 +67,7 @@ class Model:
             raise ValueError(f"the draft model {draft.name} has a different vocabulary from {self.name}: "
                              f"it must use the same tokenizer")
         self.draft = draft
-        self.draft_runner = ModelRunner(draft.config, draft.weights, self.runner.kernels)
+        self.draft_runner = make_runner(draft, self.kernels, self.device)
         for name in [name for name in self._drafters if "draft-model" in name.split("+")]:
             del self._drafters[name]  # made with the previous draft model
 
@@ -189,7 +193,7 @@ class Model:
 
 def load(model: str | os.PathLike | None = None, *, threads: int | None = None, budget: int | None = None,
          tree_shape: str = "dynamic", datastore: str | os.PathLike | None = None,
-         draft_model: str | os.PathLike | None = None) -> Model:
+         draft_model: str | os.PathLike | None = None, device: str = "cpu") -> Model:
     """Load ``model`` (None: the embedded SmolLM2-135M-Instruct; a directory; a .gguf; a hub id).
 
     ``budget`` fixes the number of draft nodes per step instead of choosing it from measured costs.
@@ -197,8 +201,12 @@ def load(model: str | os.PathLike | None = None, *, threads: int | None = None, 
     tree shape: ``dynamic`` (best-first by recycled probabilities) or ``static`` (the paper's template).
     ``datastore`` is the directory the ``retrieval`` drafter reads (``freespec datastore build``).
     ``draft_model`` (same forms as ``model``) is the smaller model, with the same tokenizer, that the
-    ``draft-model`` drafter drafts with.
+    ``draft-model`` drafter drafts with. ``device`` (``cpu``, ``cuda``, ``cuda:1``, ``mps``, ...) is
+    where the models run: the native fast path is CPU-only, so off the CPU, and for families it
+    does not support, models run through transformers' own forward (not batch-invariant: no prefix
+    reuse). An unknown or unavailable device is a ValueError before anything loads.
     """
+    torch_device(device)
     if threads:
         torch.set_num_threads(threads)
     draft = None
@@ -208,4 +216,4 @@ def load(model: str | os.PathLike | None = None, *, threads: int | None = None, 
         except ModelLoadError as error:
             raise ModelLoadError(f"the draft model: {error}") from None
     return Model(load_model(model), budget=budget, tree_shape=tree_shape, datastore=datastore,
-                 draft_model=draft)
+                 draft_model=draft, device=device)

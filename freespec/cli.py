@@ -162,6 +162,11 @@ def _parser() -> argparse.ArgumentParser:
                                "else is taken for a local path (default: the embedded SmolLM2-135M-Instruct)")
     model_options.add_argument("--threads", type=_positive_int, metavar="N",
                                help="torch CPU threads (default: torch's, one per core)")
+    model_options.add_argument("--device", default="cpu", metavar="DEVICE",
+                               help="where the model runs: cpu, or any device torch has here (cuda, cuda:1, mps, "
+                                    "...); the batch-invariant fast path is CPU-only, so there, and for families "
+                                    "without a fast path, the model runs through transformers' own forward "
+                                    "(default: cpu)")
     model_options.add_argument("--quiet", action="store_true", help="no statistics, no progress bars")
     model_options.add_argument("--tree", choices=("dynamic", "static"), default="dynamic",
                                help="Token Recycling's tree: best-first by recycled probabilities, "
@@ -312,6 +317,7 @@ def _load(args: argparse.Namespace, budget: int | None = None) -> Model:
     from transformers.utils import logging as transformers_logging
 
     from freespec.api import DamagedStateError, load
+    from freespec.model.hf_runner import fallback_notice
     from freespec.model.loading import ModelLoadError
     from freespec.model.weights import UnsupportedModelError
 
@@ -321,7 +327,7 @@ def _load(args: argparse.Namespace, budget: int | None = None) -> Model:
         transformers_logging.disable_progress_bar()  # it draws them into files and pipes too
     try:
         model = load(args.model, threads=args.threads, budget=budget, tree_shape=args.tree,
-                     datastore=args.datastore, draft_model=args.draft_model)
+                     datastore=args.datastore, draft_model=args.draft_model, device=args.device)
         if getattr(args, "state", None) and args.state.exists():
             try:
                 model.load_state(args.state)
@@ -329,6 +335,8 @@ def _load(args: argparse.Namespace, budget: int | None = None) -> Model:
                 print(f"freespec: warning: {error}; starting without it", file=sys.stderr)
     except (ModelLoadError, UnsupportedModelError, ValueError) as error:
         raise UsageError(str(error)) from None
+    if not args.quiet and (notice := fallback_notice(model.runner)):
+        print(f"[freespec] {notice}", file=sys.stderr)
     return model
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     GPT2Config,
     LlamaConfig,
@@ -376,3 +377,38 @@ def assert_same_bits(ours: ModelRunner, reference: ModelRunner) -> None:
     positions = torch.tensor([20, 21, 21, 22])
     assert torch.equal(ours.logits(ours.forward(ids[20:24], positions, tree)),
                        reference.logits(reference.forward(ids[20:24], positions, tree)))
+
+
+# -- from model/test_fallback.py ------------------------------------------------------------
+
+
+FALLBACK_FAMILIES = ["opt", "gpt_neox", "phi"]
+"""Families without a fast path, run through transformers (learned positions; parallel residual
+with partial rotary; parallel attention and MLP with partial rotary)."""
+
+
+def fallback_config(family: str, window: int = 8):
+    """A tiny config of a family the native runner does not cover, with the word tokenizer's vocabulary.
+
+    ``cohere2`` and ``gemma3_text`` interleave sliding-window layers (of ``window`` positions) with
+    global ones."""
+    common = dict(vocab_size=len(WORDS), bos_token_id=None, eos_token_id=0, pad_token_id=0, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=512)
+    if family == "opt":
+        return AutoConfig.for_model("opt", hidden_size=64, ffn_dim=128, word_embed_proj_dim=64, **common)
+    if family in ("gpt_neox", "phi"):
+        return AutoConfig.for_model(family, hidden_size=64, intermediate_size=128, **common)
+    if family in ("cohere2", "gemma3_text"):
+        layers = ["sliding_attention", "full_attention", "sliding_attention"]
+        return AutoConfig.for_model(family, hidden_size=64, intermediate_size=128, num_key_value_heads=2, head_dim=16,
+                                    sliding_window=window, **{**common, "num_hidden_layers": 3}, layer_types=layers)
+    raise ValueError(family)
+
+
+def fallback_model(family: str, seed: int = 0, scale: float = 8.0, window: int = 8):
+    """A random model of ``family`` (see :func:`fallback_config`); ``scale`` sharpens its logits."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(fallback_config(family, window)).eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(scale)
+    return model

@@ -144,7 +144,7 @@ def _hf_generate(setup: Setup, sample: bool = False, **options) -> Generate:
                     if option.name != "seed" and (do_sample or option.greedy)}, do_sample=do_sample)
 
     def run(prompt_ids: list[int]) -> Output:
-        inputs = torch.tensor([prompt_ids])  # [1, prompt]
+        inputs = torch.tensor([prompt_ids], device=hf_model.device)  # [1, prompt]
         steps = _StepSizes()
         with torch.inference_mode():
             output = hf_model.generate(

@@ -53,7 +53,7 @@ class LoadedModel:
     """A model ready for a :class:`freespec.model.runner.ModelRunner`: config, weights and tokenizer."""
 
     config: object  # the transformers config
-    weights: ModelWeights  # in the kernels' layout, in the file's formats
+    weights: ModelWeights | None  # in the kernels' layout, in the file's formats; None: no fast path (fallback)
     tokenizer: object  # the matching transformers tokenizer
     generation_config: object  # transformers' GenerationConfig: the stop tokens
     name: str  # what the user asked for, for display
@@ -160,10 +160,13 @@ def from_transformers(hf_model: torch.nn.Module, tokenizer, name: str, pack: boo
     """A model that exists as a transformers module (tests' tiny models, architectures without a
     file reader): its parameters taken over in fp32, and with ``pack`` those that are exact
     4/8-bit blocks packed (:func:`freespec.model.weights.pack_weights`, cached for ``source``)."""
-    from freespec.model.weights import extract, pack_weights
+    from freespec.model.weights import UnsupportedModelError, extract, pack_weights
 
-    weights = extract(hf_model)
-    if pack:
+    try:
+        weights = extract(hf_model)
+    except UnsupportedModelError:  # no fast path: the transformers fallback runs it (model.hf_runner)
+        weights = None
+    if pack and weights is not None:
         pack_weights(weights, packed_cache_path(source))
     return LoadedModel(hf_model.config, weights, tokenizer, hf_model.generation_config, name, source, hf_model)
 
@@ -173,13 +176,14 @@ def from_transformers(hf_model: torch.nn.Module, tokenizer, name: str, pack: boo
 
 def _load_gguf(path: Path, name: str) -> LoadedModel:
     from freespec.model.gguf_file import GGUFFile, GGUFTensors
-    from freespec.model.weights import LLAMA_STYLE, check_family, from_tensors
+    from freespec.model.hf_runner import refuse_unsupported
+    from freespec.model.weights import LLAMA_STYLE, from_tensors
 
     file = GGUFFile(path)
     check_memory(path, file.tensor_bytes())
     config, tokenizer, generation_config = _metadata(gguf_metadata(path), name)
     if config.model_type not in LLAMA_STYLE:  # no file reader for it: through transformers (dequantized)
-        check_family(config)
+        refuse_unsupported(config)
         return _through_transformers(path, name, tokenizer, generation_config)
     weights = from_tensors(config, GGUFTensors(file, config))
     return LoadedModel(config, weights, tokenizer, generation_config, name, path)
@@ -253,13 +257,14 @@ def _install(staging: Path, target: Path) -> None:
 
 
 def _load_directory(directory: Path, name: str, transformers_location: str | None = None) -> LoadedModel:
+    from freespec.model.hf_runner import refuse_unsupported
     from freespec.model.safetensors_file import SafetensorsTensors
-    from freespec.model.weights import LLAMA_STYLE, check_family, from_tensors
+    from freespec.model.weights import LLAMA_STYLE, from_tensors
 
     config, tokenizer, generation_config = _metadata(directory, name)
     tensors = SafetensorsTensors(directory)
     if not tensors.files or config.model_type not in LLAMA_STYLE:
-        check_family(config)
+        refuse_unsupported(config)
         return _through_transformers(transformers_location or directory, name, tokenizer, generation_config)
     check_memory(directory, tensors.tensor_bytes())
     weights = from_tensors(config, tensors)
@@ -290,6 +295,9 @@ def _metadata(directory: Path, name: str):
             generation_config = GenerationConfig.from_model_config(config)
     except _TRANSFORMERS_ERRORS as error:
         raise ModelLoadError(f"cannot load {name}: {_one_line(error)}") from None
+    if not tokenizer.vocab_size:  # transformers makes an empty BPE tokenizer from no files
+        raise ModelLoadError(f"cannot load the tokenizer of {name}: freespec needs the model's tokenizer files "
+                             "(tokenizer.json, or tokenizer_config.json with its vocabulary) beside the weights")
     return config, tokenizer, generation_config
 
 

@@ -46,6 +46,22 @@ def _norm(x: torch.Tensor, norm: RMSNorm | LayerNorm) -> torch.Tensor:
     return F.rms_norm(x, norm.weight.shape, norm.weight, norm.eps)
 
 
+def check_pass(tokens: torch.Tensor, positions: torch.Tensor, tree_mask: torch.Tensor, skip: frozenset[int],
+               num_layers: int, max_positions: int) -> None:
+    """ValueError unless a forward pass's inputs agree in length, its skipped layers exist and its
+    positions lie within the context (what every runner checks before it writes a row)."""
+    n = tokens.shape[0]
+    if tokens.ndim != 1 or n == 0 or positions.shape != (n,) or tree_mask.shape != (n, n):
+        raise ValueError(f"forward needs tokens [q], positions [q] and a tree mask [q, q] with q >= 1; got "
+                         f"{list(tokens.shape)}, {list(positions.shape)} and {list(tree_mask.shape)}")
+    bad = [index for index in skip if not 0 <= index < num_layers]
+    if bad:
+        raise ValueError(f"cannot skip layers {sorted(bad)}: the model has layers 0..{num_layers - 1}")
+    where = positions.tolist()
+    if min(where) < 0 or max(where) >= max_positions:
+        raise ValueError(f"positions {min(where)}..{max(where)} are outside the model's context of {max_positions}")
+
+
 class PrefillCancelled(Exception):
     """A prefill's ``should_stop`` said stop (a server's client left); the chunks run so far stay committed."""
 
@@ -159,17 +175,7 @@ class ModelRunner:
         the hidden state passes them unchanged and their cache rows are not written, so such rows
         are only good for further skipping passes; :meth:`truncate` drops them before verification.
         """
-        n = tokens.shape[0]
-        if tokens.ndim != 1 or n == 0 or positions.shape != (n,) or tree_mask.shape != (n, n):
-            raise ValueError(f"forward needs tokens [q], positions [q] and a tree mask [q, q] with q >= 1; got "
-                             f"{list(tokens.shape)}, {list(positions.shape)} and {list(tree_mask.shape)}")
-        bad = [index for index in skip if not 0 <= index < self.num_layers]
-        if bad:
-            raise ValueError(f"cannot skip layers {sorted(bad)}: the model has layers 0..{self.num_layers - 1}")
-        where = positions.tolist()
-        if min(where) < 0 or max(where) >= self.max_positions:
-            raise ValueError(f"positions {min(where)}..{max(where)} are outside the model's context of "
-                             f"{self.max_positions}")
+        check_pass(tokens, positions, tree_mask, skip, self.num_layers, self.max_positions)
         return self._run(tokens, positions, tree_mask, skip=frozenset(skip))
 
     def _run(self, tokens: torch.Tensor, positions: torch.Tensor, tree_mask: torch.Tensor,
