@@ -158,7 +158,7 @@ class Model:
     def stream(self, prompt: str | None = None, *, messages: list[dict] | None = None, max_new_tokens: int = 256,
                drafter: str = "recycling", chat: bool = True, prompt_ids: list[int] | None = None,
                budget: int | None = None, sampling: SamplingParams | None = None, reuse_prefix: bool = True,
-               should_stop: Callable[[], bool] | None = None,
+               should_stop: Callable[[], bool] | None = None, tenant: str | None = None,
                **sampling_options) -> Generation:
         """Start a request; iterate the result for token-id chunks as they are accepted.
 
@@ -171,11 +171,15 @@ class Model:
         already cached (a chat's earlier turns); it never changes the output.
         ``should_stop`` is asked between prefill chunks; True stops the prefill with
         :class:`freespec.model.runner.PrefillCancelled` (a server whose client left).
+        ``tenant`` (a server's API key) keeps drafters that learn text across requests (``suffix``)
+        drafting each tenant's requests from that tenant's earlier ones only.
         """
         sampling = dataclasses.replace(sampling or SamplingParams(), **sampling_options)
         if prompt_ids is None:
             prompt_ids = self.encode(prompt, messages, chat)
         drafter_state, policy = self.drafter(drafter)
+        if drafter_state is not None:
+            drafter_state.set_tenant(tenant)
         budget = self.fixed_budget if budget is None else budget
         return Generation(self.runner, drafter_state, policy, prompt_ids, max_new_tokens, self.stop_ids, budget,
                           sampling, reuse_prefix, should_stop)

@@ -20,6 +20,7 @@ from freespec.drafters.lookup import PromptLookup
 from freespec.drafters.ngram_trie import TrieLookup
 from freespec.drafters.recycling import DamagedStateError, TokenRecycling
 from freespec.drafters.retrieval import Retrieval
+from freespec.drafters.suffix import Suffix
 from freespec.model.runner import ModelRunner
 
 
@@ -48,6 +49,10 @@ def _aded(settings: DrafterSettings) -> Aded:
     return Aded.from_datastore(settings.datastore, settings.tokenizer, settings.vocab_size)  # the corpus's tri-grams
 
 
+def _suffix(settings: DrafterSettings) -> Suffix:
+    return Suffix(settings.datastore, settings.tokenizer, settings.vocab_size)  # the corpus is optional
+
+
 def _layerskip(settings: DrafterSettings) -> LayerSkip:
     if settings.runner is None:
         raise ValueError("the layerskip drafter needs the target model's runner (DrafterSettings.runner)")
@@ -64,6 +69,7 @@ def _draft_model(settings: DrafterSettings) -> DraftModel:
 FACTORIES: dict[str, Callable[[DrafterSettings], Drafter]] = {
     "recycling": lambda s: TokenRecycling(s.vocab_size, tree_shape=s.tree_shape),
     "lookup": lambda s: PromptLookup(),
+    "suffix": _suffix,
     "trie": lambda s: TrieLookup(),
     "retrieval": _retrieval,
     "aded": _aded,
@@ -104,5 +110,5 @@ def create(name: str, settings: DrafterSettings) -> Drafter | None:
 
 
 __all__ = ["DRAFTERS", "Aded", "BaseDrafter", "DamagedStateError", "DraftModel", "Drafter", "DrafterSettings",
-           "FACTORIES", "Fused", "LayerSkip", "Lookahead", "PromptLookup", "Retrieval", "TokenRecycling",
-           "TrieLookup", "check_name", "create"]
+           "FACTORIES", "Fused", "LayerSkip", "Lookahead", "PromptLookup", "Retrieval", "Suffix",
+           "TokenRecycling", "TrieLookup", "check_name", "create"]

@@ -178,4 +178,4 @@ class Aded(HitRateDrafter):
         def expand(node: SearchNode):
             return [(child.token, child.visits / node.visits, child) for child in node.children if child.visits]
 
-        return grow(int(context[-1]), root, expand, budget, self.hit_rate)
+        return grow(int(context[-1]), root, expand, budget, self.hit_score).tree

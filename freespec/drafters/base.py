@@ -30,6 +30,9 @@ class BaseDrafter(ABC):
     def set_sampling(self, params: SamplingParams, generator: torch.Generator | None) -> None:
         """Point-mass drafts whatever the request: nothing to set."""
 
+    def set_tenant(self, tenant: str | None) -> None:
+        """Nothing kept per tenant."""
+
     def begin(self, prompt: np.ndarray, prompt_logits: torch.Tensor | None) -> None:
         """Nothing kept per request."""
 

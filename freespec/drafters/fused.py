@@ -112,6 +112,9 @@ class Fused(BaseDrafter):
     """Drafters named ``a+b+...``: one tree from all of them, each learning from its part."""
 
     def __init__(self, drafters: list[Drafter]):
+        # a fused member (e.g. suffix, itself several sources) lends its sources: one merge, not two
+        drafters = [source for drafter in drafters
+                    for source in (drafter.drafters if isinstance(drafter, Fused) else [drafter])]
         if len(drafters) < 2:
             raise ValueError("a fused drafter needs at least two drafters")
         self.drafters = drafters
@@ -127,6 +130,10 @@ class Fused(BaseDrafter):
         verification's point-mass rule is exact for any tree (see :mod:`freespec.engine.verify`)."""
         for drafter in self.drafters:
             drafter.set_sampling(params, None)
+
+    def set_tenant(self, tenant: str | None) -> None:
+        for drafter in self.drafters:
+            drafter.set_tenant(tenant)
 
     def begin(self, prompt: np.ndarray, prompt_logits: torch.Tensor | None) -> None:
         for drafter in self.drafters:

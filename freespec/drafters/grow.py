@@ -3,8 +3,7 @@
 A drafter describes its candidates as a tree it can *expand*: for a node, its children as
 (token, share, handle), where share is the child's part of its parent's evidence (counts,
 weights, visits). A child at depth d is accepted, given its parent was, with probability
-``hit_rate(d) * share``: :class:`freespec.drafters.scoring.HitRate` learns the first factor per
-depth from verification.
+``score(d, share)``, which the drafter learns from verification (:mod:`freespec.drafters.scoring`).
 :func:`grow` takes the nodes in decreasing path probability (the product along the path) until
 the budget is spent, so the result is the most promising tree of that size, its nodes ordered
 best-first with their scores (which the budget policy and :mod:`freespec.drafters.fused` rely on).
@@ -14,47 +13,72 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable, Hashable, Iterable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
 from freespec.engine.tree import DraftTree
 
 Expand = Callable[[Hashable], Iterable[tuple[int, float, Hashable]]]
+Score = Callable[[int, float], float]
+"""(depth, share) → the chance a node is accepted given its parent was."""
 
 
-def grow(root: int, handle: Hashable, expand: Expand, budget: int,
-         hit_rate: Callable[[int], float] = lambda depth: 1.0) -> DraftTree:
-    """The best tree of at most ``budget`` nodes besides the root, by path probability.
+class Grown(NamedTuple):
+    """A grown tree with, per node, what its calibration needs to learn: the raw share each node
+    had of its parent's evidence and its depth (root: 1.0 and 0)."""
+
+    tree: DraftTree
+    shares: list[float]
+    depths: list[int]
+
+
+def grow(root: int, handle: Hashable, expand: Expand, budget: int, score: Score = lambda depth, share: share,
+         floor: float = 0.0, max_depth: int | None = None) -> Grown:
+    """The best tree of at most ``budget`` nodes besides the root, by path probability: the product
+    of ``score(depth, share)`` along the path. Nodes whose path probability falls below ``floor``,
+    or deeper than ``max_depth``, are not drafted.
 
     >>> children = {"r": [(5, 0.9, "a"), (6, 0.1, "b")], "a": [(7, 0.5, "c")], "b": [], "c": []}
-    >>> tree = grow(1, "r", lambda h: children[h], budget=2)
+    >>> tree, shares, depths = grow(1, "r", lambda h: children[h], budget=2)
     >>> tree.tokens.tolist(), tree.parents.tolist(), tree.scores.round(2).tolist()  # 0.9, 0.45 > 0.1
     ([1, 5, 7], [-1, 0, 1], [1.0, 0.9, 0.45])
-    >>> grow(1, "r", lambda h: children[h], budget=2, hit_rate=lambda d: 0.2 * d).scores.round(3).tolist()
+    >>> shares, depths
+    ([1.0, 0.9, 0.5], [0, 1, 2])
+    >>> grow(1, "r", lambda h: children[h], budget=2, score=lambda d, s: 0.2 * d * s).tree.scores.round(3).tolist()
     [1.0, 0.18, 0.036]
+    >>> grow(1, "r", lambda h: children[h], budget=3, floor=0.2).tree.tokens.tolist()  # 6 (0.1) is below
+    [1, 5, 7]
     """
-    tokens, parents, scores, depths = [root], [-1], [1.0], [0]
-    frontier: list = []  # (-path probability, order, parent node, token, handle)
+    tokens, parents, scores, shares, depths = [root], [-1], [1.0], [1.0], [0]
+    frontier: list = []  # (-path probability, order, parent node, token, share, handle)
     order = 0
+    deepest = budget if max_depth is None else max_depth
 
     def push_children(node: int, node_handle: Hashable) -> None:
         nonlocal order
-        rate = hit_rate(depths[node] + 1)
+        depth = depths[node] + 1
+        if depth > deepest:
+            return
         for token, share, child in expand(node_handle):
             if share > 0.0:
-                heapq.heappush(frontier, (-scores[node] * rate * share, order, node, token, child))
-                order += 1
+                probability = scores[node] * score(depth, share)
+                if probability > floor:
+                    heapq.heappush(frontier, (-probability, order, node, token, share, child))
+                    order += 1
 
     push_children(0, handle)
     while frontier and len(tokens) <= budget:
-        negative, _, parent, token, child = heapq.heappop(frontier)
+        negative, _, parent, token, share, child = heapq.heappop(frontier)
         tokens.append(token)
         parents.append(parent)
         scores.append(-negative)
+        shares.append(share)
         depths.append(depths[parent] + 1)
         push_children(len(tokens) - 1, child)
-    return DraftTree(np.array(tokens, dtype=np.int64), np.array(parents, dtype=np.int64),
+    tree = DraftTree(np.array(tokens, dtype=np.int64), np.array(parents, dtype=np.int64),
                      np.array(scores, dtype=np.float64))
+    return Grown(tree, shares, depths)
 
 
 class WeightedTrie:
@@ -66,7 +90,7 @@ class WeightedTrie:
 
     >>> trie = WeightedTrie()
     >>> trie.add([4, 5], 2.0); trie.add([4, 6], 1.0); trie.add([8], 0.5)
-    >>> grow(3, 0, trie.expander(), budget=4).tokens.tolist()
+    >>> grow(3, 0, trie.expander(), budget=4).tree.tokens.tolist()
     [3, 4, 5, 6, 8]
     """
 

@@ -87,7 +87,7 @@ class Lookahead(HitRateDrafter):
         trie = WeightedTrie()
         for rank, gram in enumerate(reversed(self.pool.get(root, [])[-self.guesses :])):
             trie.add(gram, 0.9**rank)
-        return grow(root, 0, trie.expander(), budget, self.hit_rate)
+        return grow(root, 0, trie.expander(), budget, self.hit_score).tree
 
     def learn(self, tree: DraftTree, logits: torch.Tensor, accepted: list[int]) -> None:
         if self._root_position is None:  # no proposal yet in this request

@@ -139,4 +139,4 @@ class PromptLookup(HitRateDrafter):
         self.index.extend(context[len(self.index) :].tolist())
         _, ends = longest_suffix_matches(self.index, self.max_candidates, self.max_match)
         trie = continuation_trie(self.index.tokens, ends, self.depth, self.decay)
-        return grow(int(context[-1]), 0, trie.expander(), budget, self.hit_rate)
+        return grow(int(context[-1]), 0, trie.expander(), budget, self.hit_score).tree

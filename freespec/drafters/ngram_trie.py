@@ -122,4 +122,4 @@ class TrieLookup(HitRateDrafter):
         def expand(node: Node):
             return [(token, child.count / node.count, child) for token, child in node.children.items()]
 
-        return grow(int(context[-1]), match, expand, budget, self.hit_rate)
+        return grow(int(context[-1]), match, expand, budget, self.hit_score).tree

@@ -43,4 +43,4 @@ class Retrieval(HitRateDrafter):
                 trie.add(tokens, 1.0)
         if not trie.children[0]:
             return DraftTree.root_only(int(context[-1]))
-        return grow(int(context[-1]), 0, trie.expander(), budget, self.hit_rate)
+        return grow(int(context[-1]), 0, trie.expander(), budget, self.hit_score).tree

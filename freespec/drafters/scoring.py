@@ -13,12 +13,14 @@ drafter compare its sources, so they must be probabilities, not raw counts. Two 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Hashable, Iterable
 
 import numpy as np
 import torch
 
 from freespec.drafters.base import BaseDrafter
+from freespec.drafters.grow import Expand, grow
 from freespec.engine.costs import interpolate
 from freespec.engine.tree import DraftTree
 
@@ -150,8 +152,119 @@ class HitRateDrafter(BaseDrafter):
     def __init__(self):
         self.hit_rate = HitRate()
 
+    def hit_score(self, depth: int, share: float) -> float:
+        return self.hit_rate(depth) * share
+
     def learn(self, tree: DraftTree, logits: torch.Tensor, accepted: list[int]) -> None:
         self.hit_rate.learn(tree, accepted)
 
     def learn_shadow(self, tree: DraftTree, path: list[int], verified: int) -> None:
         self.hit_rate.learn(tree, path, verified)
+
+
+class DepthCalibration:
+    """Each node's chance of being accepted given its parent was, from its raw score (its share of
+    its parent's evidence, in [0, 1]), its depth and a group its drafter names (e.g. how long a
+    match the draft rests on): per group and depth an isotonic map over ``bins`` bins of shares,
+    learned from verified nodes and shadow drafts.
+
+    Depth d's bins start from depth d - 1's map (``prior`` pseudo-tries at its value; depth 1
+    from the share itself), so deep nodes, rarely tried, borrow what is known above them. The maps
+    are rebuilt at most every ``refresh`` learning calls: a step reads them for every node it
+    drafts, and a few steps' news do not move them much.
+
+    >>> calibration = DepthCalibration(groups=1, max_depth=2, bins=2, prior=1.0, refresh=1)
+    >>> calibration(0, 1, 0.25), calibration(0, 2, 0.75)  # untrained: the share itself
+    (0.25, 0.75)
+    >>> calibration.learn(0, [1, 1, 1, 2], [0.9, 0.9, 0.9, 0.9], [False, False, True, True])
+    >>> round(calibration(0, 1, 0.75), 4), round(calibration(0, 2, 0.75), 4)  # (1 + .75) / 4; (1 + .4375) / 2
+    (0.4375, 0.7188)
+    """
+
+    def __init__(self, groups: int = 1, max_depth: int = 8, bins: int = 10, prior: float = 2.0, refresh: int = 8):
+        self.max_depth, self.bins, self.prior, self.refresh = max_depth, bins, prior, refresh
+        self.hits = np.zeros((groups, max_depth + 1, bins))  # [group, depth, bin]; depth 0 unused
+        self.tries = np.zeros((groups, max_depth + 1, bins))
+        self._centres = ((np.arange(bins) + 0.5) / bins).tolist()
+        self._knots = [0.0, *self._centres]
+        self._maps: list[list[list[float]]] | None = None  # [group][depth] → values at the knots
+        self._stale = 0  # learning calls since the maps were built
+
+    def maps(self) -> list[list[list[float]]]:
+        """[group][depth] the calibrated chance at each knot (0, then the bin centres)."""
+        maps = []
+        for hits, tries in zip(self.hits, self.tries):
+            above = np.array(self._centres)
+            per_depth = [[0.0, *self._centres]]
+            for depth in range(1, self.max_depth + 1):
+                above = isotonic((hits[depth] + self.prior * above) / (tries[depth] + self.prior),
+                                 tries[depth] + self.prior)
+                per_depth.append([0.0, *above.tolist()])
+            maps.append(per_depth)
+        return maps
+
+    def __call__(self, group: int, depth: int, share: float) -> float:
+        if self._maps is None:
+            self._maps, self._stale = self.maps(), 0
+        return interpolate(self._knots, self._maps[group][min(depth, self.max_depth)], share)
+
+    def learn(self, group: int, depths: Iterable[int], shares: Iterable[float], hits: Iterable[bool]) -> None:
+        """Nodes of one group whose parent was accepted: their depths, shares and whether each was."""
+        for depth, share, hit in zip(depths, shares, hits):
+            depth = min(depth, self.max_depth)
+            index = min(int(share * self.bins), self.bins - 1)
+            self.tries[group, depth, index] += 1.0
+            self.hits[group, depth, index] += hit
+        self._stale += 1
+        if self._stale >= self.refresh:
+            self._maps = None
+
+
+class CalibratedDrafter(BaseDrafter):
+    """A drafter whose node scores are calibrated chances of acceptance: it grows its trees with
+    :func:`freespec.drafters.grow.grow` through its :class:`DepthCalibration` and teaches the
+    calibration with every verified step and every resolved shadow draft.
+
+    Learning needs each node's share, which the tree does not carry: the drafter keeps its recent
+    proposals and finds the one a tree it is told about came from by its token array (a verified
+    prefix, :meth:`freespec.engine.tree.DraftTree.prefix`, is a view of the proposal's).
+    """
+
+    def __init__(self, groups: int = 1):
+        self.calibration = DepthCalibration(groups)
+        self._recent: deque[tuple[np.ndarray, int, list[float], list[int]]] = deque(maxlen=64)
+
+    def grow(self, root: int, handle: Hashable, expand: Expand, budget: int, group: int = 0,
+             floor: float = 0.0, max_depth: int | None = None) -> DraftTree:
+        """The best tree for ``budget`` (see :func:`freespec.drafters.grow.grow`), scored by the
+        calibration of ``group``; remembered for learning."""
+        calibration = self.calibration
+        tree, shares, depths = grow(root, handle, expand, budget, lambda depth, share: calibration(group, depth, share),
+                                    floor, max_depth)
+        self.remember(tree, group, shares, depths)
+        return tree
+
+    def remember(self, tree: DraftTree, group: int, shares: list[float], depths: list[int]) -> None:
+        """Keep what learning from ``tree`` (or a prefix of it) needs."""
+        self._recent.append((tree.tokens, group, shares, depths))
+
+    def _proposal(self, tree: DraftTree) -> tuple[np.ndarray, int, list[float], list[int]] | None:
+        tokens = tree.tokens if tree.tokens.base is None else tree.tokens.base
+        return next((entry for entry in reversed(self._recent) if entry[0] is tokens), None)
+
+    def _learn(self, tree: DraftTree, path: list[int], first: int) -> None:
+        """Teach the calibration with nodes from ``first`` on whose parent lies on ``path``."""
+        proposal = self._proposal(tree)
+        if proposal is None or len(tree) <= first:  # the root alone, or not a tree this drafter grew
+            return
+        _, group, shares, depths = proposal
+        on_path = set(path)
+        nodes = [node for node, parent in enumerate(tree.parents.tolist()) if node >= first and parent in on_path]
+        self.calibration.learn(group, [depths[n] for n in nodes], [shares[n] for n in nodes],
+                               [n in on_path for n in nodes])
+
+    def learn(self, tree: DraftTree, logits: torch.Tensor, accepted: list[int]) -> None:
+        self._learn(tree, accepted, 1)
+
+    def learn_shadow(self, tree: DraftTree, path: list[int], verified: int) -> None:
+        self._learn(tree, path, verified + 1)

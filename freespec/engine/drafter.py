@@ -41,6 +41,10 @@ class Drafter(Protocol):
         argmax) and leaves ``draft_probs`` None, as every other drafter always does.
         """
 
+    def set_tenant(self, tenant: str | None) -> None:
+        """Whose request comes next (a server's API key; None: no key, or not a server). A drafter
+        that keeps text from earlier requests drafts a request only from its own tenant's."""
+
     def begin(self, prompt: np.ndarray, prompt_logits: torch.Tensor | None) -> None:
         """A new request starts. ``prompt_logits`` [len(prompt), vocab]: the model's logits after
         each of these prompt tokens, when asked for (the last few prompt tokens)."""

@@ -309,7 +309,7 @@ class Scheduler:
         try:
             generation = self.model.stream(prompt_ids=job.prompt_ids, max_new_tokens=job.max_tokens,
                                            drafter=job.drafter, reuse_prefix=self.prefix_reuse,
-                                           should_stop=job.should_stop, **job.sampling)
+                                           should_stop=job.should_stop, tenant=job.tenant, **job.sampling)
         except ValueError as error:
             return Failed(400, str(error))
         waited = time.perf_counter() - job.arrived

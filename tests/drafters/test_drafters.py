@@ -32,8 +32,8 @@ from freespec.engine.tree import DraftTree
 from tests.helpers import PROMPTS, generate, make_model, word_tokenizer
 
 LONG_PROMPT = [2, *np.random.default_rng(7).integers(4, 256, 300).tolist(), 3]  # with the reply: 400 of 512
-NAMES = ["lookup", "trie", "retrieval", "aded", "jacobi", "recycling+lookup", "lookup+trie+aded",
-         "retrieval+recycling", "recycling+jacobi"]
+NAMES = ["lookup", "trie", "retrieval", "aded", "jacobi", "suffix", "recycling+lookup", "lookup+trie+aded",
+         "retrieval+recycling", "recycling+jacobi", "suffix+recycling"]
 MODELS = [("llama", 0), ("llama", 1), ("qwen2", 2), ("gpt2", 0)]
 PLAIN: dict = {}  # plain greedy replies, which no drafter or budget changes
 
@@ -77,7 +77,7 @@ def test_registry_names_and_errors():
     made = {type(create(name, DrafterSettings(16))) for name in FACTORIES if name not in ("retrieval", "layerskip",
                                                                                             "draft-model")}
     made |= {LayerSkip, DraftModel, Retrieval, Fused}  # these need a runner or a datastore
-    assert len(made) == 9 and all(issubclass(cls, BaseDrafter) for cls in made)  # the engine's contract
+    assert len(made) == 10 and all(issubclass(cls, BaseDrafter) for cls in made)  # the engine's contract
     assert check_name("lookup+recycling") == "lookup+recycling"
     assert create("none", DrafterSettings(10)) is None
     assert isinstance(create("recycling+lookup", DrafterSettings(10)), Fused)

@@ -12,7 +12,7 @@ PROMPTS = [
     "Repeat this sentence exactly: The quick brown fox jumps over the lazy dog near the river bank.",
     "List three uses of copper.",
 ]
-NAMES = ["lookup", "trie", "retrieval", "aded", "jacobi", "recycling+lookup"]
+NAMES = ["lookup", "trie", "retrieval", "aded", "jacobi", "suffix", "recycling+lookup", "suffix+recycling"]
 
 
 @pytest.fixture(scope="module")

@@ -177,8 +177,8 @@ def compare(sequences: list[tuple[int, ...]], exact: dict[tuple[int, ...], float
 
 # -- drafters ---------------------------------------------------------------------------------------
 
-CASES = ["recycling-dynamic", "recycling-static", "lookup", "trie", "aded", "jacobi", "retrieval",
-         "recycling+lookup"]
+CASES = ["recycling-dynamic", "recycling-static", "lookup", "trie", "aded", "jacobi", "retrieval", "suffix",
+         "recycling+lookup", "suffix+recycling"]
 
 
 def corpus_store(cache: LogitCache, path) -> None:
@@ -243,7 +243,8 @@ def test_the_harness_without_a_drafter_is_plain_sampling(harness, options):
 
 @pytest.mark.parametrize("case, options, samples", [
     *((case, "full", SAMPLES) for case in CASES),
-    *((case, "plain", FEW_SAMPLES) for case in CASES if case not in ("aded", "retrieval", "recycling+lookup")),
+    *((case, "plain", FEW_SAMPLES) for case in CASES
+      if case not in ("aded", "retrieval", "recycling+lookup", "suffix+recycling")),
 ])
 def test_each_drafter_keeps_the_distribution(harness, case, options, samples):
     """Chi-square against the exact distribution; and, as drafts only decide how far a pass reaches
