@@ -10,6 +10,7 @@ from transformers import (
     Gemma3TextConfig,
     MixtralConfig,
     Phi3Config,
+    Qwen2Config,
     T5Config,
 )
 
@@ -18,7 +19,14 @@ from freespec.engine.tree import DraftTree
 from freespec.model import runner as runner_module
 from freespec.model.runner import ModelRunner
 from freespec.model.weights import UnsupportedModelError, check_architecture, extract
-from tests.helpers import FAMILIES, WINDOW, decode_one_by_one, make_model, tiny_model
+from tests.helpers import (
+    FAMILIES,
+    WINDOW,
+    decode_one_by_one,
+    make_model,
+    tiny_config,
+    tiny_model,
+)
 
 TORCH = kernels.select("torch")
 WINDOWED = ["gemma2", "gemma3_text", "phi3", "mistral"]  # every layer, or every other one, has a window of WINDOW
@@ -94,6 +102,24 @@ def test_prefill_chunks_across_the_window_write_the_rows_decoding_writes(family,
     rows = 2 * WINDOW + 5
     assert torch.equal(runner.cache.keys[:, :, :rows], keys[:, :, :rows])
     assert torch.equal(runner.cache.values[:, :, :rows], values[:, :, :rows])
+
+
+def test_qwen2_windows_on_its_upper_layers_only(kernel_build):
+    """Qwen2's use_sliding_window windows the layers from max_window_layers on (layer_types)."""
+    settings = {**tiny_config("qwen2", layers=3).to_dict(), "use_sliding_window": True, "sliding_window": WINDOW,
+                "max_window_layers": 1, "layer_types": None}  # layer_types: derived from the three above
+    config = Qwen2Config(**settings)
+    torch.manual_seed(6)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    runner = ModelRunner(model, kernel_build)
+    assert [layer.window for layer in runner.weights.layers] == [None, WINDOW, WINDOW]
+    ids = torch.randint(250, (40,), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        reference = model(ids[None]).logits[0]
+    runner.reset(64)
+    torch.testing.assert_close(runner.logits(runner.prefill(ids[:36])), reference[:36], rtol=1e-4, atol=1e-4)
+    tree = DraftTree(ids[36:40].numpy(), np.array([-1, 0, 1, 2]))
+    assert torch.equal(runner.logits(runner.forward(*tree.attention_inputs(36))), decode_one_by_one(runner, ids, 36, 40))
 
 
 def reference_attention(q, keys, values, visible, scale, softcap=None):
