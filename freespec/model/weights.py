@@ -110,9 +110,10 @@ def _rms_norm(module: torch.nn.Module | None) -> RMSNorm | None:
     return RMSNorm(_fp32(1.0 + module.weight.float()), float(module.eps))
 
 
-def _layer_windows(config) -> list[int | None]:
+def layer_windows(config) -> list[int | None]:
     """Each layer's sliding window as transformers' masks give it: per ``layer_types`` where the
-    config has them (Gemma 2/3, Qwen2/3), else ``sliding_window`` for every layer (Mistral, Phi-3)."""
+    config has them (Gemma 2/3, Qwen2/3), else ``sliding_window`` for every layer (Mistral, Phi-3).
+    Needs only the (text) config: loaders that read weights from files use it too."""
     window = getattr(config, "sliding_window", None)
     window = int(window) if window else None
     types = getattr(config, "layer_types", None)
@@ -141,7 +142,7 @@ def _rotary_decoder(hf_model: torch.nn.Module, embed: torch.Tensor, lm_head: Lin
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     per_type_rotary = isinstance(getattr(inner.rotary_emb, "rope_type", None), dict)  # Gemma 3
     layers, scale = [], head_dim**-0.5
-    for index, (layer, window) in enumerate(zip(inner.layers, _layer_windows(config))):
+    for index, (layer, window) in enumerate(zip(inner.layers, layer_windows(config))):
         attn, mlp = layer.self_attn, layer.mlp
         scale = getattr(attn, "scaling", scale)
         # Gemma 2 and 3 norm the MLP's input with pre_feedforward_layernorm; post_attention_layernorm is a post-norm
