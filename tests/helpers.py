@@ -1,5 +1,6 @@
-"""Shared test helpers: tiny random models (Llama, Qwen2, Qwen3, GPT-2) with a word-level tokenizer,
-built offline, and the statistics and generation helpers several test folders use."""
+"""Shared test helpers: tiny random models (Llama, Qwen2, Qwen3, GPT-2, and the families of
+FAMILIES: Gemma 1-3, Phi-3, Mistral, Llama 3.x) with a word-level tokenizer, built offline, and
+the statistics and generation helpers several test folders use."""
 
 from __future__ import annotations
 
@@ -15,11 +16,18 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma3Config,
+    Gemma3TextConfig,
+    GemmaConfig,
     GPT2Config,
     LlamaConfig,
+    MistralConfig,
+    Phi3Config,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen3Config,
+    SiglipVisionConfig,
 )
 
 from freespec.api import Model
@@ -54,6 +62,55 @@ def tiny_config(family: str, vocab: int = len(WORDS), layers: int = 2):
                            num_key_value_heads=2, head_dim=16, max_position_embeddings=512, **common)
     if family == "gpt2":
         return GPT2Config(n_embd=64, n_layer=layers, n_head=4, n_positions=512, **common)
+    return family_config(family, layers, common)
+
+
+WINDOW = 12
+"""The sliding window of the tiny models that have one: far shorter than the tests' contexts."""
+
+FAMILIES = ["gemma", "gemma2", "gemma3_text", "gemma3", "phi3", "phi3-longrope", "mistral", "llama3", "qwen2-tied"]
+"""Tiny models of the families beyond Llama/Qwen/GPT-2, each with what sets it apart: Gemma's
+(1 + w) norms, scaled embeddings and GeGLU; Gemma 2's post-norms, alternate sliding-window layers
+and soft-capping; Gemma 3's query/key norms and a rotary table per layer type (the global one
+linearly scaled); Gemma 3's multimodal model (its text part runs); Phi-3's fused projections and
+sliding window on every layer; LongRoPE switching factors at position 64; Mistral's window;
+Llama 3.x's llama3 rope scaling and a tied head; Qwen2.5's biases with a tied head."""
+
+
+def family_config(family: str, layers: int, common: dict):
+    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+                 max_position_embeddings=512, **common)
+    if family == "gemma":
+        return GemmaConfig(num_key_value_heads=1, head_dim=16, **shape)
+    if family == "gemma2":
+        return Gemma2Config(num_key_value_heads=2, head_dim=16, sliding_window=WINDOW, query_pre_attn_scalar=24,
+                            attn_logit_softcapping=50.0, final_logit_softcapping=30.0, **shape)
+    if family in ("gemma3_text", "gemma3"):
+        text = Gemma3TextConfig(
+            num_key_value_heads=2, head_dim=16, sliding_window=WINDOW, sliding_window_pattern=2,
+            query_pre_attn_scalar=24, rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0}}, **shape)
+        if family == "gemma3_text":
+            return text
+        vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                    image_size=28, patch_size=14)
+        return Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=255,
+                            boi_token_index=254, eoi_token_index=253)
+    if family == "phi3":
+        return Phi3Config(num_key_value_heads=2, sliding_window=WINDOW, **shape)
+    if family == "phi3-longrope":
+        rope = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0 + i / 8 for i in range(8)],
+                "long_factor": [2.0 + i for i in range(8)], "original_max_position_embeddings": 64}
+        return Phi3Config(num_key_value_heads=2, original_max_position_embeddings=64, rope_parameters=rope, **shape)
+    if family == "mistral":
+        return MistralConfig(num_key_value_heads=2, sliding_window=WINDOW, **shape)
+    if family == "llama3":
+        rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64, "rope_theta": 500000.0}
+        return LlamaConfig(num_key_value_heads=2, tie_word_embeddings=True, rope_parameters=rope, **shape)
+    if family == "qwen2-tied":
+        return Qwen2Config(num_key_value_heads=1, tie_word_embeddings=True, **shape)
     raise ValueError(family)
 
 
@@ -65,10 +122,15 @@ def runner_for(hf_model: torch.nn.Module, kernels: Kernels, pack: bool = True) -
 
 
 def tiny_model(family: str, seed: int = 0, scale: float = 1.0, layers: int = 2):
-    """A random model; ``scale`` sharpens its logits so greedy text has repeats worth drafting."""
+    """A random model; ``scale`` sharpens its logits so greedy text has repeats worth drafting.
+    The FAMILIES' norm weights are perturbed too (Gemma's start at 0, which hides the 1 + w)."""
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(family, layers=layers)).eval()
     with torch.no_grad():
+        if family in FAMILIES:
+            for name, parameter in model.named_parameters():
+                if "norm" in name:
+                    parameter.add_(torch.randn_like(parameter), alpha=0.3)
         model.get_output_embeddings().weight.mul_(scale)
     return model
 

@@ -25,6 +25,7 @@ from freespec.kernels.backend import (
     CKernels,
     Kernels,
     OneCallDecoder,
+    Rotation,
     select,
 )
 from freespec.kernels.build import supported_isas
@@ -49,6 +50,6 @@ from freespec.kernels.weights import (
 
 __all__ = [
     "SUPPORTED_TYPES", "Attention", "CKernels", "DecoderLayer", "GGMLWeight", "Heads", "Kernels", "LayerNorm",
-    "Linear", "Matrix", "ModelWeights", "OneCallDecoder", "PackedWeight", "RMSNorm", "Stacked", "ggml_type",
+    "Linear", "Matrix", "ModelWeights", "OneCallDecoder", "PackedWeight", "RMSNorm", "Rotation", "Stacked", "ggml_type",
     "random_blocks", "row_bytes", "select", "supported_isas",
 ]

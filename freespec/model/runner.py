@@ -9,7 +9,9 @@ passes one operation at a time with the batch-invariant C matmuls and attention,
 Weights are the model's own, in the kernels' layout and in the formats of its file (GGUF blocks,
 bf16, ...: :mod:`freespec.model.weights`); no transformers model is involved.
 
-Supported families: Llama-style decoders (llama, mistral, qwen2, qwen3) and GPT-2.
+Supported families: Llama-style decoders (llama, mistral, qwen2, qwen3), Phi-3, Gemma 1-3 and
+GPT-2 (:data:`freespec.model.weights.SUPPORTED_FAMILIES`). Each layer attends within its own
+sliding window, if it has one, so the model's whole context is served.
 """
 
 from __future__ import annotations
@@ -20,7 +22,14 @@ import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
-from freespec.kernels import Attention, Kernels, LayerNorm, ModelWeights, RMSNorm
+from freespec.kernels import (
+    Attention,
+    Kernels,
+    LayerNorm,
+    ModelWeights,
+    RMSNorm,
+    Rotation,
+)
 from freespec.model.kv_cache import SKIPPED, KVCache
 from freespec.model.rotary import RotaryTables
 from freespec.model.weights import weight_formats
@@ -30,13 +39,10 @@ PREFILL_SCRATCH = 1 << 24  # attention scores (floats) one prefill chunk may hol
 
 
 def context_length(config) -> int:
-    """The positions the runner serves: the model's context, or its sliding window if smaller
-    (within the window, sliding attention equals full attention: stay there)."""
-    length = int(getattr(config, "max_position_embeddings", None) or config.n_positions)
-    window = getattr(config, "sliding_window", None)
-    if window and getattr(config, "use_sliding_window", True):
-        length = min(length, int(window))
-    return length
+    """The positions the runner serves: the model's whole context (sliding-window layers attend
+    within their windows, :attr:`freespec.kernels.DecoderLayer.window`)."""
+    config = config.get_text_config()
+    return int(getattr(config, "max_position_embeddings", None) or config.n_positions)
 
 
 def _norm(x: torch.Tensor, norm: RMSNorm | LayerNorm) -> torch.Tensor:
@@ -60,6 +66,11 @@ def check_pass(tokens: torch.Tensor, positions: torch.Tensor, tree_mask: torch.T
     where = positions.tolist()
     if min(where) < 0 or max(where) >= max_positions:
         raise ValueError(f"positions {min(where)}..{max(where)} are outside the model's context of {max_positions}")
+
+
+def _post_norm(x: torch.Tensor, norm: RMSNorm | None) -> torch.Tensor:
+    """A block's output normed before its residual add (Gemma 2 and 3), or as it is."""
+    return x if norm is None else _norm(x, norm)
 
 
 class PrefillCancelled(Exception):
@@ -89,7 +100,10 @@ class ModelRunner:
         self.num_layers = len(weights.layers)
         heads = self.heads = weights.heads
         self.cache = KVCache(self.num_layers, heads.kv_heads, heads.dim, self.max_positions)
-        self.rotary = None if weights.positions is not None else RotaryTables(config, self.max_positions)
+        self.rotary: dict[str | None, RotaryTables] = {}  # per layer type (Gemma 3: local and global tables)
+        if weights.positions is None:
+            self.rotary = {kind: RotaryTables(config.get_text_config(), self.max_positions, kind)
+                           for kind in {layer.rotary for layer in weights.layers}}
         self._act = ACT2FN[weights.activation]
         self._decoder = kernels.decoder(weights)
 
@@ -195,29 +209,33 @@ class ModelRunner:
         tokens, positions, tree_mask = tokens.to(torch.int64), positions.to(torch.int64), tree_mask.to(torch.bool)
         with torch.inference_mode():
             if self._decoder is not None:
-                cos_table, sin_table, rope_rows = self.rotary.rows(positions)
+                cos_table, sin_table, rope_rows = self.rotary[None].rows(positions)
                 return self._decoder(tokens, cache.keys, cache.values, cache.length, tree_mask, cos_table, sin_table,
                                      rope_rows, skip)
-            cos = sin = None
-            if self.rotary is not None:
-                cos_table, sin_table, rope_rows = self.rotary.rows(positions)
-                cos, sin = cos_table[rope_rows], sin_table[rope_rows]
-            attention = self.kernels.attention(cache.length, tree_mask, self.heads, cos, sin)
-            return self._forward_per_op(tokens, positions, attention, skip)
+            rotations = {}  # each rotary table's rotation of these tokens
+            for kind, tables in self.rotary.items():
+                cos_table, sin_table, rope_rows = tables.rows(positions)
+                rotations[kind] = (cos_table[rope_rows], sin_table[rope_rows])  # [n, dim] each
+            attention = self.kernels.attention(cache.length, tree_mask, self.heads, positions)
+            return self._forward_per_op(tokens, positions, attention, rotations, skip)
 
     def _forward_per_op(self, tokens: torch.Tensor, positions: torch.Tensor, attention: Attention,
-                        skip: frozenset[int]) -> torch.Tensor:
+                        rotations: dict[str | None, Rotation], skip: frozenset[int]) -> torch.Tensor:
         """The pass one operation at a time, in Python: what the one-call C decoder does in C.
 
         Needed where that decoder does not run: GPT-2 (learned positions, LayerNorm, plain MLP),
-        Llama-style models it does not cover (another activation, biases beyond the QKV
-        projection), and any model on torch's kernels (no C compiler or no AVX2). Every matmul
-        and the attention go through the backend, so with the C kernels the pass is
-        batch-invariant too; its norms and activation are torch's, so its bits can differ from
-        the one-call decoder's (a model always runs one of the two).
+        Gemma (scaled embeddings, GeGLU, post-norms, sliding windows, soft-capping), models with
+        sliding windows (Mistral, Phi-3), Llama-style models it does not cover (another
+        activation, biases beyond the QKV projection), and any model on torch's kernels (no C
+        compiler or no AVX2). Every matmul and the attention go through the backend, so with the
+        C kernels the pass is batch-invariant too; its norms and activation are torch's
+        (row-wise and element-wise), so its bits can differ from the one-call decoder's (a
+        model always runs one of the two). ``rotations``: each rotary table's (cos, sin) [n, dim].
         """
         weights, linear = self.weights, self.kernels.linear
         h = self.kernels.embed(weights.embed, tokens)  # [n, hidden]
+        if weights.embed_scale is not None:
+            h = h * weights.embed_scale
         if weights.positions is not None:
             h = h + weights.positions[positions]
         for index, layer in enumerate(weights.layers):
@@ -226,27 +244,30 @@ class ModelRunner:
             qkv = linear(_norm(h, layer.attn_norm), layer.qkv.weight, layer.qkv.bias)  # [n, (heads + 2 kv_heads) dim]
             if layer.q_norm is not None:
                 qkv = self._norm_queries_and_keys(qkv, layer.q_norm, layer.k_norm)
-            attended = attention(qkv, self.cache.keys[index], self.cache.values[index])  # [n, heads * dim]
-            h = h + linear(attended, layer.o.weight, layer.o.bias)
+            attended = attention(qkv, self.cache.keys[index], self.cache.values[index], rotations.get(layer.rotary),
+                                 layer.window)  # [n, heads * dim]
+            h = h + _post_norm(linear(attended, layer.o.weight, layer.o.bias), layer.post_attn_norm)
             up = linear(_norm(h, layer.mlp_norm), layer.up.weight, layer.up.bias)
             if layer.gated:
                 gate, up = up.chunk(2, dim=-1)
                 activated = self._act(gate) * up
             else:
                 activated = self._act(up)
-            h = h + linear(activated, layer.down.weight, layer.down.bias)
+            h = h + _post_norm(linear(activated, layer.down.weight, layer.down.bias), layer.post_mlp_norm)
         return _norm(h, weights.final_norm)
 
     def _norm_queries_and_keys(self, qkv: torch.Tensor, q_norm: RMSNorm, k_norm: RMSNorm) -> torch.Tensor:
-        """Qwen3's per-head RMSNorm of queries and keys, before the rotary embedding."""
+        """Qwen3's and Gemma 3's per-head RMSNorm of queries and keys, before the rotary embedding."""
         n, heads, kv_heads, dim = qkv.shape[0], self.heads.heads, self.heads.kv_heads, self.heads.dim
         q, k, v = qkv.view(n, heads + 2 * kv_heads, dim).split([heads, kv_heads, kv_heads], dim=1)
         return torch.cat([_norm(q, q_norm), _norm(k, k_norm), v], dim=1).view(n, -1)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[q, hidden] → [q, vocab] fp32 logits."""
+        """[q, hidden] → [q, vocab] fp32 logits (soft-capped where the model caps them: Gemma 2)."""
         with torch.inference_mode():
-            return self.kernels.linear(hidden, self.weights.lm_head.weight, self.weights.lm_head.bias)
+            logits = self.kernels.linear(hidden, self.weights.lm_head.weight, self.weights.lm_head.bias)
+            cap = self.weights.final_softcap
+            return logits if cap is None else torch.tanh(logits / cap) * cap
 
     def embedding_probe(self) -> list[float]:
         """A few embedding values: tells models of the same shape apart in cache keys."""

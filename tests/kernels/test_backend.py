@@ -75,7 +75,7 @@ def test_the_tree_layout_has_one_home_in_c(n, c_kernels):
     masks = [causal, causal & (torch.rand(n, n, generator=torch.Generator().manual_seed(n)) < 0.5)
              | torch.eye(n, dtype=torch.bool)]
     for mask in masks:
-        attention = c_kernels.attention(3, mask, heads, None, None)
+        attention = c_kernels.attention(3, mask, heads)
         expected_nodes = torch.where(mask, torch.arange(n), n).sort(dim=1).values
         assert torch.equal(attention._nodes, expected_nodes) and torch.equal(attention._count, mask.sum(dim=1))
         assert attention._causal == int(torch.equal(mask, causal))
@@ -94,14 +94,14 @@ def test_the_guard_refuses_arrays_c_would_misread(c_kernels):
     with pytest.raises(ValueError, match="logits: .* got a torch.float16 tensor"):
         c_kernels.argmax(torch.randn(2, 50).half())
     heads = kernels.Heads(2, 1, 8, 0.5)
-    attention = c_kernels.attention(0, torch.ones(2, 2, dtype=torch.bool).tril(), heads, None, None)
+    attention = c_kernels.attention(0, torch.ones(2, 2, dtype=torch.bool).tril(), heads)
     keys, values = torch.zeros(1, 4, 8), torch.zeros(1, 4, 8)
     with pytest.raises(ValueError, match=r"qkv: .* shape \[2, 32\]"):
         attention(torch.randn(2, 24), keys, values)
     with pytest.raises(ValueError, match="cache overflow: 2 rows needed, capacity 1"):
         attention(torch.randn(2, 32), keys[:, :1].contiguous(), values[:, :1].contiguous())
     with pytest.raises(ValueError, match="tree mask: .* got a torch.float32 tensor"):
-        c_kernels.attention(0, torch.ones(2, 2), heads, None, None)
+        c_kernels.attention(0, torch.ones(2, 2), heads)
 
 
 def test_packed_weights_refuse_layouts_the_kernel_would_misread():

@@ -58,6 +58,16 @@ void freespec_tree_attention(const float *q, const float *keys, const float *val
                              const int64_t *key_nodes, const int64_t *count, int64_t past, int64_t n, int64_t H,
                              int64_t KV, int64_t D, float scale, int64_t causal, float *out, float *probs);
 
+/* The same for a layer with a sliding window or soft-capped scores (Gemma, Mistral, Phi-3): a key
+ * at position p is visible to a query at position q iff q - p < window (committed row t holds
+ * position t, new token j positions[j] [n]); window 0 or positions NULL: no window. softcap > 0:
+ * each scaled score s becomes softcap * tanh(s / softcap). Rows outside a query's window are
+ * never read. */
+void freespec_window_attention(const float *q, const float *keys, const float *values, int64_t capacity,
+                               const int64_t *key_nodes, const int64_t *count, int64_t past, int64_t n, int64_t H,
+                               int64_t KV, int64_t D, float scale, int64_t causal, const int64_t *positions,
+                               int64_t window, float softcap, float *out, float *probs);
+
 /* Rotary embedding of one layer's fresh queries and keys, and the cache writes: qkv
  * [n, (H + 2 KV) D]; cos, sin [n, D] or NULL (no rotary); rows start .. start + n of keys and
  * values [KV, capacity, D] are written; q_out [KV, n * H / KV, D]. */

@@ -558,6 +558,13 @@ static float softmax_unnormalized(float *p, int64_t total) {
  * are the batch-invariant linear kernel's dot products; the softmax and P·V run over the
  * logical sequence.
  *
+ * A sliding window (a layer of Gemma, Mistral, Phi-3) shortens that sequence at its start: a
+ * key at position p is visible to a query at position q iff q - p < window (transformers'
+ * sliding-window mask). Committed row t holds position t; new token j holds positions[j]. So
+ * query i reads the cache rows from max(0, positions[i] - window + 1) on and the tree rows
+ * within the window; rows before the window are never read. The logical sequence (and so the
+ * softmax's lane-wise sums, which run from the first visible key) is the same in every mode.
+ *
  * Every query of a KV head reads the same `past` committed keys and values, so those are read
  * once for all of them: the prefix scores come from the linear kernel's tiles (keys as weight
  * rows, queries as inputs), and P·V walks the value rows once per block of queries. Only the
@@ -565,7 +572,7 @@ static float softmax_unnormalized(float *p, int64_t total) {
  *
  * `causal` says the new rows form a chain (key_nodes[i] = 0..i, as in a prefill chunk). From
  * CAUSAL_ROWS rows on, they then join the shared prefix, since each query's logical sequence is
- * cache rows [0, past + i]: query i takes tile scores and shared P·V passes up to its own row
+ * cache rows [first, past + i]: query i takes tile scores and shared P·V passes up to its own row
  * instead of visiting up to n rows one at a time (the same dot products, sums and order, so
  * the same bits; a 1,500-token prefill 12% faster). Work then grows with i, so key blocks are
  * taken in an order that splits it evenly and query blocks are dealt out round-robin.
@@ -578,91 +585,132 @@ static float softmax_unnormalized(float *p, int64_t total) {
 #define CAUSAL_ROWS 32 /* causal chains of at least this many new rows (prefill chunks) take the causal
                         * path; verifying a few tokens keeps the tree path, whose prefix is read in order */
 
+/* One call's arguments, shared by its blocks of work (see freespec_window_attention). */
+typedef struct {
+    const float *q, *keys, *values;
+    const int64_t *key_nodes, *count, *positions;
+    int64_t capacity, past, n, H, D, group, rows, width, window;
+    float scale, softcap;
+    int causal;
+    float *out, *probs;
+} AttentionCall;
+
+/* The first cache row query i reads: the window's start, at most its last shared row. */
+static inline int64_t first_row(const AttentionCall *a, int64_t i) {
+    const int64_t seen = a->causal ? a->past + i + 1 : a->past;
+    const int64_t first = a->window > 0 ? a->positions[i] - a->window + 1 : 0;
+    return first < 0 ? 0 : first > seen ? seen : first;
+}
+
+/* Whether query i sees new token `node` (one of its key_nodes) inside the window. */
+static inline int tree_visible(const AttentionCall *a, int64_t i, int64_t node) {
+    return a->window <= 0 || a->positions[i] - a->positions[node] < a->window;
+}
+
 /* Raw scores of the key block [t0, t0 + SMALL_ROWS) of KV head g (clipped to `shared` rows) for
- * every query that sees it: with causal rows, only queries i >= t0 - past see row t0. */
-static inline void block_scores(const float *q, const float *keys, int64_t capacity, int64_t g, int64_t t0,
-                                int64_t shared, int64_t past, int64_t rows, int64_t group, int64_t width, int64_t D,
-                                float *probs) {
+ * every query that sees it: with causal rows, only queries i >= t0 - past see row t0, and with a
+ * window only those whose window starts before the block ends. */
+static inline void block_scores(const AttentionCall *a, int64_t g, int64_t t0, int64_t shared) {
+    const int64_t D = a->D, rows = a->rows, width = a->width, group = a->group, past = a->past;
     const int64_t dv = D & ~(int64_t)(LANES - 1);
     const int64_t first = t0 > past ? (t0 - past) * group : 0; /* earlier queries end before t0 */
-    const float *head_queries = q + g * rows * D, *head_keys = keys + (g * capacity + t0) * D;
-    float *head_probs = probs + g * rows * width + t0;
+    int64_t end = rows;
+    if (a->causal && a->window > 0) { /* query i's window starts at past + i - window + 1 */
+        const int64_t tokens = t0 + SMALL_ROWS + a->window - 1 - past;
+        end = tokens < 0 ? 0 : tokens * group < rows ? tokens * group : rows;
+    }
+    const float *head_queries = a->q + g * rows * D, *head_keys = a->keys + (g * a->capacity + t0) * D;
+    float *head_probs = a->probs + g * rows * width + t0;
     if (t0 + 5 * SMALL_ROWS <= shared) /* cache rows come from memory: ask 4 blocks ahead */
         prefetch((const char *)(head_keys + 4 * SMALL_ROWS * D), SMALL_ROWS * D * (int64_t)sizeof(float));
     if (t0 + SMALL_ROWS <= shared) {
-        for (int64_t j = first; j < rows; j += SMALL_COLS)
+        for (int64_t j = first; j < end; j += SMALL_COLS)
             EXPAND(TILE_NAME, SMALL_ROWS, SMALL_COLS)(head_queries + j * D, head_keys, head_probs + j * width, width,
-                                                      D, dv, rows - j < SMALL_COLS ? rows - j : SMALL_COLS);
+                                                      D, dv, end - j < SMALL_COLS ? end - j : SMALL_COLS);
     } else {
         for (int64_t t = 0; t < shared - t0; t++)
-            for (int64_t j = first; j < rows; j++)
+            for (int64_t j = first; j < end; j++)
                 tile_1x1(head_queries + j * D, head_keys + t * D, head_probs + j * width + t, width, D, dv, 1);
     }
 }
 
 /* Softmax and P·V for the queries j0 .. j0 + live - 1 (live <= PV_ROWS) of KV head g. Query j
- * (token i = j / group) has its first `seen` keys in shared rows: past, or past + i + 1 when
- * causal; its tree rows beyond them get their scores here, one at a time. */
-static inline void block_attend(const float *q, const float *keys, const float *values, int64_t capacity,
-                                const int64_t *key_nodes, const int64_t *count, int64_t past, int64_t n, int64_t H,
-                                int64_t g, int64_t j0, int64_t live, int64_t rows, int64_t group, int64_t width,
-                                int64_t D, float scale, int causal, float *out, float *probs) {
-    const float *v_head = values + g * capacity * D;
+ * (token i = j / group) reads shared rows [start, seen): seen is past, or past + i + 1 when
+ * causal; its visible tree rows beyond them get their scores here, one at a time. */
+static inline void block_attend(const AttentionCall *a, int64_t g, int64_t j0, int64_t live) {
+    const int64_t D = a->D, n = a->n, past = a->past, rows = a->rows, width = a->width, group = a->group;
+    const float *v_head = a->values + g * a->capacity * D;
     float inverse[PV_ROWS];
-    int64_t seen[PV_ROWS], longest = 0;
+    int64_t start[PV_ROWS], seen[PV_ROWS], earliest = INT64_MAX, longest = 0;
     for (int64_t r = 0; r < live; r++) {
         const int64_t j = j0 + r, i = j / group;
-        float *p = probs + (g * rows + j) * width;
-        seen[r] = causal ? past + i + 1 : past;
+        float *p = a->probs + (g * rows + j) * width;
+        seen[r] = a->causal ? past + i + 1 : past;
+        start[r] = first_row(a, i);
+        earliest = start[r] < earliest ? start[r] : earliest;
         longest = seen[r] > longest ? seen[r] : longest;
-        int64_t t = 0;
-        for (; t + LANES <= seen[r]; t += LANES) vec_store(p + t, vec_mul(vec_load(p + t), vec_set1(scale)));
-        for (; t < seen[r]; t++) p[t] *= scale;
-        const int64_t own = past + count[i] - seen[r]; /* tree rows scored one at a time */
-        const float *tree_rows[own > 0 ? own : 1];
-        for (int64_t c = 0; c < own; c++)
-            tree_rows[c] = keys + (g * capacity + past + key_nodes[i * n + count[i] - own + c]) * D;
-        row_scores(q + (g * rows + j) * D, tree_rows, own, D, scale, p + seen[r]);
-        inverse[r] = softmax_unnormalized(p, past + count[i]);
+        int64_t t = start[r];
+        for (; t + LANES <= seen[r]; t += LANES) vec_store(p + t, vec_mul(vec_load(p + t), vec_set1(a->scale)));
+        for (; t < seen[r]; t++) p[t] *= a->scale;
+        const int64_t candidates = a->causal ? 0 : a->count[i]; /* causal: every key is a shared row */
+        const float *tree_rows[candidates > 0 ? candidates : 1];
+        int64_t own = 0;
+        for (int64_t c = 0; c < candidates; c++) {
+            const int64_t node = a->key_nodes[i * n + c];
+            if (tree_visible(a, i, node)) tree_rows[own++] = a->keys + (g * a->capacity + past + node) * D;
+        }
+        row_scores(a->q + (g * rows + j) * D, tree_rows, own, D, a->scale, p + seen[r]);
+        if (a->softcap > 0) /* Gemma 2: scores become softcap * tanh(score / softcap) */
+            for (t = start[r]; t < seen[r] + own; t++) p[t] = a->softcap * tanhf(p[t] / a->softcap);
+        inverse[r] = softmax_unnormalized(p + start[r], seen[r] + own - start[r]);
     }
     /* out = sum_t p_t v_t in logical order (shared rows, then tree rows), then normalise */
     if (D == 64) { /* the common head size: accumulate in registers (lane-wise: any width) */
         vec acc[PV_ROWS][64 / LANES];
         for (int64_t r = 0; r < live; r++)
             for (int d = 0; d < 64 / LANES; d++) acc[r][d] = vec_zero();
-        for (int64_t t = 0; t < longest; t++) {
+        for (int64_t t = earliest; t < longest; t++) {
             const float *v = v_head + t * D;
             if (t + 16 < longest) prefetch((const char *)(v + 16 * D), 64 * sizeof(float)); /* 16 rows ahead */
             vec value[64 / LANES];
             for (int d = 0; d < 64 / LANES; d++) value[d] = vec_load(v + LANES * d);
             _Pragma("GCC unroll 6") for (int r = 0; r < PV_ROWS; r++) {
-                if (r < live && t < seen[r]) {
-                    const vec pv = vec_set1(probs[(g * rows + j0 + r) * width + t]);
+                if (r < live && start[r] <= t && t < seen[r]) {
+                    const vec pv = vec_set1(a->probs[(g * rows + j0 + r) * width + t]);
                     for (int d = 0; d < 64 / LANES; d++) acc[r][d] = vec_fma(pv, value[d], acc[r][d]);
                 }
             }
         }
         for (int64_t r = 0; r < live; r++) {
             const int64_t j = j0 + r, i = j / group;
-            const float *p = probs + (g * rows + j) * width;
-            for (int64_t t = seen[r]; t < past + count[i]; t++) {
-                const vec pv = vec_set1(p[t]);
-                const float *v = v_head + (past + key_nodes[i * n + t - past]) * D;
+            const float *p = a->probs + (g * rows + j) * width + seen[r];
+            for (int64_t c = 0, own = 0; c < (a->causal ? 0 : a->count[i]); c++) {
+                const int64_t node = a->key_nodes[i * n + c];
+                if (!tree_visible(a, i, node)) continue;
+                const vec pv = vec_set1(p[own++]);
+                const float *v = v_head + (past + node) * D;
                 for (int d = 0; d < 64 / LANES; d++) acc[r][d] = vec_fma(pv, vec_load(v + LANES * d), acc[r][d]);
             }
-            float *o = out + (i * H + g * group + j % group) * D;
+            float *o = a->out + (i * a->H + g * group + j % group) * D;
             const vec inverse_v = vec_set1(inverse[r]);
             for (int d = 0; d < 64 / LANES; d++) vec_store(o + LANES * d, vec_mul(acc[r][d], inverse_v));
         }
     } else {
         for (int64_t r = 0; r < live; r++) {
-            const int64_t j = j0 + r, i = j / group, total = past + count[i];
-            const float *p = probs + (g * rows + j) * width;
-            float *o = out + (i * H + g * group + j % group) * D;
+            const int64_t j = j0 + r, i = j / group;
+            const float *p = a->probs + (g * rows + j) * width;
+            float *o = a->out + (i * a->H + g * group + j % group) * D;
             for (int64_t d = 0; d < D; d++) o[d] = 0.0f;
-            for (int64_t t = 0; t < total; t++) {
-                const float pt = p[t];
-                const float *v = v_head + (t < past ? t : past + key_nodes[i * n + t - past]) * D;
+            for (int64_t t = start[r], c = 0, own = 0; t < seen[r] || c < (a->causal ? 0 : a->count[i]); ) {
+                float pt;
+                const float *v;
+                if (t < seen[r]) { /* shared rows, then the visible tree rows */
+                    pt = p[t], v = v_head + t * D, t++;
+                } else {
+                    const int64_t node = a->key_nodes[i * n + c++];
+                    if (!tree_visible(a, i, node)) continue;
+                    pt = p[seen[r] + own++], v = v_head + (past + node) * D;
+                }
                 const __m256 pv = _mm256_set1_ps(pt);
                 int64_t d = 0;
                 for (; d + 8 <= D; d += 8)
@@ -686,25 +734,34 @@ int64_t freespec_tree_layout(const uint8_t *tree_mask, int64_t n, int64_t *key_n
     return causal;
 }
 
-void freespec_tree_attention(const float *q, const float *keys, const float *values, int64_t capacity,
-                             const int64_t *key_nodes, const int64_t *count, int64_t past, int64_t n,
-                             int64_t H, int64_t KV, int64_t D, float scale, int64_t causal, float *out, float *probs) {
+void freespec_window_attention(const float *q, const float *keys, const float *values, int64_t capacity,
+                               const int64_t *key_nodes, const int64_t *count, int64_t past, int64_t n, int64_t H,
+                               int64_t KV, int64_t D, float scale, int64_t causal, const int64_t *positions,
+                               int64_t window, float softcap, float *out, float *probs) {
+    window = positions ? window : 0;
     causal = causal && n >= CAUSAL_ROWS;
-    const int64_t group = H / KV, rows = n * group, width = past + n, shared = causal ? past + n : past;
-    const int64_t key_blocks = (shared + SMALL_ROWS - 1) / SMALL_ROWS;
+    for (int64_t i = 0; causal && window > 0 && i < n; i++) /* chain rows join the prefix: rows are positions */
+        causal = positions[i] == past + i;
+    const int64_t group = H / KV, rows = n * group, shared = causal ? past + n : past;
+    const AttentionCall call = {q, keys, values, key_nodes, count, positions, capacity, past, n, H, D, group, rows,
+                                past + n, window, scale, softcap, (int)causal, out, probs};
+    const AttentionCall *a = &call;
+    int64_t start = shared; /* the first shared row any query reads: none before it is read */
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t first = first_row(a, i);
+        start = first < start ? first : start;
+    }
+    const int64_t key_blocks = (shared - start + SMALL_ROWS - 1) / SMALL_ROWS;
     /* queries per P·V task: up to PV_ROWS, fewer when that leaves under two tasks a thread */
     const int64_t threads = omp_get_max_threads();
     int64_t per_task = KV * rows / (2 * threads);
     per_task = per_task < 1 ? 1 : per_task > PV_ROWS ? PV_ROWS : per_task;
     const int64_t query_blocks = (rows + per_task - 1) / per_task;
-#define SCORES(item, block) block_scores(q, keys, capacity, (item) / key_blocks, (block) * SMALL_ROWS, shared, past, \
-                                         rows, group, width, D, probs)
+#define SCORES(item, block) block_scores(a, (item) / key_blocks, start + (block) * SMALL_ROWS, shared)
 #define ATTEND(task)                                                                                           \
     do {                                                                                                       \
         const int64_t j0 = ((task) % query_blocks) * per_task;                                                 \
-        block_attend(q, keys, values, capacity, key_nodes, count, past, n, H, (task) / query_blocks, j0,       \
-                     rows - j0 < per_task ? rows - j0 : per_task, rows, group, width, D, scale, (int)causal, out, \
-                     probs);                                                                                   \
+        block_attend(a, (task) / query_blocks, j0, rows - j0 < per_task ? rows - j0 : per_task);               \
     } while (0)
     #pragma omp parallel
     {
@@ -731,6 +788,13 @@ void freespec_tree_attention(const float *q, const float *keys, const float *val
     }
 #undef SCORES
 #undef ATTEND
+}
+
+void freespec_tree_attention(const float *q, const float *keys, const float *values, int64_t capacity,
+                             const int64_t *key_nodes, const int64_t *count, int64_t past, int64_t n,
+                             int64_t H, int64_t KV, int64_t D, float scale, int64_t causal, float *out, float *probs) {
+    freespec_window_attention(q, keys, values, capacity, key_nodes, count, past, n, H, KV, D, scale, causal, NULL, 0,
+                              0.0f, out, probs);
 }
 
 /* Rotary embedding of one layer's fresh q and k, plus the cache writes, in one pass.

