@@ -36,6 +36,7 @@ from freespec.engine.sampling import SamplingParams
 from freespec.kernels import Kernels
 from freespec.model.loading import from_transformers
 from freespec.model.runner import ModelRunner
+from freespec.model.weights import extract
 
 # -- from conftest.py ------------------------------------------------------------
 
@@ -118,6 +119,8 @@ def runner_for(hf_model: torch.nn.Module, kernels: Kernels, pack: bool = True) -
     """A runner over a transformers model's weights (taken over as fp32; with ``pack``, those
     that are exact 4/8-bit blocks packed), as :func:`freespec.model.loading.from_transformers` reads them."""
     loaded = from_transformers(hf_model, None, "test", pack=pack)
+    if loaded.weights is None:  # no fast path: raise extract's one-line UnsupportedModelError
+        extract(hf_model)
     return ModelRunner(loaded.config, loaded.weights, kernels)
 
 

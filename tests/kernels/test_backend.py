@@ -152,11 +152,13 @@ def test_a_failed_allocation_in_the_decoder_is_a_memory_error():
         import torch
         from transformers import AutoModelForCausalLM, LlamaConfig
         from freespec import kernels
+        from freespec.model.loading import from_transformers
         from freespec.model.runner import ModelRunner
 
         config = LlamaConfig(vocab_size=64, hidden_size=256, intermediate_size=64, num_hidden_layers=1,
                              num_attention_heads=64, num_key_value_heads=64, max_position_embeddings=2048)
-        runner = runner_for(AutoModelForCausalLM.from_config(config).eval(), kernels.select(), pack=False)
+        loaded = from_transformers(AutoModelForCausalLM.from_config(config).eval(), None, "tiny", pack=False)
+        runner = ModelRunner(loaded.config, loaded.weights, kernels.select())
         assert runner._decoder is not None
         n = 1024  # scores: n tokens x 64 heads x n keys x 4 bytes = 256 MB
         runner.reset(n)

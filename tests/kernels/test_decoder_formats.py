@@ -100,12 +100,13 @@ class Pass:
         if self.decoder is not None:
             return self.decoder(tokens, self.keys, self.values, past, tree_mask, self.cos, self.sin, rows)
         backend, weights = self.backend, self.weights
-        attention = backend.attention(past, tree_mask, HEADS, self.cos[rows], self.sin[rows])
+        attention = backend.attention(past, tree_mask, HEADS)
+        rotation = (self.cos[rows], self.sin[rows])
         h = backend.embed(weights.embed, tokens)  # [n, hidden]
         for index, layer in enumerate(weights.layers):
             normed = F.rms_norm(h, (HIDDEN,), layer.attn_norm.weight, layer.attn_norm.eps)
             attended = attention(backend.linear(normed, layer.qkv.weight, layer.qkv.bias), self.keys[index],
-                                 self.values[index])
+                                 self.values[index], rotation)
             h = h + backend.linear(attended, layer.o.weight)
             normed = F.rms_norm(h, (HIDDEN,), layer.mlp_norm.weight, layer.mlp_norm.eps)
             gate, up = backend.linear(normed, layer.up.weight).chunk(2, dim=-1)

@@ -17,13 +17,13 @@ from transformers import (
 from freespec import kernels
 from freespec.engine.tree import DraftTree
 from freespec.model import runner as runner_module
-from freespec.model.runner import ModelRunner
 from freespec.model.weights import UnsupportedModelError, check_architecture, extract
 from tests.helpers import (
     FAMILIES,
     WINDOW,
     decode_one_by_one,
     make_model,
+    runner_for,
     tiny_config,
     tiny_model,
 )
@@ -38,7 +38,7 @@ def test_logits_match_transformers_past_the_window(family, backend, c_kernels):
     """Prefill, a tree with a right and a wrong branch, commit, then a causal tail: every token's
     logits are transformers' (whose masks define the windows) within fp32 rounding, same argmax."""
     model = tiny_model(family, seed=1)
-    runner = ModelRunner(model, c_kernels if backend == "c" else TORCH)
+    runner = runner_for(model, c_kernels if backend == "c" else TORCH)
     ids = torch.randint(250, (50,), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         reference = model(ids[None]).logits[0]  # [50, vocab]
@@ -70,7 +70,7 @@ def test_plain_greedy_equals_transformers_generate(family):
 def test_drafts_straddling_the_window_verify_bit_exactly(family, kernel_build):
     """A chain twice the window deep with side branches: each chain node's logits are the bits
     plain decoding gives, though its window drops the prefix and then its own first ancestors."""
-    runner = ModelRunner(tiny_model(family, seed=2), kernel_build)
+    runner = runner_for(tiny_model(family, seed=2), kernel_build)
     ids = torch.randint(250, (44,), generator=torch.Generator().manual_seed(1))
     runner.reset(64)
     runner.prefill(ids[:20])
@@ -86,7 +86,7 @@ def test_prefill_chunks_across_the_window_write_the_rows_decoding_writes(family,
     """Chunks shorter than, equal to and longer than the window (40: the kernel's causal path,
     whose rows join the prefix), and decoding one token at a time from a context shorter than
     the window on: the same cache rows and logits, bit for bit."""
-    runner = ModelRunner(tiny_model(family, seed=8), kernel_build)
+    runner = runner_for(tiny_model(family, seed=8), kernel_build)
     ids = torch.randint(250, (60,), generator=torch.Generator().manual_seed(8))
     runner.reset(64)
     whole = runner.logits(runner.prefill(ids))
@@ -111,7 +111,7 @@ def test_qwen2_windows_on_its_upper_layers_only(kernel_build):
     config = Qwen2Config(**settings)
     torch.manual_seed(6)
     model = AutoModelForCausalLM.from_config(config).eval()
-    runner = ModelRunner(model, kernel_build)
+    runner = runner_for(model, kernel_build)
     assert [layer.window for layer in runner.weights.layers] == [None, WINDOW, WINDOW]
     ids = torch.randint(250, (40,), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
@@ -182,7 +182,7 @@ def _ancestor(parents: list[int], j: int, i: int) -> bool:
 @pytest.mark.parametrize("family", WINDOWED)
 def test_rows_outside_every_window_are_never_read(family, c_kernels):
     """Set the cache rows no windowed layer may see to NaN: decoding gives the same bits."""
-    runner = ModelRunner(tiny_model(family, seed=4), c_kernels)
+    runner = runner_for(tiny_model(family, seed=4), c_kernels)
     ids = torch.randint(250, (41,), generator=torch.Generator().manual_seed(4))
     runner.reset(64)
     runner.prefill(ids[:40])
@@ -198,7 +198,7 @@ def test_rows_outside_every_window_are_never_read(family, c_kernels):
 
 def test_the_whole_context_is_served_with_sliding_windows(c_kernels):
     for family in WINDOWED:
-        assert ModelRunner(tiny_model(family), c_kernels).max_positions == 512
+        assert runner_for(tiny_model(family), c_kernels).max_positions == 512
 
 
 def test_gemma_norms_fold_the_one_into_the_weight_exactly():
@@ -233,15 +233,15 @@ def test_variants_the_runner_cannot_compute_are_refused_in_one_line(c_kernels):
     bidirectional = Gemma3TextConfig(**shape, head_dim=16, use_bidirectional_attention=True)
     for config, message in ((partial, "partial rotary embedding"), (bidirectional, "bidirectional attention")):
         with pytest.raises(UnsupportedModelError, match=message):
-            ModelRunner(AutoModelForCausalLM.from_config(config), c_kernels)
+            runner_for(AutoModelForCausalLM.from_config(config), c_kernels)
 
 
 def test_longrope_rows_switch_to_the_long_factors_at_the_original_context(c_kernels):
     """Each row is what transformers computes for a sequence ending there: short factors for
     positions 0..63, long ones from 64 on."""
     model = tiny_model("phi3-longrope")
-    runner = ModelRunner(model, c_kernels)
-    cos, sin, rows = runner.rotary.rows(torch.arange(100))
+    runner = runner_for(model, c_kernels)
+    cos, sin, rows = runner.rotary[None].rows(torch.arange(100))
     rotary = model.model.rotary_emb
     short = rotary(runner.weights.embed[:1], torch.arange(64)[None])
     long = rotary(runner.weights.embed[:1], torch.arange(65)[None])  # a sequence past 64: long factors

