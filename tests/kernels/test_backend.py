@@ -152,7 +152,7 @@ def test_a_failed_allocation_in_the_decoder_is_a_memory_error():
         import torch
         from transformers import AutoModelForCausalLM, LlamaConfig
         from freespec import kernels
-        from freespec.model.runner import ModelRunner
+        from tests.helpers import runner_for
 
         config = LlamaConfig(vocab_size=64, hidden_size=256, intermediate_size=64, num_hidden_layers=1,
                              num_attention_heads=64, num_key_value_heads=64, max_position_embeddings=2048)
