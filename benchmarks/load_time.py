@@ -71,7 +71,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for model in models:
         with tempfile.TemporaryDirectory() as cache:
-            run_child("import freespec.kernels; freespec.kernels.select()", model, Path(cache))  # compiled once a machine
+            kernels = "import freespec.kernels; freespec.kernels.select()"
+            run_child(kernels, model, Path(cache))  # compiled once a machine, not once a model
             first, second = load_once(model, Path(cache)), load_once(model, Path(cache))
             cached = sum(file.stat().st_size for file in Path(cache).rglob("*") if file.is_file())
             kinds = sorted({file.suffix for file in Path(cache).rglob("*") if file.is_file()})

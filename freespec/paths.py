@@ -1,4 +1,4 @@
-"""Where freespec keeps what it builds once per machine (converted models, kernels, calibrations),
+"""Where freespec keeps what it builds once per machine (GGUF metadata, kernels, calibrations),
 and how it writes files that others read: atomically, so no reader and no crash sees half a file."""
 
 from __future__ import annotations

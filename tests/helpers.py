@@ -372,8 +372,8 @@ def write_gguf(path, hf_model: torch.nn.Module, types: str | dict[str, str], see
         elif kind in QUANTIZABLE:
             data = gguf.quants.quantize(np.ascontiguousarray(values), gguf.GGMLQuantizationType[kind])
         else:  # a type freespec does not read (bad-file tests): random bytes of its size
-            data = rng.integers(0, 256, gguf.quants.quant_shape_to_byte_shape(values.shape, gguf.GGMLQuantizationType[kind]),
-                                dtype=np.uint8)
+            shape = gguf.quants.quant_shape_to_byte_shape(values.shape, gguf.GGMLQuantizationType[kind])
+            data = rng.integers(0, 256, shape, dtype=np.uint8)
         writer.add_tensor(gguf_name, data, raw_dtype=gguf.GGMLQuantizationType[kind])
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

@@ -15,7 +15,6 @@ weights are the ones transformers' own GGUF loading gives, only not dequantized.
 
 from __future__ import annotations
 
-import logging
 import math
 import re
 import struct
@@ -28,8 +27,6 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, quants
 
 from freespec.kernels import SUPPORTED_TYPES, GGMLWeight
 from freespec.model.errors import ModelLoadError
-
-log = logging.getLogger(__name__)
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)  # version 1 (2023) counted in 32 bits; llama.cpp writes 3
@@ -47,7 +44,7 @@ _TYPE_NAMES = ", ".join(kind.name for kind in SUPPORTED_TYPES)
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
-    type_id: int  # the ggml type id as the file says (checked when the tensor is read)
+    type_id: int  # a ggml type id (known: checked when the header is read; read by the kernels: when used)
     dims: tuple[int, ...]  # ggml order: dims[0] is the length of a row
     offset: int  # of its first byte, from the start of the file
 

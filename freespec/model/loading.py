@@ -282,7 +282,8 @@ def gguf_metadata(gguf: Path) -> Path:
             (staging / "freespec-source.json").write_text(json.dumps({"gguf": str(gguf)}))
             _install(staging, target)
     except OSError as error:
-        raise ModelLoadError(f"cannot write the model's metadata to {target.parent}: {error.strerror or error}") from None
+        raise ModelLoadError(f"cannot write the model's metadata to {target.parent}: "
+                             f"{error.strerror or error}") from None
     return target
 
 

@@ -18,7 +18,8 @@ def rope_parameters(config, layer_type: str | None = None) -> dict:
     return parameters[layer_type] if layer_type is not None else parameters
 
 
-def inverse_frequencies(config, layer_type: str | None = None, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
+def inverse_frequencies(config, layer_type: str | None = None,
+                        seq_len: int | None = None) -> tuple[torch.Tensor, float]:
     """(inverse frequencies [rotary dim / 2], attention scaling) as transformers computes them.
 
     ``seq_len``: the sequence length the rope types that depend on it see (longrope: above its

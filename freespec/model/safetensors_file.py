@@ -63,8 +63,8 @@ def read_header(path: Path) -> dict[str, StoredTensor]:
         if name == "__metadata__":
             continue
         try:
-            dtype, shape, (begin, end) = entry["dtype"], tuple(int(size) for size in entry["shape"]), entry["data_offsets"]
-            begin, end = int(begin), int(end)
+            dtype, shape = entry["dtype"], tuple(int(size) for size in entry["shape"])
+            begin, end = (int(offset) for offset in entry["data_offsets"])
         except (TypeError, KeyError, ValueError):
             raise damaged(f"tensor {name} has no valid dtype, shape and data_offsets") from None
         itemsize = DTYPES.get(dtype, (None,))[0]
@@ -87,8 +87,8 @@ class SafetensorsTensors:
         for path in self.files:
             for name, tensor in read_header(path).items():
                 if name in self.tensors:
-                    raise ModelLoadError(f"cannot load {directory}: tensor {name} is in both {self.tensors[name].path.name} "
-                                         f"and {path.name}")
+                    raise ModelLoadError(f"cannot load {directory}: tensor {name} is in both "
+                                         f"{self.tensors[name].path.name} and {path.name}")
                 self.tensors[name] = tensor
 
     def tensor_bytes(self) -> int:

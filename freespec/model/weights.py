@@ -89,8 +89,8 @@ def from_tensors(config, source: TensorSource) -> ModelWeights:
     """The weights of a Llama-style model (see LLAMA_STYLE) from its file, in the file's formats.
 
     Every matrix's shape is checked against ``config``; q, k, v and gate, up are stacked (each
-    keeps its own format), biases where the file has them. Without an output matrix (or with
-    ``tie_word_embeddings``) the head is the embedding matrix itself.
+    keeps its own format), biases where the file has them. With ``tie_word_embeddings`` (a GGUF
+    file without an output matrix) the head is the embedding matrix itself.
     """
     if config.model_type not in LLAMA_STYLE:
         raise UnsupportedModelError(f"{config.model_type} models are read through transformers, not from the file")
@@ -151,14 +151,13 @@ def from_tensors(config, source: TensorSource) -> ModelWeights:
             window=window,
         ))
     embed = matrix("model.embed_tokens.weight", vocab, hidden)
-    tied = getattr(config, "tie_word_embeddings", False) or not source.has("lm_head.weight")
-    lm_head = Linear(embed) if tied else linear("lm_head", vocab, hidden)
+    lm_head = Linear(embed) if getattr(config, "tie_word_embeddings", False) else linear("lm_head", vocab, hidden)
     weights = ModelWeights(embed, None, layers, norm("model.norm.weight", hidden), lm_head,
                            Heads(heads, kv_heads, head_dim, head_dim**-0.5), config.hidden_act)
     unused = source.unused(read)
     if unused:
-        log.warning("ignoring tensors the model does not use: %s", ", ".join(unused[:8]) + (" ..." if len(unused) > 8
-                                                                                           else ""))
+        more = " ..." if len(unused) > 8 else ""
+        log.warning("ignoring tensors the model does not use: %s%s", ", ".join(unused[:8]), more)
     return weights
 
 

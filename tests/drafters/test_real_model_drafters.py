@@ -8,7 +8,6 @@ they are accepted), not the speed.
 import pytest
 
 import freespec
-from freespec.model.loading import from_transformers
 
 pytestmark = pytest.mark.real_model  # the real SmolLM2-135M GGUF: skip with -m 'not real_model'
 
@@ -18,7 +17,7 @@ PROMPTS = ["Repeat this sentence exactly: The quick brown fox jumps over the laz
 @pytest.fixture(scope="module")
 def model():
     model = freespec.load(budget=6)
-    model.use_draft_model(from_transformers(model.hf_model, model.tokenizer, "itself"))
+    model.use_draft_model(model.loaded)
     return model
 
 

@@ -142,7 +142,8 @@ def test_packed_runner_gives_the_same_bits_as_fp32(family, kernel_build):
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 @pytest.mark.parametrize("budget", [4, 32])
 def test_speculation_on_packed_weights_equals_plain_greedy(family, budget, kernel_build):
-    model = Model(from_transformers(quantized_like_gguf(tiny_model(family, seed=3, scale=8.0)), word_tokenizer(), family),
+    quantized = quantized_like_gguf(tiny_model(family, seed=3, scale=8.0))
+    model = Model(from_transformers(quantized, word_tokenizer(), family),
                   budget=budget, kernels=kernel_build)
     assert model.runner.weight_formats == ["q4", "q8"]
     for prompt in PROMPTS:

@@ -49,7 +49,8 @@ def test_a_directory_matches_transformers(tmp_path, c_kernels, family, dtype):
     assert all(isinstance(matrix.data, np.memmap) for matrix in matrices)  # the file's bytes, not copies
     assert (layer.qkv.bias is not None) == (family == "qwen2") and (layer.q_norm is not None) == (family == "qwen3")
     assert_matches_transformers(ModelRunner(loaded.config, loaded.weights, c_kernels), reference)
-    assert_same_bits(ModelRunner(loaded.config, loaded.weights, c_kernels), runner_for(reference, c_kernels, pack=False))
+    ours = ModelRunner(loaded.config, loaded.weights, c_kernels)
+    assert_same_bits(ours, runner_for(reference, c_kernels, pack=False))
 
 
 def test_a_sharded_tied_checkpoint(tmp_path, c_kernels):
@@ -57,7 +58,8 @@ def test_a_sharded_tied_checkpoint(tmp_path, c_kernels):
     assert len(list(directory.glob("*.safetensors"))) > 2
     loaded, reference = load(directory), oracle(directory)
     assert loaded.weights.lm_head.weight is loaded.weights.embed
-    assert_same_bits(ModelRunner(loaded.config, loaded.weights, c_kernels), runner_for(reference, c_kernels, pack=False))
+    ours = ModelRunner(loaded.config, loaded.weights, c_kernels)
+    assert_same_bits(ours, runner_for(reference, c_kernels, pack=False))
 
 
 @pytest.mark.parametrize("drafter", ["recycling", "lookup"])
