@@ -45,13 +45,16 @@ from freespec.model.runner import (
     PrefillCancelled,
     check_pass,
 )
-from freespec.model.weights import SUPPORTED_FAMILIES, UnsupportedModelError
+from freespec.model.weights import (
+    EXPERT_COUNTS,
+    SUPPORTED_FAMILIES,
+    UnsupportedModelError,
+)
 
 if TYPE_CHECKING:
     from freespec.model.loading import LoadedModel
 
 ATTENTION_KINDS = ("full_attention", "sliding_attention")  # layer types the masks cover
-MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 CAUSAL_HEADS = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")  # architecture names that generate
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "max_seq_len", "seq_length",
                 "n_ctx")
@@ -117,7 +120,7 @@ def refuse_unsupported(config) -> None:
     if model_class is None:
         raise UnsupportedModelError(f"{family} is not a causal LM transformers knows; {supported()}")
     text = config.get_text_config(decoder=True)
-    if any(isinstance(experts := getattr(text, key, None), int) and experts > 1 for key in MOE_KEYS):
+    if any(isinstance(experts := getattr(text, key, None), int) and experts > 1 for key in EXPERT_COUNTS):
         raise UnsupportedModelError(f"{family} is a mixture-of-experts model, not supported yet; {supported()}")
     if getattr(model_class, "_is_stateful", False):
         raise UnsupportedModelError(f"{family} keeps a recurrent state, which cannot follow a draft tree; "

@@ -122,10 +122,7 @@ def from_tensors(config, source: TensorSource) -> ModelWeights:
     def stacked(prefix: str, names: Sequence[str], sizes: Sequence[int], columns: int) -> Linear:
         parts = tuple(matrix(f"{prefix}.{name}.weight", size, columns) for name, size in zip(names, sizes))
         biases = [bias(f"{prefix}.{name}.bias", size) for name, size in zip(names, sizes)]
-        if all(b is None for b in biases):
-            return Linear(Stacked(parts))
-        return Linear(Stacked(parts), torch.cat([torch.zeros(size) if b is None else b
-                                                 for b, size in zip(biases, sizes)]))
+        return Linear(Stacked(parts), _stacked_bias(biases, sizes))
 
     def linear(name: str, rows: int, columns: int) -> Linear:
         return Linear(matrix(f"{name}.weight", rows, columns), bias(f"{name}.bias", rows))
@@ -207,13 +204,18 @@ def _optional_fp32(weight: torch.Tensor | None) -> torch.Tensor | None:
     return None if weight is None else _fp32(weight)
 
 
+def _stacked_bias(biases: Sequence[torch.Tensor | None], sizes: Sequence[int]) -> torch.Tensor | None:
+    """The biases of stacked matrices (``sizes`` rows each) as one fp32 vector, zeros where a part
+    has none; None when no part has one."""
+    if all(b is None for b in biases):
+        return None
+    return _fp32(torch.cat([torch.zeros(size) if b is None else _fp32(b) for b, size in zip(biases, sizes)]))
+
+
 def _fused(modules: Sequence[torch.nn.Module]) -> Linear:
     """One linear layer for several that read the same input: weights (and biases, if any) stacked."""
     weight = _fp32(torch.cat([m.weight for m in modules]))
-    if all(m.bias is None for m in modules):
-        return Linear(weight)
-    biases = [m.bias if m.bias is not None else torch.zeros(m.weight.shape[0]) for m in modules]
-    return Linear(weight, _fp32(torch.cat(biases)))
+    return Linear(weight, _stacked_bias([m.bias for m in modules], [m.weight.shape[0] for m in modules]))
 
 
 def _linear(module: torch.nn.Module) -> Linear:
