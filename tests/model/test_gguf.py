@@ -95,9 +95,15 @@ def test_matrices_are_the_files_bytes_in_their_own_format(written):
 
 
 def test_the_cache_holds_metadata_only_and_a_second_load_reads_it(written, monkeypatch):
+    def files() -> set:
+        """Every file in the cache, the metadata folder included (the tests share it through a link)."""
+        roots = [loading.cache_dir(), (loading.cache_dir() / "gguf").resolve()]
+        return {file.resolve() for root in roots for file in root.rglob("*") if file.is_file()}
+
+    before = files()  # what other tests of this session left
     path, _ = written("llama", "Q4_0")
     first = load(path)
-    cached = [file for file in loading.cache_dir().rglob("*") if file.is_file()]
+    cached = [file for file in files() if file not in before]  # what this load wrote
     assert cached and sum(file.stat().st_size for file in cached) < 2_000_000  # tokenizer and configs
     assert not [file for file in cached if file.suffix in (".safetensors", ".bin", ".gguf")]
 
