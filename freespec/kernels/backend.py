@@ -36,6 +36,8 @@ from freespec.kernels.weights import (
     RMSNorm,
     Stacked,
     dense,
+    map_matrices,
+    repack,
 )
 
 SKINNY_ROWS = 64  # torch: below this many rows, ``W @ x.T`` beats ``F.linear``
@@ -97,6 +99,10 @@ class Kernels:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.isa})"
 
+    def prepare(self, weights: ModelWeights) -> ModelWeights:
+        """``weights`` in the layout this backend computes with fastest (the same model)."""
+        return weights
+
     def linear(self, x: torch.Tensor, weight: Matrix, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``x @ weight.T + bias`` for x [M, K] and weight [N, K] (any :data:`Matrix`) → [M, N].
 
@@ -149,6 +155,10 @@ class CKernels(Kernels):
 
     def __repr__(self) -> str:
         return f"CKernels({self.isa}{'' if self.one_call_decoder else ', per operation'})"
+
+    def prepare(self, weights: ModelWeights) -> ModelWeights:
+        """Q4_1 and Q8_0 matrices re-packed for faster decoding (:func:`~freespec.kernels.weights.repack`)."""
+        return map_matrices(weights, repack)
 
     def linear(self, x: torch.Tensor, weight: Matrix, bias: torch.Tensor | None = None) -> torch.Tensor:
         """With any M, every row's result is the same bits, and every kind of weight gives the

@@ -11,7 +11,9 @@ blocks; the kernels' block format is defined here: :func:`pack_nibbles`) or a :c
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import ctypes
+import mmap
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 import numpy as np
@@ -184,17 +186,15 @@ def dense(matrix: Matrix) -> torch.Tensor:
 
 
 def pack_nibbles(codes: np.ndarray) -> np.ndarray:
-    """4-bit codes [N, K] → bytes [N, K/2] in the kernel's order: per block of 32, byte j < 8
-    holds codes j (low nibble) and 8 + j (high); byte 8 + j holds 16 + j and 24 + j, so one
-    8-byte load yields 16 consecutive codes.
+    """4-bit codes [N, K] → bytes [N, K/2] in the kernel's order, which is GGUF Q4_0/Q4_1's: per
+    block of 32, byte j holds code j (low nibble) and code 16 + j (high nibble).
 
     >>> pack_nibbles(np.arange(32, dtype=np.uint8).reshape(1, 32) % 16)[0, :2].tolist()
-    [128, 145]
+    [0, 17]
     """
     rows, cols = codes.shape
-    blocks = codes.reshape(rows, cols // BLOCK, 2, 2, 8)  # [.., half, low/high, 8]
-    packed = blocks[:, :, :, 0, :] | (blocks[:, :, :, 1, :] << 4)
-    return np.ascontiguousarray(packed.reshape(rows, cols // 2))
+    blocks = codes.reshape(rows, cols // BLOCK, 2, 16)  # [.., low/high, 16]
+    return np.ascontiguousarray((blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(rows, cols // 2))
 
 
 def unpack_nibbles(packed: np.ndarray) -> np.ndarray:
@@ -205,9 +205,8 @@ def unpack_nibbles(packed: np.ndarray) -> np.ndarray:
     True
     """
     rows, half = packed.shape
-    pairs = packed.reshape(rows, half // 16, 2, 1, 8)  # [.., half of the block, 1, 8]
-    codes = np.concatenate([pairs & 15, pairs >> 4], axis=3)  # [.., half, low/high, 8]
-    return codes.reshape(rows, half * 2)
+    bytes_ = packed.reshape(rows, half // 16, 1, 16)  # [.., 1, 16]
+    return np.concatenate([bytes_ & 15, bytes_ >> 4], axis=2).reshape(rows, half * 2)
 
 
 @dataclass
@@ -313,3 +312,69 @@ class ModelWeights:
                               for layer in self.layers),
         }
         return [name for name, present in found.items() if present]
+
+
+def repack(matrix: Matrix) -> Matrix:
+    """``matrix`` in the layout the C kernels decode fastest, with the same fp32 weights.
+
+    GGUF Q4_1 and Q8_0 blocks become a :class:`PackedWeight` (their codes, as they lie, in one
+    array, the block scales as fp32 in another: 0.75 and 1.125 bytes a weight instead of 0.625
+    and 1.0625; a copy of the codes, no arithmetic). On
+    this project's AVX2 machine a decoding step is bound by the arithmetic of decoding weights,
+    not by memory, and the packed kernels load fp32 scales instead of converting fp16 ones: SmolLM2-135M Q4_1's plain decoding ran 88 tokens/s with the blocks read in place,
+    103 with them re-packed (benchmarks/file_formats.py, docs/results.md). Every other matrix is
+    returned as it is; a :class:`Stacked` one part by part.
+    """
+    if isinstance(matrix, Stacked):
+        parts = [repack(part) for part in matrix.parts]
+        return matrix if all(new is old for new, old in zip(parts, matrix.parts)) else Stacked(parts)
+    if not isinstance(matrix, GGMLWeight) or matrix.type not in (GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0):
+        return matrix
+    rows, columns = matrix.shape
+    q4 = matrix.type == GGMLQuantizationType.Q4_1
+    blocks = matrix.data.reshape(rows, columns // BLOCK, 20 if q4 else 34)  # [N, K/32, block bytes]
+    if q4:  # f16 d, f16 m, 16 bytes of codes in pack_nibbles' order
+        scales = blocks[:, :, :4].copy().view(np.float16).astype(np.float32)  # [N, K/32, 2] = (d, m)
+        codes = np.ascontiguousarray(blocks[:, :, 4:]).reshape(rows, columns // 2)
+        packed = PackedWeight("q4", torch.from_numpy(codes), torch.from_numpy(scales))
+    else:  # f16 d, 32 int8 codes
+        scales = blocks[:, :, :2].copy().view(np.float16).astype(np.float32).reshape(rows, columns // BLOCK)
+        codes = np.ascontiguousarray(blocks[:, :, 2:]).view(np.int8).reshape(rows, columns)
+        packed = PackedWeight("q8", torch.from_numpy(codes), torch.from_numpy(scales))
+    _release_file_pages(matrix.data)
+    return packed
+
+
+def _release_file_pages(array: np.ndarray) -> None:
+    """Lets the kernel drop the pages of a memory-mapped file region that was copied out (they
+    would count as resident until evicted); re-reading them faults them in from the file again.
+    Only read-only file mappings: on anonymous memory MADV_DONTNEED would erase the data."""
+    base = array
+    while base is not None and not isinstance(base, np.memmap):
+        base = base.base
+    if base is None or base.mode != "r" or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    page = mmap.PAGESIZE
+    start = -(-array.ctypes.data // page) * page
+    end = (array.ctypes.data + array.nbytes) // page * page
+    if end > start:
+        ctypes.CDLL(None, use_errno=True).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start),
+                                                  mmap.MADV_DONTNEED)
+
+
+def map_matrices(weights: ModelWeights, change) -> ModelWeights:
+    """``weights`` with every weight matrix replaced by ``change(matrix)`` (a matrix that is used
+    twice, like a tied embedding and output head, is changed once and stays one object)."""
+    done: dict[int, Matrix] = {}
+
+    def matrix(old: Matrix) -> Matrix:
+        if id(old) not in done:
+            done[id(old)] = change(old)
+        return done[id(old)]
+
+    def linear(old: Linear) -> Linear:
+        return replace(old, weight=matrix(old.weight))
+
+    layers = [replace(layer, qkv=linear(layer.qkv), o=linear(layer.o), up=linear(layer.up), down=linear(layer.down))
+              for layer in weights.layers]
+    return replace(weights, embed=matrix(weights.embed), layers=layers, lm_head=linear(weights.lm_head))

@@ -407,7 +407,7 @@ def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
-PACKED_FORMAT = 1  # bump when freespec.model.quant's stored layout changes
+PACKED_FORMAT = 2  # bump when freespec.model.quant's stored layout changes
 
 
 def packed_cache_path(source: Path | None) -> Path | None:

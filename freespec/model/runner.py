@@ -92,11 +92,11 @@ class ModelRunner:
         backend every pass computes with (:func:`freespec.kernels.select`)."""
         self.kernels = kernels
         self.config = config
-        self.weights = weights
+        self.weight_formats = weight_formats(weights)  # as the model's file stores them
+        self.weights = weights = kernels.prepare(weights)
         self.vocab_size = weights.lm_head.weight.shape[0]
         self.vocab_rows = weights.embed.shape[0]  # token ids the embedding holds
         self.max_positions = context_length(config)
-        self.weight_formats = weight_formats(weights)
         self.num_layers = len(weights.layers)
         heads = self.heads = weights.heads
         self.cache = KVCache(self.num_layers, heads.kv_heads, heads.dim, self.max_positions)

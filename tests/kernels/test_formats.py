@@ -245,3 +245,32 @@ def test_supported_types_match_gguf_block_sizes():
     for kind in kernels.SUPPORTED_TYPES:
         block_size, block_bytes = GGML_QUANT_SIZES[kind]
         assert kernels.row_bytes(kind, 4 * 256) == 4 * 256 // block_size * block_bytes
+
+
+@pytest.mark.parametrize("name,columns", [("Q4_1", 96), ("Q8_0", 96), ("Q4_1", 320), ("Q8_0", 32)])
+def test_repacked_blocks_are_the_same_weights_and_give_the_same_bits(name, columns, c_kernels):
+    kind = kernels.ggml_type(name)
+    rows = 13
+    weight = kernels.GGMLWeight(kind, weight_bytes(kind, rows, columns, seed=3), (rows, columns))
+    packed = kernels.weights.repack(weight)
+    assert isinstance(packed, kernels.PackedWeight) and packed.kind == ("q4" if name == "Q4_1" else "q8")
+    assert torch.equal(packed.dense, weight.dequantize())
+    torch.manual_seed(1)
+    x = torch.randn(9, columns)
+    for count in range(1, 10):
+        assert torch.equal(c_kernels.linear(x[:count], packed), c_kernels.linear(x[:count], weight)), count
+    assert torch.equal(c_kernels.embed(packed, torch.arange(rows)), c_kernels.embed(weight, torch.arange(rows)))
+
+
+def test_repack_keeps_other_kinds_and_repacks_stacked_parts(c_kernels):
+    from freespec.kernels.weights import map_matrices, repack
+
+    q4 = kernels.GGMLWeight("Q4_1", weight_bytes(GGMLQuantizationType.Q4_1, 6, 64), (6, 64))
+    q6 = kernels.GGMLWeight("Q6_K", weight_bytes(GGMLQuantizationType.Q6_K, 6, 256), (6, 256))
+    assert repack(q6) is q6
+    stacked = repack(kernels.Stacked([q4, kernels.GGMLWeight("Q8_0", weight_bytes(GGMLQuantizationType.Q8_0, 2, 64),
+                                                                 (2, 64))]))
+    assert [type(part).__name__ for part in stacked.parts] == ["PackedWeight", "PackedWeight"]
+    x = torch.randn(3, 64)
+    assert torch.equal(c_kernels.linear(x, stacked), c_kernels.linear(x, kernels.Stacked([q4.dequantize(),
+                                                                                          stacked.parts[1].dense])))

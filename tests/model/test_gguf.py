@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from freespec import kernels
 from freespec.api import Model
-from freespec.kernels import GGMLWeight, Stacked
+from freespec.kernels import GGMLWeight, PackedWeight, Stacked
 from freespec.model import loading
 from freespec.model.loading import load
 from freespec.model.runner import ModelRunner
@@ -70,7 +70,10 @@ def test_a_tied_head_is_the_embedding_matrix_itself(written, c_kernels, family):
     path, oracle = written(family, "Q8_0", tied=True)
     loaded = load(path)
     assert loaded.weights.lm_head.weight is loaded.weights.embed
-    assert_matches_transformers(ModelRunner(loaded.config, loaded.weights, c_kernels), oracle)
+    runner = ModelRunner(loaded.config, loaded.weights, c_kernels)
+    assert runner.weights.lm_head.weight is runner.weights.embed  # re-packed once, still one matrix
+    assert isinstance(runner.weights.embed, PackedWeight) and runner.weight_formats == ["Q8_0"]
+    assert_matches_transformers(runner, oracle)
 
 
 def test_matrices_are_the_files_bytes_in_their_own_format(written):

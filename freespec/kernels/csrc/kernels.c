@@ -228,19 +228,18 @@ static void f32_row(const Matrix *matrix, int64_t r, float *out) {
  * kernel would load, and the FMA sequence per output is the plain kernel's. The results are
  * therefore bit-identical to the fp32 kernel's on the dequantized weights.
  *
- * Q4: nibbles [N, K/2] uint8; per block of 32 weights, byte j < 8 holds weights j (low nibble)
- * and 8 + j (high), byte 8 + j holds 16 + j and 24 + j. scales [N, K/32, 2]: (d, m) as fp32.
+ * Q4: nibbles [N, K/2] uint8; per block of 32 weights, byte j holds weights j (low nibble) and
+ * 16 + j (high), as in GGUF's Q4_0/Q4_1 blocks. scales [N, K/32, 2]: (d, m) as fp32.
  * Q8: values [N, K] int8; scales [N, K/32]: d as fp32. K must be a multiple of 32.
  * q4_weights / q8_weights return the LANES weights of vector `step` (0 .. STEPS-1) of a block. */
 
 #ifdef FREESPEC_AVX512
 static inline vec q4_weights(const uint8_t *nibbles, const float *scales, int64_t block, int step) {
-    /* step s holds weights 16s .. 16s+15: the low nibbles of bytes 8s .. 8s+7, then their high
-     * nibbles. The block's 16 possible weights d * q + m form a table and each lane picks its
+    /* step s holds weights 16s .. 16s+15: the low nibbles of the block's 16 bytes, then their
+     * high nibbles. The block's 16 possible weights d * q + m form a table and each lane picks its
      * entry (the permute reads only the index's low 4 bits, so the nibbles need no masking). */
     const __m128i bytes = _mm_loadu_si128((const __m128i *)(nibbles + block * 16));
-    const __m128i shifted = _mm_srli_epi16(bytes, 4);
-    const __m128i lanes = step ? _mm_unpackhi_epi64(bytes, shifted) : _mm_unpacklo_epi64(bytes, shifted);
+    const __m128i lanes = step ? _mm_srli_epi16(bytes, 4) : bytes;
     const __m512 table = _mm512_fmadd_ps(_mm512_set1_ps(scales[2 * block]),
                                          _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                          _mm512_set1_ps(scales[2 * block + 1]));
@@ -253,8 +252,8 @@ static inline vec q8_weights(const int8_t *values, const float *scales, int64_t 
 }
 #else
 static inline vec q4_weights(const uint8_t *nibbles, const float *scales, int64_t block, int step) {
-    __m256i q = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(nibbles + block * 16 + (step >> 1) * 8)));
-    q = (step & 1) ? _mm256_srli_epi32(q, 4) : _mm256_and_si256(q, _mm256_set1_epi32(15));
+    __m256i q = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(nibbles + block * 16 + (step & 1) * 8)));
+    q = (step >> 1) ? _mm256_srli_epi32(q, 4) : _mm256_and_si256(q, _mm256_set1_epi32(15));
     return _mm256_fmadd_ps(_mm256_set1_ps(scales[2 * block]), _mm256_cvtepi32_ps(q), _mm256_set1_ps(scales[2 * block + 1]));
 }
 
