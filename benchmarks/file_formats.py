@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -37,13 +36,14 @@ PROMPTS = [  # raw-text prompts (random weights: the text is noise; only its len
 
 
 def _rss_mb() -> tuple[float, float]:
-    """(resident MB now, peak resident MB) of this process."""
-    now = 0.0
+    """(resident MB now, peak resident MB) of this process. The peak is VmHWM, which starts anew
+    in an exec'd worker (getrusage's ru_maxrss would carry the parent's bandwidth probe over)."""
+    fields = {}
     with open("/proc/self/status") as status:
         for line in status:
-            if line.startswith("VmRSS:"):
-                now = int(line.split()[1]) / 1024
-    return now, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            name, _, value = line.partition(":")
+            fields[name] = value
+    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
 
 
 def _decode_rate(stamps: list[float]) -> float:
