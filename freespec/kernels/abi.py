@@ -32,11 +32,15 @@ class DecoderLayer(ctypes.Structure):
                 ("down", Matrix)]
 
 
+class DecoderSequence(ctypes.Structure):
+    _fields_ = [("keys", _P), ("values", _P), ("capacity", _I), ("past", _I), ("n", _I), ("tree_mask", _P)]
+
+
 class DecoderPass(ctypes.Structure):
     _fields_ = [("layers", _P), ("num_layers", _I), ("hidden", _I), ("intermediate", _I), ("embed", Matrix),
                 ("final_norm", _P), ("final_eps", _F), ("scale", _F), ("H", _I), ("KV", _I), ("D", _I),
-                ("tokens", _P), ("n", _I), ("cos_table", _P), ("sin_table", _P), ("rope_rows", _P), ("keys", _P),
-                ("values", _P), ("capacity", _I), ("past", _I), ("tree_mask", _P), ("skip", _P), ("out", _P)]
+                ("tokens", _P), ("n", _I), ("cos_table", _P), ("sin_table", _P), ("rope_rows", _P),
+                ("sequences", ctypes.POINTER(DecoderSequence)), ("num_sequences", _I), ("skip", _P), ("out", _P)]
 
 
 SIGNATURES: dict[str, tuple[type | None, list]] = {

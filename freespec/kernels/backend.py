@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ctypes
 from functools import cache
-from typing import Protocol
+from typing import NamedTuple, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -40,12 +40,25 @@ from freespec.kernels.weights import (
 
 SKINNY_ROWS = 64  # torch: below this many rows, ``W @ x.T`` beats ``F.linear``
 
+class PassSequence(NamedTuple):
+    """One sequence of a decoder pass (a request of a batch): its own KV cache, keys and values
+    [layers, kv_heads, capacity, head_dim] with ``past`` committed rows, and the tree mask [n, n]
+    (bool) of its n new tokens."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    past: int
+    tree_mask: torch.Tensor
+
+
 Rotation = tuple[torch.Tensor, torch.Tensor]
 """The rotary embedding of one pass's tokens: cos and sin [n, head_dim], token i by row i."""
 
 
 class Attention(Protocol):
     """One pass's attention (:class:`TreeAttention`, :class:`TorchAttention`), called for each layer."""
+
+    n: int  # the new tokens it attends for
 
     def __call__(self, qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, rotation: Rotation | None = None,
                  window: int | None = None) -> torch.Tensor:
@@ -418,39 +431,48 @@ class OneCallDecoder:
             self._matrix("down", layer.down, (hidden, self.intermediate)),
         )
 
-    def __call__(self, tokens: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, past: int,
-                 tree_mask: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor, rope_rows: torch.Tensor,
-                 skip: frozenset[int] = frozenset()) -> torch.Tensor:
+    def __call__(self, tokens: torch.Tensor, sequences: Sequence[PassSequence], cos_table: torch.Tensor,
+                 sin_table: torch.Tensor, rope_rows: torch.Tensor, skip: frozenset[int] = frozenset()) -> torch.Tensor:
         """tokens [n] int64 → final hidden states [n, hidden] (after the final norm).
 
-        keys, values: [layers, kv_heads, capacity, head_dim], written after row ``past``;
-        tree_mask [n, n] bool; token i is rotated by row ``rope_rows[i]`` (int64) of the
-        tables ``cos_table``, ``sin_table`` [*, head_dim]. The values of ``tokens`` and
-        ``rope_rows`` index tables: they are the caller's to check (:class:`ModelRunner` does).
-        Layers in ``skip`` are left out: the hidden state passes them unchanged and their cache
-        rows are not written (self-speculation drafts).
+        The rows belong to ``sequences`` in order (sequence s has ``len(s.tree_mask)`` of them):
+        the matmuls run over all rows at once, attention per sequence over its own cache, whose
+        rows after ``past`` are written. One sequence is a single request's pass, several a batch
+        of requests; a row's result is the same bits either way. Token i is rotated by row
+        ``rope_rows[i]`` (int64) of the tables ``cos_table``, ``sin_table`` [*, head_dim]. The
+        values of ``tokens`` and ``rope_rows`` index tables: they are the caller's to check
+        (:class:`ModelRunner` does). Layers in ``skip`` are left out: the hidden state passes them
+        unchanged and their cache rows are not written (self-speculation drafts).
         """
         h, n, call = self.heads, tokens.shape[0], self._pass
-        capacity = keys.shape[2]
-        if past + n > capacity:
-            raise ValueError(f"cache overflow: {past + n} rows needed, capacity {capacity}")
-        cache_shape = (self.num_layers, h.kv_heads, capacity, h.dim)
+        if sum(sequence.tree_mask.shape[0] for sequence in sequences) != n:
+            raise ValueError(f"the sequences' tree masks cover {sum(len(s.tree_mask) for s in sequences)} rows, "
+                             f"the pass has {n} tokens")
+        structs = (abi.DecoderSequence * len(sequences))()
+        masks = []  # contiguous copies (if any) stay referenced until the call returns
+        for index, sequence in enumerate(sequences):
+            keys, rows = sequence.keys, sequence.tree_mask.shape[0]
+            capacity = keys.shape[2]
+            if sequence.past + rows > capacity:
+                raise ValueError(f"cache overflow: {sequence.past + rows} rows needed, capacity {capacity}")
+            cache_shape = (self.num_layers, h.kv_heads, capacity, h.dim)
+            masks.append(sequence.tree_mask.contiguous())
+            structs[index] = abi.DecoderSequence(
+                abi.address("keys", keys, torch.float32, cache_shape),
+                abi.address("values", sequence.values, torch.float32, cache_shape), capacity, sequence.past, rows,
+                abi.address("tree mask", masks[-1], torch.bool, (rows, rows)))
         out = torch.empty(n, self.hidden)
         skipped = None
         if skip:
             skipped = torch.zeros(self.num_layers, dtype=torch.uint8)  # [layers] 1 = skipped
             skipped[list(skip)] = 1
-        # contiguous copies (if any) stay referenced until the call returns
-        tokens, rope_rows, tree_mask = tokens.contiguous(), rope_rows.contiguous(), tree_mask.contiguous()
+        tokens, rope_rows = tokens.contiguous(), rope_rows.contiguous()
         call.tokens = abi.address("tokens", tokens, torch.int64, (n,))
         call.n = n
         call.cos_table = abi.address("cos table", cos_table, torch.float32, (cos_table.shape[0], h.dim))
         call.sin_table = abi.address("sin table", sin_table, torch.float32, (sin_table.shape[0], h.dim))
         call.rope_rows = abi.address("rotary rows", rope_rows, torch.int64, (n,))
-        call.keys = abi.address("keys", keys, torch.float32, cache_shape)
-        call.values = abi.address("values", values, torch.float32, cache_shape)
-        call.capacity, call.past = capacity, past
-        call.tree_mask = abi.address("tree mask", tree_mask, torch.bool, (n, n))
+        call.sequences, call.num_sequences = structs, len(sequences)
         call.skip = None if skipped is None else abi.address("skipped layers", skipped, torch.uint8, (self.num_layers,))
         call.out = abi.address("output", out, torch.float32, (n, self.hidden))
         abi.check_status(self._library.freespec_forward_llama(ctypes.byref(call)), "the decoder pass")

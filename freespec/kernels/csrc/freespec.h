@@ -85,8 +85,18 @@ typedef struct {
     Matrix down;    /* [hidden, intermediate] */
 } DecoderLayer;
 
+/* One sequence of a decoder pass: a request's own KV cache and the rows of the pass that are its. */
+typedef struct {
+    float *keys, *values;     /* [num_layers, KV, capacity, D]: rows past .. past + n are written */
+    int64_t capacity, past;
+    int64_t n;                /* its rows: the next n rows of the pass, after the earlier sequences' */
+    const uint8_t *tree_mask; /* [n, n]: 1 = its token i sees its new token j; all see its `past` rows */
+} DecoderSequence;
+
 /* Everything one pass of freespec_forward_llama reads and writes: the model (set once), then
- * the pass's tokens, rotary rows, cache and output. */
+ * the pass's tokens, rotary rows, sequences and output. A pass carries several sequences (the
+ * requests of a batch, each over its own cache): the matmuls run over all their rows at once,
+ * attention per sequence over its own cache only. One sequence is the single-request case. */
 typedef struct {
     const DecoderLayer *layers;
     int64_t num_layers, hidden, intermediate;
@@ -96,13 +106,12 @@ typedef struct {
     int64_t H, KV, D;        /* query heads, key/value heads, head size */
 
     const int64_t *tokens;    /* [n], each in 0 .. vocab - 1 */
-    int64_t n;
+    int64_t n;                /* rows of the pass: the sum of the sequences' n */
     const float *cos_table;   /* [*, D]: token i is rotated by row rope_rows[i] */
     const float *sin_table;
     const int64_t *rope_rows; /* [n] */
-    float *keys, *values;     /* [num_layers, KV, capacity, D]: rows past .. past + n are written */
-    int64_t capacity, past;
-    const uint8_t *tree_mask; /* [n, n]: 1 = token i sees new token j; all see the `past` rows */
+    const DecoderSequence *sequences; /* [num_sequences] */
+    int64_t num_sequences;
     const uint8_t *skip;      /* [num_layers]: 1 = leave the layer out; NULL: none */
     float *out;               /* [n, hidden]: final hidden states, after the final norm */
 } DecoderPass;

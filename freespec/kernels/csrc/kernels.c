@@ -894,26 +894,37 @@ static int matrices_ok(const DecoderPass *pass) {
 }
 
 /* Tokens to final hidden states in one call, so a decoding step pays no per-operation overhead
- * outside C (see DecoderPass in freespec.h). Layers with skip[l] set are the identity and write
- * no cache rows. All scratch is allocated before the first layer: on failure nothing is written. */
+ * outside C (see DecoderPass in freespec.h). The pass's rows belong to its sequences in order:
+ * norms, matmuls, the activation and residuals run over all rows at once (each row's result is
+ * the same bits whatever rows share the call), rotary, cache writes and attention per sequence
+ * over its own cache. Layers with skip[l] set are the identity and write no cache rows. All
+ * scratch is allocated before the first layer: on failure nothing is written. */
 int freespec_forward_llama(const DecoderPass *pass) {
     if (!matrices_ok(pass)) return FREESPEC_BAD_MATRIX;
     const int64_t n = pass->n, hidden = pass->hidden, intermediate = pass->intermediate;
-    const int64_t H = pass->H, KV = pass->KV, D = pass->D, capacity = pass->capacity, past = pass->past;
-    const int64_t qkv_width = (H + 2 * KV) * D, width = past + n;
+    const int64_t H = pass->H, KV = pass->KV, D = pass->D, S = pass->num_sequences;
+    const DecoderSequence *sequences = pass->sequences;
+    const int64_t qkv_width = (H + 2 * KV) * D;
+    int64_t layouts = 0, probs_floats = 0; /* key_nodes entries of all sequences, scores of the largest */
+    for (int64_t s = 0; s < S; s++) {
+        const int64_t rows = sequences[s].n, floats = rows * H * (sequences[s].past + rows);
+        layouts += rows * rows;
+        probs_floats = floats > probs_floats ? floats : probs_floats;
+    }
     float *h = scratch(n * hidden);
     float *cos = pass->cos_table ? scratch(n * D) : NULL, *sin = pass->sin_table ? scratch(n * D) : NULL;
-    int64_t *key_nodes = malloc(n * n * sizeof(int64_t)), *count = malloc(n * sizeof(int64_t));
+    int64_t *key_nodes = malloc((layouts ? layouts : 1) * sizeof(int64_t)), *count = malloc(n * sizeof(int64_t));
+    int64_t *causal = malloc((S ? S : 1) * sizeof(int64_t));
     float *normed = scratch(n * hidden);
     float *qkv = scratch(n * qkv_width);
     float *queries = scratch(n * H * D);
     float *attended = scratch(n * H * D);
     float *projected = scratch(n * (2 * intermediate > hidden ? 2 * intermediate : hidden));
     float *act = scratch(n * intermediate);
-    float *probs = scratch(n * H * width);
+    float *probs = scratch(probs_floats);
     int status = FREESPEC_OK;
-    if (!h || (pass->cos_table && !cos) || (pass->sin_table && !sin) || !key_nodes || !count || !normed || !qkv ||
-        !queries || !attended || !projected || !act || !probs) {
+    if (!h || (pass->cos_table && !cos) || (pass->sin_table && !sin) || !key_nodes || !count || !causal || !normed ||
+        !qkv || !queries || !attended || !projected || !act || !probs) {
         status = FREESPEC_OUT_OF_MEMORY;
         goto done;
     }
@@ -922,11 +933,14 @@ int freespec_forward_llama(const DecoderPass *pass) {
         if (cos) memcpy(cos + i * D, pass->cos_table + pass->rope_rows[i] * D, D * sizeof(float));
         if (sin) memcpy(sin + i * D, pass->sin_table + pass->rope_rows[i] * D, D * sizeof(float));
     }
-    const int64_t causal = freespec_tree_layout(pass->tree_mask, n, key_nodes, count);
+    for (int64_t s = 0, row = 0, layout = 0; s < S; s++) {
+        const int64_t rows = sequences[s].n;
+        causal[s] = freespec_tree_layout(sequences[s].tree_mask, rows, key_nodes + layout, count + row);
+        row += rows, layout += rows * rows;
+    }
     for (int64_t l = 0; l < pass->num_layers; l++) {
         if (pass->skip && pass->skip[l]) continue; /* a skipped layer is the identity and writes no cache rows */
         const DecoderLayer *layer = pass->layers + l;
-        float *layer_keys = pass->keys + l * KV * capacity * D, *layer_values = pass->values + l * KV * capacity * D;
         rms_norm(h, layer->attn_norm, layer->attn_eps, normed, n, hidden);
         linear(&layer->qkv, normed, qkv, n);
         if (layer->q_norm)
@@ -937,9 +951,17 @@ int freespec_forward_llama(const DecoderPass *pass) {
                 for (int64_t head = H; head < H + KV; head++)
                     rms_norm(row + head * D, layer->k_norm, layer->k_eps, row + head * D, 1, D);
             }
-        freespec_rope_store(qkv, cos, sin, layer_keys, layer_values, capacity, past, n, H, KV, D, queries);
-        freespec_tree_attention(queries, layer_keys, layer_values, capacity, key_nodes, count, past, n, H, KV, D,
-                                pass->scale, causal, attended, probs);
+        for (int64_t s = 0, row = 0, layout = 0; s < S; s++) { /* each sequence over its own cache */
+            const DecoderSequence *seq = sequences + s;
+            const int64_t rows = seq->n, capacity = seq->capacity, past = seq->past;
+            float *layer_keys = seq->keys + l * KV * capacity * D, *layer_values = seq->values + l * KV * capacity * D;
+            freespec_rope_store(qkv + row * qkv_width, cos ? cos + row * D : NULL, sin ? sin + row * D : NULL,
+                                layer_keys, layer_values, capacity, past, rows, H, KV, D, queries + row * H * D);
+            freespec_tree_attention(queries + row * H * D, layer_keys, layer_values, capacity, key_nodes + layout,
+                                    count + row, past, rows, H, KV, D, pass->scale, causal[s],
+                                    attended + row * H * D, probs);
+            row += rows, layout += rows * rows;
+        }
         linear(&layer->o, attended, projected, n);
         for (int64_t i = 0; i < n * hidden; i++) h[i] += projected[i];
         rms_norm(h, layer->mlp_norm, layer->mlp_eps, normed, n, hidden);
@@ -951,7 +973,7 @@ int freespec_forward_llama(const DecoderPass *pass) {
     rms_norm(h, pass->final_norm, pass->final_eps, pass->out, n, hidden);
 done:
     free(normed); free(qkv); free(queries); free(attended); free(projected); free(act); free(probs);
-    free(h); free(cos); free(sin); free(key_nodes); free(count);
+    free(h); free(cos); free(sin); free(key_nodes); free(count); free(causal);
     return status;
 }
 
