@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 from dataclasses import dataclass
@@ -70,6 +71,18 @@ class Model:
         self.draft_runner = make_runner(draft, self.kernels, self.device)
         for name in [name for name in self._drafters if "draft-model" in name.split("+")]:
             del self._drafters[name]  # made with the previous draft model
+
+    def fork(self) -> Model:
+        """The same model with a KV cache and drafters of its own (weights, tokenizer and kernels
+        shared): a server runs one request on each fork at a time, several forks' passes batched
+        (:mod:`freespec.engine.batch`). Only the native runner forks (ValueError otherwise)."""
+        if not all(hasattr(runner, "fork") for runner in (self.runner, self.draft_runner) if runner is not None):
+            raise ValueError(f"{self.name} runs through transformers' forward, which cannot batch requests")
+        twin = copy.copy(self)
+        twin.runner = self.runner.fork()
+        twin.draft_runner = None if self.draft_runner is None else self.draft_runner.fork()
+        twin._drafters = {}
+        return twin
 
     @property
     def hf_model(self) -> torch.nn.Module:

@@ -151,13 +151,15 @@ class Generation:
 
     def __iter__(self) -> Iterator[list[int]]:
         while (step := self.plan()) is not None:
-            if step.tree is None:
-                hidden = self.runner.prefill(step.tokens, self.should_stop)  # runs and commits in chunks
-            else:
-                hidden = self.runner.forward(step.tokens, step.positions, step.tree_mask)
-            emitted = self.take(hidden)
+            emitted = self.take(self.run_alone(step))
             if emitted:
                 yield emitted
+
+    def run_alone(self, step: Step) -> torch.Tensor:
+        """The pass of a planned step with no other request in it: its final hidden states [q, hidden]."""
+        if step.tree is None:
+            return self.runner.prefill(step.tokens, self.should_stop)  # runs and commits in chunks
+        return self.runner.forward(step.tokens, step.positions, step.tree_mask)
 
     def plan(self, prefill_limit: int | None = None, budget: int | None = None) -> Step | None:
         """The next step (None once done): a chunk of at most ``prefill_limit`` prompt tokens
