@@ -19,7 +19,7 @@ import torch
 
 from freespec.drafters import DamagedStateError, Drafter, DrafterSettings, create
 from freespec.engine.budget import BudgetPolicy
-from freespec.engine.costs import load_or_measure
+from freespec.engine.costs import CostCurve, load_or_measure
 from freespec.engine.loop import Generation, GenerationStats
 from freespec.engine.sampling import SamplingParams
 from freespec.kernels import Kernels
@@ -56,6 +56,7 @@ class Model:
         self.tree_shape = tree_shape  # Token Recycling's: "dynamic" (best-first) or "static" (paper template)
         self.datastore = datastore  # the retrieval drafter's datastore directory
         self._drafters: dict[str, tuple[Drafter, BudgetPolicy]] = {}
+        self._costs: list[CostCurve] = []  # t(q) once known, shared with forks
         self.stop_ids = self._stop_ids(loaded.generation_config)
         self.draft: LoadedModel | None = None  # the smaller model the draft-model drafter (and hf-assisted) use
         self.draft_runner: Runner | None = None  # the draft-model drafter's
@@ -135,7 +136,9 @@ class Model:
                                                self.runner, self.draft_runner))
         if drafter is None:
             return None, None
-        costs = load_or_measure(self.runner)
+        if not self._costs:  # measured (or read) once, for every fork of this model
+            self._costs.append(load_or_measure(self.runner))
+        costs = self._costs[0]
         policy = BudgetPolicy(costs, candidates=[q - 1 for q in costs if q > 1])
         self._drafters[name] = (drafter, policy)
         return self._drafters[name]

@@ -125,8 +125,12 @@ class Batch:
         policies = [request.generation.policy for request in decoding if request.generation.policy is not None]
         if not policies:
             return [None] * len(decoding)
-        gains = [request.generation.node_gains() for request in decoding]
-        return share_budget(gains, prefill_rows + len(decoding), float(len(decoding)), policies[0].cost)
+        # a request with a fixed budget keeps it (its drafts, so its sampled tokens, stay as alone)
+        shared = [request for request in decoding if request.generation.fixed_budget is None]
+        fixed = sum(request.generation.node_count() for request in decoding if request not in shared)
+        gains = [request.generation.node_gains() for request in shared]
+        caps = iter(share_budget(gains, prefill_rows + len(decoding) + fixed, float(len(decoding)), policies[0].cost))
+        return [None if request.generation.fixed_budget is not None else next(caps) for request in decoding]
 
     def _run(self, planned: list[tuple[Running, Step]]) -> None:
         """One pass over the planned steps; should it fail, each step alone, so that a fault

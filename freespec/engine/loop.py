@@ -207,6 +207,10 @@ class Generation:
             tree = self._propose(budget)
         self._draft = (tree, budget)
 
+    def node_count(self) -> int:
+        """Draft nodes the drafted tree would verify (0 before a draft)."""
+        return 0 if self._draft is None else min(self._draft[1], len(self._draft[0]) - 1)
+
     def node_gains(self) -> list[float]:
         """The expected extra tokens verifying each drafted node brings (node 1, 2, ... of the
         verified part, best first): the nodes' own scores where the drafter gives them, else the

@@ -292,9 +292,7 @@ class Scheduler:
                 for active in [active for active in self._active if active.job.should_stop()]:
                     self._finish(active)  # leave between passes: the client left, too late, or closing
                 if self._active:
-                    self.batch.step([active.request for active in self._active])
-                    for active in list(self._active):
-                        self._deliver(active)
+                    self._step()
         except BaseException:  # not a request's fault (those end in _deliver): the thread cannot go on
             log.critical("the generation thread stopped", exc_info=True)
             if job is not None:
@@ -302,6 +300,17 @@ class Scheduler:
             for active in list(self._active):
                 self._leave(active, _internal_error(active.job), keep_rows=False)
             self.close("the generation thread has stopped; restart the server (its log says why)")
+
+    def _step(self) -> None:
+        """One pass for every active job, then what it brought them. The batch sets each request's
+        own faults on it; anything else that goes wrong in it fails the jobs of that pass only."""
+        try:
+            self.batch.step([active.request for active in self._active])
+        except Exception as error:
+            for active in self._active:
+                active.request.error = error
+        for active in list(self._active):
+            self._deliver(active)
 
     def _stop_all(self) -> None:
         for active in list(self._active):
