@@ -304,6 +304,7 @@ class Scheduler:
     def _step(self) -> None:
         """One pass for every active job, then what it brought them. The batch sets each request's
         own faults on it; anything else that goes wrong in it fails the jobs of that pass only."""
+        self.metrics.pass_requests.observe(len(self._active))
         try:
             self.batch.step([active.request for active in self._active])
         except Exception as error:
