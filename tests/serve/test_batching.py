@@ -165,3 +165,30 @@ def test_a_full_queue_still_answers_429_with_retry_after(long_model_dir):
         for connection, _ in streams:
             connection.close()
         queued.join(timeout=60)
+
+
+@pytest.mark.real_model
+def test_the_real_model_answers_concurrent_clients_as_it_answers_each_alone():
+    model = freespec.load()
+    prompts = ["Name three primes.", "Write one sentence about copper.", "List the days of the week.",
+               "Say hello in French."]
+    requests = [{"messages": [{"role": "user", "content": prompt}], "max_tokens": 24,
+                 "drafter": ("recycling", "none")[index % 2],
+                 **({"temperature": 0} if index < 2 else {"temperature": 0.7, "seed": index})}
+                for index, prompt in enumerate(prompts)]
+    model.drafter("recycling")  # as `freespec serve` does: its costs are measured before serving
+    with BackgroundServer(create_app(model, served_name="smol", drafters=("none",))) as url:
+        alone = [post(url + "/v1/chat/completions", request, timeout=300)[:2] for request in requests]
+        together: list = [None] * len(requests)
+
+        def send(index: int) -> None:
+            together[index] = post(url + "/v1/chat/completions", requests[index], timeout=300)[:2]
+
+        threads = [threading.Thread(target=send, args=(index,)) for index in range(len(requests))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=300)
+    texts = lambda answers: [(status, body["choices"][0]["message"]["content"]) for status, body in answers]  # noqa: E731
+    assert texts(together) == texts(alone)
+    assert all(status == 200 for status, _ in alone)
