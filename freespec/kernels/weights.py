@@ -298,18 +298,3 @@ class ModelWeights:
     activation: str
     embed_scale: float | None = None
     final_softcap: float | None = None
-
-    @property
-    def variants(self) -> list[str]:
-        """What this model adds to a Llama-style decoder (Gemma's, Mistral's and Phi-3's parts);
-        empty for Llama itself: the one-call C decoder computes only those."""
-        found = {
-            "embedding scale": self.embed_scale is not None,
-            "logit soft-capping": self.final_softcap is not None,
-            "score soft-capping": self.heads.softcap is not None,
-            "sliding windows": any(layer.window is not None for layer in self.layers),
-            "per-layer rotary tables": any(layer.rotary is not None for layer in self.layers),
-            "post-norms": any(layer.post_attn_norm is not None or layer.post_mlp_norm is not None
-                              for layer in self.layers),
-        }
-        return [name for name, present in found.items() if present]

@@ -259,10 +259,10 @@ class ModelRunner:
         masks = [tree_mask.to(torch.bool) for _, _, _, tree_mask in sequences]
         with torch.inference_mode():
             if self._decoder is not None:
-                cos_table, sin_table, rope_rows = self.rotary[None].rows(positions)
+                rotary = [self.rotary[kind].rows(positions) for kind in self._decoder.rotary_kinds]
                 parts = [PassSequence(cache.keys, cache.values, cache.length, mask)
                          for (cache, _, _, _), mask in zip(sequences, masks)]
-                return self._decoder(tokens, parts, cos_table, sin_table, rope_rows, skip)
+                return self._decoder(tokens, positions, parts, rotary, skip)
             rotations = {}  # each rotary table's rotation of these tokens
             for kind, tables in self.rotary.items():
                 cos_table, sin_table, rope_rows = tables.rows(positions)
@@ -278,10 +278,8 @@ class ModelRunner:
         """The pass one operation at a time, in Python: what the one-call C decoder does in C.
 
         Needed where that decoder does not run: GPT-2 (learned positions, LayerNorm, plain MLP),
-        Gemma (scaled embeddings, GeGLU, post-norms, sliding windows, soft-capping), models with
-        sliding windows (Mistral, Phi-3), Llama-style models it does not cover (another
-        activation, biases beyond the QKV projection), and any model on torch's kernels (no C
-        compiler or no AVX2). Every matmul and the attention go through the backend, so with the
+        models it does not cover (another activation, biases beyond the QKV projection, more
+        than two rotary tables), and any model on torch's kernels (no C compiler or no AVX2). Every matmul and the attention go through the backend, so with the
         C kernels the pass is batch-invariant too; its norms and activation are torch's
         (row-wise and element-wise), so its bits can differ from the one-call decoder's (a
         model always runs one of the two). ``rotations``: each rotary table's (cos, sin) [n, dim].

@@ -883,6 +883,30 @@ static void silu_mul(const float *gate_up, float *act, int64_t rows, int64_t n) 
 }
 
 /* Whether the kernels read every matrix of the model. */
+/* Gemma's GeGLU: act[r] = gelu(gate) * up with the tanh approximation,
+ * 0.5 g (1 + tanh(sqrt(2 / pi) (g + 0.044715 g^3))); tanh(u) = sign(u) (1 - e) / (1 + e), e = exp(-2 |u|). */
+static void gelu_tanh_mul(const float *gate_up, float *act, int64_t rows, int64_t n) {
+    const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+    const __m256 k0 = _mm256_set1_ps(0.7978845608028654f), k1 = _mm256_set1_ps(0.044715f);
+    for (int64_t r = 0; r < rows; r++) {
+        const float *gate = gate_up + r * 2 * n, *up = gate + n;
+        int64_t i = 0;
+        for (; i + 8 <= n; i += 8) {
+            const __m256 g = _mm256_loadu_ps(gate + i);
+            const __m256 u = _mm256_mul_ps(k0, _mm256_fmadd_ps(_mm256_mul_ps(k1, g), _mm256_mul_ps(g, g), g));
+            const __m256 e = exp_nonpositive(_mm256_or_ps(_mm256_add_ps(u, u), sign)); /* exp(-2 |u|) */
+            const __m256 magnitude = _mm256_div_ps(_mm256_sub_ps(one, e), _mm256_add_ps(one, e));
+            const __m256 tanh_u = _mm256_or_ps(magnitude, _mm256_and_ps(u, sign));
+            const __m256 gelu = _mm256_mul_ps(_mm256_mul_ps(half, g), _mm256_add_ps(one, tanh_u));
+            _mm256_storeu_ps(act + r * n + i, _mm256_mul_ps(gelu, _mm256_loadu_ps(up + i)));
+        }
+        for (; i < n; i++) {
+            const float g = gate[i];
+            act[r * n + i] = 0.5f * g * (1.0f + tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g))) * up[i];
+        }
+    }
+}
+
 static int matrices_ok(const DecoderPass *pass) {
     if (!matrix_ok(&pass->embed)) return 0;
     for (int64_t l = 0; l < pass->num_layers; l++) {
@@ -912,7 +936,12 @@ int freespec_forward_llama(const DecoderPass *pass) {
         probs_floats = floats > probs_floats ? floats : probs_floats;
     }
     float *h = scratch(n * hidden);
-    float *cos = pass->cos_table ? scratch(n * D) : NULL, *sin = pass->sin_table ? scratch(n * D) : NULL;
+    float *cos[2], *sin[2];
+    int tables_ok = 1;
+    for (int r = 0; r < 2; r++) {
+        cos[r] = pass->cos_tables[r] ? scratch(n * D) : NULL, sin[r] = pass->sin_tables[r] ? scratch(n * D) : NULL;
+        tables_ok = tables_ok && (!pass->cos_tables[r] || cos[r]) && (!pass->sin_tables[r] || sin[r]);
+    }
     int64_t *key_nodes = malloc((layouts ? layouts : 1) * sizeof(int64_t)), *count = malloc(n * sizeof(int64_t));
     int64_t *causal = malloc((S ? S : 1) * sizeof(int64_t));
     float *normed = scratch(n * hidden);
@@ -923,16 +952,19 @@ int freespec_forward_llama(const DecoderPass *pass) {
     float *act = scratch(n * intermediate);
     float *probs = scratch(probs_floats);
     int status = FREESPEC_OK;
-    if (!h || (pass->cos_table && !cos) || (pass->sin_table && !sin) || !key_nodes || !count || !causal || !normed ||
+    if (!h || !tables_ok || !key_nodes || !count || !causal || !normed ||
         !qkv || !queries || !attended || !projected || !act || !probs) {
         status = FREESPEC_OUT_OF_MEMORY;
         goto done;
     }
     freespec_rows(&pass->embed, pass->tokens, n, h);
-    for (int64_t i = 0; i < n; i++) {
-        if (cos) memcpy(cos + i * D, pass->cos_table + pass->rope_rows[i] * D, D * sizeof(float));
-        if (sin) memcpy(sin + i * D, pass->sin_table + pass->rope_rows[i] * D, D * sizeof(float));
-    }
+    if (pass->embed_scale != 1.0f)
+        for (int64_t i = 0; i < n * hidden; i++) h[i] *= pass->embed_scale;
+    for (int r = 0; r < 2; r++)
+        for (int64_t i = 0; i < n; i++) {
+            if (cos[r]) memcpy(cos[r] + i * D, pass->cos_tables[r] + pass->rope_rows[r][i] * D, D * sizeof(float));
+            if (sin[r]) memcpy(sin[r] + i * D, pass->sin_tables[r] + pass->rope_rows[r][i] * D, D * sizeof(float));
+        }
     for (int64_t s = 0, row = 0, layout = 0; s < S; s++) {
         const int64_t rows = sequences[s].n;
         causal[s] = freespec_tree_layout(sequences[s].tree_mask, rows, key_nodes + layout, count + row);
@@ -955,25 +987,31 @@ int freespec_forward_llama(const DecoderPass *pass) {
             const DecoderSequence *seq = sequences + s;
             const int64_t rows = seq->n, capacity = seq->capacity, past = seq->past;
             float *layer_keys = seq->keys + l * KV * capacity * D, *layer_values = seq->values + l * KV * capacity * D;
-            freespec_rope_store(qkv + row * qkv_width, cos ? cos + row * D : NULL, sin ? sin + row * D : NULL,
-                                layer_keys, layer_values, capacity, past, rows, H, KV, D, queries + row * H * D);
-            freespec_tree_attention(queries + row * H * D, layer_keys, layer_values, capacity, key_nodes + layout,
-                                    count + row, past, rows, H, KV, D, pass->scale, causal[s],
-                                    attended + row * H * D, probs);
+            const float *layer_cos = cos[layer->rotary], *layer_sin = sin[layer->rotary];
+            freespec_rope_store(qkv + row * qkv_width, layer_cos ? layer_cos + row * D : NULL,
+                                layer_sin ? layer_sin + row * D : NULL, layer_keys, layer_values, capacity, past, rows,
+                                H, KV, D, queries + row * H * D);
+            freespec_window_attention(queries + row * H * D, layer_keys, layer_values, capacity, key_nodes + layout,
+                                      count + row, past, rows, H, KV, D, pass->scale, causal[s],
+                                      pass->positions + row, layer->window, pass->softcap, attended + row * H * D,
+                                      probs);
             row += rows, layout += rows * rows;
         }
         linear(&layer->o, attended, projected, n);
+        if (layer->post_attn_norm) rms_norm(projected, layer->post_attn_norm, layer->post_attn_eps, projected, n, hidden);
         for (int64_t i = 0; i < n * hidden; i++) h[i] += projected[i];
         rms_norm(h, layer->mlp_norm, layer->mlp_eps, normed, n, hidden);
         linear(&layer->gate_up, normed, projected, n);
-        silu_mul(projected, act, n, intermediate);
+        if (pass->activation == FREESPEC_GELU_TANH) gelu_tanh_mul(projected, act, n, intermediate);
+        else silu_mul(projected, act, n, intermediate);
         linear(&layer->down, act, projected, n);
+        if (layer->post_mlp_norm) rms_norm(projected, layer->post_mlp_norm, layer->post_mlp_eps, projected, n, hidden);
         for (int64_t i = 0; i < n * hidden; i++) h[i] += projected[i];
     }
     rms_norm(h, pass->final_norm, pass->final_eps, pass->out, n, hidden);
 done:
     free(normed); free(qkv); free(queries); free(attended); free(projected); free(act); free(probs);
-    free(h); free(cos); free(sin); free(key_nodes); free(count); free(causal);
+    free(h); free(cos[0]); free(sin[0]); free(cos[1]); free(sin[1]); free(key_nodes); free(count); free(causal);
     return status;
 }
 
