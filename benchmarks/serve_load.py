@@ -1,10 +1,20 @@
 """Load test for ``freespec serve``: concurrent clients on loopback, streamed answers checked against whole ones.
 
-Each of ``--clients`` threads sends ``--requests`` greedy requests with the official ``openai``
-client, cycling through a few prompts, both drafters and streaming on and off. Greedy decoding is
-lossless, so every answer to the same prompt must be the same text whatever the drafter or the
-mode. Prints throughput, latency and time-to-first-token percentiles; exits 1 on any failed
-request or differing answer.
+Two modes. **Scaling** (``--levels 1,2,4,8,16``): at each number of concurrent clients, with and
+without speculation, every client streams greedy answers to Spec-Bench first turns; prints a
+Markdown table of aggregate tokens/s (and its ratio to one client), p50/p99 time to first token,
+p50/p99 inter-token latency (the gaps between streamed chunks, spread over their tokens) and
+failed or differing answers (each prompt's answer must be the same text at every load and with
+every drafter). ``--llama-cpp`` runs the same against llama-cpp-python's server on the same GGUF
+(one request at a time: it has no batching), when installed.
+
+    python benchmarks/serve_load.py --levels 1,2,4,8,16 --rounds 2 --max-tokens 64 --llama-cpp
+
+**Checking** (the default): each of ``--clients`` threads sends ``--requests`` greedy requests
+with the official ``openai`` client, cycling through a few prompts, both drafters and streaming
+on and off. Greedy decoding is lossless, so every answer to the same prompt must be the same
+text whatever the drafter or the mode. Prints throughput, latency and time-to-first-token
+percentiles; exits 1 on any failed request or differing answer.
 
     # start a server in this process on the embedded model (the lead's real-model run):
     python benchmarks/serve_load.py --model default --clients 8 --requests 25 --max-tokens 64
@@ -19,6 +29,9 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import os
+import socket
+import subprocess
 import sys
 import threading
 import time
@@ -171,6 +184,184 @@ def run_load(url: str, model_id: str, clients: int = 8, requests: int = 25, max_
     return report
 
 
+@dataclass
+class Timed:
+    """One streamed answer of the scaling run: when each chunk of text arrived."""
+
+    prompt: str
+    text: str = ""
+    tokens: int = 0
+    first_token_seconds: float | None = None
+    gaps: list[float] = field(default_factory=list)  # seconds between chunks, per token of the later chunk
+    error: str | None = None
+
+
+def _timed(client, model_id: str, prompt: str, max_tokens: int, extra: dict) -> Timed:
+    outcome = Timed(prompt)
+    started = time.perf_counter()
+    parts, last = [], None
+    try:
+        for chunk in client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": prompt}],
+                                                    max_tokens=max_tokens, temperature=0, stream=True,
+                                                    stream_options={"include_usage": True}, extra_body=extra):
+            now = time.perf_counter()
+            if chunk.choices and chunk.choices[0].delta.content:
+                parts.append(chunk.choices[0].delta.content)
+                if last is None:
+                    outcome.first_token_seconds = now - started
+                else:
+                    outcome.gaps.append(now - last)
+                last = now
+            if chunk.usage:
+                outcome.tokens = chunk.usage.completion_tokens
+    except Exception as error:  # every failure counts; the run goes on
+        outcome.error = f"{type(error).__name__}: {error}"
+    outcome.text = "".join(parts)
+    if not outcome.error and not outcome.tokens:  # a server that sends no usage: one token a chunk
+        outcome.tokens = len(parts)
+    if outcome.gaps and outcome.tokens > len(parts):  # several tokens in a chunk: spread its gap over them
+        per_chunk = outcome.tokens / len(parts)
+        outcome.gaps = [gap / per_chunk for gap in outcome.gaps for _ in range(round(per_chunk))]
+    return outcome
+
+
+def run_level(url: str, model_id: str, clients: int, prompts: list[str], rounds: int, max_tokens: int,
+              extra: dict) -> tuple[list[Timed], float]:
+    """``clients`` threads, each streaming ``rounds`` answers (prompts dealt out in turn); the
+    answers and the wall time of the whole level."""
+    import openai
+
+    check_loopback(url)
+    outcomes: list[Timed] = []
+    lock = threading.Lock()
+
+    def client_loop(number: int) -> None:
+        client = openai.OpenAI(base_url=url.rstrip("/") + "/v1", api_key="load-test", max_retries=0, timeout=600)
+        for i in range(rounds):
+            outcome = _timed(client, model_id, prompts[(number * rounds + i) % len(prompts)], max_tokens, extra)
+            with lock:
+                outcomes.append(outcome)
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=client_loop, args=(n,), daemon=True) for n in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return outcomes, time.perf_counter() - started
+
+
+def scaling(url: str, model_id: str, server: str, modes: dict[str, dict], levels: list[int], prompts: list[str],
+            rounds: int, max_tokens: int) -> list[dict]:
+    """One row per (speculation mode, clients): the scaling table's numbers."""
+    rows, answers = [], {}  # answers: prompt -> the first text it got
+    for mode, extra in modes.items():
+        base = None
+        for clients in levels:
+            outcomes, seconds = run_level(url, model_id, clients, prompts, rounds, max_tokens, extra)
+            ok = [o for o in outcomes if not o.error]
+            differing = 0
+            for outcome in ok:
+                differing += answers.setdefault(outcome.prompt, outcome.text) != outcome.text
+            rate = sum(o.tokens for o in ok) / seconds
+            base = base or rate
+            gaps = [gap for o in ok for gap in o.gaps]
+            first = [o.first_token_seconds for o in ok if o.first_token_seconds is not None]
+            rows.append({"server": server, "speculation": mode, "clients": clients, "tokens_per_second": round(rate, 1),
+                         "vs_1_client": round(rate / base, 2), "ttft_p50_s": _percentile(first, 50),
+                         "ttft_p99_s": _percentile(first, 99), "itl_p50_ms": _ms(_percentile(gaps, 50)),
+                         "itl_p99_ms": _ms(_percentile(gaps, 99)), "failed": len(outcomes) - len(ok),
+                         "differing": differing})
+            print(_row(rows[-1]), flush=True)
+    return rows
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(1000 * seconds, 1)
+
+
+COLUMNS = ("server", "speculation", "clients", "tokens_per_second", "vs_1_client", "ttft_p50_s", "ttft_p99_s",
+           "itl_p50_ms", "itl_p99_ms", "failed", "differing")
+
+
+def _row(row: dict) -> str:
+    return "| " + " | ".join(str(row[column]) for column in COLUMNS) + " |"
+
+
+def spec_bench_prompts(count: int) -> list[str]:
+    from freespec.bench.run import DEFAULT_QUESTIONS, load_questions
+
+    questions = load_questions(DEFAULT_QUESTIONS)
+    step = max(1, len(questions) // count)  # spread over the categories
+    return [question.turns[0] for question in questions[::step][:count]]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class LlamaCppServer:
+    """llama-cpp-python's OpenAI server on ``gguf`` in a subprocess on a loopback port."""
+
+    def __init__(self, gguf: str, threads: int):
+        self.url = f"http://127.0.0.1:{_free_port()}"
+        port = self.url.rsplit(":", 1)[1]
+        self.process = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--host",
+                                         "127.0.0.1", "--port", port, "--n_threads", str(threads), "--n_ctx", "4096"],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def __enter__(self) -> str:
+        import urllib.request
+
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError("llama-cpp-python's server exited (is llama-cpp-python[server] installed?)")
+            try:
+                urllib.request.urlopen(self.url + "/v1/models", timeout=2)
+                return self.url
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError("llama-cpp-python's server did not start within 120 s")
+
+    def __exit__(self, *exc_info) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+
+
+def main_scaling(args: argparse.Namespace) -> int:
+    """The scaling table: freespec (with and without speculation), then llama-cpp-python's server."""
+    import urllib.request
+
+    import freespec
+    from freespec.model.loading import embedded_gguf_path
+    from freespec.serve.app import BackgroundServer, create_app
+
+    levels = [int(level) for level in args.levels.split(",")]
+    prompts = spec_bench_prompts(max(levels) * args.rounds)
+    print("| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS), flush=True)
+    model = freespec.load(args.model)
+    model.drafter(args.drafter)  # its costs are measured before the clock starts, as `freespec serve` does
+    modes = {args.drafter: {"drafter": args.drafter}, "none": {"drafter": "none"}}
+    rows = []
+    app = create_app(model, drafter=args.drafter, drafters=("none",), max_queue=max(64, max(levels)),
+                     max_batch=max(levels))
+    with BackgroundServer(app) as url:
+        rows += scaling(url, model.name, "freespec", modes, levels, prompts, args.rounds, args.max_tokens)
+    if args.llama_cpp:
+        gguf = embedded_gguf_path() if args.model == "default" else args.model
+        with LlamaCppServer(str(gguf), threads=args.threads or os.cpu_count() or 1) as url:
+            with urllib.request.urlopen(url + "/v1/models", timeout=30) as response:
+                model_id = json.load(response)["data"][0]["id"]
+            rows += scaling(url, model_id, "llama-cpp-python", {"-": {}}, levels, prompts, args.rounds,
+                            args.max_tokens)
+    if args.json:
+        print(json.dumps(rows))
+    return 1 if any(row["failed"] or (row["differing"] and row["server"] == "freespec") for row in rows) else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", help="a running server on this machine (default: start one here with --model)")
@@ -182,7 +373,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--drafters", default="recycling,none")
     parser.add_argument("--time-limit", type=float, default=600.0, help="seconds before the run gives up")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.add_argument("--levels", help="scaling mode: numbers of concurrent clients, e.g. 1,2,4,8,16")
+    parser.add_argument("--rounds", type=int, default=2, help="scaling mode: answers per client at each level")
+    parser.add_argument("--drafter", default="recycling", help="scaling mode: the speculative drafter")
+    parser.add_argument("--llama-cpp", action="store_true",
+                        help="scaling mode: also run llama-cpp-python's server on the same GGUF")
+    parser.add_argument("--threads", type=int, help="scaling mode: llama.cpp's threads (default: every core)")
     args = parser.parse_args(argv)
+    if args.levels:
+        return main_scaling(args)
     drafters = tuple(args.drafters.split(","))
     if args.url:
         report = _run_against(args.url, args, drafters)

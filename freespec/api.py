@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ import torch
 
 from freespec.drafters import DamagedStateError, Drafter, DrafterSettings, create
 from freespec.engine.budget import BudgetPolicy
-from freespec.engine.costs import load_or_measure
+from freespec.engine.costs import CostCurve, load_or_measure
 from freespec.engine.loop import Generation, GenerationStats
 from freespec.engine.sampling import SamplingParams
 from freespec.kernels import Kernels
@@ -55,6 +56,7 @@ class Model:
         self.tree_shape = tree_shape  # Token Recycling's: "dynamic" (best-first) or "static" (paper template)
         self.datastore = datastore  # the retrieval drafter's datastore directory
         self._drafters: dict[str, tuple[Drafter, BudgetPolicy]] = {}
+        self._costs: list[CostCurve] = []  # t(q) once known, shared with forks
         self.stop_ids = self._stop_ids(loaded.generation_config)
         self.draft: LoadedModel | None = None  # the smaller model the draft-model drafter (and hf-assisted) use
         self.draft_runner: Runner | None = None  # the draft-model drafter's
@@ -70,6 +72,18 @@ class Model:
         self.draft_runner = make_runner(draft, self.kernels, self.device)
         for name in [name for name in self._drafters if "draft-model" in name.split("+")]:
             del self._drafters[name]  # made with the previous draft model
+
+    def fork(self) -> Model:
+        """The same model with a KV cache and drafters of its own (weights, tokenizer and kernels
+        shared): a server runs one request on each fork at a time, several forks' passes batched
+        (:mod:`freespec.engine.batch`). Only the native runner forks (ValueError otherwise)."""
+        if not all(hasattr(runner, "fork") for runner in (self.runner, self.draft_runner) if runner is not None):
+            raise ValueError(f"{self.name} runs through transformers' forward, which cannot batch requests")
+        twin = copy.copy(self)
+        twin.runner = self.runner.fork()
+        twin.draft_runner = None if self.draft_runner is None else self.draft_runner.fork()
+        twin._drafters = {}
+        return twin
 
     @property
     def hf_model(self) -> torch.nn.Module:
@@ -122,7 +136,9 @@ class Model:
                                                self.runner, self.draft_runner))
         if drafter is None:
             return None, None
-        costs = load_or_measure(self.runner)
+        if not self._costs:  # measured (or read) once, for every fork of this model
+            self._costs.append(load_or_measure(self.runner))
+        costs = self._costs[0]
         policy = BudgetPolicy(costs, candidates=[q - 1 for q in costs if q > 1])
         self._drafters[name] = (drafter, policy)
         return self._drafters[name]

@@ -69,6 +69,23 @@ class GenerationStats:
         }
 
 
+@dataclass
+class Step:
+    """One request's part of the next forward pass: a chunk of its prompt to prefill (``tree``
+    None: causal, its rows committed whole by whoever runs it) or a draft tree to verify."""
+
+    tokens: torch.Tensor  # [q]
+    positions: torch.Tensor  # [q]
+    tree: DraftTree | None
+
+    @property
+    def tree_mask(self) -> torch.Tensor:
+        """[q, q] which of the step's tokens each one sees."""
+        if self.tree is None:
+            return torch.ones(len(self.tokens), len(self.tokens), dtype=torch.bool).tril_()
+        return torch.from_numpy(self.tree.ancestor_mask)
+
+
 class Generation:
     """One request in flight: iterate to receive token chunks as they are accepted.
 
@@ -77,6 +94,10 @@ class Generation:
     request left there (a chat's earlier turns), instead of prefilling them again; the output is
     the same bits either way (see :meth:`ModelRunner.reuse`). ``should_stop`` is asked between
     prefill chunks (see :meth:`ModelRunner.prefill`).
+
+    Iterating runs every pass for this request alone. A server runs several requests' passes as
+    one (:mod:`freespec.engine.batch`) through the same three calls the iteration makes:
+    :meth:`plan` the next step, run it, :meth:`take` its hidden states.
     """
 
     def __init__(self, runner: ModelRunner, drafter: Drafter | None, policy: BudgetPolicy | None,
@@ -109,61 +130,149 @@ class Generation:
             self.generator.seed()
         else:
             self.generator.manual_seed(sampling.seed)
+        self._unfilled: list[int] | None = None  # prompt tokens still to prefill; None: not started
+        self._recent = torch.empty(0)  # [<= WARM_START_POSITIONS, hidden] the last prefilled rows' states
+        self._begun = False  # whether the drafter has been told of the prompt
+        self._context = np.array(self.prompt_ids, dtype=np.int64)  # prompt and generated tokens
+        self._shadows = drafter is not None and fixed_budget is None and drafter.shadow_drafts
+        self._pending: list[tuple[DraftTree, int, int]] = []  # shadow drafts: (tree, tokens before it, nodes verified)
+        self._draft: tuple[DraftTree, int] | None = None  # the drafted tree and its verified size, if drafted
+        self._step: Step | None = None  # the step planned and not yet taken
+        self._started = self._step_started = 0.0
+
+    @property
+    def done(self) -> bool:
+        """Whether every token has been generated (a stop token, or the limit)."""
+        return self.finish_reason == "stop" or len(self.token_ids) >= self.max_new_tokens
+
+    @property
+    def prefilling(self) -> bool:
+        return self._unfilled is None or bool(self._unfilled)
 
     def __iter__(self) -> Iterator[list[int]]:
-        runner, drafter, stats = self.runner, self.drafter, self.stats
-        started = time.perf_counter()
-        self._prefill()
-        stats.prefill_seconds = time.perf_counter() - started
-        context = np.array(self.prompt_ids, dtype=np.int64)
-        shadows = drafter is not None and self.fixed_budget is None and drafter.shadow_drafts
-        pending: list[tuple[DraftTree, int, int]] = []  # shadow drafts: (tree, tokens before it, nodes verified)
-        started = time.perf_counter()
-        while len(self.token_ids) < self.max_new_tokens:
-            step_started = time.perf_counter()
-            # draft
-            room = runner.capacity - runner.length - 1
-            if drafter is None or self.fixed_budget is not None:
-                budget = 0 if drafter is None else min(self.fixed_budget, room)
-                tree = self._propose(context, budget)
-            elif shadows:  # draft more than is verified
-                tree = self._propose(context, self.policy.shadow_size(room))
-                budget = self.policy.size_for(tree.scores, room)
-            else:
-                budget = self.policy.choose(room)
-                tree = self._propose(context, budget)
-            if len(tree) > budget + 1:  # verify the best `budget` nodes; the rest is a shadow draft
-                pending.append((tree, len(self.token_ids), budget))
-                tree = tree.prefix(budget + 1)
-            # verify
-            hidden = runner.forward(*tree.attention_inputs(runner.length))
-            logits = runner.logits(hidden)  # [nodes, vocab]
-            # accept
-            path, bonus = verify(tree, logits, context, self.sampling, self.generator)
-            emitted = [int(t) for t in tree.tokens[path[1:]]] + [bonus]
-            emitted = self._cut(emitted)
-            stats.forward_passes += 1
-            stats.accepted_lengths.append(len(emitted))  # what was kept: a stop or the limit may cut a path
-            stats.draft_sizes.append(len(tree) - 1)
-            # commit
-            runner.commit(path)
-            if drafter is not None:
-                drafter.learn(tree, logits, path)
-                self.policy.observe(len(tree) - 1, path)
-                self.policy.record_cost(len(tree), time.perf_counter() - step_started)
-            self.token_ids += emitted
-            context = np.concatenate((context, emitted))
-            if pending:
-                pending = self._learn_from_shadows(pending)
-            stats.new_tokens = len(self.token_ids)
-            stats.decode_seconds = time.perf_counter() - started
-            yield emitted
-            if self.finish_reason == "stop":
-                break
+        while (step := self.plan()) is not None:
+            emitted = self.take(self.run_alone(step))
+            if emitted:
+                yield emitted
 
-    def _prefill(self) -> None:
-        """Cache all prompt tokens but the last, which becomes the first step's root; keep the rows
-        of a leading part an earlier request left in the cache, if asked to."""
+    def run_alone(self, step: Step) -> torch.Tensor:
+        """The pass of a planned step with no other request in it: its final hidden states [q, hidden]."""
+        if step.tree is None:
+            return self.runner.prefill(step.tokens, self.should_stop)  # runs and commits in chunks
+        return self.runner.forward(step.tokens, step.positions, step.tree_mask)
+
+    def plan(self, prefill_limit: int | None = None, budget: int | None = None) -> Step | None:
+        """The next step (None once done): a chunk of at most ``prefill_limit`` prompt tokens
+        (None: all that are left) until the prompt is cached, then a drafted tree verifying at
+        most ``budget`` draft nodes (None: as many as the budget policy chose, see :meth:`draft`)."""
+        if self._unfilled is None:
+            self._prepare()
+        if self._unfilled:
+            count = len(self._unfilled) if prefill_limit is None else min(prefill_limit, len(self._unfilled))
+            length = self.runner.length
+            self._step = Step(torch.tensor(self._unfilled[:count], dtype=torch.long),
+                              torch.arange(length, length + count), None)
+            return self._step
+        if not self._begun:
+            self._begin()
+        if self.done:
+            return None
+        if self._draft is None:
+            self.draft()
+        tree, chosen = self._draft
+        verified = chosen if budget is None else min(chosen, budget)
+        if len(tree) > verified + 1:  # verify the best `verified` nodes; the rest is a shadow draft
+            if self._shadows or len(tree) > chosen + 1:  # not a tree cut to a batch's budget: its drafter may not
+                self._pending.append((tree, len(self.token_ids), verified))
+            tree = tree.prefix(verified + 1)
+        self._step = Step(*tree.attention_inputs(self.runner.length)[:2], tree)
+        return self._step
+
+    def draft(self) -> None:
+        """Draft the next tree and choose how much of it to verify (the budget policy's choice),
+        unless the prompt is still being prefilled or a draft waits; see :meth:`node_gains`."""
+        if self.prefilling or not self._begun or self._draft is not None or self.done:
+            return
+        self._step_started = time.perf_counter()
+        runner, drafter = self.runner, self.drafter
+        room = runner.capacity - runner.length - 1
+        if drafter is None or self.fixed_budget is not None:
+            budget = 0 if drafter is None else min(self.fixed_budget, room)
+            tree = self._propose(budget)
+        elif self._shadows:  # draft more than is verified
+            tree = self._propose(self.policy.shadow_size(room))
+            budget = self.policy.size_for(tree.scores, room)
+        else:
+            budget = self.policy.choose(room)
+            tree = self._propose(budget)
+        self._draft = (tree, budget)
+
+    def node_count(self) -> int:
+        """Draft nodes the drafted tree would verify (0 before a draft)."""
+        return 0 if self._draft is None else min(self._draft[1], len(self._draft[0]) - 1)
+
+    def node_gains(self) -> list[float]:
+        """The expected extra tokens verifying each drafted node brings (node 1, 2, ... of the
+        verified part, best first): the nodes' own scores where the drafter gives them, else the
+        budget policy's running averages spread over the sizes between its candidates."""
+        if self._draft is None:
+            return []
+        tree, verified = self._draft
+        if tree.scores is not None:
+            return [float(score) for score in tree.scores[1 : verified + 1]]
+        gains, size, tau = [], 0, self.policy.tau if self.policy is not None else {0: 1.0}
+        for candidate in sorted(b for b in tau if 0 < b <= verified):
+            share = max(0.0, tau[candidate] - tau[size]) / (candidate - size)
+            gains += [share] * (candidate - size)
+            size = candidate
+        return gains + [0.0] * (verified - size)
+
+    def take(self, hidden: torch.Tensor, pass_rows: int | None = None, pass_seconds: float | None = None) -> list[int]:
+        """Finish the planned step from its final hidden states [q, hidden]; return the tokens it
+        emitted (none for a prefill chunk, whose rows the pass has committed). ``pass_rows`` and
+        ``pass_seconds``: the size and time of a batched pass it was part of, which the budget
+        policy learns t(q) from (alone: this step's own)."""
+        step, self._step = self._step, None
+        if step is None:
+            raise RuntimeError("take() needs a step from plan()")
+        if step.tree is None:
+            del self._unfilled[: len(step.tokens)]
+            self._recent = torch.cat([self._recent, hidden[-WARM_START_POSITIONS:]])[-WARM_START_POSITIONS:]
+            if not self._unfilled:
+                self._begin()
+            return []
+        runner, drafter, stats, tree = self.runner, self.drafter, self.stats, step.tree
+        self._draft = None
+        logits = runner.logits(hidden)  # [nodes, vocab]
+        # accept
+        path, bonus = verify(tree, logits, self._context, self.sampling, self.generator)
+        emitted = [int(t) for t in tree.tokens[path[1:]]] + [bonus]
+        emitted = self._cut(emitted)
+        stats.forward_passes += 1
+        stats.accepted_lengths.append(len(emitted))  # what was kept: a stop or the limit may cut a path
+        stats.draft_sizes.append(len(tree) - 1)
+        # commit
+        runner.commit(path)
+        if drafter is not None:
+            drafter.learn(tree, logits, path)
+            self.policy.observe(len(tree) - 1, path)
+            if pass_rows is None:
+                self.policy.record_cost(len(tree), time.perf_counter() - self._step_started)
+            else:
+                self.policy.record_cost(pass_rows, pass_seconds)
+        self.token_ids += emitted
+        self._context = np.concatenate((self._context, emitted))
+        if self._pending:
+            self._pending = self._learn_from_shadows(self._pending)
+        stats.new_tokens = len(self.token_ids)
+        stats.decode_seconds = time.perf_counter() - self._started
+        return emitted
+
+    def _prepare(self) -> None:
+        """Size the cache for the request and keep the rows of a leading part of the prompt an
+        earlier request left in it, if asked to; all prompt tokens but the last (the first
+        step's root) are then to be prefilled."""
+        self._started = time.perf_counter()
         runner, drafter = self.runner, self.drafter
         capacity = len(self.prompt_ids) + self.max_new_tokens
         if drafter is not None:
@@ -176,18 +285,26 @@ class Generation:
             cached = 0
             runner.reset(capacity)
         self.stats.cached_tokens = cached
-        hidden = runner.prefill(torch.tensor(prompt[cached:], dtype=torch.long),  # [prompt - cached, hidden]
-                                self.should_stop)
+        self._unfilled = prompt[cached:]
+
+    def _begin(self) -> None:
+        """The prompt is cached: tell the drafter, start the decoding clock."""
+        self._begun = True
+        now = time.perf_counter()
+        self.stats.prefill_seconds, self._started = now - self._started, now
+        drafter = self.drafter
         if drafter is None:
             return
+        prompt = self.prompt_ids[:-1]
         drafter.set_sampling(self.sampling, self.generator)
-        if drafter.wants_prompt_logits and len(hidden):
-            recent = hidden[-WARM_START_POSITIONS:]  # the last prompt tokens but the root
-            drafter.begin(np.array(prompt[-len(recent) :], dtype=np.int64), runner.logits(recent))
+        if drafter.wants_prompt_logits and len(self._recent):
+            recent = self._recent  # the last prompt tokens but the root
+            drafter.begin(np.array(prompt[-len(recent) :], dtype=np.int64), self.runner.logits(recent))
         else:
             drafter.begin(np.array(prompt, dtype=np.int64), None)
 
-    def _propose(self, context: np.ndarray, nodes: int) -> DraftTree:
+    def _propose(self, nodes: int) -> DraftTree:
+        context = self._context
         return DraftTree.root_only(int(context[-1])) if nodes == 0 else self.drafter.propose(context, nodes)
 
     def _learn_from_shadows(self, pending: list[tuple[DraftTree, int, int]]) -> list[tuple[DraftTree, int, int]]:

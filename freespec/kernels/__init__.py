@@ -25,6 +25,7 @@ from freespec.kernels.backend import (
     CKernels,
     Kernels,
     OneCallDecoder,
+    PassSequence,
     Rotation,
     select,
 )
@@ -50,6 +51,6 @@ from freespec.kernels.weights import (
 
 __all__ = [
     "SUPPORTED_TYPES", "Attention", "CKernels", "DecoderLayer", "GGMLWeight", "Heads", "Kernels", "LayerNorm",
-    "Linear", "Matrix", "ModelWeights", "OneCallDecoder", "PackedWeight", "RMSNorm", "Rotation", "Stacked", "ggml_type",
+    "Linear", "Matrix", "ModelWeights", "OneCallDecoder", "PackedWeight", "PassSequence", "RMSNorm", "Rotation", "Stacked", "ggml_type",
     "random_blocks", "row_bytes", "select", "supported_isas",
 ]

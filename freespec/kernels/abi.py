@@ -26,17 +26,27 @@ Matrix._fields_ = [("kind", _I), ("N", _I), ("K", _I), ("data", _P), ("scales", 
                    ("parts", ctypes.POINTER(Matrix)), ("num_parts", _I)]
 
 
+SILU, GELU_TANH = 0, 1  # the decoder's activations (freespec.h)
+
+
 class DecoderLayer(ctypes.Structure):
     _fields_ = [("attn_norm", _P), ("mlp_norm", _P), ("q_norm", _P), ("k_norm", _P), ("attn_eps", _F),
                 ("mlp_eps", _F), ("q_eps", _F), ("k_eps", _F), ("qkv", Matrix), ("o", Matrix), ("gate_up", Matrix),
-                ("down", Matrix)]
+                ("down", Matrix), ("post_attn_norm", _P), ("post_mlp_norm", _P), ("post_attn_eps", _F),
+                ("post_mlp_eps", _F), ("window", _I), ("rotary", _I)]
+
+
+class DecoderSequence(ctypes.Structure):
+    _fields_ = [("keys", _P), ("values", _P), ("capacity", _I), ("past", _I), ("n", _I), ("tree_mask", _P)]
 
 
 class DecoderPass(ctypes.Structure):
     _fields_ = [("layers", _P), ("num_layers", _I), ("hidden", _I), ("intermediate", _I), ("embed", Matrix),
                 ("final_norm", _P), ("final_eps", _F), ("scale", _F), ("H", _I), ("KV", _I), ("D", _I),
-                ("tokens", _P), ("n", _I), ("cos_table", _P), ("sin_table", _P), ("rope_rows", _P), ("keys", _P),
-                ("values", _P), ("capacity", _I), ("past", _I), ("tree_mask", _P), ("skip", _P), ("out", _P)]
+                ("embed_scale", _F), ("softcap", _F), ("activation", _I),
+                ("tokens", _P), ("n", _I), ("positions", _P), ("cos_tables", _P * 2), ("sin_tables", _P * 2),
+                ("rope_rows", _P * 2),
+                ("sequences", ctypes.POINTER(DecoderSequence)), ("num_sequences", _I), ("skip", _P), ("out", _P)]
 
 
 SIGNATURES: dict[str, tuple[type | None, list]] = {

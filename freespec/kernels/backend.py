@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ctypes
 from functools import cache
-from typing import Protocol
+from typing import NamedTuple, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -42,12 +42,25 @@ from freespec.kernels.weights import (
 
 SKINNY_ROWS = 64  # torch: below this many rows, ``W @ x.T`` beats ``F.linear``
 
+class PassSequence(NamedTuple):
+    """One sequence of a decoder pass (a request of a batch): its own KV cache, keys and values
+    [layers, kv_heads, capacity, head_dim] with ``past`` committed rows, and the tree mask [n, n]
+    (bool) of its n new tokens."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    past: int
+    tree_mask: torch.Tensor
+
+
 Rotation = tuple[torch.Tensor, torch.Tensor]
 """The rotary embedding of one pass's tokens: cos and sin [n, head_dim], token i by row i."""
 
 
 class Attention(Protocol):
     """One pass's attention (:class:`TreeAttention`, :class:`TorchAttention`), called for each layer."""
+
+    n: int  # the new tokens it attends for
 
     def __call__(self, qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, rotation: Rotation | None = None,
                  window: int | None = None) -> torch.Tensor:
@@ -212,8 +225,8 @@ class CKernels(Kernels):
         return TreeAttention(self.library, past, tree_mask, heads, positions)
 
     def decoder(self, weights: ModelWeights) -> OneCallDecoder | None:
-        """For Llama-style models (RMSNorm, rotary, SiLU-gated MLP, biases on QKV only), unless
-        this backend was selected without the one-call decoder."""
+        """For Llama- and Gemma-style models (:meth:`OneCallDecoder.runs`), unless this backend was
+        selected without the one-call decoder."""
         if not self.one_call_decoder or not OneCallDecoder.runs(weights):
             return None
         return OneCallDecoder(self.library, weights)
@@ -364,7 +377,7 @@ class TreeAttention:
 
 
 class OneCallDecoder:
-    """All decoder layers of a Llama-style model (RMSNorm, SiLU-gated MLP) in one C call.
+    """All decoder layers of a Llama- or Gemma-style model (RMSNorms, gated MLP) in one C call.
 
     Same arithmetic for every row whatever the number of rows, like the other kernels, and
     with no per-operation call overhead: the embedding lookup, norms, rotary, cache writes,
@@ -375,32 +388,41 @@ class OneCallDecoder:
     checks the pass's own arrays.
     """
 
+    ACTIVATIONS = {"silu": abi.SILU, "gelu_pytorch_tanh": abi.GELU_TANH}  # transformers' name → the C decoder's
+
     @staticmethod
     def runs(weights: ModelWeights) -> bool:
-        """Whether the C decoder computes this model: rotary positions, RMSNorms, SiLU-gated
-        MLPs, no biases except on the QKV projection (Qwen2), none of Gemma's, Mistral's or
-        Phi-3's additions (:attr:`ModelWeights.variants`: sliding windows, soft-capping, ...)."""
-        return (weights.positions is None and weights.activation == "silu" and not weights.variants
+        """Whether the C decoder computes this model: rotary positions (at most two tables),
+        RMSNorms, SiLU- or GELU(tanh)-gated MLPs, no biases except on the QKV projection (Qwen2);
+        Gemma's and Mistral's additions too (embedding scale, post-norms, QK-norm, per-layer
+        sliding windows and rotary tables, score soft-capping; the logits' cap is applied outside)."""
+        return (weights.positions is None and weights.activation in OneCallDecoder.ACTIVATIONS
                 and isinstance(weights.final_norm, RMSNorm)
+                and len({layer.rotary for layer in weights.layers}) <= 2
                 and all(layer.gated and isinstance(layer.attn_norm, RMSNorm) and isinstance(layer.mlp_norm, RMSNorm)
                         and layer.o.bias is None and layer.up.bias is None and layer.down.bias is None
                         for layer in weights.layers))
 
     def __init__(self, library: ctypes.CDLL, weights: ModelWeights):
         if not self.runs(weights):
-            raise ValueError("the one-call decoder runs Llama-style models only (RMSNorm, rotary, SiLU-gated MLP)")
+            raise ValueError("the one-call decoder runs Llama- and Gemma-style models only (RMSNorm, rotary, "
+                             "gated MLP)")
         self._library, self._weights = library, weights  # the weights: what the C structs point into
         self._matrices: list[MatrixStruct] = []  # and the C descriptions of stacked parts
         h = self.heads = weights.heads
         self.hidden = weights.embed.shape[1]
         self.num_layers = len(weights.layers)
         self.intermediate = weights.layers[0].down.weight.shape[1]
+        # the rotary tables a pass hands over, in this order (layer.rotary: which one a layer uses)
+        self.rotary_kinds: list[str | None] = sorted({layer.rotary for layer in weights.layers}, key=str)
         self._layers = (abi.DecoderLayer * self.num_layers)(*(self._layer(layer) for layer in weights.layers))
         self._pass = abi.DecoderPass(
             layers=ctypes.addressof(self._layers), num_layers=self.num_layers, hidden=self.hidden,
             intermediate=self.intermediate, embed=self._struct("embedding", weights.embed),
             final_norm=self._norm("final norm", weights.final_norm, self.hidden), final_eps=weights.final_norm.eps,
-            scale=h.scale, H=h.heads, KV=h.kv_heads, D=h.dim)
+            scale=h.scale, H=h.heads, KV=h.kv_heads, D=h.dim,
+            embed_scale=1.0 if weights.embed_scale is None else weights.embed_scale,
+            softcap=0.0 if h.softcap is None else h.softcap, activation=self.ACTIVATIONS[weights.activation])
 
     def _norm(self, name: str, norm: RMSNorm | None, width: int) -> int | None:
         return None if norm is None else abi.address(name, norm.weight, torch.float32, (width,))
@@ -426,41 +448,65 @@ class OneCallDecoder:
             self._matrix("o", layer.o, (hidden, h.heads * h.dim)),
             self._matrix("gate_up", layer.up, (2 * self.intermediate, hidden)),
             self._matrix("down", layer.down, (hidden, self.intermediate)),
+            self._norm("post-attention norm", layer.post_attn_norm, hidden),
+            self._norm("post-MLP norm", layer.post_mlp_norm, hidden),
+            layer.post_attn_norm.eps if layer.post_attn_norm else 0.0,
+            layer.post_mlp_norm.eps if layer.post_mlp_norm else 0.0,
+            layer.window or 0, self.rotary_kinds.index(layer.rotary),
         )
 
-    def __call__(self, tokens: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, past: int,
-                 tree_mask: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor, rope_rows: torch.Tensor,
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, sequences: Sequence[PassSequence],
+                 rotary: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
                  skip: frozenset[int] = frozenset()) -> torch.Tensor:
         """tokens [n] int64 → final hidden states [n, hidden] (after the final norm).
 
-        keys, values: [layers, kv_heads, capacity, head_dim], written after row ``past``;
-        tree_mask [n, n] bool; token i is rotated by row ``rope_rows[i]`` (int64) of the
-        tables ``cos_table``, ``sin_table`` [*, head_dim]. The values of ``tokens`` and
-        ``rope_rows`` index tables: they are the caller's to check (:class:`ModelRunner` does).
-        Layers in ``skip`` are left out: the hidden state passes them unchanged and their cache
-        rows are not written (self-speculation drafts).
+        The rows belong to ``sequences`` in order (sequence s has ``len(s.tree_mask)`` of them):
+        the matmuls run over all rows at once, attention per sequence over its own cache, whose
+        rows after ``past`` are written. One sequence is a single request's pass, several a batch
+        of requests; a row's result is the same bits either way. ``positions`` [n] int64: each
+        token's position (sliding windows). ``rotary``: per kind in :attr:`rotary_kinds`, the
+        tables (cos, sin) [*, head_dim] and ``rope_rows`` [n] int64: token i is rotated by row
+        ``rope_rows[i]``. The values of ``tokens`` and ``rope_rows`` index tables: they are the caller's to check
+        (:class:`ModelRunner` does). Layers in ``skip`` are left out: the hidden state passes them
+        unchanged and their cache rows are not written (self-speculation drafts).
         """
         h, n, call = self.heads, tokens.shape[0], self._pass
-        capacity = keys.shape[2]
-        if past + n > capacity:
-            raise ValueError(f"cache overflow: {past + n} rows needed, capacity {capacity}")
-        cache_shape = (self.num_layers, h.kv_heads, capacity, h.dim)
+        if sum(sequence.tree_mask.shape[0] for sequence in sequences) != n:
+            raise ValueError(f"the sequences' tree masks cover {sum(len(s.tree_mask) for s in sequences)} rows, "
+                             f"the pass has {n} tokens")
+        structs = (abi.DecoderSequence * len(sequences))()
+        masks = []  # contiguous copies (if any) stay referenced until the call returns
+        for index, sequence in enumerate(sequences):
+            keys, rows = sequence.keys, sequence.tree_mask.shape[0]
+            capacity = keys.shape[2]
+            if sequence.past + rows > capacity:
+                raise ValueError(f"cache overflow: {sequence.past + rows} rows needed, capacity {capacity}")
+            cache_shape = (self.num_layers, h.kv_heads, capacity, h.dim)
+            masks.append(sequence.tree_mask.contiguous())
+            structs[index] = abi.DecoderSequence(
+                abi.address("keys", keys, torch.float32, cache_shape),
+                abi.address("values", sequence.values, torch.float32, cache_shape), capacity, sequence.past, rows,
+                abi.address("tree mask", masks[-1], torch.bool, (rows, rows)))
         out = torch.empty(n, self.hidden)
         skipped = None
         if skip:
             skipped = torch.zeros(self.num_layers, dtype=torch.uint8)  # [layers] 1 = skipped
             skipped[list(skip)] = 1
-        # contiguous copies (if any) stay referenced until the call returns
-        tokens, rope_rows, tree_mask = tokens.contiguous(), rope_rows.contiguous(), tree_mask.contiguous()
+        if len(rotary) != len(self.rotary_kinds):
+            raise ValueError(f"the layers rotate with {len(self.rotary_kinds)} tables, {len(rotary)} given")
+        tokens, positions = tokens.contiguous(), positions.contiguous()
+        rotary = [(cos, sin, rows.contiguous()) for cos, sin, rows in rotary]  # kept alive until the call returns
         call.tokens = abi.address("tokens", tokens, torch.int64, (n,))
         call.n = n
-        call.cos_table = abi.address("cos table", cos_table, torch.float32, (cos_table.shape[0], h.dim))
-        call.sin_table = abi.address("sin table", sin_table, torch.float32, (sin_table.shape[0], h.dim))
-        call.rope_rows = abi.address("rotary rows", rope_rows, torch.int64, (n,))
-        call.keys = abi.address("keys", keys, torch.float32, cache_shape)
-        call.values = abi.address("values", values, torch.float32, cache_shape)
-        call.capacity, call.past = capacity, past
-        call.tree_mask = abi.address("tree mask", tree_mask, torch.bool, (n, n))
+        call.positions = abi.address("positions", positions, torch.int64, (n,))
+        for index in range(2):
+            cos, sin, rows = rotary[index] if index < len(rotary) else (None, None, None)
+            call.cos_tables[index] = None if cos is None else abi.address("cos table", cos, torch.float32,
+                                                                          (cos.shape[0], h.dim))
+            call.sin_tables[index] = None if sin is None else abi.address("sin table", sin, torch.float32,
+                                                                          (sin.shape[0], h.dim))
+            call.rope_rows[index] = None if rows is None else abi.address("rotary rows", rows, torch.int64, (n,))
+        call.sequences, call.num_sequences = structs, len(sequences)
         call.skip = None if skipped is None else abi.address("skipped layers", skipped, torch.uint8, (self.num_layers,))
         call.out = abi.address("output", out, torch.float32, (n, self.hidden))
         abi.check_status(self._library.freespec_forward_llama(ctypes.byref(call)), "the decoder pass")

@@ -298,20 +298,6 @@ class ModelWeights:
     embed_scale: float | None = None
     final_softcap: float | None = None
 
-    @property
-    def variants(self) -> list[str]:
-        """What this model adds to a Llama-style decoder (Gemma's, Mistral's and Phi-3's parts);
-        empty for Llama itself: the one-call C decoder computes only those."""
-        found = {
-            "embedding scale": self.embed_scale is not None,
-            "logit soft-capping": self.final_softcap is not None,
-            "score soft-capping": self.heads.softcap is not None,
-            "sliding windows": any(layer.window is not None for layer in self.layers),
-            "per-layer rotary tables": any(layer.rotary is not None for layer in self.layers),
-            "post-norms": any(layer.post_attn_norm is not None or layer.post_mlp_norm is not None
-                              for layer in self.layers),
-        }
-        return [name for name, present in found.items() if present]
 
 
 def repack(matrix: Matrix) -> Matrix:
@@ -319,10 +305,9 @@ def repack(matrix: Matrix) -> Matrix:
 
     GGUF Q4_1 and Q8_0 blocks become a :class:`PackedWeight` (their codes, as they lie, in one
     array, the block scales as fp32 in another: 0.75 and 1.125 bytes a weight instead of 0.625
-    and 1.0625; a copy of the codes, no arithmetic). On
-    this project's AVX2 machine a decoding step is bound by the arithmetic of decoding weights,
-    not by memory, and the packed kernels load fp32 scales instead of converting fp16 ones: SmolLM2-135M Q4_1's plain decoding ran 88 tokens/s with the blocks read in place,
-    103 with them re-packed (benchmarks/file_formats.py, docs/results.md). Every other matrix is
+    and 1.0625; a copy of the codes, no arithmetic). On this project's AVX2 machine a decoding
+    step is bound by the arithmetic of decoding weights, not by memory, and the packed kernels
+    load fp32 scales instead of converting fp16 ones (docs/kernels.md). Every other matrix is
     returned as it is; a :class:`Stacked` one part by part.
     """
     if isinstance(matrix, Stacked):

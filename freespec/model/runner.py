@@ -16,7 +16,8 @@ sliding window, if it has one, so the model's whole context is served.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import copy
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,7 @@ from freespec.kernels import (
     Kernels,
     LayerNorm,
     ModelWeights,
+    PassSequence,
     RMSNorm,
     Rotation,
 )
@@ -68,9 +70,45 @@ def check_pass(tokens: torch.Tensor, positions: torch.Tensor, tree_mask: torch.T
         raise ValueError(f"positions {min(where)}..{max(where)} are outside the model's context of {max_positions}")
 
 
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The parts concatenated along rows (one part as it is: no copy on the single-request path)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 def _post_norm(x: torch.Tensor, norm: RMSNorm | None) -> torch.Tensor:
     """A block's output normed before its residual add (Gemma 2 and 3), or as it is."""
     return x if norm is None else _norm(x, norm)
+
+
+class BatchPass(NamedTuple):
+    """One request's part of a batched pass (:func:`forward_batch`): its runner (whose cache the
+    rows go to) and the inputs :meth:`ModelRunner.forward` takes."""
+
+    runner: ModelRunner
+    tokens: torch.Tensor  # [q]
+    positions: torch.Tensor  # [q]
+    tree_mask: torch.Tensor  # [q, q]
+
+
+def forward_batch(passes: Sequence[BatchPass]) -> list[torch.Tensor]:
+    """Several requests' passes as one: final hidden states [q_i, hidden] for each.
+
+    The runners must be forks of one model (:meth:`ModelRunner.fork`): the matmuls run once over
+    every request's rows, attention per request over its own cache. Every kernel is
+    batch-invariant, so each request's result has the bits its own :meth:`ModelRunner.forward`
+    gives: that is the one-request case of the same code.
+    """
+    if not passes:
+        return []
+    first = passes[0].runner
+    if any(item.runner.weights is not first.weights or item.runner.kernels is not first.kernels for item in passes):
+        raise ValueError("a batched pass needs runners forked from one model (ModelRunner.fork)")
+    if len({id(item.runner.cache) for item in passes}) != len(passes):
+        raise ValueError("a batched pass takes each runner's cache once")
+    for item in passes:
+        check_pass(item.tokens, item.positions, item.tree_mask, frozenset(), first.num_layers, first.max_positions)
+    hidden = first._run([(item.runner.cache, item.tokens, item.positions, item.tree_mask) for item in passes])
+    return list(hidden.split([item.tokens.shape[0] for item in passes]))
 
 
 class PrefillCancelled(Exception):
@@ -106,6 +144,13 @@ class ModelRunner:
                            for kind in {layer.rotary for layer in weights.layers}}
         self._act = ACT2FN[weights.activation]
         self._decoder = kernels.decoder(weights)
+
+    def fork(self) -> ModelRunner:
+        """A runner of the same model (weights, kernels, tables shared) with an empty cache of its
+        own: one per request a server runs at once, their passes batched by :func:`forward_batch`."""
+        twin = copy.copy(self)
+        twin.cache = KVCache(self.num_layers, self.heads.kv_heads, self.heads.dim, self.max_positions)
+        return twin
 
     # -- the cache (see KVCache) -----------------------------------------------------------------
 
@@ -172,7 +217,7 @@ class ModelRunner:
             chunk = tokens[start : start + size]
             n = chunk.shape[0]
             causal = torch.ones(n, n, dtype=torch.bool).tril_()
-            hidden.append(self._run(chunk, torch.arange(length, length + n), causal))
+            hidden.append(self._run([(self.cache, chunk, torch.arange(length, length + n), causal)]))
             self.cache.commit(range(n))
             start += n
         return torch.cat(hidden) if hidden else torch.empty(0, self.weights.embed.shape[1])
@@ -190,47 +235,55 @@ class ModelRunner:
         are only good for further skipping passes; :meth:`truncate` drops them before verification.
         """
         check_pass(tokens, positions, tree_mask, skip, self.num_layers, self.max_positions)
-        return self._run(tokens, positions, tree_mask, skip=frozenset(skip))
+        return self._run([(self.cache, tokens, positions, tree_mask)], skip=frozenset(skip))
 
-    def _run(self, tokens: torch.Tensor, positions: torch.Tensor, tree_mask: torch.Tensor,
+    def _run(self, sequences: Sequence[tuple[KVCache, torch.Tensor, torch.Tensor, torch.Tensor]],
              skip: frozenset[int] = frozenset()) -> torch.Tensor:
-        """The pass, once the positions are known to be in range. Token ids index the embedding
-        table (in C by pointer): any outside it is refused here, before anything is written."""
-        cache = self.cache
-        end = cache.length + tokens.shape[0]
-        if end > cache.capacity:
-            raise ValueError(f"cache overflow: {end} rows needed, capacity {cache.capacity}")
-        ids = tokens.tolist()
-        if min(ids) < 0 or max(ids) >= self.vocab_rows:
-            bad = next(i for i in ids if not 0 <= i < self.vocab_rows)
-            raise ValueError(f"token id {bad} is out of range: this model's ids are 0..{self.vocab_rows - 1}")
-        cache.pending = [SKIPPED] * len(ids) if skip else ids
+        """The pass of one or several sequences (cache, tokens [q], positions [q], tree mask [q, q]),
+        once their positions are known to be in range: final hidden states [sum of q, hidden], the
+        sequences' rows in order. Token ids index the embedding table (in C by pointer): any
+        outside it is refused here, before anything is written."""
+        for cache, tokens, _, _ in sequences:
+            end = cache.length + tokens.shape[0]
+            if end > cache.capacity:
+                raise ValueError(f"cache overflow: {end} rows needed, capacity {cache.capacity}")
+            ids = tokens.tolist()
+            if min(ids) < 0 or max(ids) >= self.vocab_rows:
+                bad = next(i for i in ids if not 0 <= i < self.vocab_rows)
+                raise ValueError(f"token id {bad} is out of range: this model's ids are 0..{self.vocab_rows - 1}")
+        for cache, tokens, _, _ in sequences:
+            cache.pending = [SKIPPED] * tokens.shape[0] if skip else tokens.tolist()
         # the dtypes every path reads (the C decoder by pointer): any integer ids, any mask
-        tokens, positions, tree_mask = tokens.to(torch.int64), positions.to(torch.int64), tree_mask.to(torch.bool)
+        tokens = _joined([tokens for _, tokens, _, _ in sequences]).to(torch.int64)  # [n]
+        positions = _joined([positions for _, _, positions, _ in sequences]).to(torch.int64)  # [n]
+        masks = [tree_mask.to(torch.bool) for _, _, _, tree_mask in sequences]
         with torch.inference_mode():
             if self._decoder is not None:
-                cos_table, sin_table, rope_rows = self.rotary[None].rows(positions)
-                return self._decoder(tokens, cache.keys, cache.values, cache.length, tree_mask, cos_table, sin_table,
-                                     rope_rows, skip)
+                rotary = [self.rotary[kind].rows(positions) for kind in self._decoder.rotary_kinds]
+                parts = [PassSequence(cache.keys, cache.values, cache.length, mask)
+                         for (cache, _, _, _), mask in zip(sequences, masks)]
+                return self._decoder(tokens, positions, parts, rotary, skip)
             rotations = {}  # each rotary table's rotation of these tokens
             for kind, tables in self.rotary.items():
                 cos_table, sin_table, rope_rows = tables.rows(positions)
                 rotations[kind] = (cos_table[rope_rows], sin_table[rope_rows])  # [n, dim] each
-            attention = self.kernels.attention(cache.length, tree_mask, self.heads, positions)
-            return self._forward_per_op(tokens, positions, attention, rotations, skip)
+            attentions = [(cache, self.kernels.attention(cache.length, mask, self.heads,
+                                                           item_positions.to(torch.int64)))
+                          for (cache, _, item_positions, _), mask in zip(sequences, masks)]
+            return self._forward_per_op(tokens, positions, attentions, rotations, skip)
 
-    def _forward_per_op(self, tokens: torch.Tensor, positions: torch.Tensor, attention: Attention,
-                        rotations: dict[str | None, Rotation], skip: frozenset[int]) -> torch.Tensor:
+    def _forward_per_op(self, tokens: torch.Tensor, positions: torch.Tensor,
+                        attentions: Sequence[tuple[KVCache, Attention]], rotations: dict[str | None, Rotation],
+                        skip: frozenset[int]) -> torch.Tensor:
         """The pass one operation at a time, in Python: what the one-call C decoder does in C.
 
         Needed where that decoder does not run: GPT-2 (learned positions, LayerNorm, plain MLP),
-        Gemma (scaled embeddings, GeGLU, post-norms, sliding windows, soft-capping), models with
-        sliding windows (Mistral, Phi-3), Llama-style models it does not cover (another
-        activation, biases beyond the QKV projection), and any model on torch's kernels (no C
-        compiler or no AVX2). Every matmul and the attention go through the backend, so with the
+        models it does not cover (another activation, biases beyond the QKV projection, more
+        than two rotary tables), and any model on torch's kernels (no C compiler or no AVX2). Every matmul and the attention go through the backend, so with the
         C kernels the pass is batch-invariant too; its norms and activation are torch's
         (row-wise and element-wise), so its bits can differ from the one-call decoder's (a
         model always runs one of the two). ``rotations``: each rotary table's (cos, sin) [n, dim].
+        ``attentions``: each sequence's cache and attention, its rows following the previous one's.
         """
         weights, linear = self.weights, self.kernels.linear
         h = self.kernels.embed(weights.embed, tokens)  # [n, hidden]
@@ -244,8 +297,7 @@ class ModelRunner:
             qkv = linear(_norm(h, layer.attn_norm), layer.qkv.weight, layer.qkv.bias)  # [n, (heads + 2 kv_heads) dim]
             if layer.q_norm is not None:
                 qkv = self._norm_queries_and_keys(qkv, layer.q_norm, layer.k_norm)
-            attended = attention(qkv, self.cache.keys[index], self.cache.values[index], rotations.get(layer.rotary),
-                                 layer.window)  # [n, heads * dim]
+            attended = self._attend(qkv, attentions, index, rotations.get(layer.rotary), layer.window)
             h = h + _post_norm(linear(attended, layer.o.weight, layer.o.bias), layer.post_attn_norm)
             up = linear(_norm(h, layer.mlp_norm), layer.up.weight, layer.up.bias)
             if layer.gated:
@@ -255,6 +307,19 @@ class ModelRunner:
                 activated = self._act(up)
             h = h + _post_norm(linear(activated, layer.down.weight, layer.down.bias), layer.post_mlp_norm)
         return _norm(h, weights.final_norm)
+
+    @staticmethod
+    def _attend(qkv: torch.Tensor, attentions: Sequence[tuple[KVCache, Attention]], layer: int,
+                rotation: Rotation | None, window: int | None) -> torch.Tensor:
+        """qkv [n, (heads + 2 kv_heads) dim] → [n, heads * dim]: each sequence's rows attend over
+        its own cache's rows of ``layer``."""
+        parts, start = [], 0
+        for cache, attention in attentions:
+            end = start + attention.n
+            rows = None if rotation is None else (rotation[0][start:end], rotation[1][start:end])
+            parts.append(attention(qkv[start:end], cache.keys[layer], cache.values[layer], rows, window))
+            start = end
+        return _joined(parts)
 
     def _norm_queries_and_keys(self, qkv: torch.Tensor, q_norm: RMSNorm, k_norm: RMSNorm) -> torch.Tensor:
         """Qwen3's and Gemma 3's per-head RMSNorm of queries and keys, before the rotary embedding."""

@@ -2,3 +2,4 @@
 
 # here, not in the scheduler, so that the command line shows it without importing torch
 DEFAULT_PREFIX_CACHE_MB = 512  # about 11,000 prompt tokens of SmolLM2-135M (46 KB a row)
+DEFAULT_MAX_BATCH = 16  # requests on the model at once, their steps batched into one forward pass

@@ -2,7 +2,8 @@
 
 The event loop (FastAPI on uvicorn) checks requests (:mod:`freespec.serve.schemas`), encodes
 prompts and streams answers; the model runs on one generation thread
-(:mod:`freespec.serve.scheduler`) that takes requests in arrival order from a bounded queue. A
+(:mod:`freespec.serve.scheduler`) that takes requests in arrival order from a bounded queue and
+runs up to ``max_batch`` of them at once, batched into each forward pass. A
 fault inside freespec is a 500 for that request only (its details go to the log, not the client),
 and the server keeps serving.
 
@@ -42,7 +43,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from freespec.api import Model
 from freespec.drafters import FACTORIES, check_name
-from freespec.serve import DEFAULT_PREFIX_CACHE_MB
+from freespec.serve import DEFAULT_MAX_BATCH, DEFAULT_PREFIX_CACHE_MB
 from freespec.serve.metrics import ServerMetrics
 from freespec.serve.scheduler import (
     Delta,
@@ -185,7 +186,8 @@ class Service:
     """
 
     def __init__(self, model: Model, served_name: str, drafter: str, drafters: Sequence[str], max_tokens: int,
-                 max_queue: int, prefix_reuse: bool, request_timeout: float | None, prefix_cache_mb: float):
+                 max_queue: int, prefix_reuse: bool, request_timeout: float | None, prefix_cache_mb: float,
+                 max_batch: int = DEFAULT_MAX_BATCH):
         self.model, self.served_name, self.max_tokens = model, served_name, max_tokens
         self.drafter = canonical_drafter(drafter)
         self.drafters = tuple(dict.fromkeys([self.drafter, *map(canonical_drafter, drafters)]))
@@ -196,7 +198,7 @@ class Service:
         self._encoding = threading.Lock()  # a fast tokenizer must not encode twice at once
         decoder = copy.deepcopy(model.tokenizer)  # the generation thread's own: encoding never holds it up
         self.scheduler = Scheduler(model, max_queue, lambda ids: decoder.decode(ids, skip_special_tokens=True),
-                                   prefix_reuse, request_timeout, prefix_cache_mb)
+                                   prefix_reuse, request_timeout, prefix_cache_mb, max_batch)
         self.metrics = self.scheduler.metrics
 
     def start(self) -> None:
@@ -341,31 +343,36 @@ async def _watch_disconnect(request: Request, job: Job) -> None:
 def create_app(model: Model, *, served_name: str | None = None, drafter: str = "recycling",
                drafters: Sequence[str] = ("none",), max_tokens: int = 256, max_queue: int = 64,
                api_keys: Sequence[str] = (), max_body_bytes: int = 1 << 20, prefix_reuse: bool = True,
-               request_timeout: float | None = None, prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB) -> FastAPI:
+               request_timeout: float | None = None, prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB,
+               max_batch: int = DEFAULT_MAX_BATCH) -> FastAPI:
     """The ASGI app serving ``model``; its generation thread runs while the app's lifespan does.
 
     ``drafters``: the drafters a request may name besides ``drafter`` (each is built once and kept).
     ``api_keys``: any of them opens the API; each key is a tenant of its own. ``prefix_reuse``:
     let a request reuse the prompt rows of its tenant's earlier requests; ``prefix_cache_mb``: the
     memory those rows may take (0: only the previous request's). ``request_timeout``: seconds from
-    arrival after which a request is stopped (504), queueing and prefill included.
+    arrival after which a request is stopped (504), queueing and prefill included. ``max_batch``:
+    requests generating at once, each forward pass carrying a step of each (their answers are the
+    same as alone: the kernels are batch-invariant).
     """
     return build_app(create_service(model, served_name=served_name, drafter=drafter, drafters=drafters,
                                     max_tokens=max_tokens, max_queue=max_queue, prefix_reuse=prefix_reuse,
-                                    request_timeout=request_timeout, prefix_cache_mb=prefix_cache_mb),
+                                    request_timeout=request_timeout, prefix_cache_mb=prefix_cache_mb,
+                                    max_batch=max_batch),
                      api_keys=api_keys, max_body_bytes=max_body_bytes)
 
 
 def create_service(model: Model, *, served_name: str | None = None, drafter: str = "recycling",
                    drafters: Sequence[str] = ("none",), max_tokens: int = 256, max_queue: int = 64,
                    prefix_reuse: bool = True, request_timeout: float | None = None,
-                   prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB) -> Service:
+                   prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB, max_batch: int = DEFAULT_MAX_BATCH) -> Service:
     """The :class:`Service` of :func:`create_app` (its options), checked; not started."""
-    for name, value in (("max_tokens", max_tokens), ("max_queue", max_queue), ("request_timeout", request_timeout)):
+    for name, value in (("max_tokens", max_tokens), ("max_queue", max_queue), ("request_timeout", request_timeout),
+                        ("max_batch", max_batch)):
         if value is not None and value <= 0:
             raise ValueError(f"{name} must be positive, got {value}")
     return Service(model, served_name or model.name, drafter, drafters, max_tokens, max_queue, prefix_reuse,
-                   request_timeout, prefix_cache_mb)
+                   request_timeout, prefix_cache_mb, max_batch)
 
 
 class Serving(Protocol):

@@ -228,8 +228,10 @@ class ServerMetrics:
                        "token included (plain decoding: 1).", self._mean_accepted, ("drafter",))
         registry.gauge("freespec_queue_depth", "Requests admitted and waiting for the model (being tokenized "
                        "or queued).", lambda: {(): depth()})
-        registry.gauge("freespec_requests_running", "Requests on the model (0 or 1 per model copy).",
-                       lambda: {(): running()})
+        registry.gauge("freespec_requests_running", "Requests on the model (up to --max-batch, their steps "
+                       "batched into each forward pass).", lambda: {(): running()})
+        self.pass_requests = registry.histogram("freespec_pass_requests", "Requests whose steps a forward pass "
+                                                "carried (continuous batching).", buckets=(1, 2, 4, 8, 16, 32, 64))
         self.queue_wait = registry.histogram("freespec_queue_wait_seconds", "Time from arrival to the start of "
                                              "generation.")
         self.first_token = registry.histogram("freespec_time_to_first_token_seconds",

@@ -61,7 +61,7 @@ log = logging.getLogger(__name__)
 
 LOAD_OPTIONS = ("model", "threads", "tree_shape", "datastore", "draft_model")  # freespec.load's
 SERVICE_OPTIONS = ("served_name", "drafter", "drafters", "max_tokens", "max_queue", "prefix_reuse",
-                   "request_timeout", "prefix_cache_mb")  # freespec.serve.app.create_service's
+                   "request_timeout", "prefix_cache_mb", "max_batch")  # freespec.serve.app.create_service's
 APP_OPTIONS = ("replicas", "api_keys", "max_body_bytes")
 AFFINITY_WAIT_S = 2.0  # how long a request waits for its conversation's replica to answer Serve's probe
 

@@ -1,16 +1,21 @@
-"""The server's generation thread: one bounded FIFO queue, one request on the model at a time.
+"""The server's generation thread: one bounded FIFO queue, continuous batching on the model.
 
-A :class:`~freespec.api.Model` owns one KV cache, so requests run one after another on a single
-thread, off the event loop. Each :class:`Job` carries an asyncio queue that receives its events
-(``Started``, text ``Delta``s, then exactly one ``Finished`` or ``Failed``), posted thread-safely
-to the loop that submitted it.
+Up to ``max_batch`` requests run at once, each on a :class:`Slot` of its own (a fork of the model:
+its own KV cache and drafters, :meth:`freespec.api.Model.fork`); every forward pass carries the
+next step of each of them (:class:`freespec.engine.batch.Batch`). Requests join and leave between
+passes, long prompts are prefilled in chunks between the others' decoding steps, and since the
+kernels are batch-invariant a request's answer is the same bits whatever runs beside it. A model
+on transformers' forward (not batch-invariant, no fork) runs one request at a time. Each
+:class:`Job` carries an asyncio queue that receives its events (``Started``, text ``Delta``s, then
+exactly one ``Finished`` or ``Failed``), posted thread-safely to the loop that submitted it.
 
 Admission takes a queue slot (:meth:`Scheduler.reserve`) before the prompt is tokenized, so
-requests being tokenized count against ``max_queue`` too. A job stops at the next prefill chunk or
-decoded chunk once its client leaves, its deadline passes or the server closes; one that has not
-started is skipped. A request reuses the cache rows of earlier prompts of its own tenant (API key)
-only: the rows the previous request left when it came from the same tenant, and the prefixes
-its tenant's earlier requests filed in the :class:`~freespec.model.prefix_cache.PrefixCache`, so
+requests being tokenized count against ``max_queue`` too. Before every pass a job whose client
+left, whose deadline passed or whose server is closing is ended and its slot freed; one that has
+not started is skipped. A fault in one request fails that request only: the others' passes go on.
+A request reuses the cache rows of earlier prompts of its own tenant (API key) only: the rows the
+previous request on its slot left when it came from the same tenant, and the prefixes its
+tenant's earlier requests filed in the :class:`~freespec.model.prefix_cache.PrefixCache`, so
 nothing of one client's prompt shows in another's ``cached_tokens`` or prefill time.
 """
 
@@ -27,10 +32,11 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from freespec.api import Model
-from freespec.engine.loop import GenerationStats
+from freespec.engine.batch import Batch, Running
+from freespec.engine.loop import Generation, GenerationStats
 from freespec.model.prefix_cache import PrefixCache
-from freespec.model.runner import PrefillCancelled
-from freespec.serve import DEFAULT_PREFIX_CACHE_MB
+from freespec.model.runner import ModelRunner, PrefillCancelled
+from freespec.serve import DEFAULT_MAX_BATCH, DEFAULT_PREFIX_CACHE_MB
 from freespec.serve.metrics import ServerMetrics
 from freespec.serve.textstream import TextStream
 
@@ -132,37 +138,72 @@ class Unavailable(Exception):
     """The server takes no more requests: it is shutting down, or its generation thread has died."""
 
 
+class Slot:
+    """A copy of the model one request runs on at a time: its own KV cache and drafters, and
+    the tenant whose rows its cache holds."""
+
+    def __init__(self, model: Model):
+        self.model = model
+        self.tenant: object = _NOBODY
+
+    def drop_rows(self, tenant: object) -> None:
+        """Empty its caches, which then belong to ``tenant``."""
+        for runner in (self.model.runner, self.model.draft_runner):
+            if runner is not None:
+                runner.reset(0)
+        self.tenant = tenant
+
+
+@dataclass(eq=False)
+class Active:
+    """A job on the model: its slot, generation and text so far."""
+
+    job: Job
+    slot: Slot
+    generation: Generation
+    text: TextStream
+    request: Running
+    answered: bool = False  # whether text has been sent
+
+
 class Scheduler:
-    """Runs jobs FIFO on one thread; at most ``max_queue`` wait (tokenizing or queued) behind the running one.
+    """Runs up to ``max_batch`` jobs at once, batched; at most ``max_queue`` wait (tokenizing or queued).
 
     ``prefix_reuse``: let a request reuse cache rows of its tenant's earlier prompts (off: every
     request prefills its whole prompt); ``prefix_cache_mb``: memory for the rows of earlier
-    requests' prompts (0: only the previous request's rows are reused). Reuse needs batch-invariant
-    kernels (see :meth:`freespec.model.runner.ModelRunner.reuse`): with torch's it stays off.
-    ``request_timeout``: seconds from arrival after which a job is stopped and fails with 504
-    (None: no deadline).
+    requests' prompts (0: only the rows the previous request on the same slot left are reused).
+    Reuse needs batch-invariant kernels (see :meth:`freespec.model.runner.ModelRunner.reuse`): with
+    torch's it stays off, and so does batching. ``request_timeout``: seconds from arrival after
+    which a job is stopped and fails with 504 (None: no deadline). ``share_budget``: let the
+    batch choose each request's draft size (:mod:`freespec.engine.batch`).
     """
 
     def __init__(self, model: Model, max_queue: int, decode: Callable[[list[int]], str],
                  prefix_reuse: bool = True, request_timeout: float | None = None,
-                 prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB):
+                 prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB, max_batch: int = DEFAULT_MAX_BATCH,
+                 share_budget: bool = True):
         if prefix_cache_mb < 0:
             raise ValueError(f"prefix_cache_mb must be >= 0, got {prefix_cache_mb}")
+        if max_batch <= 0:
+            raise ValueError(f"max_batch must be positive, got {max_batch}")
         self.model = model
         self._decode = decode
         self.max_queue = max_queue
+        batchable = isinstance(model.runner, ModelRunner) and model.runner.kernels.batch_invariant
+        self.max_batch = max_batch if batchable else 1
         self.prefix_reuse = prefix_reuse and model.runner.kernels.batch_invariant
         self.prefixes = PrefixCache(int(prefix_cache_mb * 2**20)) if self.prefix_reuse and prefix_cache_mb else None
         self.request_timeout = request_timeout
+        self.batch = Batch(share=share_budget)
         self._queue: queue.Queue[Job | None] = queue.Queue()  # bounded by the slots
         self._lock = threading.Lock()
         self._waiting = 0  # slots taken: jobs being tokenized or queued
         self._closed: str | None = None  # why no more requests are taken
-        self._running = 0
-        self._current: Job | None = None
-        self._cache_tenant: object = _NOBODY  # whose prompt rows the model's cache holds
+        self._active: list[Active] = []  # the jobs on the model (the generation thread's; read under the lock)
+        self._slots = [Slot(model)]  # the model itself first: one client runs as it always has
+        self._idle = list(self._slots)
         self._recent_seconds = 1.0  # moving mean of request time, for Retry-After
-        self.metrics = ServerMetrics(lambda: self.depth, lambda: self._running, self.prefixes)
+        self.metrics = ServerMetrics(lambda: self.depth, lambda: len(self._active), self.prefixes)
         self._thread = threading.Thread(target=self._loop, name="freespec-generation", daemon=True)
 
     def start(self) -> None:
@@ -185,8 +226,8 @@ class Scheduler:
             if self._closed is not None or not self.alive:
                 raise Unavailable(self._closed or "the generation thread is not running")
             if self._waiting >= self.max_queue:
-                depth = self._waiting + self._running
-                raise QueueFull(max(1, min(60, math.ceil(depth * self._recent_seconds))))
+                ahead = self._waiting + len(self._active)
+                raise QueueFull(max(1, min(60, math.ceil(ahead / self.max_batch * self._recent_seconds))))
             self._waiting += 1
 
     def release(self) -> None:
@@ -211,8 +252,8 @@ class Scheduler:
         gets an error event), so that connections finish instead of holding up a shutdown."""
         with self._lock:
             self._closed = self._closed or reason
-            if (current := self._current) is not None:
-                current.cancel("shutdown")  # the thread ends it at its next chunk
+            for active in self._active:
+                active.job.cancel("shutdown")  # the thread ends it before its next pass
         while True:
             try:
                 job = self._queue.get_nowait()
@@ -222,11 +263,11 @@ class Scheduler:
                 self.release()
                 job.cancel("shutdown")
                 self._end(job, Failed(503, self._closed))
+        self._queue.put(None)  # wakes the thread if it waits for work
 
     def stop(self) -> None:
         """Close, then end the thread."""
         self.close()
-        self._queue.put(None)
         self._thread.join(timeout=30)
 
     # -------------------------------------------------------- the generation thread
@@ -234,36 +275,152 @@ class Scheduler:
     def _loop(self) -> None:
         job = None
         try:
-            while (job := self._queue.get()) is not None:
-                self.release()
-                self._end(job, self._serve(job))
-        except BaseException:  # not a request's fault (those end in _serve): the thread cannot go on
+            while True:
+                while len(self._active) < self.max_batch:  # join between passes
+                    try:
+                        job = self._queue.get(block=not self._active)
+                    except queue.Empty:
+                        break
+                    if job is None:
+                        if self._closed is not None:
+                            self._stop_all()
+                            return
+                        continue
+                    self.release()
+                    self._start(job)
+                    job = None
+                for active in [active for active in self._active if active.job.should_stop()]:
+                    self._finish(active)  # leave between passes: the client left, too late, or closing
+                if self._active:
+                    self._step()
+        except BaseException:  # not a request's fault (those end in _deliver): the thread cannot go on
             log.critical("the generation thread stopped", exc_info=True)
             if job is not None:
                 self._end(job, _internal_error(job))
+            for active in list(self._active):
+                self._leave(active, _internal_error(active.job), keep_rows=False)
             self.close("the generation thread has stopped; restart the server (its log says why)")
 
-    def _serve(self, job: Job) -> Finished | Failed:
-        """Run one job unless it is already over; return the event that ends it."""
+    def _step(self) -> None:
+        """One pass for every active job, then what it brought them. The batch sets each request's
+        own faults on it; anything else that goes wrong in it fails the jobs of that pass only."""
+        self.metrics.pass_requests.observe(len(self._active))
+        try:
+            self.batch.step([active.request for active in self._active])
+        except Exception as error:
+            for active in self._active:
+                active.request.error = error
+        for active in list(self._active):
+            self._deliver(active)
+
+    def _stop_all(self) -> None:
+        for active in list(self._active):
+            active.job.cancel("shutdown")
+            self._finish(active)
+
+    def _start(self, job: Job) -> None:
+        """Put a job on the model unless it is already over (then end it)."""
+        if self._closed is not None:
+            job.cancel("shutdown")
+        if job.should_stop():
+            skipped = GenerationStats(prompt_tokens=len(job.prompt_ids))
+            self._end(job, self._stopped(job) or Finished("", [], "cancelled", skipped, job.drafter))
+            return
+        slot = self._slot_for(job)
+        try:
+            generation = slot.model.stream(prompt_ids=job.prompt_ids, max_new_tokens=job.max_tokens,
+                                           drafter=job.drafter, reuse_prefix=self.prefix_reuse,
+                                           should_stop=job.should_stop, tenant=job.tenant, **job.sampling)
+        except ValueError as error:
+            self._idle.append(slot)
+            self._end(job, Failed(400, str(error)))
+            return
+        except Exception:
+            log.exception("request %s failed", job.id)
+            slot.drop_rows(_NOBODY)
+            self._idle.append(slot)
+            self._end(job, _internal_error(job))
+            return
+        waited = time.perf_counter() - job.arrived
+        self.metrics.queue_wait.observe(waited)
+        job.post(Started(waited))
+        active = Active(job, slot, generation, TextStream(self._decode, job.stops), Running(generation))
         with self._lock:
+            self._active.append(active)
             if self._closed is not None:
                 job.cancel("shutdown")
-            elif not job.should_stop():
-                self._running, self._current = 1, job
-        if self._current is not job:
-            skipped = GenerationStats(prompt_tokens=len(job.prompt_ids))
-            return self._stopped(job) or Finished("", [], "cancelled", skipped, job.drafter)
-        try:
-            end = self._run(job)
-            self._file_rows()
-            return end
-        except Exception:  # a fault in freespec: report it, keep serving
-            log.exception("request %s failed", job.id)
-            self._drop_rows(_NOBODY)  # whatever the fault left in the cache is not filed away
-            return _internal_error(job)
-        finally:
-            with self._lock:
-                self._running, self._current = 0, None
+
+    def _slot_for(self, job: Job) -> Slot:
+        """An idle slot for ``job``, best one whose cache holds its tenant's rows (a new fork when
+        none is idle), its cache emptied unless it does, then loaded with the longest prefix of the
+        prompt its tenant has filed, if longer than what is left."""
+        if not self._idle:
+            self._idle.append(self._new_slot())
+        slot = next((slot for slot in self._idle if slot.tenant == job.tenant), self._idle[0])
+        self._idle.remove(slot)
+        if slot.tenant != job.tenant:
+            slot.drop_rows(job.tenant)
+        if self.prefixes is not None:
+            self.prefixes.load(slot.model.runner.cache, job.prompt_ids, job.tenant)
+        return slot
+
+    def _new_slot(self) -> Slot:
+        slot = Slot(self.model.fork())
+        self._slots.append(slot)
+        return slot
+
+    def _deliver(self, active: Active) -> None:
+        """Pass on what the last pass brought a job; end it if it is done or failed."""
+        job, request, text = active.job, active.request, active.text
+        if request.error is not None:
+            self._fail(active, request.error)
+            return
+        if request.emitted:
+            delta = text.push(request.emitted)
+            if delta:
+                if not active.answered:
+                    self.metrics.first_token.observe(time.perf_counter() - job.arrived)
+                    active.answered = True
+                job.post(Delta(delta))
+        if text.stopped or active.generation.done:
+            self._finish(active)
+
+    def _fail(self, active: Active, error: Exception) -> None:
+        job = active.job
+        if isinstance(error, PrefillCancelled):  # job.should_stop() said so
+            self._finish(active)
+        elif isinstance(error, ValueError) and not active.answered:  # its own values, e.g. an overflowing temperature
+            self._leave(active, Failed(400, str(error)), keep_rows=False)
+        else:  # a fault in freespec: report it, keep serving the others
+            log.error("request %s failed", job.id, exc_info=(type(error), error, error.__traceback__))
+            self._leave(active, _internal_error(job), keep_rows=False)
+
+    def _finish(self, active: Active) -> None:
+        """End a job that finished or was stopped, with what it generated."""
+        job, generation, text = active.job, active.generation, active.text
+        if stopped := self._stopped(job):
+            end = dataclasses.replace(stopped, stats=generation.stats, drafter=job.drafter)
+        else:
+            if not text.stopped and (delta := text.finish()):
+                job.post(Delta(delta))
+            reason = "cancelled" if job.cancelled else "stop" if text.stopped else generation.finish_reason
+            end = Finished(text.text, generation.token_ids, reason, generation.stats, job.drafter)
+        self.metrics.record(job.drafter, generation.stats)
+        self._leave(active, end, keep_rows=True)
+
+    def _leave(self, active: Active, end: Finished | Failed, keep_rows: bool) -> None:
+        """Take a job off the model, file its rows (its prompt and answer) under its tenant before
+        its client hears the end (so /metrics already counts them), free its slot, tell its client.
+        A fault's rows are dropped: whatever it left in the cache is not filed away."""
+        with self._lock:
+            self._active.remove(active)
+        slot = active.slot
+        if not keep_rows:
+            slot.drop_rows(_NOBODY)
+        elif self.prefixes is not None and slot.tenant is not _NOBODY:
+            self.metrics.prefix_evicted.inc(self.prefixes.save(slot.model.runner.cache, slot.tenant))
+        self._idle.insert(0, slot)  # warmest first
+        self._end(active.job, end)
 
     def _stopped(self, job: Job) -> Failed | None:
         """The failure that ends a job stopped by the server, None when it ended otherwise."""
@@ -280,69 +437,6 @@ class Scheduler:
         if self.metrics.count_end(job.endpoint, outcome(end), elapsed) == "success":
             self._recent_seconds = 0.8 * self._recent_seconds + 0.2 * elapsed
         job.post(end)
-
-    def _drop_rows(self, tenant: object) -> None:
-        """Empty the models' caches, which then belong to ``tenant``."""
-        for runner in (self.model.runner, self.model.draft_runner):
-            if runner is not None:
-                runner.reset(0)
-        self._cache_tenant = tenant
-
-    def _prepare_cache(self, job: Job) -> None:
-        """Drop the rows the previous request left unless ``job`` comes from the same tenant
-        (cached_tokens and prefill time then say nothing of another client's prompt), then load
-        the longest prefix of ``job``'s prompt its tenant has filed, if longer than what is left."""
-        if job.tenant != self._cache_tenant:
-            self._drop_rows(job.tenant)
-        if self.prefixes is not None:
-            self.prefixes.load(self.model.runner.cache, job.prompt_ids, job.tenant)
-
-    def _file_rows(self) -> None:
-        """File the rows a request left (its prompt and answer) under its tenant, before its client
-        hears the end, so /metrics already counts them."""
-        if self.prefixes is not None and self._cache_tenant is not _NOBODY:
-            self.metrics.prefix_evicted.inc(self.prefixes.save(self.model.runner.cache, self._cache_tenant))
-
-    def _run(self, job: Job) -> Finished | Failed:
-        """Generate one job, posting its progress; return the event that ends it."""
-        self._prepare_cache(job)
-        try:
-            generation = self.model.stream(prompt_ids=job.prompt_ids, max_new_tokens=job.max_tokens,
-                                           drafter=job.drafter, reuse_prefix=self.prefix_reuse,
-                                           should_stop=job.should_stop, tenant=job.tenant, **job.sampling)
-        except ValueError as error:
-            return Failed(400, str(error))
-        waited = time.perf_counter() - job.arrived
-        self.metrics.queue_wait.observe(waited)
-        job.post(Started(waited))
-        text = TextStream(self._decode, job.stops)
-        chunks = iter(generation)
-        first = True
-        try:
-            for chunk in chunks:
-                delta = text.push(chunk)
-                if delta:
-                    if first:
-                        self.metrics.first_token.observe(time.perf_counter() - job.arrived)
-                        first = False
-                    job.post(Delta(delta))
-                if text.stopped or job.should_stop():
-                    break
-        except PrefillCancelled:
-            pass  # job.should_stop() said so
-        except ValueError as error:  # the request's own values, e.g. a temperature that overflows the logits
-            if not first:
-                raise
-            return Failed(400, str(error))
-        finally:
-            chunks.close()  # ends the generation where it is
-        self.metrics.record(job.drafter, generation.stats)
-        if stopped := self._stopped(job):
-            return dataclasses.replace(stopped, stats=generation.stats, drafter=job.drafter)
-        if not text.stopped and (delta := text.finish()):
-            job.post(Delta(delta))
-        reason = "cancelled" if job.cancelled else "stop" if text.stopped else generation.finish_reason
-        return Finished(text.text, generation.token_ids, reason, generation.stats, job.drafter)
 
 
 def _internal_error(job: Job) -> Failed:

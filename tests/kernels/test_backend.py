@@ -129,7 +129,7 @@ def test_the_ctypes_declarations_mirror_the_header(tmp_path):
     """Argument counts, struct fields, their order and their offsets agree with the C compiler's."""
     declared = {name: len(arguments) for name, (_, arguments) in abi.SIGNATURES.items()}
     assert _header_functions() == declared
-    structs = (abi.Matrix, abi.DecoderLayer, abi.DecoderPass)
+    structs = (abi.Matrix, abi.DecoderLayer, abi.DecoderSequence, abi.DecoderPass)
     lines = [f'printf("%zu\\n", sizeof({s.__name__}));' for s in structs]
     lines += [f'printf("%zu\\n", offsetof({s.__name__}, {field}));' for s in structs for field, _ in s._fields_]
     program = "#include <stddef.h>\n#include <stdio.h>\n#include \"freespec.h\"\nint main(void) {\n" \

@@ -55,6 +55,12 @@ def test_logits_match_transformers_past_the_window(family, backend, c_kernels):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_runs_in_the_one_call_decoder(family, c_kernels):
+    """Windows, soft-caps, post-norms, GeGLU, scaled embeddings, two rotary tables: all in C."""
+    assert runner_for(tiny_model(family), c_kernels)._decoder is not None
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_plain_greedy_equals_transformers_generate(family):
     """Across the window and, for LongRoPE, across its switch to the long factors at position 64
     (transformers' step-by-step generation uses the factors of the length reached, as we do)."""

@@ -109,7 +109,8 @@ def read_events(response, seconds: float) -> list[str]:
 def test_stopping_the_server_ends_open_answers_at_once(long_model_dir, caplog):
     """A stream gets an error event and [DONE], a waiting request a 503, and the server is down in
     well under the 5 s graceful timeout (which it used to wait out, then cut the stream mid-send)."""
-    server = BackgroundServer(create_app(freespec.load(str(long_model_dir)), served_name="tiny", drafter="none"))
+    server = BackgroundServer(create_app(freespec.load(str(long_model_dir)), served_name="tiny", drafter="none",
+                                         max_batch=1))  # the second request waits in the queue
     url = server.__enter__()
     connection, response = open_stream(url, {"messages": [{"role": "user", "content": "w5"}], "max_tokens": 4000},
                                        timeout=10)

@@ -121,12 +121,18 @@ def test_a_fault_leaves_nothing_behind_for_the_next_request(tiny_model_dir, refe
         if kwargs["max_new_tokens"] != 13:
             return generation
 
-        def chunks():
-            for chunk in generation:
-                yield chunk
+        take = generation.take
+
+        def faulty_take(*arguments):  # one chunk, then the fault
+            generated = len(generation.token_ids)
+            emitted = take(*arguments)
+            if generated:
                 faults.append(1)
                 raise RuntimeError("simulated fault")
-        return chunks()
+            return emitted
+
+        generation.take = faulty_take
+        return generation
 
     model.stream = faulty_stream
     with BackgroundServer(app) as url:

@@ -408,11 +408,17 @@ def test_a_fault_in_the_engine_fails_that_request_only(tiny_model_dir, caplog):
         if kwargs["max_new_tokens"] != 13:
             return generation
 
-        def chunks():  # one chunk, then the fault
-            for chunk in generation:
-                yield chunk
+        take = generation.take
+
+        def faulty_take(*arguments):  # one chunk, then the fault
+            generated = len(generation.token_ids)
+            emitted = take(*arguments)
+            if generated:
                 raise RuntimeError("simulated fault")
-        return chunks()
+            return emitted
+
+        generation.take = faulty_take
+        return generation
 
     model.stream = faulty_stream
     with BackgroundServer(app) as url:

@@ -75,7 +75,8 @@ void freespec_rope_store(const float *qkv, const float *cos, const float *sin, f
                          int64_t capacity, int64_t start, int64_t n, int64_t H, int64_t KV, int64_t D,
                          float *q_out);
 
-/* One Llama-style decoder layer: RMSNorms (weight [hidden], or per head [D]) and its matrices. */
+/* One Llama-style decoder layer: RMSNorms (weight [hidden], or per head [D]) and its matrices,
+ * with Gemma's and Mistral's additions where set. */
 typedef struct {
     const float *attn_norm, *mlp_norm, *q_norm, *k_norm; /* q_norm, k_norm: per-head [D] or NULL */
     float attn_eps, mlp_eps, q_eps, k_eps;
@@ -83,10 +84,26 @@ typedef struct {
     Matrix o;       /* [hidden, H D] */
     Matrix gate_up; /* [2 intermediate, hidden]: rows [gate | up] */
     Matrix down;    /* [hidden, intermediate] */
+    const float *post_attn_norm, *post_mlp_norm; /* [hidden] or NULL: Gemma 2/3 norm each block's output */
+    float post_attn_eps, post_mlp_eps;
+    int64_t window; /* sliding window: a query at position p sees keys at p - window + 1 .. p; 0: all */
+    int64_t rotary; /* the rotary table it rotates with: 0 or 1 (Gemma 3: one for local, one for global layers) */
 } DecoderLayer;
 
+enum { FREESPEC_SILU = 0, FREESPEC_GELU_TANH = 1 }; /* the gated MLP's activation: act(gate) * up */
+
+/* One sequence of a decoder pass: a request's own KV cache and the rows of the pass that are its. */
+typedef struct {
+    float *keys, *values;     /* [num_layers, KV, capacity, D]: rows past .. past + n are written */
+    int64_t capacity, past;
+    int64_t n;                /* its rows: the next n rows of the pass, after the earlier sequences' */
+    const uint8_t *tree_mask; /* [n, n]: 1 = its token i sees its new token j; all see its `past` rows */
+} DecoderSequence;
+
 /* Everything one pass of freespec_forward_llama reads and writes: the model (set once), then
- * the pass's tokens, rotary rows, cache and output. */
+ * the pass's tokens, rotary rows, sequences and output. A pass carries several sequences (the
+ * requests of a batch, each over its own cache): the matmuls run over all their rows at once,
+ * attention per sequence over its own cache only. One sequence is the single-request case. */
 typedef struct {
     const DecoderLayer *layers;
     int64_t num_layers, hidden, intermediate;
@@ -94,15 +111,18 @@ typedef struct {
     const float *final_norm; /* [hidden] */
     float final_eps, scale;  /* scale: of the attention scores */
     int64_t H, KV, D;        /* query heads, key/value heads, head size */
+    float embed_scale;       /* embeddings are multiplied by it (Gemma: sqrt(hidden)); 1: not scaled */
+    float softcap;           /* scores s become softcap * tanh(s / softcap) (Gemma 2); 0: not capped */
+    int64_t activation;      /* FREESPEC_SILU or FREESPEC_GELU_TANH */
 
     const int64_t *tokens;    /* [n], each in 0 .. vocab - 1 */
-    int64_t n;
-    const float *cos_table;   /* [*, D]: token i is rotated by row rope_rows[i] */
-    const float *sin_table;
-    const int64_t *rope_rows; /* [n] */
-    float *keys, *values;     /* [num_layers, KV, capacity, D]: rows past .. past + n are written */
-    int64_t capacity, past;
-    const uint8_t *tree_mask; /* [n, n]: 1 = token i sees new token j; all see the `past` rows */
+    int64_t n;                /* rows of the pass: the sum of the sequences' n */
+    const int64_t *positions; /* [n]: each token's position (sliding windows) */
+    const float *cos_tables[2]; /* [*, D] each: a layer with rotary r rotates token i by row rope_rows[r][i] */
+    const float *sin_tables[2];
+    const int64_t *rope_rows[2]; /* [n] each; table 1 only where a layer uses it */
+    const DecoderSequence *sequences; /* [num_sequences] */
+    int64_t num_sequences;
     const uint8_t *skip;      /* [num_layers]: 1 = leave the layer out; NULL: none */
     float *out;               /* [n, hidden]: final hidden states, after the final norm */
 } DecoderPass;

@@ -882,6 +882,30 @@ static void silu_mul(const float *gate_up, float *act, int64_t rows, int64_t n) 
 }
 
 /* Whether the kernels read every matrix of the model. */
+/* Gemma's GeGLU: act[r] = gelu(gate) * up with the tanh approximation,
+ * 0.5 g (1 + tanh(sqrt(2 / pi) (g + 0.044715 g^3))); tanh(u) = sign(u) (1 - e) / (1 + e), e = exp(-2 |u|). */
+static void gelu_tanh_mul(const float *gate_up, float *act, int64_t rows, int64_t n) {
+    const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+    const __m256 k0 = _mm256_set1_ps(0.7978845608028654f), k1 = _mm256_set1_ps(0.044715f);
+    for (int64_t r = 0; r < rows; r++) {
+        const float *gate = gate_up + r * 2 * n, *up = gate + n;
+        int64_t i = 0;
+        for (; i + 8 <= n; i += 8) {
+            const __m256 g = _mm256_loadu_ps(gate + i);
+            const __m256 u = _mm256_mul_ps(k0, _mm256_fmadd_ps(_mm256_mul_ps(k1, g), _mm256_mul_ps(g, g), g));
+            const __m256 e = exp_nonpositive(_mm256_or_ps(_mm256_add_ps(u, u), sign)); /* exp(-2 |u|) */
+            const __m256 magnitude = _mm256_div_ps(_mm256_sub_ps(one, e), _mm256_add_ps(one, e));
+            const __m256 tanh_u = _mm256_or_ps(magnitude, _mm256_and_ps(u, sign));
+            const __m256 gelu = _mm256_mul_ps(_mm256_mul_ps(half, g), _mm256_add_ps(one, tanh_u));
+            _mm256_storeu_ps(act + r * n + i, _mm256_mul_ps(gelu, _mm256_loadu_ps(up + i)));
+        }
+        for (; i < n; i++) {
+            const float g = gate[i];
+            act[r * n + i] = 0.5f * g * (1.0f + tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g))) * up[i];
+        }
+    }
+}
+
 static int matrices_ok(const DecoderPass *pass) {
     if (!matrix_ok(&pass->embed)) return 0;
     for (int64_t l = 0; l < pass->num_layers; l++) {
@@ -893,39 +917,61 @@ static int matrices_ok(const DecoderPass *pass) {
 }
 
 /* Tokens to final hidden states in one call, so a decoding step pays no per-operation overhead
- * outside C (see DecoderPass in freespec.h). Layers with skip[l] set are the identity and write
- * no cache rows. All scratch is allocated before the first layer: on failure nothing is written. */
+ * outside C (see DecoderPass in freespec.h). The pass's rows belong to its sequences in order:
+ * norms, matmuls, the activation and residuals run over all rows at once (each row's result is
+ * the same bits whatever rows share the call), rotary, cache writes and attention per sequence
+ * over its own cache. Layers with skip[l] set are the identity and write no cache rows. All
+ * scratch is allocated before the first layer: on failure nothing is written. */
 int freespec_forward_llama(const DecoderPass *pass) {
     if (!matrices_ok(pass)) return FREESPEC_BAD_MATRIX;
     const int64_t n = pass->n, hidden = pass->hidden, intermediate = pass->intermediate;
-    const int64_t H = pass->H, KV = pass->KV, D = pass->D, capacity = pass->capacity, past = pass->past;
-    const int64_t qkv_width = (H + 2 * KV) * D, width = past + n;
+    const int64_t H = pass->H, KV = pass->KV, D = pass->D, S = pass->num_sequences;
+    const DecoderSequence *sequences = pass->sequences;
+    const int64_t qkv_width = (H + 2 * KV) * D;
+    int64_t layouts = 0, probs_floats = 0; /* key_nodes entries of all sequences, scores of the largest */
+    for (int64_t s = 0; s < S; s++) {
+        const int64_t rows = sequences[s].n, floats = rows * H * (sequences[s].past + rows);
+        layouts += rows * rows;
+        probs_floats = floats > probs_floats ? floats : probs_floats;
+    }
     float *h = scratch(n * hidden);
-    float *cos = pass->cos_table ? scratch(n * D) : NULL, *sin = pass->sin_table ? scratch(n * D) : NULL;
-    int64_t *key_nodes = malloc(n * n * sizeof(int64_t)), *count = malloc(n * sizeof(int64_t));
+    float *cos[2], *sin[2];
+    int tables_ok = 1;
+    for (int r = 0; r < 2; r++) {
+        cos[r] = pass->cos_tables[r] ? scratch(n * D) : NULL, sin[r] = pass->sin_tables[r] ? scratch(n * D) : NULL;
+        tables_ok = tables_ok && (!pass->cos_tables[r] || cos[r]) && (!pass->sin_tables[r] || sin[r]);
+    }
+    int64_t *key_nodes = malloc((layouts ? layouts : 1) * sizeof(int64_t)), *count = malloc(n * sizeof(int64_t));
+    int64_t *causal = malloc((S ? S : 1) * sizeof(int64_t));
     float *normed = scratch(n * hidden);
     float *qkv = scratch(n * qkv_width);
     float *queries = scratch(n * H * D);
     float *attended = scratch(n * H * D);
     float *projected = scratch(n * (2 * intermediate > hidden ? 2 * intermediate : hidden));
     float *act = scratch(n * intermediate);
-    float *probs = scratch(n * H * width);
+    float *probs = scratch(probs_floats);
     int status = FREESPEC_OK;
-    if (!h || (pass->cos_table && !cos) || (pass->sin_table && !sin) || !key_nodes || !count || !normed || !qkv ||
-        !queries || !attended || !projected || !act || !probs) {
+    if (!h || !tables_ok || !key_nodes || !count || !causal || !normed ||
+        !qkv || !queries || !attended || !projected || !act || !probs) {
         status = FREESPEC_OUT_OF_MEMORY;
         goto done;
     }
     freespec_rows(&pass->embed, pass->tokens, n, h);
-    for (int64_t i = 0; i < n; i++) {
-        if (cos) memcpy(cos + i * D, pass->cos_table + pass->rope_rows[i] * D, D * sizeof(float));
-        if (sin) memcpy(sin + i * D, pass->sin_table + pass->rope_rows[i] * D, D * sizeof(float));
+    if (pass->embed_scale != 1.0f)
+        for (int64_t i = 0; i < n * hidden; i++) h[i] *= pass->embed_scale;
+    for (int r = 0; r < 2; r++)
+        for (int64_t i = 0; i < n; i++) {
+            if (cos[r]) memcpy(cos[r] + i * D, pass->cos_tables[r] + pass->rope_rows[r][i] * D, D * sizeof(float));
+            if (sin[r]) memcpy(sin[r] + i * D, pass->sin_tables[r] + pass->rope_rows[r][i] * D, D * sizeof(float));
+        }
+    for (int64_t s = 0, row = 0, layout = 0; s < S; s++) {
+        const int64_t rows = sequences[s].n;
+        causal[s] = freespec_tree_layout(sequences[s].tree_mask, rows, key_nodes + layout, count + row);
+        row += rows, layout += rows * rows;
     }
-    const int64_t causal = freespec_tree_layout(pass->tree_mask, n, key_nodes, count);
     for (int64_t l = 0; l < pass->num_layers; l++) {
         if (pass->skip && pass->skip[l]) continue; /* a skipped layer is the identity and writes no cache rows */
         const DecoderLayer *layer = pass->layers + l;
-        float *layer_keys = pass->keys + l * KV * capacity * D, *layer_values = pass->values + l * KV * capacity * D;
         rms_norm(h, layer->attn_norm, layer->attn_eps, normed, n, hidden);
         linear(&layer->qkv, normed, qkv, n);
         if (layer->q_norm)
@@ -936,21 +982,35 @@ int freespec_forward_llama(const DecoderPass *pass) {
                 for (int64_t head = H; head < H + KV; head++)
                     rms_norm(row + head * D, layer->k_norm, layer->k_eps, row + head * D, 1, D);
             }
-        freespec_rope_store(qkv, cos, sin, layer_keys, layer_values, capacity, past, n, H, KV, D, queries);
-        freespec_tree_attention(queries, layer_keys, layer_values, capacity, key_nodes, count, past, n, H, KV, D,
-                                pass->scale, causal, attended, probs);
+        for (int64_t s = 0, row = 0, layout = 0; s < S; s++) { /* each sequence over its own cache */
+            const DecoderSequence *seq = sequences + s;
+            const int64_t rows = seq->n, capacity = seq->capacity, past = seq->past;
+            float *layer_keys = seq->keys + l * KV * capacity * D, *layer_values = seq->values + l * KV * capacity * D;
+            const float *layer_cos = cos[layer->rotary], *layer_sin = sin[layer->rotary];
+            freespec_rope_store(qkv + row * qkv_width, layer_cos ? layer_cos + row * D : NULL,
+                                layer_sin ? layer_sin + row * D : NULL, layer_keys, layer_values, capacity, past, rows,
+                                H, KV, D, queries + row * H * D);
+            freespec_window_attention(queries + row * H * D, layer_keys, layer_values, capacity, key_nodes + layout,
+                                      count + row, past, rows, H, KV, D, pass->scale, causal[s],
+                                      pass->positions + row, layer->window, pass->softcap, attended + row * H * D,
+                                      probs);
+            row += rows, layout += rows * rows;
+        }
         linear(&layer->o, attended, projected, n);
+        if (layer->post_attn_norm) rms_norm(projected, layer->post_attn_norm, layer->post_attn_eps, projected, n, hidden);
         for (int64_t i = 0; i < n * hidden; i++) h[i] += projected[i];
         rms_norm(h, layer->mlp_norm, layer->mlp_eps, normed, n, hidden);
         linear(&layer->gate_up, normed, projected, n);
-        silu_mul(projected, act, n, intermediate);
+        if (pass->activation == FREESPEC_GELU_TANH) gelu_tanh_mul(projected, act, n, intermediate);
+        else silu_mul(projected, act, n, intermediate);
         linear(&layer->down, act, projected, n);
+        if (layer->post_mlp_norm) rms_norm(projected, layer->post_mlp_norm, layer->post_mlp_eps, projected, n, hidden);
         for (int64_t i = 0; i < n * hidden; i++) h[i] += projected[i];
     }
     rms_norm(h, pass->final_norm, pass->final_eps, pass->out, n, hidden);
 done:
     free(normed); free(qkv); free(queries); free(attended); free(projected); free(act); free(probs);
-    free(h); free(cos); free(sin); free(key_nodes); free(count);
+    free(h); free(cos[0]); free(sin[0]); free(cos[1]); free(sin[1]); free(key_nodes); free(count); free(causal);
     return status;
 }
 

@@ -1,0 +1,144 @@
+"""Continuous batching in the engine: several requests' steps in each pass, every answer the
+tokens the same request gets alone (greedy and seeded sampling, every drafter, prefill chunks
+between decoding steps), a fault failing only its request, and the draft budget shared by cost."""
+
+from __future__ import annotations
+
+import pytest
+
+from freespec.api import Model
+from freespec.engine.batch import Batch, Running, share_budget
+from freespec.model.loading import from_transformers
+from tests.helpers import tiny_model, word_tokenizer
+
+DRAFTERS = ["none", "recycling", "lookup", "suffix", "trie", "aded", "jacobi", "layerskip", "draft-model",
+            "recycling+lookup"]
+MODEL_DRAFTERS = ("layerskip", "draft-model")
+SAMPLED = {"temperature": 0.9, "top_p": 0.95}
+
+
+def _model(family: str, budget: int | None = None) -> Model:
+    """A tiny target and a smaller draft model over the same vocabulary."""
+    target, small = tiny_model(family, seed=0, scale=8.0), tiny_model(family, seed=9, scale=8.0, layers=1)
+    return Model(from_transformers(target, word_tokenizer(), family), budget=budget,
+                 draft_model=from_transformers(small, word_tokenizer(), f"{family}-draft"))
+
+
+def _requests(count: int) -> list[dict]:
+    """``count`` different requests: prompts of 3 to 300 tokens (the long ones are prefilled in
+    several chunks between the others' steps), every drafter, greedy and seeded sampling."""
+    requests = []
+    for index in range(count):
+        length = [3, 12, 40, 300][index % 4] + index
+        prompt = [2, *[4 + (index * 31 + 7 * i) % 250 for i in range(length)], 3]
+        drafter = DRAFTERS[index % len(DRAFTERS)]
+        # a model drafter samples its drafts from the request's generator, so its sampled tokens
+        # follow its draft sizes (which the policy's timings choose): sampled with a fixed budget below
+        sampled = index % 2 and drafter not in MODEL_DRAFTERS
+        sampling = {**SAMPLED, "seed": index} if sampled else {}
+        requests.append(dict(prompt_ids=prompt, drafter=drafter, max_new_tokens=24 + index % 5, **sampling))
+    return requests
+
+
+def _alone(model: Model, request: dict) -> list[int]:
+    return model.fork().generate(**request).token_ids
+
+
+def _together(model: Model, requests: list[dict], batch: Batch) -> list[Running]:
+    running = [Running(model.fork().stream(**request)) for request in requests]
+    while not all(request.generation.done or request.error for request in running):
+        batch.step(running)
+    return running
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])  # the one-call C decoder; the per-op path with windows
+def test_every_request_of_a_batch_gets_its_answer_alone(family):
+    model = _model(family)
+    requests = _requests(16)
+    alone = [_alone(model, request) for request in requests]
+    for count in (3, 16):
+        together = _together(model, requests[:count], Batch(prefill_rows=32))
+        assert [request.error for request in together] == [None] * count
+        assert [request.generation.token_ids for request in together] == alone[:count]
+
+
+def test_model_drafters_sampling_with_a_fixed_budget_keep_their_answers():
+    """A draft model's sampled drafts draw from the request's generator: with a fixed budget the
+    batch leaves its draft size alone, so its tokens are still those it gets alone."""
+    model = _model("llama", budget=4)
+    requests = [dict(prompt_ids=[2, *range(10 + i, 30 + i), 3], drafter=drafter, max_new_tokens=20, **SAMPLED,
+                     seed=i) for i, drafter in enumerate(["draft-model", "layerskip", "draft-model+recycling"] * 2)]
+    alone = [_alone(model, request) for request in requests]
+    together = _together(model, requests, Batch())
+    assert [request.generation.token_ids for request in together] == alone
+
+
+def test_a_fault_in_one_request_fails_it_alone():
+    model = _model("llama")
+    requests = _requests(6)
+    alone = [_alone(model, request) for request in requests]
+    running = [Running(model.fork().stream(**request)) for request in requests]
+    take = running[2].generation.take
+
+    def faulty_take(*arguments):
+        emitted = take(*arguments)
+        if running[2].generation.token_ids:
+            raise RuntimeError("simulated fault")
+        return emitted
+
+    running[2].generation.take = faulty_take
+    batch = Batch()
+    while not all(request.generation.done or request.error for request in running):
+        batch.step(running)
+    assert isinstance(running[2].error, RuntimeError)
+    for index, request in enumerate(running):
+        if index != 2:
+            assert request.error is None and request.generation.token_ids == alone[index]
+
+
+def test_a_failing_batched_pass_runs_each_request_alone(monkeypatch):
+    """A pass that raises is run again request by request: the one whose step cannot run fails."""
+    import freespec.engine.batch as batch_module
+
+    model = _model("llama")
+    requests = _requests(3)
+    alone = [_alone(model, request) for request in requests]
+    running = [Running(model.fork().stream(**request)) for request in requests]
+    real = batch_module.forward_batch
+    calls = []
+
+    def once_failing(passes):
+        calls.append(len(passes))
+        if len(calls) == 3:
+            raise MemoryError("simulated")
+        return real(passes)
+
+    monkeypatch.setattr(batch_module, "forward_batch", once_failing)
+    batch = Batch()
+    while not all(request.generation.done or request.error for request in running):
+        batch.step(running)
+    assert [request.error for request in running] == [None] * 3
+    assert [request.generation.token_ids for request in running] == alone
+
+
+def test_a_lone_request_keeps_its_own_draft_size():
+    """One request: its policy's choice, as without a server (no cap)."""
+    model = _model("llama")
+    running = [Running(model.fork().stream(prompt_ids=[2, 5, 6, 7, 3], drafter="recycling", max_new_tokens=8))]
+    batch = Batch()
+    batch.step(running)  # the prefill
+    running[0].generation.draft()
+    assert batch._caps(running, 0) == [None]
+
+
+def test_share_budget_spends_only_where_the_pass_gains():
+    flat = lambda q: 1.0  # noqa: E731  (a pass costs the same whatever its size: every node pays)
+    assert share_budget([[0.9, 0.5], [0.8, 0.1]], rows=2, tokens=2.0, cost=flat) == [2, 2]
+    linear = lambda q: float(q)  # noqa: E731  (each row costs as much as a whole token: none pays)
+    assert share_budget([[0.9, 0.5], [0.8]], rows=2, tokens=2.0, cost=linear) == [0, 0]
+    # a pass already full of requests' own tokens: nodes must beat the rate those give
+    steep = lambda q: 1.0 + 0.1 * q  # noqa: E731
+    assert share_budget([[0.95, 0.1], [0.9]], rows=1, tokens=1.0, cost=steep) == [1, 1]
+    assert share_budget([[0.5], [0.4]], rows=1, tokens=1.0, cost=steep) == [1, 1]
+    assert share_budget([[0.5], [0.4]], rows=8, tokens=8.0, cost=steep) == [1, 0]
+    assert share_budget([[], []], rows=2, tokens=2.0, cost=flat) == [0, 0]
