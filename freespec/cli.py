@@ -26,7 +26,7 @@ from freespec.engine.sampling import (  # light: no torch
     SamplingParams,
 )
 from freespec.paths import AtomicFile
-from freespec.serve import DEFAULT_PREFIX_CACHE_MB
+from freespec.serve import DEFAULT_MAX_BATCH, DEFAULT_PREFIX_CACHE_MB
 
 if TYPE_CHECKING:
     from freespec.api import Model
@@ -282,6 +282,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="tokens per answer when a request gives no max_tokens (default: 256)")
     serve.add_argument("--max-queue", type=_positive_int, default=64, metavar="N",
                        help="requests that may wait (being tokenized or queued); more get 429 (default: 64)")
+    serve.add_argument("--max-batch", type=_positive_int, default=DEFAULT_MAX_BATCH, metavar="N",
+                       help="requests generating at once, each forward pass carrying a step of each; an answer "
+                            f"is the same whatever runs beside it (default: {DEFAULT_MAX_BATCH})")
     serve.add_argument("--max-body-bytes", type=_positive_int, default=1 << 20, metavar="N",
                        help="largest request body (default: 1 MiB)")
     serve.add_argument("--replicas", type=_positive_int, metavar="N",
@@ -595,7 +598,8 @@ def _serve(args: argparse.Namespace) -> None:
                      served_name=args.served_model_name, drafter=args.drafter, drafters=drafters,
                      max_tokens=args.max_tokens, max_queue=args.max_queue, api_keys=api_keys,
                      max_body_bytes=args.max_body_bytes, prefix_reuse=args.prefix_reuse,
-                     request_timeout=args.request_timeout, prefix_cache_mb=args.prefix_cache_mb)
+                     request_timeout=args.request_timeout, prefix_cache_mb=args.prefix_cache_mb,
+                     max_batch=args.max_batch)
     except ValueError as error:
         raise UsageError(str(error)) from None
     except OSError as error:
@@ -621,7 +625,7 @@ def _serve_replicas(args: argparse.Namespace, api_keys: list[str], drafters: lis
                "drafters": drafters, "max_tokens": args.max_tokens, "max_queue": args.max_queue,
                "prefix_reuse": args.prefix_reuse, "request_timeout": args.request_timeout,
                "prefix_cache_mb": args.prefix_cache_mb, "replicas": args.replicas, "api_keys": api_keys,
-               "max_body_bytes": args.max_body_bytes}
+               "max_body_bytes": args.max_body_bytes, "max_batch": args.max_batch}
     if not args.quiet:
         print(f"[freespec] serving {args.served_model_name or name} at http://{args.host}:{args.port}/v1 on "
               f"{args.replicas} replicas of {threads} thread(s) (Ray Serve){' (API key required)' if api_keys else ''}",

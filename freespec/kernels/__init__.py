@@ -51,6 +51,6 @@ from freespec.kernels.weights import (
 
 __all__ = [
     "SUPPORTED_TYPES", "Attention", "CKernels", "DecoderLayer", "GGMLWeight", "Heads", "Kernels", "LayerNorm",
-    "Linear", "Matrix", "ModelWeights", "OneCallDecoder", "PackedWeight", "PassSequence", "RMSNorm", "Rotation", "Stacked", "ggml_type",
-    "random_blocks", "row_bytes", "select", "supported_isas",
+    "Linear", "Matrix", "ModelWeights", "OneCallDecoder", "PackedWeight", "PassSequence", "RMSNorm", "Rotation",
+    "Stacked", "ggml_type", "random_blocks", "row_bytes", "select", "supported_isas",
 ]

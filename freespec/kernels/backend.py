@@ -42,6 +42,7 @@ from freespec.kernels.weights import (
 
 SKINNY_ROWS = 64  # torch: below this many rows, ``W @ x.T`` beats ``F.linear``
 
+
 class PassSequence(NamedTuple):
     """One sequence of a decoder pass (a request of a batch): its own KV cache, keys and values
     [layers, kv_heads, capacity, head_dim] with ``past`` committed rows, and the tree mask [n, n]

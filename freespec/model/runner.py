@@ -3,6 +3,9 @@
 One code path serves prefill, plain decoding (a tree of one node) and tree verification, so a
 token's logits and cache rows do not depend on which mode produced them, and the rows of an
 earlier request can serve a later one that starts with the same tokens (:meth:`ModelRunner.reuse`).
+Several requests, each on a fork of the runner with a cache of its own (:meth:`ModelRunner.fork`),
+run as one pass (:func:`forward_batch`: a server's continuous batching); a single request's pass
+is the one-request case of the same code, so its rows have the same bits either way.
 The runner computes with the kernel backend it is given (:func:`freespec.kernels.select`):
 Llama-style passes run as one C call each (:class:`freespec.kernels.OneCallDecoder`), other
 passes one operation at a time with the batch-invariant C matmuls and attention, or with torch's.

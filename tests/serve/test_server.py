@@ -352,14 +352,14 @@ def test_serve_command_passes_its_options(tiny_model_dir, monkeypatch):
     assert options == {"host": "127.0.0.1", "port": 8000, "log_level": "warning", "served_name": None,
                        "drafter": "recycling", "drafters": ["none"], "max_tokens": 256, "max_queue": 3,
                        "api_keys": ["from-env"], "max_body_bytes": 1 << 20, "prefix_reuse": True,
-                       "request_timeout": None, "prefix_cache_mb": 512}
+                       "request_timeout": None, "prefix_cache_mb": 512, "max_batch": 16}
     assert main(["serve", "--model", str(tiny_model_dir), "--quiet", "--drafters", "lookup+recycling,none",
                  "--api-key", "a", "--api-key", "b", "--no-prefix-reuse", "--request-timeout", "2.5",
-                 "--prefix-cache-mb", "0.5"]) == 0
+                 "--prefix-cache-mb", "0.5", "--max-batch", "4"]) == 0
     options = calls[1][1]
     assert options["drafters"] == ["lookup+recycling", "none"] and options["api_keys"] == ["a", "b"]
     assert options["prefix_reuse"] is False and options["request_timeout"] == 2.5
-    assert options["prefix_cache_mb"] == 0.5
+    assert options["prefix_cache_mb"] == 0.5 and options["max_batch"] == 4
 
 
 def test_serve_replicas_passes_its_options_without_loading_here(tiny_model_dir, monkeypatch, capsys):
@@ -379,7 +379,8 @@ def test_serve_replicas_passes_its_options_without_loading_here(tiny_model_dir, 
     assert options == {"model": str(tiny_model_dir), "threads": 2, "tree_shape": "dynamic", "datastore": None,
                        "draft_model": None, "served_name": None, "drafter": "recycling", "drafters": ["none"],
                        "max_tokens": 256, "max_queue": 64, "prefix_reuse": True, "request_timeout": None,
-                       "prefix_cache_mb": 64.0, "replicas": 2, "api_keys": [], "max_body_bytes": 1 << 20}
+                       "prefix_cache_mb": 64.0, "replicas": 2, "api_keys": [], "max_body_bytes": 1 << 20,
+                       "max_batch": 16}
     assert main(["serve", "--model", "/no/such/model", "--replicas", "2"]) == 2
     assert "freespec: error:" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "freespec.serve.replicas", None)  # as if Ray were not installed
