@@ -229,12 +229,12 @@ def from_transformers(hf_model: torch.nn.Module, tokenizer, name: str, pack: boo
 def _load_gguf(path: Path, name: str) -> LoadedModel:
     from freespec.model.gguf_file import GGUFFile, GGUFTensors
     from freespec.model.hf_runner import refuse_unsupported
-    from freespec.model.weights import LLAMA_STYLE, from_tensors
+    from freespec.model.weights import FILE_FAMILIES, from_tensors
 
     file = GGUFFile(path)
     check_memory(path, file.tensor_bytes())
     config, tokenizer, generation_config = _metadata(gguf_metadata(path), name)
-    if config.model_type not in LLAMA_STYLE:  # no file reader for it: through transformers (dequantized)
+    if config.model_type not in FILE_FAMILIES:  # no file reader for it: through transformers (dequantized)
         refuse_unsupported(config)
         return _through_transformers(path, name, tokenizer, generation_config)
     weights = from_tensors(config, GGUFTensors(file, config))
@@ -312,11 +312,11 @@ def _install(staging: Path, target: Path) -> None:
 def _load_directory(directory: Path, name: str, transformers_location: str | None = None) -> LoadedModel:
     from freespec.model.hf_runner import refuse_unsupported
     from freespec.model.safetensors_file import SafetensorsTensors
-    from freespec.model.weights import LLAMA_STYLE, from_tensors
+    from freespec.model.weights import FILE_FAMILIES, from_tensors
 
     config, tokenizer, generation_config = _metadata(directory, name)
     tensors = SafetensorsTensors(directory)
-    if not tensors.files or config.model_type not in LLAMA_STYLE:
+    if not tensors.files or config.model_type not in FILE_FAMILIES:
         refuse_unsupported(config)
         return _through_transformers(transformers_location or directory, name, tokenizer, generation_config)
     check_memory(directory, tensors.tensor_bytes())
