@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import math
 import time
 import urllib.error
 import urllib.request
@@ -363,6 +364,14 @@ def write_gguf(path, hf_model: torch.nn.Module, types: str | dict[str, str], see
     writer.add_eos_token_id(0)
     writer.add_pad_token_id(0)  # Phi-3's config would otherwise pad with id 32000
     writer.add_chat_template(CHAT_TEMPLATE)
+    rope = config.rope_parameters
+    if rope.get("rope_type") == "longrope":  # as convert_hf_to_gguf.py's Phi3MiniModel writes LongRoPE
+        original = rope["original_max_position_embeddings"]
+        writer.add_rope_scaling_orig_ctx_len(original)
+        scale = config.max_position_embeddings / original
+        writer.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(original)))
+        for kind in ("long", "short"):
+            writer.add_tensor(f"rope_factors_{kind}.weight", np.array(rope[f"{kind}_factor"], dtype=np.float32))
     for name, tensor in hf_model.state_dict().items():
         module, suffix = name.rsplit(".", 1)
         if module == "lm_head" and config.tie_word_embeddings:

@@ -256,6 +256,29 @@ def gguf_name(name: str, architecture: str = "llama") -> str | None:
     return f"blk.{match[1]}.{names[match[2]]}.{match[3]}"
 
 
+ROPE_FACTOR_TENSORS = ("rope_factors_long.weight", "rope_factors_short.weight")
+"""Phi-3's LongRoPE factors: llama.cpp's converter stores them as tensors; they belong to the config."""
+
+
+def longrope_parameters(file: GGUFFile) -> dict | None:
+    """Phi-3's LongRoPE parameters as transformers' config holds them (``rope_parameters``), from
+    the file: llama.cpp's converter stores the factors as tensors and the original context as
+    ``<arch>.rope.scaling.original_context_length``, and transformers' GGUF reading leaves both
+    out (a Phi-3-128k file would run without its scaling). None for a file without them.
+    """
+    if not all(name in file.tensors for name in ROPE_FACTOR_TENSORS):
+        return None
+    architecture = file.architecture
+    original = file.metadata.get(f"{architecture}.rope.scaling.original_context_length")
+    base = file.metadata.get(f"{architecture}.rope.freq_base", 10000.0)
+    if not isinstance(original, int) or original <= 0:
+        raise ModelLoadError(f"cannot load GGUF file {file.path}: it has LongRoPE factors but no valid "
+                             f"{architecture}.rope.scaling.original_context_length ({original!r})")
+    long, short = (file.vector(name).tolist() for name in ROPE_FACTOR_TENSORS)
+    return {"rope_type": "longrope", "rope_theta": float(base), "long_factor": long, "short_factor": short,
+            "original_max_position_embeddings": original}
+
+
 def unpermuted_rows(rows: int, heads: int) -> np.ndarray:
     """The row order that undoes llama.cpp's ``permute`` of a [rows, K] query or key matrix of
     ``heads`` heads (transformers' ``_reverse_permute_weights``): row i of the result is row
@@ -303,7 +326,7 @@ class GGUFTensors:
 
     def unused(self, names: set[str]) -> list[str]:
         """The file's tensors that none of the transformers ``names`` maps to."""
-        used = {self._gguf_name(name) for name in names}
+        used = {self._gguf_name(name) for name in names} | set(ROPE_FACTOR_TENSORS)  # read into the config
         return sorted(set(self.file.tensors) - used)
 
     def _gguf_name(self, name: str) -> str | None:

@@ -48,24 +48,51 @@ EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_nu
 """Config fields that make a model a mixture of experts when set."""
 
 
+ATTENTION_KINDS = ("full_attention", "sliding_attention")  # layer types the runners' masks cover
+CAUSAL_HEADS = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")  # architecture names that generate
+
+
 class UnsupportedModelError(ValueError):
     """A model freespec cannot run; the message is one line and names what it supports."""
 
 
 def supported() -> str:
-    return f"supported: {', '.join(SUPPORTED_FAMILIES)}"
+    """What freespec runs, for error messages."""
+    return (f"supported: decoder-only causal LMs with a tokenizer (fast path: {', '.join(SUPPORTED_FAMILIES)}; "
+            "any other through transformers)")
 
 
-def check_architecture(config) -> None:
-    """Refuse, in one line, models no runner serves: encoder-decoder and mixture-of-experts models.
-    Needs only the config, so a loader can ask before reading any weights."""
+def refuse_unsupported(config) -> None:
+    """Raise :class:`UnsupportedModelError` in one line for a model no runner takes, from its config
+    alone (before any weight loads): encoder-decoder models, checkpoints without a causal-LM head,
+    mixture-of-experts models, models with recurrent state (Mamba, RWKV, linear attention) and
+    layer types no mask covers. The one place these refusals are worded."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING,
+        MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+    )
+
     family = config.model_type
-    if getattr(config, "is_encoder_decoder", False):
-        raise UnsupportedModelError(f"{family!r} is an encoder-decoder model; freespec runs decoder-only causal "
-                                    f"language models ({supported()})")
-    if any(getattr(config.get_text_config(), name, None) for name in EXPERT_COUNTS):
-        raise UnsupportedModelError(f"{family!r} is a mixture-of-experts model, which freespec does not run yet "
-                                    f"({supported()})")
+    # a decoder taken out of an encoder-decoder model (BartForCausalLM) says is_encoder_decoder=False
+    if getattr(config, "is_encoder_decoder", False) or family in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES:
+        raise UnsupportedModelError(f"{family} is an encoder-decoder model; {supported()}")
+    architectures = getattr(config, "architectures", None) or []
+    if architectures and not any(name.endswith(CAUSAL_HEADS) for name in architectures):
+        raise UnsupportedModelError(f"the {family} checkpoint has no causal-LM head ({', '.join(architectures)}); "
+                                    f"{supported()}")
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    if model_class is None:
+        raise UnsupportedModelError(f"{family} is not a causal LM transformers knows; {supported()}")
+    text = config.get_text_config(decoder=True)
+    if any(isinstance(experts := getattr(text, key, None), int) and experts > 1 for key in EXPERT_COUNTS):
+        raise UnsupportedModelError(f"{family} is a mixture-of-experts model, not supported yet; {supported()}")
+    if getattr(model_class, "_is_stateful", False):
+        raise UnsupportedModelError(f"{family} keeps a recurrent state, which cannot follow a draft tree; "
+                                    f"{supported()}")
+    unknown = set(getattr(text, "layer_types", None) or []) - set(ATTENTION_KINDS)
+    if unknown:
+        raise UnsupportedModelError(f"{family} has {', '.join(sorted(unknown))} layers, which freespec cannot run "
+                                    f"on a draft tree; {supported()}")
 
 
 class TensorSource(Protocol):
@@ -110,7 +137,8 @@ def from_tensors(config, source: TensorSource) -> ModelWeights:
     """
     family = config.model_type
     if family not in FILE_FAMILIES:
-        raise UnsupportedModelError(f"{family} models are read through transformers, not from the file")
+        raise UnsupportedModelError(f"{family} has no file reader; {supported()}")
+    refuse_unsupported(config)
     check_text_config(config)
     heads, hidden = config.num_attention_heads, config.hidden_size
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
@@ -215,10 +243,10 @@ def weight_formats(weights: ModelWeights) -> list[str]:
 def extract(hf_model: torch.nn.Module) -> ModelWeights:
     """The weights of a supported transformers causal LM (see SUPPORTED_FAMILIES)."""
     config = hf_model.config
-    check_architecture(config)
+    refuse_unsupported(config)
     family = config.model_type
     if family not in SUPPORTED_FAMILIES:
-        raise UnsupportedModelError(f"unsupported architecture {family!r}; {supported()}")
+        raise UnsupportedModelError(f"{family} has no fast path; {supported()}")
     output = hf_model.get_output_embeddings()
     lm_head = Linear(_fp32(output.weight), _optional_fp32(getattr(output, "bias", None)))
     embed = _fp32(hf_model.get_input_embeddings().weight)
@@ -274,28 +302,24 @@ def _rms_norm(module: torch.nn.Module | None) -> RMSNorm | None:
 def layer_windows(config) -> list[int | None]:
     """Each layer's sliding window as transformers' masks give it: per ``layer_types`` where the
     config has them (Gemma 2/3, Qwen2/3), else ``sliding_window`` for every layer (Mistral, Phi-3).
-    Needs only the (text) config: loaders that read weights from files use it too."""
+    Needs only the (text) config: loaders that read weights from files use it too. Other layer
+    types are refused earlier (:func:`refuse_unsupported`)."""
     window = getattr(config, "sliding_window", None)
     window = int(window) if window else None
     types = getattr(config, "layer_types", None)
     if types is None:
         return [window] * config.num_hidden_layers
-    unknown = sorted(set(types) - {"full_attention", "sliding_attention"})
-    if unknown:
-        raise UnsupportedModelError(f"{config.model_type!r} has {', '.join(unknown)} layers, which freespec does not "
-                                    f"run yet ({supported()})")
     return [window if kind == "sliding_attention" else None for kind in types]
 
 
 def check_text_config(config) -> None:
     """Refuse, in one line, rotary decoders of a fast-path family in a variant it does not compute."""
     if getattr(config, "use_bidirectional_attention", False):
-        raise UnsupportedModelError(f"{config.model_type!r} with bidirectional attention is not a causal language "
-                                    f"model ({supported()})")
+        raise UnsupportedModelError(f"{config.model_type} with bidirectional attention has no fast path; {supported()}")
     rope = getattr(config, "rope_parameters", None) or {}
     if float(rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) or 1.0) != 1.0:
-        raise UnsupportedModelError(f"{config.model_type!r} with a partial rotary embedding (e.g. Phi-4-mini) is not "
-                                    f"supported ({supported()})")
+        raise UnsupportedModelError(f"{config.model_type} with a partial rotary embedding (e.g. Phi-4-mini) has no "
+                                    f"fast path; {supported()}")
 
 
 def layer_rotary(config) -> list[str | None]:
@@ -361,7 +385,7 @@ def _conv1d(module: torch.nn.Module) -> Linear:
 def _gpt2(hf_model: torch.nn.Module, embed: torch.Tensor, lm_head: Linear) -> ModelWeights:
     config, inner = hf_model.config, hf_model.transformer
     if getattr(config, "scale_attn_by_inverse_layer_idx", False) or getattr(config, "reorder_and_upcast_attn", False):
-        raise UnsupportedModelError("GPT-2 variants with per-layer attention scaling are not supported")
+        raise UnsupportedModelError(f"GPT-2 with per-layer attention scaling has no fast path; {supported()}")
     head_dim = config.n_embd // config.n_head
     layers = [
         DecoderLayer(attn_norm=_layer_norm(block.ln_1), qkv=_conv1d(block.attn.c_attn), o=_conv1d(block.attn.c_proj),

@@ -23,6 +23,7 @@ from tests.helpers import (
     WINDOW,
     assert_matches_transformers,
     assert_same_bits,
+    greedy,
     model_for,
     runner_for,
     word_tokenizer,
@@ -152,3 +153,33 @@ def test_a_safetensors_directory_matches_transformers(tmp_path, c_kernels, famil
     assert loaded.weights.heads == reference.weights.heads
     assert_matches_transformers(ModelRunner(loaded.config, loaded.weights, c_kernels), oracle)
     assert_same_bits(ModelRunner(loaded.config, loaded.weights, c_kernels), reference)
+
+
+def test_phi3_longrope_from_a_gguf_file(tmp_path, c_kernels):
+    """llama.cpp stores LongRoPE's factors as tensors, which transformers' GGUF reading drops: the
+    config gets them back, so decoding across the original context (64) is the model's own."""
+    model = model_for("phi3-longrope", "F32", seed=4)
+    path = write_gguf(tmp_path / "model.gguf", model, "F32")
+    loaded = load(path)
+    assert loaded.config.rope_parameters["rope_type"] == "longrope"
+    prompt = PROMPTS[1]  # 52 tokens: decoding passes position 64, where the long factors take over
+    expected = model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, eos_token_id=None,
+                              pad_token_id=0)[0, len(prompt):].tolist()
+    assert greedy(ModelRunner(loaded.config, loaded.weights, c_kernels), prompt, 24) == expected
+    peer = loaded.transformers_model()  # the hf-greedy peer runs the completed config too
+    assert peer.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, eos_token_id=None,
+                         pad_token_id=0)[0, len(prompt):].tolist() == expected
+
+
+def test_a_variant_without_a_fast_path_loads_through_transformers(tmp_path):
+    """Phi-4-mini's partial rotary embedding: the file is not read natively; transformers runs it."""
+    model = model_for("phi3")
+    model.config.rope_parameters = {**model.config.rope_parameters, "partial_rotary_factor": 0.5}
+    model.config.sliding_window = None  # the fallback caps its context at a window: 12 is too short to calibrate
+    model = AutoModelForCausalLM.from_config(model.config).eval()
+    model.save_pretrained(tmp_path)
+    word_tokenizer().save_pretrained(tmp_path)
+    loaded = load(tmp_path)
+    assert loaded.weights is None and loaded.hf_model is not None
+    result = Model(loaded).generate(prompt_ids=PROMPTS[0], drafter="lookup", max_new_tokens=8)
+    assert len(result.token_ids) == 8
