@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import math
 import time
 import urllib.error
 import urllib.request
@@ -301,10 +302,8 @@ QUANTIZABLE = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")  # 
 K_QUANT_SCALES = {"Q4_K": 2e-4, "Q5_K": 1e-4, "Q6_K": 1e-5}
 """Largest fp16 scale of hand-packed random K-quant blocks: weights of about 0.05, as in real models."""
 
-_GGUF_GLOBAL = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
-_GGUF_LAYER = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-               "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
-               "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "gemma2": "gemma2", "gemma3_text": "gemma3", "phi3": "phi3"}
+"""The GGUF architecture llama.cpp's converter writes for a transformers model type."""
 
 
 def llama_cpp_permute(weights: np.ndarray, heads: int, kv_heads: int | None = None) -> np.ndarray:
@@ -324,20 +323,24 @@ def byte_level_tokens() -> list[str]:
 
 
 def write_gguf(path, hf_model: torch.nn.Module, types: str | dict[str, str], seed: int = 0):
-    """``hf_model`` (a tiny Llama or Qwen2) as llama.cpp writes a GGUF file: metadata, a byte-level
-    tokenizer, norms and biases F32, each matrix in ``types`` (one type name, or GGUF tensor roles
-    such as ``attn_v`` or ``token_embd`` → type, with a ``default``), query and key rows permuted
-    for the llama architecture. Q4_K, Q5_K and Q6_K matrices are random blocks
-    (:func:`freespec.kernels.random_blocks`: gguf cannot quantize to them): the model the file holds
-    is then what its blocks dequantize to. No output tensor if the head is tied."""
+    """``hf_model`` (a tiny Llama, Qwen2, Gemma 2, Gemma 3 or Phi-3) as llama.cpp writes a GGUF
+    file: metadata, a byte-level tokenizer, norms and biases F32, each matrix in ``types`` (one
+    type name, or GGUF tensor roles such as ``attn_v`` or ``token_embd`` → type, with a
+    ``default``), tensors named by gguf-py's own map (``gguf.get_tensor_name_map``), query and key
+    rows permuted for the llama architecture, Gemma's norm weights stored as 1 + w (as
+    convert_hf_to_gguf.py's Gemma models write them). Q4_K, Q5_K and Q6_K matrices are random
+    blocks (:func:`freespec.kernels.random_blocks`: gguf cannot quantize to them): the model the
+    file holds is then what its blocks dequantize to. No output tensor if the head is tied."""
     import gguf
 
     from freespec.kernels import random_blocks
 
     types = {"default": types} if isinstance(types, str) else types
     config, rng = hf_model.config, np.random.default_rng(seed)
-    architecture, heads, hidden = config.model_type, config.num_attention_heads, config.hidden_size
+    architecture, heads, hidden = GGUF_ARCHITECTURES[config.model_type], config.num_attention_heads, config.hidden_size
     head_dim = getattr(config, "head_dim", None) or hidden // heads
+    names = gguf.get_tensor_name_map(next(arch for arch, name in gguf.MODEL_ARCH_NAMES.items() if name == architecture),
+                                     config.num_hidden_layers)
     writer = gguf.GGUFWriter(str(path), architecture)
     writer.add_name(f"tiny {architecture}")
     writer.add_block_count(config.num_hidden_layers)
@@ -346,26 +349,40 @@ def write_gguf(path, hf_model: torch.nn.Module, types: str | dict[str, str], see
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(heads)
     writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_rope_freq_base(config.rope_parameters.get("full_attention", config.rope_parameters)["rope_theta"])
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    if architecture == "llama":
+    if architecture in ("llama", "phi3"):
         writer.add_rope_dimension_count(head_dim)
+    if architecture.startswith("gemma"):
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+        writer.add_sliding_window(config.sliding_window)
     writer.add_tokenizer_model("gpt2")
     writer.add_token_list(byte_level_tokens()[:config.vocab_size])
     writer.add_token_types([1] * config.vocab_size)
     writer.add_token_scores([0.0] * config.vocab_size)  # no merges: transformers derives none from these
     writer.add_eos_token_id(0)
+    writer.add_pad_token_id(0)  # Phi-3's config would otherwise pad with id 32000
     writer.add_chat_template(CHAT_TEMPLATE)
+    rope = config.rope_parameters
+    if rope.get("rope_type") == "longrope":  # as convert_hf_to_gguf.py's Phi3MiniModel writes LongRoPE
+        original = rope["original_max_position_embeddings"]
+        writer.add_rope_scaling_orig_ctx_len(original)
+        scale = config.max_position_embeddings / original
+        writer.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(original)))
+        for kind in ("long", "short"):
+            writer.add_tensor(f"rope_factors_{kind}.weight", np.array(rope[f"{kind}_factor"], dtype=np.float32))
     for name, tensor in hf_model.state_dict().items():
         module, suffix = name.rsplit(".", 1)
         if module == "lm_head" and config.tie_word_embeddings:
             continue
-        parts = module.split(".")
-        role = _GGUF_GLOBAL.get(module) or _GGUF_LAYER[".".join(parts[3:])]
-        gguf_name = f"{role}.{suffix}" if module in _GGUF_GLOBAL else f"blk.{parts[2]}.{role}.{suffix}"
+        gguf_name = f"{names.get_name(module)}.{suffix}"
+        role = gguf_name.split(".")[-2]
         values = tensor.detach().to(torch.float32).numpy()
         if architecture == "llama" and role in ("attn_q", "attn_k"):
             values = llama_cpp_permute(values, heads, heads if role == "attn_q" else config.num_key_value_heads)
+        if architecture.startswith("gemma") and name.endswith("norm.weight"):
+            values = values + 1
         kind = "F32" if values.ndim == 1 else types.get(role, types["default"])
         if kind in K_QUANT_SCALES:
             data = random_blocks(kind, values.shape, rng, largest=K_QUANT_SCALES[kind])
@@ -389,10 +406,11 @@ PROMPT = [2, 5, 6, 7, 3, 40, 41, 42, 43, 44, 45, 9]
 NEW_TOKENS = 12
 
 
-def model_for(family: str, types: str | dict[str, str] = "F32", tied: bool = False, seed: int = 0) -> torch.nn.Module:
+def model_for(family: str, types: str | dict[str, str] = "F32", tied: bool = False, seed: int = 0,
+              layers: int = 2) -> torch.nn.Module:
     """A tiny model with random norms (a mix-up of norms shows), wide enough for K-quants' 256-weight
     blocks when ``types`` (see :func:`write_gguf`) uses them."""
-    config = tiny_config(family)
+    config = tiny_config(family, layers=layers)
     uses_k_quants = any(kind.endswith("_K") for kind in ([types] if isinstance(types, str) else types.values()))
     if uses_k_quants:
         config.hidden_size, config.intermediate_size = 256, 512

@@ -2,9 +2,9 @@
 
 Methods (:mod:`freespec.bench.methods`) are freespec drafters and peers (transformers' ``generate``
 greedy, with prompt lookup or an assistant model; llama.cpp greedy and prompt lookup). Every turn
-of every question is chat-formatted; a later turn sees the earlier questions and the method's *own*
-earlier answers, as in MT-Bench. Methods run interleaved per question and turn (drift of the
-machine hits all alike), after one warm-up each, with the RNG seeded per question and turn.
+of every question is chat-formatted (raw text for a base model without a chat template, such as
+Gemma-3-270M); a later turn sees the earlier questions and the method's *own* earlier answers, as
+in MT-Bench. Methods run interleaved per question and turn (drift of the machine hits all alike), after one warm-up each, with the RNG seeded per question and turn.
 
 Outputs in ``--out``: ``results.jsonl`` (one line per question × method × turn, appended as each
 finishes, so an interrupted run loses nothing and ``--resume`` skips what is done), ``run.json``
@@ -111,6 +111,16 @@ def turn_messages(question: Question, turn: int, answers: list[str]) -> list[dic
     return messages + [{"role": "user", "content": question.turns[turn - 1]}]
 
 
+def turn_prompt(model: Model, question: Question, turn: int, answers: list[str]) -> list[int]:
+    """The token ids of ``turn``: its :func:`turn_messages` chat-formatted, or, for a model without a
+    chat template (a base model), raw text: the earlier questions and answers and this question,
+    each followed by a blank line."""
+    if model.has_chat_template:
+        return model.encode(messages=turn_messages(question, turn, answers))
+    texts = [text for asked, answer in zip(question.turns[: turn - 1], answers, strict=True) for text in (asked, answer)]
+    return model.encode("".join(text + "\n\n" for text in [*texts, question.turns[turn - 1]]), chat=False)
+
+
 def context_bound(model: Model, questions: list[Question], max_new_tokens: int, slack: int = 64) -> int:
     """Tokens a conversation can reach: all its turns, each answer at most ``max_new_tokens``.
 
@@ -119,7 +129,7 @@ def context_bound(model: Model, questions: list[Question], max_new_tokens: int, 
     longest = 0
     for question in questions:
         answers = ["."] * (len(question.turns) - 1)
-        prompt = model.encode(messages=turn_messages(question, len(question.turns), answers))
+        prompt = turn_prompt(model, question, len(question.turns), answers)
         longest = max(longest, len(prompt) + len(question.turns) * (max_new_tokens + slack))
     return min(-(-longest // 256) * 256, model.runner.max_positions)
 
@@ -171,8 +181,6 @@ def _done_records(out: Path, settings: dict, resume: bool) -> dict[tuple, dict]:
 def run_bench(model: Model, questions: list[Question], methods: list[str], out: Path, setup: Setup,
               resume: bool = False, progress: bool = True) -> Path:
     """Run every method over every turn of ``questions``; append each result to out/results.jsonl."""
-    if not model.has_chat_template:
-        raise BenchError(f"{model.name} has no chat template: the benchmark sends chat-formatted questions")
     out.mkdir(parents=True, exist_ok=True)
     settings = {"model": model.name, "max_new_tokens": setup.max_new_tokens, "seed": setup.seed,
                 "sampling": dataclasses.asdict(setup.sampling), "budget": model.fixed_budget,
@@ -185,7 +193,7 @@ def run_bench(model: Model, questions: list[Question], methods: list[str], out: 
     try:
         setup = dataclasses.replace(setup, context=context_bound(model, questions, setup.max_new_tokens))
         generate = {m: build_method(m, setup) for m in methods}
-        warm = model.encode(WARM_UP)
+        warm = turn_prompt(model, Question("warm-up", "", (WARM_UP,)), 1, [])
     except ValueError as error:
         raise BenchError(str(error)) from None
     for run in generate.values():
@@ -196,7 +204,7 @@ def run_bench(model: Model, questions: list[Question], methods: list[str], out: 
         for question, turn, method in todo:
             answers = [done[question.question_id, method, t]["text"] for t in range(1, turn)]
             try:
-                prompt_ids = model.encode(messages=turn_messages(question, turn, answers))
+                prompt_ids = turn_prompt(model, question, turn, answers)
             except ValueError as error:
                 raise BenchError(f"question {question.question_id} turn {turn}: {error}") from None
             total = totals[method]  # this method's new tokens, seconds and forward passes so far

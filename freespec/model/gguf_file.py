@@ -214,32 +214,69 @@ class GGUFFile:
 
 _GLOBAL_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
                  "lm_head.weight": "output.weight"}
-_LAYER_NAMES = {  # a transformers decoder layer's modules → their GGUF names (llama.cpp's tensor_mapping.py)
+_LAYER_NAMES = {  # a transformers decoder layer's modules → their GGUF names (gguf-py's tensor_mapping.py)
     "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
     "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
     "self_attn.k_norm": "attn_k_norm", "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate",
     "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+}
+_GEMMA_POST_NORMS = {"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
+                     "post_feedforward_layernorm": "post_ffw_norm"}
+_ARCHITECTURE_NAMES = {  # where an architecture names a module otherwise, or has modules Llama has not
+    "phi3": {"self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"},  # fused: ffn_up holds gate and up
+    "gemma2": _GEMMA_POST_NORMS,
+    "gemma3": _GEMMA_POST_NORMS,
 }
 _LAYER_TENSOR = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
 
 PERMUTED_ARCHITECTURES = ("llama",)
 """GGUF architectures whose query and key rows llama.cpp's converter reorders (``permute`` in
 convert_hf_to_gguf.py, for the rotary embedding's interleaved layout): the ones transformers
-reorders back (``TENSOR_PROCESSORS`` in modeling_gguf_pytorch_utils.py). Mistral files are ``llama``."""
+reorders back (``TENSOR_PROCESSORS`` in modeling_gguf_pytorch_utils.py). Mistral files are
+``llama``; Gemma's and Phi-3's rows are written as they are."""
+SHIFTED_NORM_ARCHITECTURES = ("gemma", "gemma2", "gemma3")
+"""GGUF architectures whose norm weights llama.cpp's converter stores as ``1 + w`` (Gemma's
+RMSNorm multiplies by 1 + w; the converter adds the 1, transformers' GGUF loading subtracts it)."""
 
 
-def gguf_name(name: str) -> str | None:
-    """The GGUF name of the transformers tensor ``name`` (None if GGUF has none).
+def gguf_name(name: str, architecture: str = "llama") -> str | None:
+    """The GGUF name of the transformers tensor ``name`` in a file of ``architecture`` (None if it has none).
 
     >>> gguf_name("model.layers.3.self_attn.k_proj.bias"), gguf_name("lm_head.weight")
     ('blk.3.attn_k.bias', 'output.weight')
+    >>> gguf_name("model.layers.0.pre_feedforward_layernorm.weight", "gemma3"), gguf_name("x", "gemma3")
+    ('blk.0.ffn_norm.weight', None)
     """
     if name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[name]
     match = _LAYER_TENSOR.fullmatch(name)
-    if match is None or match[2] not in _LAYER_NAMES:
+    names = {**_LAYER_NAMES, **_ARCHITECTURE_NAMES.get(architecture, {})}
+    if match is None or match[2] not in names:
         return None
-    return f"blk.{match[1]}.{_LAYER_NAMES[match[2]]}.{match[3]}"
+    return f"blk.{match[1]}.{names[match[2]]}.{match[3]}"
+
+
+ROPE_FACTOR_TENSORS = ("rope_factors_long.weight", "rope_factors_short.weight")
+"""Phi-3's LongRoPE factors: llama.cpp's converter stores them as tensors; they belong to the config."""
+
+
+def longrope_parameters(file: GGUFFile) -> dict | None:
+    """Phi-3's LongRoPE parameters as transformers' config holds them (``rope_parameters``), from
+    the file: llama.cpp's converter stores the factors as tensors and the original context as
+    ``<arch>.rope.scaling.original_context_length``, and transformers' GGUF reading leaves both
+    out (a Phi-3-128k file would run without its scaling). None for a file without them.
+    """
+    if not all(name in file.tensors for name in ROPE_FACTOR_TENSORS):
+        return None
+    architecture = file.architecture
+    original = file.metadata.get(f"{architecture}.rope.scaling.original_context_length")
+    base = file.metadata.get(f"{architecture}.rope.freq_base", 10000.0)
+    if not isinstance(original, int) or original <= 0:
+        raise ModelLoadError(f"cannot load GGUF file {file.path}: it has LongRoPE factors but no valid "
+                             f"{architecture}.rope.scaling.original_context_length ({original!r})")
+    long, short = (file.vector(name).tolist() for name in ROPE_FACTOR_TENSORS)
+    return {"rope_type": "longrope", "rope_theta": float(base), "long_factor": long, "short_factor": short,
+            "original_max_position_embeddings": original}
 
 
 def unpermuted_rows(rows: int, heads: int) -> np.ndarray:
@@ -263,16 +300,17 @@ class GGUFTensors:
 
     def __init__(self, file: GGUFFile, config):
         self.file = file
+        self.norm_shift = 1.0 if file.architecture in SHIFTED_NORM_ARCHITECTURES else 0.0
         self._heads = {}
         if file.architecture in PERMUTED_ARCHITECTURES:
             self._heads = {"attn_q": config.num_attention_heads,
                            "attn_k": getattr(config, "num_key_value_heads", None) or config.num_attention_heads}
 
     def has(self, name: str) -> bool:
-        return gguf_name(name) in self.file.tensors
+        return self._gguf_name(name) in self.file.tensors
 
     def where(self, name: str) -> str:
-        return f"GGUF file {self.file.path}: tensor {gguf_name(name) or name}"
+        return f"GGUF file {self.file.path}: tensor {self._gguf_name(name) or name}"
 
     def matrix(self, name: str) -> GGMLWeight:
         matrix = self.file.matrix(self._name(name))
@@ -288,17 +326,20 @@ class GGUFTensors:
 
     def unused(self, names: set[str]) -> list[str]:
         """The file's tensors that none of the transformers ``names`` maps to."""
-        used = {gguf_name(name) for name in names}
+        used = {self._gguf_name(name) for name in names} | set(ROPE_FACTOR_TENSORS)  # read into the config
         return sorted(set(self.file.tensors) - used)
 
+    def _gguf_name(self, name: str) -> str | None:
+        return gguf_name(name, self.file.architecture)
+
     def _name(self, name: str) -> str:
-        found = gguf_name(name)
+        found = self._gguf_name(name)
         if found not in self.file.tensors:
             raise ModelLoadError(f"cannot load {self.where(name)} is missing")
         return found
 
     def _order(self, name: str, rows: int) -> np.ndarray | None:
-        heads = self._heads.get(gguf_name(name).split(".")[2] if name.startswith("model.layers.") else None)
+        heads = self._heads.get(self._gguf_name(name).split(".")[2] if name.startswith("model.layers.") else None)
         if heads is None:
             return None
         if rows % (2 * heads):

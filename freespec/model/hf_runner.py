@@ -31,10 +31,6 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
-from transformers.models.auto.modeling_auto import (
-    MODEL_FOR_CAUSAL_LM_MAPPING,
-    MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
-)
 
 from freespec.kernels import Kernels
 from freespec.kernels import select as select_kernels
@@ -46,24 +42,16 @@ from freespec.model.runner import (
     check_pass,
 )
 from freespec.model.weights import (
-    EXPERT_COUNTS,
-    SUPPORTED_FAMILIES,
     UnsupportedModelError,
+    refuse_unsupported,
+    supported,
 )
 
 if TYPE_CHECKING:
     from freespec.model.loading import LoadedModel
 
-ATTENTION_KINDS = ("full_attention", "sliding_attention")  # layer types the masks cover
-CAUSAL_HEADS = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")  # architecture names that generate
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "max_seq_len", "seq_length",
                 "n_ctx")
-
-
-def supported() -> str:
-    """What freespec runs, for error messages."""
-    return (f"supported: decoder-only causal LMs with a tokenizer (fast path: {', '.join(SUPPORTED_FAMILIES)}; "
-            "any other through transformers)")
 
 
 def make_runner(loaded: LoadedModel, kernels: Kernels, device: str | torch.device = "cpu") -> ModelRunner | TransformersRunner:
@@ -102,33 +90,6 @@ def torch_device(name: str | torch.device) -> torch.device:
     if not available:
         raise ValueError(f"device {str(name)!r} is not available here (torch {torch.__version__}); use --device cpu")
     return device
-
-
-def refuse_unsupported(config) -> None:
-    """Raise :class:`UnsupportedModelError` in one line for a model no runner takes, from its config
-    alone (before any weight loads): encoder-decoder models, checkpoints without a causal-LM head,
-    mixture-of-experts models and models with recurrent state (Mamba, RWKV, linear attention)."""
-    family = config.model_type
-    # a decoder taken out of an encoder-decoder model (BartForCausalLM) says is_encoder_decoder=False
-    if getattr(config, "is_encoder_decoder", False) or family in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES:
-        raise UnsupportedModelError(f"{family} is an encoder-decoder model; {supported()}")
-    architectures = getattr(config, "architectures", None) or []
-    if architectures and not any(name.endswith(CAUSAL_HEADS) for name in architectures):
-        raise UnsupportedModelError(f"the {family} checkpoint has no causal-LM head ({', '.join(architectures)}); "
-                                    f"{supported()}")
-    model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
-    if model_class is None:
-        raise UnsupportedModelError(f"{family} is not a causal LM transformers knows; {supported()}")
-    text = config.get_text_config(decoder=True)
-    if any(isinstance(experts := getattr(text, key, None), int) and experts > 1 for key in EXPERT_COUNTS):
-        raise UnsupportedModelError(f"{family} is a mixture-of-experts model, not supported yet; {supported()}")
-    if getattr(model_class, "_is_stateful", False):
-        raise UnsupportedModelError(f"{family} keeps a recurrent state, which cannot follow a draft tree; "
-                                    f"{supported()}")
-    unknown = set(getattr(text, "layer_types", None) or []) - set(ATTENTION_KINDS)
-    if unknown:
-        raise UnsupportedModelError(f"{family} has {', '.join(sorted(unknown))} layers, which freespec cannot run "
-                                    f"on a draft tree; {supported()}")
 
 
 class _Passthrough(torch.nn.Module):

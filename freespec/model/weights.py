@@ -5,8 +5,8 @@ The forward pass needs its own layout, not the modules': fused QKV and gate/up m
 matmul each: :class:`freespec.kernels.Stacked` when read from files, whose parts may be of
 different formats), GPT-2's Conv1D weights turned to [out, in], norms as (weight, eps) (Gemma's
 ``x * (1 + w)`` norms with the 1 added to the weight in fp32, as transformers adds it), each
-layer's sliding window as transformers' masks give it. :func:`from_tensors` builds a Llama-style
-model from named tensors (a GGUF or safetensors file, read in place:
+layer's sliding window as transformers' masks give it. :func:`from_tensors` builds a Llama-style,
+Phi-3 or Gemma 1-3 model from named tensors (a GGUF or safetensors file, read in place:
 :mod:`freespec.model.gguf_file`, :mod:`freespec.model.safetensors_file`), checking every shape
 against the config; :func:`extract` takes a transformers model's parameters as fp32 (tests' tiny
 models, architectures without a file reader), and :func:`pack_weights` replaces those that are
@@ -35,6 +35,7 @@ from freespec.kernels.weights import (
 )
 from freespec.model.errors import ModelLoadError
 from freespec.model.quant import pack_all
+from freespec.model.rotary import rope_parameters
 
 log = logging.getLogger(__name__)
 
@@ -47,28 +48,59 @@ EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_nu
 """Config fields that make a model a mixture of experts when set."""
 
 
+ATTENTION_KINDS = ("full_attention", "sliding_attention")  # layer types the runners' masks cover
+CAUSAL_HEADS = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")  # architecture names that generate
+
+
 class UnsupportedModelError(ValueError):
     """A model freespec cannot run; the message is one line and names what it supports."""
 
 
 def supported() -> str:
-    return f"supported: {', '.join(SUPPORTED_FAMILIES)}"
+    """What freespec runs, for error messages."""
+    return (f"supported: decoder-only causal LMs with a tokenizer (fast path: {', '.join(SUPPORTED_FAMILIES)}; "
+            "any other through transformers)")
 
 
-def check_architecture(config) -> None:
-    """Refuse, in one line, models no runner serves: encoder-decoder and mixture-of-experts models.
-    Needs only the config, so a loader can ask before reading any weights."""
+def refuse_unsupported(config) -> None:
+    """Raise :class:`UnsupportedModelError` in one line for a model no runner takes, from its config
+    alone (before any weight loads): encoder-decoder models, checkpoints without a causal-LM head,
+    mixture-of-experts models, models with recurrent state (Mamba, RWKV, linear attention) and
+    layer types no mask covers. The one place these refusals are worded."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING,
+        MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+    )
+
     family = config.model_type
-    if getattr(config, "is_encoder_decoder", False):
-        raise UnsupportedModelError(f"{family!r} is an encoder-decoder model; freespec runs decoder-only causal "
-                                    f"language models ({supported()})")
-    if any(getattr(config.get_text_config(), name, None) for name in EXPERT_COUNTS):
-        raise UnsupportedModelError(f"{family!r} is a mixture-of-experts model, which freespec does not run yet "
-                                    f"({supported()})")
+    # a decoder taken out of an encoder-decoder model (BartForCausalLM) says is_encoder_decoder=False
+    if getattr(config, "is_encoder_decoder", False) or family in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES:
+        raise UnsupportedModelError(f"{family} is an encoder-decoder model; {supported()}")
+    architectures = getattr(config, "architectures", None) or []
+    if architectures and not any(name.endswith(CAUSAL_HEADS) for name in architectures):
+        raise UnsupportedModelError(f"the {family} checkpoint has no causal-LM head ({', '.join(architectures)}); "
+                                    f"{supported()}")
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    if model_class is None:
+        raise UnsupportedModelError(f"{family} is not a causal LM transformers knows; {supported()}")
+    text = config.get_text_config(decoder=True)
+    if any(isinstance(experts := getattr(text, key, None), int) and experts > 1 for key in EXPERT_COUNTS):
+        raise UnsupportedModelError(f"{family} is a mixture-of-experts model, not supported yet; {supported()}")
+    if getattr(model_class, "_is_stateful", False):
+        raise UnsupportedModelError(f"{family} keeps a recurrent state, which cannot follow a draft tree; "
+                                    f"{supported()}")
+    unknown = set(getattr(text, "layer_types", None) or []) - set(ATTENTION_KINDS)
+    if unknown:
+        raise UnsupportedModelError(f"{family} has {', '.join(sorted(unknown))} layers, which freespec cannot run "
+                                    f"on a draft tree; {supported()}")
 
 
 class TensorSource(Protocol):
     """A model file's tensors under transformers' names (``model.layers.0.self_attn.q_proj.weight``)."""
+
+    norm_shift: float
+    """What the file adds to Gemma's norm weights: llama.cpp's converter stores ``1 + w``
+    (the factor its runtime multiplies by), a safetensors checkpoint ``w`` itself (0)."""
 
     def has(self, name: str) -> bool: ...
 
@@ -85,19 +117,34 @@ class TensorSource(Protocol):
         """The file's tensors that none of ``names`` is."""
 
 
+FILE_FAMILIES = LLAMA_STYLE + PHI3_STYLE + ("gemma", "gemma2", "gemma3_text")
+"""Families whose weights are read from their files in place (:func:`from_tensors`); the others
+(GPT-2, Gemma 3's multimodal checkpoints) load through transformers and :func:`extract`."""
+POST_NORM_FAMILIES = ("gemma2", "gemma3_text", "gemma3")
+"""Gemma 2 and 3: a norm before the MLP (pre_feedforward_layernorm) and a norm of each block's
+output before its residual add (post_attention_layernorm, post_feedforward_layernorm)."""
+
+
 def from_tensors(config, source: TensorSource) -> ModelWeights:
-    """The weights of a Llama-style model (see LLAMA_STYLE) from its file, in the file's formats.
+    """The weights of a model of :data:`FILE_FAMILIES` from its file, in the file's formats: the
+    ModelWeights :func:`extract` takes from the same model in transformers.
 
     Every matrix's shape is checked against ``config``; q, k, v and gate, up are stacked (each
-    keeps its own format), biases where the file has them. With ``tie_word_embeddings`` (a GGUF
-    file without an output matrix) the head is the embedding matrix itself.
+    keeps its own format) unless the file holds them fused (Phi-3's qkv_proj and gate_up_proj),
+    biases where the file has them. Gemma's norms multiply by ``1 + w``, computed in fp32 from
+    the file's ``w`` (``source.norm_shift``) as transformers computes it. With
+    ``tie_word_embeddings`` (a GGUF file without an output matrix) the head is the embedding matrix itself.
     """
-    if config.model_type not in LLAMA_STYLE:
-        raise UnsupportedModelError(f"{config.model_type} models are read through transformers, not from the file")
+    family = config.model_type
+    if family not in FILE_FAMILIES:
+        raise UnsupportedModelError(f"{family} has no file reader; {supported()}")
+    refuse_unsupported(config)
+    check_text_config(config)
     heads, hidden = config.num_attention_heads, config.hidden_size
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or hidden // heads
     intermediate, vocab, eps = config.intermediate_size, config.vocab_size, config.rms_norm_eps
+    gemma, post_norms = family in GEMMA_STYLE, family in POST_NORM_FAMILIES
     read: set[str] = set()
 
     def matrix(name: str, rows: int, columns: int) -> Matrix:
@@ -127,30 +174,49 @@ def from_tensors(config, source: TensorSource) -> ModelWeights:
     def linear(name: str, rows: int, columns: int) -> Linear:
         return Linear(matrix(f"{name}.weight", rows, columns), bias(f"{name}.bias", rows))
 
+    def fused_or_stacked(prefix: str, fused: str, names: Sequence[str], sizes: Sequence[int]) -> Linear:
+        """Phi-3's fused projection where the file has it, else the parts stacked."""
+        if source.has(f"{prefix}.{fused}.weight"):
+            return linear(f"{prefix}.{fused}", sum(sizes), hidden)
+        return stacked(prefix, names, sizes, hidden)
+
     def norm(name: str, size: int) -> RMSNorm:
-        return RMSNorm(vector(name, size), float(eps))
+        weight = vector(name, size)
+        if gemma:  # as transformers does: its GGUF loading subtracts the 1 llama.cpp added, the norm adds 1
+            weight = 1.0 + (weight - source.norm_shift)
+        return RMSNorm(weight, float(eps))
 
     layers = []
-    for index, window in enumerate(layer_windows(config)):
+    for index, (window, rotary) in enumerate(zip(layer_windows(config), layer_rotary(config))):
         prefix = f"model.layers.{index}"
         qk_norm = source.has(f"{prefix}.self_attn.q_norm.weight")
         layers.append(DecoderLayer(
             attn_norm=norm(f"{prefix}.input_layernorm.weight", hidden),
-            qkv=stacked(f"{prefix}.self_attn", ("q_proj", "k_proj", "v_proj"),
-                        (heads * head_dim, kv_heads * head_dim, kv_heads * head_dim), hidden),
+            qkv=fused_or_stacked(f"{prefix}.self_attn", "qkv_proj", ("q_proj", "k_proj", "v_proj"),
+                                 (heads * head_dim, kv_heads * head_dim, kv_heads * head_dim)),
             o=linear(f"{prefix}.self_attn.o_proj", hidden, heads * head_dim),
-            mlp_norm=norm(f"{prefix}.post_attention_layernorm.weight", hidden),
-            up=stacked(f"{prefix}.mlp", ("gate_proj", "up_proj"), (intermediate, intermediate), hidden),
+            mlp_norm=norm(f"{prefix}.{'pre_feedforward' if post_norms else 'post_attention'}_layernorm.weight",
+                          hidden),
+            up=fused_or_stacked(f"{prefix}.mlp", "gate_up_proj", ("gate_proj", "up_proj"), (intermediate,) * 2),
             down=linear(f"{prefix}.mlp.down_proj", hidden, intermediate),
             gated=True,
             q_norm=norm(f"{prefix}.self_attn.q_norm.weight", head_dim) if qk_norm else None,
             k_norm=norm(f"{prefix}.self_attn.k_norm.weight", head_dim) if qk_norm else None,
+            post_attn_norm=norm(f"{prefix}.post_attention_layernorm.weight", hidden) if post_norms else None,
+            post_mlp_norm=norm(f"{prefix}.post_feedforward_layernorm.weight", hidden) if post_norms else None,
             window=window,
+            rotary=rotary,
         ))
     embed = matrix("model.embed_tokens.weight", vocab, hidden)
     lm_head = Linear(embed) if getattr(config, "tie_word_embeddings", False) else linear("lm_head", vocab, hidden)
-    weights = ModelWeights(embed, None, layers, norm("model.norm.weight", hidden), lm_head,
-                           Heads(heads, kv_heads, head_dim, head_dim**-0.5), config.hidden_act)
+    scale = (getattr(config, "query_pre_attn_scalar", None) or head_dim) ** -0.5 if post_norms else head_dim**-0.5
+    weights = ModelWeights(
+        embed, None, layers, norm("model.norm.weight", hidden), lm_head,
+        Heads(heads, kv_heads, head_dim, scale, getattr(config, "attn_logit_softcapping", None)),
+        getattr(config, "hidden_activation", None) or config.hidden_act,
+        embed_scale=float(torch.tensor(hidden**0.5)) if gemma else None,  # as transformers' fp32 model scales
+        final_softcap=getattr(config, "final_logit_softcapping", None),
+    )
     unused = source.unused(read)
     if unused:
         more = " ..." if len(unused) > 8 else ""
@@ -177,10 +243,10 @@ def weight_formats(weights: ModelWeights) -> list[str]:
 def extract(hf_model: torch.nn.Module) -> ModelWeights:
     """The weights of a supported transformers causal LM (see SUPPORTED_FAMILIES)."""
     config = hf_model.config
-    check_architecture(config)
+    refuse_unsupported(config)
     family = config.model_type
     if family not in SUPPORTED_FAMILIES:
-        raise UnsupportedModelError(f"unsupported architecture {family!r}; {supported()}")
+        raise UnsupportedModelError(f"{family} has no fast path; {supported()}")
     output = hf_model.get_output_embeddings()
     lm_head = Linear(_fp32(output.weight), _optional_fp32(getattr(output, "bias", None)))
     embed = _fp32(hf_model.get_input_embeddings().weight)
@@ -236,17 +302,33 @@ def _rms_norm(module: torch.nn.Module | None) -> RMSNorm | None:
 def layer_windows(config) -> list[int | None]:
     """Each layer's sliding window as transformers' masks give it: per ``layer_types`` where the
     config has them (Gemma 2/3, Qwen2/3), else ``sliding_window`` for every layer (Mistral, Phi-3).
-    Needs only the (text) config: loaders that read weights from files use it too."""
+    Needs only the (text) config: loaders that read weights from files use it too. Other layer
+    types are refused earlier (:func:`refuse_unsupported`)."""
     window = getattr(config, "sliding_window", None)
     window = int(window) if window else None
     types = getattr(config, "layer_types", None)
     if types is None:
         return [window] * config.num_hidden_layers
-    unknown = sorted(set(types) - {"full_attention", "sliding_attention"})
-    if unknown:
-        raise UnsupportedModelError(f"{config.model_type!r} has {', '.join(unknown)} layers, which freespec does not "
-                                    f"run yet ({supported()})")
     return [window if kind == "sliding_attention" else None for kind in types]
+
+
+def check_text_config(config) -> None:
+    """Refuse, in one line, rotary decoders of a fast-path family in a variant it does not compute."""
+    if getattr(config, "use_bidirectional_attention", False):
+        raise UnsupportedModelError(f"{config.model_type} with bidirectional attention has no fast path; {supported()}")
+    rope = getattr(config, "rope_parameters", None) or {}
+    if float(rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) or 1.0) != 1.0:
+        raise UnsupportedModelError(f"{config.model_type} with a partial rotary embedding (e.g. Phi-4-mini) has no "
+                                    f"fast path; {supported()}")
+
+
+def layer_rotary(config) -> list[str | None]:
+    """Each layer's rotary table (:attr:`DecoderLayer.rotary`): its layer type where the config's
+    rope parameters are per layer type (Gemma 3: local and global bases), else None (one table)."""
+    types, rope = getattr(config, "layer_types", None), rope_parameters(config)
+    if types is None or not all(kind in rope for kind in types):
+        return [None] * config.num_hidden_layers
+    return list(types)
 
 
 def _rotary_decoder(hf_model: torch.nn.Module, embed: torch.Tensor, lm_head: Linear) -> ModelWeights:
@@ -254,18 +336,11 @@ def _rotary_decoder(hf_model: torch.nn.Module, embed: torch.Tensor, lm_head: Lin
     embeddings, GeGLU, (1 + w) norms; Gemma 2 and 3: post-norms, sliding windows on alternate
     layers, soft-capping; Gemma 3: per-head query and key norms, a rotary table per layer type)."""
     config, inner = hf_model.config.get_text_config(), decoder_stack(hf_model)
-    if getattr(config, "use_bidirectional_attention", False):
-        raise UnsupportedModelError(f"{config.model_type!r} with bidirectional attention is not a causal language "
-                                    f"model ({supported()})")
-    rope = getattr(config, "rope_parameters", None) or {}
-    if float(rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) or 1.0) != 1.0:
-        raise UnsupportedModelError(f"{config.model_type!r} with a partial rotary embedding (e.g. Phi-4-mini) is not "
-                                    f"supported ({supported()})")
+    check_text_config(config)
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    per_type_rotary = isinstance(getattr(inner.rotary_emb, "rope_type", None), dict)  # Gemma 3
     layers, scale = [], head_dim**-0.5
-    for index, (layer, window) in enumerate(zip(inner.layers, layer_windows(config))):
+    for layer, window, rotary in zip(inner.layers, layer_windows(config), layer_rotary(config)):
         attn, mlp = layer.self_attn, layer.mlp
         scale = getattr(attn, "scaling", scale)
         # Gemma 2 and 3 norm the MLP's input with pre_feedforward_layernorm; post_attention_layernorm is a post-norm
@@ -284,7 +359,7 @@ def _rotary_decoder(hf_model: torch.nn.Module, embed: torch.Tensor, lm_head: Lin
             post_attn_norm=_rms_norm(layer.post_attention_layernorm) if pre_mlp is not None else None,
             post_mlp_norm=_rms_norm(getattr(layer, "post_feedforward_layernorm", None)),
             window=window,
-            rotary=config.layer_types[index] if per_type_rotary else None,
+            rotary=rotary,
         ))
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     embedding = hf_model.get_input_embeddings()
@@ -310,7 +385,7 @@ def _conv1d(module: torch.nn.Module) -> Linear:
 def _gpt2(hf_model: torch.nn.Module, embed: torch.Tensor, lm_head: Linear) -> ModelWeights:
     config, inner = hf_model.config, hf_model.transformer
     if getattr(config, "scale_attn_by_inverse_layer_idx", False) or getattr(config, "reorder_and_upcast_attn", False):
-        raise UnsupportedModelError("GPT-2 variants with per-layer attention scaling are not supported")
+        raise UnsupportedModelError(f"GPT-2 with per-layer attention scaling has no fast path; {supported()}")
     head_dim = config.n_embd // config.n_head
     layers = [
         DecoderLayer(attn_norm=_layer_norm(block.ln_1), qkv=_conv1d(block.attn.c_attn), o=_conv1d(block.attn.c_proj),

@@ -400,13 +400,18 @@ def test_compare_shows_per_method_and_category_changes(tmp_path, capsys):
 
 # --- command line ------------------------------------------------------------------------------
 
-def test_models_without_a_chat_template_are_refused(tmp_path):
+def test_a_base_model_without_a_chat_template_gets_raw_text(tmp_path):
+    """Gemma-3-270M has no chat template: each turn is the conversation so far as raw text."""
     tokenizer = word_tokenizer()
     tokenizer.chat_template = None
     plain = Model(from_transformers(tiny_model("llama"), tokenizer, "plain"))
-    questions = bench.load_questions(write_questions(tmp_path / "q.jsonl", (1, "qa", "w1")))
-    with pytest.raises(bench.BenchError, match="plain has no chat template"):
-        bench.run_bench(plain, questions, ["none"], tmp_path / "out", Setup(plain, 4), progress=False)
+    questions = bench.load_questions(write_questions(tmp_path / "q.jsonl", (1, "qa", "w1", "w2")))
+    assert bench.turn_prompt(plain, questions[0], 2, ["w3 w4"]) == plain.encode("w1\n\nw3 w4\n\nw2\n\n", chat=False)
+    bench.run_bench(plain, questions, ["none", "hf-greedy"], tmp_path / "out", Setup(plain, 4), progress=False)
+    records = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert len(records) == 4
+    by_method = {(r["method"], r["turn"]): r["text"] for r in records}
+    assert by_method["none", 1] == by_method["hf-greedy", 1]
 
 
 def test_cli_bench_errors(tmp_path, capsys):

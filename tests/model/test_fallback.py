@@ -31,12 +31,11 @@ from freespec.engine.tree import DraftTree
 from freespec.model.hf_runner import (
     TransformersRunner,
     make_runner,
-    refuse_unsupported,
     torch_device,
 )
 from freespec.model.loading import from_transformers
 from freespec.model.runner import ModelRunner, PrefillCancelled
-from freespec.model.weights import UnsupportedModelError
+from freespec.model.weights import UnsupportedModelError, refuse_unsupported
 from tests.helpers import (
     FALLBACK_FAMILIES,
     PROMPTS,

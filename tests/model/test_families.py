@@ -17,7 +17,7 @@ from transformers import (
 from freespec import kernels
 from freespec.engine.tree import DraftTree
 from freespec.model import runner as runner_module
-from freespec.model.weights import UnsupportedModelError, check_architecture, extract
+from freespec.model.weights import UnsupportedModelError, extract, refuse_unsupported
 from tests.helpers import (
     FAMILIES,
     WINDOW,
@@ -223,13 +223,13 @@ def test_gemma_norms_fold_the_one_into_the_weight_exactly():
 
 @pytest.mark.parametrize("config, message", [
     (MixtralConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                   intermediate_size=64), r"^'mixtral' is a mixture-of-experts model, which freespec does not run yet"),
-    (T5Config(vocab_size=64, d_model=32, num_layers=1, num_heads=2), r"^'t5' is an encoder-decoder model"),
+                   intermediate_size=64), r"^mixtral is a mixture-of-experts model, not supported yet; supported: "),
+    (T5Config(vocab_size=64, d_model=32, num_layers=1, num_heads=2), r"^t5 is an encoder-decoder model; supported: "),
 ])
 def test_models_no_runner_serves_get_one_line(config, message):
     with pytest.raises(UnsupportedModelError, match=message) as error:
-        check_architecture(config)
-    assert "\n" not in str(error.value) and "supported: llama" in str(error.value)
+        refuse_unsupported(config)
+    assert "\n" not in str(error.value) and "(fast path: llama, " in str(error.value)
 
 
 def test_variants_the_runner_cannot_compute_are_refused_in_one_line(c_kernels):

