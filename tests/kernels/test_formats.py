@@ -263,7 +263,7 @@ def test_repacked_blocks_are_the_same_weights_and_give_the_same_bits(name, colum
 
 
 def test_repack_keeps_other_kinds_and_repacks_stacked_parts(c_kernels):
-    from freespec.kernels.weights import map_matrices, repack
+    from freespec.kernels.weights import repack
 
     q4 = kernels.GGMLWeight("Q4_1", weight_bytes(GGMLQuantizationType.Q4_1, 6, 64), (6, 64))
     q6 = kernels.GGMLWeight("Q6_K", weight_bytes(GGMLQuantizationType.Q6_K, 6, 256), (6, 256))
