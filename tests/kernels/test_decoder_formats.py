@@ -98,7 +98,8 @@ class Pass:
     def __call__(self, tokens: list[int], past: int, tree_mask: torch.Tensor, positions: list[int]) -> torch.Tensor:
         tokens, rows = torch.tensor(tokens), torch.tensor(positions)
         if self.decoder is not None:
-            return self.decoder(tokens, self.keys, self.values, past, tree_mask, self.cos, self.sin, rows)
+            sequence = kernels.PassSequence(self.keys, self.values, past, tree_mask)
+            return self.decoder(tokens, rows, [sequence], [(self.cos, self.sin, rows)])
         backend, weights = self.backend, self.weights
         attention = backend.attention(past, tree_mask, HEADS)
         rotation = (self.cos[rows], self.sin[rows])
