@@ -42,6 +42,7 @@ def main() -> None:
     parser.add_argument("--methods", default="suffix,lookup,recycling,suffix+recycling")
     parser.add_argument("--per-category", type=int, default=1)
     parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--limit", type=int, help="at most this many questions")
     parser.add_argument("--repeat", type=int, default=1, help="ask every question this many times")
     args = parser.parse_args()
     methods = args.methods.split(",")
@@ -51,7 +52,7 @@ def main() -> None:
         model.generate("Hello there.", drafter=method, max_new_tokens=16)  # warm-up, then time it
         timed(model.drafter(method)[0], totals[method])
         totals[method].clear()
-    questions = load_questions(DEFAULT_QUESTIONS, per_category=args.per_category)
+    questions = load_questions(DEFAULT_QUESTIONS, per_category=args.per_category, limit=args.limit)
     for _ in range(args.repeat):
         for question in questions:
             for method in methods:
