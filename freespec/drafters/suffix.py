@@ -14,11 +14,13 @@ frequency, fused into one tree (:class:`freespec.drafters.fused.Fused`):
 A child's raw score is its share of its parent's occurrences (a count of one more than the
 occurrences with a continuation, so that one earlier occurrence reads 1/2 and twenty that agree
 20/21); :class:`freespec.drafters.scoring.DepthCalibration` maps it to the chance of acceptance
-seen so far for that source, match length and depth. SuffixDecoding's stopping rule: each source
-drafts from the match length, among its longest and the next shorter ones, whose tree has the
-most expected accepted tokens (the sum of its nodes' probabilities), no deeper than
-``factor * match + offset`` and no node below ``floor``; the engine's budget policy then verifies
-the prefix with the most tokens per second by the same scores.
+seen so far for that source, match length and depth. SuffixDecoding's stopping rule: no node whose
+path probability (its expected acceptance) is below ``floor``, none deeper than
+``factor * match + offset``, and the engine's budget policy verifies the prefix with the most
+tokens per second by the same scores. SuffixDecoding also compares match lengths by their trees'
+expected accepted tokens (the sum of their nodes' probabilities); ``candidates`` > 1 does that
+among the longest match and the next shorter ones, which on Spec-Bench did not raise τ
+(docs/drafters.md), so by default each source drafts from its longest match.
 """
 
 from __future__ import annotations
