@@ -23,6 +23,7 @@ whose root's drafted children all failed; a deep miss, one that accepted some no
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -61,7 +62,7 @@ def record_steps(drafter, steps: list[dict], labels: dict) -> None:
 
 class SourcesOwnScores:
     """Stands in for a fused drafter's calibration: a merged node keeps the best of its sources'
-    own calibrated chances, whoever drafted it (the ablation of ``--plain-fusion``)."""
+    own calibrated chances, whoever drafted it (the twin ``--plain-fusion`` adds)."""
 
     def __call__(self, group: int, depth: int, share: float) -> float:
         return share
@@ -70,39 +71,51 @@ class SourcesOwnScores:
         pass
 
 
+PLAIN = " (plain fusion)"
+
+
 def run(methods: list[str], per_category: int, max_new_tokens: int, limit: int | None,
         plain_fusion: bool = False) -> list[dict]:
+    """Record every method's verified drafts. ``plain_fusion``: each fused method also runs as a
+    twin whose merged nodes keep their sources' own scores (:class:`SourcesOwnScores`),
+    interleaved with it per question."""
     model = freespec.load()
     steps: list[dict] = []
-    labels = {method: {"method": method} for method in methods}
+    names = []
     for method in methods:
-        drafter = model.drafter(method)[0]
-        if plain_fusion and isinstance(drafter, Fused):
-            drafter.calibration = SourcesOwnScores()
-        model.generate("Hello there.", drafter=method, max_new_tokens=16)
-        record_steps(drafter, steps, labels[method])
+        names.append(method)
+        if plain_fusion and isinstance(model.drafter(method)[0], Fused):
+            twin = model._drafters[method + PLAIN] = copy.deepcopy(model.drafter(method))  # drafter and policy, unused
+            twin[0].calibration = SourcesOwnScores()
+            names.append(method + PLAIN)
+    labels = {name: {"method": name} for name in names}
+    for name in names:
+        model.generate("Hello there.", drafter=name, max_new_tokens=16)
+        record_steps(model.drafter(name)[0], steps, labels[name])
     for question in load_questions(DEFAULT_QUESTIONS, per_category=per_category, limit=limit):
-        for method in methods:
-            labels[method]["category"] = question.category
-            stats = model.generate(question.turns[0], drafter=method, max_new_tokens=max_new_tokens).stats
-            steps.append({"method": method, "category": question.category, "tokens": stats.new_tokens,
-                          "passes": stats.forward_passes})
+        for name in names:
+            labels[name]["category"] = question.category
+            stats = model.generate(question.turns[0], drafter=name, max_new_tokens=max_new_tokens).stats
+            steps.append({"method": name, "category": question.category, "tokens": stats.new_tokens,
+                          "passes": stats.forward_passes, "seconds": stats.decode_seconds})
     return steps
 
 
 def tau_table(steps: list[dict]) -> str:
     """Per method: τ over all passes, and the passes that verified a draft."""
-    totals = defaultdict(lambda: [0, 0, 0])
+    totals = defaultdict(lambda: [0, 0, 0, 0.0])
     for step in steps:
         total = totals[step["method"]]
         if "tokens" in step:
             total[0] += step["tokens"]
             total[1] += step["passes"]
+            total[3] += step.get("seconds", 0.0)
         else:
             total[2] += 1
-    lines = ["| method | τ | passes | passes that verified a draft |", "|---|---|---|---|"]
-    for method, (tokens, passes, drafted) in totals.items():
-        lines.append(f"| {method} | {tokens / passes:.2f} | {passes} | {percent(drafted, passes)} |")
+    lines = ["| method | τ | decode tok/s | passes | passes that verified a draft |", "|---|---|---|---|---|"]
+    for method, (tokens, passes, drafted, seconds) in totals.items():
+        speed = f"{tokens / seconds:.1f}" if seconds else "—"
+        lines.append(f"| {method} | {tokens / passes:.2f} | {speed} | {passes} | {percent(drafted, passes)} |")
     return "\n".join(lines)
 
 
@@ -197,7 +210,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--limit", type=int, help="at most this many questions")
     parser.add_argument("--plain-fusion", action="store_true",
-                        help="fused drafters keep their sources' own scores (no calibration per set of sources)")
+                        help="also run each fused method as a twin whose merged nodes keep their sources' own "
+                             "scores (no calibration per set of sources), interleaved with it")
     parser.add_argument("--results", type=Path, help="a bench run's results.jsonl to summarise instead")
     parser.add_argument("--steps", type=Path, help="write (or, if it exists, read) the recorded steps here")
     args = parser.parse_args()
