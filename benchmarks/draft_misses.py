@@ -11,9 +11,15 @@ Two inputs:
   that drafted it (a fused drafter's members; ``suffix``'s request, store and corpus).
 
     python benchmarks/draft_misses.py --methods suffix,recycling,suffix+recycling --per-category 2
+    python benchmarks/draft_misses.py --methods lookup,recycling,suffix,suffix+recycling --per-category 5 \
+        --budget 4 --steps steps.jsonl.gz
     python benchmarks/draft_misses.py --results bench-out/results.jsonl
 
-Prints τ per method, then the misses per method and category, then per source and depth.
+Prints τ per method and per category (a fused method next to the best of its members), the misses
+per method and category, per source and depth, and the first tokens by the sources that drafted
+them and by how many were tried. ``--budget`` fixes the nodes verified per pass, so τ does not
+depend on the machine's load (the budget policy's choice does); ``--steps`` keeps the records
+(gzipped if the name ends in .gz) and summarises them again without a run.
 
 A verified node *fails* when its parent was accepted and it was not (a *try* that missed); it is
 *in vain* when its parent was not accepted (it never had a chance). A first-token miss is a pass
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gzip
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -75,11 +82,12 @@ PLAIN = " (plain fusion)"
 
 
 def run(methods: list[str], per_category: int, max_new_tokens: int, limit: int | None,
-        plain_fusion: bool = False) -> list[dict]:
+        plain_fusion: bool = False, budget: int | None = None, threads: int = 1) -> list[dict]:
     """Record every method's verified drafts. ``plain_fusion``: each fused method also runs as a
     twin whose merged nodes keep their sources' own scores (:class:`SourcesOwnScores`),
-    interleaved with it per question."""
-    model = freespec.load()
+    interleaved with it per question. ``budget``: draft nodes verified per pass (None: the budget
+    policy chooses from measured costs, so τ then depends on the machine's load)."""
+    model = freespec.load(budget=budget, threads=threads)
     steps: list[dict] = []
     names = []
     for method in methods:
@@ -116,6 +124,30 @@ def tau_table(steps: list[dict]) -> str:
     for method, (tokens, passes, drafted, seconds) in totals.items():
         speed = f"{tokens / seconds:.1f}" if seconds else "—"
         lines.append(f"| {method} | {tokens / passes:.2f} | {speed} | {passes} | {percent(drafted, passes)} |")
+    return "\n".join(lines)
+
+
+def category_tau_table(steps: list[dict]) -> str:
+    """τ per category (columns) and method (rows); a fused method ``a+b`` also gets a row with
+    its margin over the best of its members that ran, per category."""
+    totals = defaultdict(lambda: [0, 0])  # (method, category) → tokens, passes
+    for step in steps:
+        if "tokens" in step:
+            for category in (step["category"], "all"):
+                total = totals[step["method"], category]
+                total[0] += step["tokens"]
+                total[1] += step["passes"]
+    methods = list(dict.fromkeys(method for method, _ in totals))
+    categories = ["all", *sorted({category for _, category in totals} - {"all"})]
+    tau = {key: tokens / passes for key, (tokens, passes) in totals.items()}
+    lines = ["| method | " + " | ".join(categories) + " |", "|---" * (len(categories) + 1) + "|"]
+    for method in methods:
+        lines.append(f"| {method} | " + " | ".join(f"{tau[method, c]:.2f}" for c in categories) + " |")
+        members = [m for m in method.split("+") if m in methods] if "+" in method else []
+        if members:
+            margins = [tau[method, c] - max(tau[m, c] for m in members) for c in categories]
+            lines.append(f"| {method} − best of {', '.join(members)} | "
+                         + " | ".join(f"{margin:+.2f}" for margin in margins) + " |")
     return "\n".join(lines)
 
 
@@ -182,6 +214,32 @@ def sources_table(steps: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def first_nodes_table(steps: list[dict]) -> str:
+    """Per method: the root's drafted children by the set of sources that drafted each (tries,
+    accepted, mean predicted chance), and the passes by how many first tokens they tried (how
+    often one of them was accepted)."""
+    by_sources = defaultdict(lambda: [0, 0, 0.0])  # (method, sources) → tries, hits, predicted sum
+    by_width = defaultdict(lambda: [0, 0])  # (method, first tokens) → passes, passes with a hit
+    for step in filter(is_pass, steps):
+        accepted, parents, scores = set(step["accepted"]), step["parents"], step["scores"]
+        first = [node for node in range(1, len(parents)) if parents[node] == 0]
+        width = by_width[step["method"], len(first)]
+        width[0] += 1
+        width[1] += len(step["accepted"]) > 1
+        for node in first:
+            row = by_sources[step["method"], " and ".join(sorted(step["sources"][node]))]
+            row[0] += 1
+            row[1] += node in accepted
+            row[2] += scores[node] if scores is not None else 0.0
+    lines = ["| method | first token drafted by | tries | accepted | predicted |", "|---|---|---|---|---|"]
+    for (method, sources), (tries, hits, predicted) in sorted(by_sources.items(), key=lambda item: (item[0][0], -item[1][0])):
+        lines.append(f"| {method} | {sources} | {tries} | {percent(hits, tries)} | {percent(predicted, tries)} |")
+    lines += ["", "| method | first tokens tried | passes | one of them accepted |", "|---|---|---|---|"]
+    for (method, width), (passes, hits) in sorted(by_width.items()):
+        lines.append(f"| {method} | {width} | {passes} | {percent(hits, passes)} |")
+    return "\n".join(lines)
+
+
 def bench_table(path: Path) -> str:
     """First-token misses from a bench run's per-pass records (no sources there)."""
     rows = defaultdict(lambda: defaultdict(float))
@@ -212,6 +270,9 @@ def main() -> None:
     parser.add_argument("--plain-fusion", action="store_true",
                         help="also run each fused method as a twin whose merged nodes keep their sources' own "
                              "scores (no calibration per set of sources), interleaved with it")
+    parser.add_argument("--budget", type=int,
+                        help="draft nodes verified per pass (default: chosen from measured costs, load-dependent)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (τ does not depend on them)")
     parser.add_argument("--results", type=Path, help="a bench run's results.jsonl to summarise instead")
     parser.add_argument("--steps", type=Path, help="write (or, if it exists, read) the recorded steps here")
     args = parser.parse_args()
@@ -219,12 +280,18 @@ def main() -> None:
         print(bench_table(args.results))
         return
     if args.steps and args.steps.exists():
-        steps = [json.loads(line) for line in args.steps.read_text().splitlines()]
+        opener = gzip.open if args.steps.suffix == ".gz" else open
+        with opener(args.steps, "rt", encoding="utf-8") as lines:
+            steps = [json.loads(line) for line in lines]
     else:
-        steps = run(args.methods.split(","), args.per_category, args.max_new_tokens, args.limit, args.plain_fusion)
+        steps = run(args.methods.split(","), args.per_category, args.max_new_tokens, args.limit, args.plain_fusion,
+                    args.budget, args.threads)
         if args.steps:
-            args.steps.write_text("".join(json.dumps(step) + "\n" for step in steps))
-    print(tau_table(steps), "", misses_table(steps), "", sources_table(steps), sep="\n")
+            opener = gzip.open if args.steps.suffix == ".gz" else open
+            with opener(args.steps, "wt", encoding="utf-8") as out:
+                out.writelines(json.dumps(step) + "\n" for step in steps)
+    print(tau_table(steps), "", category_tau_table(steps), "", misses_table(steps), "", sources_table(steps),
+          "", first_nodes_table(steps), sep="\n")
 
 
 if __name__ == "__main__":
