@@ -11,7 +11,7 @@ PUCT, ``Q/N + (c1 + ln((N_parent + c2 + 1) / c2)) · p · √N_parent / (1 + N)`
 prior, Q: summed rewards), expands the leaf it reaches with its pair's successors (up to
 ``max_nodes`` nodes, depth ≤ ``depth``), and backs up the reward: the leaf's path probability.
 The draft keeps the most visited paths (best-first by visit share, which never grows along a
-path), calibrated by the learned hit rate. Defaults are the paper's: depth 4, 150 iterations,
+path), calibrated per depth by what verification accepted. Defaults are the paper's: depth 4, 150 iterations,
 c1 = 32, c2 = 8, 64 nodes, 12 successors per pair.
 """
 
@@ -23,8 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from freespec.drafters.grow import grow
-from freespec.drafters.scoring import HitRateDrafter
+from freespec.drafters.scoring import CalibratedDrafter
 from freespec.engine.tree import DraftTree
 
 
@@ -142,7 +141,7 @@ def search(table: TrigramTable, a: int, b: int, iterations: int = 150, depth: in
     return root
 
 
-class Aded(HitRateDrafter):
+class Aded(CalibratedDrafter):
     """The ``aded`` drafter; its table is shared across requests until the model is reset."""
 
     shadow_drafts = True
@@ -178,4 +177,4 @@ class Aded(HitRateDrafter):
         def expand(node: SearchNode):
             return [(child.token, child.visits / node.visits, child) for child in node.children if child.visits]
 
-        return grow(int(context[-1]), root, expand, budget, self.hit_score).tree
+        return self.grow(int(context[-1]), root, expand, budget)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable, Hashable, Iterable, Sequence
+from operator import itemgetter
 from typing import NamedTuple
 
 import numpy as np
@@ -36,8 +37,8 @@ class Grown(NamedTuple):
 def grow(root: int, handle: Hashable, expand: Expand, budget: int, score: Score = lambda depth, share: share,
          floor: float = 0.0, max_depth: int | None = None) -> Grown:
     """The best tree of at most ``budget`` nodes besides the root, by path probability: the product
-    of ``score(depth, share)`` along the path. Nodes whose path probability falls below ``floor``,
-    or deeper than ``max_depth``, are not drafted.
+    of ``score(depth, share)`` along the path (non-decreasing in the share). Nodes whose path
+    probability falls below ``floor``, or deeper than ``max_depth``, are not drafted.
 
     >>> children = {"r": [(5, 0.9, "a"), (6, 0.1, "b")], "a": [(7, 0.5, "c")], "b": [], "c": []}
     >>> tree, shares, depths = grow(1, "r", lambda h: children[h], budget=2)
@@ -51,31 +52,36 @@ def grow(root: int, handle: Hashable, expand: Expand, budget: int, score: Score 
     [1, 5, 7]
     """
     tokens, parents, scores, shares, depths = [root], [-1], [1.0], [1.0], [0]
-    frontier: list = []  # (-path probability, order, parent node, token, share, handle)
+    frontier: list = []  # (-path probability, order, parent node, its children by share, which one)
     order = 0
     deepest = budget if max_depth is None else max_depth
 
-    def push_children(node: int, node_handle: Hashable) -> None:
+    def push(node: int, children: list, which: int) -> None:
+        """Offer ``node``'s child ``which``; its later siblings only once it is taken (they score
+        no more, ``score`` rising with the share), so a wide node costs no more than a narrow one."""
         nonlocal order
-        depth = depths[node] + 1
-        if depth > deepest:
-            return
-        for token, share, child in expand(node_handle):
-            if share > 0.0:
-                probability = scores[node] * score(depth, share)
-                if probability > floor:
-                    heapq.heappush(frontier, (-probability, order, node, token, share, child))
-                    order += 1
+        if which < len(children) and children[which][1] > 0.0:
+            probability = scores[node] * score(depths[node] + 1, children[which][1])
+            if probability > floor:
+                heapq.heappush(frontier, (-probability, order, node, children, which))
+                order += 1
 
-    push_children(0, handle)
+    def open_node(node: int, node_handle: Hashable) -> None:
+        if depths[node] < deepest:
+            children = sorted(expand(node_handle), key=itemgetter(1), reverse=True)  # ties keep their order
+            push(node, children, 0)
+
+    open_node(0, handle)
     while frontier and len(tokens) <= budget:
-        negative, _, parent, token, share, child = heapq.heappop(frontier)
+        negative, _, parent, children, which = heapq.heappop(frontier)
+        token, share, child = children[which]
         tokens.append(token)
         parents.append(parent)
         scores.append(-negative)
         shares.append(share)
         depths.append(depths[parent] + 1)
-        push_children(len(tokens) - 1, child)
+        push(parent, children, which + 1)
+        open_node(len(tokens) - 1, child)
     tree = DraftTree(np.array(tokens, dtype=np.int64), np.array(parents, dtype=np.int64),
                      np.array(scores, dtype=np.float64))
     return Grown(tree, shares, depths)

@@ -19,12 +19,13 @@ pool's branches, which are ordered best-first.
 from __future__ import annotations
 
 from collections import defaultdict
+from functools import partial
 
 import numpy as np
 import torch
 
-from freespec.drafters.grow import WeightedTrie, grow
-from freespec.drafters.scoring import HitRateDrafter
+from freespec.drafters.grow import Grown, WeightedTrie, grow
+from freespec.drafters.scoring import CalibratedDrafter
 from freespec.engine.tree import DraftTree
 
 
@@ -46,7 +47,10 @@ def diagonal_ngrams(windows: list[dict[int, int]], predicted: dict[int, int], n:
     return grams
 
 
-class Lookahead(HitRateDrafter):
+POOL, WINDOW = 0, 1  # calibration groups: the pool's n-grams, the window's guesses
+
+
+class Lookahead(CalibratedDrafter):
     """The ``jacobi`` drafter (lookahead decoding: N, W, G); its n-gram pool lasts across requests."""
 
     def __init__(self, n: int = 5, window: int = 7, guesses: int = 7, pool_per_token: int = 32):
@@ -68,33 +72,40 @@ class Lookahead(HitRateDrafter):
         root = int(context[-1])
         self._root_position = len(context) - 1
         chain_length = min(self.window, budget // 2)
-        pool_tree = self._pool_tree(root, budget - chain_length)
+        pool_tree, shares, depths = self._pool_tree(root, budget - chain_length)
         tokens, parents = pool_tree.tokens.tolist(), pool_tree.parents.tolist()
         scores = pool_tree.scores.tolist()
+        groups = [POOL] * len(tokens)
         self._chain = []
-        for j in range(1, chain_length + 1):  # the Jacobi window, after every pool node
+        chain_score = 1.0
+        for j in range(1, chain_length + 1):  # the Jacobi window, after every pool node (scores never rise)
             position = self._root_position + j
             guess = self._guess.get(position, int(context[max(position - self.window, 0)]))
             parents.append(self._chain[-1] if self._chain else 0)
             tokens.append(guess)
-            scores.append(scores[-1] * 0.5)
+            chain_score *= self.calibration(WINDOW, j, 1.0)
+            scores.append(min(chain_score, scores[-1]))
+            groups.append(WINDOW)
+            shares.append(1.0)
+            depths.append(j)
             self._chain.append(len(tokens) - 1)
         self._proposed = DraftTree(np.array(tokens, dtype=np.int64), np.array(parents, dtype=np.int64),
                                    np.array(scores, dtype=np.float64))
+        self.remember(self._proposed, groups, shares, depths)
         return self._proposed
 
-    def _pool_tree(self, root: int, budget: int) -> DraftTree:
+    def _pool_tree(self, root: int, budget: int) -> Grown:
         trie = WeightedTrie()
         for rank, gram in enumerate(reversed(self.pool.get(root, [])[-self.guesses :])):
             trie.add(gram, 0.9**rank)
-        return grow(root, 0, trie.expander(), budget, self.hit_score).tree
+        return grow(root, 0, trie.expander(), budget, partial(self.calibration, POOL))
 
     def learn(self, tree: DraftTree, logits: torch.Tensor, accepted: list[int]) -> None:
         if self._root_position is None:  # no proposal yet in this request
             return
         # ``tree`` is the proposal, a prefix of it (in a fused drafter), or the root alone
         chain = [c for c in self._chain if c < len(tree)] if self._proposed is not None else []
-        super().learn(tree, logits, accepted)  # the hit rate
+        super().learn(tree, logits, accepted)  # the calibration
         nodes = [0, *chain]
         predicted_tokens = torch.argmax(logits[nodes], dim=-1).tolist()
         verified = {self._root_position + i: int(tree.tokens[node]) for i, node in enumerate(nodes)}

@@ -5,7 +5,8 @@ guided Aggressive Decoding). This drafter finds *all* earlier occurrences of the
 prompt + output that occurred before (up to ``max_candidates`` of the most recent), merges the
 tokens that followed each into one tree, and weighs each occurrence by recency (``decay`` per
 older occurrence) and, through the merge, by frequency. The tree is grown best-first
-(:mod:`freespec.drafters.grow`), its scores calibrated by the learned hit rate.
+(:mod:`freespec.drafters.grow`), its scores calibrated per match length and depth
+(:class:`freespec.drafters.scoring.DepthCalibration`).
 
 The index is incremental: every token is added once, as an n-gram end position for n = 1..``key``
 (hash lists), so a step costs O(new tokens × key) plus the match check of a bounded number of
@@ -18,8 +19,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from freespec.drafters.grow import WeightedTrie, grow
-from freespec.drafters.scoring import HitRateDrafter
+from freespec.drafters.grow import WeightedTrie
+from freespec.drafters.scoring import CalibratedDrafter, match_group
 from freespec.engine.tree import DraftTree
 
 
@@ -117,7 +118,7 @@ def continuation_trie(tokens: list[int], ends: list[int], depth: int, decay: flo
     return trie
 
 
-class PromptLookup(HitRateDrafter):
+class PromptLookup(CalibratedDrafter):
     """The ``lookup`` drafter: per request, copies from that request's prompt and output."""
 
     shadow_drafts = True
@@ -137,6 +138,6 @@ class PromptLookup(HitRateDrafter):
         if len(context) < len(self.index):  # a context the index has not seen grow: start over
             self.index = NgramIndex(self.key)
         self.index.extend(context[len(self.index) :].tolist())
-        _, ends = longest_suffix_matches(self.index, self.max_candidates, self.max_match)
+        length, ends = longest_suffix_matches(self.index, self.max_candidates, self.max_match)
         trie = continuation_trie(self.index.tokens, ends, self.depth, self.decay)
-        return grow(int(context[-1]), 0, trie.expander(), budget, self.hit_score).tree
+        return self.grow(int(context[-1]), 0, trie.expander(), budget, match_group(length))

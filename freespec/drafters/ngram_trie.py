@@ -17,8 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from freespec.drafters.grow import grow
-from freespec.drafters.scoring import HitRateDrafter
+from freespec.drafters.scoring import CalibratedDrafter, match_group
 from freespec.engine.tree import DraftTree
 
 
@@ -93,7 +92,7 @@ def _size(node: Node) -> int:
     return sum(1 + _size(child) for child in node.children.values())
 
 
-class TrieLookup(HitRateDrafter):
+class TrieLookup(CalibratedDrafter):
     """The ``trie`` drafter: one trie for all requests of a :class:`freespec.api.Model`."""
 
     shadow_drafts = True
@@ -116,10 +115,12 @@ class TrieLookup(HitRateDrafter):
             self.begin(context, None)
         self.trie.feed(context[self._fed :].tolist())
         self._fed = len(context)
-        match = next((node for node in reversed(self.trie.suffixes[: self.max_match]) if node.children), None)
-        if match is None:
+        suffixes = self.trie.suffixes[: self.max_match]  # the nodes of the last 1, 2, ... tokens
+        length = next((n for n in range(len(suffixes), 0, -1) if suffixes[n - 1].children), 0)
+        if not length:
             return DraftTree.root_only(int(context[-1]))
+
         def expand(node: Node):
             return [(token, child.count / node.count, child) for token, child in node.children.items()]
 
-        return grow(int(context[-1]), match, expand, budget, self.hit_score).tree
+        return self.grow(int(context[-1]), suffixes[length - 1], expand, budget, match_group(length))

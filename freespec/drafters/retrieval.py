@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 
 from freespec.drafters.datastore import Datastore
-from freespec.drafters.grow import WeightedTrie, grow
-from freespec.drafters.scoring import HitRateDrafter
+from freespec.drafters.grow import WeightedTrie
+from freespec.drafters.scoring import CalibratedDrafter, match_group
 from freespec.engine.tree import DraftTree
 
 
-class Retrieval(HitRateDrafter):
-    """The ``retrieval`` drafter over one datastore; stateless across requests but for its hit rate.
+class Retrieval(CalibratedDrafter):
+    """The ``retrieval`` drafter over one datastore; stateless across requests but for its calibration.
 
     No shadow drafts: a datastore lookup costs ~0.7 ms, a fifth of a pass, not worth doing every step.
     """
@@ -43,4 +43,4 @@ class Retrieval(HitRateDrafter):
                 trie.add(tokens, 1.0)
         if not trie.children[0]:
             return DraftTree.root_only(int(context[-1]))
-        return grow(int(context[-1]), 0, trie.expander(), budget, self.hit_score).tree
+        return self.grow(int(context[-1]), 0, trie.expander(), budget, match_group(length))

@@ -1,20 +1,27 @@
 """How drafters score their nodes: each node's chance of being accepted, learned from verification.
 
 Scores order a tree best-first, let the budget policy size each step by them, and let a fused
-drafter compare its sources, so they must be probabilities, not raw counts. Two ways to get there:
+drafter compare its sources, so they must be probabilities of the same thing: the chance the node
+is accepted given its parent was, as verification showed it for nodes like it. Two calibrations:
 
-- :class:`HitRate`: count-based drafters (lookup, trie, aded, retrieval, jacobi) multiply each
-  node's share of its parent's evidence by the rate at which nodes at that depth were accepted;
-  :class:`HitRateDrafter` learns it from every verified step and every resolved shadow draft.
+- :class:`DepthCalibration`: count-based drafters (suffix, lookup, trie, aded, retrieval, jacobi)
+  map each node's share of its parent's evidence, per depth and per match length (their
+  :func:`match_group`); :class:`CalibratedDrafter` grows their trees with it and teaches it with
+  every verified step and every resolved shadow draft.
 - :class:`AcceptanceCalibration`: Token Recycling maps each recycled probability to the acceptance
   rate verification showed for such probabilities (the model's confidence in an earlier context
-  overstates).
+  overstates), one map per kind of row.
+
+Depth matters: a copy that has started tends to go on (prompt lookup on Spec-Bench: the first
+node accepted 57% of the time, the second given the first 75%, the fifth 85%), and so does the
+length of the match a draft rests on.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import defaultdict, deque
 from collections.abc import Hashable, Iterable
+from functools import partial
 
 import numpy as np
 import torch
@@ -23,65 +30,6 @@ from freespec.drafters.base import BaseDrafter
 from freespec.drafters.grow import Expand, grow
 from freespec.engine.costs import interpolate
 from freespec.engine.tree import DraftTree
-
-
-class HitRate:
-    """How often a drafted node is accepted given its parent was, per depth, learned from
-    verification: each accepted node with children in the tree is a try at the next depth, the
-    path going on a hit. A depth's estimate starts from the one above it (``prior`` pseudo-tries
-    at that rate; depth 1 from 1/2), so depths never verified yet borrow what is known.
-
-    Depth matters: a copy that has started tends to go on. On Spec-Bench (26 questions, 256
-    tokens) prompt lookup's first node was accepted 57% of the time, the second given the
-    first 75%, the fifth 85%, the eighth 92%; one rate for all depths made deep drafts look
-    hopeless to the budget policy. The rates calibrate scores of drafters whose raw counts are
-    not probabilities, so that their trees can be compared with other drafters' and the budget
-    policy's estimates stay meaningful.
-
-    >>> rate = HitRate()
-    >>> tree = DraftTree(np.array([1, 2, 3]), np.array([-1, 0, 1]))
-    >>> rate.learn(tree, [0, 1])  # root→node 1 hit, node 1→node 2 missed
-    >>> [round(rate(depth), 3) for depth in (1, 2, 3)]  # (1 + 2 · 0.5) / 3, (0 + 2 · 0.667) / 3, ...
-    [0.667, 0.444, 0.444]
-    """
-
-    def __init__(self, max_depth: int = 16, prior: float = 2.0):
-        self.prior = prior
-        self.hits = np.zeros(max_depth + 1)  # [depth]: index 0 unused (the root is never drafted)
-        self.tries = np.zeros(max_depth + 1)
-        self._rates: list[float] | None = None  # per depth, until the next learn
-
-    def __call__(self, depth: int) -> float:
-        if self._rates is None:
-            rates, rate = [1.0], 0.5
-            for hits, tries in zip(self.hits[1:].tolist(), self.tries[1:].tolist()):
-                rate = (hits + self.prior * rate) / (tries + self.prior)
-                rates.append(rate)
-            self._rates = rates
-        return self._rates[min(depth, len(self._rates) - 1)]
-
-    def learn(self, tree: DraftTree, accepted: list[int], verified: int | None = None) -> None:
-        """Learn from ``accepted``, the path verification took in ``tree``. With ``verified``,
-        ``tree`` is a shadow draft whose first ``verified`` nodes after the root were observed
-        already: count only what they did not show (tries at path nodes whose children all lie
-        beyond them, hits beyond them), so that every node counts once.
-
-        >>> rate = HitRate()
-        >>> shadow = DraftTree(np.array([1, 2, 3, 4]), np.array([-1, 0, 1, 2]))
-        >>> rate.learn(shadow.prefix(2), [0, 1]); rate.learn(shadow, [0, 1, 2, 3], verified=1)
-        >>> rate.tries[1:4].tolist(), rate.hits[1:4].tolist()  # node 1 seen verified, 2 and 3 in the shadow
-        ([1.0, 1.0, 1.0], [1.0, 1.0, 1.0])
-        """
-        seen = len(tree) if verified is None else verified + 1  # nodes [0, seen) already observed
-        deepest = len(self.hits) - 1
-        for node in accepted:
-            children = tree.children[node]
-            if children and (verified is None or children[0] >= seen):
-                self.tries[min(int(tree.depths[node]) + 1, deepest)] += 1
-        for node in accepted[1:]:
-            if verified is None or node >= seen:
-                self.hits[min(int(tree.depths[node]), deepest)] += 1
-        self._rates = None
 
 
 def isotonic(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -145,21 +93,17 @@ class AcceptanceCalibration:
         self._values = None
 
 
-class HitRateDrafter(BaseDrafter):
-    """A drafter whose scores are evidence shares times :class:`HitRate`: it learns the rate from
-    each verified step and, with shadow drafts, from the nodes that were never verified."""
+MATCH_GROUPS = (1, 2, 4, 8, 16)
+"""Match lengths up to each bound share a calibration group; longer ones the last group."""
 
-    def __init__(self):
-        self.hit_rate = HitRate()
 
-    def hit_score(self, depth: int, share: float) -> float:
-        return self.hit_rate(depth) * share
+def match_group(length: int) -> int:
+    """The calibration group of a draft resting on a match of ``length`` tokens.
 
-    def learn(self, tree: DraftTree, logits: torch.Tensor, accepted: list[int]) -> None:
-        self.hit_rate.learn(tree, accepted)
-
-    def learn_shadow(self, tree: DraftTree, path: list[int], verified: int) -> None:
-        self.hit_rate.learn(tree, path, verified)
+    >>> [match_group(n) for n in (1, 2, 3, 8, 9, 40)]
+    [0, 1, 2, 3, 4, 5]
+    """
+    return next((group for group, bound in enumerate(MATCH_GROUPS) if length <= bound), len(MATCH_GROUPS))
 
 
 class DepthCalibration:
@@ -181,32 +125,38 @@ class DepthCalibration:
     (0.4375, 0.7188)
     """
 
-    def __init__(self, groups: int = 1, max_depth: int = 8, bins: int = 10, prior: float = 2.0, refresh: int = 8):
+    def __init__(self, groups: int = 1, max_depth: int = 8, bins: int = 10, prior: float = 2.0, refresh: int = 32):
         self.max_depth, self.bins, self.prior, self.refresh = max_depth, bins, prior, refresh
         self.hits = np.zeros((groups, max_depth + 1, bins))  # [group, depth, bin]; depth 0 unused
         self.tries = np.zeros((groups, max_depth + 1, bins))
         self._centres = ((np.arange(bins) + 0.5) / bins).tolist()
-        self._knots = [0.0, *self._centres]
-        self._maps: list[list[list[float]]] | None = None  # [group][depth] → values at the knots
-        self._stale = 0  # learning calls since the maps were built
+        self._maps: list[list[list[float]] | None] = [None] * groups  # [group][depth] → values at the knots
+        self._stale = [0] * groups  # per group: learning calls since its maps were built
 
-    def maps(self) -> list[list[list[float]]]:
-        """[group][depth] the calibrated chance at each knot (0, then the bin centres)."""
-        maps = []
-        for hits, tries in zip(self.hits, self.tries):
-            above = np.array(self._centres)
-            per_depth = [[0.0, *self._centres]]
-            for depth in range(1, self.max_depth + 1):
-                above = isotonic((hits[depth] + self.prior * above) / (tries[depth] + self.prior),
-                                 tries[depth] + self.prior)
-                per_depth.append([0.0, *above.tolist()])
-            maps.append(per_depth)
+    def maps(self, group: int) -> list[list[float]]:
+        """[depth] the calibrated chance at each knot (0, then the bin centres) for ``group``."""
+        hits, tries = self.hits[group], self.tries[group]
+        above = np.array(self._centres)
+        maps = [[0.0, *self._centres]]
+        for depth in range(1, self.max_depth + 1):
+            above = isotonic((hits[depth] + self.prior * above) / (tries[depth] + self.prior), tries[depth] + self.prior)
+            maps.append([0.0, *above.tolist()])
         return maps
 
     def __call__(self, group: int, depth: int, share: float) -> float:
-        if self._maps is None:
-            self._maps, self._stale = self.maps(), 0
-        return interpolate(self._knots, self._maps[group][min(depth, self.max_depth)], share)
+        """Linear between the knots (0, then the bin centres, evenly spaced), constant beyond the last."""
+        maps = self._maps[group]
+        if maps is None:
+            maps = self._maps[group] = self.maps(group)
+            self._stale[group] = 0
+        values = maps[depth if depth < self.max_depth else self.max_depth]
+        position = share * self.bins + 0.5  # knot k (k >= 1) sits at position k
+        if position >= self.bins:
+            return values[-1]
+        knot = int(position)
+        if knot == 0:  # between 0 (at share 0) and the first centre
+            return values[1] * share * 2 * self.bins
+        return values[knot] + (position - knot) * (values[knot + 1] - values[knot])
 
     def learn(self, group: int, depths: Iterable[int], shares: Iterable[float], hits: Iterable[bool]) -> None:
         """Nodes of one group whose parent was accepted: their depths, shares and whether each was."""
@@ -215,9 +165,22 @@ class DepthCalibration:
             index = min(int(share * self.bins), self.bins - 1)
             self.tries[group, depth, index] += 1.0
             self.hits[group, depth, index] += hit
-        self._stale += 1
-        if self._stale >= self.refresh:
-            self._maps = None
+        self._stale[group] += 1
+        if self._stale[group] >= self.refresh:
+            self._maps[group] = None
+
+
+def teach(calibration: DepthCalibration, parents: list[int], groups: list[int], shares: list[float],
+          depths: list[int], path: list[int], first: int) -> None:
+    """Teach ``calibration`` with the nodes of a tree (from ``first`` on) whose parent lies on
+    ``path``, the branch verification (or the text, for a shadow draft) took: each a hit if on it."""
+    on_path = set(path)
+    tried = defaultdict(list)  # group → the nodes whose parent was accepted
+    for node in range(first, len(parents)):
+        if parents[node] in on_path:
+            tried[groups[node]].append(node)
+    for group, nodes in tried.items():
+        calibration.learn(group, [depths[n] for n in nodes], [shares[n] for n in nodes], [n in on_path for n in nodes])
 
 
 class CalibratedDrafter(BaseDrafter):
@@ -230,38 +193,33 @@ class CalibratedDrafter(BaseDrafter):
     prefix, :meth:`freespec.engine.tree.DraftTree.prefix`, is a view of the proposal's).
     """
 
-    def __init__(self, groups: int = 1):
+    def __init__(self, groups: int = len(MATCH_GROUPS) + 1):
         self.calibration = DepthCalibration(groups)
-        self._recent: deque[tuple[np.ndarray, int, list[float], list[int]]] = deque(maxlen=64)
+        # recent proposals: (token array, per node: calibration group, share, depth)
+        self._recent: deque[tuple[np.ndarray, list[int], list[float], list[int]]] = deque(maxlen=64)
 
     def grow(self, root: int, handle: Hashable, expand: Expand, budget: int, group: int = 0,
              floor: float = 0.0, max_depth: int | None = None) -> DraftTree:
         """The best tree for ``budget`` (see :func:`freespec.drafters.grow.grow`), scored by the
         calibration of ``group``; remembered for learning."""
-        calibration = self.calibration
-        tree, shares, depths = grow(root, handle, expand, budget, lambda depth, share: calibration(group, depth, share),
-                                    floor, max_depth)
-        self.remember(tree, group, shares, depths)
+        tree, shares, depths = grow(root, handle, expand, budget, partial(self.calibration, group), floor, max_depth)
+        self.remember(tree, [group] * len(tree), shares, depths)
         return tree
 
-    def remember(self, tree: DraftTree, group: int, shares: list[float], depths: list[int]) -> None:
-        """Keep what learning from ``tree`` (or a prefix of it) needs."""
-        self._recent.append((tree.tokens, group, shares, depths))
+    def remember(self, tree: DraftTree, groups: list[int], shares: list[float], depths: list[int]) -> None:
+        """Keep what learning from ``tree`` (or a prefix of it) needs: each node's group, share and depth."""
+        self._recent.append((tree.tokens, groups, shares, depths))
 
-    def _proposal(self, tree: DraftTree) -> tuple[np.ndarray, int, list[float], list[int]] | None:
+    def _proposal(self, tree: DraftTree) -> tuple[np.ndarray, list[int], list[float], list[int]] | None:
         tokens = tree.tokens if tree.tokens.base is None else tree.tokens.base
         return next((entry for entry in reversed(self._recent) if entry[0] is tokens), None)
 
     def _learn(self, tree: DraftTree, path: list[int], first: int) -> None:
-        """Teach the calibration with nodes from ``first`` on whose parent lies on ``path``."""
-        proposal = self._proposal(tree)
-        if proposal is None or len(tree) <= first:  # the root alone, or not a tree this drafter grew
+        if len(tree) <= first:  # nothing to learn (the root alone, or no shadow beyond the verified part)
             return
-        _, group, shares, depths = proposal
-        on_path = set(path)
-        nodes = [node for node, parent in enumerate(tree.parents.tolist()) if node >= first and parent in on_path]
-        self.calibration.learn(group, [depths[n] for n in nodes], [shares[n] for n in nodes],
-                               [n in on_path for n in nodes])
+        proposal = self._proposal(tree)
+        if proposal is not None:  # else the root alone, or not a tree this drafter grew
+            teach(self.calibration, tree.parents.tolist(), *proposal[1:], path, first)
 
     def learn(self, tree: DraftTree, logits: torch.Tensor, accepted: list[int]) -> None:
         self._learn(tree, accepted, 1)

@@ -14,11 +14,13 @@ frequency, fused into one tree (:class:`freespec.drafters.fused.Fused`):
 A child's raw score is its share of its parent's occurrences (a count of one more than the
 occurrences with a continuation, so that one earlier occurrence reads 1/2 and twenty that agree
 20/21); :class:`freespec.drafters.scoring.DepthCalibration` maps it to the chance of acceptance
-seen so far for that source, match length and depth. SuffixDecoding's stopping rule: each source
-drafts from the match length, among its longest and the next shorter ones, whose tree has the
-most expected accepted tokens (the sum of its nodes' probabilities), no deeper than
-``factor * match + offset`` and no node below ``floor``; the engine's budget policy then verifies
-the prefix with the most tokens per second by the same scores.
+seen so far for that source, match length and depth. SuffixDecoding's stopping rule: no node whose
+path probability (its expected acceptance) is below ``floor``, none deeper than
+``factor * match + offset``, and the engine's budget policy verifies the prefix with the most
+tokens per second by the same scores. SuffixDecoding also compares match lengths by their trees'
+expected accepted tokens (the sum of their nodes' probabilities); ``candidates`` > 1 does that
+among the longest match and the next shorter ones, which on Spec-Bench did not raise τ
+(docs/drafters.md), so by default each source drafts from its longest match.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict, deque
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -34,21 +37,11 @@ import torch
 from freespec.drafters.datastore import SEPARATOR, Datastore, longest_match
 from freespec.drafters.fused import Fused
 from freespec.drafters.grow import grow
-from freespec.drafters.scoring import CalibratedDrafter
+from freespec.drafters.scoring import CalibratedDrafter, match_group
 from freespec.engine.tree import DraftTree
 
 MAX_MATCH = 24  # the longest context suffix a source matches
 MAX_DEPTH = 16  # the deepest draft node
-MATCH_GROUPS = (1, 2, 4, 8, 16)  # match lengths up to each bound share a calibration; longer ones the last
-
-
-def match_group(length: int) -> int:
-    """The calibration group of a draft resting on a match of ``length`` tokens.
-
-    >>> [match_group(n) for n in (1, 2, 3, 8, 9, 40)]
-    [0, 1, 2, 3, 4, 5]
-    """
-    return next((group for group, bound in enumerate(MATCH_GROUPS) if length <= bound), len(MATCH_GROUPS))
 
 
 class SuffixAutomaton:
@@ -166,8 +159,8 @@ class SuffixSource(CalibratedDrafter):
     shadow_drafts = True
     reads_logits = False
 
-    def __init__(self, candidates: int = 3, factor: float = 2.0, offset: float = 2.0, floor: float = 0.02):
-        super().__init__(groups=len(MATCH_GROUPS) + 1)
+    def __init__(self, candidates: int = 1, factor: float = 2.0, offset: float = 2.0, floor: float = 0.02):
+        super().__init__()
         self.candidates, self.factor, self.offset, self.floor = candidates, factor, offset, floor
 
     def matches(self, context: np.ndarray) -> list[tuple[object, int]]:
@@ -181,18 +174,17 @@ class SuffixSource(CalibratedDrafter):
         """The tree with the most expected accepted tokens among the match candidates' trees."""
         root = int(context[-1])
         best, best_expected = None, 0.0
-        calibration = self.calibration
         for handle, length in self.matches(context)[: self.candidates]:
             group = match_group(length)
-            grown = grow(root, handle, self.expand, budget, lambda depth, share: calibration(group, depth, share),
-                         self.floor, min(MAX_DEPTH, math.floor(self.factor * length + self.offset)))
+            grown = grow(root, handle, self.expand, budget, partial(self.calibration, group), self.floor,
+                         min(MAX_DEPTH, math.floor(self.factor * length + self.offset)))
             expected = float(grown.tree.scores[1:].sum())
             if expected > best_expected:
                 best, best_expected = (grown, group), expected
         if best is None:
             return DraftTree.root_only(root)
         (tree, shares, depths), group = best
-        self.remember(tree, group, shares, depths)
+        self.remember(tree, [group] * len(tree), shares, depths)
         return tree
 
 

@@ -198,6 +198,18 @@ def test_fused_hands_each_source_its_own_rows_and_none_to_a_source_that_reads_no
     assert b.updates == [([9, 1, 2], [], [0])]
 
 
+def test_fused_calibration_learns_that_agreeing_sources_are_right_more_often():
+    a, b = FixedDrafter([9, 1, 5], [-1, 0, 0]), FixedDrafter([9, 1, 6], [-1, 0, 0])  # both draft 1, then 5 or 6
+    fused = Fused([a, b])
+    fused.calibration.refresh = 1
+    for _ in range(30):  # 1 is always accepted, 5 and 6 never
+        tree = fused.propose(np.array([9]), 3)
+        fused.learn(tree, torch.zeros(len(tree), 1), [0, tree.child_holding(0, 1)])
+    tree = fused.propose(np.array([9]), 3)
+    score = dict(zip(tree.tokens.tolist(), tree.scores.tolist()))
+    assert score[1] > 0.6 and score[5] < 0.05 and score[6] < 0.05  # untrained: 0.5, 0.25 and 0.25
+
+
 class ShadowLearningFixedDrafter(FixedDrafter):
     """Test-only source that also learns from shadow drafts; records what it is told."""
 
@@ -389,7 +401,7 @@ def test_merged_trees_keep_paths_and_best_first_order(seed):
     rng = np.random.default_rng(seed)
     sources = [_random_tree(rng, 9, int(rng.integers(1, 30))) for _ in range(3)]
     budget = int(rng.integers(0, 40))
-    merged, where = merge_trees(sources, budget)
+    merged, where, *_ = merge_trees(sources, budget)
     merged_paths = _paths(merged)
     assert len(merged) - 1 == min(budget, len({p for s in sources for p in _paths(s)[1:]}))
     assert len(set(merged_paths)) == len(merged_paths)  # common prefixes merged

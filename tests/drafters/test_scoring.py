@@ -1,18 +1,50 @@
-"""Scores of n-gram drafts: hit rates learned per depth from verification."""
+"""Calibrated node scores: per group and depth, learned from verified steps and shadow drafts."""
 
 import numpy as np
 import pytest
 
-from freespec.drafters.scoring import HitRate
+from freespec.drafters.scoring import CalibratedDrafter, DepthCalibration
 from freespec.engine.tree import DraftTree
 
 
-def test_hit_rate_learns_each_depth():
-    rate = HitRate()
-    chain = DraftTree(np.arange(5), np.arange(-1, 4))  # the root and 4 nodes in a row
-    for attempt in range(20):  # half the first nodes fail; a copy that has started goes on
-        rate.learn(chain, [0, 1, 2, 3, 4] if attempt % 2 else [0])
-    assert rate(1) == pytest.approx((10 + 2 * 0.5) / (20 + 2))
-    assert rate(2) == pytest.approx((10 + 2 * rate(1)) / (10 + 2))
-    assert rate(4) > rate(3) > rate(2) > 0.9
-    assert rate(5) == rate(4) == rate(100)  # never tried deeper: the depth above's rate
+def test_depth_calibration_learns_each_depth_and_borrows_above():
+    calibration = DepthCalibration(groups=2, max_depth=4, refresh=1)
+    for attempt in range(40):  # half the first nodes of share 0.95 fail; the second ones all hold
+        calibration.learn(0, [1], [0.95], [attempt % 2 == 1])
+        calibration.learn(0, [2], [0.95], [True])
+    assert 0.5 < calibration(0, 1, 0.95) < 0.6  # 21.9 / 42, pooled with the bins below it (kept non-decreasing)
+    assert calibration(0, 2, 0.95) > 0.95 and calibration(0, 3, 0.95) == pytest.approx(calibration(0, 2, 0.95))
+    assert calibration(1, 1, 0.95) == pytest.approx(0.95)  # another group learned nothing
+    assert calibration(0, 9, 0.95) == calibration(0, 4, 0.95)  # deeper than max_depth: the deepest map
+    shares = np.linspace(0, 1, 21)
+    assert all(np.diff([calibration(0, 1, s) for s in shares]) >= 0)  # never falls as the share rises
+
+
+class ChainDrafter(CalibratedDrafter):
+    """Test-only: a chain of ``length`` nodes, every share 0.95."""
+
+    shadow_drafts = True
+
+    def propose(self, context, budget):
+        return self.grow(int(context[-1]), 0, lambda depth: [(depth + 1, 0.95, depth + 1)] if depth < 4 else [],
+                         budget)
+
+
+def test_calibrated_drafter_learns_a_verified_prefix_then_the_shadow_beyond_it():
+    drafter = ChainDrafter(groups=1)
+    drafter.calibration.refresh = 1
+    tree = drafter.propose(np.array([0]), budget=4)
+    assert tree.tokens.tolist() == [0, 1, 2, 3, 4] and np.all(np.diff(tree.scores) < 0)
+    drafter.learn(tree.prefix(3), None, [0, 1])  # nodes 1 and 2 verified: 1 accepted, 2 not
+    assert drafter.calibration.tries[0, 1:4, 9].tolist() == [1, 1, 0]
+    assert drafter.calibration.hits[0, 1:4, 9].tolist() == [1, 0, 0]
+    drafter.learn_shadow(tree, [0, 1], verified=2)  # nodes 3 and 4 never had their parent accepted
+    assert drafter.calibration.tries.sum() == 2
+    again = drafter.propose(np.array([0]), budget=4)
+    drafter.learn(again.prefix(2), None, [0, 1])
+    drafter.learn_shadow(again, [0, 1, 2, 3, 4], verified=1)  # the rest of the chain would have held
+    assert drafter.calibration.tries[0, 1:5, 9].tolist() == [2, 2, 1, 1]
+    assert drafter.calibration.hits[0, 1:5, 9].tolist() == [2, 1, 1, 1]
+    drafter.learn(DraftTree.root_only(0), None, [0])  # a root-only step teaches nothing
+    drafter.learn(DraftTree(np.array([0, 1]), np.array([-1, 0])), None, [0])  # nor a tree it did not grow
+    assert drafter.calibration.tries.sum() == 6

@@ -94,8 +94,9 @@ def test_each_tenant_is_drafted_from_its_own_earlier_requests_only():
 def test_suffix_calibration_learns_from_verified_steps_and_shadow_drafts():
     model = make_model("llama", 1)  # budget chosen by the policy: shadow drafts
     generate(model, PROMPTS[0], "suffix", 48)
-    request = model.drafter("suffix")[0].drafters[0]
-    assert request.calibration.tries.sum() > 20 and 0 < request.calibration.hits.sum() < request.calibration.tries.sum()
+    drafter = model.drafter("suffix")[0]
+    for calibration in (drafter.drafters[0].calibration, drafter.calibration):  # the request's, the merged tree's
+        assert calibration.tries.sum() > 10 and 0 < calibration.hits.sum() < calibration.tries.sum()
 
 
 @pytest.fixture(scope="module")
