@@ -120,7 +120,7 @@ class TensorSource(Protocol):
 FILE_FAMILIES = LLAMA_STYLE + PHI3_STYLE + ("gemma", "gemma2", "gemma3_text")
 """Families whose weights are read from their files in place (:func:`from_tensors`); the others
 (GPT-2, Gemma 3's multimodal checkpoints) load through transformers and :func:`extract`."""
-POST_NORM_FAMILIES = ("gemma2", "gemma3_text", "gemma3")
+POST_NORM_FAMILIES = ("gemma2", "gemma3_text")
 """Gemma 2 and 3: a norm before the MLP (pre_feedforward_layernorm) and a norm of each block's
 output before its residual add (post_attention_layernorm, post_feedforward_layernorm)."""
 
