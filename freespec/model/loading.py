@@ -314,6 +314,8 @@ def _complete_config(config, gguf: Path) -> None:
     Phi-3's LongRoPE scaling (:func:`freespec.model.gguf_file.longrope_parameters`)."""
     from freespec.model.gguf_file import GGUFFile, longrope_parameters
 
+    if config.model_type != "phi3":
+        return
     longrope = longrope_parameters(GGUFFile(gguf))
     if longrope is not None:
         config.rope_parameters = {**(config.rope_parameters or {}), **longrope}
