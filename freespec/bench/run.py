@@ -4,7 +4,8 @@ Methods (:mod:`freespec.bench.methods`) are freespec drafters and peers (transfo
 greedy, with prompt lookup or an assistant model; llama.cpp greedy and prompt lookup). Every turn
 of every question is chat-formatted (raw text for a base model without a chat template, such as
 Gemma-3-270M); a later turn sees the earlier questions and the method's *own* earlier answers, as
-in MT-Bench. Methods run interleaved per question and turn (drift of the machine hits all alike), after one warm-up each, with the RNG seeded per question and turn.
+in MT-Bench. Methods run interleaved per question and turn (drift of the machine hits all alike),
+after one warm-up each, with the RNG seeded per question and turn.
 
 Outputs in ``--out``: ``results.jsonl`` (one line per question × method × turn, appended as each
 finishes, so an interrupted run loses nothing and ``--resume`` skips what is done), ``run.json``
@@ -117,7 +118,8 @@ def turn_prompt(model: Model, question: Question, turn: int, answers: list[str])
     each followed by a blank line."""
     if model.has_chat_template:
         return model.encode(messages=turn_messages(question, turn, answers))
-    texts = [text for asked, answer in zip(question.turns[: turn - 1], answers, strict=True) for text in (asked, answer)]
+    earlier = zip(question.turns[: turn - 1], answers, strict=True)
+    texts = [text for asked, answer in earlier for text in (asked, answer)]
     return model.encode("".join(text + "\n\n" for text in [*texts, question.turns[turn - 1]]), chat=False)
 
 

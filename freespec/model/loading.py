@@ -288,12 +288,12 @@ def gguf_metadata(gguf: Path) -> Path:
     log.info("reading the config and tokenizer of %s (once; cached in %s)", gguf.name, target)
     try:
         config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        _complete_config(config, gguf)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except (struct.error, EOFError) as error:  # transformers' GGUF reader ran past the end of the file
         raise ModelLoadError(f"cannot load GGUF file {gguf}: it is cut short or damaged ({error})") from None
     except _TRANSFORMERS_ERRORS as error:
         raise ModelLoadError(f"cannot load GGUF file {gguf}: {_one_line(error)}") from None
+    _complete_config(config, gguf)  # its own errors are one line already
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
@@ -314,7 +314,7 @@ def _complete_config(config, gguf: Path) -> None:
     Phi-3's LongRoPE scaling (:func:`freespec.model.gguf_file.longrope_parameters`)."""
     from freespec.model.gguf_file import GGUFFile, longrope_parameters
 
-    if getattr(config, "model_type", None) != "phi3":
+    if config.model_type != "phi3":
         return
     longrope = longrope_parameters(GGUFFile(gguf))
     if longrope is not None:

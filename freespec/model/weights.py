@@ -80,13 +80,13 @@ def refuse_unsupported(config) -> None:
     if architectures and not any(name.endswith(CAUSAL_HEADS) for name in architectures):
         raise UnsupportedModelError(f"the {family} checkpoint has no causal-LM head ({', '.join(architectures)}); "
                                     f"{supported()}")
-    model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
-    if model_class is None:
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:  # asks the mapping's names: imports no model
         raise UnsupportedModelError(f"{family} is not a causal LM transformers knows; {supported()}")
     text = config.get_text_config(decoder=True)
     if any(isinstance(experts := getattr(text, key, None), int) and experts > 1 for key in EXPERT_COUNTS):
         raise UnsupportedModelError(f"{family} is a mixture-of-experts model, not supported yet; {supported()}")
-    if getattr(model_class, "_is_stateful", False):
+    # the fast-path families keep no state; asking another's model class imports its module (seconds)
+    if family not in SUPPORTED_FAMILIES and getattr(MODEL_FOR_CAUSAL_LM_MAPPING[type(config)], "_is_stateful", False):
         raise UnsupportedModelError(f"{family} keeps a recurrent state, which cannot follow a draft tree; "
                                     f"{supported()}")
     unknown = set(getattr(text, "layer_types", None) or []) - set(ATTENTION_KINDS)
@@ -120,7 +120,7 @@ class TensorSource(Protocol):
 FILE_FAMILIES = LLAMA_STYLE + PHI3_STYLE + ("gemma", "gemma2", "gemma3_text")
 """Families whose weights are read from their files in place (:func:`from_tensors`); the others
 (GPT-2, Gemma 3's multimodal checkpoints) load through transformers and :func:`extract`."""
-POST_NORM_FAMILIES = ("gemma2", "gemma3_text", "gemma3")
+POST_NORM_FAMILIES = ("gemma2", "gemma3_text")
 """Gemma 2 and 3: a norm before the MLP (pre_feedforward_layernorm) and a norm of each block's
 output before its residual add (post_attention_layernorm, post_feedforward_layernorm)."""
 

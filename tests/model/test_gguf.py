@@ -1,7 +1,8 @@
 """GGUF files read in place, end to end: tiny Llama and Qwen2 models written as llama.cpp writes
 them, in every weight type freespec reads, against transformers' own GGUF loading (which
 dequantizes with gguf's formulas): logits within fp32 tolerance and the same greedy tokens, the
-same bits as the dequantized model's weights taken from transformers, speculative == plain."""
+same bits as the dequantized model's weights taken from transformers; speculative == plain on
+these and on Gemma 2/3 and Phi-3 files (whose other tests are in test_file_families.py)."""
 
 from __future__ import annotations
 
@@ -121,10 +122,11 @@ def test_the_cache_holds_metadata_only_and_a_second_load_reads_it(written, monke
     assert second.tokenizer.get_vocab() == first.tokenizer.get_vocab()
 
 
-@pytest.mark.parametrize("types", ["Q4_K_M-like", "Q8_0"])
+@pytest.mark.parametrize("family, types", [("llama", "Q4_K_M-like"), ("llama", "Q8_0"), ("gemma2", "Q8_0"),
+                                           ("gemma3_text", "Q4_K_M-like"), ("phi3", "Q8_0")])
 @pytest.mark.parametrize("drafter", ["recycling", "lookup"])
-def test_speculative_equals_plain_greedy_on_a_gguf_file(written, types, drafter):
-    path, _ = written("llama", Q4_K_M_LIKE if types == "Q4_K_M-like" else types)
+def test_speculative_equals_plain_greedy_on_a_gguf_file(written, family, types, drafter):
+    path, _ = written(family, Q4_K_M_LIKE if types == "Q4_K_M-like" else types, tied=family.startswith("gemma"))
     model = Model(load(path), budget=8)
     for prompt in PROMPTS:
         plain = model.generate(prompt_ids=prompt, drafter="none", max_new_tokens=40)
