@@ -146,6 +146,14 @@ class LearningReplayDrafter(ReplayDrafter):
         self.learned.append((len(tree), path, verified))
 
 
+class FixedCostPolicy(BudgetPolicy):
+    """The policy with its given costs only: timed steps (which a busy machine stretches) are
+    not folded in, so what it learns from drafts alone decides its sizes."""
+
+    def record_cost(self, q: int, seconds: float) -> None:
+        pass
+
+
 def replay(right: int, tokens: int, drafter_class=ReplayDrafter, **options):
     """Greedy generation with the budget policy and a replay drafter of ``right`` right tokens;
     returns (generation, drafter, plain decoding's tokens)."""
@@ -153,7 +161,7 @@ def replay(right: int, tokens: int, drafter_class=ReplayDrafter, **options):
     prompt = PROMPTS[1]
     reference = generate(model, prompt, "none", tokens).token_ids
     drafter = drafter_class(prompt, reference, right, model.runner.vocab_size, **options)
-    policy = BudgetPolicy({1: 1.0, 2: 1.05, 4: 1.1, 8: 1.2, 16: 1.5}, candidates=[1, 3, 7, 15])
+    policy = FixedCostPolicy({1: 1.0, 2: 1.05, 4: 1.1, 8: 1.2, 16: 1.5}, candidates=[1, 3, 7, 15])
     generation = Generation(model.runner, drafter, policy, prompt, tokens, set())
     for _ in generation:
         pass
