@@ -21,7 +21,7 @@ import freespec.serve
 from freespec.cli import main
 from freespec.serve import app as server_module
 from freespec.serve.app import BackgroundServer, create_app
-from tests.helpers import metric, open_stream, post, wait_for
+from tests.helpers import fault_after_first_chunk, metric, open_stream, post, wait_for
 
 CHAT = [{"role": "user", "content": "w1 w2 w3 w4"}]
 PROMPT = "w9 w8 w7"
@@ -408,18 +408,7 @@ def test_a_fault_in_the_engine_fails_that_request_only(tiny_model_dir, caplog):
         generation = real_stream(**kwargs)
         if kwargs["max_new_tokens"] != 13:
             return generation
-
-        take = generation.take
-
-        def faulty_take(*arguments):  # one chunk, then the fault
-            generated = len(generation.token_ids)
-            emitted = take(*arguments)
-            if generated:
-                raise RuntimeError("simulated fault")
-            return emitted
-
-        generation.take = faulty_take
-        return generation
+        return fault_after_first_chunk(generation)  # one chunk, then the fault
 
     model.stream = faulty_stream
     with BackgroundServer(app) as url:
