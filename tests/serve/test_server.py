@@ -295,7 +295,8 @@ def test_full_queue_429_and_a_disconnect_frees_the_model(long_model_dir):
     """One request runs (4000 tokens: ~15 s if left alone), one waits, the next is turned away; the
     running client hangs up after its first chunks, and the waiting request is served at once."""
     long = {"messages": [{"role": "user", "content": "w5"}], "max_tokens": 4000, "drafter": "none"}
-    app = create_app(freespec.load(str(long_model_dir)), served_name="tiny", max_queue=1)
+    app = create_app(freespec.load(str(long_model_dir)), served_name="tiny", max_queue=1,
+                     max_batch=1)  # one on the model: the next waits (batched: tests/serve/test_batching.py)
     with BackgroundServer(app) as url:
         connection, response = open_stream(url, long)
         assert response.status == 200 and response.getheader("content-type").startswith("text/event-stream")
