@@ -255,6 +255,8 @@ def scaling(url: str, model_id: str, server: str, modes: dict[str, dict], levels
             rounds: int, max_tokens: int) -> list[dict]:
     """One row per (speculation mode, clients): the scaling table's numbers."""
     rows, answers = [], {}  # answers: prompt -> the first text it got
+    for extra in modes.values():  # warm up: every client's slot and drafters exist before the clock starts
+        run_level(url, model_id, max(levels), prompts, 1, 4, extra)
     for mode, extra in modes.items():
         base = None
         for clients in levels:

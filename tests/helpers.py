@@ -288,6 +288,25 @@ def open_stream(url: str, body: dict, path: str = "/v1/chat/completions",
     return connection, connection.getresponse()
 
 
+def fault_after_first_chunk(generation, faults: list | None = None):
+    """``generation`` (a :class:`freespec.engine.loop.Generation`), made to raise a simulated fault
+    in the step after its first emitted chunk (appending to ``faults`` when it does): a server's
+    injected fault."""
+    take = generation.take
+
+    def faulty_take(*arguments):
+        generated = len(generation.token_ids)
+        emitted = take(*arguments)
+        if generated:
+            if faults is not None:
+                faults.append(1)
+            raise RuntimeError("simulated fault")
+        return emitted
+
+    generation.take = faulty_take
+    return generation
+
+
 def wait_for(condition, seconds: float = 20) -> None:
     deadline = time.monotonic() + seconds
     while not condition():

@@ -26,6 +26,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+import torch
+
 from freespec.engine.loop import Generation, Step
 from freespec.model.runner import PREFILL_CHUNK, BatchPass, forward_batch
 
@@ -146,17 +148,28 @@ class Batch:
         try:
             hidden = forward_batch([BatchPass(request.generation.runner, step.tokens, step.positions, step.tree_mask)
                                     for request, step in planned])
+            logits = self._logits(planned, hidden)
         except Exception:
             log.warning("a batched pass failed; running its %d requests one at a time", len(planned), exc_info=True)
             for request, step in planned:
                 self._run([(request, step)])
             return
         timing = (sum(len(step.tokens) for _, step in planned), time.perf_counter() - started)  # t(q) for the policies
-        for (request, step), states in zip(planned, hidden):
+        for (request, step), states, step_logits in zip(planned, hidden, logits):
             if step.tree is None:
                 request.generation.runner.commit(range(len(step.tokens)))
-            emitted = self._guard(request, request.generation.take, states, *timing)
+            emitted = self._guard(request, request.generation.take, states, step_logits, *timing)
             request.emitted = emitted or []
+
+    @staticmethod
+    def _logits(planned: list[tuple[Running, Step]], hidden: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """Each tree step's logits [q, vocab] (None for prefill chunks), from one lm_head call over
+        all of them: the head's weights are streamed once per pass, not once per request."""
+        trees = [states for (_, step), states in zip(planned, hidden) if step.tree is not None]
+        if not trees:
+            return [None] * len(planned)
+        parts = iter(planned[0][0].generation.runner.logits(torch.cat(trees)).split([len(t) for t in trees]))
+        return [None if step.tree is None else next(parts) for _, step in planned]
 
     @staticmethod
     def _guard(request: Running, call: Callable, *arguments):

@@ -227,10 +227,12 @@ class Generation:
             size = candidate
         return gains + [0.0] * (verified - size)
 
-    def take(self, hidden: torch.Tensor, pass_rows: int | None = None, pass_seconds: float | None = None) -> list[int]:
+    def take(self, hidden: torch.Tensor, logits: torch.Tensor | None = None, pass_rows: int | None = None,
+             pass_seconds: float | None = None) -> list[int]:
         """Finish the planned step from its final hidden states [q, hidden]; return the tokens it
-        emitted (none for a prefill chunk, whose rows the pass has committed). ``pass_rows`` and
-        ``pass_seconds``: the size and time of a batched pass it was part of, which the budget
+        emitted (none for a prefill chunk, whose rows the pass has committed). ``logits`` [q, vocab]:
+        theirs, if already computed (a batch computes every request's in one call). ``pass_rows``
+        and ``pass_seconds``: the size and time of a batched pass it was part of, which the budget
         policy learns t(q) from (alone: this step's own)."""
         step, self._step = self._step, None
         if step is None:
@@ -243,7 +245,8 @@ class Generation:
             return []
         runner, drafter, stats, tree = self.runner, self.drafter, self.stats, step.tree
         self._draft = None
-        logits = runner.logits(hidden)  # [nodes, vocab]
+        if logits is None:
+            logits = runner.logits(hidden)  # [nodes, vocab]
         # accept
         path, bonus = verify(tree, logits, self._context, self.sampling, self.generator)
         emitted = [int(t) for t in tree.tokens[path[1:]]] + [bonus]

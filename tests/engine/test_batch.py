@@ -9,7 +9,7 @@ import pytest
 from freespec.api import Model
 from freespec.engine.batch import Batch, Running, share_budget
 from freespec.model.loading import from_transformers
-from tests.helpers import tiny_model, word_tokenizer
+from tests.helpers import fault_after_first_chunk, tiny_model, word_tokenizer
 
 DRAFTERS = ["none", "recycling", "lookup", "suffix", "trie", "aded", "jacobi", "layerskip", "draft-model",
             "recycling+lookup"]
@@ -78,15 +78,7 @@ def test_a_fault_in_one_request_fails_it_alone():
     requests = _requests(6)
     alone = [_alone(model, request) for request in requests]
     running = [Running(model.fork().stream(**request)) for request in requests]
-    take = running[2].generation.take
-
-    def faulty_take(*arguments):
-        emitted = take(*arguments)
-        if running[2].generation.token_ids:
-            raise RuntimeError("simulated fault")
-        return emitted
-
-    running[2].generation.take = faulty_take
+    fault_after_first_chunk(running[2].generation)
     batch = Batch()
     while not all(request.generation.done or request.error for request in running):
         batch.step(running)

@@ -12,7 +12,7 @@ import pytest
 
 import freespec
 from freespec.serve.app import BackgroundServer, create_app
-from tests.helpers import metric, open_stream, post, wait_for
+from tests.helpers import fault_after_first_chunk, metric, open_stream, post, wait_for
 
 DRAFTERS = ("recycling", "none", "lookup", "suffix", "trie", "aded", "jacobi", "layerskip", "recycling+lookup")
 LONG_PROMPT = [5 + i % 200 for i in range(3000)]
@@ -32,17 +32,19 @@ def _requests(count: int) -> list[dict]:
     return requests
 
 
-def _concurrently(url: str, requests: list[dict]) -> list[tuple[int, dict]]:
+def _concurrently(url: str, requests: list[dict], path: str = "/v1/completions",
+                  seconds: float = 180) -> list[tuple[int, dict]]:
+    """Every request at once, one client each: (status, body) of each."""
     answers: list = [None] * len(requests)
 
     def send(index: int) -> None:
-        answers[index] = post(url + "/v1/completions", requests[index], timeout=120)[:2]
+        answers[index] = post(url + path, requests[index], timeout=seconds)[:2]
 
     threads = [threading.Thread(target=send, args=(index,)) for index in range(len(requests))]
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join(timeout=180)
+        thread.join(timeout=seconds)
     return answers
 
 
@@ -98,16 +100,7 @@ def test_a_fault_in_one_request_fails_it_and_no_other(tiny_model_dir, monkeypatc
     def faulty_stream(self, **options):  # request 2 (its max_tokens) meets a fault after its first chunk
         generation = real_stream(self, **options)
         if options["max_new_tokens"] == requests[2]["max_tokens"]:
-            take = generation.take
-
-            def faulty_take(*arguments):
-                generated = len(generation.token_ids)
-                emitted = take(*arguments)
-                if generated:
-                    raise RuntimeError("simulated fault")
-                return emitted
-
-            generation.take = faulty_take
+            fault_after_first_chunk(generation)
         return generation
 
     with BackgroundServer(create_app(model, served_name="tiny", drafters=DRAFTERS)) as url:
@@ -179,16 +172,7 @@ def test_the_real_model_answers_concurrent_clients_as_it_answers_each_alone():
     model.drafter("recycling")  # as `freespec serve` does: its costs are measured before serving
     with BackgroundServer(create_app(model, served_name="smol", drafters=("none",))) as url:
         alone = [post(url + "/v1/chat/completions", request, timeout=300)[:2] for request in requests]
-        together: list = [None] * len(requests)
-
-        def send(index: int) -> None:
-            together[index] = post(url + "/v1/chat/completions", requests[index], timeout=300)[:2]
-
-        threads = [threading.Thread(target=send, args=(index,)) for index in range(len(requests))]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=300)
+        together = _concurrently(url, requests, "/v1/chat/completions", 300)
     texts = lambda answers: [(status, body["choices"][0]["message"]["content"]) for status, body in answers]  # noqa: E731
     assert texts(together) == texts(alone)
     assert all(status == 200 for status, _ in alone)

@@ -8,7 +8,7 @@ import pytest
 
 import freespec
 from freespec.serve.app import BackgroundServer, create_app
-from tests.helpers import metric, post
+from tests.helpers import fault_after_first_chunk, metric, post
 
 ROW_BYTES = 2 * 2 * 2 * 16 * 4  # the tiny Llama: keys and values, 2 layers x 2 kv heads x 16 dims, fp32
 A = [{"role": "user", "content": "w11 w12 w13 w14 w15 w16 w17 w18 w19 w20"}]
@@ -120,19 +120,7 @@ def test_a_fault_leaves_nothing_behind_for_the_next_request(tiny_model_dir, refe
         generation = real_stream(**kwargs)
         if kwargs["max_new_tokens"] != 13:
             return generation
-
-        take = generation.take
-
-        def faulty_take(*arguments):  # one chunk, then the fault
-            generated = len(generation.token_ids)
-            emitted = take(*arguments)
-            if generated:
-                faults.append(1)
-                raise RuntimeError("simulated fault")
-            return emitted
-
-        generation.take = faulty_take
-        return generation
+        return fault_after_first_chunk(generation, faults)  # one chunk, then the fault
 
     model.stream = faulty_stream
     with BackgroundServer(app) as url:

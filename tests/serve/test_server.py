@@ -21,7 +21,7 @@ import freespec.serve
 from freespec.cli import main
 from freespec.serve import app as server_module
 from freespec.serve.app import BackgroundServer, create_app
-from tests.helpers import metric, open_stream, post, wait_for
+from tests.helpers import fault_after_first_chunk, metric, open_stream, post, wait_for
 
 CHAT = [{"role": "user", "content": "w1 w2 w3 w4"}]
 PROMPT = "w9 w8 w7"
@@ -295,7 +295,8 @@ def test_full_queue_429_and_a_disconnect_frees_the_model(long_model_dir):
     """One request runs (4000 tokens: ~15 s if left alone), one waits, the next is turned away; the
     running client hangs up after its first chunks, and the waiting request is served at once."""
     long = {"messages": [{"role": "user", "content": "w5"}], "max_tokens": 4000, "drafter": "none"}
-    app = create_app(freespec.load(str(long_model_dir)), served_name="tiny", max_queue=1)
+    app = create_app(freespec.load(str(long_model_dir)), served_name="tiny", max_queue=1,
+                     max_batch=1)  # one on the model: the next waits (batched: tests/serve/test_batching.py)
     with BackgroundServer(app) as url:
         connection, response = open_stream(url, long)
         assert response.status == 200 and response.getheader("content-type").startswith("text/event-stream")
@@ -408,18 +409,7 @@ def test_a_fault_in_the_engine_fails_that_request_only(tiny_model_dir, caplog):
         generation = real_stream(**kwargs)
         if kwargs["max_new_tokens"] != 13:
             return generation
-
-        take = generation.take
-
-        def faulty_take(*arguments):  # one chunk, then the fault
-            generated = len(generation.token_ids)
-            emitted = take(*arguments)
-            if generated:
-                raise RuntimeError("simulated fault")
-            return emitted
-
-        generation.take = faulty_take
-        return generation
+        return fault_after_first_chunk(generation)  # one chunk, then the fault
 
     model.stream = faulty_stream
     with BackgroundServer(app) as url:

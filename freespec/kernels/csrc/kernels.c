@@ -928,11 +928,12 @@ int freespec_forward_llama(const DecoderPass *pass) {
     const int64_t H = pass->H, KV = pass->KV, D = pass->D, S = pass->num_sequences;
     const DecoderSequence *sequences = pass->sequences;
     const int64_t qkv_width = (H + 2 * KV) * D;
-    int64_t layouts = 0, probs_floats = 0; /* key_nodes entries of all sequences, scores of the largest */
+    int64_t layouts = 0, probs_floats = 0, small = 0; /* key_nodes entries, scores of all sequences */
     for (int64_t s = 0; s < S; s++) {
-        const int64_t rows = sequences[s].n, floats = rows * H * (sequences[s].past + rows);
+        const int64_t rows = sequences[s].n;
         layouts += rows * rows;
-        probs_floats = floats > probs_floats ? floats : probs_floats;
+        probs_floats += rows * H * (sequences[s].past + rows);
+        small += rows < CAUSAL_ROWS;
     }
     float *h = scratch(n * hidden);
     float *cos[2], *sin[2];
@@ -942,7 +943,7 @@ int freespec_forward_llama(const DecoderPass *pass) {
         tables_ok = tables_ok && (!pass->cos_tables[r] || cos[r]) && (!pass->sin_tables[r] || sin[r]);
     }
     int64_t *key_nodes = malloc((layouts ? layouts : 1) * sizeof(int64_t)), *count = malloc(n * sizeof(int64_t));
-    int64_t *causal = malloc((S ? S : 1) * sizeof(int64_t));
+    int64_t *causal = malloc((S ? S : 1) * 4 * sizeof(int64_t)); /* per sequence: causal, first row, layout, scores */
     float *normed = scratch(n * hidden);
     float *qkv = scratch(n * qkv_width);
     float *queries = scratch(n * H * D);
@@ -964,10 +965,12 @@ int freespec_forward_llama(const DecoderPass *pass) {
             if (cos[r]) memcpy(cos[r] + i * D, pass->cos_tables[r] + pass->rope_rows[r][i] * D, D * sizeof(float));
             if (sin[r]) memcpy(sin[r] + i * D, pass->sin_tables[r] + pass->rope_rows[r][i] * D, D * sizeof(float));
         }
-    for (int64_t s = 0, row = 0, layout = 0; s < S; s++) {
+    int64_t *first_row = causal + S, *first_layout = causal + 2 * S, *first_score = causal + 3 * S;
+    for (int64_t s = 0, row = 0, layout = 0, score = 0; s < S; s++) {
         const int64_t rows = sequences[s].n;
         causal[s] = freespec_tree_layout(sequences[s].tree_mask, rows, key_nodes + layout, count + row);
-        row += rows, layout += rows * rows;
+        first_row[s] = row, first_layout[s] = layout, first_score[s] = score;
+        row += rows, layout += rows * rows, score += rows * H * (sequences[s].past + rows);
     }
     for (int64_t l = 0; l < pass->num_layers; l++) {
         if (pass->skip && pass->skip[l]) continue; /* a skipped layer is the identity and writes no cache rows */
@@ -982,20 +985,30 @@ int freespec_forward_llama(const DecoderPass *pass) {
                 for (int64_t head = H; head < H + KV; head++)
                     rms_norm(row + head * D, layer->k_norm, layer->k_eps, row + head * D, 1, D);
             }
-        for (int64_t s = 0, row = 0, layout = 0; s < S; s++) { /* each sequence over its own cache */
-            const DecoderSequence *seq = sequences + s;
-            const int64_t rows = seq->n, capacity = seq->capacity, past = seq->past;
-            float *layer_keys = seq->keys + l * KV * capacity * D, *layer_values = seq->values + l * KV * capacity * D;
-            const float *layer_cos = cos[layer->rotary], *layer_sin = sin[layer->rotary];
-            freespec_rope_store(qkv + row * qkv_width, layer_cos ? layer_cos + row * D : NULL,
-                                layer_sin ? layer_sin + row * D : NULL, layer_keys, layer_values, capacity, past, rows,
-                                H, KV, D, queries + row * H * D);
-            freespec_window_attention(queries + row * H * D, layer_keys, layer_values, capacity, key_nodes + layout,
-                                      count + row, past, rows, H, KV, D, pass->scale, causal[s],
-                                      pass->positions + row, layer->window, pass->softcap, attended + row * H * D,
-                                      probs);
-            row += rows, layout += rows * rows;
-        }
+        /* each sequence over its own cache: the few rows of decoding steps a sequence per thread
+         * (a nested region runs on its one thread; the kernel's bits do not depend on threads),
+         * then prefill chunks with every thread on each */
+#define ATTEND(s)                                                                                              \
+    do {                                                                                                       \
+        const DecoderSequence *seq = sequences + (s);                                                          \
+        const int64_t row = first_row[s], rows = seq->n, capacity = seq->capacity, past = seq->past;           \
+        float *layer_keys = seq->keys + l * KV * capacity * D;                                                 \
+        float *layer_values = seq->values + l * KV * capacity * D;                                             \
+        const float *layer_cos = cos[layer->rotary], *layer_sin = sin[layer->rotary];                          \
+        freespec_rope_store(qkv + row * qkv_width, layer_cos ? layer_cos + row * D : NULL,                     \
+                            layer_sin ? layer_sin + row * D : NULL, layer_keys, layer_values, capacity, past,  \
+                            rows, H, KV, D, queries + row * H * D);                                            \
+        freespec_window_attention(queries + row * H * D, layer_keys, layer_values, capacity,                   \
+                                  key_nodes + first_layout[s], count + row, past, rows, H, KV, D, pass->scale, \
+                                  causal[s], pass->positions + row, layer->window, pass->softcap,              \
+                                  attended + row * H * D, probs + first_score[s]);                             \
+    } while (0)
+        #pragma omp parallel for schedule(dynamic, 1) if (small > 1)
+        for (int64_t s = 0; s < S; s++)
+            if (sequences[s].n < CAUSAL_ROWS) ATTEND(s);
+        for (int64_t s = 0; s < S; s++)
+            if (sequences[s].n >= CAUSAL_ROWS) ATTEND(s);
+#undef ATTEND
         linear(&layer->o, attended, projected, n);
         if (layer->post_attn_norm) rms_norm(projected, layer->post_attn_norm, layer->post_attn_eps, projected, n, hidden);
         for (int64_t i = 0; i < n * hidden; i++) h[i] += projected[i];
