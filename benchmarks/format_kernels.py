@@ -42,26 +42,12 @@ from roofline import build_probe  # noqa: E402
 
 from freespec import kernels  # noqa: E402
 from freespec.kernels.backend import MatrixStruct  # noqa: E402
-from freespec.kernels.weights import pack_nibbles  # noqa: E402
+from freespec.kernels.weights import repack  # noqa: E402
 
 SMOLLM2_SHAPES = [(576, 576), (192, 576), (3072, 576), (576, 1536), (49152, 576)]  # (N, K)
 ONE_B_SHAPES = [(2048, 2048), (16384, 2048), (2048, 8192)]
 PACKED_ROWS = (1, 2, 3, 4, 8)
 FORMATS = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "F16", "BF16", "F32"]
-
-
-def repack(weight: kernels.GGMLWeight) -> kernels.PackedWeight:
-    """The packed form of Q4_1 or Q8_0 blocks: the same weights, codes and fp32 scales apart."""
-    rows, columns = weight.shape
-    blocks = weight.data.reshape(rows, columns // 32, -1)  # [N, K/32, block bytes]
-    if weight.type.name == "Q4_1":
-        scales = blocks[..., :4].copy().view(np.float16).astype(np.float32)  # [N, K/32, 2] = (d, m)
-        nibbles = blocks[..., 4:]  # [N, K/32, 16]: element j low nibble, 16 + j high
-        codes = np.concatenate([nibbles & 15, nibbles >> 4], axis=-1).reshape(rows, columns)
-        return kernels.PackedWeight("q4", torch.from_numpy(pack_nibbles(codes)), torch.from_numpy(scales))
-    scales = blocks[..., :2].copy().view(np.float16).astype(np.float32)[..., 0]  # [N, K/32]
-    codes = blocks[..., 2:].copy().view(np.int8).reshape(rows, columns)
-    return kernels.PackedWeight("q8", torch.from_numpy(codes), torch.from_numpy(np.ascontiguousarray(scales)))
 
 
 def random_weight(name: str, shape: tuple[int, int], generator: np.random.Generator) -> kernels.GGMLWeight:
