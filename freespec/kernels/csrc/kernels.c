@@ -1011,7 +1011,7 @@ int freespec_forward_llama(const DecoderPass *pass) {
         /* no enclosing region otherwise (an inactive `if (0)` region made a single request's
          * attention nest inside it, on one thread, with the other spinning: 3x slower passes) */
         for (int64_t s = 0; s < S; s++)
-            if (sequences[s].n >= CAUSAL_ROWS || (small <= 1 && sequences[s].n < CAUSAL_ROWS)) ATTEND(s);
+            if (small <= 1 || sequences[s].n >= CAUSAL_ROWS) ATTEND(s);
 #undef ATTEND
         linear(&layer->o, attended, projected, n);
         if (layer->post_attn_norm) rms_norm(projected, layer->post_attn_norm, layer->post_attn_eps, projected, n, hidden);
