@@ -1,14 +1,15 @@
 """Load test for ``freespec serve``: concurrent clients on loopback, streamed answers checked against whole ones.
 
 Two modes. **Scaling** (``--levels 1,2,4,8,16``): at each number of concurrent clients, with and
-without speculation, every client streams greedy answers to Spec-Bench first turns; prints a
+without speculation, the clients share the streaming of greedy answers to the same ``--requests``
+Spec-Bench first turns (each client asks the next one as soon as it has its answer); prints a
 Markdown table of aggregate tokens/s (and its ratio to one client), p50/p99 time to first token,
 p50/p99 inter-token latency (the gaps between streamed chunks, spread over their tokens) and
 failed or differing answers (each prompt's answer must be the same text at every load and with
 every drafter). ``--llama-cpp`` runs the same against llama-cpp-python's server on the same GGUF
 (one request at a time: it has no batching), when installed.
 
-    python benchmarks/serve_load.py --levels 1,2,4,8,16 --rounds 2 --max-tokens 64 --llama-cpp
+    python benchmarks/serve_load.py --levels 1,2,4,8,16 --requests 32 --max-tokens 64 --llama-cpp
 
 **Checking** (the default): each of ``--clients`` threads sends ``--requests`` greedy requests
 with the official ``openai`` client, cycling through a few prompts, both drafters and streaming
@@ -225,25 +226,31 @@ def _timed(client, model_id: str, prompt: str, max_tokens: int, extra: dict) -> 
     return outcome
 
 
-def run_level(url: str, model_id: str, clients: int, prompts: list[str], rounds: int, max_tokens: int,
+def run_level(url: str, model_id: str, clients: int, prompts: list[str], max_tokens: int,
               extra: dict) -> tuple[list[Timed], float]:
-    """``clients`` threads, each streaming ``rounds`` answers (prompts dealt out in turn); the
-    answers and the wall time of the whole level."""
+    """``clients`` threads streaming one answer to each of ``prompts`` (each takes the next prompt
+    as soon as its last answer is done, so every level serves the same work); the answers and the
+    wall time of the whole level."""
     import openai
 
     check_loopback(url)
     outcomes: list[Timed] = []
     lock = threading.Lock()
+    waiting = list(reversed(prompts))
 
-    def client_loop(number: int) -> None:
+    def client_loop() -> None:
         client = openai.OpenAI(base_url=url.rstrip("/") + "/v1", api_key="load-test", max_retries=0, timeout=600)
-        for i in range(rounds):
-            outcome = _timed(client, model_id, prompts[(number * rounds + i) % len(prompts)], max_tokens, extra)
+        while True:
+            with lock:
+                if not waiting:
+                    return
+                prompt = waiting.pop()
+            outcome = _timed(client, model_id, prompt, max_tokens, extra)
             with lock:
                 outcomes.append(outcome)
 
     started = time.perf_counter()
-    threads = [threading.Thread(target=client_loop, args=(n,), daemon=True) for n in range(clients)]
+    threads = [threading.Thread(target=client_loop, daemon=True) for _ in range(clients)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -252,25 +259,24 @@ def run_level(url: str, model_id: str, clients: int, prompts: list[str], rounds:
 
 
 def scaling(url: str, model_id: str, server: str, modes: dict[str, dict], levels: list[int], prompts: list[str],
-            rounds: int, max_tokens: int) -> list[dict]:
+            max_tokens: int, warm_up: list[str]) -> list[dict]:
     """One row per (speculation mode, clients): the scaling table's numbers."""
-    rows, answers = [], {}  # answers: prompt -> the first text it got
-    for extra in modes.values():  # warm up: every client's slot and drafters exist before the clock starts
-        run_level(url, model_id, max(levels), prompts, 1, 4, extra)
-    for mode, extra in modes.items():
-        base = None
-        for clients in levels:
-            outcomes, seconds = run_level(url, model_id, clients, prompts, rounds, max_tokens, extra)
+    rows, answers, base = [], {}, {}  # answers: prompt -> the first text it got; base: mode -> 1-client rate
+    for extra in modes.values():  # warm up: every slot exists and its drafters have learned, as in a running server
+        run_level(url, model_id, max(levels), warm_up, max_tokens, extra)
+    for clients in levels:  # the modes interleaved at each level: a drifting machine shifts both alike
+        for mode, extra in modes.items():
+            outcomes, seconds = run_level(url, model_id, clients, prompts, max_tokens, extra)
             ok = [o for o in outcomes if not o.error]
             differing = 0
             for outcome in ok:
                 differing += answers.setdefault(outcome.prompt, outcome.text) != outcome.text
             rate = sum(o.tokens for o in ok) / seconds
-            base = base or rate
+            base.setdefault(mode, rate)
             gaps = [gap for o in ok for gap in o.gaps]
             first = [o.first_token_seconds for o in ok if o.first_token_seconds is not None]
             rows.append({"server": server, "speculation": mode, "clients": clients, "tokens_per_second": round(rate, 1),
-                         "vs_1_client": round(rate / base, 2), "ttft_p50_s": _percentile(first, 50),
+                         "vs_1_client": round(rate / base[mode], 2), "ttft_p50_s": _percentile(first, 50),
                          "ttft_p99_s": _percentile(first, 99), "itl_p50_ms": _ms(_percentile(gaps, 50)),
                          "itl_p99_ms": _ms(_percentile(gaps, 99)), "failed": len(outcomes) - len(ok),
                          "differing": differing})
@@ -290,12 +296,24 @@ def _row(row: dict) -> str:
     return "| " + " | ".join(str(row[column]) for column in COLUMNS) + " |"
 
 
-def spec_bench_prompts(count: int) -> list[str]:
+def spec_bench_prompts(count: int, tokens: int = 0, tokenizer=None) -> list[str]:
+    """``count`` Spec-Bench first turns spread over the categories; with ``tokens``, each made
+    ``tokens`` long (by ``tokenizer``): followed by the next questions' turns, then cut."""
     from freespec.bench.run import DEFAULT_QUESTIONS, load_questions
 
-    questions = load_questions(DEFAULT_QUESTIONS)
-    step = max(1, len(questions) // count)  # spread over the categories
-    return [question.turns[0] for question in questions[::step][:count]]
+    turns = [question.turns[0] for question in load_questions(DEFAULT_QUESTIONS)]
+    step = max(1, len(turns) // count)  # spread over the categories
+    prompts = []
+    for start in range(0, step * count, step):
+        prompt, following = turns[start % len(turns)], start + 1
+        if tokens:
+            ids = tokenizer.encode(prompt, add_special_tokens=False)
+            while len(ids) < tokens:
+                ids += tokenizer.encode("\n\n" + turns[following % len(turns)], add_special_tokens=False)
+                following += 1
+            prompt = tokenizer.decode(ids[:tokens])
+        prompts.append(prompt)
+    return prompts
 
 
 def _free_port() -> int:
@@ -342,23 +360,25 @@ def main_scaling(args: argparse.Namespace) -> int:
     from freespec.serve.app import BackgroundServer, create_app
 
     levels = [int(level) for level in args.levels.split(",")]
-    prompts = spec_bench_prompts(max(levels) * args.rounds)
+    model = freespec.load(args.model, threads=args.threads)
+    every = spec_bench_prompts(args.requests + max(levels), args.prompt_tokens, model.tokenizer)
+    prompts, warm_up = every[: args.requests], every[args.requests :]  # the warm-up asks other questions
     print("| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS), flush=True)
-    model = freespec.load(args.model)
     model.drafter(args.drafter)  # its costs are measured before the clock starts, as `freespec serve` does
     modes = {args.drafter: {"drafter": args.drafter}, "none": {"drafter": "none"}}
     rows = []
+    # prefix reuse off: every level and mode asks the same prompts, and cached prompt rows would
+    # spare the later ones their prefill
     app = create_app(model, drafter=args.drafter, drafters=("none",), max_queue=max(64, max(levels)),
-                     max_batch=max(levels))
+                     max_batch=max(levels), prefix_reuse=False)
     with BackgroundServer(app) as url:
-        rows += scaling(url, model.name, "freespec", modes, levels, prompts, args.rounds, args.max_tokens)
+        rows += scaling(url, model.name, "freespec", modes, levels, prompts, args.max_tokens, warm_up)
     if args.llama_cpp:
         gguf = embedded_gguf_path() if args.model == "default" else args.model
         with LlamaCppServer(str(gguf), threads=args.threads or os.cpu_count() or 1) as url:
             with urllib.request.urlopen(url + "/v1/models", timeout=30) as response:
                 model_id = json.load(response)["data"][0]["id"]
-            rows += scaling(url, model_id, "llama-cpp-python", {"-": {}}, levels, prompts, args.rounds,
-                            args.max_tokens)
+            rows += scaling(url, model_id, "llama-cpp-python", {"-": {}}, levels, prompts, args.max_tokens, warm_up)
     if args.json:
         print(json.dumps(rows))
     return 1 if any(row["failed"] or (row["differing"] and row["server"] == "freespec") for row in rows) else 0
@@ -370,17 +390,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="default", help="model to serve when no --url (default: the embedded one)")
     parser.add_argument("--model-id", help="the model id the server expects (default: its first /v1/models entry)")
     parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--requests", type=int, default=25, help="requests per client")
+    parser.add_argument("--requests", type=int, default=25,
+                        help="requests per client; scaling mode: requests per level, shared by its clients")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--drafters", default="recycling,none")
     parser.add_argument("--time-limit", type=float, default=600.0, help="seconds before the run gives up")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.add_argument("--levels", help="scaling mode: numbers of concurrent clients, e.g. 1,2,4,8,16")
-    parser.add_argument("--rounds", type=int, default=2, help="scaling mode: answers per client at each level")
     parser.add_argument("--drafter", default="recycling", help="scaling mode: the speculative drafter")
     parser.add_argument("--llama-cpp", action="store_true",
                         help="scaling mode: also run llama-cpp-python's server on the same GGUF")
-    parser.add_argument("--threads", type=int, help="scaling mode: llama.cpp's threads (default: every core)")
+    parser.add_argument("--threads", type=int, help="scaling mode: both servers' threads (default: every core)")
+    parser.add_argument("--prompt-tokens", type=int, default=0,
+                        help="scaling mode: make each prompt this many tokens (the next Spec-Bench turns "
+                             "appended, then cut; default: each first turn as it is)")
     args = parser.parse_args(argv)
     if args.levels:
         return main_scaling(args)

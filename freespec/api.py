@@ -57,6 +57,7 @@ class Model:
         self.datastore = datastore  # the retrieval drafter's datastore directory
         self._drafters: dict[str, tuple[Drafter, BudgetPolicy]] = {}
         self._costs: list[CostCurve] = []  # t(q) once known, shared with forks
+        self._shared: dict[str, object] = {}  # what drafters of this model and its forks share (DrafterSettings.shared)
         self.stop_ids = self._stop_ids(loaded.generation_config)
         self.draft: LoadedModel | None = None  # the smaller model the draft-model drafter (and hf-assisted) use
         self.draft_runner: Runner | None = None  # the draft-model drafter's
@@ -74,9 +75,10 @@ class Model:
             del self._drafters[name]  # made with the previous draft model
 
     def fork(self) -> Model:
-        """The same model with a KV cache and drafters of its own (weights, tokenizer and kernels
-        shared): a server runs one request on each fork at a time, several forks' passes batched
-        (:mod:`freespec.engine.batch`). Only the native runner forks (ValueError otherwise)."""
+        """The same model with a KV cache and drafters of its own (weights, tokenizer, kernels and
+        what drafters share across requests, such as the suffix drafter's stores of earlier
+        requests, shared): a server runs one request on each fork at a time, several forks' passes
+        batched (:mod:`freespec.engine.batch`). Only the native runner forks (ValueError otherwise)."""
         if not all(hasattr(runner, "fork") for runner in (self.runner, self.draft_runner) if runner is not None):
             raise ValueError(f"{self.name} runs through transformers' forward, which cannot batch requests")
         twin = copy.copy(self)
@@ -133,7 +135,7 @@ class Model:
             return self._drafters[name]
         datastore = None if self.datastore is None else Path(self.datastore)
         drafter = create(name, DrafterSettings(self.runner.vocab_size, self.tree_shape, datastore, self.tokenizer,
-                                               self.runner, self.draft_runner))
+                                               self.runner, self.draft_runner, self._shared))
         if drafter is None:
             return None, None
         if not self._costs:  # measured (or read) once, for every fork of this model
@@ -144,8 +146,10 @@ class Model:
         return self._drafters[name]
 
     def reset(self) -> None:
-        """Forget all drafter state learned from earlier requests and the prompt rows they cached."""
+        """Forget all drafter state learned from earlier requests (its forks' shared state too) and
+        the prompt rows they cached."""
         self._drafters.clear()
+        self._shared.clear()
         for runner in (self.runner, self.draft_runner):
             if runner is not None:
                 runner.reset(0)

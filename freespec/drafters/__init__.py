@@ -7,7 +7,7 @@ several into one tree (:mod:`freespec.drafters.fused`).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from freespec.drafters.aded import Aded
@@ -20,7 +20,7 @@ from freespec.drafters.lookup import PromptLookup
 from freespec.drafters.ngram_trie import TrieLookup
 from freespec.drafters.recycling import DamagedStateError, TokenRecycling
 from freespec.drafters.retrieval import Retrieval
-from freespec.drafters.suffix import Suffix
+from freespec.drafters.suffix import Suffix, TenantStores
 from freespec.model.runner import ModelRunner
 
 
@@ -34,6 +34,7 @@ class DrafterSettings:
     tokenizer: object | None = None  # the model's tokenizer, to check a datastore was built with it
     runner: ModelRunner | None = None  # the target's runner: layerskip drafts with it
     draft_runner: ModelRunner | None = None  # a smaller model's runner, same tokenizer: draft-model drafts with it
+    shared: dict[str, object] = field(default_factory=dict)  # state every drafter of one model (and its forks) shares
 
 
 def _retrieval(settings: DrafterSettings) -> Retrieval:
@@ -50,7 +51,10 @@ def _aded(settings: DrafterSettings) -> Aded:
 
 
 def _suffix(settings: DrafterSettings) -> Suffix:
-    return Suffix(settings.datastore, settings.tokenizer, settings.vocab_size)  # the corpus is optional
+    # one set of stores of earlier requests for the model: a tenant's requests run on any of a
+    # server's forks, and each drafts from all of them; the corpus is optional
+    stores = settings.shared.setdefault("suffix-stores", TenantStores())
+    return Suffix(settings.datastore, settings.tokenizer, settings.vocab_size, stores=stores)
 
 
 def _layerskip(settings: DrafterSettings) -> LayerSkip:

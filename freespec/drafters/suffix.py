@@ -231,9 +231,9 @@ class SuffixStore:
     >>> store = SuffixStore(capacity=12, overlap=2)
     >>> store.add([1, 2, 3, 4, 5]); store.add([1, 2, 3, 4, 5, 6, 7])  # stores 4 5 6 7 the second time
     >>> store.tokens, store.version
-    (9, 0)
+    (9, 2)
     >>> store.add([8, 9, 10, 11]); store.tokens, store.version  # over 12: the first request goes
-    (8, 1)
+    (8, 3)
     """
 
     def __init__(self, capacity: int = 1 << 16, overlap: int = MAX_MATCH):
@@ -242,7 +242,7 @@ class SuffixStore:
         self.capacity, self.overlap = capacity, overlap
         self.pieces: deque[list[int]] = deque()  # what each request stored, oldest first
         self.tokens = 0
-        self.version = 0  # changes when the automaton is rebuilt: matches into it are void
+        self.version = 0  # changes with the automaton (a server's other forks add to it): matches are redone
         self.automaton = SuffixAutomaton()
         self._previous: list[int] = []
 
@@ -258,6 +258,7 @@ class SuffixStore:
             return
         self.pieces.append(piece)
         self.tokens += len(piece)
+        self.version += 1
         if self.tokens <= self.capacity:
             self.automaton.extend([SEPARATOR, *piece] if self.automaton.size else piece)
             return
@@ -266,7 +267,6 @@ class SuffixStore:
         self.automaton = SuffixAutomaton()
         for piece in self.pieces:
             self.automaton.extend([SEPARATOR, *piece] if self.automaton.size else piece)
-        self.version += 1
 
 
 class TenantStores:
@@ -399,12 +399,13 @@ class CorpusSource(SuffixSource):
 
 class Suffix(Fused):
     """The ``suffix`` drafter: this request, the tenant's earlier requests and an optional corpus,
-    fused. The stores of earlier requests live as long as the drafter (a :class:`freespec.api.Model`
-    keeps it until :meth:`~freespec.api.Model.reset`)."""
+    fused. ``stores`` keeps earlier requests' text (default: stores of its own); a
+    :class:`freespec.api.Model` gives its drafters and its forks' one set, kept until
+    :meth:`~freespec.api.Model.reset`."""
 
     def __init__(self, datastore: str | Path | Datastore | None = None, tokenizer=None, vocab_size: int | None = None,
-                 capacity: int = 1 << 16, tenants: int = 8):
-        sources: list[SuffixSource] = [RequestSource(), StoreSource(TenantStores(capacity, tenants))]
+                 stores: TenantStores | None = None):
+        sources: list[SuffixSource] = [RequestSource(), StoreSource(stores or TenantStores())]
         if datastore is not None:
             if not isinstance(datastore, Datastore):
                 datastore = Datastore(datastore, tokenizer, vocab_size)

@@ -14,6 +14,7 @@ import pytest
 
 from freespec.drafters import DrafterSettings, create, datastore
 from freespec.drafters.suffix import (
+    MAX_MATCH,
     CorpusSource,
     RequestSource,
     StoreSource,
@@ -69,9 +70,9 @@ def test_store_drops_the_oldest_requests_and_skips_what_the_previous_one_shared(
     chat = list(range(10, 60))
     store.add(chat)
     store.add(chat + [7, 8, 9])  # a chat's next turn: only its new part and 4 tokens before it are stored
-    assert store.tokens == 50 + 7 and store.automaton.find([56, 57, 58, 59, 7, 8, 9])
+    assert store.tokens == 50 + 7 and store.automaton.find([56, 57, 58, 59, 7, 8, 9]) and store.version == 2
     store.add(list(range(100, 160)))  # 117 tokens: the oldest requests go until 75 or fewer are kept
-    assert store.version == 1 and store.tokens == 67 and len(store.pieces) == 2
+    assert store.version == 3 and store.tokens == 67 and len(store.pieces) == 2
     assert not store.automaton.find([10, 11]) and store.automaton.find([58, 59, 7]) and store.automaton.find([100])
     stores = TenantStores(capacity=100, tenants=2)
     a, b = stores("a"), stores("b")
@@ -89,6 +90,35 @@ def test_each_tenant_is_drafted_from_its_own_earlier_requests_only():
     drafter, _ = model.drafter("suffix")
     store = drafter.drafters[1]
     assert isinstance(store, StoreSource) and set(store.stores.stores) == {None, "someone else"}
+
+
+def test_a_models_forks_draft_from_one_set_of_stores():
+    """A server runs a tenant's requests on any of its forks: each drafts from all of them, and a
+    match into a store that another fork added to is redone (the automaton changed under it)."""
+    model = make_model("llama", 1, budget=16)
+    forks = [model.fork(), model.fork()]
+    stores = [fork.drafter("suffix")[0].drafters[1].stores for fork in (model, *forks)]
+    assert stores[0] is stores[1] is stores[2]
+    first = forks[0].generate(prompt_ids=PROMPTS[1], drafter="suffix", max_new_tokens=40, tenant="a")
+    forks[0].generate(prompt_ids=PROMPTS[0], drafter="suffix", max_new_tokens=8, tenant="a")  # files the first
+    again = forks[1].generate(prompt_ids=PROMPTS[1], drafter="suffix", max_new_tokens=40, tenant="a")
+    stranger = forks[1].generate(prompt_ids=PROMPTS[1], drafter="suffix", max_new_tokens=40, tenant="b")
+    assert again.token_ids == stranger.token_ids == first.token_ids
+    assert again.stats.mean_accepted > max(3.0, 1.5 * stranger.stats.mean_accepted)
+    source = forks[1].drafter("suffix")[0].drafters[1]
+    source.begin(np.array(PROMPTS[1]), None)  # files tenant b's request: a's store is unchanged
+    source.set_tenant("a")
+    source.begin(np.array(PROMPTS[1]), None)
+    context = np.array([*PROMPTS[1], *first.token_ids[:5]])
+    assert source.matches(context)
+    # another fork files a request with the matched text after another token: the automaton splits the match's state
+    stores[0]("a").add([251, *context[-MAX_MATCH:].tolist(), 250])
+    fresh = StoreSource(stores[0])
+    fresh.set_tenant("a")
+    fresh.begin(np.array(PROMPTS[1]), None)
+    assert source.matches(context) == fresh.matches(context)  # redone in the changed automaton
+    model.reset()
+    assert model.fork().drafter("suffix")[0].drafters[1].stores is not stores[0]
 
 
 def test_suffix_calibration_learns_from_verified_steps_and_shadow_drafts():

@@ -49,6 +49,33 @@ def test_eight_clients_lose_nothing_and_stream_what_they_would_get_whole(tiny_mo
     assert summary["requests"] == 200 and summary["latency_p50_s"] <= summary["latency_p99_s"]
 
 
+def test_scaling_levels_serve_the_same_prompts_and_count_every_answer(tiny_model_dir):
+    """The scaling table: every level serves the same prompts, speculation and plain decoding
+    interleaved, each answer equal to the first one its prompt got."""
+    serve_load = load_script()
+    prompts = ["w1 w2 w3", "w9 w8 w7", "w5", "w10 w11", "w40 w41 w42 w43"]
+    modes = {"recycling": {"drafter": "recycling"}, "none": {"drafter": "none"}}
+    with BackgroundServer(create_app(freespec.load(str(tiny_model_dir)), served_name="tiny")) as url:
+        rows = serve_load.scaling(url, "tiny", "freespec", modes, [1, 3], prompts, 10, warm_up=["w2 w3", "w4"])
+        assert metric(url, "freespec_requests_total", endpoint="chat", status="success") == 2 * 2 + 4 * 5
+    assert [(row["clients"], row["speculation"]) for row in rows] == [(1, "recycling"), (1, "none"),
+                                                                     (3, "recycling"), (3, "none")]
+    assert all(row["failed"] == 0 and row["differing"] == 0 and row["tokens_per_second"] > 0 for row in rows)
+    assert rows[0]["vs_1_client"] == rows[1]["vs_1_client"] == 1.0
+
+
+def test_load_prompts_are_cut_or_filled_to_the_asked_length():
+    class Words:  # a tokenizer of whitespace-separated words
+        def encode(self, text, add_special_tokens=False):
+            return text.split()
+
+        def decode(self, words):
+            return " ".join(words)
+
+    prompts = load_script().spec_bench_prompts(6, tokens=40, tokenizer=Words())
+    assert len(prompts) == len(set(prompts)) == 6 and all(len(prompt.split()) == 40 for prompt in prompts)
+
+
 def test_load_script_refuses_other_hosts():
     with pytest.raises(SystemExit, match="loopback"):
         load_script().check_loopback("http://10.0.0.1:8000")
