@@ -22,7 +22,7 @@ import math
 import platform
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -114,14 +114,21 @@ def calibration_key(runner: ModelRunner) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
+def fitting(sizes: Sequence[int], runner: ModelRunner) -> list[int]:
+    """The ``sizes`` whose passes fit the runner's context after at least one cached token."""
+    return [q for q in sizes if q + 1 < runner.max_positions] or [1]
+
+
 def measure(runner: ModelRunner, sizes=SIZES, context: int = 256, repeats: int = 3,
             announce: Callable[[float], None] | None = None) -> dict[int, float]:
     """Median seconds of ``forward + logits`` over q tokens after ``context`` cached tokens.
 
     One warm-up pass per size, then ``repeats`` rounds that each time every size once; after the
-    warm-up, ``announce`` is told about how many seconds the rounds will take.
+    warm-up, ``announce`` is told about how many seconds the rounds will take. A model whose
+    context is shorter than the largest size gets the sizes that fit after at least one cached token.
     """
-    context = min(context, runner.max_positions - max(sizes) - 1)
+    sizes = fitting(sizes, runner)
+    context = max(1, min(context, runner.max_positions - max(sizes) - 1))
     generator = torch.Generator().manual_seed(0)
     runner.reset(context + max(sizes))
     runner.prefill(torch.randint(runner.vocab_size, (context,), generator=generator))
@@ -196,7 +203,7 @@ def _path(runner: ModelRunner) -> Path:
     return cache_dir() / "calibration" / f"{calibration_key(runner)}.json"
 
 
-def _read_cache(path: Path) -> dict[int, float] | None:
+def _read_cache(path: Path, sizes: list[int]) -> dict[int, float] | None:
     """The curve cached in ``path``, or None if there is none worth using (said in one line)."""
     if not path.exists():
         return None
@@ -206,7 +213,7 @@ def _read_cache(path: Path) -> dict[int, float] | None:
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as error:
         log.warning("calibration cache %s is damaged (%s: %s); measuring again", path, type(error).__name__, error)
         return None
-    if set(costs) != set(SIZES):  # measured for another size list
+    if set(costs) != set(sizes):  # measured for another size list
         return None
     if data.get("stale"):
         log.warning("calibration cache %s is stale (%s); measuring again", path, data["stale"])
@@ -221,7 +228,7 @@ def load_or_measure(runner: ModelRunner, force: bool = False, repeats: int = 3) 
     """Cached costs for this model and machine, measured now if missing, damaged, implausible or
     stale (a few seconds, said in one line)."""
     path = _path(runner)
-    cached = None if force else _read_cache(path)
+    cached = None if force else _read_cache(path, fitting(SIZES, runner))
     if cached is not None:
         return CostCurve(cached, path)
 

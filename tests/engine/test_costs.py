@@ -190,3 +190,15 @@ def test_a_step_faster_than_the_calibration_marks_the_cache_stale(tmp_path):
     policy.record_cost(1, 0.008)  # a whole step in less than half the calibrated pass
     assert json.loads(path.read_text())["stale"] == "a step over 1 tokens took 8.00 ms, the calibration says 20.00 ms"
     assert policy.cost(1) == 0.008
+
+
+def test_a_short_context_gets_the_sizes_that_fit_and_caches_them(runner, tmp_path):
+    """A model of 40 positions: passes of up to 38 tokens after at least one cached token (the
+    context asked for would have been negative), and the cache of those sizes is read back."""
+    runner.max_positions = 40
+    contexts = []
+    runner.prefill = lambda tokens: contexts.append(len(tokens))
+    measured = load_or_measure(runner)
+    assert sorted(measured) == [q for q in SIZES if q <= 38] and min(contexts) >= 1
+    calls = runner.calls
+    assert load_or_measure(runner) == measured and runner.calls == calls  # from the cache, not measured again
