@@ -7,7 +7,7 @@ several into one tree (:mod:`freespec.drafters.fused`).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from freespec.drafters.aded import Aded
@@ -18,7 +18,7 @@ from freespec.drafters.layerskip import LayerSkip
 from freespec.drafters.lookahead import Lookahead
 from freespec.drafters.lookup import PromptLookup
 from freespec.drafters.ngram_trie import TrieLookup
-from freespec.drafters.recycling import DamagedStateError, TokenRecycling
+from freespec.drafters.recycling import DamagedStateError, RecyclingTables, TokenRecycling
 from freespec.drafters.retrieval import Retrieval
 from freespec.drafters.suffix import Suffix, TenantStores
 from freespec.model.runner import ModelRunner
@@ -57,6 +57,14 @@ def _suffix(settings: DrafterSettings) -> Suffix:
     return Suffix(settings.datastore, settings.tokenizer, settings.vocab_size, stores=stores)
 
 
+def _recycling(settings: DrafterSettings) -> TokenRecycling:
+    # one set of tables for the model: every fork drafts from the rows all requests verified
+    drafter = TokenRecycling(settings.vocab_size, tree_shape=settings.tree_shape,
+                             tables=settings.shared.get(f"recycling-{settings.tree_shape}"))
+    settings.shared.setdefault(f"recycling-{settings.tree_shape}", drafter.tables)
+    return drafter
+
+
 def _layerskip(settings: DrafterSettings) -> LayerSkip:
     if settings.runner is None:
         raise ValueError("the layerskip drafter needs the target model's runner (DrafterSettings.runner)")
@@ -71,7 +79,7 @@ def _draft_model(settings: DrafterSettings) -> DraftModel:
 
 
 FACTORIES: dict[str, Callable[[DrafterSettings], Drafter]] = {
-    "recycling": lambda s: TokenRecycling(s.vocab_size, tree_shape=s.tree_shape),
+    "recycling": _recycling,
     "lookup": lambda s: PromptLookup(),
     "suffix": _suffix,
     "trie": lambda s: TrieLookup(),
@@ -81,6 +89,11 @@ FACTORIES: dict[str, Callable[[DrafterSettings], Drafter]] = {
     "layerskip": _layerskip,
     "draft-model": _draft_model,
 }
+
+DRAWING = ("layerskip", "draft-model")
+"""Drafters that sample their drafts (trees with ``draft_probs``): there the tree decides which
+sampled token comes out, so a fusion with one of them keeps its members' state to itself: state
+shared across requests would make a seed's tokens depend on what other requests taught it."""
 
 DRAFTERS = (*FACTORIES, "none")
 """Names accepted by the API, CLI and benchmark; ``none`` is plain decoding through the same runner.
@@ -109,10 +122,12 @@ def create(name: str, settings: DrafterSettings) -> Drafter | None:
         return None
     parts = name.split("+")
     if len(parts) > 1:
+        if any(part in DRAWING for part in parts):
+            settings = replace(settings, shared={})
         return Fused([FACTORIES[part](settings) for part in parts])
     return FACTORIES[name](settings)
 
 
 __all__ = ["DRAFTERS", "Aded", "BaseDrafter", "DamagedStateError", "DraftModel", "Drafter", "DrafterSettings",
-           "FACTORIES", "Fused", "LayerSkip", "Lookahead", "PromptLookup", "Retrieval", "Suffix",
-           "TokenRecycling", "TrieLookup", "check_name", "create"]
+           "FACTORIES", "Fused", "LayerSkip", "Lookahead", "PromptLookup", "RecyclingTables", "Retrieval",
+           "Suffix", "TokenRecycling", "TrieLookup", "check_name", "create"]

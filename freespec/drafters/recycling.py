@@ -174,30 +174,24 @@ class PairRows:
                 self.successors[slot], self.probs[slot] = successors[row], probs[row]
 
 
-class TokenRecycling(BaseDrafter):
-    """The Token Recycling drafter; its matrix stays warm across requests until :meth:`reset`.
+class RecyclingTables:
+    """What Token Recycling learns, apart from any one request: the one-token rows, the pair
+    tables, their calibrations and (static trees) the template's order by rank hit rates.
 
-    ``pair_slots``: size of the table of the model's rows keyed by token pairs (:class:`PairRows`,
-    a power of two; the prompt's followers get half as many; 0 keeps only the paper's one-token
-    rows). Dynamic trees only draft the prompt's followers: the static template would fill a
-    one-candidate row's other ranks with copies.
+    One per model, shared by a server's forks (:class:`freespec.drafters.DrafterSettings.shared`):
+    the rows are the model's own top-k after a token or pair, true whatever request saw them, so
+    every slot drafts from everything the server has verified instead of starting cold. Drafts
+    never change a greedy token, nor a sampled one (point-mass drafts: :func:`~freespec.engine.verify.sample_accept`).
     """
 
-    wants_prompt_logits = True
-    shadow_drafts = True
-
-    def __init__(self, vocab_size: int, k: int = 8, tree_shape: Literal["dynamic", "static"] = "dynamic",
-                 template=PAPER_TEMPLATE, pair_slots: int = 1 << 17):
-        if tree_shape not in ("dynamic", "static"):
-            raise ValueError(f"the tree shape must be 'dynamic' or 'static', got {tree_shape!r}")
-        self.vocab_size = vocab_size
-        self.k = k
-        self.tree_shape = tree_shape
-        self.template = tuple(template)
-        self.pair_slots = pair_slots
-        if tree_shape == "static" and max(max(path) for path in self.template) >= k:
-            raise ValueError(f"template uses ranks beyond k={k}")
+    def __init__(self, vocab_size: int, k: int, tree_shape: Literal["dynamic", "static"], template, pair_slots: int):
+        self.vocab_size, self.k, self.tree_shape = vocab_size, k, tree_shape
+        self.template, self.pair_slots = tuple(template), pair_slots
         self.reset()
+
+    def matches(self, vocab_size: int, k: int, tree_shape: str, template, pair_slots: int) -> bool:
+        return (self.vocab_size, self.k, self.tree_shape, self.template, self.pair_slots) == (
+            vocab_size, k, tree_shape, tuple(template), pair_slots)
 
     def reset(self) -> None:
         """Forget everything learned (rows start as arbitrary distinct tokens of probability 0)."""
@@ -209,23 +203,22 @@ class TokenRecycling(BaseDrafter):
             self.pairs = PairRows(self.vocab_size, self.k, self.pair_slots)  # the model's top-k per pair
             if self.tree_shape == "dynamic":  # the token that followed each pair in the prompt (one candidate)
                 self.text_pairs = PairRows(self.vocab_size, self.k, max(self.pair_slots // 2, 1))
-        self._rank_hits = np.ones(self.k)  # Laplace-smoothed counts of which rank was accepted
-        self._rank_hits[0] = 4.0
-        self._rank_tries = float(self.k + 8)
-        self._prompt_unread = False  # a request began and its prompt's pairs are not filed yet
-        self._proposed_root: tuple[int, int] | None = None  # (token before the root, root) of the last draft
-        self._reorder()
+        self.rank_hits = np.ones(self.k)  # Laplace-smoothed counts of which rank was accepted
+        self.rank_hits[0] = 4.0
+        self.rank_tries = float(self.k + 8)
+        self.reorder()
 
-    def _reorder(self) -> None:
-        self._steps_since_reorder = 0
+    def reorder(self) -> None:
+        """Order the static template by the rank hit rates learned so far."""
+        self.steps_since_reorder = 0
         if self.tree_shape != "static":
             return
-        rates = self._rank_hits / self._rank_tries
+        rates = self.rank_hits / self.rank_tries
         ordered = order_template(self.template, rates)
-        self._node_score = np.array([np.prod(rates[list(p)]) for p in ordered])
+        self.node_score = np.array([np.prod(rates[list(p)]) for p in ordered])  # [nodes]
         index = {path: i + 1 for i, path in enumerate(ordered)}  # node 0 is the root
-        self._node_parent = np.array([index.get(p[:-1], 0) for p in ordered], dtype=np.int64)
-        self._node_rank = np.array([p[-1] for p in ordered], dtype=np.int64)
+        self.node_parent = np.array([index.get(p[:-1], 0) for p in ordered], dtype=np.int64)  # [nodes]
+        self.node_rank = np.array([p[-1] for p in ordered], dtype=np.int64)  # [nodes]
 
     def row(self, before: int, token: int) -> Row:
         """The candidates after ``token`` preceded by ``before`` (-1: unknown): the model's row for
@@ -235,84 +228,6 @@ class TokenRecycling(BaseDrafter):
             if slot >= 0:
                 return table.successors[slot], table.probs[slot], table.calibration
         return self.successors[token], self.probs[token], self.calibration
-
-    def begin(self, prompt: np.ndarray, prompt_logits: torch.Tensor | None) -> None:
-        """Warm start: the model's candidates after each of the last prompt tokens."""
-        self._prompt_unread = True
-        if prompt_logits is not None and len(prompt_logits):
-            ids, probs = top_candidates(prompt_logits, self.k)
-            self.successors[prompt], self.probs[prompt] = ids, probs
-            if self.pairs is not None:
-                self.pairs.store([-1, *prompt[:-1].tolist()], prompt.tolist(), ids, probs)
-
-    def _read_prompt(self, prompt: np.ndarray) -> None:
-        """File each pair of the prompt with the token that followed it there, as a one-candidate
-        row of probability 1 (its calibration learns how often the model copies). :meth:`begin`
-        sees only the prompt's last tokens; the whole prompt is the first draft's context."""
-        followers = np.repeat(prompt[2:, None], self.k, axis=1)  # [n - 2, k]
-        probs = np.zeros(followers.shape, dtype=np.float32)
-        probs[:, 0] = 1.0
-        self.text_pairs.store(prompt[:-2].tolist(), prompt[1:-1].tolist(), followers, probs)
-
-    def propose(self, context: np.ndarray, budget: int) -> DraftTree:
-        root = int(context[-1])
-        before_root = int(context[-2]) if len(context) > 1 else -1
-        self._proposed_root = (before_root, root)
-        if self._prompt_unread and self.text_pairs is not None:
-            self._read_prompt(context)
-        self._prompt_unread = False
-        if self.tree_shape == "dynamic":
-            return best_first_tree(root, before_root, self.row, budget)
-        size = min(budget, len(self._node_rank))
-        tokens = np.empty(size + 1, dtype=np.int64)
-        tokens[0] = root
-        rows = {0: self.row(before_root, root)[0]}  # node → its candidates, for the nodes with children
-        for i in range(size):
-            parent = int(self._node_parent[i])
-            if parent not in rows:
-                grandparent = int(self._node_parent[parent - 1])
-                rows[parent] = self.row(int(tokens[grandparent]), int(tokens[parent]))[0]
-            tokens[i + 1] = rows[parent][self._node_rank[i]]
-        parents = np.concatenate(([-1], self._node_parent[:size]))
-        return DraftTree(tokens, parents, np.concatenate(([1.0], self._node_score[:size])))
-
-    def learn(self, tree: DraftTree, logits: torch.Tensor, accepted: list[int]) -> None:
-        tokens, parents = tree.tokens.tolist(), tree.parents.tolist()
-        proposed, self._proposed_root = self._proposed_root, None
-        # the token before each node; the root's, if this tree is the last proposal
-        before = [proposed[0] if proposed is not None and proposed[1] == tokens[0] else -1]
-        before += [tokens[parent] for parent in parents[1:]]
-        if self.tree_shape == "dynamic" and len(tree) > 1:
-            self._calibrate(tokens, parents, before, accepted)
-        ids, probs = top_candidates(logits, self.k)  # [n, k] each
-        self.successors[tree.tokens] = ids  # a token drafted twice keeps its last row
-        self.probs[tree.tokens] = probs
-        if self.pairs is not None:
-            self.pairs.store(before, tokens, ids, probs)
-        if self.tree_shape == "static":  # learn which ranks get accepted, to reorder the template
-            self._rank_tries += len(accepted)
-            for node in accepted[1:]:
-                self._rank_hits[self._node_rank[node - 1]] += 1
-            self._steps_since_reorder += 1
-            if self._steps_since_reorder >= 64:
-                self._reorder()
-
-    def _calibrate(self, tokens: list[int], parents: list[int], before: list[int], accepted: list[int]) -> None:
-        """Teach each calibration with the nodes whose parent was accepted, from the rows they were
-        drafted from (read before the rows change)."""
-        on_path = set(accepted)
-        observed: dict[int, tuple[AcceptanceCalibration, list[float], list[bool]]] = {}
-        for node in range(1, len(tokens)):
-            parent = parents[node]
-            if parent in on_path:
-                ids, probs, calibration = self.row(before[parent], tokens[parent])
-                row = ids.tolist()
-                if tokens[node] in row:  # always, unless the tree came from elsewhere
-                    _, predicted, hit = observed.setdefault(id(calibration), (calibration, [], []))
-                    predicted.append(float(probs[row.index(tokens[node])]))
-                    hit.append(node in on_path)
-        for calibration, predicted, hit in observed.values():
-            calibration.learn(predicted, hit)
 
     def _tables(self) -> dict[str, PairRows]:
         tables = {"pairs": self.pairs, "text_pairs": self.text_pairs}
@@ -327,8 +242,8 @@ class TokenRecycling(BaseDrafter):
                            f"{name}_probs": table.probs, f"{name}_calibration_hits": table.calibration.hits,
                            f"{name}_calibration_tries": table.calibration.tries})
         _write_atomically(Path(path), lambda file: np.savez_compressed(
-            file, successors=self.successors, probs=self.probs, rank_hits=self._rank_hits,
-            rank_tries=self._rank_tries, calibration_hits=self.calibration.hits,
+            file, successors=self.successors, probs=self.probs, rank_hits=self.rank_hits,
+            rank_tries=self.rank_tries, calibration_hits=self.calibration.hits,
             calibration_tries=self.calibration.tries, **tables))
 
     def load(self, path: str | Path) -> None:
@@ -369,14 +284,137 @@ class TokenRecycling(BaseDrafter):
                                 check.calibration(f"{name}_calibration", table.calibration))
         self.reset()
         self.successors, self.probs = successors.astype(np.int64), probs.astype(np.float32)
-        self._rank_hits, self._rank_tries = rank_hits.astype(np.float64), float(rank_tries)
+        self.rank_hits, self.rank_tries = rank_hits.astype(np.float64), float(rank_tries)
         self.calibration.hits, self.calibration.tries = calibration
         for name, (keys, ids, table_probs, table_calibration) in tables.items():
             table = self._tables()[name]
             table.keys, table.successors = keys.astype(np.int64), ids.astype(np.int64)
             table.probs = table_probs.astype(np.float32)
             table.calibration.hits, table.calibration.tries = table_calibration
-        self._reorder()
+        self.reorder()
+
+
+
+
+class TokenRecycling(BaseDrafter):
+    """The Token Recycling drafter; its tables (:class:`RecyclingTables`) stay warm across requests
+    until :meth:`reset`, and are shared with other drafters when given as ``tables``.
+
+    ``pair_slots``: size of the table of the model's rows keyed by token pairs (:class:`PairRows`,
+    a power of two; the prompt's followers get half as many; 0 keeps only the paper's one-token
+    rows). Dynamic trees only draft the prompt's followers: the static template would fill a
+    one-candidate row's other ranks with copies.
+    """
+
+    wants_prompt_logits = True
+    shadow_drafts = True
+
+    def __init__(self, vocab_size: int, k: int = 8, tree_shape: Literal["dynamic", "static"] = "dynamic",
+                 template=PAPER_TEMPLATE, pair_slots: int = 1 << 17, tables: RecyclingTables | None = None):
+        if tree_shape not in ("dynamic", "static"):
+            raise ValueError(f"the tree shape must be 'dynamic' or 'static', got {tree_shape!r}")
+        if tree_shape == "static" and max(max(path) for path in template) >= k:
+            raise ValueError(f"template uses ranks beyond k={k}")
+        if tables is not None and not tables.matches(vocab_size, k, tree_shape, template, pair_slots):
+            raise ValueError("shared recycling tables were made for another vocabulary, k, tree shape or pair table")
+        self.vocab_size, self.k, self.tree_shape = vocab_size, k, tree_shape
+        self.tables = tables or RecyclingTables(vocab_size, k, tree_shape, template, pair_slots)
+        self._prompt_unread = False  # a request began and its prompt's pairs are not filed yet
+        self._proposed_root: tuple[int, int] | None = None  # (token before the root, root) of the last draft
+
+    def reset(self) -> None:
+        """Forget everything learned (the shared tables too)."""
+        self.tables.reset()
+        self._prompt_unread, self._proposed_root = False, None
+
+    def save(self, path: str | Path) -> None:
+        """Write the learned state to ``path``, atomically (:meth:`RecyclingTables.save`)."""
+        self.tables.save(path)
+
+    def load(self, path: str | Path) -> None:
+        """Take over the state :meth:`save` wrote (:meth:`RecyclingTables.load`)."""
+        self.tables.load(path)
+
+    def begin(self, prompt: np.ndarray, prompt_logits: torch.Tensor | None) -> None:
+        """Warm start: the model's candidates after each of the last prompt tokens."""
+        self._prompt_unread = True
+        tables = self.tables
+        if prompt_logits is not None and len(prompt_logits):
+            ids, probs = top_candidates(prompt_logits, self.k)
+            tables.successors[prompt], tables.probs[prompt] = ids, probs
+            if tables.pairs is not None:
+                tables.pairs.store([-1, *prompt[:-1].tolist()], prompt.tolist(), ids, probs)
+
+    def _read_prompt(self, prompt: np.ndarray) -> None:
+        """File each pair of the prompt with the token that followed it there, as a one-candidate
+        row of probability 1 (its calibration learns how often the model copies). :meth:`begin`
+        sees only the prompt's last tokens; the whole prompt is the first draft's context."""
+        followers = np.repeat(prompt[2:, None], self.k, axis=1)  # [n - 2, k]
+        probs = np.zeros(followers.shape, dtype=np.float32)
+        probs[:, 0] = 1.0
+        self.tables.text_pairs.store(prompt[:-2].tolist(), prompt[1:-1].tolist(), followers, probs)
+
+    def propose(self, context: np.ndarray, budget: int) -> DraftTree:
+        root = int(context[-1])
+        before_root = int(context[-2]) if len(context) > 1 else -1
+        self._proposed_root = (before_root, root)
+        tables = self.tables
+        if self._prompt_unread and tables.text_pairs is not None:
+            self._read_prompt(context)
+        self._prompt_unread = False
+        if self.tree_shape == "dynamic":
+            return best_first_tree(root, before_root, tables.row, budget)
+        size = min(budget, len(tables.node_rank))
+        tokens = np.empty(size + 1, dtype=np.int64)
+        tokens[0] = root
+        rows = {0: tables.row(before_root, root)[0]}  # node → its candidates, for the nodes with children
+        for i in range(size):
+            parent = int(tables.node_parent[i])
+            if parent not in rows:
+                grandparent = int(tables.node_parent[parent - 1])
+                rows[parent] = tables.row(int(tokens[grandparent]), int(tokens[parent]))[0]
+            tokens[i + 1] = rows[parent][tables.node_rank[i]]
+        parents = np.concatenate(([-1], tables.node_parent[:size]))
+        return DraftTree(tokens, parents, np.concatenate(([1.0], tables.node_score[:size])))
+
+    def learn(self, tree: DraftTree, logits: torch.Tensor, accepted: list[int]) -> None:
+        tokens, parents = tree.tokens.tolist(), tree.parents.tolist()
+        proposed, self._proposed_root = self._proposed_root, None
+        # the token before each node; the root's, if this tree is the last proposal
+        before = [proposed[0] if proposed is not None and proposed[1] == tokens[0] else -1]
+        before += [tokens[parent] for parent in parents[1:]]
+        if self.tree_shape == "dynamic" and len(tree) > 1:
+            self._calibrate(tokens, parents, before, accepted)
+        ids, probs = top_candidates(logits, self.k)  # [n, k] each
+        tables = self.tables
+        tables.successors[tree.tokens] = ids  # a token drafted twice keeps its last row
+        tables.probs[tree.tokens] = probs
+        if tables.pairs is not None:
+            tables.pairs.store(before, tokens, ids, probs)
+        if self.tree_shape == "static":  # learn which ranks get accepted, to reorder the template
+            tables.rank_tries += len(accepted)
+            for node in accepted[1:]:
+                tables.rank_hits[tables.node_rank[node - 1]] += 1
+            tables.steps_since_reorder += 1
+            if tables.steps_since_reorder >= 64:
+                tables.reorder()
+
+    def _calibrate(self, tokens: list[int], parents: list[int], before: list[int], accepted: list[int]) -> None:
+        """Teach each calibration with the nodes whose parent was accepted, from the rows they were
+        drafted from (read before the rows change)."""
+        on_path, tables = set(accepted), self.tables
+        observed: dict[int, tuple[AcceptanceCalibration, list[float], list[bool]]] = {}
+        for node in range(1, len(tokens)):
+            parent = parents[node]
+            if parent in on_path:
+                ids, probs, calibration = tables.row(before[parent], tokens[parent])
+                row = ids.tolist()
+                if tokens[node] in row:  # always, unless the tree came from elsewhere
+                    _, predicted, hit = observed.setdefault(id(calibration), (calibration, [], []))
+                    predicted.append(float(probs[row.index(tokens[node])]))
+                    hit.append(node in on_path)
+        for calibration, predicted, hit in observed.values():
+            calibration.learn(predicted, hit)
 
 
 class DamagedStateError(ValueError):

@@ -155,7 +155,7 @@ def test_fused_passes_the_root_alone_to_every_source():
     logits = torch.zeros(1, 16)
     logits[0, 5] = 4.0
     fused.learn(root, logits, [0])  # no propose came first: budget 0 this step
-    assert fused.drafters[0].successors[3, 0] == 5
+    assert fused.drafters[0].tables.successors[3, 0] == 5
 
 
 class FixedDrafter(BaseDrafter):
