@@ -8,7 +8,13 @@ Speculation modes run interleaved at each level on the same prompts; each mode k
 across levels (a server's slots keep their drafters), warmed first with other prompts. Every
 answer must be the same tokens in every mode (greedy is lossless): a differing one is reported.
 
+``--steady R``: a server's steady load instead: at each level n forks answer R prompts, each fork
+taking the next prompt as soon as its answer is done (prompts are prefilled between the others'
+decoding steps), one batch per mode kept across levels; the rate counts the whole run, prefill
+included, until the last answer.
+
     PYTHONPATH=. python benchmarks/batch_decode.py --levels 1,2,4,8,16 --modes none,recycling --tokens 64
+    PYTHONPATH=. python benchmarks/batch_decode.py --levels 1,4,8,16 --steady 32 --tokens 128
 
 Prints a Markdown table: tokens/s per mode and level, the ratio to ``none``, τ (tokens per
 request per pass), rows per pass, and passes.
@@ -50,6 +56,39 @@ def decode_together(forks: list[Model], prompts: list[list[int]], drafter: str, 
             "answers": [generation.token_ids for generation in generations]}
 
 
+def decode_steadily(forks: list[Model], prompts: list[list[int]], drafter: str, tokens: int, batch: Batch) -> dict:
+    """Answer every prompt with ``len(forks)`` requests running at all times: a fork that finishes
+    takes the next prompt at once (a server under steady load). Figures over the whole run,
+    prefill included, until the last answer."""
+    queue = list(enumerate(prompts))
+    answers: list[list[int]] = [[] for _ in prompts]
+    slots: dict[int, tuple[int, Running]] = {}  # fork → (prompt index, its request)
+    passes = rows = verified = 0
+    started = time.perf_counter()
+    while queue or slots:
+        for fork in range(len(forks)):
+            if fork not in slots and queue:
+                index, prompt = queue.pop(0)
+                slots[fork] = (index, Running(forks[fork].stream(prompt_ids=prompt, drafter=drafter,
+                                                                  max_new_tokens=tokens, reuse_prefix=False)))
+        running = [request for _, request in slots.values()]
+        batch.step(running)
+        passes += 1
+        for fork, (index, request) in list(slots.items()):
+            if request.error is not None:
+                raise request.error
+            if request.emitted:
+                rows += request.generation.stats.draft_sizes[-1] + 1
+                verified += 1
+            if request.generation.done:
+                answers[index] = request.generation.token_ids
+                del slots[fork]
+    seconds = time.perf_counter() - started
+    new = sum(len(answer) for answer in answers)
+    return {"tokens_per_second": new / seconds, "passes": passes, "rows_per_pass": rows / max(passes, 1),
+            "tau": new / max(verified, 1), "answers": answers}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="GGUF or model directory (default: the embedded SmolLM2-135M)")
@@ -57,6 +96,9 @@ def main() -> None:
     parser.add_argument("--modes", default="none,recycling", help="drafters, 'none' for plain batching")
     parser.add_argument("--tokens", type=int, default=64, help="new tokens per request")
     parser.add_argument("--rounds", type=int, default=1, help="repeats of every level (other prompts each round)")
+    parser.add_argument("--steady", type=int, default=None, metavar="R",
+                        help="steady load instead: R requests per level, each fork taking the next as it finishes "
+                             "(prefill included in the rate)")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     if args.threads:
@@ -68,16 +110,21 @@ def main() -> None:
     prompts = [model.encode(question.turns[0]) for question in questions]
     warm, prompts = prompts[: max(levels)], prompts[max(levels):]
     forks = {mode: [model.fork() for _ in range(max(levels))] for mode in modes}
+    batches = {mode: Batch() for mode in modes}  # steady load: one batch per mode, as in a server
     for mode in modes:  # every slot's drafter warmed with one answer of its own, as a server's slots are
-        decode_together(forks[mode], warm, mode, args.tokens)
+        decode_steadily(forks[mode], warm, mode, args.tokens, batches[mode])
     results: dict[tuple[str, int], list[dict]] = {}
     differing = 0
     for round_ in range(args.rounds):
         for level in levels:
-            chosen = prompts[(round_ * max(levels)) % len(prompts):][:level]
+            span = args.steady or max(levels)
+            chosen = prompts[(round_ * span) % len(prompts):][: args.steady or level]
             answers = None
             for mode in modes:
-                result = decode_together(forks[mode][:level], chosen, mode, args.tokens)
+                if args.steady:
+                    result = decode_steadily(forks[mode][:level], chosen, mode, args.tokens, batches[mode])
+                else:
+                    result = decode_together(forks[mode][:level], chosen, mode, args.tokens)
                 results.setdefault((mode, level), []).append(result)
                 answers = answers or result["answers"]
                 differing += sum(a != b for a, b in zip(answers, result["answers"]))

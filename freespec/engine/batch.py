@@ -10,8 +10,9 @@ batch-invariant, so a request's tokens are the same bits whatever runs beside it
 Prefill: while other requests decode, a pass carries at most ``prefill_rows`` prompt tokens (the
 oldest waiting prompt first), so a long prompt does not freeze the streams already running.
 
-Speculation spends only what batching leaves (:func:`share_budget`): a pass of q rows costs t(q)
-(the budget policy's measured curve); each decoding request brings one token for sure (its root's
+Speculation spends only what batching leaves (:func:`share_budget`): a step of q rows costs what
+the batch's own steps measured (:class:`StepCost`: drafting, the pass and verifying, by rows; the
+budget policy's single-request curve t(q) until enough steps are timed); each decoding request brings one token for sure (its root's
 bonus) and each of its draft nodes its expected gain. Nodes are taken best first across requests
 while they raise the pass's expected tokens per second. Alone, a request keeps its own policy's
 choice (today's speculation); with many requests the pass is already full of their own next
@@ -32,6 +33,9 @@ from freespec.engine.loop import Generation, Step
 from freespec.model.runner import PREFILL_CHUNK, BatchPass, forward_batch
 
 log = logging.getLogger(__name__)
+
+MAX_REST = 31
+"""Most passes a request of a batch goes without drafting once its drafts stopped paying."""
 
 BATCH_PREFILL_ROWS = 128
 """Prompt tokens a pass carries while other requests decode: their next token waits for the pass."""
@@ -70,6 +74,76 @@ def share_budget(gains: Sequence[Sequence[float]], rows: int, tokens: float, cos
     return shares
 
 
+class StepCost:
+    """Seconds a batched decoding step takes by its rows: base + per_row * rows, a least-squares
+    line over the steps the batch timed (two or more requests decoding, no prompt rows), each
+    weighing ``decay`` times the one after it.
+
+    A whole step is timed: drafting, the pass, its logits and every request's verifying and
+    learning. The single-request curve t(q) sees only the pass, and a row in a batch costs more
+    than the curve says (per request attention, top-k over its logits, Python), which is what
+    drafting at load spends. Until ``min_steps`` steps with rows that differ by at least
+    ``min_spread`` have been timed (drafts make the rows vary), it has no opinion.
+
+    >>> cost = StepCost(min_steps=3)
+    >>> for rows in (4, 6, 8, 4, 6):
+    ...     cost.record(rows, 0.002 + 0.001 * rows)
+    >>> round(cost(10), 6)
+    0.012
+    """
+
+    def __init__(self, decay: float = 0.99, min_steps: int = 16, min_spread: float = 1.0):
+        self.decay, self.min_steps, self.min_spread = decay, min_steps, min_spread
+        self._sums = [0.0] * 5  # weighted count, Σx, Σx², Σy, Σxy over (rows, seconds)
+        self.steps = 0
+        self.line: tuple[float, float] | None = None  # (base, per_row) once fitted
+
+    def record(self, rows: int, seconds: float) -> None:
+        self.steps += 1
+        self._sums = [self.decay * total + value
+                      for total, value in zip(self._sums, (1.0, rows, rows * rows, seconds, rows * seconds))]
+        count, x, xx, y, xy = self._sums
+        spread = xx / count - (x / count) ** 2  # variance of the rows
+        if self.steps >= self.min_steps and spread >= self.min_spread**2:
+            per_row = (count * xy - x * y) / (count * xx - x * x)
+            if per_row > 0:
+                self.line = ((y - per_row * x) / count, per_row)
+
+    def __call__(self, rows: int) -> float:
+        base, per_row = self.line
+        return max(base + per_row * rows, 1e-9)
+
+
+class Acceptance:
+    """Tokens the nodes that :func:`share_budget` gave requests brought, against what their gains
+    said (moving sums, each step weighing ``decay`` times the one after it). Drafters calibrate
+    their scores on the steps they verify, most of them alone; a batch verifies only its requests'
+    best nodes, and ``ratio`` corrects their gains by what it saw (1 until it has seen enough).
+
+    >>> accepted = Acceptance(decay=1.0, min_expected=1.0)
+    >>> for _ in range(4):
+    ...     accepted.record(0.8, 0)
+    ...     accepted.record(0.8, 1)
+    >>> round(accepted.ratio, 3)
+    0.625
+    """
+
+    def __init__(self, decay: float = 0.99, min_expected: float = 8.0, bounds: tuple[float, float] = (0.25, 2.0)):
+        self.decay, self.min_expected, self.bounds = decay, min_expected, bounds
+        self.expected = self.brought = 0.0
+
+    def record(self, expected: float, brought: int) -> None:
+        self.expected = self.decay * self.expected + expected
+        self.brought = self.decay * self.brought + brought
+
+    @property
+    def ratio(self) -> float:
+        if self.expected < self.min_expected:
+            return 1.0
+        low, high = self.bounds
+        return min(max(self.brought / self.expected, low), high)
+
+
 @dataclass(eq=False)
 class Running:
     """A request in the batch, and what its last step brought: the tokens it emitted, or the
@@ -78,6 +152,8 @@ class Running:
     generation: Generation
     emitted: list[int] = field(default_factory=list)
     error: Exception | None = None
+    idle: int = 0  # passes in a row whose share of the draft budget was 0
+    resting: int = 0  # passes left in which it drafts nothing (see Batch.step)
 
 
 class Batch:
@@ -91,16 +167,23 @@ class Batch:
         if prefill_rows <= 0:
             raise ValueError(f"prefill_rows must be positive, got {prefill_rows}")
         self.prefill_rows, self.share = prefill_rows, share
+        self.step_cost = StepCost()  # what a step of several decoding requests costs by its rows
+        self.accepted = Acceptance()  # how the shared nodes' expected gains compare with what they brought
 
     def step(self, requests: Sequence[Running]) -> None:
         """One pass for every request not yet done: each gets its ``emitted`` tokens (none for a
         prefill chunk) or its ``error``. A request that is done plans no step."""
+        started = time.perf_counter()
         for request in requests:
             request.emitted = []
         live = [request for request in requests if request.error is None]
         decoding = [request for request in live if not request.generation.prefilling]
+        shared = self.share and len(decoding) > 1
         for request in decoding:
-            self._guard(request, request.generation.draft)
+            if shared and request.resting > 0:
+                request.resting -= 1  # planned with no draft below (a share of 0)
+            else:
+                self._guard(request, request.generation.draft)
         decoding = [request for request in decoding if request.error is None and not request.generation.done]
         prefilling = [request for request in live if request.generation.prefilling]
         planned: list[tuple[Running, Step]] = []
@@ -112,12 +195,36 @@ class Batch:
                     planned.append((request, step))
                     budget -= len(step.tokens)
         caps = self._caps(decoding, sum(len(step.tokens) for _, step in planned))
+        if shared:
+            self._rest(decoding, caps)
+        expected = [(request, sum(request.generation.node_gains()[:cap]))  # what the shares' nodes should bring
+                    for request, cap in zip(decoding, caps) if cap]
         for request, cap in zip(decoding, caps):
             step = self._guard(request, request.generation.plan, None, cap)
             if step is not None:
                 planned.append((request, step))
         if planned:
             self._run(planned)
+            for request, gain in expected:
+                if request.error is None and request.emitted:
+                    self.accepted.record(gain, len(request.emitted) - 1)
+            if len(planned) > 1 and all(step.tree is not None for _, step in planned):
+                self.step_cost.record(sum(len(step.tokens) for _, step in planned), time.perf_counter() - started)
+
+    @staticmethod
+    def _rest(decoding: list[Running], caps: list[int | None]) -> None:
+        """A request whose drafts found no room in the pass drafts nothing for a while: 1, then
+        3, 7, ... up to MAX_REST passes as its shares stay 0 (drafting and learning from a
+        draft cost time of their own, which the pass spends for nothing), then drafts again to
+        see whether its nodes now pay. A share above 0 ends the rest."""
+        for request, cap in zip(decoding, caps):
+            if cap is None or request.generation.node_count() == 0:  # a fixed budget; nothing drafted
+                continue
+            if cap > 0:
+                request.idle = 0
+            else:  # it drafted, and none of it fits
+                request.idle = min(request.idle + 1, MAX_REST.bit_length())
+                request.resting = min(2**request.idle - 1, MAX_REST)
 
     def _caps(self, decoding: list[Running], prefill_rows: int) -> list[int | None]:
         """Each decoding request's cap on verified draft nodes: none for a request alone in its
@@ -130,8 +237,10 @@ class Batch:
         # a request with a fixed budget keeps it (its drafts, so its sampled tokens, stay as alone)
         shared = [request for request in decoding if request.generation.fixed_budget is None]
         fixed = sum(request.generation.node_count() for request in decoding if request not in shared)
-        gains = [request.generation.node_gains() for request in shared]
-        caps = iter(share_budget(gains, prefill_rows + len(decoding) + fixed, float(len(decoding)), policies[0].cost))
+        scale = self.accepted.ratio
+        gains = [[gain * scale for gain in request.generation.node_gains()] for request in shared]
+        cost = self.step_cost if self.step_cost.line is not None else policies[0].cost
+        caps = iter(share_budget(gains, prefill_rows + len(decoding) + fixed, float(len(decoding)), cost))
         return [None if request.generation.fixed_budget is not None else next(caps) for request in decoding]
 
     def _run(self, planned: list[tuple[Running, Step]]) -> None:

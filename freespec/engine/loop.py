@@ -164,7 +164,8 @@ class Generation:
     def plan(self, prefill_limit: int | None = None, budget: int | None = None) -> Step | None:
         """The next step (None once done): a chunk of at most ``prefill_limit`` prompt tokens
         (None: all that are left) until the prompt is cached, then a drafted tree verifying at
-        most ``budget`` draft nodes (None: as many as the budget policy chose, see :meth:`draft`)."""
+        most ``budget`` draft nodes (None: as many as the budget policy chose, see :meth:`draft`;
+        0 before a draft: the root alone, nothing drafted)."""
         if self._unfilled is None:
             self._prepare()
         if self._unfilled:
@@ -177,6 +178,9 @@ class Generation:
             self._begin()
         if self.done:
             return None
+        if self._draft is None and budget == 0:  # no room for drafts in this pass: none drafted
+            self._step_started = time.perf_counter()
+            self._draft = (DraftTree.root_only(int(self._context[-1])), 0)
         if self._draft is None:
             self.draft()
         tree, chosen = self._draft

@@ -8,6 +8,7 @@ import pytest
 
 from freespec.api import Model
 from freespec.engine.batch import Batch, Running, share_budget
+from freespec.engine.loop import Generation
 from freespec.model.loading import from_transformers
 from tests.helpers import fault_after_first_chunk, tiny_model, word_tokenizer
 
@@ -134,3 +135,45 @@ def test_share_budget_spends_only_where_the_pass_gains():
     assert share_budget([[0.5], [0.4]], rows=1, tokens=1.0, cost=steep) == [1, 1]
     assert share_budget([[0.5], [0.4]], rows=8, tokens=8.0, cost=steep) == [1, 0]
     assert share_budget([[], []], rows=2, tokens=2.0, cost=flat) == [0, 0]
+
+
+def test_the_batch_prices_drafts_by_its_own_timed_steps(monkeypatch):
+    """Once the batch has timed its steps, their cost by rows decides the drafts: rows that cost
+    as much as a token each leave every request plain, free rows let them draft. A request whose
+    drafts found no room drafts nothing in the next pass (it rests), then drafts again."""
+    model = _model("llama")
+    prompts = [[2, *[4 + (index * 13 + i) % 60 for i in range(30)], 3] for index in range(3)]
+    running = [Running(model.fork().stream(prompt_ids=prompt, drafter="recycling", max_new_tokens=40))
+               for prompt in prompts]
+    batch = Batch()
+    while not all(request.generation.done for request in running):
+        batch.step(running)
+    assert batch.step_cost.steps >= 13  # every decoding step of the three (the timings' fit is the doctest's)
+    for line, drafted in (((0.0, 1.0), False), ((1.0, 1e-6), True)):
+        batch.step_cost.line = line
+        again = [Running(model.fork().stream(prompt_ids=prompt, drafter="recycling", max_new_tokens=24))
+                 for prompt in prompts]
+        while any(request.generation.prefilling for request in again):
+            batch.step(again)
+        for request in again:
+            request.generation.draft()
+        assert any(batch._caps(again, 0)) == drafted
+    batch.step_cost.line = (0.0, 1.0)
+    drafts = []
+    real_draft = Generation.draft
+    monkeypatch.setattr(Generation, "draft", lambda self: drafts.append(self) or real_draft(self))
+    resting = [Running(model.fork().stream(prompt_ids=prompt, drafter="recycling", max_new_tokens=24))
+               for prompt in prompts]
+    while any(request.generation.prefilling for request in resting):
+        batch.step(resting)
+    drafts.clear()
+    batch.step(resting)  # each drafts; none fits
+    drafted = [request for request in resting if request.idle]
+    assert drafted and all(request.resting == 1 for request in drafted)
+    drafts.clear()
+    batch.step(resting)  # they rest: no draft
+    assert not {id(request.generation) for request in drafted} & {id(generation) for generation in drafts}
+    assert all(request.generation.stats.draft_sizes[-1] == 0 for request in drafted)
+    drafts.clear()
+    batch.step(resting)  # and draft again
+    assert {id(request.generation) for request in drafted} <= {id(generation) for generation in drafts}
