@@ -77,7 +77,7 @@ class Model:
     def fork(self) -> Model:
         """The same model with a KV cache and drafters of its own (weights, tokenizer, kernels and
         what drafters share across requests, such as the suffix drafter's stores of earlier
-        requests, shared): a server runs one request on each fork at a time, several forks' passes
+        requests and Token Recycling's tables, shared): a server runs one request on each fork at a time, several forks' passes
         batched (:mod:`freespec.engine.batch`). Only the native runner forks (ValueError otherwise)."""
         if not all(hasattr(runner, "fork") for runner in (self.runner, self.draft_runner) if runner is not None):
             raise ValueError(f"{self.name} runs through transformers' forward, which cannot batch requests")

@@ -10,13 +10,15 @@ batch-invariant, so a request's tokens are the same bits whatever runs beside it
 Prefill: while other requests decode, a pass carries at most ``prefill_rows`` prompt tokens (the
 oldest waiting prompt first), so a long prompt does not freeze the streams already running.
 
-Speculation spends only what batching leaves (:func:`share_budget`): a step of q rows costs what
-the batch's own steps measured (:class:`StepCost`: drafting, the pass and verifying, by rows; the
-budget policy's single-request curve t(q) until enough steps are timed); each decoding request brings one token for sure (its root's
-bonus) and each of its draft nodes its expected gain. Nodes are taken best first across requests
-while they raise the pass's expected tokens per second. Alone, a request keeps its own policy's
-choice (today's speculation); with many requests the pass is already full of their own next
-tokens, t(q) grows with every row, and drafts shrink to the nodes that pay for themselves.
+Speculation spends only what batching leaves (:func:`share_budget`): a step of q rows costs what the
+batch's own steps measured (:class:`StepCost`: drafting, the pass and verifying, by rows; the budget
+policy's single-request curve t(q) until enough steps are timed); each decoding request brings one
+token for sure (its root's bonus) and each of its draft nodes its expected gain, corrected by what
+shared nodes brought (:class:`Acceptance`). Nodes are taken best first across requests while they
+raise the pass's expected tokens per second; a request none of whose nodes were taken rests from
+drafting for a few passes (drafting costs time of its own). Alone, a request keeps its own policy's
+choice (today's speculation); with many requests the pass is already full of their own next tokens,
+t(q) grows with every row, and drafts shrink to the nodes that pay for themselves.
 """
 
 from __future__ import annotations

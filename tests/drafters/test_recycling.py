@@ -122,8 +122,10 @@ def test_recycling_drafts_what_followed_a_pair_in_the_prompt():
     assert drafter.tables.row(2, 3)[2] is drafter.tables.text_pairs.calibration
     drafter.learn(tree, torch.zeros(4, 10), accepted=[0])  # rejected: the prompt's follower is trusted less
     assert drafter.tables.text_pairs.calibration(1.0) < 0.95
-    assert drafter.tables.row(2, 3)[2] is drafter.tables.pairs.calibration  # once verified, the model's own row comes first
-    assert drafter.tables.row(1, 2)[0].tolist()[0] == 3 and drafter.tables.row(1, 2)[2] is drafter.tables.text_pairs.calibration
+    # once verified, the model's own row comes first
+    assert drafter.tables.row(2, 3)[2] is drafter.tables.pairs.calibration
+    assert drafter.tables.row(1, 2)[0].tolist()[0] == 3
+    assert drafter.tables.row(1, 2)[2] is drafter.tables.text_pairs.calibration
     fresh = TokenRecycling(vocab_size=10, k=2)
     fresh.begin(np.array([3]), None)
     fresh.propose(np.array([9, 9, 1, 2, 3]), budget=1)
@@ -154,8 +156,10 @@ def test_recycling_warm_start_and_save_load(tmp_path):
     drafter.save(tmp_path / "state.npz")
     other = TokenRecycling(vocab_size=10, k=2)
     other.load(tmp_path / "state.npz")
-    assert np.array_equal(other.tables.successors, drafter.tables.successors) and np.array_equal(other.tables.probs, drafter.tables.probs)
-    assert other.tables.row(4, 5)[0].tolist() == [3, 4] and np.array_equal(other.tables.pairs.keys, drafter.tables.pairs.keys)
+    assert np.array_equal(other.tables.successors, drafter.tables.successors)
+    assert np.array_equal(other.tables.probs, drafter.tables.probs)
+    assert other.tables.row(4, 5)[0].tolist() == [3, 4]
+    assert np.array_equal(other.tables.pairs.keys, drafter.tables.pairs.keys)
     drafter.propose(np.array([6, 7, 8]), budget=1)  # the prompt's pairs: "6 7" was followed by 8
     drafter.save(tmp_path / "state.npz")
     other.load(tmp_path / "state.npz")
@@ -179,7 +183,8 @@ def test_state_is_saved_to_exactly_the_path_given_and_atomically(tmp_path, monke
     assert [p.name for p in tmp_path.iterdir()] == ["warm.state"]
     other = TokenRecycling(vocab_size=10, k=2)
     other.load(tmp_path / "warm.state")
-    assert np.array_equal(other.tables.successors, drafter.tables.successors) and other.tables.row(6, 7)[0].tolist()[0] == 8
+    assert np.array_equal(other.tables.successors, drafter.tables.successors)
+    assert other.tables.row(6, 7)[0].tolist()[0] == 8
     saved = (tmp_path / "warm.state").read_bytes()
 
     def dies_half_way(file, **arrays):  # a full disk, a killed process: the file is left half written
