@@ -146,6 +146,44 @@ class Acceptance:
         return min(max(self.brought / self.expected, low), high)
 
 
+class ShareCheck:
+    """Whether sharing drafts pays at each number of decoding requests, by measurement: moving
+    means of the tokens per second of a batch's decoding steps with n requests, of those that
+    verified shared draft nodes and of those that verified none. Both are sampled in turn until
+    each has ``min_steps``; then the better one runs and every ``explore``-th step at that n is
+    the other, so that a change (longer contexts, other requests) is seen. Plain continuous
+    batching is thus the floor, whatever the models of cost and acceptance get wrong.
+
+    >>> check = ShareCheck(explore=4, min_steps=2)
+    >>> for _ in range(2):
+    ...     check.record(8, drafted=False, tokens=8, seconds=0.010)  # 800 tokens/s
+    ...     check.record(8, drafted=True, tokens=10, seconds=0.014)  # 714 tokens/s
+    >>> [check.share(8) for _ in range(4)]
+    [False, False, False, True]
+    """
+
+    def __init__(self, smoothing: float = 0.1, explore: int = 16, min_steps: int = 4):
+        self.smoothing, self.explore, self.min_steps = smoothing, explore, min_steps
+        self.rates: dict[tuple[int, bool], float] = {}  # (requests, drafted) → tokens/s, moving mean
+        self.counts: dict[tuple[int, bool], int] = {}
+        self._ticks: dict[int, int] = {}
+
+    def record(self, requests: int, drafted: bool, tokens: int, seconds: float) -> None:
+        key = (requests, drafted)
+        count = self.counts[key] = self.counts.get(key, 0) + 1
+        rate, old = tokens / max(seconds, 1e-9), self.rates.get(key, 0.0)
+        self.rates[key] = old + max(self.smoothing, 1.0 / count) * (rate - old)
+
+    def share(self, requests: int) -> bool:
+        """Whether this step at ``requests`` requests shares drafts (else every cap is 0)."""
+        tick = self._ticks[requests] = self._ticks.get(requests, 0) + 1
+        plain, drafted = self.counts.get((requests, False), 0), self.counts.get((requests, True), 0)
+        if min(plain, drafted) < self.min_steps:
+            return drafted <= plain
+        better = self.rates[requests, True] >= self.rates[requests, False]
+        return better != (tick % self.explore == 0)
+
+
 @dataclass(eq=False)
 class Running:
     """A request in the batch, and what its last step brought: the tokens it emitted, or the
@@ -171,6 +209,7 @@ class Batch:
         self.prefill_rows, self.share = prefill_rows, share
         self.step_cost = StepCost()  # what a step of several decoding requests costs by its rows
         self.accepted = Acceptance()  # how the shared nodes' expected gains compare with what they brought
+        self.check = ShareCheck()  # whether shared drafts beat none, by batch size
 
     def step(self, requests: Sequence[Running]) -> None:
         """One pass for every request not yet done: each gets its ``emitted`` tokens (none for a
@@ -196,7 +235,11 @@ class Batch:
                 if step is not None:
                     planned.append((request, step))
                     budget -= len(step.tokens)
-        caps = self._caps(decoding, sum(len(step.tokens) for _, step in planned))
+        prefill_rows = sum(len(step.tokens) for _, step in planned)
+        caps = self._caps(decoding, prefill_rows)
+        measured = shared and not prefill_rows  # a decoding step of several requests: the check's sample
+        if measured and any(caps) and not self.check.share(len(decoding)):
+            caps = [None if cap is None else 0 for cap in caps]
         if shared:
             self._rest(decoding, caps)
         expected = [(request, sum(request.generation.node_gains()[:cap]))  # what the shares' nodes should bring
@@ -211,7 +254,11 @@ class Batch:
                 if request.error is None and request.emitted:
                     self.accepted.record(gain, len(request.emitted) - 1)
             if len(planned) > 1 and all(step.tree is not None for _, step in planned):
-                self.step_cost.record(sum(len(step.tokens) for _, step in planned), time.perf_counter() - started)
+                seconds = time.perf_counter() - started
+                self.step_cost.record(sum(len(step.tokens) for _, step in planned), seconds)
+                if measured:
+                    self.check.record(len(decoding), any(caps), sum(len(request.emitted) for request in decoding),
+                                      seconds)
 
     @staticmethod
     def _rest(decoding: list[Running], caps: list[int | None]) -> None:

@@ -177,3 +177,24 @@ def test_the_batch_prices_drafts_by_its_own_timed_steps(monkeypatch):
     drafts.clear()
     batch.step(resting)  # and draft again
     assert {id(request.generation) for request in drafted} <= {id(generation) for generation in drafts}
+
+
+def test_the_batch_stops_sharing_drafts_where_they_measured_slower():
+    """Where steps that verified shared drafts ran fewer tokens per second than steps that
+    verified none, the batch's steps at that many requests verify none (but every 16th)."""
+    model = _model("llama")
+    prompts = [[2, *[4 + (index * 13 + i) % 60 for i in range(30)], 3] for index in range(3)]
+    for prompt in prompts:  # the forks' shared tables learn these answers: their drafts are sure
+        model.fork().generate(prompt_ids=prompt, drafter="recycling", max_new_tokens=24)
+    running = [Running(model.fork().stream(prompt_ids=prompt, drafter="recycling", max_new_tokens=24))
+               for prompt in prompts]
+    batch = Batch()
+    batch.step_cost.line = (1.0, 1e-6)  # rows free: the sharing alone would verify drafts
+    for drafted, rate in ((False, 100.0), (True, 50.0)):
+        batch.check.rates[3, drafted], batch.check.counts[3, drafted] = rate, batch.check.min_steps
+    while any(request.generation.prefilling for request in running):
+        batch.step(running)
+    for _ in range(batch.check.explore - 1):
+        batch.step(running)
+        assert all(request.generation.stats.draft_sizes[-1] == 0 for request in running)
+    assert batch.check.counts[3, False] > batch.check.min_steps  # the steps were measured
