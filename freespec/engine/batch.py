@@ -16,7 +16,9 @@ policy's single-request curve t(q) until enough steps are timed); each decoding 
 token for sure (its root's bonus) and each of its draft nodes its expected gain, corrected by what
 shared nodes brought (:class:`Acceptance`). Nodes are taken best first across requests while they
 raise the pass's expected tokens per second; a request none of whose nodes were taken rests from
-drafting for a few passes (drafting costs time of its own). Alone, a request keeps its own policy's
+drafting for a few passes (drafting costs time of its own); and where steps that verified shared
+drafts measured fewer tokens per second than steps that verified none (:class:`ShareCheck`, per
+number of requests), the batch shares none but every 16th step. Alone, a request keeps its own policy's
 choice (today's speculation); with many requests the pass is already full of their own next tokens,
 t(q) grows with every row, and drafts shrink to the nodes that pay for themselves.
 """
