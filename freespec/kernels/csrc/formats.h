@@ -153,35 +153,35 @@ static inline vec block_codes(const BlockParams *p, ivec codes) {
     return vec_fma(p->scale, ivec_to_vec(codes), p->offset);
 }
 
+/* The LANES weights scale * q + offset of 4-bit codes q (low nibbles of [p, p + LANES), or high
+ * ones if `high`). AVX-512 decodes them by table: the 16 weights the codes can stand for,
+ * fma(scale, q, offset) for q = 0 .. 15 (the same arithmetic, so the same bits), in one vector,
+ * from which vpermps picks each lane's by the low 4 bits of its code; one FMA per group builds it
+ * (the compiler shares it between a group's vectors), where converting and scaling cost a
+ * conversion and an FMA per vector. AVX2's vpermps holds only 8 values. */
+static inline vec nibble_codes(const uint8_t *p, int high, vec scale, vec offset) {
 #ifdef FREESPEC_AVX512
-/* AVX-512 decodes 4-bit codes by table: the 16 weights a group's codes can stand for,
- * fma(scale, q, offset) for q = 0 .. 15 (the very arithmetic of block_codes / scaled_codes, so
- * the same bits), in one vector, from which vpermps picks each lane's by the low 4 bits of its
- * code. One FMA per group builds it (the compiler shares it between a group's vectors), where
- * converting and scaling cost a conversion and an FMA per vector. */
-#define NIBBLE_VALUES _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
-static inline vec nibble_lookup(const uint8_t *p, int high, vec scale, vec offset) {
     const ivec q = widen_u8(p); /* vpermps reads bits 0-3 of each index: no mask needed */
-    return _mm512_permutexvar_ps(high ? ivec_shr4(q) : q, vec_fma(scale, NIBBLE_VALUES, offset));
-}
-#define NIBBLE_CODES(P, PARAMS, HIGH) nibble_lookup(P, HIGH, (PARAMS)->scale, (PARAMS)->offset)
+    const vec values = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    return _mm512_permutexvar_ps(high ? ivec_shr4(q) : q, vec_fma(scale, values, offset));
 #else
-#define NIBBLE_CODES(P, PARAMS, HIGH) block_codes(PARAMS, nibbles(P, HIGH))
+    return vec_fma(scale, ivec_to_vec(nibbles(p, high)), offset);
 #endif
+}
 
 /* the 32-weight blocks: element j < 16 is the low nibble of qs[j], 16 + j its high nibble */
 static inline void q4_0_prepare(const uint8_t *b, BlockParams *p) { d_prepare(b, p, -8.0f); } /* d * (q - 8) */
 static inline vec q4_0_decode(const uint8_t *b, const BlockParams *p, int group, int step) {
     (void)group;
     const int e = step * LANES;
-    return NIBBLE_CODES(b + 2 + e % 16, p, e >= 16);
+    return nibble_codes(b + 2 + e % 16, e >= 16, p->scale, p->offset);
 }
 
 #define q4_1_prepare dm_prepare /* d * q + m */
 static inline vec q4_1_decode(const uint8_t *b, const BlockParams *p, int group, int step) {
     (void)group;
     const int e = step * LANES;
-    return NIBBLE_CODES(b + 4 + e % 16, p, e >= 16);
+    return nibble_codes(b + 4 + e % 16, e >= 16, p->scale, p->offset);
 }
 
 static inline void q5_0_prepare(const uint8_t *b, BlockParams *p) { d_prepare(b, p, -16.0f); } /* d * (q - 16) */
@@ -223,12 +223,8 @@ static inline void k_prepare(const uint8_t *b, UnitParams *p) {
 
 /* 64-weight chunks: 32 low nibbles of qs, then the same 32 bytes' high nibbles */
 static inline vec q4_k_decode(const uint8_t *b, const UnitParams *p, int group, int step) {
-#ifdef FREESPEC_AVX512
-    return nibble_lookup(b + 16 + (group >> 1) * 32 + step * LANES, group & 1, vec_set1(p->scale[group]),
-                         vec_set1(p->offset[group]));
-#else
-    return scaled_codes(p, group, nibbles(b + 16 + (group >> 1) * 32 + step * LANES, group & 1));
-#endif
+    return nibble_codes(b + 16 + (group >> 1) * 32 + step * LANES, group & 1, vec_set1(p->scale[group]),
+                        vec_set1(p->offset[group]));
 }
 
 /* The codes of vector `step` of a group whose 32 codes are the bytes of `codes`. */
