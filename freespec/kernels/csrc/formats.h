@@ -115,9 +115,38 @@ typedef struct {
     float scale[16], offset[16];
 } UnitParams;
 
-static inline vec scaled_codes(const UnitParams *p, int index, ivec codes) {
-    return vec_fma(vec_set1(p->scale[index]), ivec_to_vec(codes), vec_set1(p->offset[index]));
+/* A unit's constant *value in every lane. With one input row (`from_memory`), AVX-512 takes it
+ * by a broadcast load from the params array on the stack: measured 12-31% faster for the
+ * K-quants at M = 1 on Zen 5 than the compiler's choice of keeping the constants in registers and
+ * broadcasting them by shuffles, which compete with the decoding's own (vpermps, vpmovzxbd);
+ * with more input rows, where a decoded vector serves several FMAs, the loads cost 10-25%, and
+ * the AVX2 build gains nothing. The asm keeps the compiler from forwarding the stored values. */
+static inline vec unit_constant(const float *value, int from_memory) {
+#ifdef FREESPEC_AVX512
+    if (from_memory) {
+        vec lanes;
+        __asm__("vbroadcastss %1, %0" : "=v"(lanes) : "m"(*value));
+        return lanes;
+    }
+#else
+    (void)from_memory;
+#endif
+    return vec_set1(*value);
 }
+
+static inline vec scaled_codes(const UnitParams *p, int index, ivec codes, int from_memory) {
+    return vec_fma(unit_constant(p->scale + index, from_memory), ivec_to_vec(codes),
+                   unit_constant(p->offset + index, from_memory));
+}
+
+/* NAME_decode and NAME_decode_one (for the one-input-row tile) from NAME_weights(..., from_memory) */
+#define DEFINE_UNIT_DECODERS(NAME, PARAMS)                                                       \
+    static inline vec NAME##_decode(const uint8_t *b, const PARAMS *p, int group, int step) {    \
+        return NAME##_weights(b, p, group, step, 0);                                             \
+    }                                                                                            \
+    static inline vec NAME##_decode_one(const uint8_t *b, const PARAMS *p, int group, int step) { \
+        return NAME##_weights(b, p, group, step, 1);                                             \
+    }
 
 /* Lane `lane` of v in every lane. */
 static inline vec broadcast_lane(__m128 v, int lane) {
@@ -184,18 +213,37 @@ static inline vec q4_1_decode(const uint8_t *b, const BlockParams *p, int group,
     return nibble_codes(b + 4 + e % 16, e >= 16, p->scale, p->offset);
 }
 
+/* The LANES weights of a Q5_0/Q5_1 block from element e = step * LANES: qs at `qs`, qh at `qh`.
+ * AVX-512 decodes by table, like nibble_codes with 32 values: the step's 16 fifth bits are
+ * already a lane mask (bits e .. e + 15 of qh), which sets bit 4 of the nibbles' indices, and
+ * vpermt2ps picks each lane's weight from the two vectors fma(scale, q, offset), q = 0 .. 31; one
+ * mask operation per vector where the shifts of fifth_bits cost four, and no conversion. */
+static inline vec five_bit_codes(const uint8_t *qs, const uint8_t *qh_bytes, int step, const BlockParams *p) {
+#ifdef FREESPEC_AVX512
+    uint32_t qh;
+    memcpy(&qh, qh_bytes, sizeof(qh));
+    const __mmask16 fifth = (__mmask16)(step ? qh >> 16 : qh);
+    const ivec q = widen_u8(qs), four = step ? ivec_shr4(q) : ivec_and(q, ivec_set1(15));
+    const ivec index = _mm512_mask_or_epi32(four, fifth, four, ivec_set1(16));
+    const vec low = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const vec high = _mm512_setr_ps(16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31);
+    return _mm512_permutex2var_ps(vec_fma(p->scale, low, p->offset), index, vec_fma(p->scale, high, p->offset));
+#else
+    const int e = step * LANES;
+    return block_codes(p, ivec_or(nibbles(qs + e % 16, e >= 16), fifth_bits(qh_bytes, e)));
+#endif
+}
+
 static inline void q5_0_prepare(const uint8_t *b, BlockParams *p) { d_prepare(b, p, -16.0f); } /* d * (q - 16) */
 static inline vec q5_0_decode(const uint8_t *b, const BlockParams *p, int group, int step) {
     (void)group;
-    const int e = step * LANES;
-    return block_codes(p, ivec_or(nibbles(b + 6 + e % 16, e >= 16), fifth_bits(b + 2, e)));
+    return five_bit_codes(b + 6, b + 2, step, p);
 }
 
 #define q5_1_prepare dm_prepare /* d * q + m */
 static inline vec q5_1_decode(const uint8_t *b, const BlockParams *p, int group, int step) {
     (void)group;
-    const int e = step * LANES;
-    return block_codes(p, ivec_or(nibbles(b + 8 + e % 16, e >= 16), fifth_bits(b + 4, e)));
+    return five_bit_codes(b + 8, b + 4, step, p);
 }
 
 static inline void q8_0_prepare(const uint8_t *b, BlockParams *p) { /* d * q */
@@ -207,8 +255,25 @@ static inline vec q8_0_decode(const uint8_t *b, const BlockParams *p, int group,
 }
 
 /* Q4_K, Q5_K: scale[j] = d * sc_j, offset[j] = -(dmin * m_j), with the 6-bit sc_j, m_j of
- * ggml's get_scale_min_k4 unpacked for all eight groups at once (as ggml's own kernels do). */
+ * ggml's get_scale_min_k4 unpacked for all eight groups at once (as ggml's own kernels do): bytes
+ * [sc 0-3, sc 4-7, m 0-3, m 4-7] in 32-bit lanes. AVX-512 unpacks them in a vector register and
+ * scales all sixteen in one vector (4-14% faster than the scalar words below at M = 1 to 4);
+ * in the AVX2 build that cost 10% at M = 4. */
 static inline void k_prepare(const uint8_t *b, UnitParams *p) {
+#ifdef FREESPEC_AVX512
+    const __m128i q = _mm_loadu_si128((const __m128i *)(b + 4)); /* scale words q0 q1 q2, 4 bytes of qs */
+    const __m128i low = _mm_and_si128(_mm_srlv_epi32(_mm_shuffle_epi32(q, _MM_SHUFFLE(2, 1, 2, 0)), _mm_setr_epi32(0, 0, 0, 4)),
+                                      _mm_setr_epi32(0x3F3F3F3F, 0x0F0F0F0F, 0x3F3F3F3F, 0x0F0F0F0F));
+    const __m128i high = _mm_and_si128(_mm_srli_epi32(_mm_shuffle_epi32(q, _MM_SHUFFLE(1, 1, 0, 0)), 2),
+                                       _mm_setr_epi32(0, 0x30303030, 0, 0x30303030));
+    /* d in lanes 0-7, -dmin in 8-15 (negating is exact), times sc and m */
+    const __m128 dm = _mm_xor_ps(block_halves(b, 2), _mm_setr_ps(0.0f, -0.0f, 0.0f, 0.0f));
+    const __m512 factors = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1),
+                                                 _mm512_castps128_ps512(dm));
+    const __m512 constants = _mm512_mul_ps(factors, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_or_si128(low, high))));
+    _mm256_storeu_ps(p->scale, _mm512_castps512_ps256(constants));
+    _mm256_storeu_ps(p->offset, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(constants), 1)));
+#else
     uint32_t words[3];
     memcpy(words, b + 4, sizeof(words));
     const uint32_t low6 = 0x3F3F3F3Fu, low4 = 0x0F0F0F0Fu, bits45 = 0x30303030u;
@@ -219,13 +284,15 @@ static inline void k_prepare(const uint8_t *b, UnitParams *p) {
     const __m256 m = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(packed, packed)));
     _mm256_storeu_ps(p->scale, _mm256_mul_ps(_mm256_set1_ps(f16_at(b)), sc));
     _mm256_storeu_ps(p->offset, _mm256_mul_ps(_mm256_set1_ps(-f16_at(b + 2)), m));
+#endif
 }
 
 /* 64-weight chunks: 32 low nibbles of qs, then the same 32 bytes' high nibbles */
-static inline vec q4_k_decode(const uint8_t *b, const UnitParams *p, int group, int step) {
-    return nibble_codes(b + 16 + (group >> 1) * 32 + step * LANES, group & 1, vec_set1(p->scale[group]),
-                        vec_set1(p->offset[group]));
+static inline vec q4_k_weights(const uint8_t *b, const UnitParams *p, int group, int step, int from_memory) {
+    return nibble_codes(b + 16 + (group >> 1) * 32 + step * LANES, group & 1,
+                        unit_constant(p->scale + group, from_memory), unit_constant(p->offset + group, from_memory));
 }
+DEFINE_UNIT_DECODERS(q4_k, UnitParams)
 
 /* The codes of vector `step` of a group whose 32 codes are the bytes of `codes`. */
 static inline ivec step_codes(__m256i codes, int step) {
@@ -248,31 +315,66 @@ static inline __m256i group_codes(const uint8_t *qs, int high, const uint8_t *qh
     return _mm256_or_si256(nib, _mm256_and_si256(bits, _mm256_set1_epi8((char)mask)));
 }
 
-static inline vec q5_k_decode(const uint8_t *b, const UnitParams *p, int group, int step) {
+static inline vec q5_k_weights(const uint8_t *b, const UnitParams *p, int group, int step, int from_memory) {
     /* fifth bit of element l of group j: bit j of qh[l] */
     const __m256i codes = group_codes(b + 48 + (group >> 1) * 32, group & 1, b + 16, group, 0x10);
-    return scaled_codes(p, group, step_codes(codes, step));
+    return scaled_codes(p, group, step_codes(codes, step), from_memory);
 }
+DEFINE_UNIT_DECODERS(q5_k, UnitParams)
 
-/* Q6_K: (d sc_i) (q - 32) for the 16 weights of i, as fma(d sc_i, q, -32 d sc_i), all exact */
-static inline void q6_k_prepare(const uint8_t *b, UnitParams *p) {
+/* Q6_K: (d sc_i) (q - 32) for the 16 weights of i, as fma(d sc_i, q, -32 d sc_i), all exact.
+ * Each 128-weight half: low nibbles of ql[0..63], then their high nibbles; the two high bits of
+ * its group `quarter` are bits 2 quarter and 2 quarter + 1 of qh[l]. AVX-512 assembles all 256
+ * codes as bytes once per unit, two groups a vector (12 operations a half where a group at a time
+ * took 7 a group), and each vector widens its 16 bytes from there. */
+typedef struct {
+    UnitParams unit;
+#ifdef FREESPEC_AVX512
+    uint8_t codes[256] __attribute__((aligned(64)));
+#endif
+} Q6KParams;
+
+static inline void q6_k_prepare(const uint8_t *b, Q6KParams *p) {
     const __m128i sc = _mm_loadu_si128((const __m128i *)(b + 192));
     const __m256 d = _mm256_set1_ps(f16_at(b + 208)), minus32 = _mm256_set1_ps(-32.0f);
     const __m256 low = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc)));
     const __m256 high = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(sc, sc))));
-    _mm256_storeu_ps(p->scale, low);
-    _mm256_storeu_ps(p->scale + 8, high);
-    _mm256_storeu_ps(p->offset, _mm256_mul_ps(minus32, low));
-    _mm256_storeu_ps(p->offset + 8, _mm256_mul_ps(minus32, high));
+    _mm256_storeu_ps(p->unit.scale, low);
+    _mm256_storeu_ps(p->unit.scale + 8, high);
+    _mm256_storeu_ps(p->unit.offset, _mm256_mul_ps(minus32, low));
+    _mm256_storeu_ps(p->unit.offset + 8, _mm256_mul_ps(minus32, high));
+#ifdef FREESPEC_AVX512
+    const __m512i low4 = _mm512_set1_epi8(0x0F), bits45 = _mm512_set1_epi8(0x30);
+    /* qh bits 0-1 and 2-3 to bits 4-5 (quarters 0, 1), bits 4-5 and 6-7 (quarters 2, 3): byte-wise
+     * shifts through 32-bit lanes, the mask drops what crosses bytes */
+    const __m512i up = _mm512_setr_epi32(4, 4, 4, 4, 4, 4, 4, 4, 2, 2, 2, 2, 2, 2, 2, 2);
+    const __m512i down = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2);
+    for (int half = 0; half < 2; half++) {
+        const __m512i ql = _mm512_loadu_si512(b + half * 64);
+        const __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(b + 128 + half * 32)));
+        const __m512i first = _mm512_or_si512(_mm512_and_si512(ql, low4), _mm512_and_si512(_mm512_sllv_epi32(qh, up), bits45));
+        const __m512i second = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(ql, 4), low4),
+                                               _mm512_and_si512(_mm512_srlv_epi32(qh, down), bits45));
+        _mm512_store_si512(p->codes + half * 128, first);
+        _mm512_store_si512(p->codes + half * 128 + 64, second);
+    }
+    /* the decoders widen from memory (a load and one shuffle), where the compiler would otherwise
+     * keep the codes in registers and extract each 16 bytes with a second shuffle */
+    __asm__("" : "+m"(p->codes));
+#endif
 }
 
-/* each 128-weight half: low nibbles of ql[0..63], then their high nibbles; the two high bits of
- * its group `quarter` are bits 2 quarter and 2 quarter + 1 of qh[l] */
-static inline vec q6_k_decode(const uint8_t *b, const UnitParams *p, int group, int step) {
+static inline vec q6_k_weights(const uint8_t *b, const Q6KParams *p, int group, int step, int from_memory) {
+#ifdef FREESPEC_AVX512
+    (void)b;
+    const ivec codes = widen_u8(p->codes + group * 32 + step * LANES);
+#else
     const int half = group >> 2, quarter = group & 3;
-    const __m256i codes = group_codes(b + half * 64 + (quarter & 1) * 32, quarter >= 2, b + 128 + half * 32, 2 * quarter, 0x30);
-    return scaled_codes(p, 2 * group + step * LANES / 16, step_codes(codes, step));
+    const ivec codes = step_codes(group_codes(b + half * 64 + (quarter & 1) * 32, quarter >= 2, b + 128 + half * 32, 2 * quarter, 0x30), step);
+#endif
+    return scaled_codes(&p->unit, 2 * group + step * LANES / 16, codes, from_memory);
 }
+DEFINE_UNIT_DECODERS(q6_k, Q6KParams)
 
 /* ROWS weight rows times COLS input rows, decoded in registers with every accumulator in a
  * register, unit after unit: the tile for 1 to 3 input rows (and 4 with AVX-512), with as many
@@ -373,9 +475,11 @@ static inline vec q6_k_decode(const uint8_t *b, const UnitParams *p, int group, 
 /* Blocks of BUFFER_ROWS weight rows split over the threads, like DEFINE_QUANT_LINEAR: register
  * tiles up to FORMAT_WIDE_COLS input rows, else the rows decoded into an fp32 buffer (in cache)
  * for the plain tiles; the rows of a last partial block likewise, one plain 1 x 1 tile each.
- * NAME(matrix, x, y, M, ldy): output row m at y + m * ldy; NAME##_row: weight row r as fp32. */
-#define DEFINE_FORMAT_LINEAR(NAME, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)                          \
-    DEFINE_FORMAT_REGISTER_TILE(NAME##_one, ONE_ROWS, 1, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)    \
+ * NAME(matrix, x, y, M, ldy): output row m at y + m * ldy; NAME##_row: weight row r as fp32.
+ * DECODE_ONE decodes for the one-input-row tile (the K-quants' broadcasts from memory), DECODE
+ * everywhere else. */
+#define DEFINE_FORMAT_LINEAR(NAME, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE, DECODE_ONE)              \
+    DEFINE_FORMAT_REGISTER_TILE(NAME##_one, ONE_ROWS, 1, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE_ONE) \
     DEFINE_FORMAT_REGISTER_TILE(NAME##_two, TWO_ROWS, 2, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)    \
     DEFINE_FORMAT_REGISTER_TILE(NAME##_three, THREE_ROWS, 3, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE) \
     DEFINE_FORMAT_FOUR_TILE(NAME##_four, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)                   \
@@ -416,14 +520,14 @@ static inline vec q6_k_decode(const uint8_t *b, const UnitParams *p, int group, 
         }                                                                                        \
     }
 
-DEFINE_FORMAT_LINEAR(q4_0_linear, 1, Q4_0_BYTES, BlockParams, q4_0_prepare, q4_0_decode)
-DEFINE_FORMAT_LINEAR(q4_1_linear, 1, Q4_1_BYTES, BlockParams, q4_1_prepare, q4_1_decode)
-DEFINE_FORMAT_LINEAR(q5_0_linear, 1, Q5_0_BYTES, BlockParams, q5_0_prepare, q5_0_decode)
-DEFINE_FORMAT_LINEAR(q5_1_linear, 1, Q5_1_BYTES, BlockParams, q5_1_prepare, q5_1_decode)
-DEFINE_FORMAT_LINEAR(q8_0_linear, 1, Q8_0_BYTES, BlockParams, q8_0_prepare, q8_0_decode)
-DEFINE_FORMAT_LINEAR(q4_k_linear, 8, Q4_K_BYTES, UnitParams, k_prepare, q4_k_decode)
-DEFINE_FORMAT_LINEAR(q5_k_linear, 8, Q5_K_BYTES, UnitParams, k_prepare, q5_k_decode)
-DEFINE_FORMAT_LINEAR(q6_k_linear, 8, Q6_K_BYTES, UnitParams, q6_k_prepare, q6_k_decode)
+DEFINE_FORMAT_LINEAR(q4_0_linear, 1, Q4_0_BYTES, BlockParams, q4_0_prepare, q4_0_decode, q4_0_decode)
+DEFINE_FORMAT_LINEAR(q4_1_linear, 1, Q4_1_BYTES, BlockParams, q4_1_prepare, q4_1_decode, q4_1_decode)
+DEFINE_FORMAT_LINEAR(q5_0_linear, 1, Q5_0_BYTES, BlockParams, q5_0_prepare, q5_0_decode, q5_0_decode)
+DEFINE_FORMAT_LINEAR(q5_1_linear, 1, Q5_1_BYTES, BlockParams, q5_1_prepare, q5_1_decode, q5_1_decode)
+DEFINE_FORMAT_LINEAR(q8_0_linear, 1, Q8_0_BYTES, BlockParams, q8_0_prepare, q8_0_decode, q8_0_decode)
+DEFINE_FORMAT_LINEAR(q4_k_linear, 8, Q4_K_BYTES, UnitParams, k_prepare, q4_k_decode, q4_k_decode_one)
+DEFINE_FORMAT_LINEAR(q5_k_linear, 8, Q5_K_BYTES, UnitParams, k_prepare, q5_k_decode, q5_k_decode_one)
+DEFINE_FORMAT_LINEAR(q6_k_linear, 8, Q6_K_BYTES, Q6KParams, q6_k_prepare, q6_k_decode, q6_k_decode_one)
 
 /* 16-bit weights [N, K], any K: the fp32 kernel's tiles (DEFINE_LOAD_TILE) with a converting load
  * (16-bit floats widen to fp32 exactly), so the arithmetic, the K % LANES tail included, is the
