@@ -383,9 +383,12 @@ DEFINE_UNIT_DECODERS(q6_k, Q6KParams)
  * K-quants at one row, 5-15% for the 32-weight blocks at 2 and 3 rows, the same otherwise. The
  * per-output arithmetic is the fp32 kernel's: one FMA chain over k in steps of LANES, in order,
  * then tile_sums. */
+/* Each unit's bytes `ahead` rows below are asked for as the tile reaches it (prefetch_rows in
+ * kernels.c). */
 #define DEFINE_FORMAT_REGISTER_TILE(NAME, ROWS, COLS, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE) \
     static inline void NAME##_rows(const float *x, const uint8_t *w, float *y, int64_t ldy, int64_t K) { \
         const int64_t units = K / (32 * GROUPS), row_bytes = units * UNIT_BYTES;                 \
+        const int64_t ahead = prefetch_rows(row_bytes);                                          \
         vec acc[ROWS][COLS];                                                                     \
         _Pragma("GCC unroll 8") for (int i = 0; i < ROWS; i++)                                   \
             _Pragma("GCC unroll 4") for (int j = 0; j < COLS; j++) acc[i][j] = vec_zero();      \
@@ -395,6 +398,7 @@ DEFINE_UNIT_DECODERS(q6_k, Q6KParams)
             PARAMS params[ROWS];                                                                 \
             _Pragma("GCC unroll 8") for (int r = 0; r < ROWS; r++) {                             \
                 unit[r] = w + r * row_bytes + u * UNIT_BYTES;                                    \
+                prefetch((const char *)unit[r] + ahead * row_bytes, UNIT_BYTES);                 \
                 PREPARE(unit[r], &params[r]);                                                    \
             }                                                                                    \
             _Pragma("GCC unroll 8") for (int g = 0; g < GROUPS; g++)                             \
@@ -431,6 +435,7 @@ DEFINE_UNIT_DECODERS(q6_k, Q6KParams)
 #define DEFINE_FORMAT_FOUR_TILE(NAME, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)               \
     static inline void NAME(const float *x, const uint8_t *w, float *y, int64_t ldy, int64_t K) { \
         const int64_t units = K / (32 * GROUPS), row_bytes = units * UNIT_BYTES;                 \
+        const int64_t ahead = prefetch_rows(row_bytes);                                          \
         vec acc[BUFFER_ROWS][4];                                                                 \
         for (int i = 0; i < BUFFER_ROWS; i++)                                                    \
             for (int j = 0; j < 4; j++) acc[i][j] = vec_zero();                                  \
@@ -438,6 +443,7 @@ DEFINE_UNIT_DECODERS(q6_k, Q6KParams)
             const float *xu = x + u * GROUPS * 32;                                               \
             _Pragma("GCC unroll 1") for (int i = 0; i < BUFFER_ROWS; i++) {                      \
                 const uint8_t *unit = w + i * row_bytes + u * UNIT_BYTES;                        \
+                prefetch((const char *)unit + ahead * row_bytes, UNIT_BYTES);                    \
                 PARAMS params;                                                                   \
                 PREPARE(unit, &params);                                                          \
                 vec a[4];                                                                        \
@@ -491,13 +497,12 @@ DEFINE_UNIT_DECODERS(q6_k, Q6KParams)
     static void NAME(const Matrix *matrix, const float *x, float *y, int64_t M, int64_t ldy) {  \
         const uint8_t *w = matrix->data;                                                         \
         const int64_t N = matrix->N, K = matrix->K, row_bytes = K / (32 * GROUPS) * UNIT_BYTES;  \
-        const int64_t blocks = N / BUFFER_ROWS, ahead = M <= FORMAT_WIDE_COLS ? 2 : 1;           \
+        const int64_t blocks = N / BUFFER_ROWS;                                                  \
         _Pragma("omp parallel for schedule(static)")                                             \
         for (int64_t b = 0; b <= blocks; b++) {                                                  \
             const int64_t n = b * BUFFER_ROWS, rows = b < blocks ? BUFFER_ROWS : N - n;          \
             const uint8_t *block = w + n * row_bytes;                                            \
-            if (b + ahead < blocks) prefetch((const char *)(block + ahead * BUFFER_ROWS * row_bytes), BUFFER_ROWS * row_bytes); \
-            if (rows == BUFFER_ROWS && M <= FORMAT_WIDE_COLS) {                                  \
+            if (rows == BUFFER_ROWS && M <= FORMAT_WIDE_COLS) { /* the tiles prefetch */         \
                 if (M == 1) NAME##_one(x, block, y + n, ldy, K);                                 \
                 else if (M == 2) NAME##_two(x, block, y + n, ldy, K);                            \
                 else if (M == 3) NAME##_three(x, block, y + n, ldy, K);                          \
@@ -505,6 +510,7 @@ DEFINE_UNIT_DECODERS(q6_k, Q6KParams)
                 continue;                                                                        \
             }                                                                                    \
             if (rows == 0) continue;                                                             \
+            if (b + 1 < blocks) prefetch((const char *)(block + BUFFER_ROWS * row_bytes), BUFFER_ROWS * row_bytes); \
             float buffer[BUFFER_ROWS * K] __attribute__((aligned(64)));                          \
             NAME##_decode_rows(block, rows, K, buffer);                                          \
             if (rows < BUFFER_ROWS) {                                                            \
@@ -537,18 +543,18 @@ DEFINE_FORMAT_LINEAR(q6_k_linear, 8, Q6_K_BYTES, Q6KParams, q6_k_prepare, q6_k_d
 #define WIDEN_TILES(TILE, ROWS, M)                                                               \
     for (int64_t r = 0; r < BUFFER_ROWS; r += ROWS) TILE(x, w + (n + r) * K, y + n + r, ldy, K, kv, M)
 #ifdef FREESPEC_AVX512 /* four input rows in registers */
-#define WIDEN_FOUR_TILE(NAME, LOAD, SCALAR) DEFINE_LOAD_TILE(NAME##_tile_four, FOUR_ROWS, 4, uint16_t, LOAD, SCALAR)
+#define WIDEN_FOUR_TILE(NAME, LOAD, SCALAR) DEFINE_LOAD_TILE(NAME##_tile_four, FOUR_ROWS, 4, uint16_t, LOAD, SCALAR, 1)
 #define WIDEN_FOUR_TILES(NAME) else if (M == 4) WIDEN_TILES(NAME##_tile_four, FOUR_ROWS, 4);
 #else /* four input rows take the buffer */
 #define WIDEN_FOUR_TILE(NAME, LOAD, SCALAR)
 #define WIDEN_FOUR_TILES(NAME)
 #endif
 #define DEFINE_WIDEN_LINEAR(NAME, LOAD, SCALAR)                                                  \
-    DEFINE_LOAD_TILE(NAME##_tile_one, ONE_ROWS, 1, uint16_t, LOAD, SCALAR)                       \
-    DEFINE_LOAD_TILE(NAME##_tile_two, TWO_ROWS, 2, uint16_t, LOAD, SCALAR)                       \
-    DEFINE_LOAD_TILE(NAME##_tile_three, THREE_ROWS, 3, uint16_t, LOAD, SCALAR)                   \
+    DEFINE_LOAD_TILE(NAME##_tile_one, ONE_ROWS, 1, uint16_t, LOAD, SCALAR, 0)                    \
+    DEFINE_LOAD_TILE(NAME##_tile_two, TWO_ROWS, 2, uint16_t, LOAD, SCALAR, 1)                    \
+    DEFINE_LOAD_TILE(NAME##_tile_three, THREE_ROWS, 3, uint16_t, LOAD, SCALAR, 1)                \
     WIDEN_FOUR_TILE(NAME, LOAD, SCALAR)                                                          \
-    DEFINE_LOAD_TILE(NAME##_tile_1x1, 1, 1, uint16_t, LOAD, SCALAR)                              \
+    DEFINE_LOAD_TILE(NAME##_tile_1x1, 1, 1, uint16_t, LOAD, SCALAR, 0)                           \
     static void NAME##_widen_row(const uint16_t *row, int64_t K, float *out) {                   \
         const int64_t kv = K & ~(int64_t)(LANES - 1);                                            \
         for (int64_t k = 0; k < kv; k += LANES) vec_store(out + k, LOAD(row + k));               \
@@ -564,7 +570,7 @@ DEFINE_FORMAT_LINEAR(q6_k_linear, 8, Q6_K_BYTES, Q6KParams, q6_k_prepare, q6_k_d
         _Pragma("omp parallel for schedule(static)")                                             \
         for (int64_t b = 0; b <= blocks; b++) {                                                  \
             const int64_t n = b * BUFFER_ROWS, rows = b < blocks ? BUFFER_ROWS : N - n;          \
-            if (b + ahead < blocks)                                                              \
+            if (b + ahead < blocks && (M == 1 || M > WIDE_COLS)) /* else the tiles do */         \
                 prefetch((const char *)(w + (n + ahead * BUFFER_ROWS) * K),                      \
                          BUFFER_ROWS * K * (int64_t)sizeof(uint16_t));                           \
             if (rows < BUFFER_ROWS) {                                                            \
