@@ -171,8 +171,13 @@ class CKernels(Kernels):
         return f"CKernels({self.isa}{'' if self.one_call_decoder else ', per operation'})"
 
     def prepare(self, weights: ModelWeights) -> ModelWeights:
-        """Q4_1 and Q8_0 matrices re-packed for faster decoding (:func:`~freespec.kernels.weights.repack`)."""
-        return map_matrices(weights, repack)
+        """AVX2: Q4_1 and Q8_0 matrices re-packed for faster decoding
+        (:func:`~freespec.kernels.weights.repack`). AVX-512 reads them where they lie: there the
+        kernels on GGUF's own blocks are as fast or faster (streaming, one thread on Zen 5:
+        Q4_1 1.11x, Q8_0 1.03x the packed ones over SmolLM2's and a 1B model's shapes,
+        ``benchmarks/format_kernels.py --table packed``), and the model takes no copy (+6% of a
+        Q8_0 file's bytes) nor the time to make it."""
+        return weights if self.isa == "avx512" else map_matrices(weights, repack)
 
     def linear(self, x: torch.Tensor, weight: Matrix, bias: torch.Tensor | None = None) -> torch.Tensor:
         """With any M, every row's result is the same bits, and every kind of weight gives the

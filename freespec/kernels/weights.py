@@ -307,8 +307,9 @@ def repack(matrix: Matrix) -> Matrix:
     array, the block scales as fp32 in another: 0.75 and 1.125 bytes a weight instead of 0.625
     and 1.0625; a copy of the codes, no arithmetic). On this project's AVX2 machine a decoding
     step is bound by the arithmetic of decoding weights, not by memory, and the packed kernels
-    load fp32 scales instead of converting fp16 ones (docs/kernels.md). Every other matrix is
-    returned as it is; a :class:`Stacked` one part by part.
+    load fp32 scales instead of converting fp16 ones (docs/kernels.md); the AVX-512 build does not
+    re-pack (:meth:`CKernels.prepare <freespec.kernels.backend.CKernels.prepare>`). Every other
+    matrix is returned as it is; a :class:`Stacked` one part by part.
     """
     if isinstance(matrix, Stacked):
         parts = [repack(part) for part in matrix.parts]
