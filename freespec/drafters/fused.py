@@ -17,6 +17,7 @@ and once the shadow resolves, each source hears about the rest of its part.
 
 from __future__ import annotations
 
+import sys
 from collections import deque
 from collections.abc import Callable
 from typing import NamedTuple
@@ -42,15 +43,17 @@ def tree_scores(tree: DraftTree) -> np.ndarray:
 
 
 class Merged(NamedTuple):
-    """A merged tree; per source, the merged index of each of its nodes (-1: cut); and per merged
+    """A merged tree; per source, the merged index of each of its nodes (-1: cut); per merged
     node what its calibration learns from: the group (the bitmask of the sources that drafted
-    it), the raw chance (the best any source gave it given its parent) and the depth."""
+    it), the raw chance (the best any source gave it given its parent) and the depth; and the
+    tree's parents as a list (learning reads them every step)."""
 
     tree: DraftTree
     where: list[list[int]]
     groups: list[int]
     shares: list[float]
     depths: list[int]
+    parents: list[int]
 
 
 def merge_trees(trees: list[DraftTree], budget: int,
@@ -77,22 +80,24 @@ def merge_trees(trees: list[DraftTree], budget: int,
     parents, tokens, raw, groups, depths = [-1], [root], [1.0], [0], [0]
     merged_index = []
     for source, tree in enumerate(trees):
-        own, own_parents, own_tokens = tree_scores(tree).tolist(), tree.parents.tolist(), tree.tokens.tolist()
-        index = [0] * len(tree)
-        for i in range(1, len(tree)):
-            key = (index[own_parents[i]], own_tokens[i])
-            node = node_of.get(key)
-            if node is None:
-                node = node_of[key] = len(tokens)
-                parents.append(key[0])
-                tokens.append(key[1])
-                raw.append(0.0)
-                groups.append(0)
-                depths.append(depths[key[0]] + 1)
-            above = own[own_parents[i]]
-            raw[node] = max(raw[node], min(own[i] / above, 1.0) if above > 0 else 0.0)
-            groups[node] |= 1 << source
-            index[i] = node
+        index = [0]  # the merged node of each of its nodes
+        if len(tree) > 1:
+            bit = 1 << source
+            own, own_parents, own_tokens = tree_scores(tree).tolist(), tree.parents.tolist(), tree.tokens.tolist()
+            for i in range(1, len(own)):
+                parent, token = index[own_parents[i]], own_tokens[i]
+                node = node_of.get((parent, token))
+                if node is None:
+                    node = node_of[parent, token] = len(tokens)
+                    parents.append(parent)
+                    tokens.append(token)
+                    raw.append(0.0)
+                    groups.append(0)
+                    depths.append(depths[parent] + 1)
+                above = own[own_parents[i]]
+                raw[node] = max(raw[node], min(own[i] / above, 1.0) if above > 0 else 0.0)
+                groups[node] |= bit
+                index.append(node)
         merged_index.append(index)
     scores = [1.0]
     for node in range(1, len(tokens)):  # parents come first
@@ -103,22 +108,37 @@ def merge_trees(trees: list[DraftTree], budget: int,
     for position, node in enumerate(keep, 1):
         new[node] = position
     order = [0, *keep]
-    tree = DraftTree(np.array([tokens[n] for n in order], dtype=np.int64),
-                     np.array([-1, *(new[parents[n]] for n in keep)], dtype=np.int64),
+    kept_parents = [-1, *(new[parents[n]] for n in keep)]
+    tree = DraftTree(np.array([tokens[n] for n in order], dtype=np.int64), np.array(kept_parents, dtype=np.int64),
                      np.array([scores[n] for n in order], dtype=np.float64))
     return Merged(tree, [[new[node] for node in index] for index in merged_index], [groups[n] for n in order],
-                  [raw[n] for n in order], [depths[n] for n in order])
+                  [raw[n] for n in order], [depths[n] for n in order], kept_parents)
 
 
-def source_view(where: list[int], accepted: list[int]) -> tuple[int, list[int]]:
-    """(n, path): a source's first n nodes are all present (``where``: the merged index of each of
-    its nodes, -1 when absent: cut from the draft, or not verified); the accepted path among them,
-    in the source's own numbering.
+def present(where: list[int], limit: int) -> int:
+    """How many of a source's first nodes are all among the merged tree's first ``limit`` nodes
+    (``where``: the merged index of each of its nodes, -1 when cut from the draft).
+
+    >>> present([0, 2, 1, -1, 3], 9), present([0, 2, 1, -1, 3], 2)
+    (3, 1)
+    """
+    for node, merged in enumerate(where):
+        if not 0 <= merged < limit:
+            return node
+    return len(where)
+
+
+def source_view(where: list[int], accepted: list[int], limit: int = sys.maxsize) -> tuple[int, list[int]]:
+    """(n, path): a source's first n nodes are all present (see :func:`present`: drafted and among
+    the first ``limit`` merged nodes, the part verified); the accepted path among them, in the
+    source's own numbering.
 
     >>> source_view([0, 2, 1, -1], accepted=[0, 2, 1])  # merged 2 is its node 1
     (3, [0, 1, 2])
+    >>> source_view([0, 2, 1, -1], accepted=[0, 1], limit=2)
+    (1, [0])
     """
-    verified = next((node for node, merged in enumerate(where) if merged < 0), len(where))
+    verified = present(where, limit)
     source_node = {merged: node for node, merged in enumerate(where[:verified])}
     path = [0]
     for node in accepted[1:]:
@@ -183,33 +203,41 @@ class Fused(BaseDrafter):
             self._recent.append(self._proposed)
         return merged.tree
 
-    def learn(self, tree: DraftTree, logits: torch.Tensor, accepted: list[int]) -> None:
+    def _proposed_prefix(self, tree: DraftTree) -> bool:
+        """Whether ``tree`` is the last proposal or a prefix of it (a view of its arrays, or equal
+        to its first nodes); else the engine verified a tree this drafter did not propose: the root alone."""
         proposed = None if self._proposed is None else self._proposed[0].tree
-        if proposed is None or len(tree) > len(proposed) or tree is not proposed and not (
-            tree.tokens.tolist() == proposed.tokens[: len(tree)].tolist()
-            and tree.parents.tolist() == proposed.parents[: len(tree)].tolist()
-        ):  # the engine verified a tree this drafter did not propose: the root alone
+        if proposed is None or len(tree) > len(proposed):
+            return False
+        if tree is proposed or tree.tokens.base is proposed.tokens and tree.parents.base is proposed.parents:
+            return True
+        return (tree.tokens.tolist() == proposed.tokens[: len(tree)].tolist()
+                and tree.parents.tolist() == proposed.parents[: len(tree)].tolist())
+
+    def learn(self, tree: DraftTree, logits: torch.Tensor, accepted: list[int]) -> None:
+        if not self._proposed_prefix(tree):
             for drafter in self.drafters:
                 drafter.learn(tree, logits, accepted)
             return
         merged, trees = self._proposed
-        teach(self.calibration, tree.parents.tolist(), *merged[2:], accepted, 1)
-        for drafter, own, index in zip(self.drafters, trees, merged.where):
-            index = [node if node < len(tree) else -1 for node in index]  # beyond a verified prefix: cut
-            verified, path = source_view(index, accepted)
-            part = own.prefix(verified)
-            drafter.learn(part, rows_of(logits, index[:verified]) if drafter.reads_logits else logits[:0], path)
+        verified_nodes = len(tree)  # the merged nodes beyond a verified prefix count as cut
+        teach(self.calibration, merged.parents[:verified_nodes], merged.groups, merged.shares, merged.depths,
+              accepted, 1)
+        unread = logits[:0]  # for the sources that read no logits
+        for drafter, own, where in zip(self.drafters, trees, merged.where):
+            verified, path = source_view(where, accepted, verified_nodes)
+            drafter.learn(own.prefix(verified), rows_of(logits, where[:verified]) if drafter.reads_logits else unread,
+                          path)
 
     def learn_shadow(self, tree: DraftTree, path: list[int], verified: int) -> None:
         """Pass a resolved shadow draft on to every source, each in its own numbering: its nodes
         that made the merged draft, the accepted path among them, and how many of them were
         verified (and given to :meth:`learn`)."""
-        proposal = next((entry for entry in self._recent if entry[0].tree is tree), None)
+        proposal = next((entry for entry in reversed(self._recent) if entry[0].tree is tree), None)
         if proposal is None:  # older than the proposals kept, or not this drafter's
             return
         merged, trees = proposal
-        teach(self.calibration, tree.parents.tolist(), *merged[2:], path, verified + 1)
-        for drafter, own, index in zip(self.drafters, trees, merged.where):
-            drafted, own_path = source_view(index, path)
-            seen, _ = source_view([node if node <= verified else -1 for node in index], [0])
-            drafter.learn_shadow(own.prefix(drafted), own_path, seen - 1)
+        teach(self.calibration, merged.parents, merged.groups, merged.shares, merged.depths, path, verified + 1)
+        for drafter, own, where in zip(self.drafters, trees, merged.where):
+            drafted, own_path = source_view(where, path)
+            drafter.learn_shadow(own.prefix(drafted), own_path, present(where, verified + 1) - 1)

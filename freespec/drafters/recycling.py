@@ -104,22 +104,25 @@ def best_first_tree(root: int, before_root: int, rows: Callable[[int, int], Row]
     _, probs, calibrate = node_rows[0]
     # (-path probability, parent node, parent path probability, rank)
     frontier = [(-calibrate(probs[0]), 0, 1.0, 0)]
+    pop, push = heapq.heappop, heapq.heappush
     while frontier and len(tokens) <= budget:
-        negative, parent, parent_probability, rank = heapq.heappop(frontier)
+        negative, parent, parent_probability, rank = pop(frontier)
         probability = -negative
         if probability <= 0.0:
             break
         ids, probs, calibrate = node_rows[parent]
-        token = int(ids[rank])
+        token = ids.item(rank)
         tokens.append(token)
         parents.append(parent)
         scores.append(probability)
+        if len(tokens) > budget:  # full: what this node would offer is never taken
+            break
         if rank + 1 < len(ids):
             sibling = parent_probability * calibrate(probs[rank + 1])
-            heapq.heappush(frontier, (-sibling, parent, parent_probability, rank + 1))
+            push(frontier, (-sibling, parent, parent_probability, rank + 1))
         row = rows(tokens[parent], token)
         node_rows.append(row)
-        heapq.heappush(frontier, (-probability * row[2](row[1][0]), len(tokens) - 1, probability, 0))
+        push(frontier, (-probability * row[2](row[1][0]), len(tokens) - 1, probability, 0))
     return DraftTree(np.array(tokens, dtype=np.int64), np.array(parents, dtype=np.int64),
                      np.array(scores, dtype=np.float64))
 
@@ -161,7 +164,7 @@ class PairRows:
             return -1
         key = before * self.vocab_size + token
         slot = self._slot(key)
-        return slot if self.keys[slot] == key else -1
+        return slot if self.keys.item(slot) == key else -1
 
     def store(self, before: Sequence[int], tokens: Sequence[int], successors: np.ndarray, probs: np.ndarray) -> None:
         """Rows [n, k] for the pairs (before[i], tokens[i]); pairs with before < 0 are skipped.
@@ -223,10 +226,13 @@ class RecyclingTables:
     def row(self, before: int, token: int) -> Row:
         """The candidates after ``token`` preceded by ``before`` (-1: unknown): the model's row for
         the pair if it has one, else the prompt's follower of the pair, else the token's row."""
-        for table in (self.pairs, self.text_pairs):
-            slot = -1 if table is None else table.find(before, token)
-            if slot >= 0:
-                return table.successors[slot], table.probs[slot], table.calibration
+        if before >= 0:
+            key = before * self.vocab_size + token
+            for table in (self.pairs, self.text_pairs):
+                if table is not None:  # PairRows.find, inlined: a dynamic tree reads a row per node
+                    slot = ((key * PairRows._GOLDEN) & 0xFFFFFFFFFFFFFFFF) >> table._shift
+                    if table.keys.item(slot) == key:
+                        return table.successors[slot], table.probs[slot], table.calibration
         return self.successors[token], self.probs[token], self.calibration
 
     def _tables(self) -> dict[str, PairRows]:
@@ -403,17 +409,20 @@ class TokenRecycling(BaseDrafter):
         """Teach each calibration with the nodes whose parent was accepted, from the rows they were
         drafted from (read before the rows change)."""
         on_path, tables = set(accepted), self.tables
-        observed: dict[int, tuple[AcceptanceCalibration, list[float], list[bool]]] = {}
+        rows: dict[int, tuple[list[int], np.ndarray, AcceptanceCalibration]] = {}  # parent → its row
+        observed: dict[AcceptanceCalibration, tuple[list[float], list[bool]]] = {}
         for node in range(1, len(tokens)):
             parent = parents[node]
             if parent in on_path:
-                ids, probs, calibration = tables.row(before[parent], tokens[parent])
-                row = ids.tolist()
-                if tokens[node] in row:  # always, unless the tree came from elsewhere
-                    _, predicted, hit = observed.setdefault(id(calibration), (calibration, [], []))
-                    predicted.append(float(probs[row.index(tokens[node])]))
+                if parent not in rows:
+                    ids, probs, calibration = tables.row(before[parent], tokens[parent])
+                    rows[parent] = (ids.tolist(), probs, calibration)
+                ids, probs, calibration = rows[parent]
+                if tokens[node] in ids:  # always, unless the tree came from elsewhere
+                    predicted, hit = observed.setdefault(calibration, ([], []))
+                    predicted.append(float(probs[ids.index(tokens[node])]))
                     hit.append(node in on_path)
-        for calibration, predicted, hit in observed.values():
+        for calibration, (predicted, hit) in observed.items():
             calibration.learn(predicted, hit)
 
 

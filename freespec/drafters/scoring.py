@@ -19,6 +19,7 @@ length of the match a draft rests on.
 
 from __future__ import annotations
 
+import bisect
 from collections import defaultdict, deque
 from collections.abc import Hashable, Iterable
 from functools import partial
@@ -103,7 +104,7 @@ def match_group(length: int) -> int:
     >>> [match_group(n) for n in (1, 2, 3, 8, 9, 40)]
     [0, 1, 2, 3, 4, 5]
     """
-    return next((group for group, bound in enumerate(MATCH_GROUPS) if length <= bound), len(MATCH_GROUPS))
+    return bisect.bisect_left(MATCH_GROUPS, length)  # the first bound at least ``length``
 
 
 class DepthCalibration:
@@ -126,16 +127,29 @@ class DepthCalibration:
     """
 
     def __init__(self, groups: int = 1, max_depth: int = 8, bins: int = 10, prior: float = 2.0, refresh: int = 32):
-        self.max_depth, self.bins, self.prior, self.refresh = max_depth, bins, prior, refresh
-        self.hits = np.zeros((groups, max_depth + 1, bins))  # [group, depth, bin]; depth 0 unused
-        self.tries = np.zeros((groups, max_depth + 1, bins))
+        self.groups, self.max_depth, self.bins, self.prior, self.refresh = groups, max_depth, bins, prior, refresh
+        # [group, depth, bin] flattened (depth 0 unused): plain lists, as each step counts a few nodes
+        self._hits = [0.0] * (groups * (max_depth + 1) * bins)
+        self._tries = [0.0] * (groups * (max_depth + 1) * bins)
         self._centres = ((np.arange(bins) + 0.5) / bins).tolist()
         self._maps: list[list[list[float]] | None] = [None] * groups  # [group][depth] → values at the knots
         self._stale = [0] * groups  # per group: learning calls since its maps were built
 
+    @property
+    def hits(self) -> np.ndarray:
+        """[group, depth, bin] the nodes accepted (a copy)."""
+        return np.array(self._hits).reshape(self.groups, self.max_depth + 1, self.bins)
+
+    @property
+    def tries(self) -> np.ndarray:
+        """[group, depth, bin] the nodes tried (a copy)."""
+        return np.array(self._tries).reshape(self.groups, self.max_depth + 1, self.bins)
+
     def maps(self, group: int) -> list[list[float]]:
         """[depth] the calibrated chance at each knot (0, then the bin centres) for ``group``."""
-        hits, tries = self.hits[group], self.tries[group]
+        size = (self.max_depth + 1) * self.bins
+        hits = np.array(self._hits[group * size : (group + 1) * size]).reshape(self.max_depth + 1, self.bins)
+        tries = np.array(self._tries[group * size : (group + 1) * size]).reshape(self.max_depth + 1, self.bins)
         above = np.array(self._centres)
         maps = [[0.0, *self._centres]]
         for depth in range(1, self.max_depth + 1):
@@ -160,11 +174,11 @@ class DepthCalibration:
 
     def learn(self, group: int, depths: Iterable[int], shares: Iterable[float], hits: Iterable[bool]) -> None:
         """Nodes of one group whose parent was accepted: their depths, shares and whether each was."""
+        bins, top, all_hits, all_tries = self.bins, self.max_depth, self._hits, self._tries
         for depth, share, hit in zip(depths, shares, hits):
-            depth = min(depth, self.max_depth)
-            index = min(int(share * self.bins), self.bins - 1)
-            self.tries[group, depth, index] += 1.0
-            self.hits[group, depth, index] += hit
+            index = (group * (top + 1) + min(depth, top)) * bins + min(int(share * bins), bins - 1)
+            all_tries[index] += 1.0
+            all_hits[index] += hit
         self._stale[group] += 1
         if self._stale[group] >= self.refresh:
             self._maps[group] = None

@@ -174,11 +174,16 @@ class SuffixSource(CalibratedDrafter):
         """The tree with the most expected accepted tokens among the match candidates' trees."""
         root = int(context[-1])
         best, best_expected = None, 0.0
-        for handle, length in self.matches(context)[: self.candidates]:
+        candidates = self.matches(context)[: self.candidates]
+        for handle, length in candidates:
             group = match_group(length)
             grown = grow(root, handle, self.expand, budget, partial(self.calibration, group), self.floor,
                          min(MAX_DEPTH, math.floor(self.factor * length + self.offset)))
-            expected = float(grown.tree.scores[1:].sum())
+            if len(grown.tree) == 1:  # nothing drafted: expects nothing
+                continue
+            # every drafted node scores above the floor (a probability, >= 0): a lone candidate's tree
+            # wins without its sum
+            expected = float(grown.tree.scores[1:].sum()) if len(candidates) > 1 else 1.0
             if expected > best_expected:
                 best, best_expected = (grown, group), expected
         if best is None:

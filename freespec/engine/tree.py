@@ -37,7 +37,16 @@ class DraftTree:
 
     @classmethod
     def root_only(cls, token: int) -> DraftTree:
-        return cls(np.array([token], dtype=np.int64), np.array([-1], dtype=np.int64))
+        return cls._unchecked(np.array([token], dtype=np.int64), np.array([-1], dtype=np.int64))
+
+    @classmethod
+    def _unchecked(cls, tokens: np.ndarray, parents: np.ndarray, scores: np.ndarray | None = None,
+                   draft_probs: torch.Tensor | None = None) -> DraftTree:
+        """A tree known to be valid (the root alone, a prefix of a tree), made without
+        :meth:`__post_init__`'s checks: drafters make several a step."""
+        tree = object.__new__(cls)
+        tree.__dict__.update(tokens=tokens, parents=parents, scores=scores, draft_probs=draft_probs)
+        return tree
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -91,9 +100,9 @@ class DraftTree:
         size = max(1, min(size, len(self)))
         if size == len(self):
             return self
-        return DraftTree(self.tokens[:size], self.parents[:size],
-                         None if self.scores is None else self.scores[:size],
-                         None if self.draft_probs is None else self.draft_probs[:size])
+        return DraftTree._unchecked(self.tokens[:size], self.parents[:size],
+                                    None if self.scores is None else self.scores[:size],
+                                    None if self.draft_probs is None else self.draft_probs[:size])
 
     def follow(self, continuation) -> list[int]:
         """Nodes from the root down the branch that spells ``continuation`` (the tokens that came
