@@ -20,12 +20,13 @@ from freespec.engine.tree import DraftTree
 
 
 class BaseDrafter(ABC):
-    """Defaults: no prompt logits, no shadow drafts, logits read, point-mass drafts, and no
-    learning (see :class:`freespec.engine.drafter.Drafter` for what each means)."""
+    """Defaults: no prompt logits, no shadow drafts, logits read, learning never skipped,
+    point-mass drafts, and no learning (see :class:`freespec.engine.drafter.Drafter` for what each means)."""
 
     wants_prompt_logits = False
     shadow_drafts = False
     reads_logits = True
+    learning_optional = False
 
     def set_sampling(self, params: SamplingParams, generator: torch.Generator | None) -> None:
         """Point-mass drafts whatever the request: nothing to set."""

@@ -175,6 +175,7 @@ class Fused(BaseDrafter):
         self.wants_prompt_logits = any(d.wants_prompt_logits for d in drafters)
         self.shadow_drafts = all(d.shadow_drafts for d in drafters)
         self.reads_logits = any(d.reads_logits for d in drafters)
+        self.learning_optional = all(d.learning_optional for d in drafters)
         # how often a merged node is accepted, per set of sources that drafted it (a bitmask) and depth
         self.calibration = DepthCalibration(groups=1 << len(drafters))
         self._proposed: tuple[Merged, list[DraftTree]] | None = None

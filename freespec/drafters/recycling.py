@@ -314,6 +314,7 @@ class TokenRecycling(BaseDrafter):
 
     wants_prompt_logits = True
     shadow_drafts = True
+    learning_optional = True  # the rows are a cache of the model's top-k: a skipped step leaves them staler
 
     def __init__(self, vocab_size: int, k: int = 8, tree_shape: Literal["dynamic", "static"] = "dynamic",
                  template=PAPER_TEMPLATE, pair_slots: int = 1 << 17, tables: RecyclingTables | None = None):

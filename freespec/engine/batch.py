@@ -18,7 +18,10 @@ shared nodes brought (:class:`Acceptance`). Nodes are taken best first across re
 raise the pass's expected tokens per second; a request none of whose nodes were taken rests from
 drafting for a few passes (drafting costs time of its own); and where steps that verified shared
 drafts measured fewer tokens per second than steps that verified none (:class:`ShareCheck`, per
-number of requests), the batch shares none but every 16th step. Alone, a request keeps its own policy's
+number of requests), the batch shares none but every 16th step. A request that shares nothing in a
+pass (resting, or a step the check keeps plain) drafts nothing, and skips learning where its drafter's
+learning is a cache (:attr:`~freespec.engine.drafter.Drafter.learning_optional`): that step costs what
+plain continuous batching's does. Alone, a request keeps its own policy's
 choice (today's speculation); with many requests the pass is already full of their own next tokens,
 t(q) grows with every row, and drafts shrink to the nodes that pay for themselves.
 """
@@ -221,14 +224,20 @@ class Batch:
             request.emitted = []
         live = [request for request in requests if request.error is None]
         decoding = [request for request in live if not request.generation.prefilling]
+        prefilling = [request for request in live if request.generation.prefilling]
         shared = self.share and len(decoding) > 1
+        measured = shared and not prefilling  # a decoding step of several requests: the check's sample
+        sharing = not measured or self.check.share(len(decoding))  # else no shared drafts this step
         for request in decoding:
+            # a request with a fixed budget drafts it whatever the load (its sampled tokens stay as alone)
+            quiet = shared and request.generation.fixed_budget is None and (request.resting > 0 or not sharing)
             if shared and request.resting > 0:
-                request.resting -= 1  # planned with no draft below (a share of 0)
-            else:
+                request.resting -= 1
+            # drafting nothing, a request also skips learning where that only leaves a cache staler
+            request.generation.learning = not quiet
+            if not quiet:
                 self._guard(request, request.generation.draft)
         decoding = [request for request in decoding if request.error is None and not request.generation.done]
-        prefilling = [request for request in live if request.generation.prefilling]
         planned: list[tuple[Running, Step]] = []
         budget = PREFILL_CHUNK if not decoding else self.prefill_rows  # prompt tokens this pass
         for request in prefilling:
@@ -239,8 +248,8 @@ class Batch:
                     budget -= len(step.tokens)
         prefill_rows = sum(len(step.tokens) for _, step in planned)
         caps = self._caps(decoding, prefill_rows)
-        measured = shared and not prefill_rows  # a decoding step of several requests: the check's sample
-        if measured and any(caps) and not self.check.share(len(decoding)):
+        measured = measured and not prefill_rows
+        if not sharing:
             caps = [None if cap is None else 0 for cap in caps]
         if shared:
             self._rest(decoding, caps)

@@ -31,6 +31,12 @@ class Drafter(Protocol):
     """Whether :meth:`learn` reads ``logits``; one that does not may be handed an empty [0, vocab]
     tensor instead (a fused drafter then skips gathering its rows: ~40 µs a step)."""
 
+    learning_optional: bool
+    """Whether the engine may skip :meth:`learn` after a step that verified no draft: what the
+    drafter learns is a cache of what the model said (Token Recycling's rows), which a skipped
+    step leaves staler, never inconsistent. A batch skips it for requests that draft nothing
+    this pass (their time goes to the other requests' tokens)."""
+
     def set_sampling(self, params: SamplingParams, generator: torch.Generator | None) -> None:
         """How the request chooses tokens, before it starts.
 

@@ -116,6 +116,8 @@ class Generation:
             raise ValueError(f"budget must be >= 0, got {fixed_budget}")
         self.runner, self.drafter, self.policy = runner, drafter, policy
         self.fixed_budget = fixed_budget
+        # False: the next step verifies no draft and its learning may be skipped (Drafter.learning_optional)
+        self.learning = True
         self.reuse_prefix = reuse_prefix
         self.should_stop = should_stop
         self.prompt_ids = list(prompt_ids)
@@ -261,7 +263,8 @@ class Generation:
         # commit
         runner.commit(path)
         if drafter is not None:
-            drafter.learn(tree, logits, path)
+            if self.learning or len(tree) > 1 or not drafter.learning_optional:
+                drafter.learn(tree, logits, path)
             self.policy.observe(len(tree) - 1, path)
             if pass_rows is None:
                 self.policy.record_cost(len(tree), time.perf_counter() - self._step_started)

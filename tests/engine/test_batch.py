@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from freespec.api import Model
+from freespec.drafters.recycling import TokenRecycling
 from freespec.engine.batch import Batch, Running, share_budget
 from freespec.engine.loop import Generation
 from freespec.model.loading import from_transformers
@@ -159,6 +160,10 @@ def test_the_batch_prices_drafts_by_its_own_timed_steps(monkeypatch):
             request.generation.draft()
         assert any(batch._caps(again, 0)) == drafted
     batch.step_cost.line = (0.0, 1.0)
+    # the check lets every step share (a step it keeps plain drafts nothing: the next test)
+    for drafted, rate in ((False, 0.0), (True, 1e12)):
+        batch.check.rates[3, drafted], batch.check.counts[3, drafted] = rate, batch.check.min_steps
+    batch.check.explore = 10**9
     drafts = []
     real_draft = Generation.draft
     monkeypatch.setattr(Generation, "draft", lambda self: drafts.append(self) or real_draft(self))
@@ -179,9 +184,11 @@ def test_the_batch_prices_drafts_by_its_own_timed_steps(monkeypatch):
     assert {id(request.generation) for request in drafted} <= {id(generation) for generation in drafts}
 
 
-def test_the_batch_stops_sharing_drafts_where_they_measured_slower():
+def test_the_batch_stops_sharing_drafts_where_they_measured_slower(monkeypatch):
     """Where steps that verified shared drafts ran fewer tokens per second than steps that
-    verified none, the batch's steps at that many requests verify none (but every 16th)."""
+    verified none, the batch's steps at that many requests verify none (but every 16th), and
+    cost what plain batching's do: no request drafts, and Token Recycling (whose learning is a
+    cache) learns nothing from them."""
     model = _model("llama")
     prompts = [[2, *[4 + (index * 13 + i) % 60 for i in range(30)], 3] for index in range(3)]
     for prompt in prompts:  # the forks' shared tables learn these answers: their drafts are sure
@@ -194,7 +201,15 @@ def test_the_batch_stops_sharing_drafts_where_they_measured_slower():
         batch.check.rates[3, drafted], batch.check.counts[3, drafted] = rate, batch.check.min_steps
     while any(request.generation.prefilling for request in running):
         batch.step(running)
+    calls = []
+    for name in ("draft", "learn"):
+        owner = Generation if name == "draft" else TokenRecycling
+        real = getattr(owner, name)
+        monkeypatch.setattr(owner, name, lambda self, *args, _real=real, _name=name: calls.append(_name) or _real(self, *args))
     for _ in range(batch.check.explore - 1):
         batch.step(running)
         assert all(request.generation.stats.draft_sizes[-1] == 0 for request in running)
     assert batch.check.counts[3, False] > batch.check.min_steps  # the steps were measured
+    assert calls == []
+    batch.step(running)  # the 16th: shared drafts again, and learning
+    assert "draft" in calls and "learn" in calls
