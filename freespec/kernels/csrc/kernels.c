@@ -105,10 +105,11 @@ static inline void vec_sums(const vec *v, int count, float *sums) {
 }
 #endif
 
-/* Asks for the cache lines of [start, start + bytes) ahead of use (see also prefetch_rows). The hardware prefetcher follows
+/* Asks for the cache lines of [start, start + bytes) ahead of use. The hardware prefetcher follows
  * demand reads, so while a tile computes on weights already in L1 it fetches nothing and memory
  * sits idle; announcing the next weight block here overlaps its reads with this block's FMAs
- * (14-21% off a decoding step of 4-bit weights, 13-24% off verifying 3-16 tokens). */
+ * (14-21% off a decoding step of 4-bit weights, 13-24% off verifying 3-16 tokens). The register
+ * tiles of most formats spread theirs instead: prefetch_rows. */
 static inline void prefetch(const char *start, int64_t bytes) {
     for (int64_t offset = 0; offset < bytes; offset += 64) _mm_prefetch(start + offset, _MM_HINT_T0);
 }
@@ -128,6 +129,7 @@ static inline void tile_sums(const vec *acc, int rows, int cols_max, int cols, f
 }
 
 #define PREFETCH_BYTES 16384
+#define PREFETCH_MIN_ROWS 12 /* two blocks of BUFFER_ROWS */
 /* The register tiles of the quantized and 16-bit formats ask for the weights `prefetch_rows`
  * rows below as they reach them (two blocks of six rows, at least PREFETCH_BYTES ahead), spread
  * over the tile's work, where asking for a whole block of rows at its start queued hundreds of
@@ -140,7 +142,7 @@ static inline void tile_sums(const vec *acc, int rows, int cols_max, int cols, f
  * prefetch. A prefetch past the end of a matrix is harmless: prefetches do not fault. */
 static inline int64_t prefetch_rows(int64_t row_bytes) {
     const int64_t rows = (PREFETCH_BYTES + row_bytes - 1) / row_bytes;
-    return rows > 2 * 6 /* BUFFER_ROWS */ ? rows : 2 * 6 /* BUFFER_ROWS */;
+    return rows > PREFETCH_MIN_ROWS ? rows : PREFETCH_MIN_ROWS;
 }
 
 /* One register tile: ROWS weight rows times up to COLS input rows (cols <= COLS live). Weights
@@ -336,6 +338,7 @@ static inline vec q8_weights(const int8_t *values, const float *scales, int64_t 
  * of a last partial block go one at a time. Every tile computes each output with the same FMA
  * sequence and the same horizontal sum, so the choice of tile never changes a bit. */
 #define BUFFER_ROWS 6 /* weight rows per block: a multiple of every tile's rows */
+_Static_assert(PREFETCH_MIN_ROWS == 2 * BUFFER_ROWS, "the tiles prefetch two blocks ahead");
 #define REGISTER_TILES(TILE, ROWS, M, ROW_BYTES, ROW_SCALES)                                     \
     for (int64_t r = 0; r < BUFFER_ROWS; r += ROWS)                                              \
         TILE(x, block_q + r * (ROW_BYTES), block_scales + r * (ROW_SCALES), y + n + r, ldy, K, M)
