@@ -87,6 +87,15 @@ class Model:
         twin._drafters = {}
         return twin
 
+    def with_own_state(self) -> Model:
+        """The same model (weights, runners, KV cache, cost curve) with drafters and cross-request
+        drafter state of its own (Token Recycling's tables, the suffix stores), starting empty: a
+        benchmark measures each method on what that method learned, not on what another method
+        just learned from the same question. Runs one request at a time with this model."""
+        twin = copy.copy(self)
+        twin._drafters, twin._shared = {}, {}
+        return twin
+
     @property
     def hf_model(self) -> torch.nn.Module:
         """The model as a transformers module, for peers such as HF generate (built on first use)."""

@@ -98,7 +98,10 @@ def unavailable(method: str, setup: Setup) -> str | None:
 def build_method(method: str, setup: Setup) -> Generate:
     if method in PEERS:
         return PEERS[method].build(setup)
-    model = setup.model
+    # each method learns across questions from its own runs only (Token Recycling's tables and the
+    # suffix stores are shared by a model's forks: a method run just before on the same turn would
+    # hand it that turn's answer)
+    model = setup.model.with_own_state()
 
     def run(prompt_ids: list[int]) -> Output:
         sampling = replace(setup.sampling, seed=torch.initial_seed())  # the same for every method

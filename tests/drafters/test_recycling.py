@@ -272,3 +272,17 @@ def test_a_models_forks_draft_from_one_set_of_tables():
     assert fused.drafters[1].tables is not alone.tables and list(shared) == ["recycling-dynamic"]
     model.reset()
     assert model.fork().drafter("recycling")[0].tables is not tables[0]
+
+
+def test_a_model_with_its_own_state_learns_apart():
+    """What a benchmark gives each method: the same model whose drafters start empty and keep
+    what they learn to themselves (the original's tables neither warm them nor are warmed)."""
+    model = make_model("llama", 1)
+    model.generate(prompt_ids=PROMPTS[1], drafter="recycling", max_new_tokens=40)
+    own = model.with_own_state()
+    assert own.runner is model.runner
+    assert own.drafter("recycling")[0].tables is not model.drafter("recycling")[0].tables
+    apart = own.generate(prompt_ids=PROMPTS[1], drafter="recycling", max_new_tokens=40)
+    warm = model.fork().generate(prompt_ids=PROMPTS[1], drafter="recycling", max_new_tokens=40)
+    assert apart.token_ids == warm.token_ids
+    assert warm.stats.mean_accepted > apart.stats.mean_accepted  # only the fork saw this answer
