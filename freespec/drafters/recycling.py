@@ -162,7 +162,10 @@ class PairRows:
         """The slot holding the pair (before, token), or -1."""
         if before < 0:
             return -1
-        key = before * self.vocab_size + token
+        return self.find_key(before * self.vocab_size + token)
+
+    def find_key(self, key: int) -> int:
+        """The slot holding the pair whose key is ``key`` (before * vocab_size + token), or -1."""
         slot = self._slot(key)
         return slot if self.keys.item(slot) == key else -1
 
@@ -227,12 +230,11 @@ class RecyclingTables:
         """The candidates after ``token`` preceded by ``before`` (-1: unknown): the model's row for
         the pair if it has one, else the prompt's follower of the pair, else the token's row."""
         if before >= 0:
-            key = before * self.vocab_size + token
+            key = before * self.vocab_size + token  # once for both tables: a dynamic tree reads a row per node
             for table in (self.pairs, self.text_pairs):
-                if table is not None:  # PairRows.find, inlined: a dynamic tree reads a row per node
-                    slot = ((key * PairRows._GOLDEN) & 0xFFFFFFFFFFFFFFFF) >> table._shift
-                    if table.keys.item(slot) == key:
-                        return table.successors[slot], table.probs[slot], table.calibration
+                slot = -1 if table is None else table.find_key(key)
+                if slot >= 0:
+                    return table.successors[slot], table.probs[slot], table.calibration
         return self.successors[token], self.probs[token], self.calibration
 
     def _tables(self) -> dict[str, PairRows]:

@@ -19,9 +19,9 @@ raise the pass's expected tokens per second; a request none of whose nodes were 
 drafting for a few passes (drafting costs time of its own); and where steps that verified shared
 drafts measured fewer tokens per second than steps that verified none (:class:`ShareCheck`, per
 number of requests), the batch shares none but every 16th step. A request that shares nothing in a
-pass (resting, or a step the check keeps plain) drafts nothing, and skips learning where its drafter's
-learning is a cache (:attr:`~freespec.engine.drafter.Drafter.learning_optional`): that step costs what
-plain continuous batching's does. Alone, a request keeps its own policy's
+pass (resting, or a step the check keeps plain) drafts nothing, and its root-only step skips learning
+where its drafter's learning is a cache (:meth:`Generation.plan`): that step costs what plain
+continuous batching's does. Alone, a request keeps its own policy's
 choice (today's speculation); with many requests the pass is already full of their own next tokens,
 t(q) grows with every row, and drafts shrink to the nodes that pay for themselves.
 """
@@ -233,9 +233,7 @@ class Batch:
             quiet = shared and request.generation.fixed_budget is None and (request.resting > 0 or not sharing)
             if shared and request.resting > 0:
                 request.resting -= 1
-            # drafting nothing, a request also skips learning where that only leaves a cache staler
-            request.generation.learning = not quiet
-            if not quiet:
+            if not quiet:  # a quiet one has no nodes, so a share of 0, and plans the root alone
                 self._guard(request, request.generation.draft)
         decoding = [request for request in decoding if request.error is None and not request.generation.done]
         planned: list[tuple[Running, Step]] = []
@@ -248,9 +246,6 @@ class Batch:
                     budget -= len(step.tokens)
         prefill_rows = sum(len(step.tokens) for _, step in planned)
         caps = self._caps(decoding, prefill_rows)
-        measured = measured and not prefill_rows
-        if not sharing:
-            caps = [None if cap is None else 0 for cap in caps]
         if shared:
             self._rest(decoding, caps)
         expected = [(request, sum(request.generation.node_gains()[:cap]))  # what the shares' nodes should bring

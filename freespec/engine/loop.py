@@ -116,8 +116,6 @@ class Generation:
             raise ValueError(f"budget must be >= 0, got {fixed_budget}")
         self.runner, self.drafter, self.policy = runner, drafter, policy
         self.fixed_budget = fixed_budget
-        # False: the next step verifies no draft and its learning may be skipped (Drafter.learning_optional)
-        self.learning = True
         self.reuse_prefix = reuse_prefix
         self.should_stop = should_stop
         self.prompt_ids = list(prompt_ids)
@@ -139,6 +137,7 @@ class Generation:
         self._shadows = drafter is not None and fixed_budget is None and drafter.shadow_drafts
         self._pending: list[tuple[DraftTree, int, int]] = []  # shadow drafts: (tree, tokens before it, nodes verified)
         self._draft: tuple[DraftTree, int] | None = None  # the drafted tree and its verified size, if drafted
+        self._learn = True  # whether the drafter learns from the planned step (see plan)
         self._step: Step | None = None  # the step planned and not yet taken
         self._started = self._step_started = 0.0
 
@@ -167,7 +166,8 @@ class Generation:
         """The next step (None once done): a chunk of at most ``prefill_limit`` prompt tokens
         (None: all that are left) until the prompt is cached, then a drafted tree verifying at
         most ``budget`` draft nodes (None: as many as the budget policy chose, see :meth:`draft`;
-        0 before a draft: the root alone, nothing drafted)."""
+        0 before a draft: the root alone, nothing drafted, and a drafter whose learning is a cache
+        (:attr:`~freespec.engine.drafter.Drafter.learning_optional`) learns nothing from it)."""
         if self._unfilled is None:
             self._prepare()
         if self._unfilled:
@@ -180,9 +180,11 @@ class Generation:
             self._begin()
         if self.done:
             return None
+        self._learn = True
         if self._draft is None and budget == 0:  # no room for drafts in this pass: none drafted
             self._step_started = time.perf_counter()
             self._draft = (DraftTree.root_only(int(self._context[-1])), 0)
+            self._learn = self.drafter is None or not self.drafter.learning_optional
         if self._draft is None:
             self.draft()
         tree, chosen = self._draft
@@ -263,7 +265,7 @@ class Generation:
         # commit
         runner.commit(path)
         if drafter is not None:
-            if self.learning or len(tree) > 1 or not drafter.learning_optional:
+            if self._learn:
                 drafter.learn(tree, logits, path)
             self.policy.observe(len(tree) - 1, path)
             if pass_rows is None:
