@@ -18,7 +18,9 @@ shared nodes brought (:class:`Acceptance`). Nodes are taken best first across re
 raise the pass's expected tokens per second; a request none of whose nodes were taken rests from
 drafting for a few passes (drafting costs time of its own); and where steps that verified shared
 drafts measured fewer tokens per second than steps that verified none (:class:`ShareCheck`, per
-number of requests), the batch shares none but every 16th step. A request that shares nothing in a
+number of requests), the batch shares none but every 16th step. A pass that carries a prompt chunk
+prices drafts as if its decoding rows were alone (the prompt rows emit nothing now) and follows
+the check's verdict without being one of its samples. A request that shares nothing in a
 pass (resting, or a step the check keeps plain) drafts nothing, and its root-only step skips learning
 where its drafter's learning is a cache (:meth:`Generation.plan`): that step costs what plain
 continuous batching's does. Alone, a request keeps its own policy's
@@ -188,6 +190,14 @@ class ShareCheck:
         better = self.rates[requests, True] >= self.rates[requests, False]
         return better != (tick % self.explore == 0)
 
+    def preferred(self, requests: int) -> bool:
+        """Whether steps at ``requests`` requests share drafts by the verdict so far (sharing
+        until both kinds are sampled), without taking a turn: for passes that are no sample."""
+        plain, drafted = self.counts.get((requests, False), 0), self.counts.get((requests, True), 0)
+        if min(plain, drafted) < self.min_steps:
+            return True
+        return self.rates[requests, True] >= self.rates[requests, False]
+
 
 @dataclass(eq=False)
 class Running:
@@ -227,7 +237,8 @@ class Batch:
         prefilling = [request for request in live if request.generation.prefilling]
         shared = self.share and len(decoding) > 1
         measured = shared and not prefilling  # a decoding step of several requests: the check's sample
-        sharing = not measured or self.check.share(len(decoding))  # else no shared drafts this step
+        # a pass carrying prompt rows is no fair sample (its rate is the prompt's), so it follows the check's verdict
+        sharing = self.check.share(len(decoding)) if measured else not shared or self.check.preferred(len(decoding))
         for request in decoding:
             # a request with a fixed budget drafts it whatever the load (its sampled tokens stay as alone)
             quiet = shared and request.generation.fixed_budget is None and (request.resting > 0 or not sharing)
@@ -244,8 +255,7 @@ class Batch:
                 if step is not None:
                     planned.append((request, step))
                     budget -= len(step.tokens)
-        prefill_rows = sum(len(step.tokens) for _, step in planned)
-        caps = self._caps(decoding, prefill_rows)
+        caps = self._caps(decoding)
         if shared:
             self._rest(decoding, caps)
         expected = [(request, sum(request.generation.node_gains()[:cap]))  # what the shares' nodes should bring
@@ -281,10 +291,15 @@ class Batch:
                 request.idle = min(request.idle + 1, MAX_REST.bit_length())
                 request.resting = min(2**request.idle - 1, MAX_REST)
 
-    def _caps(self, decoding: list[Running], prefill_rows: int) -> list[int | None]:
-        """Each decoding request's cap on verified draft nodes: none for a request alone in its
-        pass (its policy chose for it), else its share of :func:`share_budget`."""
-        if not self.share or (len(decoding) == 1 and not prefill_rows) or not decoding:
+    def _caps(self, decoding: list[Running]) -> list[int | None]:
+        """Each decoding request's cap on verified draft nodes: none for a request decoding alone
+        (its policy chose for it), else its share of :func:`share_budget`.
+
+        A pass's prompt rows are left out of the pricing: they are work the pass does anyway and
+        emit no token now, so counting them would drag the pass's rate down until any node
+        looked like a gain. A node must beat the rate of the decoding rows themselves, as in a
+        pass without a prompt."""
+        if not self.share or len(decoding) <= 1:
             return [None] * len(decoding)
         policies = [request.generation.policy for request in decoding if request.generation.policy is not None]
         if not policies:
@@ -295,7 +310,7 @@ class Batch:
         scale = self.accepted.ratio
         gains = [[gain * scale for gain in request.generation.node_gains()] for request in shared]
         cost = self.step_cost if self.step_cost.line is not None else policies[0].cost
-        caps = iter(share_budget(gains, prefill_rows + len(decoding) + fixed, float(len(decoding)), cost))
+        caps = iter(share_budget(gains, len(decoding) + fixed, float(len(decoding)), cost))
         return [None if request.generation.fixed_budget is not None else next(caps) for request in decoding]
 
     def _run(self, planned: list[tuple[Running, Step]]) -> None:
