@@ -33,7 +33,7 @@ class DecoderLayer(ctypes.Structure):
     _fields_ = [("attn_norm", _P), ("mlp_norm", _P), ("q_norm", _P), ("k_norm", _P), ("attn_eps", _F),
                 ("mlp_eps", _F), ("q_eps", _F), ("k_eps", _F), ("qkv", Matrix), ("o", Matrix), ("gate_up", Matrix),
                 ("down", Matrix), ("post_attn_norm", _P), ("post_mlp_norm", _P), ("post_attn_eps", _F),
-                ("post_mlp_eps", _F), ("window", _I), ("rotary", _I)]
+                ("post_mlp_eps", _F), ("window", _I), ("rotary", _I), ("interleaved_qk", _I)]
 
 
 class DecoderSequence(ctypes.Structure):

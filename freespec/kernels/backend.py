@@ -38,6 +38,7 @@ from freespec.kernels.weights import (
     dense,
     map_matrices,
     repack,
+    rotate_half_rows,
 )
 
 SKINNY_ROWS = 64  # torch: below this many rows, ``W @ x.T`` beats ``F.linear``
@@ -114,8 +115,10 @@ class Kernels:
         return f"{type(self).__name__}({self.isa})"
 
     def prepare(self, weights: ModelWeights) -> ModelWeights:
-        """``weights`` in the layout this backend computes with fastest (the same model)."""
-        return weights
+        """``weights`` in the layout this backend computes with (the same model): here the
+        query and key rows of a GGUF llama file in transformers' order (torch's matmul computes
+        on fp32 copies anyway, and may give a row other bits at another position)."""
+        return rotate_half_rows(weights)
 
     def linear(self, x: torch.Tensor, weight: Matrix, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``x @ weight.T + bias`` for x [M, K] and weight [N, K] (any :data:`Matrix`) → [M, N].
@@ -458,7 +461,7 @@ class OneCallDecoder:
             self._norm("post-MLP norm", layer.post_mlp_norm, hidden),
             layer.post_attn_norm.eps if layer.post_attn_norm else 0.0,
             layer.post_mlp_norm.eps if layer.post_mlp_norm else 0.0,
-            layer.window or 0, self.rotary_kinds.index(layer.rotary),
+            layer.window or 0, self.rotary_kinds.index(layer.rotary), int(layer.interleaved_qk),
         )
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, sequences: Sequence[PassSequence],

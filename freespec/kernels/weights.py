@@ -244,7 +244,9 @@ class DecoderLayer:
     layer's sliding window (a key at position p is visible to a query at position q iff
     q - p < window), None for global attention. ``rotary``: which of the model's rotary tables
     the layer rotates with (Gemma 3's layer type, "sliding_attention" or "full_attention"), None
-    where the model has one.
+    where the model has one. ``interleaved_qk``: the query and key rows of each head are in
+    llama.cpp's interleaved rotary order (a GGUF ``llama`` file, read in place): the projection's
+    outputs are put back in transformers' order before anything reads them.
     """
 
     attn_norm: RMSNorm | LayerNorm
@@ -260,6 +262,7 @@ class DecoderLayer:
     post_mlp_norm: RMSNorm | None = None
     window: int | None = None
     rotary: str | None = None
+    interleaved_qk: bool = False
 
 
 @dataclass(frozen=True)
@@ -364,3 +367,34 @@ def map_matrices(weights: ModelWeights, change) -> ModelWeights:
     layers = [replace(layer, qkv=linear(layer.qkv), o=linear(layer.o), up=linear(layer.up), down=linear(layer.down))
               for layer in weights.layers]
     return replace(weights, embed=matrix(weights.embed), layers=layers, lm_head=linear(weights.lm_head))
+
+
+def rotate_half_order(rows: int, heads: int) -> np.ndarray:
+    """The row order that undoes llama.cpp's ``permute`` of a [rows, K] query or key matrix of
+    ``heads`` heads (transformers' ``_reverse_permute_weights``): row i of the result is row
+    ``order[i]`` of the file's. The same order takes the projection's outputs from llama.cpp's
+    interleaved rotary layout to transformers' rotate-half layout (``DecoderLayer.interleaved_qk``).
+
+    >>> rotate_half_order(8, 1).tolist()  # a head's rows (0, 4), (1, 5), ... were interleaved
+    [0, 2, 4, 6, 1, 3, 5, 7]
+    """
+    return np.arange(rows).reshape(heads, rows // heads // 2, 2).swapaxes(1, 2).reshape(rows)
+
+
+def rotate_half_rows(weights: ModelWeights) -> ModelWeights:
+    """``weights`` with every ``interleaved_qk`` layer's query and key rows put back in
+    transformers' order, as fp32 copies: for backends that compute on fp32 copies anyway and
+    whose matmul may give a row other bits at another position (torch's)."""
+    heads = weights.heads.heads + weights.heads.kv_heads
+    width = heads * weights.heads.dim
+
+    def layer(old: DecoderLayer) -> DecoderLayer:
+        if not old.interleaved_qk:
+            return old
+        weight = dense(old.qkv.weight)
+        order = torch.from_numpy(np.concatenate([rotate_half_order(width, heads), np.arange(width, weight.shape[0])]))
+        bias = None if old.qkv.bias is None else old.qkv.bias[order]
+        return replace(old, qkv=Linear(weight[order], bias), interleaved_qk=False)
+
+    return replace(weights, layers=[layer(old) for old in weights.layers])
+

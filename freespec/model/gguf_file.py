@@ -279,32 +279,20 @@ def longrope_parameters(file: GGUFFile) -> dict | None:
             "original_max_position_embeddings": original}
 
 
-def unpermuted_rows(rows: int, heads: int) -> np.ndarray:
-    """The row order that undoes llama.cpp's ``permute`` of a [rows, K] query or key matrix of
-    ``heads`` heads (transformers' ``_reverse_permute_weights``): row i of the result is row
-    ``order[i]`` of the file's.
-
-    >>> unpermuted_rows(8, 1).tolist()  # a head's rows (0, 4), (1, 5), ... were interleaved
-    [0, 2, 4, 6, 1, 3, 5, 7]
-    """
-    return np.arange(rows).reshape(heads, rows // heads // 2, 2).swapaxes(1, 2).reshape(rows)
-
-
 class GGUFTensors:
     """A GGUF file's tensors under transformers' names (a :class:`freespec.model.weights.TensorSource`).
 
-    Matrices are views of the mapped file, except the query and key matrices of the architectures
-    in :data:`PERMUTED_ARCHITECTURES`: their rows are put back in transformers' order, a copy in
-    their own block format (rows are independent: the bits of every row are unchanged).
+    Matrices are views of the mapped file, the query and key matrices of the architectures in
+    :data:`PERMUTED_ARCHITECTURES` included: their rows stay in llama.cpp's order
+    (``rope_interleaved``) and the layers put the projection's outputs back in transformers' order
+    (:func:`freespec.kernels.weights.rotate_half_order`), a copy of a few activations instead of the
+    matrices.
     """
 
-    def __init__(self, file: GGUFFile, config):
+    def __init__(self, file: GGUFFile):
         self.file = file
         self.norm_shift = 1.0 if file.architecture in SHIFTED_NORM_ARCHITECTURES else 0.0
-        self._heads = {}
-        if file.architecture in PERMUTED_ARCHITECTURES:
-            self._heads = {"attn_q": config.num_attention_heads,
-                           "attn_k": getattr(config, "num_key_value_heads", None) or config.num_attention_heads}
+        self.rope_interleaved = file.architecture in PERMUTED_ARCHITECTURES
 
     def has(self, name: str) -> bool:
         return self._gguf_name(name) in self.file.tensors
@@ -313,16 +301,10 @@ class GGUFTensors:
         return f"GGUF file {self.file.path}: tensor {self._gguf_name(name) or name}"
 
     def matrix(self, name: str) -> GGMLWeight:
-        matrix = self.file.matrix(self._name(name))
-        order = self._order(name, matrix.shape[0])
-        if order is None:
-            return matrix
-        return GGMLWeight(matrix.type, np.ascontiguousarray(matrix.data[order]), matrix.shape)
+        return self.file.matrix(self._name(name))
 
     def vector(self, name: str) -> torch.Tensor:
-        vector = self.file.vector(self._name(name))
-        order = self._order(name, vector.shape[0])
-        return vector if order is None else vector[torch.from_numpy(order)]
+        return self.file.vector(self._name(name))
 
     def unused(self, names: set[str]) -> list[str]:
         """The file's tensors that none of the transformers ``names`` maps to."""
@@ -337,11 +319,3 @@ class GGUFTensors:
         if found not in self.file.tensors:
             raise ModelLoadError(f"cannot load {self.where(name)} is missing")
         return found
-
-    def _order(self, name: str, rows: int) -> np.ndarray | None:
-        heads = self._heads.get(self._gguf_name(name).split(".")[2] if name.startswith("model.layers.") else None)
-        if heads is None:
-            return None
-        if rows % (2 * heads):
-            raise ModelLoadError(f"cannot load {self.where(name)}: {rows} rows are not {heads} heads of an even size")
-        return unpermuted_rows(rows, heads)

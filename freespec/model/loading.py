@@ -237,7 +237,7 @@ def _load_gguf(path: Path, name: str) -> LoadedModel:
     check_memory(path, file.tensor_bytes())
     config, tokenizer, generation_config = _metadata(gguf_metadata(path), name)
     refuse_unsupported(config)
-    weights = _read_weights(config, lambda: GGUFTensors(file, config))
+    weights = _read_weights(config, lambda: GGUFTensors(file))
     if weights is None:  # no file reader for it: through transformers (dequantized)
         return _through_transformers(path, name, tokenizer, generation_config)
     return LoadedModel(config, weights, tokenizer, generation_config, name, path)

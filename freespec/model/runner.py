@@ -78,6 +78,15 @@ def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
+def _rotate_half_outputs(qkv: torch.Tensor, qk_heads: int, dim: int) -> torch.Tensor:
+    """qkv [n, (qk_heads + kv_heads) dim] with the first ``qk_heads`` heads' values in llama.cpp's
+    interleaved rotary order (head value 2i is transformers' i, 2i + 1 its i + dim/2) → the same
+    in transformers' order (:func:`freespec.kernels.weights.rotate_half_order` applied to outputs)."""
+    n, width = qkv.shape[0], qk_heads * dim
+    qk = qkv[:, :width].view(n, qk_heads, dim // 2, 2).transpose(2, 3).reshape(n, width)
+    return torch.cat([qk, qkv[:, width:]], dim=1)
+
+
 def _post_norm(x: torch.Tensor, norm: RMSNorm | None) -> torch.Tensor:
     """A block's output normed before its residual add (Gemma 2 and 3), or as it is."""
     return x if norm is None else _norm(x, norm)
@@ -298,6 +307,8 @@ class ModelRunner:
             if index in skip:
                 continue
             qkv = linear(_norm(h, layer.attn_norm), layer.qkv.weight, layer.qkv.bias)  # [n, (heads + 2 kv_heads) dim]
+            if layer.interleaved_qk:
+                qkv = _rotate_half_outputs(qkv, self.heads.heads + self.heads.kv_heads, self.heads.dim)
             if layer.q_norm is not None:
                 qkv = self._norm_queries_and_keys(qkv, layer.q_norm, layer.k_norm)
             attended = self._attend(qkv, attentions, index, rotations.get(layer.rotary), layer.window)

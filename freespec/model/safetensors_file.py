@@ -81,6 +81,7 @@ class SafetensorsTensors:
     :class:`freespec.model.weights.TensorSource`)."""
 
     norm_shift = 0.0  # checkpoints hold Gemma's norm weights as the model has them
+    rope_interleaved = False  # query and key rows in transformers' order
 
     def __init__(self, directory: Path):
         self.directory = directory

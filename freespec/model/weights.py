@@ -102,6 +102,11 @@ class TensorSource(Protocol):
     """What the file adds to Gemma's norm weights: llama.cpp's converter stores ``1 + w``
     (the factor its runtime multiplies by), a safetensors checkpoint ``w`` itself (0)."""
 
+    rope_interleaved: bool
+    """Whether the query and key matrices' rows of each head are in llama.cpp's interleaved rotary
+    order (GGUF ``llama`` files): the layers then put the projection's outputs back in
+    transformers' order (``DecoderLayer.interleaved_qk``), the matrices stay as the file has them."""
+
     def has(self, name: str) -> bool: ...
 
     def matrix(self, name: str) -> Matrix:
@@ -145,6 +150,9 @@ def from_tensors(config, source: TensorSource) -> ModelWeights:
     head_dim = getattr(config, "head_dim", None) or hidden // heads
     intermediate, vocab, eps = config.intermediate_size, config.vocab_size, config.rms_norm_eps
     gemma, post_norms = family in GEMMA_STYLE, family in POST_NORM_FAMILIES
+    if source.rope_interleaved and head_dim % 2:
+        raise ModelLoadError(f"cannot load {source.where('model.layers.0.self_attn.q_proj.weight')}: heads of "
+                             f"{head_dim} rows cannot hold llama.cpp's interleaved rotary pairs")
     read: set[str] = set()
 
     def matrix(name: str, rows: int, columns: int) -> Matrix:
@@ -206,6 +214,7 @@ def from_tensors(config, source: TensorSource) -> ModelWeights:
             post_mlp_norm=norm(f"{prefix}.post_feedforward_layernorm.weight", hidden) if post_norms else None,
             window=window,
             rotary=rotary,
+            interleaved_qk=source.rope_interleaved,
         ))
     embed = matrix("model.embed_tokens.weight", vocab, hidden)
     lm_head = Linear(embed) if getattr(config, "tie_word_embeddings", False) else linear("lm_head", vocab, hidden)

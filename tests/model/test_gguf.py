@@ -79,8 +79,8 @@ def test_a_tied_head_is_the_embedding_matrix_itself(written, c_kernels, family):
 
 
 def test_matrices_are_the_files_bytes_in_their_own_format(written):
-    """No weight matrix is dequantized or copied, except the query and key rows llama.cpp
-    reordered: those are put back in their block format (rows are independent)."""
+    """No weight matrix is dequantized or copied, the query and key matrices whose rows llama.cpp
+    reordered included: the layer puts their outputs back in transformers' order instead."""
     path, _ = written("llama", Q4_K_M_LIKE)
     loaded = load(path)
 
@@ -93,9 +93,10 @@ def test_matrices_are_the_files_bytes_in_their_own_format(written):
     assert [part.type.name for part in (q, k, v, gate, up, layer.down.weight)] == [
         "Q4_K", "Q5_K", "Q6_K", "Q4_K", "Q8_0", "Q6_K"]
     assert isinstance(layer.qkv.weight, Stacked) and layer.qkv.weight.shape == (256 + 2 * 128, 256)
-    for matrix in (v, gate, up, layer.down.weight, layer.o.weight, loaded.weights.embed, loaded.weights.lm_head.weight):
+    for matrix in (q, k, v, gate, up, layer.down.weight, layer.o.weight, loaded.weights.embed,
+                   loaded.weights.lm_head.weight):
         assert isinstance(matrix, GGMLWeight) and mapped(matrix)
-    assert not mapped(q) and not mapped(k) and q.data.shape == (256, 144)  # reordered rows: a Q4_K copy
+    assert all(layer.interleaved_qk for layer in loaded.weights.layers)
     assert loaded.weights.embed.type.name == "Q5_0" and loaded.weights.lm_head.weight.type.name == "Q6_K"
 
 

@@ -88,6 +88,9 @@ typedef struct {
     float post_attn_eps, post_mlp_eps;
     int64_t window; /* sliding window: a query at position p sees keys at p - window + 1 .. p; 0: all */
     int64_t rotary; /* the rotary table it rotates with: 0 or 1 (Gemma 3: one for local, one for global layers) */
+    int64_t interleaved_qk; /* 1: qkv's query and key heads come in llama.cpp's interleaved rotary order (a GGUF
+                             * llama file read in place: value 2i of a head is transformers' i, 2i + 1 its
+                             * i + D/2); they are put back in transformers' order before anything reads them */
 } DecoderLayer;
 
 enum { FREESPEC_SILU = 0, FREESPEC_GELU_TANH = 1 }; /* the gated MLP's activation: act(gate) * up */

@@ -877,6 +877,20 @@ void freespec_rope_store(const float *qkv, const float *cos, const float *sin, f
  * residual), so a token's result still does not depend on which other tokens share the pass.
  * ------------------------------------------------------------------------------------------- */
 
+/* The first `heads` heads of D values in a row of qkv, from llama.cpp's interleaved rotary order
+ * (value 2i of a head is transformers' i, 2i + 1 its i + D/2) to transformers' order, in place. */
+static void rotate_half_order(float *row, int64_t heads, int64_t D) {
+    float interleaved[D];
+    for (int64_t head = 0; head < heads; head++) {
+        float *values = row + head * D;
+        memcpy(interleaved, values, D * sizeof(float));
+        for (int64_t i = 0; i < D / 2; i++) {
+            values[i] = interleaved[2 * i];
+            values[D / 2 + i] = interleaved[2 * i + 1];
+        }
+    }
+}
+
 /* out = weight * (x / sqrt(mean(x^2) + eps)) for each of the rows of width n. */
 static void rms_norm(const float *x, const float *weight, float eps, float *out, int64_t rows, int64_t n) {
     for (int64_t r = 0; r < rows; r++) {
@@ -1011,6 +1025,9 @@ int freespec_forward_llama(const DecoderPass *pass) {
         const DecoderLayer *layer = pass->layers + l;
         rms_norm(h, layer->attn_norm, layer->attn_eps, normed, n, hidden);
         linear(&layer->qkv, normed, qkv, n);
+        if (layer->interleaved_qk)
+            for (int64_t i = 0; i < n; i++)
+                rotate_half_order(qkv + i * qkv_width, H + KV, D);
         if (layer->q_norm)
             for (int64_t i = 0; i < n; i++) {
                 float *row = qkv + i * qkv_width;
