@@ -40,6 +40,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
+from freespec import DEFAULT_DRAFTER
+
 PROMPTS = [
     "Name three primes.",
     "Write one sentence about copper.",
@@ -148,7 +150,7 @@ def _one(client, model_id: str, prompt: str, drafter: str, stream: bool, max_tok
 
 
 def run_load(url: str, model_id: str, clients: int = 8, requests: int = 25, max_tokens: int = 32,
-             drafters: tuple[str, ...] = ("recycling", "none"), prompts: list[str] | None = None,
+             drafters: tuple[str, ...] = (DEFAULT_DRAFTER, "none"), prompts: list[str] | None = None,
              time_limit: float = 600.0) -> Report:
     """Run the clients against the server at ``url`` (loopback only) and collect every outcome."""
     import openai
@@ -393,11 +395,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=25,
                         help="requests per client; scaling mode: requests per level, shared by its clients")
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--drafters", default="recycling,none")
+    parser.add_argument("--drafters", default=f"{DEFAULT_DRAFTER},none")
     parser.add_argument("--time-limit", type=float, default=600.0, help="seconds before the run gives up")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.add_argument("--levels", help="scaling mode: numbers of concurrent clients, e.g. 1,2,4,8,16")
-    parser.add_argument("--drafter", default="recycling", help="scaling mode: the speculative drafter")
+    parser.add_argument("--drafter", default=DEFAULT_DRAFTER, help="scaling mode: the speculative drafter")
     parser.add_argument("--llama-cpp", action="store_true",
                         help="scaling mode: also run llama-cpp-python's server on the same GGUF")
     parser.add_argument("--threads", type=int, help="scaling mode: both servers' threads (default: every core)")

@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from freespec import DEFAULT_DRAFTER
 from freespec.drafters import DamagedStateError, Drafter, DrafterSettings, create
 from freespec.engine.budget import BudgetPolicy
 from freespec.engine.costs import CostCurve, load_or_measure
@@ -185,7 +186,7 @@ class Model:
             raise ValueError(f"cannot load drafter state: {error}") from None
 
     def stream(self, prompt: str | None = None, *, messages: list[dict] | None = None, max_new_tokens: int = 256,
-               drafter: str = "recycling", chat: bool = True, prompt_ids: list[int] | None = None,
+               drafter: str = DEFAULT_DRAFTER, chat: bool = True, prompt_ids: list[int] | None = None,
                budget: int | None = None, sampling: SamplingParams | None = None, reuse_prefix: bool = True,
                should_stop: Callable[[], bool] | None = None, tenant: str | None = None,
                **sampling_options) -> Generation:

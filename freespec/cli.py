@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from freespec import __version__
+from freespec import DEFAULT_DRAFTER, __version__
 from freespec.engine.sampling import (  # light: no torch
     OPTIONS,
     SAMPLING_KEYS,
@@ -118,7 +118,7 @@ def _sampling(args: argparse.Namespace, request: dict | None = None, seed: bool 
 
 
 def _drafter_name(text: str) -> str:
-    if text == "recycling":  # the default: argparse converts it on every parse, and checking imports torch
+    if text == DEFAULT_DRAFTER:  # argparse converts the default on every parse, and checking imports torch
         return text
     from freespec.drafters import check_name
 
@@ -182,9 +182,9 @@ def _parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", parents=[model_options, _sampling_options()], help="generate text",
                                    description="Stream one completion to stdout, or run a JSONL batch.")
     generate.add_argument("prompt", nargs="?", metavar="PROMPT", help="the prompt (omit with --input)")
-    generate.add_argument("--drafter", type=_drafter_name, default="recycling", metavar="NAME",
+    generate.add_argument("--drafter", type=_drafter_name, default=DEFAULT_DRAFTER, metavar="NAME",
                           help="draft source: {drafters}, or several joined by '+' "
-                               "(one fused tree); none is plain greedy decoding (default: recycling)")
+                               f"(one fused tree); none is plain greedy decoding (default: {DEFAULT_DRAFTER})")
     generate.add_argument("--max-new-tokens", type=_positive_int, metavar="N",
                           help=f"most tokens to generate per prompt; with the prompt it must fit the model's "
                                f"context (default: {DEFAULT_MAX_NEW_TOKENS}, cut to the context left)")
@@ -193,8 +193,8 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--budget", type=_positive_int, metavar="N",
                           help="fixed draft nodes per step (default: chosen from measured costs)")
     generate.add_argument("--state", type=Path, metavar="FILE",
-                          help="Token Recycling's matrix: loaded from FILE if it exists, saved there "
-                               "afterwards, so later runs start warm")
+                          help="Token Recycling's matrix (--drafter recycling, or a fusion with it): loaded "
+                               "from FILE if it exists, saved there afterwards, so later runs start warm")
     generate.add_argument("--input", metavar="FILE", help="JSONL requests, one "
                           '{"prompt": ...} or {"messages": [...]} per line, optional "max_new_tokens" '
                           f"and sampling keys ({', '.join(map(json.dumps, SAMPLING_KEYS))}) overriding the flags")
@@ -258,8 +258,8 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", parents=[model_options], help="serve an OpenAI-compatible HTTP API",
                                 description="POST /v1/chat/completions and /v1/completions (streaming too), "
                                             "GET /v1/models, /health and /metrics.")
-    serve.add_argument("--drafter", type=_drafter_name, default="recycling", metavar="NAME",
-                       help="default draft source (default: recycling)")
+    serve.add_argument("--drafter", type=_drafter_name, default=DEFAULT_DRAFTER, metavar="NAME",
+                       help=f"default draft source (default: {DEFAULT_DRAFTER})")
     serve.add_argument("--drafters", type=_drafter_names, metavar="A,B,...",
                        help="the drafters a request may name, each built once at start; the --drafter is "
                             "always one (default: the --drafter and none)")

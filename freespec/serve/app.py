@@ -41,6 +41,7 @@ from fastapi.responses import (
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from freespec import DEFAULT_DRAFTER
 from freespec.api import Model
 from freespec.drafters import FACTORIES, check_name
 from freespec.serve import DEFAULT_MAX_BATCH, DEFAULT_PREFIX_CACHE_MB
@@ -340,7 +341,7 @@ async def _watch_disconnect(request: Request, job: Job) -> None:
     job.cancel()
 
 
-def create_app(model: Model, *, served_name: str | None = None, drafter: str = "recycling",
+def create_app(model: Model, *, served_name: str | None = None, drafter: str = DEFAULT_DRAFTER,
                drafters: Sequence[str] = ("none",), max_tokens: int = 256, max_queue: int = 64,
                api_keys: Sequence[str] = (), max_body_bytes: int = 1 << 20, prefix_reuse: bool = True,
                request_timeout: float | None = None, prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB,
@@ -362,7 +363,7 @@ def create_app(model: Model, *, served_name: str | None = None, drafter: str = "
                      api_keys=api_keys, max_body_bytes=max_body_bytes)
 
 
-def create_service(model: Model, *, served_name: str | None = None, drafter: str = "recycling",
+def create_service(model: Model, *, served_name: str | None = None, drafter: str = DEFAULT_DRAFTER,
                    drafters: Sequence[str] = ("none",), max_tokens: int = 256, max_queue: int = 64,
                    prefix_reuse: bool = True, request_timeout: float | None = None,
                    prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB, max_batch: int = DEFAULT_MAX_BATCH) -> Service:

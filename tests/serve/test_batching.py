@@ -11,6 +11,7 @@ import time
 import pytest
 
 import freespec
+from freespec import DEFAULT_DRAFTER
 from freespec.serve.app import BackgroundServer, create_app
 from tests.helpers import fault_after_first_chunk, metric, open_stream, post, wait_for
 
@@ -166,10 +167,10 @@ def test_the_real_model_answers_concurrent_clients_as_it_answers_each_alone():
     prompts = ["Name three primes.", "Write one sentence about copper.", "List the days of the week.",
                "Say hello in French."]
     requests = [{"messages": [{"role": "user", "content": prompt}], "max_tokens": 24,
-                 "drafter": ("recycling", "none")[index % 2],
+                 "drafter": (DEFAULT_DRAFTER, "none")[index % 2],
                  **({"temperature": 0} if index < 2 else {"temperature": 0.7, "seed": index})}
                 for index, prompt in enumerate(prompts)]
-    model.drafter("recycling")  # as `freespec serve` does: its costs are measured before serving
+    model.drafter(DEFAULT_DRAFTER)  # as `freespec serve` does: its costs are measured before serving
     with BackgroundServer(create_app(model, served_name="smol", drafters=("none",))) as url:
         alone = [post(url + "/v1/chat/completions", request, timeout=300)[:2] for request in requests]
         together = _concurrently(url, requests, "/v1/chat/completions", 300)

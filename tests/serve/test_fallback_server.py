@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from freespec import DEFAULT_DRAFTER
 from freespec.api import Model
 from freespec.model.hf_runner import TransformersRunner
 from freespec.model.loading import from_transformers
@@ -16,7 +17,7 @@ def test_a_fallback_model_answers_plain_greedy_and_reuses_no_rows():
     assert isinstance(model.runner, TransformersRunner)
     expected = model.generate(messages=CHAT, max_new_tokens=16, drafter="none")
     with BackgroundServer(create_app(model, served_name="neox", drafters=["none", "lookup"])) as url:
-        for drafter in ("recycling", "lookup"):  # the second request repeats the first one's prompt
+        for drafter in (DEFAULT_DRAFTER, "lookup"):  # the second request repeats the first one's prompt
             status, body, _ = post(url + "/v1/chat/completions",
                                    {"model": "neox", "messages": CHAT, "max_tokens": 16, "drafter": drafter})
             assert status == 200, body

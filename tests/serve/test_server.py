@@ -18,6 +18,7 @@ import pytest
 
 import freespec
 import freespec.serve
+from freespec import DEFAULT_DRAFTER
 from freespec.cli import main
 from freespec.serve import app as server_module
 from freespec.serve.app import BackgroundServer, create_app
@@ -48,7 +49,7 @@ def client(server):
 # ---------------------------------------------------------------- answers through the openai client
 
 
-@pytest.mark.parametrize("drafter", ["recycling", "none"])
+@pytest.mark.parametrize("drafter", [DEFAULT_DRAFTER, "none"])
 def test_chat_answer_is_plain_greedy_with_usage(client, reference, drafter):
     expected = reference.generate(messages=CHAT, max_new_tokens=24, drafter="none")
     reply = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=24,
@@ -77,10 +78,10 @@ def test_a_chat_turn_reuses_the_cached_rows_of_the_turns_before(server, client, 
     history = [*CHAT, {"role": "assistant", "content": first.choices[0].message.content},
                {"role": "user", "content": "w9 w8 w7"}]
     expected = reference.generate(messages=history, max_new_tokens=12, drafter="none", reuse_prefix=False)
-    cached_before = metric(server, "freespec_prompt_tokens_cached_total", drafter="recycling")
+    cached_before = metric(server, "freespec_prompt_tokens_cached_total", drafter=DEFAULT_DRAFTER)
     second = client.chat.completions.create(model="tiny", messages=history, max_tokens=12)
     assert second.choices[0].message.content == expected.text
-    assert metric(server, "freespec_prompt_tokens_cached_total", drafter="recycling") == (
+    assert metric(server, "freespec_prompt_tokens_cached_total", drafter=DEFAULT_DRAFTER) == (
         cached_before + second.usage.prompt_tokens_details.cached_tokens)
     assert len(reference.encode(messages=CHAT)) <= second.usage.prompt_tokens_details.cached_tokens
     assert second.usage.prompt_tokens_details.cached_tokens < second.usage.prompt_tokens
@@ -153,10 +154,10 @@ def test_models_health_and_metrics(client, server):
     status, body, _ = post(server + "/health", b"", method="GET")
     assert status == 200 and body["status"] == "ok"
     before = metric(server, "freespec_requests_total", endpoint="chat", status="success")
-    passes = metric(server, "freespec_forward_passes_total", drafter="recycling")
+    passes = metric(server, "freespec_forward_passes_total", drafter=DEFAULT_DRAFTER)
     reply = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=12)
     assert metric(server, "freespec_requests_total", endpoint="chat", status="success") == before + 1
-    assert metric(server, "freespec_forward_passes_total", drafter="recycling") == (
+    assert metric(server, "freespec_forward_passes_total", drafter=DEFAULT_DRAFTER) == (
         passes + reply.usage.speculative["forward_passes"])
     text = urllib.request.urlopen(server + "/metrics").read().decode()
     for name in ("freespec_prompt_tokens_total", "freespec_generation_tokens_total", "freespec_draft_tokens_total",
@@ -169,7 +170,7 @@ def test_models_health_and_metrics(client, server):
 def test_accepted_tokens_per_position_add_up(server, client):
     """Counters per draft depth must agree with the per-request usage the server reports."""
     def accepted():
-        return [metric(server, "freespec_accepted_tokens_total", drafter="recycling", position=str(p))
+        return [metric(server, "freespec_accepted_tokens_total", drafter=DEFAULT_DRAFTER, position=str(p))
                 for p in range(1, 40)]
     before = accepted()
     reply = client.completions.create(model="tiny", prompt="w5", max_tokens=60)  # repetitive: drafts get accepted
@@ -201,8 +202,8 @@ CHAT_ERRORS = [
     ({"messages": [{"role": "user", "content": " ".join(["w7"] * 600)}]}, 400, "messages", "context is 512"),
     ({"messages": [MESSAGE], "model": "gpt-4"}, 404, "model", "does not exist"),
     ({"messages": [MESSAGE], "drafter": "eagle"}, 400, "drafter", "'eagle' is not available; this server offers "
-     "recycling, none"),
-    ({"messages": [MESSAGE], "drafter": "lookup"}, 400, "drafter", "offers recycling, none"),  # not in --drafters
+     f"{DEFAULT_DRAFTER}, none"),
+    ({"messages": [MESSAGE], "drafter": "lookup"}, 400, "drafter", f"offers {DEFAULT_DRAFTER}, none"),  # not in --drafters
     ({"messages": [MESSAGE], "n": 2}, 400, "n", "only n=1"),
     ({"messages": [MESSAGE], "stream": "yes"}, 400, "stream", "valid boolean"),
     ({"messages": [MESSAGE], "temperature": -0.5}, 400, "temperature", "temperature"),
@@ -351,7 +352,7 @@ def test_serve_command_passes_its_options(tiny_model_dir, monkeypatch):
     model, options = calls[0]
     assert isinstance(model, freespec.Model)
     assert options == {"host": "127.0.0.1", "port": 8000, "log_level": "warning", "served_name": None,
-                       "drafter": "recycling", "drafters": ["none"], "max_tokens": 256, "max_queue": 3,
+                       "drafter": DEFAULT_DRAFTER, "drafters": ["none"], "max_tokens": 256, "max_queue": 3,
                        "api_keys": ["from-env"], "max_body_bytes": 1 << 20, "prefix_reuse": True,
                        "request_timeout": None, "prefix_cache_mb": 512, "max_batch": 16}
     assert main(["serve", "--model", str(tiny_model_dir), "--quiet", "--drafters", "lookup+recycling,none",
@@ -378,7 +379,7 @@ def test_serve_replicas_passes_its_options_without_loading_here(tiny_model_dir, 
     options, host, port = calls[0]
     assert (host, port) == ("127.0.0.1", 9000)
     assert options == {"model": str(tiny_model_dir), "threads": 2, "tree_shape": "dynamic", "datastore": None,
-                       "draft_model": None, "served_name": None, "drafter": "recycling", "drafters": ["none"],
+                       "draft_model": None, "served_name": None, "drafter": DEFAULT_DRAFTER, "drafters": ["none"],
                        "max_tokens": 256, "max_queue": 64, "prefix_reuse": True, "request_timeout": None,
                        "prefix_cache_mb": 64.0, "replicas": 2, "api_keys": [], "max_body_bytes": 1 << 20,
                        "max_batch": 16}

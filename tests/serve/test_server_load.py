@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 
 import freespec
+from freespec import DEFAULT_DRAFTER
 from freespec.serve.app import BackgroundServer, create_app
 from tests.helpers import metric
 
@@ -43,7 +44,7 @@ def test_eight_clients_lose_nothing_and_stream_what_they_would_get_whole(tiny_mo
     seen = defaultdict(set)
     for outcome in report.outcomes:
         seen[outcome.key].add((outcome.mode, outcome.drafter))
-    combinations = {(mode, drafter) for mode in ("stream", "whole") for drafter in ("recycling", "none")}
+    combinations = {(mode, drafter) for mode in ("stream", "whole") for drafter in (DEFAULT_DRAFTER, "none")}
     assert seen == {prompt: combinations for prompt in prompts}
     summary = report.summary()
     assert summary["requests"] == 200 and summary["latency_p50_s"] <= summary["latency_p99_s"]
@@ -54,12 +55,12 @@ def test_scaling_levels_serve_the_same_prompts_and_count_every_answer(tiny_model
     interleaved, each answer equal to the first one its prompt got."""
     serve_load = load_script()
     prompts = ["w1 w2 w3", "w9 w8 w7", "w5", "w10 w11", "w40 w41 w42 w43"]
-    modes = {"recycling": {"drafter": "recycling"}, "none": {"drafter": "none"}}
+    modes = {DEFAULT_DRAFTER: {"drafter": DEFAULT_DRAFTER}, "none": {"drafter": "none"}}
     with BackgroundServer(create_app(freespec.load(str(tiny_model_dir)), served_name="tiny")) as url:
         rows = serve_load.scaling(url, "tiny", "freespec", modes, [1, 3], prompts, 10, warm_up=["w2 w3", "w4"])
         assert metric(url, "freespec_requests_total", endpoint="chat", status="success") == 2 * 2 + 4 * 5
-    assert [(row["clients"], row["speculation"]) for row in rows] == [(1, "recycling"), (1, "none"),
-                                                                     (3, "recycling"), (3, "none")]
+    assert [(row["clients"], row["speculation"]) for row in rows] == [(1, DEFAULT_DRAFTER), (1, "none"),
+                                                                     (3, DEFAULT_DRAFTER), (3, "none")]
     assert all(row["failed"] == 0 and row["differing"] == 0 and row["tokens_per_second"] > 0 for row in rows)
     assert rows[0]["vs_1_client"] == rows[1]["vs_1_client"] == 1.0
 
