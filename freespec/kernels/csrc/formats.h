@@ -322,17 +322,29 @@ static inline vec q5_k_weights(const uint8_t *b, const UnitParams *p, int group,
 }
 DEFINE_UNIT_DECODERS(q5_k, UnitParams)
 
-/* Q6_K: (d sc_i) (q - 32) for the 16 weights of i, as fma(d sc_i, q, -32 d sc_i), all exact.
+/* Q6_K: (d sc_i) (q - 32) for the 16 weights of i, ggml's fl(fl(d sc_i) (q - 32)): AVX2 as
+ * fma(d sc_i, q, -32 d sc_i) (the product is exact inside the FMA, so it rounds the same once),
+ * AVX-512 as d sc_i times the signed code q - 32, one broadcast a vector fewer.
  * Each 128-weight half: low nibbles of ql[0..63], then their high nibbles; the two high bits of
  * its group `quarter` are bits 2 quarter and 2 quarter + 1 of qh[l]. AVX-512 assembles all 256
- * codes as bytes once per unit, two groups a vector (12 operations a half where a group at a time
- * took 7 a group), and each vector widens its 16 bytes from there. */
+ * codes q - 32 as bytes once per unit, two groups a vector (13 operations a half where a group at
+ * a time took 7 a group), and each vector widens its 16 bytes from there. */
 typedef struct {
     UnitParams unit;
 #ifdef FREESPEC_AVX512
     uint8_t codes[256] __attribute__((aligned(64)));
 #endif
 } Q6KParams;
+
+#ifdef FREESPEC_AVX512
+/* Bytes q (0 .. 63) to the signed bytes q - 32, in 32-bit lanes (byte arithmetic needs AVX512BW):
+ * q - 32 is q with bit 5 flipped, read as a 6-bit signed number; bits 6 and 7 copy its bit 5. */
+static inline __m512i minus_32(__m512i q) {
+    const __m512i flipped = _mm512_xor_si512(q, _mm512_set1_epi8(0x20));
+    const __m512i sign = _mm512_and_si512(flipped, _mm512_set1_epi8(0x20));
+    return _mm512_ternarylogic_epi32(flipped, _mm512_slli_epi32(sign, 1), _mm512_slli_epi32(sign, 2), 0xFE);
+}
+#endif
 
 static inline void q6_k_prepare(const uint8_t *b, Q6KParams *p) {
     const __m128i sc = _mm_loadu_si128((const __m128i *)(b + 192));
@@ -341,9 +353,8 @@ static inline void q6_k_prepare(const uint8_t *b, Q6KParams *p) {
     const __m256 high = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(sc, sc))));
     _mm256_storeu_ps(p->unit.scale, low);
     _mm256_storeu_ps(p->unit.scale + 8, high);
-    _mm256_storeu_ps(p->unit.offset, _mm256_mul_ps(minus32, low));
-    _mm256_storeu_ps(p->unit.offset + 8, _mm256_mul_ps(minus32, high));
 #ifdef FREESPEC_AVX512
+    (void)minus32;
     const __m512i low4 = _mm512_set1_epi8(0x0F), bits45 = _mm512_set1_epi8(0x30);
     /* qh bits 0-1 and 2-3 to bits 4-5 (quarters 0, 1), bits 4-5 and 6-7 (quarters 2, 3): byte-wise
      * shifts through 32-bit lanes, the mask drops what crosses bytes */
@@ -355,24 +366,28 @@ static inline void q6_k_prepare(const uint8_t *b, Q6KParams *p) {
         const __m512i first = _mm512_or_si512(_mm512_and_si512(ql, low4), _mm512_and_si512(_mm512_sllv_epi32(qh, up), bits45));
         const __m512i second = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(ql, 4), low4),
                                                _mm512_and_si512(_mm512_srlv_epi32(qh, down), bits45));
-        _mm512_store_si512(p->codes + half * 128, first);
-        _mm512_store_si512(p->codes + half * 128 + 64, second);
+        _mm512_store_si512(p->codes + half * 128, minus_32(first));
+        _mm512_store_si512(p->codes + half * 128 + 64, minus_32(second));
     }
     /* the decoders widen from memory (a load and one shuffle), where the compiler would otherwise
      * keep the codes in registers and extract each 16 bytes with a second shuffle */
     __asm__("" : "+m"(p->codes));
+#else
+    _mm256_storeu_ps(p->unit.offset, _mm256_mul_ps(minus32, low));
+    _mm256_storeu_ps(p->unit.offset + 8, _mm256_mul_ps(minus32, high));
 #endif
 }
 
 static inline vec q6_k_weights(const uint8_t *b, const Q6KParams *p, int group, int step, int from_memory) {
 #ifdef FREESPEC_AVX512
     (void)b;
-    const ivec codes = widen_u8(p->codes + group * 32 + step * LANES);
+    const ivec codes = widen_i8(p->codes + group * 32 + step * LANES); /* q - 32 */
+    return vec_mul(unit_constant(p->unit.scale + 2 * group + step, from_memory), ivec_to_vec(codes));
 #else
     const int half = group >> 2, quarter = group & 3;
     const ivec codes = step_codes(group_codes(b + half * 64 + (quarter & 1) * 32, quarter >= 2, b + 128 + half * 32, 2 * quarter, 0x30), step);
-#endif
     return scaled_codes(&p->unit, 2 * group + step * LANES / 16, codes, from_memory);
+#endif
 }
 DEFINE_UNIT_DECODERS(q6_k, Q6KParams)
 
