@@ -229,10 +229,10 @@ def _timed(client, model_id: str, prompt: str, max_tokens: int, extra: dict) -> 
 
 
 def run_level(url: str, model_id: str, clients: int, prompts: list[str], max_tokens: int,
-              extra: dict) -> tuple[list[Timed], float]:
+              extra: dict, api_key: str = "load-test") -> tuple[list[Timed], float]:
     """``clients`` threads streaming one answer to each of ``prompts`` (each takes the next prompt
     as soon as its last answer is done, so every level serves the same work); the answers and the
-    wall time of the whole level."""
+    wall time of the whole level. ``api_key``: the tenant the requests come from."""
     import openai
 
     check_loopback(url)
@@ -241,7 +241,7 @@ def run_level(url: str, model_id: str, clients: int, prompts: list[str], max_tok
     waiting = list(reversed(prompts))
 
     def client_loop() -> None:
-        client = openai.OpenAI(base_url=url.rstrip("/") + "/v1", api_key="load-test", max_retries=0, timeout=600)
+        client = openai.OpenAI(base_url=url.rstrip("/") + "/v1", api_key=api_key, max_retries=0, timeout=600)
         while True:
             with lock:
                 if not waiting:
@@ -262,13 +262,16 @@ def run_level(url: str, model_id: str, clients: int, prompts: list[str], max_tok
 
 def scaling(url: str, model_id: str, server: str, modes: dict[str, dict], levels: list[int], prompts: list[str],
             max_tokens: int, warm_up: list[str]) -> list[dict]:
-    """One row per (speculation mode, clients): the scaling table's numbers."""
+    """One row per (speculation mode, clients): the scaling table's numbers. Each (mode, clients)
+    run is a tenant of its own (its own API key): a drafter that keeps a tenant's earlier requests
+    (``suffix``) would otherwise draft each answer from the same prompt's answer at an earlier level."""
     rows, answers, base = [], {}, {}  # answers: prompt -> the first text it got; base: mode -> 1-client rate
     for extra in modes.values():  # warm up: every slot exists and its drafters have learned, as in a running server
         run_level(url, model_id, max(levels), warm_up, max_tokens, extra)
     for clients in levels:  # the modes interleaved at each level: a drifting machine shifts both alike
         for mode, extra in modes.items():
-            outcomes, seconds = run_level(url, model_id, clients, prompts, max_tokens, extra)
+            outcomes, seconds = run_level(url, model_id, clients, prompts, max_tokens, extra,
+                                          api_key=f"load-test-{mode}-{clients}")
             ok = [o for o in outcomes if not o.error]
             differing = 0
             for outcome in ok:
