@@ -348,13 +348,12 @@ static inline __m512i minus_32(__m512i q) {
 
 static inline void q6_k_prepare(const uint8_t *b, Q6KParams *p) {
     const __m128i sc = _mm_loadu_si128((const __m128i *)(b + 192));
-    const __m256 d = _mm256_set1_ps(f16_at(b + 208)), minus32 = _mm256_set1_ps(-32.0f);
+    const __m256 d = _mm256_set1_ps(f16_at(b + 208));
     const __m256 low = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc)));
     const __m256 high = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(sc, sc))));
     _mm256_storeu_ps(p->unit.scale, low);
     _mm256_storeu_ps(p->unit.scale + 8, high);
 #ifdef FREESPEC_AVX512
-    (void)minus32;
     const __m512i low4 = _mm512_set1_epi8(0x0F), bits45 = _mm512_set1_epi8(0x30);
     /* qh bits 0-1 and 2-3 to bits 4-5 (quarters 0, 1), bits 4-5 and 6-7 (quarters 2, 3): byte-wise
      * shifts through 32-bit lanes, the mask drops what crosses bytes */
@@ -373,6 +372,7 @@ static inline void q6_k_prepare(const uint8_t *b, Q6KParams *p) {
      * keep the codes in registers and extract each 16 bytes with a second shuffle */
     __asm__("" : "+m"(p->codes));
 #else
+    const __m256 minus32 = _mm256_set1_ps(-32.0f);
     _mm256_storeu_ps(p->unit.offset, _mm256_mul_ps(minus32, low));
     _mm256_storeu_ps(p->unit.offset + 8, _mm256_mul_ps(minus32, high));
 #endif
