@@ -43,7 +43,8 @@ def _rss_mb() -> tuple[float, float]:
         for line in status:
             name, _, value = line.partition(":")
             fields[name] = value
-    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+    # kB (KiB) to MB (10^6 bytes), the unit of the file sizes
+    return int(fields["VmRSS"].split()[0]) * 1024 / 1e6, int(fields["VmHWM"].split()[0]) * 1024 / 1e6
 
 
 def _decode_rate(stamps: list[float]) -> float:

@@ -36,7 +36,7 @@ loaded = time.perf_counter()
 
 def resident_mb():
     status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines() if ":" in line)
-    return int(status["VmRSS"].split()[0]) / 1024
+    return int(status["VmRSS"].split()[0]) * 1024 / 1e6  # kB (KiB) to MB, the unit of the file sizes
 
 
 after_load = resident_mb()
