@@ -203,7 +203,13 @@ static inline void q4_0_prepare(const uint8_t *b, BlockParams *p) { d_prepare(b,
 static inline vec q4_0_decode(const uint8_t *b, const BlockParams *p, int group, int step) {
     (void)group;
     const int e = step * LANES;
+#ifdef FREESPEC_AVX512 /* ggml's fl((q - 8) d), a product: the table without an offset */
+    const ivec q = widen_u8(b + 2 + e % 16);
+    const vec values = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+    return _mm512_permutexvar_ps(e >= 16 ? ivec_shr4(q) : q, vec_mul(p->scale, values));
+#else
     return nibble_codes(b + 2 + e % 16, e >= 16, p->scale, p->offset);
+#endif
 }
 
 #define q4_1_prepare dm_prepare /* d * q + m */
@@ -218,17 +224,24 @@ static inline vec q4_1_decode(const uint8_t *b, const BlockParams *p, int group,
  * already a lane mask (bits e .. e + 15 of qh), which sets bit 4 of the nibbles' indices, and
  * vpermt2ps picks each lane's weight from the two vectors fma(scale, q, offset), q = 0 .. 31; one
  * mask operation per vector where the shifts of fifth_bits cost four, and no conversion. */
-static inline vec five_bit_codes(const uint8_t *qs, const uint8_t *qh_bytes, int step, const BlockParams *p) {
+static inline vec five_bit_codes(const uint8_t *qs, const uint8_t *qh_bytes, int step, const BlockParams *p,
+                                 int centered) {
 #ifdef FREESPEC_AVX512
     uint32_t qh;
     memcpy(&qh, qh_bytes, sizeof(qh));
     const __mmask16 fifth = (__mmask16)(step ? qh >> 16 : qh);
     const ivec q = widen_u8(qs), four = step ? ivec_shr4(q) : ivec_and(q, ivec_set1(15));
     const ivec index = _mm512_mask_or_epi32(four, fifth, four, ivec_set1(16));
+    if (centered) { /* Q5_0: ggml's fl((q - 16) d), a product: the table without an offset */
+        const vec low = _mm512_setr_ps(-16, -15, -14, -13, -12, -11, -10, -9, -8, -7, -6, -5, -4, -3, -2, -1);
+        const vec high = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        return _mm512_permutex2var_ps(vec_mul(p->scale, low), index, vec_mul(p->scale, high));
+    }
     const vec low = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     const vec high = _mm512_setr_ps(16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31);
     return _mm512_permutex2var_ps(vec_fma(p->scale, low, p->offset), index, vec_fma(p->scale, high, p->offset));
 #else
+    (void)centered;
     const int e = step * LANES;
     return block_codes(p, ivec_or(nibbles(qs + e % 16, e >= 16), fifth_bits(qh_bytes, e)));
 #endif
@@ -237,13 +250,13 @@ static inline vec five_bit_codes(const uint8_t *qs, const uint8_t *qh_bytes, int
 static inline void q5_0_prepare(const uint8_t *b, BlockParams *p) { d_prepare(b, p, -16.0f); } /* d * (q - 16) */
 static inline vec q5_0_decode(const uint8_t *b, const BlockParams *p, int group, int step) {
     (void)group;
-    return five_bit_codes(b + 6, b + 2, step, p);
+    return five_bit_codes(b + 6, b + 2, step, p, 1);
 }
 
 #define q5_1_prepare dm_prepare /* d * q + m */
 static inline vec q5_1_decode(const uint8_t *b, const BlockParams *p, int group, int step) {
     (void)group;
-    return five_bit_codes(b + 8, b + 4, step, p);
+    return five_bit_codes(b + 8, b + 4, step, p, 0);
 }
 
 static inline void q8_0_prepare(const uint8_t *b, BlockParams *p) { /* d * q */
