@@ -184,19 +184,21 @@ class ShareCheck:
     def share(self, requests: int) -> bool:
         """Whether this step at ``requests`` requests shares drafts (else every cap is 0)."""
         tick = self._ticks[requests] = self._ticks.get(requests, 0) + 1
-        plain, drafted = self.counts.get((requests, False), 0), self.counts.get((requests, True), 0)
-        if min(plain, drafted) < self.min_steps:
+        plain, drafted = self._counts(requests)
+        if min(plain, drafted) < self.min_steps:  # both kinds in turn until each is sampled
             return drafted <= plain
-        better = self.rates[requests, True] >= self.rates[requests, False]
-        return better != (tick % self.explore == 0)
+        return self.preferred(requests) != (tick % self.explore == 0)
 
     def preferred(self, requests: int) -> bool:
         """Whether steps at ``requests`` requests share drafts by the verdict so far (sharing
         until both kinds are sampled), without taking a turn: for passes that are no sample."""
-        plain, drafted = self.counts.get((requests, False), 0), self.counts.get((requests, True), 0)
-        if min(plain, drafted) < self.min_steps:
+        if min(self._counts(requests)) < self.min_steps:
             return True
         return self.rates[requests, True] >= self.rates[requests, False]
+
+    def _counts(self, requests: int) -> tuple[int, int]:
+        """Steps measured at ``requests`` requests: (without shared drafts, with)."""
+        return self.counts.get((requests, False), 0), self.counts.get((requests, True), 0)
 
 
 @dataclass(eq=False)

@@ -381,20 +381,27 @@ def rotate_half_order(rows: int, heads: int) -> np.ndarray:
     return np.arange(rows).reshape(heads, rows // heads // 2, 2).swapaxes(1, 2).reshape(rows)
 
 
+def qkv_rotate_half_order(heads: Heads) -> torch.Tensor:
+    """[(heads + 2 kv_heads) dim] int64: :func:`rotate_half_order` over the query and key rows of
+    a fused qkv projection, its value rows in place. Indexes the rows of an ``interleaved_qk``
+    layer's matrix or the columns of its outputs alike."""
+    qk_heads = heads.heads + heads.kv_heads
+    width = qk_heads * heads.dim
+    return torch.from_numpy(np.concatenate([rotate_half_order(width, qk_heads),
+                                            np.arange(width, width + heads.kv_heads * heads.dim)]))
+
+
 def rotate_half_rows(weights: ModelWeights) -> ModelWeights:
     """``weights`` with every ``interleaved_qk`` layer's query and key rows put back in
     transformers' order, as fp32 copies: for backends that compute on fp32 copies anyway and
     whose matmul may give a row other bits at another position (torch's)."""
-    heads = weights.heads.heads + weights.heads.kv_heads
-    width = heads * weights.heads.dim
+    order = qkv_rotate_half_order(weights.heads)
 
     def layer(old: DecoderLayer) -> DecoderLayer:
         if not old.interleaved_qk:
             return old
-        weight = dense(old.qkv.weight)
-        order = torch.from_numpy(np.concatenate([rotate_half_order(width, heads), np.arange(width, weight.shape[0])]))
         bias = None if old.qkv.bias is None else old.qkv.bias[order]
-        return replace(old, qkv=Linear(weight[order], bias), interleaved_qk=False)
+        return replace(old, qkv=Linear(dense(old.qkv.weight)[order], bias), interleaved_qk=False)
 
     return replace(weights, layers=[layer(old) for old in weights.layers])
 

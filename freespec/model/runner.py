@@ -35,6 +35,7 @@ from freespec.kernels import (
     RMSNorm,
     Rotation,
 )
+from freespec.kernels.weights import qkv_rotate_half_order
 from freespec.model.kv_cache import SKIPPED, KVCache
 from freespec.model.rotary import RotaryTables
 from freespec.model.weights import weight_formats
@@ -76,15 +77,6 @@ def check_pass(tokens: torch.Tensor, positions: torch.Tensor, tree_mask: torch.T
 def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
     """The parts concatenated along rows (one part as it is: no copy on the single-request path)."""
     return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-
-def _rotate_half_outputs(qkv: torch.Tensor, qk_heads: int, dim: int) -> torch.Tensor:
-    """qkv [n, (qk_heads + kv_heads) dim] with the first ``qk_heads`` heads' values in llama.cpp's
-    interleaved rotary order (head value 2i is transformers' i, 2i + 1 its i + dim/2) → the same
-    in transformers' order (:func:`freespec.kernels.weights.rotate_half_order` applied to outputs)."""
-    n, width = qkv.shape[0], qk_heads * dim
-    qk = qkv[:, :width].view(n, qk_heads, dim // 2, 2).transpose(2, 3).reshape(n, width)
-    return torch.cat([qk, qkv[:, width:]], dim=1)
 
 
 def _post_norm(x: torch.Tensor, norm: RMSNorm | None) -> torch.Tensor:
@@ -155,6 +147,9 @@ class ModelRunner:
             self.rotary = {kind: RotaryTables(config.get_text_config(), self.max_positions, kind)
                            for kind in {layer.rotary for layer in weights.layers}}
         self._act = ACT2FN[weights.activation]
+        # [(heads + 2 kv_heads) dim]: the order that undoes DecoderLayer.interleaved_qk, where a layer needs it
+        interleaved = any(layer.interleaved_qk for layer in weights.layers)
+        self._rotate_half = qkv_rotate_half_order(heads) if interleaved else None
         self._decoder = kernels.decoder(weights)
 
     def fork(self) -> ModelRunner:
@@ -307,8 +302,8 @@ class ModelRunner:
             if index in skip:
                 continue
             qkv = linear(_norm(h, layer.attn_norm), layer.qkv.weight, layer.qkv.bias)  # [n, (heads + 2 kv_heads) dim]
-            if layer.interleaved_qk:
-                qkv = _rotate_half_outputs(qkv, self.heads.heads + self.heads.kv_heads, self.heads.dim)
+            if layer.interleaved_qk:  # llama.cpp's interleaved query and key values, back in transformers' order
+                qkv = qkv[:, self._rotate_half]
             if layer.q_norm is not None:
                 qkv = self._norm_queries_and_keys(qkv, layer.q_norm, layer.k_norm)
             attended = self._attend(qkv, attentions, index, rotations.get(layer.rotary), layer.window)
