@@ -26,7 +26,7 @@ from freespec.engine.sampling import SamplingParams
 from freespec.kernels import Kernels
 from freespec.kernels import select as select_kernels
 from freespec.model.hf_runner import Runner, make_runner, torch_device
-from freespec.model.loading import LoadedModel, ModelLoadError
+from freespec.model.loading import LoadedModel, ModelLoadError, return_freed_heap
 from freespec.model.loading import load as load_model
 
 
@@ -249,5 +249,7 @@ def load(model: str | os.PathLike | None = None, *, threads: int | None = None, 
             draft = load_model(draft_model)
         except ModelLoadError as error:
             raise ModelLoadError(f"the draft model: {error}") from None
-    return Model(load_model(model), budget=budget, tree_shape=tree_shape, datastore=datastore,
-                 draft_model=draft, device=device)
+    ready = Model(load_model(model), budget=budget, tree_shape=tree_shape, datastore=datastore,
+                  draft_model=draft, device=device)
+    return_freed_heap()
+    return ready

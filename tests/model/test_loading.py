@@ -4,13 +4,14 @@
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 import struct
 from pathlib import Path
 
 import pytest
 
-from freespec.model.loading import ModelLoadError, gguf_metadata, load, resolve
+from freespec.model.loading import ModelLoadError, gguf_metadata, load, resolve, return_freed_heap
 from tests.helpers import tiny_config, word_tokenizer
 
 
@@ -99,3 +100,22 @@ def test_an_edited_file_gets_fresh_metadata(fake_gguf):
     fake_gguf.write_bytes(b"GGUF edited, and longer")
     assert gguf_metadata(fake_gguf) != first
     assert gguf_metadata(fake_gguf).parent == first.parent
+
+
+def _resident_bytes() -> int:
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return int(status["VmRSS"].split()[0]) * 1024
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc" or not Path("/proc/self/status").exists(),
+                    reason="malloc_trim and VmRSS are glibc's and Linux's")
+def test_return_freed_heap_gives_freed_memory_back():
+    # 80 MB of small allocations (malloc's heap, not mmap), freed behind one that stays: glibc
+    # keeps those pages resident until they are trimmed
+    blocks = [bytes(4000) + bytes([index % 256]) for index in range(20_000)]
+    last = blocks[-1]
+    del blocks
+    before = _resident_bytes()
+    return_freed_heap()
+    assert before - _resident_bytes() > 40e6
+    assert last[-1] == 19_999 % 256
