@@ -504,23 +504,31 @@ int freespec_rows(const Matrix *w, const int64_t *tokens, int64_t n, float *out)
     return FREESPEC_OK;
 }
 
-/* exp(x) for x <= 0 on 8 lanes (Cephes-style range reduction and polynomial, ~2 ulp).
+/* exp(x) for x <= 0 (Cephes-style range reduction and polynomial, ~2 ulp), on the W-bit vectors
+ * of the intrinsics with prefix P: exp_nonpositive (8 lanes: attention's softmax) and, with
+ * AVX-512, exp_nonpositive16 (top_k's normalizer, which needs no bit promise across builds).
  * Elementwise, so a value's result never depends on its neighbours. */
-static inline __m256 exp_nonpositive(__m256 x) {
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
-    __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
-    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
-    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
-    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
-    __m256i exponent = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(y, _mm256_castsi256_ps(exponent));
-}
+#define DEFINE_EXP_NONPOSITIVE(NAME, P, W, FLOOR)                                                         \
+    static inline __m##W NAME(__m##W x) {                                                                \
+        x = P##max_ps(x, P##set1_ps(-87.3f));                                                            \
+        __m##W fx = FLOOR(P##fmadd_ps(x, P##set1_ps(1.44269504088896341f), P##set1_ps(0.5f)));            \
+        x = P##fnmadd_ps(fx, P##set1_ps(0.693359375f), x);                                               \
+        x = P##fnmadd_ps(fx, P##set1_ps(-2.12194440e-4f), x);                                            \
+        __m##W y = P##set1_ps(1.9875691500e-4f);                                                         \
+        y = P##fmadd_ps(y, x, P##set1_ps(1.3981999507e-3f));                                             \
+        y = P##fmadd_ps(y, x, P##set1_ps(8.3334519073e-3f));                                             \
+        y = P##fmadd_ps(y, x, P##set1_ps(4.1665795894e-2f));                                             \
+        y = P##fmadd_ps(y, x, P##set1_ps(1.6666665459e-1f));                                             \
+        y = P##fmadd_ps(y, x, P##set1_ps(5.0000001201e-1f));                                             \
+        y = P##fmadd_ps(y, P##mul_ps(x, x), P##add_ps(x, P##set1_ps(1.0f)));                             \
+        __m##W##i exponent = P##slli_epi32(P##add_epi32(P##cvtps_epi32(fx), P##set1_epi32(127)), 23);      \
+        return P##mul_ps(y, P##castsi##W##_ps(exponent));                                                \
+    }
+DEFINE_EXP_NONPOSITIVE(exp_nonpositive, _mm256_, 256, _mm256_floor_ps)
+#ifdef FREESPEC_AVX512
+#define FLOOR16(x) _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC)
+DEFINE_EXP_NONPOSITIVE(exp_nonpositive16, _mm512_, 512, FLOOR16)
+#endif
 
 /* p[c] = scale * (vec_sum(acc[c]) + the D % LANES tail of rows[c] . query), for c < count. */
 static inline void finish_scores(const vec *acc, const float *const *rows, int count, const float *query,
@@ -1095,11 +1103,15 @@ void freespec_top_k(const float *logits, int64_t rows, int64_t V, int64_t k, flo
         int64_t *top_ids = ids + r * k, filled = 0;
         for (int64_t j = 0; j < k; j++) top[j] = -INFINITY, top_ids[j] = -1;
         int64_t v = 0;
-        for (; v < V; v += 8) {
-            const int64_t lanes = V - v < 8 ? V - v : 8;
-            int mask = 0xFF >> (8 - lanes);
-            if (lanes == 8 && filled == k)
+        for (; v < V; v += LANES) {
+            const int64_t lanes = V - v < LANES ? V - v : LANES;
+            int mask = ((1 << LANES) - 1) >> (LANES - lanes);
+            if (lanes == LANES && filled == k)
+#ifdef FREESPEC_AVX512
+                mask = _mm512_cmp_ps_mask(_mm512_loadu_ps(row + v), _mm512_set1_ps(top[k - 1]), _CMP_GT_OQ);
+#else
                 mask = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(row + v), _mm256_set1_ps(top[k - 1]), _CMP_GT_OQ));
+#endif
             for (; mask; mask &= mask - 1) {
                 const int64_t index = v + __builtin_ctz(mask);
                 const float x = row[index];
@@ -1113,11 +1125,21 @@ void freespec_top_k(const float *logits, int64_t rows, int64_t V, int64_t k, flo
             }
         }
         if (!log_normalizer) continue;
+        float total;
+        v = 0;
+#ifdef FREESPEC_AVX512
+        const __m512 largest = _mm512_set1_ps(top[0]);
+        __m512 sum = _mm512_setzero_ps();
+        for (; v + 16 <= V; v += 16)
+            sum = _mm512_add_ps(sum, exp_nonpositive16(_mm512_sub_ps(_mm512_loadu_ps(row + v), largest)));
+        total = vec_sum(sum);
+#else
         const __m256 largest = _mm256_set1_ps(top[0]);
         __m256 sum = _mm256_setzero_ps();
-        for (v = 0; v + 8 <= V; v += 8)
+        for (; v + 8 <= V; v += 8)
             sum = _mm256_add_ps(sum, exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(row + v), largest)));
-        float total = horizontal_sum(sum);
+        total = horizontal_sum(sum);
+#endif
         for (; v < V; v++) total += expf(row[v] - top[0]);
         log_normalizer[r] = top[0] + logf(total);
     }
