@@ -76,6 +76,9 @@ def merge_trees(trees: list[DraftTree], budget: int,
     root = int(trees[0].tokens[0])
     if any(int(t.tokens[0]) != root for t in trees):
         raise ValueError("merged trees must share their root")
+    if all(len(tree) == 1 for tree in trees):  # nothing drafted (a fifth of a fusion's steps)
+        return Merged(DraftTree._unchecked(np.array([root], dtype=np.int64), np.array([-1], dtype=np.int64), np.ones(1)),
+                      [[0] for _ in trees], [0], [1.0], [0], [-1])
     node_of: dict[tuple[int, int], int] = {}  # (merged parent, token) → merged node
     parents, tokens, raw, groups, depths = [-1], [root], [1.0], [0], [0]
     merged_index = []
@@ -109,8 +112,8 @@ def merge_trees(trees: list[DraftTree], budget: int,
         new[node] = position
     order = [0, *keep]
     kept_parents = [-1, *(new[parents[n]] for n in keep)]
-    tree = DraftTree(np.array([tokens[n] for n in order], dtype=np.int64), np.array(kept_parents, dtype=np.int64),
-                     np.array([scores[n] for n in order], dtype=np.float64))
+    tree = DraftTree._unchecked(np.array([tokens[n] for n in order], dtype=np.int64),  # parents come first
+                                np.array(kept_parents, dtype=np.int64), np.array([scores[n] for n in order]))
     return Merged(tree, [[new[node] for node in index] for index in merged_index], [groups[n] for n in order],
                   [raw[n] for n in order], [depths[n] for n in order], kept_parents)
 
