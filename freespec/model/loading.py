@@ -437,7 +437,7 @@ def return_freed_heap() -> None:
 
     try:
         trim = ctypes.CDLL(None).malloc_trim
-    except (AttributeError, OSError):
+    except (AttributeError, OSError, TypeError):  # no such function; no process handle (Windows)
         return
     trim(0)
 
