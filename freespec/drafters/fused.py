@@ -184,6 +184,7 @@ class Fused(BaseDrafter):
         self._proposed: tuple[Merged, list[DraftTree]] | None = None
         # the last proposals (merged, sources' trees), for shadows that resolve later
         self._recent: deque[tuple[Merged, list[DraftTree]]] = deque(maxlen=64)
+        self._no_rows: torch.Tensor | None = None  # [0, vocab]: what sources that read no logits get
 
     def set_sampling(self, params: SamplingParams, generator: torch.Generator | None) -> None:
         """Sources draft point masses: the merged tree keeps no draft probabilities, and
@@ -227,11 +228,18 @@ class Fused(BaseDrafter):
         verified_nodes = len(tree)  # the merged nodes beyond a verified prefix count as cut
         teach(self.calibration, merged.parents[:verified_nodes], merged.groups, merged.shares, merged.depths,
               accepted, 1)
-        unread = logits[:0]  # for the sources that read no logits
+        unread = self._unread(logits)
         for drafter, own, where in zip(self.drafters, trees, merged.where):
             verified, path = source_view(where, accepted, verified_nodes)
             drafter.learn(own.prefix(verified), rows_of(logits, where[:verified]) if drafter.reads_logits else unread,
                           path)
+
+    def _unread(self, logits: torch.Tensor) -> torch.Tensor:
+        """No rows of ``logits``, for the sources that read none: one empty tensor kept while the
+        vocabulary is the same (slicing a fresh one costs a torch call a step)."""
+        if self._no_rows is None or self._no_rows.shape[1:] != logits.shape[1:]:
+            self._no_rows = logits[:0].clone()
+        return self._no_rows
 
     def learn_shadow(self, tree: DraftTree, path: list[int], verified: int) -> None:
         """Pass a resolved shadow draft on to every source, each in its own numbering: its nodes
