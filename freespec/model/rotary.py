@@ -61,7 +61,7 @@ class RotaryTables:
     def rows(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(cos table, sin table, rows): token i's (cos, sin) [head_dim] are row ``rows[i]`` of
         the contiguous tables; ``positions`` [n] int64, each below the model's context."""
-        end = int(positions.max()) + 1
+        end = max(positions.tolist()) + 1  # a list's max: a torch reduction costs ~20 µs in a decoding step
         if self._cos.shape[0] < end:
             size = min(self._max_positions, max(end, 2 * self._cos.shape[0], 1024))
             self._cos, self._sin = self._tables(size)
