@@ -77,7 +77,7 @@ def order_template(template, rank_hit_rate: np.ndarray) -> list[tuple[int, ...]]
 def top_candidates(logits: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The k most likely next tokens per row and their probabilities: ([n, k] ids, [n, k] probs)."""
     values, ids, normalizer = kernels.select().top_k(logits, k)
-    return ids.numpy(), np.exp(values.numpy() - normalizer.numpy()[:, None])
+    return ids, np.exp(values - normalizer[:, None])
 
 
 Row = tuple[np.ndarray, np.ndarray, Callable[[float], float]]

@@ -193,7 +193,7 @@ class Generation:
             if self._shadows or len(tree) > chosen + 1:  # not a tree cut to a batch's budget: its drafter may not
                 self._pending.append((tree, len(self.token_ids), verified))
             tree = tree.prefix(verified + 1)
-        self._step = Step(*tree.attention_inputs(self.runner.length)[:2], tree)
+        self._step = Step(torch.from_numpy(tree.tokens), tree.positions(self.runner.length), tree)
         return self._step
 
     def draft(self) -> None:

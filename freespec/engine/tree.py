@@ -37,7 +37,11 @@ class DraftTree:
 
     @classmethod
     def root_only(cls, token: int) -> DraftTree:
-        return cls._unchecked(np.array([token], dtype=np.int64), np.array([-1], dtype=np.int64))
+        """Plain decoding's tree, made every step: its depths and mask filled in (as the cached
+        properties would compute them) rather than computed."""
+        tree = cls._unchecked(np.array([token], dtype=np.int64), np.array([-1], dtype=np.int64))
+        tree.__dict__.update(depths=np.zeros(1, dtype=np.int64), ancestor_mask=np.ones((1, 1), dtype=bool))
+        return tree
 
     @classmethod
     def _unchecked(cls, tokens: np.ndarray, parents: np.ndarray, scores: np.ndarray | None = None,
@@ -122,10 +126,10 @@ class DraftTree:
             path.append(child)
         return path
 
+    def positions(self, cache_length: int) -> torch.Tensor:
+        """[n] int64: each node's position after ``cache_length`` committed rows."""
+        return torch.from_numpy(self.depths + cache_length)
+
     def attention_inputs(self, cache_length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(tokens [n], positions [n], tree mask [n, n]) for ModelRunner.forward."""
-        return (
-            torch.from_numpy(self.tokens),
-            torch.from_numpy(self.depths + cache_length),
-            torch.from_numpy(self.ancestor_mask),
-        )
+        return torch.from_numpy(self.tokens), self.positions(cache_length), torch.from_numpy(self.ancestor_mask)

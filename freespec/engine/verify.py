@@ -39,6 +39,8 @@ def greedy_accept(tree: DraftTree, predicted: np.ndarray) -> tuple[list[int], in
     >>> greedy_accept(tree, np.array([4, 0, 0, 0, 0]))  # no child of the root holds 4
     ([0], 4)
     """
+    if len(tree) == 1:  # plain decoding: the root alone
+        return [0], int(predicted[0])
     path = [0]
     node = 0
     while True:
@@ -151,7 +153,7 @@ def verify(tree: DraftTree, logits: torch.Tensor, context: np.ndarray, params: S
     """
     logits = tree_repetition_penalty(logits, context, tree, params.repetition_penalty)
     if params.greedy:
-        return greedy_accept(tree, kernels.select().argmax(logits).numpy())
+        return greedy_accept(tree, kernels.select().argmax(logits))
 
     def target(node: int) -> torch.Tensor:
         return target_probs(logits[node], params)

@@ -13,6 +13,7 @@ import ctypes
 from functools import cache
 from typing import NamedTuple, Protocol, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -137,17 +138,18 @@ class Kernels:
         _check_rows(matrix, tokens)
         return dense(matrix)[tokens]
 
-    def top_k(self, logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(values [n, k] descending, ids [n, k], logsumexp [n]) of logits [n, V].
+    def top_k(self, logits: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(values [n, k] descending, ids [n, k], logsumexp [n]) of logits [n, V], as numpy arrays
+        (their readers, the engine's steps, work in numpy).
 
         ``ids[:, 0]`` is the first maximum of each row, as ``torch.argmax`` gives it.
         """
         values, ids = torch.topk(logits, k, dim=-1)
-        return values, ids, torch.logsumexp(logits, dim=-1)
+        return values.numpy(), ids.numpy(), torch.logsumexp(logits, dim=-1).numpy()
 
-    def argmax(self, logits: torch.Tensor) -> torch.Tensor:
-        """[n, V] → [n] first index of each row's maximum."""
-        return torch.argmax(logits, dim=-1)
+    def argmax(self, logits: torch.Tensor) -> np.ndarray:
+        """[n, V] → [n] int64 first index of each row's maximum (numpy)."""
+        return torch.argmax(logits, dim=-1).numpy()
 
     def attention(self, past: int, tree_mask: torch.Tensor, heads: Heads,
                   positions: torch.Tensor | None = None) -> Attention:
@@ -207,25 +209,25 @@ class CKernels(Kernels):
         abi.check_status(status, "embedding lookup")
         return out
 
-    def top_k(self, logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def top_k(self, logits: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """In one pass over each row."""
         if k > logits.shape[-1]:
             return super().top_k(logits, k)  # torch names the error
         return self._top_k(logits, k, normalize=True)
 
-    def argmax(self, logits: torch.Tensor) -> torch.Tensor:
-        return self._top_k(logits, 1, normalize=False)[1].view(-1)
+    def argmax(self, logits: torch.Tensor) -> np.ndarray:
+        return self._top_k(logits, 1, normalize=False)[1].reshape(-1)
 
     def _top_k(self, logits: torch.Tensor, k: int, normalize: bool):
+        """Outputs in numpy arrays made here (so of the right type and shape): every decoding step
+        calls this after a pass, when each torch call costs ~10-25 µs."""
         logits = logits.contiguous()
         rows, vocab = logits.shape
-        values, ids = torch.empty(rows, k), torch.empty(rows, k, dtype=torch.int64)
-        normalizer = torch.empty(rows) if normalize else None
+        values, ids = np.empty((rows, k), dtype=np.float32), np.empty((rows, k), dtype=np.int64)
+        normalizer = np.empty(rows, dtype=np.float32) if normalize else None
         self.library.freespec_top_k(
             abi.address("logits", logits, torch.float32, (rows, vocab)), rows, vocab, k,
-            abi.address("top values", values, torch.float32, (rows, k)),
-            abi.address("top ids", ids, torch.int64, (rows, k)),
-            None if normalizer is None else abi.address("normalizer", normalizer, torch.float32, (rows,)))
+            values.ctypes.data, ids.ctypes.data, None if normalizer is None else normalizer.ctypes.data)
         return values, ids, normalizer
 
     def attention(self, past: int, tree_mask: torch.Tensor, heads: Heads,

@@ -55,13 +55,13 @@ def test_top_k_matches_torch(vocab, c_kernels):
     logits[3] = 0.5  # a row of ties: the first index wins, like torch.argmax
     logits[4, [2, vocab - 1]] = 100.0
     k = min(8, vocab)
-    values, ids, normalizer = c_kernels.top_k(logits, k)
+    values, ids, normalizer = (torch.from_numpy(array) for array in c_kernels.top_k(logits, k))
     expected_values, _ = torch.topk(logits, k, dim=-1)
     assert torch.equal(values, expected_values)
     assert torch.equal(logits.gather(1, ids), values)  # ids point at those values, each once
     assert all(len(set(row)) == k for row in ids.tolist())
     assert torch.equal(ids[:, 0], torch.argmax(logits, dim=-1))
-    assert torch.equal(c_kernels.argmax(logits), torch.argmax(logits, dim=-1))
+    assert torch.equal(torch.from_numpy(c_kernels.argmax(logits)), torch.argmax(logits, dim=-1))
     assert ids[3].tolist() == list(range(k))
     torch.testing.assert_close(normalizer, torch.logsumexp(logits, dim=-1), rtol=1e-5, atol=1e-5)
 
