@@ -48,6 +48,9 @@ typedef __m512 vec;
 #define vec_zero _mm512_setzero_ps
 #define vec_set1 _mm512_set1_ps
 #define vec_store _mm512_storeu_ps
+#define vec_add _mm512_add_ps
+#define vec_sub _mm512_sub_ps
+#define vec_greater_mask(a, b) ((int)_mm512_cmp_ps_mask(a, b, _CMP_GT_OQ)) /* bit l: lane l of a > b */
 static inline float vec_sum(vec v) {
     return horizontal_sum(_mm256_add_ps(_mm512_castps512_ps256(v),
                                         _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))));
@@ -61,6 +64,9 @@ typedef __m256 vec;
 #define vec_zero _mm256_setzero_ps
 #define vec_set1 _mm256_set1_ps
 #define vec_store _mm256_storeu_ps
+#define vec_add _mm256_add_ps
+#define vec_sub _mm256_sub_ps
+#define vec_greater_mask(a, b) _mm256_movemask_ps(_mm256_cmp_ps(a, b, _CMP_GT_OQ))
 #define vec_sum horizontal_sum
 #endif
 #define STEPS (32 / LANES) /* vectors per block of 32 quantized weights */
@@ -505,8 +511,9 @@ int freespec_rows(const Matrix *w, const int64_t *tokens, int64_t n, float *out)
 }
 
 /* exp(x) for x <= 0 (Cephes-style range reduction and polynomial, ~2 ulp), on the W-bit vectors
- * of the intrinsics with prefix P: exp_nonpositive (8 lanes: attention's softmax) and, with
- * AVX-512, exp_nonpositive16 (top_k's normalizer, which needs no bit promise across builds).
+ * of the intrinsics with prefix P: exp_nonpositive (8 lanes: attention's softmax) and
+ * vec_exp_nonpositive on a build's vec (top_k's normalizer, which needs no bit promise across
+ * builds; with AVX-512, 16 lanes).
  * Elementwise, so a value's result never depends on its neighbours. */
 #define DEFINE_EXP_NONPOSITIVE(NAME, P, W, FLOOR)                                                         \
     static inline __m##W NAME(__m##W x) {                                                                \
@@ -527,7 +534,9 @@ int freespec_rows(const Matrix *w, const int64_t *tokens, int64_t n, float *out)
 DEFINE_EXP_NONPOSITIVE(exp_nonpositive, _mm256_, 256, _mm256_floor_ps)
 #ifdef FREESPEC_AVX512
 #define FLOOR16(x) _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC)
-DEFINE_EXP_NONPOSITIVE(exp_nonpositive16, _mm512_, 512, FLOOR16)
+DEFINE_EXP_NONPOSITIVE(vec_exp_nonpositive, _mm512_, 512, FLOOR16)
+#else
+#define vec_exp_nonpositive exp_nonpositive
 #endif
 
 /* p[c] = scale * (vec_sum(acc[c]) + the D % LANES tail of rows[c] . query), for c < count. */
@@ -1106,12 +1115,7 @@ void freespec_top_k(const float *logits, int64_t rows, int64_t V, int64_t k, flo
         for (; v < V; v += LANES) {
             const int64_t lanes = V - v < LANES ? V - v : LANES;
             int mask = ((1 << LANES) - 1) >> (LANES - lanes);
-            if (lanes == LANES && filled == k)
-#ifdef FREESPEC_AVX512
-                mask = _mm512_cmp_ps_mask(_mm512_loadu_ps(row + v), _mm512_set1_ps(top[k - 1]), _CMP_GT_OQ);
-#else
-                mask = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(row + v), _mm256_set1_ps(top[k - 1]), _CMP_GT_OQ));
-#endif
+            if (lanes == LANES && filled == k) mask = vec_greater_mask(vec_load(row + v), vec_set1(top[k - 1]));
             for (; mask; mask &= mask - 1) {
                 const int64_t index = v + __builtin_ctz(mask);
                 const float x = row[index];
@@ -1125,21 +1129,11 @@ void freespec_top_k(const float *logits, int64_t rows, int64_t V, int64_t k, flo
             }
         }
         if (!log_normalizer) continue;
-        float total;
-        v = 0;
-#ifdef FREESPEC_AVX512
-        const __m512 largest = _mm512_set1_ps(top[0]);
-        __m512 sum = _mm512_setzero_ps();
-        for (; v + 16 <= V; v += 16)
-            sum = _mm512_add_ps(sum, exp_nonpositive16(_mm512_sub_ps(_mm512_loadu_ps(row + v), largest)));
-        total = vec_sum(sum);
-#else
-        const __m256 largest = _mm256_set1_ps(top[0]);
-        __m256 sum = _mm256_setzero_ps();
-        for (; v + 8 <= V; v += 8)
-            sum = _mm256_add_ps(sum, exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(row + v), largest)));
-        total = horizontal_sum(sum);
-#endif
+        const vec largest = vec_set1(top[0]);
+        vec sum = vec_zero();
+        for (v = 0; v + LANES <= V; v += LANES)
+            sum = vec_add(sum, vec_exp_nonpositive(vec_sub(vec_load(row + v), largest)));
+        float total = vec_sum(sum);
         for (; v < V; v++) total += expf(row[v] - top[0]);
         log_normalizer[r] = top[0] + logf(total);
     }
