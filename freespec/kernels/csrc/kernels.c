@@ -631,6 +631,17 @@ static float softmax_unnormalized(float *p, int64_t total) {
  * keys/values: [KV, capacity, D] of one layer; out: [n, H, D];
  * probs: [KV, n * group, past + n] floats of scratch.
  */
+/* Score tiles: keys x queries whose outputs fill whole batched horizontal sums (16 or 8), where
+ * the linear kernel's 6 x 4 tile left a third of its second sum empty; with D = 64 a tile does
+ * only four FMA steps, so its sums weigh as much as its FMAs. */
+#ifdef FREESPEC_AVX512
+#define SCORE_KEYS 4
+#define SCORE_QUERIES 4
+#else
+#define SCORE_KEYS 2
+#define SCORE_QUERIES 4
+#endif
+EXPAND(DEFINE_TILE, SCORE_KEYS, SCORE_QUERIES)
 #define PV_ROWS (LANES == 16 ? 6 : 3) /* queries sharing a P·V pass: 6 x 64 / LANES accumulators */
 #define CAUSAL_ROWS 32 /* causal chains of at least this many new rows (prefill chunks) take the causal
                         * path; verifying a few tokens keeps the tree path, whose prefix is read in order */
@@ -657,7 +668,7 @@ static inline int tree_visible(const AttentionCall *a, int64_t i, int64_t node) 
     return a->window <= 0 || a->positions[i] - a->positions[node] < a->window;
 }
 
-/* Raw scores of the key block [t0, t0 + SMALL_ROWS) of KV head g (clipped to `shared` rows) for
+/* Raw scores of the key block [t0, t0 + SCORE_KEYS) of KV head g (clipped to `shared` rows) for
  * every query that sees it: with causal rows, only queries i >= t0 - past see row t0, and with a
  * window only those whose window starts before the block ends. */
 static inline void block_scores(const AttentionCall *a, int64_t g, int64_t t0, int64_t shared) {
@@ -666,17 +677,17 @@ static inline void block_scores(const AttentionCall *a, int64_t g, int64_t t0, i
     const int64_t first = t0 > past ? (t0 - past) * group : 0; /* earlier queries end before t0 */
     int64_t end = rows;
     if (a->causal && a->window > 0) { /* query i's window starts at past + i - window + 1 */
-        const int64_t tokens = t0 + SMALL_ROWS + a->window - 1 - past;
+        const int64_t tokens = t0 + SCORE_KEYS + a->window - 1 - past;
         end = tokens < 0 ? 0 : tokens * group < rows ? tokens * group : rows;
     }
     const float *head_queries = a->q + g * rows * D, *head_keys = a->keys + (g * a->capacity + t0) * D;
     float *head_probs = a->probs + g * rows * width + t0;
-    if (t0 + 5 * SMALL_ROWS <= shared) /* cache rows come from memory: ask 4 blocks ahead */
-        prefetch((const char *)(head_keys + 4 * SMALL_ROWS * D), SMALL_ROWS * D * (int64_t)sizeof(float));
-    if (t0 + SMALL_ROWS <= shared) {
-        for (int64_t j = first; j < end; j += SMALL_COLS)
-            EXPAND(TILE_NAME, SMALL_ROWS, SMALL_COLS)(head_queries + j * D, head_keys, head_probs + j * width, width,
-                                                      D, dv, end - j < SMALL_COLS ? end - j : SMALL_COLS);
+    if (t0 + 5 * SCORE_KEYS <= shared) /* cache rows come from memory: ask 4 blocks ahead */
+        prefetch((const char *)(head_keys + 4 * SCORE_KEYS * D), SCORE_KEYS * D * (int64_t)sizeof(float));
+    if (t0 + SCORE_KEYS <= shared) {
+        for (int64_t j = first; j < end; j += SCORE_QUERIES)
+            EXPAND(TILE_NAME, SCORE_KEYS, SCORE_QUERIES)(head_queries + j * D, head_keys, head_probs + j * width, width,
+                                                      D, dv, end - j < SCORE_QUERIES ? end - j : SCORE_QUERIES);
     } else {
         for (int64_t t = 0; t < shared - t0; t++)
             for (int64_t j = first; j < end; j++)
@@ -719,18 +730,33 @@ static inline void block_attend(const AttentionCall *a, int64_t g, int64_t j0, i
         vec acc[PV_ROWS][64 / LANES];
         for (int64_t r = 0; r < live; r++)
             for (int d = 0; d < 64 / LANES; d++) acc[r][d] = vec_zero();
-        for (int64_t t = earliest; t < longest; t++) {
-            const float *v = v_head + t * D;
-            if (t + 16 < longest) prefetch((const char *)(v + 16 * D), 64 * sizeof(float)); /* 16 rows ahead */
-            vec value[64 / LANES];
-            for (int d = 0; d < 64 / LANES; d++) value[d] = vec_load(v + LANES * d);
-            _Pragma("GCC unroll 6") for (int r = 0; r < PV_ROWS; r++) {
-                if (r < live && start[r] <= t && t < seen[r]) {
-                    const vec pv = vec_set1(a->probs[(g * rows + j0 + r) * width + t]);
-                    for (int d = 0; d < 64 / LANES; d++) acc[r][d] = vec_fma(pv, value[d], acc[r][d]);
-                }
-            }
+        const float *row_probs[PV_ROWS];
+        int64_t common_start = earliest, common_end = longest; /* rows every query reads */
+        for (int64_t r = 0; r < live; r++) {
+            row_probs[r] = a->probs + (g * rows + j0 + r) * width;
+            common_start = start[r] > common_start ? start[r] : common_start;
+            common_end = seen[r] < common_end ? seen[r] : common_end;
         }
+        if (live < PV_ROWS || common_start > common_end) common_start = common_end = longest;
+        /* each query's FMAs run over t in order whichever loop takes t: the rows all full
+         * queries read without a test per query, the others with one */
+#define PV_STEP(t, CHECK)                                                                                    \
+    do {                                                                                                     \
+        const float *v = v_head + (t) * D;                                                                   \
+        if ((t) + 16 < longest) prefetch((const char *)(v + 16 * D), 64 * sizeof(float)); /* 16 rows ahead */ \
+        vec value[64 / LANES];                                                                               \
+        for (int d = 0; d < 64 / LANES; d++) value[d] = vec_load(v + LANES * d);                             \
+        _Pragma("GCC unroll 6") for (int r = 0; r < PV_ROWS; r++) {                                          \
+            if (!(CHECK) || (r < live && start[r] <= (t) && (t) < seen[r])) {                                \
+                const vec pv = vec_set1(row_probs[r][t]);                                                    \
+                for (int d = 0; d < 64 / LANES; d++) acc[r][d] = vec_fma(pv, value[d], acc[r][d]);           \
+            }                                                                                                \
+        }                                                                                                    \
+    } while (0)
+        for (int64_t t = earliest; t < common_start; t++) PV_STEP(t, 1);
+        for (int64_t t = common_start; t < common_end; t++) PV_STEP(t, 0);
+        for (int64_t t = common_end; t < longest; t++) PV_STEP(t, 1);
+#undef PV_STEP
         for (int64_t r = 0; r < live; r++) {
             const int64_t j = j0 + r, i = j / group;
             const float *p = a->probs + (g * rows + j) * width + seen[r];
@@ -801,13 +827,13 @@ void freespec_window_attention(const float *q, const float *keys, const float *v
         const int64_t first = first_row(a, i);
         start = first < start ? first : start;
     }
-    const int64_t key_blocks = (shared - start + SMALL_ROWS - 1) / SMALL_ROWS;
+    const int64_t key_blocks = (shared - start + SCORE_KEYS - 1) / SCORE_KEYS;
     /* queries per P·V task: up to PV_ROWS, fewer when that leaves under two tasks a thread */
     const int64_t threads = omp_get_max_threads();
     int64_t per_task = KV * rows / (2 * threads);
     per_task = per_task < 1 ? 1 : per_task > PV_ROWS ? PV_ROWS : per_task;
     const int64_t query_blocks = (rows + per_task - 1) / per_task;
-#define SCORES(item, block) block_scores(a, (item) / key_blocks, start + (block) * SMALL_ROWS, shared)
+#define SCORES(item, block) block_scores(a, (item) / key_blocks, start + (block) * SCORE_KEYS, shared)
 #define ATTEND(task)                                                                                           \
     do {                                                                                                       \
         const int64_t j0 = ((task) % query_blocks) * per_task;                                                 \
@@ -818,7 +844,7 @@ void freespec_window_attention(const float *q, const float *keys, const float *v
         /* phase 1: probs[g, j, t] = q[g, j] . keys[g, t] for the shared rows t; phase 2: tree
          * scores, softmax and P·V per block of queries of one KV head */
         if (causal) {
-            /* key block b is seen by the queries from token b * SMALL_ROWS - past on: take the
+            /* key block b is seen by the queries from token b * SCORE_KEYS - past on: take the
              * blocks of a head in the order 0, last, 1, last - 1, ... so that both halves of the
              * items hold equal work while each thread still writes whole runs of score columns
              * (alternate blocks would share cache lines between the threads) */
@@ -847,6 +873,23 @@ void freespec_tree_attention(const float *q, const float *keys, const float *val
                               0.0f, out, probs);
 }
 
+/* A pass's row-wise operations (norms, activation, residual adds) split their rows over the
+ * threads from this many floats on (a prefill chunk), where the work outweighs a parallel
+ * region's start (a few microseconds); a decoding step's few rows stay on one thread. Each row is
+ * computed the same way either way, so the split changes no bit. */
+#define PARALLEL_FLOATS (1 << 15)
+static inline int split_rows(int64_t floats) { return floats >= PARALLEL_FLOATS && !omp_in_parallel(); }
+/* for (var = 0; var < count; var++) { body }, split over the threads if split_rows(floats); no
+ * parallel region at all otherwise (an inactive one still costs its start) */
+#define FOR_ROWS(floats, var, count, ...)                                                        \
+    do {                                                                                         \
+        if (split_rows(floats)) {                                                                \
+            _Pragma("omp parallel for schedule(static)") for (int64_t var = 0; var < (count); var++) { __VA_ARGS__ } \
+        } else {                                                                                 \
+            for (int64_t var = 0; var < (count); var++) { __VA_ARGS__ }                          \
+        }                                                                                        \
+    } while (0)
+
 /* Rotary embedding of one layer's fresh q and k, plus the cache writes, in one pass.
  * qkv: [n, (H + 2 KV) D] from the fused projection; cos, sin: [n, D] (NULL: no rotary, GPT-2);
  * keys/values: [KV, capacity, D], rows start..start+n are written; q_out: [KV, n * group, D],
@@ -871,7 +914,7 @@ void freespec_rope_store(const float *qkv, const float *cos, const float *sin, f
                          int64_t capacity, int64_t start, int64_t n, int64_t H, int64_t KV, int64_t D,
                          float *q_out) {
     const int64_t group = H / KV, width = (H + 2 * KV) * D;
-    for (int64_t i = 0; i < n; i++) {
+    FOR_ROWS(n * width, i, n,
         const float *row = qkv + i * width;
         const float *c = cos ? cos + i * D : 0, *s = sin ? sin + i * D : 0;
         for (int64_t h = 0; h < H; h++)
@@ -881,8 +924,7 @@ void freespec_rope_store(const float *qkv, const float *cos, const float *sin, f
             const float *v = row + (H + KV + g) * D;
             float *v_out = values + (g * capacity + start + i) * D;
             for (int64_t d = 0; d < D; d++) v_out[d] = v[d];
-        }
-    }
+        });
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -908,69 +950,78 @@ static void rotate_half_order(float *row, int64_t heads, int64_t D) {
     }
 }
 
-/* out = weight * (x / sqrt(mean(x^2) + eps)) for each of the rows of width n. */
+/* out = weight * (x / sqrt(mean(x^2) + eps)) for one row of width n. */
+static void rms_norm_row(const float *x, const float *weight, float eps, float *out, int64_t n) {
+    __m256 lanes = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 v = _mm256_loadu_ps(x + i);
+        lanes = _mm256_fmadd_ps(v, v, lanes);
+    }
+    float sum = horizontal_sum(lanes);
+    for (; i < n; i++) sum += x[i] * x[i];
+    const float inverse = 1.0f / sqrtf(sum / (float)n + eps);
+    for (i = 0; i < n; i++) out[i] = weight[i] * (x[i] * inverse);
+}
+
+/* rms_norm_row for each of the rows of width n. */
 static void rms_norm(const float *x, const float *weight, float eps, float *out, int64_t rows, int64_t n) {
-    for (int64_t r = 0; r < rows; r++) {
-        const float *xr = x + r * n;
-        __m256 lanes = _mm256_setzero_ps();
-        int64_t i = 0;
-        for (; i + 8 <= n; i += 8) {
-            __m256 v = _mm256_loadu_ps(xr + i);
-            lanes = _mm256_fmadd_ps(v, v, lanes);
-        }
-        float sum = horizontal_sum(lanes);
-        for (; i < n; i++) sum += xr[i] * xr[i];
-        const float inverse = 1.0f / sqrtf(sum / (float)n + eps);
-        for (i = 0; i < n; i++) out[r * n + i] = weight[i] * (xr[i] * inverse);
+    FOR_ROWS(rows * n, r, rows, rms_norm_row(x + r * n, weight, eps, out + r * n, n););
+}
+
+/* h += delta over `floats` values (the residual stream). */
+static void add_in_place(float *h, const float *delta, int64_t floats) {
+    FOR_ROWS(floats, i, floats, h[i] += delta[i];);
+}
+
+/* act = silu(gate) * up for one row, where gate_up is [gate | up]. */
+static void silu_mul_row(const float *gate_up, float *act, int64_t n) {
+    const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+    const float *gate = gate_up, *up = gate + n;
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 g = _mm256_loadu_ps(gate + i);
+        /* sigmoid(g) from e = exp(-|g|) <= 1: 1 / (1 + e) for g >= 0, e / (1 + e) below */
+        __m256 e = exp_nonpositive(_mm256_or_ps(g, sign));
+        __m256 numerator = _mm256_blendv_ps(one, e, _mm256_cmp_ps(g, _mm256_setzero_ps(), _CMP_LT_OQ));
+        __m256 sigmoid = _mm256_div_ps(numerator, _mm256_add_ps(one, e));
+        _mm256_storeu_ps(act + i, _mm256_mul_ps(_mm256_mul_ps(g, sigmoid), _mm256_loadu_ps(up + i)));
+    }
+    for (; i < n; i++) {
+        float g = gate[i], e = expf(-fabsf(g));
+        act[i] = g * ((g < 0 ? e : 1.0f) / (1.0f + e)) * up[i];
     }
 }
 
-/* act[r, i] = silu(gate[r, i]) * up[r, i], where gate_up rows are [gate | up]. */
-static void silu_mul(const float *gate_up, float *act, int64_t rows, int64_t n) {
-    const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
-    for (int64_t r = 0; r < rows; r++) {
-        const float *gate = gate_up + r * 2 * n, *up = gate + n;
-        int64_t i = 0;
-        for (; i + 8 <= n; i += 8) {
-            __m256 g = _mm256_loadu_ps(gate + i);
-            /* sigmoid(g) from e = exp(-|g|) <= 1: 1 / (1 + e) for g >= 0, e / (1 + e) below */
-            __m256 e = exp_nonpositive(_mm256_or_ps(g, sign));
-            __m256 numerator = _mm256_blendv_ps(one, e, _mm256_cmp_ps(g, _mm256_setzero_ps(), _CMP_LT_OQ));
-            __m256 sigmoid = _mm256_div_ps(numerator, _mm256_add_ps(one, e));
-            _mm256_storeu_ps(act + r * n + i, _mm256_mul_ps(_mm256_mul_ps(g, sigmoid), _mm256_loadu_ps(up + i)));
-        }
-        for (; i < n; i++) {
-            float g = gate[i], e = expf(-fabsf(g));
-            act[r * n + i] = g * ((g < 0 ? e : 1.0f) / (1.0f + e)) * up[i];
-        }
+/* Gemma's GeGLU for one row: act = gelu(gate) * up with the tanh approximation,
+ * 0.5 g (1 + tanh(sqrt(2 / pi) (g + 0.044715 g^3))); tanh(u) = sign(u) (1 - e) / (1 + e), e = exp(-2 |u|). */
+static void gelu_tanh_mul_row(const float *gate_up, float *act, int64_t n) {
+    const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+    const __m256 k0 = _mm256_set1_ps(0.7978845608028654f), k1 = _mm256_set1_ps(0.044715f);
+    const float *gate = gate_up, *up = gate + n;
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 g = _mm256_loadu_ps(gate + i);
+        const __m256 u = _mm256_mul_ps(k0, _mm256_fmadd_ps(_mm256_mul_ps(k1, g), _mm256_mul_ps(g, g), g));
+        const __m256 e = exp_nonpositive(_mm256_or_ps(_mm256_add_ps(u, u), sign)); /* exp(-2 |u|) */
+        const __m256 magnitude = _mm256_div_ps(_mm256_sub_ps(one, e), _mm256_add_ps(one, e));
+        const __m256 tanh_u = _mm256_or_ps(magnitude, _mm256_and_ps(u, sign));
+        const __m256 gelu = _mm256_mul_ps(_mm256_mul_ps(half, g), _mm256_add_ps(one, tanh_u));
+        _mm256_storeu_ps(act + i, _mm256_mul_ps(gelu, _mm256_loadu_ps(up + i)));
     }
+    for (; i < n; i++) {
+        const float g = gate[i];
+        act[i] = 0.5f * g * (1.0f + tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g))) * up[i];
+    }
+}
+
+/* The gated activation of each of the rows: act [rows, n] from gate_up [rows, 2 n]. */
+static void gated_activation(int64_t activation, const float *gate_up, float *act, int64_t rows, int64_t n) {
+    void (*row_fn)(const float *, float *, int64_t) = activation == FREESPEC_GELU_TANH ? gelu_tanh_mul_row : silu_mul_row;
+    FOR_ROWS(rows * n, r, rows, row_fn(gate_up + r * 2 * n, act + r * n, n););
 }
 
 /* Whether the kernels read every matrix of the model. */
-/* Gemma's GeGLU: act[r] = gelu(gate) * up with the tanh approximation,
- * 0.5 g (1 + tanh(sqrt(2 / pi) (g + 0.044715 g^3))); tanh(u) = sign(u) (1 - e) / (1 + e), e = exp(-2 |u|). */
-static void gelu_tanh_mul(const float *gate_up, float *act, int64_t rows, int64_t n) {
-    const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
-    const __m256 k0 = _mm256_set1_ps(0.7978845608028654f), k1 = _mm256_set1_ps(0.044715f);
-    for (int64_t r = 0; r < rows; r++) {
-        const float *gate = gate_up + r * 2 * n, *up = gate + n;
-        int64_t i = 0;
-        for (; i + 8 <= n; i += 8) {
-            const __m256 g = _mm256_loadu_ps(gate + i);
-            const __m256 u = _mm256_mul_ps(k0, _mm256_fmadd_ps(_mm256_mul_ps(k1, g), _mm256_mul_ps(g, g), g));
-            const __m256 e = exp_nonpositive(_mm256_or_ps(_mm256_add_ps(u, u), sign)); /* exp(-2 |u|) */
-            const __m256 magnitude = _mm256_div_ps(_mm256_sub_ps(one, e), _mm256_add_ps(one, e));
-            const __m256 tanh_u = _mm256_or_ps(magnitude, _mm256_and_ps(u, sign));
-            const __m256 gelu = _mm256_mul_ps(_mm256_mul_ps(half, g), _mm256_add_ps(one, tanh_u));
-            _mm256_storeu_ps(act + r * n + i, _mm256_mul_ps(gelu, _mm256_loadu_ps(up + i)));
-        }
-        for (; i < n; i++) {
-            const float g = gate[i];
-            act[r * n + i] = 0.5f * g * (1.0f + tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g))) * up[i];
-        }
-    }
-}
-
 static int matrices_ok(const DecoderPass *pass) {
     if (!matrix_ok(&pass->embed)) return 0;
     for (int64_t l = 0; l < pass->num_layers; l++) {
@@ -1042,17 +1093,14 @@ int freespec_forward_llama(const DecoderPass *pass) {
         const DecoderLayer *layer = pass->layers + l;
         rms_norm(h, layer->attn_norm, layer->attn_eps, normed, n, hidden);
         linear(&layer->qkv, normed, qkv, n);
-        if (layer->interleaved_qk)
-            for (int64_t i = 0; i < n; i++)
-                rotate_half_order(qkv + i * qkv_width, H + KV, D);
+        if (layer->interleaved_qk) FOR_ROWS(n * qkv_width, i, n, rotate_half_order(qkv + i * qkv_width, H + KV, D););
         if (layer->q_norm)
-            for (int64_t i = 0; i < n; i++) {
+            FOR_ROWS(n * qkv_width, i, n,
                 float *row = qkv + i * qkv_width;
                 for (int64_t head = 0; head < H; head++)
-                    rms_norm(row + head * D, layer->q_norm, layer->q_eps, row + head * D, 1, D);
+                    rms_norm_row(row + head * D, layer->q_norm, layer->q_eps, row + head * D, D);
                 for (int64_t head = H; head < H + KV; head++)
-                    rms_norm(row + head * D, layer->k_norm, layer->k_eps, row + head * D, 1, D);
-            }
+                    rms_norm_row(row + head * D, layer->k_norm, layer->k_eps, row + head * D, D););
         /* each sequence over its own cache: the few rows of decoding steps a sequence per thread
          * (a nested region runs on its one thread; the kernel's bits do not depend on threads),
          * then prefill chunks with every thread on each */
@@ -1083,14 +1131,13 @@ int freespec_forward_llama(const DecoderPass *pass) {
 #undef ATTEND
         linear(&layer->o, attended, projected, n);
         if (layer->post_attn_norm) rms_norm(projected, layer->post_attn_norm, layer->post_attn_eps, projected, n, hidden);
-        for (int64_t i = 0; i < n * hidden; i++) h[i] += projected[i];
+        add_in_place(h, projected, n * hidden);
         rms_norm(h, layer->mlp_norm, layer->mlp_eps, normed, n, hidden);
         linear(&layer->gate_up, normed, projected, n);
-        if (pass->activation == FREESPEC_GELU_TANH) gelu_tanh_mul(projected, act, n, intermediate);
-        else silu_mul(projected, act, n, intermediate);
+        gated_activation(pass->activation, projected, act, n, intermediate);
         linear(&layer->down, act, projected, n);
         if (layer->post_mlp_norm) rms_norm(projected, layer->post_mlp_norm, layer->post_mlp_eps, projected, n, hidden);
-        for (int64_t i = 0; i < n * hidden; i++) h[i] += projected[i];
+        add_in_place(h, projected, n * hidden);
     }
     rms_norm(h, pass->final_norm, pass->final_eps, pass->out, n, hidden);
 done:
