@@ -70,6 +70,24 @@ def test_every_row_split_gives_the_same_bits(name, rows, c_kernels):
     assert torch.equal(c_kernels.linear(x, weight), c_kernels.linear(x, weight.dequantize()))
 
 
+@pytest.mark.parametrize("name,columns", [("Q8_0", 1056), ("Q4_K", 1280), ("Q6_K", 1536), ("F16", 1037), ("BF16", 1040)])
+def test_long_rows_taken_in_chunks_give_the_whole_rows_bits(name, columns, kernel_build):
+    """Many input rows over long weight rows go through the kernels in column chunks of 512 and
+    groups of 64 inputs (with a 16-bit tail after them): the same bits as one row at a time, and
+    as the fp32 kernel's whole-row tiles on the dequantized matrix."""
+    kind = kernels.ggml_type(name)
+    rows = 7  # one block of six rows and one left over
+    weight = kernels.GGMLWeight(kind, weight_bytes(kind, rows, columns, seed=2), (rows, columns))
+    dense = weight.dequantize()
+    torch.manual_seed(1)
+    x = torch.randn(130, columns)
+    alone = torch.cat([kernel_build.linear(x[i:i + 1], weight) for i in range(len(x))])
+    for count in (5, 13, 64, 65, 130):
+        out = kernel_build.linear(x[:count], weight)
+        assert torch.equal(out, alone[:count]), f"{name} K={columns} M={count}: not batch-invariant"
+        assert torch.equal(out, kernel_build.linear(x[:count], dense)), f"{name} K={columns} M={count}"
+
+
 def test_blocks_quantized_by_gguf_multiply_like_their_dequantized_form(c_kernels):
     torch.manual_seed(0)
     values = (torch.randn(20, 512) * 0.05).numpy()

@@ -558,10 +558,7 @@ DEFINE_UNIT_DECODERS(q6_k, Q6KParams)
                         tile_1x1(x + m * K, buffer + r * K, y + m * ldy + n + r, ldy, K, K, 1);  \
                 continue;                                                                        \
             }                                                                                    \
-            for (int64_t r = 0; r < BUFFER_ROWS; r += SMALL_ROWS)                                \
-                for (int64_t m = 0; m < M; m += SMALL_COLS)                                      \
-                    EXPAND(TILE_NAME, SMALL_ROWS, SMALL_COLS)(x + m * K, buffer + r * K, y + m * ldy + n + r, ldy, K, \
-                                                              K, M - m < SMALL_COLS ? M - m : SMALL_COLS); \
+            buffered_tiles(x, buffer, y + n, ldy, M, K);                                         \
         }                                                                                        \
     }
 
@@ -625,10 +622,7 @@ DEFINE_FORMAT_LINEAR(q6_k_linear, 8, Q6_K_BYTES, Q6KParams, q6_k_prepare, q6_k_d
             else {                                                                               \
                 float buffer[BUFFER_ROWS * K] __attribute__((aligned(64)));                      \
                 for (int64_t r = 0; r < BUFFER_ROWS; r++) NAME##_widen_row(w + (n + r) * K, K, buffer + r * K); \
-                for (int64_t r = 0; r < BUFFER_ROWS; r += SMALL_ROWS)                            \
-                    for (int64_t m = 0; m < M; m += SMALL_COLS)                                  \
-                        EXPAND(TILE_NAME, SMALL_ROWS, SMALL_COLS)(x + m * K, buffer + r * K, y + m * ldy + n + r, \
-                                                                  ldy, K, kv, M - m < SMALL_COLS ? M - m : SMALL_COLS); \
+                buffered_tiles(x, buffer, y + n, ldy, M, K);                                     \
             }                                                                                    \
         }                                                                                        \
     }
