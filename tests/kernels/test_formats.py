@@ -82,7 +82,7 @@ def test_long_rows_taken_in_chunks_give_the_whole_rows_bits(name, columns, kerne
     torch.manual_seed(1)
     x = torch.randn(130, columns)
     alone = torch.cat([kernel_build.linear(x[i:i + 1], weight) for i in range(len(x))])
-    for count in (5, 13, 64, 65, 130):
+    for count in (5, 13, 16, 64, 65, 130):
         out = kernel_build.linear(x[:count], weight)
         assert torch.equal(out, alone[:count]), f"{name} K={columns} M={count}: not batch-invariant"
         assert torch.equal(out, kernel_build.linear(x[:count], dense)), f"{name} K={columns} M={count}"
