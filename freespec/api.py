@@ -23,7 +23,7 @@ from freespec.engine.budget import BudgetPolicy
 from freespec.engine.costs import CostCurve, load_or_measure
 from freespec.engine.loop import Generation, GenerationStats
 from freespec.engine.sampling import SamplingParams
-from freespec.kernels import Kernels
+from freespec.kernels import Kernels, release_worker_threads
 from freespec.kernels import select as select_kernels
 from freespec.model.hf_runner import Runner, make_runner, torch_device
 from freespec.model.loading import LoadedModel, ModelLoadError, return_freed_heap
@@ -252,4 +252,5 @@ def load(model: str | os.PathLike | None = None, *, threads: int | None = None, 
     ready = Model(load_model(model), budget=budget, tree_shape=tree_shape, datastore=datastore,
                   draft_model=draft, device=device)
     return_freed_heap()
+    release_worker_threads()  # whichever thread generates next gets a team that spins
     return ready

@@ -7,6 +7,7 @@ from __future__ import annotations
 import http.client
 import json
 import math
+import os
 import time
 import urllib.error
 import urllib.request
@@ -312,6 +313,11 @@ def wait_for(condition, seconds: float = 20) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.02)
+
+
+def os_threads() -> int:
+    """The threads of this process, as the OS counts them (OpenMP workers included)."""
+    return len(os.listdir("/proc/self/task"))
 
 
 # -- GGUF files written as llama.cpp's converter writes them (tests/model) -------------------------

@@ -17,7 +17,8 @@ the last bits, and a near-tie may flip a greedy choice.
 Modules: ``build`` (compile, load, choose the build), ``abi`` (the ctypes mirror of the header and
 the guard every array passes), ``backend`` (the backends and their operations), ``weights`` (the
 typed parameters the kernels read), ``formats`` (the ggml types they read: :data:`SUPPORTED_TYPES`,
-:func:`ggml_type`, :func:`row_bytes`, :func:`random_blocks`).
+:func:`ggml_type`, :func:`row_bytes`, :func:`random_blocks`), ``threads`` (handing a thread's
+OpenMP workers back: :func:`release_worker_threads`).
 """
 
 from freespec.kernels.backend import (
@@ -30,6 +31,7 @@ from freespec.kernels.backend import (
     select,
 )
 from freespec.kernels.build import supported_isas
+from freespec.kernels.threads import release_worker_threads
 from freespec.kernels.formats import (
     SUPPORTED_TYPES,
     ggml_type,
@@ -52,5 +54,5 @@ from freespec.kernels.weights import (
 __all__ = [
     "SUPPORTED_TYPES", "Attention", "CKernels", "DecoderLayer", "GGMLWeight", "Heads", "Kernels", "LayerNorm",
     "Linear", "Matrix", "ModelWeights", "OneCallDecoder", "PackedWeight", "PassSequence", "RMSNorm", "Rotation",
-    "Stacked", "ggml_type", "random_blocks", "row_bytes", "select", "supported_isas",
+    "Stacked", "ggml_type", "random_blocks", "release_worker_threads", "row_bytes", "select", "supported_isas",
 ]

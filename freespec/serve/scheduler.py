@@ -34,6 +34,7 @@ from typing import Callable
 from freespec.api import Model
 from freespec.engine.batch import Batch, Running
 from freespec.engine.loop import Generation, GenerationStats
+from freespec.kernels import release_worker_threads
 from freespec.model.prefix_cache import PrefixCache
 from freespec.model.runner import ModelRunner, PrefillCancelled
 from freespec.serve import DEFAULT_MAX_BATCH, DEFAULT_PREFIX_CACHE_MB
@@ -205,6 +206,9 @@ class Scheduler:
         self._recent_seconds = 1.0  # moving mean of request time, for Retry-After
         self.metrics = ServerMetrics(lambda: self.depth, lambda: len(self._active), self.prefixes)
         self._thread = threading.Thread(target=self._loop, name="freespec-generation", daemon=True)
+        # the generation thread does the computing from now on; the team of OpenMP workers this
+        # thread may hold (a calibration, a generation) would stop every team's spinning
+        release_worker_threads()
 
     def start(self) -> None:
         self._thread.start()

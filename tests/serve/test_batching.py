@@ -9,11 +9,12 @@ import threading
 import time
 
 import pytest
+import torch
 
 import freespec
 from freespec import DEFAULT_DRAFTER
 from freespec.serve.app import BackgroundServer, create_app
-from tests.helpers import fault_after_first_chunk, metric, open_stream, post, wait_for
+from tests.helpers import fault_after_first_chunk, metric, open_stream, os_threads, post, wait_for
 
 DRAFTERS = ("recycling", "none", "lookup", "suffix", "trie", "aded", "jacobi", "layerskip", "recycling+lookup")
 LONG_PROMPT = [5 + i % 200 for i in range(3000)]
@@ -177,3 +178,19 @@ def test_the_real_model_answers_concurrent_clients_as_it_answers_each_alone():
     texts = lambda answers: [(status, body["choices"][0]["message"]["content"]) for status, body in answers]  # noqa: E731
     assert texts(together) == texts(alone)
     assert all(status == 200 for status, _ in alone)
+
+
+def test_building_a_server_hands_back_the_builders_openmp_workers(tiny_model_dir):
+    """The generation thread computes from then on; workers the building thread kept from its
+    own computing (a calibration, a generation) would make libgomp stop every team's spinning
+    (4x slower decoding on two cores, freespec.kernels.threads)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model = freespec.load(tiny_model_dir)
+        model.generate(prompt_ids=[5, 6, 7], max_new_tokens=4, drafter="none")  # a team on this thread
+        before = os_threads()
+        create_app(model)  # its generation thread starts with the server, not here
+        wait_for(lambda: os_threads() == before - 1, seconds=5)
+    finally:
+        torch.set_num_threads(threads)
