@@ -70,11 +70,12 @@ def test_every_row_split_gives_the_same_bits(name, rows, c_kernels):
     assert torch.equal(c_kernels.linear(x, weight), c_kernels.linear(x, weight.dequantize()))
 
 
-@pytest.mark.parametrize("name,columns", [("Q8_0", 1056), ("Q4_K", 1280), ("Q6_K", 1536), ("F16", 1037), ("BF16", 1040)])
+@pytest.mark.parametrize("name,columns", [("Q8_0", 4128), ("Q4_K", 4352), ("Q6_K", 1536), ("F16", 4133), ("BF16", 1040)])
 def test_long_rows_taken_in_chunks_give_the_whole_rows_bits(name, columns, kernel_build):
-    """Many input rows over long weight rows go through the kernels in column chunks of 512 and
-    groups of 64 inputs (with a 16-bit tail after them): the same bits as one row at a time, and
-    as the fp32 kernel's whole-row tiles on the dequantized matrix."""
+    """Many input rows over weight rows longer than 1024 columns (AVX-512) or 4096 (AVX2) go
+    through the kernels in column chunks of 512 and groups of 64 inputs (with a 16-bit tail after
+    them): the same bits as one row at a time, and as the fp32 kernel's whole-row tiles on the
+    dequantized matrix."""
     kind = kernels.ggml_type(name)
     rows = 7  # one block of six rows and one left over
     weight = kernels.GGMLWeight(kind, weight_bytes(kind, rows, columns, seed=2), (rows, columns))

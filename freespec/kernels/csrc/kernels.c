@@ -372,17 +372,22 @@ static inline void chunk_tile(const float *x, const float *w, vec *acc_store, in
 #define CHUNK_K 512       /* columns per chunk of a long row: 6 weight rows and 4 inputs of it fit L1 */
 #define CHUNK_INPUTS 64   /* input rows whose accumulators wait in memory between chunks (24 KB) */
 #define CHUNK_MIN_INPUTS 16 /* fewer inputs read each weight row too few times to pay for the waits */
+#ifdef FREESPEC_AVX512
+#define CHUNK_MIN_K 1024  /* shorter rows fit L1 beside the inputs */
+#else
+#define CHUNK_MIN_K 4096  /* the 12-accumulator tile's waits cost more: 576 columns -10%, 1536 even, 8960 +15% */
+#endif
 /* y[m, r] (at y + m * ldy + r) = x[m] . w[r] for the BUFFER_ROWS fp32 rows w [BUFFER_ROWS, K]
  * (decoded weights, or an fp32 matrix's rows) and M input rows, in SMALL_ROWS x SMALL_COLS tiles.
- * With CHUNK_MIN_INPUTS inputs or more, rows longer than CHUNK_K go in chunks of CHUNK_K
+ * With CHUNK_MIN_INPUTS inputs or more, rows longer than CHUNK_MIN_K go in chunks of CHUNK_K
  * columns, every tile of CHUNK_INPUTS input rows taking a chunk before the next: whole rows did
- * not fit L1 beside the inputs from about 1,500 columns on (Q4_1 and Q8_0, 576 x 1536 and
- * 1536 x 8960: 1.1-1.4x from 24 to 200 inputs, even at 16, 0.9x at 8). The
+ * not fit L1 beside the inputs from about 1,500 columns on (AVX-512, Q4_1 and Q8_0, 576 x 1536
+ * and 1536 x 8960: 1.1-1.4x from 24 to 200 inputs, even at 16, 0.9x at 8). The
  * same FMAs per lane in the same order and the same sums (tile_sums, then the K % LANES tail in
  * order): the bits of the whole-row tiles. */
 static void buffered_tiles(const float *x, const float *w, float *y, int64_t ldy, int64_t M, int64_t K) {
     const int64_t kv = K & ~(int64_t)(LANES - 1);
-    if (kv <= CHUNK_K || M < CHUNK_MIN_INPUTS) {
+    if (kv <= CHUNK_MIN_K || M < CHUNK_MIN_INPUTS) {
         for (int64_t r = 0; r < BUFFER_ROWS; r += SMALL_ROWS)
             for (int64_t m = 0; m < M; m += SMALL_COLS)
                 EXPAND(TILE_NAME, SMALL_ROWS, SMALL_COLS)(x + m * K, w + r * K, y + m * ldy + r, ldy, K, kv,
