@@ -253,3 +253,30 @@ def test_longrope_rows_switch_to_the_long_factors_at_the_original_context(c_kern
     long = rotary(runner.weights.embed[:1], torch.arange(65)[None])  # a sequence past 64: long factors
     assert torch.equal(cos[:64], short[0][0]) and torch.equal(sin[:64], short[1][0])
     assert torch.equal(cos[64], long[0][0, 64]) and not torch.equal(cos[63], long[0][0, 63])
+
+
+@pytest.mark.parametrize("head_dim,kv_heads", [(64, 2), (128, 2), (256, 1)])
+def test_every_head_size_gives_a_query_alone_the_bits_of_a_chunk_or_a_tree(head_dim, kv_heads, c_kernels):
+    """Head sizes that are multiples of 64 accumulate P·V in registers for several queries at
+    once and a wide head's single query takes the plain loop: a 40-row causal chunk (the causal
+    path) and a 5-node tree give each query the bits it gets when it is decoded alone."""
+    heads = kernels.Heads(4, kv_heads, head_dim, head_dim ** -0.5)
+    width = (4 + 2 * kv_heads) * head_dim
+    generator = torch.Generator().manual_seed(head_dim)
+    past = 25
+    keys = torch.randn(kv_heads, 128, head_dim, generator=generator)
+    values = torch.randn(kv_heads, 128, head_dim, generator=generator)
+    chain = torch.ones(40, 40, dtype=torch.bool).tril()
+    parents = [-1, 0, 0, 1, 2]
+    tree = torch.tensor([[j == i or _ancestor(parents, j, i) for j in range(5)] for i in range(5)])
+    for mask in (chain, tree):
+        n = mask.shape[0]
+        qkv = torch.randn(n, width, generator=generator)
+        together = c_kernels.attention(past, mask, heads)(qkv, keys, values)
+        for i in range(n):  # node i after its ancestors, decoded one at a time into rows past ..
+            path = [j for j in range(n) if mask[i, j]]
+            cache_keys, cache_values = keys.clone(), values.clone()
+            for depth, node in enumerate(path):
+                one = torch.ones(1, 1, dtype=torch.bool)
+                alone = c_kernels.attention(past + depth, one, heads)(qkv[node : node + 1], cache_keys, cache_values)
+            assert torch.equal(alone[0], together[i]), f"D={head_dim}, {n} rows: query {i}"
