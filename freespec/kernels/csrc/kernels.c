@@ -75,7 +75,8 @@ typedef __m256 vec;
  * in the same grouping, but LANES vectors share each add (a transpose as it goes), which costs
  * about a third of LANES separate horizontal sums. Missing vectors are zeros, never read back. */
 #ifdef FREESPEC_AVX512
-static inline void vec_sums(const vec *v, int count, float *sums) {
+/* The LANES sums as one vector, element 4i + j holding output 4j + i. */
+static inline vec vec_sums_vector(const vec *v, int count) {
     vec in[16], a[8], b[4], c[2];
     for (int o = 0; o < 16; o++) in[o] = o < count ? v[o] : vec_zero();
     for (int p = 0; p < 8; p++) /* 16 -> 8 lanes each: [out 2p | out 2p+1] */
@@ -88,9 +89,13 @@ static inline void vec_sums(const vec *v, int count, float *sums) {
         c[p] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * p], b[2 * p + 1], _MM_SHUFFLE(1, 0, 1, 0)),
                              _mm512_shuffle_ps(b[2 * p], b[2 * p + 1], _MM_SHUFFLE(3, 2, 3, 2)));
     /* 2 -> 1: element 4i + j is output 4j + i */
+    return _mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_ps(c[0], c[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+static inline void vec_sums(const vec *v, int count, float *sums) {
     float out[16];
-    _mm512_storeu_ps(out, _mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], _MM_SHUFFLE(2, 0, 2, 0)),
-                                        _mm512_shuffle_ps(c[0], c[1], _MM_SHUFFLE(3, 1, 3, 1))));
+    _mm512_storeu_ps(out, vec_sums_vector(v, count));
     for (int o = 0; o < count; o++) sums[o] = out[(o % 4) * 4 + o / 4];
 }
 #else
@@ -123,6 +128,14 @@ static inline void prefetch(const char *start, int64_t bytes) {
 /* y[j * N + i] = vec_sum(acc[i * cols_max + j]) for the live outputs of a ROWS x cols tile. */
 static inline void tile_sums(const vec *acc, int rows, int cols_max, int cols, float *y, int64_t N) {
     const int count = rows * cols_max;
+#ifdef FREESPEC_AVX512
+    if (rows == 4 && cols_max == 4) { /* a score tile: element 4j + i of the sums is y[j * N + i] */
+        float out[16];
+        _mm512_storeu_ps(out, vec_sums_vector(acc, 16));
+        for (int j = 0; j < cols; j++) _mm_storeu_ps(y + j * N, _mm_loadu_ps(out + 4 * j));
+        return;
+    }
+#endif
     float sums[count];
     if (rows * cols * 2 < LANES) { /* few live outputs: separate sums are cheaper */
         for (int i = 0; i < rows; i++)
