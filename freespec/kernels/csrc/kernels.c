@@ -128,20 +128,27 @@ static inline void prefetch(const char *start, int64_t bytes) {
 /* y[j * N + i] = vec_sum(acc[i * cols_max + j]) for the live outputs of a ROWS x cols tile. */
 static inline void tile_sums(const vec *acc, int rows, int cols_max, int cols, float *y, int64_t N) {
     const int count = rows * cols_max;
-#ifdef FREESPEC_AVX512
-    if (rows == 4 && cols_max == 4) { /* a score tile: element 4j + i of the sums is y[j * N + i] */
-        float out[16];
-        _mm512_storeu_ps(out, vec_sums_vector(acc, 16));
-        for (int j = 0; j < cols; j++) _mm_storeu_ps(y + j * N, _mm_loadu_ps(out + 4 * j));
-        return;
-    }
-#endif
     float sums[count];
     if (rows * cols * 2 < LANES) { /* few live outputs: separate sums are cheaper */
         for (int i = 0; i < rows; i++)
             for (int j = 0; j < cols; j++) y[j * N + i] = vec_sum(acc[i * cols_max + j]);
         return;
     }
+#ifdef FREESPEC_AVX512
+    if (cols_max == 4) { /* four weight rows a batched sum, whose element 4j + i is y[j * N + r0 + i]:
+                          * one store a row of four (16 scalar copies through an array before) */
+        for (int r0 = 0; r0 < rows; r0 += 4) {
+            const int live = rows - r0 < 4 ? rows - r0 : 4;
+            float out[16];
+            _mm512_storeu_ps(out, vec_sums_vector(acc + r0 * 4, live * 4));
+            for (int j = 0; j < cols; j++) {
+                if (live == 4) _mm_storeu_ps(y + j * N + r0, _mm_loadu_ps(out + 4 * j));
+                else for (int i = 0; i < live; i++) y[j * N + r0 + i] = out[4 * j + i];
+            }
+        }
+        return;
+    }
+#endif
     for (int o = 0; o < count; o += LANES) vec_sums(acc + o, count - o < LANES ? count - o : LANES, sums + o);
     for (int i = 0; i < rows; i++)
         for (int j = 0; j < cols; j++) y[j * N + i] = sums[i * cols_max + j];
