@@ -366,8 +366,8 @@ static inline vec q8_weights(const int8_t *values, const float *scales, int64_t 
 #define BUFFER_ROWS 6 /* weight rows per block: a multiple of every tile's rows */
 _Static_assert(PREFETCH_MIN_ROWS == 2 * BUFFER_ROWS, "the tiles prefetch two blocks ahead");
 
-/* The SMALL_ROWS x SMALL_COLS tile over k in [k0, k1) only, its accumulators carried in `acc`
- * from the chunk before (zeros for the first): an accumulator stored and loaded keeps its bits,
+/* The SMALL_ROWS x SMALL_COLS tile over k in [k0, k1) only, its accumulators carried in
+ * `acc_store` from the chunk before (zeros for the first): an accumulator stored and loaded keeps its bits,
  * so the lanes' FMA sequences are the whole tile's. */
 static inline void chunk_tile(const float *x, const float *w, vec *acc_store, int64_t K, int64_t k0, int64_t k1,
                               int first, int64_t cols) {
@@ -826,42 +826,42 @@ static inline void block_attend(const AttentionCall *a, int64_t g, int64_t j0, i
         }
         if (live < PV_ROWS || common_start > common_end) common_start = common_end = longest;
         for (int64_t column = 0; column < D; column += 64) {
-        vec acc[PV_ROWS][64 / LANES];
-        for (int64_t r = 0; r < live; r++)
-            for (int d = 0; d < 64 / LANES; d++) acc[r][d] = vec_zero();
-        /* each query's FMAs run over t in order whichever loop takes t: the rows all full
-         * queries read without a test per query, the others with one */
-#define PV_STEP(t, CHECK)                                                                                    \
-    do {                                                                                                     \
-        const float *v = v_head + (t) * D + column;                                                          \
+            vec acc[PV_ROWS][64 / LANES];
+            for (int64_t r = 0; r < live; r++)
+                for (int d = 0; d < 64 / LANES; d++) acc[r][d] = vec_zero();
+            /* each query's FMAs run over t in order whichever loop takes t: the rows all full
+             * queries read without a test per query, the others with one */
+#define PV_STEP(t, CHECK)                                                                                     \
+    do {                                                                                                      \
+        const float *v = v_head + (t) * D + column;                                                           \
         if ((t) + 16 < longest) prefetch((const char *)(v + 16 * D), 64 * sizeof(float)); /* 16 rows ahead */ \
-        vec value[64 / LANES];                                                                               \
-        for (int d = 0; d < 64 / LANES; d++) value[d] = vec_load(v + LANES * d);                             \
-        _Pragma("GCC unroll 6") for (int r = 0; r < PV_ROWS; r++) {                                          \
-            if (!(CHECK) || (r < live && start[r] <= (t) && (t) < seen[r])) {                                \
-                const vec pv = vec_set1(row_probs[r][t]);                                                    \
-                for (int d = 0; d < 64 / LANES; d++) acc[r][d] = vec_fma(pv, value[d], acc[r][d]);           \
-            }                                                                                                \
-        }                                                                                                    \
+        vec value[64 / LANES];                                                                                \
+        for (int d = 0; d < 64 / LANES; d++) value[d] = vec_load(v + LANES * d);                              \
+        _Pragma("GCC unroll 6") for (int r = 0; r < PV_ROWS; r++) {                                           \
+            if (!(CHECK) || (r < live && start[r] <= (t) && (t) < seen[r])) {                                 \
+                const vec pv = vec_set1(row_probs[r][t]);                                                     \
+                for (int d = 0; d < 64 / LANES; d++) acc[r][d] = vec_fma(pv, value[d], acc[r][d]);            \
+            }                                                                                                 \
+        }                                                                                                     \
     } while (0)
-        for (int64_t t = earliest; t < common_start; t++) PV_STEP(t, 1);
-        for (int64_t t = common_start; t < common_end; t++) PV_STEP(t, 0);
-        for (int64_t t = common_end; t < longest; t++) PV_STEP(t, 1);
+            for (int64_t t = earliest; t < common_start; t++) PV_STEP(t, 1);
+            for (int64_t t = common_start; t < common_end; t++) PV_STEP(t, 0);
+            for (int64_t t = common_end; t < longest; t++) PV_STEP(t, 1);
 #undef PV_STEP
-        for (int64_t r = 0; r < live; r++) {
-            const int64_t j = j0 + r, i = j / group;
-            const float *p = a->probs + (g * rows + j) * width + seen[r];
-            for (int64_t c = 0, own = 0; c < (a->causal ? 0 : a->count[i]); c++) {
-                const int64_t node = a->key_nodes[i * n + c];
-                if (!tree_visible(a, i, node)) continue;
-                const vec pv = vec_set1(p[own++]);
-                const float *v = v_head + (past + node) * D + column;
-                for (int d = 0; d < 64 / LANES; d++) acc[r][d] = vec_fma(pv, vec_load(v + LANES * d), acc[r][d]);
+            for (int64_t r = 0; r < live; r++) {
+                const int64_t j = j0 + r, i = j / group;
+                const float *p = a->probs + (g * rows + j) * width + seen[r];
+                for (int64_t c = 0, own = 0; c < (a->causal ? 0 : a->count[i]); c++) {
+                    const int64_t node = a->key_nodes[i * n + c];
+                    if (!tree_visible(a, i, node)) continue;
+                    const vec pv = vec_set1(p[own++]);
+                    const float *v = v_head + (past + node) * D + column;
+                    for (int d = 0; d < 64 / LANES; d++) acc[r][d] = vec_fma(pv, vec_load(v + LANES * d), acc[r][d]);
+                }
+                float *o = a->out + (i * a->H + g * group + j % group) * D + column;
+                const vec inverse_v = vec_set1(inverse[r]);
+                for (int d = 0; d < 64 / LANES; d++) vec_store(o + LANES * d, vec_mul(acc[r][d], inverse_v));
             }
-            float *o = a->out + (i * a->H + g * group + j % group) * D + column;
-            const vec inverse_v = vec_set1(inverse[r]);
-            for (int d = 0; d < 64 / LANES; d++) vec_store(o + LANES * d, vec_mul(acc[r][d], inverse_v));
-        }
         }
     } else {
         for (int64_t r = 0; r < live; r++) {
