@@ -31,13 +31,13 @@ from freespec.kernels.backend import (
     select,
 )
 from freespec.kernels.build import supported_isas
-from freespec.kernels.threads import release_worker_threads
 from freespec.kernels.formats import (
     SUPPORTED_TYPES,
     ggml_type,
     random_blocks,
     row_bytes,
 )
+from freespec.kernels.threads import release_worker_threads
 from freespec.kernels.weights import (
     DecoderLayer,
     GGMLWeight,
