@@ -99,7 +99,8 @@ static inline void vec_sums(const vec *v, int count, float *sums) {
     for (int o = 0; o < count; o++) sums[o] = out[(o % 4) * 4 + o / 4];
 }
 #else
-static inline void vec_sums(const vec *v, int count, float *sums) {
+/* The LANES sums as one vector, element 4i + j holding output 2j + i. */
+static inline vec vec_sums_vector(const vec *v, int count) {
     vec in[8], a[4], b[2];
     for (int o = 0; o < 8; o++) in[o] = o < count ? v[o] : vec_zero();
     for (int p = 0; p < 4; p++) /* 8 -> 4 lanes each: [out 2p | out 2p+1] */
@@ -109,9 +110,13 @@ static inline void vec_sums(const vec *v, int count, float *sums) {
         b[p] = _mm256_add_ps(_mm256_shuffle_ps(a[2 * p], a[2 * p + 1], _MM_SHUFFLE(1, 0, 1, 0)),
                              _mm256_shuffle_ps(a[2 * p], a[2 * p + 1], _MM_SHUFFLE(3, 2, 3, 2)));
     /* 2 -> 1: element 4i + j is output 2j + i */
+    return _mm256_add_ps(_mm256_shuffle_ps(b[0], b[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm256_shuffle_ps(b[0], b[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+static inline void vec_sums(const vec *v, int count, float *sums) {
     float out[8];
-    _mm256_storeu_ps(out, _mm256_add_ps(_mm256_shuffle_ps(b[0], b[1], _MM_SHUFFLE(2, 0, 2, 0)),
-                                        _mm256_shuffle_ps(b[0], b[1], _MM_SHUFFLE(3, 1, 3, 1))));
+    _mm256_storeu_ps(out, vec_sums_vector(v, count));
     for (int o = 0; o < count; o++) sums[o] = out[(o % 2) * 4 + o / 2];
 }
 #endif
@@ -134,13 +139,13 @@ static inline void tile_sums(const vec *acc, int rows, int cols_max, int cols, f
             for (int j = 0; j < cols; j++) y[j * N + i] = vec_sum(acc[i * cols_max + j]);
         return;
     }
-#ifdef FREESPEC_AVX512
-    if (cols_max == 4) { /* four weight rows a batched sum, whose element 4j + i is y[j * N + r0 + i]:
-                          * one store a row of four (16 scalar copies through an array before) */
+    if (cols_max == LANES / 4) { /* four weight rows a batched sum, whose element 4j + i is
+                                  * y[j * N + r0 + i]: one store a row of four (before: scalar
+                                  * copies through an array) */
         for (int r0 = 0; r0 < rows; r0 += 4) {
             const int live = rows - r0 < 4 ? rows - r0 : 4;
-            float out[16];
-            _mm512_storeu_ps(out, vec_sums_vector(acc + r0 * 4, live * 4));
+            float out[LANES];
+            vec_store(out, vec_sums_vector(acc + r0 * cols_max, live * cols_max));
             for (int j = 0; j < cols; j++) {
                 if (live == 4) _mm_storeu_ps(y + j * N + r0, _mm_loadu_ps(out + 4 * j));
                 else for (int i = 0; i < live; i++) y[j * N + r0 + i] = out[4 * j + i];
@@ -148,7 +153,6 @@ static inline void tile_sums(const vec *acc, int rows, int cols_max, int cols, f
         }
         return;
     }
-#endif
     for (int o = 0; o < count; o += LANES) vec_sums(acc + o, count - o < LANES ? count - o : LANES, sums + o);
     for (int i = 0; i < rows; i++)
         for (int j = 0; j < cols; j++) y[j * N + i] = sums[i * cols_max + j];
@@ -718,15 +722,15 @@ static float softmax_unnormalized(float *p, int64_t total) {
  * keys/values: [KV, capacity, D] of one layer; out: [n, H, D];
  * probs: [KV, n * group, past + n] floats of scratch.
  */
-/* Score tiles: keys x queries whose outputs fill whole batched horizontal sums (16 or 8), where
- * the linear kernel's 6 x 4 tile left a third of its second sum empty; with D = 64 a tile does
- * only four FMA steps, so its sums weigh as much as its FMAs. */
-#ifdef FREESPEC_AVX512
+/* Score tiles: 4 keys x LANES / 4 queries, whose outputs fill one batched horizontal sum and
+ * leave each query's four scores side by side (tile_sums stores them at once), where the linear
+ * kernel's 6 x 4 tile left a third of its second sum empty; with D = 64 a tile does only four
+ * FMA steps, so its sums weigh as much as its FMAs. */
 #define SCORE_KEYS 4
+#ifdef FREESPEC_AVX512
 #define SCORE_QUERIES 4
 #else
-#define SCORE_KEYS 2
-#define SCORE_QUERIES 4
+#define SCORE_QUERIES 2
 #endif
 EXPAND(DEFINE_TILE, SCORE_KEYS, SCORE_QUERIES)
 #define PV_ROWS (LANES == 16 ? 6 : 3) /* queries sharing a P·V pass: 6 x 64 / LANES accumulators */
