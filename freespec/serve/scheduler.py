@@ -211,6 +211,10 @@ class Scheduler:
         release_worker_threads()
 
     def start(self) -> None:
+        """Start the generation thread. The thread that starts it hands back its OpenMP workers
+        too: `freespec serve` and a replica build their drafters (measuring costs) between
+        creating the scheduler and starting it."""
+        release_worker_threads()
         self._thread.start()
 
     @property

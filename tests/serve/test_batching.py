@@ -194,3 +194,23 @@ def test_building_a_server_hands_back_the_builders_openmp_workers(tiny_model_dir
         wait_for(lambda: os_threads() == before - 1, seconds=5)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_starting_a_server_hands_back_the_starters_openmp_workers(tiny_model_dir):
+    """`freespec serve` and a replica build their drafters (which may measure costs, computing on
+    the thread) after creating the scheduler and before starting it: the start hands that
+    thread's workers back too."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model = freespec.load(tiny_model_dir)
+        scheduler = create_app(model).state.service.scheduler
+        model.generate(prompt_ids=[5, 6, 7], max_new_tokens=4, drafter="none")  # a team on this thread
+        before = os_threads()
+        scheduler.start()  # one thread more (generation), one worker less
+        try:
+            wait_for(lambda: os_threads() == before, seconds=5)
+        finally:
+            scheduler.stop()
+    finally:
+        torch.set_num_threads(threads)
