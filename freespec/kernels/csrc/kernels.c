@@ -178,6 +178,26 @@ static inline int64_t prefetch_rows(int64_t row_bytes) {
 /* One register tile: ROWS weight rows times up to COLS input rows (cols <= COLS live). Weights
  * of another TYPE are widened to fp32 exactly by LOAD (LANES of them) and SCALAR (one). */
 #define DEFINE_TILE(ROWS, COLS) DEFINE_LOAD_TILE(tile_##ROWS##x##COLS, ROWS, COLS, float, vec_load, , 0)
+/* One column step k of a ROWS x COLS tile: ROWS weight vectors (LOAD widens them to fp32) times
+ * the live inputs, into acc[ROWS][COLS]. The whole-row tiles and the chunked ones share it. */
+#define TILE_STEP(ROWS, COLS, LOAD, acc, x, w, K, k, cols)                                       \
+    do {                                                                                         \
+        vec wv[ROWS];                                                                            \
+        _Pragma("GCC unroll 8") for (int i = 0; i < ROWS; i++) wv[i] = LOAD((w) + i * (K) + (k)); \
+        _Pragma("GCC unroll 8") for (int j = 0; j < COLS; j++) {                                 \
+            if (j < (cols)) {                                                                    \
+                const vec xv = vec_load((x) + j * (K) + (k));                                    \
+                _Pragma("GCC unroll 8") for (int i = 0; i < ROWS; i++)                           \
+                    acc[i][j] = vec_fma(wv[i], xv, acc[i][j]);                                   \
+            }                                                                                    \
+        }                                                                                        \
+    } while (0)
+/* The K % LANES tail of a tile's outputs y[j * N + i], in order, after its horizontal sums. */
+#define TILE_TAIL(ROWS, SCALAR, x, w, y, N, K, kv, cols)                                         \
+    for (int64_t k = (kv); k < (K); k++)                                                         \
+        for (int i = 0; i < ROWS; i++)                                                           \
+            for (int64_t j = 0; j < (cols); j++) (y)[j * (N) + i] += SCALAR((w)[i * (K) + k]) * (x)[j * (K) + k]
+
 #define DEFINE_LOAD_TILE(NAME, ROWS, COLS, TYPE, LOAD, SCALAR, SPREAD)                           \
     static inline void NAME(const float *x, const TYPE *w, float *y, int64_t N, int64_t K,      \
                             int64_t kv, int64_t cols) {                                          \
@@ -189,20 +209,10 @@ static inline int64_t prefetch_rows(int64_t row_bytes) {
             if (SPREAD && ((k * (int64_t)sizeof(TYPE)) & 63) == 0)                               \
                 _Pragma("GCC unroll 8") for (int i = 0; i < ROWS; i++)                           \
                     _mm_prefetch((const char *)(w + (i + ahead) * K + k), _MM_HINT_T0);          \
-            vec wv[ROWS];                                                                        \
-            _Pragma("GCC unroll 8") for (int i = 0; i < ROWS; i++) wv[i] = LOAD(w + i * K + k);  \
-            _Pragma("GCC unroll 8") for (int j = 0; j < COLS; j++) {                             \
-                if (j < cols) {                                                                  \
-                    vec xv = vec_load(x + j * K + k);                                            \
-                    _Pragma("GCC unroll 8") for (int i = 0; i < ROWS; i++)                       \
-                        acc[i][j] = vec_fma(wv[i], xv, acc[i][j]);                               \
-                }                                                                                \
-            }                                                                                    \
+            TILE_STEP(ROWS, COLS, LOAD, acc, x, w, K, k, cols);                                  \
         }                                                                                        \
         tile_sums(&acc[0][0], ROWS, COLS, cols, y, N);                                           \
-        for (int64_t k = kv; k < K; k++) /* the K % LANES tail, in order, after the sum */      \
-            for (int i = 0; i < ROWS; i++)                                                       \
-                for (int j = 0; j < cols; j++) y[j * N + i] += SCALAR(w[i * K + k]) * x[j * K + k]; \
+        TILE_TAIL(ROWS, SCALAR, x, w, y, N, K, kv, cols);                                        \
     }
 
 /* Splits the weight rows over the threads of torch's own OpenMP pool (libgomp is shared). Output
@@ -379,16 +389,7 @@ static inline void chunk_tile(const float *x, const float *w, vec *acc_store, in
     _Pragma("GCC unroll 8") for (int i = 0; i < SMALL_ROWS; i++)
         _Pragma("GCC unroll 8") for (int j = 0; j < SMALL_COLS; j++)
             acc[i][j] = first ? vec_zero() : acc_store[i * SMALL_COLS + j];
-    for (int64_t k = k0; k < k1; k += LANES) {
-        vec wv[SMALL_ROWS];
-        _Pragma("GCC unroll 8") for (int i = 0; i < SMALL_ROWS; i++) wv[i] = vec_load(w + i * K + k);
-        _Pragma("GCC unroll 8") for (int j = 0; j < SMALL_COLS; j++) {
-            if (j < cols) {
-                const vec xv = vec_load(x + j * K + k);
-                _Pragma("GCC unroll 8") for (int i = 0; i < SMALL_ROWS; i++) acc[i][j] = vec_fma(wv[i], xv, acc[i][j]);
-            }
-        }
-    }
+    for (int64_t k = k0; k < k1; k += LANES) TILE_STEP(SMALL_ROWS, SMALL_COLS, vec_load, acc, x, w, K, k, cols);
     _Pragma("GCC unroll 8") for (int i = 0; i < SMALL_ROWS; i++)
         _Pragma("GCC unroll 8") for (int j = 0; j < SMALL_COLS; j++) acc_store[i * SMALL_COLS + j] = acc[i][j];
 }
@@ -432,9 +433,7 @@ static void buffered_tiles(const float *x, const float *w, float *y, int64_t ldy
                 const int64_t cols = m1 - m < SMALL_COLS ? m1 - m : SMALL_COLS;
                 float *out = y + m * ldy + r;
                 tile_sums(acc[(m - m0) / SMALL_COLS], SMALL_ROWS, SMALL_COLS, cols, out, ldy);
-                for (int64_t k = kv; k < K; k++) /* the K % LANES tail, in order, after the sum */
-                    for (int i = 0; i < SMALL_ROWS; i++)
-                        for (int64_t j = 0; j < cols; j++) out[j * ldy + i] += w[(r + i) * K + k] * x[(m + j) * K + k];
+                TILE_TAIL(SMALL_ROWS, , x + m * K, w + r * K, out, ldy, K, kv, cols);
             }
         }
 }
