@@ -269,6 +269,7 @@ def test_every_head_size_gives_a_query_alone_the_bits_of_a_chunk_or_a_tree(head_
     chain = torch.ones(40, 40, dtype=torch.bool).tril()
     parents = [-1, 0, 0, 1, 2]
     tree = torch.tensor([[j == i or _ancestor(parents, j, i) for j in range(5)] for i in range(5)])
+    one = torch.ones(1, 1, dtype=torch.bool)
     for mask in (chain, tree):
         n = mask.shape[0]
         qkv = torch.randn(n, width, generator=generator)
@@ -277,6 +278,5 @@ def test_every_head_size_gives_a_query_alone_the_bits_of_a_chunk_or_a_tree(head_
             path = [j for j in range(n) if mask[i, j]]
             cache_keys, cache_values = keys.clone(), values.clone()
             for depth, node in enumerate(path):
-                one = torch.ones(1, 1, dtype=torch.bool)
                 alone = c_kernels.attention(past + depth, one, heads)(qkv[node : node + 1], cache_keys, cache_values)
             assert torch.equal(alone[0], together[i]), f"D={head_dim}, {n} rows: query {i}"

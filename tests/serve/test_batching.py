@@ -180,37 +180,41 @@ def test_the_real_model_answers_concurrent_clients_as_it_answers_each_alone():
     assert all(status == 200 for status, _ in alone)
 
 
-def test_building_a_server_hands_back_the_builders_openmp_workers(tiny_model_dir):
+@pytest.fixture
+def two_threads():
+    """Two OpenMP threads a team, whatever the suite set: a computing thread then holds a worker."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _compute_here(model: freespec.Model) -> None:
+    """Generate on this thread: it then holds a team of OpenMP workers."""
+    model.generate(prompt_ids=[5, 6, 7], max_new_tokens=4, drafter="none")
+
+
+def test_building_a_server_hands_back_the_builders_openmp_workers(tiny_model_dir, two_threads):
     """The generation thread computes from then on; workers the building thread kept from its
     own computing (a calibration, a generation) would make libgomp stop every team's spinning
     (4x slower decoding on two cores, freespec.kernels.threads)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        model = freespec.load(tiny_model_dir)
-        model.generate(prompt_ids=[5, 6, 7], max_new_tokens=4, drafter="none")  # a team on this thread
-        before = os_threads()
-        create_app(model)  # its generation thread starts with the server, not here
-        wait_for(lambda: os_threads() == before - 1, seconds=5)
-    finally:
-        torch.set_num_threads(threads)
+    model = freespec.load(tiny_model_dir)
+    _compute_here(model)
+    before = os_threads()
+    create_app(model)  # its generation thread starts with the server, not here
+    wait_for(lambda: os_threads() == before - 1, seconds=5)
 
 
-def test_starting_a_server_hands_back_the_starters_openmp_workers(tiny_model_dir):
+def test_starting_a_server_hands_back_the_starters_openmp_workers(tiny_model_dir, two_threads):
     """`freespec serve` and a replica build their drafters (which may measure costs, computing on
     the thread) after creating the scheduler and before starting it: the start hands that
     thread's workers back too."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
+    model = freespec.load(tiny_model_dir)
+    scheduler = create_app(model).state.service.scheduler
+    _compute_here(model)
+    before = os_threads()
+    scheduler.start()  # one thread more (generation), one worker less
     try:
-        model = freespec.load(tiny_model_dir)
-        scheduler = create_app(model).state.service.scheduler
-        model.generate(prompt_ids=[5, 6, 7], max_new_tokens=4, drafter="none")  # a team on this thread
-        before = os_threads()
-        scheduler.start()  # one thread more (generation), one worker less
-        try:
-            wait_for(lambda: os_threads() == before, seconds=5)
-        finally:
-            scheduler.stop()
+        wait_for(lambda: os_threads() == before, seconds=5)
     finally:
-        torch.set_num_threads(threads)
+        scheduler.stop()
