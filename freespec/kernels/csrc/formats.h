@@ -463,9 +463,13 @@ DEFINE_UNIT_DECODERS(q6_k, Q6KParams)
     }
 
 #ifdef FREESPEC_AVX512
+#define DEFINE_FORMAT_THREE_TILE(NAME, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)              \
+    DEFINE_FORMAT_MANY_TILE(NAME, 3, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)
 #define DEFINE_FORMAT_FOUR_TILE(NAME, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)               \
-    DEFINE_FORMAT_REGISTER_TILE(NAME, FOUR_ROWS, 4, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)
+    DEFINE_FORMAT_MANY_TILE(NAME, 4, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)
 #else
+#define DEFINE_FORMAT_THREE_TILE(NAME, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)              \
+    DEFINE_FORMAT_REGISTER_TILE(NAME, THREE_ROWS, 3, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)
 /* AVX2, four input rows: BUFFER_ROWS weight rows visited unit-major, one row's unit at a time,
  * its accumulators loaded from and stored back to a small array in L1. Four inputs and four
  * accumulators per row beside the decoding fill AVX2's 16 registers, so a register tile of even
@@ -501,8 +505,64 @@ DEFINE_UNIT_DECODERS(q6_k, Q6KParams)
         tile_sums(&acc[0][0], BUFFER_ROWS, 4, 4, y, ldy);                                        \
     }
 #endif
-#define FORMAT_WIDE_COLS 4 /* more input rows take an fp32 buffer of BUFFER_ROWS decoded rows and
-                            * the plain tiles, which decodes each weight once whatever M is */
+/* MANY_ROWS weight rows times COLS input rows, decoded in registers, all accumulators in
+ * registers: each step decodes the rows' vectors, then meets the inputs one at a time (each
+ * input load feeds MANY_ROWS FMAs, and no input waits in a register). For 5 to MANY_COLS inputs (a
+ * draft tree's verification, a batch of decoding requests), where decoding BUFFER_ROWS rows into
+ * an fp32 buffer for the plain tiles took about twice four inputs' time. Zen 5, streaming
+ * 1536 x 8960 matrices, two threads, one process, µs at M = 5: Q4_K 859 -> 560, Q6_K 1355 -> 681,
+ * Q5_0 1072 -> 599, Q8_0 1268 -> 502, F16 (8960 x 1536) 1130 -> 581; 1.1-1.9x at M = 8;
+ * SmolLM2's lm_head (49152 x 576 Q8_0) 2199 -> 1140 at M = 5. AVX-512 takes 3 and 4 inputs this
+ * way too (K-quants 1.13-1.27x at M = 4, the 32-weight blocks even). AVX2's 16 registers hold
+ * one weight row's accumulators (three rows spilled, 0.5-0.7x): 1.23-1.56x at M = 5, 0.93-1.15x
+ * at M = 8, on Zen 5. */
+#ifdef FREESPEC_AVX512
+#define MANY_ROWS 3
+#else
+#define MANY_ROWS 1
+#endif
+#define MANY_COLS 8
+#define DEFINE_FORMAT_MANY_TILE(NAME, COLS, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)         \
+    static inline void NAME##_rows(const float *x, const uint8_t *w, float *y, int64_t ldy, int64_t K) { \
+        const int64_t units = K / (32 * GROUPS), row_bytes = units * UNIT_BYTES;                 \
+        const int64_t ahead = prefetch_rows(row_bytes);                                          \
+        vec acc[MANY_ROWS][COLS];                                                                \
+        _Pragma("GCC unroll 8") for (int i = 0; i < MANY_ROWS; i++)                              \
+            _Pragma("GCC unroll 8") for (int j = 0; j < COLS; j++) acc[i][j] = vec_zero();      \
+        for (int64_t u = 0; u < units; u++) {                                                    \
+            const float *xu = x + u * GROUPS * 32;                                               \
+            const uint8_t *unit[MANY_ROWS];                                                      \
+            PARAMS params[MANY_ROWS];                                                            \
+            _Pragma("GCC unroll 8") for (int r = 0; r < MANY_ROWS; r++) {                        \
+                unit[r] = w + r * row_bytes + u * UNIT_BYTES;                                    \
+                prefetch((const char *)unit[r] + ahead * row_bytes, UNIT_BYTES);                 \
+                PREPARE(unit[r], &params[r]);                                                    \
+            }                                                                                    \
+            _Pragma("GCC unroll 8") for (int g = 0; g < GROUPS; g++)                             \
+                _Pragma("GCC unroll 4") for (int s = 0; s < STEPS; s++) {                        \
+                    vec wv[MANY_ROWS];                                                           \
+                    _Pragma("GCC unroll 8") for (int r = 0; r < MANY_ROWS; r++) wv[r] = DECODE(unit[r], &params[r], g, s); \
+                    _Pragma("GCC unroll 8") for (int j = 0; j < COLS; j++) {                     \
+                        const vec xv = vec_load(xu + j * K + g * 32 + s * LANES);                \
+                        _Pragma("GCC unroll 8") for (int r = 0; r < MANY_ROWS; r++)              \
+                            acc[r][j] = vec_fma(wv[r], xv, acc[r][j]);                           \
+                    }                                                                            \
+                }                                                                                \
+        }                                                                                        \
+        tile_sums(&acc[0][0], MANY_ROWS, COLS, COLS, y, ldy);                                    \
+    }                                                                                            \
+    static inline void NAME(const float *x, const uint8_t *w, float *y, int64_t ldy, int64_t K) { \
+        const int64_t row_bytes = K / (32 * GROUPS) * UNIT_BYTES;                                \
+        for (int r = 0; r < BUFFER_ROWS; r += MANY_ROWS) NAME##_rows(x, w + r * row_bytes, y + r, ldy, K); \
+    }
+#define DEFINE_FORMAT_MANY_TILES(NAME, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)              \
+    DEFINE_FORMAT_MANY_TILE(NAME##_5, 5, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)            \
+    DEFINE_FORMAT_MANY_TILE(NAME##_6, 6, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)            \
+    DEFINE_FORMAT_MANY_TILE(NAME##_7, 7, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)            \
+    DEFINE_FORMAT_MANY_TILE(NAME##_8, 8, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)
+#define FORMAT_WIDE_COLS 4 /* up to 4 input rows the tiles above, up to MANY_COLS the MANY ones; more
+                            * take an fp32 buffer of BUFFER_ROWS decoded rows and the plain tiles,
+                            * which decodes each weight once whatever M is */
 
 /* Decodes `rows` weight rows into buffer [rows, K] (fp32). */
 #define DEFINE_FORMAT_DECODE_ROWS(NAME, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)                     \
@@ -520,7 +580,7 @@ DEFINE_UNIT_DECODERS(q6_k, Q6KParams)
     }
 
 /* Blocks of BUFFER_ROWS weight rows split over the threads, like DEFINE_QUANT_LINEAR: register
- * tiles up to FORMAT_WIDE_COLS input rows, else the rows decoded into an fp32 buffer (in cache)
+ * tiles up to MANY_COLS input rows, else the rows decoded into an fp32 buffer (in cache)
  * for the plain tiles; the rows of a last partial block likewise, one plain 1 x 1 tile each.
  * NAME(matrix, x, y, M, ldy): output row m at y + m * ldy; NAME##_row: weight row r as fp32.
  * DECODE_ONE decodes for the one-input-row tile (the K-quants' broadcasts from memory), DECODE
@@ -528,8 +588,9 @@ DEFINE_UNIT_DECODERS(q6_k, Q6KParams)
 #define DEFINE_FORMAT_LINEAR(NAME, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE, DECODE_ONE)              \
     DEFINE_FORMAT_REGISTER_TILE(NAME##_one, ONE_ROWS, 1, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE_ONE) \
     DEFINE_FORMAT_REGISTER_TILE(NAME##_two, TWO_ROWS, 2, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)    \
-    DEFINE_FORMAT_REGISTER_TILE(NAME##_three, THREE_ROWS, 3, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE) \
+    DEFINE_FORMAT_THREE_TILE(NAME##_three, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)                 \
     DEFINE_FORMAT_FOUR_TILE(NAME##_four, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)                   \
+    DEFINE_FORMAT_MANY_TILES(NAME##_many, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)                  \
     DEFINE_FORMAT_DECODE_ROWS(NAME##_decode_rows, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)           \
     static void NAME##_row(const Matrix *matrix, int64_t r, float *out) {                        \
         const int64_t row_bytes = matrix->K / (32 * GROUPS) * UNIT_BYTES;                        \
@@ -548,6 +609,13 @@ DEFINE_UNIT_DECODERS(q6_k, Q6KParams)
                 else if (M == 2) NAME##_two(x, block, y + n, ldy, K);                            \
                 else if (M == 3) NAME##_three(x, block, y + n, ldy, K);                          \
                 else NAME##_four(x, block, y + n, ldy, K);                                       \
+                continue;                                                                        \
+            }                                                                                    \
+            if (rows == BUFFER_ROWS && M <= MANY_COLS) {                                         \
+                if (M == 5) NAME##_many_5(x, block, y + n, ldy, K);                              \
+                else if (M == 6) NAME##_many_6(x, block, y + n, ldy, K);                         \
+                else if (M == 7) NAME##_many_7(x, block, y + n, ldy, K);                         \
+                else NAME##_many_8(x, block, y + n, ldy, K);                                     \
                 continue;                                                                        \
             }                                                                                    \
             if (rows == 0) continue;                                                             \
@@ -575,9 +643,9 @@ DEFINE_FORMAT_LINEAR(q6_k_linear, 8, Q6_K_BYTES, Q6KParams, q6_k_prepare, q6_k_d
 
 /* 16-bit weights [N, K], any K: the fp32 kernel's tiles (DEFINE_LOAD_TILE) with a converting load
  * (16-bit floats widen to fp32 exactly), so the arithmetic, the K % LANES tail included, is the
- * fp32 kernel's. Like DEFINE_QUANT_LINEAR: register tiles up to WIDE_COLS input rows (AVX-512: 4,
- * AVX2: 3), else BUFFER_ROWS rows widened into an fp32 buffer for the plain tiles; the rows of a
- * last partial block one at a time. */
+ * fp32 kernel's. Register tiles up to MANY_COLS input rows (the MANY_ROWS x MANY_COLS one from 4
+ * inputs in AVX2, 5 in AVX-512: 1.15-1.9x over the buffer), else BUFFER_ROWS rows widened into
+ * an fp32 buffer for the plain tiles; the rows of a last partial block one at a time. */
 #define WIDEN_TILES(TILE, ROWS, M)                                                               \
     for (int64_t r = 0; r < BUFFER_ROWS; r += ROWS) TILE(x, w + (n + r) * K, y + n + r, ldy, K, kv, M)
 #ifdef FREESPEC_AVX512 /* four input rows in registers */
@@ -592,6 +660,7 @@ DEFINE_FORMAT_LINEAR(q6_k_linear, 8, Q6_K_BYTES, Q6KParams, q6_k_prepare, q6_k_d
     DEFINE_LOAD_TILE(NAME##_tile_two, TWO_ROWS, 2, uint16_t, LOAD, SCALAR, 1)                    \
     DEFINE_LOAD_TILE(NAME##_tile_three, THREE_ROWS, 3, uint16_t, LOAD, SCALAR, 1)                \
     WIDEN_FOUR_TILE(NAME, LOAD, SCALAR)                                                          \
+    DEFINE_LOAD_TILE(NAME##_tile_many, MANY_ROWS, MANY_COLS, uint16_t, LOAD, SCALAR, 1)          \
     DEFINE_LOAD_TILE(NAME##_tile_1x1, 1, 1, uint16_t, LOAD, SCALAR, 0)                           \
     static void NAME##_widen_row(const uint16_t *row, int64_t K, float *out) {                   \
         const int64_t kv = K & ~(int64_t)(LANES - 1);                                            \
@@ -604,11 +673,11 @@ DEFINE_FORMAT_LINEAR(q6_k_linear, 8, Q6_K_BYTES, Q6KParams, q6_k_prepare, q6_k_d
     static void NAME(const Matrix *matrix, const float *x, float *y, int64_t M, int64_t ldy) {  \
         const uint16_t *w = matrix->data;                                                        \
         const int64_t N = matrix->N, K = matrix->K, kv = K & ~(int64_t)(LANES - 1);              \
-        const int64_t blocks = N / BUFFER_ROWS, ahead = M <= WIDE_COLS ? 2 : 1;                  \
+        const int64_t blocks = N / BUFFER_ROWS, ahead = M <= MANY_COLS ? 2 : 1;                  \
         _Pragma("omp parallel for schedule(static)")                                             \
         for (int64_t b = 0; b <= blocks; b++) {                                                  \
             const int64_t n = b * BUFFER_ROWS, rows = b < blocks ? BUFFER_ROWS : N - n;          \
-            if (b + ahead < blocks && (M == 1 || M > WIDE_COLS)) /* else the tiles do */         \
+            if (b + ahead < blocks && (M == 1 || M > MANY_COLS)) /* else the tiles do */         \
                 prefetch((const char *)(w + (n + ahead * BUFFER_ROWS) * K),                      \
                          BUFFER_ROWS * K * (int64_t)sizeof(uint16_t));                           \
             if (rows < BUFFER_ROWS) {                                                            \
@@ -621,6 +690,7 @@ DEFINE_FORMAT_LINEAR(q6_k_linear, 8, Q6_K_BYTES, Q6KParams, q6_k_prepare, q6_k_d
             else if (M == 2) WIDEN_TILES(NAME##_tile_two, TWO_ROWS, 2);                          \
             else if (M == 3) WIDEN_TILES(NAME##_tile_three, THREE_ROWS, 3);                      \
             WIDEN_FOUR_TILES(NAME)                                                               \
+            else if (M <= MANY_COLS) WIDEN_TILES(NAME##_tile_many, MANY_ROWS, M);                \
             else {                                                                               \
                 float buffer[BUFFER_ROWS * K] __attribute__((aligned(64)));                      \
                 for (int64_t r = 0; r < BUFFER_ROWS; r++) NAME##_widen_row(w + (n + r) * K, K, buffer + r * K); \
