@@ -560,9 +560,9 @@ DEFINE_UNIT_DECODERS(q6_k, Q6KParams)
     DEFINE_FORMAT_MANY_TILE(NAME##_6, 6, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)            \
     DEFINE_FORMAT_MANY_TILE(NAME##_7, 7, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)            \
     DEFINE_FORMAT_MANY_TILE(NAME##_8, 8, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)
-#define FORMAT_WIDE_COLS 4 /* up to 4 input rows the tiles above, up to MANY_COLS the MANY ones; more
-                            * take an fp32 buffer of BUFFER_ROWS decoded rows and the plain tiles,
-                            * which decodes each weight once whatever M is */
+/* More input rows than MANY_COLS take an fp32 buffer of BUFFER_ROWS decoded rows and the plain
+ * tiles, which decodes each weight once whatever M is (two passes of the MANY tiles over 9 to 24
+ * inputs: Q8_0 and Q5_0 faster, the K-quants from 12 inputs and Q4_1 at 576 columns slower). */
 
 /* Decodes `rows` weight rows into buffer [rows, K] (fp32). */
 #define DEFINE_FORMAT_DECODE_ROWS(NAME, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)                     \
@@ -596,6 +596,20 @@ DEFINE_UNIT_DECODERS(q6_k, Q6KParams)
         const int64_t row_bytes = matrix->K / (32 * GROUPS) * UNIT_BYTES;                        \
         NAME##_decode_rows((const uint8_t *)matrix->data + r * row_bytes, 1, matrix->K, out);    \
     }                                                                                            \
+    /* one block of BUFFER_ROWS weight rows times `cols` (1 to MANY_COLS) input rows */         \
+    static inline void NAME##_tiles(const float *x, const uint8_t *block, float *y, int64_t ldy, int64_t K, \
+                                    int64_t cols) {                                              \
+        switch (cols) {                                                                          \
+        case 1: NAME##_one(x, block, y, ldy, K); break;                                          \
+        case 2: NAME##_two(x, block, y, ldy, K); break;                                          \
+        case 3: NAME##_three(x, block, y, ldy, K); break;                                        \
+        case 4: NAME##_four(x, block, y, ldy, K); break;                                         \
+        case 5: NAME##_many_5(x, block, y, ldy, K); break;                                       \
+        case 6: NAME##_many_6(x, block, y, ldy, K); break;                                       \
+        case 7: NAME##_many_7(x, block, y, ldy, K); break;                                       \
+        default: NAME##_many_8(x, block, y, ldy, K);                                             \
+        }                                                                                        \
+    }                                                                                            \
     static void NAME(const Matrix *matrix, const float *x, float *y, int64_t M, int64_t ldy) {  \
         const uint8_t *w = matrix->data;                                                         \
         const int64_t N = matrix->N, K = matrix->K, row_bytes = K / (32 * GROUPS) * UNIT_BYTES;  \
@@ -604,18 +618,8 @@ DEFINE_UNIT_DECODERS(q6_k, Q6KParams)
         for (int64_t b = 0; b <= blocks; b++) {                                                  \
             const int64_t n = b * BUFFER_ROWS, rows = b < blocks ? BUFFER_ROWS : N - n;          \
             const uint8_t *block = w + n * row_bytes;                                            \
-            if (rows == BUFFER_ROWS && M <= FORMAT_WIDE_COLS) { /* the tiles prefetch */         \
-                if (M == 1) NAME##_one(x, block, y + n, ldy, K);                                 \
-                else if (M == 2) NAME##_two(x, block, y + n, ldy, K);                            \
-                else if (M == 3) NAME##_three(x, block, y + n, ldy, K);                          \
-                else NAME##_four(x, block, y + n, ldy, K);                                       \
-                continue;                                                                        \
-            }                                                                                    \
-            if (rows == BUFFER_ROWS && M <= MANY_COLS) {                                         \
-                if (M == 5) NAME##_many_5(x, block, y + n, ldy, K);                              \
-                else if (M == 6) NAME##_many_6(x, block, y + n, ldy, K);                         \
-                else if (M == 7) NAME##_many_7(x, block, y + n, ldy, K);                         \
-                else NAME##_many_8(x, block, y + n, ldy, K);                                     \
+            if (rows == BUFFER_ROWS && M <= MANY_COLS) { /* the tiles prefetch */                \
+                NAME##_tiles(x, block, y + n, ldy, K, M);                                        \
                 continue;                                                                        \
             }                                                                                    \
             if (rows == 0) continue;                                                             \
