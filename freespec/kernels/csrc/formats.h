@@ -518,8 +518,11 @@ DEFINE_UNIT_DECODERS(q6_k, Q6KParams)
  * at M = 8, on Zen 5. */
 #ifdef FREESPEC_AVX512
 #define MANY_ROWS 3
+#define TWO_BY_UNITS 1 /* the K-quants' two-input tile too: Q4_K 1.11x, Q5_K 1.41x, Q6_K 1.02x;
+                        * the 32-weight blocks keep six rows (Q8_0 0.86x, Q4_1 0.82x so) */
 #else
 #define MANY_ROWS 1
+#define TWO_BY_UNITS 0
 #endif
 #define MANY_COLS 8
 #define DEFINE_FORMAT_MANY_TILE(NAME, COLS, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)         \
@@ -588,6 +591,7 @@ DEFINE_UNIT_DECODERS(q6_k, Q6KParams)
 #define DEFINE_FORMAT_LINEAR(NAME, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE, DECODE_ONE)              \
     DEFINE_FORMAT_REGISTER_TILE(NAME##_one, ONE_ROWS, 1, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE_ONE) \
     DEFINE_FORMAT_REGISTER_TILE(NAME##_two, TWO_ROWS, 2, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)    \
+    DEFINE_FORMAT_MANY_TILE(NAME##_two_units, 2, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)           \
     DEFINE_FORMAT_THREE_TILE(NAME##_three, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)                 \
     DEFINE_FORMAT_FOUR_TILE(NAME##_four, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)                   \
     DEFINE_FORMAT_MANY_TILES(NAME##_many, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)                  \
@@ -601,7 +605,10 @@ DEFINE_UNIT_DECODERS(q6_k, Q6KParams)
                                     int64_t cols) {                                              \
         switch (cols) {                                                                          \
         case 1: NAME##_one(x, block, y, ldy, K); break;                                          \
-        case 2: NAME##_two(x, block, y, ldy, K); break;                                          \
+        case 2: /* a K-quant's unit: its own decoding order wins (AVX-512) */                    \
+            if (TWO_BY_UNITS && GROUPS > 1) NAME##_two_units(x, block, y, ldy, K);               \
+            else NAME##_two(x, block, y, ldy, K);                                                \
+            break;                                                                               \
         case 3: NAME##_three(x, block, y, ldy, K); break;                                        \
         case 4: NAME##_four(x, block, y, ldy, K); break;                                         \
         case 5: NAME##_many_5(x, block, y, ldy, K); break;                                       \
