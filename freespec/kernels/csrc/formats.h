@@ -115,40 +115,9 @@ typedef struct {
     float scale[16], offset[16];
 } UnitParams;
 
-/* A unit's constant *value in every lane. With one input row (`from_memory`), AVX-512 takes it
- * by a broadcast load from the params array on the stack: measured 12-31% faster for the
- * K-quants at M = 1 on Zen 5 than the compiler's choice of keeping the constants in registers and
- * broadcasting them by shuffles, which compete with the decoding's own (vpermps, vpmovzxbd);
- * with more input rows, where a decoded vector serves several FMAs, the loads cost 10-25%, and
- * the AVX2 build gains nothing. The empty asm hides where the pointer points, so the compiler
- * loads (and cannot forward the stored values): an asm that read the value as a memory operand
- * did the same, but GCC then kept every accumulator of the tile up to date in memory as well, a
- * store after each FMA (Q4_K 1.35x, Q5_K and Q6_K 1.17x faster at M = 1 without them). */
-static inline vec unit_constant(const float *value, int from_memory) {
-#ifdef FREESPEC_AVX512
-    if (from_memory) {
-        __asm__("" : "+r"(value));
-        return _mm512_set1_ps(*value);
-    }
-#else
-    (void)from_memory;
-#endif
-    return vec_set1(*value);
+static inline vec scaled_codes(const UnitParams *p, int index, ivec codes) {
+    return vec_fma(vec_set1(p->scale[index]), ivec_to_vec(codes), vec_set1(p->offset[index]));
 }
-
-static inline vec scaled_codes(const UnitParams *p, int index, ivec codes, int from_memory) {
-    return vec_fma(unit_constant(p->scale + index, from_memory), ivec_to_vec(codes),
-                   unit_constant(p->offset + index, from_memory));
-}
-
-/* NAME_decode and NAME_decode_one (for the one-input-row tile) from NAME_weights(..., from_memory) */
-#define DEFINE_UNIT_DECODERS(NAME, PARAMS)                                                       \
-    static inline vec NAME##_decode(const uint8_t *b, const PARAMS *p, int group, int step) {    \
-        return NAME##_weights(b, p, group, step, 0);                                             \
-    }                                                                                            \
-    static inline vec NAME##_decode_one(const uint8_t *b, const PARAMS *p, int group, int step) { \
-        return NAME##_weights(b, p, group, step, 1);                                             \
-    }
 
 /* Lane `lane` of v in every lane; AVX-512 broadcasts lane 0 by vbroadcastss, without an index
  * vector (a register more for the tiles: Q4_0 and Q5_0 13-20% faster at four input rows). */
@@ -314,11 +283,10 @@ static inline void k_prepare(const uint8_t *b, UnitParams *p) {
 }
 
 /* 64-weight chunks: 32 low nibbles of qs, then the same 32 bytes' high nibbles */
-static inline vec q4_k_weights(const uint8_t *b, const UnitParams *p, int group, int step, int from_memory) {
-    return nibble_codes(b + 16 + (group >> 1) * 32 + step * LANES, group & 1,
-                        unit_constant(p->scale + group, from_memory), unit_constant(p->offset + group, from_memory));
+static inline vec q4_k_decode(const uint8_t *b, const UnitParams *p, int group, int step) {
+    return nibble_codes(b + 16 + (group >> 1) * 32 + step * LANES, group & 1, vec_set1(p->scale[group]),
+                        vec_set1(p->offset[group]));
 }
-DEFINE_UNIT_DECODERS(q4_k, UnitParams)
 
 /* The codes of vector `step` of a group whose 32 codes are the bytes of `codes`. */
 static inline ivec step_codes(__m256i codes, int step) {
@@ -341,12 +309,11 @@ static inline __m256i group_codes(const uint8_t *qs, int high, const uint8_t *qh
     return _mm256_or_si256(nib, _mm256_and_si256(bits, _mm256_set1_epi8((char)mask)));
 }
 
-static inline vec q5_k_weights(const uint8_t *b, const UnitParams *p, int group, int step, int from_memory) {
+static inline vec q5_k_decode(const uint8_t *b, const UnitParams *p, int group, int step) {
     /* fifth bit of element l of group j: bit j of qh[l] */
     const __m256i codes = group_codes(b + 48 + (group >> 1) * 32, group & 1, b + 16, group, 0x10);
-    return scaled_codes(p, group, step_codes(codes, step), from_memory);
+    return scaled_codes(p, group, step_codes(codes, step));
 }
-DEFINE_UNIT_DECODERS(q5_k, UnitParams)
 
 /* Q6_K: (d sc_i) (q - 32) for the 16 weights of i, ggml's fl(fl(d sc_i) (q - 32)): AVX2 as
  * fma(d sc_i, q, -32 d sc_i) (the product is exact inside the FMA, so it rounds the same once),
@@ -404,18 +371,17 @@ static inline void q6_k_prepare(const uint8_t *b, Q6KParams *p) {
 #endif
 }
 
-static inline vec q6_k_weights(const uint8_t *b, const Q6KParams *p, int group, int step, int from_memory) {
+static inline vec q6_k_decode(const uint8_t *b, const Q6KParams *p, int group, int step) {
 #ifdef FREESPEC_AVX512
     (void)b;
     const ivec codes = widen_i8(p->codes + group * 32 + step * LANES); /* q - 32 */
-    return vec_mul(unit_constant(p->unit.scale + 2 * group + step, from_memory), ivec_to_vec(codes));
+    return vec_mul(vec_set1(p->unit.scale[2 * group + step]), ivec_to_vec(codes));
 #else
     const int half = group >> 2, quarter = group & 3;
     const ivec codes = step_codes(group_codes(b + half * 64 + (quarter & 1) * 32, quarter >= 2, b + 128 + half * 32, 2 * quarter, 0x30), step);
-    return scaled_codes(&p->unit, 2 * group + step * LANES / 16, codes, from_memory);
+    return scaled_codes(&p->unit, 2 * group + step * LANES / 16, codes);
 #endif
 }
-DEFINE_UNIT_DECODERS(q6_k, Q6KParams)
 
 /* ROWS weight rows times COLS input rows, decoded in registers with every accumulator in a
  * register, unit after unit: the tile for 1 to 3 input rows (and 4 with AVX-512), with as many
@@ -425,8 +391,16 @@ DEFINE_UNIT_DECODERS(q6_k, Q6KParams)
  * per-output arithmetic is the fp32 kernel's: one FMA chain over k in steps of LANES, in order,
  * then tile_sums. */
 /* Each unit's bytes `ahead` rows below are asked for as the tile reaches it (prefetch_rows in
- * kernels.c). */
-#define DEFINE_FORMAT_REGISTER_TILE(NAME, ROWS, COLS, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE) \
+ * kernels.c). With OPAQUE, each row's params are read through a pointer the compiler cannot see
+ * through (an empty asm), so a K-quant's sixteen constants are broadcast straight from the
+ * stack, a load each, where the compiler would keep them in registers and broadcast them by
+ * shuffles that compete with the decoding's own (vpermps, vpmovzxbd): the one-input-row tile of
+ * the K-quants (Zen 5: 12-31% faster; with more input rows, where a decoded vector serves several
+ * FMAs, the loads cost 0-25%; the AVX2 build even). Laundering each constant's own pointer, as
+ * before, cost three scalar instructions a vector (one pointer a unit and row: Q4_K, Q5_K, Q6_K
+ * 1.07-1.10x); an asm reading the constant as a memory operand, before that, made GCC store every
+ * accumulator back to the stack after each FMA (Q4_K 1.35x, Q5_K and Q6_K 1.17x without). */
+#define DEFINE_FORMAT_REGISTER_TILE(NAME, ROWS, COLS, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE, OPAQUE) \
     static inline void NAME##_rows(const float *x, const uint8_t *w, float *y, int64_t ldy, int64_t K) { \
         const int64_t units = K / (32 * GROUPS), row_bytes = units * UNIT_BYTES;                 \
         const int64_t ahead = prefetch_rows(row_bytes);                                          \
@@ -437,10 +411,13 @@ DEFINE_UNIT_DECODERS(q6_k, Q6KParams)
             const float *xu = x + u * GROUPS * 32;                                               \
             const uint8_t *unit[ROWS];                                                           \
             PARAMS params[ROWS];                                                                 \
+            const PARAMS *param[ROWS];                                                           \
             _Pragma("GCC unroll 8") for (int r = 0; r < ROWS; r++) {                             \
                 unit[r] = w + r * row_bytes + u * UNIT_BYTES;                                    \
                 prefetch((const char *)unit[r] + ahead * row_bytes, UNIT_BYTES);                 \
                 PREPARE(unit[r], &params[r]);                                                    \
+                param[r] = &params[r];                                                           \
+                if (OPAQUE) __asm__("" : "+r"(param[r]));                                        \
             }                                                                                    \
             _Pragma("GCC unroll 8") for (int g = 0; g < GROUPS; g++)                             \
                 _Pragma("GCC unroll 4") for (int s = 0; s < STEPS; s++) {                        \
@@ -448,7 +425,7 @@ DEFINE_UNIT_DECODERS(q6_k, Q6KParams)
                     _Pragma("GCC unroll 4") for (int j = 0; j < COLS; j++)                       \
                         xv[j] = vec_load(xu + j * K + g * 32 + s * LANES);                       \
                     _Pragma("GCC unroll 8") for (int r = 0; r < ROWS; r++) {                     \
-                        const vec wv = DECODE(unit[r], &params[r], g, s);                        \
+                        const vec wv = DECODE(unit[r], param[r], g, s);                          \
                         _Pragma("GCC unroll 4") for (int j = 0; j < COLS; j++)                   \
                             acc[r][j] = vec_fma(wv, xv[j], acc[r][j]);                           \
                     }                                                                            \
@@ -469,7 +446,7 @@ DEFINE_UNIT_DECODERS(q6_k, Q6KParams)
     DEFINE_FORMAT_MANY_TILE(NAME, 4, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)
 #else
 #define DEFINE_FORMAT_THREE_TILE(NAME, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)              \
-    DEFINE_FORMAT_REGISTER_TILE(NAME, THREE_ROWS, 3, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)
+    DEFINE_FORMAT_REGISTER_TILE(NAME, THREE_ROWS, 3, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE, 0)
 /* AVX2, four input rows: BUFFER_ROWS weight rows visited unit-major, one row's unit at a time,
  * its accumulators loaded from and stored back to a small array in L1. Four inputs and four
  * accumulators per row beside the decoding fill AVX2's 16 registers, so a register tile of even
@@ -586,11 +563,10 @@ DEFINE_UNIT_DECODERS(q6_k, Q6KParams)
  * tiles up to MANY_COLS input rows, else the rows decoded into an fp32 buffer (in cache)
  * for the plain tiles; the rows of a last partial block likewise, one plain 1 x 1 tile each.
  * NAME(matrix, x, y, M, ldy): output row m at y + m * ldy; NAME##_row: weight row r as fp32.
- * DECODE_ONE decodes for the one-input-row tile (the K-quants' broadcasts from memory), DECODE
- * everywhere else. */
-#define DEFINE_FORMAT_LINEAR(NAME, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE, DECODE_ONE)              \
-    DEFINE_FORMAT_REGISTER_TILE(NAME##_one, ONE_ROWS, 1, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE_ONE) \
-    DEFINE_FORMAT_REGISTER_TILE(NAME##_two, TWO_ROWS, 2, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)    \
+ * The one-input-row tile of a K-quant (GROUPS > 1) reads its params opaquely (see above). */
+#define DEFINE_FORMAT_LINEAR(NAME, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)                          \
+    DEFINE_FORMAT_REGISTER_TILE(NAME##_one, ONE_ROWS, 1, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE, GROUPS > 1) \
+    DEFINE_FORMAT_REGISTER_TILE(NAME##_two, TWO_ROWS, 2, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE, 0) \
     DEFINE_FORMAT_MANY_TILE(NAME##_two_units, 2, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)           \
     DEFINE_FORMAT_THREE_TILE(NAME##_three, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)                 \
     DEFINE_FORMAT_FOUR_TILE(NAME##_four, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)                   \
@@ -643,14 +619,14 @@ DEFINE_UNIT_DECODERS(q6_k, Q6KParams)
         }                                                                                        \
     }
 
-DEFINE_FORMAT_LINEAR(q4_0_linear, 1, Q4_0_BYTES, BlockParams, q4_0_prepare, q4_0_decode, q4_0_decode)
-DEFINE_FORMAT_LINEAR(q4_1_linear, 1, Q4_1_BYTES, BlockParams, q4_1_prepare, q4_1_decode, q4_1_decode)
-DEFINE_FORMAT_LINEAR(q5_0_linear, 1, Q5_0_BYTES, BlockParams, q5_0_prepare, q5_0_decode, q5_0_decode)
-DEFINE_FORMAT_LINEAR(q5_1_linear, 1, Q5_1_BYTES, BlockParams, q5_1_prepare, q5_1_decode, q5_1_decode)
-DEFINE_FORMAT_LINEAR(q8_0_linear, 1, Q8_0_BYTES, BlockParams, q8_0_prepare, q8_0_decode, q8_0_decode)
-DEFINE_FORMAT_LINEAR(q4_k_linear, 8, Q4_K_BYTES, UnitParams, k_prepare, q4_k_decode, q4_k_decode_one)
-DEFINE_FORMAT_LINEAR(q5_k_linear, 8, Q5_K_BYTES, UnitParams, k_prepare, q5_k_decode, q5_k_decode_one)
-DEFINE_FORMAT_LINEAR(q6_k_linear, 8, Q6_K_BYTES, Q6KParams, q6_k_prepare, q6_k_decode, q6_k_decode_one)
+DEFINE_FORMAT_LINEAR(q4_0_linear, 1, Q4_0_BYTES, BlockParams, q4_0_prepare, q4_0_decode)
+DEFINE_FORMAT_LINEAR(q4_1_linear, 1, Q4_1_BYTES, BlockParams, q4_1_prepare, q4_1_decode)
+DEFINE_FORMAT_LINEAR(q5_0_linear, 1, Q5_0_BYTES, BlockParams, q5_0_prepare, q5_0_decode)
+DEFINE_FORMAT_LINEAR(q5_1_linear, 1, Q5_1_BYTES, BlockParams, q5_1_prepare, q5_1_decode)
+DEFINE_FORMAT_LINEAR(q8_0_linear, 1, Q8_0_BYTES, BlockParams, q8_0_prepare, q8_0_decode)
+DEFINE_FORMAT_LINEAR(q4_k_linear, 8, Q4_K_BYTES, UnitParams, k_prepare, q4_k_decode)
+DEFINE_FORMAT_LINEAR(q5_k_linear, 8, Q5_K_BYTES, UnitParams, k_prepare, q5_k_decode)
+DEFINE_FORMAT_LINEAR(q6_k_linear, 8, Q6_K_BYTES, Q6KParams, q6_k_prepare, q6_k_decode)
 
 /* 16-bit weights [N, K], any K: the fp32 kernel's tiles (DEFINE_LOAD_TILE) with a converting load
  * (16-bit floats widen to fp32 exactly), so the arithmetic, the K % LANES tail included, is the
