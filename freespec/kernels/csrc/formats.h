@@ -394,9 +394,10 @@ static inline vec q6_k_decode(const uint8_t *b, const Q6KParams *p, int group, i
  * kernels.c). With OPAQUE, each row's params are read through a pointer the compiler cannot see
  * through (an empty asm), so a K-quant's sixteen constants are broadcast straight from the
  * stack, a load each, where the compiler would keep them in registers and broadcast them by
- * shuffles that compete with the decoding's own (vpermps, vpmovzxbd): the one-input-row tile of
- * the K-quants (Zen 5: 12-31% faster; with more input rows, where a decoded vector serves several
- * FMAs, the loads cost 0-25%; the AVX2 build even). Laundering each constant's own pointer, as
+ * shuffles that compete with the decoding's own (vpermps, vpmovzxbd): the K-quants' one-input-row
+ * tile (Zen 5: 12-31% faster; the AVX2 build even) and their MANY tiles (Q4_K 1.10-1.15x at
+ * M = 2-8, Q5_K 1.14-1.19x at M = 2-3, Q6_K 1.02x); this two- and three-input tile of six rows
+ * keeps its constants in registers (the loads cost it 0-25%). Laundering each constant's own pointer, as
  * before, cost three scalar instructions a vector (one pointer a unit and row: Q4_K, Q5_K, Q6_K
  * 1.07-1.10x); an asm reading the constant as a memory operand, before that, made GCC store every
  * accumulator back to the stack after each FMA (Q4_K 1.35x, Q5_K and Q6_K 1.17x without). */
@@ -513,15 +514,18 @@ static inline vec q6_k_decode(const uint8_t *b, const Q6KParams *p, int group, i
             const float *xu = x + u * GROUPS * 32;                                               \
             const uint8_t *unit[MANY_ROWS];                                                      \
             PARAMS params[MANY_ROWS];                                                            \
+            const PARAMS *param[MANY_ROWS];                                                      \
             _Pragma("GCC unroll 8") for (int r = 0; r < MANY_ROWS; r++) {                        \
                 unit[r] = w + r * row_bytes + u * UNIT_BYTES;                                    \
                 prefetch((const char *)unit[r] + ahead * row_bytes, UNIT_BYTES);                 \
                 PREPARE(unit[r], &params[r]);                                                    \
+                param[r] = &params[r];                                                           \
+                if (GROUPS > 1) __asm__("" : "+r"(param[r])); /* see DEFINE_FORMAT_REGISTER_TILE */ \
             }                                                                                    \
             _Pragma("GCC unroll 8") for (int g = 0; g < GROUPS; g++)                             \
                 _Pragma("GCC unroll 4") for (int s = 0; s < STEPS; s++) {                        \
                     vec wv[MANY_ROWS];                                                           \
-                    _Pragma("GCC unroll 8") for (int r = 0; r < MANY_ROWS; r++) wv[r] = DECODE(unit[r], &params[r], g, s); \
+                    _Pragma("GCC unroll 8") for (int r = 0; r < MANY_ROWS; r++) wv[r] = DECODE(unit[r], param[r], g, s); \
                     _Pragma("GCC unroll 8") for (int j = 0; j < COLS; j++) {                     \
                         const vec xv = vec_load(xu + j * K + g * 32 + s * LANES);                \
                         _Pragma("GCC unroll 8") for (int r = 0; r < MANY_ROWS; r++)              \
