@@ -496,10 +496,15 @@ static inline vec q6_k_decode(const uint8_t *b, const Q6KParams *p, int group, i
  * at M = 8, on Zen 5. */
 #ifdef FREESPEC_AVX512
 #define MANY_ROWS 3
-#define TWO_BY_UNITS 1 /* the K-quants' two-input tile too: Q4_K 1.11x, Q5_K 1.41x, Q6_K 1.02x;
-                        * the 32-weight blocks keep six rows (Q8_0 0.86x, Q4_1 0.82x so) */
+/* Two inputs: six weight rows, the K-quants' params read opaquely (Q4_K 1.10x, Q6_K 1.14x over
+ * the MANY order, which was 1.11x and 1.02x over six rows with their params in registers); Q5_K
+ * takes the MANY order (TWO_UNITS: 1.41x; 0.88x with six opaque rows); the 32-weight blocks keep
+ * six rows in registers (0.82-0.86x in the MANY order). The AVX2 build keeps its two rows. */
+#define TWO_OPAQUE 1
+#define TWO_BY_UNITS 1
 #else
 #define MANY_ROWS 1
+#define TWO_OPAQUE 0
 #define TWO_BY_UNITS 0
 #endif
 #define MANY_COLS 8
@@ -567,10 +572,11 @@ static inline vec q6_k_decode(const uint8_t *b, const Q6KParams *p, int group, i
  * tiles up to MANY_COLS input rows, else the rows decoded into an fp32 buffer (in cache)
  * for the plain tiles; the rows of a last partial block likewise, one plain 1 x 1 tile each.
  * NAME(matrix, x, y, M, ldy): output row m at y + m * ldy; NAME##_row: weight row r as fp32.
- * The one-input-row tile of a K-quant (GROUPS > 1) reads its params opaquely (see above). */
-#define DEFINE_FORMAT_LINEAR(NAME, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)                          \
+ * A K-quant's (GROUPS > 1) register tiles read its params opaquely (see above); TWO_UNITS: two
+ * inputs in the MANY order (AVX-512; see TWO_OPAQUE). */
+#define DEFINE_FORMAT_LINEAR(NAME, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE, TWO_UNITS)               \
     DEFINE_FORMAT_REGISTER_TILE(NAME##_one, ONE_ROWS, 1, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE, GROUPS > 1) \
-    DEFINE_FORMAT_REGISTER_TILE(NAME##_two, TWO_ROWS, 2, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE, 0) \
+    DEFINE_FORMAT_REGISTER_TILE(NAME##_two, TWO_ROWS, 2, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE, TWO_OPAQUE && GROUPS > 1) \
     DEFINE_FORMAT_MANY_TILE(NAME##_two_units, 2, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)           \
     DEFINE_FORMAT_THREE_TILE(NAME##_three, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)                 \
     DEFINE_FORMAT_FOUR_TILE(NAME##_four, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)                   \
@@ -585,8 +591,8 @@ static inline vec q6_k_decode(const uint8_t *b, const Q6KParams *p, int group, i
                                     int64_t cols) {                                              \
         switch (cols) {                                                                          \
         case 1: NAME##_one(x, block, y, ldy, K); break;                                          \
-        case 2: /* a K-quant's unit: its own decoding order wins (AVX-512) */                    \
-            if (TWO_BY_UNITS && GROUPS > 1) NAME##_two_units(x, block, y, ldy, K);               \
+        case 2:                                                                                  \
+            if (TWO_BY_UNITS && TWO_UNITS) NAME##_two_units(x, block, y, ldy, K);                \
             else NAME##_two(x, block, y, ldy, K);                                                \
             break;                                                                               \
         case 3: NAME##_three(x, block, y, ldy, K); break;                                        \
@@ -623,14 +629,14 @@ static inline vec q6_k_decode(const uint8_t *b, const Q6KParams *p, int group, i
         }                                                                                        \
     }
 
-DEFINE_FORMAT_LINEAR(q4_0_linear, 1, Q4_0_BYTES, BlockParams, q4_0_prepare, q4_0_decode)
-DEFINE_FORMAT_LINEAR(q4_1_linear, 1, Q4_1_BYTES, BlockParams, q4_1_prepare, q4_1_decode)
-DEFINE_FORMAT_LINEAR(q5_0_linear, 1, Q5_0_BYTES, BlockParams, q5_0_prepare, q5_0_decode)
-DEFINE_FORMAT_LINEAR(q5_1_linear, 1, Q5_1_BYTES, BlockParams, q5_1_prepare, q5_1_decode)
-DEFINE_FORMAT_LINEAR(q8_0_linear, 1, Q8_0_BYTES, BlockParams, q8_0_prepare, q8_0_decode)
-DEFINE_FORMAT_LINEAR(q4_k_linear, 8, Q4_K_BYTES, UnitParams, k_prepare, q4_k_decode)
-DEFINE_FORMAT_LINEAR(q5_k_linear, 8, Q5_K_BYTES, UnitParams, k_prepare, q5_k_decode)
-DEFINE_FORMAT_LINEAR(q6_k_linear, 8, Q6_K_BYTES, Q6KParams, q6_k_prepare, q6_k_decode)
+DEFINE_FORMAT_LINEAR(q4_0_linear, 1, Q4_0_BYTES, BlockParams, q4_0_prepare, q4_0_decode, 0)
+DEFINE_FORMAT_LINEAR(q4_1_linear, 1, Q4_1_BYTES, BlockParams, q4_1_prepare, q4_1_decode, 0)
+DEFINE_FORMAT_LINEAR(q5_0_linear, 1, Q5_0_BYTES, BlockParams, q5_0_prepare, q5_0_decode, 0)
+DEFINE_FORMAT_LINEAR(q5_1_linear, 1, Q5_1_BYTES, BlockParams, q5_1_prepare, q5_1_decode, 0)
+DEFINE_FORMAT_LINEAR(q8_0_linear, 1, Q8_0_BYTES, BlockParams, q8_0_prepare, q8_0_decode, 0)
+DEFINE_FORMAT_LINEAR(q4_k_linear, 8, Q4_K_BYTES, UnitParams, k_prepare, q4_k_decode, 0)
+DEFINE_FORMAT_LINEAR(q5_k_linear, 8, Q5_K_BYTES, UnitParams, k_prepare, q5_k_decode, 1)
+DEFINE_FORMAT_LINEAR(q6_k_linear, 8, Q6_K_BYTES, Q6KParams, q6_k_prepare, q6_k_decode, 0)
 
 /* 16-bit weights [N, K], any K: the fp32 kernel's tiles (DEFINE_LOAD_TILE) with a converting load
  * (16-bit floats widen to fp32 exactly), so the arithmetic, the K % LANES tail included, is the
