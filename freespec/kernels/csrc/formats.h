@@ -383,24 +383,41 @@ static inline vec q6_k_decode(const uint8_t *b, const Q6KParams *p, int group, i
 #endif
 }
 
+/* Inside a tile's loop over units u of its ROWS rows at w (row_bytes apart): each row's unit
+ * (unit[r]), its bytes `ahead` rows below asked for as the tile reaches it (prefetch_rows in
+ * kernels.c), and its constants (params[r], read through param[r]). With OPAQUE the compiler
+ * cannot see through param[r] (an empty asm), so a K-quant's sixteen constants are broadcast
+ * straight from the stack, a load each, where it would keep them in registers and broadcast them by shuffles that compete with the decoding's
+ * own (vpermps, vpmovzxbd). Zen 5, AVX-512: the one-input-row tile 12-31% faster, two inputs
+ * (Q4_K, Q6_K) 1.10-1.14x, the MANY tiles Q4_K 1.10-1.15x at M = 2-8 and Q5_K 1.14-1.19x at
+ * M = 2-3; the AVX2 build even at one input, mixed at two (kept in registers there). Laundering
+ * each constant's own pointer instead cost three scalar instructions a vector (1.07-1.10x
+ * slower); an asm reading the constant as a memory operand made GCC store every accumulator back
+ * to the stack after each FMA (Q4_K 1.35x, Q5_K and Q6_K 1.17x slower). */
+#define PREPARE_UNITS(ROWS, UNIT_BYTES, PARAMS, PREPARE, OPAQUE)                                 \
+    const uint8_t *unit[ROWS];                                                                   \
+    PARAMS params[ROWS];                                                                         \
+    const PARAMS *param[ROWS];                                                                   \
+    _Pragma("GCC unroll 8") for (int r = 0; r < ROWS; r++) {                                     \
+        unit[r] = w + r * row_bytes + u * UNIT_BYTES;                                            \
+        prefetch((const char *)unit[r] + ahead * row_bytes, UNIT_BYTES);                         \
+        PREPARE(unit[r], &params[r]);                                                            \
+        param[r] = &params[r];                                                                   \
+        if (OPAQUE) __asm__("" : "+r"(param[r]));                                                \
+    }
+/* NAME over BUFFER_ROWS weight rows as BUFFER_ROWS / ROWS tiles of NAME##_rows */
+#define DEFINE_BLOCK_OF_TILES(NAME, ROWS, GROUPS, UNIT_BYTES)                                    \
+    static inline void NAME(const float *x, const uint8_t *w, float *y, int64_t ldy, int64_t K) { \
+        const int64_t row_bytes = K / (32 * GROUPS) * UNIT_BYTES;                                \
+        for (int r = 0; r < BUFFER_ROWS; r += ROWS) NAME##_rows(x, w + r * row_bytes, y + r, ldy, K); \
+    }
 /* ROWS weight rows times COLS input rows, decoded in registers with every accumulator in a
- * register, unit after unit: the tile for 1 to 3 input rows (and 4 with AVX-512), with as many
- * weight rows as the packed q4/q8 tiles hold (ONE_ROWS, TWO_ROWS, THREE_ROWS, FOUR_ROWS: see
- * kernels.c). Measured on Zen 3 (AVX2) against the unit-major tile below: 14-16% faster for the
+ * register, unit after unit: the tile for 1 and 2 input rows (and 3 in AVX2; AVX-512 takes 3
+ * to 8, and Q5_K's 2, in the MANY tiles below), with as many weight rows as the packed q4/q8
+ * tiles hold (ONE_ROWS, TWO_ROWS, THREE_ROWS: see kernels.c). Measured on Zen 3 (AVX2) against the unit-major tile below: 14-16% faster for the
  * K-quants at one row, 5-15% for the 32-weight blocks at 2 and 3 rows, the same otherwise. The
  * per-output arithmetic is the fp32 kernel's: one FMA chain over k in steps of LANES, in order,
  * then tile_sums. */
-/* Each unit's bytes `ahead` rows below are asked for as the tile reaches it (prefetch_rows in
- * kernels.c). With OPAQUE, each row's params are read through a pointer the compiler cannot see
- * through (an empty asm), so a K-quant's sixteen constants are broadcast straight from the
- * stack, a load each, where the compiler would keep them in registers and broadcast them by
- * shuffles that compete with the decoding's own (vpermps, vpmovzxbd): the K-quants' one-input-row
- * tile (Zen 5: 12-31% faster; the AVX2 build even) and their MANY tiles (Q4_K 1.10-1.15x at
- * M = 2-8, Q5_K 1.14-1.19x at M = 2-3, Q6_K 1.02x); this two- and three-input tile of six rows
- * keeps its constants in registers (the loads cost it 0-25%). Laundering each constant's own pointer, as
- * before, cost three scalar instructions a vector (one pointer a unit and row: Q4_K, Q5_K, Q6_K
- * 1.07-1.10x); an asm reading the constant as a memory operand, before that, made GCC store every
- * accumulator back to the stack after each FMA (Q4_K 1.35x, Q5_K and Q6_K 1.17x without). */
 #define DEFINE_FORMAT_REGISTER_TILE(NAME, ROWS, COLS, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE, OPAQUE) \
     static inline void NAME##_rows(const float *x, const uint8_t *w, float *y, int64_t ldy, int64_t K) { \
         const int64_t units = K / (32 * GROUPS), row_bytes = units * UNIT_BYTES;                 \
@@ -410,16 +427,7 @@ static inline vec q6_k_decode(const uint8_t *b, const Q6KParams *p, int group, i
             _Pragma("GCC unroll 4") for (int j = 0; j < COLS; j++) acc[i][j] = vec_zero();      \
         for (int64_t u = 0; u < units; u++) {                                                    \
             const float *xu = x + u * GROUPS * 32;                                               \
-            const uint8_t *unit[ROWS];                                                           \
-            PARAMS params[ROWS];                                                                 \
-            const PARAMS *param[ROWS];                                                           \
-            _Pragma("GCC unroll 8") for (int r = 0; r < ROWS; r++) {                             \
-                unit[r] = w + r * row_bytes + u * UNIT_BYTES;                                    \
-                prefetch((const char *)unit[r] + ahead * row_bytes, UNIT_BYTES);                 \
-                PREPARE(unit[r], &params[r]);                                                    \
-                param[r] = &params[r];                                                           \
-                if (OPAQUE) __asm__("" : "+r"(param[r]));                                        \
-            }                                                                                    \
+            PREPARE_UNITS(ROWS, UNIT_BYTES, PARAMS, PREPARE, OPAQUE)                             \
             _Pragma("GCC unroll 8") for (int g = 0; g < GROUPS; g++)                             \
                 _Pragma("GCC unroll 4") for (int s = 0; s < STEPS; s++) {                        \
                     vec xv[COLS];                                                                \
@@ -434,11 +442,7 @@ static inline vec q6_k_decode(const uint8_t *b, const Q6KParams *p, int group, i
         }                                                                                        \
         tile_sums(&acc[0][0], ROWS, COLS, COLS, y, ldy);                                         \
     }                                                                                            \
-    /* BUFFER_ROWS weight rows as BUFFER_ROWS / ROWS tiles */                                    \
-    static inline void NAME(const float *x, const uint8_t *w, float *y, int64_t ldy, int64_t K) { \
-        const int64_t row_bytes = K / (32 * GROUPS) * UNIT_BYTES;                                \
-        for (int r = 0; r < BUFFER_ROWS; r += ROWS) NAME##_rows(x, w + r * row_bytes, y + r, ldy, K); \
-    }
+    DEFINE_BLOCK_OF_TILES(NAME, ROWS, GROUPS, UNIT_BYTES)
 
 #ifdef FREESPEC_AVX512
 #define DEFINE_FORMAT_THREE_TILE(NAME, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)              \
@@ -517,16 +521,7 @@ static inline vec q6_k_decode(const uint8_t *b, const Q6KParams *p, int group, i
             _Pragma("GCC unroll 8") for (int j = 0; j < COLS; j++) acc[i][j] = vec_zero();      \
         for (int64_t u = 0; u < units; u++) {                                                    \
             const float *xu = x + u * GROUPS * 32;                                               \
-            const uint8_t *unit[MANY_ROWS];                                                      \
-            PARAMS params[MANY_ROWS];                                                            \
-            const PARAMS *param[MANY_ROWS];                                                      \
-            _Pragma("GCC unroll 8") for (int r = 0; r < MANY_ROWS; r++) {                        \
-                unit[r] = w + r * row_bytes + u * UNIT_BYTES;                                    \
-                prefetch((const char *)unit[r] + ahead * row_bytes, UNIT_BYTES);                 \
-                PREPARE(unit[r], &params[r]);                                                    \
-                param[r] = &params[r];                                                           \
-                if (GROUPS > 1) __asm__("" : "+r"(param[r])); /* see DEFINE_FORMAT_REGISTER_TILE */ \
-            }                                                                                    \
+            PREPARE_UNITS(MANY_ROWS, UNIT_BYTES, PARAMS, PREPARE, GROUPS > 1)                    \
             _Pragma("GCC unroll 8") for (int g = 0; g < GROUPS; g++)                             \
                 _Pragma("GCC unroll 4") for (int s = 0; s < STEPS; s++) {                        \
                     vec wv[MANY_ROWS];                                                           \
@@ -540,10 +535,7 @@ static inline vec q6_k_decode(const uint8_t *b, const Q6KParams *p, int group, i
         }                                                                                        \
         tile_sums(&acc[0][0], MANY_ROWS, COLS, COLS, y, ldy);                                    \
     }                                                                                            \
-    static inline void NAME(const float *x, const uint8_t *w, float *y, int64_t ldy, int64_t K) { \
-        const int64_t row_bytes = K / (32 * GROUPS) * UNIT_BYTES;                                \
-        for (int r = 0; r < BUFFER_ROWS; r += MANY_ROWS) NAME##_rows(x, w + r * row_bytes, y + r, ldy, K); \
-    }
+    DEFINE_BLOCK_OF_TILES(NAME, MANY_ROWS, GROUPS, UNIT_BYTES)
 #define DEFINE_FORMAT_MANY_TILES(NAME, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)              \
     DEFINE_FORMAT_MANY_TILE(NAME##_5, 5, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)            \
     DEFINE_FORMAT_MANY_TILE(NAME##_6, 6, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)            \
