@@ -387,8 +387,8 @@ static inline vec q6_k_decode(const uint8_t *b, const Q6KParams *p, int group, i
  * (unit[r]), its bytes `ahead` rows below asked for as the tile reaches it (prefetch_rows in
  * kernels.c), and its constants (params[r], read through param[r]). With OPAQUE the compiler
  * cannot see through param[r] (an empty asm), so a K-quant's sixteen constants are broadcast
- * straight from the stack, a load each, where it would keep them in registers and broadcast them by shuffles that compete with the decoding's
- * own (vpermps, vpmovzxbd). Zen 5, AVX-512: the one-input-row tile 12-31% faster, two inputs
+ * straight from the stack, a load each, where it would keep them in registers and broadcast
+ * them by shuffles that compete with the decoding's own (vpermps, vpmovzxbd). Zen 5, AVX-512: the one-input-row tile 12-31% faster, two inputs
  * (Q4_K, Q6_K) 1.10-1.14x, the MANY tiles Q4_K 1.10-1.15x at M = 2-8 and Q5_K 1.14-1.19x at
  * M = 2-3; the AVX2 build even at one input, mixed at two (kept in registers there). Laundering
  * each constant's own pointer instead cost three scalar instructions a vector (1.07-1.10x
@@ -414,8 +414,9 @@ static inline vec q6_k_decode(const uint8_t *b, const Q6KParams *p, int group, i
 /* ROWS weight rows times COLS input rows, decoded in registers with every accumulator in a
  * register, unit after unit: the tile for 1 and 2 input rows (and 3 in AVX2; AVX-512 takes 3
  * to 8, and Q5_K's 2, in the MANY tiles below), with as many weight rows as the packed q4/q8
- * tiles hold (ONE_ROWS, TWO_ROWS, THREE_ROWS: see kernels.c). Measured on Zen 3 (AVX2) against the unit-major tile below: 14-16% faster for the
- * K-quants at one row, 5-15% for the 32-weight blocks at 2 and 3 rows, the same otherwise. The
+ * tiles hold (ONE_ROWS, TWO_ROWS, THREE_ROWS: see kernels.c). Measured on Zen 3 (AVX2) against
+ * the unit-major tile below: 14-16% faster for the K-quants at one row, 5-15% for the 32-weight
+ * blocks at 2 and 3 rows, the same otherwise. The
  * per-output arithmetic is the fp32 kernel's: one FMA chain over k in steps of LANES, in order,
  * then tile_sums. */
 #define DEFINE_FORMAT_REGISTER_TILE(NAME, ROWS, COLS, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE, OPAQUE) \
@@ -489,8 +490,8 @@ static inline vec q6_k_decode(const uint8_t *b, const Q6KParams *p, int group, i
 #endif
 /* MANY_ROWS weight rows times COLS input rows, decoded in registers, all accumulators in
  * registers: each step decodes the rows' vectors, then meets the inputs one at a time (each
- * input load feeds MANY_ROWS FMAs, and no input waits in a register). For 5 to MANY_COLS inputs (a
- * draft tree's verification, a batch of decoding requests), where decoding BUFFER_ROWS rows into
+ * input load feeds MANY_ROWS FMAs, and no input waits in a register). For 5 to MANY_COLS inputs
+ * (a draft tree's verification, a batch of decoding requests), where decoding BUFFER_ROWS rows into
  * an fp32 buffer for the plain tiles took about twice four inputs' time. Zen 5, streaming
  * 1536 x 8960 matrices, two threads, one process, µs at M = 5: Q4_K 859 -> 560, Q6_K 1355 -> 681,
  * Q5_0 1072 -> 599, Q8_0 1268 -> 502, F16 (8960 x 1536) 1130 -> 581; 1.1-1.9x at M = 8;
