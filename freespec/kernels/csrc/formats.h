@@ -412,38 +412,55 @@ static inline vec q6_k_decode(const uint8_t *b, const Q6KParams *p, int group, i
         for (int r = 0; r < BUFFER_ROWS; r += ROWS) NAME##_rows(x, w + r * row_bytes, y + r, ldy, K); \
     }
 /* ROWS weight rows times COLS input rows, decoded in registers with every accumulator in a
- * register, unit after unit: the tile for 1 and 2 input rows (and 3 in AVX2; AVX-512 takes 3
- * to 8, and Q5_K's 2, in the MANY tiles below), with as many weight rows as the packed q4/q8
- * tiles hold (ONE_ROWS, TWO_ROWS, THREE_ROWS: see kernels.c). Measured on Zen 3 (AVX2) against
- * the unit-major tile below: 14-16% faster for the K-quants at one row, 5-15% for the 32-weight
- * blocks at 2 and 3 rows, the same otherwise. The
- * per-output arithmetic is the fp32 kernel's: one FMA chain over k in steps of LANES, in order,
- * then tile_sums. */
-#define DEFINE_FORMAT_REGISTER_TILE(NAME, ROWS, COLS, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE, OPAQUE) \
+ * register, unit after unit. The per-output arithmetic is the fp32 kernel's: one FMA chain over
+ * k in steps of LANES, in order, then tile_sums; the two orders of a step only schedule it:
+ * - inputs first (STEP_INPUTS_FIRST): the step's COLS input vectors loaded, then each weight row
+ *   decoded and multiplied into them: the tile for 1 and 2 input rows (and 3 in AVX2), with as
+ *   many weight rows as the packed q4/q8 tiles hold (ONE_ROWS, TWO_ROWS, THREE_ROWS: see
+ *   kernels.c). Measured on Zen 3 (AVX2) against the unit-major tile below: 14-16% faster for
+ *   the K-quants at one row, 5-15% for the 32-weight blocks at 2 and 3 rows, the same otherwise.
+ * - decoding first (STEP_DECODE_FIRST): the rows' vectors decoded, then the inputs met one at a
+ *   time (each input load feeds ROWS FMAs, and no input waits in a register): the MANY tiles
+ *   below. */
+/* Step (g, s) of a tile in its two orders (see DEFINE_FORMAT_TILE), into acc[ROWS][COLS]. */
+#define STEP_INPUTS_FIRST(ROWS, COLS, DECODE, g, s)                                              \
+    do {                                                                                         \
+        vec xv[COLS];                                                                            \
+        _Pragma("GCC unroll 4") for (int j = 0; j < COLS; j++) xv[j] = vec_load(xu + j * K + (g) * 32 + (s) * LANES); \
+        _Pragma("GCC unroll 8") for (int r = 0; r < ROWS; r++) {                                 \
+            const vec wv = DECODE(unit[r], param[r], g, s);                                      \
+            _Pragma("GCC unroll 4") for (int j = 0; j < COLS; j++) acc[r][j] = vec_fma(wv, xv[j], acc[r][j]); \
+        }                                                                                        \
+    } while (0)
+#define STEP_DECODE_FIRST(ROWS, COLS, DECODE, g, s)                                              \
+    do {                                                                                         \
+        vec wv[ROWS];                                                                            \
+        _Pragma("GCC unroll 8") for (int r = 0; r < ROWS; r++) wv[r] = DECODE(unit[r], param[r], g, s); \
+        _Pragma("GCC unroll 8") for (int j = 0; j < COLS; j++) {                                 \
+            const vec xv = vec_load(xu + j * K + (g) * 32 + (s) * LANES);                        \
+            _Pragma("GCC unroll 8") for (int r = 0; r < ROWS; r++) acc[r][j] = vec_fma(wv[r], xv, acc[r][j]); \
+        }                                                                                        \
+    } while (0)
+#define DEFINE_FORMAT_TILE(NAME, ROWS, COLS, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE, OPAQUE, STEP) \
     static inline void NAME##_rows(const float *x, const uint8_t *w, float *y, int64_t ldy, int64_t K) { \
         const int64_t units = K / (32 * GROUPS), row_bytes = units * UNIT_BYTES;                 \
         const int64_t ahead = prefetch_rows(row_bytes);                                          \
         vec acc[ROWS][COLS];                                                                     \
         _Pragma("GCC unroll 8") for (int i = 0; i < ROWS; i++)                                   \
-            _Pragma("GCC unroll 4") for (int j = 0; j < COLS; j++) acc[i][j] = vec_zero();      \
+            _Pragma("GCC unroll 8") for (int j = 0; j < COLS; j++) acc[i][j] = vec_zero();      \
         for (int64_t u = 0; u < units; u++) {                                                    \
             const float *xu = x + u * GROUPS * 32;                                               \
             PREPARE_UNITS(ROWS, UNIT_BYTES, PARAMS, PREPARE, OPAQUE)                             \
             _Pragma("GCC unroll 8") for (int g = 0; g < GROUPS; g++)                             \
                 _Pragma("GCC unroll 4") for (int s = 0; s < STEPS; s++) {                        \
-                    vec xv[COLS];                                                                \
-                    _Pragma("GCC unroll 4") for (int j = 0; j < COLS; j++)                       \
-                        xv[j] = vec_load(xu + j * K + g * 32 + s * LANES);                       \
-                    _Pragma("GCC unroll 8") for (int r = 0; r < ROWS; r++) {                     \
-                        const vec wv = DECODE(unit[r], param[r], g, s);                          \
-                        _Pragma("GCC unroll 4") for (int j = 0; j < COLS; j++)                   \
-                            acc[r][j] = vec_fma(wv, xv[j], acc[r][j]);                           \
-                    }                                                                            \
+                    STEP(ROWS, COLS, DECODE, g, s);                                              \
                 }                                                                                \
         }                                                                                        \
         tile_sums(&acc[0][0], ROWS, COLS, COLS, y, ldy);                                         \
     }                                                                                            \
     DEFINE_BLOCK_OF_TILES(NAME, ROWS, GROUPS, UNIT_BYTES)
+#define DEFINE_FORMAT_REGISTER_TILE(NAME, ROWS, COLS, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE, OPAQUE) \
+    DEFINE_FORMAT_TILE(NAME, ROWS, COLS, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE, OPAQUE, STEP_INPUTS_FIRST)
 
 #ifdef FREESPEC_AVX512
 #define DEFINE_FORMAT_THREE_TILE(NAME, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)              \
@@ -488,9 +505,8 @@ static inline vec q6_k_decode(const uint8_t *b, const Q6KParams *p, int group, i
         tile_sums(&acc[0][0], BUFFER_ROWS, 4, 4, y, ldy);                                        \
     }
 #endif
-/* MANY_ROWS weight rows times COLS input rows, decoded in registers, all accumulators in
- * registers: each step decodes the rows' vectors, then meets the inputs one at a time (each
- * input load feeds MANY_ROWS FMAs, and no input waits in a register). For 5 to MANY_COLS inputs
+/* The MANY tiles: MANY_ROWS weight rows times COLS input rows, decoding first (see
+ * DEFINE_FORMAT_TILE), the K-quants' params read opaquely. For 5 to MANY_COLS inputs
  * (a draft tree's verification, a batch of decoding requests), where decoding BUFFER_ROWS rows into
  * an fp32 buffer for the plain tiles took about twice four inputs' time. Zen 5, streaming
  * 1536 x 8960 matrices, two threads, one process, µs at M = 5: Q4_K 859 -> 560, Q6_K 1355 -> 681,
@@ -514,29 +530,7 @@ static inline vec q6_k_decode(const uint8_t *b, const Q6KParams *p, int group, i
 #endif
 #define MANY_COLS 8
 #define DEFINE_FORMAT_MANY_TILE(NAME, COLS, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)         \
-    static inline void NAME##_rows(const float *x, const uint8_t *w, float *y, int64_t ldy, int64_t K) { \
-        const int64_t units = K / (32 * GROUPS), row_bytes = units * UNIT_BYTES;                 \
-        const int64_t ahead = prefetch_rows(row_bytes);                                          \
-        vec acc[MANY_ROWS][COLS];                                                                \
-        _Pragma("GCC unroll 8") for (int i = 0; i < MANY_ROWS; i++)                              \
-            _Pragma("GCC unroll 8") for (int j = 0; j < COLS; j++) acc[i][j] = vec_zero();      \
-        for (int64_t u = 0; u < units; u++) {                                                    \
-            const float *xu = x + u * GROUPS * 32;                                               \
-            PREPARE_UNITS(MANY_ROWS, UNIT_BYTES, PARAMS, PREPARE, GROUPS > 1)                    \
-            _Pragma("GCC unroll 8") for (int g = 0; g < GROUPS; g++)                             \
-                _Pragma("GCC unroll 4") for (int s = 0; s < STEPS; s++) {                        \
-                    vec wv[MANY_ROWS];                                                           \
-                    _Pragma("GCC unroll 8") for (int r = 0; r < MANY_ROWS; r++) wv[r] = DECODE(unit[r], param[r], g, s); \
-                    _Pragma("GCC unroll 8") for (int j = 0; j < COLS; j++) {                     \
-                        const vec xv = vec_load(xu + j * K + g * 32 + s * LANES);                \
-                        _Pragma("GCC unroll 8") for (int r = 0; r < MANY_ROWS; r++)              \
-                            acc[r][j] = vec_fma(wv[r], xv, acc[r][j]);                           \
-                    }                                                                            \
-                }                                                                                \
-        }                                                                                        \
-        tile_sums(&acc[0][0], MANY_ROWS, COLS, COLS, y, ldy);                                    \
-    }                                                                                            \
-    DEFINE_BLOCK_OF_TILES(NAME, MANY_ROWS, GROUPS, UNIT_BYTES)
+    DEFINE_FORMAT_TILE(NAME, MANY_ROWS, COLS, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE, GROUPS > 1, STEP_DECODE_FIRST)
 #define DEFINE_FORMAT_MANY_TILES(NAME, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)              \
     DEFINE_FORMAT_MANY_TILE(NAME##_5, 5, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)            \
     DEFINE_FORMAT_MANY_TILE(NAME##_6, 6, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)            \
