@@ -590,12 +590,12 @@ static inline vec q6_k_decode(const uint8_t *b, const Q6KParams *p, int group, i
         default: NAME##_many_8(x, block, y, ldy, K);                                             \
         }                                                                                        \
     }                                                                                            \
-    static void NAME(const Matrix *matrix, const float *x, float *y, int64_t M, int64_t ldy) {  \
+    static void NAME(const Matrix *matrix, const float *x, float *y, int64_t M, int64_t ldy,    \
+                     int64_t first, int64_t end) {                                               \
         const uint8_t *w = matrix->data;                                                         \
         const int64_t N = matrix->N, K = matrix->K, row_bytes = K / (32 * GROUPS) * UNIT_BYTES;  \
         const int64_t blocks = N / BUFFER_ROWS;                                                  \
-        _Pragma("omp parallel for schedule(static)")                                             \
-        for (int64_t b = 0; b <= blocks; b++) {                                                  \
+        for (int64_t b = first; b < end; b++) {                                                  \
             const int64_t n = b * BUFFER_ROWS, rows = b < blocks ? BUFFER_ROWS : N - n;          \
             const uint8_t *block = w + n * row_bytes;                                            \
             if (rows == BUFFER_ROWS && M <= MANY_COLS) { /* the tiles prefetch */                \
@@ -654,12 +654,12 @@ DEFINE_FORMAT_LINEAR(q6_k_linear, 8, Q6_K_BYTES, Q6KParams, q6_k_prepare, q6_k_d
     static void NAME##_row(const Matrix *matrix, int64_t r, float *out) {                        \
         NAME##_widen_row((const uint16_t *)matrix->data + r * matrix->K, matrix->K, out);        \
     }                                                                                            \
-    static void NAME(const Matrix *matrix, const float *x, float *y, int64_t M, int64_t ldy) {  \
+    static void NAME(const Matrix *matrix, const float *x, float *y, int64_t M, int64_t ldy,    \
+                     int64_t first, int64_t end) {                                              \
         const uint16_t *w = matrix->data;                                                        \
         const int64_t N = matrix->N, K = matrix->K, kv = K & ~(int64_t)(LANES - 1);              \
         const int64_t blocks = N / BUFFER_ROWS, ahead = M <= MANY_COLS ? 2 : 1;                  \
-        _Pragma("omp parallel for schedule(static)")                                             \
-        for (int64_t b = 0; b <= blocks; b++) {                                                  \
+        for (int64_t b = first; b < end; b++) {                                                  \
             const int64_t n = b * BUFFER_ROWS, rows = b < blocks ? BUFFER_ROWS : N - n;          \
             if (b + ahead < blocks && (M == 1 || M > MANY_COLS)) /* else the tiles do */         \
                 prefetch((const char *)(w + (n + ahead * BUFFER_ROWS) * K),                      \
