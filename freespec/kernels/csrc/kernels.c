@@ -216,7 +216,7 @@ static inline int64_t prefetch_rows(int64_t row_bytes) {
     }
 
 /* Blocks [first, end) of ROWS weight rows (of N / ROWS + 1: the last holds the N % ROWS rows
- * left); a thread's share of the work (see linear). Output row m starts at y + m * ldy (ldy >= N:
+ * left); a thread's share of the work (see linear_then). Output row m starts at y + m * ldy (ldy >= N:
  * a stacked matrix's part writes its columns of a wider y). */
 #define DEFINE_LINEAR(ROWS, COLS)                                                                \
     static void linear_##ROWS##x##COLS(const float *x, const float *w, float *y, int64_t M,     \
@@ -271,9 +271,9 @@ EXPAND(DEFINE_LINEAR, SMALL_ROWS, SMALL_COLS)
 EXPAND(DEFINE_LINEAR, LARGE_ROWS, LARGE_COLS)
 
 /* fp32 weights [N, K] (any K; a GGML F32 matrix is the same layout). */
-static int64_t f32_blocks(const Matrix *matrix, int64_t M) {
-    return matrix->N / (M <= 12 ? SMALL_ROWS : LARGE_ROWS) + 1;
-}
+static inline int64_t f32_block_rows(int64_t M) { return M <= 12 ? SMALL_ROWS : LARGE_ROWS; }
+
+static int64_t f32_blocks(const Matrix *matrix, int64_t M) { return matrix->N / f32_block_rows(M) + 1; }
 
 static void f32_linear(const Matrix *matrix, const float *x, float *y, int64_t M, int64_t ldy, int64_t first,
                        int64_t end) {
@@ -626,7 +626,7 @@ static void prefetch_run(const Matrix *w, int64_t M, int64_t t, int64_t threads)
     int64_t p = 0;
     while (p + 1 < count && starts[p + 1] <= first) p++;
     const Matrix *part = parts + p;
-    const int64_t per_block = part->kind == GGML_F32 ? (M <= 12 ? SMALL_ROWS : LARGE_ROWS) : BUFFER_ROWS;
+    const int64_t per_block = part->kind == GGML_F32 ? f32_block_rows(M) : BUFFER_ROWS;
     const int64_t row = (first - starts[p]) * per_block, bytes = weight_row_bytes(part);
     const int64_t rows = part->N - row < PREFETCH_MIN_ROWS ? part->N - row : PREFETCH_MIN_ROWS;
     if (rows > 0) prefetch((const char *)part->data + row * bytes, rows * bytes);
