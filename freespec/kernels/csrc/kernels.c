@@ -270,14 +270,16 @@ EXPAND(DEFINE_TILE, LARGE_ROWS, LARGE_COLS)
 EXPAND(DEFINE_LINEAR, SMALL_ROWS, SMALL_COLS)
 EXPAND(DEFINE_LINEAR, LARGE_ROWS, LARGE_COLS)
 
-/* fp32 weights [N, K] (any K; a GGML F32 matrix is the same layout). */
-static inline int64_t f32_block_rows(int64_t M) { return M <= 12 ? SMALL_ROWS : LARGE_ROWS; }
+/* fp32 weights [N, K] (any K; a GGML F32 matrix is the same layout): SMALL tiles up to
+ * F32_SMALL_M input rows, LARGE ones beyond. */
+#define F32_SMALL_M 12
+static inline int64_t f32_block_rows(int64_t M) { return M <= F32_SMALL_M ? SMALL_ROWS : LARGE_ROWS; }
 
 static int64_t f32_blocks(const Matrix *matrix, int64_t M) { return matrix->N / f32_block_rows(M) + 1; }
 
 static void f32_linear(const Matrix *matrix, const float *x, float *y, int64_t M, int64_t ldy, int64_t first,
                        int64_t end) {
-    if (M <= 12)
+    if (M <= F32_SMALL_M)
         EXPAND(LINEAR_NAME, SMALL_ROWS, SMALL_COLS)(x, matrix->data, y, M, matrix->N, matrix->K, ldy, first, end);
     else
         EXPAND(LINEAR_NAME, LARGE_ROWS, LARGE_COLS)(x, matrix->data, y, M, matrix->N, matrix->K, ldy, first, end);
@@ -545,7 +547,7 @@ static const KindOps *kind_ops(int64_t kind) {
                          q5_1 = BLOCK_KIND(q5_1), q8_0 = BLOCK_KIND(q8_0), q4_k = BLOCK_KIND(q4_k),
                          q5_k = BLOCK_KIND(q5_k), q6_k = BLOCK_KIND(q6_k), packed_q4 = BLOCK_KIND(packed_q4),
                          packed_q8 = BLOCK_KIND(packed_q8),
-                         stacked = {NULL, NULL, stacked_row}; /* its parts' linears run as one: linear */
+                         stacked = {NULL, NULL, stacked_row}; /* its parts' linears run as one: linear_then */
 #undef BLOCK_KIND
     switch (kind) {
     case GGML_F32: return &f32;
@@ -606,23 +608,26 @@ static int64_t weight_row_bytes(const Matrix *m) {
     }
 }
 
-/* w's parts (itself, or a stacked matrix's) and where each one's blocks start in the whole:
- * part p's blocks are [starts[p], starts[p + 1]); returns the number of parts. */
-static int64_t block_starts(const Matrix *w, int64_t M, const Matrix **parts, int64_t *starts) {
-    const int stacked = w->kind == FREESPEC_STACKED;
-    *parts = stacked ? w->parts : w;
-    const int64_t count = stacked ? w->num_parts : 1;
+/* w's parts: a stacked matrix's, or w itself as its one part. */
+static inline const Matrix *parts_of(const Matrix *w) { return w->kind == FREESPEC_STACKED ? w->parts : w; }
+static inline int64_t part_count(const Matrix *w) { return w->kind == FREESPEC_STACKED ? w->num_parts : 1; }
+
+/* Where each part's blocks start in the whole, for M input rows: part p's blocks are
+ * [starts[p], starts[p + 1]) (starts: part_count(w) + 1 entries). */
+static void block_starts(const Matrix *w, int64_t M, int64_t *starts) {
+    const Matrix *parts = parts_of(w);
     starts[0] = 0;
-    for (int64_t p = 0; p < count; p++) starts[p + 1] = starts[p] + kind_ops((*parts)[p].kind)->blocks(*parts + p, M);
-    return count;
+    for (int64_t p = 0; p < part_count(w); p++) starts[p + 1] = starts[p] + kind_ops(parts[p].kind)->blocks(parts + p, M);
 }
 
 /* Asks for the first rows of thread t's run of w (as linear_then splits it for M inputs): the
  * rows a tile reaches before its own prefetching, PREFETCH_MIN_ROWS ahead, has any in flight. */
 static void prefetch_run(const Matrix *w, int64_t M, int64_t t, int64_t threads) {
-    const Matrix *parts;
-    int64_t starts[(w->kind == FREESPEC_STACKED ? w->num_parts : 1) + 1];
-    const int64_t count = block_starts(w, M, &parts, starts), first = starts[count] * t / threads;
+    const Matrix *parts = parts_of(w);
+    const int64_t count = part_count(w);
+    int64_t starts[count + 1];
+    block_starts(w, M, starts);
+    const int64_t first = starts[count] * t / threads;
     int64_t p = 0;
     while (p + 1 < count && starts[p + 1] <= first) p++;
     const Matrix *part = parts + p;
@@ -642,9 +647,10 @@ static void prefetch_run(const Matrix *w, int64_t M, int64_t t, int64_t threads)
  * starts cold and waits for its slower thread); the next matrix's first rows, asked for while
  * the other thread finishes (and attention runs), take another 3% off. */
 static void linear_then(const Matrix *w, const float *x, float *y, int64_t M, const Matrix *next) {
-    const Matrix *parts;
-    int64_t starts[(w->kind == FREESPEC_STACKED ? w->num_parts : 1) + 1];
-    const int64_t count = block_starts(w, M, &parts, starts);
+    const Matrix *parts = parts_of(w);
+    const int64_t count = part_count(w);
+    int64_t starts[count + 1];
+    block_starts(w, M, starts);
     #pragma omp parallel
     {
         const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
