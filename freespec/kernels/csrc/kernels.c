@@ -273,9 +273,7 @@ EXPAND(DEFINE_LINEAR, LARGE_ROWS, LARGE_COLS)
 /* fp32 weights [N, K] (any K; a GGML F32 matrix is the same layout): SMALL tiles up to
  * F32_SMALL_M input rows, LARGE ones beyond. */
 #define F32_SMALL_M 12
-static inline int64_t f32_block_rows(int64_t M) { return M <= F32_SMALL_M ? SMALL_ROWS : LARGE_ROWS; }
-
-static int64_t f32_blocks(const Matrix *matrix, int64_t M) { return matrix->N / f32_block_rows(M) + 1; }
+static int64_t f32_block_rows(int64_t M) { return M <= F32_SMALL_M ? SMALL_ROWS : LARGE_ROWS; }
 
 static void f32_linear(const Matrix *matrix, const float *x, float *y, int64_t M, int64_t ldy, int64_t first,
                        int64_t end) {
@@ -525,29 +523,49 @@ typedef struct {
     /* y[m * ldy + j] = x[m] . row j, for m < M and the rows j of blocks [first, end) */
     void (*linear)(const Matrix *matrix, const float *x, float *y, int64_t M, int64_t ldy, int64_t first,
                    int64_t end);
-    /* the number of blocks `linear` splits the rows into for M input rows */
-    int64_t (*blocks)(const Matrix *matrix, int64_t M);
+    /* the rows of a block for M input rows: `linear` splits N rows into N / block_rows + 1 blocks,
+     * the last holding the N % block_rows rows left */
+    int64_t (*block_rows)(int64_t M);
+    /* the bytes of one row (a packed kind's codes; its scales aside) */
+    int64_t (*row_bytes)(const Matrix *matrix);
     /* out[K] = row r as fp32 */
     void (*row)(const Matrix *matrix, int64_t r, float *out);
 } KindOps;
 
-/* Blocks of BUFFER_ROWS rows, the last holding the N % BUFFER_ROWS rows left (the block formats) */
-static int64_t row_blocks(const Matrix *matrix, int64_t M) {
+static int64_t buffer_rows(int64_t M) { /* the block formats', whatever M */
     (void)M;
-    return matrix->N / BUFFER_ROWS + 1;
+    return BUFFER_ROWS;
 }
+
+#define ROW_BYTES(NAME, BYTES) \
+    static int64_t NAME##_row_bytes(const Matrix *m) { return BYTES; }
+ROW_BYTES(f32, m->K * 4)
+ROW_BYTES(f16, m->K * 2)
+ROW_BYTES(bf16, m->K * 2)
+ROW_BYTES(q4_0, m->K / 32 * Q4_0_BYTES)
+ROW_BYTES(q4_1, m->K / 32 * Q4_1_BYTES)
+ROW_BYTES(q5_0, m->K / 32 * Q5_0_BYTES)
+ROW_BYTES(q5_1, m->K / 32 * Q5_1_BYTES)
+ROW_BYTES(q8_0, m->K / 32 * Q8_0_BYTES)
+ROW_BYTES(q4_k, m->K / 256 * Q4_K_BYTES)
+ROW_BYTES(q5_k, m->K / 256 * Q5_K_BYTES)
+ROW_BYTES(q6_k, m->K / 256 * Q6_K_BYTES)
+ROW_BYTES(packed_q4, m->K / 2)
+ROW_BYTES(packed_q8, m->K)
+#undef ROW_BYTES
 
 static void stacked_row(const Matrix *matrix, int64_t r, float *out);
 
 /* The operations of a kind, or NULL for a kind the kernels do not read. */
 static const KindOps *kind_ops(int64_t kind) {
-#define BLOCK_KIND(NAME) {NAME##_linear, row_blocks, NAME##_linear_row}
-    static const KindOps f32 = {f32_linear, f32_blocks, f32_row}, f16 = BLOCK_KIND(f16), bf16 = BLOCK_KIND(bf16),
+#define BLOCK_KIND(NAME) {NAME##_linear, buffer_rows, NAME##_row_bytes, NAME##_linear_row}
+    static const KindOps f32 = {f32_linear, f32_block_rows, f32_row_bytes, f32_row}, f16 = BLOCK_KIND(f16),
+                         bf16 = BLOCK_KIND(bf16),
                          q4_0 = BLOCK_KIND(q4_0), q4_1 = BLOCK_KIND(q4_1), q5_0 = BLOCK_KIND(q5_0),
                          q5_1 = BLOCK_KIND(q5_1), q8_0 = BLOCK_KIND(q8_0), q4_k = BLOCK_KIND(q4_k),
                          q5_k = BLOCK_KIND(q5_k), q6_k = BLOCK_KIND(q6_k), packed_q4 = BLOCK_KIND(packed_q4),
                          packed_q8 = BLOCK_KIND(packed_q8),
-                         stacked = {NULL, NULL, stacked_row}; /* its parts' linears run as one: linear_then */
+                         stacked = {NULL, NULL, NULL, stacked_row}; /* its parts' linears run as one: linear_then */
 #undef BLOCK_KIND
     switch (kind) {
     case GGML_F32: return &f32;
@@ -589,25 +607,6 @@ static int matrix_ok(const Matrix *matrix) {
     return rows == matrix->N;
 }
 
-/* The bytes of one row of an unstacked matrix (a packed kind's codes; its scales aside). */
-static int64_t weight_row_bytes(const Matrix *m) {
-    switch (m->kind) {
-    case GGML_F32: return m->K * 4;
-    case GGML_F16: case GGML_BF16: return m->K * 2;
-    case GGML_Q4_0: return m->K / 32 * Q4_0_BYTES;
-    case GGML_Q4_1: return m->K / 32 * Q4_1_BYTES;
-    case GGML_Q5_0: return m->K / 32 * Q5_0_BYTES;
-    case GGML_Q5_1: return m->K / 32 * Q5_1_BYTES;
-    case GGML_Q8_0: return m->K / 32 * Q8_0_BYTES;
-    case GGML_Q4_K: return m->K / 256 * Q4_K_BYTES;
-    case GGML_Q5_K: return m->K / 256 * Q5_K_BYTES;
-    case GGML_Q6_K: return m->K / 256 * Q6_K_BYTES;
-    case FREESPEC_PACKED_Q4: return m->K / 2;
-    case FREESPEC_PACKED_Q8: return m->K;
-    default: return 0;
-    }
-}
-
 /* w's parts: a stacked matrix's, or w itself as its one part. */
 static inline const Matrix *parts_of(const Matrix *w) { return w->kind == FREESPEC_STACKED ? w->parts : w; }
 static inline int64_t part_count(const Matrix *w) { return w->kind == FREESPEC_STACKED ? w->num_parts : 1; }
@@ -617,7 +616,8 @@ static inline int64_t part_count(const Matrix *w) { return w->kind == FREESPEC_S
 static void block_starts(const Matrix *w, int64_t M, int64_t *starts) {
     const Matrix *parts = parts_of(w);
     starts[0] = 0;
-    for (int64_t p = 0; p < part_count(w); p++) starts[p + 1] = starts[p] + kind_ops(parts[p].kind)->blocks(parts + p, M);
+    for (int64_t p = 0; p < part_count(w); p++)
+        starts[p + 1] = starts[p] + parts[p].N / kind_ops(parts[p].kind)->block_rows(M) + 1;
 }
 
 /* Asks for the first rows of thread t's run of w (as linear_then splits it for M inputs): the
@@ -631,8 +631,8 @@ static void prefetch_run(const Matrix *w, int64_t M, int64_t t, int64_t threads)
     int64_t p = 0;
     while (p + 1 < count && starts[p + 1] <= first) p++;
     const Matrix *part = parts + p;
-    const int64_t per_block = part->kind == GGML_F32 ? f32_block_rows(M) : BUFFER_ROWS;
-    const int64_t row = (first - starts[p]) * per_block, bytes = weight_row_bytes(part);
+    const KindOps *ops = kind_ops(part->kind);
+    const int64_t row = (first - starts[p]) * ops->block_rows(M), bytes = ops->row_bytes(part);
     const int64_t rows = part->N - row < PREFETCH_MIN_ROWS ? part->N - row : PREFETCH_MIN_ROWS;
     if (rows > 0) prefetch((const char *)part->data + row * bytes, rows * bytes);
 }
