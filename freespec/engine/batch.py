@@ -256,7 +256,7 @@ class Batch:
                 step = self._guard(request, request.generation.plan, budget)
                 if step is not None:
                     planned.append((request, step))
-                    budget -= len(step.tokens)
+                    budget -= len(step)
         caps = self._caps(decoding)
         if shared:
             self._rest(decoding, caps)
@@ -273,7 +273,7 @@ class Batch:
                     self.accepted.record(gain, len(request.emitted) - 1)
             if len(planned) > 1 and all(step.tree is not None for _, step in planned):
                 seconds = time.perf_counter() - started
-                self.step_cost.record(sum(len(step.tokens) for _, step in planned), seconds)
+                self.step_cost.record(sum(len(step) for _, step in planned), seconds)
                 if measured:
                     self.check.record(len(decoding), any(caps), sum(len(request.emitted) for request in decoding),
                                       seconds)
@@ -321,9 +321,9 @@ class Batch:
         so running a step again is safe)."""
         if len(planned) == 1:  # alone: the request's own pass (what iterating its generation runs)
             request, step = planned[0]
-            states = self._guard(request, request.generation.run_alone, step)
+            outputs = self._guard(request, request.generation.run_alone, step)
             if request.error is None:
-                request.emitted = self._guard(request, request.generation.take, states) or []
+                request.emitted = self._guard(request, request.generation.take, *outputs) or []
             return
         started = time.perf_counter()
         try:
@@ -335,10 +335,10 @@ class Batch:
             for request, step in planned:
                 self._run([(request, step)])
             return
-        timing = (sum(len(step.tokens) for _, step in planned), time.perf_counter() - started)  # t(q) for the policies
+        timing = (sum(len(step) for _, step in planned), time.perf_counter() - started)  # t(q) for the policies
         for (request, step), states, step_logits in zip(planned, hidden, logits):
             if step.tree is None:
-                request.generation.runner.commit(range(len(step.tokens)))
+                request.generation.runner.commit(range(len(step)))
             emitted = self._guard(request, request.generation.take, states, step_logits, *timing)
             request.emitted = emitted or []
 

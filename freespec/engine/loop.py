@@ -24,7 +24,7 @@ from freespec.engine.drafter import Drafter
 from freespec.engine.sampling import SamplingParams
 from freespec.engine.tree import DraftTree
 from freespec.engine.verify import verify
-from freespec.model.runner import ModelRunner
+from freespec.model.runner import ModelRunner, PassLogits
 
 WARM_START_POSITIONS = 16  # prompt positions whose logits warm the drafter (see README, warm start)
 
@@ -71,18 +71,33 @@ class GenerationStats:
 
 @dataclass
 class Step:
-    """One request's part of the next forward pass: a chunk of its prompt to prefill (``tree``
-    None: causal, its rows committed whole by whoever runs it) or a draft tree to verify."""
+    """One request's part of the next forward pass, its rows after the ``start`` committed ones:
+    a chunk of its prompt to prefill (``tree`` None: causal, its rows committed whole by whoever
+    runs it) or a draft tree to verify. The tensors a batched pass reads are made when read (a
+    request alone verifies its tree from the tree's numpy arrays)."""
 
-    tokens: torch.Tensor  # [q]
-    positions: torch.Tensor  # [q]
     tree: DraftTree | None
+    start: int
+    prompt: list[int] | None = None  # the prefill chunk's tokens
+
+    def __len__(self) -> int:
+        return len(self.prompt) if self.tree is None else len(self.tree)
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        """[q] int64."""
+        return torch.tensor(self.prompt, dtype=torch.long) if self.tree is None else torch.from_numpy(self.tree.tokens)
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """[q] int64."""
+        return torch.arange(self.start, self.start + len(self)) if self.tree is None else self.tree.positions(self.start)
 
     @property
     def tree_mask(self) -> torch.Tensor:
         """[q, q] which of the step's tokens each one sees."""
         if self.tree is None:
-            return torch.ones(len(self.tokens), len(self.tokens), dtype=torch.bool).tril_()
+            return torch.ones(len(self), len(self), dtype=torch.bool).tril_()
         return torch.from_numpy(self.tree.ancestor_mask)
 
 
@@ -138,6 +153,7 @@ class Generation:
         self._pending: list[tuple[DraftTree, int, int]] = []  # shadow drafts: (tree, tokens before it, nodes verified)
         self._draft: tuple[DraftTree, int] | None = None  # the drafted tree and its verified size, if drafted
         self._learn = True  # whether the drafter learns from the planned step (see plan)
+        self._no_logits = torch.empty(0, runner.vocab_size)  # what a drafter that reads no logits learns from
         self._step: Step | None = None  # the step planned and not yet taken
         self._started = self._step_started = 0.0
 
@@ -152,15 +168,17 @@ class Generation:
 
     def __iter__(self) -> Iterator[list[int]]:
         while (step := self.plan()) is not None:
-            emitted = self.take(self.run_alone(step))
+            emitted = self.take(*self.run_alone(step))
             if emitted:
                 yield emitted
 
-    def run_alone(self, step: Step) -> torch.Tensor:
-        """The pass of a planned step with no other request in it: its final hidden states [q, hidden]."""
+    def run_alone(self, step: Step) -> tuple[torch.Tensor | None, PassLogits | None]:
+        """The pass of a planned step with no other request in it: a prefill chunk's final hidden
+        states [q, hidden], or a tree's logits (what :meth:`take` takes)."""
         if step.tree is None:
-            return self.runner.prefill(step.tokens, self.should_stop)  # runs and commits in chunks
-        return self.runner.forward(step.tokens, step.positions, step.tree_mask)
+            return self.runner.prefill(step.tokens, self.should_stop), None  # runs and commits in chunks
+        tree = step.tree
+        return None, self.runner.tree_logits(tree.tokens, tree.depths, tree.ancestor_mask)
 
     def plan(self, prefill_limit: int | None = None, budget: int | None = None) -> Step | None:
         """The next step (None once done): a chunk of at most ``prefill_limit`` prompt tokens
@@ -172,9 +190,7 @@ class Generation:
             self._prepare()
         if self._unfilled:
             count = len(self._unfilled) if prefill_limit is None else min(prefill_limit, len(self._unfilled))
-            length = self.runner.length
-            self._step = Step(torch.tensor(self._unfilled[:count], dtype=torch.long),
-                              torch.arange(length, length + count), None)
+            self._step = Step(None, self.runner.length, self._unfilled[:count])
             return self._step
         if not self._begun:
             self._begin()
@@ -193,7 +209,7 @@ class Generation:
             if self._shadows or len(tree) > chosen + 1:  # not a tree cut to a batch's budget: its drafter may not
                 self._pending.append((tree, len(self.token_ids), verified))
             tree = tree.prefix(verified + 1)
-        self._step = Step(torch.from_numpy(tree.tokens), tree.positions(self.runner.length), tree)
+        self._step = Step(tree, self.runner.length)
         return self._step
 
     def draft(self) -> None:
@@ -235,18 +251,19 @@ class Generation:
             size = candidate
         return gains + [0.0] * (verified - size)
 
-    def take(self, hidden: torch.Tensor, logits: torch.Tensor | None = None, pass_rows: int | None = None,
-             pass_seconds: float | None = None) -> list[int]:
+    def take(self, hidden: torch.Tensor | None, logits: torch.Tensor | PassLogits | None = None,
+             pass_rows: int | None = None, pass_seconds: float | None = None) -> list[int]:
         """Finish the planned step from its final hidden states [q, hidden]; return the tokens it
         emitted (none for a prefill chunk, whose rows the pass has committed). ``logits`` [q, vocab]:
-        theirs, if already computed (a batch computes every request's in one call). ``pass_rows``
+        theirs, if already computed (a batch computes every request's in one call; a tree's own pass,
+        :meth:`run_alone`, only them). ``pass_rows``
         and ``pass_seconds``: the size and time of a batched pass it was part of, which the budget
         policy learns t(q) from (alone: this step's own)."""
         step, self._step = self._step, None
         if step is None:
             raise RuntimeError("take() needs a step from plan()")
         if step.tree is None:
-            del self._unfilled[: len(step.tokens)]
+            del self._unfilled[: len(step)]
             self._recent = torch.cat([self._recent, hidden[-WARM_START_POSITIONS:]])[-WARM_START_POSITIONS:]
             if not self._unfilled:
                 self._begin()
@@ -255,6 +272,8 @@ class Generation:
         self._draft = None
         if logits is None:
             logits = runner.logits(hidden)  # [nodes, vocab]
+        if not isinstance(logits, PassLogits):
+            logits = PassLogits(logits, runner.kernels)
         # accept
         path, bonus = verify(tree, logits, self._context, self.sampling, self.generator)
         emitted = [int(t) for t in tree.tokens[path[1:]]] + [bonus]
@@ -266,7 +285,7 @@ class Generation:
         runner.commit(path)
         if drafter is not None:
             if self._learn:
-                drafter.learn(tree, logits, path)
+                drafter.learn(tree, logits.tensor if drafter.reads_logits else self._no_logits, path)
             self.policy.observe(len(tree) - 1, path)
             if pass_rows is None:
                 self.policy.record_cost(len(tree), time.perf_counter() - self._step_started)

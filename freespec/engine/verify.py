@@ -21,6 +21,7 @@ from freespec import kernels
 from freespec.engine.distribution import draw, target_probs, tree_repetition_penalty
 from freespec.engine.sampling import SamplingParams
 from freespec.engine.tree import DraftTree
+from freespec.model.runner import PassLogits
 
 Target = Callable[[int], torch.Tensor]
 """node → [vocab] the target distribution after that node's prefix (computed on demand)."""
@@ -143,15 +144,18 @@ def _normalised(weights: np.ndarray, fallback: np.ndarray | None = None) -> np.n
     return weights / total
 
 
-def verify(tree: DraftTree, logits: torch.Tensor, context: np.ndarray, params: SamplingParams,
+def verify(tree: DraftTree, logits: PassLogits, context: np.ndarray, params: SamplingParams,
            generator: torch.Generator) -> tuple[list[int], int]:
     """The accepted path and bonus token for ``logits`` [n, vocab] at the nodes of ``tree``.
 
     ``context`` holds the prompt and the tokens generated so far (ending with the root's token):
     with the node's ancestors it is the prefix the repetition penalty looks at. Greedy (temperature
-    0) takes the argmax of the penalised logits, as plain greedy decoding does.
+    0) takes the argmax of the penalised logits, as plain greedy decoding does; without a penalty,
+    the logits' own maxima (no tensor is made).
     """
-    logits = tree_repetition_penalty(logits, context, tree, params.repetition_penalty)
+    if params.greedy and params.repetition_penalty == 1.0:
+        return greedy_accept(tree, logits.argmax)
+    logits = tree_repetition_penalty(logits.tensor, context, tree, params.repetition_penalty)
     if params.greedy:
         return greedy_accept(tree, kernels.select().argmax(logits))
 

@@ -3,13 +3,15 @@ on its way to C.
 
 C reads arrays by address with no idea of their dtype or size: a wrong width or dtype reads
 past a buffer or misreads its bytes. :func:`address` is the only way a tensor's address reaches
-a kernel here, and it checks dtype, shape and contiguity first (a few attribute reads).
+a kernel here (:func:`array_address` a numpy array's), and it checks dtype, shape and contiguity
+first (a few attribute reads).
 """
 
 from __future__ import annotations
 
 import ctypes
 
+import numpy as np
 import torch
 
 OK, OUT_OF_MEMORY, BAD_MATRIX = 0, 1, 2  # the FREESPEC_* status codes
@@ -78,6 +80,14 @@ def address(name: str, tensor: torch.Tensor, dtype: torch.dtype, shape: tuple[in
         raise ValueError(f"{name}: the kernel needs a contiguous {dtype} tensor of shape {list(shape)}, "
                          f"got a {layout}{tensor.dtype} tensor of shape {list(tensor.shape)}")
     return tensor.data_ptr()
+
+
+def array_address(name: str, array: np.ndarray, dtype: type, shape: tuple[int, ...]) -> int:
+    """:func:`address` for a numpy array (what a decoding step hands the kernels, touching no torch)."""
+    if array.dtype != dtype or array.shape != shape or not array.flags.c_contiguous:
+        raise ValueError(f"{name}: the kernel needs a contiguous {np.dtype(dtype)} array of shape {list(shape)}, "
+                         f"got {array.dtype} of shape {list(array.shape)}")
+    return array.ctypes.data
 
 
 def check_status(status: int, what: str) -> None:

@@ -27,6 +27,7 @@ import contextlib
 import inspect
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
@@ -38,8 +39,10 @@ from freespec.model.kv_cache import SKIPPED, common_prefix
 from freespec.model.runner import (
     PREFILL_CHUNK,
     ModelRunner,
+    PassLogits,
     PrefillCancelled,
     check_pass,
+    forward_logits,
 )
 from freespec.model.weights import (
     UnsupportedModelError,
@@ -330,6 +333,10 @@ class TransformersRunner:
             finally:
                 setattr(self.model, prefix, self.decoder)
         return logits.float().cpu()
+
+    def tree_logits(self, tokens: np.ndarray, depths: np.ndarray, tree_mask: np.ndarray) -> PassLogits:
+        """A draft tree's logits: :meth:`forward`, then :meth:`logits`."""
+        return forward_logits(self, tokens, depths, tree_mask)
 
     def embedding_probe(self) -> list[float]:
         """A few embedding values: tells models of the same shape apart in cache keys."""

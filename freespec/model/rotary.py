@@ -61,11 +61,20 @@ class RotaryTables:
     def rows(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(cos table, sin table, rows): token i's (cos, sin) [head_dim] are row ``rows[i]`` of
         the contiguous tables; ``positions`` [n] int64, each below the model's context."""
-        end = max(positions.tolist()) + 1  # a list's max: a torch reduction costs ~20 µs in a decoding step
+        self._hold(max(positions.tolist()) + 1)  # a list's max: a torch reduction costs ~20 µs in a decoding step
+        return self._cos, self._sin, positions
+
+    def addresses(self, end: int) -> tuple[int, int]:
+        """The data addresses of the cos and sin tables [*, head_dim] (contiguous fp32), once they
+        hold the positions below ``end``: what the kernels' one-request pass reads."""
+        self._hold(end)
+        return self._addresses
+
+    def _hold(self, end: int) -> None:
         if self._cos.shape[0] < end:
             size = min(self._max_positions, max(end, 2 * self._cos.shape[0], 1024))
             self._cos, self._sin = self._tables(size)
-        return self._cos, self._sin, positions
+            self._addresses = (self._cos.data_ptr(), self._sin.data_ptr())
 
     def _tables(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [size, head_dim]: the rotary modules' forward for positions 0..size-1."""

@@ -20,8 +20,10 @@ sliding window, if it has one, so the model's whole context is served.
 from __future__ import annotations
 
 import copy
+from functools import cached_property
 from typing import Callable, NamedTuple, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
@@ -113,6 +115,34 @@ def forward_batch(passes: Sequence[BatchPass]) -> list[torch.Tensor]:
         check_pass(item.tokens, item.positions, item.tree_mask, frozenset(), first.num_layers, first.max_positions)
     hidden = first._run([(item.runner.cache, item.tokens, item.positions, item.tree_mask) for item in passes])
     return list(hidden.split([item.tokens.shape[0] for item in passes]))
+
+
+class PassLogits:
+    """A pass's logits [q, vocab] (a tensor, or the numpy buffer of
+    :meth:`ModelRunner.tree_logits`, which the runner's next tree pass of q rows overwrites: read
+    them before) and each row's first maximum, read without making a tensor."""
+
+    def __init__(self, logits: torch.Tensor | np.ndarray, kernels: Kernels):
+        self._logits, self._kernels = logits, kernels
+
+    @cached_property
+    def tensor(self) -> torch.Tensor:
+        """[q, vocab] fp32 (sharing the buffer's memory)."""
+        return self._logits if isinstance(self._logits, torch.Tensor) else torch.from_numpy(self._logits)
+
+    @cached_property
+    def argmax(self) -> np.ndarray:
+        """[q] int64: each row's first maximum, as ``torch.argmax`` gives it."""
+        return self._kernels.argmax(self._logits if isinstance(self._logits, np.ndarray) else self.tensor)
+
+
+def forward_logits(runner, tokens: np.ndarray, depths: np.ndarray, tree_mask: np.ndarray) -> PassLogits:
+    """A draft tree's logits through a runner's ``forward`` and ``logits``: what
+    :meth:`ModelRunner.tree_logits` computes without its one-call decoder, and the
+    ``tree_logits`` of runners that have none (transformers', a test's)."""
+    positions = torch.from_numpy(depths + runner.length)
+    hidden = runner.forward(torch.from_numpy(tokens), positions, torch.from_numpy(tree_mask))
+    return PassLogits(runner.logits(hidden), runner.kernels)
 
 
 class PrefillCancelled(Exception):
@@ -243,6 +273,34 @@ class ModelRunner:
         """
         check_pass(tokens, positions, tree_mask, skip, self.num_layers, self.max_positions)
         return self._run([(self.cache, tokens, positions, tree_mask)], skip=frozenset(skip))
+
+    def tree_logits(self, tokens: np.ndarray, depths: np.ndarray, tree_mask: np.ndarray) -> PassLogits:
+        """The logits of a draft tree's pass: ``tokens`` [q] at positions ``length + depths`` [q],
+        ``tree_mask`` [q, q] (bool) as in :meth:`forward`; ``logits(forward(...))``, the same bits.
+
+        The one-call decoder runs it from numpy arrays straight into a buffer (see
+        :meth:`freespec.kernels.OneCallDecoder.tree_logits`), so that a decoding step touches no
+        torch unless something reads the logits themselves (:class:`PassLogits`).
+        """
+        if self._decoder is None or self.weights.final_softcap is not None:
+            return forward_logits(self, tokens, depths, tree_mask)
+        if not (tokens.dtype == np.int64 and tree_mask.dtype == np.bool_ and tokens.flags.c_contiguous
+                and tree_mask.flags.c_contiguous):  # the C pass reads them by pointer
+            tokens, tree_mask = np.ascontiguousarray(tokens, np.int64), np.ascontiguousarray(tree_mask, np.bool_)
+        cache, length = self.cache, self.cache.length
+        positions = (depths + length).astype(np.int64, copy=False)  # [q]
+        ids, last = tokens.tolist(), length + int(depths.max())
+        if length + len(ids) > cache.capacity:
+            raise ValueError(f"cache overflow: {length + len(ids)} rows needed, capacity {cache.capacity}")
+        if last >= self.max_positions:
+            raise ValueError(f"positions {length}..{last} are outside the model's context of {self.max_positions}")
+        if min(ids) < 0 or max(ids) >= self.vocab_rows:
+            bad = next(i for i in ids if not 0 <= i < self.vocab_rows)
+            raise ValueError(f"token id {bad} is out of range: this model's ids are 0..{self.vocab_rows - 1}")
+        cache.pending = ids
+        rotary = [self.rotary[kind].addresses(last + 1) for kind in self._decoder.rotary_kinds]
+        return PassLogits(self._decoder.tree_logits(tokens, positions, tree_mask, *cache.addresses, cache.capacity,
+                                                    length, rotary), self.kernels)
 
     def _run(self, sequences: Sequence[tuple[KVCache, torch.Tensor, torch.Tensor, torch.Tensor]],
              skip: frozenset[int] = frozenset()) -> torch.Tensor:

@@ -32,7 +32,9 @@ from freespec.engine.distribution import (
 from freespec.engine.loop import Generation
 from freespec.engine.sampling import SamplingParams
 from freespec.engine.tree import DraftTree
+from freespec.kernels import Kernels
 from freespec.model.kv_cache import common_prefix
+from freespec.model.runner import PassLogits, forward_logits
 from tests.helpers import (
     ALPHA,
     VOCAB,
@@ -88,6 +90,8 @@ class ReplayRunner:
     """
 
     max_positions = 512
+    vocab_size = VOCAB
+    kernels = Kernels()  # torch's argmax, for greedy steps
 
     def __init__(self, cache: LogitCache):
         self.cache = cache
@@ -123,6 +127,9 @@ class ReplayRunner:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden
+
+    def tree_logits(self, tokens: np.ndarray, depths: np.ndarray, tree_mask: np.ndarray) -> PassLogits:
+        return forward_logits(self, tokens, depths, tree_mask)
 
     def commit(self, kept: list[int]) -> None:
         self.sequence += [self._nodes[i] for i in kept]
@@ -261,10 +268,10 @@ def test_each_drafter_keeps_the_distribution(harness, case, options, samples):
 # -- deliberately wrong rules: the same test must reject them ---------------------------------------
 
 
-def kept_child_rule(tree: DraftTree, logits: torch.Tensor, context: np.ndarray, params: SamplingParams,
+def kept_child_rule(tree: DraftTree, logits: PassLogits, context: np.ndarray, params: SamplingParams,
                     generator: torch.Generator) -> tuple[list[int], int]:
     """Wrong: accept the first drafted child the target keeps (top-k, top-p, min-p) without sampling."""
-    logits = tree_repetition_penalty(logits, context, tree, params.repetition_penalty)
+    logits = tree_repetition_penalty(logits.tensor, context, tree, params.repetition_penalty)
     path, node = [0], 0
     while True:
         probs = target_probs(logits[node], params)
@@ -275,11 +282,11 @@ def kept_child_rule(tree: DraftTree, logits: torch.Tensor, context: np.ndarray, 
         node = follow
 
 
-def independent_rule(tree: DraftTree, logits: torch.Tensor, context: np.ndarray, params: SamplingParams,
+def independent_rule(tree: DraftTree, logits: PassLogits, context: np.ndarray, params: SamplingParams,
                      generator: torch.Generator) -> tuple[list[int], int]:
     """Wrong: accept each drafted child with its own target probability, else draw from the whole
     target (no residual), as sampling each candidate path independently does."""
-    logits = tree_repetition_penalty(logits, context, tree, params.repetition_penalty)
+    logits = tree_repetition_penalty(logits.tensor, context, tree, params.repetition_penalty)
     path, node = [0], 0
     while True:
         probs = target_probs(logits[node], params)

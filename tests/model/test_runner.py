@@ -94,6 +94,51 @@ def test_tree_logits_equal_one_token_logits_bitwise(family, kernel_build):
     assert torch.equal(tree_logits[:4], decode_one_by_one(runner, ids, 8, 12))
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3_text", "gemma2", "gpt2"])
+def test_a_trees_own_pass_gives_the_logits_of_forward_then_logits(family, kernel_build):
+    """tree_logits (the one-call decoder from numpy arrays into a reused buffer; Gemma 2's capped
+    logits and GPT-2 through forward) gives the bits of logits(forward(...)), their first maxima,
+    and the same cache rows: the next step's logits agree too."""
+    runner = runner_for(tiny_model(family, seed=4), kernel_build)
+    ids = torch.randint(runner.vocab_size, (12,), generator=torch.Generator().manual_seed(5))
+    trees = [DraftTree(np.array([*ids[8:12].tolist(), 7, 9]), np.array([-1, 0, 1, 2, 0, 4])),
+             DraftTree.root_only(int(ids[8])), DraftTree(np.array([int(ids[8]), 3]), np.array([-1, 0]))]
+    for tree in trees * 2:  # again: the buffers of each size are reused
+        passes = []
+        for own in (True, False):
+            runner.reset(32)
+            runner.prefill(ids[:8])
+            if own:
+                logits = runner.tree_logits(tree.tokens, tree.depths, tree.ancestor_mask)
+                tensor, argmax = logits.tensor.clone(), logits.argmax
+            else:
+                tensor = runner.logits(runner.forward(*tree.attention_inputs(runner.length)))
+                argmax = torch.argmax(tensor, dim=-1).numpy()
+            runner.commit([0])
+            after = runner.logits(runner.forward(torch.tensor([5]), torch.tensor([9]), torch.ones(1, 1, dtype=torch.bool)))
+            passes.append((tensor, argmax, after))
+        (own, own_argmax, own_after), (reference, argmax, after) = passes
+        assert torch.equal(own, reference) and np.array_equal(own_argmax, argmax) and torch.equal(own_after, after)
+
+
+def test_a_trees_own_pass_refuses_what_forward_refuses(c_kernels):
+    runner = runner_for(tiny_model("llama", seed=10), c_kernels)
+    runner.reset(4)  # rounded up to 256 rows
+    runner.prefill(torch.tensor([1, 2, 3]))
+    mask = np.ones((2, 2), dtype=bool)
+    for bad in (256, 10**12, -3):
+        with pytest.raises(ValueError, match=f"token id {bad} is out of range: this model's ids are 0..255"):
+            runner.tree_logits(np.array([4, bad]), np.array([0, 1]), mask)
+    with pytest.raises(ValueError, match=r"positions 3..600 are outside the model's context of 512"):
+        runner.tree_logits(np.array([4, 5]), np.array([0, 597]), mask)
+    with pytest.raises(ValueError, match="cache overflow: 303 rows needed, capacity 256"):
+        runner.tree_logits(np.arange(300) % 100, np.arange(300), np.ones((300, 300), dtype=bool))
+    assert runner.length == 3
+    expected = runner.tree_logits(np.array([4, 5]), np.array([0, 1]), mask).tensor.clone()
+    converted = runner.tree_logits(np.array([4, 5], dtype=np.int32), np.array([0, 1]), mask.astype(np.float32))
+    assert torch.equal(converted.tensor, expected)  # other dtypes are converted, not misread
+
+
 def test_large_tree_is_batch_invariant_too(kernel_build):
     """An 80-node tree (the paper's size) must not switch to a non-invariant kernel."""
     runner = runner_for(tiny_model("llama", seed=3), kernel_build)
