@@ -14,6 +14,10 @@ import numpy as np
 import torch
 
 
+# every root-only tree's parents, depths and mask (never written: torch would warn of read-only ones)
+_ROOT_PARENTS, _ROOT_DEPTHS, _ROOT_MASK = np.array([-1], dtype=np.int64), np.zeros(1, dtype=np.int64), np.ones((1, 1), dtype=bool)
+
+
 @dataclass(frozen=True, eq=False)
 class DraftTree:
     tokens: np.ndarray  # [n] int64 token ids; tokens[0] is the root
@@ -37,10 +41,10 @@ class DraftTree:
 
     @classmethod
     def root_only(cls, token: int) -> DraftTree:
-        """Plain decoding's tree, made every step: its depths and mask filled in (as the cached
-        properties would compute them) rather than computed."""
-        tree = cls._unchecked(np.array([token], dtype=np.int64), np.array([-1], dtype=np.int64))
-        tree.__dict__.update(depths=np.zeros(1, dtype=np.int64), ancestor_mask=np.ones((1, 1), dtype=bool))
+        """Plain decoding's tree, made every step: its parents, depths and mask shared by every
+        root-only tree rather than made."""
+        tree = cls._unchecked(np.array([token], dtype=np.int64), _ROOT_PARENTS)
+        tree.__dict__.update(depths=_ROOT_DEPTHS, ancestor_mask=_ROOT_MASK)
         return tree
 
     @classmethod

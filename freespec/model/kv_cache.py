@@ -34,22 +34,29 @@ class KVCache:
         self.layers, self.kv_heads, self.head_dim, self.max_positions = layers, kv_heads, head_dim, max_positions
         self.keys = torch.empty(0)
         self.values = torch.empty(0)
-        self._addressed: tuple[torch.Tensor, torch.Tensor] | None = None  # the tensors `addresses` holds
+        self._layout: tuple | None = None  # (keys, values, capacity, their addresses), see _laid_out
         self.length = 0  # committed rows
         self.row_tokens: list[int] = []  # the token of each committed row; SKIPPED: not reusable
         self.pending: list[int] = []  # the last forward's tokens, as commit records them
 
     @property
     def capacity(self) -> int:
-        return self.keys.shape[2] if self.keys.dim() == 4 else 0
+        return self._laid_out()[2]
 
     @property
     def addresses(self) -> tuple[int, int]:
-        """The data addresses of keys and values (the kernels' one-request pass reads them), asked
-        of torch again only when the tensors change."""
-        if self._addressed is None or self._addressed[0] is not self.keys or self._addressed[1] is not self.values:
-            self._addressed, self._addresses = (self.keys, self.values), (self.keys.data_ptr(), self.values.data_ptr())
-        return self._addresses
+        """The data addresses of keys and values (the kernels' one-request pass reads them)."""
+        return self._laid_out()[3]
+
+    def _laid_out(self) -> tuple:
+        """(keys, values, capacity, addresses), asked of torch again only when the tensors change:
+        a decoding step reads them where each torch call costs tens of µs (see
+        :meth:`freespec.model.runner.ModelRunner.tree_logits`)."""
+        keys, values = self.keys, self.values
+        if self._layout is None or self._layout[0] is not keys or self._layout[1] is not values:
+            capacity = keys.shape[2] if keys.dim() == 4 else 0
+            self._layout = (keys, values, capacity, (keys.data_ptr(), values.data_ptr()))
+        return self._layout
 
     def reset(self, capacity: int) -> None:
         """Empty the cache and make sure it holds ``capacity`` positions."""
