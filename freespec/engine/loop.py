@@ -91,7 +91,9 @@ class Step:
     @property
     def positions(self) -> torch.Tensor:
         """[q] int64."""
-        return torch.arange(self.start, self.start + len(self)) if self.tree is None else self.tree.positions(self.start)
+        if self.tree is None:
+            return torch.arange(self.start, self.start + len(self))
+        return self.tree.positions(self.start)
 
     @property
     def tree_mask(self) -> torch.Tensor:

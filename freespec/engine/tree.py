@@ -15,7 +15,8 @@ import torch
 
 
 # every root-only tree's parents, depths and mask (never written: torch would warn of read-only ones)
-_ROOT_PARENTS, _ROOT_DEPTHS, _ROOT_MASK = np.array([-1], dtype=np.int64), np.zeros(1, dtype=np.int64), np.ones((1, 1), dtype=bool)
+_ROOT_PARENTS, _ROOT_DEPTHS = np.array([-1], dtype=np.int64), np.zeros(1, dtype=np.int64)
+_ROOT_MASK = np.ones((1, 1), dtype=bool)
 
 
 @dataclass(frozen=True, eq=False)

@@ -437,11 +437,12 @@ class OneCallDecoder:
             scale=h.scale, H=h.heads, KV=h.kv_heads, D=h.dim,
             embed_scale=1.0 if weights.embed_scale is None else weights.embed_scale,
             softcap=0.0 if h.softcap is None else h.softcap, activation=self.ACTIVATIONS[weights.activation])
-        # tree_logits': the lm_head's description, the one sequence, and per row count the output buffers
+        # tree_logits': the lm_head's description, the one sequence, and its output buffers
         self._lm_head = MatrixStruct("lm_head", weights.lm_head.weight, weights.lm_head.bias)
         self.vocab = weights.lm_head.weight.shape[0]
         self._one = (abi.DecoderSequence * 1)()
-        self._buffers: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # rows → (hidden [q, hidden], logits [q, vocab])
+        self._hidden = np.empty((0, self.hidden), dtype=np.float32)  # [rows, hidden]
+        self._logits = np.empty((0, self.vocab), dtype=np.float32)  # [rows, vocab]
 
     def _norm(self, name: str, norm: RMSNorm | None, width: int) -> int | None:
         return None if norm is None else abi.address(name, norm.weight, torch.float32, (width,))
@@ -535,7 +536,7 @@ class OneCallDecoder:
                     capacity: int, past: int, rotary: Sequence[tuple[int, int]]) -> np.ndarray:
         """One request's pass and its lm_head: tokens [q] int64 at positions [q] int64, each seeing
         the ``past`` committed cache rows and the new tokens ``tree_mask`` [q, q] (bool) allows →
-        logits [q, vocab] in a buffer the next call with q rows overwrites.
+        logits [q, vocab] in a buffer the next call overwrites.
 
         What :meth:`__call__` then the lm_head compute, the same bits, from numpy arrays and C
         structs made once. A decoding step runs right after the pass has streamed the weights
@@ -547,13 +548,15 @@ class OneCallDecoder:
         caller checks that ids and positions lie within the model's tables and the cache.
         """
         n = tokens.shape[0]
-        if positions.shape != (n,) or tree_mask.shape != (n, n) or past + n > capacity or len(rotary) != len(self.rotary_kinds):
+        if (positions.shape != (n,) or tree_mask.shape != (n, n) or past + n > capacity
+                or len(rotary) != len(self.rotary_kinds)):
             raise ValueError(f"a tree pass needs tokens [q], positions [q], a tree mask [q, q] and room for q rows, "
                              f"got {list(tokens.shape)}, {list(positions.shape)}, {list(tree_mask.shape)}, "
                              f"{past} + {n} rows in {capacity}")
-        if n not in self._buffers:
-            self._buffers[n] = (np.empty((n, self.hidden), dtype=np.float32), np.empty((n, self.vocab), dtype=np.float32))
-        hidden, logits = self._buffers[n]
+        if self._hidden.shape[0] < n:  # one buffer of the most rows yet (not one per size: 80 rows are 16 MB)
+            self._hidden = np.empty((n, self.hidden), dtype=np.float32)
+            self._logits = np.empty((n, self.vocab), dtype=np.float32)
+        hidden, logits = self._hidden[:n], self._logits[:n]
         sequence, call = self._one[0], self._pass
         sequence.keys, sequence.values, sequence.capacity, sequence.past, sequence.n = keys, values, capacity, past, n
         sequence.tree_mask = abi.array_address("tree mask", tree_mask, np.bool_, (n, n))
@@ -565,6 +568,6 @@ class OneCallDecoder:
             call.rope_rows[index] = None if cos is None else call.positions
         call.sequences, call.num_sequences, call.skip, call.out = self._one, 1, None, hidden.ctypes.data
         abi.check_status(self._library.freespec_forward_llama(ctypes.byref(call)), "the decoder pass")
-        abi.check_status(self._library.freespec_linear(self._lm_head.pointer, hidden.ctypes.data, logits.ctypes.data, n),
-                         "the lm_head")
+        status = self._library.freespec_linear(self._lm_head.pointer, hidden.ctypes.data, logits.ctypes.data, n)
+        abi.check_status(status, "the lm_head")
         return logits

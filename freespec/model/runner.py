@@ -119,8 +119,8 @@ def forward_batch(passes: Sequence[BatchPass]) -> list[torch.Tensor]:
 
 class PassLogits:
     """A pass's logits [q, vocab] (a tensor, or the numpy buffer of
-    :meth:`ModelRunner.tree_logits`, which the runner's next tree pass of q rows overwrites: read
-    them before) and each row's first maximum, read without making a tensor."""
+    :meth:`ModelRunner.tree_logits`, which the model's next tree pass overwrites: read them before)
+    and each row's first maximum, read without making a tensor."""
 
     def __init__(self, logits: torch.Tensor | np.ndarray, kernels: Kernels):
         self._logits, self._kernels = logits, kernels

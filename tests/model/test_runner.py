@@ -103,7 +103,7 @@ def test_a_trees_own_pass_gives_the_logits_of_forward_then_logits(family, kernel
     ids = torch.randint(runner.vocab_size, (12,), generator=torch.Generator().manual_seed(5))
     trees = [DraftTree(np.array([*ids[8:12].tolist(), 7, 9]), np.array([-1, 0, 1, 2, 0, 4])),
              DraftTree.root_only(int(ids[8])), DraftTree(np.array([int(ids[8]), 3]), np.array([-1, 0]))]
-    for tree in trees * 2:  # again: the buffers of each size are reused
+    for tree in trees * 2:  # again: the one buffer, grown to the most rows, is reused
         passes = []
         for own in (True, False):
             runner.reset(32)
@@ -115,7 +115,8 @@ def test_a_trees_own_pass_gives_the_logits_of_forward_then_logits(family, kernel
                 tensor = runner.logits(runner.forward(*tree.attention_inputs(runner.length)))
                 argmax = torch.argmax(tensor, dim=-1).numpy()
             runner.commit([0])
-            after = runner.logits(runner.forward(torch.tensor([5]), torch.tensor([9]), torch.ones(1, 1, dtype=torch.bool)))
+            root = torch.ones(1, 1, dtype=torch.bool)
+            after = runner.logits(runner.forward(torch.tensor([5]), torch.tensor([9]), root))
             passes.append((tensor, argmax, after))
         (own, own_argmax, own_after), (reference, argmax, after) = passes
         assert torch.equal(own, reference) and np.array_equal(own_argmax, argmax) and torch.equal(own_after, after)
