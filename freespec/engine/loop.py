@@ -257,10 +257,10 @@ class Generation:
              pass_rows: int | None = None, pass_seconds: float | None = None) -> list[int]:
         """Finish the planned step from its final hidden states [q, hidden]; return the tokens it
         emitted (none for a prefill chunk, whose rows the pass has committed). ``logits`` [q, vocab]:
-        theirs, if already computed (a batch computes every request's in one call; a tree's own pass,
-        :meth:`run_alone`, only them). ``pass_rows``
-        and ``pass_seconds``: the size and time of a batched pass it was part of, which the budget
-        policy learns t(q) from (alone: this step's own)."""
+        theirs, if already computed (a batch computes every request's in one call; a tree's own
+        pass, :meth:`run_alone`, only them). ``pass_rows`` and ``pass_seconds``: the size and time
+        of a batched pass it was part of, which the budget policy learns t(q) from (alone: this
+        step's own)."""
         step, self._step = self._step, None
         if step is None:
             raise RuntimeError("take() needs a step from plan()")
