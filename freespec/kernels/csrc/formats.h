@@ -569,9 +569,9 @@ static inline vec q6_k_decode(const uint8_t *b, const Q6KParams *p, int group, i
     DEFINE_FORMAT_FOUR_TILE(NAME##_four, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)                   \
     DEFINE_FORMAT_MANY_TILES(NAME##_many, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)                  \
     DEFINE_FORMAT_DECODE_ROWS(NAME##_decode_rows, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)           \
+    static int64_t NAME##_row_bytes(const Matrix *matrix) { return matrix->K / (32 * GROUPS) * UNIT_BYTES; } \
     static void NAME##_row(const Matrix *matrix, int64_t r, float *out) {                        \
-        const int64_t row_bytes = matrix->K / (32 * GROUPS) * UNIT_BYTES;                        \
-        NAME##_decode_rows((const uint8_t *)matrix->data + r * row_bytes, 1, matrix->K, out);    \
+        NAME##_decode_rows((const uint8_t *)matrix->data + r * NAME##_row_bytes(matrix), 1, matrix->K, out); \
     }                                                                                            \
     /* one block of BUFFER_ROWS weight rows times `cols` (1 to MANY_COLS) input rows */         \
     static inline void NAME##_tiles(const float *x, const uint8_t *block, float *y, int64_t ldy, int64_t K, \
@@ -593,7 +593,7 @@ static inline vec q6_k_decode(const uint8_t *b, const Q6KParams *p, int group, i
     static void NAME(const Matrix *matrix, const float *x, float *y, int64_t M, int64_t ldy,    \
                      int64_t first, int64_t end) {                                               \
         const uint8_t *w = matrix->data;                                                         \
-        const int64_t N = matrix->N, K = matrix->K, row_bytes = K / (32 * GROUPS) * UNIT_BYTES;  \
+        const int64_t N = matrix->N, K = matrix->K, row_bytes = NAME##_row_bytes(matrix);        \
         const int64_t blocks = N / BUFFER_ROWS;                                                  \
         for (int64_t b = first; b < end; b++) {                                                  \
             const int64_t n = b * BUFFER_ROWS, rows = b < blocks ? BUFFER_ROWS : N - n;          \
@@ -651,6 +651,7 @@ DEFINE_FORMAT_LINEAR(q6_k_linear, 8, Q6_K_BYTES, Q6KParams, q6_k_prepare, q6_k_d
         for (int64_t k = 0; k < kv; k += LANES) vec_store(out + k, LOAD(row + k));               \
         for (int64_t k = kv; k < K; k++) out[k] = SCALAR(row[k]);                                \
     }                                                                                            \
+    static int64_t NAME##_row_bytes(const Matrix *matrix) { return matrix->K * (int64_t)sizeof(uint16_t); } \
     static void NAME##_row(const Matrix *matrix, int64_t r, float *out) {                        \
         NAME##_widen_row((const uint16_t *)matrix->data + r * matrix->K, matrix->K, out);        \
     }                                                                                            \

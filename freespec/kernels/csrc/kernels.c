@@ -283,6 +283,8 @@ static void f32_linear(const Matrix *matrix, const float *x, float *y, int64_t M
         EXPAND(LINEAR_NAME, LARGE_ROWS, LARGE_COLS)(x, matrix->data, y, M, matrix->N, matrix->K, ldy, first, end);
 }
 
+static int64_t f32_row_bytes(const Matrix *matrix) { return matrix->K * (int64_t)sizeof(float); }
+
 static void f32_row(const Matrix *matrix, int64_t r, float *out) {
     memcpy(out, (const float *)matrix->data + r * matrix->K, matrix->K * sizeof(float));
 }
@@ -456,6 +458,10 @@ static void buffered_tiles(const float *x, const float *w, float *y, int64_t ldy
             for (int step = 0; step < STEPS; step++)                                             \
                 vec_store(out + block * 32 + step * LANES, LOAD(q, scales, block, step));        \
     }                                                                                            \
+    static int64_t NAME##_row_bytes(const Matrix *matrix) { /* the codes' (the scales aside) */  \
+        const int64_t K = matrix->K;                                                             \
+        return (ROW_BYTES) * (int64_t)sizeof(TYPE);                                              \
+    }                                                                                            \
     static void NAME##_row(const Matrix *matrix, int64_t r, float *out) {                        \
         const int64_t K = matrix->K;                                                             \
         NAME##_decode_row((const TYPE *)matrix->data + r * (ROW_BYTES), matrix->scales + r * (ROW_SCALES), K, out); \
@@ -537,28 +543,11 @@ static int64_t buffer_rows(int64_t M) { /* the block formats', whatever M */
     return BUFFER_ROWS;
 }
 
-#define ROW_BYTES(NAME, BYTES) \
-    static int64_t NAME##_row_bytes(const Matrix *m) { return BYTES; }
-ROW_BYTES(f32, m->K * 4)
-ROW_BYTES(f16, m->K * 2)
-ROW_BYTES(bf16, m->K * 2)
-ROW_BYTES(q4_0, m->K / 32 * Q4_0_BYTES)
-ROW_BYTES(q4_1, m->K / 32 * Q4_1_BYTES)
-ROW_BYTES(q5_0, m->K / 32 * Q5_0_BYTES)
-ROW_BYTES(q5_1, m->K / 32 * Q5_1_BYTES)
-ROW_BYTES(q8_0, m->K / 32 * Q8_0_BYTES)
-ROW_BYTES(q4_k, m->K / 256 * Q4_K_BYTES)
-ROW_BYTES(q5_k, m->K / 256 * Q5_K_BYTES)
-ROW_BYTES(q6_k, m->K / 256 * Q6_K_BYTES)
-ROW_BYTES(packed_q4, m->K / 2)
-ROW_BYTES(packed_q8, m->K)
-#undef ROW_BYTES
-
 static void stacked_row(const Matrix *matrix, int64_t r, float *out);
 
 /* The operations of a kind, or NULL for a kind the kernels do not read. */
 static const KindOps *kind_ops(int64_t kind) {
-#define BLOCK_KIND(NAME) {NAME##_linear, buffer_rows, NAME##_row_bytes, NAME##_linear_row}
+#define BLOCK_KIND(NAME) {NAME##_linear, buffer_rows, NAME##_linear_row_bytes, NAME##_linear_row}
     static const KindOps f32 = {f32_linear, f32_block_rows, f32_row_bytes, f32_row}, f16 = BLOCK_KIND(f16),
                          bf16 = BLOCK_KIND(bf16),
                          q4_0 = BLOCK_KIND(q4_0), q4_1 = BLOCK_KIND(q4_1), q5_0 = BLOCK_KIND(q5_0),
