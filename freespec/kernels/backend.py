@@ -490,7 +490,7 @@ class OneCallDecoder:
         (:class:`ModelRunner` does). Layers in ``skip`` are left out: the hidden state passes them
         unchanged and their cache rows are not written (self-speculation drafts).
         """
-        h, n, call = self.heads, tokens.shape[0], self._pass
+        h, n = self.heads, tokens.shape[0]
         if sum(sequence.tree_mask.shape[0] for sequence in sequences) != n:
             raise ValueError(f"the sequences' tree masks cover {sum(len(s.tree_mask) for s in sequences)} rows, "
                              f"the pass has {n} tokens")
@@ -516,21 +516,27 @@ class OneCallDecoder:
             raise ValueError(f"the layers rotate with {len(self.rotary_kinds)} tables, {len(rotary)} given")
         tokens, positions = tokens.contiguous(), positions.contiguous()
         rotary = [(cos, sin, rows.contiguous()) for cos, sin, rows in rotary]  # kept alive until the call returns
-        call.tokens = abi.address("tokens", tokens, torch.int64, (n,))
-        call.n = n
-        call.positions = abi.address("positions", positions, torch.int64, (n,))
-        for index in range(2):
-            cos, sin, rows = rotary[index] if index < len(rotary) else (None, None, None)
-            call.cos_tables[index] = None if cos is None else abi.address("cos table", cos, torch.float32,
-                                                                          (cos.shape[0], h.dim))
-            call.sin_tables[index] = None if sin is None else abi.address("sin table", sin, torch.float32,
-                                                                          (sin.shape[0], h.dim))
-            call.rope_rows[index] = None if rows is None else abi.address("rotary rows", rows, torch.int64, (n,))
-        call.sequences, call.num_sequences = structs, len(sequences)
-        call.skip = None if skipped is None else abi.address("skipped layers", skipped, torch.uint8, (self.num_layers,))
-        call.out = abi.address("output", out, torch.float32, (n, self.hidden))
-        abi.check_status(self._library.freespec_forward_llama(ctypes.byref(call)), "the decoder pass")
+        tables = [(abi.address("cos table", cos, torch.float32, (cos.shape[0], h.dim)),
+                   abi.address("sin table", sin, torch.float32, (sin.shape[0], h.dim)),
+                   abi.address("rotary rows", rows, torch.int64, (n,))) for cos, sin, rows in rotary]
+        skip_address = None if skipped is None else abi.address("skipped layers", skipped, torch.uint8,
+                                                                (self.num_layers,))
+        self._launch(abi.address("tokens", tokens, torch.int64, (n,)), n,
+                     abi.address("positions", positions, torch.int64, (n,)), tables, structs, len(sequences),
+                     skip_address, abi.address("output", out, torch.float32, (n, self.hidden)))
         return out
+
+    def _launch(self, tokens: int, n: int, positions: int, tables: Sequence[tuple[int, int, int]], sequences,
+                count: int, skip: int | None, out: int) -> None:
+        """The C pass over checked addresses: ``tables`` per rotary kind (cos, sin, rows), ``sequences``
+        the DecoderSequence array of ``count`` entries."""
+        call = self._pass
+        call.tokens, call.n, call.positions = tokens, n, positions
+        for index in range(2):
+            call.cos_tables[index], call.sin_tables[index], call.rope_rows[index] = (
+                tables[index] if index < len(tables) else (None, None, None))
+        call.sequences, call.num_sequences, call.skip, call.out = sequences, count, skip, out
+        abi.check_status(self._library.freespec_forward_llama(ctypes.byref(call)), "the decoder pass")
 
     def tree_logits(self, tokens: np.ndarray, positions: np.ndarray, tree_mask: np.ndarray, keys: int, values: int,
                     capacity: int, past: int, rotary: Sequence[tuple[int, int]]) -> np.ndarray:
@@ -558,17 +564,12 @@ class OneCallDecoder:
             self._hidden = np.empty((n, self.hidden), dtype=np.float32)
             self._logits = np.empty((n, self.vocab), dtype=np.float32)
         hidden, logits = self._hidden[:n], self._logits[:n]
-        sequence, call = self._one[0], self._pass
+        sequence = self._one[0]
         sequence.keys, sequence.values, sequence.capacity, sequence.past, sequence.n = keys, values, capacity, past, n
         sequence.tree_mask = abi.array_address("tree mask", tree_mask, np.bool_, (n, n))
-        call.tokens, call.n = abi.array_address("tokens", tokens, np.int64, (n,)), n
-        call.positions = abi.array_address("positions", positions, np.int64, (n,))
-        for index in range(2):
-            cos, sin = rotary[index] if index < len(rotary) else (None, None)
-            call.cos_tables[index], call.sin_tables[index] = cos, sin
-            call.rope_rows[index] = None if cos is None else call.positions
-        call.sequences, call.num_sequences, call.skip, call.out = self._one, 1, None, hidden.ctypes.data
-        abi.check_status(self._library.freespec_forward_llama(ctypes.byref(call)), "the decoder pass")
+        rows = abi.array_address("positions", positions, np.int64, (n,))  # a position is its rotary row
+        self._launch(abi.array_address("tokens", tokens, np.int64, (n,)), n, rows,
+                     [(cos, sin, rows) for cos, sin in rotary], self._one, 1, None, hidden.ctypes.data)
         status = self._library.freespec_linear(self._lm_head.pointer, hidden.ctypes.data, logits.ctypes.data, n)
         abi.check_status(status, "the lm_head")
         return logits
