@@ -290,17 +290,22 @@ class ModelRunner:
         cache, length = self.cache, self.cache.length
         positions = (depths + length).astype(np.int64, copy=False)  # [q]
         ids, last = tokens.tolist(), length + int(depths.max())
-        if length + len(ids) > cache.capacity:
-            raise ValueError(f"cache overflow: {length + len(ids)} rows needed, capacity {cache.capacity}")
         if last >= self.max_positions:
             raise ValueError(f"positions {length}..{last} are outside the model's context of {self.max_positions}")
-        if min(ids) < 0 or max(ids) >= self.vocab_rows:
-            bad = next(i for i in ids if not 0 <= i < self.vocab_rows)
-            raise ValueError(f"token id {bad} is out of range: this model's ids are 0..{self.vocab_rows - 1}")
+        self._check_rows(cache, ids)
         cache.pending = ids
         rotary = [self.rotary[kind].addresses(last + 1) for kind in self._decoder.rotary_kinds]
         return PassLogits(self._decoder.tree_logits(tokens, positions, tree_mask, *cache.addresses, cache.capacity,
                                                     length, rotary), self.kernels)
+
+    def _check_rows(self, cache: KVCache, ids: list[int]) -> None:
+        """ValueError unless rows for ``ids`` fit after the cache's committed ones and every id indexes
+        the embedding (C reads it by pointer), before anything is written."""
+        if cache.length + len(ids) > cache.capacity:
+            raise ValueError(f"cache overflow: {cache.length + len(ids)} rows needed, capacity {cache.capacity}")
+        if min(ids) < 0 or max(ids) >= self.vocab_rows:
+            bad = next(i for i in ids if not 0 <= i < self.vocab_rows)
+            raise ValueError(f"token id {bad} is out of range: this model's ids are 0..{self.vocab_rows - 1}")
 
     def _run(self, sequences: Sequence[tuple[KVCache, torch.Tensor, torch.Tensor, torch.Tensor]],
              skip: frozenset[int] = frozenset()) -> torch.Tensor:
@@ -309,13 +314,7 @@ class ModelRunner:
         sequences' rows in order. Token ids index the embedding table (in C by pointer): any
         outside it is refused here, before anything is written."""
         for cache, tokens, _, _ in sequences:
-            end = cache.length + tokens.shape[0]
-            if end > cache.capacity:
-                raise ValueError(f"cache overflow: {end} rows needed, capacity {cache.capacity}")
-            ids = tokens.tolist()
-            if min(ids) < 0 or max(ids) >= self.vocab_rows:
-                bad = next(i for i in ids if not 0 <= i < self.vocab_rows)
-                raise ValueError(f"token id {bad} is out of range: this model's ids are 0..{self.vocab_rows - 1}")
+            self._check_rows(cache, tokens.tolist())
         for cache, tokens, _, _ in sequences:
             cache.pending = [SKIPPED] * tokens.shape[0] if skip else tokens.tolist()
         # the dtypes every path reads (the C decoder by pointer): any integer ids, any mask
