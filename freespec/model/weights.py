@@ -49,6 +49,9 @@ EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_nu
 
 
 ATTENTION_KINDS = ("full_attention", "sliding_attention")  # layer types the runners' masks cover
+RECURRENT_KINDS = ("linear_attention", "mamba", "conv", "recurrent")
+"""Layer types that carry a state from token to token (transformers 5.25 names Mamba's layers
+``linear_attention`` and no longer marks its model class stateful)."""
 CAUSAL_HEADS = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")  # architecture names that generate
 
 
@@ -85,11 +88,14 @@ def refuse_unsupported(config) -> None:
     text = config.get_text_config(decoder=True)
     if any(isinstance(experts := getattr(text, key, None), int) and experts > 1 for key in EXPERT_COUNTS):
         raise UnsupportedModelError(f"{family} is a mixture-of-experts model, not supported yet; {supported()}")
+    layer_types = set(getattr(text, "layer_types", None) or [])
     # the fast-path families keep no state; asking another's model class imports its module (seconds)
-    if family not in SUPPORTED_FAMILIES and getattr(MODEL_FOR_CAUSAL_LM_MAPPING[type(config)], "_is_stateful", False):
+    if family not in SUPPORTED_FAMILIES and (
+            layer_types & set(RECURRENT_KINDS)
+            or getattr(MODEL_FOR_CAUSAL_LM_MAPPING[type(config)], "_is_stateful", False)):
         raise UnsupportedModelError(f"{family} keeps a recurrent state, which cannot follow a draft tree; "
                                     f"{supported()}")
-    unknown = set(getattr(text, "layer_types", None) or []) - set(ATTENTION_KINDS)
+    unknown = layer_types - set(ATTENTION_KINDS)
     if unknown:
         raise UnsupportedModelError(f"{family} has {', '.join(sorted(unknown))} layers, which freespec cannot run "
                                     f"on a draft tree; {supported()}")
