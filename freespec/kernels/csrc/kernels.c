@@ -419,27 +419,30 @@ static inline void chunk_tile(const float *x, const float *w, vec *acc_store, in
  * and 1536 x 8960: 1.1-1.4x from 24 to 200 inputs, even at 16, 0.9x at 8). The
  * same FMAs per lane in the same order and the same sums (tile_sums, then the K % LANES tail in
  * order): the bits of the whole-row tiles. */
-/* FULL_TILES: AVX-512 calls the tiles whose SMALL_COLS inputs are all live with the constant, so
- * that their per-column tests fold away, and the last partial tile on its own. SmolLM2-135M's
- * 232-token prefill, builds alternating: 901-927 -> 1023-1036 tokens/s (1.12x; a loop for the
- * last tile instead of one call compiled otherwise and gained nothing). The AVX2 build's 3 x 4
- * tiles lost 2-3% that way (650 / 644 against 634 / 627 tokens/s) and keep one call for all. */
+/* TILE(cols) for each group of SMALL_COLS inputs m in [m0, m1). AVX-512 calls the groups whose
+ * inputs are all live with the constant, so that the tiles' per-column tests fold away, and the
+ * last partial group on its own: SmolLM2-135M's 232-token prefill, builds alternating, 901-927 ->
+ * 1023-1036 tokens/s (1.12x; a loop for the last group instead of one call compiled otherwise and
+ * gained nothing). The AVX2 build's 3 x 4 tiles lost 2-3% that way (650 / 644 against 634 / 627
+ * tokens/s) and keep one call for all. */
+#ifdef FREESPEC_AVX512
+#define FOR_INPUT_GROUPS(m, m0, m1, TILE)                                                        \
+    do {                                                                                         \
+        int64_t m = (m0);                                                                        \
+        for (; m + SMALL_COLS <= (m1); m += SMALL_COLS) TILE(SMALL_COLS);                        \
+        if (m < (m1)) TILE((m1) - m);                                                            \
+    } while (0)
+#else
+#define FOR_INPUT_GROUPS(m, m0, m1, TILE)                                                        \
+    for (int64_t m = (m0); m < (m1); m += SMALL_COLS) TILE((m1) - m < SMALL_COLS ? (m1) - m : SMALL_COLS)
+#endif
 static void buffered_tiles(const float *x, const float *w, float *y, int64_t ldy, int64_t M, int64_t K) {
     const int64_t kv = K & ~(int64_t)(LANES - 1);
     if (kv <= CHUNK_MIN_K || M < CHUNK_MIN_INPUTS) {
-        for (int64_t r = 0; r < BUFFER_ROWS; r += SMALL_ROWS) {
-#ifdef FREESPEC_AVX512 /* see FULL_TILES */
-            int64_t m = 0;
-            for (; m + SMALL_COLS <= M; m += SMALL_COLS)
-                EXPAND(TILE_NAME, SMALL_ROWS, SMALL_COLS)(x + m * K, w + r * K, y + m * ldy + r, ldy, K, kv, SMALL_COLS);
-            if (m < M)
-                EXPAND(TILE_NAME, SMALL_ROWS, SMALL_COLS)(x + m * K, w + r * K, y + m * ldy + r, ldy, K, kv, M - m);
-#else
-            for (int64_t m = 0; m < M; m += SMALL_COLS)
-                EXPAND(TILE_NAME, SMALL_ROWS, SMALL_COLS)(x + m * K, w + r * K, y + m * ldy + r, ldy, K, kv,
-                                                          M - m < SMALL_COLS ? M - m : SMALL_COLS);
-#endif
-        }
+#define WHOLE_ROW_TILE(cols) \
+    EXPAND(TILE_NAME, SMALL_ROWS, SMALL_COLS)(x + m * K, w + r * K, y + m * ldy + r, ldy, K, kv, cols)
+        for (int64_t r = 0; r < BUFFER_ROWS; r += SMALL_ROWS) FOR_INPUT_GROUPS(m, 0, M, WHOLE_ROW_TILE);
+#undef WHOLE_ROW_TILE
         return;
     }
     vec acc[CHUNK_INPUTS / SMALL_COLS][SMALL_ROWS * SMALL_COLS];
@@ -448,16 +451,9 @@ static void buffered_tiles(const float *x, const float *w, float *y, int64_t ldy
             const int64_t m1 = m0 + CHUNK_INPUTS < M ? m0 + CHUNK_INPUTS : M;
             for (int64_t k0 = 0; k0 < kv; k0 += CHUNK_K) {
                 const int64_t k1 = k0 + CHUNK_K < kv ? k0 + CHUNK_K : kv;
-#ifdef FREESPEC_AVX512 /* see FULL_TILES */
-                int64_t m = m0;
-                for (; m + SMALL_COLS <= m1; m += SMALL_COLS)
-                    chunk_tile(x + m * K, w + r * K, acc[(m - m0) / SMALL_COLS], K, k0, k1, k0 == 0, SMALL_COLS);
-                if (m < m1) chunk_tile(x + m * K, w + r * K, acc[(m - m0) / SMALL_COLS], K, k0, k1, k0 == 0, m1 - m);
-#else
-                for (int64_t m = m0; m < m1; m += SMALL_COLS)
-                    chunk_tile(x + m * K, w + r * K, acc[(m - m0) / SMALL_COLS], K, k0, k1, k0 == 0,
-                               m1 - m < SMALL_COLS ? m1 - m : SMALL_COLS);
-#endif
+#define CHUNK_TILE(cols) chunk_tile(x + m * K, w + r * K, acc[(m - m0) / SMALL_COLS], K, k0, k1, k0 == 0, cols)
+                FOR_INPUT_GROUPS(m, m0, m1, CHUNK_TILE);
+#undef CHUNK_TILE
             }
             for (int64_t m = m0; m < m1; m += SMALL_COLS) {
                 const int64_t cols = m1 - m < SMALL_COLS ? m1 - m : SMALL_COLS;
