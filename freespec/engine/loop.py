@@ -276,6 +276,8 @@ class Generation:
             logits = runner.logits(hidden)  # [nodes, vocab]
         if not isinstance(logits, PassLogits):
             logits = PassLogits(logits, runner.kernels)
+        if drafter is not None and drafter.reads_logits:
+            logits.materialize()  # the whole head, once: verification then reads its maxima from it
         # accept
         path, bonus = verify(tree, logits, self._context, self.sampling, self.generator)
         emitted = [int(t) for t in tree.tokens[path[1:]]] + [bonus]

@@ -16,6 +16,7 @@ from typing import NamedTuple, Protocol, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from gguf import GGMLQuantizationType
 
 from freespec.kernels import abi
 from freespec.kernels.build import (
@@ -221,7 +222,7 @@ class CKernels(Kernels):
     def _top_k(self, logits: torch.Tensor | np.ndarray, k: int, normalize: bool):
         """Outputs in numpy arrays made here (so of the right type and shape): every decoding step
         calls this after a pass, when each torch call costs ~10-25 µs. ``logits`` may be a numpy
-        array (the one-call decoder's, :meth:`OneCallDecoder.tree_logits`)."""
+        array (the one-call decoder's, :meth:`OneCallDecoder.head_logits`)."""
         rows, vocab = logits.shape
         if isinstance(logits, np.ndarray):
             address = abi.array_address("logits", logits, np.float32, (rows, vocab))
@@ -437,8 +438,14 @@ class OneCallDecoder:
             scale=h.scale, H=h.heads, KV=h.kv_heads, D=h.dim,
             embed_scale=1.0 if weights.embed_scale is None else weights.embed_scale,
             softcap=0.0 if h.softcap is None else h.softcap, activation=self.ACTIVATIONS[weights.activation])
-        # tree_logits': the lm_head's description, the one sequence, and its output buffers
+        # tree_hidden's and the head's: the lm_head's description, the one sequence, the output buffers
         self._lm_head = MatrixStruct("lm_head", weights.lm_head.weight, weights.lm_head.bias)
+        # whether head_argmax may skip rows: a Q8_0 head without bias (tests turn it off); its
+        # [vocab] row bounds are computed on first use (reading the head's pages then, not at load)
+        head = weights.lm_head
+        self.greedy_head = (head.bias is None and isinstance(head.weight, GGMLWeight)
+                            and head.weight.type == GGMLQuantizationType.Q8_0)
+        self._head_l1: np.ndarray | None = None
         self.vocab = weights.lm_head.weight.shape[0]
         self._one = (abi.DecoderSequence * 1)()
         self._hidden = np.empty((0, self.hidden), dtype=np.float32)  # [rows, hidden]
@@ -538,13 +545,14 @@ class OneCallDecoder:
         call.sequences, call.num_sequences, call.skip, call.out = sequences, count, skip, out
         abi.check_status(self._library.freespec_forward_llama(ctypes.byref(call)), "the decoder pass")
 
-    def tree_logits(self, tokens: np.ndarray, positions: np.ndarray, tree_mask: np.ndarray, keys: int, values: int,
+    def tree_hidden(self, tokens: np.ndarray, positions: np.ndarray, tree_mask: np.ndarray, keys: int, values: int,
                     capacity: int, past: int, rotary: Sequence[tuple[int, int]]) -> np.ndarray:
-        """One request's pass and its lm_head: tokens [q] int64 at positions [q] int64, each seeing
-        the ``past`` committed cache rows and the new tokens ``tree_mask`` [q, q] (bool) allows →
-        logits [q, vocab] in a buffer the next call overwrites.
+        """One request's pass: tokens [q] int64 at positions [q] int64, each seeing the ``past``
+        committed cache rows and the new tokens ``tree_mask`` [q, q] (bool) allows → final hidden
+        states [q, hidden] in a buffer the next call overwrites (:meth:`head_logits` and
+        :meth:`head_argmax` read them).
 
-        What :meth:`__call__` then the lm_head compute, the same bits, from numpy arrays and C
+        What :meth:`__call__` computes, the same bits, from numpy arrays and C
         structs made once. A decoding step runs right after the pass has streamed the weights
         through every cache, so each piece of code it runs is read from memory again: the torch
         calls of a step's wrappers took ~0.4 ms there against ~50 µs warm, and without them
@@ -563,13 +571,47 @@ class OneCallDecoder:
         if self._hidden.shape[0] < n:  # one buffer of the most rows yet (not one per size: 80 rows are 16 MB)
             self._hidden = np.empty((n, self.hidden), dtype=np.float32)
             self._logits = np.empty((n, self.vocab), dtype=np.float32)
-        hidden, logits = self._hidden[:n], self._logits[:n]
+        hidden = self._hidden[:n]
         sequence = self._one[0]
         sequence.keys, sequence.values, sequence.capacity, sequence.past, sequence.n = keys, values, capacity, past, n
         sequence.tree_mask = abi.array_address("tree mask", tree_mask, np.bool_, (n, n))
         rows = abi.array_address("positions", positions, np.int64, (n,))  # a position is its rotary row
         self._launch(abi.array_address("tokens", tokens, np.int64, (n,)), n, rows,
                      [(cos, sin, rows) for cos, sin in rotary], self._one, 1, None, hidden.ctypes.data)
-        status = self._library.freespec_linear(self._lm_head.pointer, hidden.ctypes.data, logits.ctypes.data, n)
+        return hidden
+
+    def head_logits(self, hidden: np.ndarray) -> np.ndarray:
+        """The lm_head of :meth:`tree_hidden`'s states [q, hidden] → logits [q, vocab] in a buffer
+        the next call overwrites."""
+        n = hidden.shape[0]
+        logits = self._logits[:n]
+        status = self._library.freespec_linear(self._lm_head.pointer, abi.array_address(
+            "hidden states", hidden, np.float32, (n, self.hidden)), logits.ctypes.data, n)
         abi.check_status(status, "the lm_head")
         return logits
+
+    def head_argmax(self, hidden: np.ndarray) -> np.ndarray | None:
+        """Each row's first maximum of :meth:`head_logits` [q] int64, computing only the logits an
+        integer bound cannot rule out (``freespec_head_argmax``, an exact greedy head: measured 1-3
+        rows of 262,144 on Gemma-3-270M); None where it does not apply (see ``greedy_head``, and
+        inputs that are not finite): then the caller computes the whole head."""
+        if self.greedy_head and self._head_l1 is None:
+            self._head_l1 = self._head_bounds()
+            self.greedy_head = self._head_l1 is not None
+        if not self.greedy_head:
+            return None
+        n = hidden.shape[0]
+        out = np.empty(n, dtype=np.int64)
+        status = self._library.freespec_head_argmax(self._lm_head.pointer, self._head_l1.ctypes.data, abi.array_address(
+            "hidden states", hidden, np.float32, (n, self.hidden)), n, out.ctypes.data)
+        if status == abi.NOT_BOUNDED:
+            return None
+        abi.check_status(status, "the greedy lm_head")
+        return out
+
+    def _head_bounds(self) -> np.ndarray | None:
+        """[vocab] float32 upper bounds of each head row's L1 norm for the exact greedy head, or None
+        where a row's is not finite (the bound then covers nothing)."""
+        bounds = np.empty(self.vocab, dtype=np.float32)
+        status = self._library.freespec_head_bounds(self._lm_head.pointer, bounds.ctypes.data)
+        return bounds if status == abi.OK and np.isfinite(bounds).all() else None

@@ -33,6 +33,7 @@ from freespec.kernels import (
     Kernels,
     LayerNorm,
     ModelWeights,
+    OneCallDecoder,
     PassSequence,
     RMSNorm,
     Rotation,
@@ -118,22 +119,40 @@ def forward_batch(passes: Sequence[BatchPass]) -> list[torch.Tensor]:
 
 
 class PassLogits:
-    """A pass's logits [q, vocab] (a tensor, or the numpy buffer of
-    :meth:`ModelRunner.tree_logits`, which the model's next tree pass overwrites: read them before)
-    and each row's first maximum, read without making a tensor."""
+    """A pass's logits [q, vocab] and each row's first maximum, each computed when first read.
 
-    def __init__(self, logits: torch.Tensor | np.ndarray, kernels: Kernels):
-        self._logits, self._kernels = logits, kernels
+    Made from the logits (a tensor, or the numpy buffer of the one-call decoder's head, which the
+    model's next tree pass overwrites: read them before), or from a tree pass's final hidden
+    states and the one-call decoder that made them (:meth:`ModelRunner.tree_logits`): then
+    ``argmax`` alone runs the exact greedy head (:meth:`freespec.kernels.OneCallDecoder.head_argmax`:
+    only the logits an integer bound cannot rule out), and the whole head runs once something
+    reads the logits themselves (:meth:`materialize`, ``tensor``).
+    """
+
+    def __init__(self, logits: torch.Tensor | np.ndarray | None, kernels: Kernels, hidden: np.ndarray | None = None,
+                 decoder: OneCallDecoder | None = None):
+        self._logits, self._kernels, self._hidden, self._decoder = logits, kernels, hidden, decoder
+
+    def materialize(self) -> torch.Tensor | np.ndarray:
+        """The logits [q, vocab], the whole head run now if it has not run (a reader of the logits
+        calls this before ``argmax``, which then reads them instead of running the greedy head)."""
+        if self._logits is None:
+            self._logits = self._decoder.head_logits(self._hidden)
+        return self._logits
 
     @cached_property
     def tensor(self) -> torch.Tensor:
         """[q, vocab] fp32 (sharing the buffer's memory)."""
-        return self._logits if isinstance(self._logits, torch.Tensor) else torch.from_numpy(self._logits)
+        logits = self.materialize()
+        return logits if isinstance(logits, torch.Tensor) else torch.from_numpy(logits)
 
     @cached_property
     def argmax(self) -> np.ndarray:
         """[q] int64: each row's first maximum, as ``torch.argmax`` gives it."""
-        return self._kernels.argmax(self._logits if isinstance(self._logits, np.ndarray) else self.tensor)
+        if self._logits is None and (greedy := self._decoder.head_argmax(self._hidden)) is not None:
+            return greedy
+        logits = self.materialize()
+        return self._kernels.argmax(logits if isinstance(logits, np.ndarray) else self.tensor)
 
 
 def forward_logits(runner, tokens: np.ndarray, depths: np.ndarray, tree_mask: np.ndarray) -> PassLogits:
@@ -279,8 +298,9 @@ class ModelRunner:
         ``tree_mask`` [q, q] (bool) as in :meth:`forward`; ``logits(forward(...))``, the same bits.
 
         The one-call decoder runs it from numpy arrays straight into a buffer (see
-        :meth:`freespec.kernels.OneCallDecoder.tree_logits`), so that a decoding step touches no
-        torch unless something reads the logits themselves (:class:`PassLogits`).
+        :meth:`freespec.kernels.OneCallDecoder.tree_hidden`), so that a decoding step touches no
+        torch unless something reads the logits themselves, and the lm_head runs when the
+        logits or their maxima are first read (:class:`PassLogits`).
         """
         if self._decoder is None or self.weights.final_softcap is not None:
             return forward_logits(self, tokens, depths, tree_mask)
@@ -295,8 +315,9 @@ class ModelRunner:
         self._check_rows(cache, ids)
         cache.pending = ids
         rotary = [self.rotary[kind].addresses(last + 1) for kind in self._decoder.rotary_kinds]
-        return PassLogits(self._decoder.tree_logits(tokens, positions, tree_mask, *cache.addresses, cache.capacity,
-                                                    length, rotary), self.kernels)
+        hidden = self._decoder.tree_hidden(tokens, positions, tree_mask, *cache.addresses, cache.capacity, length,
+                                           rotary)  # [q, hidden]
+        return PassLogits(None, self.kernels, hidden, self._decoder)
 
     def _check_rows(self, cache: KVCache, ids: list[int]) -> None:
         """ValueError unless rows for ``ids`` fit after the cache's committed ones and every id indexes

@@ -11,7 +11,8 @@
 #include <stdint.h>
 
 /* What a call that can fail returns. */
-enum { FREESPEC_OK = 0, FREESPEC_OUT_OF_MEMORY = 1, FREESPEC_BAD_MATRIX = 2 };
+enum { FREESPEC_OK = 0, FREESPEC_OUT_OF_MEMORY = 1, FREESPEC_BAD_MATRIX = 2,
+       FREESPEC_NOT_BOUNDED = 3 /* freespec_head_argmax: an input the bound does not cover */ };
 
 /* The kinds of weight matrix: a ggml type id, for a matrix stored in that type (ggml.h's ids:
  * F32 0, F16 1, Q4_0 2, Q4_1 3, Q5_0 6, Q5_1 7, Q8_0 8, Q4_K 12, Q5_K 13, Q6_K 14, BF16 30; data
@@ -40,6 +41,16 @@ typedef struct Matrix {
  * FREESPEC_OK, or FREESPEC_BAD_MATRIX (an unknown kind, or parts that do not make the matrix:
  * nothing written). */
 int freespec_linear(const Matrix *w, const float *x, float *y, int64_t M);
+
+/* The exact greedy head (see kernels.c). freespec_head_bounds: row_l1[N] >= sum |w[r]| for a Q8_0
+ * matrix without bias, else FREESPEC_BAD_MATRIX. freespec_head_argmax: out[M] = each row of x
+ * [M, K]'s first maximum over freespec_linear's outputs (w Q8_0, without bias; row_l1 from
+ * freespec_head_bounds), computing in fp32 only the outputs the bound cannot rule out; returns
+ * FREESPEC_OK, FREESPEC_BAD_MATRIX, FREESPEC_OUT_OF_MEMORY or FREESPEC_NOT_BOUNDED (x not
+ * finite, or logits that could overflow): then nothing is written and the caller computes the
+ * whole head. */
+int freespec_head_bounds(const Matrix *w, float *row_l1);
+int freespec_head_argmax(const Matrix *w, const float *row_l1, const float *x, int64_t M, int64_t *out);
 
 /* out[i, K] = row tokens[i] of w as fp32 (an embedding lookup), the values ggml's formulas give.
  * Returns FREESPEC_OK or FREESPEC_BAD_MATRIX. */

@@ -18,6 +18,7 @@
 
 #include <immintrin.h>
 #include <omp.h>
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -1399,4 +1400,142 @@ void freespec_top_k(const float *logits, int64_t rows, int64_t V, int64_t k, flo
         for (; v < V; v++) total += expf(row[v] - top[0]);
         log_normalizer[r] = top[0] + logf(total);
     }
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * The exact greedy head: each input row's argmax over a Q8_0 head without computing every logit.
+ *
+ * Greedy decoding reads only the first maximum of a row of logits. The input x is quantized per
+ * 32-weight block to int16 codes (scale s = block max / 32767), every head row's approximate
+ * logit is an integer dot product per block (exact in int32) scaled by d s, and each one's
+ * distance to the logit freespec_linear computes is bounded by C L1[r], with L1[r] = sum |w_r|
+ * (freespec_head_bounds, once per head) and C from x alone:
+ *   - the codes' error: sum_b d sum_i q e_i, |.| <= L1 max|e| (e = x - s code, computed in double);
+ *   - the approximation's fp32 arithmetic (d s rounded, one FMA a block a lane, the lanes' sum):
+ *     gamma(2B + 8) + 4u of sum |d s q code| <= L1 max|x| (1 + u);
+ *   - the exact logit's own rounding from the real sum (an FMA chain of at most K terms and a
+ *     tree of the lanes): gamma(K) of sum |w x| <= L1 max|x|;
+ * times 1.01 of margin (gamma(n) = n u / (1 - n u), u = 2^-24), plus 2^-149 for every fp32
+ * operation on a row's path (4K + 64 of them at most), which bounds what underflow adds. The rows whose upper bound
+ * reaches the best lower bound are the only ones that can hold the maximum; they are computed
+ * by freespec_linear's own arithmetic (any tile gives a row the same bits) and the first maximum
+ * among them is the whole head's. Measured on real hidden states: 1-3 candidates of 262,144
+ * (benchmarks/head_bounds.py). */
+
+#define HEAD_CODE_MAX 32767
+
+static double rounding_gamma(double n) {
+    const double u = 0x1p-24;
+    return n * u / (1.0 - n * u);
+}
+
+int freespec_head_bounds(const Matrix *w, float *row_l1) {
+    if (w->kind != 8 || w->K % 32 || w->bias) return FREESPEC_BAD_MATRIX;
+    const int64_t B = w->K / 32;
+    #pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < w->N; r++) {
+        const uint8_t *row = (const uint8_t *)w->data + r * B * Q8_0_BYTES;
+        double total = 0.0;
+        for (int64_t b = 0; b < B; b++) {
+            const uint8_t *block = row + b * Q8_0_BYTES;
+            int64_t codes = 0;
+            for (int i = 0; i < 32; i++) codes += abs((int)(int8_t)block[2 + i]);
+            total += fabs((double)f16_at(block)) * (double)codes;
+        }
+        row_l1[r] = nextafterf((float)total, INFINITY); /* rounded to nearest, then one step up: >= total */
+    }
+    return FREESPEC_OK;
+}
+
+/* sum over the blocks of (d s) * (q . codes) for one head row, in 8 fp32 lanes. Both builds run
+ * these 256-bit integer instructions (AVX2's; the AVX-512 build targets AVX-512F, whose 512-bit
+ * 16-bit multiplies need AVX-512BW). A lane's integer sum of four products stays below 2^24 (4 x
+ * 127 x 32767), so its conversion to fp32 is exact. */
+static inline float q8_0_row_approx(const uint8_t *row, const int16_t *codes, const float *scales, int64_t B) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < B; b++) {
+        const uint8_t *block = row + b * Q8_0_BYTES;
+        const int16_t *c = codes + b * 32;
+        const __m256i low = _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(block + 2))),
+                                              _mm256_loadu_si256((const __m256i *)c));
+        const __m256i high = _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(block + 18))),
+                                               _mm256_loadu_si256((const __m256i *)(c + 16)));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(low, high)),
+                              _mm256_set1_ps(f16_at(block) * scales[b]), acc);
+    }
+    return horizontal_sum(acc);
+}
+
+int freespec_head_argmax(const Matrix *w, const float *row_l1, const float *x, int64_t M, int64_t *out) {
+    if (w->kind != 8 || w->K % 32 || w->bias) return FREESPEC_BAD_MATRIX;
+    const int64_t N = w->N, K = w->K, B = K / 32;
+    int16_t *codes = malloc(M * K * sizeof(int16_t));
+    float *scales = malloc(M * B * sizeof(float)), *approx = malloc(M * N * sizeof(float));
+    double *margin = malloc(M * sizeof(double)), *lower = malloc(M * sizeof(double));
+    const double underflow = (4.0 * (double)K + 64.0) * 0x1p-149; /* what denormal results can add, per row */
+    int status = codes && scales && approx && margin && lower ? FREESPEC_OK : FREESPEC_OUT_OF_MEMORY;
+    float l1_max = 0.0f;
+    for (int64_t r = 0; status == FREESPEC_OK && r < N; r++) l1_max = row_l1[r] > l1_max ? row_l1[r] : l1_max;
+    for (int64_t m = 0; status == FREESPEC_OK && m < M; m++) {
+        const float *xm = x + m * K;
+        double x_max = 0.0, error_max = 0.0;
+        for (int64_t b = 0; b < B && status == FREESPEC_OK; b++) {
+            float block_max = 0.0f;
+            for (int i = 0; i < 32; i++) {
+                const float a = fabsf(xm[b * 32 + i]);
+                if (!(a <= FLT_MAX)) status = FREESPEC_NOT_BOUNDED; /* inf or NaN: the full head decides */
+                block_max = a > block_max ? a : block_max;
+            }
+            const float s = block_max / (float)HEAD_CODE_MAX;
+            scales[m * B + b] = s;
+            for (int i = 0; i < 32; i++) {
+                long code = s > 0.0f ? lrintf(xm[b * 32 + i] / s) : 0;
+                code = code > HEAD_CODE_MAX ? HEAD_CODE_MAX : code < -HEAD_CODE_MAX ? -HEAD_CODE_MAX : code;
+                codes[m * K + b * 32 + i] = (int16_t)code;
+                const double e = fabs((double)xm[b * 32 + i] - (double)s * (double)code);
+                error_max = e > error_max ? e : error_max;
+            }
+            x_max = block_max > x_max ? block_max : x_max;
+        }
+        const double gammas = rounding_gamma((double)K) + rounding_gamma((double)(2 * B + 8)) + 0x1p-22;
+        margin[m] = 1.01 * (error_max + gammas * (1.0 + 0x1p-20) * x_max);
+        lower[m] = -INFINITY;
+        if (!((double)l1_max * x_max < 1e37)) status = FREESPEC_NOT_BOUNDED; /* a logit could overflow */
+    }
+    if (status == FREESPEC_OK) {
+        #pragma omp parallel
+        {
+            double own_lower[M];
+            for (int64_t m = 0; m < M; m++) own_lower[m] = -INFINITY;
+            #pragma omp for schedule(static)
+            for (int64_t r = 0; r < N; r++) {
+                const uint8_t *row = (const uint8_t *)w->data + r * B * Q8_0_BYTES;
+                for (int64_t m = 0; m < M; m++) {
+                    const float a = q8_0_row_approx(row, codes + m * K, scales + m * B, B);
+                    approx[m * N + r] = a;
+                    const double low = (double)a - margin[m] * (double)row_l1[r] - underflow;
+                    own_lower[m] = low > own_lower[m] ? low : own_lower[m];
+                }
+            }
+            #pragma omp critical
+            for (int64_t m = 0; m < M; m++) lower[m] = own_lower[m] > lower[m] ? own_lower[m] : lower[m];
+        }
+        const KindOps *ops = kind_ops(8);
+        for (int64_t m = 0; m < M; m++) {
+            int64_t best = -1;
+            float best_logit = 0.0f;
+            for (int64_t r = 0; r < N; r++) {
+                if ((double)approx[m * N + r] + margin[m] * (double)row_l1[r] + underflow < lower[m]) continue;
+                Matrix one = *w;
+                one.N = 1;
+                one.data = (const uint8_t *)w->data + r * B * Q8_0_BYTES;
+                float logit;
+                ops->linear(&one, x + m * K, &logit, 1, 1, 0, 1);
+                if (best < 0 || logit > best_logit) best = r, best_logit = logit;
+            }
+            out[m] = best;
+        }
+    }
+    free(codes); free(scales); free(approx); free(margin); free(lower);
+    return status;
 }

@@ -1,0 +1,104 @@
+"""The exact greedy head (freespec_head_argmax): each input row's first maximum over a Q8_0 head,
+computing in fp32 only the rows an integer bound cannot rule out, is the whole head's, in every
+build; inputs the bound does not cover are refused (the whole head then runs)."""
+
+import numpy as np
+import pytest
+import torch
+
+from freespec import Model
+from freespec.kernels import GGMLWeight, abi, random_blocks
+from freespec.kernels.backend import MatrixStruct
+from freespec.model.loading import load
+from tests.helpers import PROMPTS, model_for, write_gguf
+
+
+def head(rows: int, columns: int, generator: np.random.Generator, twins: bool = False) -> GGMLWeight:
+    """A random Q8_0 head [rows, columns]; ``twins``: rows 3, rows // 2 and the last are one row
+    (equal logits: the first of them is the maximum when they lead)."""
+    data = random_blocks("Q8_0", (rows, columns), generator, typical=0.02).reshape(rows, -1)
+    if twins:
+        data[rows // 2] = data[rows - 1] = data[3]
+    return GGMLWeight("Q8_0", data.reshape(-1), (rows, columns))
+
+
+def greedy_argmax(backend, weight: GGMLWeight, x: torch.Tensor) -> tuple[int, np.ndarray]:
+    struct = MatrixStruct("head", weight)
+    bounds = np.empty(weight.shape[0], dtype=np.float32)
+    assert backend.library.freespec_head_bounds(struct.pointer, bounds.ctypes.data) == abi.OK
+    out = np.full(x.shape[0], -1, dtype=np.int64)
+    x = x.contiguous()
+    status = backend.library.freespec_head_argmax(struct.pointer, bounds.ctypes.data, x.data_ptr(), x.shape[0],
+                                                  out.ctypes.data)
+    return status, out
+
+
+@pytest.mark.parametrize("trial", range(12))
+def test_the_greedy_head_gives_the_whole_heads_first_maximum(kernel_build, trial):
+    generator = np.random.default_rng(trial)
+    rows, columns = int(generator.integers(8, 3000)), 32 * int(generator.integers(1, 24))
+    weight = head(rows, columns, generator, twins=trial % 2 == 0)
+    inputs = int(generator.integers(1, 6))
+    torch.manual_seed(trial)
+    x = torch.randn(inputs, columns) * torch.exp(1.5 * torch.randn(inputs, columns))  # outliers, as hidden states have
+    if trial % 2 == 0:  # lead with the twins: their logit well above every other row's
+        x[0] = torch.from_numpy(weight.dequantize()[3].numpy().copy()) * 100
+    status, out = greedy_argmax(kernel_build, weight, x)
+    whole = kernel_build.argmax(kernel_build.linear(x, weight))
+    assert status == abi.OK and out.tolist() == whole.tolist()
+    if trial % 2 == 0:
+        assert out[0] == 3  # the first of equal maxima, as torch.argmax
+
+
+def test_a_zero_input_ties_every_row_and_gives_the_first(kernel_build):
+    weight = head(100, 64, np.random.default_rng(0))
+    status, out = greedy_argmax(kernel_build, weight, torch.zeros(2, 64))
+    assert status == abi.OK and out.tolist() == [0, 0]
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-36, 1e-42])
+def test_inputs_near_underflow_give_the_whole_heads_first_maximum(kernel_build, scale):
+    """Logits in fp32's denormal range, where rounding errors are absolute: the bound's
+    absolute term still covers them."""
+    weight = head(500, 128, np.random.default_rng(3))
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(3)) * scale
+    status, out = greedy_argmax(kernel_build, weight, x)
+    assert status == abi.OK and out.tolist() == kernel_build.argmax(kernel_build.linear(x, weight)).tolist()
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_inputs_the_bound_does_not_cover_are_refused(kernel_build, bad):
+    weight = head(50, 64, np.random.default_rng(1))
+    x = torch.randn(2, 64)
+    x[1, 7] = bad
+    status, out = greedy_argmax(kernel_build, weight, x)
+    assert status == abi.NOT_BOUNDED and out.tolist() == [-1, -1]  # nothing written
+
+
+def test_heads_of_other_kinds_are_refused(kernel_build):
+    weight = GGMLWeight("Q4_0", random_blocks("Q4_0", (40, 64), np.random.default_rng(2)), (40, 64))
+    struct = MatrixStruct("head", weight)
+    bounds = np.empty(40, dtype=np.float32)
+    assert kernel_build.library.freespec_head_bounds(struct.pointer, bounds.ctypes.data) == abi.BAD_MATRIX
+
+
+@pytest.mark.parametrize("drafter", ["none", "lookup", "suffix", "recycling"])
+def test_greedy_decoding_with_the_greedy_head_equals_the_whole_head(tmp_path, c_kernels, drafter):
+    """A tiny Llama whose head is Q8_0: the same tokens with the greedy head on and off, and with
+    it on, a plain step never runs the whole head (drafters that read logits run it)."""
+    path = write_gguf(tmp_path / "model.gguf", model_for("llama", "Q8_0"), "Q8_0")
+    outputs = []
+    for greedy_head in (True, False):
+        model = Model(load(path), budget=4, kernels=c_kernels)
+        decoder = model.runner._decoder
+        if c_kernels.isa == "avx512":  # the AVX2 build reads Q8_0 heads as packed codes: whole heads only
+            assert decoder.greedy_head
+        decoder.greedy_head = decoder.greedy_head and greedy_head
+        whole_heads = []
+        head_logits = decoder.head_logits
+        decoder.head_logits = lambda hidden: whole_heads.append(len(hidden)) or head_logits(hidden)
+        outputs.append([model.generate(prompt_ids=prompt, drafter=drafter, max_new_tokens=40).token_ids
+                        for prompt in PROMPTS])
+        if decoder.greedy_head and drafter in ("none", "lookup", "suffix"):
+            assert not whole_heads
+    assert outputs[0] == outputs[1]
