@@ -1416,11 +1416,11 @@ void freespec_top_k(const float *logits, int64_t rows, int64_t V, int64_t k, flo
  *   - the exact logit's own rounding from the real sum (an FMA chain of at most K terms and a
  *     tree of the lanes): gamma(K) of sum |w x| <= L1 max|x|;
  * times 1.01 of margin (gamma(n) = n u / (1 - n u), u = 2^-24), plus 2^-149 for every fp32
- * operation on a row's path (4K + 64 of them at most), which bounds what underflow adds. The rows whose upper bound
- * reaches the best lower bound are the only ones that can hold the maximum; they are computed
- * by freespec_linear's own arithmetic (any tile gives a row the same bits) and the first maximum
- * among them is the whole head's. Measured on real hidden states: 1-3 candidates of 262,144
- * (benchmarks/head_bounds.py). */
+ * operation on a row's path (4K + 64 of them at most), which bounds what underflow adds. The
+ * rows whose upper bound reaches the best lower bound are the only ones that can hold the
+ * maximum; they are computed by freespec_linear's own arithmetic (any tile gives a row the same
+ * bits) and the first maximum among them is the whole head's. Measured on real hidden states:
+ * 1-3 candidates of 262,144 (benchmarks/head_bounds.py). */
 
 #define HEAD_CODE_MAX 32767
 
