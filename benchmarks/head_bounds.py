@@ -27,9 +27,11 @@ import argparse
 
 import numpy as np
 import torch
+from gguf import GGMLQuantizationType
 
 import freespec
 from freespec.kernels import GGMLWeight
+from freespec.kernels.weights import repack
 
 PROMPTS = ["Write a short story about a robot learning to paint.",
            "Explain how a refrigerator keeps food cold.",
@@ -37,12 +39,13 @@ PROMPTS = ["Write a short story about a robot learning to paint.",
 
 
 def q8_0_blocks(weight: GGMLWeight) -> tuple[np.ndarray, np.ndarray]:
-    """(d [N, B] float64, q [N, B, 32] int8) of a Q8_0 matrix [N, K], B = K / 32."""
-    if weight.type != 8:  # GGMLQuantizationType.Q8_0
-        raise SystemExit(f"the output head is ggml type {weight.type}, not Q8_0: this script reads Q8_0 heads only")
-    n, k = weight.shape
-    blocks = np.asarray(weight.data).reshape(n, k // 32, 34)
-    return blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float64), blocks[..., 2:].copy().view(np.int8)
+    """(d [N, B] float64, q [N, B, 32] int8) of a Q8_0 matrix [N, K], B = K / 32 (the kernels' own
+    unpacking, :func:`freespec.kernels.weights.repack`)."""
+    if weight.type != GGMLQuantizationType.Q8_0:
+        raise SystemExit(f"the output head is {weight.type.name}, not Q8_0: this script reads Q8_0 heads only")
+    packed = repack(weight)
+    rows, columns = weight.shape
+    return packed.scales.numpy().astype(np.float64), packed.codes.numpy().reshape(rows, columns // 32, 32)
 
 
 def candidates(x: np.ndarray, d: np.ndarray, q: np.ndarray, abs_q: np.ndarray, row_l1: np.ndarray,

@@ -1430,7 +1430,7 @@ static double rounding_gamma(double n) {
 }
 
 int freespec_head_bounds(const Matrix *w, float *row_l1) {
-    if (w->kind != 8 || w->K % 32 || w->bias) return FREESPEC_BAD_MATRIX;
+    if (w->kind != GGML_Q8_0 || w->K % 32 || w->bias) return FREESPEC_BAD_MATRIX;
     const int64_t B = w->K / 32;
     #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < w->N; r++) {
@@ -1467,15 +1467,14 @@ static inline float q8_0_row_approx(const uint8_t *row, const int16_t *codes, co
 }
 
 int freespec_head_argmax(const Matrix *w, const float *row_l1, const float *x, int64_t M, int64_t *out) {
-    if (w->kind != 8 || w->K % 32 || w->bias) return FREESPEC_BAD_MATRIX;
+    if (w->kind != GGML_Q8_0 || w->K % 32 || w->bias) return FREESPEC_BAD_MATRIX;
     const int64_t N = w->N, K = w->K, B = K / 32;
     int16_t *codes = malloc(M * K * sizeof(int16_t));
     float *scales = malloc(M * B * sizeof(float)), *approx = malloc(M * N * sizeof(float));
     double *margin = malloc(M * sizeof(double)), *lower = malloc(M * sizeof(double));
     const double underflow = (4.0 * (double)K + 64.0) * 0x1p-149; /* what denormal results can add, per row */
     int status = codes && scales && approx && margin && lower ? FREESPEC_OK : FREESPEC_OUT_OF_MEMORY;
-    float l1_max = 0.0f;
-    for (int64_t r = 0; status == FREESPEC_OK && r < N; r++) l1_max = row_l1[r] > l1_max ? row_l1[r] : l1_max;
+    double x_max_all = 0.0; /* the largest |x| of any input row: with a row's L1 norm, its logits' bound */
     for (int64_t m = 0; status == FREESPEC_OK && m < M; m++) {
         const float *xm = x + m * K;
         double x_max = 0.0, error_max = 0.0;
@@ -1500,16 +1499,18 @@ int freespec_head_argmax(const Matrix *w, const float *row_l1, const float *x, i
         const double gammas = rounding_gamma((double)K) + rounding_gamma((double)(2 * B + 8)) + 0x1p-22;
         margin[m] = 1.01 * (error_max + gammas * (1.0 + 0x1p-20) * x_max);
         lower[m] = -INFINITY;
-        if (!((double)l1_max * x_max < 1e37)) status = FREESPEC_NOT_BOUNDED; /* a logit could overflow */
+        x_max_all = x_max > x_max_all ? x_max : x_max_all;
     }
+    int overflow = 0; /* some row's logits could overflow: the full head decides */
     if (status == FREESPEC_OK) {
-        #pragma omp parallel
+        #pragma omp parallel reduction(| : overflow)
         {
             double own_lower[M];
             for (int64_t m = 0; m < M; m++) own_lower[m] = -INFINITY;
             #pragma omp for schedule(static)
             for (int64_t r = 0; r < N; r++) {
                 const uint8_t *row = (const uint8_t *)w->data + r * B * Q8_0_BYTES;
+                overflow |= !((double)row_l1[r] * x_max_all < 1e37);
                 for (int64_t m = 0; m < M; m++) {
                     const float a = q8_0_row_approx(row, codes + m * K, scales + m * B, B);
                     approx[m * N + r] = a;
@@ -1520,7 +1521,9 @@ int freespec_head_argmax(const Matrix *w, const float *row_l1, const float *x, i
             #pragma omp critical
             for (int64_t m = 0; m < M; m++) lower[m] = own_lower[m] > lower[m] ? own_lower[m] : lower[m];
         }
-        const KindOps *ops = kind_ops(8);
+        if (overflow) status = FREESPEC_NOT_BOUNDED;
+    }
+    if (status == FREESPEC_OK) {
         for (int64_t m = 0; m < M; m++) {
             int64_t best = -1;
             float best_logit = 0.0f;
@@ -1530,7 +1533,7 @@ int freespec_head_argmax(const Matrix *w, const float *row_l1, const float *x, i
                 one.N = 1;
                 one.data = (const uint8_t *)w->data + r * B * Q8_0_BYTES;
                 float logit;
-                ops->linear(&one, x + m * K, &logit, 1, 1, 0, 1);
+                q8_0_linear(&one, x + m * K, &logit, 1, 1, 0, 1); /* one row, a block of its own: any tile's bits */
                 if (best < 0 || logit > best_logit) best = r, best_logit = logit;
             }
             out[m] = best;
