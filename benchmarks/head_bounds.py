@@ -2,14 +2,16 @@
 approximation of the logits with a rigorous error bound picks the candidates first.
 
 Greedy decoding and greedy verification need only each row's argmax. With the input x quantized
-(per 32-weight block, to int8 or int16) the head's integer dot products give every logit to
-within a bound; only the rows whose upper bound reaches the best lower bound can hold the argmax,
-and computing those few in fp32 (the kernels' own bits) gives the same argmax as the whole head.
-This script measures, on a real model's hidden states, how many rows survive, for two bounds:
+(to int8 or int16, with a scale per 32-weight block or one for the row) the head's integer dot
+products give every logit to within a bound; only the rows whose upper bound reaches the best
+lower bound can hold the argmax, and computing those few in fp32 (the kernels' own bits) gives
+the same argmax as the whole head. This script measures, on a real model's hidden states, how
+many rows survive, for two bounds:
 
 - ``tight``: per block, |d| * sum |q| |e| for the quantization error e of x (costs a second
   dot product in a kernel);
-- ``cheap``: the row's L1 norm (computed once at load) times the largest |e| of any block.
+- ``cheap``: the row's L1 norm (computed once at load) times the largest |e| of any block; with
+  one scale for the row (``int16 row``) this is what freespec_head_argmax computes.
 
 Both add the fp32 rounding of the exact sum, gamma * sum |w| |x| with gamma = 2 K u (the
 cheap bound uses the L1 norm times max |x|), and a factor 2 of margin for a kernel that scales
@@ -49,10 +51,12 @@ def q8_0_blocks(weight: GGMLWeight) -> tuple[np.ndarray, np.ndarray]:
 
 
 def candidates(x: np.ndarray, d: np.ndarray, q: np.ndarray, abs_q: np.ndarray, row_l1: np.ndarray,
-               bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """(tight, cheap): boolean [N] masks of the rows that may hold the argmax, for input x [K]."""
+               bits: int, per_block: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(tight, cheap): boolean [N] masks of the rows that may hold the argmax, for input x [K]
+    quantized with a scale per block or one for the row."""
     blocks = x.reshape(-1, 32)  # [B, 32]
-    scale = np.abs(blocks).max(-1) / ((1 << (bits - 1)) - 1)
+    largest = np.abs(blocks).max(-1) if per_block else np.full(len(blocks), np.abs(x).max())  # [B]
+    scale = largest / ((1 << (bits - 1)) - 1)
     scale[scale == 0] = 1.0
     codes = np.round(blocks / scale[:, None])
     error = np.abs(blocks - scale[:, None] * codes)  # [B, 32]
@@ -89,15 +93,16 @@ def main() -> None:
             if best != ids[i + 1]:
                 raise SystemExit(f"step {i}: the head's argmax {best} is not the greedy token {ids[i + 1]}")
             x = hidden[i].double().numpy()
-            for bits in (8, 16):
-                for name, mask in zip(("tight", "cheap"), candidates(x, d, q, abs_q, row_l1, bits)):
-                    counts.setdefault((bits, name), []).append(int(mask.sum()))
+            for bits, per_block in ((8, True), (16, True), (16, False)):
+                masks = candidates(x, d, q, abs_q, row_l1, bits, per_block)
+                for name, mask in zip(("tight", "cheap"), masks):
+                    counts.setdefault((f"int{bits} {'block' if per_block else 'row'}", name), []).append(int(mask.sum()))
                     misses += not mask[best]
-    print("| x as | bound | candidate rows per step: median | p90 | max | steps |")
+    print("| x as, scale per | bound | candidate rows per step: median | p90 | max | steps |")
     print("|---|---|---|---|---|---|")
-    for (bits, name), values in counts.items():
+    for (codes, name), values in counts.items():
         v = np.array(values)
-        print(f"| int{bits} | {name} | {np.median(v):.0f} | {np.percentile(v, 90):.0f} | {v.max()} | {v.size} |")
+        print(f"| {codes} | {name} | {np.median(v):.0f} | {np.percentile(v, 90):.0f} | {v.max()} | {v.size} |")
     print(f"\nexact argmax outside the candidates: {misses} (must be 0)")
 
 

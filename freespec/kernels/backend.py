@@ -391,12 +391,14 @@ class TreeAttention:
         return out
 
 
-GREEDY_HEAD_ROWS = 1
-"""The most rows a pass may have for the greedy head to replace the whole head. Its integer pass
-costs about the same for every row, while the whole head's tiles share each decoded weight among
-up to 8 rows: on a Zen 4 VM (median of 30 calls) SmolLM2-135M's head 1.55 against 2.23 ms at one
-row but 1.42 against 1.06 at two, 2.55 against 1.62 at four; Gemma-3-270M's 7.3 against 10.6 at
-one, 8.3 against 11.2 at two, 11.0 against 10.3 at three."""
+GREEDY_HEAD_ROWS = 16
+"""The most rows a pass may have for the greedy head to replace the whole head. Both cost more
+with every row (the greedy head's integer products, the whole head's FMAs on each decoded
+weight), and from about 24 rows the whole head's tiles, which share each decoded weight among
+several rows, win. Zen 4 VM, real hidden states (benchmarks/head_speed.py), whole / greedy ms,
+AVX-512 build: Gemma-3-270M 10.0 / 6.3 at one row, 10.8 / 9.7 at four, 38.4 / 33.6 at sixteen,
+51.4 / 51.9 at 24; SmolLM2-135M 1.20 / 0.82, 1.65 / 1.57, 6.58 / 5.87, 8.72 / 8.90 (the AVX2
+build's packed heads gain more: 19.0 / 9.1 at four rows on Gemma's)."""
 
 
 class OneCallDecoder:
@@ -448,11 +450,13 @@ class OneCallDecoder:
             softcap=0.0 if h.softcap is None else h.softcap, activation=self.ACTIVATIONS[weights.activation])
         # tree_hidden's and the head's: the lm_head's description, the one sequence, the output buffers
         self._lm_head = MatrixStruct("lm_head", weights.lm_head.weight, weights.lm_head.bias)
-        # whether head_argmax may skip rows: a Q8_0 head without bias (tests turn it off); its
-        # [vocab] row bounds are computed on first use (reading the head's pages then, not at load)
+        # whether head_argmax may skip rows: a Q8_0 head (GGUF blocks, or packed as the AVX2 build
+        # packs them) without bias (tests turn it off); its [vocab] row bounds are computed on
+        # first use (reading the head's pages then, not at load)
         head = weights.lm_head
-        self.greedy_head = (head.bias is None and isinstance(head.weight, GGMLWeight)
-                            and head.weight.type == GGMLQuantizationType.Q8_0)
+        self.greedy_head = head.bias is None and (
+            (isinstance(head.weight, GGMLWeight) and head.weight.type == GGMLQuantizationType.Q8_0)
+            or (isinstance(head.weight, PackedWeight) and head.weight.kind == "q8"))
         self._head_l1: np.ndarray | None = None
         self.vocab = weights.lm_head.weight.shape[0]
         self._one = (abi.DecoderSequence * 1)()
@@ -600,7 +604,7 @@ class OneCallDecoder:
 
     def head_argmax(self, hidden: np.ndarray) -> np.ndarray | None:
         """Each row's first maximum of :meth:`head_logits` [q] int64, computing only the logits an
-        integer bound cannot rule out (``freespec_head_argmax``, an exact greedy head: measured 1-3
+        integer bound cannot rule out (``freespec_head_argmax``, an exact greedy head: measured 1-5
         rows of 262,144 on Gemma-3-270M); None where it does not apply (see ``greedy_head``, passes
         of more than GREEDY_HEAD_ROWS rows, inputs that are not finite): then the caller computes
         the whole head."""

@@ -8,6 +8,7 @@ import torch
 
 from freespec import Model
 from freespec.kernels import GGMLWeight, abi, random_blocks
+from freespec.kernels.weights import PackedWeight, repack
 from freespec.kernels.backend import GREEDY_HEAD_ROWS, MatrixStruct
 from freespec.model.loading import load
 from tests.helpers import PROMPTS, model_for, write_gguf
@@ -22,7 +23,7 @@ def head(rows: int, columns: int, generator: np.random.Generator, twins: bool = 
     return GGMLWeight("Q8_0", data.reshape(-1), (rows, columns))
 
 
-def greedy_argmax(backend, weight: GGMLWeight, x: torch.Tensor) -> tuple[int, np.ndarray]:
+def greedy_argmax(backend, weight: GGMLWeight | PackedWeight, x: torch.Tensor) -> tuple[int, np.ndarray]:
     struct = MatrixStruct("head", weight)
     bounds = np.empty(weight.shape[0], dtype=np.float32)
     assert backend.library.freespec_head_bounds(struct.pointer, bounds.ctypes.data) == abi.OK
@@ -33,17 +34,20 @@ def greedy_argmax(backend, weight: GGMLWeight, x: torch.Tensor) -> tuple[int, np
     return status, out
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["gguf-blocks", "packed"])
 @pytest.mark.parametrize("trial", range(12))
-def test_the_greedy_head_gives_the_whole_heads_first_maximum(kernel_build, trial):
+def test_the_greedy_head_gives_the_whole_heads_first_maximum(kernel_build, trial, packed):
+    """GGUF Q8_0 blocks, and the same blocks packed as the AVX2 build packs a head (codes and fp32
+    scales apart)."""
     generator = np.random.default_rng(trial)
     rows, columns = int(generator.integers(8, 3000)), 32 * int(generator.integers(1, 24))
     weight = head(rows, columns, generator, twins=trial % 2 == 0)
-    inputs = int(generator.integers(1, 6))
+    inputs = int(generator.integers(1, 11))  # across the kernel's groups of 4 input rows
     torch.manual_seed(trial)
     x = torch.randn(inputs, columns) * torch.exp(1.5 * torch.randn(inputs, columns))  # outliers, as hidden states have
     if trial % 2 == 0:  # lead with the twins: their logit well above every other row's
         x[0] = torch.from_numpy(weight.dequantize()[3].numpy().copy()) * 100
-    status, out = greedy_argmax(kernel_build, weight, x)
+    status, out = greedy_argmax(kernel_build, repack(weight) if packed else weight, x)
     whole = kernel_build.argmax(kernel_build.linear(x, weight))
     assert status == abi.OK and out.tolist() == whole.tolist()
     if trial % 2 == 0:
@@ -83,18 +87,17 @@ def test_heads_of_other_kinds_are_refused(kernel_build):
 
 
 @pytest.mark.parametrize("drafter", ["none", "lookup", "suffix", "recycling"])
-def test_greedy_decoding_with_the_greedy_head_equals_the_whole_head(tmp_path, c_kernels, drafter):
+def test_greedy_decoding_with_the_greedy_head_equals_the_whole_head(tmp_path, kernel_build, drafter):
     """A tiny Llama whose head is Q8_0: the same tokens with the greedy head on and off, and with
-    it on, a one-row step never runs the whole head (passes of more rows and drafters that read
-    logits run it)."""
+    it on, a pass of up to GREEDY_HEAD_ROWS rows never runs the whole head (longer passes and
+    drafters that read logits run it)."""
     path = write_gguf(tmp_path / "model.gguf", model_for("llama", "Q8_0"), "Q8_0")
     outputs = []
     for greedy_head in (True, False):
-        model = Model(load(path), budget=4, kernels=c_kernels)
+        model = Model(load(path), budget=4, kernels=kernel_build)
         decoder = model.runner._decoder
-        if c_kernels.isa == "avx512":  # the AVX2 build reads Q8_0 heads as packed codes: whole heads only
-            assert decoder.greedy_head
-        decoder.greedy_head = decoder.greedy_head and greedy_head
+        assert decoder.greedy_head  # GGUF blocks in the AVX-512 build, packed in the AVX2 one
+        decoder.greedy_head = greedy_head
         whole_heads = []
         head_logits = decoder.head_logits
         decoder.head_logits = lambda hidden: whole_heads.append(len(hidden)) or head_logits(hidden)

@@ -1403,100 +1403,157 @@ void freespec_top_k(const float *logits, int64_t rows, int64_t V, int64_t k, flo
 }
 
 /* ---------------------------------------------------------------------------------------------
- * The exact greedy head: each input row's argmax over a Q8_0 head without computing every logit.
+ * The exact greedy head: each input row's argmax over a Q8_0 head (GGUF blocks, or the packed kind
+ * the AVX2 build makes of them) without computing every logit.
  *
- * Greedy decoding reads only the first maximum of a row of logits. The input x is quantized per
- * 32-weight block to int16 codes (scale s = block max / 32767), every head row's approximate
- * logit is an integer dot product per block (exact in int32) scaled by d s, and each one's
- * distance to the logit freespec_linear computes is bounded by C L1[r], with L1[r] = sum |w_r|
+ * Greedy decoding reads only the first maximum of a row of logits. Each input row x is quantized
+ * to int16 codes with one scale (s = max|x| / 32767), every head row's approximate logit is s
+ * times a sum over blocks of d (q . codes) (the dot product exact in int32), and its distance to
+ * the logit freespec_linear computes is bounded by C L1[r], with L1[r] = sum |w_r|
  * (freespec_head_bounds, once per head) and C from x alone:
  *   - the codes' error: sum_b d sum_i q e_i, |.| <= L1 max|e| (e = x - s code, computed in double);
- *   - the approximation's fp32 arithmetic (d s rounded, one FMA a block a lane, the lanes' sum):
- *     gamma(2B + 8) + 4u of sum |d s q code| <= L1 max|x| (1 + u);
+ *   - the approximation's fp32 arithmetic (one FMA a block a lane, the lanes' sum; the product
+ *     with s is exact in double): gamma(B + 3) of sum |d s q code| <= L1 max|x| (1 + u);
  *   - the exact logit's own rounding from the real sum (an FMA chain of at most K terms and a
  *     tree of the lanes): gamma(K) of sum |w x| <= L1 max|x|;
  * times 1.01 of margin (gamma(n) = n u / (1 - n u), u = 2^-24), plus 2^-149 for every fp32
- * operation on a row's path (4K + 64 of them at most), which bounds what underflow adds. The
- * rows whose upper bound reaches the best lower bound are the only ones that can hold the
- * maximum; they are computed by freespec_linear's own arithmetic (any tile gives a row the same
- * bits) and the first maximum among them is the whole head's. Measured on real hidden states:
- * 1-3 candidates of 262,144 (benchmarks/head_bounds.py). */
+ * operation on a row's path (4K + 64 of them at most), which bounds what underflow adds. (A scale
+ * per 32-block would not tighten C: the codes' error is bounded by its largest block's.)
+ *
+ * One pass over the head (threads take chunks of its rows) computes the approximations of up to
+ * HEAD_ROWS_AT_ONCE input rows from each head row's widened codes, keeps a running best lower
+ * bound per input row, and lists the head rows whose upper bound reaches it at the time; the
+ * listed rows whose upper bound reaches the final best lower bound are the only ones that can
+ * hold the maximum. They are computed by freespec_linear's own arithmetic (any tile gives a row
+ * the same bits) and the first maximum among them is the whole head's. Measured on real hidden
+ * states: 1-5 such rows of 262,144 (benchmarks/head_bounds.py). */
 
 #define HEAD_CODE_MAX 32767
+#define HEAD_ROWS_AT_ONCE 4
+#define HEAD_CHUNK_ROWS 512
 
 static double rounding_gamma(double n) {
     const double u = 0x1p-24;
     return n * u / (1.0 - n * u);
 }
 
-int freespec_head_bounds(const Matrix *w, float *row_l1) {
-    if (w->kind != GGML_Q8_0 || w->K % 32 || w->bias) return FREESPEC_BAD_MATRIX;
+/* A Q8_0 head: GGUF blocks (f16 d, 32 int8 codes), or the packed kind (codes [N, K], fp32 d [N, K/32]) */
+static int is_q8_head(const Matrix *w) {
+    return (w->kind == GGML_Q8_0 || w->kind == FREESPEC_PACKED_Q8) && w->K % 32 == 0 && !w->bias;
+}
+
+/* Row r's block b: its 32 codes, and its d in *d (PACKED: the packed kind's layout; a constant
+ * where the loops below call it, so each loop is compiled for one layout). */
+static inline __attribute__((always_inline)) const int8_t *head_block(const Matrix *w, int PACKED, int64_t r,
+                                                                      int64_t b, float *d) {
+    const int64_t B = w->K / 32;
+    if (PACKED) {
+        *d = w->scales[r * B + b];
+        return (const int8_t *)w->data + r * w->K + b * 32;
+    }
+    const uint8_t *block = (const uint8_t *)w->data + (r * B + b) * Q8_0_BYTES;
+    *d = f16_at(block);
+    return (const int8_t *)(block + 2);
+}
+
+static inline __attribute__((always_inline)) void head_bounds(const Matrix *w, int PACKED, float *row_l1) {
     const int64_t B = w->K / 32;
     #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < w->N; r++) {
-        const uint8_t *row = (const uint8_t *)w->data + r * B * Q8_0_BYTES;
         double total = 0.0;
         for (int64_t b = 0; b < B; b++) {
-            const uint8_t *block = row + b * Q8_0_BYTES;
+            float d;
+            const int8_t *q = head_block(w, PACKED, r, b, &d);
             int64_t codes = 0;
-            for (int i = 0; i < 32; i++) codes += abs((int)(int8_t)block[2 + i]);
-            total += fabs((double)f16_at(block)) * (double)codes;
+            for (int i = 0; i < 32; i++) codes += abs((int)q[i]);
+            total += fabs((double)d) * (double)codes;
         }
         row_l1[r] = nextafterf((float)total, INFINITY); /* rounded to nearest, then one step up: >= total */
     }
+}
+
+int freespec_head_bounds(const Matrix *w, float *row_l1) {
+    if (!is_q8_head(w)) return FREESPEC_BAD_MATRIX;
+    if (w->kind == FREESPEC_PACKED_Q8) head_bounds(w, 1, row_l1);
+    else head_bounds(w, 0, row_l1);
     return FREESPEC_OK;
 }
 
-/* sum over the blocks of (d s) * (q . codes) for one head row, in 8 fp32 lanes. Both builds run
- * these 256-bit integer instructions (AVX2's; the AVX-512 build targets AVX-512F, whose 512-bit
- * 16-bit multiplies need AVX-512BW). A lane's integer sum of four products stays below 2^24 (4 x
- * 127 x 32767), so its conversion to fp32 is exact. */
-static inline float q8_0_row_approx(const uint8_t *row, const int16_t *codes, const float *scales, int64_t B) {
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t b = 0; b < B; b++) {
-        const uint8_t *block = row + b * Q8_0_BYTES;
-        const int16_t *c = codes + b * 32;
-        const __m256i low = _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(block + 2))),
-                                              _mm256_loadu_si256((const __m256i *)c));
-        const __m256i high = _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(block + 18))),
-                                               _mm256_loadu_si256((const __m256i *)(c + 16)));
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(low, high)),
-                              _mm256_set1_ps(f16_at(block) * scales[b]), acc);
+/* sums[j] = sum over the blocks of d (q . codes[j]) for head row r and `count` input rows (codes
+ * [count, K]), in 8 fp32 lanes each; a block's codes are widened once for all of them. Both builds
+ * run these 256-bit integer instructions (AVX2's; the AVX-512 build targets AVX-512F, whose 512-bit
+ * 16-bit multiplies need AVX-512BW). A lane's integer sum of four products stays below 2^24 (4 x 127
+ * x 32767), so its conversion to fp32 is exact. Inlined with constants PACKED and count: one loop per
+ * layout and count, its accumulators in registers. */
+static inline __attribute__((always_inline)) void q8_rows_approx(const Matrix *w, int PACKED, int64_t r,
+                                                                 const int16_t *codes, int count, float *sums) {
+    const int64_t K = w->K;
+    __m256 acc[HEAD_ROWS_AT_ONCE];
+    for (int j = 0; j < count; j++) acc[j] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k += 32) {
+        float scale;
+        const int8_t *q = head_block(w, PACKED, r, k / 32, &scale);
+        const __m256i low = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)q));
+        const __m256i high = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(q + 16)));
+        const __m256 d = _mm256_set1_ps(scale);
+        for (int j = 0; j < count; j++) {
+            const int16_t *c = codes + j * K + k;
+            const __m256i dot = _mm256_add_epi32(_mm256_madd_epi16(low, _mm256_loadu_si256((const __m256i *)c)),
+                                                 _mm256_madd_epi16(high, _mm256_loadu_si256((const __m256i *)(c + 16))));
+            acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), d, acc[j]);
+        }
     }
-    return horizontal_sum(acc);
+    for (int j = 0; j < count; j++) sums[j] = horizontal_sum(acc[j]);
 }
 
+/* q8_rows_approx with constant arguments for the layout and up to HEAD_ROWS_AT_ONCE input rows */
+static void head_row_approx(const Matrix *w, int64_t r, const int16_t *codes, int count, float *sums) {
+#define HEAD_APPROX(PACKED)                                                 \
+    switch (count) {                                                        \
+    case 1: q8_rows_approx(w, PACKED, r, codes, 1, sums); break;            \
+    case 2: q8_rows_approx(w, PACKED, r, codes, 2, sums); break;            \
+    case 3: q8_rows_approx(w, PACKED, r, codes, 3, sums); break;            \
+    default: q8_rows_approx(w, PACKED, r, codes, 4, sums); break;           \
+    }
+    if (w->kind == FREESPEC_PACKED_Q8) HEAD_APPROX(1) else HEAD_APPROX(0)
+#undef HEAD_APPROX
+}
+
+typedef struct {
+    int64_t row;  /* a head row */
+    double upper; /* its logit's upper bound */
+} HeadCandidate;
+
 int freespec_head_argmax(const Matrix *w, const float *row_l1, const float *x, int64_t M, int64_t *out) {
-    if (w->kind != GGML_Q8_0 || w->K % 32 || w->bias) return FREESPEC_BAD_MATRIX;
+    if (!is_q8_head(w)) return FREESPEC_BAD_MATRIX;
     const int64_t N = w->N, K = w->K, B = K / 32;
     int16_t *codes = malloc(M * K * sizeof(int16_t));
-    float *scales = malloc(M * B * sizeof(float)), *approx = malloc(M * N * sizeof(float));
-    double *margin = malloc(M * sizeof(double)), *lower = malloc(M * sizeof(double));
+    HeadCandidate *candidates = malloc(M * N * sizeof(HeadCandidate)); /* [M, N]: pages touched as used */
+    double *scale = malloc(M * sizeof(double)), *margin = malloc(M * sizeof(double));
+    double *lower = malloc(M * sizeof(double));
+    int64_t *listed = calloc(M, sizeof(int64_t));
     const double underflow = (4.0 * (double)K + 64.0) * 0x1p-149; /* what denormal results can add, per row */
-    int status = codes && scales && approx && margin && lower ? FREESPEC_OK : FREESPEC_OUT_OF_MEMORY;
+    int status = codes && candidates && scale && margin && lower && listed ? FREESPEC_OK : FREESPEC_OUT_OF_MEMORY;
     double x_max_all = 0.0; /* the largest |x| of any input row: with a row's L1 norm, its logits' bound */
     for (int64_t m = 0; status == FREESPEC_OK && m < M; m++) {
         const float *xm = x + m * K;
-        double x_max = 0.0, error_max = 0.0;
-        for (int64_t b = 0; b < B && status == FREESPEC_OK; b++) {
-            float block_max = 0.0f;
-            for (int i = 0; i < 32; i++) {
-                const float a = fabsf(xm[b * 32 + i]);
-                if (!(a <= FLT_MAX)) status = FREESPEC_NOT_BOUNDED; /* inf or NaN: the full head decides */
-                block_max = a > block_max ? a : block_max;
-            }
-            const float s = block_max / (float)HEAD_CODE_MAX;
-            scales[m * B + b] = s;
-            for (int i = 0; i < 32; i++) {
-                long code = s > 0.0f ? lrintf(xm[b * 32 + i] / s) : 0;
-                code = code > HEAD_CODE_MAX ? HEAD_CODE_MAX : code < -HEAD_CODE_MAX ? -HEAD_CODE_MAX : code;
-                codes[m * K + b * 32 + i] = (int16_t)code;
-                const double e = fabs((double)xm[b * 32 + i] - (double)s * (double)code);
-                error_max = e > error_max ? e : error_max;
-            }
-            x_max = block_max > x_max ? block_max : x_max;
+        float x_max = 0.0f;
+        for (int64_t k = 0; k < K; k++) {
+            const float a = fabsf(xm[k]);
+            if (!(a <= FLT_MAX)) status = FREESPEC_NOT_BOUNDED; /* inf or NaN: the full head decides */
+            x_max = a > x_max ? a : x_max;
         }
-        const double gammas = rounding_gamma((double)K) + rounding_gamma((double)(2 * B + 8)) + 0x1p-22;
+        const float s = x_max / (float)HEAD_CODE_MAX;
+        double error_max = 0.0;
+        for (int64_t k = 0; k < K; k++) {
+            long code = s > 0.0f ? lrintf(xm[k] / s) : 0;
+            code = code > HEAD_CODE_MAX ? HEAD_CODE_MAX : code < -HEAD_CODE_MAX ? -HEAD_CODE_MAX : code;
+            codes[m * K + k] = (int16_t)code;
+            const double e = fabs((double)xm[k] - (double)s * (double)code);
+            error_max = e > error_max ? e : error_max;
+        }
+        const double gammas = rounding_gamma((double)K) + rounding_gamma((double)(B + 3)) + 0x1p-22;
+        scale[m] = s;
         margin[m] = 1.01 * (error_max + gammas * (1.0 + 0x1p-20) * x_max);
         lower[m] = -INFINITY;
         x_max_all = x_max > x_max_all ? x_max : x_max_all;
@@ -1505,17 +1562,25 @@ int freespec_head_argmax(const Matrix *w, const float *row_l1, const float *x, i
     if (status == FREESPEC_OK) {
         #pragma omp parallel reduction(| : overflow)
         {
-            double own_lower[M];
+            double own_lower[M]; /* this thread's best lower bound per input row so far */
             for (int64_t m = 0; m < M; m++) own_lower[m] = -INFINITY;
-            #pragma omp for schedule(static)
+            #pragma omp for schedule(dynamic, HEAD_CHUNK_ROWS)
             for (int64_t r = 0; r < N; r++) {
-                const uint8_t *row = (const uint8_t *)w->data + r * B * Q8_0_BYTES;
-                overflow |= !((double)row_l1[r] * x_max_all < 1e37);
-                for (int64_t m = 0; m < M; m++) {
-                    const float a = q8_0_row_approx(row, codes + m * K, scales + m * B, B);
-                    approx[m * N + r] = a;
-                    const double low = (double)a - margin[m] * (double)row_l1[r] - underflow;
-                    own_lower[m] = low > own_lower[m] ? low : own_lower[m];
+                const double l1 = (double)row_l1[r];
+                overflow |= !(l1 * x_max_all < 1e37);
+                for (int64_t m0 = 0; m0 < M; m0 += HEAD_ROWS_AT_ONCE) {
+                    const int count = M - m0 < HEAD_ROWS_AT_ONCE ? (int)(M - m0) : HEAD_ROWS_AT_ONCE;
+                    float sums[HEAD_ROWS_AT_ONCE];
+                    head_row_approx(w, r, codes + m0 * K, count, sums);
+                    for (int j = 0; j < count; j++) {
+                        const int64_t m = m0 + j;
+                        const double approx = scale[m] * (double)sums[j], slack = margin[m] * l1 + underflow;
+                        if (approx - slack > own_lower[m]) own_lower[m] = approx - slack;
+                        if (approx + slack >= own_lower[m]) {
+                            const int64_t at = __atomic_fetch_add(listed + m, 1, __ATOMIC_RELAXED);
+                            candidates[m * N + at] = (HeadCandidate){r, approx + slack};
+                        }
+                    }
                 }
             }
             #pragma omp critical
@@ -1527,18 +1592,20 @@ int freespec_head_argmax(const Matrix *w, const float *row_l1, const float *x, i
         for (int64_t m = 0; m < M; m++) {
             int64_t best = -1;
             float best_logit = 0.0f;
-            for (int64_t r = 0; r < N; r++) {
-                if ((double)approx[m * N + r] + margin[m] * (double)row_l1[r] + underflow < lower[m]) continue;
-                Matrix one = *w;
+            for (int64_t i = 0; i < listed[m]; i++) {
+                const HeadCandidate c = candidates[m * N + i];
+                if (c.upper < lower[m]) continue;
+                Matrix one = *w; /* row c.row alone */
                 one.N = 1;
-                one.data = (const uint8_t *)w->data + r * B * Q8_0_BYTES;
+                one.data = (const uint8_t *)w->data + c.row * kind_ops(w->kind)->row_bytes(w);
+                if (w->scales) one.scales = w->scales + c.row * B;
                 float logit;
-                q8_0_linear(&one, x + m * K, &logit, 1, 1, 0, 1); /* one row, a block of its own: any tile's bits */
-                if (best < 0 || logit > best_logit) best = r, best_logit = logit;
+                kind_ops(w->kind)->linear(&one, x + m * K, &logit, 1, 1, 0, 1); /* a block of its own: any tile's bits */
+                if (best < 0 || logit > best_logit || (logit == best_logit && c.row < best)) best = c.row, best_logit = logit;
             }
             out[m] = best;
         }
     }
-    free(codes); free(scales); free(approx); free(margin); free(lower);
+    free(codes); free(candidates); free(scale); free(margin); free(lower); free(listed);
     return status;
 }
