@@ -39,7 +39,7 @@ from typing import Callable, Sequence
 import torch
 
 from freespec.engine.loop import Generation, Step
-from freespec.model.runner import PREFILL_CHUNK, BatchPass, forward_batch
+from freespec.model.runner import PREFILL_CHUNK, BatchPass, PassLogits, batch_logits, forward_batch
 
 log = logging.getLogger(__name__)
 
@@ -343,13 +343,14 @@ class Batch:
             request.emitted = emitted or []
 
     @staticmethod
-    def _logits(planned: list[tuple[Running, Step]], hidden: list[torch.Tensor]) -> list[torch.Tensor | None]:
-        """Each tree step's logits [q, vocab] (None for prefill chunks), from one lm_head call over
-        all of them: the head's weights are streamed once per pass, not once per request."""
-        trees = [states for (_, step), states in zip(planned, hidden) if step.tree is not None]
+    def _logits(planned: list[tuple[Running, Step]], hidden: list[torch.Tensor]) -> list[PassLogits | None]:
+        """Each tree step's logits [q, vocab] (None for prefill chunks), from one head call over all
+        of them (:func:`batch_logits`: the exact greedy head for the steps that read only maxima)."""
+        trees = [index for index, (_, step) in enumerate(planned) if step.tree is not None]
         if not trees:
             return [None] * len(planned)
-        parts = iter(planned[0][0].generation.runner.logits(torch.cat(trees)).split([len(t) for t in trees]))
+        parts = iter(batch_logits(planned[0][0].generation.runner, [hidden[index] for index in trees],
+                                  [planned[index][0].generation.reads_maxima_only for index in trees]))
         return [None if step.tree is None else next(parts) for _, step in planned]
 
     @staticmethod

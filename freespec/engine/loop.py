@@ -168,6 +168,12 @@ class Generation:
     def prefilling(self) -> bool:
         return self._unfilled is None or bool(self._unfilled)
 
+    @property
+    def reads_maxima_only(self) -> bool:
+        """Whether a step reads only its logits' maxima: greedy verification, a drafter that reads
+        no logits (a batch runs the exact greedy head for such steps, see :func:`batch_logits`)."""
+        return self.sampling.reads_maxima_only and (self.drafter is None or not self.drafter.reads_logits)
+
     def __iter__(self) -> Iterator[list[int]]:
         while (step := self.plan()) is not None:
             emitted = self.take(*self.run_alone(step))

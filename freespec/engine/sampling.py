@@ -115,6 +115,11 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def reads_maxima_only(self) -> bool:
+        """Whether choosing a token reads only the logits' maxima: greedy, without a penalty."""
+        return self.greedy and self.repetition_penalty == 1.0
+
 
 OPTIONS: tuple[Option, ...] = tuple(dataclasses.replace(f.metadata["option"], name=f.name, default=f.default)
                                     for f in fields(SamplingParams))

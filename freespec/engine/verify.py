@@ -153,7 +153,7 @@ def verify(tree: DraftTree, logits: PassLogits, context: np.ndarray, params: Sam
     0) takes the argmax of the penalised logits, as plain greedy decoding does; without a penalty,
     the logits' own maxima (no tensor is made).
     """
-    if params.greedy and params.repetition_penalty == 1.0:
+    if params.reads_maxima_only:
         return greedy_accept(tree, logits.argmax)
     logits = tree_repetition_penalty(logits.tensor, context, tree, params.repetition_penalty)
     if params.greedy:

@@ -20,7 +20,7 @@ sliding window, if it has one, so the model's whole context is served.
 from __future__ import annotations
 
 import copy
-from functools import cached_property
+from functools import cached_property, partial
 from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
@@ -33,7 +33,6 @@ from freespec.kernels import (
     Kernels,
     LayerNorm,
     ModelWeights,
-    OneCallDecoder,
     PassSequence,
     RMSNorm,
     Rotation,
@@ -122,22 +121,24 @@ class PassLogits:
     """A pass's logits [q, vocab] and each row's first maximum, each computed when first read.
 
     Made from the logits (a tensor, or the numpy buffer of the one-call decoder's head, which the
-    model's next tree pass overwrites: read them before), or from a tree pass's final hidden
-    states and the one-call decoder that made them (:meth:`ModelRunner.tree_logits`): then
-    ``argmax`` alone runs the exact greedy head (:meth:`freespec.kernels.OneCallDecoder.head_argmax`:
-    only the logits an integer bound cannot rule out), and the whole head runs once something
-    reads the logits themselves (:meth:`materialize`, ``tensor``).
+    model's next tree pass overwrites: read them before), or from two calls over a pass's final
+    hidden states (:meth:`ModelRunner.tree_logits`, :func:`batch_logits`): ``whole_head`` computes
+    the logits, ``maxima`` each row's first maximum without them (the exact greedy head,
+    :meth:`freespec.kernels.OneCallDecoder.head_argmax`: only the logits an integer bound cannot
+    rule out), or None where it cannot. ``argmax`` alone then runs ``maxima``, and the whole head
+    runs once something reads the logits themselves (:meth:`materialize`, ``tensor``).
     """
 
-    def __init__(self, logits: torch.Tensor | np.ndarray | None, kernels: Kernels, hidden: np.ndarray | None = None,
-                 decoder: OneCallDecoder | None = None):
-        self._logits, self._kernels, self._hidden, self._decoder = logits, kernels, hidden, decoder
+    def __init__(self, logits: torch.Tensor | np.ndarray | None, kernels: Kernels,
+                 whole_head: Callable[[], torch.Tensor | np.ndarray] | None = None,
+                 maxima: Callable[[], np.ndarray | None] | None = None):
+        self._logits, self._kernels, self._whole_head, self._maxima = logits, kernels, whole_head, maxima
 
     def materialize(self) -> torch.Tensor | np.ndarray:
         """The logits [q, vocab], the whole head run now if it has not run (a reader of the logits
         calls this before ``argmax``, which then reads them instead of running the greedy head)."""
         if self._logits is None:
-            self._logits = self._decoder.head_logits(self._hidden)
+            self._logits = self._whole_head()
         return self._logits
 
     @cached_property
@@ -149,10 +150,33 @@ class PassLogits:
     @cached_property
     def argmax(self) -> np.ndarray:
         """[q] int64: each row's first maximum, as ``torch.argmax`` gives it."""
-        if self._logits is None and (greedy := self._decoder.head_argmax(self._hidden)) is not None:
-            return greedy
+        if self._logits is None and self._maxima is not None and (maxima := self._maxima()) is not None:
+            return maxima
         logits = self.materialize()
         return self._kernels.argmax(logits if isinstance(logits, np.ndarray) else self.tensor)
+
+
+def batch_logits(runner: ModelRunner, hidden: Sequence[torch.Tensor], maxima_only: Sequence[bool]) -> list[PassLogits]:
+    """The logits of several requests' passes (final hidden states [q_i, hidden] each, runners
+    forked from ``runner``'s model) from one head call over all their rows: the head's weights
+    stream once per pass, not once per request. The parts that read only their rows' maxima
+    (``maxima_only``: greedy verification) share one exact greedy head call instead, where the
+    model's one-call decoder has one for that many rows; such a part runs its own whole head should
+    its logits be read after all."""
+    logits: list[PassLogits | None] = [None] * len(hidden)
+    greedy = [i for i, only in enumerate(maxima_only) if only]
+    decoder = runner._decoder
+    if greedy and decoder is not None and runner.weights.final_softcap is None:
+        rows = torch.cat([hidden[i] for i in greedy]).numpy()  # [sum q_i, hidden]
+        if (maxima := decoder.head_argmax(rows)) is not None:
+            for i, part in zip(greedy, np.split(maxima, np.cumsum([len(hidden[i]) for i in greedy])[:-1])):
+                logits[i] = PassLogits(None, runner.kernels, partial(runner.logits, hidden[i]), lambda part=part: part)
+    rest = [i for i, part in enumerate(logits) if part is None]
+    if rest:
+        whole = runner.logits(torch.cat([hidden[i] for i in rest])).split([len(hidden[i]) for i in rest])
+        for i, part in zip(rest, whole):
+            logits[i] = PassLogits(part, runner.kernels)
+    return logits
 
 
 def forward_logits(runner, tokens: np.ndarray, depths: np.ndarray, tree_mask: np.ndarray) -> PassLogits:
@@ -317,7 +341,8 @@ class ModelRunner:
         rotary = [self.rotary[kind].addresses(last + 1) for kind in self._decoder.rotary_kinds]
         hidden = self._decoder.tree_hidden(tokens, positions, tree_mask, *cache.addresses, cache.capacity, length,
                                            rotary)  # [q, hidden]
-        return PassLogits(None, self.kernels, hidden, self._decoder)
+        decoder = self._decoder
+        return PassLogits(None, self.kernels, partial(decoder.head_logits, hidden), partial(decoder.head_argmax, hidden))
 
     def _check_rows(self, cache: KVCache, ids: list[int]) -> None:
         """ValueError unless rows for ``ids`` fit after the cache's committed ones and every id indexes
