@@ -37,7 +37,8 @@ from freespec.model.loading import embedded_gguf_path
 
 @dataclass(frozen=True)
 class Shape:
-    """A decoder's dimensions (SmolLM2's 49,152-token vocabulary for all of them)."""
+    """A decoder's dimensions, with SmolLM2's 49,152-token vocabulary, or ``vocab`` tokens: SmolLM2's
+    and unused ones after them (a real model's head size: no prompt reaches the unused ones)."""
 
     hidden: int
     layers: int
@@ -45,6 +46,7 @@ class Shape:
     heads: int
     kv_heads: int
     tied: bool
+    vocab: int | None = None
 
     @property
     def head_dim(self) -> int:
@@ -85,6 +87,7 @@ SHAPES = {  # real models' dimensions
     "smollm2-135m": Shape(576, 30, 1536, 9, 3, tied=True),
     "qwen2.5-0.5b": Shape(896, 24, 4864, 14, 2, tied=True),
     "qwen2.5-1.5b": Shape(1536, 28, 8960, 12, 2, tied=True),
+    "llama-3.2-1b-vocab": Shape(2048, 16, 8192, 32, 8, tied=True, vocab=128256),  # Llama 3's head size too
     "llama-3.2-3b": Shape(3072, 28, 8192, 24, 8, tied=True),
     "mistral-7b": Shape(4096, 32, 14336, 32, 8, tied=False),
 }
@@ -96,15 +99,26 @@ EPS = 1e-5
 STD = 0.02
 
 
-def _tokenizer_fields(reader: GGUFReader) -> list[tuple[str, object, GGUFValueType, GGUFValueType | None]]:
-    """SmolLM2's tokenizer.* key/values (and chat template) as (key, value, type, array item type)."""
+def unused_tokens(first: int, vocab: int) -> list[str]:
+    """Names of the unused tokens first .. vocab - 1 that pad a vocabulary to ``vocab``."""
+    return [f"<|unused_{i}|>" for i in range(first, vocab)]
+
+
+def _tokenizer_fields(reader: GGUFReader, vocab: int) -> list[tuple[str, object, GGUFValueType, GGUFValueType | None]]:
+    """SmolLM2's tokenizer.* key/values (and chat template) as (key, value, type, array item type),
+    its token list padded to ``vocab`` tokens with unused user-defined ones."""
     out = []
     for key, field in reader.fields.items():
         if not key.startswith("tokenizer."):
             continue
         kind = field.types[0]
         sub = field.types[1] if kind == GGUFValueType.ARRAY else None
-        out.append((key, field.contents(), kind, sub))
+        value = field.contents()
+        if key == "tokenizer.ggml.tokens":
+            value = value + unused_tokens(len(value), vocab)
+        elif key == "tokenizer.ggml.token_type":
+            value = value + [4] * (vocab - len(value))  # llama.cpp's USER_DEFINED
+        out.append((key, value, kind, sub))
     return out
 
 
@@ -120,8 +134,8 @@ def _random(rng: np.random.Generator, shape: tuple[int, int], dtype) -> np.ndarr
 
 def write_f16_gguf(shape: Shape, path: Path, seed: int = 0) -> None:
     reader = GGUFReader(embedded_gguf_path())
-    tokenizer = _tokenizer_fields(reader)
-    vocab = len(reader.fields["tokenizer.ggml.tokens"].contents())
+    vocab = shape.vocab or len(reader.fields["tokenizer.ggml.tokens"].contents())
+    tokenizer = _tokenizer_fields(reader, vocab)
     writer = GGUFWriter(path, "llama")
     writer.add_name(f"synthetic {path.stem}")
     writer.add_uint32("general.file_type", 1)  # mostly F16
@@ -171,6 +185,8 @@ def write_bf16_directory(shape: Shape, directory: Path, seed: int = 0) -> None:
 
     gguf = embedded_gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if shape.vocab:
+        tokenizer.add_tokens(unused_tokens(len(tokenizer), shape.vocab))
     vocab = len(tokenizer)
     directory.mkdir(parents=True, exist_ok=True)
     LlamaConfig(vocab_size=vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
@@ -239,7 +255,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.list or not args.shape:
         for name, shape in SHAPES.items():
-            print(f"{name:14s} {shape.parameters(49152) / 1e9:5.2f}B parameters  {shape}")
+            print(f"{name:18s} {shape.parameters(shape.vocab or 49152) / 1e9:5.2f}B parameters  {shape}")
         return
     formats = [fmt.strip() for fmt in args.formats.split(",") if fmt.strip()]
     unknown = [fmt for fmt in formats if fmt not in FORMATS]

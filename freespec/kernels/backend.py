@@ -244,7 +244,7 @@ class CKernels(Kernels):
         selected without the one-call decoder."""
         if not self.one_call_decoder or not OneCallDecoder.runs(weights):
             return None
-        return OneCallDecoder(self.library, weights)
+        return OneCallDecoder(self.library, weights, self.isa)
 
 
 def _check_rows(matrix: Matrix, tokens: torch.Tensor) -> None:
@@ -391,14 +391,29 @@ class TreeAttention:
         return out
 
 
-GREEDY_HEAD_ROWS = 16
-"""The most rows a pass may have for the greedy head to replace the whole head. Both cost more
-with every row (the greedy head's integer products, the whole head's FMAs on each decoded
-weight), and from about 24 rows the whole head's tiles, which share each decoded weight among
-several rows, win. Zen 4 VM, real hidden states (benchmarks/head_speed.py), whole / greedy ms,
-AVX-512 build: Gemma-3-270M 10.0 / 6.3 at one row, 10.8 / 9.7 at four, 38.4 / 33.6 at sixteen,
-51.4 / 51.9 at 24; SmolLM2-135M 1.20 / 0.82, 1.65 / 1.57, 6.58 / 5.87, 8.72 / 8.90 (the AVX2
-build's packed heads gain more: 19.0 / 9.1 at four rows on Gemma's)."""
+def greedy_head_rows(head: Matrix, isa: str) -> int:
+    """The most rows a pass may have for the exact greedy head (``freespec_head_argmax``) to
+    replace the whole head over ``head``; 0 where it does not read such a head (Q8_0 GGUF blocks or
+    packed, Q6_K blocks).
+
+    Both heads cost more with every row (the greedy head's integer products, the whole head's FMAs
+    on each decoded weight), and the whole head's tiles share each decoded weight among several
+    rows. Zen 4 VM, real hidden states (benchmarks/head_speed.py), whole / greedy ms, AVX-512
+    build: Gemma-3-270M's Q8_0 head 10.0 / 6.3 at one row, 10.8 / 9.7 at four, 38.4 / 33.6 at
+    sixteen, 51.4 / 51.9 at 24; SmolLM2-135M's 1.20 / 0.82, 1.65 / 1.57, 6.58 / 5.87, 8.72 / 8.90
+    (the AVX2 build's packed heads gain more: 19.0 / 9.1 at four rows on Gemma's). A Q6_K head
+    (49,152 x 1536, a 1.5B Q4_K_M file's): 2.8-3.1 / 2.3-2.4 at one row, even at four, 8.6 / 10.8
+    at eight in the AVX-512 build, whose fp32 decoding of Q6_K is the faster; AVX2 build 3.6-4.1 /
+    2.3-2.5, 6.3 / 4.0-4.6 at four, 13.8-14.5 / 9.4-11.0 at eight."""
+    if isinstance(head, PackedWeight):
+        return 16 if head.kind == "q8" else 0
+    if not isinstance(head, GGMLWeight):
+        return 0
+    if head.type == GGMLQuantizationType.Q8_0:
+        return 16
+    if head.type == GGMLQuantizationType.Q6_K:
+        return 4 if isa == "avx512" else 16
+    return 0
 
 
 class OneCallDecoder:
@@ -428,7 +443,7 @@ class OneCallDecoder:
                         and layer.o.bias is None and layer.up.bias is None and layer.down.bias is None
                         for layer in weights.layers))
 
-    def __init__(self, library: ctypes.CDLL, weights: ModelWeights):
+    def __init__(self, library: ctypes.CDLL, weights: ModelWeights, isa: str):
         if not self.runs(weights):
             raise ValueError("the one-call decoder runs Llama- and Gemma-style models only (RMSNorm, rotary, "
                              "gated MLP)")
@@ -450,13 +465,13 @@ class OneCallDecoder:
             softcap=0.0 if h.softcap is None else h.softcap, activation=self.ACTIVATIONS[weights.activation])
         # tree_hidden's and the head's: the lm_head's description, the one sequence, the output buffers
         self._lm_head = MatrixStruct("lm_head", weights.lm_head.weight, weights.lm_head.bias)
-        # whether head_argmax may skip rows: a Q8_0 head (GGUF blocks, or packed as the AVX2 build
-        # packs them) without bias (tests turn it off); its [vocab] row bounds are computed on
-        # first use (reading the head's pages then, not at load)
+        # whether head_argmax may skip rows, and in passes of how many rows: a Q8_0 head (GGUF
+        # blocks, or packed as the AVX2 build packs them) or a Q6_K one (Q4_K_M files' output
+        # heads), without bias (tests turn it off); its [vocab] row bounds are computed on first
+        # use (reading the head's pages then, not at load)
         head = weights.lm_head
-        self.greedy_head = head.bias is None and (
-            (isinstance(head.weight, GGMLWeight) and head.weight.type == GGMLQuantizationType.Q8_0)
-            or (isinstance(head.weight, PackedWeight) and head.weight.kind == "q8"))
+        self.greedy_head_rows = 0 if head.bias is not None else greedy_head_rows(head.weight, isa)
+        self.greedy_head = self.greedy_head_rows > 0
         self._head_l1: np.ndarray | None = None
         self.vocab = weights.lm_head.weight.shape[0]
         self._one = (abi.DecoderSequence * 1)()
@@ -606,13 +621,13 @@ class OneCallDecoder:
         """Each row's first maximum of :meth:`head_logits` [q] int64, computing only the logits an
         integer bound cannot rule out (``freespec_head_argmax``, an exact greedy head: measured 1-5
         rows of 262,144 on Gemma-3-270M); None where it does not apply (see ``greedy_head``, passes
-        of more than GREEDY_HEAD_ROWS rows, inputs that are not finite): then the caller computes
-        the whole head."""
+        of more than ``greedy_head_rows`` rows, inputs that are not finite): then the caller
+        computes the whole head."""
         if self.greedy_head and self._head_l1 is None:
             self._head_l1 = self._head_bounds()
             self.greedy_head = self._head_l1 is not None
         n = hidden.shape[0]
-        if not self.greedy_head or n > GREEDY_HEAD_ROWS:
+        if not self.greedy_head or n > self.greedy_head_rows:
             return None
         out = np.empty(n, dtype=np.int64)
         status = self._library.freespec_head_argmax(self._lm_head.pointer, self._head_l1.ctypes.data, abi.array_address(

@@ -1,6 +1,6 @@
-"""The exact greedy head (freespec_head_argmax): each input row's first maximum over a Q8_0 head,
-computing in fp32 only the rows an integer bound cannot rule out, is the whole head's, in every
-build; inputs the bound does not cover are refused (the whole head then runs)."""
+"""The exact greedy head (freespec_head_argmax): each input row's first maximum over a Q8_0 or
+Q6_K head, computing in fp32 only the rows an integer bound cannot rule out, is the whole head's,
+in every build; inputs the bound does not cover are refused (the whole head then runs)."""
 
 import numpy as np
 import pytest
@@ -9,18 +9,19 @@ import torch
 from freespec import Model
 from freespec.kernels import GGMLWeight, abi, random_blocks
 from freespec.kernels.weights import PackedWeight, repack
-from freespec.kernels.backend import GREEDY_HEAD_ROWS, MatrixStruct
+from freespec.kernels.backend import MatrixStruct
 from freespec.model.loading import load
 from tests.helpers import PROMPTS, model_for, write_gguf
 
 
-def head(rows: int, columns: int, generator: np.random.Generator, twins: bool = False) -> GGMLWeight:
-    """A random Q8_0 head [rows, columns]; ``twins``: rows 3, rows // 2 and the last are one row
-    (equal logits: the first of them is the maximum when they lead)."""
-    data = random_blocks("Q8_0", (rows, columns), generator, typical=0.02).reshape(rows, -1)
+def head(rows: int, columns: int, generator: np.random.Generator, twins: bool = False,
+         kind: str = "Q8_0") -> GGMLWeight:
+    """A random head [rows, columns] of GGUF blocks of ``kind``; ``twins``: rows 3, rows // 2 and
+    the last are one row (equal logits: the first of them is the maximum when they lead)."""
+    data = random_blocks(kind, (rows, columns), generator, typical=0.02).reshape(rows, -1)
     if twins:
         data[rows // 2] = data[rows - 1] = data[3]
-    return GGMLWeight("Q8_0", data.reshape(-1), (rows, columns))
+    return GGMLWeight(kind, data.reshape(-1), (rows, columns))
 
 
 def greedy_argmax(backend, weight: GGMLWeight | PackedWeight, x: torch.Tensor) -> tuple[int, np.ndarray]:
@@ -34,14 +35,16 @@ def greedy_argmax(backend, weight: GGMLWeight | PackedWeight, x: torch.Tensor) -
     return status, out
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["gguf-blocks", "packed"])
+@pytest.mark.parametrize("kind", ["Q8_0", "Q8_0 packed", "Q6_K"])
 @pytest.mark.parametrize("trial", range(12))
-def test_the_greedy_head_gives_the_whole_heads_first_maximum(kernel_build, trial, packed):
-    """GGUF Q8_0 blocks, and the same blocks packed as the AVX2 build packs a head (codes and fp32
-    scales apart)."""
+def test_the_greedy_head_gives_the_whole_heads_first_maximum(kernel_build, trial, kind):
+    """GGUF Q8_0 blocks, the same blocks packed as the AVX2 build packs a head (codes and fp32
+    scales apart), and GGUF Q6_K blocks (blocks of 256)."""
     generator = np.random.default_rng(trial)
-    rows, columns = int(generator.integers(8, 3000)), 32 * int(generator.integers(1, 24))
-    weight = head(rows, columns, generator, twins=trial % 2 == 0)
+    block = 256 if kind == "Q6_K" else 32
+    rows, columns = int(generator.integers(8, 3000)), block * int(generator.integers(1, 24 if block == 32 else 5))
+    packed = kind.endswith("packed")
+    weight = head(rows, columns, generator, twins=trial % 2 == 0, kind=kind.split()[0])
     inputs = int(generator.integers(1, 11))  # across the kernel's groups of 4 input rows
     torch.manual_seed(trial)
     x = torch.randn(inputs, columns) * torch.exp(1.5 * torch.randn(inputs, columns))  # outliers, as hidden states have
@@ -54,18 +57,20 @@ def test_the_greedy_head_gives_the_whole_heads_first_maximum(kernel_build, trial
         assert out[0] == 3  # the first of equal maxima, as torch.argmax
 
 
-def test_a_zero_input_ties_every_row_and_gives_the_first(kernel_build):
-    weight = head(100, 64, np.random.default_rng(0))
-    status, out = greedy_argmax(kernel_build, weight, torch.zeros(2, 64))
+@pytest.mark.parametrize("kind", ["Q8_0", "Q6_K"])
+def test_a_zero_input_ties_every_row_and_gives_the_first(kernel_build, kind):
+    weight = head(100, 256, np.random.default_rng(0), kind=kind)
+    status, out = greedy_argmax(kernel_build, weight, torch.zeros(2, 256))
     assert status == abi.OK and out.tolist() == [0, 0]
 
 
+@pytest.mark.parametrize("kind", ["Q8_0", "Q6_K"])
 @pytest.mark.parametrize("scale", [1e-30, 1e-36, 1e-42])
-def test_inputs_near_underflow_give_the_whole_heads_first_maximum(kernel_build, scale):
+def test_inputs_near_underflow_give_the_whole_heads_first_maximum(kernel_build, scale, kind):
     """Logits in fp32's denormal range, where rounding errors are absolute: the bound's
     absolute term still covers them."""
-    weight = head(500, 128, np.random.default_rng(3))
-    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(3)) * scale
+    weight = head(500, 256, np.random.default_rng(3), kind=kind)
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(3)) * scale
     status, out = greedy_argmax(kernel_build, weight, x)
     assert status == abi.OK and out.tolist() == kernel_build.argmax(kernel_build.linear(x, weight)).tolist()
 
@@ -86,12 +91,14 @@ def test_heads_of_other_kinds_are_refused(kernel_build):
     assert kernel_build.library.freespec_head_bounds(struct.pointer, bounds.ctypes.data) == abi.BAD_MATRIX
 
 
+@pytest.mark.parametrize("head_type", ["Q8_0", "Q6_K"])
 @pytest.mark.parametrize("drafter", ["none", "lookup", "suffix", "recycling"])
-def test_greedy_decoding_with_the_greedy_head_equals_the_whole_head(tmp_path, kernel_build, drafter):
-    """A tiny Llama whose head is Q8_0: the same tokens with the greedy head on and off, and with
-    it on, a pass of up to GREEDY_HEAD_ROWS rows never runs the whole head (longer passes and
-    drafters that read logits run it)."""
-    path = write_gguf(tmp_path / "model.gguf", model_for("llama", "Q8_0"), "Q8_0")
+def test_greedy_decoding_with_the_greedy_head_equals_the_whole_head(tmp_path, kernel_build, drafter, head_type):
+    """A tiny Llama whose head is Q8_0 or Q6_K (a Q4_K_M file's): the same tokens with the greedy
+    head on and off, and with it on, a pass of up to ``greedy_head_rows`` rows never runs the whole
+    head (longer passes and drafters that read logits run it)."""
+    types = {"default": "Q8_0", "output": head_type}
+    path = write_gguf(tmp_path / "model.gguf", model_for("llama", types), types)
     outputs = []
     for greedy_head in (True, False):
         model = Model(load(path), budget=4, kernels=kernel_build)
@@ -104,7 +111,7 @@ def test_greedy_decoding_with_the_greedy_head_equals_the_whole_head(tmp_path, ke
         outputs.append([model.generate(prompt_ids=prompt, drafter=drafter, max_new_tokens=40).token_ids
                         for prompt in PROMPTS])
         if decoder.greedy_head and drafter in ("none", "lookup", "suffix"):  # drafters that read no logits
-            assert all(rows > GREEDY_HEAD_ROWS for rows in whole_heads)
+            assert all(rows > decoder.greedy_head_rows for rows in whole_heads)
             assert drafter != "none" or not whole_heads
     assert outputs[0] == outputs[1]
 

@@ -43,8 +43,8 @@ typedef struct Matrix {
 int freespec_linear(const Matrix *w, const float *x, float *y, int64_t M);
 
 /* The exact greedy head (see kernels.c). freespec_head_bounds: row_l1[N] >= sum |w[r]| for a Q8_0
- * matrix without bias, else FREESPEC_BAD_MATRIX. freespec_head_argmax: out[M] = each row of x
- * [M, K]'s first maximum over freespec_linear's outputs (w Q8_0, without bias; row_l1 from
+ * (GGUF or packed) or Q6_K matrix without bias, else FREESPEC_BAD_MATRIX. freespec_head_argmax:
+ * out[M] = each row of x [M, K]'s first maximum over freespec_linear's outputs (w such; row_l1 from
  * freespec_head_bounds), computing in fp32 only the outputs the bound cannot rule out; returns
  * FREESPEC_OK, FREESPEC_BAD_MATRIX, FREESPEC_OUT_OF_MEMORY or FREESPEC_NOT_BOUNDED (x not
  * finite, or logits that could overflow): then nothing is written and the caller computes the

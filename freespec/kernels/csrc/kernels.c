@@ -1404,16 +1404,18 @@ void freespec_top_k(const float *logits, int64_t rows, int64_t V, int64_t k, flo
 
 /* ---------------------------------------------------------------------------------------------
  * The exact greedy head: each input row's argmax over a Q8_0 head (GGUF blocks, or the packed kind
- * the AVX2 build makes of them) without computing every logit.
+ * the AVX2 build makes of them) or a Q6_K one (the output head of llama.cpp's Q4_K_M and Q5_K_M
+ * files) without computing every logit.
  *
  * Greedy decoding reads only the first maximum of a row of logits. Each input row x is quantized
  * to int16 codes with one scale (s = max|x| / 32767), every head row's approximate logit is s
- * times a sum over blocks of d (q . codes) (the dot product exact in int32), and its distance to
+ * times a sum over blocks of d (q . codes) (the dot product exact in int32; Q6_K: over half
+ * blocks of 128, each code q - 32 times its block of 16's int8 scale first), and its distance to
  * the logit freespec_linear computes is bounded by C L1[r], with L1[r] = sum |w_r|
  * (freespec_head_bounds, once per head) and C from x alone:
  *   - the codes' error: sum_b d sum_i q e_i, |.| <= L1 max|e| (e = x - s code, computed in double);
- *   - the approximation's fp32 arithmetic (one FMA a block a lane, the lanes' sum; the product
- *     with s is exact in double): gamma(B + 3) of sum |d s q code| <= L1 max|x| (1 + u);
+ *   - the approximation's fp32 arithmetic (one FMA a block a lane, B of them, and the lanes' sum;
+ *     the product with s is exact in double): gamma(B + 3) of sum |d s q code| <= L1 max|x| (1 + u);
  *   - the exact logit's own rounding from the real sum (an FMA chain of at most K terms and a
  *     tree of the lanes): gamma(K) of sum |w x| <= L1 max|x|;
  * times 1.01 of margin (gamma(n) = n u / (1 - n u), u = 2^-24), plus 2^-149 for every fp32
@@ -1437,9 +1439,34 @@ static double rounding_gamma(double n) {
     return n * u / (1.0 - n * u);
 }
 
-/* A Q8_0 head: GGUF blocks (f16 d, 32 int8 codes), or the packed kind (codes [N, K], fp32 d [N, K/32]) */
-static int is_q8_head(const Matrix *w) {
-    return (w->kind == GGML_Q8_0 || w->kind == FREESPEC_PACKED_Q8) && w->K % 32 == 0 && !w->bias;
+/* A head the greedy head reads: Q8_0, GGUF blocks (f16 d, 32 int8 codes) or the packed kind (codes
+ * [N, K], fp32 d [N, K/32]); or GGUF Q6_K blocks. */
+static int is_greedy_head(const Matrix *w) {
+    if (w->bias) return 0;
+    if (w->kind == GGML_Q8_0 || w->kind == FREESPEC_PACKED_Q8) return w->K % 32 == 0;
+    return w->kind == GGML_Q6_K && w->K % 256 == 0;
+}
+
+/* The roundings a term of a head row's approximation goes through in its lane before the lanes'
+ * sum (B above): one FMA per block of 32 (Q8_0), or per half block of 128 (Q6_K) plus the
+ * conversion of its int32 sum, which may round. */
+static int64_t head_lane_terms(const Matrix *w) { return w->kind == GGML_Q6_K ? w->K / 128 + 1 : w->K / 32; }
+
+/* The 128 codes q - 32 of half `half` of a Q6_K block as four int8 vectors of 32 (elements 32 i ..
+ * 32 i + 31 of the half): ggml's layout, 64 bytes of low nibbles (the first 32 bytes' give quarters 0
+ * and 2, the next 32 bytes' quarters 1 and 3) and 32 of high bit pairs (bits 0-1, 2-3, 4-5, 6-7 for
+ * quarters 0-3), joined by 16-bit shifts whose masks drop what crosses bytes. */
+static inline __attribute__((always_inline)) void q6_k_quarters(const uint8_t *block, int half, __m256i quarters[4]) {
+    const __m256i low4 = _mm256_set1_epi8(0x0F), bits45 = _mm256_set1_epi8(0x30), bias = _mm256_set1_epi8(32);
+    const __m256i first = _mm256_loadu_si256((const __m256i *)(block + 64 * half));
+    const __m256i second = _mm256_loadu_si256((const __m256i *)(block + 64 * half + 32));
+    const __m256i high = _mm256_loadu_si256((const __m256i *)(block + 128 + 32 * half));
+    quarters[0] = _mm256_or_si256(_mm256_and_si256(first, low4), _mm256_and_si256(_mm256_slli_epi16(high, 4), bits45));
+    quarters[1] = _mm256_or_si256(_mm256_and_si256(second, low4), _mm256_and_si256(_mm256_slli_epi16(high, 2), bits45));
+    quarters[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(first, 4), low4), _mm256_and_si256(high, bits45));
+    quarters[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(second, 4), low4),
+                                  _mm256_and_si256(_mm256_srli_epi16(high, 2), bits45));
+    for (int i = 0; i < 4; i++) quarters[i] = _mm256_sub_epi8(quarters[i], bias);
 }
 
 /* Row r's block b: its 32 codes, and its d in *d (PACKED: the packed kind's layout; a constant
@@ -1472,9 +1499,36 @@ static inline __attribute__((always_inline)) void head_bounds(const Matrix *w, i
     }
 }
 
+/* Q6_K: per block, sum over its blocks of 16 of |d scale| sum |q - 32| (byte sums by vpsadbw) */
+static void q6_k_head_bounds(const Matrix *w, float *row_l1) {
+    const int64_t units = w->K / 256;
+    #pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < w->N; r++) {
+        double total = 0.0;
+        for (int64_t u = 0; u < units; u++) {
+            const uint8_t *block = (const uint8_t *)w->data + (r * units + u) * Q6_K_BYTES;
+            const int8_t *block_scales = (const int8_t *)(block + 192);
+            int64_t codes = 0; /* sum of |scale| |q - 32| */
+            for (int half = 0; half < 2; half++) {
+                __m256i quarters[4];
+                q6_k_quarters(block, half, quarters);
+                for (int quarter = 0; quarter < 4; quarter++) {
+                    int64_t sums[4]; /* |q - 32| summed over 8 bytes each: blocks of 16 are lanes 0-1, 2-3 */
+                    _mm256_storeu_si256((__m256i *)sums, _mm256_sad_epu8(_mm256_abs_epi8(quarters[quarter]), _mm256_setzero_si256()));
+                    const int8_t *scale = block_scales + 8 * half + 2 * quarter;
+                    codes += abs((int)scale[0]) * (sums[0] + sums[1]) + abs((int)scale[1]) * (sums[2] + sums[3]);
+                }
+            }
+            total += fabs((double)f16_at(block + 208)) * (double)codes;
+        }
+        row_l1[r] = nextafterf((float)total, INFINITY);
+    }
+}
+
 int freespec_head_bounds(const Matrix *w, float *row_l1) {
-    if (!is_q8_head(w)) return FREESPEC_BAD_MATRIX;
-    if (w->kind == FREESPEC_PACKED_Q8) head_bounds(w, 1, row_l1);
+    if (!is_greedy_head(w)) return FREESPEC_BAD_MATRIX;
+    if (w->kind == GGML_Q6_K) q6_k_head_bounds(w, row_l1);
+    else if (w->kind == FREESPEC_PACKED_Q8) head_bounds(w, 1, row_l1);
     else head_bounds(w, 0, row_l1);
     return FREESPEC_OK;
 }
@@ -1506,17 +1560,64 @@ static inline __attribute__((always_inline)) void q8_rows_approx(const Matrix *w
     for (int j = 0; j < count; j++) sums[j] = horizontal_sum(acc[j]);
 }
 
-/* q8_rows_approx with constant arguments for the layout and up to HEAD_ROWS_AT_ONCE input rows */
-static void head_row_approx(const Matrix *w, int64_t r, const int16_t *codes, int count, float *sums) {
-#define HEAD_APPROX(PACKED)                                                 \
-    switch (count) {                                                        \
-    case 1: q8_rows_approx(w, PACKED, r, codes, 1, sums); break;            \
-    case 2: q8_rows_approx(w, PACKED, r, codes, 2, sums); break;            \
-    case 3: q8_rows_approx(w, PACKED, r, codes, 3, sums); break;            \
-    default: q8_rows_approx(w, PACKED, r, codes, 4, sums); break;           \
+/* The same over a Q6_K head row: per half of a block (128 weights), its codes times their block of
+ * 16's int8 scale as int16 ((q - 32) scale, |.| <= 4096), made once for all input rows; an input
+ * row's 128 products summed in 8 int32 lanes (16 each, at most 16 x 4096 x 32767 < 2^31: exact),
+ * converted to fp32 (rounded: the bound counts it, head_lane_terms) and times d by an FMA. */
+static inline __attribute__((always_inline)) void q6_k_rows_approx(const Matrix *w, int64_t r, const int16_t *codes,
+                                                                   int count, float *sums) {
+    const int64_t K = w->K, units = K / 256;
+    const uint8_t *row = (const uint8_t *)w->data + r * units * Q6_K_BYTES;
+    __m256 acc[HEAD_ROWS_AT_ONCE];
+    for (int j = 0; j < count; j++) acc[j] = _mm256_setzero_ps();
+    for (int64_t u = 0; u < units; u++) {
+        const uint8_t *block = row + u * Q6_K_BYTES;
+        int16_t block_scales[16];
+        _mm256_storeu_si256((__m256i *)block_scales, _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(block + 192))));
+        const __m256 d = _mm256_set1_ps(f16_at(block + 208));
+        for (int half = 0; half < 2; half++) {
+            __m256i quarters[4], weights[8]; /* weights: (q - 32) scale as int16, |.| <= 4096, blocks of 16 */
+            q6_k_quarters(block, half, quarters);
+            for (int quarter = 0; quarter < 4; quarter++) {
+                const int16_t *scale = block_scales + 8 * half + 2 * quarter;
+                weights[2 * quarter] = _mm256_mullo_epi16(_mm256_cvtepi8_epi16(_mm256_castsi256_si128(quarters[quarter])),
+                                                          _mm256_set1_epi16(scale[0]));
+                weights[2 * quarter + 1] = _mm256_mullo_epi16(_mm256_cvtepi8_epi16(_mm256_extracti128_si256(quarters[quarter], 1)),
+                                                              _mm256_set1_epi16(scale[1]));
+            }
+            const int64_t k = u * 256 + half * 128;
+            for (int j = 0; j < count; j++) {
+                const int16_t *c = codes + j * K + k;
+                __m256i dot = _mm256_madd_epi16(weights[0], _mm256_loadu_si256((const __m256i *)c));
+                for (int i = 1; i < 8; i++)
+                    dot = _mm256_add_epi32(dot, _mm256_madd_epi16(weights[i], _mm256_loadu_si256((const __m256i *)(c + 16 * i))));
+                acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), d, acc[j]);
+            }
+        }
     }
-    if (w->kind == FREESPEC_PACKED_Q8) HEAD_APPROX(1) else HEAD_APPROX(0)
+    for (int j = 0; j < count; j++) sums[j] = horizontal_sum(acc[j]);
+}
+
+/* q8_rows_approx or q6_k_rows_approx with constant arguments for the layout and up to
+ * HEAD_ROWS_AT_ONCE input rows */
+static void head_row_approx(const Matrix *w, int64_t r, const int16_t *codes, int count, float *sums) {
+#define HEAD_APPROX(CALL)                                                   \
+    switch (count) {                                                        \
+    case 1: CALL(1); break;                                                 \
+    case 2: CALL(2); break;                                                 \
+    case 3: CALL(3); break;                                                 \
+    default: CALL(4); break;                                                \
+    }
+#define PACKED_Q8(COUNT) q8_rows_approx(w, 1, r, codes, COUNT, sums)
+#define GGUF_Q8(COUNT) q8_rows_approx(w, 0, r, codes, COUNT, sums)
+#define GGUF_Q6_K(COUNT) q6_k_rows_approx(w, r, codes, COUNT, sums)
+    if (w->kind == FREESPEC_PACKED_Q8) HEAD_APPROX(PACKED_Q8)
+    else if (w->kind == GGML_Q6_K) HEAD_APPROX(GGUF_Q6_K)
+    else HEAD_APPROX(GGUF_Q8)
 #undef HEAD_APPROX
+#undef PACKED_Q8
+#undef GGUF_Q8
+#undef GGUF_Q6_K
 }
 
 typedef struct {
@@ -1525,8 +1626,8 @@ typedef struct {
 } HeadCandidate;
 
 int freespec_head_argmax(const Matrix *w, const float *row_l1, const float *x, int64_t M, int64_t *out) {
-    if (!is_q8_head(w)) return FREESPEC_BAD_MATRIX;
-    const int64_t N = w->N, K = w->K, B = K / 32;
+    if (!is_greedy_head(w)) return FREESPEC_BAD_MATRIX;
+    const int64_t N = w->N, K = w->K, B = head_lane_terms(w);
     int16_t *codes = malloc(M * K * sizeof(int16_t));
     HeadCandidate *candidates = malloc(M * N * sizeof(HeadCandidate)); /* [M, N]: pages touched as used */
     double *scale = malloc(M * sizeof(double)), *margin = malloc(M * sizeof(double));
@@ -1598,7 +1699,7 @@ int freespec_head_argmax(const Matrix *w, const float *row_l1, const float *x, i
                 Matrix one = *w; /* row c.row alone */
                 one.N = 1;
                 one.data = (const uint8_t *)w->data + c.row * kind_ops(w->kind)->row_bytes(w);
-                if (w->scales) one.scales = w->scales + c.row * B;
+                if (w->scales) one.scales = w->scales + c.row * (K / 32); /* the packed kind's */
                 float logit;
                 kind_ops(w->kind)->linear(&one, x + m * K, &logit, 1, 1, 0, 1); /* a block of its own: any tile's bits */
                 if (best < 0 || logit > best_logit || (logit == best_logit && c.row < best)) best = c.row, best_logit = logit;
