@@ -99,7 +99,7 @@ def decode(model: freespec.Model, tokens: int, rounds: int) -> None:
     for _ in range(rounds):
         for greedy_head in (True, False):
             decoder.greedy_head = greedy_head
-            result = model.generate(TEXT[:64], drafter="none", max_new_tokens=tokens)
+            result = model.generate(TEXT[:64], chat=False, drafter="none", max_new_tokens=tokens)
             rates[greedy_head].append(len(result.token_ids) / result.stats.decode_seconds)
             if outputs.setdefault(greedy_head, result.token_ids) != result.token_ids:
                 raise SystemExit("plain decoding gave different tokens from one round to the next")

@@ -1422,9 +1422,11 @@ void freespec_top_k(const float *logits, int64_t rows, int64_t V, int64_t k, flo
  * operation on a row's path (4K + 64 of them at most), which bounds what underflow adds. (A scale
  * per 32-block would not tighten C: the codes' error is bounded by its largest block's.)
  *
- * One pass over the head (threads take chunks of its rows) computes the approximations of up to
- * HEAD_ROWS_AT_ONCE input rows from each head row's widened codes, keeps a running best lower
- * bound per input row, and lists the head rows whose upper bound reaches it at the time; the
+ * One pass over the head (threads take chunks of HEAD_CHUNK_ROWS rows) computes a chunk's
+ * approximations for up to HEAD_ROWS_AT_ONCE input rows from each head row's widened codes, raises
+ * a running best lower bound per input row by the chunk's, then lists the chunk's rows whose upper
+ * bound reaches it (one dispatch and one pass of bookkeeping a chunk, not a row: Gemma-3-270M's
+ * greedy head 5.5-6.7 -> 5.4-5.9 ms at one row, 9.0-9.5 -> 8.6-9.2 at four, Zen 4); the
  * listed rows whose upper bound reaches the final best lower bound are the only ones that can
  * hold the maximum. They are computed by freespec_linear's own arithmetic (any tile gives a row
  * the same bits) and the first maximum among them is the whole head's. Measured on real hidden
@@ -1598,9 +1600,11 @@ static inline __attribute__((always_inline)) void q6_k_rows_approx(const Matrix 
     for (int j = 0; j < count; j++) sums[j] = horizontal_sum(acc[j]);
 }
 
-/* q8_rows_approx or q6_k_rows_approx with constant arguments for the layout and up to
- * HEAD_ROWS_AT_ONCE input rows */
-static void head_row_approx(const Matrix *w, int64_t r, const int16_t *codes, int count, float *sums) {
+/* sums[r - r0][j] for head rows r0 .. r1 - 1 and `count` input rows: q8_rows_approx or
+ * q6_k_rows_approx with constant arguments for the layout and up to HEAD_ROWS_AT_ONCE input rows,
+ * one dispatch for the whole run of rows */
+static void head_rows_approx(const Matrix *w, int64_t r0, int64_t r1, const int16_t *codes, int count,
+                             float (*sums)[HEAD_ROWS_AT_ONCE]) {
 #define HEAD_APPROX(CALL)                                                   \
     switch (count) {                                                        \
     case 1: CALL(1); break;                                                 \
@@ -1608,9 +1612,9 @@ static void head_row_approx(const Matrix *w, int64_t r, const int16_t *codes, in
     case 3: CALL(3); break;                                                 \
     default: CALL(4); break;                                                \
     }
-#define PACKED_Q8(COUNT) q8_rows_approx(w, 1, r, codes, COUNT, sums)
-#define GGUF_Q8(COUNT) q8_rows_approx(w, 0, r, codes, COUNT, sums)
-#define GGUF_Q6_K(COUNT) q6_k_rows_approx(w, r, codes, COUNT, sums)
+#define PACKED_Q8(COUNT) for (int64_t r = r0; r < r1; r++) q8_rows_approx(w, 1, r, codes, COUNT, sums[r - r0])
+#define GGUF_Q8(COUNT) for (int64_t r = r0; r < r1; r++) q8_rows_approx(w, 0, r, codes, COUNT, sums[r - r0])
+#define GGUF_Q6_K(COUNT) for (int64_t r = r0; r < r1; r++) q6_k_rows_approx(w, r, codes, COUNT, sums[r - r0])
     if (w->kind == FREESPEC_PACKED_Q8) HEAD_APPROX(PACKED_Q8)
     else if (w->kind == GGML_Q6_K) HEAD_APPROX(GGUF_Q6_K)
     else HEAD_APPROX(GGUF_Q8)
@@ -1665,21 +1669,32 @@ int freespec_head_argmax(const Matrix *w, const float *row_l1, const float *x, i
         {
             double own_lower[M]; /* this thread's best lower bound per input row so far */
             for (int64_t m = 0; m < M; m++) own_lower[m] = -INFINITY;
-            #pragma omp for schedule(dynamic, HEAD_CHUNK_ROWS)
-            for (int64_t r = 0; r < N; r++) {
-                const double l1 = (double)row_l1[r];
-                overflow |= !(l1 * x_max_all < 1e37);
+            float sums[HEAD_CHUNK_ROWS][HEAD_ROWS_AT_ONCE];
+            #pragma omp for schedule(dynamic, 1)
+            for (int64_t r0 = 0; r0 < N; r0 += HEAD_CHUNK_ROWS) {
+                const int64_t r1 = r0 + HEAD_CHUNK_ROWS < N ? r0 + HEAD_CHUNK_ROWS : N;
+                float l1_max = 0.0f;
+                for (int64_t r = r0; r < r1; r++) l1_max = row_l1[r] > l1_max ? row_l1[r] : l1_max;
+                overflow |= !((double)l1_max * x_max_all < 1e37);
                 for (int64_t m0 = 0; m0 < M; m0 += HEAD_ROWS_AT_ONCE) {
                     const int count = M - m0 < HEAD_ROWS_AT_ONCE ? (int)(M - m0) : HEAD_ROWS_AT_ONCE;
-                    float sums[HEAD_ROWS_AT_ONCE];
-                    head_row_approx(w, r, codes + m0 * K, count, sums);
+                    head_rows_approx(w, r0, r1, codes + m0 * K, count, sums);
                     for (int j = 0; j < count; j++) {
+                        /* the chunk's best lower bound first, then the rows whose upper bound
+                         * reaches it: fewer listed than row by row, never one that could win */
                         const int64_t m = m0 + j;
-                        const double approx = scale[m] * (double)sums[j], slack = margin[m] * l1 + underflow;
-                        if (approx - slack > own_lower[m]) own_lower[m] = approx - slack;
-                        if (approx + slack >= own_lower[m]) {
-                            const int64_t at = __atomic_fetch_add(listed + m, 1, __ATOMIC_RELAXED);
-                            candidates[m * N + at] = (HeadCandidate){r, approx + slack};
+                        double best = own_lower[m];
+                        for (int64_t r = r0; r < r1; r++) {
+                            const double low = scale[m] * (double)sums[r - r0][j] - (margin[m] * (double)row_l1[r] + underflow);
+                            best = low > best ? low : best;
+                        }
+                        own_lower[m] = best;
+                        for (int64_t r = r0; r < r1; r++) {
+                            const double upper = scale[m] * (double)sums[r - r0][j] + (margin[m] * (double)row_l1[r] + underflow);
+                            if (upper >= best) {
+                                const int64_t at = __atomic_fetch_add(listed + m, 1, __ATOMIC_RELAXED);
+                                candidates[m * N + at] = (HeadCandidate){r, upper};
+                            }
                         }
                     }
                 }
