@@ -5,8 +5,10 @@ The head's inputs are the final hidden states of a prefilled text (so their outl
 are real ones); each call takes M consecutive rows of them, as a pass of M tokens would. Each
 cell is the range over ``--rounds`` rounds of the median of ``--calls`` calls, the two heads
 alternating round by round. ``FREESPEC_KERNEL_ISA=avx2`` times the AVX2 build (its Q8_0 heads
-are packed). The head must be Q8_0 (the embedded SmolLM2-135M's and Gemma-3-270M's are) or Q6_K
-(a Q4_K_M file's); the greedy head's answers are checked against the whole head's.
+are packed). The head must be one the greedy head reads (Q8_0, as the embedded SmolLM2-135M's and
+Gemma-3-270M's are; Q6_K, a Q4_K_M file's; fp32, F16 or BF16 through int8 codes made on the first
+call); the greedy head's answers are checked against the whole head's. Both go through the
+one-call decoder (``head_logits``, ``head_argmax``), the greedy one for every row count asked for.
 
 ``--decode-tokens N`` then times plain greedy decoding of N tokens with the greedy head on and off,
 alternating for ``--rounds`` rounds in the same process (tokens/s of the decoding steps; the
@@ -26,8 +28,8 @@ import numpy as np
 import torch
 
 import freespec
-from freespec.kernels import GGMLWeight, abi
-from freespec.kernels.backend import MatrixStruct
+from freespec.kernels import GGMLWeight
+from freespec.kernels.weights import PackedWeight
 
 TEXT = ("The history of the city begins in the early middle ages, when a small settlement grew around the "
         "river crossing. Merchants came from the north and the south, and the market became a town. ") * 4
@@ -44,38 +46,40 @@ def main() -> None:
     args = parser.parse_args()
     model = freespec.load(None if args.model == "default" else args.model)
     runner = model.runner
-    library = runner.kernels.library
+    decoder = runner._decoder
     weight = runner.weights.lm_head.weight
-    head = MatrixStruct("lm_head", weight)
     vocab, hidden_size = weight.shape
-    bounds = np.empty(vocab, dtype=np.float32)
-    if library.freespec_head_bounds(head.pointer, bounds.ctypes.data) != abi.OK:
-        raise SystemExit(f"{model.name}: the greedy head needs a Q8_0 or Q6_K head without bias")
+    if decoder is None or not decoder.greedy_head:
+        raise SystemExit(f"{model.name}: no greedy head for this model's head (see greedy_head_rows)")
+    decoder.greedy_head_rows = max(args.rows)  # time every size asked for
     ids = torch.tensor(model.tokenizer(TEXT)["input_ids"][:PREFILL])
     runner.reset(len(ids) + 1)
-    states = runner.prefill(ids).contiguous()  # [PREFILL, hidden]
-    kind = weight.type.name if isinstance(weight, GGMLWeight) else f"packed {weight.kind}"
+    states = runner.prefill(ids).contiguous().numpy()  # [PREFILL, hidden]
+    decoder.head_argmax(states[:1])  # the first call makes the bounds (and a 16- or 32-bit head's codes)
+    if isinstance(weight, GGMLWeight):
+        kind = weight.type.name
+    else:
+        kind = f"packed {weight.kind}" if isinstance(weight, PackedWeight) else "fp32"
     print(f"{model.name}: {kind} head {vocab} x {hidden_size}, {runner.kernels.isa} build, "
           f"{torch.get_num_threads()} threads; ms per call, whole / greedy\n")
     print("| rows | whole head | greedy head |\n|---|---|---|")
     for rows in args.rows:
         starts = [(call * 7) % (len(ids) - rows + 1) for call in range(args.calls)]
-        inputs = [states[start:start + rows].contiguous() for start in starts]  # [rows, hidden] each
-        logits, out = torch.empty(rows, vocab), np.empty(rows, dtype=np.int64)
+        inputs = [np.ascontiguousarray(states[start:start + rows]) for start in starts]  # [rows, hidden] each
+        answers: dict[str, np.ndarray] = {}
 
-        def whole(x: torch.Tensor) -> None:
-            abi.check_status(library.freespec_linear(head.pointer, x.data_ptr(), logits.data_ptr(), rows), "head")
+        def whole(x: np.ndarray) -> None:
+            answers["whole"] = decoder.head_logits(x).argmax(-1)
 
-        def greedy(x: torch.Tensor) -> None:
-            abi.check_status(library.freespec_head_argmax(head.pointer, bounds.ctypes.data, x.data_ptr(), rows,
-                                                          out.ctypes.data), "greedy head")
+        def greedy(x: np.ndarray) -> None:
+            answers["greedy"] = decoder.head_argmax(x)
 
         for x in inputs[:3]:  # the same answers
             whole(x)
             greedy(x)
-            if out.tolist() != logits.argmax(-1).tolist():
-                raise SystemExit(f"rows {rows}: the greedy head gave {out.tolist()}, the whole head "
-                                 f"{logits.argmax(-1).tolist()}")
+            if answers["greedy"] is None or answers["greedy"].tolist() != answers["whole"].tolist():
+                raise SystemExit(f"rows {rows}: the greedy head gave {answers['greedy']}, the whole head "
+                                 f"{answers['whole'].tolist()}")
         medians: dict[str, list[float]] = {"whole": [], "greedy": []}
         for _ in range(args.rounds):
             for name, call in (("whole", whole), ("greedy", greedy)):

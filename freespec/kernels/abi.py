@@ -54,7 +54,8 @@ class DecoderPass(ctypes.Structure):
 SIGNATURES: dict[str, tuple[type | None, list]] = {
     "freespec_linear": (ctypes.c_int, [ctypes.POINTER(Matrix), _P, _P, _I]),
     "freespec_head_bounds": (ctypes.c_int, [ctypes.POINTER(Matrix), _P]),
-    "freespec_head_argmax": (ctypes.c_int, [ctypes.POINTER(Matrix), _P, _P, _I, _P]),
+    "freespec_head_codes": (ctypes.c_int, [ctypes.POINTER(Matrix), _P, _P, _P, _P]),
+    "freespec_head_argmax": (ctypes.c_int, [ctypes.POINTER(Matrix), _P, _P, _I, _P, ctypes.POINTER(Matrix), _P]),
     "freespec_rows": (ctypes.c_int, [ctypes.POINTER(Matrix), _P, _I, _P]),
     "freespec_tree_layout": (_I, [_P, _I, _P, _P]),
     "freespec_tree_attention": (None, [_P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _F, _I, _P, _P]),

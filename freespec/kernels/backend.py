@@ -391,10 +391,29 @@ class TreeAttention:
         return out
 
 
+CODED_HEAD_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
+"""Heads whose own values the greedy head does not read: it makes int8 codes of them at first use
+(``freespec_head_codes``: 1.125 bytes a weight, under HEAD_CODES_MAX_BYTES)."""
+
+HEAD_CODES_MAX_BYTES = 320 << 20
+"""The most memory a head's int8 codes may take (a 128,256 x 2048 head's: 296 MB); a larger 16- or
+32-bit head runs whole."""
+
+
+def coded_head(head: Matrix) -> bool:
+    """Whether the greedy head reads ``head`` through int8 codes made of it (fp32, F16, BF16)."""
+    if isinstance(head, GGMLWeight):
+        coded = head.type in CODED_HEAD_TYPES
+    else:
+        coded = isinstance(head, torch.Tensor)
+    rows, columns = head.shape
+    return coded and columns % 32 == 0 and rows * columns * 9 // 8 <= HEAD_CODES_MAX_BYTES
+
+
 def greedy_head_rows(head: Matrix, isa: str) -> int:
     """The most rows a pass may have for the exact greedy head (``freespec_head_argmax``) to
     replace the whole head over ``head``; 0 where it does not read such a head (Q8_0 GGUF blocks or
-    packed, Q6_K blocks).
+    packed, Q6_K blocks, and the int8 codes it makes of 16- and 32-bit heads: :func:`coded_head`).
 
     Both heads cost more with every row (the greedy head's integer products, the whole head's FMAs
     on each decoded weight), and the whole head's tiles share each decoded weight among several
@@ -407,6 +426,8 @@ def greedy_head_rows(head: Matrix, isa: str) -> int:
     2.3-2.5, 6.3 / 4.0-4.6 at four, 13.8-14.5 / 9.4-11.0 at eight."""
     if isinstance(head, PackedWeight):
         return 16 if head.kind == "q8" else 0
+    if coded_head(head):
+        return CODED_HEAD_ROWS
     if not isinstance(head, GGMLWeight):
         return 0
     if head.type == GGMLQuantizationType.Q8_0:
@@ -414,6 +435,9 @@ def greedy_head_rows(head: Matrix, isa: str) -> int:
     if head.type == GGMLQuantizationType.Q6_K:
         return 4 if isa == "avx512" else 16
     return 0
+
+
+CODED_HEAD_ROWS = 16
 
 
 class OneCallDecoder:
@@ -473,6 +497,9 @@ class OneCallDecoder:
         self.greedy_head_rows = 0 if head.bias is not None else greedy_head_rows(head.weight, isa)
         self.greedy_head = self.greedy_head_rows > 0
         self._head_l1: np.ndarray | None = None
+        # a 16- or 32-bit head's int8 codes and each row's error bound, made on first use
+        self._head_codes: MatrixStruct | None = None
+        self._head_error: np.ndarray | None = None
         self.vocab = weights.lm_head.weight.shape[0]
         self._one = (abi.DecoderSequence * 1)()
         self._hidden = np.empty((0, self.hidden), dtype=np.float32)  # [rows, hidden]
@@ -611,6 +638,8 @@ class OneCallDecoder:
         """The lm_head of :meth:`tree_hidden`'s states [q, hidden] → logits [q, vocab] in a buffer
         the next call overwrites."""
         n = hidden.shape[0]
+        if self._logits.shape[0] < n:  # states not from tree_hidden, which sizes the buffer
+            self._logits = np.empty((n, self.vocab), dtype=np.float32)
         logits = self._logits[:n]
         status = self._library.freespec_linear(self._lm_head.pointer, abi.array_address(
             "hidden states", hidden, np.float32, (n, self.hidden)), logits.ctypes.data, n)
@@ -630,8 +659,11 @@ class OneCallDecoder:
         if not self.greedy_head or n > self.greedy_head_rows:
             return None
         out = np.empty(n, dtype=np.int64)
-        status = self._library.freespec_head_argmax(self._lm_head.pointer, self._head_l1.ctypes.data, abi.array_address(
-            "hidden states", hidden, np.float32, (n, self.hidden)), n, out.ctypes.data)
+        coded = self._head_codes is not None
+        status = self._library.freespec_head_argmax(
+            (self._head_codes if coded else self._lm_head).pointer, self._head_l1.ctypes.data,
+            abi.array_address("hidden states", hidden, np.float32, (n, self.hidden)), n, out.ctypes.data,
+            self._lm_head.pointer if coded else None, self._head_error.ctypes.data if coded else None)
         if status == abi.NOT_BOUNDED:
             return None
         abi.check_status(status, "the greedy lm_head")
@@ -639,7 +671,18 @@ class OneCallDecoder:
 
     def _head_bounds(self) -> np.ndarray | None:
         """[vocab] float32 upper bounds of each head row's L1 norm for the exact greedy head, or None
-        where a row's is not finite (the bound then covers nothing)."""
+        where a row's is not finite (the bound then covers nothing). A 16- or 32-bit head gets its
+        int8 codes here too (``freespec_head_codes``)."""
         bounds = np.empty(self.vocab, dtype=np.float32)
-        status = self._library.freespec_head_bounds(self._lm_head.pointer, bounds.ctypes.data)
-        return bounds if status == abi.OK and np.isfinite(bounds).all() else None
+        if not coded_head(self._weights.lm_head.weight):
+            status = self._library.freespec_head_bounds(self._lm_head.pointer, bounds.ctypes.data)
+            return bounds if status == abi.OK and np.isfinite(bounds).all() else None
+        codes = torch.empty(self.vocab, self.hidden, dtype=torch.int8)  # [vocab, hidden]
+        scales = torch.empty(self.vocab, self.hidden // 32, dtype=torch.float32)  # [vocab, hidden / 32]
+        error = np.empty(self.vocab, dtype=np.float32)
+        status = self._library.freespec_head_codes(self._lm_head.pointer, codes.data_ptr(), scales.data_ptr(),
+                                                   bounds.ctypes.data, error.ctypes.data)
+        if status != abi.OK or not (np.isfinite(bounds).all() and np.isfinite(error).all()):
+            return None
+        self._head_codes, self._head_error = MatrixStruct("lm_head codes", PackedWeight("q8", codes, scales)), error
+        return bounds

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from freespec import Model
-from freespec.kernels import GGMLWeight, abi, random_blocks
-from freespec.kernels.weights import PackedWeight, repack
+from freespec.kernels import GGMLWeight, abi, backend, random_blocks
 from freespec.kernels.backend import MatrixStruct
+from freespec.kernels.weights import PackedWeight, repack
 from freespec.model.loading import load
 from tests.helpers import PROMPTS, model_for, write_gguf
 
@@ -31,7 +31,25 @@ def greedy_argmax(backend, weight: GGMLWeight | PackedWeight, x: torch.Tensor) -
     out = np.full(x.shape[0], -1, dtype=np.int64)
     x = x.contiguous()
     status = backend.library.freespec_head_argmax(struct.pointer, bounds.ctypes.data, x.data_ptr(), x.shape[0],
-                                                  out.ctypes.data)
+                                                  out.ctypes.data, None, None)
+    return status, out
+
+
+def coded_greedy_argmax(backend, weight: GGMLWeight | torch.Tensor, x: torch.Tensor) -> tuple[int, np.ndarray]:
+    """The greedy head over int8 codes made of a 16- or 32-bit head (freespec_head_codes), answering
+    for the head itself."""
+    rows, columns = weight.shape
+    exact = MatrixStruct("head", weight)
+    codes, scales = torch.empty(rows, columns, dtype=torch.int8), torch.empty(rows, columns // 32)
+    bounds, error = np.empty(rows, dtype=np.float32), np.empty(rows, dtype=np.float32)
+    status = backend.library.freespec_head_codes(exact.pointer, codes.data_ptr(), scales.data_ptr(),
+                                                 bounds.ctypes.data, error.ctypes.data)
+    assert status == abi.OK
+    coded = MatrixStruct("codes", PackedWeight("q8", codes, scales))
+    out = np.full(x.shape[0], -1, dtype=np.int64)
+    x = x.contiguous()
+    status = backend.library.freespec_head_argmax(coded.pointer, bounds.ctypes.data, x.data_ptr(), x.shape[0],
+                                                  out.ctypes.data, exact.pointer, error.ctypes.data)
     return status, out
 
 
@@ -55,6 +73,49 @@ def test_the_greedy_head_gives_the_whole_heads_first_maximum(kernel_build, trial
     assert status == abi.OK and out.tolist() == whole.tolist()
     if trial % 2 == 0:
         assert out[0] == 3  # the first of equal maxima, as torch.argmax
+
+
+@pytest.mark.parametrize("kind", ["F32", "F16", "BF16", "fp32 tensor"])
+@pytest.mark.parametrize("trial", range(8))
+def test_a_coded_head_gives_the_whole_heads_first_maximum(kernel_build, trial, kind):
+    """16- and 32-bit heads through their int8 codes: the codes' own error is in the bound. Odd
+    trials draw weights of every exponent alike (most tiny, subnormals and zeros included), whose
+    codes are far from the weights."""
+    generator = np.random.default_rng(trial)
+    rows, columns = int(generator.integers(8, 3000)), 32 * int(generator.integers(1, 24))
+    typical = 0.02 if trial % 2 == 0 else None
+    ggml_type = "F32" if kind == "fp32 tensor" else kind
+    data = random_blocks(ggml_type, (rows, columns), generator, typical=typical, largest=1.0).reshape(rows, -1)
+    data[rows // 2] = data[rows - 1] = data[3]  # equal rows: the first of them is the maximum when they lead
+    weight = GGMLWeight(ggml_type, data.reshape(-1), (rows, columns))
+    if kind == "fp32 tensor":
+        weight = torch.from_numpy(weight.dequantize().numpy().copy())
+    dense = weight if isinstance(weight, torch.Tensor) else torch.from_numpy(weight.dequantize().numpy().copy())
+    torch.manual_seed(trial)
+    x = torch.randn(int(generator.integers(1, 11)), columns) * torch.exp(1.5 * torch.randn(1, columns))
+    x[0] = dense[3] * 100  # the twins lead
+    status, out = coded_greedy_argmax(kernel_build, weight, x)
+    whole = kernel_build.argmax(kernel_build.linear(x, weight))
+    assert status == abi.OK and out.tolist() == whole.tolist()
+    assert typical is None or out[0] == 3  # tiny rows of every exponent need not lead
+
+
+def test_coded_heads_refuse_weights_that_are_not_finite(kernel_build):
+    head = torch.randn(40, 64)
+    head[7, 3] = float("nan")
+    rows, columns = head.shape
+    codes, scales = torch.empty(rows, columns, dtype=torch.int8), torch.empty(rows, columns // 32)
+    bounds, error = np.empty(rows, dtype=np.float32), np.empty(rows, dtype=np.float32)
+    assert kernel_build.library.freespec_head_codes(MatrixStruct("head", head).pointer, codes.data_ptr(),
+                                                    scales.data_ptr(), bounds.ctypes.data,
+                                                    error.ctypes.data) == abi.NOT_BOUNDED
+
+
+def test_only_heads_whose_codes_fit_the_budget_get_codes(monkeypatch):
+    head = GGMLWeight("BF16", random_blocks("BF16", (64, 128), np.random.default_rng(0)).reshape(-1), (64, 128))
+    assert backend.greedy_head_rows(head, "avx512") == backend.CODED_HEAD_ROWS
+    monkeypatch.setattr(backend, "HEAD_CODES_MAX_BYTES", 64 * 128)  # the codes take 9/8 of that
+    assert backend.greedy_head_rows(head, "avx512") == 0
 
 
 @pytest.mark.parametrize("kind", ["Q8_0", "Q6_K"])
@@ -91,12 +152,13 @@ def test_heads_of_other_kinds_are_refused(kernel_build):
     assert kernel_build.library.freespec_head_bounds(struct.pointer, bounds.ctypes.data) == abi.BAD_MATRIX
 
 
-@pytest.mark.parametrize("head_type", ["Q8_0", "Q6_K"])
+@pytest.mark.parametrize("head_type", ["Q8_0", "Q6_K", "BF16", "F32"])
 @pytest.mark.parametrize("drafter", ["none", "lookup", "suffix", "recycling"])
 def test_greedy_decoding_with_the_greedy_head_equals_the_whole_head(tmp_path, kernel_build, drafter, head_type):
-    """A tiny Llama whose head is Q8_0 or Q6_K (a Q4_K_M file's): the same tokens with the greedy
-    head on and off, and with it on, a pass of up to ``greedy_head_rows`` rows never runs the whole
-    head (longer passes and drafters that read logits run it)."""
+    """A tiny Llama whose head is Q8_0, Q6_K (a Q4_K_M file's), BF16 or F32 (through int8 codes):
+    the same tokens with the greedy head on and off, and with it on, a pass of up to
+    ``greedy_head_rows`` rows never runs the whole head (longer passes and drafters that read
+    logits run it)."""
     types = {"default": "Q8_0", "output": head_type}
     path = write_gguf(tmp_path / "model.gguf", model_for("llama", types), types)
     outputs = []

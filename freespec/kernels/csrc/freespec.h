@@ -43,14 +43,19 @@ typedef struct Matrix {
 int freespec_linear(const Matrix *w, const float *x, float *y, int64_t M);
 
 /* The exact greedy head (see kernels.c). freespec_head_bounds: row_l1[N] >= sum |w[r]| for a Q8_0
- * (GGUF or packed) or Q6_K matrix without bias, else FREESPEC_BAD_MATRIX. freespec_head_argmax:
- * out[M] = each row of x [M, K]'s first maximum over freespec_linear's outputs (w such; row_l1 from
- * freespec_head_bounds), computing in fp32 only the outputs the bound cannot rule out; returns
- * FREESPEC_OK, FREESPEC_BAD_MATRIX, FREESPEC_OUT_OF_MEMORY or FREESPEC_NOT_BOUNDED (x not
- * finite, or logits that could overflow): then nothing is written and the caller computes the
- * whole head. */
+ * (GGUF or packed) or Q6_K matrix without bias, else FREESPEC_BAD_MATRIX. freespec_head_codes: for
+ * a head of another kind (K % 32 == 0, no bias), int8 codes [N, K] and scales [N, K/32] in the
+ * packed Q8 layout, row_l1[N] and row_error[N] (what the codes' weights differ from w's by);
+ * FREESPEC_NOT_BOUNDED if a weight is not finite. freespec_head_argmax: out[M] = each row of x
+ * [M, K]'s first maximum over freespec_linear's outputs for w, or for `exact` where it is not NULL
+ * (then w holds exact's codes and row_error comes with them; row_l1 from the call that made w's
+ * bounds), computing in fp32 only the outputs the bound cannot rule out; returns FREESPEC_OK,
+ * FREESPEC_BAD_MATRIX, FREESPEC_OUT_OF_MEMORY or FREESPEC_NOT_BOUNDED (x not finite, or logits
+ * that could overflow): then nothing is written and the caller computes the whole head. */
 int freespec_head_bounds(const Matrix *w, float *row_l1);
-int freespec_head_argmax(const Matrix *w, const float *row_l1, const float *x, int64_t M, int64_t *out);
+int freespec_head_codes(const Matrix *w, int8_t *codes, float *scales, float *row_l1, float *row_error);
+int freespec_head_argmax(const Matrix *w, const float *row_l1, const float *x, int64_t M, int64_t *out,
+                         const Matrix *exact, const float *row_error);
 
 /* out[i, K] = row tokens[i] of w as fp32 (an embedding lookup), the values ggml's formulas give.
  * Returns FREESPEC_OK or FREESPEC_BAD_MATRIX. */

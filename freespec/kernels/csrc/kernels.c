@@ -1624,21 +1624,72 @@ static void head_rows_approx(const Matrix *w, int64_t r0, int64_t r1, const int1
 #undef GGUF_Q6_K
 }
 
+/* Int8 codes of a head of any kind, for heads whose own blocks the greedy head does not read (the
+ * 16- and 32-bit ones): per block of 32 of a row's fp32 weights (the kind's `row`), d = max |w| /
+ * 127 and q = round(w / d), in the packed Q8 layout (codes [N, K], scales [N, K/32]). The
+ * approximation then runs on the weights d q, and freespec_head_argmax adds what they differ by:
+ * row_error[r] >= sum |w - d q|; row_l1[r] >= sum |d q| + row_error[r], which bounds sum |w| too. */
+int freespec_head_codes(const Matrix *w, int8_t *codes, float *scales, float *row_l1, float *row_error) {
+    const KindOps *ops = kind_ops(w->kind);
+    if (!ops || w->kind == FREESPEC_STACKED || w->K % 32 || w->bias) return FREESPEC_BAD_MATRIX;
+    const int64_t N = w->N, K = w->K, B = K / 32;
+    int missing = 0, not_finite = 0;
+    #pragma omp parallel reduction(| : missing, not_finite)
+    {
+        float *values = scratch(K);
+        missing |= !values;
+        #pragma omp for schedule(static)
+        for (int64_t r = 0; r < N; r++) {
+            if (!values) continue;
+            ops->row(w, r, values);
+            double l1 = 0.0, error = 0.0;
+            for (int64_t b = 0; b < B; b++) {
+                const float *v = values + b * 32;
+                float top = 0.0f;
+                for (int i = 0; i < 32; i++) {
+                    const float a = fabsf(v[i]);
+                    not_finite |= !(a <= FLT_MAX);
+                    top = a > top ? a : top;
+                }
+                const float d = top / 127.0f;
+                scales[r * B + b] = d;
+                for (int i = 0; i < 32; i++) {
+                    long q = d > 0.0f ? lrintf(v[i] / d) : 0;
+                    q = q > 127 ? 127 : q < -127 ? -127 : q;
+                    codes[r * K + b * 32 + i] = (int8_t)q;
+                    l1 += fabs((double)d * (double)q);
+                    error += fabs((double)v[i] - (double)d * (double)q);
+                }
+            }
+            row_error[r] = nextafterf((float)error, INFINITY);
+            row_l1[r] = nextafterf((float)(l1 + (double)row_error[r]), INFINITY);
+        }
+        free(values);
+    }
+    return missing ? FREESPEC_OUT_OF_MEMORY : not_finite ? FREESPEC_NOT_BOUNDED : FREESPEC_OK;
+}
+
 typedef struct {
     int64_t row;  /* a head row */
     double upper; /* its logit's upper bound */
 } HeadCandidate;
 
-int freespec_head_argmax(const Matrix *w, const float *row_l1, const float *x, int64_t M, int64_t *out) {
-    if (!is_greedy_head(w)) return FREESPEC_BAD_MATRIX;
+int freespec_head_argmax(const Matrix *w, const float *row_l1, const float *x, int64_t M, int64_t *out,
+                         const Matrix *exact, const float *row_error) {
+    if (!is_greedy_head(w) || (exact && (!row_error || exact->N != w->N || exact->K != w->K || exact->bias ||
+                                         !kind_ops(exact->kind) || exact->kind == FREESPEC_STACKED)))
+        return FREESPEC_BAD_MATRIX;
+    const Matrix *target = exact ? exact : w; /* the head whose logits are the answer */
     const int64_t N = w->N, K = w->K, B = head_lane_terms(w);
     int16_t *codes = malloc(M * K * sizeof(int16_t));
     HeadCandidate *candidates = malloc(M * N * sizeof(HeadCandidate)); /* [M, N]: pages touched as used */
     double *scale = malloc(M * sizeof(double)), *margin = malloc(M * sizeof(double));
+    double *error_factor = malloc(M * sizeof(double)); /* times row_error[r]: what the codes' weights add */
     double *lower = malloc(M * sizeof(double));
     int64_t *listed = calloc(M, sizeof(int64_t));
     const double underflow = (4.0 * (double)K + 64.0) * 0x1p-149; /* what denormal results can add, per row */
-    int status = codes && candidates && scale && margin && lower && listed ? FREESPEC_OK : FREESPEC_OUT_OF_MEMORY;
+    int status = codes && candidates && scale && margin && error_factor && lower && listed ? FREESPEC_OK
+                                                                                      : FREESPEC_OUT_OF_MEMORY;
     double x_max_all = 0.0; /* the largest |x| of any input row: with a row's L1 norm, its logits' bound */
     for (int64_t m = 0; status == FREESPEC_OK && m < M; m++) {
         const float *xm = x + m * K;
@@ -1660,6 +1711,7 @@ int freespec_head_argmax(const Matrix *w, const float *row_l1, const float *x, i
         const double gammas = rounding_gamma((double)K) + rounding_gamma((double)(B + 3)) + 0x1p-22;
         scale[m] = s;
         margin[m] = 1.01 * (error_max + gammas * (1.0 + 0x1p-20) * x_max);
+        error_factor[m] = exact ? 1.01 * (1.0 + 0x1p-20) * x_max : 0.0;
         lower[m] = -INFINITY;
         x_max_all = x_max > x_max_all ? x_max : x_max_all;
     }
@@ -1684,13 +1736,17 @@ int freespec_head_argmax(const Matrix *w, const float *row_l1, const float *x, i
                          * reaches it: fewer listed than row by row, never one that could win */
                         const int64_t m = m0 + j;
                         double best = own_lower[m];
+                        double slack[HEAD_CHUNK_ROWS];
+                        for (int64_t r = r0; r < r1; r++)
+                            slack[r - r0] = margin[m] * (double)row_l1[r] + underflow +
+                                            (exact ? error_factor[m] * (double)row_error[r] : 0.0);
                         for (int64_t r = r0; r < r1; r++) {
-                            const double low = scale[m] * (double)sums[r - r0][j] - (margin[m] * (double)row_l1[r] + underflow);
+                            const double low = scale[m] * (double)sums[r - r0][j] - slack[r - r0];
                             best = low > best ? low : best;
                         }
                         own_lower[m] = best;
                         for (int64_t r = r0; r < r1; r++) {
-                            const double upper = scale[m] * (double)sums[r - r0][j] + (margin[m] * (double)row_l1[r] + underflow);
+                            const double upper = scale[m] * (double)sums[r - r0][j] + slack[r - r0];
                             if (upper >= best) {
                                 const int64_t at = __atomic_fetch_add(listed + m, 1, __ATOMIC_RELAXED);
                                 candidates[m * N + at] = (HeadCandidate){r, upper};
@@ -1711,17 +1767,17 @@ int freespec_head_argmax(const Matrix *w, const float *row_l1, const float *x, i
             for (int64_t i = 0; i < listed[m]; i++) {
                 const HeadCandidate c = candidates[m * N + i];
                 if (c.upper < lower[m]) continue;
-                Matrix one = *w; /* row c.row alone */
+                Matrix one = *target; /* row c.row alone */
                 one.N = 1;
-                one.data = (const uint8_t *)w->data + c.row * kind_ops(w->kind)->row_bytes(w);
-                if (w->scales) one.scales = w->scales + c.row * (K / 32); /* the packed kind's */
+                one.data = (const uint8_t *)target->data + c.row * kind_ops(target->kind)->row_bytes(target);
+                if (target->scales) one.scales = target->scales + c.row * (K / 32); /* the packed kinds' */
                 float logit;
-                kind_ops(w->kind)->linear(&one, x + m * K, &logit, 1, 1, 0, 1); /* a block of its own: any tile's bits */
+                kind_ops(target->kind)->linear(&one, x + m * K, &logit, 1, 1, 0, 1); /* a block of its own: any tile's bits */
                 if (best < 0 || logit > best_logit || (logit == best_logit && c.row < best)) best = c.row, best_logit = logit;
             }
             out[m] = best;
         }
     }
-    free(codes); free(candidates); free(scale); free(margin); free(lower); free(listed);
+    free(codes); free(candidates); free(scale); free(margin); free(error_factor); free(lower); free(listed);
     return status;
 }
