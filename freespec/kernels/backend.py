@@ -399,6 +399,11 @@ HEAD_CODES_MAX_BYTES = 320 << 20
 """The most memory a head's int8 codes may take (a 128,256 x 2048 head's: 296 MB); a larger 16- or
 32-bit head runs whole."""
 
+CODED_HEAD_ROWS = 16
+"""The most rows a pass may have for the greedy head over a head's int8 codes: it still wins at 16
+(Zen 4 VM, BF16 heads, whole / greedy ms at 16 rows: 49,152 x 576 8.0-9.2 / 5.7-6.2, AVX2 build
+8.6-8.8 / 5.4; 128,256 x 2048 63.8-64.2 / 47.8-48.5)."""
+
 
 def coded_head(head: Matrix) -> bool:
     """Whether the greedy head reads ``head`` through int8 codes made of it (fp32, F16, BF16)."""
@@ -423,7 +428,7 @@ def greedy_head_rows(head: Matrix, isa: str) -> int:
     (the AVX2 build's packed heads gain more: 19.0 / 9.1 at four rows on Gemma's). A Q6_K head
     (49,152 x 1536, a 1.5B Q4_K_M file's): 2.8-3.1 / 2.3-2.4 at one row, even at four, 8.6 / 10.8
     at eight in the AVX-512 build, whose fp32 decoding of Q6_K is the faster; AVX2 build 3.6-4.1 /
-    2.3-2.5, 6.3 / 4.0-4.6 at four, 13.8-14.5 / 9.4-11.0 at eight."""
+    2.3-2.5, 6.3 / 4.0-4.6 at four, 13.8-14.5 / 9.4-11.0 at eight. Coded heads: CODED_HEAD_ROWS."""
     if isinstance(head, PackedWeight):
         return 16 if head.kind == "q8" else 0
     if coded_head(head):
@@ -435,9 +440,6 @@ def greedy_head_rows(head: Matrix, isa: str) -> int:
     if head.type == GGMLQuantizationType.Q6_K:
         return 4 if isa == "avx512" else 16
     return 0
-
-
-CODED_HEAD_ROWS = 16
 
 
 class OneCallDecoder:
@@ -490,9 +492,9 @@ class OneCallDecoder:
         # tree_hidden's and the head's: the lm_head's description, the one sequence, the output buffers
         self._lm_head = MatrixStruct("lm_head", weights.lm_head.weight, weights.lm_head.bias)
         # whether head_argmax may skip rows, and in passes of how many rows: a Q8_0 head (GGUF
-        # blocks, or packed as the AVX2 build packs them) or a Q6_K one (Q4_K_M files' output
-        # heads), without bias (tests turn it off); its [vocab] row bounds are computed on first
-        # use (reading the head's pages then, not at load)
+        # blocks, or packed as the AVX2 build packs them), a Q6_K one (Q4_K_M files' output
+        # heads) or a 16- or 32-bit one (through int8 codes), without bias (tests turn it off);
+        # its [vocab] row bounds (and codes) are made on first use (reading the head then, not at load)
         head = weights.lm_head
         self.greedy_head_rows = 0 if head.bias is not None else greedy_head_rows(head.weight, isa)
         self.greedy_head = self.greedy_head_rows > 0
