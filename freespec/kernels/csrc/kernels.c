@@ -1455,20 +1455,13 @@ static int is_greedy_head(const Matrix *w) {
 static int64_t head_lane_terms(const Matrix *w) { return w->kind == GGML_Q6_K ? w->K / 128 + 1 : w->K / 32; }
 
 /* The 128 codes q - 32 of half `half` of a Q6_K block as four int8 vectors of 32 (elements 32 i ..
- * 32 i + 31 of the half): ggml's layout, 64 bytes of low nibbles (the first 32 bytes' give quarters 0
- * and 2, the next 32 bytes' quarters 1 and 3) and 32 of high bit pairs (bits 0-1, 2-3, 4-5, 6-7 for
- * quarters 0-3), joined by 16-bit shifts whose masks drop what crosses bytes. */
+ * 32 i + 31 of the half): formats.h's group_codes for each quarter (low nibbles of ql[0..31],
+ * ql[32..63], then their high nibbles; qh's bit pairs 0-1, 2-3, 4-5, 6-7 as bits 4-5), minus 32. */
 static inline __attribute__((always_inline)) void q6_k_quarters(const uint8_t *block, int half, __m256i quarters[4]) {
-    const __m256i low4 = _mm256_set1_epi8(0x0F), bits45 = _mm256_set1_epi8(0x30), bias = _mm256_set1_epi8(32);
-    const __m256i first = _mm256_loadu_si256((const __m256i *)(block + 64 * half));
-    const __m256i second = _mm256_loadu_si256((const __m256i *)(block + 64 * half + 32));
-    const __m256i high = _mm256_loadu_si256((const __m256i *)(block + 128 + 32 * half));
-    quarters[0] = _mm256_or_si256(_mm256_and_si256(first, low4), _mm256_and_si256(_mm256_slli_epi16(high, 4), bits45));
-    quarters[1] = _mm256_or_si256(_mm256_and_si256(second, low4), _mm256_and_si256(_mm256_slli_epi16(high, 2), bits45));
-    quarters[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(first, 4), low4), _mm256_and_si256(high, bits45));
-    quarters[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(second, 4), low4),
-                                  _mm256_and_si256(_mm256_srli_epi16(high, 2), bits45));
-    for (int i = 0; i < 4; i++) quarters[i] = _mm256_sub_epi8(quarters[i], bias);
+    for (int quarter = 0; quarter < 4; quarter++)
+        quarters[quarter] = _mm256_sub_epi8(group_codes(block + 64 * half + (quarter & 1) * 32, quarter >= 2,
+                                                        block + 128 + 32 * half, 2 * quarter, 0x30),
+                                            _mm256_set1_epi8(32));
 }
 
 /* Row r's block b: its 32 codes, and its d in *d (PACKED: the packed kind's layout; a constant
