@@ -29,7 +29,6 @@ whose root's drafted children all failed; a deep miss, one that accepted some no
 from __future__ import annotations
 
 import argparse
-import copy
 import gzip
 import json
 from collections import defaultdict
@@ -89,21 +88,23 @@ def run(methods: list[str], per_category: int, max_new_tokens: int, limit: int |
     policy chooses from measured costs, so τ then depends on the machine's load)."""
     model = freespec.load(budget=budget, threads=threads)
     steps: list[dict] = []
-    names = []
+    # each method (and twin) learns from its own runs only: Token Recycling's tables and the suffix
+    # stores are shared by a model's drafters, so a method run just before would hand its answer on
+    models = {}
     for method in methods:
-        names.append(method)
-        if plain_fusion and isinstance(model.drafter(method)[0], Fused):
-            twin = model._drafters[method + PLAIN] = copy.deepcopy(model.drafter(method))  # drafter and policy, unused
+        models[method] = model.with_own_state()
+        if plain_fusion and isinstance(models[method].drafter(method)[0], Fused):
+            twin_model = models[method + PLAIN] = model.with_own_state()
+            twin = twin_model._drafters[method + PLAIN] = twin_model.drafter(method)  # drafter and policy, unused
             twin[0].calibration = SourcesOwnScores()
-            names.append(method + PLAIN)
-    labels = {name: {"method": name} for name in names}
-    for name in names:
-        model.generate("Hello there.", drafter=name, max_new_tokens=16)
-        record_steps(model.drafter(name)[0], steps, labels[name])
+    labels = {name: {"method": name} for name in models}
+    for name, own in models.items():
+        own.generate("Hello there.", drafter=name, max_new_tokens=16)
+        record_steps(own.drafter(name)[0], steps, labels[name])
     for question in load_questions(DEFAULT_QUESTIONS, per_category=per_category, limit=limit):
-        for name in names:
+        for name, own in models.items():
             labels[name]["category"] = question.category
-            stats = model.generate(question.turns[0], drafter=name, max_new_tokens=max_new_tokens).stats
+            stats = own.generate(question.turns[0], drafter=name, max_new_tokens=max_new_tokens).stats
             steps.append({"method": name, "category": question.category, "tokens": stats.new_tokens,
                           "passes": stats.forward_passes, "seconds": stats.decode_seconds})
     return steps

@@ -54,17 +54,18 @@ def main() -> None:
     args = parser.parse_args()
     methods = args.methods.split(",")
     model = freespec.load(threads=args.threads or (1 if args.cpu else None))
+    models = {method: model.with_own_state() for method in methods}  # each method learns from its own runs only
     totals = {method: defaultdict(float) for method in methods}
     for method in methods:
-        model.generate("Hello there.", drafter=method, max_new_tokens=16)  # warm-up, then time it
-        timed(model.drafter(method)[0], totals[method], time.thread_time if args.cpu else time.perf_counter)
+        models[method].generate("Hello there.", drafter=method, max_new_tokens=16)  # warm-up, then time it
+        timed(models[method].drafter(method)[0], totals[method], time.thread_time if args.cpu else time.perf_counter)
         totals[method].clear()
     questions = load_questions(DEFAULT_QUESTIONS, per_category=args.per_category, limit=args.limit)
     for _ in range(args.repeat):
         for question in questions:
             for method in methods:
                 started = time.process_time()
-                stats = model.generate(question.turns[0], drafter=method, max_new_tokens=args.max_new_tokens).stats
+                stats = models[method].generate(question.turns[0], drafter=method, max_new_tokens=args.max_new_tokens).stats
                 total = totals[method]
                 total["cpu"] += time.process_time() - started
                 total["steps"] += stats.forward_passes
