@@ -26,6 +26,7 @@ class BaseDrafter(ABC):
     wants_prompt_logits = False
     shadow_drafts = False
     reads_logits = True
+    reads_top_k = 0
     learning_optional = False
 
     def set_sampling(self, params: SamplingParams, generator: torch.Generator | None) -> None:

@@ -29,6 +29,7 @@ from freespec.drafters.base import BaseDrafter, Drafter
 from freespec.drafters.scoring import DepthCalibration, teach
 from freespec.engine.sampling import SamplingParams
 from freespec.engine.tree import DraftTree
+from freespec.model.runner import TopCandidates
 
 
 def tree_scores(tree: DraftTree) -> np.ndarray:
@@ -151,7 +152,7 @@ def source_view(where: list[int], accepted: list[int], limit: int = sys.maxsize)
     return verified, path
 
 
-def rows_of(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+def rows_of(logits: torch.Tensor | TopCandidates, rows: list[int]) -> torch.Tensor | TopCandidates:
     """``logits[rows]``: a view when the rows are consecutive, else a copy by ``index_select``
     (indexing with a list takes the general advanced-indexing path: ~3x slower on rows of
     49,152 logits, ~150 µs a step where a fused member's nodes are not consecutive).
@@ -160,6 +161,8 @@ def rows_of(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
     >>> rows_of(logits, [1, 2]).tolist(), rows_of(logits, [0, 3]).tolist()
     ([[2.0, 3.0], [4.0, 5.0]], [[0.0, 1.0], [6.0, 7.0]])
     """
+    if isinstance(logits, TopCandidates):
+        return logits.rows(rows)
     if rows == list(range(rows[0], rows[0] + len(rows))):
         return logits[rows[0] : rows[0] + len(rows)]
     return torch.index_select(logits, 0, torch.tensor(rows))
@@ -178,6 +181,9 @@ class Fused(BaseDrafter):
         self.wants_prompt_logits = any(d.wants_prompt_logits for d in drafters)
         self.shadow_drafts = all(d.shadow_drafts for d in drafters)
         self.reads_logits = any(d.reads_logits for d in drafters)
+        # the members that read logits read only top candidates, the same k of them: so may the fusion
+        top_k = {d.reads_top_k for d in drafters if d.reads_logits}
+        self.reads_top_k = top_k.pop() if len(top_k) == 1 else 0
         self.learning_optional = all(d.learning_optional for d in drafters)
         # how often a merged node is accepted, per set of sources that drafted it (a bitmask) and depth
         self.calibration = DepthCalibration(groups=1 << len(drafters))
@@ -219,7 +225,7 @@ class Fused(BaseDrafter):
         return (tree.tokens.tolist() == proposed.tokens[: len(tree)].tolist()
                 and tree.parents.tolist() == proposed.parents[: len(tree)].tolist())
 
-    def learn(self, tree: DraftTree, logits: torch.Tensor, accepted: list[int]) -> None:
+    def learn(self, tree: DraftTree, logits: torch.Tensor | TopCandidates, accepted: list[int]) -> None:
         if not self._proposed_prefix(tree):
             for drafter in self.drafters:
                 drafter.learn(tree, logits, accepted)
@@ -234,9 +240,11 @@ class Fused(BaseDrafter):
             drafter.learn(own.prefix(verified), rows_of(logits, where[:verified]) if drafter.reads_logits else unread,
                           path)
 
-    def _unread(self, logits: torch.Tensor) -> torch.Tensor:
+    def _unread(self, logits: torch.Tensor | TopCandidates) -> torch.Tensor | TopCandidates:
         """No rows of ``logits``, for the sources that read none: one empty tensor kept while the
         vocabulary is the same (slicing a fresh one costs a torch call a step)."""
+        if isinstance(logits, TopCandidates):
+            return logits.rows([])
         if self._no_rows is None or self._no_rows.shape[1:] != logits.shape[1:]:
             self._no_rows = logits[:0].clone()
         return self._no_rows

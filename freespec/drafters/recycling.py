@@ -42,6 +42,7 @@ from freespec import kernels
 from freespec.drafters.base import BaseDrafter
 from freespec.drafters.scoring import AcceptanceCalibration
 from freespec.engine.tree import DraftTree
+from freespec.model.runner import TopCandidates
 
 # The paper's best template: 80 nodes of depth <= 6 (8/21/25/15/8/3 nodes per depth), as rank paths.
 PAPER_TEMPLATE: tuple[tuple[int, ...], ...] = (
@@ -74,8 +75,11 @@ def order_template(template, rank_hit_rate: np.ndarray) -> list[tuple[int, ...]]
     return sorted(paths, key=lambda p: (-score[p], len(p), p))
 
 
-def top_candidates(logits: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The k most likely next tokens per row and their probabilities: ([n, k] ids, [n, k] probs)."""
+def top_candidates(logits: torch.Tensor | TopCandidates, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k most likely next tokens per row and their probabilities: ([n, k] ids, [n, k] probs),
+    from the logits [n, vocab] or as the engine gave them (:attr:`TokenRecycling.reads_top_k`)."""
+    if isinstance(logits, TopCandidates):
+        return logits.ids[:, :k], logits.probs[:, :k]
     values, ids, normalizer = kernels.select().top_k(logits, k)
     return ids, np.exp(values - normalizer[:, None])
 
@@ -327,6 +331,7 @@ class TokenRecycling(BaseDrafter):
         if tables is not None and not tables.matches(vocab_size, k, tree_shape, template, pair_slots):
             raise ValueError("shared recycling tables were made for another vocabulary, k, tree shape or pair table")
         self.vocab_size, self.k, self.tree_shape = vocab_size, k, tree_shape
+        self.reads_top_k = k  # learn reads only each node's k best tokens: greedy steps take them from the greedy head
         self.tables = tables or RecyclingTables(vocab_size, k, tree_shape, template, pair_slots)
         self._prompt_unread = False  # a request began and its prompt's pairs are not filed yet
         self._proposed_root: tuple[int, int] | None = None  # (token before the root, root) of the last draft

@@ -31,6 +31,12 @@ class Drafter(Protocol):
     """Whether :meth:`learn` reads ``logits``; one that does not may be handed an empty [0, vocab]
     tensor instead (a fused drafter then skips gathering its rows: ~40 µs a step)."""
 
+    reads_top_k: int
+    """k > 0: :meth:`learn` reads only each node's k best tokens and their probabilities, so a
+    greedy step may hand it :class:`freespec.model.runner.TopCandidates` from the exact greedy
+    head's integer pass (approximate, and costing no whole head) instead of the logits; 0: the
+    logits themselves, if :attr:`reads_logits`."""
+
     learning_optional: bool
     """Whether the engine may skip :meth:`learn` after a step that verified no draft: what the
     drafter learns is a cache of what the model said (Token Recycling's rows), which a skipped
@@ -65,8 +71,8 @@ class Drafter(Protocol):
         """
 
     def learn(self, tree: DraftTree, logits: torch.Tensor, accepted: list[int]) -> None:
-        """After verification: ``logits`` [len(tree), vocab] at every node (see :attr:`reads_logits`)
-        and the ``accepted`` path.
+        """After verification: ``logits`` [len(tree), vocab] at every node (see :attr:`reads_logits`;
+        or their top candidates, see :attr:`reads_top_k`) and the ``accepted`` path.
 
         ``tree`` is the last proposed tree or a prefix of it, or the root alone when the engine
         verified no draft this step (then no :meth:`propose` preceded this call).

@@ -282,8 +282,13 @@ class Generation:
             logits = runner.logits(hidden)  # [nodes, vocab]
         if not isinstance(logits, PassLogits):
             logits = PassLogits(logits, runner.kernels)
+        learned = self._no_logits  # what the drafter learns from
         if drafter is not None and drafter.reads_logits:
-            logits.materialize()  # the whole head, once: verification then reads its maxima from it
+            if drafter.reads_top_k and self.sampling.reads_maxima_only:
+                # its top candidates from the greedy head's pass, which verification's maxima come from too
+                learned = logits.top_candidates(drafter.reads_top_k)
+            else:
+                learned = logits.tensor  # the whole head, once: verification then reads its maxima from it
         # accept
         path, bonus = verify(tree, logits, self._context, self.sampling, self.generator)
         emitted = [int(t) for t in tree.tokens[path[1:]]] + [bonus]
@@ -295,7 +300,7 @@ class Generation:
         runner.commit(path)
         if drafter is not None:
             if self._learn:
-                drafter.learn(tree, logits.tensor if drafter.reads_logits else self._no_logits, path)
+                drafter.learn(tree, learned, path)
             self.policy.observe(len(tree) - 1, path)
             if pass_rows is None:
                 self.policy.record_cost(len(tree), time.perf_counter() - self._step_started)

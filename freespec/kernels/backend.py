@@ -654,6 +654,24 @@ class OneCallDecoder:
         rows of 262,144 on Gemma-3-270M); None where it does not apply (see ``greedy_head``, passes
         of more than ``greedy_head_rows`` rows, inputs that are not finite): then the caller
         computes the whole head."""
+        result = self._greedy_head(hidden, 0)
+        return None if result is None else result[0]
+
+    def head_argmax_top_k(self, hidden: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """:meth:`head_argmax` and, from the same integer pass, each row's k best tokens by their
+        approximate logits with probabilities under the approximation's softmax: (argmax [q],
+        ids [q, k] int64, probs [q, k] float32), or None where :meth:`head_argmax` gives None.
+        Approximate (within the bound of a logit, far below the gaps drafts care about), so for
+        drafters only; a row's result depends on that row alone."""
+        result = self._greedy_head(hidden, k)
+        if result is None:
+            return None
+        maxima, values, ids, log_normalizer = result
+        return maxima, ids, np.exp(values - log_normalizer[:, None])
+
+    def _greedy_head(self, hidden: np.ndarray, k: int) -> tuple[np.ndarray, ...] | None:
+        """``freespec_head_argmax`` over ``hidden`` [q, hidden]: (argmax [q],) or with k > 0 also
+        (values [q, k], ids [q, k], log_normalizer [q]); None where it does not apply."""
         if self.greedy_head and self._head_l1 is None:
             self._head_l1 = self._head_bounds()
             self.greedy_head = self._head_l1 is not None
@@ -661,15 +679,20 @@ class OneCallDecoder:
         if not self.greedy_head or n > self.greedy_head_rows:
             return None
         out = np.empty(n, dtype=np.int64)
+        values = np.empty((n, k), dtype=np.float32)
+        ids = np.empty((n, k), dtype=np.int64)
+        log_normalizer = np.empty(n, dtype=np.float32)
         coded = self._head_codes is not None
         status = self._library.freespec_head_argmax(
             (self._head_codes if coded else self._lm_head).pointer, self._head_l1.ctypes.data,
             abi.array_address("hidden states", hidden, np.float32, (n, self.hidden)), n, out.ctypes.data,
-            self._lm_head.pointer if coded else None, self._head_error.ctypes.data if coded else None)
+            self._lm_head.pointer if coded else None, self._head_error.ctypes.data if coded else None,
+            k, values.ctypes.data if k else None, ids.ctypes.data if k else None,
+            log_normalizer.ctypes.data if k else None)
         if status == abi.NOT_BOUNDED:
             return None
         abi.check_status(status, "the greedy lm_head")
-        return out
+        return (out, values, ids, log_normalizer) if k else (out,)
 
     def _head_bounds(self) -> np.ndarray | None:
         """[vocab] float32 upper bounds of each head row's L1 norm for the exact greedy head, or None

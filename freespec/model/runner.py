@@ -20,6 +20,7 @@ sliding window, if it has one, so the model's whole context is served.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from functools import cached_property, partial
 from typing import Callable, NamedTuple, Sequence
 
@@ -117,6 +118,27 @@ def forward_batch(passes: Sequence[BatchPass]) -> list[torch.Tensor]:
     return list(hidden.split([item.tokens.shape[0] for item in passes]))
 
 
+@dataclass
+class TopCandidates:
+    """Each row's k most likely next tokens and their probabilities, best first: what Token
+    Recycling learns from a verified node. From the logits (exact), or from the exact greedy
+    head's integer pass (approximate, within its bound of each logit: a draft's choice of
+    candidates, never a token's), whichever the step computed."""
+
+    ids: np.ndarray  # [n, k] int64
+    probs: np.ndarray  # [n, k] float32
+
+    def rows(self, rows: list[int]) -> TopCandidates:
+        """These rows' candidates ([len(rows), k] each)."""
+        return TopCandidates(self.ids[rows], self.probs[rows])
+
+    @classmethod
+    def of_logits(cls, logits: torch.Tensor | np.ndarray, k: int, kernels: Kernels) -> TopCandidates:
+        """The exact top-k of logits [n, vocab] and their softmax probabilities."""
+        values, ids, normalizer = kernels.top_k(logits if isinstance(logits, torch.Tensor) else torch.from_numpy(logits), k)
+        return cls(ids, np.exp(values - normalizer[:, None]))
+
+
 class PassLogits:
     """A pass's logits [q, vocab] and each row's first maximum, each computed when first read.
 
@@ -131,8 +153,20 @@ class PassLogits:
 
     def __init__(self, logits: torch.Tensor | np.ndarray | None, kernels: Kernels,
                  whole_head: Callable[[], torch.Tensor | np.ndarray] | None = None,
-                 maxima: Callable[[], np.ndarray | None] | None = None):
+                 maxima: Callable[[], np.ndarray | None] | None = None,
+                 maxima_and_top_k: Callable[[int], tuple[np.ndarray, np.ndarray, np.ndarray] | None] | None = None):
         self._logits, self._kernels, self._whole_head, self._maxima = logits, kernels, whole_head, maxima
+        self._maxima_and_top_k = maxima_and_top_k
+
+    def top_candidates(self, k: int) -> TopCandidates:
+        """Each row's k best tokens and their probabilities: from the logits if they were
+        computed, else from the greedy head's integer pass (which gives ``argmax`` too: one pass
+        for both), else from the logits, the whole head run now."""
+        if self._logits is None and self._maxima_and_top_k is not None and "argmax" not in self.__dict__:
+            if (result := self._maxima_and_top_k(k)) is not None:
+                self.__dict__["argmax"], ids, probs = result  # the cached_property's value
+                return TopCandidates(ids, probs)
+        return TopCandidates.of_logits(self.materialize(), k, self._kernels)
 
     def materialize(self) -> torch.Tensor | np.ndarray:
         """The logits [q, vocab], the whole head run now if it has not run (a reader of the logits
@@ -342,7 +376,8 @@ class ModelRunner:
         hidden = self._decoder.tree_hidden(tokens, positions, tree_mask, *cache.addresses, cache.capacity, length,
                                            rotary)  # [q, hidden]
         decoder = self._decoder
-        return PassLogits(None, self.kernels, partial(decoder.head_logits, hidden), partial(decoder.head_argmax, hidden))
+        return PassLogits(None, self.kernels, partial(decoder.head_logits, hidden), partial(decoder.head_argmax, hidden),
+                          partial(decoder.head_argmax_top_k, hidden))
 
     def _check_rows(self, cache: KVCache, ids: list[int]) -> None:
         """ValueError unless rows for ``ids`` fit after the cache's committed ones and every id indexes

@@ -31,8 +31,23 @@ def greedy_argmax(backend, weight: GGMLWeight | PackedWeight, x: torch.Tensor) -
     out = np.full(x.shape[0], -1, dtype=np.int64)
     x = x.contiguous()
     status = backend.library.freespec_head_argmax(struct.pointer, bounds.ctypes.data, x.data_ptr(), x.shape[0],
-                                                  out.ctypes.data, None, None)
+                                                  out.ctypes.data, None, None, 0, None, None, None)
     return status, out
+
+
+def greedy_top_k(backend, weight: GGMLWeight | PackedWeight, x: torch.Tensor, k: int) -> tuple[int, ...]:
+    """freespec_head_argmax with k: (status, argmax [M], values [M, k], ids [M, k], log normalizer [M])."""
+    struct = MatrixStruct("head", weight)
+    bounds = np.empty(weight.shape[0], dtype=np.float32)
+    assert backend.library.freespec_head_bounds(struct.pointer, bounds.ctypes.data) == abi.OK
+    rows = x.shape[0]
+    out, values = np.full(rows, -1, dtype=np.int64), np.empty((rows, k), dtype=np.float32)
+    ids, normalizer = np.empty((rows, k), dtype=np.int64), np.empty(rows, dtype=np.float32)
+    x = x.contiguous()
+    status = backend.library.freespec_head_argmax(struct.pointer, bounds.ctypes.data, x.data_ptr(), rows,
+                                                  out.ctypes.data, None, None, k, values.ctypes.data,
+                                                  ids.ctypes.data, normalizer.ctypes.data)
+    return status, out, values, ids, normalizer
 
 
 def coded_greedy_argmax(backend, weight: GGMLWeight | torch.Tensor, x: torch.Tensor) -> tuple[int, np.ndarray]:
@@ -49,7 +64,7 @@ def coded_greedy_argmax(backend, weight: GGMLWeight | torch.Tensor, x: torch.Ten
     out = np.full(x.shape[0], -1, dtype=np.int64)
     x = x.contiguous()
     status = backend.library.freespec_head_argmax(coded.pointer, bounds.ctypes.data, x.data_ptr(), x.shape[0],
-                                                  out.ctypes.data, exact.pointer, error.ctypes.data)
+                                                  out.ctypes.data, exact.pointer, error.ctypes.data, 0, None, None, None)
     return status, out
 
 
@@ -73,6 +88,40 @@ def test_the_greedy_head_gives_the_whole_heads_first_maximum(kernel_build, trial
     assert status == abi.OK and out.tolist() == whole.tolist()
     if trial % 2 == 0:
         assert out[0] == 3  # the first of equal maxima, as torch.argmax
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q8_0 packed", "Q6_K"])
+@pytest.mark.parametrize("trial", range(6))
+def test_the_same_pass_gives_each_rows_top_k_to_within_the_approximation(kernel_build, trial, kind):
+    """With k, the greedy head's pass also gives each row's k best outputs by their integer
+    approximation and the log of the approximation's softmax normalizer (what Token Recycling
+    learns from): the argmax is unchanged, the values are the approximations of those outputs'
+    logits (within the codes' error), the outputs hold the whole head's k largest logits to within
+    twice that, the normalizer is the logits' to within it, and a row's result has the same bits
+    alone as among other rows (heads of several 512-row chunks, which threads take in any order)."""
+    generator = np.random.default_rng(100 + trial)
+    block = 256 if kind == "Q6_K" else 32
+    rows, columns = int(generator.integers(600, 3000)), block * int(generator.integers(1, 24 if block == 32 else 5))
+    weight = head(rows, columns, generator, twins=trial % 2 == 0, kind=kind.split()[0])
+    torch.manual_seed(trial)
+    x = torch.randn(int(generator.integers(2, 9)), columns) * torch.exp(1.5 * torch.randn(1, columns))
+    k = int(generator.choice([1, 5, 8]))
+    packed = repack(weight) if kind.endswith("packed") else weight
+    status, out, values, ids, normalizer = greedy_top_k(kernel_build, packed, x, k)
+    whole = kernel_build.linear(x, weight)  # [M, rows]
+    assert status == abi.OK and out.tolist() == kernel_build.argmax(whole).tolist()
+    logits = whole.double().numpy()
+    row_l1 = np.abs(weight.dequantize().numpy().astype(np.float64)).sum(1).max()
+    error = row_l1 * x.abs().max(1).values.double().numpy()[:, None] * (1 / 32767 + 1e-4)  # [M, 1] per logit
+    assert (np.abs(values - np.take_along_axis(logits, ids, 1)) <= error).all()
+    assert (np.diff(values, axis=1) <= 0).all() and all(len(set(row)) == k for row in ids.tolist())
+    assert (np.abs(values - -np.sort(-logits, axis=1)[:, :k]) <= 2 * error).all()
+    top = logits.max(1, keepdims=True)
+    exact = top[:, 0] + np.log(np.exp(logits - top).sum(1))
+    assert (np.abs(normalizer - exact) <= error[:, 0] + 1e-5 * np.abs(exact)).all()
+    for row in range(x.shape[0]):
+        alone = greedy_top_k(kernel_build, packed, x[row : row + 1], k)
+        assert [a.tobytes() for a in alone[1:]] == [a[row : row + 1].tobytes() for a in (out, values, ids, normalizer)]
 
 
 @pytest.mark.parametrize("kind", ["F32", "F16", "BF16", "fp32 tensor"])
@@ -153,12 +202,12 @@ def test_heads_of_other_kinds_are_refused(kernel_build):
 
 
 @pytest.mark.parametrize("head_type", ["Q8_0", "Q6_K", "BF16", "F32"])
-@pytest.mark.parametrize("drafter", ["none", "lookup", "suffix", "recycling"])
+@pytest.mark.parametrize("drafter", ["none", "lookup", "suffix", "recycling", "suffix+recycling"])
 def test_greedy_decoding_with_the_greedy_head_equals_the_whole_head(tmp_path, kernel_build, drafter, head_type):
     """A tiny Llama whose head is Q8_0, Q6_K (a Q4_K_M file's), BF16 or F32 (through int8 codes):
     the same tokens with the greedy head on and off, and with it on, a pass of up to
-    ``greedy_head_rows`` rows never runs the whole head (longer passes and drafters that read
-    logits run it)."""
+    ``greedy_head_rows`` rows never runs the whole head (longer passes run it), Token Recycling's
+    included: it learns its candidates from the same pass."""
     types = {"default": "Q8_0", "output": head_type}
     path = write_gguf(tmp_path / "model.gguf", model_for("llama", types), types)
     outputs = []
@@ -172,7 +221,7 @@ def test_greedy_decoding_with_the_greedy_head_equals_the_whole_head(tmp_path, ke
         decoder.head_logits = lambda hidden: whole_heads.append(len(hidden)) or head_logits(hidden)
         outputs.append([model.generate(prompt_ids=prompt, drafter=drafter, max_new_tokens=40).token_ids
                         for prompt in PROMPTS])
-        if decoder.greedy_head and drafter in ("none", "lookup", "suffix"):  # drafters that read no logits
+        if decoder.greedy_head:
             assert all(rows > decoder.greedy_head_rows for rows in whole_heads)
             assert drafter != "none" or not whole_heads
     assert outputs[0] == outputs[1]

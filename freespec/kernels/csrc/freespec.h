@@ -51,11 +51,15 @@ int freespec_linear(const Matrix *w, const float *x, float *y, int64_t M);
  * (then w holds exact's codes and row_error comes with them; row_l1 from the call that made w's
  * bounds), computing in fp32 only the outputs the bound cannot rule out; returns FREESPEC_OK,
  * FREESPEC_BAD_MATRIX, FREESPEC_OUT_OF_MEMORY or FREESPEC_NOT_BOUNDED (x not finite, or logits
- * that could overflow): then nothing is written and the caller computes the whole head. */
+ * that could overflow): then nothing is written and the caller computes the whole head. With k > 0
+ * the same pass also gives each row's k best outputs by their integer approximation (not exact:
+ * for drafters), top_values[M, k] and top_ids[M, k] (larger first, the lower id first among
+ * equal values), and log_normalizer[M] = log sum exp over all approximations. */
 int freespec_head_bounds(const Matrix *w, float *row_l1);
 int freespec_head_codes(const Matrix *w, int8_t *codes, float *scales, float *row_l1, float *row_error);
 int freespec_head_argmax(const Matrix *w, const float *row_l1, const float *x, int64_t M, int64_t *out,
-                         const Matrix *exact, const float *row_error);
+                         const Matrix *exact, const float *row_error, int64_t k, float *top_values, int64_t *top_ids,
+                         float *log_normalizer);
 
 /* out[i, K] = row tokens[i] of w as fp32 (an embedding lookup), the values ggml's formulas give.
  * Returns FREESPEC_OK or FREESPEC_BAD_MATRIX. */

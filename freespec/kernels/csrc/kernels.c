@@ -1676,10 +1676,50 @@ typedef struct {
     double upper; /* its logit's upper bound */
 } HeadCandidate;
 
+/* Whether (value, id) comes before (other, other_id) in the top-k's order: larger values first,
+ * the lower id first among equal ones (a total order: the merged result does not depend on which
+ * thread saw which rows). */
+static inline int ranks_before(float value, int64_t id, float other, int64_t other_id) {
+    return value > other || (value == other && id < other_id);
+}
+
+/* Insert (value, id) into the sorted top-k list (values, ids) if it belongs there. */
+static inline void top_k_insert(float *values, int64_t *ids, int64_t k, float value, int64_t id) {
+    if (!ranks_before(value, id, values[k - 1], ids[k - 1])) return;
+    int64_t at = k - 1;
+    for (; at > 0 && ranks_before(value, id, values[at - 1], ids[at - 1]); at--)
+        values[at] = values[at - 1], ids[at] = ids[at - 1];
+    values[at] = value, ids[at] = id;
+}
+
+/* One chunk's approximate logits of input row m (fp32, s times the integer sums) into the
+ * thread's top-k of that row, and the chunk's max and sum of exp(a - max) into its partials
+ * (8-lane exp in both builds: the same normalizer whatever the build). */
+static void chunk_top_k(const float (*sums)[HEAD_ROWS_AT_ONCE], int j, double scale, int64_t r0, int64_t r1,
+                        int64_t k, float *values, int64_t *ids, double *chunk_max, double *chunk_sum) {
+    float approx[HEAD_CHUNK_ROWS] __attribute__((aligned(32)));
+    const int64_t rows = r1 - r0;
+    float largest = -INFINITY;
+    for (int64_t i = 0; i < rows; i++) {
+        approx[i] = (float)(scale * (double)sums[i][j]);
+        largest = approx[i] > largest ? approx[i] : largest;
+        top_k_insert(values, ids, k, approx[i], r0 + i);
+    }
+    const __m256 top = _mm256_set1_ps(largest);
+    __m256 total = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= rows; i += 8) total = _mm256_add_ps(total, exp_nonpositive(_mm256_sub_ps(_mm256_load_ps(approx + i), top)));
+    double sum = horizontal_sum(total);
+    for (; i < rows; i++) sum += exp((double)approx[i] - (double)largest);
+    *chunk_max = largest, *chunk_sum = sum;
+}
+
 int freespec_head_argmax(const Matrix *w, const float *row_l1, const float *x, int64_t M, int64_t *out,
-                         const Matrix *exact, const float *row_error) {
+                         const Matrix *exact, const float *row_error, int64_t k, float *top_values, int64_t *top_ids,
+                         float *log_normalizer) {
     if (!is_greedy_head(w) || (exact && (!row_error || exact->N != w->N || exact->K != w->K || exact->bias ||
-                                         !kind_ops(exact->kind) || exact->kind == FREESPEC_STACKED)))
+                                         !kind_ops(exact->kind) || exact->kind == FREESPEC_STACKED)) ||
+        k < 0 || k > w->N || (k && (!top_values || !top_ids || !log_normalizer)))
         return FREESPEC_BAD_MATRIX;
     const Matrix *target = exact ? exact : w; /* the head whose logits are the answer */
     const int64_t N = w->N, K = w->K, B = head_lane_terms(w);
@@ -1689,9 +1729,12 @@ int freespec_head_argmax(const Matrix *w, const float *row_l1, const float *x, i
     double *error_factor = malloc(M * sizeof(double)); /* times row_error[r]: what the codes' weights add */
     double *lower = malloc(M * sizeof(double));
     int64_t *listed = calloc(M, sizeof(int64_t));
+    const int64_t chunks = (N + HEAD_CHUNK_ROWS - 1) / HEAD_CHUNK_ROWS;
+    double *partials = k ? malloc(2 * M * chunks * sizeof(double)) : NULL; /* [M, chunks] max, then sum */
     const double underflow = (4.0 * (double)K + 64.0) * 0x1p-149; /* what denormal results can add, per row */
-    int status = codes && candidates && scale && margin && error_factor && lower && listed ? FREESPEC_OK
-                                                                                      : FREESPEC_OUT_OF_MEMORY;
+    int status = codes && candidates && scale && margin && error_factor && lower && listed && (!k || partials)
+                     ? FREESPEC_OK : FREESPEC_OUT_OF_MEMORY;
+    for (int64_t i = 0; i < M * k; i++) top_values[i] = -INFINITY, top_ids[i] = N;
     double x_max_all = 0.0; /* the largest |x| of any input row: with a row's L1 norm, its logits' bound */
     for (int64_t m = 0; status == FREESPEC_OK && m < M; m++) {
         const float *xm = x + m * K;
@@ -1723,6 +1766,9 @@ int freespec_head_argmax(const Matrix *w, const float *row_l1, const float *x, i
         {
             double own_lower[M]; /* this thread's best lower bound per input row so far */
             for (int64_t m = 0; m < M; m++) own_lower[m] = -INFINITY;
+            float own_values[M * k + 1]; /* this thread's top-k per input row (with k) */
+            int64_t own_ids[M * k + 1];
+            for (int64_t i = 0; i < M * k; i++) own_values[i] = -INFINITY, own_ids[i] = N;
             float sums[HEAD_CHUNK_ROWS][HEAD_ROWS_AT_ONCE];
             #pragma omp for schedule(dynamic, 1)
             for (int64_t r0 = 0; r0 < N; r0 += HEAD_CHUNK_ROWS) {
@@ -1747,6 +1793,10 @@ int freespec_head_argmax(const Matrix *w, const float *row_l1, const float *x, i
                             best = low > best ? low : best;
                         }
                         own_lower[m] = best;
+                        if (k)
+                            chunk_top_k(sums, j, scale[m], r0, r1, k, own_values + m * k, own_ids + m * k,
+                                        partials + m * chunks + r0 / HEAD_CHUNK_ROWS,
+                                        partials + (M + m) * chunks + r0 / HEAD_CHUNK_ROWS);
                         for (int64_t r = r0; r < r1; r++) {
                             const double upper = scale[m] * (double)sums[r - r0][j] + slack[r - r0];
                             if (upper >= best) {
@@ -1758,7 +1808,11 @@ int freespec_head_argmax(const Matrix *w, const float *row_l1, const float *x, i
                 }
             }
             #pragma omp critical
-            for (int64_t m = 0; m < M; m++) lower[m] = own_lower[m] > lower[m] ? own_lower[m] : lower[m];
+            for (int64_t m = 0; m < M; m++) {
+                lower[m] = own_lower[m] > lower[m] ? own_lower[m] : lower[m];
+                for (int64_t i = 0; i < k; i++)
+                    top_k_insert(top_values + m * k, top_ids + m * k, k, own_values[m * k + i], own_ids[m * k + i]);
+            }
         }
         if (overflow) status = FREESPEC_NOT_BOUNDED;
     }
@@ -1778,8 +1832,16 @@ int freespec_head_argmax(const Matrix *w, const float *row_l1, const float *x, i
                 if (best < 0 || logit > best_logit || (logit == best_logit && c.row < best)) best = c.row, best_logit = logit;
             }
             out[m] = best;
+            if (k) { /* the chunks' partials in chunk order: the same sum whichever thread took which */
+                const double *chunk_max = partials + m * chunks, *chunk_sum = partials + (M + m) * chunks;
+                double largest = -INFINITY, total = 0.0;
+                for (int64_t c = 0; c < chunks; c++) largest = chunk_max[c] > largest ? chunk_max[c] : largest;
+                for (int64_t c = 0; c < chunks; c++) total += chunk_sum[c] * exp(chunk_max[c] - largest);
+                log_normalizer[m] = (float)(largest + log(total));
+            }
         }
     }
+    free(partials);
     free(codes); free(candidates); free(scale); free(margin); free(error_factor); free(lower); free(listed);
     return status;
 }
