@@ -349,12 +349,13 @@ class Batch:
     @staticmethod
     def _logits(planned: list[tuple[Running, Step]], hidden: list[torch.Tensor]) -> list[PassLogits | None]:
         """Each tree step's logits [q, vocab] (None for prefill chunks), from one head call over all
-        of them (:func:`batch_logits`: the exact greedy head for the steps that read only maxima)."""
+        of them (:func:`batch_logits`: the exact greedy head for the steps that read only maxima
+        and top candidates)."""
         trees = [index for index, (_, step) in enumerate(planned) if step.tree is not None]
         if not trees:
             return [None] * len(planned)
         parts = iter(batch_logits(planned[0][0].generation.runner, [hidden[index] for index in trees],
-                                  [planned[index][0].generation.reads_maxima_only for index in trees]))
+                                  [planned[index][0].generation.greedy_head_top_k for index in trees]))
         return [None if step.tree is None else next(parts) for _, step in planned]
 
     @staticmethod

@@ -169,10 +169,18 @@ class Generation:
         return self._unfilled is None or bool(self._unfilled)
 
     @property
-    def reads_maxima_only(self) -> bool:
-        """Whether a step reads only its logits' maxima: greedy verification, a drafter that reads
-        no logits (a batch runs the exact greedy head for such steps, see :func:`batch_logits`)."""
-        return self.sampling.reads_maxima_only and (self.drafter is None or not self.drafter.reads_logits)
+    def greedy_head_top_k(self) -> int | None:
+        """What a step reads of its logits, where the exact greedy head can give it (a batch runs
+        one for such steps, see :func:`batch_logits`): 0, only their maxima (greedy verification,
+        a drafter that reads no logits); k > 0, the maxima and each row's k best tokens (a drafter
+        that reads only those, :attr:`~freespec.engine.drafter.Drafter.reads_top_k`); None, the
+        logits themselves."""
+        if not self.sampling.reads_maxima_only:
+            return None
+        drafter = self.drafter
+        if drafter is None or not drafter.reads_logits:
+            return 0
+        return drafter.reads_top_k or None
 
     def __iter__(self) -> Iterator[list[int]]:
         while (step := self.plan()) is not None:
@@ -284,9 +292,9 @@ class Generation:
             logits = PassLogits(logits, runner.kernels)
         learned = self._no_logits  # what the drafter learns from
         if drafter is not None and drafter.reads_logits:
-            if drafter.reads_top_k and self.sampling.reads_maxima_only:
+            if top_k := self.greedy_head_top_k:
                 # its top candidates from the greedy head's pass, which verification's maxima come from too
-                learned = logits.top_candidates(drafter.reads_top_k)
+                learned = logits.top_candidates(top_k)
             else:
                 learned = logits.tensor  # the whole head, once: verification then reads its maxima from it
         # accept

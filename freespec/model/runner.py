@@ -190,21 +190,29 @@ class PassLogits:
         return self._kernels.argmax(logits if isinstance(logits, np.ndarray) else self.tensor)
 
 
-def batch_logits(runner: ModelRunner, hidden: Sequence[torch.Tensor], maxima_only: Sequence[bool]) -> list[PassLogits]:
+def batch_logits(runner: ModelRunner, hidden: Sequence[torch.Tensor], top_k: Sequence[int | None]) -> list[PassLogits]:
     """The logits of several requests' passes (final hidden states [q_i, hidden] each, runners
     forked from ``runner``'s model) from one head call over all their rows: the head's weights
-    stream once per pass, not once per request. The parts that read only their rows' maxima
-    (``maxima_only``: greedy verification) share one exact greedy head call instead, where the
-    model's one-call decoder has one for that many rows; such a part runs its own whole head should
-    its logits be read after all."""
+    stream once per pass, not once per request. The parts that read only their rows' maxima and
+    perhaps their k best tokens (``top_k[i]``: 0 or k; None: the logits themselves) share one exact
+    greedy head call instead, where the model's one-call decoder has one for that many rows; such
+    a part runs its own whole head should its logits be read after all."""
     logits: list[PassLogits | None] = [None] * len(hidden)
-    greedy = [i for i, only in enumerate(maxima_only) if only]
+    greedy = [i for i, k in enumerate(top_k) if k is not None]
     decoder = runner._decoder
     if greedy and decoder is not None and runner.weights.final_softcap is None:
         rows = torch.cat([hidden[i] for i in greedy]).numpy()  # [sum q_i, hidden]
-        if (maxima := decoder.head_argmax(rows)) is not None:
-            for i, part in zip(greedy, np.split(maxima, np.cumsum([len(hidden[i]) for i in greedy])[:-1])):
-                logits[i] = PassLogits(None, runner.kernels, partial(runner.logits, hidden[i]), lambda part=part: part)
+        k = max(top_k[i] for i in greedy)
+        result = decoder.head_argmax_top_k(rows, k) if k else decoder.head_argmax(rows)
+        if result is not None:
+            maxima, ids, probs = result if k else (result, None, None)
+            start = 0
+            for i in greedy:
+                end = start + len(hidden[i])
+                part = (maxima[start:end], ids[start:end], probs[start:end]) if top_k[i] else None
+                logits[i] = PassLogits(None, runner.kernels, partial(runner.logits, hidden[i]),
+                                       lambda maxima=maxima[start:end]: maxima, lambda wanted, part=part: part)
+                start = end
     rest = [i for i, part in enumerate(logits) if part is None]
     if rest:
         whole = runner.logits(torch.cat([hidden[i] for i in rest])).split([len(hidden[i]) for i in rest])

@@ -229,8 +229,9 @@ def test_greedy_decoding_with_the_greedy_head_equals_the_whole_head(tmp_path, ke
 
 def test_a_batchs_greedy_steps_share_one_greedy_head_and_keep_their_answers(tmp_path, kernel_build):
     """A batched pass (the server's) runs one exact greedy head over the rows of the steps that
-    read only maxima, and the whole head for the others (sampling, a repetition penalty, a drafter
-    that reads logits): every answer is the one the request gets alone."""
+    read only maxima and top candidates (greedy verification; Token Recycling learns from its
+    top-k), and the whole head for the others (sampling, a repetition penalty): every answer is
+    the one the request gets alone."""
     from freespec.engine.batch import Batch, Running
 
     path = write_gguf(tmp_path / "model.gguf", model_for("llama", "Q8_0"), "Q8_0")
@@ -241,12 +242,14 @@ def test_a_batchs_greedy_steps_share_one_greedy_head_and_keep_their_answers(tmp_
                 for prompt, drafter, options in zip(PROMPTS * 3, drafters, sampling, strict=True)]
     alone = [model.fork().generate(**request).token_ids for request in requests]
     decoder = model.runner._decoder
-    greedy_rows = []
-    head_argmax = decoder.head_argmax
+    greedy_rows, with_top_k = [], []
+    head_argmax, head_argmax_top_k = decoder.head_argmax, decoder.head_argmax_top_k
     decoder.head_argmax = lambda hidden: greedy_rows.append(len(hidden)) or head_argmax(hidden)
+    decoder.head_argmax_top_k = lambda hidden, k: (greedy_rows.append(len(hidden)) or with_top_k.append(k)
+                                                   or head_argmax_top_k(hidden, k))
     running, batch = [Running(model.fork().stream(**request)) for request in requests], Batch(prefill_rows=32)
     while not all(request.generation.done or request.error for request in running):
         batch.step(running)
     assert [request.error for request in running] == [None] * len(requests)
     assert [request.generation.token_ids for request in running] == alone
-    assert max(greedy_rows) >= 3  # the first three requests' rows in one call
+    assert max(greedy_rows) >= 4 and set(with_top_k) == {8}  # recycling's rows among the others
