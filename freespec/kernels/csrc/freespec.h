@@ -51,7 +51,7 @@ int freespec_linear(const Matrix *w, const float *x, float *y, int64_t M);
  * (then w holds exact's codes and row_error comes with them; row_l1 from the call that made w's
  * bounds), computing in fp32 only the outputs the bound cannot rule out; returns FREESPEC_OK,
  * FREESPEC_BAD_MATRIX, FREESPEC_OUT_OF_MEMORY or FREESPEC_NOT_BOUNDED (x not finite, or logits
- * that could overflow): then nothing is written and the caller computes the whole head. With k > 0
+ * that could overflow): then out is not written and the caller computes the whole head. With k > 0
  * the same pass also gives each row's k best outputs by their integer approximation (not exact:
  * for drafters), top_values[M, k] and top_ids[M, k] (larger first, the lower id first among
  * equal values), and log_normalizer[M] = log sum exp over all approximations. */

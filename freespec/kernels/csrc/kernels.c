@@ -1692,8 +1692,9 @@ static inline void top_k_insert(float *values, int64_t *ids, int64_t k, float va
     values[at] = value, ids[at] = id;
 }
 
-/* One chunk's approximate logits of input row m (fp32, s times the integer sums) into the
- * thread's top-k of that row, and the chunk's max and sum of exp(a - max) into its partials
+/* One chunk's approximate logits of one input row (fp32: its scale times column j of the integer
+ * sums) into the thread's top-k of that row, and the chunk's max and sum of exp(a - max) into its
+ * partials
  * (8-lane exp in both builds: the same normalizer whatever the build). */
 static void chunk_top_k(const float (*sums)[HEAD_ROWS_AT_ONCE], int j, double scale, int64_t r0, int64_t r1,
                         int64_t k, float *values, int64_t *ids, double *chunk_max, double *chunk_sum) {
