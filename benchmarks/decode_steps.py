@@ -39,18 +39,19 @@ def main() -> None:
     args = parser.parse_args()
     methods = args.methods.split(",")
     model = freespec.load(args.model)
+    chat = model.has_chat_template  # a base model (Gemma-3-270M's file) takes the questions as raw text
     # each method learns from its own runs only (Token Recycling's tables and the suffix stores are
     # shared by a model's drafters: a method run just before on the same question would hand its answer on)
     models = {method: model.with_own_state() for method in methods}
     questions = load_questions(DEFAULT_QUESTIONS, per_category=args.per_category)
     for method in methods:  # warm-up
-        models[method].generate("Hello there.", drafter=method, max_new_tokens=16)
+        models[method].generate("Hello there.", drafter=method, max_new_tokens=16, chat=chat)
     totals: dict[str, Totals] = defaultdict(Totals)
     for question in questions:
         reference = None
         for method in methods:
             result = models[method].generate(question.turns[0], drafter=method, max_new_tokens=args.max_new_tokens,
-                                    reuse_prefix=False)
+                                    reuse_prefix=False, chat=chat)
             if reference is None:
                 reference = result.token_ids
             elif result.token_ids != reference:
