@@ -147,8 +147,10 @@ class PassLogits:
     hidden states (:meth:`ModelRunner.tree_logits`, :func:`batch_logits`): ``whole_head`` computes
     the logits, ``maxima`` each row's first maximum without them (the exact greedy head,
     :meth:`freespec.kernels.OneCallDecoder.head_argmax`: only the logits an integer bound cannot
-    rule out), or None where it cannot. ``argmax`` alone then runs ``maxima``, and the whole head
-    runs once something reads the logits themselves (:meth:`materialize`, ``tensor``).
+    rule out), or None where it cannot; ``maxima_and_top_k`` the same with each row's k best
+    tokens from that pass (:meth:`top_candidates`, for drafters). ``argmax`` alone then runs
+    ``maxima``, and the whole head runs once something reads the logits themselves
+    (:meth:`materialize`, ``tensor``).
     """
 
     def __init__(self, logits: torch.Tensor | np.ndarray | None, kernels: Kernels,
