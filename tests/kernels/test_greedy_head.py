@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from freespec import Model
+from freespec import Model, kernels
 from freespec.kernels import GGMLWeight, abi, backend, random_blocks
 from freespec.kernels.backend import MatrixStruct
 from freespec.kernels.weights import PackedWeight, repack
@@ -122,6 +122,19 @@ def test_the_same_pass_gives_each_rows_top_k_to_within_the_approximation(kernel_
     for row in range(x.shape[0]):
         alone = greedy_top_k(kernel_build, packed, x[row : row + 1], k)
         assert [a.tobytes() for a in alone[1:]] == [a[row : row + 1].tobytes() for a in (out, values, ids, normalizer)]
+
+
+@pytest.mark.skipif(len(kernels.supported_isas()) < 2, reason="needs both kernel builds")
+@pytest.mark.parametrize("kind", ["Q8_0", "Q6_K"])
+def test_the_top_k_has_the_same_bits_in_both_builds(kind):
+    """The integer pass is the same 256-bit code in both builds and the normalizer's exp 8-lane in
+    both: a drafter learns the same candidates whichever build runs."""
+    generator = np.random.default_rng(7)
+    weight = head(1500, 512, generator, kind=kind)
+    x = torch.randn(3, 512, generator=torch.Generator().manual_seed(7)) * 3
+    results = [greedy_top_k(kernels.select(isa), weight, x, 8) for isa in kernels.supported_isas()]
+    assert results[0][0] == abi.OK
+    assert all([a.tobytes() for a in result[1:]] == [a.tobytes() for a in results[0][1:]] for result in results)
 
 
 @pytest.mark.parametrize("kind", ["F32", "F16", "BF16", "fp32 tensor"])
