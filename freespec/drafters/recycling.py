@@ -78,10 +78,8 @@ def order_template(template, rank_hit_rate: np.ndarray) -> list[tuple[int, ...]]
 def top_candidates(logits: torch.Tensor | TopCandidates, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The k most likely next tokens per row and their probabilities: ([n, k] ids, [n, k] probs),
     from the logits [n, vocab] or as the engine gave them (:attr:`TokenRecycling.reads_top_k`)."""
-    if isinstance(logits, TopCandidates):
-        return logits.ids[:, :k], logits.probs[:, :k]
-    values, ids, normalizer = kernels.select().top_k(logits, k)
-    return ids, np.exp(values - normalizer[:, None])
+    candidates = logits if isinstance(logits, TopCandidates) else TopCandidates.of_logits(logits, k, kernels.select())
+    return candidates.ids[:, :k], candidates.probs[:, :k]
 
 
 Row = tuple[np.ndarray, np.ndarray, Callable[[float], float]]

@@ -399,6 +399,10 @@ HEAD_CODES_MAX_BYTES = 320 << 20
 """The most memory a head's int8 codes may take (a 128,256 x 2048 head's: 296 MB); a larger 16- or
 32-bit head runs whole."""
 
+Q8_HEAD_ROWS = 16
+"""The most rows a pass may have for the greedy head over a Q8_0 head (GGUF blocks or packed):
+measured in :func:`greedy_head_rows`."""
+
 CODED_HEAD_ROWS = 16
 """The most rows a pass may have for the greedy head over a head's int8 codes: it still wins at 16
 (Zen 4 VM, BF16 heads, whole / greedy ms at 16 rows: 49,152 x 576 8.0-9.2 / 5.7-6.2, AVX2 build
@@ -430,13 +434,13 @@ def greedy_head_rows(head: Matrix, isa: str) -> int:
     at eight in the AVX-512 build, whose fp32 decoding of Q6_K is the faster; AVX2 build 3.6-4.1 /
     2.3-2.5, 6.3 / 4.0-4.6 at four, 13.8-14.5 / 9.4-11.0 at eight. Coded heads: CODED_HEAD_ROWS."""
     if isinstance(head, PackedWeight):
-        return 16 if head.kind == "q8" else 0
+        return Q8_HEAD_ROWS if head.kind == "q8" else 0
     if coded_head(head):
         return CODED_HEAD_ROWS
     if not isinstance(head, GGMLWeight):
         return 0
     if head.type == GGMLQuantizationType.Q8_0:
-        return 16
+        return Q8_HEAD_ROWS
     if head.type == GGMLQuantizationType.Q6_K:
         return 4 if isa == "avx512" else 16
     return 0
@@ -660,18 +664,13 @@ class OneCallDecoder:
     def head_argmax_top_k(self, hidden: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         """:meth:`head_argmax` and, from the same integer pass, each row's k best tokens by their
         approximate logits with probabilities under the approximation's softmax: (argmax [q],
-        ids [q, k] int64, probs [q, k] float32), or None where :meth:`head_argmax` gives None.
-        Approximate (within the bound of a logit, far below the gaps drafts care about), so for
-        drafters only; a row's result depends on that row alone."""
-        result = self._greedy_head(hidden, k)
-        if result is None:
-            return None
-        maxima, values, ids, log_normalizer = result
-        return maxima, ids, np.exp(values - log_normalizer[:, None])
+        ids [q, k] int64, probs [q, k] float32; k = 0: empty), or None where :meth:`head_argmax`
+        gives None. Approximate (within the bound of a logit, far below the gaps drafts care
+        about), so for drafters only; a row's result depends on that row alone."""
+        return self._greedy_head(hidden, k)
 
-    def _greedy_head(self, hidden: np.ndarray, k: int) -> tuple[np.ndarray, ...] | None:
-        """``freespec_head_argmax`` over ``hidden`` [q, hidden]: (argmax [q],) or with k > 0 also
-        (values [q, k], ids [q, k], log_normalizer [q]); None where it does not apply."""
+    def _greedy_head(self, hidden: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """``freespec_head_argmax`` over ``hidden`` [q, hidden] (what both public calls run)."""
         if self.greedy_head and self._head_l1 is None:
             self._head_l1 = self._head_bounds()
             self.greedy_head = self._head_l1 is not None
@@ -692,7 +691,7 @@ class OneCallDecoder:
         if status == abi.NOT_BOUNDED:
             return None
         abi.check_status(status, "the greedy lm_head")
-        return (out, values, ids, log_normalizer) if k else (out,)
+        return out, ids, np.exp(values - log_normalizer[:, None]) if k else values
 
     def _head_bounds(self) -> np.ndarray | None:
         """[vocab] float32 upper bounds of each head row's L1 norm for the exact greedy head, or None

@@ -145,27 +145,26 @@ class PassLogits:
     Made from the logits (a tensor, or the numpy buffer of the one-call decoder's head, which the
     model's next tree pass overwrites: read them before), or from two calls over a pass's final
     hidden states (:meth:`ModelRunner.tree_logits`, :func:`batch_logits`): ``whole_head`` computes
-    the logits, ``maxima`` each row's first maximum without them (the exact greedy head,
-    :meth:`freespec.kernels.OneCallDecoder.head_argmax`: only the logits an integer bound cannot
-    rule out), or None where it cannot; ``maxima_and_top_k`` the same with each row's k best
-    tokens from that pass (:meth:`top_candidates`, for drafters). ``argmax`` alone then runs
-    ``maxima``, and the whole head runs once something reads the logits themselves
-    (:meth:`materialize`, ``tensor``).
+    the logits, ``greedy_head(k)`` each row's first maximum without them and, for k > 0, its k
+    best tokens by the same pass's approximation (the exact greedy head,
+    :meth:`freespec.kernels.OneCallDecoder.head_argmax_top_k`: only the logits an integer bound
+    cannot rule out), or None where it cannot. ``argmax`` alone then runs ``greedy_head(0)``,
+    :meth:`top_candidates` ``greedy_head(k)`` (the maxima with them), and the whole head runs
+    once something reads the logits themselves (:meth:`materialize`, ``tensor``).
     """
 
     def __init__(self, logits: torch.Tensor | np.ndarray | None, kernels: Kernels,
                  whole_head: Callable[[], torch.Tensor | np.ndarray] | None = None,
-                 maxima: Callable[[], np.ndarray | None] | None = None,
-                 maxima_and_top_k: Callable[[int], tuple[np.ndarray, np.ndarray, np.ndarray] | None] | None = None):
-        self._logits, self._kernels, self._whole_head, self._maxima = logits, kernels, whole_head, maxima
-        self._maxima_and_top_k = maxima_and_top_k
+                 greedy_head: Callable[[int], tuple[np.ndarray, np.ndarray, np.ndarray] | None] | None = None):
+        self._logits, self._kernels, self._whole_head, self._greedy_head = logits, kernels, whole_head, greedy_head
 
     def top_candidates(self, k: int) -> TopCandidates:
         """Each row's k best tokens and their probabilities: from the logits if they were
         computed, else from the greedy head's integer pass (which gives ``argmax`` too: one pass
         for both), else from the logits, the whole head run now."""
-        if self._logits is None and self._maxima_and_top_k is not None and "argmax" not in self.__dict__:
-            if (result := self._maxima_and_top_k(k)) is not None:
+        if self._logits is None and self._greedy_head is not None and "argmax" not in self.__dict__:
+            result = self._greedy_head(k)
+            if result is not None and result[1].shape[1] >= k:
                 self.__dict__["argmax"], ids, probs = result  # the cached_property's value
                 return TopCandidates(ids, probs)
         return TopCandidates.of_logits(self.materialize(), k, self._kernels)
@@ -186,8 +185,8 @@ class PassLogits:
     @cached_property
     def argmax(self) -> np.ndarray:
         """[q] int64: each row's first maximum, as ``torch.argmax`` gives it."""
-        if self._logits is None and self._maxima is not None and (maxima := self._maxima()) is not None:
-            return maxima
+        if self._logits is None and self._greedy_head is not None and (result := self._greedy_head(0)) is not None:
+            return result[0]
         logits = self.materialize()
         return self._kernels.argmax(logits if isinstance(logits, np.ndarray) else self.tensor)
 
@@ -207,13 +206,12 @@ def batch_logits(runner: ModelRunner, hidden: Sequence[torch.Tensor], top_k: Seq
         k = max(top_k[i] for i in greedy)
         result = decoder.head_argmax_top_k(rows, k) if k else decoder.head_argmax(rows)
         if result is not None:
-            maxima, ids, probs = result if k else (result, None, None)
+            maxima, ids, probs = result if k else (result, np.empty((len(rows), 0), np.int64), np.empty((len(rows), 0)))
             start = 0
             for i in greedy:
                 end = start + len(hidden[i])
-                part = (maxima[start:end], ids[start:end], probs[start:end]) if top_k[i] else None
-                logits[i] = PassLogits(None, runner.kernels, partial(runner.logits, hidden[i]),
-                                       lambda maxima=maxima[start:end]: maxima, lambda wanted, part=part: part)
+                part = (maxima[start:end], ids[start:end], probs[start:end])
+                logits[i] = PassLogits(None, runner.kernels, partial(runner.logits, hidden[i]), lambda _, part=part: part)
                 start = end
     rest = [i for i, part in enumerate(logits) if part is None]
     if rest:
@@ -386,8 +384,7 @@ class ModelRunner:
         hidden = self._decoder.tree_hidden(tokens, positions, tree_mask, *cache.addresses, cache.capacity, length,
                                            rotary)  # [q, hidden]
         decoder = self._decoder
-        return PassLogits(None, self.kernels, partial(decoder.head_logits, hidden), partial(decoder.head_argmax, hidden),
-                          partial(decoder.head_argmax_top_k, hidden))
+        return PassLogits(None, self.kernels, partial(decoder.head_logits, hidden), partial(decoder.head_argmax_top_k, hidden))
 
     def _check_rows(self, cache: KVCache, ids: list[int]) -> None:
         """ValueError unless rows for ``ids`` fit after the cache's committed ones and every id indexes
