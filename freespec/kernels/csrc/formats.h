@@ -104,12 +104,17 @@ static inline ivec fifth_bits(const uint8_t *qh_bytes, int e) {
 /* A format reads a row in units of GROUPS groups of 32 weights (one block; a K-quant's 256-weight
  * super-block is 8 groups). PREPARE(unit, params) computes a unit's per-group constants once per
  * row, DECODE(unit, params, group, step) returns the group's weights e .. e + LANES - 1, e = step *
- * LANES: weight = scale * code + offset. A block's constants are two vectors (BlockParams), a
- * K-quant's sixteen pairs of floats, broadcast as a group needs them (UnitParams: scale[i],
- * offset[i] for group i; Q6_K: for 16 weights, i = 2 group + e / 16). */
+ * LANES: weight = scale * code + offset. A block's constants are two vectors (BlockParams); a
+ * K-quant's are floats in memory, which the decoders broadcast as a group needs them: Q4_K's and
+ * Q5_K's scale[g], offset[g] for group g (KParams: both arrays one vector, which k_prepare
+ * stores at once), Q6_K's for 16 weights each (UnitParams: i = 2 group + e / 16). */
 typedef struct {
     vec scale, offset;
 } BlockParams;
+
+typedef struct {
+    float scale[8], offset[8];
+} KParams;
 
 typedef struct {
     float scale[16], offset[16];
@@ -252,9 +257,10 @@ static inline vec q8_0_decode(const uint8_t *b, const BlockParams *p, int group,
 /* Q4_K, Q5_K: scale[j] = d * sc_j, offset[j] = -(dmin * m_j), with the 6-bit sc_j, m_j of
  * ggml's get_scale_min_k4 unpacked for all eight groups at once (as ggml's own kernels do): bytes
  * [sc 0-3, sc 4-7, m 0-3, m 4-7] in 32-bit lanes. AVX-512 unpacks them in a vector register and
- * scales all sixteen in one vector (4-14% faster than the scalar words below at M = 1 to 4);
- * in the AVX2 build that cost 10% at M = 4. */
-static inline void k_prepare(const uint8_t *b, UnitParams *p) {
+ * scales all sixteen in one vector (4-14% faster than the scalar words below at M = 1 to 4),
+ * stored at once (an extract and a second store cost the Zen 4 one-input tile 4%); in the AVX2
+ * build that cost 10% at M = 4. */
+static inline void k_prepare(const uint8_t *b, KParams *p) {
 #ifdef FREESPEC_AVX512
     const __m128i q = _mm_loadu_si128((const __m128i *)(b + 4)); /* scale words q0 q1 q2, 4 bytes of qs */
     const __m128i low = _mm_and_si128(_mm_srlv_epi32(_mm_shuffle_epi32(q, _MM_SHUFFLE(2, 1, 2, 0)), _mm_setr_epi32(0, 0, 0, 4)),
@@ -266,8 +272,7 @@ static inline void k_prepare(const uint8_t *b, UnitParams *p) {
     const __m512 factors = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1),
                                                  _mm512_castps128_ps512(dm));
     const __m512 constants = _mm512_mul_ps(factors, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_or_si128(low, high))));
-    _mm256_storeu_ps(p->scale, _mm512_castps512_ps256(constants));
-    _mm256_storeu_ps(p->offset, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(constants), 1)));
+    _mm512_storeu_ps(p->scale, constants); /* scale[8], then offset[8] */
 #else
     uint32_t words[3];
     memcpy(words, b + 4, sizeof(words));
@@ -282,10 +287,22 @@ static inline void k_prepare(const uint8_t *b, UnitParams *p) {
 #endif
 }
 
-/* 64-weight chunks: 32 low nibbles of qs, then the same 32 bytes' high nibbles */
-static inline vec q4_k_decode(const uint8_t *b, const UnitParams *p, int group, int step) {
+/* 64-weight chunks: 32 low nibbles of qs, then the same 32 bytes' high nibbles. AVX-512 builds
+ * the group's table as scale * q + offset by a multiply and an add that read scale and offset
+ * from the params by embedded broadcast: the same bits as the FMA (the product is exact, see the
+ * top), but no broadcast into a register, which is a shuffle and shares the one 512-bit shuffle
+ * unit of a Zen 4 core with vpermps and vpmovzxbd (benchmarks/vector_ports.py; with the one
+ * store of k_prepare, the one-input tile 1.14x faster there, 1.10x at two inputs). */
+static inline vec q4_k_decode(const uint8_t *b, const KParams *p, int group, int step) {
+#ifdef FREESPEC_AVX512
+    const ivec q = widen_u8(b + 16 + (group >> 1) * 32 + step * LANES);
+    const vec values = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const vec table = vec_add(vec_mul(values, vec_set1(p->scale[group])), vec_set1(p->offset[group]));
+    return _mm512_permutexvar_ps(group & 1 ? ivec_shr4(q) : q, table);
+#else
     return nibble_codes(b + 16 + (group >> 1) * 32 + step * LANES, group & 1, vec_set1(p->scale[group]),
                         vec_set1(p->offset[group]));
+#endif
 }
 
 /* The codes of vector `step` of a group whose 32 codes are the bytes of `codes`. */
@@ -309,19 +326,23 @@ static inline __m256i group_codes(const uint8_t *qs, int high, const uint8_t *qh
     return _mm256_or_si256(nib, _mm256_and_si256(bits, _mm256_set1_epi8((char)mask)));
 }
 
-static inline vec q5_k_decode(const uint8_t *b, const UnitParams *p, int group, int step) {
+static inline vec q5_k_decode(const uint8_t *b, const KParams *p, int group, int step) {
     /* fifth bit of element l of group j: bit j of qh[l] */
     const __m256i codes = group_codes(b + 48 + (group >> 1) * 32, group & 1, b + 16, group, 0x10);
-    return scaled_codes(p, group, step_codes(codes, step));
+    return vec_fma(vec_set1(p->scale[group]), ivec_to_vec(step_codes(codes, step)), vec_set1(p->offset[group]));
 }
 
 /* Q6_K: (d sc_i) (q - 32) for the 16 weights of i, ggml's fl(fl(d sc_i) (q - 32)): AVX2 as
  * fma(d sc_i, q, -32 d sc_i) (the product is exact inside the FMA, so it rounds the same once),
- * AVX-512 as d sc_i times the signed code q - 32, one broadcast a vector fewer.
+ * AVX-512 as (d sc_i / 4) times the signed byte 4 (q - 32), one broadcast a vector fewer: both
+ * products are exact and equal, so the bits are ggml's.
  * Each 128-weight half: low nibbles of ql[0..63], then their high nibbles; the two high bits of
  * its group `quarter` are bits 2 quarter and 2 quarter + 1 of qh[l]. AVX-512 assembles all 256
- * codes q - 32 as bytes once per unit, two groups a vector (13 operations a half where a group at
- * a time took 7 a group), and each vector widens its 16 bytes from there. */
+ * codes as bytes once per unit, two groups a vector, and each vector widens its 16 bytes from
+ * there. A code's byte holds q in bits 2-7 with bit 7 flipped, which reads as the signed 4 (q - 32):
+ * four operations a vector (two shifts, a ternary logic to merge, one to clear bits 0-1 and flip
+ * bit 7), where q - 32 in bits 0-5 took nine (Zen 4, one input row, resident: 3.9 -> 3.3 cycles
+ * per 16 weights). */
 typedef struct {
     UnitParams unit;
 #ifdef FREESPEC_AVX512
@@ -329,37 +350,32 @@ typedef struct {
 #endif
 } Q6KParams;
 
-#ifdef FREESPEC_AVX512
-/* Bytes q (0 .. 63) to the signed bytes q - 32, in 32-bit lanes (byte arithmetic needs AVX512BW):
- * q - 32 is q with bit 5 flipped, read as a 6-bit signed number; bits 6 and 7 copy its bit 5. */
-static inline __m512i minus_32(__m512i q) {
-    const __m512i flipped = _mm512_xor_si512(q, _mm512_set1_epi8(0x20));
-    const __m512i sign = _mm512_and_si512(flipped, _mm512_set1_epi8(0x20));
-    return _mm512_ternarylogic_epi32(flipped, _mm512_slli_epi32(sign, 1), _mm512_slli_epi32(sign, 2), 0xFE);
-}
-#endif
-
 static inline void q6_k_prepare(const uint8_t *b, Q6KParams *p) {
     const __m128i sc = _mm_loadu_si128((const __m128i *)(b + 192));
+#ifdef FREESPEC_AVX512
+    const __m256 d = _mm256_set1_ps(f16_at(b + 208) * 0.25f); /* exact: the codes are 4 (q - 32) */
+#else
     const __m256 d = _mm256_set1_ps(f16_at(b + 208));
+#endif
     const __m256 low = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc)));
     const __m256 high = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(sc, sc))));
     _mm256_storeu_ps(p->unit.scale, low);
     _mm256_storeu_ps(p->unit.scale + 8, high);
 #ifdef FREESPEC_AVX512
-    const __m512i low4 = _mm512_set1_epi8(0x0F), bits45 = _mm512_set1_epi8(0x30);
-    /* qh bits 0-1 and 2-3 to bits 4-5 (quarters 0, 1), bits 4-5 and 6-7 (quarters 2, 3): byte-wise
-     * shifts through 32-bit lanes, the mask drops what crosses bytes */
-    const __m512i up = _mm512_setr_epi32(4, 4, 4, 4, 4, 4, 4, 4, 2, 2, 2, 2, 2, 2, 2, 2);
-    const __m512i down = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2);
+    /* nibbles to bits 2-5 (shifts through 32-bit lanes: what crosses bytes is masked off), qh bits
+     * 0-1, 2-3 (quarters 0, 1) and 4-5, 6-7 (quarters 2, 3) to bits 6-7 */
+    const __m512i nibble_bits = _mm512_set1_epi8(0x3C), keep = _mm512_set1_epi8((char)0xFC),
+                  top = _mm512_set1_epi8((char)0x80);
+    const __m512i first_up = _mm512_setr_epi32(6, 6, 6, 6, 6, 6, 6, 6, 4, 4, 4, 4, 4, 4, 4, 4);
+    const __m512i second_up = _mm512_setr_epi32(2, 2, 2, 2, 2, 2, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0);
     for (int half = 0; half < 2; half++) {
         const __m512i ql = _mm512_loadu_si512(b + half * 64);
         const __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(b + 128 + half * 32)));
-        const __m512i first = _mm512_or_si512(_mm512_and_si512(ql, low4), _mm512_and_si512(_mm512_sllv_epi32(qh, up), bits45));
-        const __m512i second = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(ql, 4), low4),
-                                               _mm512_and_si512(_mm512_srlv_epi32(qh, down), bits45));
-        _mm512_store_si512(p->codes + half * 128, minus_32(first));
-        _mm512_store_si512(p->codes + half * 128 + 64, minus_32(second));
+        /* 0xE4: a where the mask is set, else b; 0x6A: (a & b) ^ c */
+        const __m512i first = _mm512_ternarylogic_epi32(_mm512_slli_epi32(ql, 2), _mm512_sllv_epi32(qh, first_up), nibble_bits, 0xE4);
+        const __m512i second = _mm512_ternarylogic_epi32(_mm512_srli_epi32(ql, 2), _mm512_sllv_epi32(qh, second_up), nibble_bits, 0xE4);
+        _mm512_store_si512(p->codes + half * 128, _mm512_ternarylogic_epi32(first, keep, top, 0x6A));
+        _mm512_store_si512(p->codes + half * 128 + 64, _mm512_ternarylogic_epi32(second, keep, top, 0x6A));
     }
     /* the decoders widen from memory (a load and one shuffle), where the compiler would otherwise
      * keep the codes in registers and extract each 16 bytes with a second shuffle */
@@ -621,8 +637,8 @@ DEFINE_FORMAT_LINEAR(q4_1_linear, 1, Q4_1_BYTES, BlockParams, q4_1_prepare, q4_1
 DEFINE_FORMAT_LINEAR(q5_0_linear, 1, Q5_0_BYTES, BlockParams, q5_0_prepare, q5_0_decode, 0)
 DEFINE_FORMAT_LINEAR(q5_1_linear, 1, Q5_1_BYTES, BlockParams, q5_1_prepare, q5_1_decode, 0)
 DEFINE_FORMAT_LINEAR(q8_0_linear, 1, Q8_0_BYTES, BlockParams, q8_0_prepare, q8_0_decode, 0)
-DEFINE_FORMAT_LINEAR(q4_k_linear, 8, Q4_K_BYTES, UnitParams, k_prepare, q4_k_decode, 0)
-DEFINE_FORMAT_LINEAR(q5_k_linear, 8, Q5_K_BYTES, UnitParams, k_prepare, q5_k_decode, 1)
+DEFINE_FORMAT_LINEAR(q4_k_linear, 8, Q4_K_BYTES, KParams, k_prepare, q4_k_decode, 0)
+DEFINE_FORMAT_LINEAR(q5_k_linear, 8, Q5_K_BYTES, KParams, k_prepare, q5_k_decode, 1)
 DEFINE_FORMAT_LINEAR(q6_k_linear, 8, Q6_K_BYTES, Q6KParams, q6_k_prepare, q6_k_decode, 0)
 
 /* 16-bit weights [N, K], any K: the fp32 kernel's tiles (DEFINE_LOAD_TILE) with a converting load
