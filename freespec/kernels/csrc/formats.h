@@ -416,7 +416,7 @@ static inline vec q6_k_decode(const uint8_t *b, const Q6KParams *p, int group, i
     const PARAMS *param[ROWS];                                                                   \
     _Pragma("GCC unroll 8") for (int r = 0; r < ROWS; r++) {                                     \
         unit[r] = w + r * row_bytes + u * UNIT_BYTES;                                            \
-        prefetch_weights((const char *)unit[r] + ahead * row_bytes, UNIT_BYTES);                     \
+        prefetch_weights((const char *)unit[r] + ahead * row_bytes, UNIT_BYTES);                 \
         PREPARE(unit[r], &params[r]);                                                            \
         param[r] = &params[r];                                                                   \
         if (OPAQUE) __asm__("" : "+r"(param[r]));                                                \
@@ -504,7 +504,7 @@ static inline vec q6_k_decode(const uint8_t *b, const Q6KParams *p, int group, i
             const float *xu = x + u * GROUPS * 32;                                               \
             _Pragma("GCC unroll 1") for (int i = 0; i < BUFFER_ROWS; i++) {                      \
                 const uint8_t *unit = w + i * row_bytes + u * UNIT_BYTES;                        \
-                prefetch_weights((const char *)unit + ahead * row_bytes, UNIT_BYTES);                \
+                prefetch_weights((const char *)unit + ahead * row_bytes, UNIT_BYTES);            \
                 PARAMS params;                                                                   \
                 PREPARE(unit, &params);                                                          \
                 vec a[4];                                                                        \
@@ -679,7 +679,7 @@ DEFINE_FORMAT_LINEAR(q6_k_linear, 8, Q6_K_BYTES, Q6KParams, q6_k_prepare, q6_k_d
         for (int64_t b = first; b < end; b++) {                                                  \
             const int64_t n = b * BUFFER_ROWS, rows = b < blocks ? BUFFER_ROWS : N - n;          \
             if (b + ahead < blocks && (M == 1 || M > MANY_COLS)) /* else the tiles do */         \
-                prefetch_weights((const char *)(w + (n + ahead * BUFFER_ROWS) * K),                  \
+                prefetch_weights((const char *)(w + (n + ahead * BUFFER_ROWS) * K),              \
                          BUFFER_ROWS * K * (int64_t)sizeof(uint16_t));                           \
             if (rows < BUFFER_ROWS) {                                                            \
                 for (int64_t r = 0; r < rows; r++)                                               \

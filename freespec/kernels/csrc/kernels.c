@@ -220,7 +220,7 @@ static inline int64_t prefetch_rows(int64_t row_bytes) {
         for (int64_t k = 0; k < kv; k += LANES) {                                                \
             if (SPREAD && ((k * (int64_t)sizeof(TYPE)) & 63) == 0)                               \
                 _Pragma("GCC unroll 8") for (int i = 0; i < ROWS; i++)                           \
-                    _mm_prefetch((const char *)(w + (i + ahead) * K + k), _MM_HINT_T1);              \
+                    _mm_prefetch((const char *)(w + (i + ahead) * K + k), _MM_HINT_T1);          \
             TILE_STEP(ROWS, COLS, LOAD, acc, x, w, K, k, cols);                                  \
         }                                                                                        \
         tile_sums(&acc[0][0], ROWS, COLS, cols, y, N);                                           \
@@ -504,9 +504,9 @@ static void buffered_tiles(const float *x, const float *w, float *y, int64_t ldy
         for (int64_t b = first; b < end; b++) {                                                  \
             const int64_t n = b * BUFFER_ROWS, rows = b < blocks ? BUFFER_ROWS : N - n;          \
             if (b + ahead < blocks && !(SPREAD && M <= WIDE_COLS)) { /* else the tiles do */     \
-                prefetch_weights((const char *)(q + (n + ahead * BUFFER_ROWS) * (ROW_BYTES)),        \
+                prefetch_weights((const char *)(q + (n + ahead * BUFFER_ROWS) * (ROW_BYTES)),    \
                          BUFFER_ROWS * (ROW_BYTES) * (int64_t)sizeof(TYPE));                     \
-                prefetch_weights((const char *)(scales + (n + ahead * BUFFER_ROWS) * (ROW_SCALES)),  \
+                prefetch_weights((const char *)(scales + (n + ahead * BUFFER_ROWS) * (ROW_SCALES)), \
                          BUFFER_ROWS * (ROW_SCALES) * (int64_t)sizeof(float));                   \
             }                                                                                    \
             if (rows < BUFFER_ROWS) {                                                            \
