@@ -132,14 +132,20 @@ static inline void prefetch(const char *start, int64_t bytes) {
 }
 
 /* The weights' prefetches: rows far ahead (prefetch_rows: 16 KB and more), into L2 but not L1
- * (T1). Asked into L1 (T0), the lines of the next dozen rows evicted the input rows and the
- * weights in use from a 32 KB L1 (Zen 4); the core's own L1 prefetcher then brings each line the
- * short way from L2. Zen 4 VM, two threads streaming 240-390 MB of 1536 x 8960 layers, GB/s T0 ->
+ * (T1) in the AVX-512 build. Asked into L1 (T0), the lines of the next dozen rows evicted the
+ * input rows and the weights in use from a 32 KB L1 (Zen 4); the core's own L1 prefetcher then
+ * brings each line the short way from L2. Zen 4 VM, two threads streaming 240-390 MB of 1536 x 8960 layers, GB/s T0 ->
  * T1: Q4_K 17.0-17.2 -> 20.9-21.4 at one input row, Q6_K 17.7 -> 23.1-24.2, Q8_0 24.6 -> 30.4-33.3,
  * Q5_0 17.9-19.1 -> 19.5-19.6, Q4_1 17.0-17.6 -> 18.7-19.9; two and four rows and the 16-bit formats
  * even or faster (BF16 at four rows 1.3x). Attention's and the greedy head's near prefetches keep T0. */
+#ifdef FREESPEC_AVX512
+#define WEIGHTS_HINT _MM_HINT_T1
+#else /* the AVX2 build on the Zen 4 VM: Q4_K and Q4_1 5-7% slower with T1 (Q8_0 1.2x faster); its
+       * own machines, with a slower core, were tuned with T0: it stays */
+#define WEIGHTS_HINT _MM_HINT_T0
+#endif
 static inline void prefetch_weights(const char *start, int64_t bytes) {
-    for (int64_t offset = 0; offset < bytes; offset += 64) _mm_prefetch(start + offset, _MM_HINT_T1);
+    for (int64_t offset = 0; offset < bytes; offset += 64) _mm_prefetch(start + offset, WEIGHTS_HINT);
 }
 
 /* y[j * N + i] = vec_sum(acc[i * cols_max + j]) for the live outputs of a ROWS x cols tile. */
@@ -220,7 +226,7 @@ static inline int64_t prefetch_rows(int64_t row_bytes) {
         for (int64_t k = 0; k < kv; k += LANES) {                                                \
             if (SPREAD && ((k * (int64_t)sizeof(TYPE)) & 63) == 0)                               \
                 _Pragma("GCC unroll 8") for (int i = 0; i < ROWS; i++)                           \
-                    _mm_prefetch((const char *)(w + (i + ahead) * K + k), _MM_HINT_T1);          \
+                    _mm_prefetch((const char *)(w + (i + ahead) * K + k), WEIGHTS_HINT);         \
             TILE_STEP(ROWS, COLS, LOAD, acc, x, w, K, k, cols);                                  \
         }                                                                                        \
         tile_sums(&acc[0][0], ROWS, COLS, cols, y, N);                                           \
@@ -362,10 +368,10 @@ static inline vec q8_weights(const int8_t *values, const float *scales, int64_t 
             const int64_t code_at = block * code_step, scale_at = block * scale_step;            \
             if (SPREAD && (code_at & 63) < code_step) /* the block starts a cache line */       \
                 _Pragma("GCC unroll 8") for (int i = 0; i < ROWS; i++)                           \
-                    _mm_prefetch((const char *)(q + (i + ahead) * (ROW_BYTES)) + code_at, _MM_HINT_T1); \
+                    _mm_prefetch((const char *)(q + (i + ahead) * (ROW_BYTES)) + code_at, WEIGHTS_HINT); \
             if (SPREAD && (scale_at & 63) < scale_step)                                          \
                 _Pragma("GCC unroll 8") for (int i = 0; i < ROWS; i++)                           \
-                    _mm_prefetch((const char *)(scales + (i + ahead) * (ROW_SCALES)) + scale_at, _MM_HINT_T1); \
+                    _mm_prefetch((const char *)(scales + (i + ahead) * (ROW_SCALES)) + scale_at, WEIGHTS_HINT); \
             _Pragma("GCC unroll 4") for (int step = 0; step < STEPS; step++) {                   \
                 vec wv[ROWS];                                                                    \
                 _Pragma("GCC unroll 8") for (int i = 0; i < ROWS; i++)                           \
