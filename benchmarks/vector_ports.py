@@ -80,6 +80,10 @@ int main(void) {{
 
 
 def main() -> None:
+    from freespec.kernels.build import cpu_flags
+
+    if "avx512f" not in cpu_flags():
+        raise SystemExit("vector_ports.py: this CPU has no AVX-512; the probe times 512-bit instructions")
     singles = list(INSTRUCTIONS)
     loops = [[INSTRUCTIONS[name]] for name in singles] + [[INSTRUCTIONS[a], INSTRUCTIONS[b]] for a, b in PAIRS]
     with tempfile.TemporaryDirectory() as directory:
