@@ -120,8 +120,9 @@ typedef struct {
     float scale[16], offset[16];
 } UnitParams;
 
-static inline vec scaled_codes(const UnitParams *p, int index, ivec codes) {
-    return vec_fma(vec_set1(p->scale[index]), ivec_to_vec(codes), vec_set1(p->offset[index]));
+/* scale * codes + offset, scale and offset broadcast from a unit's params */
+static inline vec scaled_codes(float scale, float offset, ivec codes) {
+    return vec_fma(vec_set1(scale), ivec_to_vec(codes), vec_set1(offset));
 }
 
 /* Lane `lane` of v in every lane; AVX-512 broadcasts lane 0 by vbroadcastss, without an index
@@ -172,11 +173,17 @@ static inline vec block_codes(const BlockParams *p, ivec codes) {
  * from which vpermps picks each lane's by the low 4 bits of its code; one FMA per group builds it
  * (the compiler shares it between a group's vectors), where converting and scaling cost a
  * conversion and an FMA per vector. AVX2's vpermps holds only 8 values. */
+#ifdef FREESPEC_AVX512
+#define NIBBLE_VALUES _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
+/* table[q] for the 4-bit codes q of [p, p + LANES) (high nibbles if `high`) */
+static inline vec nibble_lookup(const uint8_t *p, int high, vec table) {
+    const ivec q = widen_u8(p); /* vpermps reads bits 0-3 of each index: no mask needed */
+    return _mm512_permutexvar_ps(high ? ivec_shr4(q) : q, table);
+}
+#endif
 static inline vec nibble_codes(const uint8_t *p, int high, vec scale, vec offset) {
 #ifdef FREESPEC_AVX512
-    const ivec q = widen_u8(p); /* vpermps reads bits 0-3 of each index: no mask needed */
-    const vec values = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    return _mm512_permutexvar_ps(high ? ivec_shr4(q) : q, vec_fma(scale, values, offset));
+    return nibble_lookup(p, high, vec_fma(scale, NIBBLE_VALUES, offset));
 #else
     return vec_fma(scale, ivec_to_vec(nibbles(p, high)), offset);
 #endif
@@ -188,9 +195,8 @@ static inline vec q4_0_decode(const uint8_t *b, const BlockParams *p, int group,
     (void)group;
     const int e = step * LANES;
 #ifdef FREESPEC_AVX512 /* ggml's fl((q - 8) d), a product: the table without an offset */
-    const ivec q = widen_u8(b + 2 + e % 16);
     const vec values = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
-    return _mm512_permutexvar_ps(e >= 16 ? ivec_shr4(q) : q, vec_mul(p->scale, values));
+    return nibble_lookup(b + 2 + e % 16, e >= 16, vec_mul(p->scale, values));
 #else
     return nibble_codes(b + 2 + e % 16, e >= 16, p->scale, p->offset);
 #endif
@@ -295,10 +301,8 @@ static inline void k_prepare(const uint8_t *b, KParams *p) {
  * store of k_prepare, the one-input tile 1.14x faster there, 1.10x at two inputs). */
 static inline vec q4_k_decode(const uint8_t *b, const KParams *p, int group, int step) {
 #ifdef FREESPEC_AVX512
-    const ivec q = widen_u8(b + 16 + (group >> 1) * 32 + step * LANES);
-    const vec values = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    const vec table = vec_add(vec_mul(values, vec_set1(p->scale[group])), vec_set1(p->offset[group]));
-    return _mm512_permutexvar_ps(group & 1 ? ivec_shr4(q) : q, table);
+    const vec table = vec_add(vec_mul(NIBBLE_VALUES, vec_set1(p->scale[group])), vec_set1(p->offset[group]));
+    return nibble_lookup(b + 16 + (group >> 1) * 32 + step * LANES, group & 1, table);
 #else
     return nibble_codes(b + 16 + (group >> 1) * 32 + step * LANES, group & 1, vec_set1(p->scale[group]),
                         vec_set1(p->offset[group]));
@@ -329,7 +333,7 @@ static inline __m256i group_codes(const uint8_t *qs, int high, const uint8_t *qh
 static inline vec q5_k_decode(const uint8_t *b, const KParams *p, int group, int step) {
     /* fifth bit of element l of group j: bit j of qh[l] */
     const __m256i codes = group_codes(b + 48 + (group >> 1) * 32, group & 1, b + 16, group, 0x10);
-    return vec_fma(vec_set1(p->scale[group]), ivec_to_vec(step_codes(codes, step)), vec_set1(p->offset[group]));
+    return scaled_codes(p->scale[group], p->offset[group], step_codes(codes, step));
 }
 
 /* Q6_K: (d sc_i) (q - 32) for the 16 weights of i, ggml's fl(fl(d sc_i) (q - 32)): AVX2 as
@@ -395,7 +399,8 @@ static inline vec q6_k_decode(const uint8_t *b, const Q6KParams *p, int group, i
 #else
     const int half = group >> 2, quarter = group & 3;
     const ivec codes = step_codes(group_codes(b + half * 64 + (quarter & 1) * 32, quarter >= 2, b + 128 + half * 32, 2 * quarter, 0x30), step);
-    return scaled_codes(&p->unit, 2 * group + step * LANES / 16, codes);
+    const int index = 2 * group + step * LANES / 16;
+    return scaled_codes(p->unit.scale[index], p->unit.offset[index], codes);
 #endif
 }
 
