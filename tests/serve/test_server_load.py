@@ -63,6 +63,18 @@ def test_scaling_levels_serve_the_same_prompts_and_count_every_answer(tiny_model
                                                                      (3, DEFAULT_DRAFTER), (3, "none")]
     assert all(row["failed"] == 0 and row["differing"] == 0 and row["tokens_per_second"] > 0 for row in rows)
     assert rows[0]["vs_1_client"] == rows[1]["vs_1_client"] == 1.0
+    assert all(row["ttft_p99_later_s"] <= row["ttft_p99_s"] for row in rows)
+
+
+def test_a_level_marks_each_clients_first_request(tiny_model_dir):
+    """The later requests' time to first token leaves out the opening burst: one first request
+    per client, every other one later."""
+    serve_load = load_script()
+    prompts = ["w1 w2 w3", "w9 w8 w7", "w5", "w10 w11", "w40 w41 w42 w43"]
+    with BackgroundServer(create_app(freespec.load(str(tiny_model_dir)), served_name="tiny")) as url:
+        outcomes, _ = serve_load.run_level(url, "tiny", 3, prompts, 6, {"drafter": "none"})
+    assert sorted(outcome.prompt for outcome in outcomes) == sorted(prompts)
+    assert sum(outcome.client_first for outcome in outcomes) == 3
 
 
 def test_load_prompts_are_cut_or_filled_to_the_asked_length():
