@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 OK, OUT_OF_MEMORY, BAD_MATRIX, NOT_BOUNDED = 0, 1, 2, 3  # the FREESPEC_* status codes
-Q4_1_LANES, PACKED_Q4, PACKED_Q8, STACKED = 1003, 1004, 1008, 1100  # Matrix kinds besides the ggml type ids
+PACKED_Q4, PACKED_Q8, STACKED = 1004, 1008, 1100  # Matrix kinds besides the ggml type ids
 
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 
@@ -58,7 +58,6 @@ SIGNATURES: dict[str, tuple[type | None, list]] = {
     "freespec_head_argmax": (ctypes.c_int, [ctypes.POINTER(Matrix), _P, _P, _I, _P, ctypes.POINTER(Matrix), _P, _I, _P,
                                             _P, _P]),
     "freespec_rows": (ctypes.c_int, [ctypes.POINTER(Matrix), _P, _I, _P]),
-    "freespec_q4_1_lanes": (ctypes.c_int, [_P, _P, _I, _I]),
     "freespec_tree_layout": (_I, [_P, _I, _P, _P]),
     "freespec_tree_attention": (None, [_P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _F, _I, _P, _P]),
     "freespec_window_attention": (None, [_P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _F, _I, _P, _I, _F, _P, _P]),

@@ -39,7 +39,6 @@ from freespec.kernels.weights import (
     Stacked,
     dense,
     map_matrices,
-    q4_1_lanes,
     repack,
     rotate_half_rows,
 )
@@ -179,15 +178,12 @@ class CKernels(Kernels):
 
     def prepare(self, weights: ModelWeights) -> ModelWeights:
         """AVX2: Q4_1 and Q8_0 matrices re-packed for faster decoding
-        (:func:`~freespec.kernels.weights.repack`). AVX-512 reads Q8_0 where it lies (as fast as
-        the packed form: streaming, one thread on Zen 5, 1.03x over SmolLM2's and a 1B model's
-        shapes, ``benchmarks/format_kernels.py --table packed``) and the decoder layers' Q4_1 in
-        lanes (:func:`~freespec.kernels.weights.q4_1_lanes`: the same bytes rearranged, whose
-        one-input tiles decode 1.3x faster on Zen 4); the embedding and the output head stay as
-        the file has them."""
-        if self.isa == "avx512":
-            return map_matrices(weights, lambda matrix: q4_1_lanes(matrix, self.library), layers_only=True)
-        return map_matrices(weights, repack)
+        (:func:`~freespec.kernels.weights.repack`). AVX-512 reads them where they lie: there the
+        kernels on GGUF's own blocks are as fast or faster (streaming, one thread on Zen 5:
+        Q4_1 1.11x, Q8_0 1.03x the packed ones over SmolLM2's and a 1B model's shapes,
+        ``benchmarks/format_kernels.py --table packed``), and the model takes no copy (+6% of a
+        Q8_0 file's bytes) nor the time to make it."""
+        return weights if self.isa == "avx512" else map_matrices(weights, repack)
 
     def linear(self, x: torch.Tensor, weight: Matrix, bias: torch.Tensor | None = None) -> torch.Tensor:
         """With any M, every row's result is the same bits, and every kind of weight gives the
@@ -276,7 +272,7 @@ class MatrixStruct:
             self._keep += [parts, array]
             self.struct.kind, self.struct.parts, self.struct.num_parts = abi.STACKED, array, len(parts)
         elif isinstance(weight, GGMLWeight):  # checked when made: its bytes hold exactly its rows
-            self.struct.kind, self.struct.data = weight.kind, weight.data.ctypes.data
+            self.struct.kind, self.struct.data = int(weight.type), weight.data.ctypes.data
         elif isinstance(weight, PackedWeight):
             q4 = weight.kind == "q4"
             self.struct.kind = abi.PACKED_Q4 if q4 else abi.PACKED_Q8

@@ -20,7 +20,6 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType, quants
 
-from freespec.kernels import abi
 from freespec.kernels.formats import ggml_type, row_bytes
 
 BLOCK = 32  # weights per quantization block (GGUF Q4_1 and Q8_0)
@@ -87,17 +86,11 @@ class GGMLWeight:
     any dtype, ``N * row_bytes`` bytes in all; kept as a uint8 view [N, row_bytes] of the same
     memory, never copied, so a memory-mapped file is multiplied where it lies. The kernels give
     the same bits as the fp32 kernel on :meth:`dequantize`'s matrix.
-
-    ``lanes``: a Q4_1 matrix whose bytes are in the AVX-512 kernels' lane order instead of the
-    file's (:func:`q4_1_lanes`, which makes it): the same blocks rearranged, as many bytes.
     """
 
     def __init__(self, kind: str | int | GGMLQuantizationType, data: np.ndarray | torch.Tensor,
-                 shape: tuple[int, int], lanes: bool = False):
+                 shape: tuple[int, int]):
         self.type = ggml_type(kind)
-        if lanes and self.type != GGMLQuantizationType.Q4_1:
-            raise ValueError(f"only Q4_1 matrices have a lane order, not {self.type.name}")
-        self.lanes = lanes
         try:
             rows, columns = (int(size) for size in shape)
         except (TypeError, ValueError):
@@ -124,18 +117,12 @@ class GGMLWeight:
     def nbytes(self) -> int:
         return self.data.nbytes
 
-    @property
-    def kind(self) -> int:
-        """The C kernels' kind of matrix (``abi.Matrix.kind``): the ggml type id, or Q4_1 in lanes."""
-        return abi.Q4_1_LANES if self.lanes else int(self.type)
-
     def __repr__(self) -> str:
-        return f"GGMLWeight({self.type.name}{' in lanes' if self.lanes else ''}, shape={self.shape})"
+        return f"GGMLWeight({self.type.name}, shape={self.shape})"
 
     def dequantize(self) -> torch.Tensor:
         """The fp32 matrix [N, K] ggml's formulas give (``gguf.quants.dequantize``); F32 data may be shared."""
-        blocks = q4_1_blocks_from_lanes(self.data, self.shape[1]) if self.lanes else self.data
-        array = quants.dequantize(blocks, self.type).reshape(self.shape)
+        array = quants.dequantize(self.data, self.type).reshape(self.shape)
         if not array.flags.writeable:  # a read-only memmap's F32 view: torch wants writable memory
             array = array.copy()
         return torch.from_numpy(array)
@@ -347,41 +334,6 @@ def repack(matrix: Matrix) -> Matrix:
     return packed
 
 
-def q4_1_lanes(matrix: Matrix, library: ctypes.CDLL) -> Matrix:
-    """A GGUF Q4_1 ``matrix`` in the lane order the AVX-512 kernels decode without widening
-    (``freespec_q4_1_lanes`` in ``library``, that build's kernels; formats.h says how and why): a
-    copy of its bytes rearranged, same size, same bits out of every kernel; the file's pages it
-    was read from are let go. Every other matrix is returned as it is; a :class:`Stacked` one
-    part by part."""
-    if isinstance(matrix, Stacked):
-        parts = [q4_1_lanes(part, library) for part in matrix.parts]
-        return matrix if all(new is old for new, old in zip(parts, matrix.parts)) else Stacked(parts)
-    if not isinstance(matrix, GGMLWeight) or matrix.type != GGMLQuantizationType.Q4_1 or matrix.lanes:
-        return matrix
-    rows, columns = matrix.shape
-    lanes = np.empty_like(matrix.data)
-    status = library.freespec_q4_1_lanes(matrix.data.ctypes.data, lanes.ctypes.data, rows, columns)
-    abi.check_status(status, "Q4_1 in lanes")
-    _release_file_pages(matrix.data)
-    return GGMLWeight(GGMLQuantizationType.Q4_1, lanes, matrix.shape, lanes=True)
-
-
-def q4_1_blocks_from_lanes(data: np.ndarray, columns: int) -> np.ndarray:
-    """The GGUF Q4_1 bytes [N, row_bytes] of a matrix in lanes (the inverse of :func:`q4_1_lanes`):
-    each unit of four blocks is (d, m) x 4, then 16 words whose nibble t of word l is the code of
-    the unit's weight 16 t + l; the blocks after the last whole unit are as in the file."""
-    rows = data.shape[0]
-    units = columns // BLOCK // 4
-    unit_bytes = data[:, : units * 80].reshape(rows, units, 80)
-    halves = unit_bytes[:, :, :16].reshape(rows, units, 4, 4)  # (d, m) of each block
-    words = unit_bytes[:, :, 16:].reshape(rows, units, 16, 4)  # [.., lane l, byte j]: nibbles t = 2j, 2j + 1
-    codes = np.stack([words & 15, words >> 4], axis=-1).reshape(rows, units, 16, 8)  # [.., l, t]
-    codes = codes.transpose(0, 1, 3, 2).reshape(rows, units, 4, 32)  # weight 16 t + l = 32 block + i
-    qs = codes[..., :16] | (codes[..., 16:] << 4)  # byte i: code i (low nibble), code 16 + i (high)
-    blocks = np.concatenate([halves, qs], axis=-1).reshape(rows, units * 80)
-    return np.ascontiguousarray(np.concatenate([blocks, data[:, units * 80 :]], axis=1))
-
-
 def _release_file_pages(array: np.ndarray) -> None:
     """Lets the kernel drop the pages of a memory-mapped file region that was copied out (they
     would count as resident until evicted); re-reading them faults them in from the file again.
@@ -399,10 +351,9 @@ def _release_file_pages(array: np.ndarray) -> None:
                                                   mmap.MADV_DONTNEED)
 
 
-def map_matrices(weights: ModelWeights, change, layers_only: bool = False) -> ModelWeights:
+def map_matrices(weights: ModelWeights, change) -> ModelWeights:
     """``weights`` with every weight matrix replaced by ``change(matrix)`` (a matrix that is used
-    twice, like a tied embedding and output head, is changed once and stays one object), or only
-    the decoder layers' with ``layers_only``."""
+    twice, like a tied embedding and output head, is changed once and stays one object)."""
     done: dict[int, Matrix] = {}
 
     def matrix(old: Matrix) -> Matrix:
@@ -415,8 +366,6 @@ def map_matrices(weights: ModelWeights, change, layers_only: bool = False) -> Mo
 
     layers = [replace(layer, qkv=linear(layer.qkv), o=linear(layer.o), up=linear(layer.up), down=linear(layer.down))
               for layer in weights.layers]
-    if layers_only:
-        return replace(weights, layers=layers)
     return replace(weights, embed=matrix(weights.embed), layers=layers, lm_head=linear(weights.lm_head))
 
 

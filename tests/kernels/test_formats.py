@@ -60,41 +60,6 @@ def test_kernel_equals_the_fp32_kernel_on_the_dequantized_matrix_bitwise(name, c
         assert torch.equal(out, alone[:count]), f"{name} K={columns} M={count}: not batch-invariant"
 
 
-@pytest.mark.parametrize("columns", [32, 96, 128, 256, 320, 576])  # 0-1 whole units and a tail of 0-3 blocks
-def test_q4_1_in_lanes_gives_the_files_bits(columns, kernel_build):
-    """The AVX-512 build's lane order for Q4_1 (the same bytes rearranged, formats.h): every row
-    count gives the bits of the file's own layout, which are the fp32 kernel's on the
-    dequantized matrix; the bytes go back to the file's exactly. The AVX2 build refuses it."""
-    rows = 13
-    weight = kernels.GGMLWeight("Q4_1", weight_bytes(GGMLQuantizationType.Q4_1, rows, columns, seed=4), (rows, columns))
-    if kernel_build.isa != "avx512":
-        with pytest.raises(RuntimeError, match="Q4_1 in lanes: the kernel does not read this weight matrix"):
-            kernels.weights.q4_1_lanes(weight, kernel_build.library)
-        return
-    lanes = kernels.weights.q4_1_lanes(weight, kernel_build.library)
-    assert lanes.lanes and lanes.kind == abi.Q4_1_LANES and lanes.nbytes == weight.nbytes
-    assert not np.shares_memory(lanes.data, weight.data)
-    assert np.array_equal(kernels.weights.q4_1_blocks_from_lanes(lanes.data, columns), weight.data)
-    if columns >= 128:  # a whole unit: its codes moved
-        assert not np.array_equal(lanes.data, weight.data)
-    assert torch.equal(lanes.dequantize(), weight.dequantize())
-    torch.manual_seed(2)
-    x = torch.randn(max(ROW_COUNTS), columns)
-    for count in ROW_COUNTS:
-        assert torch.equal(kernel_build.linear(x[:count], lanes), kernel_build.linear(x[:count], weight)), count
-    tokens = torch.tensor([12, 0, 5, 5], dtype=torch.int64)
-    assert torch.equal(kernel_build.embed(lanes, tokens), weight.dequantize()[tokens])
-    assert kernels.weights.q4_1_lanes(lanes, kernel_build.library) is lanes  # once in lanes, left alone
-    stacked = kernels.weights.q4_1_lanes(kernels.Stacked((weight, torch.randn(3, columns))), kernel_build.library)
-    assert stacked.parts[0].lanes and torch.equal(kernel_build.linear(x[:5], stacked)[:, :rows],
-                                                  kernel_build.linear(x[:5], weight))
-
-
-def test_only_q4_1_has_a_lane_order():
-    with pytest.raises(ValueError, match="only Q4_1 matrices have a lane order, not Q4_0"):
-        kernels.GGMLWeight("Q4_0", np.zeros((1, 18), np.uint8), (1, 32), lanes=True)
-
-
 @pytest.mark.parametrize("name", ["Q4_0", "Q8_0", "Q4_K", "Q6_K", "BF16"])
 @pytest.mark.parametrize("rows", [1, 6, 7])  # only the leftover path, exactly one block, one block and one row
 def test_every_row_split_gives_the_same_bits(name, rows, c_kernels):

@@ -426,14 +426,10 @@ static inline vec q6_k_decode(const uint8_t *b, const Q6KParams *p, int group, i
         param[r] = &params[r];                                                                   \
         if (OPAQUE) __asm__("" : "+r"(param[r]));                                                \
     }
-/* The bytes of a row of K weights: its whole units, then (a format with a TAIL, see
- * DEFINE_FORMAT_TILE) the blocks of 32 left over, UNIT_BYTES / GROUPS bytes each. */
-#define FORMAT_ROW_BYTES(K, GROUPS, UNIT_BYTES) \
-    ((K) / (32 * (GROUPS)) * (UNIT_BYTES) + (K) % (32 * (GROUPS)) / 32 * ((UNIT_BYTES) / (GROUPS)))
 /* NAME over BUFFER_ROWS weight rows as BUFFER_ROWS / ROWS tiles of NAME##_rows */
 #define DEFINE_BLOCK_OF_TILES(NAME, ROWS, GROUPS, UNIT_BYTES)                                    \
     static inline void NAME(const float *x, const uint8_t *w, float *y, int64_t ldy, int64_t K) { \
-        const int64_t row_bytes = FORMAT_ROW_BYTES(K, GROUPS, UNIT_BYTES);                       \
+        const int64_t row_bytes = K / (32 * GROUPS) * UNIT_BYTES;                                \
         for (int r = 0; r < BUFFER_ROWS; r += ROWS) NAME##_rows(x, w + r * row_bytes, y + r, ldy, K); \
     }
 /* ROWS weight rows times COLS input rows, decoded in registers with every accumulator in a
@@ -447,11 +443,6 @@ static inline vec q6_k_decode(const uint8_t *b, const Q6KParams *p, int group, i
  * - decoding first (STEP_DECODE_FIRST): the rows' vectors decoded, then the inputs met one at a
  *   time (each input load feeds ROWS FMAs, and no input waits in a register): the MANY tiles
  *   below. */
-/* A format whose rows may end in blocks of 32 that fill no unit (Q4_1 in lanes) names a TAIL
- * whose TAIL##_TILE(ROWS, COLS, STEP) takes them after the units, in order, and whose
- * TAIL##_ROWS(row, out) decodes them; every other format's rows are whole units: NO_TAIL. */
-#define NO_TAIL_TILE(ROWS, COLS, STEP)
-#define NO_TAIL_ROWS(row, out)
 /* Step (g, s) of a tile in its two orders (see DEFINE_FORMAT_TILE), into acc[ROWS][COLS]. */
 #define STEP_INPUTS_FIRST(ROWS, COLS, DECODE, g, s)                                              \
     do {                                                                                         \
@@ -471,9 +462,9 @@ static inline vec q6_k_decode(const uint8_t *b, const Q6KParams *p, int group, i
             _Pragma("GCC unroll 8") for (int r = 0; r < ROWS; r++) acc[r][j] = vec_fma(wv[r], xv, acc[r][j]); \
         }                                                                                        \
     } while (0)
-#define DEFINE_FORMAT_TILE(NAME, ROWS, COLS, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE, OPAQUE, STEP, TAIL) \
+#define DEFINE_FORMAT_TILE(NAME, ROWS, COLS, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE, OPAQUE, STEP) \
     static inline void NAME##_rows(const float *x, const uint8_t *w, float *y, int64_t ldy, int64_t K) { \
-        const int64_t units = K / (32 * GROUPS), row_bytes = FORMAT_ROW_BYTES(K, GROUPS, UNIT_BYTES); \
+        const int64_t units = K / (32 * GROUPS), row_bytes = units * UNIT_BYTES;                 \
         const int64_t ahead = prefetch_rows(row_bytes);                                          \
         vec acc[ROWS][COLS];                                                                     \
         _Pragma("GCC unroll 8") for (int i = 0; i < ROWS; i++)                                   \
@@ -486,30 +477,28 @@ static inline vec q6_k_decode(const uint8_t *b, const Q6KParams *p, int group, i
                     STEP(ROWS, COLS, DECODE, g, s);                                              \
                 }                                                                                \
         }                                                                                        \
-        TAIL##_TILE(ROWS, COLS, STEP)                                                            \
         tile_sums(&acc[0][0], ROWS, COLS, COLS, y, ldy);                                         \
     }                                                                                            \
     DEFINE_BLOCK_OF_TILES(NAME, ROWS, GROUPS, UNIT_BYTES)
-#define DEFINE_FORMAT_REGISTER_TILE(NAME, ROWS, COLS, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE, OPAQUE, TAIL) \
-    DEFINE_FORMAT_TILE(NAME, ROWS, COLS, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE, OPAQUE, STEP_INPUTS_FIRST, TAIL)
+#define DEFINE_FORMAT_REGISTER_TILE(NAME, ROWS, COLS, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE, OPAQUE) \
+    DEFINE_FORMAT_TILE(NAME, ROWS, COLS, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE, OPAQUE, STEP_INPUTS_FIRST)
 
 #ifdef FREESPEC_AVX512
-#define DEFINE_FORMAT_THREE_TILE(NAME, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE, OPAQUE, TAIL) \
-    DEFINE_FORMAT_TILE(NAME, MANY_ROWS, 3, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE, OPAQUE, STEP_DECODE_FIRST, TAIL)
-#define DEFINE_FORMAT_FOUR_TILE(NAME, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE, OPAQUE, TAIL)  \
-    DEFINE_FORMAT_TILE(NAME, MANY_ROWS, 4, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE, OPAQUE, STEP_DECODE_FIRST, TAIL)
+#define DEFINE_FORMAT_THREE_TILE(NAME, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)              \
+    DEFINE_FORMAT_MANY_TILE(NAME, 3, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)
+#define DEFINE_FORMAT_FOUR_TILE(NAME, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)               \
+    DEFINE_FORMAT_MANY_TILE(NAME, 4, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)
 #else
-#define DEFINE_FORMAT_THREE_TILE(NAME, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE, OPAQUE, TAIL) \
-    DEFINE_FORMAT_REGISTER_TILE(NAME, THREE_ROWS, 3, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE, 0, TAIL)
+#define DEFINE_FORMAT_THREE_TILE(NAME, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)              \
+    DEFINE_FORMAT_REGISTER_TILE(NAME, THREE_ROWS, 3, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE, 0)
 /* AVX2, four input rows: BUFFER_ROWS weight rows visited unit-major, one row's unit at a time,
  * its accumulators loaded from and stored back to a small array in L1. Four inputs and four
  * accumulators per row beside the decoding fill AVX2's 16 registers, so a register tile of even
  * one row spills; here the out-of-order core overlaps one row's FMA chains (4 cycles an FMA) with
  * the next row's decoding. On Zen 3: 5-10% faster than a one-row register tile, and than
  * decoding into an fp32 buffer first (a store per vector). The per-output arithmetic is the fp32
- * kernel's (a round trip through memory leaves a value's bits alone). The formats with a TAIL
- * are built in AVX-512 only: this tile takes none. */
-#define DEFINE_FORMAT_FOUR_TILE(NAME, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE, OPAQUE, TAIL)  \
+ * kernel's (a round trip through memory leaves a value's bits alone). */
+#define DEFINE_FORMAT_FOUR_TILE(NAME, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)               \
     static inline void NAME(const float *x, const uint8_t *w, float *y, int64_t ldy, int64_t K) { \
         const int64_t units = K / (32 * GROUPS), row_bytes = units * UNIT_BYTES;                 \
         const int64_t ahead = prefetch_rows(row_bytes);                                          \
@@ -561,22 +550,22 @@ static inline vec q6_k_decode(const uint8_t *b, const Q6KParams *p, int group, i
 #define TWO_BY_UNITS 0
 #endif
 #define MANY_COLS 8
-#define DEFINE_FORMAT_MANY_TILE(NAME, COLS, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE, TAIL)   \
-    DEFINE_FORMAT_TILE(NAME, MANY_ROWS, COLS, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE, GROUPS > 1, STEP_DECODE_FIRST, TAIL)
-#define DEFINE_FORMAT_MANY_TILES(NAME, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE, TAIL)        \
-    DEFINE_FORMAT_MANY_TILE(NAME##_5, 5, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE, TAIL)      \
-    DEFINE_FORMAT_MANY_TILE(NAME##_6, 6, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE, TAIL)      \
-    DEFINE_FORMAT_MANY_TILE(NAME##_7, 7, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE, TAIL)      \
-    DEFINE_FORMAT_MANY_TILE(NAME##_8, 8, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE, TAIL)
+#define DEFINE_FORMAT_MANY_TILE(NAME, COLS, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)         \
+    DEFINE_FORMAT_TILE(NAME, MANY_ROWS, COLS, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE, GROUPS > 1, STEP_DECODE_FIRST)
+#define DEFINE_FORMAT_MANY_TILES(NAME, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)              \
+    DEFINE_FORMAT_MANY_TILE(NAME##_5, 5, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)            \
+    DEFINE_FORMAT_MANY_TILE(NAME##_6, 6, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)            \
+    DEFINE_FORMAT_MANY_TILE(NAME##_7, 7, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)            \
+    DEFINE_FORMAT_MANY_TILE(NAME##_8, 8, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)
 /* More input rows than MANY_COLS take an fp32 buffer of BUFFER_ROWS decoded rows and the plain
  * tiles, which decodes each weight once whatever M is (two passes of the MANY tiles over 9 to 24
  * inputs: Q8_0 and Q5_0 faster, the K-quants from 12 inputs and Q4_1 at 576 columns slower). */
 
 /* Decodes `rows` weight rows into buffer [rows, K] (fp32). */
-#define DEFINE_FORMAT_DECODE_ROWS(NAME, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE, TAIL)       \
+#define DEFINE_FORMAT_DECODE_ROWS(NAME, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)                     \
     static void NAME(const uint8_t *w, int64_t rows, int64_t K, float *buffer) {                 \
-        const int64_t units = K / (32 * GROUPS), row_bytes = FORMAT_ROW_BYTES(K, GROUPS, UNIT_BYTES); \
-        for (int64_t r = 0; r < rows; r++) {                                                     \
+        const int64_t units = K / (32 * GROUPS), row_bytes = units * UNIT_BYTES;                 \
+        for (int64_t r = 0; r < rows; r++)                                                       \
             for (int64_t u = 0; u < units; u++) {                                                \
                 const uint8_t *unit = w + r * row_bytes + u * UNIT_BYTES;                        \
                 PARAMS params;                                                                   \
@@ -585,26 +574,23 @@ static inline vec q6_k_decode(const uint8_t *b, const Q6KParams *p, int group, i
                     _Pragma("GCC unroll 4") for (int s = 0; s < STEPS; s++)                      \
                         vec_store(buffer + r * K + (u * GROUPS + g) * 32 + s * LANES, DECODE(unit, &params, g, s)); \
             }                                                                                    \
-            TAIL##_ROWS(w + r * row_bytes, buffer + r * K)                                       \
-        }                                                                                        \
     }
 
 /* Blocks of BUFFER_ROWS weight rows split over the threads, like DEFINE_QUANT_LINEAR: register
  * tiles up to MANY_COLS input rows, else the rows decoded into an fp32 buffer (in cache)
  * for the plain tiles; the rows of a last partial block likewise, one plain 1 x 1 tile each.
  * NAME(matrix, x, y, M, ldy): output row m at y + m * ldy; NAME##_row: weight row r as fp32.
- * A K-quant's (GROUPS > 1) register tiles read its params opaquely (see above), the three- and
- * four-input ones if FEW_OPAQUE; TWO_UNITS: two inputs in the MANY order (AVX-512; see
- * TWO_OPAQUE); TAIL: see NO_TAIL. */
-#define DEFINE_FORMAT_LINEAR(NAME, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE, TWO_UNITS, FEW_OPAQUE, TAIL) \
-    DEFINE_FORMAT_REGISTER_TILE(NAME##_one, ONE_ROWS, 1, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE, GROUPS > 1, TAIL) \
-    DEFINE_FORMAT_REGISTER_TILE(NAME##_two, TWO_ROWS, 2, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE, TWO_OPAQUE && GROUPS > 1, TAIL) \
-    DEFINE_FORMAT_MANY_TILE(NAME##_two_units, 2, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE, TAIL)     \
-    DEFINE_FORMAT_THREE_TILE(NAME##_three, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE, FEW_OPAQUE, TAIL) \
-    DEFINE_FORMAT_FOUR_TILE(NAME##_four, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE, FEW_OPAQUE, TAIL)   \
-    DEFINE_FORMAT_MANY_TILES(NAME##_many, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE, TAIL)            \
-    DEFINE_FORMAT_DECODE_ROWS(NAME##_decode_rows, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE, TAIL)     \
-    static int64_t NAME##_row_bytes(const Matrix *matrix) { return FORMAT_ROW_BYTES(matrix->K, GROUPS, UNIT_BYTES); } \
+ * A K-quant's (GROUPS > 1) register tiles read its params opaquely (see above); TWO_UNITS: two
+ * inputs in the MANY order (AVX-512; see TWO_OPAQUE). */
+#define DEFINE_FORMAT_LINEAR(NAME, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE, TWO_UNITS)               \
+    DEFINE_FORMAT_REGISTER_TILE(NAME##_one, ONE_ROWS, 1, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE, GROUPS > 1) \
+    DEFINE_FORMAT_REGISTER_TILE(NAME##_two, TWO_ROWS, 2, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE, TWO_OPAQUE && GROUPS > 1) \
+    DEFINE_FORMAT_MANY_TILE(NAME##_two_units, 2, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)           \
+    DEFINE_FORMAT_THREE_TILE(NAME##_three, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)                 \
+    DEFINE_FORMAT_FOUR_TILE(NAME##_four, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)                   \
+    DEFINE_FORMAT_MANY_TILES(NAME##_many, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)                  \
+    DEFINE_FORMAT_DECODE_ROWS(NAME##_decode_rows, GROUPS, UNIT_BYTES, PARAMS, PREPARE, DECODE)           \
+    static int64_t NAME##_row_bytes(const Matrix *matrix) { return matrix->K / (32 * GROUPS) * UNIT_BYTES; } \
     static void NAME##_row(const Matrix *matrix, int64_t r, float *out) {                        \
         NAME##_decode_rows((const uint8_t *)matrix->data + r * NAME##_row_bytes(matrix), 1, matrix->K, out); \
     }                                                                                            \
@@ -651,81 +637,14 @@ static inline vec q6_k_decode(const uint8_t *b, const Q6KParams *p, int group, i
         }                                                                                        \
     }
 
-DEFINE_FORMAT_LINEAR(q4_0_linear, 1, Q4_0_BYTES, BlockParams, q4_0_prepare, q4_0_decode, 0, 0, NO_TAIL)
-DEFINE_FORMAT_LINEAR(q4_1_linear, 1, Q4_1_BYTES, BlockParams, q4_1_prepare, q4_1_decode, 0, 0, NO_TAIL)
-DEFINE_FORMAT_LINEAR(q5_0_linear, 1, Q5_0_BYTES, BlockParams, q5_0_prepare, q5_0_decode, 0, 0, NO_TAIL)
-DEFINE_FORMAT_LINEAR(q5_1_linear, 1, Q5_1_BYTES, BlockParams, q5_1_prepare, q5_1_decode, 0, 0, NO_TAIL)
-DEFINE_FORMAT_LINEAR(q8_0_linear, 1, Q8_0_BYTES, BlockParams, q8_0_prepare, q8_0_decode, 0, 0, NO_TAIL)
-DEFINE_FORMAT_LINEAR(q4_k_linear, 8, Q4_K_BYTES, KParams, k_prepare, q4_k_decode, 0, 1, NO_TAIL)
-DEFINE_FORMAT_LINEAR(q5_k_linear, 8, Q5_K_BYTES, KParams, k_prepare, q5_k_decode, 1, 1, NO_TAIL)
-DEFINE_FORMAT_LINEAR(q6_k_linear, 8, Q6_K_BYTES, Q6KParams, q6_k_prepare, q6_k_decode, 0, 1, NO_TAIL)
-
-#ifdef FREESPEC_AVX512
-/* Q4_1 in lanes (FREESPEC_Q4_1_LANES, made from a GGUF Q4_1 matrix at load by
- * freespec_q4_1_lanes): each row's blocks in units of four, 80 bytes as the four blocks take:
- * the four blocks' fp16 (d, m), then their 128 codes as 16 32-bit words, word l holding in bits
- * 4t .. 4t + 3 the code of the unit's weight 16t + l; a row's last K % 128 weights stay blocks
- * as the file has them (the tail). Vector t of a unit is the words shifted right by 4t, and
- * vpermps reads each lane's low four bits: no widening, where GGUF's order costs a vpmovzxbd per
- * vector; the unit's four (d, m) are converted at once and the block's table is a multiply and
- * an add reading them by embedded broadcast (exact product: the same bits as fma(d, q, m)). The
- * same weights in the same lanes as Q4_1's decoder gives, so the same bits. Zen 4, one thread,
- * cycles per 16 weights in L2, Q4_1 -> lanes: 3.19 -> 2.34 at one input, 4.02 -> 3.20 at two,
- * 4.97 -> 4.80 at three and 5.95 -> 5.95 at four (their params in registers: read opaquely 5.06 and
- * 6.89), 10.6-11.2 -> 9.7-10.4 at eight; streaming 94 MB from memory, one input, 3.6 -> 2.75. */
-#define Q4_1_LANES_BYTES (4 * Q4_1_BYTES)
-typedef struct {
-    float dm[8]; /* d0, m0, d1, m1, ... */
-} LanesParams;
-
-static inline void q4_1_lanes_prepare(const uint8_t *b, LanesParams *p) {
-    _mm256_storeu_ps(p->dm, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)b)));
-}
-
-static inline vec q4_1_lanes_decode(const uint8_t *b, const LanesParams *p, int group, int step) {
-    const vec table = vec_add(vec_mul(NIBBLE_VALUES, vec_set1(p->dm[2 * group])), vec_set1(p->dm[2 * group + 1]));
-    const __m512i words = _mm512_loadu_si512(b + 16);
-    return _mm512_permutexvar_ps(_mm512_srli_epi32(words, 4 * (2 * group + step)), table);
-}
-
-/* The tail: blocks units * 4 .. K / 32 - 1 of the row, each decoded as Q4_1 */
-#define Q4_1_TAIL_TILE(ROWS, COLS, STEP)                                                         \
-    for (int64_t u = units * 4; u < K / 32; u++) {                                               \
-        const float *xu = x + u * 32;                                                            \
-        PREPARE_UNITS(ROWS, Q4_1_BYTES, BlockParams, q4_1_prepare, 0)                            \
-        _Pragma("GCC unroll 2") for (int s = 0; s < STEPS; s++) STEP(ROWS, COLS, q4_1_decode, 0, s); \
-    }
-#define Q4_1_TAIL_ROWS(row, out)                                                                 \
-    for (int64_t u = units * 4; u < K / 32; u++) {                                               \
-        BlockParams tail;                                                                        \
-        q4_1_prepare((row) + u * Q4_1_BYTES, &tail);                                             \
-        for (int s = 0; s < STEPS; s++) vec_store((out) + u * 32 + s * LANES, q4_1_decode((row) + u * Q4_1_BYTES, &tail, 0, s)); \
-    }
-DEFINE_FORMAT_LINEAR(q4_1_lanes_linear, 4, Q4_1_LANES_BYTES, LanesParams, q4_1_lanes_prepare, q4_1_lanes_decode, 0, 0,
-                     Q4_1_TAIL)
-
-/* dst: the rows of the GGUF Q4_1 matrix src [N, K / 32 blocks] in lanes (as many bytes) */
-static void q4_1_lanes(const uint8_t *src, uint8_t *dst, int64_t N, int64_t K) {
-    const int64_t blocks = K / 32, units = blocks / 4;
-    for (int64_t r = 0; r < N; r++) {
-        const uint8_t *in = src + r * blocks * Q4_1_BYTES;
-        uint8_t *out = dst + r * blocks * Q4_1_BYTES;
-        for (int64_t u = 0; u < units; u++, in += Q4_1_LANES_BYTES, out += Q4_1_LANES_BYTES) {
-            uint32_t words[16] = {0};
-            for (int b = 0; b < 4; b++) {
-                memcpy(out + 4 * b, in + b * Q4_1_BYTES, 4); /* d, m */
-                for (int i = 0; i < 32; i++) { /* weight 32 b + i: low nibble of byte i < 16, else high of i - 16 */
-                    const uint8_t byte = in[b * Q4_1_BYTES + 4 + i % 16];
-                    const int weight = 32 * b + i;
-                    words[weight % 16] |= (uint32_t)(i < 16 ? byte & 15 : byte >> 4) << (4 * (weight / 16));
-                }
-            }
-            memcpy(out + 16, words, sizeof(words));
-        }
-        memcpy(out, in, (blocks - units * 4) * Q4_1_BYTES); /* the tail as it is */
-    }
-}
-#endif
+DEFINE_FORMAT_LINEAR(q4_0_linear, 1, Q4_0_BYTES, BlockParams, q4_0_prepare, q4_0_decode, 0)
+DEFINE_FORMAT_LINEAR(q4_1_linear, 1, Q4_1_BYTES, BlockParams, q4_1_prepare, q4_1_decode, 0)
+DEFINE_FORMAT_LINEAR(q5_0_linear, 1, Q5_0_BYTES, BlockParams, q5_0_prepare, q5_0_decode, 0)
+DEFINE_FORMAT_LINEAR(q5_1_linear, 1, Q5_1_BYTES, BlockParams, q5_1_prepare, q5_1_decode, 0)
+DEFINE_FORMAT_LINEAR(q8_0_linear, 1, Q8_0_BYTES, BlockParams, q8_0_prepare, q8_0_decode, 0)
+DEFINE_FORMAT_LINEAR(q4_k_linear, 8, Q4_K_BYTES, KParams, k_prepare, q4_k_decode, 0)
+DEFINE_FORMAT_LINEAR(q5_k_linear, 8, Q5_K_BYTES, KParams, k_prepare, q5_k_decode, 1)
+DEFINE_FORMAT_LINEAR(q6_k_linear, 8, Q6_K_BYTES, Q6KParams, q6_k_prepare, q6_k_decode, 0)
 
 /* 16-bit weights [N, K], any K: the fp32 kernel's tiles (DEFINE_LOAD_TILE) with a converting load
  * (16-bit floats widen to fp32 exactly), so the arithmetic, the K % LANES tail included, is the

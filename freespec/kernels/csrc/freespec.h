@@ -19,7 +19,6 @@ enum { FREESPEC_OK = 0, FREESPEC_OUT_OF_MEMORY = 1, FREESPEC_BAD_MATRIX = 2,
  * holds its N rows of blocks exactly as a GGUF file stores them, a bf16/f16/f32 safetensors
  * tensor being the same bytes; K a multiple of the type's block size), or one of these. */
 enum {
-    FREESPEC_Q4_1_LANES = 1003, /* data: a Q4_1 matrix's blocks in lanes (freespec_q4_1_lanes; AVX-512 build) */
     FREESPEC_PACKED_Q4 = 1004, /* data: nibbles [N, K/2] (see kernels.c), scales [N, K/32, 2] = (d, m) */
     FREESPEC_PACKED_Q8 = 1008, /* data: int8 [N, K], scales [N, K/32] = d */
     FREESPEC_STACKED = 1100,   /* parts: the rows of num_parts matrices of K columns, stacked in order */
@@ -65,11 +64,6 @@ int freespec_head_argmax(const Matrix *w, const float *row_l1, const float *x, i
 /* out[i, K] = row tokens[i] of w as fp32 (an embedding lookup), the values ggml's formulas give.
  * Returns FREESPEC_OK or FREESPEC_BAD_MATRIX. */
 int freespec_rows(const Matrix *w, const int64_t *tokens, int64_t n, float *out);
-
-/* dst = the GGUF Q4_1 matrix src [N, K] (K a multiple of 32) as FREESPEC_Q4_1_LANES, the same
- * bytes rearranged (formats.h). Returns FREESPEC_OK, or FREESPEC_BAD_MATRIX in a build without
- * AVX-512 (which does not read that kind) or for a K that is not a multiple of 32. */
-int freespec_q4_1_lanes(const uint8_t *src, uint8_t *dst, int64_t N, int64_t K);
 
 /* The form the attention kernel reads a tree mask in: for tree_mask [n, n] (1 = token i sees new
  * token j), key_nodes [n, n] lists each row's visible tokens in ascending (= depth) order padded

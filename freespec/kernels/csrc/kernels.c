@@ -589,9 +589,6 @@ static const KindOps *kind_ops(int64_t kind) {
                          q5_1 = BLOCK_KIND(q5_1), q8_0 = BLOCK_KIND(q8_0), q4_k = BLOCK_KIND(q4_k),
                          q5_k = BLOCK_KIND(q5_k), q6_k = BLOCK_KIND(q6_k), packed_q4 = BLOCK_KIND(packed_q4),
                          packed_q8 = BLOCK_KIND(packed_q8),
-#ifdef FREESPEC_AVX512
-                         q4_1_lanes = BLOCK_KIND(q4_1_lanes),
-#endif
                          stacked = {NULL, NULL, NULL, stacked_row}; /* its parts' linears run as one: linear_then */
 #undef BLOCK_KIND
     switch (kind) {
@@ -606,9 +603,6 @@ static const KindOps *kind_ops(int64_t kind) {
     case GGML_Q4_K: return &q4_k;
     case GGML_Q5_K: return &q5_k;
     case GGML_Q6_K: return &q6_k;
-#ifdef FREESPEC_AVX512
-    case FREESPEC_Q4_1_LANES: return &q4_1_lanes;
-#endif
     case FREESPEC_PACKED_Q4: return &packed_q4;
     case FREESPEC_PACKED_Q8: return &packed_q8;
     case FREESPEC_STACKED: return &stacked;
@@ -733,17 +727,6 @@ int freespec_linear(const Matrix *w, const float *x, float *y, int64_t M) {
     if (!matrix_ok(w)) return FREESPEC_BAD_MATRIX;
     if (M > 0) linear(w, x, y, M);
     return FREESPEC_OK;
-}
-
-int freespec_q4_1_lanes(const uint8_t *src, uint8_t *dst, int64_t N, int64_t K) {
-#ifdef FREESPEC_AVX512
-    if (N < 0 || K <= 0 || K % 32) return FREESPEC_BAD_MATRIX;
-    q4_1_lanes(src, dst, N, K);
-    return FREESPEC_OK;
-#else
-    (void)src, (void)dst, (void)N, (void)K;
-    return FREESPEC_BAD_MATRIX;
-#endif
 }
 
 int freespec_rows(const Matrix *w, const int64_t *tokens, int64_t n, float *out) {
