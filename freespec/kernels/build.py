@@ -82,12 +82,21 @@ def digest(isa: str) -> str:
     return hashlib.sha256(text).hexdigest()[:16]
 
 
+def compiler() -> str | None:
+    """The C compiler: $CC, else gcc or cc on the PATH."""
+    return os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+
+
+def compile_library(main: Path, isa: str, output: Path) -> subprocess.CompletedProcess:
+    """Compile ``main`` (a kernels.c beside the headers it includes) for ``isa`` into ``output``."""
+    return subprocess.run([compiler(), *_FLAGS[isa], str(main), "-o", str(output)], capture_output=True, text=True)
+
+
 @cache
 def load(isa: str) -> ctypes.CDLL | None:
     """The library built for ``isa`` (compiled on first use) with its functions declared, or
     None where it cannot be built."""
-    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
-    if compiler is None:
+    if compiler() is None:
         log.warning("no C compiler found: using slower, non batch-invariant torch kernels")
         return None
     target = cache_dir() / "kernels" / f"kernels-{digest(isa)}.so"
@@ -95,8 +104,7 @@ def load(isa: str) -> ctypes.CDLL | None:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             built = Path(tmp) / target.name
-            result = subprocess.run([compiler, *_FLAGS[isa], str(_MAIN), "-o", str(built)],
-                                    capture_output=True, text=True)
+            result = compile_library(_MAIN, isa, built)
             if result.returncode != 0:
                 log.warning("building the kernels failed, using torch instead:\n%s", result.stderr)
                 return None
