@@ -2,11 +2,12 @@
 
 On a shared VM the speed of fresh processes moves by 10-15% from run to run, more than most kernel
 changes gain. Here both builds are loaded side by side in one process, each with a runner over
-the same weights and the same 256 cached tokens, and their forward passes of q tokens (logits
-included, as in ``forward_cost.py``) alternate a few at a time, so both see the same machine.
-Prints, per q, each build's median ms per pass, the median of the paired ratios (base / working
-tree: above 1 when the working tree is faster) and whether the two builds' logits had the same
-bits, as a change that keeps the kernels' contract must.
+the same weights and the same 256 cached tokens, and their passes of q tokens alternate a few at
+a time, so both see the same machine. A pass is a greedy decoding step's (the one-call decoder
+and the exact greedy head's maxima; ``--whole-head``: all the logits). Prints, per q, each
+build's median ms per pass, the median of the paired ratios (base / working tree: above 1 when the
+working tree is faster) and whether the two builds' logits had the same bits, as a change that
+keeps the kernels' contract must.
 
     python benchmarks/kernel_ab.py --base HEAD~1 [--model PATH] [--sizes 1,2,4,8] [--rounds 30]
 
@@ -28,6 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from freespec.api import Model
@@ -65,10 +67,13 @@ def build_revision(revision: str, isa: str, directory: Path) -> ctypes.CDLL:
 
 
 def paired_costs(runners: dict[str, object], sizes: list[int], rounds: int, batch: int,
-                 cached: int = CONTEXT, seed: int = 0) -> list[dict]:
+                 cached: int = CONTEXT, seed: int = 0, whole_head: bool = False) -> list[dict]:
     """Per q: each of the two runners' median ms per pass of q tokens after ``cached`` ones, over
     ``rounds`` alternating batches of ``batch`` passes (the order flips each round), the paired
-    ratios' median (first runner over second) and whether their logits were the same bits."""
+    ratios' median (first runner over second) and whether their logits were the same bits.
+
+    A pass is a greedy decoding step's (the one-call decoder, then the exact greedy head's
+    maxima), or with ``whole_head`` the pass and all its logits (as forward_cost.py times it)."""
     generator = torch.Generator().manual_seed(seed)
     vocab = min(1000, *(runner.vocab_size for runner in runners.values()))
     context = torch.randint(vocab, (cached,), generator=generator)
@@ -78,19 +83,27 @@ def paired_costs(runners: dict[str, object], sizes: list[int], rounds: int, batc
         tokens = torch.randint(vocab, (q,), generator=generator)
         positions = torch.arange(cached, cached + q)
         mask = torch.ones(q, q, dtype=torch.bool).tril_()
+        ids, depths, tree_mask = tokens.numpy(), np.arange(q), mask.numpy()
+
+        def step(runner) -> None:
+            if whole_head:
+                runner.logits(runner.forward(tokens, positions, mask))
+            else:
+                runner.tree_logits(ids, depths, tree_mask).argmax
+
         for runner in runners.values():
             runner.reset(cached + q + 1)
             runner.prefill(context)
         times: dict[str, list[float]] = {name: [] for name in names}
-        logits = {}
         for index in range(rounds + 1):  # the first round warms both up
             for name in names if index % 2 == 0 else reversed(names):
                 runner = runners[name]
                 start = time.perf_counter()
                 for _ in range(batch):
-                    logits[name] = runner.logits(runner.forward(tokens, positions, mask))
+                    step(runner)
                 if index:
                     times[name].append(1000 * (time.perf_counter() - start) / batch)
+        logits = {name: runner.logits(runner.forward(tokens, positions, mask)) for name, runner in runners.items()}
         first, second = names
         rows.append({"q": q, **{name: statistics.median(times[name]) for name in names},
                      "ratio": statistics.median(a / b for a, b in zip(times[first], times[second])),
@@ -105,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="1,2,4,8", help="tokens per pass, comma-separated")
     parser.add_argument("--rounds", type=int, default=30, help="alternations of the two builds per size")
     parser.add_argument("--batch", type=int, default=10, help="passes per build and round")
+    parser.add_argument("--whole-head", action="store_true",
+                        help="time every pass with all its logits (default: a greedy step's, the exact greedy head's maxima)")
     args = parser.parse_args(argv)
     working = select()
     if not isinstance(working, CKernels):
@@ -113,9 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as directory:
         base = CKernels(build_revision(args.base, working.isa, Path(directory)), working.isa)
         runners = {"base": Model(loaded, kernels=base).runner, "working tree": Model(loaded, kernels=working).runner}
-        rows = paired_costs(runners, [int(size) for size in args.sizes.split(",")], args.rounds, args.batch)
+        rows = paired_costs(runners, [int(size) for size in args.sizes.split(",")], args.rounds, args.batch,
+                            whole_head=args.whole_head)
+    head = "all logits" if args.whole_head else "a greedy step's maxima"
     print(f"{working.isa} kernels, {torch.get_num_threads()} threads, {args.rounds} rounds of {args.batch} passes "
-          f"after {CONTEXT} cached tokens, base {args.base}\n")
+          f"after {CONTEXT} cached tokens ({head}), base {args.base}\n")
     print("| q | base ms | working tree ms | base / working tree (paired median) | same bits |")
     print("|---|---|---|---|---|")
     for row in rows:

@@ -176,7 +176,17 @@ static inline void tile_sums(const vec *acc, int rows, int cols_max, int cols, f
         for (int j = 0; j < cols; j++) y[j * N + i] = sums[i * cols_max + j];
 }
 
+/* How far ahead: AVX-512 (whose far prefetches go to L2) two blocks of rows, whatever their
+ * length up to 341 bytes a row; the AVX2 build at least 16 KB (Zen 5's tuning, with T0). On the Zen
+ * 4 VM, SmolLM2-135M's decoding step (rows of 360-960 bytes: 12 rows ahead instead of 17-46) with
+ * 16 KB against 4 KB, both builds in one process (benchmarks/kernel_ab.py, 30 rounds, the same
+ * bits): 1.048x at one token, 1.026x at two, 1.014x at four, 0.99x at eight; Gemma-3-270M and a
+ * 1.5B Q4_K_M file within 0.98-1.02x; 32 KB 0.94-0.99x. */
+#ifdef FREESPEC_AVX512
+#define PREFETCH_BYTES 4096
+#else
 #define PREFETCH_BYTES 16384
+#endif
 #define PREFETCH_MIN_ROWS 12 /* two blocks of BUFFER_ROWS */
 /* The register tiles of the quantized and 16-bit formats ask for the weights `prefetch_rows`
  * rows below as they reach them (two blocks of six rows, at least PREFETCH_BYTES ahead), spread
