@@ -176,8 +176,8 @@ static inline void tile_sums(const vec *acc, int rows, int cols_max, int cols, f
         for (int j = 0; j < cols; j++) y[j * N + i] = sums[i * cols_max + j];
 }
 
-/* How far ahead: AVX-512 (whose far prefetches go to L2) two blocks of rows, whatever their
- * length up to 341 bytes a row; the AVX2 build at least 16 KB (Zen 5's tuning, with T0). On the Zen
+/* How far ahead: AVX-512 (whose far prefetches go to L2) two blocks of rows, or 4 KB where rows
+ * are shorter than 342 bytes; the AVX2 build at least 16 KB (Zen 5's tuning, with T0). On the Zen
  * 4 VM, SmolLM2-135M's decoding step (rows of 360-960 bytes: 12 rows ahead instead of 17-46) with
  * 16 KB against 4 KB, both builds in one process (benchmarks/kernel_ab.py, 30 rounds, the same
  * bits): 1.048x at one token, 1.026x at two, 1.014x at four, 0.99x at eight; Gemma-3-270M and a
