@@ -5,12 +5,15 @@ the statistics and generation helpers several test folders use."""
 from __future__ import annotations
 
 import http.client
+import importlib.util
 import json
 import math
 import os
+import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -520,3 +523,13 @@ def fallback_model(family: str, seed: int = 0, scale: float = 8.0, window: int =
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(scale)
     return model
+
+
+def load_benchmark(name: str):
+    """The script benchmarks/NAME.py as a module (the scripts are not a package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # a script's dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module

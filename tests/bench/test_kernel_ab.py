@@ -1,6 +1,5 @@
 """benchmarks/kernel_ab.py: two kernel builds in one process, a git revision's against the working tree's."""
 
-import importlib.util
 import subprocess
 from pathlib import Path
 
@@ -10,19 +9,17 @@ import torch
 import freespec
 from freespec.api import Model
 from freespec.kernels.backend import CKernels
+from tests.helpers import load_benchmark
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "kernel_ab.py"
+REPOSITORY = Path(__file__).resolve().parents[2]
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("kernel_ab", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("kernel_ab")
 
 
 def committed_kernels_are_the_working_trees() -> bool:
-    changed = subprocess.run(["git", "-C", str(SCRIPT.parents[1]), "diff", "--quiet", "HEAD", "--",
+    changed = subprocess.run(["git", "-C", str(REPOSITORY), "diff", "--quiet", "HEAD", "--",
                               "freespec/kernels/csrc"], capture_output=True)
     return changed.returncode == 0
 

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections import defaultdict
-from pathlib import Path
 
 import pytest
 import schemathesis
@@ -15,19 +12,14 @@ from schemathesis.checks import not_a_server_error
 import freespec
 from freespec import DEFAULT_DRAFTER
 from freespec.serve.app import BackgroundServer, create_app
-from tests.helpers import metric
+from tests.helpers import load_benchmark, metric
 
 pytestmark = pytest.mark.real_model  # the real SmolLM2-135M GGUF: skip with -m 'not real_model'
 
-LOAD_SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "serve_load.py"
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("serve_load", LOAD_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("serve_load")
 
 
 def test_eight_clients_lose_nothing_and_stream_what_they_would_get_whole(tiny_model_dir):
