@@ -505,7 +505,8 @@ def _calibrate(args: argparse.Namespace) -> None:
     costs = load_or_measure(model.runner, force=True, repeats=args.repeats)  # it says that it measures
     print(f"{'q':>4} {'ms':>9} {'× t(1)':>7}")
     for q, seconds in costs.items():
-        print(f"{q:>4} {seconds * 1000:>9.3f} {seconds / costs[1]:>7.2f}")
+        note = "" if q in costs.timed else "  (extrapolated: t(q) per token of the largest size timed)"
+        print(f"{q:>4} {seconds * 1000:>9.3f} {seconds / costs[1]:>7.2f}{note}")
 
 
 def _bench(args: argparse.Namespace) -> None:

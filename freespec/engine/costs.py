@@ -9,7 +9,9 @@ it); a curve of impossible shape (:func:`implausible`) is measured again, and af
 smoothed (:func:`repair`); a cache file that is damaged or of impossible shape is measured again
 with a one-line warning. Results are cached per model, CPU and thread count, since the best tree
 size depends on the hardware; the budget policy refines them from the steps it times and marks
-the cache stale (:meth:`CostCurve.mark_stale`) when a step shows the calibration ran slow.
+the cache stale (:meth:`CostCurve.mark_stale`) when a step shows the calibration ran slow. On a
+large model the sizes past a few seconds of warm-up are priced from the largest one timed
+(:data:`WARM_UP_SECONDS`, :func:`extrapolate`), so a first run waits seconds, not minutes.
 """
 
 from __future__ import annotations
@@ -51,6 +53,22 @@ tokens does more work, never less; the margin is timing noise."""
 ATTEMPTS = 3
 """Measurements of an implausible curve before it is smoothed instead."""
 
+WARM_UP_SECONDS = 3.0
+"""Warm-up seconds after which the larger sizes are extrapolated instead of timed. A round over
+every size takes ~0.5 s on SmolLM2-135M (all timed), but ~25 s on a 7B file, whose calibration
+took ~100 s before the first token; trees of 12 or more nodes cost several passes there, so
+their share of the curve only has to be no cheaper than the truth (:func:`extrapolate`)."""
+
+MIN_TIMED = 4
+"""Sizes always timed (1, 2, 3 and 4 tokens), whatever a pass costs."""
+
+CONTEXT_SECONDS = 2.0
+"""Seconds of prefill after which the cached context the sizes are timed after stops growing (in
+chunks of :data:`CONTEXT_CHUNK` tokens, at least one): 256 tokens take ~0.3 s on SmolLM2-135M but
+~20 s on a 7B file, whose attention over them is ~2% of a pass."""
+
+CONTEXT_CHUNK = 32
+
 
 def interpolate(xs: list[float], ys: list[float], x: float) -> float:
     """``np.interp`` on plain lists, for one point: linear between the knots ``xs`` (ascending),
@@ -76,9 +94,10 @@ class CostCurve(dict[int, float]):
     measures again instead of trusting a calibration that ran on a busy machine.
     """
 
-    def __init__(self, seconds: Mapping[int, float], cache: Path | None = None):
+    def __init__(self, seconds: Mapping[int, float], cache: Path | None = None, timed: Sequence[int] | None = None):
         super().__init__(seconds)
         self.cache = cache
+        self.timed = sorted(seconds if timed is None else timed)  # the sizes measured; the rest extrapolated
 
     def mark_stale(self, reason: str) -> None:
         """Flag the cache file (if any) so that the next :func:`load_or_measure` measures again."""
@@ -119,19 +138,41 @@ def fitting(sizes: Sequence[int], runner: ModelRunner) -> list[int]:
     return [q for q in sizes if q + 1 < runner.max_positions] or [1]
 
 
-def measure(runner: ModelRunner, sizes=SIZES, context: int = 256, repeats: int = 3,
-            announce: Callable[[float], None] | None = None) -> dict[int, float]:
-    """Median seconds of ``forward + logits`` over q tokens after ``context`` cached tokens.
+def extrapolate(costs: Mapping[int, float], sizes: Sequence[int]) -> dict[int, float]:
+    """``costs`` (the smaller sizes, timed) with each larger size of ``sizes`` priced as the
+    largest timed one's cost per token: t(q) = t(last) q / last. A pass's cost is a fixed part
+    plus a part per token, so this is never below the truth beyond ``last`` (a tree looks no
+    cheaper than it is); the last two sizes' slope would be, where passes still wait on memory.
 
-    One warm-up pass per size, then ``repeats`` rounds that each time every size once; after the
-    warm-up, ``announce`` is told about how many seconds the rounds will take. A model whose
-    context is shorter than the largest size gets the sizes that fit after at least one cached token.
+    >>> extrapolate({1: 1.0, 2: 1.2, 4: 2.0}, [1, 2, 4, 8, 16])
+    {1: 1.0, 2: 1.2, 4: 2.0, 8: 4.0, 16: 8.0}
+    """
+    last = max(costs)
+    return {q: costs[q] if q in costs else costs[last] * q / last for q in sizes}
+
+
+def measure(runner: ModelRunner, sizes=SIZES, context: int = 256, repeats: int = 3,
+            announce: Callable[[float], None] | None = None,
+            warm_up_seconds: float = WARM_UP_SECONDS) -> CostCurve:
+    """Median seconds of ``forward + logits`` over q tokens after ``context`` cached tokens (fewer
+    where their prefill outlasts :data:`CONTEXT_SECONDS`).
+
+    One warm-up pass per size, smallest first, until the next would take the warm-up past
+    ``warm_up_seconds`` (by the last one's cost per token; the first :data:`MIN_TIMED` sizes are
+    always timed); then ``repeats`` rounds that each time every warmed size once; the rest are
+    extrapolated (:func:`extrapolate`). After the warm-up, ``announce`` is told about how many
+    seconds the rounds will take. A model whose context is shorter than the largest size gets the
+    sizes that fit after at least one cached token.
     """
     sizes = fitting(sizes, runner)
     context = max(1, min(context, runner.max_positions - max(sizes) - 1))
     generator = torch.Generator().manual_seed(0)
     runner.reset(context + max(sizes))
-    runner.prefill(torch.randint(runner.vocab_size, (context,), generator=generator))
+    prompt, filled, started = torch.randint(runner.vocab_size, (context,), generator=generator), 0, time.perf_counter()
+    while filled < context and (not filled or time.perf_counter() - started < CONTEXT_SECONDS):
+        runner.prefill(prompt[filled : filled + CONTEXT_CHUNK])
+        filled = min(filled + CONTEXT_CHUNK, context)
+    context = filled
     passes = {}
     for q in sizes:
         passes[q] = (torch.randint(runner.vocab_size, (q,), generator=generator),  # [q]
@@ -143,15 +184,24 @@ def measure(runner: ModelRunner, sizes=SIZES, context: int = 256, repeats: int =
         runner.logits(runner.forward(*passes[q]))
         return time.perf_counter() - start
 
-    warm_up = sum(timed(q) for q in sizes)
+    warm_up, last_seconds, timed_sizes = 0.0, 0.0, []
+    for q in sizes:
+        if len(timed_sizes) >= MIN_TIMED:
+            last = timed_sizes[-1]
+            if warm_up + last_seconds * q / last > warm_up_seconds:
+                break
+        last_seconds = timed(q)
+        warm_up += last_seconds
+        timed_sizes.append(q)
     if announce is not None:
         announce(repeats * warm_up)
-    times: dict[int, list[float]] = {q: [] for q in sizes}
+    times: dict[int, list[float]] = {q: [] for q in timed_sizes}
     for _ in range(repeats):
-        for q in sizes:
+        for q in timed_sizes:
             times[q].append(timed(q))
     runner.reset(1)
-    return {q: statistics.median(samples) for q, samples in times.items()}
+    return CostCurve(extrapolate({q: statistics.median(samples) for q, samples in times.items()}, sizes),
+                     timed=timed_sizes)
 
 
 def implausible(costs: Mapping[int, float]) -> str | None:
@@ -203,13 +253,14 @@ def _path(runner: ModelRunner) -> Path:
     return cache_dir() / "calibration" / f"{calibration_key(runner)}.json"
 
 
-def _read_cache(path: Path, sizes: list[int]) -> dict[int, float] | None:
+def _read_cache(path: Path, sizes: list[int]) -> CostCurve | None:
     """The curve cached in ``path``, or None if there is none worth using (said in one line)."""
     if not path.exists():
         return None
     try:
         data = json.loads(path.read_text())
         costs = {int(q): float(t) for q, t in data["seconds"].items()}
+        timed = [int(q) for q in data.get("timed", costs)]
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as error:
         log.warning("calibration cache %s is damaged (%s: %s); measuring again", path, type(error).__name__, error)
         return None
@@ -221,7 +272,7 @@ def _read_cache(path: Path, sizes: list[int]) -> dict[int, float] | None:
     if reason := implausible(costs):
         log.warning("calibration cache %s is implausible (%s); measuring again", path, reason)
         return None
-    return costs
+    return CostCurve(costs, path, timed)
 
 
 def load_or_measure(runner: ModelRunner, force: bool = False, repeats: int = 3) -> CostCurve:
@@ -230,7 +281,7 @@ def load_or_measure(runner: ModelRunner, force: bool = False, repeats: int = 3) 
     path = _path(runner)
     cached = None if force else _read_cache(path, fitting(SIZES, runner))
     if cached is not None:
-        return CostCurve(cached, path)
+        return cached
 
     def announce(seconds: float) -> None:
         once = "" if force else "once, "
@@ -244,13 +295,15 @@ def load_or_measure(runner: ModelRunner, force: bool = False, repeats: int = 3) 
         log.info("measured costs are implausible (%s); measuring again", reason)
         measurements.append(costs)
     else:
-        costs = repair(measurements)
+        # the fewest sizes any attempt timed: a burst may have cut one attempt's warm-up short
+        costs = CostCurve(repair(measurements), timed=min((m.timed for m in measurements), key=len))
         log.warning("the machine was too busy to measure verification costs cleanly; using a smoothed "
                     "curve (freespec calibrate measures again)")
-    record = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "seconds": {str(q): t for q, t in costs.items()}}
+    record = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "seconds": {str(q): t for q, t in costs.items()},
+              "timed": costs.timed}
     try:
         write_atomically(path, json.dumps(record, indent=1))
     except OSError as error:
         log.warning("cannot write the calibration cache %s (%s); it is measured again next time", path,
                     error.strerror or error)
-    return CostCurve(costs, path)
+    return CostCurve(costs, path, costs.timed)

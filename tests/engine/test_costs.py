@@ -202,3 +202,65 @@ def test_a_short_context_gets_the_sizes_that_fit_and_caches_them(runner, tmp_pat
     assert sorted(measured) == [q for q in SIZES if q <= 38] and min(contexts) >= 1
     calls = runner.calls
     assert load_or_measure(runner) == measured and runner.calls == calls  # from the cache, not measured again
+
+
+class SlowRunner(FakeRunner):
+    """A large model's passes: 250 ms for one token, 60 ms more per extra token (a 7B file here)."""
+
+    def forward(self, tokens, positions, mask):
+        self.clock += 0.25 + 0.06 * (len(tokens) - 1)
+        self.calls += 1
+        return tokens
+
+
+def test_a_slow_model_times_the_small_sizes_and_prices_the_rest_from_the_largest(tmp_path, monkeypatch):
+    runner = SlowRunner()
+    monkeypatch.setenv("FREESPEC_CACHE", str(tmp_path))
+    monkeypatch.setattr(costs, "calibration_key", lambda _: "fake")
+    monkeypatch.setattr(costs, "time", SimpleNamespace(perf_counter=lambda: runner.clock))
+    measured = load_or_measure(runner)
+    timed = measured.timed
+    assert timed == [q for q in SIZES if q <= timed[-1]] and 4 <= timed[-1] < SIZES[-1]
+    assert runner.calls == 4 * len(timed)  # a warm-up and three rounds of the timed sizes only
+    assert sum(0.25 + 0.06 * (q - 1) for q in timed) <= costs.WARM_UP_SECONDS
+    last = timed[-1]
+    for q in SIZES:
+        truth = 0.25 + 0.06 * (q - 1)
+        if q in timed:
+            assert measured[q] == pytest.approx(truth)
+        else:  # the largest timed size's cost per token: never cheaper than the truth
+            assert measured[q] == pytest.approx(measured[last] * q / last) and measured[q] >= truth
+    again = load_or_measure(runner)  # from the cache, which says which sizes were timed
+    assert again == measured and again.timed == timed and runner.calls == 4 * len(timed)
+    assert json.loads(cache_file(tmp_path).read_text())["timed"] == timed
+
+
+def test_a_fast_model_times_every_size(runner):
+    assert load_or_measure(runner).timed == list(SIZES)
+
+
+class PrefillTimedRunner(SlowRunner):
+    """...whose prompt tokens take ``per_token`` seconds each to prefill; records the positions its
+    passes start at."""
+
+    def __init__(self, per_token: float):
+        super().__init__()
+        self.per_token, self.prefilled, self.starts = per_token, 0, set()
+
+    def prefill(self, tokens) -> None:
+        self.clock += self.per_token * len(tokens)
+        self.prefilled += len(tokens)
+
+    def forward(self, tokens, positions, mask):
+        self.starts.add(int(positions[0]))
+        return super().forward(tokens, positions, mask)
+
+
+@pytest.mark.parametrize("per_token, context", [(0.04, 64), (0.001, 256)])
+def test_a_slow_prefill_times_the_sizes_after_a_shorter_context(monkeypatch, per_token, context):
+    """Chunks of 32 tokens until 2 s have passed: at 40 ms a token 64 of the 256 context tokens
+    (1.28 s a chunk), at 1 ms all of them."""
+    runner = PrefillTimedRunner(per_token)
+    monkeypatch.setattr(costs, "time", SimpleNamespace(perf_counter=lambda: runner.clock))
+    costs.measure(runner)
+    assert runner.prefilled == context and runner.starts == {context}
