@@ -33,9 +33,9 @@ chosen, so never timed, so never corrected. Hence the first timed step of a size
 larger calibrated value outright (a step cannot be faster than its pass, so a fast one is proof;
 slow ones only nudge the estimate, as a pause of the process would otherwise count), and a shadow
 draft that says a larger size would emit clearly more tokens than the one chosen gets that size
-verified once, to time it (:meth:`BudgetPolicy.size_for`). A step faster than half its
-calibrated cost also marks the cache stale (:meth:`freespec.engine.costs.CostCurve.mark_stale`), so
-the next process measures again.
+verified once, to time it (:meth:`BudgetPolicy.size_for`). A step faster than half the cost the
+calibration timed for its size also marks the cache stale
+(:meth:`freespec.engine.costs.CostCurve.mark_stale`), so the next process measures again.
 """
 
 from __future__ import annotations
@@ -96,7 +96,8 @@ class BudgetPolicy:
         estimate = self._cost_t[index]
         if q not in self._timed:
             self._timed.add(q)
-            if self._calibration is not None and seconds < 0.5 * estimate:
+            # a size the calibration priced from a smaller one (costs.extrapolate) was a guess, not a slow measurement
+            if self._calibration is not None and q in self._calibration.timed and seconds < 0.5 * estimate:
                 self._calibration.mark_stale(f"a step over {q} tokens took {seconds * 1000:.2f} ms, "
                                              f"the calibration says {estimate * 1000:.2f} ms")
             if seconds < estimate:

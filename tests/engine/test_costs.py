@@ -192,6 +192,18 @@ def test_a_step_faster_than_the_calibration_marks_the_cache_stale(tmp_path):
     assert policy.cost(1) == 0.008
 
 
+def test_a_fast_step_at_an_extrapolated_size_corrects_it_without_marking_the_cache_stale(tmp_path):
+    """A size priced from a smaller one is a guess on the safe side: a step proves it too high, and
+    the curve takes the step's time, but measuring again would guess the same."""
+    path = tmp_path / "curve.json"
+    path.write_text(json.dumps({"seconds": {"1": 0.4, "8": 0.42, "24": 1.26}, "timed": [1, 8]}))
+    policy = BudgetPolicy(CostCurve({1: 0.4, 8: 0.42, 24: 1.26}, path, timed=[1, 8]), candidates=[7, 23])
+    policy.record_cost(24, 0.45)  # memory-bound far beyond the sizes timed
+    assert "stale" not in json.loads(path.read_text()) and policy.cost(24) == 0.45
+    policy.record_cost(8, 0.2)
+    assert "stale" in json.loads(path.read_text())
+
+
 def test_a_short_context_gets_the_sizes_that_fit_and_caches_them(runner, tmp_path):
     """A model of 40 positions: passes of up to 38 tokens after at least one cached token (the
     context asked for would have been negative), and the cache of those sizes is read back."""
