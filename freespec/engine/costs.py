@@ -152,10 +152,10 @@ def extrapolate(costs: Mapping[int, float], sizes: Sequence[int]) -> dict[int, f
 
 
 def measure(runner: ModelRunner, sizes=SIZES, context: int = 256, repeats: int = 3,
-            announce: Callable[[float], None] | None = None,
-            warm_up_seconds: float = WARM_UP_SECONDS) -> CostCurve:
+            announce: Callable[[float], None] | None = None, warm_up_seconds: float = WARM_UP_SECONDS,
+            context_seconds: float | None = CONTEXT_SECONDS) -> CostCurve:
     """Median seconds of ``forward + logits`` over q tokens after ``context`` cached tokens (fewer
-    where their prefill outlasts :data:`CONTEXT_SECONDS`).
+    where their prefill outlasts ``context_seconds``; None: all of them, however long).
 
     One warm-up pass per size, smallest first, until the next would take the warm-up past
     ``warm_up_seconds`` (by the last one's cost per token; the first :data:`MIN_TIMED` sizes are
@@ -169,7 +169,8 @@ def measure(runner: ModelRunner, sizes=SIZES, context: int = 256, repeats: int =
     generator = torch.Generator().manual_seed(0)
     runner.reset(context + max(sizes))
     prompt, filled, started = torch.randint(runner.vocab_size, (context,), generator=generator), 0, time.perf_counter()
-    while filled < context and (not filled or time.perf_counter() - started < CONTEXT_SECONDS):
+    while filled < context and (not filled or context_seconds is None
+                                or time.perf_counter() - started < context_seconds):
         runner.prefill(prompt[filled : filled + CONTEXT_CHUNK])
         filled = min(filled + CONTEXT_CHUNK, context)
     context = filled

@@ -268,11 +268,12 @@ class PrefillTimedRunner(SlowRunner):
         return super().forward(tokens, positions, mask)
 
 
-@pytest.mark.parametrize("per_token, context", [(0.04, 64), (0.001, 256)])
-def test_a_slow_prefill_times_the_sizes_after_a_shorter_context(monkeypatch, per_token, context):
+@pytest.mark.parametrize("per_token, context_seconds, context",
+                         [(0.04, costs.CONTEXT_SECONDS, 64), (0.001, costs.CONTEXT_SECONDS, 256), (0.04, None, 256)])
+def test_a_slow_prefill_times_the_sizes_after_a_shorter_context(monkeypatch, per_token, context_seconds, context):
     """Chunks of 32 tokens until 2 s have passed: at 40 ms a token 64 of the 256 context tokens
-    (1.28 s a chunk), at 1 ms all of them."""
+    (1.28 s a chunk), at 1 ms all of them; without a limit (the benchmarks' tables) all of them."""
     runner = PrefillTimedRunner(per_token)
     monkeypatch.setattr(costs, "time", SimpleNamespace(perf_counter=lambda: runner.clock))
-    costs.measure(runner)
+    costs.measure(runner, context_seconds=context_seconds)
     assert runner.prefilled == context and runner.starts == {context}
