@@ -74,6 +74,7 @@ class BudgetPolicy:
         self._cost_t = [float(cost[q]) for q in self._cost_q]
         self._calibration = cost if isinstance(cost, CostCurve) else None
         self._timed: set[int] = set()  # sizes with a timed step: their cost no longer rests on the calibration
+        self._filled: int | None = None  # the size of the last shadow draft the text followed whole, until used
         self.candidates = sorted(set([0, *candidates]))
         self.explore_every = explore_every
         self.max_interval = max_interval
@@ -170,10 +171,17 @@ class BudgetPolicy:
     def shadow_size(self, limit: int) -> int:
         """How many nodes a shadow draft has: about twice the best size by the running averages
         (at least ``min_probe``), so that :meth:`size_for` can go beyond it and :meth:`observe_shadow`
-        learns the larger sizes."""
+        learns the larger sizes; after a shadow draft whose every node the text followed, about
+        twice that draft's size, once: the averages of the sizes above a draft learn only from
+        drafts as large, and a drafter whose scores undersell a long copy would otherwise keep its
+        shadows at a size they already fill (see :meth:`observe_shadow`)."""
         best = self.best(limit)
         larger = self._larger(best, limit)
-        return best if larger is None else larger
+        size = best if larger is None else larger
+        if self._filled is not None:
+            deeper, self._filled = self._larger(self._filled, limit), None
+            size = max(size, deeper or 0)
+        return size
 
     def observe(self, budget: int, path: list[int]) -> None:
         """Learn from a verified step that drafted ``budget`` nodes and accepted ``path``."""
@@ -191,6 +199,8 @@ class BudgetPolicy:
         verified (and learned from by :meth:`observe`): ``path`` is the branch the tokens that
         followed spelled in it."""
         self._learn(path, verified, drafted)
+        if drafted and len(path) - 1 >= drafted:  # every node accepted: the text went on past the draft
+            self._filled = drafted
 
     def _learn(self, path: list[int], above: int, up_to: int) -> None:
         """Fold what ``path`` says into tau(b) for the candidates above < b <= up_to."""

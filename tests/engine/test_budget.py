@@ -83,3 +83,18 @@ def test_policy_sizes_a_scored_draft_by_its_own_scores():
     assert policy.size_for(confident, limit=100) == 3  # 3.94 tokens / t(4) = 1.3 beats 1.99 / 1.1 and 4.24 / 1.65
     assert policy.size_for(confident, limit=2) == 2
     assert policy.size_for(np.array([1.0, 0.05]), limit=100) == 0  # 1.05 / 1.1: plain decoding pays more
+
+
+def test_a_shadow_draft_the_text_followed_whole_is_drafted_deeper_once():
+    """A shadow size the averages hold at about twice the best size learns nothing of the sizes
+    above it; once a shadow draft turns out all accepted (the text went on past it, as a stored
+    answer repeated does), the next shadow is about twice that draft, once."""
+    policy = BudgetPolicy({1: 1.0, 2: 1.1, 4: 1.3, 6: 1.5, 8: 2.0, 12: 2.8}, candidates=[1, 3, 5, 7, 11], min_probe=3)
+    policy.observe_shadow(3, [0, 1, 2], verified=0)
+    assert policy.best(limit=100) == 3 and policy.shadow_size(limit=100) == 5
+    policy.observe_shadow(5, [0, 1, 2], verified=3)  # followed only partly: nothing changes
+    assert policy.shadow_size(limit=100) == 5
+    policy.observe_shadow(5, [0, 1, 2, 3, 4, 5], verified=3)  # every node followed
+    assert policy.shadow_size(limit=100) == 11 and policy.shadow_size(limit=100) == 5
+    policy.observe_shadow(5, [0, 1, 2, 3, 4, 5], verified=3)
+    assert policy.shadow_size(limit=8) == 7  # within the room left
