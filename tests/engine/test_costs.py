@@ -26,14 +26,20 @@ def true_cost(q: int) -> float:
     return 0.010 + 0.0005 * (q - 1)
 
 
+def slow_cost(q: int) -> float:
+    """A large model's passes: 250 ms for one token, 60 ms more per extra token (a 7B file here)."""
+    return 0.25 + 0.06 * (q - 1)
+
+
 class FakeRunner:
-    """Times passes on a fake clock: ``true_cost(q)``, plus ``burst`` seconds for the forward calls
+    """Times passes on a fake clock: ``cost(q)``, plus ``burst`` seconds for the forward calls
     whose index ``busy`` accepts (another program hogging the CPU)."""
 
     max_positions, vocab_size = 512, 16
 
-    def __init__(self, busy: Callable[[int], bool] = lambda call: False, burst: float = 1.0):
-        self.clock, self.calls, self.busy, self.burst = 0.0, 0, busy, burst
+    def __init__(self, busy: Callable[[int], bool] = lambda call: False, burst: float = 1.0,
+                 cost: Callable[[int], float] = true_cost):
+        self.clock, self.calls, self.busy, self.burst, self.cost = 0.0, 0, busy, burst, cost
 
     def reset(self, capacity: int) -> None:
         pass
@@ -42,7 +48,7 @@ class FakeRunner:
         self.clock += 0.1
 
     def forward(self, tokens, positions, mask):
-        self.clock += true_cost(len(tokens)) + (self.burst if self.busy(self.calls) else 0.0)
+        self.clock += self.cost(len(tokens)) + (self.burst if self.busy(self.calls) else 0.0)
         self.calls += 1
         return tokens
 
@@ -50,14 +56,18 @@ class FakeRunner:
         return hidden
 
 
-@pytest.fixture
-def runner(tmp_path, monkeypatch) -> FakeRunner:
-    """A fake runner whose clock the calibration reads, and a cache of the test's own."""
-    fake = FakeRunner()
+def installed(fake: FakeRunner, tmp_path, monkeypatch) -> FakeRunner:
+    """``fake``, whose clock the calibration now reads, with a cache of the test's own."""
     monkeypatch.setenv("FREESPEC_CACHE", str(tmp_path))
     monkeypatch.setattr(costs, "calibration_key", lambda _: "fake")
     monkeypatch.setattr(costs, "time", SimpleNamespace(perf_counter=lambda: fake.clock))
     return fake
+
+
+@pytest.fixture
+def runner(tmp_path, monkeypatch) -> FakeRunner:
+    """A fake runner whose clock the calibration reads, and a cache of the test's own."""
+    return installed(FakeRunner(), tmp_path, monkeypatch)
 
 
 def cache_file(tmp_path):
@@ -216,28 +226,16 @@ def test_a_short_context_gets_the_sizes_that_fit_and_caches_them(runner, tmp_pat
     assert load_or_measure(runner) == measured and runner.calls == calls  # from the cache, not measured again
 
 
-class SlowRunner(FakeRunner):
-    """A large model's passes: 250 ms for one token, 60 ms more per extra token (a 7B file here)."""
-
-    def forward(self, tokens, positions, mask):
-        self.clock += 0.25 + 0.06 * (len(tokens) - 1)
-        self.calls += 1
-        return tokens
-
-
 def test_a_slow_model_times_the_small_sizes_and_prices_the_rest_from_the_largest(tmp_path, monkeypatch):
-    runner = SlowRunner()
-    monkeypatch.setenv("FREESPEC_CACHE", str(tmp_path))
-    monkeypatch.setattr(costs, "calibration_key", lambda _: "fake")
-    monkeypatch.setattr(costs, "time", SimpleNamespace(perf_counter=lambda: runner.clock))
+    runner = installed(FakeRunner(cost=slow_cost), tmp_path, monkeypatch)
     measured = load_or_measure(runner)
     timed = measured.timed
     assert timed == [q for q in SIZES if q <= timed[-1]] and 4 <= timed[-1] < SIZES[-1]
     assert runner.calls == 4 * len(timed)  # a warm-up and three rounds of the timed sizes only
-    assert sum(0.25 + 0.06 * (q - 1) for q in timed) <= costs.WARM_UP_SECONDS
+    assert sum(slow_cost(q) for q in timed) <= costs.WARM_UP_SECONDS
     last = timed[-1]
     for q in SIZES:
-        truth = 0.25 + 0.06 * (q - 1)
+        truth = slow_cost(q)
         if q in timed:
             assert measured[q] == pytest.approx(truth)
         else:  # the largest timed size's cost per token: never cheaper than the truth
@@ -251,12 +249,12 @@ def test_a_fast_model_times_every_size(runner):
     assert load_or_measure(runner).timed == list(SIZES)
 
 
-class PrefillTimedRunner(SlowRunner):
-    """...whose prompt tokens take ``per_token`` seconds each to prefill; records the positions its
-    passes start at."""
+class PrefillTimedRunner(FakeRunner):
+    """A large model (:func:`slow_cost`) whose prompt tokens take ``per_token`` seconds each to
+    prefill; records the positions its passes start at."""
 
     def __init__(self, per_token: float):
-        super().__init__()
+        super().__init__(cost=slow_cost)
         self.per_token, self.prefilled, self.starts = per_token, 0, set()
 
     def prefill(self, tokens) -> None:

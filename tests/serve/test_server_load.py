@@ -17,7 +17,6 @@ from tests.helpers import load_benchmark, metric
 pytestmark = pytest.mark.real_model  # the real SmolLM2-135M GGUF: skip with -m 'not real_model'
 
 
-
 def load_script():
     return load_benchmark("serve_load")
 
