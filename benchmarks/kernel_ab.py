@@ -9,7 +9,7 @@ build's median ms per pass, the median of the paired ratios (base / working tree
 working tree is faster) and whether the two builds' logits had the same bits, as a change that
 keeps the kernels' contract must.
 
-    python benchmarks/kernel_ab.py --base HEAD~1 [--model PATH] [--sizes 1,2,4,8] [--rounds 30]
+    python benchmarks/kernel_ab.py --base HEAD~1 [--model PATH] [--sizes 1,2,4,8] [--rounds 30] [--context 256]
 
 The base revision's ``freespec.h`` must declare what the working tree's does (comments aside:
 both builds are called through one ABI); ``FREESPEC_KERNEL_ISA=avx2`` compares the AVX2 builds.
@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="1,2,4,8", help="tokens per pass, comma-separated")
     parser.add_argument("--rounds", type=int, default=30, help="alternations of the two builds per size")
     parser.add_argument("--batch", type=int, default=10, help="passes per build and round")
+    parser.add_argument("--context", type=int, default=CONTEXT, help=f"cached tokens before each pass (default {CONTEXT})")
     parser.add_argument("--whole-head", action="store_true",
                         help="time every pass with all its logits (default: a greedy step's, the exact greedy head's maxima)")
     args = parser.parse_args(argv)
@@ -129,10 +130,10 @@ def main(argv: list[str] | None = None) -> int:
         base = CKernels(build_revision(args.base, working.isa, Path(directory)), working.isa)
         runners = {"base": Model(loaded, kernels=base).runner, "working tree": Model(loaded, kernels=working).runner}
         rows = paired_costs(runners, [int(size) for size in args.sizes.split(",")], args.rounds, args.batch,
-                            whole_head=args.whole_head)
+                            cached=args.context, whole_head=args.whole_head)
     head = "all logits" if args.whole_head else "a greedy step's maxima"
     print(f"{working.isa} kernels, {torch.get_num_threads()} threads, {args.rounds} rounds of {args.batch} passes "
-          f"after {CONTEXT} cached tokens ({head}), base {args.base}\n")
+          f"after {args.context} cached tokens ({head}), base {args.base}\n")
     print("| q | base ms | working tree ms | base / working tree (paired median) | same bits |")
     print("|---|---|---|---|---|")
     for row in rows:

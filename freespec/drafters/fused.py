@@ -3,10 +3,11 @@
 Each source proposes its best tree for the whole budget; identical paths are merged (as RASD
 merges retrieval and model drafts) and the ``budget`` best nodes are kept. Every source's scores
 are calibrated chances of acceptance (:mod:`freespec.drafters.scoring`), so they compare; a merged
-node's chance given its parent is the best its sources give, calibrated once more per set of
-sources that drafted it and per depth (two sources that agree are right more often than either
-alone, one that disagrees with another less often), learned from the merged nodes verification
-and shadow drafts tried. Scores are products along paths, so the kept nodes come best-first with
+node's chance given its parent is the best its sources give, calibrated once more per depth and
+per *group*: the sources that drafted it and those that drafted another token after its parent
+instead (two sources that agree are right more often than either alone; one that another
+contradicts less often than one the others left alone, as a stored answer's chain where Token
+Recycling's tree stops), learned from the merged nodes verification and shadow drafts tried. Scores are products along paths, so the kept nodes come best-first with
 parents before children and any prefix is again the best tree of its size.
 
 A source without scores gets ones that fall with its node order. After verification each source
@@ -45,9 +46,10 @@ def tree_scores(tree: DraftTree) -> np.ndarray:
 
 class Merged(NamedTuple):
     """A merged tree; per source, the merged index of each of its nodes (-1: cut); per merged
-    node what its calibration learns from: the group (the bitmask of the sources that drafted
-    it), the raw chance (the best any source gave it given its parent) and the depth; and the
-    tree's parents as a list (learning reads them every step)."""
+    node what its calibration learns from: the group (the bitmask of the sources that drafted it,
+    or'ed with the bitmask of those that drafted another child of its parent instead shifted left
+    by the number of sources), the raw chance (the best any source gave it given its parent) and
+    the depth; and the tree's parents as a list (learning reads them every step)."""
 
     tree: DraftTree
     where: list[list[int]]
@@ -71,8 +73,8 @@ def merge_trees(trees: list[DraftTree], budget: int,
     >>> merged = merge_trees([a, b], budget=3)  # 9→1 (0.8, both), 9→1→3 (0.8 · 1.0), 9→1→2 (0.8 · 0.75)
     >>> merged.tree.tokens.tolist(), merged.tree.parents.tolist(), merged.tree.scores.tolist()
     ([9, 1, 3, 2], [-1, 0, 1, 1], [1.0, 0.8, 0.8, 0.6])
-    >>> merged.where, merged.groups  # node 1 drafted by both sources (bits 1 and 2)
-    ([[0, 1, 3], [0, 1, 2, -1]], [0, 3, 2, 1])
+    >>> merged.where, merged.groups  # 9→1 drafted by both (bits 1, 2); 9→1→3 by b against a's 2 (2 | 1 << 2)
+    ([[0, 1, 3], [0, 1, 2, -1]], [0, 3, 6, 9])
     """
     root = int(trees[0].tokens[0])
     if any(int(t.tokens[0]) != root for t in trees):
@@ -103,6 +105,11 @@ def merge_trees(trees: list[DraftTree], budget: int,
                 groups[node] |= bit
                 index.append(node)
         merged_index.append(index)
+    opinions = [0] * len(tokens)  # per node: the sources that drafted some child of it
+    for node in range(1, len(tokens)):
+        opinions[parents[node]] |= groups[node]
+    for node in range(1, len(tokens)):  # and those that drafted another child of its parent instead
+        groups[node] |= (opinions[parents[node]] & ~groups[node]) << len(trees)
     scores = [1.0]
     for node in range(1, len(tokens)):  # parents come first
         scores.append(scores[parents[node]] * calibrate(groups[node], depths[node], raw[node]))
@@ -185,8 +192,9 @@ class Fused(BaseDrafter):
         top_k = {d.reads_top_k for d in drafters if d.reads_logits}
         self.reads_top_k = top_k.pop() if len(top_k) == 1 else 0
         self.learning_optional = all(d.learning_optional for d in drafters)
-        # how often a merged node is accepted, per set of sources that drafted it (a bitmask) and depth
-        self.calibration = DepthCalibration(groups=1 << len(drafters))
+        # how often a merged node is accepted, per depth and group: the sources that drafted it and
+        # those that drafted another child of its parent (two bitmasks, see Merged)
+        self.calibration = DepthCalibration(groups=1 << (2 * len(drafters)))
         self._proposed: tuple[Merged, list[DraftTree]] | None = None
         # the last proposals (merged, sources' trees), for shadows that resolve later
         self._recent: deque[tuple[Merged, list[DraftTree]]] = deque(maxlen=64)

@@ -210,6 +210,30 @@ def test_fused_calibration_learns_that_agreeing_sources_are_right_more_often():
     assert score[1] > 0.6 and score[5] < 0.05 and score[6] < 0.05  # untrained: 0.5, 0.25 and 0.25
 
 
+def test_fused_calibration_tells_a_node_another_source_contradicts_from_one_it_left_alone():
+    """A stored answer's chain past where Token Recycling's tree stops is right far more often than
+    a node another source drafted another token against: the two are calibrated apart."""
+    a, b = FixedDrafter([9, 1, 2], [-1, 0, 1]), FixedDrafter([9, 1], [-1, 0])
+    a.tree = DraftTree(np.array([9, 1, 2]), np.array([-1, 0, 1]), np.array([1.0, 0.55, 0.55**2]))  # a bin's centre
+    fused = Fused([a, b])
+    fused.calibration.refresh = 1
+    contradicting, leaving = DraftTree(np.array([9, 1, 7]), np.array([-1, 0, 1])), DraftTree(np.array([9, 1]), np.array([-1, 0]))
+
+    def step(b_tree: DraftTree, truth: int | None = None) -> dict[int, float]:
+        b.tree = b_tree
+        tree = fused.propose(np.array([9]), 3)
+        if truth is not None:
+            path = [0, tree.child_holding(0, 1)]
+            fused.learn(tree, torch.zeros(len(tree), 1), [*path, tree.child_holding(path[-1], truth)])
+        return dict(zip(tree.tokens.tolist(), tree.scores.tolist()))
+
+    for _ in range(30):  # after 9 → 1: b's 7 when b drafts it, else a's 2
+        step(contradicting, 7)
+        step(leaving, 2)
+    alone, against = step(leaving), step(contradicting)
+    assert alone[2] / alone[1] > 0.8 and against[2] / against[1] < 0.2  # untrained: 0.55 both
+
+
 class ShadowLearningFixedDrafter(FixedDrafter):
     """Test-only source that also learns from shadow drafts; records what it is told."""
 

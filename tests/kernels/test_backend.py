@@ -81,6 +81,42 @@ def test_the_tree_layout_has_one_home_in_c(n, c_kernels):
         assert attention._causal == int(torch.equal(mask, causal))
 
 
+@pytest.mark.parametrize("heads, kv_heads, dim, window", [(9, 3, 64, None), (4, 1, 256, 24), (6, 3, 128, None),
+                                                          (8, 2, 64, None), (15, 5, 64, 30)])
+def test_a_row_attends_to_the_same_bits_in_a_prefill_chunk_a_chain_or_alone_on_any_threads(heads, kv_heads, dim,
+                                                                                          window, c_kernels):
+    """A row's attention has one set of bits whether a prefill chunk's causal path computes it, a
+    chain of draft rows or a decoding step, and whatever the threads: also with KV heads that do
+    not share evenly among them (SmolLM2's 3 on two threads, Gemma 3's one of 256 columns) and
+    sliding windows."""
+    geometry = kernels.Heads(heads, kv_heads, dim, dim**-0.5)
+    total = 44  # a 41-token chunk (the causal path: 32 rows or more), then a chain of 3, or 3 steps of 1
+    generator = torch.Generator().manual_seed(dim + kv_heads)
+    qkv = torch.randn(total, (heads + 2 * kv_heads) * dim, generator=generator)
+    positions = torch.arange(total)
+
+    def attend(splits: list[int]) -> torch.Tensor:
+        keys, values = torch.zeros(kv_heads, total, dim), torch.zeros(kv_heads, total, dim)
+        outputs, past = [], 0
+        for n in splits:
+            attention = c_kernels.attention(past, torch.ones(n, n, dtype=torch.bool).tril(), geometry,
+                                            positions[past : past + n])
+            outputs.append(attention(qkv[past : past + n], keys, values, window=window))
+            past += n
+        return torch.cat(outputs)
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        expected = attend([total])  # one causal chunk
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            assert torch.equal(attend([total - 3, 3]), expected), f"a chain of 3 on {count} threads"
+            assert torch.equal(attend([total - 3, 1, 1, 1]), expected), f"single rows on {count} threads"
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_the_guard_refuses_arrays_c_would_misread(c_kernels):
     """A wrong width read past the weights (a segfault) and fp16 bits were read as fp32: every
     array now passes dtype, shape and contiguity checks before C sees its address."""
