@@ -7,18 +7,25 @@ node's chance given its parent is the best its sources give, calibrated once mor
 per *group*: the sources that drafted it and those that drafted another token after its parent
 instead (two sources that agree are right more often than either alone; one that another
 contradicts less often than one the others left alone, as a stored answer's chain where Token
-Recycling's tree stops), learned from the merged nodes verification and shadow drafts tried. Scores are products along paths, so the kept nodes come best-first with
-parents before children and any prefix is again the best tree of its size.
+Recycling's tree stops), learned from the merged nodes verification and shadow drafts tried.
+Scores are products along paths, so the kept nodes come best-first with parents before children
+and any prefix is again the best tree of its size.
 
 A source without scores gets ones that fall with its node order. After verification each source
 learns from the longest prefix of its own tree that was verified, in its own node numbering (the
 engine may verify only a prefix of the merged tree: a shadow draft, see :mod:`freespec.engine.budget`),
 and once the shadow resolves, each source hears about the rest of its part.
+
+A source whose learning is a cache (Token Recycling's rows) must earn its time: the tokens only it
+drafted, at what a token costs in these steps, against the seconds it spends drafting and learning
+(:class:`SourceUse`). One that does not sits out for a while, so that a fusion costs about what its
+useful members do.
 """
 
 from __future__ import annotations
 
 import sys
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import NamedTuple
@@ -175,6 +182,56 @@ def rows_of(logits: torch.Tensor | TopCandidates, rows: list[int]) -> torch.Tens
     return torch.index_select(logits, 0, torch.tensor(rows))
 
 
+SOURCE_WATCH_STEPS = 32
+"""Steps a source that may sit out is watched before it is judged (see :class:`SourceUse`)."""
+
+SOURCE_REST_STEPS = (64, 1024)
+"""The first and the longest rest of a source whose drafts did not pay for their time: each rest
+that ends in the same verdict doubles the next."""
+
+
+class SourceUse:
+    """What a fused source brings and costs over the steps since it last (re)joined: the tokens
+    verification accepted that only it had drafted, at the seconds a token takes in these steps,
+    against the seconds its drafting and learning took. A source whose learning is optional (a
+    cache of the model's predictions, Token Recycling's rows) and whose tokens did not pay for
+    its time sits out for a while, drafting and learning nothing, then is watched again.
+
+    >>> use = SourceUse()  # 0.2 ms of drafting and learning a step; 8 ms steps of 2 tokens
+    >>> all(use.record(seconds=0.0002, sole=0, step_seconds=0.008, tokens=2) for _ in range(SOURCE_WATCH_STEPS))
+    True
+    >>> use.record(0.0002, 1, 0.008, 2), use.resting  # 1 token in 33 steps: 4 ms of value for 6.6 ms
+    (False, 64)
+    """
+
+    def __init__(self):
+        self.resting = 0  # steps left out of the current rest
+        self.drafting: float | None = None  # this step's seconds of drafting; None: it sat the step out
+        self._rest = SOURCE_REST_STEPS[0]  # the length of the next rest
+        self._start_watch()
+
+    def _start_watch(self) -> None:
+        self.steps, self.sole, self.seconds, self.step_seconds, self.tokens = 0, 0, 0.0, 0.0, 0
+
+    def record(self, seconds: float, sole: int, step_seconds: float, tokens: int) -> bool:
+        """One step the source took part in: its own seconds, its sole accepted tokens, the step's
+        seconds and emitted tokens. Returns whether it keeps drafting (else it rests from now)."""
+        self.steps += 1
+        self.sole += sole
+        self.seconds += seconds
+        self.step_seconds += step_seconds
+        self.tokens += tokens
+        if self.steps <= SOURCE_WATCH_STEPS:
+            return True
+        pays = self.sole * self.step_seconds / max(self.tokens, 1) >= self.seconds
+        if pays:
+            self._rest = SOURCE_REST_STEPS[0]
+        else:
+            self.resting, self._rest = self._rest, min(2 * self._rest, SOURCE_REST_STEPS[1])
+        self._start_watch()
+        return pays
+
+
 class Fused(BaseDrafter):
     """Drafters named ``a+b+...``: one tree from all of them, each learning from its part."""
 
@@ -187,11 +244,10 @@ class Fused(BaseDrafter):
         self.drafters = drafters
         self.wants_prompt_logits = any(d.wants_prompt_logits for d in drafters)
         self.shadow_drafts = all(d.shadow_drafts for d in drafters)
-        self.reads_logits = any(d.reads_logits for d in drafters)
-        # the members that read logits read only top candidates, the same k of them: so may the fusion
-        top_k = {d.reads_top_k for d in drafters if d.reads_logits}
-        self.reads_top_k = top_k.pop() if len(top_k) == 1 else 0
         self.learning_optional = all(d.learning_optional for d in drafters)
+        # per source, what it brings and costs; only a source whose learning is a cache may sit out
+        self.uses = [SourceUse() if drafter.learning_optional else None for drafter in drafters]
+        self._step_started: float | None = None  # when the last proposal began: a step's time runs from it
         # how often a merged node is accepted, per depth and group: the sources that drafted it and
         # those that drafted another child of its parent (two bitmasks, see Merged)
         self.calibration = DepthCalibration(groups=1 << (2 * len(drafters)))
@@ -199,6 +255,20 @@ class Fused(BaseDrafter):
         # the last proposals (merged, sources' trees), for shadows that resolve later
         self._recent: deque[tuple[Merged, list[DraftTree]]] = deque(maxlen=64)
         self._no_rows: torch.Tensor | None = None  # [0, vocab]: what sources that read no logits get
+
+    def _active(self) -> list[Drafter]:
+        """The sources drafting now (not sitting out)."""
+        return [drafter for drafter, use in zip(self.drafters, self.uses) if use is None or not use.resting]
+
+    @property
+    def reads_logits(self) -> bool:
+        return any(drafter.reads_logits for drafter in self._active())
+
+    @property
+    def reads_top_k(self) -> int:
+        """The members that read logits read only top candidates, the same k of them: so may the fusion."""
+        top_k = {drafter.reads_top_k for drafter in self._active() if drafter.reads_logits}
+        return top_k.pop() if len(top_k) == 1 else 0
 
     def set_sampling(self, params: SamplingParams, generator: torch.Generator | None) -> None:
         """Sources draft point masses: the merged tree keeps no draft probabilities, and
@@ -215,7 +285,19 @@ class Fused(BaseDrafter):
             drafter.begin(prompt, prompt_logits if drafter.wants_prompt_logits else None)
 
     def propose(self, context: np.ndarray, budget: int) -> DraftTree:
-        trees = [drafter.propose(context, budget) for drafter in self.drafters]
+        self._step_started = time.perf_counter()
+        trees = []
+        for drafter, use in zip(self.drafters, self.uses):
+            if use is None:
+                trees.append(drafter.propose(context, budget))
+            elif use.resting:
+                use.resting -= 1
+                use.drafting = None
+                trees.append(DraftTree.root_only(int(context[-1])))
+            else:
+                started = time.perf_counter()
+                trees.append(drafter.propose(context, budget))
+                use.drafting = time.perf_counter() - started
         merged = merge_trees(trees, budget, self.calibration)
         self._proposed = (merged, trees)
         if self.shadow_drafts:
@@ -243,10 +325,18 @@ class Fused(BaseDrafter):
         teach(self.calibration, merged.parents[:verified_nodes], merged.groups, merged.shares, merged.depths,
               accepted, 1)
         unread = self._unread(logits)
-        for drafter, own, where in zip(self.drafters, trees, merged.where):
+        step_seconds = time.perf_counter() - self._step_started if self._step_started is not None else 0.0
+        low = (1 << len(self.drafters)) - 1  # a group's bits of the sources that drafted the node
+        for source, (drafter, own, where, use) in enumerate(zip(self.drafters, trees, merged.where, self.uses)):
+            if use is not None and use.drafting is None:  # it sat this step out: nothing to learn
+                continue
             verified, path = source_view(where, accepted, verified_nodes)
+            started = time.perf_counter()
             drafter.learn(own.prefix(verified), rows_of(logits, where[:verified]) if drafter.reads_logits else unread,
                           path)
+            if use is not None:
+                sole = sum(merged.groups[node] & low == 1 << source for node in accepted[1:])
+                use.record(use.drafting + time.perf_counter() - started, sole, step_seconds, len(accepted))
 
     def _unread(self, logits: torch.Tensor | TopCandidates) -> torch.Tensor | TopCandidates:
         """No rows of ``logits``, for the sources that read none: one empty tensor kept while the

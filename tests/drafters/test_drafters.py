@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -27,6 +28,7 @@ from freespec.drafters import (
     create,
     datastore,
 )
+from freespec.drafters.fused import SOURCE_REST_STEPS, SOURCE_WATCH_STEPS
 from freespec.drafters.ngram_trie import NgramTrie
 from freespec.engine.tree import DraftTree
 from tests.helpers import PROMPTS, generate, make_model, word_tokenizer
@@ -232,6 +234,59 @@ def test_fused_calibration_tells_a_node_another_source_contradicts_from_one_it_l
         step(leaving, 2)
     alone, against = step(leaving), step(contradicting)
     assert alone[2] / alone[1] > 0.8 and against[2] / against[1] < 0.2  # untrained: 0.55 both
+
+
+class CacheDrafter(FixedDrafter):
+    """Test-only source whose learning is a cache of the model's top candidates, as Token Recycling's."""
+
+    learning_optional = True
+    reads_top_k = 8
+
+    def __init__(self, tokens: list[int], parents: list[int]):
+        super().__init__(tokens, parents)
+        self.proposals = 0
+
+    def propose(self, context, budget) -> DraftTree:
+        self.proposals += 1
+        return self.tree
+
+
+def fused_steps(fused: Fused, count: int, truth: int, forward_seconds: float = 0.0) -> list[list[int]]:
+    """``count`` steps of ``fused`` whose text goes on with ``truth``; the tokens of each draft."""
+    drafts = []
+    for _ in range(count):
+        tree = fused.propose(np.array([9]), 3)
+        time.sleep(forward_seconds)
+        child = tree.child_holding(0, truth)
+        fused.learn(tree, torch.zeros(len(tree), 1), [0] if child is None else [0, child])
+        drafts.append(tree.tokens.tolist())
+    return drafts
+
+
+def test_a_fused_source_whose_drafts_do_not_pay_for_its_time_sits_out_then_is_watched_again():
+    """A cache-learning source (Token Recycling) that brought no token the others had not drafted
+    drafts nothing for 64 steps after 33 watched ones: it is not asked, learns nothing, and the
+    fusion no longer asks the engine for top candidates; then it is watched again."""
+    copy, cache = FixedDrafter([9, 1, 2], [-1, 0, 1]), CacheDrafter([9, 5], [-1, 0])
+    copy.reads_logits = False
+    fused = Fused([copy, cache])
+    assert fused.reads_logits and fused.reads_top_k == 8
+    drafts = fused_steps(fused, SOURCE_WATCH_STEPS + 1, truth=1)  # 5 is never the next token
+    assert all(5 in draft for draft in drafts) and cache.proposals == SOURCE_WATCH_STEPS + 1
+    assert fused.uses[0] is None and fused.uses[1].resting == SOURCE_REST_STEPS[0]
+    assert not fused.reads_logits and fused.reads_top_k == 0  # the engine may skip its top candidates
+    learned = len(cache.updates)
+    drafts = fused_steps(fused, SOURCE_REST_STEPS[0], truth=1)
+    assert not any(5 in draft for draft in drafts) and cache.proposals == SOURCE_WATCH_STEPS + 1
+    assert len(cache.updates) == learned and fused.uses[1].resting == 0
+    assert 5 in fused_steps(fused, 1, truth=1)[0] and fused.reads_logits  # watched again
+
+
+def test_a_fused_source_that_brings_tokens_worth_its_time_keeps_drafting():
+    copy, cache = FixedDrafter([9, 1, 2], [-1, 0, 1]), CacheDrafter([9, 5], [-1, 0])
+    fused = Fused([copy, cache])
+    drafts = fused_steps(fused, 2 * SOURCE_WATCH_STEPS, truth=5, forward_seconds=0.001)  # only it drafts 5
+    assert all(5 in draft for draft in drafts) and fused.uses[1].resting == 0
 
 
 class ShadowLearningFixedDrafter(FixedDrafter):
