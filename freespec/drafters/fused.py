@@ -316,8 +316,8 @@ class Fused(BaseDrafter):
                 and tree.parents.tolist() == proposed.parents[: len(tree)].tolist())
 
     def learn(self, tree: DraftTree, logits: torch.Tensor | TopCandidates, accepted: list[int]) -> None:
-        if not self._proposed_prefix(tree):
-            for drafter in self.drafters:
+        if not self._proposed_prefix(tree):  # a source sitting out learns nothing (its logits may not be there)
+            for drafter in self._active():
                 drafter.learn(tree, logits, accepted)
             return
         merged, trees = self._proposed

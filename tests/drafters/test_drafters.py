@@ -276,6 +276,8 @@ def test_a_fused_source_whose_drafts_do_not_pay_for_its_time_sits_out_then_is_wa
     assert fused.uses[0] is None and fused.uses[1].resting == SOURCE_REST_STEPS[0]
     assert not fused.reads_logits and fused.reads_top_k == 0  # the engine may skip its top candidates
     learned = len(cache.updates)
+    fused.learn(DraftTree.root_only(3), torch.zeros(0, 1), [0])  # a step the engine drafted nothing for
+    assert len(cache.updates) == learned and copy.updates[-1][0] == [3]
     drafts = fused_steps(fused, SOURCE_REST_STEPS[0], truth=1)
     assert not any(5 in draft for draft in drafts) and cache.proposals == SOURCE_WATCH_STEPS + 1
     assert len(cache.updates) == learned and fused.uses[1].resting == 0
