@@ -219,7 +219,8 @@ def test_fused_calibration_tells_a_node_another_source_contradicts_from_one_it_l
     a.tree = DraftTree(np.array([9, 1, 2]), np.array([-1, 0, 1]), np.array([1.0, 0.55, 0.55**2]))  # a bin's centre
     fused = Fused([a, b])
     fused.calibration.refresh = 1
-    contradicting, leaving = DraftTree(np.array([9, 1, 7]), np.array([-1, 0, 1])), DraftTree(np.array([9, 1]), np.array([-1, 0]))
+    contradicting = DraftTree(np.array([9, 1, 7]), np.array([-1, 0, 1]))
+    leaving = DraftTree(np.array([9, 1]), np.array([-1, 0]))
 
     def step(b_tree: DraftTree, truth: int | None = None) -> dict[int, float]:
         b.tree = b_tree
