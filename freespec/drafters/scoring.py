@@ -128,28 +128,35 @@ class DepthCalibration:
 
     def __init__(self, groups: int = 1, max_depth: int = 8, bins: int = 10, prior: float = 2.0, refresh: int = 32):
         self.groups, self.max_depth, self.bins, self.prior, self.refresh = groups, max_depth, bins, prior, refresh
-        # [group, depth, bin] flattened (depth 0 unused): plain lists, as each step counts a few nodes
-        self._hits = [0.0] * (groups * (max_depth + 1) * bins)
-        self._tries = [0.0] * (groups * (max_depth + 1) * bins)
+        # per group that has learned, [depth, bin] flattened (depth 0 unused): plain lists, as each step
+        # counts a few nodes; only groups seen take memory (a fusion of n sources names 4^n groups)
+        self._hits: dict[int, list[float]] = {}
+        self._tries: dict[int, list[float]] = {}
         self._centres = ((np.arange(bins) + 0.5) / bins).tolist()
-        self._maps: list[list[list[float]] | None] = [None] * groups  # [group][depth] → values at the knots
-        self._stale = [0] * groups  # per group: learning calls since its maps were built
+        self._maps: dict[int, list[list[float]]] = {}  # group → [depth] → values at the knots
+        self._stale: dict[int, int] = {}  # per group: learning calls since its maps were built
+
+    def _counts(self, counts: dict[int, list[float]]) -> np.ndarray:
+        everything = np.zeros((self.groups, self.max_depth + 1, self.bins))
+        for group, values in counts.items():
+            everything[group] = np.reshape(values, (self.max_depth + 1, self.bins))
+        return everything
 
     @property
     def hits(self) -> np.ndarray:
         """[group, depth, bin] the nodes accepted (a copy)."""
-        return np.array(self._hits).reshape(self.groups, self.max_depth + 1, self.bins)
+        return self._counts(self._hits)
 
     @property
     def tries(self) -> np.ndarray:
         """[group, depth, bin] the nodes tried (a copy)."""
-        return np.array(self._tries).reshape(self.groups, self.max_depth + 1, self.bins)
+        return self._counts(self._tries)
 
     def maps(self, group: int) -> list[list[float]]:
         """[depth] the calibrated chance at each knot (0, then the bin centres) for ``group``."""
-        size = (self.max_depth + 1) * self.bins
-        hits = np.array(self._hits[group * size : (group + 1) * size]).reshape(self.max_depth + 1, self.bins)
-        tries = np.array(self._tries[group * size : (group + 1) * size]).reshape(self.max_depth + 1, self.bins)
+        shape, size = (self.max_depth + 1, self.bins), (self.max_depth + 1) * self.bins
+        hits = np.reshape(self._hits.get(group, [0.0] * size), shape)
+        tries = np.reshape(self._tries.get(group, [0.0] * size), shape)
         above = np.array(self._centres)
         maps = [[0.0, *self._centres]]
         for depth in range(1, self.max_depth + 1):
@@ -159,8 +166,10 @@ class DepthCalibration:
 
     def __call__(self, group: int, depth: int, share: float) -> float:
         """Linear between the knots (0, then the bin centres, evenly spaced), constant beyond the last."""
-        maps = self._maps[group]
+        maps = self._maps.get(group)
         if maps is None:
+            if not 0 <= group < self.groups:
+                raise IndexError(f"calibration group {group} out of 0 .. {self.groups - 1}")
             maps = self._maps[group] = self.maps(group)
             self._stale[group] = 0
         values = maps[depth if depth < self.max_depth else self.max_depth]
@@ -174,14 +183,20 @@ class DepthCalibration:
 
     def learn(self, group: int, depths: Iterable[int], shares: Iterable[float], hits: Iterable[bool]) -> None:
         """Nodes of one group whose parent was accepted: their depths, shares and whether each was."""
-        bins, top, all_hits, all_tries = self.bins, self.max_depth, self._hits, self._tries
+        bins, top = self.bins, self.max_depth
+        group_hits, group_tries = self._hits.get(group), self._tries.get(group)
+        if group_hits is None:
+            if not 0 <= group < self.groups:
+                raise IndexError(f"calibration group {group} out of 0 .. {self.groups - 1}")
+            group_hits = self._hits[group] = [0.0] * ((top + 1) * bins)
+            group_tries = self._tries[group] = [0.0] * ((top + 1) * bins)
         for depth, share, hit in zip(depths, shares, hits):
-            index = (group * (top + 1) + min(depth, top)) * bins + min(int(share * bins), bins - 1)
-            all_tries[index] += 1.0
-            all_hits[index] += hit
-        self._stale[group] += 1
+            index = min(depth, top) * bins + min(int(share * bins), bins - 1)
+            group_tries[index] += 1.0
+            group_hits[index] += hit
+        self._stale[group] = self._stale.get(group, 0) + 1
         if self._stale[group] >= self.refresh:
-            self._maps[group] = None
+            self._maps.pop(group, None)
 
 
 def teach(calibration: DepthCalibration, parents: list[int], groups: list[int], shares: list[float],

@@ -237,6 +237,24 @@ def test_fused_calibration_tells_a_node_another_source_contradicts_from_one_it_l
     assert alone[2] / alone[1] > 0.8 and against[2] / against[1] < 0.2  # untrained: 0.55 both
 
 
+def test_a_fusion_of_many_sources_keeps_counts_only_for_the_groups_it_meets():
+    """Ten sources name 4^10 groups (who drafted a node, who drafted another child of its parent):
+    a table for each was 1.5 GB; only the groups met take memory."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        fused = Fused([FixedDrafter([9, token], [-1, 0]) for token in range(1, 11)])
+        fused.calibration.refresh = 1
+        for _ in range(20):
+            tree = fused.propose(np.array([9]), 4)
+            fused.learn(tree, torch.zeros(len(tree), 1), [0, tree.child_holding(0, 3)])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert fused.calibration.groups == 4**10 and peak < 8 << 20
+
+
 class CacheDrafter(FixedDrafter):
     """Test-only source whose learning is a cache of the model's top candidates, as Token Recycling's."""
 
