@@ -242,7 +242,6 @@ class Fused(BaseDrafter):
         if len(drafters) < 2:
             raise ValueError("a fused drafter needs at least two drafters")
         self.drafters = drafters
-        self.wants_prompt_logits = any(d.wants_prompt_logits for d in drafters)
         self.shadow_drafts = all(d.shadow_drafts for d in drafters)
         self.learning_optional = all(d.learning_optional for d in drafters)
         # per source, what it brings and costs; only a source whose learning is a cache may sit out
@@ -259,6 +258,10 @@ class Fused(BaseDrafter):
     def _active(self) -> list[Drafter]:
         """The sources drafting now (not sitting out)."""
         return [drafter for drafter, use in zip(self.drafters, self.uses) if use is None or not use.resting]
+
+    @property
+    def wants_prompt_logits(self) -> bool:
+        return any(drafter.wants_prompt_logits for drafter in self._active())
 
     @property
     def reads_logits(self) -> bool:
@@ -281,6 +284,8 @@ class Fused(BaseDrafter):
             drafter.set_tenant(tenant)
 
     def begin(self, prompt: np.ndarray, prompt_logits: torch.Tensor | None) -> None:
+        """Every source hears of the request (one sitting out too, without the prompt's logits,
+        which the engine computes only for the sources drafting now)."""
         for drafter in self.drafters:
             drafter.begin(prompt, prompt_logits if drafter.wants_prompt_logits else None)
 

@@ -260,6 +260,7 @@ class CacheDrafter(FixedDrafter):
 
     learning_optional = True
     reads_top_k = 8
+    wants_prompt_logits = True
 
     def __init__(self, tokens: list[int], parents: list[int]):
         super().__init__(tokens, parents)
@@ -289,11 +290,12 @@ def test_a_fused_source_whose_drafts_do_not_pay_for_its_time_sits_out_then_is_wa
     copy, cache = FixedDrafter([9, 1, 2], [-1, 0, 1]), CacheDrafter([9, 5], [-1, 0])
     copy.reads_logits = False
     fused = Fused([copy, cache])
-    assert fused.reads_logits and fused.reads_top_k == 8
+    assert fused.reads_logits and fused.reads_top_k == 8 and fused.wants_prompt_logits
     drafts = fused_steps(fused, SOURCE_WATCH_STEPS + 1, truth=1)  # 5 is never the next token
     assert all(5 in draft for draft in drafts) and cache.proposals == SOURCE_WATCH_STEPS + 1
     assert fused.uses[0] is None and fused.uses[1].resting == SOURCE_REST_STEPS[0]
     assert not fused.reads_logits and fused.reads_top_k == 0  # the engine may skip its top candidates
+    assert not fused.wants_prompt_logits  # and the prompt's logits at the next request's start
     learned = len(cache.updates)
     fused.learn(DraftTree.root_only(3), torch.zeros(0, 1), [0])  # a step the engine drafted nothing for
     assert len(cache.updates) == learned and copy.updates[-1][0] == [3]
