@@ -284,8 +284,8 @@ class Fused(BaseDrafter):
             drafter.set_tenant(tenant)
 
     def begin(self, prompt: np.ndarray, prompt_logits: torch.Tensor | None) -> None:
-        """Every source hears of the request (one sitting out too, without the prompt's logits,
-        which the engine computes only for the sources drafting now)."""
+        """Every source hears of the request, one sitting out too (the engine computes the prompt's
+        logits only when a source drafting now wants them; else each gets None)."""
         for drafter in self.drafters:
             drafter.begin(prompt, prompt_logits if drafter.wants_prompt_logits else None)
 
