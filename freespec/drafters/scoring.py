@@ -136,6 +136,11 @@ class DepthCalibration:
         self._maps: dict[int, list[list[float]]] = {}  # group → [depth] → values at the knots
         self._stale: dict[int, int] = {}  # per group: learning calls since its maps were built
 
+    def _check(self, group: int) -> None:
+        """A group's counts and maps are made on first use: one outside the groups is refused then."""
+        if not 0 <= group < self.groups:
+            raise IndexError(f"calibration group {group} out of 0 .. {self.groups - 1}")
+
     def _counts(self, counts: dict[int, list[float]]) -> np.ndarray:
         everything = np.zeros((self.groups, self.max_depth + 1, self.bins))
         for group, values in counts.items():
@@ -168,8 +173,7 @@ class DepthCalibration:
         """Linear between the knots (0, then the bin centres, evenly spaced), constant beyond the last."""
         maps = self._maps.get(group)
         if maps is None:
-            if not 0 <= group < self.groups:
-                raise IndexError(f"calibration group {group} out of 0 .. {self.groups - 1}")
+            self._check(group)
             maps = self._maps[group] = self.maps(group)
             self._stale[group] = 0
         values = maps[depth if depth < self.max_depth else self.max_depth]
@@ -186,8 +190,7 @@ class DepthCalibration:
         bins, top = self.bins, self.max_depth
         group_hits, group_tries = self._hits.get(group), self._tries.get(group)
         if group_hits is None:
-            if not 0 <= group < self.groups:
-                raise IndexError(f"calibration group {group} out of 0 .. {self.groups - 1}")
+            self._check(group)
             group_hits = self._hits[group] = [0.0] * ((top + 1) * bins)
             group_tries = self._tries[group] = [0.0] * ((top + 1) * bins)
         for depth, share, hit in zip(depths, shares, hits):
