@@ -241,23 +241,24 @@ def run_level(url: str, model_id: str, clients: int, prompts: list[str], max_tok
     check_loopback(url)
     outcomes: list[Timed] = []
     lock = threading.Lock()
-    waiting = list(reversed(prompts))
+    # each client's first prompt is its own before any thread starts: the opening burst is always
+    # the first ``clients`` prompts, however late a thread gets going
+    waiting = list(reversed(prompts[clients:]))
 
-    def client_loop() -> None:
+    def client_loop(prompt: str) -> None:
         client = openai.OpenAI(base_url=url.rstrip("/") + "/v1", api_key=api_key, max_retries=0, timeout=600)
         first = True
         while True:
-            with lock:
-                if not waiting:
-                    return
-                prompt = waiting.pop()
             outcome = _timed(client, model_id, prompt, max_tokens, extra)
             outcome.client_first, first = first, False
             with lock:
                 outcomes.append(outcome)
+                if not waiting:
+                    return
+                prompt = waiting.pop()
 
     started = time.perf_counter()
-    threads = [threading.Thread(target=client_loop, daemon=True) for _ in range(clients)]
+    threads = [threading.Thread(target=client_loop, args=(prompt,), daemon=True) for prompt in prompts[:clients]]
     for thread in threads:
         thread.start()
     for thread in threads:
