@@ -23,7 +23,7 @@ from freespec.engine.budget import BudgetPolicy
 from freespec.engine.costs import CostCurve, load_or_measure
 from freespec.engine.loop import Generation, GenerationStats
 from freespec.engine.sampling import SamplingParams
-from freespec.kernels import Kernels, release_worker_threads
+from freespec.kernels import Kernels, check_threads, release_worker_threads
 from freespec.kernels import select as select_kernels
 from freespec.model.hf_runner import Runner, make_runner, torch_device
 from freespec.model.loading import LoadedModel, ModelLoadError, return_freed_heap
@@ -231,7 +231,8 @@ def load(model: str | os.PathLike | None = None, *, threads: int | None = None, 
     """Load ``model`` (None: the embedded SmolLM2-135M-Instruct; a directory; a .gguf; a hub id).
 
     ``budget`` fixes the number of draft nodes per step instead of choosing it from measured costs.
-    ``threads`` sets torch's (and the kernels') thread count. ``tree_shape`` picks Token Recycling's
+    ``threads`` sets torch's (and the kernels') thread count, at most the CPUs this process may
+    use (ValueError otherwise). ``tree_shape`` picks Token Recycling's
     tree shape: ``dynamic`` (best-first by recycled probabilities) or ``static`` (the paper's template).
     ``datastore`` is the directory the ``retrieval`` drafter reads (``freespec datastore build``).
     ``draft_model`` (same forms as ``model``) is the smaller model, with the same tokenizer, that the
@@ -241,8 +242,8 @@ def load(model: str | os.PathLike | None = None, *, threads: int | None = None, 
     reuse). An unknown or unavailable device is a ValueError before anything loads.
     """
     torch_device(device)
-    if threads:
-        torch.set_num_threads(threads)
+    if threads is not None:
+        torch.set_num_threads(check_threads(threads))
     draft = None
     if draft_model is not None:
         try:

@@ -132,6 +132,13 @@ def _drafter_names(text: str) -> list[str]:
     return [_drafter_name(name.strip()) for name in text.split(",") if name.strip()]
 
 
+def _port(text: str) -> int:
+    value = _positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port, 1 to 65535; got {value}")
+    return value
+
+
 def _positive_seconds(text: str) -> float:
     try:
         value = float(text)
@@ -161,7 +168,8 @@ def _parser() -> argparse.ArgumentParser:
     model_options.add_argument("--model", help="model directory, .gguf file or hub id owner/name; anything "
                                "else is taken for a local path (default: the embedded SmolLM2-135M-Instruct)")
     model_options.add_argument("--threads", type=_positive_int, metavar="N",
-                               help="torch CPU threads (default: torch's, one per core)")
+                               help="torch CPU threads, at most the CPUs this process may use "
+                                    "(default: torch's, one per core)")
     model_options.add_argument("--device", default="cpu", metavar="DEVICE",
                                help="where the model runs: cpu, or any device torch has here (cuda, cuda:1, mps, "
                                     "...); the batch-invariant fast path is CPU-only, so there, and for families "
@@ -264,7 +272,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="the drafters a request may name, each built once at start; the --drafter is "
                             "always one (default: the --drafter and none)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
-    serve.add_argument("--port", type=_positive_int, default=8000, help="(default: 8000)")
+    serve.add_argument("--port", type=_port, default=8000, help="(default: 8000)")
     serve.add_argument("--api-key", action="append", metavar="KEY",
                        help="require 'Authorization: Bearer KEY' on every route but /health and /metrics; "
                             "repeat it for several tenants (default: $FREESPEC_API_KEY)")

@@ -37,7 +37,7 @@ from freespec.kernels.formats import (
     random_blocks,
     row_bytes,
 )
-from freespec.kernels.threads import release_worker_threads
+from freespec.kernels.threads import check_threads, release_worker_threads
 from freespec.kernels.weights import (
     DecoderLayer,
     GGMLWeight,
@@ -54,5 +54,6 @@ from freespec.kernels.weights import (
 __all__ = [
     "SUPPORTED_TYPES", "Attention", "CKernels", "DecoderLayer", "GGMLWeight", "Heads", "Kernels", "LayerNorm",
     "Linear", "Matrix", "ModelWeights", "OneCallDecoder", "PackedWeight", "PassSequence", "RMSNorm", "Rotation",
-    "Stacked", "ggml_type", "random_blocks", "release_worker_threads", "row_bytes", "select", "supported_isas",
+    "Stacked", "check_threads", "ggml_type", "random_blocks", "release_worker_threads", "row_bytes", "select",
+    "supported_isas",
 ]
