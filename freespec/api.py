@@ -124,6 +124,7 @@ class Model:
                 raise ValueError(f"the prompt must be a string, got {type(prompt).__name__}")
             if not prompt.strip():
                 raise ValueError("the prompt is empty")
+            _require_unicode(prompt, "the prompt")
             if not chat:
                 return self.tokenizer(prompt)["input_ids"]
             messages = [{"role": "user", "content": prompt}]
@@ -131,6 +132,8 @@ class Model:
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
         ):
             raise ValueError("messages must be a non-empty list of {'role': str, 'content': str}")
+        for index, message in enumerate(messages):
+            _require_unicode(message["content"], f"message {index}'s content")
         if not self.has_chat_template:
             raise ValueError(f"{self.name} has no chat template: pass a plain prompt without chat (--no-chat)")
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -223,6 +226,17 @@ class Model:
 
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+
+def _require_unicode(text: str, what: str) -> None:
+    """ValueError for text that UTF-8 cannot hold: a lone surrogate (JSON's unpaired ``\\ud800``,
+    or a byte of a non-UTF-8 terminal that Python kept in its argv), on which the tokenizer
+    fails with a TypeError."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(f"{what} is not valid Unicode text: character {error.start} is a lone surrogate "
+                         f"({text[error.start]!r}); is the input UTF-8?") from None
 
 
 def load(model: str | os.PathLike | None = None, *, threads: int | None = None, budget: int | None = None,

@@ -62,6 +62,14 @@ def test_more_threads_than_cpus_and_ports_past_65535_are_refused_in_one_line(tin
     assert err == "freespec: error: argument --port: must be a TCP port, 1 to 65535; got 99999 (see freespec serve --help)"
 
 
+def test_a_prompt_with_bytes_that_are_not_utf8_is_refused_in_one_line(tiny_model_dir, capsys):
+    """Python keeps a non-UTF-8 byte of argv as a lone surrogate, on which the tokenizer raised a
+    TypeError (a traceback)."""
+    err = run_error(capsys, ["generate", "caf\udce9", "--model", str(tiny_model_dir)])
+    assert err == ("freespec: error: the prompt is not valid Unicode text: character 3 is a lone surrogate "
+                   "('\\udce9'); is the input UTF-8?")
+
+
 def test_quiet_prints_no_stats(tiny_model_dir, capsys):
     assert main(["generate", PROMPT, "--model", str(tiny_model_dir), "--max-new-tokens", "4", "--quiet"]) == 0
     assert "[freespec]" not in capsys.readouterr().err

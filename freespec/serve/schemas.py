@@ -13,7 +13,7 @@ import time
 from typing import Any, Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from freespec.engine.sampling import OPTIONS, SAMPLING_KEYS
 from freespec.serve.metrics import accepted_per_position
@@ -36,10 +36,46 @@ class TextPart(_Strict):
     text: str
 
 
+def _json_type(value: Any) -> str:
+    """What a JSON value is, in JSON's words.
+
+    >>> _json_type(None), _json_type(5), _json_type([1]), _json_type(True)
+    ('null', 'a number', 'an array', 'a boolean')
+    """
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    kinds = {str: "a string", int: "a number", float: "a number", list: "an array", dict: "an object"}
+    return kinds.get(type(value), type(value).__name__)
+
+
 class Message(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart]
     name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_only(cls, content: Any) -> Any:
+        """Say what is wrong with content that is not text, rather than pydantic's complaint
+        about the union's first branch ("content.str: Input should be a valid string")."""
+        if isinstance(content, str):
+            return content
+        if not isinstance(content, list):
+            raise ValueError(f"a string or a list of text parts is needed, got {_json_type(content)}")
+        for index, part in enumerate(content):
+            if not isinstance(part, dict):
+                raise ValueError(f'part {index} is {_json_type(part)}, not an object {{"type": "text", "text": ...}}')
+            if "type" not in part:
+                raise ValueError(f'part {index} has no type (text parts are {{"type": "text", "text": ...}})')
+            if part["type"] != "text":
+                raise ValueError(f"part {index} has type {part['type']!r}: this model takes text parts only")
+            if not isinstance(part.get("text"), str):
+                raise ValueError(f"part {index} needs a string text, got {_json_type(part.get('text'))}")
+            if extra := sorted(set(part) - {"type", "text"}):
+                raise ValueError(f"part {index} has unsupported fields: {', '.join(extra)}")
+        return content
 
     @property
     def text(self) -> str:
@@ -140,7 +176,10 @@ def validation_message(error: dict) -> tuple[str, str | None]:
         return f"unsupported parameter: {field}", param
     if not field:
         return f"the request body must be a JSON object: {error.get('msg')}", None
-    return f"{field}: {error.get('msg')}", param
+    message = error.get("msg", "")
+    if kind == "value_error":  # a validator's own ValueError: its text alone
+        message = str(error.get("ctx", {}).get("error", message))
+    return f"{field}: {message}", param
 
 
 # ---------------------------------------------------------------- answers

@@ -191,8 +191,19 @@ CHAT_ERRORS = [
     ({"messages": []}, 400, "messages", "at least 1 item"),
     ({"messages": "hi"}, 400, "messages", "messages"),
     ({"messages": [{"role": "robot", "content": "w1"}]}, 400, "messages", "messages.0.role"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400,
-     "messages", "messages.0.content"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "w1"}, {"type": "image_url", "image_url": {
+        "url": "x"}}]}]}, 400, "messages", "messages.0.content: part 1 has type 'image_url': this model takes text parts only"),
+    ({"messages": [{"role": "user", "content": None}]}, 400, "messages",
+     "messages.0.content: a string or a list of text parts is needed, got null"),
+    ({"messages": [{"role": "user", "content": 5}]}, 400, "messages", "list of text parts is needed, got a number"),
+    ({"messages": [{"role": "user", "content": ["w1"]}]}, 400, "messages", "part 0 is a string, not an object"),
+    ({"messages": [{"role": "user", "content": [{"text": "w1"}]}]}, 400, "messages", "part 0 has no type"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, 400, "messages",
+     "part 0 needs a string text, got a number"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "w1", "cache_control": {}}]}]}, 400,
+     "messages", "part 0 has unsupported fields: cache_control"),
+    ({"messages": [{"role": "user", "content": "w1 \ud800"}]}, 400, "messages",  # a lone surrogate: a 500 before
+     "message 0's content is not valid Unicode text: character 3 is a lone surrogate"),
     ({"messages": [{"role": "user"}]}, 400, "messages", "missing required parameter: messages.0.content"),
     ({"messages": [MESSAGE], "max_tokens": 0}, 400, "max_tokens", "max_tokens"),
     ({"messages": [MESSAGE], "max_tokens": -3}, 400, "max_tokens", "max_tokens"),
@@ -234,6 +245,7 @@ COMPLETION_ERRORS = [
     ({"prompt": "w1", "logprobs": 2}, 400, "logprobs", "not supported"),
     ({"prompt": "w1", "suffix": "w2"}, 400, "suffix", "not supported"),
     ({"prompt": "w1", "max_tokens": 600}, 400, "max_tokens", "context"),
+    ({"prompt": "w1\udcff"}, 400, "prompt", "the prompt is not valid Unicode text: character 2 is a lone surrogate"),
 ]
 
 
@@ -252,6 +264,14 @@ def test_chat_client_mistakes_are_4xx(server, body, status, param, fragment):
 @pytest.mark.parametrize("body, status, param, fragment", COMPLETION_ERRORS)
 def test_completion_client_mistakes_are_4xx(server, body, status, param, fragment):
     check_error(*post(server + "/v1/completions", body)[:2], status, param, fragment)
+
+
+def test_text_parts_are_the_text_they_join(server):
+    parts = [{"type": "text", "text": "w1 w2"}, {"type": "text", "text": "w3"}]
+    answers = [post(server + "/v1/chat/completions", {"messages": [{"role": "user", "content": content}],
+                                                       "max_tokens": 6})[1] for content in (parts, "w1 w2\nw3")]
+    assert answers[0]["choices"][0]["message"] == answers[1]["choices"][0]["message"]
+    assert answers[0]["usage"]["prompt_tokens"] == answers[1]["usage"]["prompt_tokens"]
 
 
 def test_sampling_is_passed_on(server):
