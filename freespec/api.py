@@ -22,7 +22,7 @@ from freespec.drafters import DamagedStateError, Drafter, DrafterSettings, creat
 from freespec.engine.budget import BudgetPolicy
 from freespec.engine.costs import CostCurve, load_or_measure
 from freespec.engine.loop import Generation, GenerationStats
-from freespec.engine.sampling import SamplingParams
+from freespec.engine.sampling import SAMPLING_KEYS, SamplingParams
 from freespec.kernels import Kernels, check_threads, release_worker_threads
 from freespec.kernels import select as select_kernels
 from freespec.model.hf_runner import Runner, make_runner, torch_device
@@ -207,9 +207,17 @@ class Model:
         ``tenant`` (a server's API key) keeps drafters that learn text across requests (``suffix``)
         drafting each tenant's requests from that tenant's earlier ones only.
         """
+        if sampling is not None and not isinstance(sampling, SamplingParams):
+            raise TypeError(f"sampling must be a SamplingParams, got {type(sampling).__name__} "
+                            "(or give its fields as keywords: temperature=0.7, seed=3)")
+        if unknown := sorted(set(sampling_options) - set(SAMPLING_KEYS)):
+            raise TypeError(f"unexpected keyword argument {unknown[0]!r}; the sampling options are "
+                            f"{', '.join(SAMPLING_KEYS)}")
         sampling = dataclasses.replace(sampling or SamplingParams(), **sampling_options)
         if prompt_ids is None:
             prompt_ids = self.encode(prompt, messages, chat)
+        elif prompt is not None or messages is not None:
+            raise ValueError("give one of prompt, messages or prompt_ids")
         drafter_state, policy = self.drafter(drafter)
         if drafter_state is not None:
             drafter_state.set_tenant(tenant)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -103,6 +103,34 @@ class Step:
         return torch.from_numpy(self.tree.ancestor_mask)
 
 
+def token_id_list(ids: Sequence[int] | np.ndarray | torch.Tensor) -> list[int]:
+    """``ids`` as a list of ints: a list or tuple of integers, or an integer numpy array or tensor
+    of one row ([n], or a tokenizer's ``return_tensors`` batch of one, [1, n]). ValueError for
+    anything else, which would otherwise be truncated (1.5 → 1) or fail deep in a pass.
+
+    >>> token_id_list(np.array([[5, 7]])), token_id_list((5, np.int32(7)))
+    ([5, 7], [5, 7])
+    >>> token_id_list([5, 7.0])
+    Traceback (most recent call last):
+    ValueError: prompt_ids must be integer token ids, got 7.0
+    """
+    if isinstance(ids, (np.ndarray, torch.Tensor)):
+        if isinstance(ids, torch.Tensor):
+            integer = not (ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool)
+        else:
+            integer = np.issubdtype(ids.dtype, np.integer)
+        if not integer or ids.ndim > 2 or ids.ndim == 2 and ids.shape[0] != 1:
+            raise ValueError(f"prompt_ids must be one row of integer token ids, got an array of shape "
+                             f"{tuple(ids.shape)} and type {ids.dtype}")
+        return [int(i) for i in ids.reshape(-1).tolist()]
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+        raise ValueError(f"prompt_ids must be a list of integer token ids, got {type(ids).__name__}")
+    bad = next((i for i in ids if isinstance(i, bool) or not isinstance(i, (int, np.integer))), None)
+    if bad is not None:
+        raise ValueError(f"prompt_ids must be integer token ids, got {bad!r}")
+    return [int(i) for i in ids]
+
+
 class Generation:
     """One request in flight: iterate to receive token chunks as they are accepted.
 
@@ -121,10 +149,11 @@ class Generation:
                  prompt_ids: list[int], max_new_tokens: int, stop_ids: set[int], fixed_budget: int | None = None,
                  sampling: SamplingParams = SamplingParams(), reuse_prefix: bool = True,
                  should_stop: Callable[[], bool] | None = None):
+        prompt_ids = token_id_list(prompt_ids)
         if not prompt_ids:
             raise ValueError("the prompt is empty")
-        if max_new_tokens <= 0:
-            raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         if len(prompt_ids) >= runner.max_positions:
             raise ValueError(
                 f"the prompt has {len(prompt_ids)} tokens; the model's context is {runner.max_positions}"

@@ -347,6 +347,32 @@ def test_token_ids_and_positions_outside_the_tables_are_refused(family, backend,
     assert torch.equal(runner.logits(runner.forward(torch.tensor([4, 5]), torch.tensor([3, 4]), chain)), expected)
 
 
+def test_generate_takes_token_ids_as_a_list_an_array_or_a_tensor_and_refuses_what_is_not_ids():
+    """Floats were truncated (1.5 → 1), arrays and tensors failed with "truth value ... is
+    ambiguous", a str became "invalid literal for int()", and prompt with prompt_ids ran the ids."""
+    model = make_model("llama", seed=0)
+    expected = model.generate(prompt_ids=[1, 2, 3], drafter="none", max_new_tokens=4).token_ids
+    for ids in ((1, 2, 3), np.array([1, 2, 3], dtype=np.int32), torch.tensor([[1, 2, 3]])):
+        assert model.generate(prompt_ids=ids, drafter="none", max_new_tokens=4).token_ids == expected
+    refused = [([1.5, 2], "prompt_ids must be integer token ids, got 1.5"),
+               ([1, True], "prompt_ids must be integer token ids, got True"),
+               ("w1 w2", "prompt_ids must be a list of integer token ids, got str"),
+               (torch.tensor([1.0, 2.0]), r"one row of integer token ids, got an array of shape \(2,\) and type torch.float32"),
+               (np.ones((2, 3), dtype=np.int64), r"one row of integer token ids, got an array of shape \(2, 3\)")]
+    for ids, message in refused:
+        with pytest.raises(ValueError, match=message):
+            model.generate(prompt_ids=ids, max_new_tokens=4)
+    for count in (2.5, "5", True, 0):
+        with pytest.raises(ValueError, match=f"max_new_tokens must be a positive integer, got {count!r}"):
+            model.generate(prompt_ids=[1, 2], max_new_tokens=count)
+    with pytest.raises(ValueError, match="give one of prompt, messages or prompt_ids"):
+        model.generate("w1", prompt_ids=[1, 2], max_new_tokens=4)
+    with pytest.raises(TypeError, match="sampling must be a SamplingParams, got dict"):
+        model.generate(prompt_ids=[1, 2], max_new_tokens=4, sampling={"temperature": 0.5})
+    with pytest.raises(TypeError, match="unexpected keyword argument 'temprature'; the sampling options are temperature"):
+        model.generate(prompt_ids=[1, 2], max_new_tokens=4, temprature=0.5)
+
+
 def test_generate_names_a_prompt_id_outside_the_vocabulary():
     model = make_model("llama", seed=0)
     for drafter in ("none", "recycling"):
