@@ -454,15 +454,26 @@ def _parse_request(line: str, where: str) -> dict:
 def _generate_batch(args: argparse.Namespace) -> None:
     """Run each request in turn, writing each result at once to a temporary file beside the output.
 
-    The output is replaced by it when the batch ends, and also when it stops early (an error, an
-    interrupt) with results, which are kept; a batch that fails before its first result (the model
-    cannot load, the first line is bad) leaves the output as it was, and so does a killed process.
+    Every line's JSON, fields and sampling values are checked before the model loads, so a bad
+    line stops the batch before its first prompt rather than hours into it. The output is replaced
+    when the batch ends, and also when it stops early (an error the model finds in a line, an
+    interrupt) with results, which are kept; a batch that fails before its first result leaves the
+    output as it was, and so does a killed process.
     """
     from tqdm import tqdm
 
     from freespec.engine.loop import GenerationStats
 
-    requests = [(number, line) for number, line in enumerate(_read_lines(args.input), 1) if line.strip()]
+    requests = []  # (where, request)
+    for number, line in enumerate(_read_lines(args.input), 1):
+        if line.strip():
+            where = f"{args.input} line {number}: "
+            request = _parse_request(line, where)
+            try:
+                _sampling(args, request)
+            except ValueError as error:
+                raise UsageError(f"{where}{error}") from None
+            requests.append((where, request))
     try:
         output = AtomicFile(args.output)
     except OSError as error:
@@ -471,9 +482,7 @@ def _generate_batch(args: argparse.Namespace) -> None:
     with output, tqdm(total=len(requests), unit="prompt", disable=True if args.quiet else None) as progress:
         model = _load(args, args.budget)
         try:
-            for number, line in requests:
-                where = f"{args.input} line {number}: "
-                request = _parse_request(line, where)
+            for where, request in requests:
                 generation = _start(model, args, request, where)
                 for _ in generation:
                     pass

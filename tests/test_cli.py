@@ -131,13 +131,29 @@ def test_interrupted_batch_keeps_finished_lines(tiny_model_dir, tmp_path, monkey
     ('{"prompt": 5}', '"prompt" must be a non-empty string'),
     ('{"prompt": "   "}', '"prompt" must be a non-empty string'),
     ('{"messages": "w1"}', '"messages" must be a list'),
-    ('{"messages": [{"role": "user"}]}', "messages must be a non-empty list"),
     ('{"prompt": "w1", "max_new_tokens": 0}', '"max_new_tokens" must be a positive integer'),
     ('{"prompt": "w1", "max_new_tokens": 2.5}', '"max_new_tokens" must be a positive integer'),
     ('{"prompt": "w1", "max_new_tokens": true}', '"max_new_tokens" must be a positive integer'),
+    ('{"prompt": "w1", "temperature": "hot"}', "temperature must be a number in [0, 2], got 'hot'"),
+])
+def test_a_badly_formed_line_stops_the_batch_before_the_model_loads(tmp_path, capsys, line, message):
+    """Every line is checked first: a mistake on line 9,000 is not found hours in. The model named
+    does not even exist: the line is what the error names."""
+    source = write_jsonl(tmp_path / "prompts.jsonl", {"prompt": PROMPT}, "", {"prompt": "w3 w4"}, line,
+                         {"prompt": "w5"})
+    output = tmp_path / "out.jsonl"
+    output.write_text("yesterday's results\n")
+    err = run_error(capsys, ["generate", "--model", str(tmp_path / "no-model"), "--input", str(source),
+                             "--output", str(output)])
+    assert "prompts.jsonl line 4: " in err and message in err
+    assert output.read_text() == "yesterday's results\n"
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"messages": [{"role": "user"}]}', "messages must be a non-empty list"),
     pytest.param(json.dumps({"prompt": " ".join(["w1"] * 600)}), "context is 512", id="longer-than-context"),
 ])
-def test_bad_line_names_it_and_keeps_earlier_results(tiny_model_dir, tmp_path, capsys, line, message):
+def test_a_line_the_model_refuses_names_it_and_keeps_earlier_results(tiny_model_dir, tmp_path, capsys, line, message):
     source = write_jsonl(tmp_path / "prompts.jsonl", {"prompt": PROMPT}, "", {"prompt": "w3 w4"}, line,
                          {"prompt": "w5"})
     output = tmp_path / "out.jsonl"
