@@ -553,6 +553,7 @@ def _bench(args: argparse.Namespace) -> None:
         questions = bench.load_questions(args.questions or bench.DEFAULT_QUESTIONS,
                                          args.categories.split(",") if args.categories else None,
                                          args.per_category, args.limit)
+        _writable_folder(args.out)  # before the model loads, not after the first question
         model = _load(args, args.budget)
         setup = Setup(model, args.max_new_tokens, args.seed, _gguf_file(model),
                       sampling=sampling)
@@ -569,6 +570,18 @@ def _bench(args: argparse.Namespace) -> None:
     print((args.out / "summary.md").read_text())
     if not args.quiet:
         print(f"[freespec] {len(questions)} questions → {args.out}/ ({summary['machine']})", file=sys.stderr)
+
+
+def _writable_folder(path: Path) -> None:
+    """Make ``path`` a folder if it is none yet; UsageError if it cannot be one this process writes in."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UsageError(f"{path} is a file; --out names a folder") from None
+    except OSError as error:
+        raise UsageError(f"cannot write {path}: {error.strerror}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write {path}: permission denied")
 
 
 def _gguf_file(model: Model) -> Path | None:

@@ -423,6 +423,13 @@ def test_cli_bench_errors(tmp_path, capsys):
     assert "unknown methods: vllm" in capsys.readouterr().err
     assert main(["bench", "--methods", "none", "--baseline", "hf-greedy", "--questions", str(path)]) == 2
     assert "the baseline hf-greedy is not among --methods" in capsys.readouterr().err
+    # an --out that cannot be a folder is named before the model loads (a traceback after the load before)
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"question_id": 1, "category": "qa", "turns": ["w1"]}\n')
+    for out, message in ((good, f"{good} is a file; --out names a folder"),
+                         (good / "out", f"cannot write {good / 'out'}: Not a directory")):
+        assert main(["bench", "--questions", str(good), "--model", str(tmp_path / "no-model"), "--out", str(out)]) == 2
+        assert capsys.readouterr().err.strip() == f"freespec: error: {message}"
 
 
 def test_cli_bench_runs_and_notes_skipped_peers(tiny_model_dir, tmp_path, capsys, monkeypatch):
