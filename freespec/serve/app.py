@@ -413,6 +413,9 @@ def build_app(service: Serving, *, api_keys: Sequence[str] = (), max_body_bytes:
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, error: RequestValidationError):
         message, param = validation_message(error.errors()[0])
+        kind = request.headers.get("content-type", "")
+        if param is None and "json" not in kind:  # FastAPI reads a body as JSON only when it says so
+            message = f"send the body as JSON with Content-Type: application/json (this one's: {kind or 'none'})"
         endpoint = "chat" if request.url.path.endswith("chat/completions") else "completions"
         metrics.requests.inc(endpoint=endpoint, status="invalid")
         return error_response(400, message, param)

@@ -266,6 +266,13 @@ def test_completion_client_mistakes_are_4xx(server, body, status, param, fragmen
     check_error(*post(server + "/v1/completions", body)[:2], status, param, fragment)
 
 
+def test_a_json_body_sent_as_another_content_type_is_told_which_header_to_send(server):
+    """curl -d sends form encoding: the body's JSON object was reported as not one."""
+    for kind in ("application/x-www-form-urlencoded", "text/plain"):
+        status, body, _ = post(server + "/v1/chat/completions", {"messages": [MESSAGE]}, headers={"Content-Type": kind})
+        check_error(status, body, 400, None, f"send the body as JSON with Content-Type: application/json (this one's: {kind})")
+
+
 def test_text_parts_are_the_text_they_join(server):
     parts = [{"type": "text", "text": "w1 w2"}, {"type": "text", "text": "w3"}]
     answers = [post(server + "/v1/chat/completions", {"messages": [{"role": "user", "content": content}],
