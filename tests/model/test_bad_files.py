@@ -104,6 +104,16 @@ def test_a_safetensors_file_cut_short(checkpoint, capsys):
     assert "it is cut short or damaged (tensor " in one_line_error(capsys, checkpoint.parent)
 
 
+def test_a_config_that_fails_its_own_checks(checkpoint, capsys):
+    """transformers' config validation raised a huggingface_hub error that no except named: a traceback."""
+    path = checkpoint.parent / "config.json"
+    config = json.loads(path.read_text())
+    config["hidden_size"] = config["num_attention_heads"] * 8 + 1
+    path.write_text(json.dumps(config))
+    assert (f"cannot load {checkpoint.parent}: The hidden size ({config['hidden_size']}) is not a multiple of the number "
+            f"of attention heads ({config['num_attention_heads']})") in one_line_error(capsys, checkpoint.parent)
+
+
 def test_a_safetensors_header_that_is_not_json(checkpoint, capsys):
     data = bytearray(checkpoint.read_bytes())
     data[8:12] = b"\xff\xfe{["
