@@ -169,8 +169,12 @@ class Model:
 
     def save_state(self, path: str | os.PathLike) -> None:
         """Write Token Recycling's learned state to exactly ``path`` (an .npz archive whatever its
-        name), atomically, to warm a later process."""
-        self.drafter("recycling")[0].save(path)
+        name), atomically, to warm a later process. An OSError names ``path``, not the temporary
+        file beside it that the state is written to first."""
+        try:
+            self.drafter("recycling")[0].save(path)
+        except OSError as error:
+            raise type(error)(error.errno, error.strerror, os.fspath(path)) from None
 
     def load_state(self, path: str | os.PathLike) -> None:
         """Load a state written by :meth:`save_state` for this model's vocabulary.

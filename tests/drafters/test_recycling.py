@@ -198,6 +198,14 @@ def test_state_is_saved_to_exactly_the_path_given_and_atomically(tmp_path, monke
     assert [p.name for p in tmp_path.iterdir()] == ["warm.state"]  # and nothing is left behind
 
 
+def test_save_state_errors_name_the_path_given_not_the_temporary_file(tmp_path):
+    model = make_model("llama", 1)
+    for path, error in ((tmp_path / "missing" / "warm.state", FileNotFoundError), (tmp_path, IsADirectoryError)):
+        with pytest.raises(error) as raised:
+            model.save_state(path)
+        assert raised.value.filename == str(path) and ".tmp" not in str(raised.value)
+
+
 def test_damaged_state_files_are_refused_in_one_line_and_change_nothing(tmp_path):
     good = tmp_path / "good.npz"
     warm_recycling().save(good)
