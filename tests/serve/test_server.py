@@ -191,8 +191,9 @@ CHAT_ERRORS = [
     ({"messages": []}, 400, "messages", "at least 1 item"),
     ({"messages": "hi"}, 400, "messages", "messages"),
     ({"messages": [{"role": "robot", "content": "w1"}]}, 400, "messages", "messages.0.role"),
-    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "w1"}, {"type": "image_url", "image_url": {
-        "url": "x"}}]}]}, 400, "messages", "messages.0.content: part 1 has type 'image_url': this model takes text parts only"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "w1"},
+                                                 {"type": "image_url", "image_url": {"url": "x"}}]}]},
+     400, "messages", "messages.0.content: part 1 has type 'image_url': this model takes text parts only"),
     ({"messages": [{"role": "user", "content": None}]}, 400, "messages",
      "messages.0.content: a string or a list of text parts is needed, got null"),
     ({"messages": [{"role": "user", "content": 5}]}, 400, "messages", "list of text parts is needed, got a number"),
@@ -270,7 +271,8 @@ def test_a_json_body_sent_as_another_content_type_is_told_which_header_to_send(s
     """curl -d sends form encoding: the body's JSON object was reported as not one."""
     for kind in ("application/x-www-form-urlencoded", "text/plain"):
         status, body, _ = post(server + "/v1/chat/completions", {"messages": [MESSAGE]}, headers={"Content-Type": kind})
-        check_error(status, body, 400, None, f"send the body as JSON with Content-Type: application/json (this one's: {kind})")
+        check_error(status, body, 400, None,
+                    f"send the body as JSON with Content-Type: application/json (this one's: {kind})")
 
 
 def test_text_parts_are_the_text_they_join(server):
