@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 USAGE_ERROR = 2
 INTERRUPTED = 130
+BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a tool killed by it
 DEFAULT_MAX_NEW_TOKENS = 256
 
 
@@ -315,6 +316,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("freespec: interrupted", file=sys.stderr)
         return INTERRUPTED
+    except BrokenPipeError:  # `freespec generate ... | head`: the reader left, as a SIGPIPE'd tool would
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return BROKEN_PIPE
     return 0
 
 

@@ -216,6 +216,16 @@ def test_python_dash_m_runs_the_cli():
     assert done.returncode == 0 and done.stdout == f"freespec {freespec.__version__}\n"
 
 
+def test_a_reader_that_leaves_early_ends_the_run_quietly(tiny_model_dir):
+    """`freespec generate ... | head` printed a BrokenPipeError traceback."""
+    process = subprocess.Popen([sys.executable, "-m", "freespec", "generate", PROMPT, "--model", str(tiny_model_dir),
+                                "--max-new-tokens", "8"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO,
+                               env={**os.environ, "PYTHONPATH": str(REPO)})
+    process.stdout.close()  # the reader is gone before the first token is written
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == cli.BROKEN_PIPE and b"Traceback" not in err and b"Error" not in err, err
+
+
 def test_help_and_argument_errors_import_neither_torch_nor_transformers():
     """They took 3.5-5 s, most of it importing torch and transformers that they do not need."""
     script = """
