@@ -190,7 +190,8 @@ def _parser() -> argparse.ArgumentParser:
 
     generate = commands.add_parser("generate", parents=[model_options, _sampling_options()], help="generate text",
                                    description="Stream one completion to stdout, or run a JSONL batch.")
-    generate.add_argument("prompt", nargs="?", metavar="PROMPT", help="the prompt (omit with --input)")
+    generate.add_argument("prompt", nargs="?", metavar="PROMPT",
+                          help="the prompt; - reads it from standard input (omit with --input)")
     generate.add_argument("--drafter", type=_drafter_name, default=DEFAULT_DRAFTER, metavar="NAME",
                           help="draft source: {drafters}, or several joined by '+' "
                                f"(one fused tree); none is plain greedy decoding (default: {DEFAULT_DRAFTER})")
@@ -389,6 +390,11 @@ def _summary(stats: GenerationStats, drafter: str) -> str:
 
 
 def _generate(args: argparse.Namespace) -> None:
+    if args.prompt == "-" and args.input is None:
+        try:  # a prompt too long, or too awkward to quote, for an argument; UTF-8 whatever the locale
+            args.prompt = sys.stdin.buffer.read().decode("utf-8")
+        except UnicodeDecodeError:
+            raise UsageError("standard input is not UTF-8 text") from None
     if args.input is None and args.output is None:
         if args.prompt is None:
             raise UsageError("give a PROMPT, or --input and --output for a batch")

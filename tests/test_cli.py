@@ -226,6 +226,18 @@ def test_a_reader_that_leaves_early_ends_the_run_quietly(tiny_model_dir):
     assert process.returncode == cli.BROKEN_PIPE and b"Traceback" not in err and b"Error" not in err, err
 
 
+def test_a_dash_reads_the_prompt_from_standard_input(tiny_model_dir):
+    prompt = "w1 w2\nw3"
+    expected = freespec.load(str(tiny_model_dir)).generate(prompt, max_new_tokens=6, drafter="none").text
+    command = [sys.executable, "-m", "freespec", "generate", "-", "--model", str(tiny_model_dir), "--max-new-tokens", "6",
+               "--drafter", "none", "--quiet"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(command, input=prompt.encode(), capture_output=True, env=env, cwd=REPO)
+    assert done.returncode == 0 and done.stdout.decode() == expected + "\n", done.stderr
+    done = subprocess.run(command, input=b"caf\xe9", capture_output=True, env=env, cwd=REPO)
+    assert done.returncode == 2 and done.stderr == b"freespec: error: standard input is not UTF-8 text\n"
+
+
 def test_help_and_argument_errors_import_neither_torch_nor_transformers():
     """They took 3.5-5 s, most of it importing torch and transformers that they do not need."""
     script = """
