@@ -101,6 +101,7 @@ def load(isa: str) -> ctypes.CDLL | None:
         return None
     target = cache_dir() / "kernels" / f"kernels-{digest(isa)}.so"
     if not target.exists():
+        log.warning("building the kernels for this machine (once, about 10 s)...")  # else a silent pause
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             built = Path(tmp) / target.name

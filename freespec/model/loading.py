@@ -287,7 +287,7 @@ def gguf_metadata(gguf: Path) -> Path:
     target = cache_dir() / "gguf" / hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:24]
     if (target / "config.json").is_file():
         return target
-    log.info("reading the config and tokenizer of %s (once; cached in %s)", gguf.name, target)
+    log.warning("reading the config and tokenizer of %s (once; cached in %s)...", gguf.name, target)
     try:
         config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

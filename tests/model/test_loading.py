@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import shutil
@@ -84,6 +85,15 @@ def test_a_concurrent_metadata_build_that_finishes_first_is_used(fake_gguf, monk
     assert not list(target.glob("*.safetensors"))  # no weights
     assert sorted(p.name for p in target.parent.iterdir()) == [target.name]  # our copy was cleaned up
     assert gguf_metadata(fake_gguf) == target
+
+
+def test_the_first_read_of_a_files_metadata_says_so_and_the_second_is_silent(fake_gguf, caplog):
+    """It takes seconds (Gemma's tokenizer: most of a 38 s first load) that were a silent pause."""
+    with caplog.at_level(logging.WARNING, logger="freespec"):
+        gguf_metadata(fake_gguf)
+        gguf_metadata(fake_gguf)
+    notes = [record.getMessage() for record in caplog.records]
+    assert len(notes) == 1 and notes[0].startswith(f"reading the config and tokenizer of {fake_gguf.name} (once; ")
 
 
 def test_an_incomplete_metadata_folder_is_replaced(fake_gguf):
