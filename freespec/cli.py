@@ -604,6 +604,8 @@ def _datastore_build(args: argparse.Namespace) -> None:
     from freespec.drafters import datastore
     from freespec.model.loading import ModelLoadError, load_tokenizer
 
+    if args.corpus.is_dir():
+        raise UsageError(f"{args.corpus} is a folder; the corpus is one text or JSONL file")
     if not args.corpus.is_file():
         raise UsageError(f"corpus not found: {args.corpus}")
     try:

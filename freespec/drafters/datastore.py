@@ -106,6 +106,8 @@ def build(documents: Iterable[str], tokenizer, out: Path, batch: int = 256) -> d
     chunk: list[str] = []
 
     def flush():
+        if not chunk:  # the tokenizer fails on an empty batch (an empty corpus)
+            return
         for ids in tokenizer(chunk, add_special_tokens=False)["input_ids"]:
             pieces.append(np.array([*ids, SEPARATOR], dtype=np.int32))
         chunk.clear()

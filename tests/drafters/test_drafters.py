@@ -426,6 +426,12 @@ def test_datastore_build_reports_bad_corpora(tmp_path, tiny_model_dir, capsys):
     assert "bad.jsonl line 2: no text in this record" in capsys.readouterr().err
     assert main(["datastore", "build", str(tmp_path / "missing.txt"), "-o", str(tmp_path / "s")]) == 2
     assert "corpus not found" in capsys.readouterr().err
+    assert main(["datastore", "build", str(tmp_path), "-o", str(tmp_path / "s")]) == 2
+    assert f"{tmp_path} is a folder; the corpus is one text or JSONL file" in capsys.readouterr().err
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n  \n")  # the tokenizer failed on the empty batch: a traceback
+    assert main(["datastore", "build", str(empty), "-o", str(tmp_path / "s"), "--model", str(tiny_model_dir)]) == 2
+    assert capsys.readouterr().err == "freespec: error: the corpus holds no text\n"
 
 
 def test_aded_learns_a_loop_and_reads_a_corpus_prior(store):
