@@ -76,8 +76,12 @@ def load_questions(path: Path, categories: list[str] | None = None, per_category
     """
     if not path.is_file():
         raise BenchError(f"questions file not found: {path} (pass a Spec-Bench JSONL with --questions)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise BenchError(f"{path} is not UTF-8 text") from None
     questions, seen, taken = [], {}, defaultdict(int)
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -94,6 +98,8 @@ def load_questions(path: Path, categories: list[str] | None = None, per_category
             continue
         taken[question.category] += 1
         questions.append(question)
+    if not seen:
+        raise BenchError(f"{path} holds no questions")
     if categories and (missing := set(categories) - set(taken)):
         raise BenchError(f"no questions in categories: {', '.join(sorted(missing))}")
     return questions[:limit] if limit else questions

@@ -419,6 +419,10 @@ def test_cli_bench_errors(tmp_path, capsys):
     path.write_text('{"question_id": 1, "category": "qa", "turns": ["w1"]}\n{"question_id": 2}\n')
     assert main(["bench", "--questions", str(path)]) == 2
     assert capsys.readouterr().err.strip() == f"freespec: error: {path} line 2: missing category, turns"
+    for content, message in ((b"\n", "holds no questions"), (b"\xff\xfe{", "is not UTF-8 text")):  # tracebacks before
+        path.write_bytes(content)
+        assert main(["bench", "--questions", str(path)]) == 2
+        assert capsys.readouterr().err.strip() == f"freespec: error: {path} {message}"
     assert main(["bench", "--methods", "none,vllm"]) == 2
     assert "unknown methods: vllm" in capsys.readouterr().err
     assert main(["bench", "--methods", "none", "--baseline", "hf-greedy", "--questions", str(path)]) == 2
