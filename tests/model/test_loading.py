@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import platform
@@ -12,8 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from freespec.model.loading import ModelLoadError, gguf_metadata, load, resolve, return_freed_heap
-from tests.helpers import tiny_config, word_tokenizer
+from freespec.model import loading
+from freespec.model.loading import (
+    ModelLoadError,
+    gguf_metadata,
+    load,
+    resolve,
+    return_freed_heap,
+)
+from tests.helpers import model_for, tiny_config, word_tokenizer, write_gguf
 
 
 @pytest.mark.parametrize("text", ["models/x", "./x", "x/", "~/no-such-model-here", "a/b/c", "x.gguf", "../no-such-model", "no/../x"])
@@ -94,6 +102,30 @@ def test_the_first_read_of_a_files_metadata_says_so_and_the_second_is_silent(fak
         gguf_metadata(fake_gguf)
     notes = [record.getMessage() for record in caplog.records]
     assert len(notes) == 1 and notes[0].startswith(f"reading the config and tokenizer of {fake_gguf.name} (once; ")
+
+
+def test_the_config_and_the_tokenizer_come_from_one_read_of_the_files_metadata(tmp_path, monkeypatch):
+    """transformers parsed the file twice (13 s each for Gemma 3's vocabulary): once now, the same files."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    monkeypatch.setenv("FREESPEC_CACHE", str(tmp_path / "cache"))
+    path = write_gguf(tmp_path / "model.gguf", model_for("llama"), "Q8_0")
+    read, reads = gguf_utils.load_gguf_checkpoint, []
+
+    def counted(path, return_tensors=False, **options):
+        reads.append(return_tensors)
+        return read(path, return_tensors=return_tensors, **options)
+
+    monkeypatch.setattr(gguf_utils, "load_gguf_checkpoint", counted)
+    target = gguf_metadata(path)
+    assert reads == [False] and gguf_utils.load_gguf_checkpoint is counted  # put back after
+    once = {name: (target / name).read_bytes() for name in ("config.json", "tokenizer.json")}
+    shutil.rmtree(target)
+    with monkeypatch.context() as patch:  # transformers' own two reads, for comparison
+        patch.setattr(loading, "_gguf_metadata_read_once", contextlib.nullcontext)
+        twice = gguf_metadata(path)
+    assert reads == [False, False, False]
+    assert {name: (twice / name).read_bytes() for name in once} == once
 
 
 def test_an_incomplete_metadata_folder_is_replaced(fake_gguf):
