@@ -233,6 +233,10 @@ class Generation:
         (:attr:`~freespec.engine.drafter.Drafter.learning_optional`) learns nothing from it)."""
         if self._unfilled is None:
             self._prepare()
+        elif self.runner.holder is not self:
+            raise RuntimeError("this generation's cache rows are gone (another generation ran on this model "
+                               "since its last step, or the model was reset): a model runs one generation at a "
+                               "time; model.fork() gives one that runs beside it")
         if self._unfilled:
             count = len(self._unfilled) if prefill_limit is None else min(prefill_limit, len(self._unfilled))
             self._step = Step(None, self.runner.length, self._unfilled[:count])
@@ -369,6 +373,7 @@ class Generation:
             runner.reset(capacity)
         self.stats.cached_tokens = cached
         self._unfilled = prompt[cached:]
+        runner.holder = self  # until another request's first step claims the cache
 
     def _begin(self) -> None:
         """The prompt is cached: tell the drafter, start the decoding clock."""

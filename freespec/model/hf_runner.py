@@ -159,6 +159,7 @@ class TransformersRunner:
         self.capacity = 0  # positions a request may fill (the cache itself grows as needed)
         self.row_tokens: list[int] = []  # the token of each committed row; SKIPPED: not reusable
         self._pending: list[int] = []  # the last forward's tokens, as commit records them
+        self.holder: object | None = None  # the request whose rows the cache holds (Generation.plan checks it)
         self._check_tree_forward()
 
     def _device_name(self) -> str:
@@ -197,6 +198,7 @@ class TransformersRunner:
             raise ValueError(f"{capacity} positions exceed the model's context of {self.max_positions}")
         self.cache = DynamicCache()
         self.length, self.capacity, self.row_tokens = 0, capacity, []
+        self.holder = None
 
     def reserve(self, capacity: int) -> None:
         """Make sure the cache holds ``capacity`` positions, keeping the committed rows."""

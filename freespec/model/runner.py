@@ -257,6 +257,7 @@ class ModelRunner:
         self.num_layers = len(weights.layers)
         heads = self.heads = weights.heads
         self.cache = KVCache(self.num_layers, heads.kv_heads, heads.dim, self.max_positions)
+        self.holder: object | None = None  # the request whose rows the cache holds (Generation.plan checks it)
         self.rotary: dict[str | None, RotaryTables] = {}  # per layer type (Gemma 3: local and global tables)
         if weights.positions is None:
             self.rotary = {kind: RotaryTables(config.get_text_config(), self.max_positions, kind)
@@ -272,6 +273,7 @@ class ModelRunner:
         own: one per request a server runs at once, their passes batched by :func:`forward_batch`."""
         twin = copy.copy(self)
         twin.cache = KVCache(self.num_layers, self.heads.kv_heads, self.heads.dim, self.max_positions)
+        twin.holder = None
         return twin
 
     # -- the cache (see KVCache) -----------------------------------------------------------------
@@ -288,6 +290,7 @@ class ModelRunner:
     def reset(self, capacity: int) -> None:
         """Empty the cache and make sure it holds ``capacity`` positions."""
         self.cache.reset(capacity)
+        self.holder = None
 
     def reserve(self, capacity: int) -> None:
         """Make sure the cache holds ``capacity`` positions, keeping the committed rows."""

@@ -51,6 +51,34 @@ def test_a_reused_prefix_changes_no_token(family, drafter):
     assert generate(model, second_prompt, drafter).stats.cached_tokens == 0
 
 
+@pytest.mark.parametrize("drafter", ["none", "suffix", "recycling"])
+def test_a_generation_whose_cache_rows_another_took_stops_instead_of_decoding_wrong_tokens(drafter):
+    """Two streams of one model share its cache: interleaved, both decoded wrong tokens silently.
+    A stream left unfinished is no obstacle to the next; a fork runs beside."""
+    model = make_model("llama", 0)
+    expected = make_model("llama", 0).generate(prompt_ids=PROMPTS[0], drafter="none", max_new_tokens=24).token_ids
+    stale = "this generation's cache rows are gone"
+    first = iter(model.stream(prompt_ids=PROMPTS[0], drafter=drafter, max_new_tokens=24))
+    second = iter(model.stream(prompt_ids=PROMPTS[1], drafter=drafter, max_new_tokens=24))
+    next(first), next(second)
+    with pytest.raises(RuntimeError, match=stale):
+        next(first)
+    next(second)  # the newer one goes on
+    assert model.generate(prompt_ids=PROMPTS[0], drafter=drafter, max_new_tokens=24).token_ids == expected
+    left = iter(model.stream(prompt_ids=PROMPTS[0], drafter=drafter, max_new_tokens=24))
+    next(left)
+    model.reset()
+    with pytest.raises(RuntimeError, match=stale):
+        next(left)
+    beside = model.fork()
+    streams = [iter(m.stream(prompt_ids=PROMPTS[0], drafter=drafter, max_new_tokens=24)) for m in (model, beside)]
+    tokens = [[], []]
+    for _ in range(24):
+        for own, stream in zip(tokens, streams):
+            own += next(stream, [])
+    assert tokens == [expected, expected]
+
+
 @pytest.mark.parametrize("max_new_tokens", [1, 2, 3, 7, 33])
 @pytest.mark.parametrize("tree", ["dynamic", "static"])
 def test_token_limit_inside_a_draft(max_new_tokens, tree):
