@@ -153,7 +153,8 @@ class Model:
         if drafter is None:
             return None, None
         if not self._costs:  # measured (or read) once, for every fork of this model
-            self._costs.append(load_or_measure(self.runner))
+            with self.runner.lock:  # its passes use the cache another thread's request may be using
+                self._costs.append(load_or_measure(self.runner))
         costs = self._costs[0]
         policy = BudgetPolicy(costs, candidates=[q - 1 for q in costs if q > 1])
         self._drafters[name] = (drafter, policy)
@@ -166,7 +167,8 @@ class Model:
         self._shared.clear()
         for runner in (self.runner, self.draft_runner):
             if runner is not None:
-                runner.reset(0)
+                with runner.lock:
+                    runner.reset(0)
 
     def save_state(self, path: str | os.PathLike) -> None:
         """Write Token Recycling's learned state to exactly ``path`` (an .npz archive whatever its
@@ -234,9 +236,12 @@ class Model:
                           sampling, reuse_prefix, should_stop)
 
     def generate(self, prompt: str | None = None, **kwargs) -> GenerationResult:
-        generation = self.stream(prompt, **kwargs)
-        for _ in generation:
-            pass
+        """The whole answer of :meth:`stream`; threads that share a model take turns, a whole
+        request each, so every answer is the one it would get alone."""
+        with self.runner.lock:
+            generation = self.stream(prompt, **kwargs)
+            for _ in generation:
+                pass
         return GenerationResult(self.decode(generation.token_ids), generation.token_ids,
                                 generation.finish_reason, generation.stats)
 

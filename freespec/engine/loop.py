@@ -212,8 +212,12 @@ class Generation:
         return drafter.reads_top_k or None
 
     def __iter__(self) -> Iterator[list[int]]:
-        while (step := self.plan()) is not None:
-            emitted = self.take(*self.run_alone(step))
+        while True:
+            with self.runner.lock:  # a step at a time: another thread's request waits for this pass
+                step = self.plan()
+                if step is None:
+                    return
+                emitted = self.take(*self.run_alone(step))
             if emitted:
                 yield emitted
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import threading
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
@@ -160,6 +161,7 @@ class TransformersRunner:
         self.row_tokens: list[int] = []  # the token of each committed row; SKIPPED: not reusable
         self._pending: list[int] = []  # the last forward's tokens, as commit records them
         self.holder: object | None = None  # the request whose rows the cache holds (Generation.plan checks it)
+        self.lock = threading.RLock()  # held for each step of a request: threads sharing a model take turns
         self._check_tree_forward()
 
     def _device_name(self) -> str:

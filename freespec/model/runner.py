@@ -20,6 +20,7 @@ sliding window, if it has one, so the model's whole context is served.
 from __future__ import annotations
 
 import copy
+import threading
 from dataclasses import dataclass
 from functools import cached_property, partial
 from typing import Callable, NamedTuple, Sequence
@@ -258,6 +259,7 @@ class ModelRunner:
         heads = self.heads = weights.heads
         self.cache = KVCache(self.num_layers, heads.kv_heads, heads.dim, self.max_positions)
         self.holder: object | None = None  # the request whose rows the cache holds (Generation.plan checks it)
+        self.lock = threading.RLock()  # held for each step of a request: threads sharing a model take turns
         self.rotary: dict[str | None, RotaryTables] = {}  # per layer type (Gemma 3: local and global tables)
         if weights.positions is None:
             self.rotary = {kind: RotaryTables(config.get_text_config(), self.max_positions, kind)
@@ -273,7 +275,7 @@ class ModelRunner:
         own: one per request a server runs at once, their passes batched by :func:`forward_batch`."""
         twin = copy.copy(self)
         twin.cache = KVCache(self.num_layers, self.heads.kv_heads, self.heads.dim, self.max_positions)
-        twin.holder = None
+        twin.holder, twin.lock = None, threading.RLock()
         return twin
 
     # -- the cache (see KVCache) -----------------------------------------------------------------

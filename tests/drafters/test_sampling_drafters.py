@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import threading
 from collections import Counter
 
 import numpy as np
@@ -98,6 +99,8 @@ class ReplayRunner:
         self.capacity = 0
         self.sequence: list[int] = []  # the committed tokens
         self._nodes: list[int] = []  # tokens of the last forward
+        self.holder = None  # the request whose rows these are (Generation.plan)
+        self.lock = threading.RLock()  # held for each step
 
     @property
     def length(self) -> int:

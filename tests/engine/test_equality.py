@@ -4,6 +4,8 @@ Plain decoding runs through the same runner (a tree of one node per step), and t
 batch-invariant, so the comparison is strict: any difference is a bug, not floating point.
 """
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -77,6 +79,37 @@ def test_a_generation_whose_cache_rows_another_took_stops_instead_of_decoding_wr
         for own, stream in zip(tokens, streams):
             own += next(stream, [])
     assert tokens == [expected, expected]
+
+
+def test_threads_sharing_a_model_take_turns_and_never_read_each_others_rows():
+    """Two threads generating on one model corrupted the heap (a cache reallocated under the other's
+    pass). Whole requests (generate) take turns and get their answers; streams take turns a step at
+    a time, and one whose rows the other took stops with the RuntimeError, never with wrong tokens."""
+    model = make_model("llama", 0)
+    expected = {index: make_model("llama", 0).generate(prompt_ids=PROMPTS[index], drafter="suffix",
+                                                         max_new_tokens=32).token_ids for index in (0, 1)}
+    outcomes = []
+
+    def ask(index: int, streaming: bool) -> None:
+        for _ in range(4):
+            try:
+                if streaming:
+                    tokens = [token for chunk in model.stream(prompt_ids=PROMPTS[index], drafter="suffix",
+                                                              max_new_tokens=32) for token in chunk]
+                else:
+                    tokens = model.generate(prompt_ids=PROMPTS[index], drafter="suffix", max_new_tokens=32).token_ids
+                outcomes.append((streaming, tokens == expected[index]))
+            except RuntimeError as error:
+                assert streaming and "cache rows are gone" in str(error)
+                outcomes.append((streaming, "stopped"))
+
+    for streaming in (False, True):
+        threads = [threading.Thread(target=ask, args=(index, streaming)) for index in (0, 1)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert outcomes.count((False, True)) == 8 and (True, False) not in outcomes
 
 
 @pytest.mark.parametrize("max_new_tokens", [1, 2, 3, 7, 33])
