@@ -228,9 +228,10 @@ class Model:
             prompt_ids = self.encode(prompt, messages, chat)
         elif prompt is not None or messages is not None:
             raise ValueError("give one of prompt, messages or prompt_ids")
-        drafter_state, policy = self.drafter(drafter)
-        if drafter_state is not None:
-            drafter_state.set_tenant(tenant)
+        with self.runner.lock:  # drafters of a model and its forks share state: one thread at a time
+            drafter_state, policy = self.drafter(drafter)
+            if drafter_state is not None:
+                drafter_state.set_tenant(tenant)
         budget = self.fixed_budget if budget is None else budget
         return Generation(self.runner, drafter_state, policy, prompt_ids, max_new_tokens, self.stop_ids, budget,
                           sampling, reuse_prefix, should_stop)

@@ -234,7 +234,14 @@ class Batch:
 
     def step(self, requests: Sequence[Running]) -> None:
         """One pass for every request not yet done: each gets its ``emitted`` tokens (none for a
-        prefill chunk) or its ``error``. A request that is done plans no step."""
+        prefill chunk) or its ``error``. A request that is done plans no step. The pass holds the
+        runners' lock (forks of one model share it), as a request's own step does."""
+        if not requests:
+            return
+        with requests[0].generation.runner.lock:
+            self._step(requests)
+
+    def _step(self, requests: Sequence[Running]) -> None:
         started = time.perf_counter()
         for request in requests:
             request.emitted = []

@@ -259,7 +259,9 @@ class ModelRunner:
         heads = self.heads = weights.heads
         self.cache = KVCache(self.num_layers, heads.kv_heads, heads.dim, self.max_positions)
         self.holder: object | None = None  # the request whose rows the cache holds (Generation.plan checks it)
-        self.lock = threading.RLock()  # held for each step of a request: threads sharing a model take turns
+        # held for each step of a request, by this runner and its forks alike (they share the decoder's
+        # buffers and the rotary tables): threads sharing a model, or its forks, take turns a step at a time
+        self.lock = threading.RLock()
         self.rotary: dict[str | None, RotaryTables] = {}  # per layer type (Gemma 3: local and global tables)
         if weights.positions is None:
             self.rotary = {kind: RotaryTables(config.get_text_config(), self.max_positions, kind)
@@ -275,7 +277,7 @@ class ModelRunner:
         own: one per request a server runs at once, their passes batched by :func:`forward_batch`."""
         twin = copy.copy(self)
         twin.cache = KVCache(self.num_layers, self.heads.kv_heads, self.heads.dim, self.max_positions)
-        twin.holder, twin.lock = None, threading.RLock()
+        twin.holder = None  # the lock stays shared
         return twin
 
     # -- the cache (see KVCache) -----------------------------------------------------------------

@@ -112,6 +112,28 @@ def test_threads_sharing_a_model_take_turns_and_never_read_each_others_rows():
     assert outcomes.count((False, True)) == 8 and (True, False) not in outcomes
 
 
+def test_forks_in_threads_stream_their_own_answers():
+    """Forks share the decoder's buffers and tables: two threads streaming on two forks crashed the
+    process (a segmentation fault). They take turns a pass at a time, each answer its own."""
+    model = make_model("llama", 0)
+    expected = {index: make_model("llama", 0).generate(prompt_ids=PROMPTS[index], drafter="none",
+                                                         max_new_tokens=32).token_ids for index in (0, 1)}
+    forks, answers = [model.fork(), model.fork()], {}
+
+    def stream(index: int) -> None:
+        for drafter in ("suffix", "recycling", "suffix+recycling"):
+            answers[index, drafter] = [token for chunk in forks[index].stream(
+                prompt_ids=PROMPTS[index], drafter=drafter, max_new_tokens=32) for token in chunk]
+
+    threads = [threading.Thread(target=stream, args=(index,)) for index in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert answers == {(index, drafter): expected[index] for index in (0, 1)
+                       for drafter in ("suffix", "recycling", "suffix+recycling")}
+
+
 @pytest.mark.parametrize("max_new_tokens", [1, 2, 3, 7, 33])
 @pytest.mark.parametrize("tree", ["dynamic", "static"])
 def test_token_limit_inside_a_draft(max_new_tokens, tree):
