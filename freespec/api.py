@@ -175,7 +175,8 @@ class Model:
         name), atomically, to warm a later process. An OSError names ``path``, not the temporary
         file beside it that the state is written to first."""
         try:
-            self.drafter("recycling")[0].save(path)
+            with self.runner.lock:  # not while another thread's step updates the tables
+                self.drafter("recycling")[0].save(path)
         except OSError as error:
             raise type(error)(error.errno, error.strerror, os.fspath(path)) from None
 
@@ -187,7 +188,8 @@ class Model:
         another model's, unreadable); the drafter is unchanged either way.
         """
         try:
-            self.drafter("recycling")[0].load(path)
+            with self.runner.lock:
+                self.drafter("recycling")[0].load(path)
         except DamagedStateError as error:
             raise DamagedStateError(f"cannot load drafter state: {error}") from None
         except OSError as error:
