@@ -279,6 +279,9 @@ class Service:
     def _prompt_ids(self, body: RequestBody) -> list[int]:
         try:
             if isinstance(body, ChatRequest):
+                if not self.model.has_chat_template:  # a base model (Model.encode's hint is the CLI's --no-chat)
+                    raise ApiError(400, f"{self.model.name} has no chat template: send a plain prompt to "
+                                   "/v1/completions", "messages")
                 messages = [{"role": message.role, "content": message.text} for message in body.messages]
                 with self._encoding:
                     return self.model.encode(messages=messages)

@@ -275,6 +275,15 @@ def test_a_json_body_sent_as_another_content_type_is_told_which_header_to_send(s
                     f"send the body as JSON with Content-Type: application/json (this one's: {kind})")
 
 
+def test_a_base_model_without_a_chat_template_points_chat_requests_to_completions(tiny_model_no_chat_dir):
+    """The message named the command line's --no-chat, which an HTTP client has no use for."""
+    with BackgroundServer(create_app(freespec.load(str(tiny_model_no_chat_dir)), served_name="base")) as url:
+        status, body, _ = post(url + "/v1/chat/completions", {"messages": [MESSAGE], "max_tokens": 2})
+        check_error(status, body, 400, "messages", "has no chat template: send a plain prompt to /v1/completions")
+        status, body, _ = post(url + "/v1/completions", {"prompt": "w1 w2", "max_tokens": 2})
+        assert status == 200 and body["usage"]["completion_tokens"] == 2
+
+
 def test_text_parts_are_the_text_they_join(server):
     parts = [{"type": "text", "text": "w1 w2"}, {"type": "text", "text": "w3"}]
     answers = [post(server + "/v1/chat/completions", {"messages": [{"role": "user", "content": content}],
