@@ -136,7 +136,8 @@ class Model:
         for index, message in enumerate(messages):
             _require_unicode(message["content"], f"message {index}'s content")
         if not self.has_chat_template:
-            raise ValueError(f"{self.name} has no chat template: pass a plain prompt without chat (--no-chat)")
+            raise ValueError(f"{self.name} has no chat template: pass a plain prompt with chat=False "
+                             "(--no-chat on the command line)")
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
