@@ -146,20 +146,20 @@ class Model:
 
         ``name`` is one of :data:`freespec.drafters.DRAFTERS` or several joined by ``+`` (fused).
         """
-        if name in self._drafters:
-            return self._drafters[name]
-        datastore = None if self.datastore is None else Path(self.datastore)
-        drafter = create(name, DrafterSettings(self.runner.vocab_size, self.tree_shape, datastore, self.tokenizer,
-                                               self.runner, self.draft_runner, self._shared))
-        if drafter is None:
-            return None, None
-        if not self._costs:  # measured (or read) once, for every fork of this model
-            with self.runner.lock:  # its passes use the cache another thread's request may be using
+        with self.runner.lock:  # creating one touches state shared with forks, and calibrating runs passes
+            if name in self._drafters:
+                return self._drafters[name]
+            datastore = None if self.datastore is None else Path(self.datastore)
+            drafter = create(name, DrafterSettings(self.runner.vocab_size, self.tree_shape, datastore, self.tokenizer,
+                                                   self.runner, self.draft_runner, self._shared))
+            if drafter is None:
+                return None, None
+            if not self._costs:  # measured (or read) once, for every fork of this model
                 self._costs.append(load_or_measure(self.runner))
-        costs = self._costs[0]
-        policy = BudgetPolicy(costs, candidates=[q - 1 for q in costs if q > 1])
-        self._drafters[name] = (drafter, policy)
-        return self._drafters[name]
+            costs = self._costs[0]
+            policy = BudgetPolicy(costs, candidates=[q - 1 for q in costs if q > 1])
+            self._drafters[name] = (drafter, policy)
+            return self._drafters[name]
 
     def reset(self) -> None:
         """Forget all drafter state learned from earlier requests (its forks' shared state too) and
@@ -231,9 +231,9 @@ class Model:
             prompt_ids = self.encode(prompt, messages, chat)
         elif prompt is not None or messages is not None:
             raise ValueError("give one of prompt, messages or prompt_ids")
-        with self.runner.lock:  # drafters of a model and its forks share state: one thread at a time
-            drafter_state, policy = self.drafter(drafter)
-            if drafter_state is not None:
+        drafter_state, policy = self.drafter(drafter)
+        if drafter_state is not None:
+            with self.runner.lock:  # not while another thread's step drafts with it
                 drafter_state.set_tenant(tenant)
         budget = self.fixed_budget if budget is None else budget
         return Generation(self.runner, drafter_state, policy, prompt_ids, max_new_tokens, self.stop_ids, budget,

@@ -662,7 +662,10 @@ def _serve_replicas(args: argparse.Namespace, api_keys: list[str], drafters: lis
         _, name = resolve(args.model)  # converts a GGUF once, for every replica
     except ModelLoadError as error:
         raise UsageError(str(error)) from None
-    threads = args.threads or max(1, (os.cpu_count() or 1) // args.replicas)
+    from freespec.kernels.threads import usable_cpus
+
+    # shared out of the CPUs this process may use, which each replica's load checks its threads against
+    threads = args.threads or max(1, usable_cpus() // args.replicas)
     options = {"model": args.model, "threads": threads, "tree_shape": args.tree, "datastore": args.datastore,
                "draft_model": args.draft_model, "served_name": args.served_model_name, "drafter": args.drafter,
                "drafters": drafters, "max_tokens": args.max_tokens, "max_queue": args.max_queue,

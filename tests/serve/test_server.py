@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import socket
 import sys
 import threading
@@ -17,6 +16,7 @@ import openai
 import pytest
 
 import freespec
+import freespec.kernels.threads
 import freespec.serve
 from freespec import DEFAULT_DRAFTER
 from freespec.cli import main
@@ -410,7 +410,7 @@ def test_serve_replicas_passes_its_options_without_loading_here(tiny_model_dir, 
     module.serve_replicas = lambda options, host, port: calls.append((options, host, port))
     monkeypatch.setitem(sys.modules, "freespec.serve.replicas", module)
     monkeypatch.setattr(freespec.serve, "replicas", module, raising=False)
-    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(freespec.kernels.threads, "usable_cpus", lambda: 4)
     monkeypatch.delenv("FREESPEC_API_KEY", raising=False)
     assert main(["serve", "--model", str(tiny_model_dir), "--quiet", "--replicas", "2", "--port", "9000",
                  "--prefix-cache-mb", "64"]) == 0
