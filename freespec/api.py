@@ -22,6 +22,7 @@ from freespec import DEFAULT_DRAFTER
 from freespec.drafters import DamagedStateError, Drafter, DrafterSettings, create
 from freespec.engine.budget import BudgetPolicy
 from freespec.engine.costs import CostCurve, load_or_measure
+from freespec.engine.logprobs import TokenLogprob
 from freespec.engine.loop import Generation, GenerationStats
 from freespec.engine.sampling import SAMPLING_KEYS, SamplingParams
 from freespec.kernels import Kernels, check_threads, release_worker_threads
@@ -37,6 +38,7 @@ class GenerationResult:
     token_ids: list[int]
     finish_reason: str  # "stop" (a stop token was produced) or "length"
     stats: GenerationStats
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when asked for (generate(logprobs=k))
 
 
 class Model:
@@ -203,7 +205,7 @@ class Model:
                prompt_ids: Sequence[int] | np.ndarray | torch.Tensor | None = None,
                budget: int | None = None, sampling: SamplingParams | None = None, reuse_prefix: bool = True,
                should_stop: Callable[[], bool] | None = None, tenant: str | None = None,
-               **sampling_options) -> Generation:
+               logprobs: int | None = None, **sampling_options) -> Generation:
         """Start a request; iterate the result for token-id chunks as they are accepted.
 
         ``prompt_ids``: token ids instead of ``prompt`` or ``messages`` (a list, or a numpy array or
@@ -219,6 +221,10 @@ class Model:
         :class:`freespec.model.runner.PrefillCancelled` (a server whose client left).
         ``tenant`` (a server's API key) keeps drafters that learn text across requests (``suffix``)
         drafting each tenant's requests from that tenant's earlier ones only.
+        ``logprobs``: record each token's log-probability under the model (its log-softmax, before
+        temperature and penalties) and that many likeliest alternatives (0 to 20) in the
+        generation's ``logprobs``; the same values whatever the drafter. Greedy steps then compute
+        the whole output head (about half a step more on small models).
         """
         if sampling is not None and not isinstance(sampling, SamplingParams):
             raise TypeError(f"sampling must be a SamplingParams, got {type(sampling).__name__} "
@@ -237,7 +243,7 @@ class Model:
                 drafter_state.set_tenant(tenant)
         budget = self.fixed_budget if budget is None else budget
         return Generation(self.runner, drafter_state, policy, prompt_ids, max_new_tokens, self.stop_ids, budget,
-                          sampling, reuse_prefix, should_stop)
+                          sampling, reuse_prefix, should_stop, logprobs)
 
     def generate(self, prompt: str | None = None, **kwargs) -> GenerationResult:
         """The whole answer of :meth:`stream`; threads that share a model take turns, a whole
@@ -247,7 +253,7 @@ class Model:
             for _ in generation:
                 pass
         return GenerationResult(self.decode(generation.token_ids), generation.token_ids,
-                                generation.finish_reason, generation.stats)
+                                generation.finish_reason, generation.stats, generation.logprobs)
 
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)

@@ -206,7 +206,8 @@ def _parser() -> argparse.ArgumentParser:
                           help="Token Recycling's matrix (--drafter recycling, or a fusion with it): loaded "
                                "from FILE if it exists, saved there afterwards, so later runs start warm")
     generate.add_argument("--input", metavar="FILE", help="JSONL requests, one "
-                          '{"prompt": ...} or {"messages": [...]} per line, optional "max_new_tokens" '
+                          '{"prompt": ...} or {"messages": [...]} per line, optional "max_new_tokens", '
+                          '"logprobs" (N: each token\'s log-probability and N alternatives, as "token_logprobs") '
                           f"and sampling keys ({', '.join(map(json.dumps, SAMPLING_KEYS))}) overriding the flags")
     generate.add_argument("--output", metavar="FILE", help="JSONL results, one line per request; FILE is "
                           "replaced when the batch ends, stops on an error or is interrupted (until then "
@@ -378,7 +379,7 @@ def _start(model: Model, args: argparse.Namespace, request: dict, where: str = "
             raise ValueError(f"max_new_tokens {asked} + the prompt's {len(prompt_ids)} tokens exceed the model's "
                              f"context of {context}")
         return model.stream(prompt_ids=prompt_ids, max_new_tokens=asked or DEFAULT_MAX_NEW_TOKENS,
-                            drafter=args.drafter, sampling=_sampling(args, request))
+                            drafter=args.drafter, sampling=_sampling(args, request), logprobs=request.get("logprobs"))
     except ValueError as error:
         raise UsageError(f"{where}{error}") from None
 
@@ -458,6 +459,12 @@ def _parse_request(line: str, where: str) -> dict:
     limit = request.get("max_new_tokens", 1)
     if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
         raise UsageError(f'{where}"max_new_tokens" must be a positive integer, got {json.dumps(limit)}')
+    from freespec.engine.logprobs import check_top  # numpy: not for every command
+
+    try:
+        check_top(request.get("logprobs"))
+    except ValueError as error:
+        raise UsageError(f"{where}{error}") from None
     return request
 
 
@@ -498,6 +505,9 @@ def _generate_batch(args: argparse.Namespace) -> None:
                     pass
                 result = {**request, "text": model.decode(generation.token_ids), "token_ids": generation.token_ids,
                           "finish_reason": generation.finish_reason, "stats": generation.stats.as_dict()}
+                if generation.logprobs is not None:
+                    result["token_logprobs"] = [{"token_id": entry.token, "logprob": entry.logprob,
+                                           "top": [list(pair) for pair in entry.top]} for entry in generation.logprobs]
                 output.write(json.dumps(result, ensure_ascii=False) + "\n")
                 output.flush()
                 written += 1

@@ -82,7 +82,7 @@ def test_batch_is_lossless_and_honours_each_line(tiny_model_dir, tmp_path, capsy
         {"prompt": PROMPT, "id": "a"},
         "",
         {"messages": [{"role": "user", "content": "w9 w8 w7"}]},
-        {"prompt": "w10 w11 w12 w10 w11", "max_new_tokens": 5},
+        {"prompt": "w10 w11 w12 w10 w11", "max_new_tokens": 5, "logprobs": 2},
     )
     results = {}
     for drafter in ("none", "recycling"):
@@ -103,6 +103,10 @@ def test_batch_is_lossless_and_honours_each_line(tiny_model_dir, tmp_path, capsy
     expected = model.generate(messages=chat["messages"], max_new_tokens=12, drafter="none")
     assert chat["token_ids"] == expected.token_ids and chat["text"] == expected.text
     assert len(limited["token_ids"]) <= 5 and len(first["token_ids"]) <= 12
+    assert "token_logprobs" not in first and limited["logprobs"] == 2  # the request is kept
+    scored = model.generate("w10 w11 w12 w10 w11", max_new_tokens=5, drafter="none", logprobs=2)
+    assert limited["token_logprobs"] == [{"token_id": entry.token, "logprob": entry.logprob,
+                                          "top": [list(pair) for pair in entry.top]} for entry in scored.logprobs]
     assert limited["finish_reason"] == "length" or limited["token_ids"][-1] in model.stop_ids
 
 
@@ -136,6 +140,7 @@ def test_interrupted_batch_keeps_finished_lines(tiny_model_dir, tmp_path, monkey
     ('{"prompt": "w1", "max_new_tokens": 2.5}', '"max_new_tokens" must be a positive integer'),
     ('{"prompt": "w1", "max_new_tokens": true}', '"max_new_tokens" must be a positive integer'),
     ('{"prompt": "w1", "temperature": "hot"}', "temperature must be a number in [0, 2], got 'hot'"),
+    ('{"prompt": "w1", "logprobs": 21}', "logprobs must be None or an integer in [0, 20]"),
 ])
 def test_a_badly_formed_line_stops_the_batch_before_the_model_loads(tmp_path, capsys, line, message):
     """Every line is checked first: a mistake on line 9,000 is not found hours in. The model named

@@ -21,6 +21,7 @@ import torch
 
 from freespec.engine.budget import BudgetPolicy
 from freespec.engine.drafter import Drafter
+from freespec.engine.logprobs import TokenLogprob, check_top, token_logprobs
 from freespec.engine.sampling import SamplingParams
 from freespec.engine.tree import DraftTree
 from freespec.engine.verify import verify
@@ -138,7 +139,9 @@ class Generation:
     ``reuse_prefix``: keep the cache rows of the prompt's leading tokens that the runner's last
     request left there (a chat's earlier turns), instead of prefilling them again; the output is
     the same bits either way (see :meth:`ModelRunner.reuse`). ``should_stop`` is asked between
-    prefill chunks (see :meth:`ModelRunner.prefill`).
+    prefill chunks (see :meth:`ModelRunner.prefill`). ``logprobs``: record each emitted token's
+    log-probability and that many alternatives in ``logprobs`` (see :mod:`freespec.engine.logprobs`;
+    None: not recorded, and greedy steps skip the head's rows that cannot win).
 
     Iterating runs every pass for this request alone. A server runs several requests' passes as
     one (:mod:`freespec.engine.batch`) through the same three calls the iteration makes:
@@ -148,7 +151,7 @@ class Generation:
     def __init__(self, runner: ModelRunner, drafter: Drafter | None, policy: BudgetPolicy | None,
                  prompt_ids: list[int], max_new_tokens: int, stop_ids: set[int], fixed_budget: int | None = None,
                  sampling: SamplingParams = SamplingParams(), reuse_prefix: bool = True,
-                 should_stop: Callable[[], bool] | None = None):
+                 should_stop: Callable[[], bool] | None = None, logprobs: int | None = None):
         prompt_ids = token_id_list(prompt_ids)
         if not prompt_ids:
             raise ValueError("the prompt is empty")
@@ -169,6 +172,8 @@ class Generation:
         self.finish_reason = "length"
         self.stop_ids = stop_ids
         self.token_ids: list[int] = []
+        self.logprobs_top = check_top(logprobs)
+        self.logprobs: list[TokenLogprob] | None = None if self.logprobs_top is None else []  # one per token_ids
         self.stats = GenerationStats(prompt_tokens=len(prompt_ids))
         self.sampling = sampling
         self.generator = torch.Generator()  # per request: a seed repeats the run on this machine
@@ -204,7 +209,7 @@ class Generation:
         a drafter that reads no logits); k > 0, the maxima and each row's k best tokens (a drafter
         that reads only those, :attr:`~freespec.engine.drafter.Drafter.reads_top_k`); None, the
         logits themselves."""
-        if not self.sampling.reads_maxima_only:
+        if not self.sampling.reads_maxima_only or self.logprobs is not None:
             return None
         drafter = self.drafter
         if drafter is None or not drafter.reads_logits:
@@ -327,6 +332,8 @@ class Generation:
             logits = runner.logits(hidden)  # [nodes, vocab]
         if not isinstance(logits, PassLogits):
             logits = PassLogits(logits, runner.kernels)
+        if self.logprobs is not None:
+            logits.materialize()  # the whole head, once: verification reads its maxima from it
         learned = self._no_logits  # what the drafter learns from
         if drafter is not None and drafter.reads_logits:
             if top_k := self.greedy_head_top_k:
@@ -338,6 +345,9 @@ class Generation:
         path, bonus = verify(tree, logits, self._context, self.sampling, self.generator)
         emitted = [int(t) for t in tree.tokens[path[1:]]] + [bonus]
         emitted = self._cut(emitted)
+        if self.logprobs is not None:  # emitted[i] was chosen at node path[i]
+            rows = logits.tensor[path[: len(emitted)]].detach().to("cpu", torch.float32).numpy()
+            self.logprobs += token_logprobs(rows, emitted, self.logprobs_top)
         stats.forward_passes += 1
         stats.accepted_lengths.append(len(emitted))  # what was kept: a stop or the limit may cut a path
         stats.draft_sizes.append(len(tree) - 1)

@@ -66,6 +66,7 @@ from freespec.serve.schemas import (
     error_response,
     prompt_param,
     request_sampling,
+    requested_logprobs,
     sse,
     validation_message,
 )
@@ -198,8 +199,7 @@ class Service:
         self.created = int(time.time())
         self._encoding = threading.Lock()  # a fast tokenizer must not encode twice at once
         decoder = copy.deepcopy(model.tokenizer)  # the generation thread's own: encoding never holds it up
-        self.scheduler = Scheduler(model, max_queue, lambda ids: decoder.decode(ids, skip_special_tokens=True),
-                                   prefix_reuse, request_timeout, prefix_cache_mb, max_batch)
+        self.scheduler = Scheduler(model, max_queue, decoder, prefix_reuse, request_timeout, prefix_cache_mb, max_batch)
         self.metrics = self.scheduler.metrics
 
     def start(self) -> None:
@@ -243,7 +243,7 @@ class Service:
         try:
             prompt_ids = await asyncio.to_thread(self._prompt_ids, body)
             job = Job(uuid.uuid4().hex, endpoint, prompt_ids, self._max_tokens(body, len(prompt_ids)), drafter,
-                      stops, request_sampling(body), tenant)
+                      stops, request_sampling(body), tenant, requested_logprobs(body))
             self.scheduler.submit(job)
         except Unavailable as error:
             self.scheduler.release()
@@ -323,11 +323,9 @@ def _refuse_unsupported(body: RequestBody) -> None:
               ("frequency_penalty", not body.frequency_penalty, "frequency_penalty is not supported (only 0)"),
               ("logit_bias", not body.logit_bias, "logit_bias is not supported")]
     if isinstance(body, ChatRequest):
-        checks += [("logprobs", not body.logprobs, "logprobs are not supported"),
-                   ("top_logprobs", not body.top_logprobs, "top_logprobs are not supported")]
+        checks += [("top_logprobs", body.top_logprobs is None or body.logprobs, "top_logprobs needs logprobs: true")]
     else:
-        checks += [("logprobs", body.logprobs is None, "logprobs are not supported"),
-                   ("echo", not body.echo, "echo is not supported"),
+        checks += [("echo", not body.echo, "echo is not supported"),
                    ("best_of", body.best_of in (None, 1), "only best_of=1 is supported"),
                    ("suffix", body.suffix is None, "suffix is not supported")]
     for param, fine, message in checks:
@@ -440,7 +438,7 @@ def build_app(service: Serving, *, api_keys: Sequence[str] = (), max_body_bytes:
         except ApiError as error:
             metrics.requests.inc(endpoint=endpoint, status="rejected" if error.status in (429, 503) else "invalid")
             return error.response()
-        reply = Reply(endpoint, job.id, service.served_name)
+        reply = Reply(endpoint, job.id, service.served_name, requested_logprobs(body) is not None)
         watcher = asyncio.create_task(_watch_disconnect(request, job))
         try:
             event = await job.events.get()
@@ -468,7 +466,7 @@ def build_app(service: Serving, *, api_keys: Sequence[str] = (), max_body_bytes:
             while True:
                 event = await job.events.get()
                 if isinstance(event, Delta):
-                    yield reply.chunk(event.text)
+                    yield reply.chunk(event.text, logprobs=event.logprobs)
                 elif isinstance(event, Finished):
                     yield reply.chunk(finish_reason=event.finish_reason)
                     if include_usage:

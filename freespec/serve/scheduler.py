@@ -38,6 +38,7 @@ from freespec.kernels import release_worker_threads
 from freespec.model.prefix_cache import PrefixCache
 from freespec.model.runner import ModelRunner, PrefillCancelled
 from freespec.serve import DEFAULT_MAX_BATCH, DEFAULT_PREFIX_CACHE_MB
+from freespec.serve.logprobs import LoggedToken, TokenPieces
 from freespec.serve.metrics import ServerMetrics
 from freespec.serve.textstream import TextStream
 
@@ -55,6 +56,7 @@ class Started:
 @dataclass
 class Delta:
     text: str
+    logprobs: list[LoggedToken] | None = None  # of the tokens since the last delta, if the request asked
 
 
 @dataclass
@@ -64,6 +66,7 @@ class Finished:
     finish_reason: str  # "stop" (a stop token or string), "length", or "cancelled" (the client left)
     stats: GenerationStats
     drafter: str
+    logprobs: list[LoggedToken] | None = None  # one per token id, if the request asked
 
 
 @dataclass
@@ -97,6 +100,7 @@ class Job:
     stops: list[str] = field(default_factory=list)
     sampling: dict = field(default_factory=dict)
     tenant: str | None = None
+    logprobs: int | None = None  # alternatives per token with the tokens' log-probabilities (None: not asked)
     deadline: float | None = None
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     loop: asyncio.AbstractEventLoop | None = None
@@ -165,6 +169,7 @@ class Active:
     text: TextStream
     request: Running
     answered: bool = False  # whether text has been sent
+    logged: int = 0  # tokens whose log-probabilities have been sent
 
 
 class Scheduler:
@@ -176,10 +181,11 @@ class Scheduler:
     Reuse needs batch-invariant kernels (see :meth:`freespec.model.runner.ModelRunner.reuse`): with
     torch's it stays off, and so does batching. ``request_timeout``: seconds from arrival after
     which a job is stopped and fails with 504 (None: no deadline). ``share_budget``: let the
-    batch choose each request's draft size (:mod:`freespec.engine.batch`).
+    batch choose each request's draft size (:mod:`freespec.engine.batch`). ``tokenizer``: the
+    generation thread's own, which turns tokens into text.
     """
 
-    def __init__(self, model: Model, max_queue: int, decode: Callable[[list[int]], str],
+    def __init__(self, model: Model, max_queue: int, tokenizer,
                  prefix_reuse: bool = True, request_timeout: float | None = None,
                  prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB, max_batch: int = DEFAULT_MAX_BATCH,
                  share_budget: bool = True):
@@ -188,7 +194,8 @@ class Scheduler:
         if max_batch <= 0:
             raise ValueError(f"max_batch must be positive, got {max_batch}")
         self.model = model
-        self._decode = decode
+        self._decode: Callable[[list[int]], str] = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+        self._pieces = TokenPieces(tokenizer)
         self.max_queue = max_queue
         batchable = isinstance(model.runner, ModelRunner) and model.runner.kernels.batch_invariant
         self.max_batch = max_batch if batchable else 1
@@ -338,7 +345,8 @@ class Scheduler:
         try:
             generation = slot.model.stream(prompt_ids=job.prompt_ids, max_new_tokens=job.max_tokens,
                                            drafter=job.drafter, reuse_prefix=self.prefix_reuse,
-                                           should_stop=job.should_stop, tenant=job.tenant, **job.sampling)
+                                           should_stop=job.should_stop, tenant=job.tenant, logprobs=job.logprobs,
+                                           **job.sampling)
         except ValueError as error:
             self._idle.append(slot)
             self._end(job, Failed(400, str(error)))
@@ -389,9 +397,17 @@ class Scheduler:
                 if not active.answered:
                     self.metrics.first_token.observe(time.perf_counter() - job.arrived)
                     active.answered = True
-                job.post(Delta(delta))
+                job.post(Delta(delta, self._unsent_logprobs(active)))
         if text.stopped or active.generation.done:
             self._finish(active)
+
+    def _unsent_logprobs(self, active: Active) -> list[LoggedToken] | None:
+        """The log-probabilities of the tokens generated since the last delta (None if not asked)."""
+        records = active.generation.logprobs
+        if records is None:
+            return None
+        unsent, active.logged = records[active.logged:], len(records)
+        return self._pieces.logged(unsent)
 
     def _fail(self, active: Active, error: Exception) -> None:
         job = active.job
@@ -409,10 +425,12 @@ class Scheduler:
         if stopped := self._stopped(job):
             end = dataclasses.replace(stopped, stats=generation.stats, drafter=job.drafter)
         else:
-            if not text.stopped and (delta := text.finish()):
-                job.post(Delta(delta))
+            delta = "" if text.stopped else text.finish()
+            if delta or active.logged < len(generation.logprobs or ()):  # the last text, or tokens without any
+                job.post(Delta(delta, self._unsent_logprobs(active)))
             reason = "cancelled" if job.cancelled else "stop" if text.stopped else generation.finish_reason
-            end = Finished(text.text, generation.token_ids, reason, generation.stats, job.drafter)
+            logged = None if generation.logprobs is None else self._pieces.logged(generation.logprobs)
+            end = Finished(text.text, generation.token_ids, reason, generation.stats, job.drafter, logged)
         self.metrics.record(job.drafter, generation.stats)
         self._leave(active, end, keep_rows=True)
 

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from freespec.engine.sampling import OPTIONS, SAMPLING_KEYS
+from freespec.serve.logprobs import LoggedToken, Logprobs
 from freespec.serve.metrics import accepted_per_position
 from freespec.serve.scheduler import Finished
 
@@ -109,15 +110,18 @@ class _Options(_Sampling):
 class ChatRequest(_Options):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, description="same as max_tokens")
-    logprobs: bool | None = Field(None, description="only false")
-    top_logprobs: int | None = Field(None, ge=0, le=20, description="not supported")
+    logprobs: bool | None = Field(None, description="each answer token's log-probability under the model "
+                                  "(its log-softmax, before temperature and penalties)")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="with logprobs: that many likeliest tokens "
+                                     "at each position")
 
 
 class CompletionRequest(_Options):
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
         description="one prompt: text, or token ids (a list of one of either is accepted too)")
     echo: bool | None = Field(None, description="only false")
-    logprobs: int | None = Field(None, ge=0, le=5, description="not supported")
+    logprobs: int | None = Field(None, ge=0, le=5, description="each answer token's log-probability under the "
+                                 "model and that many likeliest tokens at each position")
     best_of: int | None = Field(None, ge=1, description="only 1")
     suffix: str | None = Field(None, description="not supported")
 
@@ -131,6 +135,14 @@ def prompt_param(body: RequestBody) -> str:
 
 
 # ---------------------------------------------------------------- sampling options
+
+def requested_logprobs(body: RequestBody) -> int | None:
+    """How many alternatives a request wants per token with its tokens' log-probabilities (None:
+    none wanted): chat's ``logprobs: true`` with ``top_logprobs``, completions' ``logprobs``."""
+    if isinstance(body, ChatRequest):
+        return (body.top_logprobs or 0) if body.logprobs else None
+    return body.logprobs
+
 
 def request_sampling(body: RequestBody) -> dict[str, Any]:
     """The sampling fields a request sent, as keywords of :class:`freespec.engine.sampling.SamplingParams`."""
@@ -212,8 +224,9 @@ def sse(data: dict | str) -> str:
 class Reply:
     """Shapes one request's answer as OpenAI does, for either endpoint, whole or in chunks."""
 
-    def __init__(self, endpoint: str, request_id: str, model: str):
+    def __init__(self, endpoint: str, request_id: str, model: str, logprobs: bool = False):
         self.chat = endpoint == "chat"
+        self.logprobs = Logprobs(self.chat) if logprobs else None
         self.id = ("chatcmpl-" if self.chat else "cmpl-") + request_id
         self.created = int(time.time())
         self.model = model
@@ -222,20 +235,27 @@ class Reply:
         kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
 
+    def _logprobs(self, tokens: list[LoggedToken] | None) -> dict | None:
+        return None if self.logprobs is None or tokens is None else self.logprobs.shape(tokens)
+
     def whole(self, finished: Finished) -> dict:
+        logprobs = self._logprobs(finished.logprobs)
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": finished.text}, "logprobs": None,
+            choice = {"index": 0, "message": {"role": "assistant", "content": finished.text}, "logprobs": logprobs,
                       "finish_reason": finished.finish_reason}
         else:
-            choice = {"index": 0, "text": finished.text, "logprobs": None, "finish_reason": finished.finish_reason}
+            choice = {"index": 0, "text": finished.text, "logprobs": logprobs, "finish_reason": finished.finish_reason}
         return {**self._envelope([choice], chunk=False), "usage": usage(finished)}
 
-    def chunk(self, text: str | None = None, finish_reason: str | None = None, role: bool = False) -> str:
+    def chunk(self, text: str | None = None, finish_reason: str | None = None, role: bool = False,
+              logprobs: list[LoggedToken] | None = None) -> str:
+        """One streamed chunk: the role, a text delta and its tokens' log-probabilities, or the end."""
+        shaped = self._logprobs(logprobs)
         if self.chat:
             delta = {"role": "assistant", "content": ""} if role else {} if text is None else {"content": text}
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": 0, "delta": delta, "logprobs": shaped, "finish_reason": finish_reason}
         else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": 0, "text": text or "", "logprobs": shaped, "finish_reason": finish_reason}
         return sse(self._envelope([choice], chunk=True))
 
     def usage_chunk(self, finished: Finished) -> str:

@@ -86,3 +86,15 @@ def test_a_seed_repeats_sampled_text_whatever_drafts(model, prompt_ids):
     assert model.generate(prompt_ids=prompt_ids[2], drafter="none", **options).token_ids == first
     assert model.generate(prompt_ids=prompt_ids[2], drafter="recycling", **options).token_ids == first
     assert model.generate(prompt_ids=prompt_ids[2], drafter="none", **{**options, "seed": 6}).token_ids != first
+
+
+def test_token_pieces_read_sentencepiece_byte_fallback(model):
+    """SentencePiece: '▁' is a space and <0xNN> tokens are single bytes."""
+    from freespec.serve.logprobs import TokenPieces
+
+    pieces = TokenPieces(model.tokenizer)
+    text = "Héllo wörld 😀\n  x = café 𐀀ꙮ"
+    ids = model.tokenizer.encode(text, add_special_tokens=False)
+    assert b"".join(pieces.piece(token)[1] for token in ids) == text.encode()
+    byte_tokens = [token for token in ids if model.tokenizer.convert_ids_to_tokens(token).startswith("<0x")]
+    assert byte_tokens and all(len(pieces.piece(token)[1]) == 1 for token in byte_tokens)

@@ -96,3 +96,25 @@ def test_a_second_chat_turn_reuses_the_first_and_changes_no_token(model):
         warm = model.generate(messages=chat, drafter=drafter, max_new_tokens=32)
         assert warm.token_ids == cold.token_ids, drafter
         assert warm.stats.cached_tokens > len(model.encode(messages=chat[:1])) - 1
+
+
+def test_token_pieces_give_each_tokens_exact_bytes(model):
+    """Byte-level BPE: a token may hold part of a character (its text shows U+FFFD), and the
+    tokens' bytes, joined, are the text's; the completions form's offsets find each token in it."""
+    from freespec.engine.logprobs import TokenLogprob
+    from freespec.serve.logprobs import Logprobs, TokenPieces
+
+    pieces = TokenPieces(model.tokenizer)
+    text = "Héllo wörld 😀\n  x = café"
+    ids = model.tokenizer.encode(text, add_special_tokens=False)
+    assert b"".join(pieces.piece(token)[1] for token in ids) == text.encode()
+    assert any("\ufffd" in pieces.piece(token)[0] for token in ids)  # the emoji is split over tokens
+    end = model.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert pieces.piece(end) == ("<|im_end|>", b"<|im_end|>", False)
+    logged = pieces.logged([TokenLogprob(token, -1.0) for token in [*ids, end]])
+    offsets = Logprobs(chat=False).shape(logged)["text_offset"]
+    assert offsets[-1] == len(text)  # the special token adds no text
+    for token, offset in zip(ids, offsets):
+        piece = pieces.piece(token)[0]
+        if "\ufffd" not in piece:
+            assert text[offset:].startswith(piece)

@@ -231,7 +231,8 @@ CHAT_ERRORS = [
     ({"messages": [MESSAGE], "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "at most 4"),
     ({"messages": [MESSAGE], "stop": [""]}, 400, "stop", "non-empty"),
     ({"messages": [MESSAGE], "stop": 5}, 400, "stop", "stop"),
-    ({"messages": [MESSAGE], "logprobs": True}, 400, "logprobs", "not supported"),
+    ({"messages": [MESSAGE], "top_logprobs": 2}, 400, "top_logprobs", "top_logprobs needs logprobs: true"),
+    ({"messages": [MESSAGE], "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs", "top_logprobs"),
     ({"messages": [MESSAGE], "presence_penalty": 0.5}, 400, "presence_penalty", "not supported"),
     ({"messages": [MESSAGE], "tools": []}, 400, "tools", "unsupported parameter: tools"),
 ]
@@ -243,7 +244,7 @@ COMPLETION_ERRORS = [
     ({"prompt": [1, 99999]}, 400, "prompt", "token ids"),
     ({"prompt": "w1", "echo": True}, 400, "echo", "not supported"),
     ({"prompt": "w1", "best_of": 3}, 400, "best_of", "best_of=1"),
-    ({"prompt": "w1", "logprobs": 2}, 400, "logprobs", "not supported"),
+    ({"prompt": "w1", "logprobs": 6}, 400, "logprobs", "logprobs"),
     ({"prompt": "w1", "suffix": "w2"}, 400, "suffix", "not supported"),
     ({"prompt": "w1", "max_tokens": 600}, 400, "max_tokens", "context"),
     ({"prompt": "w1\udcff"}, 400, "prompt", "the prompt is not valid Unicode text: character 2 is a lone surrogate"),
