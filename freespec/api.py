@@ -39,6 +39,7 @@ class GenerationResult:
     finish_reason: str  # "stop" (a stop token was produced) or "length"
     stats: GenerationStats
     logprobs: list[TokenLogprob] | None = None  # one per token id, when asked for (generate(logprobs=k))
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # one per prompt token (the first None), when asked for
 
 
 class Model:
@@ -205,7 +206,7 @@ class Model:
                prompt_ids: Sequence[int] | np.ndarray | torch.Tensor | None = None,
                budget: int | None = None, sampling: SamplingParams | None = None, reuse_prefix: bool = True,
                should_stop: Callable[[], bool] | None = None, tenant: str | None = None,
-               logprobs: int | None = None, **sampling_options) -> Generation:
+               logprobs: int | None = None, prompt_logprobs: int | None = None, **sampling_options) -> Generation:
         """Start a request; iterate the result for token-id chunks as they are accepted.
 
         ``prompt_ids``: token ids instead of ``prompt`` or ``messages`` (a list, or a numpy array or
@@ -224,7 +225,9 @@ class Model:
         ``logprobs``: record each token's log-probability under the model (its log-softmax, before
         temperature and penalties) and that many likeliest alternatives (0 to 20) in the
         generation's ``logprobs``; the same values whatever the drafter. Greedy steps then compute
-        the whole output head (about half a step more on small models).
+        the whole output head (5-10% of a step on SmolLM2-135M). ``prompt_logprobs``: the same for
+        the prompt's tokens (the first has none: None), scoring a text; the whole prompt is then
+        prefilled, and ``max_new_tokens`` may be 0.
         """
         if sampling is not None and not isinstance(sampling, SamplingParams):
             raise TypeError(f"sampling must be a SamplingParams, got {type(sampling).__name__} "
@@ -243,7 +246,7 @@ class Model:
                 drafter_state.set_tenant(tenant)
         budget = self.fixed_budget if budget is None else budget
         return Generation(self.runner, drafter_state, policy, prompt_ids, max_new_tokens, self.stop_ids, budget,
-                          sampling, reuse_prefix, should_stop, logprobs)
+                          sampling, reuse_prefix, should_stop, logprobs, prompt_logprobs)
 
     def generate(self, prompt: str | None = None, **kwargs) -> GenerationResult:
         """The whole answer of :meth:`stream`; threads that share a model take turns, a whole
@@ -253,7 +256,8 @@ class Model:
             for _ in generation:
                 pass
         return GenerationResult(self.decode(generation.token_ids), generation.token_ids,
-                                generation.finish_reason, generation.stats, generation.logprobs)
+                                generation.finish_reason, generation.stats, generation.logprobs,
+                                generation.prompt_logprobs)
 
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)

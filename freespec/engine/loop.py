@@ -28,6 +28,7 @@ from freespec.engine.verify import verify
 from freespec.model.runner import ModelRunner, PassLogits
 
 WARM_START_POSITIONS = 16  # prompt positions whose logits warm the drafter (see README, warm start)
+LOGITS_ROWS = 64  # prompt rows whose logits are computed at once for their log-probabilities
 
 
 @dataclass
@@ -141,7 +142,9 @@ class Generation:
     the same bits either way (see :meth:`ModelRunner.reuse`). ``should_stop`` is asked between
     prefill chunks (see :meth:`ModelRunner.prefill`). ``logprobs``: record each emitted token's
     log-probability and that many alternatives in ``logprobs`` (see :mod:`freespec.engine.logprobs`;
-    None: not recorded, and greedy steps skip the head's rows that cannot win).
+    None: not recorded, and greedy steps skip the head's rows that cannot win); ``prompt_logprobs``:
+    the same for the prompt's tokens in ``prompt_logprobs`` (None for the first, which nothing
+    predicts; the whole prompt is then prefilled, and ``max_new_tokens`` may be 0: scoring alone).
 
     Iterating runs every pass for this request alone. A server runs several requests' passes as
     one (:mod:`freespec.engine.batch`) through the same three calls the iteration makes:
@@ -151,12 +154,17 @@ class Generation:
     def __init__(self, runner: ModelRunner, drafter: Drafter | None, policy: BudgetPolicy | None,
                  prompt_ids: list[int], max_new_tokens: int, stop_ids: set[int], fixed_budget: int | None = None,
                  sampling: SamplingParams = SamplingParams(), reuse_prefix: bool = True,
-                 should_stop: Callable[[], bool] | None = None, logprobs: int | None = None):
+                 should_stop: Callable[[], bool] | None = None, logprobs: int | None = None,
+                 prompt_logprobs: int | None = None):
         prompt_ids = token_id_list(prompt_ids)
         if not prompt_ids:
             raise ValueError("the prompt is empty")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens <= 0:
-            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        self.prompt_logprobs_top = check_top(prompt_logprobs)
+        scoring = self.prompt_logprobs_top is not None  # the prompt's log-probabilities may be all that is asked
+        if (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer))
+                or max_new_tokens < (0 if scoring else 1)):
+            raise ValueError(f"max_new_tokens must be a positive integer{' or 0' if scoring else ''}, "
+                             f"got {max_new_tokens!r}")
         if len(prompt_ids) >= runner.max_positions:
             raise ValueError(
                 f"the prompt has {len(prompt_ids)} tokens; the model's context is {runner.max_positions}"
@@ -165,7 +173,7 @@ class Generation:
             raise ValueError(f"budget must be >= 0, got {fixed_budget}")
         self.runner, self.drafter, self.policy = runner, drafter, policy
         self.fixed_budget = fixed_budget
-        self.reuse_prefix = reuse_prefix
+        self.reuse_prefix = reuse_prefix and not scoring  # cached rows have no logits to give
         self.should_stop = should_stop
         self.prompt_ids = list(prompt_ids)
         self.max_new_tokens = min(max_new_tokens, runner.max_positions - len(prompt_ids))
@@ -174,6 +182,7 @@ class Generation:
         self.token_ids: list[int] = []
         self.logprobs_top = check_top(logprobs)
         self.logprobs: list[TokenLogprob] | None = None if self.logprobs_top is None else []  # one per token_ids
+        self.prompt_logprobs: list[TokenLogprob | None] | None = [None] if scoring else None  # one per prompt id
         self.stats = GenerationStats(prompt_tokens=len(prompt_ids))
         self.sampling = sampling
         self.generator = torch.Generator()  # per request: a seed repeats the run on this machine
@@ -195,7 +204,10 @@ class Generation:
 
     @property
     def done(self) -> bool:
-        """Whether every token has been generated (a stop token, or the limit)."""
+        """Whether every token has been generated (a stop token, or the limit), and the prompt scored
+        if that was asked."""
+        if self.prompt_logprobs is not None and self.prefilling:
+            return False
         return self.finish_reason == "stop" or len(self.token_ids) >= self.max_new_tokens
 
     @property
@@ -321,6 +333,8 @@ class Generation:
         if step is None:
             raise RuntimeError("take() needs a step from plan()")
         if step.tree is None:
+            if self.prompt_logprobs is not None:
+                self._score_prompt(hidden)
             del self._unfilled[: len(step)]
             self._recent = torch.cat([self._recent, hidden[-WARM_START_POSITIONS:]])[-WARM_START_POSITIONS:]
             if not self._unfilled:
@@ -388,6 +402,16 @@ class Generation:
         self.stats.cached_tokens = cached
         self._unfilled = prompt[cached:]
         runner.holder = self  # until another request's first step claims the cache
+
+    def _score_prompt(self, hidden: torch.Tensor) -> None:
+        """The log-probabilities of the prompt tokens that the prefilled rows' hidden states
+        [q, hidden] predict (row i: the token after it), their logits a few rows at a time."""
+        known = len(self.prompt_logprobs)  # the next prompt token to score
+        following = self.prompt_ids[known : known + len(hidden)]
+        for start in range(0, len(hidden), LOGITS_ROWS):
+            logits = self.runner.logits(hidden[start : start + LOGITS_ROWS]).detach().to("cpu", torch.float32)
+            self.prompt_logprobs += token_logprobs(logits.numpy(), following[start : start + LOGITS_ROWS],
+                                                   self.prompt_logprobs_top)
 
     def _begin(self) -> None:
         """The prompt is cached: tell the drafter, start the decoding clock."""

@@ -242,8 +242,9 @@ class Service:
             raise ApiError(503, str(error), code="unavailable") from None
         try:
             prompt_ids = await asyncio.to_thread(self._prompt_ids, body)
+            echo = await asyncio.to_thread(self._echo, body, prompt_ids) if isinstance(body, CompletionRequest) else None
             job = Job(uuid.uuid4().hex, endpoint, prompt_ids, self._max_tokens(body, len(prompt_ids)), drafter,
-                      stops, request_sampling(body), tenant, requested_logprobs(body))
+                      stops, request_sampling(body), tenant, requested_logprobs(body), echo)
             self.scheduler.submit(job)
         except Unavailable as error:
             self.scheduler.release()
@@ -302,6 +303,16 @@ class Service:
             param = prompt_param(body)
             raise ApiError(400, f"{param}: {error}", param) from None
 
+    def _echo(self, body: CompletionRequest, prompt_ids: list[int]) -> str | None:
+        """The text a completion with ``echo`` starts with: its prompt (token ids decoded)."""
+        if not body.echo:
+            return None
+        prompt = body.prompt[0] if isinstance(body.prompt, list) and isinstance(body.prompt[0], str) else body.prompt
+        if isinstance(prompt, str):
+            return prompt
+        with self._encoding:
+            return self.model.decode(prompt_ids)
+
     def _max_tokens(self, body: RequestBody, prompt_tokens: int) -> int:
         if prompt_tokens >= self.context:
             raise ApiError(400, f"the prompt has {prompt_tokens} tokens; the model's context is {self.context}",
@@ -311,6 +322,9 @@ class Service:
             asked = body.max_completion_tokens
         if asked is None:
             return min(self.max_tokens, self.context - prompt_tokens)
+        if asked == 0 and not (isinstance(body, CompletionRequest) and body.echo):
+            raise ApiError(400, "max_tokens must be at least 1 (0 only with echo: true, to score the prompt)",
+                           "max_tokens")
         if prompt_tokens + asked > self.context:
             raise ApiError(400, f"max_tokens {asked} + the prompt's {prompt_tokens} tokens exceed the model's "
                            f"context of {self.context}", "max_tokens", "context_length_exceeded")
@@ -325,8 +339,7 @@ def _refuse_unsupported(body: RequestBody) -> None:
     if isinstance(body, ChatRequest):
         checks += [("top_logprobs", body.top_logprobs is None or body.logprobs, "top_logprobs needs logprobs: true")]
     else:
-        checks += [("echo", not body.echo, "echo is not supported"),
-                   ("best_of", body.best_of in (None, 1), "only best_of=1 is supported"),
+        checks += [("best_of", body.best_of in (None, 1), "only best_of=1 is supported"),
                    ("suffix", body.suffix is None, "suffix is not supported")]
     for param, fine, message in checks:
         if not fine:

@@ -62,11 +62,15 @@ class TokenPieces:
                     self._tokenizer.decode([token])).encode("utf-8", errors="replace")
         return data.decode("utf-8", errors="replace"), data, token not in self._special
 
-    def logged(self, records: list[TokenLogprob]) -> list[LoggedToken]:
+    def logged(self, tokens: list[int], records: list[TokenLogprob | None]) -> list[LoggedToken]:
+        """``tokens`` with their records (None: a prompt's first token, which nothing predicts)."""
         out = []
-        for record in records:
-            text, data, in_text = self.piece(record.token)
-            top = tuple((*self.piece(token)[:2], logprob) for token, logprob in record.top)
+        for token, record in zip(tokens, records):
+            text, data, in_text = self.piece(token)
+            if record is None:
+                out.append(LoggedToken(text, data, None, in_text, None))
+                continue
+            top = tuple((*self.piece(alternative)[:2], logprob) for alternative, logprob in record.top)
             out.append(LoggedToken(text, data, record.logprob, in_text, top))
         return out
 
@@ -77,9 +81,9 @@ class LoggedToken:
 
     text: str
     data: bytes  # its UTF-8 bytes (part of a character, for some tokens)
-    logprob: float
+    logprob: float | None  # None: a prompt's first token (echoed), which nothing predicts
     in_text: bool  # False for a special token, whose text the answer leaves out
-    top: tuple[tuple[str, bytes, float], ...]  # the likeliest tokens at its position: text, bytes, log-probability
+    top: tuple[tuple[str, bytes, float], ...] | None  # the likeliest tokens at its position: text, bytes, log-probability
 
 
 class Logprobs:
@@ -103,7 +107,7 @@ class Logprobs:
                 self._text += token.data
         return {"tokens": [token.text for token in tokens],
                 "token_logprobs": [token.logprob for token in tokens],
-                "top_logprobs": [_first_per_text(token.top) for token in tokens],
+                "top_logprobs": [None if token.top is None else _first_per_text(token.top) for token in tokens],
                 "text_offset": offsets}
 
 

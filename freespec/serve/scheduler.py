@@ -101,6 +101,7 @@ class Job:
     sampling: dict = field(default_factory=dict)
     tenant: str | None = None
     logprobs: int | None = None  # alternatives per token with the tokens' log-probabilities (None: not asked)
+    echo: str | None = None  # the prompt's text, to come before the answer (with logprobs: the prompt's too)
     deadline: float | None = None
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     loop: asyncio.AbstractEventLoop | None = None
@@ -170,6 +171,7 @@ class Active:
     request: Running
     answered: bool = False  # whether text has been sent
     logged: int = 0  # tokens whose log-probabilities have been sent
+    echoed: bool = False  # whether the prompt's text (an echo) has been sent
 
 
 class Scheduler:
@@ -346,6 +348,7 @@ class Scheduler:
             generation = slot.model.stream(prompt_ids=job.prompt_ids, max_new_tokens=job.max_tokens,
                                            drafter=job.drafter, reuse_prefix=self.prefix_reuse,
                                            should_stop=job.should_stop, tenant=job.tenant, logprobs=job.logprobs,
+                                           prompt_logprobs=job.logprobs if job.echo is not None else None,
                                            **job.sampling)
         except ValueError as error:
             self._idle.append(slot)
@@ -397,17 +400,24 @@ class Scheduler:
                 if not active.answered:
                     self.metrics.first_token.observe(time.perf_counter() - job.arrived)
                     active.answered = True
-                job.post(Delta(delta, self._unsent_logprobs(active)))
+                self._post_delta(active, delta)
         if text.stopped or active.generation.done:
             self._finish(active)
 
-    def _unsent_logprobs(self, active: Active) -> list[LoggedToken] | None:
-        """The log-probabilities of the tokens generated since the last delta (None if not asked)."""
-        records = active.generation.logprobs
-        if records is None:
-            return None
-        unsent, active.logged = records[active.logged:], len(records)
-        return self._pieces.logged(unsent)
+    def _post_delta(self, active: Active, text: str) -> None:
+        """Send ``text`` with the log-probabilities of the tokens generated since the last delta, if
+        asked; the first delta of an echo starts with the prompt (its text, then its tokens')."""
+        job, generation = active.job, active.generation
+        logged = None
+        if generation.logprobs is not None:
+            start, active.logged = active.logged, len(generation.logprobs)
+            logged = self._pieces.logged(generation.token_ids[start:], generation.logprobs[start:])
+        if job.echo is not None and not active.echoed:
+            active.echoed = True
+            text = job.echo + text
+            if logged is not None and generation.prompt_logprobs is not None:
+                logged = self._pieces.logged(job.prompt_ids, generation.prompt_logprobs) + logged
+        job.post(Delta(text, logged))
 
     def _fail(self, active: Active, error: Exception) -> None:
         job = active.job
@@ -426,11 +436,16 @@ class Scheduler:
             end = dataclasses.replace(stopped, stats=generation.stats, drafter=job.drafter)
         else:
             delta = "" if text.stopped else text.finish()
-            if delta or active.logged < len(generation.logprobs or ()):  # the last text, or tokens without any
-                job.post(Delta(delta, self._unsent_logprobs(active)))
+            if delta or active.logged < len(generation.logprobs or ()) or (job.echo and not active.echoed):
+                self._post_delta(active, delta)  # the last text, or tokens without any, or the echo alone
             reason = "cancelled" if job.cancelled else "stop" if text.stopped else generation.finish_reason
-            logged = None if generation.logprobs is None else self._pieces.logged(generation.logprobs)
-            end = Finished(text.text, generation.token_ids, reason, generation.stats, job.drafter, logged)
+            logged = None
+            if generation.logprobs is not None:
+                logged = self._pieces.logged(generation.token_ids, generation.logprobs)
+                if generation.prompt_logprobs is not None:
+                    logged = self._pieces.logged(job.prompt_ids, generation.prompt_logprobs) + logged
+            end = Finished((job.echo or "") + text.text, generation.token_ids, reason, generation.stats, job.drafter,
+                           logged)
         self.metrics.record(job.drafter, generation.stats)
         self._leave(active, end, keep_rows=True)
 

@@ -93,7 +93,7 @@ class _Options(_Sampling):
     """Fields both endpoints take. ``None`` means "not sent"."""
 
     model: str | None = Field(None, description="the served model id (GET /v1/models); optional")
-    max_tokens: int | None = Field(None, ge=1, description="most tokens to generate (default: the server's "
+    max_tokens: int | None = Field(None, ge=0, description="most tokens to generate (default: the server's "
                                    "--max-tokens, cut to the context left)")
     stream: bool | None = None
     stream_options: StreamOptions | None = None
@@ -119,7 +119,8 @@ class ChatRequest(_Options):
 class CompletionRequest(_Options):
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
         description="one prompt: text, or token ids (a list of one of either is accepted too)")
-    echo: bool | None = Field(None, description="only false")
+    echo: bool | None = Field(None, description="the prompt before the answer (with logprobs: the prompt's tokens' "
+                              "log-probabilities too; max_tokens 0 scores the prompt alone)")
     logprobs: int | None = Field(None, ge=0, le=5, description="each answer token's log-probability under the "
                                  "model and that many likeliest tokens at each position")
     best_of: int | None = Field(None, ge=1, description="only 1")

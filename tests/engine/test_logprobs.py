@@ -106,3 +106,36 @@ def test_bad_logprobs_are_refused_before_any_pass():
     with pytest.raises(ValueError, match=r"logprobs must be None or an integer in \[0, 20\]"):
         model.generate(prompt_ids=PROMPTS[0], logprobs=21)
     assert model.generate(prompt_ids=PROMPTS[0], max_new_tokens=4).logprobs is None
+
+
+@pytest.mark.parametrize("drafter", ["none", "suffix", "recycling"])
+def test_scoring_a_text_gives_the_bits_decoding_it_gave(drafter):
+    """The prompt's log-probabilities come from its prefilled rows, which are the bits decoding
+    writes: scoring prompt + answer repeats the answer's own log-probabilities exactly."""
+    model, _ = _model()
+    prompt = PROMPTS[1]
+    answer = model.generate(prompt_ids=prompt, drafter=drafter, max_new_tokens=24, logprobs=2)
+    scored = model.generate(prompt_ids=prompt + answer.token_ids, max_new_tokens=0, prompt_logprobs=2)
+    assert scored.token_ids == [] and scored.logprobs is None
+    assert scored.stats.cached_tokens == 0  # every row prefilled (the previous request left this prompt's rows)
+    assert scored.prompt_logprobs[0] is None and len(scored.prompt_logprobs) == len(prompt) + len(answer.token_ids)
+    assert [entry.token for entry in scored.prompt_logprobs[1:]] == (prompt + answer.token_ids)[1:]
+    assert [(e.token, e.logprob, e.top) for e in scored.prompt_logprobs[len(prompt):]] == _records(answer)
+    both = model.generate(prompt_ids=prompt, drafter=drafter, max_new_tokens=24, logprobs=2, prompt_logprobs=2)
+    assert _records(both) == _records(answer)
+    assert both.prompt_logprobs == scored.prompt_logprobs[:len(prompt)]
+
+
+def test_a_scoring_request_in_a_batch_scores_its_whole_prompt():
+    """A batch prefills prompts in chunks beside other requests' steps: the scores are the same."""
+    model, _ = _model()
+    long_prompt = [2, *[4 + (7 * i) % 250 for i in range(150)], 3]
+    alone = model.fork().generate(prompt_ids=long_prompt, max_new_tokens=0, prompt_logprobs=1)
+    running = [Running(model.fork().stream(prompt_ids=long_prompt, max_new_tokens=0, prompt_logprobs=1)),
+               Running(model.fork().stream(prompt_ids=PROMPTS[0], drafter="suffix", max_new_tokens=30))]
+    batch = Batch()
+    while not all(request.generation.done or request.error for request in running):
+        batch.step(running)
+    assert running[0].error is None and running[0].generation.prompt_logprobs == alone.prompt_logprobs
+    with pytest.raises(ValueError, match="max_new_tokens must be a positive integer, got 0"):
+        model.generate(prompt_ids=PROMPTS[0], max_new_tokens=0)

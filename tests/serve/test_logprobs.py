@@ -87,3 +87,36 @@ def test_streamed_logprobs_are_the_whole_answers(server, path):
         for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
             assert [value for part in streamed for value in part[key]] == whole[key], key
     assert len(streamed) > 1  # they came with the text, not all at the end
+
+
+def test_echo_scores_the_prompt_and_puts_it_before_the_answer(client, reference):
+    ids = reference.encode(PROMPT, chat=False)
+    scored = reference.generate(prompt_ids=ids, max_new_tokens=0, prompt_logprobs=2)
+    alone = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=0, echo=True, logprobs=2)
+    assert alone.choices[0].text == PROMPT and alone.usage.completion_tokens == 0
+    logprobs = alone.choices[0].logprobs
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None  # nothing predicts the first
+    assert logprobs.token_logprobs[1:] == [entry.logprob for entry in scored.prompt_logprobs[1:]]
+    assert logprobs.tokens == [reference.tokenizer.convert_ids_to_tokens(token) for token in ids]
+    answer = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=10, logprobs=2)
+    both = client.completions.create(model="tiny", prompt=ids, max_tokens=10, echo=True, logprobs=2,
+                                     extra_body={"drafter": "suffix"})
+    assert both.choices[0].text == reference.decode(ids) + answer.choices[0].text
+    assert both.choices[0].logprobs.token_logprobs == logprobs.token_logprobs + answer.choices[0].logprobs.token_logprobs
+    plain = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=10, echo=True)
+    assert plain.choices[0].text == PROMPT + answer.choices[0].text and plain.choices[0].logprobs is None
+
+
+@pytest.mark.parametrize("max_tokens", [0, 6])
+def test_a_streamed_echo_starts_with_the_prompt(server, max_tokens):
+    body = {"prompt": PROMPT, "max_tokens": max_tokens, "echo": True, "logprobs": 1, "model": "tiny"}
+    connection, response = open_stream(server, body, "/v1/completions")
+    chunks = [json.loads(line[len("data: "):]) for line in (raw.decode().strip() for raw in response)
+              if line.startswith("data: ") and line != "data: [DONE]"]
+    connection.close()
+    whole = openai.OpenAI(base_url=server + "/v1", api_key="unused").completions.create(**body)
+    texts = [chunk["choices"][0]["text"] for chunk in chunks]
+    assert texts[0].startswith(PROMPT) and "".join(texts) == whole.choices[0].text
+    streamed = [value for chunk in chunks if chunk["choices"][0]["logprobs"]
+                for value in chunk["choices"][0]["logprobs"]["token_logprobs"]]
+    assert streamed == whole.choices[0].logprobs.token_logprobs

@@ -242,7 +242,7 @@ COMPLETION_ERRORS = [
     ({"prompt": ["w1", "w2"]}, 400, "prompt", "one prompt per request"),
     ({"prompt": []}, 400, "prompt", "non-empty"),
     ({"prompt": [1, 99999]}, 400, "prompt", "token ids"),
-    ({"prompt": "w1", "echo": True}, 400, "echo", "not supported"),
+    ({"prompt": "w1", "max_tokens": 0}, 400, "max_tokens", "0 only with echo: true"),
     ({"prompt": "w1", "best_of": 3}, 400, "best_of", "best_of=1"),
     ({"prompt": "w1", "logprobs": 6}, 400, "logprobs", "logprobs"),
     ({"prompt": "w1", "suffix": "w2"}, 400, "suffix", "not supported"),
