@@ -242,7 +242,9 @@ class Service:
             raise ApiError(503, str(error), code="unavailable") from None
         try:
             prompt_ids = await asyncio.to_thread(self._prompt_ids, body)
-            echo = await asyncio.to_thread(self._echo, body, prompt_ids) if isinstance(body, CompletionRequest) else None
+            echo = None
+            if isinstance(body, CompletionRequest):
+                echo = await asyncio.to_thread(self._echo, body, prompt_ids)
             job = Job(uuid.uuid4().hex, endpoint, prompt_ids, self._max_tokens(body, len(prompt_ids)), drafter,
                       stops, request_sampling(body), tenant, requested_logprobs(body), echo)
             self.scheduler.submit(job)

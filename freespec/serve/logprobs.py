@@ -42,7 +42,8 @@ class TokenPieces:
         backend = getattr(tokenizer, "backend_tokenizer", None)
         decoder = type(getattr(backend, "decoder", None)).__name__
         state = str(getattr(getattr(backend, "decoder", None), "__getstate__", lambda: b"")())
-        self._scheme = "byte-level" if decoder == "ByteLevel" else "byte-fallback" if "ByteFallback" in state else "text"
+        self._scheme = ("byte-level" if decoder == "ByteLevel" else
+                        "byte-fallback" if "ByteFallback" in state else "text")
         self._alphabet = _byte_level_alphabet()
         self._special = set(getattr(tokenizer, "all_special_ids", ()))
         self.piece = lru_cache(maxsize=1 << 16)(self._piece)
@@ -83,7 +84,7 @@ class LoggedToken:
     data: bytes  # its UTF-8 bytes (part of a character, for some tokens)
     logprob: float | None  # None: a prompt's first token (echoed), which nothing predicts
     in_text: bool  # False for a special token, whose text the answer leaves out
-    top: tuple[tuple[str, bytes, float], ...] | None  # the likeliest tokens at its position: text, bytes, log-probability
+    top: tuple[tuple[str, bytes, float], ...] | None  # the likeliest tokens there: text, bytes, log-probability
 
 
 class Logprobs:

@@ -407,17 +407,23 @@ class Scheduler:
     def _post_delta(self, active: Active, text: str) -> None:
         """Send ``text`` with the log-probabilities of the tokens generated since the last delta, if
         asked; the first delta of an echo starts with the prompt (its text, then its tokens')."""
-        job, generation = active.job, active.generation
-        logged = None
-        if generation.logprobs is not None:
-            start, active.logged = active.logged, len(generation.logprobs)
-            logged = self._pieces.logged(generation.token_ids[start:], generation.logprobs[start:])
-        if job.echo is not None and not active.echoed:
-            active.echoed = True
-            text = job.echo + text
-            if logged is not None and generation.prompt_logprobs is not None:
-                logged = self._pieces.logged(job.prompt_ids, generation.prompt_logprobs) + logged
-        job.post(Delta(text, logged))
+        job = active.job
+        start, active.logged = active.logged, len(active.generation.logprobs or ())
+        echo = job.echo is not None and not active.echoed
+        if echo:
+            active.echoed, text = True, job.echo + text
+        job.post(Delta(text, self._logged(active, start, echo)))
+
+    def _logged(self, active: Active, start: int, prompt: bool) -> list[LoggedToken] | None:
+        """The log-probabilities of the tokens generated from ``start`` on (None if not asked),
+        after the prompt's if ``prompt`` and the request has them (an echo)."""
+        generation = active.generation
+        if generation.logprobs is None:
+            return None
+        logged = self._pieces.logged(generation.token_ids[start:], generation.logprobs[start:])
+        if prompt and generation.prompt_logprobs is not None:
+            logged = self._pieces.logged(active.job.prompt_ids, generation.prompt_logprobs) + logged
+        return logged
 
     def _fail(self, active: Active, error: Exception) -> None:
         job = active.job
@@ -436,16 +442,12 @@ class Scheduler:
             end = dataclasses.replace(stopped, stats=generation.stats, drafter=job.drafter)
         else:
             delta = "" if text.stopped else text.finish()
-            if delta or active.logged < len(generation.logprobs or ()) or (job.echo and not active.echoed):
+            unsent = active.logged < len(generation.logprobs or ()) or (job.echo is not None and not active.echoed)
+            if delta or unsent:
                 self._post_delta(active, delta)  # the last text, or tokens without any, or the echo alone
             reason = "cancelled" if job.cancelled else "stop" if text.stopped else generation.finish_reason
-            logged = None
-            if generation.logprobs is not None:
-                logged = self._pieces.logged(generation.token_ids, generation.logprobs)
-                if generation.prompt_logprobs is not None:
-                    logged = self._pieces.logged(job.prompt_ids, generation.prompt_logprobs) + logged
             end = Finished((job.echo or "") + text.text, generation.token_ids, reason, generation.stats, job.drafter,
-                           logged)
+                           self._logged(active, 0, prompt=True))
         self.metrics.record(job.drafter, generation.stats)
         self._leave(active, end, keep_rows=True)
 

@@ -87,9 +87,9 @@ def test_sampled_tokens_get_the_models_raw_logprobs_and_keep_their_seeded_draws(
 
 def test_a_batch_gives_each_request_the_logprobs_it_gets_alone():
     model, _ = _model()
+    sampled = [{}, {"temperature": 0.9}]
     requests = [dict(prompt_ids=PROMPTS[index % len(PROMPTS)] + [4 + index], drafter=DRAFTERS[index % len(DRAFTERS)],
-                     max_new_tokens=20, logprobs=index % 3, **({"temperature": 0.9, "seed": index} if index % 2 else {}))
-                for index in range(6)]
+                     max_new_tokens=20, logprobs=index % 3, seed=index, **sampled[index % 2]) for index in range(6)]
     alone = [model.fork().generate(**request) for request in requests]
     running = [Running(model.fork().stream(**request)) for request in requests]
     batch = Batch()

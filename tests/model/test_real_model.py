@@ -111,7 +111,7 @@ def test_token_pieces_give_each_tokens_exact_bytes(model):
     assert any("\ufffd" in pieces.piece(token)[0] for token in ids)  # the emoji is split over tokens
     end = model.tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert pieces.piece(end) == ("<|im_end|>", b"<|im_end|>", False)
-    logged = pieces.logged([TokenLogprob(token, -1.0) for token in [*ids, end]])
+    logged = pieces.logged([*ids, end], [TokenLogprob(token, -1.0) for token in [*ids, end]])
     offsets = Logprobs(chat=False).shape(logged)["text_offset"]
     assert offsets[-1] == len(text)  # the special token adds no text
     for token, offset in zip(ids, offsets):

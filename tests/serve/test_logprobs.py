@@ -42,7 +42,8 @@ def test_chat_logprobs_are_the_models(client, reference, drafter):
     content = reply.choices[0].logprobs.content
     assert len(content) == reply.usage.completion_tokens == len(expected.token_ids)
     assert [entry.logprob for entry in content] == [entry.logprob for entry in expected.logprobs]
-    assert [entry.token for entry in content] == [reference.tokenizer.convert_ids_to_tokens(t) for t in expected.token_ids]
+    pieces = reference.tokenizer.convert_ids_to_tokens(expected.token_ids)
+    assert [entry.token for entry in content] == pieces
     for entry, record in zip(content, expected.logprobs):
         assert bytes(entry.bytes) == entry.token.encode()
         assert [(top.token, top.logprob) for top in entry.top_logprobs] == [
@@ -102,7 +103,8 @@ def test_echo_scores_the_prompt_and_puts_it_before_the_answer(client, reference)
     both = client.completions.create(model="tiny", prompt=ids, max_tokens=10, echo=True, logprobs=2,
                                      extra_body={"drafter": "suffix"})
     assert both.choices[0].text == reference.decode(ids) + answer.choices[0].text
-    assert both.choices[0].logprobs.token_logprobs == logprobs.token_logprobs + answer.choices[0].logprobs.token_logprobs
+    answered = answer.choices[0].logprobs.token_logprobs
+    assert both.choices[0].logprobs.token_logprobs == logprobs.token_logprobs + answered
     plain = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=10, echo=True)
     assert plain.choices[0].text == PROMPT + answer.choices[0].text and plain.choices[0].logprobs is None
 
