@@ -138,13 +138,15 @@ def _hf_generate(setup: Setup, sample: bool = False, **options) -> Generate:
 
     transformers names its sampling keywords as :class:`SamplingParams` does: a sampling peer gets
     them all, a greedy one those that change greedy output too. The seed is not one of them: the
-    bench seeds torch per question and turn.
+    bench seeds torch per question and turn; nor are OpenAI's penalties, which transformers lacks
+    (the peers do not run with them: :func:`_transformers_can`).
     """
     stop, sampling = sorted(setup.model.stop_ids), setup.sampling
     hf_model = setup.model.hf_model  # built here, not in the first timed run
     do_sample = sample and not sampling.greedy
     options.update({option.name: getattr(sampling, option.name) for option in OPTIONS
-                    if option.name != "seed" and (do_sample or option.greedy)}, do_sample=do_sample)
+                    if option.name not in ("seed", *TRANSFORMERS_LACKS) and (do_sample or option.greedy)},
+                   do_sample=do_sample)
 
     def run(prompt_ids: list[int]) -> Output:
         inputs = torch.tensor([prompt_ids], device=hf_model.device)  # [1, prompt]
@@ -220,19 +222,25 @@ def _llama_cpp(setup: Setup, lookup: bool) -> Generate:
     return run
 
 
+TRANSFORMERS_LACKS = ("frequency_penalty", "presence_penalty")  # sampling options generate() has no keyword for
+
+
+def _transformers_can(setup: Setup) -> str | None:
+    lacking = [name for name in TRANSFORMERS_LACKS if getattr(setup.sampling, name)]
+    return f"transformers has no {' or '.join(lacking)} (OpenAI's)" if lacking else None
+
+
 def _needs_draft_model(setup: Setup) -> str | None:
-    return None if setup.model.draft else "needs --draft-model PATH (a smaller model with the same tokenizer)"
-
-
-def _always(setup: Setup) -> None:
-    return None
+    if not setup.model.draft:
+        return "needs --draft-model PATH (a smaller model with the same tokenizer)"
+    return _transformers_can(setup)
 
 
 PEERS: dict[str, Peer] = {
-    "hf-greedy": Peer(lambda s: _hf_generate(s), REFERENCE, _always, "transformers generate, greedy"),
-    "hf-sample": Peer(lambda s: _hf_generate(s, sample=True), "hf-greedy", _always,
+    "hf-greedy": Peer(lambda s: _hf_generate(s), REFERENCE, _transformers_can, "transformers generate, greedy"),
+    "hf-sample": Peer(lambda s: _hf_generate(s, sample=True), "hf-greedy", _transformers_can,
                       "transformers generate with the sampling options (greedy at temperature 0)"),
-    "hf-lookup": Peer(lambda s: _hf_generate(s, prompt_lookup_num_tokens=LOOKUP_TOKENS), "hf-greedy", _always,
+    "hf-lookup": Peer(lambda s: _hf_generate(s, prompt_lookup_num_tokens=LOOKUP_TOKENS), "hf-greedy", _transformers_can,
                       f"transformers generate with prompt lookup ({LOOKUP_TOKENS} tokens)"),
     "hf-assisted": Peer(_hf_assisted, "hf-greedy", _needs_draft_model,
                         "transformers generate with an assistant model (--draft-model)"),

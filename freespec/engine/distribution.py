@@ -4,8 +4,10 @@ Speculative sampling is lossless only if every node's distribution is exactly th
 sampling would use after the same tokens. So each node's logits are processed with that node's
 own prefix (prompt + generated + its ancestors in the tree, itself included), in the order
 transformers' ``generate`` applies its processors: repetition penalty, then temperature, top-k,
-top-p, min-p. Every function works on a row at a time or a batch of rows, elementwise or per row,
-so a node's result does not depend on which other nodes are verified with it.
+top-p, min-p; OpenAI's frequency and presence penalties, which transformers lacks, come right
+after the repetition penalty, as vLLM applies them, and count the answer's tokens only. Every
+function works on a row at a time or a batch of rows, elementwise or per row, so a node's result
+does not depend on which other nodes are verified with it.
 """
 
 from __future__ import annotations
@@ -59,6 +61,65 @@ def tree_repetition_penalty(logits: torch.Tensor, context: np.ndarray, tree: Dra
     rows, columns = torch.from_numpy(rows), torch.from_numpy(tree.tokens[ancestors])
     out[rows, columns] = _penalize(logits[rows, columns], penalty)  # from the raw logits: once per token
     return out
+
+
+def _answer_penalties(counts: np.ndarray, frequency: float, presence: float) -> torch.Tensor:
+    """[k] what tokens seen ``counts`` [k] (>= 1) times in the answer lose: count x frequency +
+    presence, in float32, the same operations wherever a count is penalised (so a node's logits
+    in a tree get the bits plain decoding gives them)."""
+    amounts = counts.astype(np.float32) * np.float32(frequency) + np.float32(presence)
+    return torch.from_numpy(amounts)
+
+
+def answer_penalties(logits: torch.Tensor, answer: np.ndarray, frequency: float, presence: float) -> torch.Tensor:
+    """[vocab] logits less OpenAI's penalties for the tokens of ``answer`` (the generated ones).
+
+    >>> answer_penalties(torch.tensor([2.0, 1.0, 0.5]), np.array([2, 2, 0]), 0.5, 0.25).tolist()
+    [1.25, 1.0, -0.75]
+    """
+    if frequency == 0.0 and presence == 0.0 or not len(answer):
+        return logits
+    tokens, counts = np.unique(answer, return_counts=True)
+    out = logits.clone()
+    out[torch.from_numpy(tokens)] = logits[torch.from_numpy(tokens)] - _answer_penalties(counts, frequency, presence)
+    return out
+
+
+def tree_answer_penalties(logits: torch.Tensor, answer: np.ndarray, tree: DraftTree, frequency: float,
+                          presence: float) -> torch.Tensor:
+    """[n, vocab] every node's logits less OpenAI's penalties for the answer before it: ``answer``
+    (generated so far, ending with the root's token once there is one) and the node's ancestors
+    below the root, itself included.
+
+    >>> tree = DraftTree(np.array([0, 1, 1]), np.array([-1, 0, 1]))  # root 0, then 1, then 1 again
+    >>> tree_answer_penalties(torch.zeros(3, 2), np.array([1]), tree, 1.0, 0.0).tolist()
+    [[0.0, -1.0], [0.0, -2.0], [0.0, -3.0]]
+    """
+    if frequency == 0.0 and presence == 0.0:
+        return logits
+    out = logits.clone()
+    tokens, counts = np.unique(answer, return_counts=True)
+    if len(tokens):
+        columns = torch.from_numpy(tokens)
+        out[:, columns] = logits[:, columns] - _answer_penalties(counts, frequency, presence)
+    seen = dict(zip(tokens.tolist(), counts.tolist()))
+    for node in range(1, len(tree)):
+        path = tree.tokens[np.flatnonzero(tree.ancestor_mask[node])[1:]]  # below the root, itself included
+        extra, more = np.unique(path, return_counts=True)
+        total = np.array([seen.get(token, 0) for token in extra.tolist()]) + more
+        columns = torch.from_numpy(extra)
+        out[node, columns] = logits[node, columns] - _answer_penalties(total, frequency, presence)
+    return out
+
+
+def tree_penalties(logits: torch.Tensor, context: np.ndarray, answer_start: int, tree: DraftTree,
+                   params: SamplingParams) -> torch.Tensor:
+    """[n, vocab] every node's logits after the penalties for its own prefix: the repetition
+    penalty (prompt and answer), then the frequency and presence penalties (the answer:
+    ``context[answer_start:]`` and the node's path)."""
+    logits = tree_repetition_penalty(logits, context, tree, params.repetition_penalty)
+    return tree_answer_penalties(logits, context[answer_start:], tree, params.frequency_penalty,
+                                 params.presence_penalty)
 
 
 def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

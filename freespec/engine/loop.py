@@ -356,7 +356,7 @@ class Generation:
             else:
                 learned = logits.tensor  # the whole head, once: verification then reads its maxima from it
         # accept
-        path, bonus = verify(tree, logits, self._context, self.sampling, self.generator)
+        path, bonus = verify(tree, logits, self._context, self.sampling, self.generator, len(self.prompt_ids))
         emitted = [int(t) for t in tree.tokens[path[1:]]] + [bonus]
         emitted = self._cut(emitted)
         if self.logprobs is not None:  # emitted[i] was chosen at node path[i]

@@ -102,6 +102,12 @@ class SamplingParams:
     repetition_penalty: float = _option(
         1.0, "divide the logits of tokens already in the text by R (multiply the negative ones), greedy "
         "decoding included; 1 is off", "R", float, gt=0, greedy=True)
+    frequency_penalty: float = _option(
+        0.0, "subtract F times each token's count in the answer so far from its logit (OpenAI's), after the "
+        "repetition penalty, greedy decoding included; 0 is off", "F", float, ge=-2, le=2, greedy=True)
+    presence_penalty: float = _option(
+        0.0, "subtract P from the logit of every token already in the answer (OpenAI's), after the repetition "
+        "penalty, greedy decoding included; 0 is off", "P", float, ge=-2, le=2, greedy=True)
     seed: int | None = _option(None, "seed each request's random generator, so a run repeats on the same machine "
                                "(default: fresh)", "N", int, ge=-(2**63), le=2**64 - 1)
 
@@ -118,7 +124,7 @@ class SamplingParams:
     @property
     def reads_maxima_only(self) -> bool:
         """Whether choosing a token reads only the logits' maxima: greedy, without a penalty."""
-        return self.greedy and self.repetition_penalty == 1.0
+        return self.greedy and all(getattr(self, option.name) == option.default for option in OPTIONS if option.greedy)
 
 
 OPTIONS: tuple[Option, ...] = tuple(dataclasses.replace(f.metadata["option"], name=f.name, default=f.default)

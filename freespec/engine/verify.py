@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from freespec import kernels
-from freespec.engine.distribution import draw, target_probs, tree_repetition_penalty
+from freespec.engine.distribution import draw, target_probs, tree_penalties
 from freespec.engine.sampling import SamplingParams
 from freespec.engine.tree import DraftTree
 from freespec.model.runner import PassLogits
@@ -145,17 +145,18 @@ def _normalised(weights: np.ndarray, fallback: np.ndarray | None = None) -> np.n
 
 
 def verify(tree: DraftTree, logits: PassLogits, context: np.ndarray, params: SamplingParams,
-           generator: torch.Generator) -> tuple[list[int], int]:
+           generator: torch.Generator, answer_start: int | None = None) -> tuple[list[int], int]:
     """The accepted path and bonus token for ``logits`` [n, vocab] at the nodes of ``tree``.
 
-    ``context`` holds the prompt and the tokens generated so far (ending with the root's token):
-    with the node's ancestors it is the prefix the repetition penalty looks at. Greedy (temperature
-    0) takes the argmax of the penalised logits, as plain greedy decoding does; without a penalty,
-    the logits' own maxima (no tensor is made).
+    ``context`` holds the prompt and the tokens generated so far (ending with the root's token),
+    the generated ones from ``answer_start`` (None: none yet): with the node's ancestors it is the
+    prefix the penalties look at. Greedy (temperature 0) takes the argmax of the penalised logits,
+    as plain greedy decoding does; without a penalty, the logits' own maxima (no tensor is made).
     """
     if params.reads_maxima_only:
         return greedy_accept(tree, logits.argmax)
-    logits = tree_repetition_penalty(logits.tensor, context, tree, params.repetition_penalty)
+    answer_start = len(context) if answer_start is None else answer_start
+    logits = tree_penalties(logits.tensor, context, answer_start, tree, params)
     if params.greedy:
         return greedy_accept(tree, kernels.select().argmax(logits))
 

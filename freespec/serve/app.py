@@ -335,8 +335,6 @@ class Service:
 
 def _refuse_unsupported(body: RequestBody) -> None:
     checks = [("n", body.n in (None, 1), "only n=1 is supported"),
-              ("presence_penalty", not body.presence_penalty, "presence_penalty is not supported (only 0)"),
-              ("frequency_penalty", not body.frequency_penalty, "frequency_penalty is not supported (only 0)"),
               ("logit_bias", not body.logit_bias, "logit_bias is not supported")]
     if isinstance(body, ChatRequest):
         checks += [("top_logprobs", body.top_logprobs is None or body.logprobs, "top_logprobs needs logprobs: true")]

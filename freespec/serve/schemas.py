@@ -99,8 +99,6 @@ class _Options(_Sampling):
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = Field(None, description="up to 4 strings; the answer ends before the first")
     n: int | None = Field(None, ge=1, description="only 1")
-    presence_penalty: float | None = Field(None, ge=-2, le=2, description="only 0")
-    frequency_penalty: float | None = Field(None, ge=-2, le=2, description="only 0")
     logit_bias: dict[str, float] | None = Field(None, description="only empty")
     user: str | None = None
     drafter: str | None = Field(None, description="freespec extension: one of the server's --drafters "

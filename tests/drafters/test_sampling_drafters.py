@@ -12,6 +12,7 @@ The same harness with a deliberately wrong acceptance rule must fail the same te
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import threading
@@ -144,8 +145,7 @@ def run_requests(runner: ReplayRunner, drafter, params: SamplingParams,
     policy = BudgetPolicy({q: 1.0 for q in range(1, BUDGET + 2)}, candidates=[BUDGET])
     sequences, accepted = [], 0
     for seed in range(samples):
-        options = SamplingParams(params.temperature, params.top_k, params.top_p, params.min_p,
-                                 params.repetition_penalty, seed)
+        options = dataclasses.replace(params, seed=seed)
         generation = Generation(runner, drafter, policy, PROMPT, LENGTH, {EOS}, BUDGET, options)
         for _ in generation:
             pass
@@ -272,7 +272,7 @@ def test_each_drafter_keeps_the_distribution(harness, case, options, samples):
 
 
 def kept_child_rule(tree: DraftTree, logits: PassLogits, context: np.ndarray, params: SamplingParams,
-                    generator: torch.Generator) -> tuple[list[int], int]:
+                    generator: torch.Generator, answer_start: int | None = None) -> tuple[list[int], int]:
     """Wrong: accept the first drafted child the target keeps (top-k, top-p, min-p) without sampling."""
     logits = tree_repetition_penalty(logits.tensor, context, tree, params.repetition_penalty)
     path, node = [0], 0
@@ -286,7 +286,7 @@ def kept_child_rule(tree: DraftTree, logits: PassLogits, context: np.ndarray, pa
 
 
 def independent_rule(tree: DraftTree, logits: PassLogits, context: np.ndarray, params: SamplingParams,
-                     generator: torch.Generator) -> tuple[list[int], int]:
+                     generator: torch.Generator, answer_start: int | None = None) -> tuple[list[int], int]:
     """Wrong: accept each drafted child with its own target probability, else draw from the whole
     target (no residual), as sampling each candidate path independently does."""
     logits = tree_repetition_penalty(logits.tensor, context, tree, params.repetition_penalty)

@@ -280,3 +280,31 @@ def test_a_scored_draft_is_verified_as_far_as_its_scores_pay():
     assert generation.token_ids == reference
     assert set(generation.stats.draft_sizes[:-1]) == {2}  # the last step may lack room
     assert set(generation.stats.accepted_lengths[:-1]) == {3}
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_openais_penalties_give_every_drafter_the_greedy_tokens_of_plain_decoding(family):
+    """Frequency and presence penalties change greedy decoding; each draft node is penalised for
+    its own answer so far, so speculative output stays plain greedy's, which is transformers'
+    logits penalised and maximised token by token."""
+    from freespec.engine.distribution import answer_penalties, repetition_penalty
+
+    model, hf_model = make_model(family, 0, budget=8), tiny_model(family, seed=0, scale=8.0)
+    penalties = dict(repetition_penalty=1.1, frequency_penalty=1.0, presence_penalty=0.5)
+    changed, accepted = False, 0.0
+    for prompt in PROMPTS:
+        plain = model.generate(prompt_ids=prompt, drafter="none", max_new_tokens=32, **penalties)
+        changed |= plain.token_ids != generate(model, prompt, "none", 32).token_ids
+        ids, answer = list(prompt), []
+        with torch.no_grad():
+            while len(answer) < len(plain.token_ids):
+                logits = repetition_penalty(hf_model(torch.tensor([ids])).logits[0, -1], np.array(ids), 1.1)
+                token = int(torch.argmax(answer_penalties(logits, np.array(answer, np.int64), 1.0, 0.5)))
+                answer.append(token), ids.append(token)
+        assert answer == plain.token_ids
+        for drafter in ("recycling", "lookup", "suffix", "trie", "jacobi", "aded", "recycling+lookup"):
+            fast = model.generate(prompt_ids=prompt, drafter=drafter, max_new_tokens=32, **penalties)
+            assert fast.token_ids == plain.token_ids, drafter
+            accepted = max(accepted, fast.stats.mean_accepted)
+    assert changed  # the penalties are strong enough to change the answers
+    assert accepted > 1.2  # and drafts were verified under them

@@ -25,9 +25,12 @@ from freespec.drafters import BaseDrafter, TokenRecycling
 from freespec.engine.budget import BudgetPolicy
 from freespec.engine.costs import SIZES, CostCurve
 from freespec.engine.distribution import (
+    answer_penalties,
     draw,
     repetition_penalty,
     target_probs,
+    tree_answer_penalties,
+    tree_penalties,
     tree_repetition_penalty,
 )
 from freespec.engine.sampling import OPTIONS, SAMPLING_KEYS, SamplingParams
@@ -40,6 +43,7 @@ from tests.helpers import (
     CONTEXT,
     DEPTH,
     FULL,
+    OPENAI,
     VOCAB,
     chi_square_p,
     exact_joint,
@@ -65,7 +69,7 @@ def node_targets(runner: ModelRunner, tree: DraftTree, params: SamplingParams) -
     runner.reset(64)
     runner.prefill(torch.from_numpy(CONTEXT[:-1]))
     logits = runner.logits(runner.forward(*tree.attention_inputs(runner.length)))  # [n, vocab]
-    penalised = tree_repetition_penalty(logits, CONTEXT, tree, params.repetition_penalty)
+    penalised = tree_penalties(logits, CONTEXT, len(CONTEXT), tree, params)  # CONTEXT is the prompt
     return [target_probs(row, params) for row in penalised]
 
 
@@ -160,7 +164,8 @@ def independent_rule(tree: DraftTree, target, generator):
 def setup():
     hf_model = small_model()
     runner = runner_for(hf_model, kernels.select())
-    tables = {"full": exact_table(hf_model, FULL), "plain": exact_table(hf_model, PLAIN)}
+    tables = {"full": exact_table(hf_model, FULL), "plain": exact_table(hf_model, PLAIN),
+              "openai": exact_table(hf_model, OPENAI)}
     return hf_model, runner, tables, trees(tables["full"], hf_model)
 
 
@@ -206,6 +211,20 @@ def test_tree_penalty_uses_each_nodes_own_prefix():
         assert torch.equal(got[node], repetition_penalty(logits[node], np.array(prefix), 2.0))
 
 
+def test_answer_penalties_count_the_answer_and_each_nodes_path():
+    """A node's penalised logits are the bits plain decoding gives the same position: the answer
+    so far plus the node's path below the root, counted once each, the prompt not at all."""
+    tree = DraftTree(np.array([1, 4, 6, 4, 4]), np.array([-1, 0, 1, 0, 3]))  # 1→4→6, 1→4→4
+    logits = torch.randn(5, 8, generator=torch.Generator().manual_seed(0)) * 3  # [nodes, vocab]
+    answer = np.array([6, 1])  # generated so far, ending with the root's token
+    got = tree_answer_penalties(logits, answer, tree, 0.7, -0.3)
+    for node, path in enumerate([[], [4], [4, 6], [4], [4, 4]]):
+        assert torch.equal(got[node], answer_penalties(logits[node], np.array([*answer, *path]), 0.7, -0.3))
+    assert torch.equal(got[4, [0, 2, 3, 5, 7]], logits[4, [0, 2, 3, 5, 7]])  # tokens not in the answer
+    assert got[4, 4] == logits[4, 4] - (np.float32(2) * np.float32(0.7) + np.float32(-0.3))
+    assert torch.equal(tree_answer_penalties(logits, answer, tree, 0.0, 0.0), logits)
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("temperature", -0.1, r"temperature must be a number in \[0, 2\], got -0.1"),
     ("temperature", 2.5, r"temperature must be a number in \[0, 2\], got 2.5"),  # OpenAI's bound
@@ -215,6 +234,8 @@ def test_tree_penalty_uses_each_nodes_own_prefix():
     ("top_p", 1.5, "top_p must be"),
     ("min_p", 1.5, r"min_p must be a number in \[0, 1\]"),
     ("repetition_penalty", 0.0, "repetition_penalty must be a number > 0"),
+    ("frequency_penalty", 2.5, r"frequency_penalty must be a number in \[-2, 2\]"),
+    ("presence_penalty", -3, r"presence_penalty must be a number in \[-2, 2\]"),
     ("seed", "7", r"seed must be an integer in \[-2\*\*63, 2\*\*64 - 1\] or None, got '7'"),
     ("seed", 2**64, "seed must be an integer in"),  # beyond what torch's generator takes
     ("temperature", float("nan"), "temperature must be"),
@@ -290,6 +311,29 @@ def test_sampling_rule_without_penalty_or_truncation(setup):
     targets = node_targets(runner, tree, PLAIN)
     counts = sequence_counts(sample_accept, tree, targets.__getitem__, tables["plain"], FEW_SAMPLES, seed=1)
     assert chi_square_p(counts, exact_joint(tables["plain"])) > ALPHA
+
+
+@pytest.mark.parametrize("shape", ["chain", "bushy"])
+def test_sampling_rule_keeps_the_distribution_under_openais_penalties(setup, shape):
+    """Frequency and presence penalties count each node's own answer: the root's generated
+    tokens (none here) and its path; plain sampling's exact distribution applies them the same."""
+    _, runner, tables, shapes = setup
+    targets = node_targets(runner, shapes[shape], OPENAI)
+    counts = sequence_counts(sample_accept, shapes[shape], targets.__getitem__, tables["openai"], SAMPLES, seed=2)
+    assert chi_square_p(counts, exact_joint(tables["openai"])) > ALPHA
+
+
+def test_openais_penalties_from_the_answer_so_far_only_fail_the_same_test(setup):
+    """Ignoring the node's path in the frequency and presence penalties is detected."""
+    _, runner, tables, shapes = setup
+    tree = shapes["bushy"]
+    runner.reset(64)
+    runner.prefill(torch.from_numpy(CONTEXT[:-1]))
+    logits = runner.logits(runner.forward(*tree.attention_inputs(runner.length)))
+    penalised = tree_repetition_penalty(logits, CONTEXT, tree, OPENAI.repetition_penalty)  # the answer: none yet
+    wrong = [target_probs(row, OPENAI) for row in penalised]
+    counts = sequence_counts(sample_accept, tree, wrong.__getitem__, tables["openai"], FEW_SAMPLES)
+    assert chi_square_p(counts, exact_joint(tables["openai"])) < ALPHA
 
 
 def test_drafts_are_accepted_in_these_trees(setup):

@@ -233,7 +233,8 @@ CHAT_ERRORS = [
     ({"messages": [MESSAGE], "stop": 5}, 400, "stop", "stop"),
     ({"messages": [MESSAGE], "top_logprobs": 2}, 400, "top_logprobs", "top_logprobs needs logprobs: true"),
     ({"messages": [MESSAGE], "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs", "top_logprobs"),
-    ({"messages": [MESSAGE], "presence_penalty": 0.5}, 400, "presence_penalty", "not supported"),
+    ({"messages": [MESSAGE], "presence_penalty": 2.5}, 400, "presence_penalty", "presence_penalty"),
+    ({"messages": [MESSAGE], "logit_bias": {"5": 1}}, 400, "logit_bias", "not supported"),
     ({"messages": [MESSAGE], "tools": []}, 400, "tools", "unsupported parameter: tools"),
 ]
 COMPLETION_ERRORS = [
@@ -300,6 +301,17 @@ def test_sampling_is_passed_on(server):
     assert status == 200, body
     status, body, _ = post(server + "/v1/chat/completions", {**greedy, "temperature": 0.7, "top_k": 5})
     assert status == 200, body
+
+
+def test_openais_penalties_reach_the_engine(client, reference):
+    """frequency_penalty and presence_penalty, as OpenAI's clients send them, change greedy text."""
+    penalties = {"frequency_penalty": 1.0, "presence_penalty": 0.5}
+    expected = reference.generate(PROMPT, chat=False, max_new_tokens=16, drafter="none", **penalties)
+    assert expected.token_ids != reference.generate(PROMPT, chat=False, max_new_tokens=16, drafter="none").token_ids
+    for drafter in ("none", DEFAULT_DRAFTER):
+        reply = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=16, extra_body={"drafter": drafter},
+                                          **penalties)
+        assert reply.choices[0].text == expected.text
 
 
 def test_the_openai_client_raises_its_own_error_types(client):
