@@ -225,7 +225,7 @@ class Model:
         ``logprobs``: record each token's log-probability under the model (its log-softmax, before
         temperature and penalties) and that many likeliest alternatives (0 to 20) in the
         generation's ``logprobs``; the same values whatever the drafter. Greedy steps then compute
-        the whole output head (5-10% of a step on SmolLM2-135M). ``prompt_logprobs``: the same for
+        the whole output head (0.89-0.95x the decoding rate on SmolLM2-135M). ``prompt_logprobs``: the same for
         the prompt's tokens (the first has none: None), scoring a text; the whole prompt is then
         prefilled, and ``max_new_tokens`` may be 0.
         """
