@@ -48,6 +48,7 @@ from freespec.serve import DEFAULT_MAX_BATCH, DEFAULT_PREFIX_CACHE_MB
 from freespec.serve.metrics import ServerMetrics
 from freespec.serve.scheduler import (
     Delta,
+    Event,
     Failed,
     Finished,
     Job,
@@ -333,9 +334,13 @@ class Service:
         return asked
 
 
+def _cancel(jobs: list[Job], reason: str = "client") -> None:
+    for job in jobs:
+        job.cancel(reason)
+
+
 def _refuse_unsupported(body: RequestBody) -> None:
-    checks = [("n", body.n in (None, 1), "only n=1 is supported"),
-              ("logit_bias", not body.logit_bias, "logit_bias is not supported")]
+    checks = [("logit_bias", not body.logit_bias, "logit_bias is not supported")]
     if isinstance(body, ChatRequest):
         checks += [("top_logprobs", body.top_logprobs is None or body.logprobs, "top_logprobs needs logprobs: true")]
     else:
@@ -349,10 +354,18 @@ def _refuse_unsupported(body: RequestBody) -> None:
 # ---------------------------------------------------------------- routes
 
 
-async def _watch_disconnect(request: Request, job: Job) -> None:
+async def _watch_disconnect(request: Request, jobs: list[Job]) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
-    job.cancel()
+    for job in jobs:
+        job.cancel()
+
+
+async def _end_of(job: Job, event: Event) -> Finished | Failed:
+    """A job's end, from its event ``event`` on."""
+    while isinstance(event, (Started, Delta)):
+        event = await job.events.get()
+    return event
 
 
 def create_app(model: Model, *, served_name: str | None = None, drafter: str = DEFAULT_DRAFTER,
@@ -445,52 +458,88 @@ def build_app(service: Serving, *, api_keys: Sequence[str] = (), max_body_bytes:
                   exc_info=(type(error), error, error.__traceback__))
         return error_response(500, f"internal error (request {request_id}); the server log has the details")
 
+    async def admit_choices(endpoint: str, body: RequestBody, tenant: str | None) -> list[tuple[Job, list[int]]]:
+        """The jobs of a request's ``n`` choices, each with the choice indices it answers: one job
+        for all of them when decoding is greedy (they are the same answer), else one a choice,
+        choice i seeded with ``seed`` + i when the request gives a seed."""
+        choices = body.n or 1
+        if choices == 1 or not body.temperature:
+            return [(await service.admit(endpoint, body, tenant), list(range(choices)))]
+        runs: list[tuple[Job, list[int]]] = []
+        try:
+            for index in range(choices):
+                seed = None if body.seed is None else (body.seed + index) % 2**64
+                one = body.model_copy(update={"n": 1, "seed": seed})
+                runs.append((await service.admit(endpoint, one, tenant), [index]))
+        except BaseException:
+            for job, _ in runs:
+                job.cancel()
+            raise
+        return runs
+
     async def answer(endpoint: str, body: RequestBody, request: Request) -> Response:
         try:
-            job = await service.admit(endpoint, body, tenant_of(request.headers.get("authorization")))
+            runs = await admit_choices(endpoint, body, tenant_of(request.headers.get("authorization")))
         except ApiError as error:
             metrics.requests.inc(endpoint=endpoint, status="rejected" if error.status in (429, 503) else "invalid")
             return error.response()
-        reply = Reply(endpoint, job.id, service.served_name, requested_logprobs(body) is not None)
-        watcher = asyncio.create_task(_watch_disconnect(request, job))
+        jobs = [job for job, _ in runs]
+        reply = Reply(endpoint, jobs[0].id, service.served_name, requested_logprobs(body) is not None, body.n or 1)
+        watcher = asyncio.create_task(_watch_disconnect(request, jobs))
         try:
-            event = await job.events.get()
-            if isinstance(event, Started) and body.stream:
+            firsts = await asyncio.gather(*(job.events.get() for job in jobs))
+            if body.stream and all(isinstance(event, Started) for event in firsts):
                 include_usage = bool(body.stream_options and body.stream_options.include_usage)
-                return StreamingResponse(_stream(job, reply, include_usage), media_type="text/event-stream",
-                                         background=BackgroundTask(job.cancel))
-            while isinstance(event, (Started, Delta)):
-                event = await job.events.get()
+                return StreamingResponse(_stream(runs, reply, include_usage), media_type="text/event-stream",
+                                         background=BackgroundTask(_cancel, jobs))
+            ends = await asyncio.gather(*(_end_of(job, event) for job, event in zip(jobs, firsts)))
         except asyncio.CancelledError:  # the server is stopping
-            job.cancel("shutdown")
+            _cancel(jobs, "shutdown")
             raise
         finally:
             watcher.cancel()
-        if isinstance(event, Failed):
-            return error_response(event.status, event.message)
-        if event.finish_reason == "cancelled":
+        _cancel(jobs)  # a no-op for those that ended
+        if failed := next((end for end in ends if isinstance(end, Failed)), None):
+            return error_response(failed.status, failed.message)
+        if any(end.finish_reason == "cancelled" for end in ends):
             return error_response(CLIENT_CLOSED, "the client closed the connection")
-        return JSONResponse(reply.whole(event))
+        return JSONResponse(reply.whole([end for end, (_, indices) in zip(ends, runs) for _ in indices]))
 
-    async def _stream(job: Job, reply: Reply, include_usage: bool) -> AsyncIterator[str]:
-        try:
-            if reply.chat:
-                yield reply.chunk(role=True)
+    async def _stream(runs: list[tuple[Job, list[int]]], reply: Reply, include_usage: bool) -> AsyncIterator[str]:
+        merged: asyncio.Queue = asyncio.Queue()  # (choice indices, event) from every job, as they come
+
+        async def relay(job: Job, indices: list[int]) -> None:
             while True:
                 event = await job.events.get()
-                if isinstance(event, Delta):
-                    yield reply.chunk(event.text, logprobs=event.logprobs)
-                elif isinstance(event, Finished):
-                    yield reply.chunk(finish_reason=event.finish_reason)
-                    if include_usage:
-                        yield reply.usage_chunk(event)
-                    break
-                elif isinstance(event, Failed):
+                merged.put_nowait((indices, event))
+                if isinstance(event, (Finished, Failed)):
+                    return
+
+        relays = [asyncio.create_task(relay(job, indices)) for job, indices in runs]
+        try:
+            if reply.chat:
+                for index in range(reply.choices):
+                    yield reply.chunk(role=True, index=index)
+            ends: dict[int, Finished] = {}
+            while len(ends) < reply.choices:
+                indices, event = await merged.get()
+                if isinstance(event, Failed):
                     yield sse(error_body(event.status, event.message))
                     break
+                for index in indices:
+                    if isinstance(event, Delta):
+                        yield reply.chunk(event.text, logprobs=event.logprobs, index=index)
+                    elif isinstance(event, Finished):
+                        yield reply.chunk(finish_reason=event.finish_reason, index=index)
+                        ends[index] = event
+            else:
+                if include_usage:
+                    yield reply.usage_chunk([ends[index] for index in range(reply.choices)])
             yield sse("[DONE]")
         finally:
-            job.cancel()  # the client left (or we are done): stop generating for it
+            for task in relays:
+                task.cancel()
+            _cancel([job for job, _ in runs])  # the client left (or we are done): stop generating for them
 
     @app.post("/v1/chat/completions", summary="Chat completion (OpenAI-compatible)")
     async def chat_completions(body: ChatRequest, request: Request) -> Response:

@@ -98,7 +98,8 @@ class _Options(_Sampling):
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = Field(None, description="up to 4 strings; the answer ends before the first")
-    n: int | None = Field(None, ge=1, description="only 1")
+    n: int | None = Field(None, ge=1, le=16, description="choices to generate (at temperature 0 they are one "
+                          "answer; sampled, choice i takes seed + i when a seed is given)")
     logit_bias: dict[str, float] | None = Field(None, description="only empty")
     user: str | None = None
     drafter: str | None = Field(None, description="freespec extension: one of the server's --drafters "
@@ -196,21 +197,27 @@ def validation_message(error: dict) -> tuple[str, str | None]:
 # ---------------------------------------------------------------- answers
 
 
-def usage(finished: Finished) -> dict:
-    stats = finished.stats
+def usage(choices: list[Finished]) -> dict:
+    """A request's usage: its prompt once, every choice's tokens; the speculative counters over its
+    generations (one answered several choices where they are the same: the same object), their
+    times the longest's (they run side by side)."""
+    stats = choices[0].stats
+    completion = sum(choice.stats.new_tokens for choice in choices)
+    runs = [choice.stats for choice in {id(choice): choice for choice in choices}.values()]
+    tokens, passes = sum(run.new_tokens for run in runs), sum(run.forward_passes for run in runs)
     return {
         "prompt_tokens": stats.prompt_tokens,
-        "completion_tokens": stats.new_tokens,
-        "total_tokens": stats.prompt_tokens + stats.new_tokens,
+        "completion_tokens": completion,
+        "total_tokens": stats.prompt_tokens + completion,
         "prompt_tokens_details": {"cached_tokens": stats.cached_tokens},
         "speculative": {
-            "drafter": finished.drafter,
-            "forward_passes": stats.forward_passes,
-            "mean_accepted_length": round(stats.mean_accepted, 4),
-            "draft_tokens": sum(stats.draft_sizes),
-            "accepted_per_position": accepted_per_position(stats.accepted_lengths),
-            "prefill_seconds": round(stats.prefill_seconds, 4),
-            "decode_seconds": round(stats.decode_seconds, 4),
+            "drafter": choices[0].drafter,
+            "forward_passes": passes,
+            "mean_accepted_length": round(tokens / passes if passes else 0.0, 4),
+            "draft_tokens": sum(sum(run.draft_sizes) for run in runs),
+            "accepted_per_position": accepted_per_position([length for run in runs for length in run.accepted_lengths]),
+            "prefill_seconds": round(max(run.prefill_seconds for run in runs), 4),
+            "decode_seconds": round(max(run.decode_seconds for run in runs), 4),
         },
     }
 
@@ -223,9 +230,10 @@ def sse(data: dict | str) -> str:
 class Reply:
     """Shapes one request's answer as OpenAI does, for either endpoint, whole or in chunks."""
 
-    def __init__(self, endpoint: str, request_id: str, model: str, logprobs: bool = False):
+    def __init__(self, endpoint: str, request_id: str, model: str, logprobs: bool = False, choices: int = 1):
         self.chat = endpoint == "chat"
-        self.logprobs = Logprobs(self.chat) if logprobs else None
+        self.choices = choices
+        self.logprobs = [Logprobs(self.chat) for _ in range(choices)] if logprobs else None  # per choice
         self.id = ("chatcmpl-" if self.chat else "cmpl-") + request_id
         self.created = int(time.time())
         self.model = model
@@ -234,28 +242,33 @@ class Reply:
         kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
 
-    def _logprobs(self, tokens: list[LoggedToken] | None) -> dict | None:
-        return None if self.logprobs is None or tokens is None else self.logprobs.shape(tokens)
+    def _logprobs(self, tokens: list[LoggedToken] | None, index: int) -> dict | None:
+        return None if self.logprobs is None or tokens is None else self.logprobs[index].shape(tokens)
 
-    def whole(self, finished: Finished) -> dict:
-        logprobs = self._logprobs(finished.logprobs)
-        if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": finished.text}, "logprobs": logprobs,
-                      "finish_reason": finished.finish_reason}
-        else:
-            choice = {"index": 0, "text": finished.text, "logprobs": logprobs, "finish_reason": finished.finish_reason}
-        return {**self._envelope([choice], chunk=False), "usage": usage(finished)}
+    def whole(self, choices: list[Finished]) -> dict:
+        """The answer: one Finished per choice, in order."""
+        shaped = []
+        for index, finished in enumerate(choices):
+            logprobs = self._logprobs(finished.logprobs, index)
+            if self.chat:
+                shaped.append({"index": index, "message": {"role": "assistant", "content": finished.text},
+                               "logprobs": logprobs, "finish_reason": finished.finish_reason})
+            else:
+                shaped.append({"index": index, "text": finished.text, "logprobs": logprobs,
+                               "finish_reason": finished.finish_reason})
+        return {**self._envelope(shaped, chunk=False), "usage": usage(choices)}
 
     def chunk(self, text: str | None = None, finish_reason: str | None = None, role: bool = False,
-              logprobs: list[LoggedToken] | None = None) -> str:
-        """One streamed chunk: the role, a text delta and its tokens' log-probabilities, or the end."""
-        shaped = self._logprobs(logprobs)
+              logprobs: list[LoggedToken] | None = None, index: int = 0) -> str:
+        """One streamed chunk of choice ``index``: the role, a text delta and its tokens'
+        log-probabilities, or the end."""
+        shaped = self._logprobs(logprobs, index)
         if self.chat:
             delta = {"role": "assistant", "content": ""} if role else {} if text is None else {"content": text}
-            choice = {"index": 0, "delta": delta, "logprobs": shaped, "finish_reason": finish_reason}
+            choice = {"index": index, "delta": delta, "logprobs": shaped, "finish_reason": finish_reason}
         else:
-            choice = {"index": 0, "text": text or "", "logprobs": shaped, "finish_reason": finish_reason}
+            choice = {"index": index, "text": text or "", "logprobs": shaped, "finish_reason": finish_reason}
         return sse(self._envelope([choice], chunk=True))
 
-    def usage_chunk(self, finished: Finished) -> str:
-        return sse({**self._envelope([], chunk=True), "usage": usage(finished)})
+    def usage_chunk(self, choices: list[Finished]) -> str:
+        return sse({**self._envelope([], chunk=True), "usage": usage(choices)})

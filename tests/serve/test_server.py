@@ -216,7 +216,7 @@ CHAT_ERRORS = [
     ({"messages": [MESSAGE], "drafter": "eagle"}, 400, "drafter", "'eagle' is not available; this server offers "
      f"{DEFAULT_DRAFTER}, none"),
     ({"messages": [MESSAGE], "drafter": "lookup"}, 400, "drafter", f"offers {DEFAULT_DRAFTER}, none"),  # not in --drafters
-    ({"messages": [MESSAGE], "n": 2}, 400, "n", "only n=1"),
+    ({"messages": [MESSAGE], "n": 17}, 400, "n", "less than or equal to 16"),
     ({"messages": [MESSAGE], "stream": "yes"}, 400, "stream", "valid boolean"),
     ({"messages": [MESSAGE], "temperature": -0.5}, 400, "temperature", "temperature"),
     ({"messages": [MESSAGE], "temperature": 1e400}, 400, "temperature", "finite"),
@@ -319,8 +319,8 @@ def test_the_openai_client_raises_its_own_error_types(client):
         client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=0)
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="gpt-4", messages=CHAT)
-    with pytest.raises(openai.BadRequestError, match="only n=1"):
-        client.chat.completions.create(model="tiny", messages=CHAT, n=3)
+    with pytest.raises(openai.BadRequestError, match="logit_bias is not supported"):
+        client.chat.completions.create(model="tiny", messages=CHAT, logit_bias={"5": 1})
 
 
 def test_transport_level_mistakes(server):
@@ -480,3 +480,42 @@ def test_a_fault_in_the_engine_fails_that_request_only(tiny_model_dir, caplog):
         assert "simulated fault" not in events[-2] and events[-1] == "data: [DONE]"
         assert post(url + "/v1/completions", {"prompt": "w1", "max_tokens": 5})[0] == 200
         assert metric(url, "freespec_requests_total", endpoint="completions", status="error") == 1
+
+
+def test_n_choices_are_sampled_with_successive_seeds_and_greedy_ones_generated_once(client, reference):
+    sampled = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=12, n=3, temperature=0.9,
+                                             seed=7)
+    assert [choice.index for choice in sampled.choices] == [0, 1, 2]
+    for choice in sampled.choices:
+        expected = reference.generate(messages=CHAT, max_new_tokens=12, drafter="none", temperature=0.9,
+                                      seed=7 + choice.index)
+        assert choice.message.content == expected.text
+    assert len({choice.message.content for choice in sampled.choices}) > 1
+    plain = {"drafter": "none"}  # passes that depend on nothing learnt before
+    greedy = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=12, n=3, extra_body=plain)
+    one = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=12, extra_body=plain)
+    assert [choice.message.content for choice in greedy.choices] == [one.choices[0].message.content] * 3
+    assert greedy.usage.completion_tokens == 3 * one.usage.completion_tokens
+    assert greedy.usage.speculative["forward_passes"] == one.usage.speculative["forward_passes"]  # generated once
+    assert greedy.usage.prompt_tokens == one.usage.prompt_tokens
+    with pytest.raises(openai.BadRequestError, match="n"):
+        client.chat.completions.create(model="tiny", messages=CHAT, n=17)
+
+
+@pytest.mark.parametrize("temperature", [0, 0.9])
+def test_streamed_choices_are_the_whole_ones(client, temperature):
+    request = dict(model="tiny", prompt=PROMPT, max_tokens=10, n=2, temperature=temperature, seed=3, logprobs=1)
+    whole = client.completions.create(**request)
+    texts, logprobs, finished, usage = {0: "", 1: ""}, {0: [], 1: []}, set(), None
+    for chunk in client.completions.create(**request, stream=True, stream_options={"include_usage": True}):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+            if choice.logprobs:
+                logprobs[choice.index] += choice.logprobs.token_logprobs
+            if choice.finish_reason:
+                finished.add(choice.index)
+        usage = chunk.usage or usage
+    assert finished == {0, 1}
+    assert [texts[0], texts[1]] == [choice.text for choice in whole.choices]
+    assert [logprobs[0], logprobs[1]] == [choice.logprobs.token_logprobs for choice in whole.choices]
+    assert usage.completion_tokens == whole.usage.completion_tokens
