@@ -24,7 +24,7 @@ from freespec.engine.budget import BudgetPolicy
 from freespec.engine.costs import CostCurve, load_or_measure
 from freespec.engine.logprobs import TokenLogprob
 from freespec.engine.loop import Generation, GenerationStats
-from freespec.engine.sampling import SAMPLING_KEYS, SamplingParams
+from freespec.engine.sampling import SAMPLING_FIELDS, SamplingParams
 from freespec.kernels import Kernels, check_threads, release_worker_threads
 from freespec.kernels import select as select_kernels
 from freespec.model.hf_runner import Runner, make_runner, torch_device
@@ -232,9 +232,9 @@ class Model:
         if sampling is not None and not isinstance(sampling, SamplingParams):
             raise TypeError(f"sampling must be a SamplingParams, got {type(sampling).__name__} "
                             "(or give its fields as keywords: temperature=0.7, seed=3)")
-        if unknown := sorted(set(sampling_options) - set(SAMPLING_KEYS)):
+        if unknown := sorted(set(sampling_options) - set(SAMPLING_FIELDS)):
             raise TypeError(f"unexpected keyword argument {unknown[0]!r}; the sampling options are "
-                            f"{', '.join(SAMPLING_KEYS)}")
+                            f"{', '.join(SAMPLING_FIELDS)}")
         sampling = dataclasses.replace(sampling or SamplingParams(), **sampling_options)
         if prompt_ids is None:
             prompt_ids = self.encode(prompt, messages, chat)

@@ -36,7 +36,7 @@ from transformers import (
 )
 
 from freespec.api import Model
-from freespec.engine.distribution import answer_penalties, repetition_penalty, target_probs
+from freespec.engine.distribution import answer_penalties, biased, repetition_penalty, target_probs
 from freespec.engine.sampling import SamplingParams
 from freespec.kernels import Kernels
 from freespec.model.loading import from_transformers
@@ -169,7 +169,7 @@ CONTEXT = np.array([1, 2, 3, 4, 5])
 
 FULL = SamplingParams(temperature=0.8, top_k=9, top_p=0.95, min_p=0.02, repetition_penalty=1.5)
 OPENAI = SamplingParams(temperature=1.0, top_p=0.95, repetition_penalty=1.2, frequency_penalty=1.5,
-                        presence_penalty=1.0)  # OpenAI's penalties, strong enough to show
+                        presence_penalty=1.0, logit_bias={3: 2.0, 8: -1.5})  # OpenAI's options, strong enough to show
 
 
 def small_model(seed: int = 0, layers: int = 1) -> torch.nn.Module:
@@ -193,7 +193,7 @@ def exact_table(hf_model, params: SamplingParams) -> dict[tuple, torch.Tensor]:
             logits = hf_model(ids).logits[:, -1]  # [prefixes, vocab]
         for prefix, row in zip(prefixes, logits):
             seen = np.array([*CONTEXT, *prefix])
-            row = repetition_penalty(row, seen, params.repetition_penalty)
+            row = repetition_penalty(biased(row, params.logit_bias), seen, params.repetition_penalty)
             row = answer_penalties(row, np.array(prefix, np.int64), params.frequency_penalty, params.presence_penalty)
             table[prefix] = target_probs(row, params).double()
         prefixes = [(*prefix, token) for prefix in prefixes for token in range(VOCAB)]

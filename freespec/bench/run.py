@@ -193,6 +193,7 @@ def run_bench(model: Model, questions: list[Question], methods: list[str], out: 
     settings = {"model": model.name, "max_new_tokens": setup.max_new_tokens, "seed": setup.seed,
                 "sampling": dataclasses.asdict(setup.sampling), "budget": model.fixed_budget,
                 "tree": model.tree_shape, "datastore": str(model.datastore) if model.datastore else None}
+    settings = json.loads(json.dumps(settings))  # as run.json gives them back (tuples as lists)
     done = _done_records(out, settings, resume)
     todo = [(q, turn, m) for q in questions for turn in range(1, len(q.turns) + 1) for m in methods
             if (q.question_id, m, turn) not in done]

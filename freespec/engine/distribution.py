@@ -4,8 +4,9 @@ Speculative sampling is lossless only if every node's distribution is exactly th
 sampling would use after the same tokens. So each node's logits are processed with that node's
 own prefix (prompt + generated + its ancestors in the tree, itself included), in the order
 transformers' ``generate`` applies its processors: repetition penalty, then temperature, top-k,
-top-p, min-p; OpenAI's frequency and presence penalties, which transformers lacks, come right
-after the repetition penalty, as vLLM applies them, and count the answer's tokens only. Every
+top-p, min-p; OpenAI's logit bias comes first, its frequency and presence penalties, which
+transformers lacks, right after the repetition penalty, as vLLM applies them, and count the
+answer's tokens only. Every
 function works on a row at a time or a batch of rows, elementwise or per row, so a node's result
 does not depend on which other nodes are verified with it.
 """
@@ -63,6 +64,20 @@ def tree_repetition_penalty(logits: torch.Tensor, context: np.ndarray, tree: Dra
     return out
 
 
+def biased(logits: torch.Tensor, logit_bias: tuple[tuple[int, float], ...]) -> torch.Tensor:
+    """[..., vocab] logits plus OpenAI's ``logit_bias`` ((token id, bias) pairs), in float32.
+
+    >>> biased(torch.zeros(1, 3), ((2, -100.0),)).tolist()
+    [[0.0, 0.0, -100.0]]
+    """
+    if not logit_bias:
+        return logits
+    tokens = torch.tensor([token for token, _ in logit_bias])
+    out = logits.clone()
+    out[..., tokens] = logits[..., tokens] + torch.tensor([bias for _, bias in logit_bias], dtype=logits.dtype)
+    return out
+
+
 def _answer_penalties(counts: np.ndarray, frequency: float, presence: float) -> torch.Tensor:
     """[k] what tokens seen ``counts`` [k] (>= 1) times in the answer lose: count x frequency +
     presence, in float32, the same operations wherever a count is penalised (so a node's logits
@@ -114,10 +129,10 @@ def tree_answer_penalties(logits: torch.Tensor, answer: np.ndarray, tree: DraftT
 
 def tree_penalties(logits: torch.Tensor, context: np.ndarray, answer_start: int, tree: DraftTree,
                    params: SamplingParams) -> torch.Tensor:
-    """[n, vocab] every node's logits after the penalties for its own prefix: the repetition
-    penalty (prompt and answer), then the frequency and presence penalties (the answer:
-    ``context[answer_start:]`` and the node's path)."""
-    logits = tree_repetition_penalty(logits, context, tree, params.repetition_penalty)
+    """[n, vocab] every node's logits with the logit bias, then the penalties for its own prefix:
+    the repetition penalty (prompt and answer), then the frequency and presence penalties (the
+    answer: ``context[answer_start:]`` and the node's path)."""
+    logits = tree_repetition_penalty(biased(logits, params.logit_bias), context, tree, params.repetition_penalty)
     return tree_answer_penalties(logits, context[answer_start:], tree, params.frequency_penalty,
                                  params.presence_penalty)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from numbers import Integral, Real
 
@@ -110,12 +111,17 @@ class SamplingParams:
         "penalty, greedy decoding included; 0 is off", "P", float, ge=-2, le=2, greedy=True)
     seed: int | None = _option(None, "seed each request's random generator, so a run repeats on the same machine "
                                "(default: fresh)", "N", int, ge=-(2**63), le=2**64 - 1)
+    # OpenAI's: added to the model's logits before anything else, greedy decoding included. A
+    # mapping (token id to bias in [-100, 100], up to MAX_BIASED tokens), so not an Option: the API
+    # and the server take it, the command line does not. Kept as sorted (id, bias) pairs.
+    logit_bias: Mapping[int, float] | tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self):
         for option in OPTIONS:
             value = getattr(self, option.name)
             if not option.accepts(value):
                 raise ValueError(f"{option.name} must be {option.expected()}, got {value!r}")
+        object.__setattr__(self, "logit_bias", _bias_pairs(self.logit_bias))
 
     @property
     def greedy(self) -> bool:
@@ -123,13 +129,42 @@ class SamplingParams:
 
     @property
     def reads_maxima_only(self) -> bool:
-        """Whether choosing a token reads only the logits' maxima: greedy, without a penalty."""
-        return self.greedy and all(getattr(self, option.name) == option.default for option in OPTIONS if option.greedy)
+        """Whether choosing a token reads only the logits' maxima: greedy, without a penalty or a bias."""
+        return (self.greedy and not self.logit_bias
+                and all(getattr(self, option.name) == option.default for option in OPTIONS if option.greedy))
+
+
+MAX_BIASED = 300  # tokens a logit_bias may name (OpenAI's limit)
+
+
+def _bias_pairs(bias: object) -> tuple[tuple[int, float], ...]:
+    """``logit_bias`` as sorted (token id, bias) pairs; ValueError naming what is wrong.
+
+    >>> _bias_pairs({7: 1, 2: -100.0})
+    ((2, -100.0), (7, 1.0))
+    """
+    pairs = tuple(bias.items()) if isinstance(bias, Mapping) else bias
+    if not isinstance(pairs, tuple) or not all(isinstance(pair, tuple) and len(pair) == 2 for pair in pairs):
+        raise ValueError(f"logit_bias must map token ids to biases in [-100, 100], got {bias!r}")
+    if len(pairs) > MAX_BIASED:
+        raise ValueError(f"logit_bias names {len(pairs)} tokens; at most {MAX_BIASED}")
+    for token, value in pairs:
+        if isinstance(token, bool) or not isinstance(token, Integral) or token < 0:
+            raise ValueError(f"logit_bias: {token!r} is not a token id")
+        number = not isinstance(value, bool) and isinstance(value, Real)
+        if not (number and math.isfinite(value) and -100 <= value <= 100):
+            raise ValueError(f"logit_bias: the bias of token {token} must be a number in [-100, 100], got {value!r}")
+    if len({token for token, _ in pairs}) < len(pairs):
+        raise ValueError("logit_bias names a token twice")
+    return tuple(sorted((int(token), float(value)) for token, value in pairs))
 
 
 OPTIONS: tuple[Option, ...] = tuple(dataclasses.replace(f.metadata["option"], name=f.name, default=f.default)
-                                    for f in fields(SamplingParams))
-"""Every field's :class:`Option`, with its name and default, in field order."""
+                                    for f in fields(SamplingParams) if "option" in f.metadata)
+"""Every scalar field's :class:`Option`, with its name and default, in field order."""
 
 SAMPLING_KEYS = tuple(option.name for option in OPTIONS)
-"""The field names: CLI flags (``--top-k`` ...), batch JSONL keys, request fields and API keywords alike."""
+"""The scalar fields' names: CLI flags (``--top-k`` ...), batch JSONL keys, request fields and API keywords alike."""
+
+SAMPLING_FIELDS = (*SAMPLING_KEYS, "logit_bias")
+"""Every field's name: the API's sampling keywords."""

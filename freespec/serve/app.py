@@ -44,6 +44,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from freespec import DEFAULT_DRAFTER
 from freespec.api import Model
 from freespec.drafters import FACTORIES, check_name
+from freespec.engine.sampling import SamplingParams
 from freespec.serve import DEFAULT_MAX_BATCH, DEFAULT_PREFIX_CACHE_MB
 from freespec.serve.metrics import ServerMetrics
 from freespec.serve.scheduler import (
@@ -195,6 +196,7 @@ class Service:
         self.drafter = canonical_drafter(drafter)
         self.drafters = tuple(dict.fromkeys([self.drafter, *map(canonical_drafter, drafters)]))
         self.context = model.runner.max_positions
+        self.vocab_size = model.runner.vocab_size
         longest_token = max(map(len, model.tokenizer.get_vocab()), default=1)
         self.max_prompt_chars = self.context * max(MIN_CHARS_PER_TOKEN, longest_token)
         self.created = int(time.time())
@@ -230,6 +232,7 @@ class Service:
             raise ApiError(404, f"the model {body.model!r} does not exist; this server has {self.served_name!r}",
                            "model", "model_not_found")
         _refuse_unsupported(body)
+        self._check_bias(body)
         drafter = self._drafter(body.drafter)
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if len(stops) > 4 or not all(stops):
@@ -256,6 +259,18 @@ class Service:
             self.scheduler.release()
             raise
         return job
+
+    def _check_bias(self, body: RequestBody) -> None:
+        """A logit_bias the engine would refuse, refused now: its values, its size, its token ids."""
+        if not body.logit_bias:
+            return
+        try:
+            bias = SamplingParams(logit_bias=request_sampling(body)["logit_bias"]).logit_bias
+        except ValueError as error:
+            raise ApiError(400, str(error), "logit_bias") from None
+        if bias[-1][0] >= self.vocab_size:
+            raise ApiError(400, f"logit_bias: token id {bias[-1][0]} is outside the vocabulary "
+                           f"(0 to {self.vocab_size - 1})", "logit_bias")
 
     def _drafter(self, asked: str | None) -> str:
         if asked is None:
@@ -340,7 +355,7 @@ def _cancel(jobs: list[Job], reason: str = "client") -> None:
 
 
 def _refuse_unsupported(body: RequestBody) -> None:
-    checks = [("logit_bias", not body.logit_bias, "logit_bias is not supported")]
+    checks = []
     if isinstance(body, ChatRequest):
         checks += [("top_logprobs", body.top_logprobs is None or body.logprobs, "top_logprobs needs logprobs: true")]
     else:

@@ -100,10 +100,20 @@ class _Options(_Sampling):
     stop: str | list[str] | None = Field(None, description="up to 4 strings; the answer ends before the first")
     n: int | None = Field(None, ge=1, le=16, description="choices to generate (at temperature 0 they are one "
                           "answer; sampled, choice i takes seed + i when a seed is given)")
-    logit_bias: dict[str, float] | None = Field(None, description="only empty")
+    logit_bias: dict[str, float] | None = Field(None, description="token id (a string of digits) to a bias in "
+                                                "[-100, 100] added to its logit, greedy decoding included")
     user: str | None = None
     drafter: str | None = Field(None, description="freespec extension: one of the server's --drafters "
                                 "(default: its --drafter)")
+
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        for key in bias or ():
+            if not key.isascii() or not key.isdigit():
+                raise ValueError(f"keys must be token ids (strings of digits), got {key!r}")
+        return bias
 
 
 class ChatRequest(_Options):
@@ -146,7 +156,10 @@ def requested_logprobs(body: RequestBody) -> int | None:
 
 def request_sampling(body: RequestBody) -> dict[str, Any]:
     """The sampling fields a request sent, as keywords of :class:`freespec.engine.sampling.SamplingParams`."""
-    return {name: value for name in SAMPLING_KEYS if (value := getattr(body, name)) is not None}
+    options = {name: value for name in SAMPLING_KEYS if (value := getattr(body, name)) is not None}
+    if body.logit_bias:
+        options["logit_bias"] = {int(token): bias for token, bias in body.logit_bias.items()}
+    return options
 
 
 # ---------------------------------------------------------------- errors

@@ -308,3 +308,25 @@ def test_openais_penalties_give_every_drafter_the_greedy_tokens_of_plain_decodin
             accepted = max(accepted, fast.stats.mean_accepted)
     assert changed  # the penalties are strong enough to change the answers
     assert accepted > 1.2  # and drafts were verified under them
+
+
+def test_a_logit_bias_gives_every_drafter_the_greedy_tokens_of_plain_decoding():
+    from freespec.engine.distribution import biased
+
+    model, hf_model = make_model("llama", 0, budget=8), tiny_model("llama", seed=0, scale=8.0)
+    prompt = PROMPTS[1]
+    unbiased = generate(model, prompt, "none", 24).token_ids
+    bias = {unbiased[0]: -100.0, unbiased[3]: -100.0, 17: 3.0}  # ban two of its tokens, favour another
+    plain = model.generate(prompt_ids=prompt, drafter="none", max_new_tokens=24, logit_bias=bias)
+    assert plain.token_ids != unbiased and unbiased[0] not in plain.token_ids
+    ids, answer, pairs = list(prompt), [], tuple(sorted(bias.items()))
+    with torch.no_grad():
+        while len(answer) < len(plain.token_ids):
+            token = int(torch.argmax(biased(hf_model(torch.tensor([ids])).logits[0, -1], pairs)))
+            answer.append(token), ids.append(token)
+    assert answer == plain.token_ids
+    for drafter in ("recycling", "lookup", "suffix", "trie", "jacobi", "aded", "recycling+lookup"):
+        assert model.generate(prompt_ids=prompt, drafter=drafter, max_new_tokens=24, logit_bias=bias).token_ids == (
+            plain.token_ids), drafter
+    with pytest.raises(ValueError, match=r"logit_bias: token id 9999 is outside the vocabulary \(0 to 255\)"):
+        model.generate(prompt_ids=prompt, logit_bias={9999: 1.0})

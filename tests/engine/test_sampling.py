@@ -26,6 +26,7 @@ from freespec.engine.budget import BudgetPolicy
 from freespec.engine.costs import SIZES, CostCurve
 from freespec.engine.distribution import (
     answer_penalties,
+    biased,
     draw,
     repetition_penalty,
     target_probs,
@@ -236,6 +237,11 @@ def test_answer_penalties_count_the_answer_and_each_nodes_path():
     ("repetition_penalty", 0.0, "repetition_penalty must be a number > 0"),
     ("frequency_penalty", 2.5, r"frequency_penalty must be a number in \[-2, 2\]"),
     ("presence_penalty", -3, r"presence_penalty must be a number in \[-2, 2\]"),
+    ("logit_bias", {5: 101}, r"logit_bias: the bias of token 5 must be a number in \[-100, 100\], got 101"),
+    ("logit_bias", {-1: 1}, "logit_bias: -1 is not a token id"),
+    ("logit_bias", {"5": 1}, "logit_bias: '5' is not a token id"),
+    ("logit_bias", {token: 1 for token in range(301)}, "logit_bias names 301 tokens; at most 300"),
+    ("logit_bias", [5, 1], "logit_bias must map token ids to biases"),
     ("seed", "7", r"seed must be an integer in \[-2\*\*63, 2\*\*64 - 1\] or None, got '7'"),
     ("seed", 2**64, "seed must be an integer in"),  # beyond what torch's generator takes
     ("temperature", float("nan"), "temperature must be"),
@@ -323,6 +329,14 @@ def test_sampling_rule_keeps_the_distribution_under_openais_penalties(setup, sha
     assert chi_square_p(counts, exact_joint(tables["openai"])) > ALPHA
 
 
+def test_a_logit_bias_left_out_fails_the_same_test(setup):
+    _, runner, tables, shapes = setup
+    unbiased = dataclasses.replace(OPENAI, logit_bias=())
+    targets = node_targets(runner, shapes["bushy"], unbiased)
+    counts = sequence_counts(sample_accept, shapes["bushy"], targets.__getitem__, tables["openai"], FEW_SAMPLES)
+    assert chi_square_p(counts, exact_joint(tables["openai"])) < ALPHA
+
+
 def test_openais_penalties_from_the_answer_so_far_only_fail_the_same_test(setup):
     """Ignoring the node's path in the frequency and presence penalties is detected."""
     _, runner, tables, shapes = setup
@@ -330,7 +344,8 @@ def test_openais_penalties_from_the_answer_so_far_only_fail_the_same_test(setup)
     runner.reset(64)
     runner.prefill(torch.from_numpy(CONTEXT[:-1]))
     logits = runner.logits(runner.forward(*tree.attention_inputs(runner.length)))
-    penalised = tree_repetition_penalty(logits, CONTEXT, tree, OPENAI.repetition_penalty)  # the answer: none yet
+    penalised = tree_repetition_penalty(biased(logits, OPENAI.logit_bias), CONTEXT, tree,
+                                        OPENAI.repetition_penalty)  # the answer's penalties: none (nor its path's)
     wrong = [target_probs(row, OPENAI) for row in penalised]
     counts = sequence_counts(sample_accept, tree, wrong.__getitem__, tables["openai"], FEW_SAMPLES)
     assert chi_square_p(counts, exact_joint(tables["openai"])) < ALPHA

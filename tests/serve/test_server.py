@@ -234,7 +234,9 @@ CHAT_ERRORS = [
     ({"messages": [MESSAGE], "top_logprobs": 2}, 400, "top_logprobs", "top_logprobs needs logprobs: true"),
     ({"messages": [MESSAGE], "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs", "top_logprobs"),
     ({"messages": [MESSAGE], "presence_penalty": 2.5}, 400, "presence_penalty", "presence_penalty"),
-    ({"messages": [MESSAGE], "logit_bias": {"5": 1}}, 400, "logit_bias", "not supported"),
+    ({"messages": [MESSAGE], "logit_bias": {"w5": 1}}, 400, "logit_bias", "keys must be token ids"),
+    ({"messages": [MESSAGE], "logit_bias": {"5": 101}}, 400, "logit_bias", "must be a number in [-100, 100]"),
+    ({"messages": [MESSAGE], "logit_bias": {"9999": 1}}, 400, "logit_bias", "token id 9999 is outside the vocabulary"),
     ({"messages": [MESSAGE], "tools": []}, 400, "tools", "unsupported parameter: tools"),
 ]
 COMPLETION_ERRORS = [
@@ -314,13 +316,24 @@ def test_openais_penalties_reach_the_engine(client, reference):
         assert reply.choices[0].text == expected.text
 
 
+def test_a_logit_bias_reaches_the_engine(client, reference):
+    unbiased = reference.generate(PROMPT, chat=False, max_new_tokens=12, drafter="none")
+    bias = {unbiased.token_ids[0]: -100, 9: 5.5}
+    expected = reference.generate(PROMPT, chat=False, max_new_tokens=12, drafter="none", logit_bias=bias)
+    assert expected.token_ids != unbiased.token_ids
+    for drafter in ("none", DEFAULT_DRAFTER):
+        reply = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, extra_body={"drafter": drafter},
+                                          logit_bias={str(token): value for token, value in bias.items()})
+        assert reply.choices[0].text == expected.text
+
+
 def test_the_openai_client_raises_its_own_error_types(client):
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
         client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=0)
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="gpt-4", messages=CHAT)
-    with pytest.raises(openai.BadRequestError, match="logit_bias is not supported"):
-        client.chat.completions.create(model="tiny", messages=CHAT, logit_bias={"5": 1})
+    with pytest.raises(openai.BadRequestError, match="best_of=1"):
+        client.completions.create(model="tiny", prompt=PROMPT, best_of=2)
 
 
 def test_transport_level_mistakes(server):
