@@ -223,11 +223,11 @@ class Model:
         ``tenant`` (a server's API key) keeps drafters that learn text across requests (``suffix``)
         drafting each tenant's requests from that tenant's earlier ones only.
         ``logprobs``: record each token's log-probability under the model (its log-softmax, before
-        temperature and penalties) and that many likeliest alternatives (0 to 20) in the
-        generation's ``logprobs``; the same values whatever the drafter. Greedy steps then compute
-        the whole output head (0.89-0.95x the decoding rate on SmolLM2-135M). ``prompt_logprobs``: the same for
-        the prompt's tokens (the first has none: None), scoring a text; the whole prompt is then
-        prefilled, and ``max_new_tokens`` may be 0.
+        the bias, the penalties and the temperature) and that many likeliest alternatives (0 to 20)
+        in the generation's ``logprobs``; the same values whatever the drafter. Greedy steps then
+        compute the whole output head (0.89-0.95x the decoding rate on SmolLM2-135M).
+        ``prompt_logprobs``: the same for the prompt's tokens (the first has none: None), scoring a
+        text; the whole prompt is then prefilled, and ``max_new_tokens`` may be 0.
         """
         if sampling is not None and not isinstance(sampling, SamplingParams):
             raise TypeError(f"sampling must be a SamplingParams, got {type(sampling).__name__} "

@@ -65,12 +65,16 @@ PLAIN = SamplingParams(temperature=1.0)
 # -- helpers -----------------------------------------------------------------------------------
 
 
-def node_targets(runner: ModelRunner, tree: DraftTree, params: SamplingParams) -> list[torch.Tensor]:
-    """Each node's target from the real tree-attention logits, penalised with its own prefix."""
+def tree_logits(runner: ModelRunner, tree: DraftTree) -> torch.Tensor:
+    """[n, vocab] the real tree-attention logits of ``tree`` after CONTEXT."""
     runner.reset(64)
     runner.prefill(torch.from_numpy(CONTEXT[:-1]))
-    logits = runner.logits(runner.forward(*tree.attention_inputs(runner.length)))  # [n, vocab]
-    penalised = tree_penalties(logits, CONTEXT, len(CONTEXT), tree, params)  # CONTEXT is the prompt
+    return runner.logits(runner.forward(*tree.attention_inputs(runner.length)))
+
+
+def node_targets(runner: ModelRunner, tree: DraftTree, params: SamplingParams) -> list[torch.Tensor]:
+    """Each node's target from the real tree-attention logits, penalised with its own prefix."""
+    penalised = tree_penalties(tree_logits(runner, tree), CONTEXT, len(CONTEXT), tree, params)  # CONTEXT: the prompt
     return [target_probs(row, params) for row in penalised]
 
 
@@ -341,10 +345,7 @@ def test_openais_penalties_from_the_answer_so_far_only_fail_the_same_test(setup)
     """Ignoring the node's path in the frequency and presence penalties is detected."""
     _, runner, tables, shapes = setup
     tree = shapes["bushy"]
-    runner.reset(64)
-    runner.prefill(torch.from_numpy(CONTEXT[:-1]))
-    logits = runner.logits(runner.forward(*tree.attention_inputs(runner.length)))
-    penalised = tree_repetition_penalty(biased(logits, OPENAI.logit_bias), CONTEXT, tree,
+    penalised = tree_repetition_penalty(biased(tree_logits(runner, tree), OPENAI.logit_bias), CONTEXT, tree,
                                         OPENAI.repetition_penalty)  # the answer's penalties: none (nor its path's)
     wrong = [target_probs(row, OPENAI) for row in penalised]
     counts = sequence_counts(sample_accept, tree, wrong.__getitem__, tables["openai"], FEW_SAMPLES)
@@ -374,10 +375,8 @@ def test_penalty_from_the_context_only_fails_the_same_test(setup):
     """Ignoring the node's ancestors in the repetition penalty is detected."""
     _, runner, tables, shapes = setup
     tree = shapes["bushy"]
-    runner.reset(64)
-    runner.prefill(torch.from_numpy(CONTEXT[:-1]))
-    logits = runner.logits(runner.forward(*tree.attention_inputs(runner.length)))
-    wrong = [target_probs(repetition_penalty(row, CONTEXT, FULL.repetition_penalty), FULL) for row in logits]
+    wrong = [target_probs(repetition_penalty(row, CONTEXT, FULL.repetition_penalty), FULL)
+             for row in tree_logits(runner, tree)]
     counts = sequence_counts(sample_accept, tree, wrong.__getitem__, tables["full"], FEW_SAMPLES)
     assert chi_square_p(counts, exact_joint(tables["full"])) < ALPHA
 

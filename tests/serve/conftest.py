@@ -4,11 +4,26 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import openai
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+import freespec
 from tests.helpers import tiny_config, word_tokenizer
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir):
+    """A second copy of the tiny model, in this process: what the server's answers must equal (a
+    cold model: every answer is its prefill of the whole prompt)."""
+    return freespec.load(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    """The openai client on the module's ``server``."""
+    return openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0, timeout=60)
 
 
 @pytest.fixture(scope="session")

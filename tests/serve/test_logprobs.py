@@ -17,21 +17,11 @@ PROMPT = "w9 w8 w7"
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_model_dir):
-    return freespec.load(str(tiny_model_dir))
-
-
-@pytest.fixture(scope="module")
 def server(tiny_model_dir):
     app = create_app(freespec.load(str(tiny_model_dir)), served_name="tiny", max_tokens=16,
                      drafters=("none", "suffix", "recycling"))
     with BackgroundServer(app) as url:
         yield url
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0, timeout=60)
 
 
 @pytest.mark.parametrize("drafter", ["none", "suffix", "recycling"])

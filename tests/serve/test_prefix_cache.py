@@ -15,12 +15,6 @@ A = [{"role": "user", "content": "w11 w12 w13 w14 w15 w16 w17 w18 w19 w20"}]
 B = [{"role": "user", "content": "w31 w32 w33 w34 w35 w36 w37 w38 w39 w40"}]
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_model_dir):
-    """A cold model: every answer is compared with its prefill of the whole prompt."""
-    return freespec.load(str(tiny_model_dir))
-
-
 def chat(url: str, messages: list[dict], key: str | None = None, max_tokens: int = 8) -> dict:
     headers = {} if key is None else {"Authorization": f"Bearer {key}"}
     status, body, _ = post(url + "/v1/chat/completions", {"messages": messages, "max_tokens": max_tokens}, headers)

@@ -14,11 +14,6 @@ SECRET = [{"role": "user", "content": "w11 w12 w13 w14 w15 w16 w17 w18"}]
 PROBE = [{"role": "user", "content": "w11 w12 w13 w14 w15 w16 w17 w99"}]  # guesses all but the last word
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_model_dir):
-    return freespec.load(str(tiny_model_dir))
-
-
 def ask(url: str, messages: list[dict], key: str | None) -> tuple[str, int]:
     """(answer, cached_tokens) of a chat request sent with ``key`` (None: no Authorization header)."""
     headers = {} if key is None else {"Authorization": f"Bearer {key}"}
