@@ -377,6 +377,25 @@ def test_full_queue_429_and_a_disconnect_frees_the_model(long_model_dir):
         assert metric(url, "freespec_generation_tokens_total", drafter="none") < 4000
 
 
+def test_a_client_that_leaves_stops_every_choice(long_model_dir):
+    """Three sampled choices of 3000 tokens each (seconds of work): the client reads two chunks
+    and hangs up; all three stop, and the next request is answered at once."""
+    app = create_app(freespec.load(str(long_model_dir)), served_name="tiny", max_tokens=3000)
+    with BackgroundServer(app) as url:
+        connection, response = open_stream(url, {"prompt": "w1 w2", "n": 3, "temperature": 0.9, "max_tokens": 3000,
+                                                 "drafter": "none"}, "/v1/completions")
+        for _ in range(2):
+            assert response.readline().startswith(b"data: ")
+            response.readline()
+        connection.sock.shutdown(socket.SHUT_RDWR)
+        connection.close()
+        wait_for(lambda: metric(url, "freespec_requests_total", endpoint="completions", status="cancelled") == 3)
+        assert metric(url, "freespec_requests_running") == 0
+        status, body, _ = post(url + "/v1/completions", {"prompt": "w1 w2", "max_tokens": 5, "n": 2, "temperature": 0.5})
+        assert status == 200 and [choice["index"] for choice in body["choices"]] == [0, 1]
+        assert metric(url, "freespec_generation_tokens_total", drafter="none") < 3 * 3000
+
+
 def test_api_key_required_when_set(tiny_model_dir):
     app = create_app(freespec.load(str(tiny_model_dir)), served_name="tiny", api_keys=["s3cret", "other"],
                      max_tokens=4)
