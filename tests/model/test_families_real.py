@@ -98,3 +98,15 @@ def test_token_pieces_read_sentencepiece_byte_fallback(model):
     assert b"".join(pieces.piece(token)[1] for token in ids) == text.encode()
     byte_tokens = [token for token in ids if model.tokenizer.convert_ids_to_tokens(token).startswith("<0x")]
     assert byte_tokens and all(len(pieces.piece(token)[1]) == 1 for token in byte_tokens)
+
+
+def test_logprobs_are_the_same_bits_for_every_drafter_and_for_scoring(model):
+    ids = model.encode(PROMPTS[0], chat=False)  # starts with <bos>, which nothing predicts
+    reference = model.generate(prompt_ids=ids, drafter="none", max_new_tokens=16, logprobs=2)
+    records = [(entry.token, entry.logprob, entry.top) for entry in reference.logprobs]
+    for drafter in ("suffix", "recycling"):
+        fast = model.generate(prompt_ids=ids, drafter=drafter, max_new_tokens=16, logprobs=2)
+        assert [(entry.token, entry.logprob, entry.top) for entry in fast.logprobs] == records, drafter
+    scored = model.generate(prompt_ids=ids + reference.token_ids, max_new_tokens=0, prompt_logprobs=2)
+    assert scored.prompt_logprobs[0] is None
+    assert [(entry.token, entry.logprob, entry.top) for entry in scored.prompt_logprobs[len(ids):]] == records

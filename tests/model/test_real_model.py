@@ -118,3 +118,16 @@ def test_token_pieces_give_each_tokens_exact_bytes(model):
         piece = pieces.piece(token)[0]
         if "\ufffd" not in piece:
             assert text[offset:].startswith(piece)
+
+
+def test_logprobs_are_the_same_bits_for_every_drafter_and_for_scoring(model):
+    """The answer's log-probabilities do not depend on the drafter, and scoring prompt + answer
+    (its rows prefilled) gives them back bit for bit."""
+    ids = model.encode(PROMPTS[2])
+    reference = model.generate(prompt_ids=ids, drafter="none", max_new_tokens=24, logprobs=3)
+    records = [(entry.token, entry.logprob, entry.top) for entry in reference.logprobs]
+    for drafter in ("suffix", "recycling", "lookup"):
+        fast = model.generate(prompt_ids=ids, drafter=drafter, max_new_tokens=24, logprobs=3)
+        assert [(entry.token, entry.logprob, entry.top) for entry in fast.logprobs] == records, drafter
+    scored = model.generate(prompt_ids=ids + reference.token_ids, max_new_tokens=0, prompt_logprobs=3)
+    assert [(entry.token, entry.logprob, entry.top) for entry in scored.prompt_logprobs[len(ids):]] == records
