@@ -106,7 +106,6 @@ class _Options(_Sampling):
     drafter: str | None = Field(None, description="freespec extension: one of the server's --drafters "
                                 "(default: its --drafter)")
 
-
     @field_validator("logit_bias")
     @classmethod
     def _token_ids(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
@@ -120,7 +119,7 @@ class ChatRequest(_Options):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, description="same as max_tokens")
     logprobs: bool | None = Field(None, description="each answer token's log-probability under the model "
-                                  "(its log-softmax, before temperature and penalties)")
+                                  "(its log-softmax, before the bias, penalties and temperature)")
     top_logprobs: int | None = Field(None, ge=0, le=20, description="with logprobs: that many likeliest tokens "
                                      "at each position")
 
@@ -218,6 +217,7 @@ def usage(choices: list[Finished]) -> dict:
     completion = sum(choice.stats.new_tokens for choice in choices)
     runs = [choice.stats for choice in {id(choice): choice for choice in choices}.values()]
     tokens, passes = sum(run.new_tokens for run in runs), sum(run.forward_passes for run in runs)
+    accepted = [length for run in runs for length in run.accepted_lengths]
     return {
         "prompt_tokens": stats.prompt_tokens,
         "completion_tokens": completion,
@@ -228,7 +228,7 @@ def usage(choices: list[Finished]) -> dict:
             "forward_passes": passes,
             "mean_accepted_length": round(tokens / passes if passes else 0.0, 4),
             "draft_tokens": sum(sum(run.draft_sizes) for run in runs),
-            "accepted_per_position": accepted_per_position([length for run in runs for length in run.accepted_lengths]),
+            "accepted_per_position": accepted_per_position(accepted),
             "prefill_seconds": round(max(run.prefill_seconds for run in runs), 4),
             "decode_seconds": round(max(run.decode_seconds for run in runs), 4),
         },

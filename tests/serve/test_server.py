@@ -391,7 +391,8 @@ def test_a_client_that_leaves_stops_every_choice(long_model_dir):
         connection.close()
         wait_for(lambda: metric(url, "freespec_requests_total", endpoint="completions", status="cancelled") == 3)
         assert metric(url, "freespec_requests_running") == 0
-        status, body, _ = post(url + "/v1/completions", {"prompt": "w1 w2", "max_tokens": 5, "n": 2, "temperature": 0.5})
+        status, body, _ = post(url + "/v1/completions",
+                               {"prompt": "w1 w2", "max_tokens": 5, "n": 2, "temperature": 0.5})
         assert status == 200 and [choice["index"] for choice in body["choices"]] == [0, 1]
         assert metric(url, "freespec_generation_tokens_total", drafter="none") < 3 * 3000
 
