@@ -365,8 +365,10 @@ def _save_state(model: Model, args: argparse.Namespace) -> None:
             raise UsageError(f"cannot write {args.state}: {error.strerror}") from None
 
 
-def _start(model: Model, args: argparse.Namespace, request: dict, where: str = "") -> Generation:
-    """Encode and check one request: freespec raises ValueError with a readable message for bad input.
+def _start(model: Model, args: argparse.Namespace, request: dict, sampling: SamplingParams,
+           where: str = "") -> Generation:
+    """Encode and check one request (``sampling``: its options, checked before the model loaded):
+    freespec raises ValueError with a readable message for bad input.
 
     A token limit the user gave must fit the context with the prompt (as the server checks
     ``max_tokens``); the default one is cut to the context left.
@@ -379,7 +381,7 @@ def _start(model: Model, args: argparse.Namespace, request: dict, where: str = "
             raise ValueError(f"max_new_tokens {asked} + the prompt's {len(prompt_ids)} tokens exceed the model's "
                              f"context of {context}")
         return model.stream(prompt_ids=prompt_ids, max_new_tokens=asked or DEFAULT_MAX_NEW_TOKENS,
-                            drafter=args.drafter, sampling=_sampling(args, request), logprobs=request.get("logprobs"))
+                            drafter=args.drafter, sampling=sampling, logprobs=request.get("logprobs"))
     except ValueError as error:
         raise UsageError(f"{where}{error}") from None
 
@@ -405,22 +407,22 @@ def _generate(args: argparse.Namespace) -> None:
         raise UsageError("--input and --output go together")
     elif args.prompt is not None:
         raise UsageError("give either PROMPT or --input/--output, not both")
-    try:
-        _sampling(args)  # bad flags are reported before a model loads
-    except ValueError as error:
-        raise UsageError(str(error)) from None
     if args.input is None:
-        _generate_one(args)
+        try:
+            sampling = _sampling(args)  # bad flags are reported before a model loads
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+        _generate_one(args, sampling)
     else:
         _generate_batch(args)
 
 
-def _generate_one(args: argparse.Namespace) -> None:
+def _generate_one(args: argparse.Namespace, sampling: SamplingParams) -> None:
     """Print text as it is accepted (see :class:`TextStream` for how chunks become text)."""
     from freespec.serve.textstream import TextStream
 
     model = _load(args, args.budget)
-    generation = _start(model, args, {"prompt": args.prompt})
+    generation = _start(model, args, {"prompt": args.prompt}, sampling)
     text = TextStream(model.decode)
     for chunk in generation:
         sys.stdout.write(text.push(chunk))
@@ -481,16 +483,15 @@ def _generate_batch(args: argparse.Namespace) -> None:
 
     from freespec.engine.loop import GenerationStats
 
-    requests = []  # (where, request)
+    requests = []  # (where, request, its sampling options): every line checked before the model loads
     for number, line in enumerate(_read_lines(args.input), 1):
         if line.strip():
             where = f"{args.input} line {number}: "
             request = _parse_request(line, where)
             try:
-                _sampling(args, request)
+                requests.append((where, request, _sampling(args, request)))
             except ValueError as error:
                 raise UsageError(f"{where}{error}") from None
-            requests.append((where, request))
     try:
         output = AtomicFile(args.output)
     except OSError as error:
@@ -499,15 +500,16 @@ def _generate_batch(args: argparse.Namespace) -> None:
     with output, tqdm(total=len(requests), unit="prompt", disable=True if args.quiet else None) as progress:
         model = _load(args, args.budget)
         try:
-            for where, request in requests:
-                generation = _start(model, args, request, where)
+            for where, request, sampling in requests:
+                generation = _start(model, args, request, sampling, where)
                 for _ in generation:
                     pass
                 result = {**request, "text": model.decode(generation.token_ids), "token_ids": generation.token_ids,
                           "finish_reason": generation.finish_reason, "stats": generation.stats.as_dict()}
                 if generation.logprobs is not None:
-                    result["token_logprobs"] = [{"token_id": entry.token, "logprob": entry.logprob,
-                                           "top": [list(pair) for pair in entry.top]} for entry in generation.logprobs]
+                    result["token_logprobs"] = [
+                        {"token_id": entry.token, "logprob": entry.logprob, "top": [list(pair) for pair in entry.top]}
+                        for entry in generation.logprobs]
                 output.write(json.dumps(result, ensure_ascii=False) + "\n")
                 output.flush()
                 written += 1

@@ -169,9 +169,7 @@ class Generation:
             raise ValueError(
                 f"the prompt has {len(prompt_ids)} tokens; the model's context is {runner.max_positions}"
             )
-        if sampling.logit_bias and sampling.logit_bias[-1][0] >= runner.vocab_size:
-            raise ValueError(f"logit_bias: token id {sampling.logit_bias[-1][0]} is outside the vocabulary "
-                             f"(0 to {runner.vocab_size - 1})")
+        sampling.check_token_ids(runner.vocab_size)
         if fixed_budget is not None and fixed_budget < 0:
             raise ValueError(f"budget must be >= 0, got {fixed_budget}")
         self.runner, self.drafter, self.policy = runner, drafter, policy

@@ -133,6 +133,11 @@ class SamplingParams:
         return (self.greedy and not self.logit_bias
                 and all(getattr(self, option.name) == option.default for option in OPTIONS if option.greedy))
 
+    def check_token_ids(self, vocab_size: int) -> None:
+        """ValueError if the logit bias names a token outside a vocabulary of ``vocab_size``."""
+        if self.logit_bias and (largest := self.logit_bias[-1][0]) >= vocab_size:
+            raise ValueError(f"logit_bias: token id {largest} is outside the vocabulary (0 to {vocab_size - 1})")
+
 
 MAX_BIASED = 300  # tokens a logit_bias may name (OpenAI's limit)
 

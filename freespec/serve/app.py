@@ -265,12 +265,9 @@ class Service:
         if not body.logit_bias:
             return
         try:
-            bias = SamplingParams(logit_bias=request_sampling(body)["logit_bias"]).logit_bias
+            SamplingParams(logit_bias=request_sampling(body)["logit_bias"]).check_token_ids(self.vocab_size)
         except ValueError as error:
             raise ApiError(400, str(error), "logit_bias") from None
-        if bias[-1][0] >= self.vocab_size:
-            raise ApiError(400, f"logit_bias: token id {bias[-1][0]} is outside the vocabulary "
-                           f"(0 to {self.vocab_size - 1})", "logit_bias")
 
     def _drafter(self, asked: str | None) -> str:
         if asked is None:
@@ -304,15 +301,11 @@ class Service:
                 messages = [{"role": message.role, "content": message.text} for message in body.messages]
                 with self._encoding:
                     return self.model.encode(messages=messages)
-            prompt = body.prompt
-            if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-                if len(prompt) != 1:
-                    raise ApiError(400, "one prompt per request", "prompt")
-                prompt = prompt[0]
+            prompt = _one_prompt(body)
             if isinstance(prompt, str):
                 with self._encoding:
                     return self.model.encode(prompt=prompt, chat=False)
-            vocab = self.model.runner.vocab_size
+            vocab = self.vocab_size
             if not prompt or not all(0 <= token < vocab for token in prompt):
                 raise ApiError(400, f"prompt: token ids must be a non-empty list of integers in [0, {vocab})",
                                "prompt")
@@ -325,7 +318,7 @@ class Service:
         """The text a completion with ``echo`` starts with: its prompt (token ids decoded)."""
         if not body.echo:
             return None
-        prompt = body.prompt[0] if isinstance(body.prompt, list) and isinstance(body.prompt[0], str) else body.prompt
+        prompt = _one_prompt(body)
         if isinstance(prompt, str):
             return prompt
         with self._encoding:
@@ -347,6 +340,16 @@ class Service:
             raise ApiError(400, f"max_tokens {asked} + the prompt's {prompt_tokens} tokens exceed the model's "
                            f"context of {self.context}", "max_tokens", "context_length_exceeded")
         return asked
+
+
+def _one_prompt(body: CompletionRequest) -> str | list[int]:
+    """A completion's prompt, text or token ids (a list of one of either is accepted too)."""
+    prompt = body.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        if len(prompt) != 1:
+            raise ApiError(400, "one prompt per request", "prompt")
+        prompt = prompt[0]
+    return prompt
 
 
 def _cancel(jobs: list[Job], reason: str = "client") -> None:
@@ -372,8 +375,7 @@ def _refuse_unsupported(body: RequestBody) -> None:
 async def _watch_disconnect(request: Request, jobs: list[Job]) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
-    for job in jobs:
-        job.cancel()
+    _cancel(jobs)
 
 
 async def _end_of(job: Job, event: Event) -> Finished | Failed:
