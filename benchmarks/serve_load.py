@@ -202,12 +202,13 @@ class Timed:
     client_first: bool = False  # its client's first request: all of those arrive at once
 
 
-def _timed(client, model_id: str, prompt: str, max_tokens: int, extra: dict) -> Timed:
+def _timed(client, model_id: str, prompt: str, max_tokens: int, extra: dict, system: str = "") -> Timed:
     outcome = Timed(prompt)
     started = time.perf_counter()
     parts, last = [], None
+    messages = [{"role": "system", "content": system}] * bool(system) + [{"role": "user", "content": prompt}]
     try:
-        for chunk in client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": prompt}],
+        for chunk in client.chat.completions.create(model=model_id, messages=messages,
                                                     max_tokens=max_tokens, temperature=0, stream=True,
                                                     stream_options={"include_usage": True}, extra_body=extra):
             now = time.perf_counter()
@@ -232,10 +233,11 @@ def _timed(client, model_id: str, prompt: str, max_tokens: int, extra: dict) -> 
 
 
 def run_level(url: str, model_id: str, clients: int, prompts: list[str], max_tokens: int,
-              extra: dict, api_key: str = "load-test") -> tuple[list[Timed], float]:
+              extra: dict, api_key: str = "load-test", system: str = "") -> tuple[list[Timed], float]:
     """``clients`` threads streaming one answer to each of ``prompts`` (each takes the next prompt
     as soon as its last answer is done, so every level serves the same work); the answers and the
-    wall time of the whole level. ``api_key``: the tenant the requests come from."""
+    wall time of the whole level. ``api_key``: the tenant the requests come from; ``system``: a
+    system message every request starts with (none if empty)."""
     import openai
 
     check_loopback(url)
@@ -249,7 +251,7 @@ def run_level(url: str, model_id: str, clients: int, prompts: list[str], max_tok
         client = openai.OpenAI(base_url=url.rstrip("/") + "/v1", api_key=api_key, max_retries=0, timeout=600)
         first = True
         while True:
-            outcome = _timed(client, model_id, prompt, max_tokens, extra)
+            outcome = _timed(client, model_id, prompt, max_tokens, extra, system)
             outcome.client_first, first = first, False
             with lock:
                 outcomes.append(outcome)
@@ -267,17 +269,19 @@ def run_level(url: str, model_id: str, clients: int, prompts: list[str], max_tok
 
 
 def scaling(url: str, model_id: str, server: str, modes: dict[str, dict], levels: list[int], prompts: list[str],
-            max_tokens: int, warm_up: list[str]) -> list[dict]:
+            max_tokens: int, warm_up: list[str], system: str = "") -> list[dict]:
     """One row per (speculation mode, clients): the scaling table's numbers. Each (mode, clients)
     run is a tenant of its own (its own API key): a drafter that keeps a tenant's earlier requests
-    (``suffix``) would otherwise draft each answer from the same prompt's answer at an earlier level."""
+    (``suffix``) would otherwise draft each answer from the same prompt's answer at an earlier
+    level, and a server's prefix cache would spare it the prompts' prefill. ``system``: a system
+    message every request starts with."""
     rows, answers, base = [], {}, {}  # answers: prompt -> the first text it got; base: mode -> 1-client rate
     for extra in modes.values():  # warm up: every slot exists and its drafters have learned, as in a running server
-        run_level(url, model_id, max(levels), warm_up, max_tokens, extra)
+        run_level(url, model_id, max(levels), warm_up, max_tokens, extra, system=system)
     for clients in levels:  # the modes interleaved at each level: a drifting machine shifts both alike
         for mode, extra in modes.items():
             outcomes, seconds = run_level(url, model_id, clients, prompts, max_tokens, extra,
-                                          api_key=f"load-test-{mode}-{clients}")
+                                          api_key=f"load-test-{mode}-{clients}", system=system)
             ok = [o for o in outcomes if not o.error]
             differing = 0
             for outcome in ok:
@@ -330,6 +334,19 @@ def spec_bench_prompts(count: int, tokens: int = 0, tokenizer=None) -> list[str]
     return prompts
 
 
+def system_prompt(tokens: int, tokenizer) -> str:
+    """A system message of ``tokens`` tokens (by ``tokenizer``) that every request of a run shares:
+    Spec-Bench's last turns, which no prompt of a level starts with, joined and cut."""
+    from freespec.bench.run import DEFAULT_QUESTIONS, load_questions
+
+    ids: list[int] = []
+    for question in reversed(load_questions(DEFAULT_QUESTIONS)):
+        if len(ids) >= tokens:
+            break
+        ids += tokenizer.encode(question.turns[-1] + "\n\n", add_special_tokens=False)
+    return tokenizer.decode(ids[:tokens])
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -377,22 +394,24 @@ def main_scaling(args: argparse.Namespace) -> int:
     model = freespec.load(args.model, threads=args.threads)
     every = spec_bench_prompts(args.requests + max(levels), args.prompt_tokens, model.tokenizer)
     prompts, warm_up = every[: args.requests], every[args.requests :]  # the warm-up asks other questions
+    system = system_prompt(args.system_prompt_tokens, model.tokenizer) if args.system_prompt_tokens else ""
     print("| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS), flush=True)
     model.drafter(args.drafter)  # its costs are measured before the clock starts, as `freespec serve` does
     modes = {args.drafter: {"drafter": args.drafter}, "none": {"drafter": "none"}}
     rows = []
-    # prefix reuse off: every level and mode asks the same prompts, and cached prompt rows would
-    # spare the later ones their prefill
+    # prefix reuse off unless asked: a level's requests then prefill their whole prompts, as the
+    # earlier tables in docs/serving.md were measured (levels are tenants of their own either way)
     app = create_app(model, drafter=args.drafter, drafters=("none",), max_queue=max(64, max(levels)),
-                     max_batch=max(levels), prefix_reuse=False)
+                     max_batch=max(levels), prefix_reuse=args.prefix_reuse)
     with BackgroundServer(app) as url:
-        rows += scaling(url, model.name, "freespec", modes, levels, prompts, args.max_tokens, warm_up)
+        rows += scaling(url, model.name, "freespec", modes, levels, prompts, args.max_tokens, warm_up, system)
     if args.llama_cpp:
         gguf = embedded_gguf_path() if args.model == "default" else args.model
         with LlamaCppServer(str(gguf), threads=args.threads or os.cpu_count() or 1) as url:
             with urllib.request.urlopen(url + "/v1/models", timeout=30) as response:
                 model_id = json.load(response)["data"][0]["id"]
-            rows += scaling(url, model_id, "llama-cpp-python", {"-": {}}, levels, prompts, args.max_tokens, warm_up)
+            rows += scaling(url, model_id, "llama-cpp-python", {"-": {}}, levels, prompts, args.max_tokens, warm_up,
+                            system)
     if args.json:
         print(json.dumps(rows))
     return 1 if any(row["failed"] or (row["differing"] and row["server"] == "freespec") for row in rows) else 0
@@ -418,6 +437,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-tokens", type=int, default=0,
                         help="scaling mode: make each prompt this many tokens (the next Spec-Bench turns "
                              "appended, then cut; default: each first turn as it is)")
+    parser.add_argument("--system-prompt-tokens", type=int, default=0,
+                        help="scaling mode: every request starts with the same system message of this many "
+                             "tokens (default: none)")
+    parser.add_argument("--prefix-reuse", action="store_true",
+                        help="scaling mode: let freespec's server reuse the prompt rows a level's earlier or "
+                             "running requests share (the server's default; off here by default)")
     args = parser.parse_args(argv)
     if args.levels:
         return main_scaling(args)

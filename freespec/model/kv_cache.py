@@ -96,6 +96,34 @@ class KVCache:
         self.truncate(kept)
         return kept
 
+    def copy_prefix(self, source: KVCache, tokens: Sequence[int]) -> int:
+        """Make this cache hold ``source``'s rows of the longest prefix of ``tokens`` that ``source``
+        holds, where that is longer than its own; return the rows of ``tokens`` it then holds.
+        Both caches must belong to one model (forks of it): a row depends only on the tokens up
+        to it, so a copied row is the one a prefill would write.
+
+        >>> source, cache = KVCache(1, 1, 2, 64), KVCache(1, 1, 2, 64)
+        >>> source.reset(8); source.pending = [5, 6, 7]; source.commit([0, 1, 2])
+        >>> source.keys[0, 0, :3] = torch.arange(6.0).view(3, 2)
+        >>> cache.reset(8); cache.pending = [5, 9]; cache.commit([0, 1])
+        >>> cache.copy_prefix(source, [5, 6, 8]), cache.row_tokens  # row 0 its own, row 1 copied
+        (2, [5, 6])
+        >>> cache.keys[0, 0, :2].tolist()
+        [[0.0, 0.0], [2.0, 3.0]]
+        >>> cache.copy_prefix(source, [4, 6])  # nothing shared: its own rows stay
+        0
+        """
+        held = common_prefix(self.row_tokens, tokens)
+        matched = common_prefix(source.row_tokens, tokens)
+        if matched <= held:
+            return held
+        self.reserve(matched)
+        self.keys[:, :, held:matched] = source.keys[:, :, held:matched]
+        self.values[:, :, held:matched] = source.values[:, :, held:matched]
+        self.length = matched
+        self.row_tokens = list(tokens[:matched])
+        return matched
+
     def commit(self, kept: Sequence[int]) -> None:
         """Keep the rows of the last forward's nodes ``kept`` (ascending), drop the others."""
         start, count = self.length, len(kept)

@@ -14,9 +14,12 @@ requests being tokenized count against ``max_queue`` too. Before every pass a jo
 left, whose deadline passed or whose server is closing is ended and its slot freed; one that has
 not started is skipped. A fault in one request fails that request only: the others' passes go on.
 A request reuses the cache rows of earlier prompts of its own tenant (API key) only: the rows the
-previous request on its slot left when it came from the same tenant, and the prefixes its
-tenant's earlier requests filed in the :class:`~freespec.model.prefix_cache.PrefixCache`, so
-nothing of one client's prompt shows in another's ``cached_tokens`` or prefill time.
+previous request on its slot left when it came from the same tenant, the prefixes its tenant's
+earlier requests filed in the :class:`~freespec.model.prefix_cache.PrefixCache`, and the rows its
+tenant's running requests hold (copied from their caches), so nothing of one client's prompt shows
+in another's ``cached_tokens`` or prefill time. A request whose prompt starts as one being
+prefilled for its tenant (a burst with one system prompt, the choices of ``n`` > 1) waits for
+those rows instead of prefilling them a second time.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from freespec.api import Model
 from freespec.engine.batch import Batch, Running
 from freespec.engine.loop import Generation, GenerationStats
 from freespec.kernels import release_worker_threads
+from freespec.model.kv_cache import common_prefix
 from freespec.model.prefix_cache import PrefixCache
 from freespec.model.runner import ModelRunner, PrefillCancelled
 from freespec.serve import DEFAULT_MAX_BATCH, DEFAULT_PREFIX_CACHE_MB
@@ -46,6 +50,9 @@ log = logging.getLogger(__name__)
 
 SHUTTING_DOWN = "the server is shutting down"
 _NOBODY = object()  # the tenant of an empty cache
+MIN_SHARED_ROWS = 16
+"""Prompt rows worth waiting for: a request whose prompt starts as a prompt being prefilled for its
+tenant waits for that many rows or more of it, rather than prefilling them a second time."""
 
 
 @dataclass
@@ -124,6 +131,12 @@ class Job:
 
     def should_stop(self) -> bool:
         return self.cancelled or self.expired
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Whether the prompt's log-probabilities are asked (an echo with logprobs): its rows are
+        then all prefilled, none reused."""
+        return self.echo is not None and self.logprobs is not None
 
     def post(self, event: Event) -> None:
         try:
@@ -210,6 +223,7 @@ class Scheduler:
         self._waiting = 0  # slots taken: jobs being tokenized or queued
         self._closed: str | None = None  # why no more requests are taken
         self._active: list[Active] = []  # the jobs on the model (the generation thread's; read under the lock)
+        self._held: list[Job] = []  # jobs waiting for a prompt prefix an active job prefills (see _leader)
         self._slots = [Slot(model)]  # the model itself first: one client runs as it always has
         self._idle = list(self._slots)
         self._recent_seconds = 1.0  # moving mean of request time, for Retry-After
@@ -293,7 +307,8 @@ class Scheduler:
         job = None
         try:
             while True:
-                while len(self._active) < self.max_batch:  # join between passes
+                self._start_held()
+                while len(self._active) + len(self._held) < self.max_batch:  # join between passes
                     try:
                         job = self._queue.get(block=not self._active)
                     except queue.Empty:
@@ -303,8 +318,11 @@ class Scheduler:
                             self._stop_all()
                             return
                         continue
-                    self.release()
-                    self._start(job)
+                    if self._leader(job) is not None:
+                        self._held.append(job)  # it waits for the rows another request is prefilling
+                    else:
+                        self.release()
+                        self._start(job)
                     job = None
                 for active in [active for active in self._active if active.job.should_stop()]:
                     self._finish(active)  # leave between passes: the client left, too late, or closing
@@ -314,6 +332,8 @@ class Scheduler:
             log.critical("the generation thread stopped", exc_info=True)
             if job is not None:
                 self._end(job, _internal_error(job))
+            for held in self._held:
+                self._end(held, _internal_error(held))
             for active in list(self._active):
                 self._leave(active, _internal_error(active.job), keep_rows=False)
             self.close("the generation thread has stopped; restart the server (its log says why)")
@@ -331,6 +351,9 @@ class Scheduler:
             self._deliver(active)
 
     def _stop_all(self) -> None:
+        for job in self._held:
+            job.cancel("shutdown")
+        self._start_held()  # ends them
         for active in list(self._active):
             active.job.cancel("shutdown")
             self._finish(active)
@@ -348,7 +371,7 @@ class Scheduler:
             generation = slot.model.stream(prompt_ids=job.prompt_ids, max_new_tokens=job.max_tokens,
                                            drafter=job.drafter, reuse_prefix=self.prefix_reuse,
                                            should_stop=job.should_stop, tenant=job.tenant, logprobs=job.logprobs,
-                                           prompt_logprobs=job.logprobs if job.echo is not None else None,
+                                           prompt_logprobs=job.logprobs if job.scores_prompt else None,
                                            **job.sampling)
         except ValueError as error:
             self._idle.append(slot)
@@ -369,18 +392,48 @@ class Scheduler:
             if self._closed is not None:
                 job.cancel("shutdown")
 
+    def _leader(self, job: Job) -> Active | None:
+        """A running request of ``job``'s tenant still prefilling at least MIN_SHARED_ROWS rows of
+        the prompt's start that ``job``'s prompt shares: ``job`` waits for it (a burst of requests
+        with one system prompt, the choices of an ``n`` > 1 request), then copies those rows
+        instead of prefilling them again (see :meth:`_slot_for`). None when there is none."""
+        if not self.prefix_reuse or job.scores_prompt:  # a scored prompt is prefilled whole
+            return None
+        prompt = job.prompt_ids[:-1]  # the last token is the first step's root
+        for active in self._active:
+            if active.job.tenant != job.tenant or not active.generation.prefilling:
+                continue
+            shared = common_prefix(active.job.prompt_ids[:-1], prompt)
+            if shared - common_prefix(active.slot.model.runner.cache.row_tokens, prompt) >= MIN_SHARED_ROWS:
+                return active
+        return None
+
+    def _start_held(self) -> None:
+        """Start the held jobs that no longer wait for another's rows (or should stop), in order."""
+        for job in list(self._held):
+            if job.should_stop() or self._leader(job) is None:
+                self._held.remove(job)
+                self.release()
+                self._start(job)
+
     def _slot_for(self, job: Job) -> Slot:
         """An idle slot for ``job``, best one whose cache holds its tenant's rows (a new fork when
-        none is idle), its cache emptied unless it does, then loaded with the longest prefix of the
-        prompt its tenant has filed, if longer than what is left."""
+        none is idle), its cache emptied unless it does, then given the longest prefix of the
+        prompt whose rows its tenant has filed or a running request of its tenant holds, if longer
+        than what is left."""
         if not self._idle:
             self._idle.append(self._new_slot())
         slot = next((slot for slot in self._idle if slot.tenant == job.tenant), self._idle[0])
         self._idle.remove(slot)
         if slot.tenant != job.tenant:
             slot.drop_rows(job.tenant)
+        cache = slot.model.runner.cache
         if self.prefixes is not None:
-            self.prefixes.load(slot.model.runner.cache, job.prompt_ids, job.tenant)
+            self.prefixes.load(cache, job.prompt_ids, job.tenant)
+        if self.prefix_reuse:
+            for active in self._active:
+                if active.job.tenant == job.tenant:
+                    cache.copy_prefix(active.slot.model.runner.cache, job.prompt_ids)
         return slot
 
     def _new_slot(self) -> Slot:

@@ -4,11 +4,13 @@ and hits show in ``usage`` and ``/metrics``."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 import freespec
 from freespec.serve.app import BackgroundServer, create_app
-from tests.helpers import fault_after_first_chunk, metric, post
+from tests.helpers import fault_after_first_chunk, metric, post, wait_for
 
 ROW_BYTES = 2 * 2 * 2 * 16 * 4  # the tiny Llama: keys and values, 2 layers x 2 kv heads x 16 dims, fp32
 A = [{"role": "user", "content": "w11 w12 w13 w14 w15 w16 w17 w18 w19 w20"}]
@@ -129,3 +131,80 @@ def test_serve_refuses_a_negative_budget(capsys):
 
     assert main(["serve", "--prefix-cache-mb", "-1"]) == 2
     assert "--prefix-cache-mb: must be a number of megabytes >= 0, got -1" in capsys.readouterr().err
+
+
+
+SYSTEM = [5 + (7 * i) % 190 for i in range(60)]  # a long start that every prompt of a burst shares
+BURST = [SYSTEM + [200 + k, 150 + k, 9] for k in range(4)]
+
+
+def _burst(app, monkeypatch, prompts: list[list[int]], keys: list[str | None] | None = None) -> list[dict]:
+    """Completions of ``prompts`` (sent with ``keys``), the first one on the model and the others
+    queued behind it before its first pass (the generation thread is held in the first one's
+    start until they are): they find its prompt still to be prefilled."""
+    keys = keys or [None] * len(prompts)
+    scheduler = app.state.service.scheduler
+    entered, go = threading.Event(), threading.Event()
+    real_stream = freespec.Model.stream
+
+    def held_first(self, *args, **kwargs):  # the model's forks run it too
+        if not entered.is_set():
+            entered.set()
+            go.wait(30)
+        return real_stream(self, *args, **kwargs)
+
+    monkeypatch.setattr(freespec.Model, "stream", held_first)
+    answers: list = [None] * len(prompts)
+    with BackgroundServer(app) as url:
+        def send(index: int) -> None:
+            headers = {} if keys[index] is None else {"Authorization": f"Bearer {keys[index]}"}
+            answers[index] = post(url + "/v1/completions", {"prompt": prompts[index], "max_tokens": 6}, headers)[:2]
+
+        threads = [threading.Thread(target=send, args=(index,)) for index in range(len(prompts))]
+        threads[0].start()
+        assert entered.wait(30)
+        for thread in threads[1:]:
+            thread.start()
+        wait_for(lambda: scheduler._queue.qsize() == len(prompts) - 1)
+        go.set()
+        for thread in threads:
+            thread.join(timeout=60)
+    assert [status for status, _ in answers] == [200] * len(prompts), answers
+    return [body for _, body in answers]
+
+
+def _cold_text(reference, prompt: list[int]) -> str:
+    return reference.generate(prompt_ids=prompt, max_new_tokens=6, drafter="none", reuse_prefix=False).text
+
+
+@pytest.mark.parametrize("prefix_cache_mb", [0, 64])
+def test_a_burst_with_one_system_prompt_prefills_it_once(tiny_model_dir, reference, prefix_cache_mb, monkeypatch):
+    """Four requests that start with the same 60 tokens arrive together: the first prefills them,
+    the others wait for its rows and copy them (cached), and every answer is a cold server's."""
+    model = freespec.load(str(tiny_model_dir))
+    app = create_app(model, served_name="tiny", drafter="none", prefix_cache_mb=prefix_cache_mb)
+    answers = _burst(app, monkeypatch, BURST)
+    assert [cached(body) for body in answers] == [0] + [len(SYSTEM)] * 3
+    assert [body["choices"][0]["text"] for body in answers] == [_cold_text(reference, p) for p in BURST]
+
+
+def test_a_burst_shares_rows_within_a_tenant_only(tiny_model_dir, reference, monkeypatch):
+    """The same burst from two API keys: alice's second request copies her first one's rows;
+    mallory's requests copy only each other's."""
+    model = freespec.load(str(tiny_model_dir))
+    app = create_app(model, served_name="tiny", drafter="none", api_keys=("alice", "mallory"))
+    answers = _burst(app, monkeypatch, BURST, ["alice", "mallory", "alice", "mallory"])
+    assert [cached(body) for body in answers] == [0, 0, len(SYSTEM), len(SYSTEM)]
+    assert [body["choices"][0]["text"] for body in answers] == [_cold_text(reference, p) for p in BURST]
+
+
+def test_a_short_shared_start_is_not_waited_for(tiny_model_dir, reference, monkeypatch):
+    """Prompts that share fewer than MIN_SHARED_ROWS tokens start at once, side by side."""
+    from freespec.serve.scheduler import MIN_SHARED_ROWS
+
+    model = freespec.load(str(tiny_model_dir))
+    app = create_app(model, served_name="tiny", drafter="none")
+    prompts = [prompt[len(SYSTEM) - MIN_SHARED_ROWS + 1 :] for prompt in BURST]
+    answers = _burst(app, monkeypatch, prompts)
+    assert [cached(body) for body in answers] == [0] * len(prompts)
+    assert [body["choices"][0]["text"] for body in answers] == [_cold_text(reference, p) for p in prompts]
