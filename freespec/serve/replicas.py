@@ -210,7 +210,7 @@ class RemoteJob:
         if reason == "shutdown":
             self._end(Failed(503, SHUTTING_DOWN))
         else:
-            self._end(Finished("", [], "cancelled", GenerationStats(), ""))
+            self._end(Finished("", "cancelled", GenerationStats(), ""))
 
 
 class ReplicaPool:

@@ -69,7 +69,6 @@ class Delta:
 @dataclass
 class Finished:
     text: str
-    token_ids: list[int]
     finish_reason: str  # "stop" (a stop token or string), "length", or "cancelled" (the client left)
     stats: GenerationStats
     drafter: str
@@ -364,7 +363,7 @@ class Scheduler:
             job.cancel("shutdown")
         if job.should_stop():
             skipped = GenerationStats(prompt_tokens=len(job.prompt_ids))
-            self._end(job, self._stopped(job) or Finished("", [], "cancelled", skipped, job.drafter))
+            self._end(job, self._stopped(job) or Finished("", "cancelled", skipped, job.drafter))
             return
         slot = self._slot_for(job)
         try:
@@ -461,7 +460,7 @@ class Scheduler:
         """Send ``text`` with the log-probabilities of the tokens generated since the last delta, if
         asked; the first delta of an echo starts with the prompt (its text, then its tokens')."""
         job = active.job
-        start, active.logged = active.logged, len(active.generation.logprobs or ())
+        start, active.logged = active.logged, _answer_length(active) if active.generation.logprobs is not None else 0
         echo = job.echo is not None and not active.echoed
         if echo:
             active.echoed, text = True, job.echo + text
@@ -473,7 +472,8 @@ class Scheduler:
         generation = active.generation
         if generation.logprobs is None:
             return None
-        logged = self._pieces.logged(generation.token_ids[start:], generation.logprobs[start:])
+        end = _answer_length(active)
+        logged = self._pieces.logged(generation.token_ids[start:end], generation.logprobs[start:end])
         if prompt and generation.prompt_logprobs is not None:
             logged = self._pieces.logged(active.job.prompt_ids, generation.prompt_logprobs) + logged
         return logged
@@ -495,11 +495,12 @@ class Scheduler:
             end = dataclasses.replace(stopped, stats=generation.stats, drafter=job.drafter)
         else:
             delta = "" if text.stopped else text.finish()
-            unsent = active.logged < len(generation.logprobs or ()) or (job.echo is not None and not active.echoed)
-            if delta or unsent:
+            logged = generation.logprobs is not None and active.logged < _answer_length(active)
+            if delta or logged or (job.echo is not None and not active.echoed):
                 self._post_delta(active, delta)  # the last text, or tokens without any, or the echo alone
             reason = "cancelled" if job.cancelled else "stop" if text.stopped else generation.finish_reason
-            end = Finished((job.echo or "") + text.text, generation.token_ids, reason, generation.stats, job.drafter,
+            stats = dataclasses.replace(generation.stats, new_tokens=_answer_length(active))
+            end = Finished((job.echo or "") + text.text, reason, stats, job.drafter,
                            self._logged(active, 0, prompt=True))
         self.metrics.record(job.drafter, generation.stats)
         self._leave(active, end, keep_rows=True)
@@ -533,6 +534,14 @@ class Scheduler:
         if self.metrics.count_end(job.endpoint, outcome(end), elapsed) == "success":
             self._recent_seconds = 0.8 * self._recent_seconds + 0.2 * elapsed
         job.post(end)
+
+
+def _answer_length(active: Active) -> int:
+    """The tokens of a job's answer: those generated, or after a stop string the tokens through the
+    one that completed it (a speculative step may have accepted more; decoding a token at a time,
+    the answer would have ended there)."""
+    answered = active.text.answer_tokens
+    return len(active.generation.token_ids) if answered is None else answered
 
 
 def _internal_error(job: Job) -> Failed:

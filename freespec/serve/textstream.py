@@ -5,7 +5,9 @@ character split over byte tokens), so text is decoded over a short window that s
 back and only the part past the previous window is new. A delta that ends in an incomplete
 character (U+FFFD) waits for the next chunk. Text that might be the start of a stop string is held
 back until it is known not to be one, so a streamed answer never shows part of a stop string and
-equals the non-streamed answer.
+equals the non-streamed answer. The answer ends where decoding one token at a time would have
+stopped, whatever the chunks: at the first token whose text completes a stop string (speculation
+may accept tokens after it in the same chunk; they are not the answer's).
 """
 
 from __future__ import annotations
@@ -37,8 +39,8 @@ class TextStream:
     >>> stream = TextStream(letters, stops=["END"])
     >>> stream.push([ord(c) for c in "hi E"]), stream.push([ord(c) for c in "Nd E"])
     ('hi ', 'ENd ')
-    >>> stream.push([ord(c) for c in "ND, more"]), stream.stopped, stream.text
-    ('', True, 'hi ENd ')
+    >>> stream.push([ord(c) for c in "ND, more"]), stream.stopped, stream.text, stream.answer_tokens
+    ('', True, 'hi ENd ', 10)
     """
 
     def __init__(self, decode: Callable[[list[int]], str], stops: Sequence[str] = ()):
@@ -50,10 +52,13 @@ class TextStream:
         self._decoded = ""  # all text decoded so far
         self.text = ""  # text released to the caller
         self.stopped = False
+        self.answer_tokens: int | None = None  # once stopped: the tokens through the one that completed the stop string
+        self._clean = 0  # tokens whose text holds no stop string
 
     def push(self, token_ids: Sequence[int]) -> str:
         if self.stopped:
             return ""
+        self._clean = self._read
         self.token_ids += token_ids
         before = self._decode(self.token_ids[self._window_start:self._read])
         after = self._decode(self.token_ids[self._window_start:])
@@ -66,6 +71,7 @@ class TextStream:
         """Release everything still held (an incomplete last character included)."""
         if self.stopped:
             return ""
+        self._clean = self._read
         before = self._decode(self.token_ids[self._window_start:self._read])
         after = self._decode(self.token_ids[self._window_start:])
         self._decoded += after[len(before):]
@@ -75,12 +81,26 @@ class TextStream:
     def _release(self, final: bool) -> str:
         sent = len(self.text)
         # A stop string cannot start before `sent`: that text was released only once no stop could start there.
-        hits = [index for index in (self._decoded.find(stop, sent) for stop in self.stops) if index >= 0]
-        if hits:
-            end = min(hits)
+        if self._stop_in(self._decoded, sent) is not None:
+            end, self.answer_tokens = self._first_stop(sent)
             self.stopped = True
         else:
             end = len(self._decoded) - (0 if final else held_back(self._decoded[sent:], self.stops))
         delta = self._decoded[sent:end]
         self.text += delta
         return delta
+
+    def _stop_in(self, text: str, start: int) -> int | None:
+        """Where the earliest stop string in ``text`` from ``start`` on begins (None: none there)."""
+        hits = [index for index in (text.find(stop, start) for stop in self.stops) if index >= 0]
+        return min(hits) if hits else None
+
+    def _first_stop(self, sent: int) -> tuple[int, int]:
+        """(where the answer ends, its tokens) as one token at a time would give them: the first
+        token after the clean ones whose text holds a stop string, cut where its earliest stop
+        begins (stop strings that overlap, "stop" and "to", end a chunk's text sooner that way)."""
+        for count in range(self._clean + 1, len(self.token_ids)):
+            end = self._stop_in(self._decode(self.token_ids[:count]), sent)
+            if end is not None:
+                return end, count
+        return self._stop_in(self._decoded, sent), len(self.token_ids)

@@ -112,3 +112,22 @@ def test_a_streamed_echo_starts_with_the_prompt(server, max_tokens):
     streamed = [value for chunk in chunks if chunk["choices"][0]["logprobs"]
                 for value in chunk["choices"][0]["logprobs"]["token_logprobs"]]
     assert streamed == whole.choices[0].logprobs.token_logprobs
+
+
+@pytest.mark.parametrize("drafter", ["suffix", "recycling"])
+def test_a_stop_string_ends_the_tokens_where_one_token_at_a_time_ends(client, reference, drafter):
+    """A speculative step may accept tokens past the one that completes a stop string: they are not
+    the answer's. Its tokens, their log-probabilities and its usage are plain decoding's, for a stop
+    at each word of the answer."""
+    words = reference.generate(PROMPT, chat=False, max_new_tokens=16, drafter="none").text.split()
+    several = 0
+    for word in dict.fromkeys(words[1:]):
+        request = dict(model="tiny", prompt=PROMPT, max_tokens=16, logprobs=1, stop=[word])
+        plain = client.completions.create(**request, extra_body={"drafter": "none"})
+        fast = client.completions.create(**request, extra_body={"drafter": drafter})
+        assert fast.choices[0].text == plain.choices[0].text and fast.choices[0].finish_reason == "stop"
+        assert fast.usage.completion_tokens == plain.usage.completion_tokens
+        assert fast.choices[0].logprobs.tokens == plain.choices[0].logprobs.tokens
+        assert fast.choices[0].logprobs.token_logprobs == plain.choices[0].logprobs.token_logprobs
+        several += fast.usage.model_extra["speculative"]["forward_passes"] < fast.usage.completion_tokens
+    assert several  # some answers took steps of several tokens

@@ -14,20 +14,40 @@ def utf8(ids: list[int]) -> str:
     return bytes(ids).decode("utf-8", errors="replace")
 
 
-@pytest.mark.parametrize("seed", range(20))
-def test_text_stream_equals_the_whole_decode_under_any_chunking(seed):
-    rng = random.Random(seed)
-    text = "".join(rng.choice(["a", " ", "é", "€", "😀", "stop", "s", "\n"]) for _ in range(40))
-    ids = list(text.encode())
-    stops = rng.choice([[], ["stop"], ["😀", "xyz"], ["€a"]])
+def _stream(ids: list[int], stops: list[str], chunk_sizes) -> tuple[list[str], TextStream]:
     stream, deltas, at = TextStream(utf8, stops), [], 0
     while at < len(ids) and not stream.stopped:
-        size = rng.randint(1, 4)
+        size = next(chunk_sizes)
         deltas.append(stream.push(ids[at:at + size]))
         at += size
     deltas.append(stream.finish())
-    hits = [text.index(stop) for stop in stops if stop in text]
-    expected = text[: min(hits)] if hits else text
-    assert "".join(deltas) == stream.text == expected
+    return deltas, stream
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_text_stream_equals_the_whole_decode_under_any_chunking(seed):
+    """Chunks of 1-4 tokens (what a speculative step accepts) give the text and the answer's
+    token count of one token at a time, which for stop strings that do not overlap is the whole
+    text cut at the first one; "stop" and "to" overlap: one token at a time meets "to" first."""
+    rng = random.Random(seed)
+    text = "".join(rng.choice(["a", " ", "é", "€", "😀", "stop", "s", "\n"]) for _ in range(40))
+    ids = list(text.encode())
+    stops = rng.choice([[], ["stop"], ["😀", "xyz"], ["€a"], ["stop", "to"]])
+    deltas, stream = _stream(ids, stops, iter(lambda: rng.randint(1, 4), None))
+    _, alone = _stream(ids, stops, iter(lambda: 1, None))
+    assert "".join(deltas) == stream.text == alone.text
+    assert stream.answer_tokens == alone.answer_tokens
     assert not any("\ufffd" in delta for delta in deltas)
+    hits = [text.index(stop) for stop in stops if stop in text]
     assert stream.stopped == bool(hits)
+    if hits and "to" not in stops:
+        assert stream.text == text[: min(hits)]
+        stop_end = min(text.index(stop) + len(stop) for stop in stops if stop in text)
+        assert stream.answer_tokens == len(text[:stop_end].encode())  # through the stop's last byte
+
+
+def test_overlapping_stop_strings_end_where_one_token_at_a_time_ends():
+    ids = list("xstop!".encode())
+    deltas, stream = _stream(ids, ["stop", "to"], iter([6]))
+    assert (stream.text, stream.answer_tokens) == ("xs", 4)  # "xsto" holds "to" before "stop" is whole
+    assert "".join(deltas) == "xs"
