@@ -25,6 +25,7 @@ from freespec.engine.costs import CostCurve, load_or_measure
 from freespec.engine.logprobs import TokenLogprob
 from freespec.engine.loop import Generation, GenerationStats
 from freespec.engine.sampling import SAMPLING_FIELDS, SamplingParams
+from freespec.engine.textstream import TextStream, check_stops
 from freespec.kernels import Kernels, check_threads, release_worker_threads
 from freespec.kernels import select as select_kernels
 from freespec.model.hf_runner import Runner, make_runner, torch_device
@@ -36,7 +37,7 @@ from freespec.model.loading import load as load_model
 class GenerationResult:
     text: str
     token_ids: list[int]
-    finish_reason: str  # "stop" (a stop token was produced) or "length"
+    finish_reason: str  # "stop" (a stop token or stop string) or "length"
     stats: GenerationStats
     logprobs: list[TokenLogprob] | None = None  # one per token id, when asked for (generate(logprobs=k))
     prompt_logprobs: list[TokenLogprob | None] | None = None  # one per prompt token (the first None), when asked for
@@ -248,15 +249,38 @@ class Model:
         return Generation(self.runner, drafter_state, policy, prompt_ids, max_new_tokens, self.stop_ids, budget,
                           sampling, reuse_prefix, should_stop, logprobs, prompt_logprobs)
 
-    def generate(self, prompt: str | None = None, **kwargs) -> GenerationResult:
-        """The whole answer of :meth:`stream`; threads that share a model take turns, a whole
-        request each, so every answer is the one it would get alone."""
+    def generate(self, prompt: str | None = None, *, stop: str | Sequence[str] | None = None,
+                 **kwargs) -> GenerationResult:
+        """The whole answer of :meth:`stream` (its keywords), ended at the first of the ``stop``
+        strings if one comes (see :meth:`complete`); threads that share a model take turns, a
+        whole request each, so every answer is the one it would get alone."""
+        stops = check_stops(stop)
         with self.runner.lock:
-            generation = self.stream(prompt, **kwargs)
-            for _ in generation:
-                pass
-        return GenerationResult(self.decode(generation.token_ids), generation.token_ids,
-                                generation.finish_reason, generation.stats, generation.logprobs,
+            return self.complete(self.stream(prompt, **kwargs), stops)
+
+    def complete(self, generation: Generation, stop: str | Sequence[str] | None = None) -> GenerationResult:
+        """Run a started generation to its end, or to the first of the ``stop`` strings: the
+        answer then ends before it, finish_reason "stop", and its tokens end with the one that
+        completed it (where decoding a token at a time would have stopped; tokens a speculative
+        step accepted after it are left out, of the stats' count too)."""
+        stops = check_stops(stop)
+        text = TextStream(self.decode, stops) if stops else None  # no text decoded per step without stops
+        for chunk in generation:
+            if text is None:
+                continue
+            text.push(chunk)
+            if text.stopped:
+                break
+        if text is not None and not text.stopped:
+            text.finish()
+        if text is None or not text.stopped:
+            return GenerationResult(self.decode(generation.token_ids), generation.token_ids,
+                                    generation.finish_reason, generation.stats, generation.logprobs,
+                                    generation.prompt_logprobs)
+        count = text.answer_tokens
+        logprobs = None if generation.logprobs is None else generation.logprobs[:count]
+        return GenerationResult(text.text, generation.token_ids[:count], "stop",
+                                dataclasses.replace(generation.stats, new_tokens=count), logprobs,
                                 generation.prompt_logprobs)
 
     def decode(self, token_ids: list[int]) -> str:

@@ -12,6 +12,7 @@ answer at once.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -133,6 +134,12 @@ def _drafter_names(text: str) -> list[str]:
     return [_drafter_name(name.strip()) for name in text.split(",") if name.strip()]
 
 
+def _stop_string(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("must be a non-empty string")
+    return text
+
+
 def _port(text: str) -> int:
     value = _positive_int(text)
     if value > 65535:
@@ -202,12 +209,15 @@ def _parser() -> argparse.ArgumentParser:
                           help="apply the model's chat template to prompts (default: on)")
     generate.add_argument("--budget", type=_positive_int, metavar="N",
                           help="fixed draft nodes per step (default: chosen from measured costs)")
+    generate.add_argument("--stop", type=_stop_string, action="append", metavar="TEXT",
+                          help="end the answer before TEXT (repeat for several; the first that comes ends it)")
     generate.add_argument("--state", type=Path, metavar="FILE",
                           help="Token Recycling's matrix (--drafter recycling, or a fusion with it): loaded "
                                "from FILE if it exists, saved there afterwards, so later runs start warm")
     generate.add_argument("--input", metavar="FILE", help="JSONL requests, one "
                           '{"prompt": ...} or {"messages": [...]} per line, optional "max_new_tokens", '
-                          '"logprobs" (N: each token\'s log-probability and N alternatives, as "token_logprobs") '
+                          '"logprobs" (N: each token\'s log-probability and N alternatives, as "token_logprobs"), '
+                          '"stop" (a string or a list of them) '
                           f"and sampling keys ({', '.join(map(json.dumps, SAMPLING_KEYS))}) overriding the flags")
     generate.add_argument("--output", metavar="FILE", help="JSONL results, one line per request; FILE is "
                           "replaced when the batch ends, stops on an error or is interrupted (until then "
@@ -419,19 +429,24 @@ def _generate(args: argparse.Namespace) -> None:
 
 def _generate_one(args: argparse.Namespace, sampling: SamplingParams) -> None:
     """Print text as it is accepted (see :class:`TextStream` for how chunks become text)."""
-    from freespec.serve.textstream import TextStream
+    from freespec.engine.textstream import TextStream
 
     model = _load(args, args.budget)
     generation = _start(model, args, {"prompt": args.prompt}, sampling)
-    text = TextStream(model.decode)
+    text = TextStream(model.decode, args.stop or ())
     for chunk in generation:
         sys.stdout.write(text.push(chunk))
         sys.stdout.flush()
+        if text.stopped:
+            break
     sys.stdout.write(text.finish() + "\n")
     sys.stdout.flush()
     _save_state(model, args)
     if not args.quiet:
-        print(f"[freespec] {_summary(generation.stats, args.drafter)}", file=sys.stderr)
+        stats = generation.stats
+        if text.answer_tokens is not None:  # tokens accepted after the stop string are not the answer's
+            stats = dataclasses.replace(stats, new_tokens=text.answer_tokens)
+        print(f"[freespec] {_summary(stats, args.drafter)}", file=sys.stderr)
 
 
 def _read_lines(path: str) -> list[str]:
@@ -462,9 +477,11 @@ def _parse_request(line: str, where: str) -> dict:
     if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
         raise UsageError(f'{where}"max_new_tokens" must be a positive integer, got {json.dumps(limit)}')
     from freespec.engine.logprobs import check_top  # numpy: not for every command
+    from freespec.engine.textstream import check_stops
 
     try:
         check_top(request.get("logprobs"))
+        check_stops(request.get("stop"))
     except ValueError as error:
         raise UsageError(f"{where}{error}") from None
     return request
@@ -502,19 +519,18 @@ def _generate_batch(args: argparse.Namespace) -> None:
         try:
             for where, request, sampling in requests:
                 generation = _start(model, args, request, sampling, where)
-                for _ in generation:
-                    pass
-                result = {**request, "text": model.decode(generation.token_ids), "token_ids": generation.token_ids,
-                          "finish_reason": generation.finish_reason, "stats": generation.stats.as_dict()}
-                if generation.logprobs is not None:
+                answer = model.complete(generation, request.get("stop", args.stop))
+                result = {**request, "text": answer.text, "token_ids": answer.token_ids,
+                          "finish_reason": answer.finish_reason, "stats": answer.stats.as_dict()}
+                if answer.logprobs is not None:
                     result["token_logprobs"] = [
                         {"token_id": entry.token, "logprob": entry.logprob, "top": [list(pair) for pair in entry.top]}
-                        for entry in generation.logprobs]
+                        for entry in answer.logprobs]
                 output.write(json.dumps(result, ensure_ascii=False) + "\n")
                 output.flush()
                 written += 1
                 progress.update()
-                stats = generation.stats
+                stats = answer.stats
                 total.new_tokens += stats.new_tokens
                 total.forward_passes += stats.forward_passes
                 total.prefill_seconds += stats.prefill_seconds

@@ -141,6 +141,7 @@ def test_interrupted_batch_keeps_finished_lines(tiny_model_dir, tmp_path, monkey
     ('{"prompt": "w1", "max_new_tokens": true}', '"max_new_tokens" must be a positive integer'),
     ('{"prompt": "w1", "temperature": "hot"}', "temperature must be a number in [0, 2], got 'hot'"),
     ('{"prompt": "w1", "logprobs": 21}', "logprobs must be None or an integer in [0, 20]"),
+    ('{"prompt": "w1", "stop": ["w2", 5]}', "stop strings must be non-empty strings, got 5"),
 ])
 def test_a_badly_formed_line_stops_the_batch_before_the_model_loads(tmp_path, capsys, line, message):
     """Every line is checked first: a mistake on line 9,000 is not found hours in. The model named
@@ -169,6 +170,28 @@ def test_a_line_the_model_refuses_names_it_and_keeps_earlier_results(tiny_model_
     assert [r["prompt"] for r in read_jsonl(output)] == [PROMPT, "w3 w4"]
 
 
+def test_stop_strings_end_the_printed_answer_and_each_line_of_a_batch(tiny_model_dir, tmp_path, capsys):
+    """--stop for one prompt; a line's "stop" over the flag's in a batch; the answers are the API's."""
+    model = freespec.load(str(tiny_model_dir))
+    answer = model.generate(PROMPT, chat=False, max_new_tokens=12, drafter="none")
+    first, second = answer.text.split()[1:3]
+    assert main(["generate", PROMPT, "--model", str(tiny_model_dir), "--no-chat", "--max-new-tokens", "12",
+                 "--stop", "w999", "--stop", first, "--drafter", "recycling"]) == 0
+    printed = capsys.readouterr()
+    assert printed.out == answer.text[: answer.text.index(first)] + "\n"
+    expected = model.generate(PROMPT, chat=False, max_new_tokens=12, drafter="none", stop=first)
+    assert f"[freespec] {len(expected.token_ids)} tokens," in printed.err
+    source = write_jsonl(tmp_path / "in.jsonl", {"prompt": PROMPT}, {"prompt": PROMPT, "stop": second})
+    output = tmp_path / "out.jsonl"
+    assert main(["generate", "--model", str(tiny_model_dir), "--no-chat", "--input", str(source), "--output",
+                 str(output), "--max-new-tokens", "12", "--stop", first, "--quiet"]) == 0
+    for result, stop in zip(read_jsonl(output), [first, second]):
+        expected = model.generate(PROMPT, chat=False, max_new_tokens=12, drafter="none", stop=stop)
+        assert (result["text"], result["token_ids"], result["finish_reason"]) == (expected.text, expected.token_ids,
+                                                                                  "stop")
+        assert result["stats"]["new_tokens"] == len(expected.token_ids)
+
+
 def test_prompt_longer_than_the_context(tiny_model_dir, capsys):
     err = run_error(capsys, ["generate", " ".join(["w7"] * 600), "--model", str(tiny_model_dir), "--no-chat"])
     assert "context is 512" in err
@@ -188,6 +211,7 @@ def test_model_without_chat_template(tiny_model_no_chat_dir, capsys):
     (["generate", "  "], "the prompt is empty"),
     (["generate", "w1", "--max-new-tokens", "0"], "--max-new-tokens: must be positive"),
     (["generate", "w1", "--max-new-tokens", "many"], "--max-new-tokens: expected an integer"),
+    (["generate", "w1", "--stop", ""], "--stop: must be a non-empty string"),
     (["generate"], "give a PROMPT"),
     (["generate", "--input", "in.jsonl"], "--input and --output go together"),
     (["generate", "w1", "--input", "in.jsonl", "--output", "out.jsonl"], "not both"),

@@ -44,7 +44,7 @@ from freespec.model.runner import ModelRunner, PrefillCancelled
 from freespec.serve import DEFAULT_MAX_BATCH, DEFAULT_PREFIX_CACHE_MB
 from freespec.serve.logprobs import LoggedToken, TokenPieces
 from freespec.serve.metrics import ServerMetrics
-from freespec.serve.textstream import TextStream
+from freespec.engine.textstream import TextStream
 
 log = logging.getLogger(__name__)
 

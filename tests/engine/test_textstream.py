@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from freespec.serve.textstream import TextStream
+from freespec.engine.textstream import TextStream
 
 
 def utf8(ids: list[int]) -> str:
@@ -51,3 +51,40 @@ def test_overlapping_stop_strings_end_where_one_token_at_a_time_ends():
     deltas, stream = _stream(ids, ["stop", "to"], iter([6]))
     assert (stream.text, stream.answer_tokens) == ("xs", 4)  # "xsto" holds "to" before "stop" is whole
     assert "".join(deltas) == "xs"
+
+
+DRAFTERS = ["none", "recycling", "lookup", "suffix", "jacobi", "recycling+lookup"]
+
+
+@pytest.fixture(scope="module")
+def model():
+    from freespec.api import Model
+    from freespec.model.loading import from_transformers
+    from tests.helpers import tiny_model, word_tokenizer
+
+    return Model(from_transformers(tiny_model("llama", seed=0, scale=8.0), word_tokenizer(), "llama"))
+
+
+@pytest.mark.parametrize("drafter", DRAFTERS)
+def test_generate_ends_at_a_stop_string_where_plain_decoding_ends(model, drafter):
+    """A stop at each word of the answer: every drafter gives plain decoding's text, tokens,
+    log-probabilities and token count, though its steps accept several tokens at once."""
+    prompt = "w10 w11 w12 w10 w11 w12 w10"
+    words = model.generate(prompt, chat=False, max_new_tokens=24, drafter="none").text.split()
+    for word in dict.fromkeys(words[1:]):
+        plain = model.generate(prompt, chat=False, max_new_tokens=24, drafter="none", stop=[word, "w999"], logprobs=1)
+        fast = model.generate(prompt, chat=False, max_new_tokens=24, drafter=drafter, stop=[word, "w999"], logprobs=1)
+        assert plain.finish_reason == fast.finish_reason == "stop"
+        assert fast.text == plain.text and word not in plain.text
+        assert fast.token_ids == plain.token_ids and fast.stats.new_tokens == len(plain.token_ids)
+        assert [entry.logprob for entry in fast.logprobs] == [entry.logprob for entry in plain.logprobs]
+        assert plain.text + word in model.decode(plain.token_ids)  # its last token completed the stop
+
+
+def test_generate_refuses_empty_stop_strings_and_takes_one_string(model):
+    with pytest.raises(ValueError, match="stop strings must be non-empty strings, got ''"):
+        model.generate("w1 w2", chat=False, max_new_tokens=4, stop=["w3", ""])
+    answer = model.generate("w1 w2", chat=False, max_new_tokens=8, drafter="none")
+    word = answer.text.split()[1]
+    assert model.generate("w1 w2", chat=False, max_new_tokens=8, drafter="none", stop=word).text == \
+        answer.text[: answer.text.index(word)]

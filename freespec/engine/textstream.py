@@ -15,6 +15,22 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 
+def check_stops(stop: str | Sequence[str] | None) -> list[str]:
+    """Stop strings as a list: one string or a sequence of non-empty strings (None: none).
+
+    >>> check_stops("END"), check_stops(["END", "###"]), check_stops(None)
+    (['END'], ['END', '###'], [])
+    >>> check_stops(["END", ""])
+    Traceback (most recent call last):
+    ValueError: stop strings must be non-empty strings, got ''
+    """
+    stops = [stop] if isinstance(stop, str) else list(stop or ())
+    for entry in stops:
+        if not isinstance(entry, str) or not entry:
+            raise ValueError(f"stop strings must be non-empty strings, got {entry!r}")
+    return stops
+
+
 def held_back(text: str, stops: Sequence[str]) -> int:
     """Length of the longest end of ``text`` that is a proper start of some stop string.
 
