@@ -109,14 +109,40 @@ def _sampling_options(seed: bool = True) -> argparse.ArgumentParser:
             default = "" if option.default is None else f" (default: {option.default})"
             options.add_argument(f"--{option.name.replace('_', '-')}", type=option.kind, default=option.default,
                                  metavar=option.metavar, help=option.help + default)
+    options.add_argument("--logit-bias", type=_bias_pair, action="append", metavar="ID=BIAS",
+                         help="add BIAS (-100 to 100) to token ID's logit before everything else, greedy "
+                              "decoding included (repeat for several tokens)")
     return options
+
+
+def _bias_pair(text: str) -> tuple[int, float]:
+    token, _, bias = text.partition("=")
+    try:
+        return int(token), float(bias)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected ID=BIAS (a token id and a number), got {text!r}") from None
+
+
+def _line_bias(bias: object) -> object:
+    """A batch line's ``logit_bias``: JSON keys are strings, so token ids come as strings of digits."""
+    if not isinstance(bias, dict):
+        return bias  # SamplingParams says what is wrong
+    for key in bias:
+        if not key.isascii() or not key.isdigit():
+            raise ValueError(f"logit_bias: keys must be token ids (strings of digits), got {key!r}")
+    return {int(key): value for key, value in bias.items()}
 
 
 def _sampling(args: argparse.Namespace, request: dict | None = None, seed: bool = True) -> SamplingParams:
     """How a request samples: its own keys over the command's flags (``seed=False``: the command's
     ``--seed`` is not a sampling seed). Raises ValueError for a bad value."""
     keys = [key for key in SAMPLING_KEYS if key != "seed" or seed]
-    return SamplingParams(**{key: (request or {}).get(key, getattr(args, key)) for key in keys})
+    options = {key: (request or {}).get(key, getattr(args, key)) for key in keys}
+    if request is not None and "logit_bias" in request:
+        options["logit_bias"] = _line_bias(request["logit_bias"])
+    elif getattr(args, "logit_bias", None):
+        options["logit_bias"] = tuple(args.logit_bias)
+    return SamplingParams(**options)
 
 
 def _drafter_name(text: str) -> str:
@@ -218,7 +244,8 @@ def _parser() -> argparse.ArgumentParser:
                           '{"prompt": ...} or {"messages": [...]} per line, optional "max_new_tokens", '
                           '"logprobs" (N: each token\'s log-probability and N alternatives, as "token_logprobs"), '
                           '"stop" (a string or a list of them) '
-                          f"and sampling keys ({', '.join(map(json.dumps, SAMPLING_KEYS))}) overriding the flags")
+                          f"and sampling keys ({', '.join(map(json.dumps, SAMPLING_KEYS))}, "
+                          '"logit_bias": {"ID": BIAS}) overriding the flags')
     generate.add_argument("--output", metavar="FILE", help="JSONL results, one line per request; FILE is "
                           "replaced when the batch ends, stops on an error or is interrupted (until then "
                           "results go to a temporary file beside it), and left alone if nothing ran")

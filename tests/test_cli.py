@@ -142,6 +142,8 @@ def test_interrupted_batch_keeps_finished_lines(tiny_model_dir, tmp_path, monkey
     ('{"prompt": "w1", "temperature": "hot"}', "temperature must be a number in [0, 2], got 'hot'"),
     ('{"prompt": "w1", "logprobs": 21}', "logprobs must be None or an integer in [0, 20]"),
     ('{"prompt": "w1", "stop": ["w2", 5]}', "stop strings must be non-empty strings, got 5"),
+    ('{"prompt": "w1", "logit_bias": {"w2": 1}}', "logit_bias: keys must be token ids (strings of digits), got 'w2'"),
+    ('{"prompt": "w1", "logit_bias": {"5": 101}}', "the bias of token 5 must be a number in [-100, 100]"),
 ])
 def test_a_badly_formed_line_stops_the_batch_before_the_model_loads(tmp_path, capsys, line, message):
     """Every line is checked first: a mistake on line 9,000 is not found hours in. The model named
@@ -192,6 +194,24 @@ def test_stop_strings_end_the_printed_answer_and_each_line_of_a_batch(tiny_model
         assert result["stats"]["new_tokens"] == len(expected.token_ids)
 
 
+def test_logit_bias_from_the_flag_and_from_a_batch_line(tiny_model_dir, tmp_path, capsys):
+    model = freespec.load(str(tiny_model_dir))
+    plain = model.generate(PROMPT, chat=False, max_new_tokens=8, drafter="none")
+    banned = {plain.token_ids[0]: -100.0, 9: 2.5}
+    expected = model.generate(PROMPT, chat=False, max_new_tokens=8, drafter="none", logit_bias=banned)
+    assert expected.token_ids != plain.token_ids
+    flags = [flag for token, bias in banned.items() for flag in ("--logit-bias", f"{token}={bias}")]
+    assert main(["generate", PROMPT, "--model", str(tiny_model_dir), "--no-chat", "--max-new-tokens", "8",
+                 "--quiet", *flags]) == 0
+    assert capsys.readouterr().out == expected.text + "\n"
+    source = write_jsonl(tmp_path / "in.jsonl", {"prompt": PROMPT, "logit_bias": {str(k): v for k, v in banned.items()}},
+                         {"prompt": PROMPT})
+    output = tmp_path / "out.jsonl"
+    assert main(["generate", "--model", str(tiny_model_dir), "--no-chat", "--input", str(source), "--output",
+                 str(output), "--max-new-tokens", "8", "--quiet"]) == 0
+    assert [result["token_ids"] for result in read_jsonl(output)] == [expected.token_ids, plain.token_ids]
+
+
 def test_prompt_longer_than_the_context(tiny_model_dir, capsys):
     err = run_error(capsys, ["generate", " ".join(["w7"] * 600), "--model", str(tiny_model_dir), "--no-chat"])
     assert "context is 512" in err
@@ -212,6 +232,8 @@ def test_model_without_chat_template(tiny_model_no_chat_dir, capsys):
     (["generate", "w1", "--max-new-tokens", "0"], "--max-new-tokens: must be positive"),
     (["generate", "w1", "--max-new-tokens", "many"], "--max-new-tokens: expected an integer"),
     (["generate", "w1", "--stop", ""], "--stop: must be a non-empty string"),
+    (["generate", "w1", "--logit-bias", "5"], "--logit-bias: expected ID=BIAS"),
+    (["generate", "w1", "--logit-bias", "5=-101"], "the bias of token 5 must be a number in [-100, 100]"),
     (["generate"], "give a PROMPT"),
     (["generate", "--input", "in.jsonl"], "--input and --output go together"),
     (["generate", "w1", "--input", "in.jsonl", "--output", "out.jsonl"], "not both"),

@@ -226,7 +226,7 @@ TRANSFORMERS_LACKS = ("frequency_penalty", "presence_penalty")  # sampling optio
 
 
 def _transformers_can(setup: Setup) -> str | None:
-    lacking = [name for name in TRANSFORMERS_LACKS if getattr(setup.sampling, name)]
+    lacking = [name for name in (*TRANSFORMERS_LACKS, "logit_bias") if getattr(setup.sampling, name)]
     return f"transformers has no {' or '.join(lacking)} (OpenAI's)" if lacking else None
 
 
