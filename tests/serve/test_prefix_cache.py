@@ -190,11 +190,12 @@ def test_a_burst_with_one_system_prompt_prefills_it_once(tiny_model_dir, referen
 
 def test_a_burst_shares_rows_within_a_tenant_only(tiny_model_dir, reference, monkeypatch):
     """The same burst from two API keys: alice's second request copies her first one's rows;
-    mallory's requests copy only each other's."""
+    mallory's requests copy only each other's (the one that came first prefills them)."""
     model = freespec.load(str(tiny_model_dir))
     app = create_app(model, served_name="tiny", drafter="none", api_keys=("alice", "mallory"))
     answers = _burst(app, monkeypatch, BURST, ["alice", "mallory", "alice", "mallory"])
-    assert [cached(body) for body in answers] == [0, 0, len(SYSTEM), len(SYSTEM)]
+    assert [cached(answers[0]), cached(answers[2])] == [0, len(SYSTEM)]
+    assert sorted([cached(answers[1]), cached(answers[3])]) == [0, len(SYSTEM)]
     assert [body["choices"][0]["text"] for body in answers] == [_cold_text(reference, p) for p in BURST]
 
 
