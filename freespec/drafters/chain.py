@@ -4,10 +4,12 @@ Shared by :mod:`freespec.drafters.layerskip` and :mod:`freespec.drafters.draft_m
 runs on a :class:`freespec.model.runner.ModelRunner`: each drafted token is forwarded and committed so
 the next one sees it; the caller decides which of those rows to keep afterwards.
 
-What a drafted token is depends on the request (:class:`ChainSampler`): greedy requests, and
-point-mass drafts (a fused tree, whose merge keeps no draft probabilities), take the argmax;
-sampled requests draw it from the draft's own processed distribution q and keep q as
-``DraftTree.draft_probs``, so :func:`freespec.engine.verify.rejection_accept` keeps the output exact.
+What a drafted token is depends on the request (:class:`ChainSampler`): its logits get the
+request's logit bias and penalties as the target's do (so a token the request bans is not
+drafted); greedy requests, and point-mass drafts (a fused tree, whose merge keeps no draft
+probabilities), take the argmax; sampled requests draw it from the draft's own processed
+distribution q and keep q as ``DraftTree.draft_probs``, so
+:func:`freespec.engine.verify.rejection_accept` keeps the output exact.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import numpy as np
 import torch
 
 from freespec.drafters.base import BaseDrafter
-from freespec.engine.distribution import draw, repetition_penalty, target_probs
+from freespec.engine.distribution import answer_penalties, biased, draw, repetition_penalty, target_probs
 from freespec.engine.sampling import SamplingParams
 from freespec.engine.tree import DraftTree
 from freespec.model.runner import ModelRunner
@@ -32,6 +34,7 @@ class ChainSampler:
     def __init__(self):
         self.params = SamplingParams()
         self.generator: torch.Generator | None = None
+        self.answer_start = 0  # where the answer begins in a context: the frequency and presence penalties' tokens
 
     def set_sampling(self, params: SamplingParams, generator: torch.Generator | None) -> None:
         """``generator`` None: draft point masses (argmax) even when the request samples."""
@@ -42,8 +45,12 @@ class ChainSampler:
         return not self.params.greedy and self.generator is not None
 
     def pick(self, logits: torch.Tensor, prefix: np.ndarray) -> tuple[int, float, torch.Tensor | None]:
-        """(token, its draft probability, q [vocab] or None) from the draft's logits [vocab] after ``prefix``."""
-        logits = repetition_penalty(logits, prefix, self.params.repetition_penalty)
+        """(token, its draft probability, q [vocab] or None) from the draft's logits [vocab] after
+        ``prefix`` (the context and the chain so far)."""
+        params = self.params
+        logits = repetition_penalty(biased(logits, params.logit_bias), prefix, params.repetition_penalty)
+        logits = answer_penalties(logits, prefix[self.answer_start :], params.frequency_penalty,
+                                  params.presence_penalty)
         if not self.samples:
             probs = torch.softmax(logits, dim=-1)  # [vocab]
             token = int(torch.argmax(logits))
@@ -66,6 +73,10 @@ class ChainDrafter(BaseDrafter):
 
     def set_sampling(self, params: SamplingParams, generator: torch.Generator | None) -> None:
         self.sampler.set_sampling(params, generator)
+
+    def begin(self, prompt: np.ndarray, prompt_logits: torch.Tensor | None) -> None:
+        """The answer starts after the prompt and the first step's root (its last token)."""
+        self.sampler.answer_start = len(prompt) + 1
 
 
 def draft_chain(runner: ModelRunner, feed: np.ndarray, context: np.ndarray, budget: int, sampler: ChainSampler,

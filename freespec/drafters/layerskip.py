@@ -119,6 +119,7 @@ class LayerSkip(ChainDrafter):
         self._drafted: DraftTree | None = None
 
     def begin(self, prompt: np.ndarray, prompt_logits: torch.Tensor | None) -> None:
+        super().begin(prompt, prompt_logits)
         self._drafted = None
 
     def propose(self, context: np.ndarray, budget: int) -> DraftTree:

@@ -352,10 +352,11 @@ class TokenRecycling(BaseDrafter):
         self._prompt_unread = True
         tables = self.tables
         if prompt_logits is not None and len(prompt_logits):
+            recent = prompt[-len(prompt_logits) :]  # the tokens the logits follow
             ids, probs = top_candidates(prompt_logits, self.k)
-            tables.successors[prompt], tables.probs[prompt] = ids, probs
+            tables.successors[recent], tables.probs[recent] = ids, probs
             if tables.pairs is not None:
-                tables.pairs.store([-1, *prompt[:-1].tolist()], prompt.tolist(), ids, probs)
+                tables.pairs.store([-1, *recent[:-1].tolist()], recent.tolist(), ids, probs)
 
     def _read_prompt(self, prompt: np.ndarray) -> None:
         """File each pair of the prompt with the token that followed it there, as a one-candidate

@@ -58,8 +58,9 @@ class Drafter(Protocol):
         that keeps text from earlier requests drafts a request only from its own tenant's."""
 
     def begin(self, prompt: np.ndarray, prompt_logits: torch.Tensor | None) -> None:
-        """A new request starts. ``prompt_logits`` [len(prompt), vocab]: the model's logits after
-        each of these prompt tokens, when asked for (the last few prompt tokens)."""
+        """A new request starts: ``prompt``, its prompt less the last token (the first step's
+        root). ``prompt_logits`` [n, vocab]: the model's logits after each of the prompt's last n
+        tokens, when asked for (a few)."""
 
     def propose(self, context: np.ndarray, budget: int) -> DraftTree:
         """A tree rooted at ``context[-1]`` with at most ``budget`` nodes besides the root.

@@ -424,11 +424,8 @@ class Generation:
             return
         prompt = self.prompt_ids[:-1]
         drafter.set_sampling(self.sampling, self.generator)
-        if drafter.wants_prompt_logits and len(self._recent):
-            recent = self._recent  # the last prompt tokens but the root
-            drafter.begin(np.array(prompt[-len(recent) :], dtype=np.int64), self.runner.logits(recent))
-        else:
-            drafter.begin(np.array(prompt, dtype=np.int64), None)
+        logits = self.runner.logits(self._recent) if drafter.wants_prompt_logits and len(self._recent) else None
+        drafter.begin(np.array(prompt, dtype=np.int64), logits)  # logits after the last prompt tokens but the root
 
     def _propose(self, nodes: int) -> DraftTree:
         context = self._context

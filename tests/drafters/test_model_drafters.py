@@ -50,6 +50,23 @@ def test_model_drafters_equal_plain_greedy(family):
     assert sum(r.stats.new_tokens for r in skipping) > sum(r.stats.forward_passes for r in skipping)
 
 
+@pytest.mark.parametrize("options", [{"logit_bias": "banned"}, {"frequency_penalty": 1.5},
+                                     {"presence_penalty": 2.0, "repetition_penalty": 1.3}])
+def test_model_drafts_follow_the_bias_and_penalties(options):
+    """A draft model that is the target itself drafts the very tokens the request chooses, bias and
+    penalties included (they were left out: a banned token was drafted and rejected each step)."""
+    model = make_model("llama")
+    prompt = PROMPTS[1]
+    if options.get("logit_bias") == "banned":
+        first = generate(model, prompt, "none").token_ids
+        options = {"logit_bias": {token: -100.0 for token in dict.fromkeys(first[:4])}}
+    plain = model.generate(prompt_ids=prompt, drafter="none", max_new_tokens=32, **options)
+    fast = model.generate(prompt_ids=prompt, drafter="draft-model", max_new_tokens=32, **options)
+    assert fast.token_ids == plain.token_ids
+    stats = fast.stats  # every drafted token is accepted (the last step may be cut by the token limit)
+    assert stats.accepted_lengths[:-1] == [size + 1 for size in stats.draft_sizes[:-1]] and sum(stats.draft_sizes)
+
+
 def test_the_draft_model_keeps_its_rows_for_a_request_that_starts_alike(monkeypatch):
     """A chat's next turn: the draft cache still holds the conversation, so the first proposal
     forwards only what is new, and the answer is still plain greedy's."""
