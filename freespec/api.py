@@ -263,17 +263,15 @@ class Model:
         answer then ends before it, finish_reason "stop", and its tokens end with the one that
         completed it (where decoding a token at a time would have stopped; tokens a speculative
         step accepted after it are left out, of the stats' count too)."""
-        stops = check_stops(stop)
-        text = TextStream(self.decode, stops) if stops else None  # no text decoded per step without stops
+        text = TextStream(self.decode, check_stops(stop))
         for chunk in generation:
-            if text is None:
-                continue
-            text.push(chunk)
-            if text.stopped:
-                break
-        if text is not None and not text.stopped:
+            if text.stops:  # no text is decoded step by step without stop strings
+                text.push(chunk)
+                if text.stopped:
+                    break
+        if text.stops and not text.stopped:
             text.finish()
-        if text is None or not text.stopped:
+        if not text.stopped:
             return GenerationResult(self.decode(generation.token_ids), generation.token_ids,
                                     generation.finish_reason, generation.stats, generation.logprobs,
                                     generation.prompt_logprobs)

@@ -37,6 +37,7 @@ from typing import Callable
 from freespec.api import Model
 from freespec.engine.batch import Batch, Running
 from freespec.engine.loop import Generation, GenerationStats
+from freespec.engine.textstream import TextStream
 from freespec.kernels import release_worker_threads
 from freespec.model.kv_cache import common_prefix
 from freespec.model.prefix_cache import PrefixCache
@@ -44,7 +45,6 @@ from freespec.model.runner import ModelRunner, PrefillCancelled
 from freespec.serve import DEFAULT_MAX_BATCH, DEFAULT_PREFIX_CACHE_MB
 from freespec.serve.logprobs import LoggedToken, TokenPieces
 from freespec.serve.metrics import ServerMetrics
-from freespec.engine.textstream import TextStream
 
 log = logging.getLogger(__name__)
 
@@ -460,7 +460,7 @@ class Scheduler:
         """Send ``text`` with the log-probabilities of the tokens generated since the last delta, if
         asked; the first delta of an echo starts with the prompt (its text, then its tokens')."""
         job = active.job
-        start, active.logged = active.logged, _answer_length(active) if active.generation.logprobs is not None else 0
+        start, active.logged = active.logged, _answer_length(active)
         echo = job.echo is not None and not active.echoed
         if echo:
             active.echoed, text = True, job.echo + text
