@@ -110,3 +110,15 @@ def test_logprobs_are_the_same_bits_for_every_drafter_and_for_scoring(model):
     scored = model.generate(prompt_ids=ids + reference.token_ids, max_new_tokens=0, prompt_logprobs=2)
     assert scored.prompt_logprobs[0] is None
     assert [(entry.token, entry.logprob, entry.top) for entry in scored.prompt_logprobs[len(ids):]] == records
+
+
+def test_stop_strings_end_every_drafter_where_plain_decoding_ends(model, prompt_ids, plain):
+    """SentencePiece text (its spaces are ▁ pieces): a stop at each of the answer's first words
+    ends every drafter's answer at plain decoding's token."""
+    ids = prompt_ids[1]
+    for stop in dict.fromkeys(model.decode(plain[1]).split()[1:6]):
+        expected = model.generate(prompt_ids=ids, drafter="none", max_new_tokens=32, stop=stop)
+        assert expected.finish_reason == "stop" and stop not in expected.text
+        for drafter in ("lookup", "recycling+lookup"):
+            fast = model.generate(prompt_ids=ids, drafter=drafter, max_new_tokens=32, stop=stop)
+            assert (fast.text, fast.token_ids) == (expected.text, expected.token_ids), (stop, drafter)

@@ -131,3 +131,18 @@ def test_logprobs_are_the_same_bits_for_every_drafter_and_for_scoring(model):
         assert [(entry.token, entry.logprob, entry.top) for entry in fast.logprobs] == records, drafter
     scored = model.generate(prompt_ids=ids + reference.token_ids, max_new_tokens=0, prompt_logprobs=3)
     assert [(entry.token, entry.logprob, entry.top) for entry in scored.prompt_logprobs[len(ids):]] == records
+
+
+def test_stop_strings_end_every_drafter_where_plain_decoding_ends(model):
+    """A stop at each of the answer's words (and at a newline): every drafter gives plain decoding's
+    text, tokens and token count."""
+    ids = model.encode(PROMPTS[0])
+    answer = model.generate(prompt_ids=ids, drafter="none", max_new_tokens=64).text
+    stops = [*dict.fromkeys(answer.split()[1:9]), "\n"]
+    for stop in stops:
+        plain = model.generate(prompt_ids=ids, drafter="none", max_new_tokens=64, stop=stop)
+        assert plain.finish_reason == "stop" and stop not in plain.text, stop
+        for drafter in ("suffix", "lookup", "recycling"):
+            fast = model.generate(prompt_ids=ids, drafter=drafter, max_new_tokens=64, stop=stop)
+            assert (fast.text, fast.token_ids, fast.stats.new_tokens) == (plain.text, plain.token_ids,
+                                                                         len(plain.token_ids)), (stop, drafter)
