@@ -62,6 +62,7 @@ from freespec.serve.schemas import (
     ApiError,
     ChatRequest,
     CompletionRequest,
+    DetokenizeRequest,
     Reply,
     RequestBody,
     error_body,
@@ -69,6 +70,7 @@ from freespec.serve.schemas import (
     prompt_param,
     request_sampling,
     requested_logprobs,
+    TokenizeRequest,
     sse,
     validation_message,
 )
@@ -228,9 +230,7 @@ class Service:
         Checks that need no tokenizer come first; the tokenizer runs off the event loop, while
         the request holds a queue slot, so a flood of prompts gets 429s instead of a backlog.
         """
-        if body.model is not None and body.model != self.served_name:
-            raise ApiError(404, f"the model {body.model!r} does not exist; this server has {self.served_name!r}",
-                           "model", "model_not_found")
+        self._check_model(body.model)
         _refuse_unsupported(body)
         self._check_bias(body)
         drafter = self._drafter(body.drafter)
@@ -259,6 +259,33 @@ class Service:
             self.scheduler.release()
             raise
         return job
+
+    async def tokenize(self, body: TokenizeRequest) -> list[int]:
+        """The token ids of a tokenize request's prompt, as the completion routes would encode it."""
+        self._check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise ApiError(400, "give one of prompt (text) or messages (a chat)", "prompt")
+        request = (ChatRequest.model_construct(messages=body.messages) if body.messages is not None
+                   else CompletionRequest.model_construct(prompt=body.prompt))
+        self._check_prompt_size(request)
+        return await asyncio.to_thread(self._prompt_ids, request)
+
+    async def detokenize(self, body: DetokenizeRequest) -> str:
+        """The text of a detokenize request's token ids, special tokens included."""
+        self._check_model(body.model)
+        if not all(0 <= token < self.vocab_size for token in body.tokens):
+            raise ApiError(400, f"tokens: token ids must be integers in [0, {self.vocab_size})", "tokens")
+
+        def decode() -> str:
+            with self._encoding:
+                return self.model.tokenizer.decode(body.tokens)
+
+        return await asyncio.to_thread(decode)
+
+    def _check_model(self, name: str | None) -> None:
+        if name is not None and name != self.served_name:
+            raise ApiError(404, f"the model {name!r} does not exist; this server has {self.served_name!r}",
+                           "model", "model_not_found")
 
     def _check_bias(self, body: RequestBody) -> None:
         """A logit_bias the engine would refuse, refused now: its values, its size, its token ids."""
@@ -431,6 +458,8 @@ class Serving(Protocol):
     metrics: ServerMetrics
 
     async def admit(self, endpoint: str, body: RequestBody, tenant: str | None) -> Job: ...
+    async def tokenize(self, body: TokenizeRequest) -> list[int]: ...
+    async def detokenize(self, body: DetokenizeRequest) -> str: ...
     async def health(self) -> tuple[bool, dict]: ...
     def start(self) -> None: ...
     async def stop(self) -> None: ...
@@ -460,8 +489,9 @@ def build_app(service: Serving, *, api_keys: Sequence[str] = (), max_body_bytes:
         kind = request.headers.get("content-type", "")
         if param is None and "json" not in kind:  # FastAPI reads a body as JSON only when it says so
             message = f"send the body as JSON with Content-Type: application/json (this one's: {kind or 'none'})"
-        endpoint = "chat" if request.url.path.endswith("chat/completions") else "completions"
-        metrics.requests.inc(endpoint=endpoint, status="invalid")
+        if request.url.path.endswith("completions"):  # the answer routes' requests are counted
+            endpoint = "chat" if request.url.path.endswith("chat/completions") else "completions"
+            metrics.requests.inc(endpoint=endpoint, status="invalid")
         return error_response(400, message, param)
 
     @app.exception_handler(StarletteHTTPException)
@@ -565,6 +595,22 @@ def build_app(service: Serving, *, api_keys: Sequence[str] = (), max_body_bytes:
     @app.post("/v1/completions", summary="Text completion (OpenAI-compatible)")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await answer("completions", body, request)
+
+    @app.post("/tokenize", summary="A prompt's token ids, as the completion routes encode it (freespec "
+                                    "extension, as vLLM's)")
+    async def tokenize(body: TokenizeRequest) -> Response:
+        try:
+            tokens = await service.tokenize(body)
+        except ApiError as error:
+            return error.response()
+        return JSONResponse({"count": len(tokens), "max_model_len": service.context, "tokens": tokens})
+
+    @app.post("/detokenize", summary="The text of token ids (freespec extension, as vLLM's)")
+    async def detokenize(body: DetokenizeRequest) -> Response:
+        try:
+            return JSONResponse({"prompt": await service.detokenize(body)})
+        except ApiError as error:
+            return error.response()
 
     def model_card() -> dict:
         return {"id": service.served_name, "object": "model", "created": service.created, "owned_by": "freespec",

@@ -55,7 +55,7 @@ from freespec.serve.scheduler import (
     Started,
     outcome,
 )
-from freespec.serve.schemas import ApiError, RequestBody
+from freespec.serve.schemas import ApiError, DetokenizeRequest, RequestBody, TokenizeRequest
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +122,18 @@ class FreespecReplica:
     async def health(self) -> tuple[bool, dict]:
         return await self.service.health()
 
+    async def tokenize(self, body: TokenizeRequest) -> list[int] | Rejected:
+        try:
+            return await self.service.tokenize(body)
+        except ApiError as error:
+            return _rejected(error)
+
+    async def detokenize(self, body: DetokenizeRequest) -> str | Rejected:
+        try:
+            return await self.service.detokenize(body)
+        except ApiError as error:
+            return _rejected(error)
+
     def check_health(self) -> None:
         """Ray Serve's health check: a replica whose generation thread died is replaced."""
         if not self.service.scheduler.alive:
@@ -132,7 +144,7 @@ class FreespecReplica:
         try:
             job = await self.service.admit(request.endpoint, request.body, request.tenant)
         except ApiError as error:
-            yield Rejected(error.status, error.message, error.param, error.code, error.headers)
+            yield _rejected(error)
             return
         try:
             yield Admitted(job.id, self.name)
@@ -246,6 +258,12 @@ class ReplicaPool:
         except Exception as error:  # noqa: BLE001 -- any failure to answer is "unavailable"
             return False, {"status": "unavailable", "reason": f"no replica answered: {type(error).__name__}"}
 
+    async def tokenize(self, body: TokenizeRequest) -> list[int]:
+        return _accepted(await self._handle.tokenize.remote(body))
+
+    async def detokenize(self, body: DetokenizeRequest) -> str:
+        return _accepted(await self._handle.detokenize.remote(body))
+
     async def admit(self, endpoint: str, body: RequestBody, tenant: str | None) -> RemoteJob:
         """Hand the request to its replica; raise ApiError when it refuses or none has room."""
         arrived = time.perf_counter()
@@ -258,8 +276,7 @@ class ReplicaPool:
         except asyncio.CancelledError:
             stream.cancel()
             raise
-        if isinstance(first, Rejected):
-            raise ApiError(first.status, first.message, first.param, first.code, first.headers)
+        first = _accepted(first)
         self.by_replica.inc(replica=first.replica)
         job = RemoteJob(self, first, endpoint, stream, arrived)
         self.jobs.add(job)
@@ -277,6 +294,17 @@ class FreespecIngress:
 
     def __serve_build_asgi_app__(self):
         return build_app(self.pool, api_keys=self.api_keys, max_body_bytes=self.max_body_bytes)
+
+
+def _rejected(error: ApiError) -> Rejected:
+    return Rejected(error.status, error.message, error.param, error.code, error.headers)
+
+
+def _accepted(answer):
+    """A replica's answer, or the ApiError it refused with."""
+    if isinstance(answer, Rejected):
+        raise ApiError(answer.status, answer.message, answer.param, answer.code, answer.headers)
+    return answer
 
 
 # ---------------------------------------------------------------- building and running it

@@ -138,6 +138,25 @@ class CompletionRequest(_Options):
 RequestBody = ChatRequest | CompletionRequest
 
 
+class TokenizeRequest(_Strict):
+    """freespec extension, as vLLM's and llama.cpp's servers have it: the token ids a prompt
+    becomes, encoded exactly as the completion routes encode it (so ``count`` is what must fit
+    the context with ``max_tokens``)."""
+
+    model: str | None = Field(None, description="the served model id; optional")
+    prompt: str | None = Field(None, description="text, encoded as /v1/completions encodes it")
+    messages: list[Message] | None = Field(None, min_length=1, description="a chat, encoded as "
+                                           "/v1/chat/completions encodes it (the chat template, then the "
+                                           "assistant's turn)")
+
+
+class DetokenizeRequest(_Strict):
+    """freespec extension: the text of token ids (special tokens included)."""
+
+    model: str | None = Field(None, description="the served model id; optional")
+    tokens: list[int] = Field(description="token ids of this model's vocabulary")
+
+
 def prompt_param(body: RequestBody) -> str:
     """The field that holds a request's prompt, for errors about it."""
     return "messages" if isinstance(body, ChatRequest) else "prompt"

@@ -117,6 +117,9 @@ def test_streams_drafters_and_errors_are_the_single_servers(replicas_url, single
         assert (status, error) == post(single_url + "/v1/chat/completions", body)[:2]
         assert 400 <= status < 500
     assert post(replicas_url + "/health", b"", method="GET")[0] == 200
+    for path, body in [("/tokenize", {"messages": messages}), ("/tokenize", {"prompt": "w1 w2"}),
+                       ("/detokenize", {"tokens": [5, 6]}), ("/tokenize", {}), ("/detokenize", {"tokens": [-1]})]:
+        assert post(replicas_url + path, body)[:2] == post(single_url + path, body)[:2]
     models = post(replicas_url + "/v1/models", b"", method="GET")[1]
     assert models["data"][0]["id"] == "tiny" and models["data"][0]["max_model_len"] == 4096
 

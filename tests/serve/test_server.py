@@ -135,6 +135,34 @@ def test_stop_string_cuts_the_answer_and_ends_generation(client, reference, stre
     assert usage.completion_tokens < len(full.token_ids)  # generation ended early
 
 
+def test_tokenize_gives_the_ids_the_completion_routes_feed_the_model(server, reference):
+    """/tokenize (chat or text) encodes as the answer routes do: its count is their usage's
+    prompt_tokens; /detokenize gives the text back, special tokens included."""
+    chat = post(server + "/tokenize", {"messages": CHAT})[1]
+    assert chat["tokens"] == reference.encode(messages=CHAT) and chat["count"] == len(chat["tokens"])
+    assert chat["max_model_len"] == 512
+    answered = post(server + "/v1/chat/completions", {"messages": CHAT, "max_tokens": 2})[1]
+    assert answered["usage"]["prompt_tokens"] == chat["count"]
+    text = post(server + "/tokenize", {"prompt": PROMPT, "model": "tiny"})[1]
+    assert text["tokens"] == reference.encode(PROMPT, chat=False)
+    status, back, _ = post(server + "/detokenize", {"tokens": chat["tokens"]})
+    assert status == 200 and back["prompt"] == reference.tokenizer.decode(chat["tokens"])
+    assert post(server + "/tokenize", {"messages": CHAT, "prompt": PROMPT})[:2] == (
+        400, {"error": {"message": "give one of prompt (text) or messages (a chat)", "type": "invalid_request_error",
+                        "param": "prompt", "code": None}})
+    for path, body, status, message in [
+        ("/tokenize", {}, 400, "give one of prompt"),
+        ("/tokenize", {"prompt": PROMPT, "model": "other"}, 404, "does not exist"),
+        ("/tokenize", {"prompt": 5}, 400, "prompt"),
+        ("/tokenize", {"messages": []}, 400, "messages"),
+        ("/detokenize", {"tokens": [5, 10**9]}, 400, "token ids must be integers in [0, "),
+        ("/detokenize", {"tokens": "w1"}, 400, "tokens"),
+        ("/detokenize", {"tokens": [1], "model": "other"}, 404, "does not exist"),
+    ]:
+        got, error, _ = post(server + path, body)
+        assert got == status and message in error["error"]["message"], (path, body, error)
+
+
 def test_models_health_and_metrics(client, server):
     assert [model.id for model in client.models.list()] == ["tiny"]
     assert client.models.retrieve("tiny").id == "tiny"
