@@ -142,6 +142,7 @@ def test_interrupted_batch_keeps_finished_lines(tiny_model_dir, tmp_path, monkey
     ('{"prompt": "w1", "temperature": "hot"}', "temperature must be a number in [0, 2], got 'hot'"),
     ('{"prompt": "w1", "logprobs": 21}', "logprobs must be None or an integer in [0, 20]"),
     ('{"prompt": "w1", "stop": ["w2", 5]}', "stop strings must be non-empty strings, got 5"),
+    ('{"prompt": "w1", "stop": {"w2": 1}}', "stop must be a string or a list of strings"),
     ('{"prompt": "w1", "logit_bias": {"w2": 1}}', "logit_bias: keys must be token ids (strings of digits), got 'w2'"),
     ('{"prompt": "w1", "logit_bias": {"5": 101}}', "the bias of token 5 must be a number in [-100, 100]"),
 ])

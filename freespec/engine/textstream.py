@@ -23,7 +23,12 @@ def check_stops(stop: str | Sequence[str] | None) -> list[str]:
     >>> check_stops(["END", ""])
     Traceback (most recent call last):
     ValueError: stop strings must be non-empty strings, got ''
+    >>> check_stops(5)
+    Traceback (most recent call last):
+    ValueError: stop must be a string or a list of strings, got 5
     """
+    if stop is not None and not isinstance(stop, (str, list, tuple)):
+        raise ValueError(f"stop must be a string or a list of strings, got {stop!r}")
     stops = [stop] if isinstance(stop, str) else list(stop or ())
     for entry in stops:
         if not isinstance(entry, str) or not entry:
