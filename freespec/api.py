@@ -13,13 +13,14 @@ import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from freespec import DEFAULT_DRAFTER
 from freespec.drafters import DamagedStateError, Drafter, DrafterSettings, create
+from freespec.engine.batch import Batch, Running, waits_for
 from freespec.engine.budget import BudgetPolicy
 from freespec.engine.costs import CostCurve, load_or_measure
 from freespec.engine.logprobs import TokenLogprob
@@ -31,6 +32,7 @@ from freespec.kernels import select as select_kernels
 from freespec.model.hf_runner import Runner, make_runner, torch_device
 from freespec.model.loading import LoadedModel, ModelLoadError, return_freed_heap
 from freespec.model.loading import load as load_model
+from freespec.model.runner import ModelRunner
 
 
 @dataclass
@@ -269,6 +271,86 @@ class Model:
                 text.push(chunk)
                 if text.stopped:
                     break
+        return self._result(generation, text)
+
+    def generate_many(self, requests: Iterable[dict], parallel: int = 8) -> Iterator[GenerationResult]:
+        """:meth:`generate` for each request (a dict of its keywords), up to ``parallel`` at once
+        batched into each forward pass (continuous batching, each request on a fork of this model):
+        the kernels are batch-invariant, so each result is the one it gets alone. Results come in
+        the requests' order; a request refused (ValueError) ends the run after the results before it."""
+        def start(request: dict) -> Callable[[Model], tuple[Generation, list[str]]]:
+            options = dict(request)
+            stops = check_stops(options.pop("stop", None))
+            return lambda model: (model.stream(**options), stops)
+
+        return self.run_many(map(start, requests), parallel)
+
+    def run_many(self, starts: Iterable[Callable[[Model], tuple[Generation, list[str]]]],
+                 parallel: int = 8) -> Iterator[GenerationResult]:
+        """Run up to ``parallel`` generations at once, batched: each start makes its generation
+        (and stop strings) on this model or a fork of it. A generation begins with the rows of the
+        longest prefix of its prompt that any of this run's caches holds, and one whose prompt
+        starts as a prompt still being prefilled waits for those rows (:func:`waits_for`): a
+        system prompt the requests share is prefilled once. Results in the starts' order; a start
+        that raises ends the run once the generations before it are done and their results given."""
+        if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1:
+            raise ValueError(f"parallel must be a positive integer, got {parallel!r}")
+        if not (isinstance(self.runner, ModelRunner) and self.kernels.batch_invariant):
+            parallel = 1  # transformers' forward runs one request at a time
+        batch, slots, idle = Batch(), [self], [self]
+        waiting = enumerate(starts)
+        held: list[tuple[int, Model, TextStream, Running]] = []  # started, waiting for another's prefill
+        active: list[tuple[int, Model, TextStream, Running]] = []
+        results: dict[int, GenerationResult] = {}
+        given, failure = 0, None
+        while True:
+            while failure is None and len(held) + len(active) < parallel:
+                try:
+                    index, start = next(waiting)
+                except StopIteration:
+                    break
+                if not idle:
+                    slots.append(self.fork())
+                    idle.append(slots[-1])
+                model = idle.pop()
+                try:
+                    generation, stops = start(model)
+                except Exception as error:  # the requests before it still finish
+                    failure = error
+                    idle.append(model)
+                    break
+                held.append((index, model, TextStream(self.decode, stops), Running(generation)))
+            for entry in list(held):
+                generation = entry[3].generation
+                if generation.reuse_prefix and any(waits_for(generation.prompt_ids, other[3].generation)
+                                                   for other in active):
+                    continue
+                for other in slots:  # before its first step, which keeps the rows its prompt starts with
+                    if other is not entry[1] and generation.reuse_prefix:
+                        entry[1].runner.cache.copy_prefix(other.runner.cache, generation.prompt_ids)
+                held.remove(entry)
+                active.append(entry)
+            if not active:
+                break
+            batch.step([running for _, _, _, running in active])
+            for entry in list(active):
+                index, model, text, running = entry
+                if running.error is not None:
+                    raise running.error
+                if running.emitted and text.stops:
+                    text.push(running.emitted)
+                if text.stopped or running.generation.done:
+                    results[index] = self._result(running.generation, text)
+                    active.remove(entry)
+                    idle.append(model)
+            while given in results:
+                yield results.pop(given)
+                given += 1
+        if failure is not None:
+            raise failure
+
+    def _result(self, generation: Generation, text: TextStream) -> GenerationResult:
+        """A generation's result, cut after the token that completed a stop string if ``text`` met one."""
         if text.stops and not text.stopped:
             text.finish()
         if not text.stopped:

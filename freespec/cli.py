@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
@@ -246,6 +247,9 @@ def _parser() -> argparse.ArgumentParser:
                           '"stop" (a string or a list of them) '
                           f"and sampling keys ({', '.join(map(json.dumps, SAMPLING_KEYS))}, "
                           '"logit_bias": {"ID": BIAS}) overriding the flags')
+    generate.add_argument("--parallel", type=_positive_int, default=8, metavar="N",
+                          help="with --input: run up to N requests at once, batched into each forward pass "
+                               "(each gets the output it gets alone; default: 8)")
     generate.add_argument("--output", metavar="FILE", help="JSONL results, one line per request; FILE is "
                           "replaced when the batch ends, stops on an error or is interrupted (until then "
                           "results go to a temporary file beside it), and left alone if nothing ran")
@@ -526,6 +530,7 @@ def _generate_batch(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
     from freespec.engine.loop import GenerationStats
+    from freespec.engine.textstream import check_stops
 
     requests = []  # (where, request, its sampling options): every line checked before the model loads
     for number, line in enumerate(_read_lines(args.input), 1):
@@ -543,10 +548,15 @@ def _generate_batch(args: argparse.Namespace) -> None:
     total, written, finished = GenerationStats(), 0, False
     with output, tqdm(total=len(requests), unit="prompt", disable=True if args.quiet else None) as progress:
         model = _load(args, args.budget)
+
+        def start(where: str, request: dict, sampling: SamplingParams):
+            stops = check_stops(request.get("stop", args.stop))
+            return lambda on: (_start(on, args, request, sampling, where), stops)
+
+        began = time.perf_counter()
         try:
-            for where, request, sampling in requests:
-                generation = _start(model, args, request, sampling, where)
-                answer = model.complete(generation, request.get("stop", args.stop))
+            answers = model.run_many([start(*line) for line in requests], args.parallel)
+            for (_, request, _), answer in zip(requests, answers):
                 result = {**request, "text": answer.text, "token_ids": answer.token_ids,
                           "finish_reason": answer.finish_reason, "stats": answer.stats.as_dict()}
                 if answer.logprobs is not None:
@@ -557,12 +567,10 @@ def _generate_batch(args: argparse.Namespace) -> None:
                 output.flush()
                 written += 1
                 progress.update()
-                stats = answer.stats
-                total.new_tokens += stats.new_tokens
-                total.forward_passes += stats.forward_passes
-                total.prefill_seconds += stats.prefill_seconds
-                total.decode_seconds += stats.decode_seconds
+                total.new_tokens += answer.stats.new_tokens
+                total.forward_passes += answer.stats.forward_passes
             finished = True
+            total.decode_seconds = time.perf_counter() - began  # the batch's wall time: requests may overlap
         finally:
             if finished or written:
                 _commit(output)

@@ -85,13 +85,15 @@ def test_batch_is_lossless_and_honours_each_line(tiny_model_dir, tmp_path, capsy
         {"prompt": "w10 w11 w12 w10 w11", "max_new_tokens": 5, "logprobs": 2},
     )
     results = {}
-    for drafter in ("none", "recycling"):
-        output = tmp_path / f"{drafter}.jsonl"
+    for drafter, parallel in (("none", "1"), ("recycling", "8"), ("recycling", "1")):
+        output = tmp_path / f"{drafter}-{parallel}.jsonl"
         assert main(["generate", "--model", str(tiny_model_dir), "--input", str(source), "--output", str(output),
-                     "--drafter", drafter, "--max-new-tokens", "12"]) == 0
-        results[drafter] = read_jsonl(output)
+                     "--drafter", drafter, "--max-new-tokens", "12", "--parallel", parallel]) == 0
+        results[drafter, parallel] = read_jsonl(output)
         assert f"[freespec] 3 prompts → {output}: " in capsys.readouterr().err
-    assert [r["token_ids"] for r in results["none"]] == [r["token_ids"] for r in results["recycling"]]
+    outputs = [[(r["token_ids"], r["text"], r.get("token_logprobs")) for r in lines] for lines in results.values()]
+    assert outputs[0] == outputs[1] == outputs[2]  # in order, whatever ran beside each request
+    results["recycling"] = results["recycling", "8"]
 
     first, chat, limited = results["recycling"]
     assert first["id"] == "a" and first["prompt"] == PROMPT  # the request is kept
@@ -123,7 +125,7 @@ def test_interrupted_batch_keeps_finished_lines(tiny_model_dir, tmp_path, monkey
 
     monkeypatch.setattr(cli, "_start", interrupt_second)
     assert main(["generate", "--model", str(tiny_model_dir), "--input", str(source), "--output", str(output),
-                 "--max-new-tokens", "3", "--drafter", "none"]) == 130
+                 "--max-new-tokens", "3", "--drafter", "none", "--parallel", "1"]) == 130
     assert capsys.readouterr().err.strip().endswith("freespec: interrupted")
     assert [r["prompt"] for r in read_jsonl(output)] == ["w1 w2"]
 

@@ -39,6 +39,7 @@ from typing import Callable, Sequence
 import torch
 
 from freespec.engine.loop import Generation, Step
+from freespec.model.kv_cache import common_prefix
 from freespec.model.runner import PREFILL_CHUNK, BatchPass, PassLogits, batch_logits, forward_batch
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,23 @@ Zen 4 VM, SmolLM2-135M, 8 clients, 200-token prompts (benchmarks/serve_load.py -
 --requests 32 --max-tokens 64 --prompt-tokens 200, two alternating runs each): 64 against 128
 rows, inter-token p99 110-122 against 193-205 ms, TTFT p50 0.63-0.71 against 0.72-0.85 s, the
 same throughput (114-130 tokens/s both) and TTFT p99 (2.5-3.0 s, the first burst of 8 prompts)."""
+
+
+MIN_SHARED_ROWS = 16
+"""Prompt rows worth waiting for: a request whose prompt starts as a prompt being prefilled waits
+for that many rows or more of it (then copies them), rather than prefilling them a second time."""
+
+
+def waits_for(prompt_ids: Sequence[int], leader: Generation) -> bool:
+    """Whether a request with ``prompt_ids`` should wait for ``leader``'s prefill: ``leader`` is
+    still to commit at least MIN_SHARED_ROWS rows of the prompt start the two share (a burst of
+    requests with one system prompt, the choices of one prompt). The last prompt token is the
+    first step's root, never a cached row."""
+    if not leader.prefilling:
+        return False
+    prompt = prompt_ids[:-1]
+    shared = common_prefix(leader.prompt_ids[:-1], prompt)
+    return shared - common_prefix(leader.runner.cache.row_tokens, prompt) >= MIN_SHARED_ROWS
 
 
 def share_budget(gains: Sequence[Sequence[float]], rows: int, tokens: float, cost: Callable[[int], float]) -> list[int]:

@@ -35,11 +35,10 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from freespec.api import Model
-from freespec.engine.batch import Batch, Running
+from freespec.engine.batch import Batch, Running, waits_for
 from freespec.engine.loop import Generation, GenerationStats
 from freespec.engine.textstream import TextStream
 from freespec.kernels import release_worker_threads
-from freespec.model.kv_cache import common_prefix
 from freespec.model.prefix_cache import PrefixCache
 from freespec.model.runner import ModelRunner, PrefillCancelled
 from freespec.serve import DEFAULT_MAX_BATCH, DEFAULT_PREFIX_CACHE_MB
@@ -50,9 +49,6 @@ log = logging.getLogger(__name__)
 
 SHUTTING_DOWN = "the server is shutting down"
 _NOBODY = object()  # the tenant of an empty cache
-MIN_SHARED_ROWS = 16
-"""Prompt rows worth waiting for: a request whose prompt starts as a prompt being prefilled for its
-tenant waits for that many rows or more of it, rather than prefilling them a second time."""
 
 
 @dataclass
@@ -393,19 +389,13 @@ class Scheduler:
 
     def _leader(self, job: Job) -> Active | None:
         """A running request of ``job``'s tenant still prefilling at least MIN_SHARED_ROWS rows of
-        the prompt's start that ``job``'s prompt shares: ``job`` waits for it (a burst of requests
+        the prompt's start that ``job``'s prompt shares (:func:`~freespec.engine.batch.waits_for`): ``job`` waits for it (a burst of requests
         with one system prompt, the choices of an ``n`` > 1 request), then copies those rows
         instead of prefilling them again (see :meth:`_slot_for`). None when there is none."""
         if not self.prefix_reuse or job.scores_prompt:  # a scored prompt is prefilled whole
             return None
-        prompt = job.prompt_ids[:-1]  # the last token is the first step's root
-        for active in self._active:
-            if active.job.tenant != job.tenant or not active.generation.prefilling:
-                continue
-            shared = common_prefix(active.job.prompt_ids[:-1], prompt)
-            if shared - common_prefix(active.slot.model.runner.cache.row_tokens, prompt) >= MIN_SHARED_ROWS:
-                return active
-        return None
+        return next((active for active in self._active
+                     if active.job.tenant == job.tenant and waits_for(job.prompt_ids, active.generation)), None)
 
     def _start_held(self) -> None:
         """Start the held jobs that no longer wait for another's rows (or should stop), in order."""

@@ -8,7 +8,7 @@ import pytest
 
 from freespec.api import Model
 from freespec.drafters.recycling import TokenRecycling
-from freespec.engine.batch import Batch, Running, share_budget
+from freespec.engine.batch import MIN_SHARED_ROWS, Batch, Running, share_budget
 from freespec.engine.loop import Generation
 from freespec.model.loading import from_transformers
 from tests.helpers import fault_after_first_chunk, tiny_model, word_tokenizer
@@ -62,6 +62,41 @@ def test_every_request_of_a_batch_gets_its_answer_alone(family):
         together = _together(model, requests[:count], Batch(prefill_rows=32))
         assert [request.error for request in together] == [None] * count
         assert [request.generation.token_ids for request in together] == alone[:count]
+
+
+@pytest.mark.parametrize("parallel", [1, 3, 8])
+def test_generate_many_gives_each_request_its_answer_alone_in_order(parallel):
+    """Model.generate_many: the requests' results in order, each what generate() gives it alone
+    (stop strings, log-probabilities, penalties and a shared prompt start included)."""
+    model = _model("llama")
+    shared = [2, *range(40, 90)]  # 51 tokens the last requests start with: copied, not prefilled again
+    requests = _requests(10) + [
+        dict(prompt_ids=[*shared, 7, 3], drafter="lookup", max_new_tokens=20, stop=["w9", "w1"], logprobs=2),
+        dict(prompt_ids=[*shared, 8, 3], drafter="suffix", max_new_tokens=20, frequency_penalty=1.0,
+             logit_bias={5: -100.0}),
+        dict(prompt_ids=[*shared, 9, 3], drafter="none", max_new_tokens=20, prompt_logprobs=1),
+    ]
+    alone = [model.fork().generate(**request) for request in requests]
+    many = list(model.generate_many(requests, parallel=parallel))
+    assert [(r.text, r.token_ids, r.finish_reason, r.stats.new_tokens) for r in many] == [
+        (r.text, r.token_ids, r.finish_reason, r.stats.new_tokens) for r in alone]
+    for got, expected in zip(many[-3:], alone[-3:]):
+        assert got.logprobs == expected.logprobs and got.prompt_logprobs == expected.prompt_logprobs
+    if parallel > 1:  # the second of them copied the first's rows (all but the last few it was prefilling)
+        assert many[-2].stats.cached_tokens > len(shared) - MIN_SHARED_ROWS
+
+
+def test_generate_many_ends_at_a_refused_request_after_the_ones_before_it():
+    model = _model("llama")
+    good = dict(prompt_ids=[2, 5, 6, 3], drafter="none", max_new_tokens=6)
+    requests = [good, dict(good, prompt_ids=[2, 7, 3]), dict(good, temperature=-1.0), good]
+    results = model.generate_many(requests, parallel=4)
+    assert [r.token_ids for r in (next(results), next(results))] == [model.fork().generate(**r).token_ids
+                                                                     for r in requests[:2]]
+    with pytest.raises(ValueError, match="temperature"):
+        next(results)
+    with pytest.raises(ValueError, match="parallel must be a positive integer, got 0"):
+        list(model.generate_many(requests, parallel=0))
 
 
 def test_model_drafters_sampling_with_a_fixed_budget_keep_their_answers():

@@ -201,7 +201,7 @@ def test_a_burst_shares_rows_within_a_tenant_only(tiny_model_dir, reference, mon
 
 def test_a_short_shared_start_is_not_waited_for(tiny_model_dir, reference, monkeypatch):
     """Prompts that share fewer than MIN_SHARED_ROWS tokens start at once, side by side."""
-    from freespec.serve.scheduler import MIN_SHARED_ROWS
+    from freespec.engine.batch import MIN_SHARED_ROWS
 
     model = freespec.load(str(tiny_model_dir))
     app = create_app(model, served_name="tiny", drafter="none")
