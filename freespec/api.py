@@ -288,16 +288,20 @@ class Model:
     def run_many(self, starts: Iterable[Callable[[Model], tuple[Generation, list[str]]]],
                  parallel: int = 8) -> Iterator[GenerationResult]:
         """Run up to ``parallel`` generations at once, batched: each start makes its generation
-        (and stop strings) on this model or a fork of it. A generation begins with the rows of the
+        (and stop strings) on a fork of this model (on this model when its runner cannot fork:
+        then one at a time). A generation begins with the rows of the
         longest prefix of its prompt that any of this run's caches holds, and one whose prompt
         starts as a prompt still being prefilled waits for those rows (:func:`waits_for`): a
         system prompt the requests share is prefilled once. Results in the starts' order; a start
         that raises ends the run once the generations before it are done and their results given."""
         if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1:
             raise ValueError(f"parallel must be a positive integer, got {parallel!r}")
-        if not (isinstance(self.runner, ModelRunner) and self.kernels.batch_invariant):
-            parallel = 1  # transformers' forward runs one request at a time
-        batch, slots, idle = Batch(), [self], [self]
+        batchable = isinstance(self.runner, ModelRunner) and self.kernels.batch_invariant
+        if not batchable:
+            parallel = 1  # transformers' forward runs one request at a time, on this model
+        # forks run the requests, so a thread generating on this model meanwhile disturbs none of
+        # them; this model's cache is read for rows their prompts start with
+        batch, slots, idle = Batch(), [self], [] if batchable else [self]
         waiting = enumerate(starts)
         held: list[tuple[int, Model, TextStream, Running]] = []  # started, waiting for another's prefill
         active: list[tuple[int, Model, TextStream, Running]] = []
@@ -312,7 +316,7 @@ class Model:
                 if not idle:
                     slots.append(self.fork())
                     idle.append(slots[-1])
-                model = idle.pop()
+                model = idle.pop()  # never this model when forks run them
                 try:
                     generation, stops = start(model)
                 except Exception as error:  # the requests before it still finish
@@ -325,9 +329,11 @@ class Model:
                 if generation.reuse_prefix and any(waits_for(generation.prompt_ids, other[3].generation)
                                                    for other in active):
                     continue
-                for other in slots:  # before its first step, which keeps the rows its prompt starts with
-                    if other is not entry[1] and generation.reuse_prefix:
-                        entry[1].runner.cache.copy_prefix(other.runner.cache, generation.prompt_ids)
+                if generation.reuse_prefix and batchable:  # before its first step, which keeps them
+                    with self.runner.lock:  # this model may be running another thread's request
+                        for other in slots:
+                            if other is not entry[1]:
+                                entry[1].runner.cache.copy_prefix(other.runner.cache, generation.prompt_ids)
                 held.remove(entry)
                 active.append(entry)
             if not active:

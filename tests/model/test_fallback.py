@@ -177,6 +177,14 @@ def test_prefix_rows_are_not_reused_across_requests():
     assert second.stats.cached_tokens == 0
 
 
+def test_generate_many_runs_one_request_at_a_time_on_transformers_forward():
+    """No fork, no batch: generate_many runs each request alone on the model, in order."""
+    model = fallback("opt")
+    requests = [dict(prompt_ids=prompt, drafter="lookup", max_new_tokens=6) for prompt in PROMPTS]
+    expected = [model.generate(**request).token_ids for request in requests]
+    assert [result.token_ids for result in model.generate_many(requests, parallel=4)] == expected
+
+
 # -- lossless through the engine -------------------------------------------------------------------
 
 
