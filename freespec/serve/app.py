@@ -387,7 +387,12 @@ def _cancel(jobs: list[Job], reason: str = "client") -> None:
 def _refuse_unsupported(body: RequestBody) -> None:
     checks = []
     if isinstance(body, ChatRequest):
-        checks += [("top_logprobs", body.top_logprobs is None or body.logprobs, "top_logprobs needs logprobs: true")]
+        checks += [("top_logprobs", body.top_logprobs is None or body.logprobs, "top_logprobs needs logprobs: true"),
+                   ("response_format", body.response_format is None or body.response_format.type == "text",
+                    'response_format: only {"type": "text"} is supported (decoding is not constrained to JSON)'),
+                   ("tools", not body.tools, "tools: function calling is not supported"),
+                   ("tool_choice", body.tool_choice in (None, "none"), "tool_choice: function calling is not "
+                    "supported (only \"none\")")]
     else:
         checks += [("best_of", body.best_of in (None, 1), "only best_of=1 is supported"),
                    ("suffix", body.suffix is None, "suffix is not supported")]

@@ -115,8 +115,17 @@ class _Options(_Sampling):
         return bias
 
 
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+
+
 class ChatRequest(_Options):
     messages: list[Message] = Field(min_length=1)
+    response_format: ResponseFormat | None = Field(None, description='only {"type": "text"}: decoding is not '
+                                                   "constrained to JSON")
+    tools: list[dict[str, Any]] | None = Field(None, description="only an empty list: no function calling")
+    tool_choice: str | dict[str, Any] | None = Field(None, description='only "none": no function calling')
     max_completion_tokens: int | None = Field(None, ge=1, description="same as max_tokens")
     logprobs: bool | None = Field(None, description="each answer token's log-probability under the model "
                                   "(its log-softmax, before the bias, penalties and temperature)")

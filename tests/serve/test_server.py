@@ -110,6 +110,16 @@ def test_stream_equals_the_whole_answer(client, endpoint):
     assert len({chunk.id for chunk in chunks}) == 1
 
 
+def test_fields_clients_send_with_their_defaults_change_nothing(server):
+    """response_format text, an empty tools list and tool_choice "none" are what some clients always
+    send: accepted, the same answer."""
+    request = {"messages": CHAT, "max_tokens": 8}
+    plain = post(server + "/v1/chat/completions", request)[1]
+    status, same, _ = post(server + "/v1/chat/completions", {**request, "response_format": {"type": "text"},
+                                                               "tools": [], "tool_choice": "none"})
+    assert status == 200 and same["choices"][0]["message"] == plain["choices"][0]["message"]
+
+
 def test_stream_without_usage_option_sends_no_usage_chunk(client):
     chunks = list(client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=5, stream=True))
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -254,7 +264,13 @@ CHAT_ERRORS = [
     ({"messages": [MESSAGE], "logit_bias": {"w5": 1}}, 400, "logit_bias", "keys must be token ids"),
     ({"messages": [MESSAGE], "logit_bias": {"5": 101}}, 400, "logit_bias", "must be a number in [-100, 100]"),
     ({"messages": [MESSAGE], "logit_bias": {"9999": 1}}, 400, "logit_bias", "token id 9999 is outside the vocabulary"),
-    ({"messages": [MESSAGE], "tools": []}, 400, "tools", "unsupported parameter: tools"),
+    ({"messages": [MESSAGE], "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools",
+     "function calling is not supported"),
+    ({"messages": [MESSAGE], "tool_choice": "auto"}, 400, "tool_choice", "function calling is not supported"),
+    ({"messages": [MESSAGE], "response_format": {"type": "json_object"}}, 400, "response_format",
+     'only {"type": "text"}'),
+    ({"messages": [MESSAGE], "response_format": {"type": "yaml"}}, 400, "response_format", "response_format"),
+    ({"messages": [MESSAGE], "functions": []}, 400, "functions", "unsupported parameter: functions"),
 ]
 COMPLETION_ERRORS = [
     ({}, 400, "prompt", "missing required parameter: prompt"),
