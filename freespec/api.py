@@ -45,6 +45,16 @@ class GenerationResult:
     prompt_logprobs: list[TokenLogprob | None] | None = None  # one per prompt token (the first None), when asked for
 
 
+@dataclass(eq=False)
+class _Batched:
+    """A request of :meth:`Model.run_many`: its place in the order, the fork it runs on, its text."""
+
+    index: int
+    model: Model
+    text: TextStream
+    running: Running
+
+
 class Model:
     """A loaded model with its runner and its drafters' state, kept warm across requests."""
 
@@ -303,8 +313,8 @@ class Model:
         # them; this model's cache is read for rows their prompts start with
         batch, slots, idle = Batch(), [self], [] if batchable else [self]
         waiting = enumerate(starts)
-        held: list[tuple[int, Model, TextStream, Running]] = []  # started, waiting for another's prefill
-        active: list[tuple[int, Model, TextStream, Running]] = []
+        held: list[_Batched] = []  # started, waiting for the rows another one is prefilling
+        active: list[_Batched] = []
         results: dict[int, GenerationResult] = {}
         given, failure = 0, None
         while True:
@@ -323,32 +333,31 @@ class Model:
                     failure = error
                     idle.append(model)
                     break
-                held.append((index, model, TextStream(self.decode, stops), Running(generation)))
+                held.append(_Batched(index, model, TextStream(self.decode, stops), Running(generation)))
             for entry in list(held):
-                generation = entry[3].generation
-                if generation.reuse_prefix and any(waits_for(generation.prompt_ids, other[3].generation)
-                                                   for other in active):
-                    continue
-                if generation.reuse_prefix and batchable:  # before its first step, which keeps them
+                generation = entry.running.generation
+                if generation.reuse_prefix:
+                    if any(waits_for(generation.prompt_ids, other.running.generation) for other in active):
+                        continue
                     with self.runner.lock:  # this model may be running another thread's request
-                        for other in slots:
-                            if other is not entry[1]:
-                                entry[1].runner.cache.copy_prefix(other.runner.cache, generation.prompt_ids)
+                        for other in slots:  # before its first step, which keeps the rows it copied
+                            if other is not entry.model:
+                                entry.model.runner.cache.copy_prefix(other.runner.cache, generation.prompt_ids)
                 held.remove(entry)
                 active.append(entry)
             if not active:
                 break
-            batch.step([running for _, _, _, running in active])
+            batch.step([entry.running for entry in active])
             for entry in list(active):
-                index, model, text, running = entry
+                running, text = entry.running, entry.text
                 if running.error is not None:
                     raise running.error
                 if running.emitted and text.stops:
                     text.push(running.emitted)
                 if text.stopped or running.generation.done:
-                    results[index] = self._result(running.generation, text)
+                    results[entry.index] = self._result(running.generation, text)
                     active.remove(entry)
-                    idle.append(model)
+                    idle.append(entry.model)
             while given in results:
                 yield results.pop(given)
                 given += 1
