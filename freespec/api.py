@@ -283,6 +283,22 @@ class Model:
                     break
         return self._result(generation, text)
 
+    def text_of(self, generation: Generation, stop: str | Sequence[str] | None = None) -> Iterator[str]:
+        """The text of a started generation as it is accepted: pieces that never split a character
+        (one cut between tokens waits for its last byte), ending before the first ``stop`` string,
+        where decoding a token at a time would (then no more passes run)."""
+        text = TextStream(self.decode, check_stops(stop))
+        for chunk in generation:
+            if piece := text.push(chunk):
+                yield piece
+            if text.stopped:
+                generation.end_at(text.answer_tokens)
+                return
+        if piece := text.finish():
+            yield piece
+        if text.stopped:
+            generation.end_at(text.answer_tokens)
+
     def generate_many(self, requests: Iterable[dict], parallel: int = 8) -> Iterator[GenerationResult]:
         """:meth:`generate` for each request (a dict of its keywords), up to ``parallel`` at once
         batched into each forward pass (continuous batching, each request on a fork of this model):
@@ -365,18 +381,15 @@ class Model:
             raise failure
 
     def _result(self, generation: Generation, text: TextStream) -> GenerationResult:
-        """A generation's result, cut after the token that completed a stop string if ``text`` met one."""
+        """A generation's result, ended after the token that completed a stop string if ``text``
+        met one (:meth:`Generation.end_at`)."""
         if text.stops and not text.stopped:
             text.finish()
-        if not text.stopped:
-            return GenerationResult(self.decode(generation.token_ids), generation.token_ids,
-                                    generation.finish_reason, generation.stats, generation.logprobs,
-                                    generation.prompt_logprobs)
-        count = text.answer_tokens
-        logprobs = None if generation.logprobs is None else generation.logprobs[:count]
-        return GenerationResult(text.text, generation.token_ids[:count], "stop",
-                                dataclasses.replace(generation.stats, new_tokens=count), logprobs,
-                                generation.prompt_logprobs)
+        if text.stopped:
+            generation.end_at(text.answer_tokens)
+        answer = text.text if text.stopped else self.decode(generation.token_ids)
+        return GenerationResult(answer, generation.token_ids, generation.finish_reason, generation.stats,
+                                generation.logprobs, generation.prompt_logprobs)
 
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)

@@ -12,7 +12,6 @@ answer at once.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -459,25 +458,17 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _generate_one(args: argparse.Namespace, sampling: SamplingParams) -> None:
-    """Print text as it is accepted (see :class:`TextStream` for how chunks become text)."""
-    from freespec.engine.textstream import TextStream
-
+    """Print text as it is accepted (:meth:`freespec.api.Model.text_of`)."""
     model = _load(args, args.budget)
     generation = _start(model, args, {"prompt": args.prompt}, sampling)
-    text = TextStream(model.decode, args.stop or ())
-    for chunk in generation:
-        sys.stdout.write(text.push(chunk))
+    for piece in model.text_of(generation, args.stop):
+        sys.stdout.write(piece)
         sys.stdout.flush()
-        if text.stopped:
-            break
-    sys.stdout.write(text.finish() + "\n")
+    sys.stdout.write("\n")
     sys.stdout.flush()
     _save_state(model, args)
     if not args.quiet:
-        stats = generation.stats
-        if text.answer_tokens is not None:  # tokens accepted after the stop string are not the answer's
-            stats = dataclasses.replace(stats, new_tokens=text.answer_tokens)
-        print(f"[freespec] {_summary(stats, args.drafter)}", file=sys.stderr)
+        print(f"[freespec] {_summary(generation.stats, args.drafter)}", file=sys.stderr)
 
 
 def _read_lines(path: str) -> list[str]:

@@ -445,6 +445,18 @@ class Generation:
                 self.drafter.learn_shadow(tree, path, verified)
         return waiting
 
+    def end_at(self, count: int) -> None:
+        """End the answer after its first ``count`` tokens, where its text met a stop string
+        (:class:`~freespec.engine.textstream.TextStream`): tokens a step accepted after them are
+        dropped with their log-probabilities, as decoding a token at a time would never have made
+        them; finish_reason "stop". No step follows."""
+        del self.token_ids[count:]
+        if self.logprobs is not None:
+            del self.logprobs[count:]
+        self._context = self._context[: len(self.prompt_ids) + count]
+        self.stats.new_tokens = len(self.token_ids)
+        self.finish_reason = "stop"
+
     def _cut(self, emitted: list[int]) -> list[int]:
         """Stop after a stop token or at the token limit."""
         for i, token in enumerate(emitted):

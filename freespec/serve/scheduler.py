@@ -438,6 +438,8 @@ class Scheduler:
             return
         if request.emitted:
             delta = text.push(request.emitted)
+            if text.stopped:  # tokens a step accepted past the stop string are not the answer's
+                active.generation.end_at(text.answer_tokens)
             if delta:
                 if not active.answered:
                     self.metrics.first_token.observe(time.perf_counter() - job.arrived)
@@ -450,7 +452,7 @@ class Scheduler:
         """Send ``text`` with the log-probabilities of the tokens generated since the last delta, if
         asked; the first delta of an echo starts with the prompt (its text, then its tokens')."""
         job = active.job
-        start, active.logged = active.logged, _answer_length(active)
+        start, active.logged = active.logged, len(active.generation.logprobs or ())
         echo = job.echo is not None and not active.echoed
         if echo:
             active.echoed, text = True, job.echo + text
@@ -462,8 +464,7 @@ class Scheduler:
         generation = active.generation
         if generation.logprobs is None:
             return None
-        end = _answer_length(active)
-        logged = self._pieces.logged(generation.token_ids[start:end], generation.logprobs[start:end])
+        logged = self._pieces.logged(generation.token_ids[start:], generation.logprobs[start:])
         if prompt and generation.prompt_logprobs is not None:
             logged = self._pieces.logged(active.job.prompt_ids, generation.prompt_logprobs) + logged
         return logged
@@ -485,12 +486,13 @@ class Scheduler:
             end = dataclasses.replace(stopped, stats=generation.stats, drafter=job.drafter)
         else:
             delta = "" if text.stopped else text.finish()
-            logged = generation.logprobs is not None and active.logged < _answer_length(active)
-            if delta or logged or (job.echo is not None and not active.echoed):
+            if text.stopped:  # maybe in the last characters, which finish() released
+                generation.end_at(text.answer_tokens)
+            unsent = active.logged < len(generation.logprobs or ()) or (job.echo is not None and not active.echoed)
+            if delta or unsent:
                 self._post_delta(active, delta)  # the last text, or tokens without any, or the echo alone
             reason = "cancelled" if job.cancelled else "stop" if text.stopped else generation.finish_reason
-            stats = dataclasses.replace(generation.stats, new_tokens=_answer_length(active))
-            end = Finished((job.echo or "") + text.text, reason, stats, job.drafter,
+            end = Finished((job.echo or "") + text.text, reason, generation.stats, job.drafter,
                            self._logged(active, 0, prompt=True))
         self.metrics.record(job.drafter, generation.stats)
         self._leave(active, end, keep_rows=True)
@@ -524,14 +526,6 @@ class Scheduler:
         if self.metrics.count_end(job.endpoint, outcome(end), elapsed) == "success":
             self._recent_seconds = 0.8 * self._recent_seconds + 0.2 * elapsed
         job.post(end)
-
-
-def _answer_length(active: Active) -> int:
-    """The tokens of a job's answer: those generated, or after a stop string the tokens through the
-    one that completed it (a speculative step may have accepted more; decoding a token at a time,
-    the answer would have ended there)."""
-    answered = active.text.answer_tokens
-    return len(active.generation.token_ids) if answered is None else answered
 
 
 def _internal_error(job: Job) -> Failed:

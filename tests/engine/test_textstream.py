@@ -88,3 +88,18 @@ def test_generate_refuses_empty_stop_strings_and_takes_one_string(model):
     word = answer.text.split()[1]
     assert model.generate("w1 w2", chat=False, max_new_tokens=8, drafter="none", stop=word).text == \
         answer.text[: answer.text.index(word)]
+
+
+@pytest.mark.parametrize("drafter", ["none", "recycling+lookup"])
+def test_text_of_streams_the_answer_generate_gives(model, drafter):
+    """Model.text_of: the pieces make generate()'s text, and the generation it read ends where
+    generate()'s answer does (tokens, count, finish reason), with and without a stop string."""
+    prompt = "w10 w11 w12 w10 w11 w12 w10"
+    words = model.generate(prompt, chat=False, max_new_tokens=24, drafter="none").text.split()
+    for stop in (None, words[3]):
+        expected = model.generate(prompt, chat=False, max_new_tokens=24, drafter="none", stop=stop)
+        generation = model.stream(prompt, chat=False, max_new_tokens=24, drafter=drafter)
+        pieces = list(model.text_of(generation, stop))
+        assert "".join(pieces) == expected.text and all(pieces)
+        assert (generation.token_ids, generation.stats.new_tokens, generation.finish_reason) == (
+            expected.token_ids, len(expected.token_ids), expected.finish_reason)
