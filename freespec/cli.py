@@ -25,6 +25,7 @@ from freespec.engine.sampling import (  # light: no torch
     OPTIONS,
     SAMPLING_KEYS,
     SamplingParams,
+    bias_from_json,
 )
 from freespec.paths import AtomicFile
 from freespec.serve import DEFAULT_MAX_BATCH, DEFAULT_PREFIX_CACHE_MB
@@ -123,23 +124,17 @@ def _bias_pair(text: str) -> tuple[int, float]:
         raise argparse.ArgumentTypeError(f"expected ID=BIAS (a token id and a number), got {text!r}") from None
 
 
-def _line_bias(bias: object) -> object:
-    """A batch line's ``logit_bias``: JSON keys are strings, so token ids come as strings of digits."""
-    if not isinstance(bias, dict):
-        return bias  # SamplingParams says what is wrong
-    for key in bias:
-        if not key.isascii() or not key.isdigit():
-            raise ValueError(f"logit_bias: keys must be token ids (strings of digits), got {key!r}")
-    return {int(key): value for key, value in bias.items()}
-
-
 def _sampling(args: argparse.Namespace, request: dict | None = None, seed: bool = True) -> SamplingParams:
     """How a request samples: its own keys over the command's flags (``seed=False``: the command's
     ``--seed`` is not a sampling seed). Raises ValueError for a bad value."""
     keys = [key for key in SAMPLING_KEYS if key != "seed" or seed]
     options = {key: (request or {}).get(key, getattr(args, key)) for key in keys}
     if request is not None and "logit_bias" in request:
-        options["logit_bias"] = _line_bias(request["logit_bias"])
+        bias = request["logit_bias"]  # JSON's keys are strings; anything but an object SamplingParams refuses
+        try:
+            options["logit_bias"] = bias_from_json(bias) if isinstance(bias, dict) else bias
+        except ValueError as error:
+            raise ValueError(f"logit_bias: {error}") from None
     elif getattr(args, "logit_bias", None):
         options["logit_bias"] = tuple(args.logit_bias)
     return SamplingParams(**options)

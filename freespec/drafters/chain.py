@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from freespec.drafters.base import BaseDrafter
-from freespec.engine.distribution import answer_penalties, biased, draw, repetition_penalty, target_probs
+from freespec.engine.distribution import draw, penalties, target_probs
 from freespec.engine.sampling import SamplingParams
 from freespec.engine.tree import DraftTree
 from freespec.model.runner import ModelRunner
@@ -47,10 +47,7 @@ class ChainSampler:
     def pick(self, logits: torch.Tensor, prefix: np.ndarray) -> tuple[int, float, torch.Tensor | None]:
         """(token, its draft probability, q [vocab] or None) from the draft's logits [vocab] after
         ``prefix`` (the context and the chain so far)."""
-        params = self.params
-        logits = repetition_penalty(biased(logits, params.logit_bias), prefix, params.repetition_penalty)
-        logits = answer_penalties(logits, prefix[self.answer_start :], params.frequency_penalty,
-                                  params.presence_penalty)
+        logits = penalties(logits, prefix, self.answer_start, self.params)
         if not self.samples:
             probs = torch.softmax(logits, dim=-1)  # [vocab]
             token = int(torch.argmax(logits))

@@ -127,6 +127,14 @@ def tree_answer_penalties(logits: torch.Tensor, answer: np.ndarray, tree: DraftT
     return out
 
 
+def penalties(logits: torch.Tensor, context: np.ndarray, answer_start: int, params: SamplingParams) -> torch.Tensor:
+    """[vocab] the logits after ``context`` with the logit bias, then the penalties, in
+    :func:`tree_penalties`' order: the repetition penalty (the whole context), then the frequency
+    and presence penalties (the answer: ``context[answer_start:]``)."""
+    logits = repetition_penalty(biased(logits, params.logit_bias), context, params.repetition_penalty)
+    return answer_penalties(logits, context[answer_start:], params.frequency_penalty, params.presence_penalty)
+
+
 def tree_penalties(logits: torch.Tensor, context: np.ndarray, answer_start: int, tree: DraftTree,
                    params: SamplingParams) -> torch.Tensor:
     """[n, vocab] every node's logits with the logit bias, then the penalties for its own prefix:

@@ -142,6 +142,22 @@ class SamplingParams:
 MAX_BIASED = 300  # tokens a logit_bias may name (OpenAI's limit)
 
 
+def bias_from_json(bias: Mapping[str, float]) -> dict[int, float]:
+    """A ``logit_bias`` as JSON carries it (token ids as strings of digits) with int keys; the
+    values are :class:`SamplingParams`'s to check.
+
+    >>> bias_from_json({"7": 1.5})
+    {7: 1.5}
+    >>> bias_from_json({"w7": 1.5})
+    Traceback (most recent call last):
+    ValueError: keys must be token ids (strings of digits), got 'w7'
+    """
+    for key in bias:
+        if not isinstance(key, str) or not key.isascii() or not key.isdigit():
+            raise ValueError(f"keys must be token ids (strings of digits), got {key!r}")
+    return {int(key): value for key, value in bias.items()}
+
+
 def _bias_pairs(bias: object) -> tuple[tuple[int, float], ...]:
     """``logit_bias`` as sorted (token id, bias) pairs; ValueError naming what is wrong.
 

@@ -45,6 +45,7 @@ from freespec import DEFAULT_DRAFTER
 from freespec.api import Model
 from freespec.drafters import FACTORIES, check_name
 from freespec.engine.sampling import SamplingParams
+from freespec.engine.textstream import check_stops
 from freespec.serve import DEFAULT_MAX_BATCH, DEFAULT_PREFIX_CACHE_MB
 from freespec.serve.metrics import ServerMetrics
 from freespec.serve.scheduler import (
@@ -65,12 +66,12 @@ from freespec.serve.schemas import (
     DetokenizeRequest,
     Reply,
     RequestBody,
+    TokenizeRequest,
     error_body,
     error_response,
     prompt_param,
     request_sampling,
     requested_logprobs,
-    TokenizeRequest,
     sse,
     validation_message,
 )
@@ -234,9 +235,12 @@ class Service:
         _refuse_unsupported(body)
         self._check_bias(body)
         drafter = self._drafter(body.drafter)
-        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        if len(stops) > 4 or not all(stops):
-            raise ApiError(400, "stop: give at most 4 non-empty strings", "stop")
+        try:
+            stops = check_stops(body.stop)
+            if len(stops) > 4:
+                raise ValueError
+        except ValueError:
+            raise ApiError(400, "stop: give at most 4 non-empty strings", "stop") from None
         self._check_prompt_size(body)
         try:
             self.scheduler.reserve()
@@ -524,8 +528,7 @@ def build_app(service: Serving, *, api_keys: Sequence[str] = (), max_body_bytes:
                 one = body.model_copy(update={"n": 1, "seed": seed})
                 runs.append((await service.admit(endpoint, one, tenant), [index]))
         except BaseException:
-            for job, _ in runs:
-                job.cancel()
+            _cancel([job for job, _ in runs])
             raise
         return runs
 

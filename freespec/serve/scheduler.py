@@ -389,9 +389,10 @@ class Scheduler:
 
     def _leader(self, job: Job) -> Active | None:
         """A running request of ``job``'s tenant still prefilling at least MIN_SHARED_ROWS rows of
-        the prompt's start that ``job``'s prompt shares (:func:`~freespec.engine.batch.waits_for`): ``job`` waits for it (a burst of requests
-        with one system prompt, the choices of an ``n`` > 1 request), then copies those rows
-        instead of prefilling them again (see :meth:`_slot_for`). None when there is none."""
+        the prompt's start that ``job``'s prompt shares (:func:`~freespec.engine.batch.waits_for`):
+        ``job`` waits for it (a burst of requests with one system prompt, the choices of an ``n`` > 1
+        request), then copies those rows instead of prefilling them again (see :meth:`_slot_for`).
+        None when there is none."""
         if not self.prefix_reuse or job.scores_prompt:  # a scored prompt is prefilled whole
             return None
         return next((active for active in self._active
@@ -491,7 +492,7 @@ class Scheduler:
             unsent = active.logged < len(generation.logprobs or ()) or (job.echo is not None and not active.echoed)
             if delta or unsent:
                 self._post_delta(active, delta)  # the last text, or tokens without any, or the echo alone
-            reason = "cancelled" if job.cancelled else "stop" if text.stopped else generation.finish_reason
+            reason = "cancelled" if job.cancelled else generation.finish_reason  # "stop" at a stop string (end_at)
             end = Finished((job.echo or "") + text.text, reason, generation.stats, job.drafter,
                            self._logged(active, 0, prompt=True))
         self.metrics.record(job.drafter, generation.stats)

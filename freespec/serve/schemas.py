@@ -15,7 +15,7 @@ from typing import Any, Literal
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
-from freespec.engine.sampling import OPTIONS, SAMPLING_KEYS
+from freespec.engine.sampling import OPTIONS, SAMPLING_KEYS, bias_from_json
 from freespec.serve.logprobs import LoggedToken, Logprobs
 from freespec.serve.metrics import accepted_per_position
 from freespec.serve.scheduler import Finished
@@ -109,9 +109,7 @@ class _Options(_Sampling):
     @field_validator("logit_bias")
     @classmethod
     def _token_ids(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
-        for key in bias or ():
-            if not key.isascii() or not key.isdigit():
-                raise ValueError(f"keys must be token ids (strings of digits), got {key!r}")
+        bias_from_json(bias or {})
         return bias
 
 
@@ -185,7 +183,7 @@ def request_sampling(body: RequestBody) -> dict[str, Any]:
     """The sampling fields a request sent, as keywords of :class:`freespec.engine.sampling.SamplingParams`."""
     options = {name: value for name in SAMPLING_KEYS if (value := getattr(body, name)) is not None}
     if body.logit_bias:
-        options["logit_bias"] = {int(token): bias for token, bias in body.logit_bias.items()}
+        options["logit_bias"] = bias_from_json(body.logit_bias)
     return options
 
 
