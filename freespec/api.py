@@ -20,6 +20,7 @@ import torch
 
 from freespec import DEFAULT_DRAFTER
 from freespec.drafters import DamagedStateError, Drafter, DrafterSettings, create
+from freespec.drafters.state import VOCAB_KEY, Learned, StateCheck, read_state, write_state
 from freespec.engine.batch import Batch, Running, waits_for
 from freespec.engine.budget import BudgetPolicy
 from freespec.engine.costs import CostCurve, load_or_measure
@@ -187,13 +188,26 @@ class Model:
                 with runner.lock:
                     runner.reset(0)
 
+    def learned_state(self) -> dict[str, np.ndarray]:
+        """What this model's drafters learned across requests, as the named arrays of a state file
+        (:mod:`freespec.drafters.state`): Token Recycling's tables and the suffix drafter's stores
+        of each tenant's earlier prompts and outputs, where those drafters have run. Copies, taken
+        between passes (a server's passes hold the lock)."""
+        with self.runner.lock:
+            arrays = {VOCAB_KEY: np.array(self.runner.vocab_size)}
+            for shared in self._shared.values():
+                if isinstance(shared, Learned):
+                    arrays.update(shared.arrays())
+            return arrays
+
     def save_state(self, path: str | os.PathLike) -> None:
-        """Write Token Recycling's learned state to exactly ``path`` (an .npz archive whatever its
-        name), atomically, to warm a later process. An OSError names ``path``, not the temporary
-        file beside it that the state is written to first."""
+        """Write :meth:`learned_state` to exactly ``path`` (an .npz archive whatever its name),
+        atomically, to warm a later process. The file holds the suffix drafter's stored requests:
+        keep it as private as they are. An OSError names ``path``, not the temporary file beside
+        it that the state is written to first."""
+        arrays = self.learned_state()
         try:
-            with self.runner.lock:  # not while another thread's step updates the tables
-                self.drafter("recycling")[0].save(path)
+            write_state(Path(path), arrays)
         except OSError as error:
             raise type(error)(error.errno, error.strerror, os.fspath(path)) from None
 
@@ -202,11 +216,24 @@ class Model:
 
         Raises :class:`DamagedStateError` (a ValueError) for a file cut short or corrupted, which
         a caller may ignore and overwrite, and ValueError for anything else (not a state file,
-        another model's, unreadable); the drafter is unchanged either way.
+        another model's, unreadable); the drafters are unchanged either way.
         """
+        path = Path(path)
         try:
+            check = StateCheck(read_state(path), path, self.runner.vocab_size)
+            state = check.state
             with self.runner.lock:
-                self.drafter("recycling")[0].load(path)
+                # the drafters whose state the file holds, made now so that their shared state exists
+                if "successors" in state or VOCAB_KEY not in state:  # an older file holds recycling's alone
+                    self.drafter("recycling")
+                if "suffix_tokens" in state:
+                    self.drafter("suffix")
+                applies = [part.prepare(check) for part in self._shared.values() if isinstance(part, Learned)]
+                if VOCAB_KEY not in state and not any(applies):
+                    raise check.damaged("it holds no successors")
+                for apply in applies:  # every part checked before any changes
+                    if apply is not None:
+                        apply()
         except DamagedStateError as error:
             raise DamagedStateError(f"cannot load drafter state: {error}") from None
         except OSError as error:

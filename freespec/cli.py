@@ -28,7 +28,7 @@ from freespec.engine.sampling import (  # light: no torch
     bias_from_json,
 )
 from freespec.paths import AtomicFile
-from freespec.serve import DEFAULT_MAX_BATCH, DEFAULT_PREFIX_CACHE_MB
+from freespec.serve import DEFAULT_MAX_BATCH, DEFAULT_PREFIX_CACHE_MB, DEFAULT_STATE_INTERVAL
 
 if TYPE_CHECKING:
     from freespec.api import Model
@@ -38,6 +38,8 @@ USAGE_ERROR = 2
 INTERRUPTED = 130
 BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a tool killed by it
 DEFAULT_MAX_NEW_TOKENS = 256
+STATE_HELP = ("what the drafters learn across requests (Token Recycling's tables, the suffix drafter's earlier "
+              "requests), loaded from FILE if it exists so that the first requests draft warm")
 
 
 class UsageError(Exception):
@@ -232,9 +234,7 @@ def _parser() -> argparse.ArgumentParser:
                           help="fixed draft nodes per step (default: chosen from measured costs)")
     generate.add_argument("--stop", type=_stop_string, action="append", metavar="TEXT",
                           help="end the answer before TEXT (repeat for several; the first that comes ends it)")
-    generate.add_argument("--state", type=Path, metavar="FILE",
-                          help="Token Recycling's matrix (--drafter recycling, or a fusion with it): loaded "
-                               "from FILE if it exists, saved there afterwards, so later runs start warm")
+    generate.add_argument("--state", type=Path, metavar="FILE", help=STATE_HELP + ", saved there afterwards")
     generate.add_argument("--input", metavar="FILE", help="JSONL requests, one "
                           '{"prompt": ...} or {"messages": [...]} per line, optional "max_new_tokens", '
                           '"logprobs" (N: each token\'s log-probability and N alternatives, as "token_logprobs"), '
@@ -338,6 +338,12 @@ def _parser() -> argparse.ArgumentParser:
                             "conversation kept on one copy; --threads is then per copy (default: the cores "
                             "shared out) and --max-queue per copy (needs: pip install 'freespec[ray]'; "
                             "default: one copy in this process, no Ray)")
+    serve.add_argument("--state", type=Path, metavar="FILE",
+                       help=STATE_HELP + ", saved there every --state-interval and when the server stops (it holds "
+                            "the tenants' earlier prompts and answers: keep it as private as they are; one process: "
+                            "not with --replicas)")
+    serve.add_argument("--state-interval", type=_positive_seconds, default=DEFAULT_STATE_INTERVAL, metavar="SECONDS",
+                       help=f"seconds between saves of --state while requests end (default: {DEFAULT_STATE_INTERVAL:g})")
     serve.set_defaults(run=_serve)
     return parser
 
@@ -679,6 +685,8 @@ def _serve(args: argparse.Namespace) -> None:
     if warning := server.exposure_warning(args.host, api_keys):
         print(f"[freespec] {warning}", file=sys.stderr)
     if args.replicas:
+        if args.state:
+            raise UsageError("--state keeps one process's drafter state: it cannot be used with --replicas")
         return _serve_replicas(args, api_keys, drafters)
     model = _load(args)
     if not args.quiet:
@@ -691,7 +699,7 @@ def _serve(args: argparse.Namespace) -> None:
                      max_tokens=args.max_tokens, max_queue=args.max_queue, api_keys=api_keys,
                      max_body_bytes=args.max_body_bytes, prefix_reuse=args.prefix_reuse,
                      request_timeout=args.request_timeout, prefix_cache_mb=args.prefix_cache_mb,
-                     max_batch=args.max_batch)
+                     max_batch=args.max_batch, state=args.state, state_interval=args.state_interval)
     except ValueError as error:
         raise UsageError(str(error)) from None
     except OSError as error:

@@ -383,10 +383,11 @@ def test_a_gguf_file_cut_short_is_a_one_line_error(tmp_path, capsys):
         capsys, ["generate", "w1", "--model", str(cut)])
 
 
-def test_state_file_warms_the_next_run(tiny_model_dir, tmp_path, capsys):
-    state = tmp_path / "recycling.npz"
+@pytest.mark.parametrize("drafter", ["recycling", "suffix"])
+def test_state_file_warms_the_next_run(tiny_model_dir, tmp_path, capsys, drafter):
+    state = tmp_path / "drafters.state"
     args = ["generate", "w1 w2 w3 w4", "--model", str(tiny_model_dir), "--max-new-tokens", "40", "--budget", "8",
-            "--drafter", "recycling", "--state", str(state)]
+            "--drafter", drafter, "--state", str(state)]
     assert main(args) == 0
     cold = capsys.readouterr()
     assert state.is_file()

@@ -18,8 +18,9 @@ from freespec.drafters.layerskip import LayerSkip
 from freespec.drafters.lookahead import Lookahead
 from freespec.drafters.lookup import PromptLookup
 from freespec.drafters.ngram_trie import TrieLookup
-from freespec.drafters.recycling import DamagedStateError, RecyclingTables, TokenRecycling
+from freespec.drafters.recycling import RecyclingTables, TokenRecycling
 from freespec.drafters.retrieval import Retrieval
+from freespec.drafters.state import DamagedStateError
 from freespec.drafters.suffix import Suffix, TenantStores
 from freespec.model.runner import ModelRunner
 
@@ -54,7 +55,12 @@ def _suffix(settings: DrafterSettings) -> Suffix:
     # one set of stores of earlier requests for the model: a tenant's requests run on any of a
     # server's forks, and each drafts from all of them; the corpus is optional
     stores = settings.shared.setdefault("suffix-stores", TenantStores())
-    return Suffix(settings.datastore, settings.tokenizer, settings.vocab_size, stores=stores)
+    drafter = Suffix(settings.datastore, settings.tokenizer, settings.vocab_size, stores=stores)
+    # its calibrations too: every fork scores its nodes by what all requests' steps taught (not
+    # kept in state files: they relearn within a request, where an old workload's would mislead)
+    drafter.use_calibrations(settings.shared.setdefault(f"suffix-calibrations-{len(drafter.drafters)}",
+                                                        drafter.calibrations()))
+    return drafter
 
 
 def _recycling(settings: DrafterSettings) -> TokenRecycling:

@@ -26,14 +26,9 @@ that size (which the budget policy relies on):
 from __future__ import annotations
 
 import heapq
-import math
-import os
-import secrets
-import zipfile
-import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -41,6 +36,7 @@ import torch
 from freespec import kernels
 from freespec.drafters.base import BaseDrafter
 from freespec.drafters.scoring import AcceptanceCalibration
+from freespec.drafters.state import StateCheck, read_state, write_state
 from freespec.engine.tree import DraftTree
 from freespec.model.runner import TopCandidates
 
@@ -243,42 +239,31 @@ class RecyclingTables:
         tables = {"pairs": self.pairs, "text_pairs": self.text_pairs}
         return {name: table for name, table in tables.items() if table is not None}
 
-    def save(self, path: str | Path) -> None:
-        """Write the learned state to exactly ``path`` (an .npz archive whatever its name), atomically:
-        a crash while writing leaves the previous file as it was, never a damaged one."""
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The learned state as named arrays for a state file (:mod:`freespec.drafters.state`), copies."""
         tables = {}
         for name, table in self._tables().items():
-            tables.update({f"{name}_keys": table.keys, f"{name}_successors": table.successors,
-                           f"{name}_probs": table.probs, f"{name}_calibration_hits": table.calibration.hits,
-                           f"{name}_calibration_tries": table.calibration.tries})
-        _write_atomically(Path(path), lambda file: np.savez_compressed(
-            file, successors=self.successors, probs=self.probs, rank_hits=self.rank_hits,
-            rank_tries=self.rank_tries, calibration_hits=self.calibration.hits,
-            calibration_tries=self.calibration.tries, **tables))
+            tables.update({f"{name}_keys": table.keys.copy(), f"{name}_successors": table.successors.copy(),
+                           f"{name}_probs": table.probs.copy(), f"{name}_calibration_hits": table.calibration.hits.copy(),
+                           f"{name}_calibration_tries": table.calibration.tries.copy()})
+        return {"successors": self.successors.copy(), "probs": self.probs.copy(), "rank_hits": self.rank_hits.copy(),
+                "rank_tries": np.array(self.rank_tries), "calibration_hits": self.calibration.hits.copy(),
+                "calibration_tries": self.calibration.tries.copy(), **tables}
 
-    def load(self, path: str | Path) -> None:
-        """Take over the state :meth:`save` wrote for this vocabulary and ``k``; nothing changes if it fails.
+    def prepare(self, check: StateCheck) -> Callable[[], None] | None:
+        """Check the tables a state file holds (:meth:`arrays`, for this vocabulary and ``k``);
+        return what takes them over, None if it holds none.
 
-        Every array is checked before any is used (their ids are drafted straight into the model).
-        Raises :class:`DamagedStateError` for a file cut short, corrupted or holding values no run
-        writes, ValueError for a file that is not a state file or was saved for another vocabulary,
-        OSError when it cannot be read.
+        Raises :class:`DamagedStateError` for arrays missing or holding values no run writes,
+        ValueError for tables saved for another vocabulary or ``k``.
         """
-        path = Path(path)
-        with open(path, "rb") as file:
-            magic = file.read(4)
-        if magic and magic != b"PK\x03\x04":  # every .npz is a zip archive; an empty file was cut short
-            raise ValueError(f"{path} is not a drafter state file (one written by --state or save_state)")
-        try:
-            with np.load(path) as archive:
-                state = {name: archive[name] for name in archive.files}
-        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as error:
-            raise DamagedStateError(f"{path} is damaged ({type(error).__name__}: {error})") from None
-        shape = state["successors"].shape if "successors" in state else None
-        if shape is not None and len(shape) == 2 and shape != (self.vocab_size, self.k):
+        state, path = check.state, check.path
+        if "successors" not in state:
+            return None
+        shape = state["successors"].shape
+        if len(shape) == 2 and shape != (self.vocab_size, self.k):
             raise ValueError(f"{path} was saved for a vocabulary of {shape[0]} tokens and k={shape[1]}, "
                              f"not {self.vocab_size} and k={self.k}: another model's state")
-        check = _StateCheck(state, path, self.vocab_size)
         matrix = (self.vocab_size, self.k)
         successors, probs = check.ids("successors", matrix), check.probs("probs", matrix)
         rank_hits, rank_tries = check.counts("rank_hits", (self.k,)), check.counts("rank_tries", ())
@@ -292,16 +277,34 @@ class RecyclingTables:
                 tables[name] = (check.keys(f"{name}_keys", rows[:1]), check.ids(f"{name}_successors", rows),
                                 check.probs(f"{name}_probs", rows),
                                 check.calibration(f"{name}_calibration", table.calibration))
-        self.reset()
-        self.successors, self.probs = successors.astype(np.int64), probs.astype(np.float32)
-        self.rank_hits, self.rank_tries = rank_hits.astype(np.float64), float(rank_tries)
-        self.calibration.hits, self.calibration.tries = calibration
-        for name, (keys, ids, table_probs, table_calibration) in tables.items():
-            table = self._tables()[name]
-            table.keys, table.successors = keys.astype(np.int64), ids.astype(np.int64)
-            table.probs = table_probs.astype(np.float32)
-            table.calibration.hits, table.calibration.tries = table_calibration
-        self.reorder()
+
+        def apply() -> None:
+            self.reset()
+            self.successors, self.probs = successors.astype(np.int64), probs.astype(np.float32)
+            self.rank_hits, self.rank_tries = rank_hits.astype(np.float64), float(rank_tries)
+            self.calibration.hits, self.calibration.tries = calibration
+            for name, (keys, ids, table_probs, table_calibration) in tables.items():
+                table = self._tables()[name]
+                table.keys, table.successors = keys.astype(np.int64), ids.astype(np.int64)
+                table.probs = table_probs.astype(np.float32)
+                table.calibration.hits, table.calibration.tries = table_calibration
+            self.reorder()
+
+        return apply
+
+    def save(self, path: str | Path) -> None:
+        """Write the learned state alone to exactly ``path`` (:func:`freespec.drafters.state.write_state`)."""
+        write_state(Path(path), self.arrays())
+
+    def load(self, path: str | Path) -> None:
+        """Take over the state :meth:`save` wrote; raises as :func:`read_state` and :meth:`prepare` do,
+        and changes nothing then."""
+        path = Path(path)
+        check = StateCheck(read_state(path), path, self.vocab_size)
+        apply = self.prepare(check)
+        if apply is None:
+            raise check.damaged("it holds no successors")
+        apply()
 
 
 
@@ -431,65 +434,3 @@ class TokenRecycling(BaseDrafter):
                     hit.append(node in on_path)
         for calibration, (predicted, hit) in observed.items():
             calibration.learn(predicted, hit)
-
-
-class DamagedStateError(ValueError):
-    """A state file cut short, corrupted, or holding values no run writes: ignore it and start cold."""
-
-
-class _StateCheck:
-    """The arrays of a state file, each checked for its shape, kind and range before use."""
-
-    def __init__(self, state: dict[str, np.ndarray], path: Path, vocab_size: int):
-        self.state, self.path, self.vocab_size = state, path, vocab_size
-
-    def _array(self, name: str, shape: tuple[int, ...], integer: bool, low: float, high: float) -> np.ndarray:
-        value = self.state.get(name)
-        if value is None:
-            raise DamagedStateError(f"{self.path} is damaged: it holds no {name}")
-        kind = np.integer if integer else np.number
-        if value.shape != shape or not np.issubdtype(value.dtype, kind) or value.dtype == bool:
-            raise DamagedStateError(f"{self.path} is damaged: {name} is {value.dtype} {list(value.shape)}, "
-                                    f"expected {'integers' if integer else 'numbers'} {list(shape)}")
-        if value.size and not (np.isfinite(value).all() and value.min() >= low and value.max() <= high):
-            raise DamagedStateError(f"{self.path} is damaged: {name} holds values outside [{low}, {high}]")
-        return value
-
-    def ids(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
-        """Token ids, drafted into the model as they are: within the vocabulary."""
-        return self._array(name, shape, True, 0, self.vocab_size - 1)
-
-    def keys(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
-        """A pair table's keys: a * vocab + b, or -1 for an empty slot."""
-        return self._array(name, shape, True, -1, self.vocab_size**2 - 1)
-
-    def probs(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
-        return self._array(name, shape, False, 0.0, 1.0)
-
-    def counts(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
-        """Smoothed counts, positive."""
-        value = self._array(name, shape, False, 0.0, math.inf)
-        if value.size and value.min() <= 0:
-            raise DamagedStateError(f"{self.path} is damaged: {name} holds counts <= 0")
-        return value
-
-    def calibration(self, prefix: str, like: AcceptanceCalibration) -> tuple[np.ndarray, np.ndarray]:
-        """(hits, tries) of a calibration shaped as ``like``: 0 <= hits <= tries."""
-        tries = self.counts(f"{prefix}_tries", like.tries.shape)
-        hits = self._array(f"{prefix}_hits", like.hits.shape, False, 0.0, math.inf)
-        if (hits > tries).any():
-            raise DamagedStateError(f"{self.path} is damaged: {prefix}_hits exceed {prefix}_tries")
-        return hits.astype(np.float64), tries.astype(np.float64)
-
-
-def _write_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Call ``write`` on a new file beside ``path``, then rename it over ``path`` (atomic on POSIX)."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(temporary, "xb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)

@@ -26,8 +26,9 @@ among the longest match and the next shorter ones, which on Spec-Bench did not r
 from __future__ import annotations
 
 import math
+import weakref
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 
@@ -37,11 +38,13 @@ import torch
 from freespec.drafters.datastore import SEPARATOR, Datastore, longest_match
 from freespec.drafters.fused import Fused
 from freespec.drafters.grow import grow
-from freespec.drafters.scoring import CalibratedDrafter, match_group
+from freespec.drafters.scoring import CalibratedDrafter, DepthCalibration, match_group
+from freespec.drafters.state import StateCheck
 from freespec.engine.tree import DraftTree
 
 MAX_MATCH = 24  # the longest context suffix a source matches
 MAX_DEPTH = 16  # the deepest draft node
+SOURCE_NAMES = ("request", "store", "corpus")  # the sources of a Suffix drafter, in its order
 
 
 class SuffixAutomaton:
@@ -249,15 +252,15 @@ class SuffixStore:
         self.tokens = 0
         self.version = 0  # changes with the automaton (a server's other forks add to it): matches are redone
         self.automaton = SuffixAutomaton()
-        self._previous: list[int] = []
+        self.previous: list[int] = []  # the last request added, which the next is compared with
 
     def add(self, tokens: list[int]) -> None:
         shared = 0
-        for a, b in zip(self._previous, tokens):
+        for a, b in zip(self.previous, tokens):
             if a != b:
                 break
             shared += 1
-        self._previous = tokens
+        self.previous = tokens
         piece = tokens[max(shared - self.overlap, 0) :][-self.capacity :]
         if not piece:
             return
@@ -269,6 +272,22 @@ class SuffixStore:
             return
         while self.tokens > self.capacity * 3 // 4 and len(self.pieces) > 1:
             self.tokens -= len(self.pieces.popleft())
+        self._rebuild()
+
+    def restore(self, pieces: list[list[int]], previous: list[int]) -> None:
+        """Hold ``pieces`` (oldest first; the newest that fit the capacity) and compare the next
+        request with ``previous``, as :meth:`add` left them (a state file's)."""
+        kept, tokens = deque(), 0
+        for piece in reversed(pieces):
+            if tokens + len(piece) > self.capacity:
+                break
+            kept.appendleft(piece)
+            tokens += len(piece)
+        self.pieces, self.tokens, self.previous = kept, tokens, previous
+        self.version += 1
+        self._rebuild()
+
+    def _rebuild(self) -> None:
         self.automaton = SuffixAutomaton()
         for piece in self.pieces:
             self.automaton.extend([SEPARATOR, *piece] if self.automaton.size else piece)
@@ -280,7 +299,8 @@ class TenantStores:
 
     def __init__(self, capacity: int = 1 << 16, tenants: int = 8):
         self.capacity, self.tenants = capacity, tenants
-        self.stores: OrderedDict[str | None, SuffixStore] = OrderedDict()
+        self.stores: OrderedDict[str | None, SuffixStore] = OrderedDict()  # least recently used first
+        self.sources: weakref.WeakSet[StoreSource] = weakref.WeakSet()  # the drafters' sources reading them
 
     def __call__(self, tenant: str | None) -> SuffixStore:
         store = self.stores.get(tenant)
@@ -291,6 +311,60 @@ class TenantStores:
         self.stores.move_to_end(tenant)
         return store
 
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Every tenant's stored requests as named arrays for a state file
+        (:mod:`freespec.drafters.state`), the requests the sources have not stored yet included."""
+        for source in list(self.sources):
+            source.store_request()
+        names, named, owners, lengths, tokens, previous_lengths, previous = [], [], [], [], [], [], []
+        for index, (tenant, store) in enumerate(self.stores.items()):
+            names.append(tenant or "")
+            named.append(tenant is not None)
+            for piece in store.pieces:
+                owners.append(index)
+                lengths.append(len(piece))
+                tokens.extend(piece)
+            previous_lengths.append(len(store.previous))
+            previous.extend(store.previous)
+        return {"suffix_tenants": np.array(names, dtype=str), "suffix_tenant_named": np.array(named, dtype=np.int8),
+                "suffix_piece_tenants": np.array(owners, dtype=np.int32),
+                "suffix_piece_lengths": np.array(lengths, dtype=np.int64),
+                "suffix_tokens": np.array(tokens, dtype=np.int32),
+                "suffix_previous_lengths": np.array(previous_lengths, dtype=np.int64),
+                "suffix_previous": np.array(previous, dtype=np.int32)}
+
+    def prepare(self, check: StateCheck) -> Callable[[], None] | None:
+        """Check the stores a state file holds (:meth:`arrays`); return what takes them over (the
+        most recently used tenants that fit), None if it holds none. Raises
+        :class:`DamagedStateError` for arrays missing or holding values no run writes."""
+        if "suffix_tokens" not in check.state:
+            return None
+        names = check.strings("suffix_tenants", lambda name: True)
+        count = len(names)
+        named = check.array("suffix_tenant_named", (count,), True, 0, 1)
+        owners = check.array("suffix_piece_tenants", (None,), True, 0, count - 1)
+        lengths = check.array("suffix_piece_lengths", owners.shape, True, 1, math.inf)
+        tokens = check.ids("suffix_tokens", (None,))
+        previous_lengths = check.array("suffix_previous_lengths", (count,), True, 0, math.inf)
+        previous = check.ids("suffix_previous", (None,))
+        if lengths.sum() != len(tokens) or previous_lengths.sum() != len(previous):
+            raise check.damaged("the suffix stores' lengths do not add up to their tokens")
+        pieces: list[list[list[int]]] = [[] for _ in names]
+        ends = np.cumsum(lengths).tolist()
+        for owner, start, end in zip(owners.tolist(), [0, *ends[:-1]], ends):
+            pieces[owner].append(tokens[start:end].tolist())
+        previous_ends = np.cumsum(previous_lengths).tolist()
+        stores: OrderedDict[str | None, SuffixStore] = OrderedDict()
+        for index in range(max(count - self.tenants, 0), count):
+            store = stores[names[index] if named[index] else None] = SuffixStore(self.capacity)
+            end = previous_ends[index]
+            store.restore(pieces[index], previous[end - int(previous_lengths[index]) : end].tolist())
+
+        def apply() -> None:  # the sources' matches see new store objects, and are redone
+            self.stores = stores
+
+        return apply
+
 
 class StoreSource(SuffixSource):
     """The tenant's earlier requests: each request is stored when the next one begins."""
@@ -298,6 +372,7 @@ class StoreSource(SuffixSource):
     def __init__(self, stores: TenantStores | None = None, **limits):
         super().__init__(**limits)
         self.stores = stores or TenantStores()
+        self.stores.sources.add(self)
         self.tenant: str | None = None
         self._next_tenant: str | None = None
         self._context: np.ndarray | None = None  # this request's context at its last proposal
@@ -308,9 +383,16 @@ class StoreSource(SuffixSource):
         self._next_tenant = tenant
 
     def begin(self, prompt: np.ndarray, prompt_logits: torch.Tensor | None) -> None:
-        if self._context is not None:  # the previous request is over: store it for its tenant
+        self.store_request()  # the previous request is over
+        self.tenant, self._matched = self._next_tenant, 0
+
+    def store_request(self) -> None:
+        """Store this source's request (over, or under way: a save) for its tenant, as far as it
+        has read it. Storing a request again later stores only what it added since
+        (:meth:`SuffixStore.add`)."""
+        if self._context is not None:
             self.stores(self.tenant).add(self._context.tolist())
-        self.tenant, self._context, self._matched = self._next_tenant, None, 0
+            self._context = None
 
     def matches(self, context: np.ndarray) -> list[tuple[object, int]]:
         store = self.stores(self.tenant)
@@ -416,3 +498,13 @@ class Suffix(Fused):
                 datastore = Datastore(datastore, tokenizer, vocab_size)
             sources.append(CorpusSource(datastore))
         super().__init__(sources)
+
+    def calibrations(self) -> dict[str, DepthCalibration]:
+        """The fused calibration and each source's, by name."""
+        return {"fused": self.calibration, **{name: source.calibration for name, source in zip(SOURCE_NAMES, self.drafters)}}
+
+    def use_calibrations(self, calibrations: dict[str, DepthCalibration]) -> None:
+        """Score and learn with another suffix drafter's :meth:`calibrations` (one with as many sources)."""
+        self.calibration = calibrations["fused"]
+        for name, source in zip(SOURCE_NAMES, self.drafters):
+            source.calibration = calibrations[name]

@@ -21,11 +21,13 @@ import hashlib
 import hmac
 import ipaddress
 import logging
+import os
 import socket
 import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import AsyncIterator, Protocol, Sequence
 
 import jinja2
@@ -46,8 +48,9 @@ from freespec.api import Model
 from freespec.drafters import FACTORIES, check_name
 from freespec.engine.sampling import SamplingParams
 from freespec.engine.textstream import check_stops
-from freespec.serve import DEFAULT_MAX_BATCH, DEFAULT_PREFIX_CACHE_MB
+from freespec.serve import DEFAULT_MAX_BATCH, DEFAULT_PREFIX_CACHE_MB, DEFAULT_STATE_INTERVAL
 from freespec.serve.metrics import ServerMetrics
+from freespec.serve.persistence import StateFile
 from freespec.serve.scheduler import (
     Delta,
     Event,
@@ -194,7 +197,8 @@ class Service:
 
     def __init__(self, model: Model, served_name: str, drafter: str, drafters: Sequence[str], max_tokens: int,
                  max_queue: int, prefix_reuse: bool, request_timeout: float | None, prefix_cache_mb: float,
-                 max_batch: int = DEFAULT_MAX_BATCH):
+                 max_batch: int = DEFAULT_MAX_BATCH, state: Path | None = None,
+                 state_interval: float = DEFAULT_STATE_INTERVAL):
         self.model, self.served_name, self.max_tokens = model, served_name, max_tokens
         self.drafter = canonical_drafter(drafter)
         self.drafters = tuple(dict.fromkeys([self.drafter, *map(canonical_drafter, drafters)]))
@@ -205,7 +209,9 @@ class Service:
         self.created = int(time.time())
         self._encoding = threading.Lock()  # a fast tokenizer must not encode twice at once
         decoder = copy.deepcopy(model.tokenizer)  # the generation thread's own: encoding never holds it up
-        self.scheduler = Scheduler(model, max_queue, decoder, prefix_reuse, request_timeout, prefix_cache_mb, max_batch)
+        self.state = None if state is None else StateFile(model, state, state_interval)
+        self.scheduler = Scheduler(model, max_queue, decoder, prefix_reuse, request_timeout, prefix_cache_mb, max_batch,
+                                   after_request=None if self.state is None else self.state.request_ended)
         self.metrics = self.scheduler.metrics
 
     def start(self) -> None:
@@ -213,6 +219,8 @@ class Service:
 
     async def stop(self) -> None:
         await asyncio.to_thread(self.scheduler.stop)
+        if self.state is not None:  # what the drafters learned, once no request runs
+            await asyncio.to_thread(self.state.close)
 
     def close(self) -> None:
         """End every open answer now (the server is stopping)."""
@@ -425,7 +433,8 @@ def create_app(model: Model, *, served_name: str | None = None, drafter: str = D
                drafters: Sequence[str] = ("none",), max_tokens: int = 256, max_queue: int = 64,
                api_keys: Sequence[str] = (), max_body_bytes: int = 1 << 20, prefix_reuse: bool = True,
                request_timeout: float | None = None, prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB,
-               max_batch: int = DEFAULT_MAX_BATCH) -> FastAPI:
+               max_batch: int = DEFAULT_MAX_BATCH, state: str | os.PathLike | None = None,
+               state_interval: float = DEFAULT_STATE_INTERVAL) -> FastAPI:
     """The ASGI app serving ``model``; its generation thread runs while the app's lifespan does.
 
     ``drafters``: the drafters a request may name besides ``drafter`` (each is built once and kept).
@@ -434,26 +443,29 @@ def create_app(model: Model, *, served_name: str | None = None, drafter: str = D
     memory those rows may take (0: only the previous request's). ``request_timeout``: seconds from
     arrival after which a request is stopped (504), queueing and prefill included. ``max_batch``:
     requests generating at once, each forward pass carrying a step of each (their answers are the
-    same as alone: the kernels are batch-invariant).
+    same as alone: the kernels are batch-invariant). ``state``: a file the drafters' learned state
+    (:meth:`freespec.api.Model.save_state`) is saved to every ``state_interval`` seconds while
+    requests end and when the server stops (load it into ``model`` first to start warm).
     """
     return build_app(create_service(model, served_name=served_name, drafter=drafter, drafters=drafters,
                                     max_tokens=max_tokens, max_queue=max_queue, prefix_reuse=prefix_reuse,
                                     request_timeout=request_timeout, prefix_cache_mb=prefix_cache_mb,
-                                    max_batch=max_batch),
+                                    max_batch=max_batch, state=state, state_interval=state_interval),
                      api_keys=api_keys, max_body_bytes=max_body_bytes)
 
 
 def create_service(model: Model, *, served_name: str | None = None, drafter: str = DEFAULT_DRAFTER,
                    drafters: Sequence[str] = ("none",), max_tokens: int = 256, max_queue: int = 64,
                    prefix_reuse: bool = True, request_timeout: float | None = None,
-                   prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB, max_batch: int = DEFAULT_MAX_BATCH) -> Service:
+                   prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB, max_batch: int = DEFAULT_MAX_BATCH,
+                   state: str | os.PathLike | None = None, state_interval: float = DEFAULT_STATE_INTERVAL) -> Service:
     """The :class:`Service` of :func:`create_app` (its options), checked; not started."""
     for name, value in (("max_tokens", max_tokens), ("max_queue", max_queue), ("request_timeout", request_timeout),
-                        ("max_batch", max_batch)):
+                        ("max_batch", max_batch), ("state_interval", state_interval)):
         if value is not None and value <= 0:
             raise ValueError(f"{name} must be positive, got {value}")
     return Service(model, served_name or model.name, drafter, drafters, max_tokens, max_queue, prefix_reuse,
-                   request_timeout, prefix_cache_mb, max_batch)
+                   request_timeout, prefix_cache_mb, max_batch, None if state is None else Path(state), state_interval)
 
 
 class Serving(Protocol):

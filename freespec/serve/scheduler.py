@@ -192,13 +192,14 @@ class Scheduler:
     torch's it stays off, and so does batching. ``request_timeout``: seconds from arrival after
     which a job is stopped and fails with 504 (None: no deadline). ``share_budget``: let the
     batch choose each request's draft size (:mod:`freespec.engine.batch`). ``tokenizer``: the
-    generation thread's own, which turns tokens into text.
+    generation thread's own, which turns tokens into text. ``after_request``: called on the
+    generation thread after each request on the model ends, between passes (a state file's save).
     """
 
     def __init__(self, model: Model, max_queue: int, tokenizer,
                  prefix_reuse: bool = True, request_timeout: float | None = None,
                  prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB, max_batch: int = DEFAULT_MAX_BATCH,
-                 share_budget: bool = True):
+                 share_budget: bool = True, after_request: Callable[[], None] | None = None):
         if prefix_cache_mb < 0:
             raise ValueError(f"prefix_cache_mb must be >= 0, got {prefix_cache_mb}")
         if max_batch <= 0:
@@ -212,6 +213,7 @@ class Scheduler:
         self.prefix_reuse = prefix_reuse and model.runner.kernels.batch_invariant
         self.prefixes = PrefixCache(int(prefix_cache_mb * 2**20)) if self.prefix_reuse and prefix_cache_mb else None
         self.request_timeout = request_timeout
+        self.after_request = after_request
         self.batch = Batch(share=share_budget)
         self._queue: queue.Queue[Job | None] = queue.Queue()  # bounded by the slots
         self._lock = threading.Lock()
@@ -511,6 +513,8 @@ class Scheduler:
             self.metrics.prefix_evicted.inc(self.prefixes.save(slot.model.runner.cache, slot.tenant))
         self._idle.insert(0, slot)  # warmest first
         self._end(active.job, end)
+        if self.after_request is not None:
+            self.after_request()
 
     def _stopped(self, job: Job) -> Failed | None:
         """The failure that ends a job stopped by the server, None when it ended otherwise."""

@@ -10,11 +10,11 @@ from freespec.cli import main
 from freespec.drafters import DrafterSettings, create
 from freespec.drafters.recycling import (
     PAPER_TEMPLATE,
-    DamagedStateError,
     PairRows,
     TokenRecycling,
     order_template,
 )
+from freespec.drafters.state import DamagedStateError
 from freespec.engine.tree import DraftTree
 from tests.helpers import PROMPTS, make_model
 

@@ -471,7 +471,8 @@ def test_serve_command_passes_its_options(tiny_model_dir, monkeypatch):
     assert options == {"host": "127.0.0.1", "port": 8000, "log_level": "warning", "served_name": None,
                        "drafter": DEFAULT_DRAFTER, "drafters": ["none"], "max_tokens": 256, "max_queue": 3,
                        "api_keys": ["from-env"], "max_body_bytes": 1 << 20, "prefix_reuse": True,
-                       "request_timeout": None, "prefix_cache_mb": 512, "max_batch": 16}
+                       "request_timeout": None, "prefix_cache_mb": 512, "max_batch": 16, "state": None,
+                       "state_interval": 300.0}
     assert main(["serve", "--model", str(tiny_model_dir), "--quiet", "--drafters", "lookup+recycling,none",
                  "--api-key", "a", "--api-key", "b", "--no-prefix-reuse", "--request-timeout", "2.5",
                  "--prefix-cache-mb", "0.5", "--max-batch", "4"]) == 0
