@@ -213,6 +213,8 @@ class Service:
         self.scheduler = Scheduler(model, max_queue, decoder, prefix_reuse, request_timeout, prefix_cache_mb, max_batch,
                                    after_request=None if self.state is None else self.state.request_ended)
         self.metrics = self.scheduler.metrics
+        if self.state is not None:
+            self.state.counted = lambda outcome: self.metrics.state_saves.inc(outcome=outcome)
 
     def start(self) -> None:
         self.scheduler.start()

@@ -238,6 +238,8 @@ class ServerMetrics:
                                               "Time from arrival to the first generated text.")
         self.latency = registry.histogram("freespec_request_duration_seconds",
                                           "Time from arrival to the last token, by endpoint.", ("endpoint",))
+        self.state_saves = registry.counter("freespec_state_saves_total", "Saves of the drafters' state to "
+                                            "--state, by outcome: ok, failed (the server log says why).", ("outcome",))
         self._drafters: set[str] = set()
 
     def _mean_accepted(self) -> dict[tuple[str, ...], float]:

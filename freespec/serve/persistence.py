@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -40,7 +41,7 @@ class StateFile:
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="freespec-state")
         self._last = time.monotonic()
         self._pending: Future | None = None
-        self.saves = 0  # files written
+        self.counted: Callable[[str], None] = lambda outcome: None  # told each save's outcome: "ok" or "failed"
 
     def request_ended(self) -> None:
         """Save if ``interval`` has passed since the last save and no write is under way."""
@@ -64,6 +65,8 @@ class StateFile:
     def _write(self, arrays: dict[str, np.ndarray]) -> None:
         try:
             write_state(self.path, arrays)
-            self.saves += 1
         except OSError as error:
             log.error("could not save the drafters' state to %s: %s", self.path, error.strerror or error)
+            self.counted("failed")
+        else:
+            self.counted("ok")

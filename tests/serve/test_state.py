@@ -62,7 +62,7 @@ def test_the_state_is_saved_while_requests_end(tiny_model_dir, tmp_path):
     state.unlink()
     with serve(tiny_model_dir, state, state_interval=0.001) as url:
         ask(url, "alice")
-        wait_for(state.exists, seconds=10)
+        wait_for(lambda: metric(url, "freespec_state_saves_total", outcome="ok") == 1, seconds=10)
         assert "suffix_tokens" in np.load(state).files
 
 
@@ -76,6 +76,8 @@ def test_a_failed_save_is_logged_and_serving_goes_on(tiny_model_dir, tmp_path, m
     with caplog.at_level(logging.ERROR, logger="freespec.serve"), serve(tiny_model_dir, state, state_interval=0.01) as url:
         for _ in range(3):
             ask(url, "alice")
+        wait_for(lambda: metric(url, "freespec_state_saves_total", outcome="failed") >= 1, seconds=10)
+        assert metric(url, "freespec_state_saves_total", outcome="ok") == 0
     assert f"could not save the drafters' state to {state}: No space left on device" in caplog.text
     assert not state.exists()
 
