@@ -20,6 +20,7 @@ from freespec.drafters.lookup import PromptLookup
 from freespec.drafters.ngram_trie import TrieLookup
 from freespec.drafters.recycling import RecyclingTables, TokenRecycling
 from freespec.drafters.retrieval import Retrieval
+from freespec.drafters.scoring import DepthCalibration
 from freespec.drafters.state import DamagedStateError
 from freespec.drafters.suffix import Suffix, TenantStores
 from freespec.model.runner import ModelRunner
@@ -55,12 +56,7 @@ def _suffix(settings: DrafterSettings) -> Suffix:
     # one set of stores of earlier requests for the model: a tenant's requests run on any of a
     # server's forks, and each drafts from all of them; the corpus is optional
     stores = settings.shared.setdefault("suffix-stores", TenantStores())
-    drafter = Suffix(settings.datastore, settings.tokenizer, settings.vocab_size, stores=stores)
-    # its calibrations too: every fork scores its nodes by what all requests' steps taught (not
-    # kept in state files: they relearn within a request, where an old workload's would mislead)
-    drafter.use_calibrations(settings.shared.setdefault(f"suffix-calibrations-{len(drafter.drafters)}",
-                                                        drafter.calibrations()))
-    return drafter
+    return Suffix(settings.datastore, settings.tokenizer, settings.vocab_size, stores=stores)
 
 
 def _recycling(settings: DrafterSettings) -> TokenRecycling:
@@ -130,8 +126,26 @@ def create(name: str, settings: DrafterSettings) -> Drafter | None:
     if len(parts) > 1:
         if any(part in DRAWING for part in parts):
             settings = replace(settings, shared={})
-        return Fused([FACTORIES[part](settings) for part in parts])
-    return FACTORIES[name](settings)
+        drafter = Fused([FACTORIES[part](settings) for part in parts])
+    else:
+        drafter = FACTORIES[name](settings)
+    _share_calibrations(drafter, name, settings.shared)
+    return drafter
+
+
+def _share_calibrations(drafter: Drafter, name: str, shared: dict[str, object]) -> None:
+    """Give ``drafter`` (and a fusion's sources) the calibrations of the first drafter of that
+    name made with ``shared``: a server's forks then score their nodes by what every request's
+    steps taught. Each fork's own saw only its share of a batch's steps, and scored drafts at
+    their priors, which a batched pass, verifying a node only where it pays, left out. They are
+    not kept in state files: they relearn within a few requests, where an old workload's misled."""
+    parts = [part for part in (drafter, *getattr(drafter, "drafters", ()))
+             if isinstance(getattr(part, "calibration", None), DepthCalibration)]
+    if not parts:
+        return
+    calibrations = shared.setdefault(f"calibrations-{name}", [part.calibration for part in parts])
+    for part, calibration in zip(parts, calibrations):
+        part.calibration = calibration
 
 
 __all__ = ["DRAFTERS", "Aded", "BaseDrafter", "DamagedStateError", "DraftModel", "Drafter", "DrafterSettings",

@@ -38,13 +38,12 @@ import torch
 from freespec.drafters.datastore import SEPARATOR, Datastore, longest_match
 from freespec.drafters.fused import Fused
 from freespec.drafters.grow import grow
-from freespec.drafters.scoring import CalibratedDrafter, DepthCalibration, match_group
+from freespec.drafters.scoring import CalibratedDrafter, match_group
 from freespec.drafters.state import StateCheck
 from freespec.engine.tree import DraftTree
 
 MAX_MATCH = 24  # the longest context suffix a source matches
 MAX_DEPTH = 16  # the deepest draft node
-SOURCE_NAMES = ("request", "store", "corpus")  # the sources of a Suffix drafter, in its order
 
 
 class SuffixAutomaton:
@@ -498,13 +497,3 @@ class Suffix(Fused):
                 datastore = Datastore(datastore, tokenizer, vocab_size)
             sources.append(CorpusSource(datastore))
         super().__init__(sources)
-
-    def calibrations(self) -> dict[str, DepthCalibration]:
-        """The fused calibration and each source's, by name."""
-        return {"fused": self.calibration, **{name: source.calibration for name, source in zip(SOURCE_NAMES, self.drafters)}}
-
-    def use_calibrations(self, calibrations: dict[str, DepthCalibration]) -> None:
-        """Score and learn with another suffix drafter's :meth:`calibrations` (one with as many sources)."""
-        self.calibration = calibrations["fused"]
-        for name, source in zip(SOURCE_NAMES, self.drafters):
-            source.calibration = calibrations[name]

@@ -48,3 +48,24 @@ def test_calibrated_drafter_learns_a_verified_prefix_then_the_shadow_beyond_it()
     drafter.learn(DraftTree.root_only(0), None, [0])  # a root-only step teaches nothing
     drafter.learn(DraftTree(np.array([0, 1]), np.array([-1, 0])), None, [0])  # nor a tree it did not grow
     assert drafter.calibration.tries.sum() == 6
+
+
+@pytest.mark.parametrize("name", ["suffix", "lookup", "trie", "recycling+lookup", "suffix+trie"])
+def test_a_models_forks_score_by_one_set_of_calibrations(name):
+    """Every fork's drafter of one name scores by what all the model's requests taught: at 8
+    requests at once, each fork's own calibration saw an eighth of the steps, and its drafts
+    stayed out of the batched passes. Models with their own state (a benchmark's methods) do not share."""
+    from tests.helpers import PROMPTS, make_model
+
+    model = make_model("llama", 1, budget=16)
+    drafters = [fork.drafter(name)[0] for fork in (model, model.fork(), model.fork())]
+    parts = [[part for part in (drafter, *getattr(drafter, "drafters", ()))
+              if isinstance(getattr(part, "calibration", None), DepthCalibration)] for drafter in drafters]
+    assert parts[0] and len({id(part.calibration) for part in parts[0]}) == len(parts[0])
+    for same in zip(*parts):
+        assert same[0].calibration is same[1].calibration is same[2].calibration
+    forks = model.fork(), model.fork()
+    forks[0].generate(prompt_ids=PROMPTS[1], drafter=name, max_new_tokens=24)
+    assert parts[0][0].calibration.tries.sum() > 0  # one fork's request taught every fork
+    own = model.with_own_state().drafter(name)[0]
+    assert own.calibration is not drafters[0].calibration

@@ -121,20 +121,6 @@ def test_a_models_forks_draft_from_one_set_of_stores():
     assert model.fork().drafter("suffix")[0].drafters[1].stores is not stores[0]
 
 
-def test_a_models_forks_score_by_one_set_of_calibrations():
-    """Every fork's suffix drafter scores by what all the model's requests taught (at 8 requests
-    at once, each fork's own calibration saw an eighth of the steps and kept the store's drafts
-    below what a batched pass verifies)."""
-    model = make_model("llama", 1, budget=16)
-    drafters = [fork.drafter("suffix")[0] for fork in (model, model.fork(), model.fork())]
-    assert drafters[0].calibration is drafters[1].calibration is drafters[2].calibration
-    for sources in zip(*(drafter.drafters for drafter in drafters)):
-        assert sources[0].calibration is sources[1].calibration is sources[2].calibration
-    assert len({id(source.calibration) for source in drafters[0].drafters}) == len(drafters[0].drafters)
-    forks = model.with_own_state(), model.with_own_state()  # a benchmark's methods: each its own
-    assert forks[0].drafter("suffix")[0].calibration is not forks[1].drafter("suffix")[0].calibration
-
-
 def test_suffix_calibration_learns_from_verified_steps_and_shadow_drafts():
     model = make_model("llama", 1)  # budget chosen by the policy: shadow drafts
     generate(model, PROMPTS[0], "suffix", 48)
