@@ -116,7 +116,10 @@ class DepthCalibration:
     Depth d's bins start from depth d - 1's map (``prior`` pseudo-tries at its value; depth 1
     from the share itself), so deep nodes, rarely tried, borrow what is known above them. The maps
     are rebuilt at most every ``refresh`` learning calls: a step reads them for every node it
-    drafts, and a few steps' news do not move them much.
+    drafts, and a few steps' news do not move them much, except early: a group's n-th call
+    rebuilds them once 1 + n // 4 calls have come since the last build (a new process drafting
+    from stored answers otherwise scored them at the prior, 1/2 for one earlier occurrence, for
+    its first 32 steps).
 
     >>> calibration = DepthCalibration(groups=1, max_depth=2, bins=2, prior=1.0, refresh=1)
     >>> calibration(0, 1, 0.25), calibration(0, 2, 0.75)  # untrained: the share itself
@@ -135,6 +138,7 @@ class DepthCalibration:
         self._centres = ((np.arange(bins) + 0.5) / bins).tolist()
         self._maps: dict[int, list[list[float]]] = {}  # group → [depth] → values at the knots
         self._stale: dict[int, int] = {}  # per group: learning calls since its maps were built
+        self._calls: dict[int, int] = {}  # per group: learning calls in all
 
     def _check(self, group: int) -> None:
         """A group's counts and maps are made on first use: one outside the groups is refused then."""
@@ -198,7 +202,8 @@ class DepthCalibration:
             group_tries[index] += 1.0
             group_hits[index] += hit
         self._stale[group] = self._stale.get(group, 0) + 1
-        if self._stale[group] >= self.refresh:
+        self._calls[group] = calls = self._calls.get(group, 0) + 1
+        if self._stale[group] >= min(self.refresh, 1 + calls // 4):  # early news moves the maps most
             self._maps.pop(group, None)
 
 

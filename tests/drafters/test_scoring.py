@@ -69,3 +69,16 @@ def test_a_models_forks_score_by_one_set_of_calibrations(name):
     assert parts[0][0].calibration.tries.sum() > 0  # one fork's request taught every fork
     own = model.with_own_state().drafter(name)[0]
     assert own.calibration is not drafters[0].calibration
+
+
+def test_a_new_calibration_takes_its_first_lessons_at_once_then_batches_them():
+    calibration = DepthCalibration(groups=1)  # refresh=32
+    prior = calibration(0, 1, 0.55)
+    calibration.learn(0, [1] * 8, [0.55] * 8, [True] * 8)
+    first = calibration(0, 1, 0.55)
+    assert first > prior  # the first lesson counts at once (it waited 32 calls)
+    for _ in range(200):  # later ones are batched: the maps are rebuilt every 32 calls at most
+        calibration.learn(0, [1], [0.55], [False])
+    before = calibration(0, 1, 0.55)
+    calibration.learn(0, [1] * 50, [0.55] * 50, [True] * 50)
+    assert calibration(0, 1, 0.55) == before
