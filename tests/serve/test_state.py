@@ -5,6 +5,10 @@ server stops, and a server started from the file drafts warm, with the same answ
 from __future__ import annotations
 
 import logging
+import signal
+import socket
+import subprocess
+import sys
 
 import numpy as np
 
@@ -88,3 +92,35 @@ def test_the_command_line_refuses_a_state_it_could_not_keep(tiny_model_dir, tmp_
     assert f"cannot write the state file {missing}: its directory is missing or read-only" in capsys.readouterr().err
     assert main(["serve", "--model", str(tiny_model_dir), "--state", str(tmp_path / "s"), "--replicas", "2"]) == 2
     assert "--state keeps one process's drafter state: it cannot be used with --replicas" in capsys.readouterr().err
+
+
+def test_a_terminated_server_process_saves_its_state(tiny_model_dir, tmp_path):
+    """SIGTERM (what systemd and docker send) stops ``freespec serve`` through its shutdown, which
+    saves the state; the next process starts from it."""
+    state = tmp_path / "drafters.state"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "-m", "freespec", "serve", "--model", str(tiny_model_dir),
+                                "--port", str(port), "--state", str(state), "--quiet"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def up() -> bool:
+            assert process.poll() is None, process.stderr.read().decode()
+            try:
+                return post(url + "/health", b"", method="GET", timeout=2)[0] == 200
+            except OSError:
+                return False
+
+        wait_for(up, 120)
+        status, body, _ = post(url + "/v1/chat/completions", {"messages": QUESTION, "max_tokens": 12})
+        assert status == 200, body
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert "Traceback" not in stderr.decode()
+    assert len(np.load(state)["suffix_tokens"]) > 12  # the prompt and its answer
