@@ -4,15 +4,19 @@ the statistics and generation helpers several test folders use."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import importlib.util
 import json
 import math
 import os
+import socket
+import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -320,6 +324,34 @@ def wait_for(condition, seconds: float = 20) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.02)
+
+
+@contextlib.contextmanager
+def serve_process(*arguments: str) -> Iterator[tuple[subprocess.Popen, str]]:
+    """``freespec serve ARGUMENTS`` in a process of its own on a free loopback port: (the process,
+    its URL) once /health answers; killed on the way out if the test left it running."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "-m", "freespec", "serve", "--port", str(port), *arguments],
+                               cwd=Path(__file__).resolve().parents[1], env=os.environ.copy(),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        assert process.poll() is None, process.stderr.read().decode()
+        try:
+            return post(url + "/health", b"", method="GET", timeout=2)[0] == 200
+        except OSError:
+            return False
+
+    try:
+        wait_for(up, 120)
+        yield process, url
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
 
 
 def os_threads() -> int:

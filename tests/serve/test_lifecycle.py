@@ -5,14 +5,10 @@ in /health, and exposing the server without a key is warned about."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
@@ -21,7 +17,7 @@ from freespec.cli import main
 from freespec.model.runner import PrefillCancelled
 from freespec.serve import app as server_module
 from freespec.serve.app import BackgroundServer, create_app
-from tests.helpers import metric, open_stream, post, wait_for
+from tests.helpers import metric, open_stream, post, serve_process, wait_for
 
 LONG_PROMPT = [5 + i % 200 for i in range(3900)]  # token ids: 8 prefill chunks of at most 512
 CHUNKS = 8
@@ -136,32 +132,11 @@ def test_stopping_the_server_ends_open_answers_at_once(long_model_dir, caplog):
     assert not [record for record in caplog.records if record.levelname in ("ERROR", "CRITICAL")]
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_ctrl_c_during_a_stream_ends_it_cleanly(long_model_dir):
     """``freespec serve`` interrupted mid-stream: at once the client gets an error event and [DONE];
     the process exits with 130 and one line, no traceback (it used to wait out the 5 s graceful
     timeout, cut the stream mid-send and print uvicorn's traceback of the cancelled task)."""
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "freespec", "serve", "--model", str(long_model_dir),
-                                "--port", str(port), "--drafter", "none", "--quiet"],
-                               cwd=Path(__file__).resolve().parents[2], env=os.environ.copy(),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        url = f"http://127.0.0.1:{port}"
-
-        def up() -> bool:
-            assert process.poll() is None, process.stderr.read().decode()
-            try:
-                return post(url + "/health", b"", method="GET", timeout=2)[0] == 200
-            except OSError:
-                return False
-
-        wait_for(up, 120)
+    with serve_process("--model", str(long_model_dir), "--drafter", "none", "--quiet") as (process, url):
         connection, response = open_stream(url, {"messages": [{"role": "user", "content": "w5"}],
                                                  "max_tokens": 4000}, timeout=10)
         for _ in range(3):
@@ -171,10 +146,6 @@ def test_ctrl_c_during_a_stream_ends_it_cleanly(long_model_dir):
         events = read_events(response, 3)
         connection.close()
         _, stderr = process.communicate(timeout=60)  # the interpreter's exit (torch's teardown) takes seconds
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
     assert events[-1] == "data: [DONE]" and "the server is shutting down" in events[-2]
     assert process.returncode == 130
     assert "Traceback" not in stderr.decode() and stderr.decode().strip().endswith("freespec: interrupted")

@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import socket
-import subprocess
-import sys
 
 import numpy as np
 
@@ -16,7 +13,7 @@ import freespec
 from freespec.cli import main
 from freespec.serve import persistence
 from freespec.serve.app import BackgroundServer, create_app, tenant_of
-from tests.helpers import metric, post, wait_for
+from tests.helpers import metric, post, serve_process, wait_for
 
 QUESTION = [{"role": "user", "content": "w11 w12 w13 w14 w15 w16 w17 w18 w19 w20"}]
 
@@ -98,29 +95,10 @@ def test_a_terminated_server_process_saves_its_state(tiny_model_dir, tmp_path):
     """SIGTERM (what systemd and docker send) stops ``freespec serve`` through its shutdown, which
     saves the state; the next process starts from it."""
     state = tmp_path / "drafters.state"
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    process = subprocess.Popen([sys.executable, "-m", "freespec", "serve", "--model", str(tiny_model_dir),
-                                "--port", str(port), "--state", str(state), "--quiet"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        def up() -> bool:
-            assert process.poll() is None, process.stderr.read().decode()
-            try:
-                return post(url + "/health", b"", method="GET", timeout=2)[0] == 200
-            except OSError:
-                return False
-
-        wait_for(up, 120)
+    with serve_process("--model", str(tiny_model_dir), "--state", str(state), "--quiet") as (process, url):
         status, body, _ = post(url + "/v1/chat/completions", {"messages": QUESTION, "max_tokens": 12})
         assert status == 200, body
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
     assert "Traceback" not in stderr.decode()
     assert len(np.load(state)["suffix_tokens"]) > 12  # the prompt and its answer
