@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 from pathlib import Path
+from typing import IO
 
 
 def cache_dir() -> Path:
@@ -17,7 +18,7 @@ def cache_dir() -> Path:
 
 
 class AtomicFile:
-    """A text file written under a temporary name beside ``path`` and renamed onto it by
+    """A text (or ``binary``) file written under a temporary name beside ``path`` and renamed onto it by
     :meth:`commit`: until then ``path`` keeps its old content (or stays absent), whatever happens
     to the writer. Leaving the ``with`` block without a commit deletes the temporary file.
 
@@ -34,15 +35,20 @@ class AtomicFile:
     ('newer', ['out.txt'])
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, binary: bool = False):
         self.path = Path(path)
         if self.path.is_dir():
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(self.path))
         # a name of our own in the same folder (so the rename stays on one file system); opened
         # with "x" like any new file, so it gets the usual permissions
         self.temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")
-        self._file = open(self.temporary, "x", encoding="utf-8")
+        self._file = open(self.temporary, "xb") if binary else open(self.temporary, "x", encoding="utf-8")
         self.committed = False
+
+    @property
+    def stream(self) -> IO:
+        """The temporary file itself, for writers that seek (numpy's archives)."""
+        return self._file
 
     def write(self, text: str) -> int:
         return self._file.write(text)

@@ -338,7 +338,7 @@ class TenantStores:
         :class:`DamagedStateError` for arrays missing or holding values no run writes."""
         if "suffix_tokens" not in check.state:
             return None
-        names = check.strings("suffix_tenants", lambda name: True)
+        names = check.strings("suffix_tenants")
         count = len(names)
         named = check.array("suffix_tenant_named", (count,), True, 0, 1)
         owners = check.array("suffix_piece_tenants", (None,), True, 0, count - 1)
