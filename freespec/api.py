@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from freespec import DEFAULT_DRAFTER
-from freespec.drafters import DamagedStateError, Drafter, DrafterSettings, create
+from freespec.drafters import DRAWING, DamagedStateError, Drafter, DrafterSettings, create
 from freespec.drafters.state import VOCAB_KEY, Learned, StateCheck, read_state, write_state
 from freespec.engine.batch import Batch, Running, waits_for
 from freespec.engine.budget import BudgetPolicy
@@ -175,6 +175,9 @@ class Model:
                 self._costs.append(load_or_measure(self.runner))
             costs = self._costs[0]
             policy = BudgetPolicy(costs, candidates=[q - 1 for q in costs if q > 1])
+            if not any(part in DRAWING for part in name.split("+")):
+                # one policy for the forks too (a drawing drafter's decides sampled tokens: its own)
+                policy = self._shared.setdefault(f"policy-{name}", policy)
             self._drafters[name] = (drafter, policy)
             return self._drafters[name]
 

@@ -65,6 +65,7 @@ def test_a_models_forks_score_by_one_set_of_calibrations(name):
     for same in zip(*parts):
         assert same[0].calibration is same[1].calibration is same[2].calibration
     forks = model.fork(), model.fork()
+    assert model.drafter(name)[1] is forks[0].drafter(name)[1] is forks[1].drafter(name)[1]  # one budget policy
     forks[0].generate(prompt_ids=PROMPTS[1], drafter=name, max_new_tokens=24)
     assert parts[0][0].calibration.tries.sum() > 0  # one fork's request taught every fork
     own = model.with_own_state().drafter(name)[0]
@@ -82,3 +83,14 @@ def test_a_new_calibration_takes_its_first_lessons_at_once_then_batches_them():
     before = calibration(0, 1, 0.55)
     calibration.learn(0, [1] * 50, [0.55] * 50, [True] * 50)
     assert calibration(0, 1, 0.55) == before
+
+
+def test_a_drawing_drafters_forks_keep_their_own_policies():
+    """layerskip's drafts decide which sampled token comes out: a seed's tokens must not depend
+    on what another fork's requests taught its budget policy."""
+    from tests.helpers import make_model
+
+    model = make_model("llama", 1)
+    fork = model.fork()
+    for name in ("layerskip", "layerskip+lookup"):
+        assert model.drafter(name)[1] is not fork.drafter(name)[1]
