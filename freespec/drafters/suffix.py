@@ -253,14 +253,19 @@ class SuffixStore:
         self.automaton = SuffixAutomaton()
         self.previous: list[int] = []  # the last request added, which the next is compared with
 
-    def add(self, tokens: list[int]) -> None:
+    def piece_of(self, tokens: list[int]) -> list[int]:
+        """What :meth:`add` stores of ``tokens``: all but what they share with the previous request,
+        ``overlap`` tokens before that kept, at most ``capacity``."""
         shared = 0
         for a, b in zip(self.previous, tokens):
             if a != b:
                 break
             shared += 1
+        return tokens[max(shared - self.overlap, 0) :][-self.capacity :]
+
+    def add(self, tokens: list[int]) -> None:
+        piece = self.piece_of(tokens)
         self.previous = tokens
-        piece = tokens[max(shared - self.overlap, 0) :][-self.capacity :]
         if not piece:
             return
         self.pieces.append(piece)
@@ -312,14 +317,19 @@ class TenantStores:
 
     def arrays(self) -> dict[str, np.ndarray]:
         """Every tenant's stored requests as named arrays for a state file
-        (:mod:`freespec.drafters.state`), the requests the sources have not stored yet included."""
+        (:mod:`freespec.drafters.state`), with the requests its sources have not stored yet (over,
+        or under way) as they would store them; the stores themselves are left as they are."""
+        unstored: dict[str | None, list[list[int]]] = {}
         for source in list(self.sources):
-            source.store_request()
+            if (request := source.unstored()) is not None:
+                unstored.setdefault(request[0], []).append(request[1])
         names, named, owners, lengths, tokens, previous_lengths, previous = [], [], [], [], [], [], []
         for index, (tenant, store) in enumerate(self.stores.items()):
             names.append(tenant or "")
             named.append(tenant is not None)
-            for piece in store.pieces:
+            for piece in [*store.pieces, *(store.piece_of(request) for request in unstored.get(tenant, []))]:
+                if not piece:
+                    continue
                 owners.append(index)
                 lengths.append(len(piece))
                 tokens.extend(piece)
@@ -386,12 +396,14 @@ class StoreSource(SuffixSource):
         self.tenant, self._matched = self._next_tenant, 0
 
     def store_request(self) -> None:
-        """Store this source's request (over, or under way: a save) for its tenant, as far as it
-        has read it. Storing a request again later stores only what it added since
-        (:meth:`SuffixStore.add`)."""
+        """Store this source's request (over) for its tenant, as far as it has read it."""
         if self._context is not None:
             self.stores(self.tenant).add(self._context.tolist())
             self._context = None
+
+    def unstored(self) -> tuple[str | None, list[int]] | None:
+        """(tenant, tokens) of the request this source has read and not stored yet, if any."""
+        return None if self._context is None else (self.tenant, self._context.tolist())
 
     def matches(self, context: np.ndarray) -> list[tuple[object, int]]:
         store = self.stores(self.tenant)

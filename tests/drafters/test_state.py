@@ -52,20 +52,23 @@ def test_restored_stores_keep_the_newest_that_fit(tmp_path):
     assert [len(piece) for piece in smaller.stores[None].pieces] == [27]  # the older 30-token piece does not fit
 
 
-def test_a_request_under_way_or_not_yet_filed_is_saved_once():
-    """A source files its request when its next one begins; a save files it first, and the next
-    begin then adds only what the request read since."""
+def test_a_request_under_way_or_not_yet_stored_is_saved_and_the_stores_are_left_alone():
+    """A source stores its request when its next one begins; a save takes it as it would be
+    stored (without what it shares with the tenant's previous request but for the overlap), and
+    leaves the live store alone, so the request is stored once, whole, when the next one begins."""
     stores = TenantStores()
+    stores("a").add(list(range(100, 130)))
     source = StoreSource(stores)
     source.set_tenant("a")
     source.begin(np.array([1, 2, 3]), None)
-    source.matches(np.arange(40))
-    assert stores("a").tokens == 0
+    source.matches(np.array([*range(100, 130), *range(40)]))  # the chat's next turn, under way
     arrays = stores.arrays()
-    assert arrays["suffix_tokens"].tolist() == list(range(40)) and stores("a").tokens == 40
-    source.matches(np.arange(50))  # the request goes on
+    assert arrays["suffix_piece_lengths"].tolist() == [30, 24 + 40]  # the overlap, then the new part
+    assert arrays["suffix_tokens"].tolist()[30:] == [*range(106, 130), *range(40)]
+    assert stores("a").tokens == 30 and arrays["suffix_previous"].tolist() == list(range(100, 130))
+    source.matches(np.array([*range(100, 130), *range(50)]))  # the request goes on
     source.begin(np.array([1, 2, 3]), None)
-    assert list(stores("a").pieces) == [list(range(40)), list(range(16, 50))]  # 24 tokens before the new ones
+    assert list(stores("a").pieces) == [list(range(100, 130)), [*range(106, 130), *range(50)]]
 
 
 def test_damaged_suffix_arrays_are_refused_in_one_line_and_change_nothing(tmp_path):
