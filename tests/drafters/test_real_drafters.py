@@ -49,7 +49,7 @@ def test_a_state_file_warms_the_suffix_drafter_of_a_new_process(tmp_path):
     warm.load_state(tmp_path / "drafters.state")
     runs = [model.generate(PROMPTS[1], drafter="suffix", max_new_tokens=48) for model in (cold, warm)]
     assert [run.token_ids for run in runs] == [plain, plain]
-    assert runs[1].stats.mean_accepted > max(3.0, 2 * runs[0].stats.mean_accepted)
+    assert runs[1].stats.mean_accepted > max(2.5, 2 * runs[0].stats.mean_accepted)  # 3.7-4.4 seen, cold 1.1
     sampled = [model.generate(PROMPTS[1], drafter=drafter, max_new_tokens=24, temperature=0.8, seed=5).token_ids
                for model, drafter in ((cold, "none"), (warm, "suffix"))]
     assert sampled[0] == sampled[1]
