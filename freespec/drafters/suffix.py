@@ -392,14 +392,9 @@ class StoreSource(SuffixSource):
         self._next_tenant = tenant
 
     def begin(self, prompt: np.ndarray, prompt_logits: torch.Tensor | None) -> None:
-        self.store_request()  # the previous request is over
-        self.tenant, self._matched = self._next_tenant, 0
-
-    def store_request(self) -> None:
-        """Store this source's request (over) for its tenant, as far as it has read it."""
-        if self._context is not None:
+        if self._context is not None:  # the previous request is over: store it for its tenant
             self.stores(self.tenant).add(self._context.tolist())
-            self._context = None
+        self.tenant, self._context, self._matched = self._next_tenant, None, 0
 
     def unstored(self) -> tuple[str | None, list[int]] | None:
         """(tenant, tokens) of the request this source has read and not stored yet, if any."""
