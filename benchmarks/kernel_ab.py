@@ -10,6 +10,7 @@ working tree is faster) and whether the two builds' logits had the same bits, as
 keeps the kernels' contract must.
 
     python benchmarks/kernel_ab.py --base HEAD~1 [--model PATH] [--sizes 1,2,4,8] [--rounds 30] [--context 256]
+    python benchmarks/kernel_ab.py --base HEAD~1 --sizes "" --requests 8 --context 400  # batched decoding steps
 
 The base revision's ``freespec.h`` must declare what the working tree's does (comments aside:
 both builds are called through one ABI); ``FREESPEC_KERNEL_ISA=avx2`` compares the AVX2 builds.
@@ -37,6 +38,7 @@ from freespec.kernels import abi, select
 from freespec.kernels.backend import CKernels
 from freespec.kernels.build import SOURCES, compile_library
 from freespec.model.loading import load
+from freespec.model.runner import BatchPass, batch_logits, forward_batch
 
 CONTEXT = 256
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -111,6 +113,48 @@ def paired_costs(runners: dict[str, object], sizes: list[int], rounds: int, batc
     return rows
 
 
+def batched_costs(runners: dict[str, object], requests: int, rounds: int, batch: int, cached: int = CONTEXT,
+                  seed: int = 0) -> dict:
+    """A batched decoding step of ``requests`` requests (each one token after ``cached`` cached tokens
+    of its own, in forks of the runner; one pass with attention per request, then one exact greedy
+    head call over all rows, as the server's batch runs them): each build's median ms per step over
+    ``rounds`` alternating batches of ``batch`` steps, the paired ratios' median (first build over
+    second) and whether the two builds' final hidden states had the same bits."""
+    generator = torch.Generator().manual_seed(seed)
+    vocab = min(1000, *(runner.vocab_size for runner in runners.values()))
+    contexts = [torch.randint(vocab, (cached + index,), generator=generator) for index in range(requests)]
+    tokens = torch.randint(vocab, (requests,), generator=generator)
+    forks = {name: [runner.fork() for _ in range(requests)] for name, runner in runners.items()}
+    for runs in forks.values():
+        for fork, context in zip(runs, contexts):
+            fork.reset(len(context) + 2)
+            fork.prefill(context)
+    passes = {name: [BatchPass(fork, tokens[index:index + 1], torch.tensor([len(contexts[index])]),
+                               torch.ones(1, 1, dtype=torch.bool)) for index, fork in enumerate(runs)]
+              for name, runs in forks.items()}
+
+    def step(name: str) -> list[torch.Tensor]:
+        hidden = forward_batch(passes[name])
+        for part in batch_logits(forks[name][0], hidden, [0] * requests):
+            part.argmax
+        return hidden
+
+    names = list(runners)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for index in range(rounds + 1):  # the first round warms both up
+        for name in names if index % 2 == 0 else reversed(names):
+            start = time.perf_counter()
+            for _ in range(batch):
+                step(name)
+            if index:
+                times[name].append(1000 * (time.perf_counter() - start) / batch)
+    first, second = names
+    hidden = {name: torch.cat(step(name)) for name in names}
+    return {"q": f"{requests} requests x 1", **{name: statistics.median(times[name]) for name in names},
+            "ratio": statistics.median(a / b for a, b in zip(times[first], times[second])),
+            "same_bits": torch.equal(hidden[first], hidden[second])}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", required=True, help="the git revision whose kernels to compare with")
@@ -119,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=30, help="alternations of the two builds per size")
     parser.add_argument("--batch", type=int, default=10, help="passes per build and round")
     parser.add_argument("--context", type=int, default=CONTEXT, help=f"cached tokens before each pass (default {CONTEXT})")
+    parser.add_argument("--requests", default="",
+                        help="also batched decoding steps of these numbers of requests, comma-separated "
+                             "(one token each after --context cached tokens plus one per request)")
     parser.add_argument("--whole-head", action="store_true",
                         help="time every pass with all its logits (default: a greedy step's, the exact greedy head's maxima)")
     args = parser.parse_args(argv)
@@ -129,8 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as directory:
         base = CKernels(build_revision(args.base, working.isa, Path(directory)), working.isa)
         runners = {"base": Model(loaded, kernels=base).runner, "working tree": Model(loaded, kernels=working).runner}
-        rows = paired_costs(runners, [int(size) for size in args.sizes.split(",")], args.rounds, args.batch,
-                            cached=args.context, whole_head=args.whole_head)
+        sizes = [int(size) for size in args.sizes.split(",") if size]
+        rows = paired_costs(runners, sizes, args.rounds, args.batch, cached=args.context, whole_head=args.whole_head)
+        rows += [batched_costs(runners, int(requests), args.rounds, args.batch, cached=args.context)
+                 for requests in args.requests.split(",") if requests]
     head = "all logits" if args.whole_head else "a greedy step's maxima"
     print(f"{working.isa} kernels, {torch.get_num_threads()} threads, {args.rounds} rounds of {args.batch} passes "
           f"after {args.context} cached tokens ({head}), base {args.base}\n")

@@ -973,29 +973,45 @@ static inline void block_attend(const AttentionCall *a, int64_t g, int64_t j0, i
             common_start = start[r] > common_start ? start[r] : common_start;
             common_end = seen[r] < common_end ? seen[r] : common_end;
         }
-        if (live < PV_ROWS || common_start > common_end) common_start = common_end = longest;
+        if (common_start > common_end) common_start = common_end = longest;
         for (int64_t column = 0; column < D; column += 64) {
             vec acc[PV_ROWS][64 / LANES];
             for (int64_t r = 0; r < live; r++)
                 for (int d = 0; d < 64 / LANES; d++) acc[r][d] = vec_zero();
-            /* each query's FMAs run over t in order whichever loop takes t: the rows all full
-             * queries read without a test per query, the others with one */
-#define PV_STEP(t, CHECK)                                                                                     \
+            /* each query's FMAs run over t in order whichever loop takes t: the rows all live
+             * queries read without a test per query, the others with one; the number of live
+             * queries is a constant of each loop (a decoding step's three queries a KV head had
+             * run the tested loop over every row, six queries' tests each) */
+#define PV_STEP(t, ROWS, CHECK)                                                                               \
     do {                                                                                                      \
         const float *v = v_head + (t) * D + column;                                                           \
         if ((t) + 16 < longest) prefetch((const char *)(v + 16 * D), 64 * sizeof(float)); /* 16 rows ahead */ \
         vec value[64 / LANES];                                                                                \
         for (int d = 0; d < 64 / LANES; d++) value[d] = vec_load(v + LANES * d);                              \
-        _Pragma("GCC unroll 6") for (int r = 0; r < PV_ROWS; r++) {                                           \
-            if (!(CHECK) || (r < live && start[r] <= (t) && (t) < seen[r])) {                                 \
+        _Pragma("GCC unroll 6") for (int r = 0; r < (ROWS); r++) {                                            \
+            if (!(CHECK) || (start[r] <= (t) && (t) < seen[r])) {                                             \
                 const vec pv = vec_set1(row_probs[r][t]);                                                     \
                 for (int d = 0; d < 64 / LANES; d++) acc[r][d] = vec_fma(pv, value[d], acc[r][d]);            \
             }                                                                                                 \
         }                                                                                                     \
     } while (0)
-            for (int64_t t = earliest; t < common_start; t++) PV_STEP(t, 1);
-            for (int64_t t = common_start; t < common_end; t++) PV_STEP(t, 0);
-            for (int64_t t = common_end; t < longest; t++) PV_STEP(t, 1);
+#define PV_KEYS(ROWS)                                                                                         \
+    do {                                                                                                      \
+        for (int64_t t = earliest; t < common_start; t++) PV_STEP(t, ROWS, 1);                                \
+        for (int64_t t = common_start; t < common_end; t++) PV_STEP(t, ROWS, 0);                              \
+        for (int64_t t = common_end; t < longest; t++) PV_STEP(t, ROWS, 1);                                   \
+    } while (0)
+            switch (live) {
+            case 1: PV_KEYS(1); break;
+            case 2: PV_KEYS(2); break;
+#ifdef FREESPEC_AVX512 /* PV_ROWS 6 */
+            case 3: PV_KEYS(3); break;
+            case 4: PV_KEYS(4); break;
+            case 5: PV_KEYS(5); break;
+#endif
+            default: PV_KEYS(PV_ROWS);
+            }
+#undef PV_KEYS
 #undef PV_STEP
             for (int64_t r = 0; r < live; r++) {
                 const int64_t j = j0 + r, i = j / group;
