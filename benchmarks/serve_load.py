@@ -9,9 +9,13 @@ than all at once at the start),
 p50/p99 inter-token latency (the gaps between streamed chunks, spread over their tokens) and
 failed or differing answers (each prompt's answer must be the same text at every load and with
 every drafter). ``--llama-cpp`` runs the same against llama-cpp-python's server on the same GGUF
-(one request at a time: it has no batching), when installed.
+(one request at a time: it has no batching), when installed. The clients stream over plain HTTP
+(``--client openai``: the official client, whose parsing costs more of the machine the server
+runs on); the server runs in this process unless ``--url`` names one started apart (``freespec
+serve --drafters DRAFTER,none``), as a deployment runs it.
 
     python benchmarks/serve_load.py --levels 1,2,4,8,16 --requests 32 --max-tokens 64 --llama-cpp
+    freespec serve --port 8011 &  python benchmarks/serve_load.py --url http://127.0.0.1:8011 --levels 1,8
 
 **Checking** (the default): each of ``--clients`` threads sends ``--requests`` greedy requests
 with the official ``openai`` client, cycling through a few prompts, both drafters and streaming
@@ -30,6 +34,7 @@ Only loopback addresses are accepted; the run stops by itself after ``--time-lim
 from __future__ import annotations
 
 import argparse
+import http.client
 import ipaddress
 import json
 import os
@@ -223,6 +228,55 @@ def _timed(client, model_id: str, prompt: str, max_tokens: int, extra: dict, sys
                 outcome.tokens = chunk.usage.completion_tokens
     except Exception as error:  # every failure counts; the run goes on
         outcome.error = f"{type(error).__name__}: {error}"
+    return _finished(outcome, parts)
+
+
+def _timed_http(url: str, api_key: str, model_id: str, prompt: str, max_tokens: int, extra: dict,
+                system: str = "") -> Timed:
+    """:func:`_timed` over a plain HTTP stream (the standard library's ``http.client``, each
+    ``data:`` line parsed with ``json``): the clients share the measured machine with the server,
+    and the ``openai`` client's per-chunk parsing took a few percent of a 2-core machine (see
+    docs/serving.md, Load test)."""
+    outcome = Timed(prompt)
+    messages = [{"role": "system", "content": system}] * bool(system) + [{"role": "user", "content": prompt}]
+    body = json.dumps({"model": model_id, "messages": messages, "max_tokens": max_tokens, "temperature": 0,
+                       "stream": True, "stream_options": {"include_usage": True}, **extra})
+    address = urlparse(url)
+    parts, last = [], None
+    started = time.perf_counter()
+    connection = http.client.HTTPConnection(address.hostname, address.port, timeout=600)
+    try:
+        connection.request("POST", address.path.rstrip("/") + "/v1/chat/completions", body,
+                           {"Content-Type": "application/json", "Authorization": f"Bearer {api_key}"})
+        response = connection.getresponse()
+        if response.status != 200:
+            raise RuntimeError(f"HTTP {response.status}: {response.read(300).decode(errors='replace')}")
+        for line in response:
+            if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+                continue
+            now = time.perf_counter()
+            chunk = json.loads(line[6:])
+            choices = chunk.get("choices")
+            content = choices[0].get("delta", {}).get("content") if choices else None
+            if content:
+                parts.append(content)
+                if last is None:
+                    outcome.first_token_seconds = now - started
+                else:
+                    outcome.gaps.append(now - last)
+                last = now
+            if chunk.get("usage"):
+                outcome.tokens = chunk["usage"]["completion_tokens"]
+    except Exception as error:  # every failure counts; the run goes on
+        outcome.error = f"{type(error).__name__}: {error}"
+    finally:
+        connection.close()
+    return _finished(outcome, parts)
+
+
+def _finished(outcome: Timed, parts: list[str]) -> Timed:
+    """``outcome`` with its text, and its tokens and gaps where the server sent several tokens a chunk
+    or no usage."""
     outcome.text = "".join(parts)
     if not outcome.error and not outcome.tokens:  # a server that sends no usage: one token a chunk
         outcome.tokens = len(parts)
@@ -232,14 +286,19 @@ def _timed(client, model_id: str, prompt: str, max_tokens: int, extra: dict, sys
     return outcome
 
 
+CLIENTS = ("http", "openai")
+"""The scaling mode's clients: plain HTTP streams (default) or the official ``openai`` client."""
+
+
 def run_level(url: str, model_id: str, clients: int, prompts: list[str], max_tokens: int,
-              extra: dict, api_key: str = "load-test", system: str = "") -> tuple[list[Timed], float]:
+              extra: dict, api_key: str = "load-test", system: str = "",
+              client: str = "http") -> tuple[list[Timed], float]:
     """``clients`` threads streaming one answer to each of ``prompts`` (each takes the next prompt
     as soon as its last answer is done, so every level serves the same work); the answers and the
     wall time of the whole level. ``api_key``: the tenant the requests come from; ``system``: a
-    system message every request starts with (none if empty)."""
-    import openai
-
+    system message every request starts with (none if empty); ``client``: one of CLIENTS."""
+    if client not in CLIENTS:
+        raise ValueError(f"client must be one of {', '.join(CLIENTS)}, got {client!r}")
     check_loopback(url)
     outcomes: list[Timed] = []
     lock = threading.Lock()
@@ -248,10 +307,16 @@ def run_level(url: str, model_id: str, clients: int, prompts: list[str], max_tok
     waiting = list(reversed(prompts[clients:]))
 
     def client_loop(prompt: str) -> None:
-        client = openai.OpenAI(base_url=url.rstrip("/") + "/v1", api_key=api_key, max_retries=0, timeout=600)
+        if client == "openai":
+            import openai
+
+            sdk = openai.OpenAI(base_url=url.rstrip("/") + "/v1", api_key=api_key, max_retries=0, timeout=600)
         first = True
         while True:
-            outcome = _timed(client, model_id, prompt, max_tokens, extra, system)
+            if client == "openai":
+                outcome = _timed(sdk, model_id, prompt, max_tokens, extra, system)
+            else:
+                outcome = _timed_http(url, api_key, model_id, prompt, max_tokens, extra, system)
             outcome.client_first, first = first, False
             with lock:
                 outcomes.append(outcome)
@@ -269,19 +334,19 @@ def run_level(url: str, model_id: str, clients: int, prompts: list[str], max_tok
 
 
 def scaling(url: str, model_id: str, server: str, modes: dict[str, dict], levels: list[int], prompts: list[str],
-            max_tokens: int, warm_up: list[str], system: str = "") -> list[dict]:
+            max_tokens: int, warm_up: list[str], system: str = "", client: str = "http") -> list[dict]:
     """One row per (speculation mode, clients): the scaling table's numbers. Each (mode, clients)
     run is a tenant of its own (its own API key): a drafter that keeps a tenant's earlier requests
     (``suffix``) would otherwise draft each answer from the same prompt's answer at an earlier
     level, and a server's prefix cache would spare it the prompts' prefill. ``system``: a system
-    message every request starts with."""
+    message every request starts with; ``client``: one of CLIENTS."""
     rows, answers, base = [], {}, {}  # answers: prompt -> the first text it got; base: mode -> 1-client rate
     for extra in modes.values():  # warm up: every slot exists and its drafters have learned, as in a running server
-        run_level(url, model_id, max(levels), warm_up, max_tokens, extra, system=system)
+        run_level(url, model_id, max(levels), warm_up, max_tokens, extra, system=system, client=client)
     for clients in levels:  # the modes interleaved at each level: a drifting machine shifts both alike
         for mode, extra in modes.items():
             outcomes, seconds = run_level(url, model_id, clients, prompts, max_tokens, extra,
-                                          api_key=f"load-test-{mode}-{clients}", system=system)
+                                          api_key=f"load-test-{mode}-{clients}", system=system, client=client)
             ok = [o for o in outcomes if not o.error]
             differing = 0
             for outcome in ok:
@@ -384,37 +449,46 @@ class LlamaCppServer:
 
 def main_scaling(args: argparse.Namespace) -> int:
     """The scaling table: freespec (with and without speculation), then llama-cpp-python's server."""
-    import urllib.request
-
     import freespec
     from freespec.model.loading import embedded_gguf_path
     from freespec.serve.app import BackgroundServer, create_app
 
     levels = [int(level) for level in args.levels.split(",")]
-    model = freespec.load(args.model, threads=args.threads)
+    model = freespec.load(args.model, threads=args.threads)  # with --url: its tokenizer makes the prompts
     every = spec_bench_prompts(args.requests + max(levels), args.prompt_tokens, model.tokenizer)
     prompts, warm_up = every[: args.requests], every[args.requests :]  # the warm-up asks other questions
     system = system_prompt(args.system_prompt_tokens, model.tokenizer) if args.system_prompt_tokens else ""
     print("| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS), flush=True)
-    model.drafter(args.drafter)  # its costs are measured before the clock starts, as `freespec serve` does
     modes = {args.drafter: {"drafter": args.drafter}, "none": {"drafter": "none"}}
     rows = []
-    # prefix reuse off unless asked: a level's requests then prefill their whole prompts, as the
-    # earlier tables in docs/serving.md were measured (levels are tenants of their own either way)
-    app = create_app(model, drafter=args.drafter, drafters=("none",), max_queue=max(64, max(levels)),
-                     max_batch=max(levels), prefix_reuse=args.prefix_reuse)
-    with BackgroundServer(app) as url:
-        rows += scaling(url, model.name, "freespec", modes, levels, prompts, args.max_tokens, warm_up, system)
+    if args.url:  # a server of its own process (`freespec serve --drafters DRAFTER,none`): its prefix reuse applies
+        rows += scaling(args.url, args.model_id or _first_model(args.url), "freespec", modes, levels, prompts,
+                        args.max_tokens, warm_up, system, args.client)
+    else:
+        model.drafter(args.drafter)  # its costs are measured before the clock starts, as `freespec serve` does
+        # prefix reuse off unless asked: a level's requests then prefill their whole prompts, as the
+        # earlier tables in docs/serving.md were measured (levels are tenants of their own either way)
+        app = create_app(model, drafter=args.drafter, drafters=("none",), max_queue=max(64, max(levels)),
+                         max_batch=max(levels), prefix_reuse=args.prefix_reuse)
+        with BackgroundServer(app) as url:
+            rows += scaling(url, model.name, "freespec", modes, levels, prompts, args.max_tokens, warm_up, system,
+                            args.client)
     if args.llama_cpp:
         gguf = embedded_gguf_path() if args.model == "default" else args.model
         with LlamaCppServer(str(gguf), threads=args.threads or os.cpu_count() or 1) as url:
-            with urllib.request.urlopen(url + "/v1/models", timeout=30) as response:
-                model_id = json.load(response)["data"][0]["id"]
-            rows += scaling(url, model_id, "llama-cpp-python", {"-": {}}, levels, prompts, args.max_tokens, warm_up,
-                            system)
+            rows += scaling(url, _first_model(url), "llama-cpp-python", {"-": {}}, levels, prompts, args.max_tokens,
+                            warm_up, system, args.client)
     if args.json:
         print(json.dumps(rows))
     return 1 if any(row["failed"] or (row["differing"] and row["server"] == "freespec") for row in rows) else 0
+
+
+def _first_model(url: str) -> str:
+    """The first model id a server lists at /v1/models."""
+    import urllib.request
+
+    with urllib.request.urlopen(url.rstrip("/") + "/v1/models", timeout=30) as response:
+        return json.load(response)["data"][0]["id"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -440,6 +514,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--system-prompt-tokens", type=int, default=0,
                         help="scaling mode: every request starts with the same system message of this many "
                              "tokens (default: none)")
+    parser.add_argument("--client", choices=CLIENTS, default="http",
+                        help="scaling mode: the clients' streams, plain HTTP (default: the lightest, since the "
+                             "clients share the machine with the server) or the official openai client")
     parser.add_argument("--prefix-reuse", action="store_true",
                         help="scaling mode: let freespec's server reuse the prompt rows a level's earlier or "
                              "running requests share (the server's default; off here by default)")

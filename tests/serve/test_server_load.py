@@ -68,6 +68,23 @@ def test_a_level_marks_each_clients_first_request(tiny_model_dir):
     assert sum(outcome.client_first for outcome in outcomes) == 3
 
 
+def test_the_plain_http_client_reads_what_the_openai_client_reads(tiny_model_dir):
+    """The scaling mode's default clients parse the stream themselves: the same answers, token
+    counts and first-token times as the official client's, and a refused request counted as failed."""
+    serve_load = load_script()
+    prompts = ["w1 w2 w3", "w9 w8 w7", "w5"]
+    with BackgroundServer(create_app(freespec.load(str(tiny_model_dir)), served_name="tiny")) as url:
+        by_client = {client: serve_load.run_level(url, "tiny", 2, prompts, 8, {"drafter": "none"}, client=client)[0]
+                     for client in serve_load.CLIENTS}
+        refused, _ = serve_load.run_level(url, "tiny", 1, ["w1"], 8, {"drafter": "no-such-drafter"})
+    answers = {client: sorted((o.prompt, o.text, o.tokens) for o in outcomes) for client, outcomes in by_client.items()}
+    assert answers["http"] == answers["openai"] and all(tokens > 1 for _, _, tokens in answers["http"])
+    assert all(o.error is None and o.first_token_seconds is not None and o.gaps for o in by_client["http"])
+    assert len(refused) == 1 and refused[0].error.startswith("RuntimeError: HTTP 400")
+    with pytest.raises(ValueError, match="client must be one of http, openai"):
+        serve_load.run_level(url, "tiny", 1, ["w1"], 8, {}, client="curl")
+
+
 def test_load_prompts_are_cut_or_filled_to_the_asked_length():
     class Words:  # a tokenizer of whitespace-separated words
         def encode(self, text, add_special_tokens=False):
