@@ -68,6 +68,20 @@ def build_revision(revision: str, isa: str, directory: Path) -> ctypes.CDLL:
     return abi.declare(ctypes.CDLL(str(library)))
 
 
+def alternating(names: list[str], rounds: int, batch: int, step) -> dict[str, list[float]]:
+    """Each name's ms per ``step(name)``, one figure per round: ``rounds`` rounds of ``batch`` steps
+    a name, the names' order flipped every round, after a first round that warms them up."""
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for index in range(rounds + 1):
+        for name in names if index % 2 == 0 else reversed(names):
+            start = time.perf_counter()
+            for _ in range(batch):
+                step(name)
+            if index:
+                times[name].append(1000 * (time.perf_counter() - start) / batch)
+    return times
+
+
 def paired_costs(runners: dict[str, object], sizes: list[int], rounds: int, batch: int,
                  cached: int = CONTEXT, seed: int = 0, whole_head: bool = False) -> list[dict]:
     """Per q: each of the two runners' median ms per pass of q tokens after ``cached`` ones, over
@@ -96,15 +110,7 @@ def paired_costs(runners: dict[str, object], sizes: list[int], rounds: int, batc
         for runner in runners.values():
             runner.reset(cached + q + 1)
             runner.prefill(context)
-        times: dict[str, list[float]] = {name: [] for name in names}
-        for index in range(rounds + 1):  # the first round warms both up
-            for name in names if index % 2 == 0 else reversed(names):
-                runner = runners[name]
-                start = time.perf_counter()
-                for _ in range(batch):
-                    step(runner)
-                if index:
-                    times[name].append(1000 * (time.perf_counter() - start) / batch)
+        times = alternating(names, rounds, batch, lambda name: step(runners[name]))
         logits = {name: runner.logits(runner.forward(tokens, positions, mask)) for name, runner in runners.items()}
         first, second = names
         rows.append({"q": q, **{name: statistics.median(times[name]) for name in names},
@@ -140,14 +146,7 @@ def batched_costs(runners: dict[str, object], requests: int, rounds: int, batch:
         return hidden
 
     names = list(runners)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for index in range(rounds + 1):  # the first round warms both up
-        for name in names if index % 2 == 0 else reversed(names):
-            start = time.perf_counter()
-            for _ in range(batch):
-                step(name)
-            if index:
-                times[name].append(1000 * (time.perf_counter() - start) / batch)
+    times = alternating(names, rounds, batch, step)
     first, second = names
     hidden = {name: torch.cat(step(name)) for name in names}
     return {"q": f"{requests} requests x 1", **{name: statistics.median(times[name]) for name in names},
