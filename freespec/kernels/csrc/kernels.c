@@ -1476,7 +1476,7 @@ void freespec_top_k(const float *logits, int64_t rows, int64_t V, int64_t k, flo
  * states: 1-5 such rows of 262,144 (benchmarks/head_bounds.py). */
 
 #define HEAD_CODE_MAX 32767
-#define HEAD_ROWS_AT_ONCE 4
+#define HEAD_ROWS_AT_ONCE 8
 #define HEAD_CHUNK_ROWS 512
 /* Bytes ahead of its reads that the head's integer pass asks for its codes, a cache line per block
  * of 32 (the pass reads each head row once, so the hardware prefetcher alone left memory idle
@@ -1645,21 +1645,25 @@ static inline __attribute__((always_inline)) void q6_k_rows_approx(const Matrix 
     for (int j = 0; j < count; j++) sums[j] = horizontal_sum(acc[j]);
 }
 
-/* sums[r - r0][j] for head rows r0 .. r1 - 1 and `count` input rows: q8_rows_approx or
+/* sums[(r - r0) * count + j] for head rows r0 .. r1 - 1 and `count` input rows: q8_rows_approx or
  * q6_k_rows_approx with constant arguments for the layout and up to HEAD_ROWS_AT_ONCE input rows,
  * one dispatch for the whole run of rows */
 static void head_rows_approx(const Matrix *w, int64_t r0, int64_t r1, const int16_t *codes, int count,
-                             float (*sums)[HEAD_ROWS_AT_ONCE]) {
+                             float *sums) {
 #define HEAD_APPROX(CALL)                                                   \
     switch (count) {                                                        \
     case 1: CALL(1); break;                                                 \
     case 2: CALL(2); break;                                                 \
     case 3: CALL(3); break;                                                 \
-    default: CALL(4); break;                                                \
+    case 4: CALL(4); break;                                                 \
+    case 5: CALL(5); break;                                                 \
+    case 6: CALL(6); break;                                                 \
+    case 7: CALL(7); break;                                                 \
+    default: CALL(8); break;                                                \
     }
-#define PACKED_Q8(COUNT) for (int64_t r = r0; r < r1; r++) q8_rows_approx(w, 1, r, codes, COUNT, sums[r - r0])
-#define GGUF_Q8(COUNT) for (int64_t r = r0; r < r1; r++) q8_rows_approx(w, 0, r, codes, COUNT, sums[r - r0])
-#define GGUF_Q6_K(COUNT) for (int64_t r = r0; r < r1; r++) q6_k_rows_approx(w, r, codes, COUNT, sums[r - r0])
+#define PACKED_Q8(COUNT) for (int64_t r = r0; r < r1; r++) q8_rows_approx(w, 1, r, codes, COUNT, sums + (r - r0) * COUNT)
+#define GGUF_Q8(COUNT) for (int64_t r = r0; r < r1; r++) q8_rows_approx(w, 0, r, codes, COUNT, sums + (r - r0) * COUNT)
+#define GGUF_Q6_K(COUNT) for (int64_t r = r0; r < r1; r++) q6_k_rows_approx(w, r, codes, COUNT, sums + (r - r0) * COUNT)
     if (w->kind == FREESPEC_PACKED_Q8) HEAD_APPROX(PACKED_Q8)
     else if (w->kind == GGML_Q6_K) HEAD_APPROX(GGUF_Q6_K)
     else HEAD_APPROX(GGUF_Q8)
@@ -1739,13 +1743,13 @@ static inline void top_k_insert(float *values, int64_t *ids, int64_t k, float va
  * sums) into the thread's top-k of that row, and the chunk's max and sum of exp(a - max) into its
  * partials
  * (8-lane exp in both builds: the same normalizer whatever the build). */
-static void chunk_top_k(const float (*sums)[HEAD_ROWS_AT_ONCE], int j, double scale, int64_t r0, int64_t r1,
+static void chunk_top_k(const float *sums, int count, int j, double scale, int64_t r0, int64_t r1,
                         int64_t k, float *values, int64_t *ids, double *chunk_max, double *chunk_sum) {
     float approx[HEAD_CHUNK_ROWS] __attribute__((aligned(32)));
     const int64_t rows = r1 - r0;
     float largest = -INFINITY;
     for (int64_t i = 0; i < rows; i++) {
-        approx[i] = (float)(scale * (double)sums[i][j]);
+        approx[i] = (float)(scale * (double)sums[i * count + j]);
         largest = approx[i] > largest ? approx[i] : largest;
         top_k_insert(values, ids, k, approx[i], r0 + i);
     }
@@ -1813,7 +1817,7 @@ int freespec_head_argmax(const Matrix *w, const float *row_l1, const float *x, i
             float own_values[M * k + 1]; /* this thread's top-k per input row (with k) */
             int64_t own_ids[M * k + 1];
             for (int64_t i = 0; i < M * k; i++) own_values[i] = -INFINITY, own_ids[i] = N;
-            float sums[HEAD_CHUNK_ROWS][HEAD_ROWS_AT_ONCE];
+            float sums[HEAD_CHUNK_ROWS * HEAD_ROWS_AT_ONCE]; /* [rows of the chunk, count]: a group's own stride */
             #pragma omp for schedule(dynamic, 1)
             for (int64_t r0 = 0; r0 < N; r0 += HEAD_CHUNK_ROWS) {
                 const int64_t r1 = r0 + HEAD_CHUNK_ROWS < N ? r0 + HEAD_CHUNK_ROWS : N;
@@ -1833,16 +1837,16 @@ int freespec_head_argmax(const Matrix *w, const float *row_l1, const float *x, i
                             slack[r - r0] = margin[m] * (double)row_l1[r] + underflow +
                                             (exact ? error_factor[m] * (double)row_error[r] : 0.0);
                         for (int64_t r = r0; r < r1; r++) {
-                            const double low = scale[m] * (double)sums[r - r0][j] - slack[r - r0];
+                            const double low = scale[m] * (double)sums[(r - r0) * count + j] - slack[r - r0];
                             best = low > best ? low : best;
                         }
                         own_lower[m] = best;
                         if (k)
-                            chunk_top_k(sums, j, scale[m], r0, r1, k, own_values + m * k, own_ids + m * k,
+                            chunk_top_k(sums, count, j, scale[m], r0, r1, k, own_values + m * k, own_ids + m * k,
                                         partials + m * chunks + r0 / HEAD_CHUNK_ROWS,
                                         partials + (M + m) * chunks + r0 / HEAD_CHUNK_ROWS);
                         for (int64_t r = r0; r < r1; r++) {
-                            const double upper = scale[m] * (double)sums[r - r0][j] + slack[r - r0];
+                            const double upper = scale[m] * (double)sums[(r - r0) * count + j] + slack[r - r0];
                             if (upper >= best) {
                                 const int64_t at = __atomic_fetch_add(listed + m, 1, __ATOMIC_RELAXED);
                                 candidates[m * N + at] = (HeadCandidate){r, upper};
