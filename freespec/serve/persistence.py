@@ -31,9 +31,7 @@ class StateFile:
     serving goes on, and the previous file stays whole."""
 
     def __init__(self, model: Model, path: Path, interval: float = DEFAULT_STATE_INTERVAL):
-        if interval <= 0:
-            raise ValueError(f"the state interval must be positive, got {interval}")
-        path = Path(path)
+        path = Path(path)  # ``interval`` is checked with the server's other options (create_service)
         if path.is_dir() or not os.access(path.parent, os.W_OK):  # found now, not at the first save
             raise ValueError(f"cannot write the state file {path}: "
                              f"{'it is a directory' if path.is_dir() else 'its directory is missing or read-only'}")
