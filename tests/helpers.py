@@ -19,6 +19,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import gguf
 import numpy as np
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -363,8 +364,10 @@ def os_threads() -> int:
 
 
 QUANTIZABLE = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")  # by gguf.quants
-K_QUANT_SCALES = {"Q4_K": 2e-4, "Q5_K": 1e-4, "Q6_K": 1e-5}
-"""Largest fp16 scale of hand-packed random K-quant blocks: weights of about 0.05, as in real models."""
+RANDOM_BLOCK_SCALES = {"Q2_K": 2e-3, "Q3_K": 5e-4, "Q4_K": 2e-4, "Q5_K": 1e-4, "Q6_K": 1e-5, "IQ4_NL": 5e-4,
+                       "IQ4_XS": 2e-5}
+"""Largest fp16 scale of hand-packed random blocks of the types gguf cannot quantize to: weights of
+about 0.05, as in real models."""
 
 GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "gemma2": "gemma2", "gemma3_text": "gemma3", "phi3": "phi3"}
 """The GGUF architecture llama.cpp's converter writes for a transformers model type."""
@@ -392,11 +395,9 @@ def write_gguf(path, hf_model: torch.nn.Module, types: str | dict[str, str], see
     type name, or GGUF tensor roles such as ``attn_v`` or ``token_embd`` → type, with a
     ``default``), tensors named by gguf-py's own map (``gguf.get_tensor_name_map``), query and key
     rows permuted for the llama architecture, Gemma's norm weights stored as 1 + w (as
-    convert_hf_to_gguf.py's Gemma models write them). Q4_K, Q5_K and Q6_K matrices are random
+    convert_hf_to_gguf.py's Gemma models write them). Matrices of RANDOM_BLOCK_SCALES's types are random
     blocks (:func:`freespec.kernels.random_blocks`: gguf cannot quantize to them): the model the
     file holds is then what its blocks dequantize to. No output tensor if the head is tied."""
-    import gguf
-
     from freespec.kernels import random_blocks
 
     types = {"default": types} if isinstance(types, str) else types
@@ -448,8 +449,8 @@ def write_gguf(path, hf_model: torch.nn.Module, types: str | dict[str, str], see
         if architecture.startswith("gemma") and name.endswith("norm.weight"):
             values = values + 1
         kind = "F32" if values.ndim == 1 else types.get(role, types["default"])
-        if kind in K_QUANT_SCALES:
-            data = random_blocks(kind, values.shape, rng, largest=K_QUANT_SCALES[kind])
+        if kind in RANDOM_BLOCK_SCALES:
+            data = random_blocks(kind, values.shape, rng, largest=RANDOM_BLOCK_SCALES[kind])
         elif kind in QUANTIZABLE:
             data = gguf.quants.quantize(np.ascontiguousarray(values), gguf.GGMLQuantizationType[kind])
         else:  # a type freespec does not read (bad-file tests): random bytes of its size
@@ -475,8 +476,8 @@ def model_for(family: str, types: str | dict[str, str] = "F32", tied: bool = Fal
     """A tiny model with random norms (a mix-up of norms shows), wide enough for K-quants' 256-weight
     blocks when ``types`` (see :func:`write_gguf`) uses them."""
     config = tiny_config(family, layers=layers)
-    uses_k_quants = any(kind.endswith("_K") for kind in ([types] if isinstance(types, str) else types.values()))
-    if uses_k_quants:
+    kinds = [types] if isinstance(types, str) else types.values()
+    if any(gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kind]][0] == 256 for kind in kinds):  # super-blocks
         config.hidden_size, config.intermediate_size = 256, 512
         config.head_dim = 256 // config.num_attention_heads
     config.tie_word_embeddings = tied

@@ -18,7 +18,8 @@ SUPER_BLOCK_COLUMNS = (256, 768)
 HALF_COLUMNS = (8, 37, 100, 256)  # fewer than a vector, and tails of every length
 CASES = (
     [(name, k) for name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0") for k in BLOCK_COLUMNS]
-    + [(name, k) for name in ("Q4_K", "Q5_K", "Q6_K") for k in SUPER_BLOCK_COLUMNS]
+    + [("IQ4_NL", k) for k in BLOCK_COLUMNS]
+    + [(name, k) for name in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS") for k in SUPER_BLOCK_COLUMNS]
     + [(name, k) for name in ("F16", "BF16", "F32") for k in HALF_COLUMNS]
 )
 
@@ -155,7 +156,7 @@ def test_torch_backend_multiplies_the_dequantized_matrix():
 @pytest.mark.parametrize("kind,data,shape,message", [
     ("Q9_9", np.zeros((1, 18), np.uint8), (1, 32), "unknown GGUF tensor type 'Q9_9'"),
     (99, np.zeros((1, 18), np.uint8), (1, 32), "unknown GGUF tensor type 99"),
-    ("Q2_K", np.zeros((1, 84), np.uint8), (1, 256), "Q2_K is not supported"),
+    ("IQ2_XXS", np.zeros((1, 66), np.uint8), (1, 256), "IQ2_XXS is not supported"),
     ("Q4_K", np.zeros((1, 72), np.uint8), (1, 128), "whole blocks of 256 weights; 128 is not"),
     ("Q4_0", np.zeros((2, 18), np.uint8), (2, 64), "takes 72 bytes, the data holds 36"),
     ("Q8_0", np.zeros((2, 68), np.uint8)[:, ::2], (2, 32), "C-contiguous"),
@@ -182,7 +183,7 @@ def test_the_c_dispatcher_refuses_matrices_it_cannot_read_without_touching_memor
         return c_kernels.library.freespec_linear(ctypes.byref(matrix), None, None, 1)
 
     assert status(abi.Matrix(kind=99, N=1, K=32)) == abi.BAD_MATRIX
-    assert status(abi.Matrix(kind=int(GGMLQuantizationType.Q2_K), N=1, K=256)) == abi.BAD_MATRIX
+    assert status(abi.Matrix(kind=int(GGMLQuantizationType.IQ2_XXS), N=1, K=256)) == abi.BAD_MATRIX
     parts = (abi.Matrix * 2)(abi.Matrix(kind=0, N=2, K=32), abi.Matrix(kind=0, N=3, K=64))
     assert status(abi.Matrix(kind=abi.STACKED, N=5, K=32, parts=parts, num_parts=2)) == abi.BAD_MATRIX  # K
     parts[1].K = 32

@@ -29,10 +29,14 @@ from tests.helpers import (
 )
 
 BLOCK_32_TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
-K_QUANT_TYPES = ["Q4_K", "Q5_K", "Q6_K"]
+K_QUANT_TYPES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS"]  # and the 4-bit non-linear ones
 Q4_K_M_LIKE = {"default": "Q4_K", "attn_k": "Q5_K", "attn_v": "Q6_K", "ffn_up": "Q8_0", "ffn_down": "Q6_K",
                "output": "Q6_K", "token_embd": "Q5_0"}
 """A mix as llama.cpp's Q4_K_M makes one: q, k, v (and gate, up) of different types in one layer."""
+LOW_BIT_MIX = {"default": "Q3_K", "attn_k": "Q2_K", "attn_v": "IQ4_XS", "ffn_up": "IQ4_NL", "ffn_down": "Q4_K",
+               "output": "Q6_K", "token_embd": "Q3_K"}
+"""The types of Q2_K, Q3_K_M and IQ4_XS files, all in one model."""
+MIXES = {"Q4_K_M-like": Q4_K_M_LIKE, "low-bit mix": LOW_BIT_MIX}
 
 
 @pytest.fixture
@@ -47,9 +51,9 @@ def written(tmp_path):
     return write
 
 
-@pytest.mark.parametrize("types", BLOCK_32_TYPES + K_QUANT_TYPES + ["Q4_K_M-like"])
+@pytest.mark.parametrize("types", BLOCK_32_TYPES + K_QUANT_TYPES + list(MIXES))
 def test_a_tiny_llama_file_matches_transformers_gguf_loading(written, c_kernels, types):
-    path, oracle = written("llama", Q4_K_M_LIKE if types == "Q4_K_M-like" else types)
+    path, oracle = written("llama", MIXES.get(types, types))
     loaded = load(path)
     assert_matches_transformers(ModelRunner(loaded.config, loaded.weights, c_kernels), oracle)
     backends = [c_kernels, kernels.select(one_call_decoder=False), kernels.select("torch")]
@@ -124,11 +128,11 @@ def test_the_cache_holds_metadata_only_and_a_second_load_reads_it(written, monke
     assert second.tokenizer.get_vocab() == first.tokenizer.get_vocab()
 
 
-@pytest.mark.parametrize("family, types", [("llama", "Q4_K_M-like"), ("llama", "Q8_0"), ("gemma2", "Q8_0"),
-                                           ("gemma3_text", "Q4_K_M-like"), ("phi3", "Q8_0")])
+@pytest.mark.parametrize("family, types", [("llama", "Q4_K_M-like"), ("llama", "low-bit mix"), ("llama", "Q8_0"),
+                                           ("gemma2", "Q8_0"), ("gemma3_text", "Q4_K_M-like"), ("phi3", "Q8_0")])
 @pytest.mark.parametrize("drafter", ["recycling", "lookup"])
 def test_speculative_equals_plain_greedy_on_a_gguf_file(written, family, types, drafter):
-    path, _ = written(family, Q4_K_M_LIKE if types == "Q4_K_M-like" else types, tied=family.startswith("gemma"))
+    path, _ = written(family, MIXES.get(types, types), tied=family.startswith("gemma"))
     model = Model(load(path), budget=8)
     for prompt in PROMPTS:
         plain = model.generate(prompt_ids=prompt, drafter="none", max_new_tokens=40)

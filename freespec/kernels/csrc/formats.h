@@ -23,7 +23,8 @@
 /* ggml_type ids (ggml.h) and the bytes of one block of each */
 enum {
     GGML_F32 = 0, GGML_F16 = 1, GGML_Q4_0 = 2, GGML_Q4_1 = 3, GGML_Q5_0 = 6, GGML_Q5_1 = 7, GGML_Q8_0 = 8,
-    GGML_Q4_K = 12, GGML_Q5_K = 13, GGML_Q6_K = 14, GGML_BF16 = 30,
+    GGML_Q2_K = 10, GGML_Q3_K = 11, GGML_Q4_K = 12, GGML_Q5_K = 13, GGML_Q6_K = 14, GGML_IQ4_NL = 20,
+    GGML_IQ4_XS = 23, GGML_BF16 = 30,
 };
 #define Q4_0_BYTES 18  /* f16 d; qs[16]: element j < 16 is the low nibble of qs[j], 16 + j the high */
 #define Q4_1_BYTES 20  /* f16 d, f16 m; qs[16] */
@@ -33,6 +34,10 @@ enum {
 #define Q4_K_BYTES 144 /* 256 weights: f16 d, f16 dmin; scales[12] (6-bit sc, m per 32); qs[128] */
 #define Q5_K_BYTES 176 /* 256: d, dmin, scales[12]; qh[32] (fifth bit of element l of group j: bit j of qh[l]); qs[128] */
 #define Q6_K_BYTES 210 /* 256: ql[128], qh[64], i8 scales[16] (one per 16), f16 d */
+#define Q2_K_BYTES 84  /* 256: scales[16] (4-bit sc | 4-bit m << 4, one per 16), qs[64] (2-bit codes), f16 d, f16 dmin */
+#define Q3_K_BYTES 110 /* 256: hmask[32] (third bit of element l of group j: bit j of hmask[l]), qs[64], scales[12], f16 d */
+#define IQ4_NL_BYTES 18 /* f16 d; qs[16]: 4-bit indices into the 16 IQ4 values, laid out as Q4_0's codes */
+#define IQ4_XS_BYTES 136 /* 256: f16 d, u16 scales_h, scales_l[4] (6-bit scales per 32), qs[128] (16 per group) */
 
 /* Integer vectors of LANES 32-bit codes, in the build's width. */
 #ifdef FREESPEC_AVX512
@@ -47,6 +52,7 @@ typedef __m512i ivec;
 static inline ivec widen_u8(const uint8_t *p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p)); }
 static inline ivec widen_i8(const uint8_t *p) { return _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)); }
 static inline ivec ivec_shr4(ivec v) { return _mm512_srli_epi32(v, 4); }
+#define ivec_srli _mm512_srli_epi32
 /* 16-bit floats to fp32: exact */
 static inline vec load_f16(const uint16_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
 static inline vec load_bf16(const uint16_t *p) {
@@ -64,6 +70,7 @@ typedef __m256i ivec;
 static inline ivec widen_u8(const uint8_t *p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)); }
 static inline ivec widen_i8(const uint8_t *p) { return _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)); }
 static inline ivec ivec_shr4(ivec v) { return _mm256_srli_epi32(v, 4); }
+#define ivec_srli _mm256_srli_epi32
 static inline vec load_f16(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
 static inline vec load_bf16(const uint16_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
@@ -404,6 +411,160 @@ static inline vec q6_k_decode(const uint8_t *b, const Q6KParams *p, int group, i
 #endif
 }
 
+/* The 2-bit and 3-bit K-quants: a weight is (d sc_i) q - dmin m_i (Q2_K) or (d (sc_i - 32)) (q - 4)
+ * (Q3_K, q of 3 bits: a code of 2 bits with its third bit from hmask), with 16 sub-blocks of 16
+ * weights, one vector's worth in the AVX-512 build. Both products are exact (at most 11 + 6 + 3
+ * bits), so Q2_K's one rounding is the offset's addition, fma(scale, q, offset), and Q3_K's weight
+ * is a product. Group g of 32 weights has its two low bits in bits 2 (g % 4) of the 32 bytes of qs
+ * at 32 (g / 4); a widening of 16 qs bytes serves four groups. The AVX-512 build decodes by table
+ * (vpermps reads an index's bits 0-3, so the 4 or 8 weights a sub-block's codes stand for are
+ * repeated to 16 and no mask is needed): Zen 4, one thread, resident, G weights/s at one and four
+ * input rows, Q2_K 12.8 / 7.9 -> 16.6 / 9.0 against its codes assembled as bytes once per unit
+ * and converted, Q3_K 13.8 / 7.8 -> 14.5 / 8.8 (Q4_K 19.1 / 9.8). The AVX2 build converts Q2_K's
+ * codes, and assembles Q3_K's as signed bytes q - 4 once per unit. */
+typedef struct {
+    float scale[16], offset[16];
+} Q2KParams;
+
+typedef struct {
+    float scale[16];
+#ifndef FREESPEC_AVX512
+    int8_t codes[256] __attribute__((aligned(32)));
+#endif
+} Q3KParams;
+
+/* the 2-bit codes of group g: bits 2 (g % 4) of the 32 bytes at qs + 32 (g / 4), as bytes */
+static inline __m256i two_bit_codes(const uint8_t *qs, int g) {
+    const __m256i q = _mm256_loadu_si256((const __m256i *)(qs + 32 * (g >> 2)));
+    return _mm256_and_si256(_mm256_srli_epi16(q, 2 * (g & 3)), _mm256_set1_epi8(3));
+}
+
+/* 16 floats factor * value[i] of 16 bytes, into out[16] */
+static inline void scaled_bytes(__m128i bytes, float factor, int is_signed, float *out) {
+    const __m256 f = _mm256_set1_ps(factor);
+    const __m128i upper = _mm_unpackhi_epi64(bytes, bytes);
+    const __m256i low = is_signed ? _mm256_cvtepi8_epi32(bytes) : _mm256_cvtepu8_epi32(bytes);
+    const __m256i high = is_signed ? _mm256_cvtepi8_epi32(upper) : _mm256_cvtepu8_epi32(upper);
+    _mm256_storeu_ps(out, _mm256_mul_ps(f, _mm256_cvtepi32_ps(low)));
+    _mm256_storeu_ps(out + 8, _mm256_mul_ps(f, _mm256_cvtepi32_ps(high)));
+}
+
+static inline void q2_k_prepare(const uint8_t *b, Q2KParams *p) {
+    const __m128i sc = _mm_loadu_si128((const __m128i *)b), low4 = _mm_set1_epi8(0x0F);
+    scaled_bytes(_mm_and_si128(sc, low4), f16_at(b + 80), 0, p->scale);
+    scaled_bytes(_mm_and_si128(_mm_srli_epi16(sc, 4), low4), -f16_at(b + 82), 0, p->offset); /* negating is exact */
+}
+
+static inline vec q2_k_decode(const uint8_t *b, const Q2KParams *p, int group, int step) {
+    const int i = 2 * group + step * LANES / 16; /* the sub-block of 16 */
+    const ivec q = widen_u8(b + 16 + 32 * (group >> 2) + step * LANES);
+#ifdef FREESPEC_AVX512
+    const vec values = _mm512_setr_ps(0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3);
+    const vec table = vec_add(vec_mul(values, vec_set1(p->scale[i])), vec_set1(p->offset[i]));
+    return _mm512_permutexvar_ps(ivec_srli(q, 2 * (group & 3)), table);
+#else
+    return scaled_codes(p->scale[i], p->offset[i], ivec_and(ivec_srli(q, 2 * (group & 3)), ivec_set1(3)));
+#endif
+}
+
+/* Q3_K's 16 scales sc_i - 32: the low 4 bits of sub-block i are nibble i / 8 of scales[i % 8], the
+ * high 2 bits are bits 2 (i / 4) of scales[8 + i % 4] (ggml's dequantize_row_q3_K). */
+static inline void q3_k_prepare(const uint8_t *b, Q3KParams *p) {
+    const uint8_t *scales = b + 96;
+    const __m128i l8 = _mm_loadl_epi64((const __m128i *)scales), low4 = _mm_set1_epi8(0x0F);
+    const __m128i low = _mm_unpacklo_epi64(_mm_and_si128(l8, low4), _mm_and_si128(_mm_srli_epi16(l8, 4), low4));
+    uint32_t h;
+    memcpy(&h, scales + 8, sizeof(h));
+    const __m128i high = _mm_and_si128(_mm_srlv_epi32(_mm_set1_epi32((int)h), _mm_setr_epi32(0, 2, 4, 6)),
+                                       _mm_set1_epi8(3));
+    const __m128i sc = _mm_sub_epi8(_mm_or_si128(low, _mm_slli_epi32(high, 4)), _mm_set1_epi8(32));
+    scaled_bytes(sc, f16_at(b + 108), 1, p->scale);
+#ifndef FREESPEC_AVX512
+    const __m256i hmask = _mm256_loadu_si256((const __m256i *)b), one = _mm256_set1_epi8(1);
+    for (int g = 0; g < 8; g++) { /* q - 4 = low bits + 4 (third bit) - 4 */
+        const __m256i third = _mm256_and_si256(_mm256_srli_epi16(hmask, g), one);
+        const __m256i q = _mm256_or_si256(two_bit_codes(b + 32, g), _mm256_slli_epi16(third, 2));
+        _mm256_store_si256((__m256i *)(p->codes + 32 * g), _mm256_sub_epi8(q, _mm256_set1_epi8(4)));
+    }
+    __asm__("" : "+m"(p->codes));
+#endif
+}
+
+static inline vec q3_k_decode(const uint8_t *b, const Q3KParams *p, int group, int step) {
+    const float scale = p->scale[2 * group + step * LANES / 16];
+#ifdef FREESPEC_AVX512
+    /* vpermps by bits 0-3: the two low bits of the code (bits 2 (g % 4) of its qs byte), its third
+     * bit (bit g of its hmask byte) moved to bit 2, whatever is above; the 8 weights d sc (q - 4)
+     * twice */
+    const vec values = _mm512_setr_ps(-4, -3, -2, -1, 0, 1, 2, 3, -4, -3, -2, -1, 0, 1, 2, 3);
+    const ivec low = ivec_srli(widen_u8(b + 32 + 32 * (group >> 2) + step * LANES), 2 * (group & 3));
+    const ivec h = widen_u8(b + step * LANES);
+    const ivec third = group >= 2 ? ivec_srli(h, group - 2) : _mm512_slli_epi32(h, 2 - group);
+    const ivec index = _mm512_ternarylogic_epi32(low, third, ivec_set1(3), 0xE4); /* low where 3 is set, else third */
+    return _mm512_permutexvar_ps(index, vec_mul(values, vec_set1(scale)));
+#else
+    (void)b;
+    const ivec codes = widen_i8((const uint8_t *)p->codes + 32 * group + step * LANES); /* q - 4 */
+    return vec_mul(vec_set1(scale), ivec_to_vec(codes));
+#endif
+}
+
+/* IQ4_NL and IQ4_XS: a weight is d kvalue[q] (IQ4_XS: (d (ls - 32)) kvalue[q], with a 6-bit ls per
+ * group of 32) for 4-bit indices q into 16 fixed int8 values; both products exact (at most 11 + 6
+ * + 7 bits). A group's 32 indices are the low nibbles of its 16 bytes, then their high nibbles,
+ * as Q4_0's codes. AVX-512 decodes by table (the 16 weights scale * kvalue[q] in one vector, as
+ * nibble_lookup); AVX2 looks the int8 values up by byte shuffle and scales them. */
+#ifdef FREESPEC_AVX512
+#define IQ4_VALUES _mm512_setr_ps(-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+#else
+/* kvalue[q] for the LANES 4-bit indices in [p, p + LANES) (high nibbles if `high`) */
+static inline ivec iq4_values(const uint8_t *p, int high) {
+    const __m128i table = _mm_setr_epi8(-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113);
+    const __m128i q = _mm_loadl_epi64((const __m128i *)p);
+    return _mm256_cvtepi8_epi32(_mm_shuffle_epi8(table, _mm_and_si128(high ? _mm_srli_epi16(q, 4) : q, _mm_set1_epi8(15))));
+}
+#endif
+
+static inline void iq4_nl_prepare(const uint8_t *b, BlockParams *p) { /* d * kvalue[q] */
+    p->scale = broadcast_lane(block_halves(b, 1), 0);
+}
+static inline vec iq4_nl_decode(const uint8_t *b, const BlockParams *p, int group, int step) {
+    (void)group;
+    const int e = step * LANES;
+#ifdef FREESPEC_AVX512
+    return nibble_lookup(b + 2 + e % 16, e >= 16, vec_mul(p->scale, IQ4_VALUES));
+#else
+    return vec_mul(p->scale, ivec_to_vec(iq4_values(b + 2 + e % 16, e >= 16)));
+#endif
+}
+
+typedef struct {
+    float scale[8]; /* d (ls_g - 32) */
+} IQ4XSParams;
+
+/* ls_g: bits 4 g .. 4 g + 3 of scales_l (as one little-endian word), and bits 2 g, 2 g + 1 of scales_h as its bits 4-5 */
+static inline void iq4_xs_prepare(const uint8_t *b, IQ4XSParams *p) {
+    uint16_t high;
+    uint32_t low;
+    memcpy(&high, b + 2, sizeof(high));
+    memcpy(&low, b + 4, sizeof(low));
+    const __m256i ls = _mm256_or_si256(
+        _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)low), _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28)),
+                         _mm256_set1_epi32(15)),
+        _mm256_slli_epi32(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(high), _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14)),
+                                           _mm256_set1_epi32(3)), 4));
+    const __m256 centered = _mm256_cvtepi32_ps(_mm256_sub_epi32(ls, _mm256_set1_epi32(32)));
+    _mm256_storeu_ps(p->scale, _mm256_mul_ps(_mm256_set1_ps(f16_at(b)), centered));
+}
+static inline vec iq4_xs_decode(const uint8_t *b, const IQ4XSParams *p, int group, int step) {
+#ifdef FREESPEC_AVX512
+    return nibble_lookup(b + 8 + 16 * group, step, vec_mul(IQ4_VALUES, vec_set1(p->scale[group])));
+#else
+    const int e = step * LANES;
+    return vec_mul(vec_set1(p->scale[group]), ivec_to_vec(iq4_values(b + 8 + 16 * group + e % 16, e >= 16)));
+#endif
+}
+
 /* Inside a tile's loop over units u of its ROWS rows at w (row_bytes apart): each row's unit
  * (unit[r]), its bytes `ahead` rows below asked for as the tile reaches it (prefetch_rows in
  * kernels.c), and its constants (params[r], read through param[r]). With OPAQUE the compiler
@@ -645,6 +806,10 @@ DEFINE_FORMAT_LINEAR(q8_0_linear, 1, Q8_0_BYTES, BlockParams, q8_0_prepare, q8_0
 DEFINE_FORMAT_LINEAR(q4_k_linear, 8, Q4_K_BYTES, KParams, k_prepare, q4_k_decode, 0)
 DEFINE_FORMAT_LINEAR(q5_k_linear, 8, Q5_K_BYTES, KParams, k_prepare, q5_k_decode, 1)
 DEFINE_FORMAT_LINEAR(q6_k_linear, 8, Q6_K_BYTES, Q6KParams, q6_k_prepare, q6_k_decode, 0)
+DEFINE_FORMAT_LINEAR(q2_k_linear, 8, Q2_K_BYTES, Q2KParams, q2_k_prepare, q2_k_decode, 0)
+DEFINE_FORMAT_LINEAR(q3_k_linear, 8, Q3_K_BYTES, Q3KParams, q3_k_prepare, q3_k_decode, 0)
+DEFINE_FORMAT_LINEAR(iq4_nl_linear, 1, IQ4_NL_BYTES, BlockParams, iq4_nl_prepare, iq4_nl_decode, 0)
+DEFINE_FORMAT_LINEAR(iq4_xs_linear, 8, IQ4_XS_BYTES, IQ4XSParams, iq4_xs_prepare, iq4_xs_decode, 0)
 
 /* 16-bit weights [N, K], any K: the fp32 kernel's tiles (DEFINE_LOAD_TILE) with a converting load
  * (16-bit floats widen to fp32 exactly), so the arithmetic, the K % LANES tail included, is the

@@ -597,7 +597,9 @@ static const KindOps *kind_ops(int64_t kind) {
                          bf16 = BLOCK_KIND(bf16),
                          q4_0 = BLOCK_KIND(q4_0), q4_1 = BLOCK_KIND(q4_1), q5_0 = BLOCK_KIND(q5_0),
                          q5_1 = BLOCK_KIND(q5_1), q8_0 = BLOCK_KIND(q8_0), q4_k = BLOCK_KIND(q4_k),
-                         q5_k = BLOCK_KIND(q5_k), q6_k = BLOCK_KIND(q6_k), packed_q4 = BLOCK_KIND(packed_q4),
+                         q5_k = BLOCK_KIND(q5_k), q6_k = BLOCK_KIND(q6_k), q2_k = BLOCK_KIND(q2_k),
+                         q3_k = BLOCK_KIND(q3_k), iq4_nl = BLOCK_KIND(iq4_nl), iq4_xs = BLOCK_KIND(iq4_xs),
+                         packed_q4 = BLOCK_KIND(packed_q4),
                          packed_q8 = BLOCK_KIND(packed_q8),
                          stacked = {NULL, NULL, NULL, stacked_row}; /* its parts' linears run as one: linear_then */
 #undef BLOCK_KIND
@@ -613,6 +615,10 @@ static const KindOps *kind_ops(int64_t kind) {
     case GGML_Q4_K: return &q4_k;
     case GGML_Q5_K: return &q5_k;
     case GGML_Q6_K: return &q6_k;
+    case GGML_Q2_K: return &q2_k;
+    case GGML_Q3_K: return &q3_k;
+    case GGML_IQ4_NL: return &iq4_nl;
+    case GGML_IQ4_XS: return &iq4_xs;
     case FREESPEC_PACKED_Q4: return &packed_q4;
     case FREESPEC_PACKED_Q8: return &packed_q8;
     case FREESPEC_STACKED: return &stacked;
