@@ -44,8 +44,8 @@ def norm(generator: np.random.Generator, width: int = HIDDEN) -> RMSNorm:
 
 
 def mixed_model() -> ModelWeights:
-    """Three layers, each matrix of another kind; q/k/v and gate/up stacked from mixed types as
-    a Q4_K_M GGUF stores them; the Q6_K embedding is also the output head."""
+    """Four layers, each matrix of another kind; q/k/v and gate/up stacked from mixed types as
+    a Q4_K_M (or Q2_K, Q3_K_M, IQ4_XS) GGUF stores them; the Q6_K embedding is also the output head."""
     g = np.random.default_rng(7)
     packed = PackedWeight("q8", torch.randint(-128, 128, (HIDDEN, HIDDEN), dtype=torch.int8),
                           (torch.rand(HIDDEN, HIDDEN // 32) * 0.001).half().float())  # fp16 scales: exact
@@ -60,6 +60,10 @@ def mixed_model() -> ModelWeights:
         (Stacked((ggml("F16", Q_ROWS, HIDDEN, g), torch.randn(2 * KV_ROWS, HIDDEN) / HIDDEN ** 0.5)),
          ggml("F32", HIDDEN, Q_ROWS, g), ggml("Q5_1", 2 * INTERMEDIATE, HIDDEN, g),
          ggml("Q5_K", HIDDEN, INTERMEDIATE, g)),
+        (Stacked((ggml("Q3_K", Q_ROWS, HIDDEN, g), ggml("Q2_K", KV_ROWS, HIDDEN, g), ggml("IQ4_XS", KV_ROWS, HIDDEN, g))),
+         ggml("IQ4_NL", HIDDEN, Q_ROWS, g),
+         Stacked((ggml("Q2_K", INTERMEDIATE, HIDDEN, g), ggml("Q3_K", INTERMEDIATE, HIDDEN, g))),
+         ggml("IQ4_XS", HIDDEN, INTERMEDIATE, g)),
     ]
     layers = [DecoderLayer(norm(g), Linear(qkv, torch.randn(Q_ROWS + 2 * KV_ROWS) * 0.1), Linear(o), norm(g),
                            Linear(up), Linear(down), gated=True) for qkv, o, up, down in matrices]
