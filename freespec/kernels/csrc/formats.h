@@ -433,11 +433,13 @@ typedef struct {
 #endif
 } Q3KParams;
 
+#ifndef FREESPEC_AVX512
 /* the 2-bit codes of group g: bits 2 (g % 4) of the 32 bytes at qs + 32 (g / 4), as bytes */
 static inline __m256i two_bit_codes(const uint8_t *qs, int g) {
     const __m256i q = _mm256_loadu_si256((const __m256i *)(qs + 32 * (g >> 2)));
     return _mm256_and_si256(_mm256_srli_epi16(q, 2 * (g & 3)), _mm256_set1_epi8(3));
 }
+#endif
 
 /* 16 floats factor * value[i] of 16 bytes, into out[16] */
 static inline void scaled_bytes(__m128i bytes, float factor, int is_signed, float *out) {
@@ -494,8 +496,8 @@ static inline vec q3_k_decode(const uint8_t *b, const Q3KParams *p, int group, i
     const float scale = p->scale[2 * group + step * LANES / 16];
 #ifdef FREESPEC_AVX512
     /* vpermps by bits 0-3: the two low bits of the code (bits 2 (g % 4) of its qs byte), its third
-     * bit (bit g of its hmask byte) moved to bit 2, whatever is above; the 8 weights d sc (q - 4)
-     * twice */
+     * bit (bit g of its hmask byte) moved to bit 2, whatever is above; the 8 weights
+     * d (sc - 32) (q - 4) twice */
     const vec values = _mm512_setr_ps(-4, -3, -2, -1, 0, 1, 2, 3, -4, -3, -2, -1, 0, 1, 2, 3);
     const ivec low = ivec_srli(widen_u8(b + 32 + 32 * (group >> 2) + step * LANES), 2 * (group & 3));
     const ivec h = widen_u8(b + step * LANES);
