@@ -519,11 +519,14 @@ static inline vec q3_k_decode(const uint8_t *b, const Q3KParams *p, int group, i
 #ifdef FREESPEC_AVX512
 #define IQ4_VALUES _mm512_setr_ps(-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 #else
-/* kvalue[q] for the LANES 4-bit indices in [p, p + LANES) (high nibbles if `high`) */
-static inline ivec iq4_values(const uint8_t *p, int high) {
+/* kvalue[q] for the 8 indices of element e of a group whose 16 index bytes are at p: low nibbles
+ * for e < 16, high ones after. The 16 values of a half are looked up at once, shared by its two
+ * vectors. */
+static inline ivec iq4_values(const uint8_t *p, int e) {
     const __m128i table = _mm_setr_epi8(-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113);
-    const __m128i q = _mm_loadl_epi64((const __m128i *)p);
-    return _mm256_cvtepi8_epi32(_mm_shuffle_epi8(table, _mm_and_si128(high ? _mm_srli_epi16(q, 4) : q, _mm_set1_epi8(15))));
+    const __m128i q = _mm_loadu_si128((const __m128i *)p);
+    const __m128i values = _mm_shuffle_epi8(table, _mm_and_si128(e >= 16 ? _mm_srli_epi16(q, 4) : q, _mm_set1_epi8(15)));
+    return _mm256_cvtepi8_epi32(e % 16 ? _mm_unpackhi_epi64(values, values) : values);
 }
 #endif
 
@@ -536,7 +539,7 @@ static inline vec iq4_nl_decode(const uint8_t *b, const BlockParams *p, int grou
 #ifdef FREESPEC_AVX512
     return nibble_lookup(b + 2 + e % 16, e >= 16, vec_mul(p->scale, IQ4_VALUES));
 #else
-    return vec_mul(p->scale, ivec_to_vec(iq4_values(b + 2 + e % 16, e >= 16)));
+    return vec_mul(p->scale, ivec_to_vec(iq4_values(b + 2, e)));
 #endif
 }
 
@@ -563,7 +566,7 @@ static inline vec iq4_xs_decode(const uint8_t *b, const IQ4XSParams *p, int grou
     return nibble_lookup(b + 8 + 16 * group, step, vec_mul(IQ4_VALUES, vec_set1(p->scale[group])));
 #else
     const int e = step * LANES;
-    return vec_mul(vec_set1(p->scale[group]), ivec_to_vec(iq4_values(b + 8 + 16 * group + e % 16, e >= 16)));
+    return vec_mul(vec_set1(p->scale[group]), ivec_to_vec(iq4_values(b + 8 + 16 * group, e)));
 #endif
 }
 
