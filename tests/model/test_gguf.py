@@ -29,7 +29,7 @@ from tests.helpers import (
 )
 
 BLOCK_32_TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
-K_QUANT_TYPES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS"]  # and the 4-bit non-linear ones
+HAND_PACKED_TYPES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS"]  # random blocks: gguf cannot quantize to them
 Q4_K_M_LIKE = {"default": "Q4_K", "attn_k": "Q5_K", "attn_v": "Q6_K", "ffn_up": "Q8_0", "ffn_down": "Q6_K",
                "output": "Q6_K", "token_embd": "Q5_0"}
 """A mix as llama.cpp's Q4_K_M makes one: q, k, v (and gate, up) of different types in one layer."""
@@ -51,7 +51,7 @@ def written(tmp_path):
     return write
 
 
-@pytest.mark.parametrize("types", BLOCK_32_TYPES + K_QUANT_TYPES + list(MIXES))
+@pytest.mark.parametrize("types", BLOCK_32_TYPES + HAND_PACKED_TYPES + list(MIXES))
 def test_a_tiny_llama_file_matches_transformers_gguf_loading(written, c_kernels, types):
     path, oracle = written("llama", MIXES.get(types, types))
     loaded = load(path)
