@@ -12,9 +12,10 @@
  * with the fp32 kernel's FMA sequence and horizontal sum (see the Q4/Q8 note in kernels.c). Every
  * format's weight is scale * code + offset with per-group constants, and every product in ggml's
  * formulas is exact in fp32: an fp16 d (11 significant bits) times a K-quant sub-block scale (Q4_K,
- * Q5_K: 6 bits; Q6_K: |sc| <= 127 or 128, 7 bits) times a code (at most 6 bits) needs at most 24
- * bits, and so do d * 8, d * 16, 32 * d * sc. So the only rounding is the one addition of an offset
- * (Q4_1, Q5_1: + m; Q4_K, Q5_K: - dmin * m), and fma(scale, code, offset) rounds the same exact
+ * Q5_K, Q3_K, IQ4_XS: 6 bits; Q2_K: 4; Q6_K: |sc| <= 127 or 128, 7 bits) times a code (at most 6
+ * bits, or one of IQ4's grid values, 7) needs at most 24 bits, and so do d * 8, d * 16, 32 * d * sc.
+ * So the only rounding is the one addition of an offset (Q4_1, Q5_1: + m; Q2_K, Q4_K, Q5_K:
+ * - dmin * m), and fma(scale, code, offset) rounds the same exact
  * sum once, as ggml's separate multiply and add do; Q4_0's d * (q - 8) equals fma(d, q, -8 d)
  * exactly (but for the sign of a zero weight, which no sum sees: an FMA chain that starts at +0
  * never holds -0). The tests check every format bit for bit.
