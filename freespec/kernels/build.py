@@ -24,7 +24,7 @@ from freespec.paths import cache_dir
 log = logging.getLogger(__name__)
 
 _CSRC = Path(__file__).parent / "csrc"
-SOURCES = (_CSRC / "freespec.h", _CSRC / "formats.h", _CSRC / "kernels.c")
+SOURCES = (_CSRC / "freespec.h", _CSRC / "iq_grids.h", _CSRC / "formats.h", _CSRC / "kernels.c")
 """Every file of the build (the digest covers them all): the header, then what kernels.c includes, then kernels.c."""
 _MAIN = SOURCES[-1]
 ISAS = ("avx512", "avx2")

@@ -44,8 +44,8 @@ def norm(generator: np.random.Generator, width: int = HIDDEN) -> RMSNorm:
 
 
 def mixed_model() -> ModelWeights:
-    """Four layers, each matrix of another kind; q/k/v and gate/up stacked from mixed types as
-    a Q4_K_M (or Q2_K, Q3_K_M, IQ4_XS) GGUF stores them; the Q6_K embedding is also the output head."""
+    """Five layers, each matrix of another kind; q/k/v and gate/up stacked from mixed types as
+    a Q4_K_M (or Q2_K, Q3_K_M, IQ3_XXS, IQ4_XS) GGUF stores them; the Q6_K embedding is also the output head."""
     g = np.random.default_rng(7)
     packed = PackedWeight("q8", torch.randint(-128, 128, (HIDDEN, HIDDEN), dtype=torch.int8),
                           (torch.rand(HIDDEN, HIDDEN // 32) * 0.001).half().float())  # fp16 scales: exact
@@ -64,6 +64,10 @@ def mixed_model() -> ModelWeights:
          ggml("IQ4_NL", HIDDEN, Q_ROWS, g),
          Stacked((ggml("Q2_K", INTERMEDIATE, HIDDEN, g), ggml("Q3_K", INTERMEDIATE, HIDDEN, g))),
          ggml("IQ4_XS", HIDDEN, INTERMEDIATE, g)),
+        (Stacked((ggml("IQ3_XXS", Q_ROWS, HIDDEN, g), ggml("IQ3_S", 2 * KV_ROWS, HIDDEN, g))),
+         ggml("IQ3_S", HIDDEN, Q_ROWS, g),
+         Stacked((ggml("IQ3_XXS", INTERMEDIATE, HIDDEN, g), ggml("IQ3_S", INTERMEDIATE, HIDDEN, g))),
+         ggml("IQ3_XXS", HIDDEN, INTERMEDIATE, g)),
     ]
     layers = [DecoderLayer(norm(g), Linear(qkv, torch.randn(Q_ROWS + 2 * KV_ROWS) * 0.1), Linear(o), norm(g),
                            Linear(up), Linear(down), gated=True) for qkv, o, up, down in matrices]

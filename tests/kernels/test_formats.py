@@ -19,7 +19,8 @@ HALF_COLUMNS = (8, 37, 100, 256)  # fewer than a vector, and tails of every leng
 CASES = (
     [(name, k) for name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0") for k in BLOCK_COLUMNS]
     + [("IQ4_NL", k) for k in BLOCK_COLUMNS]
-    + [(name, k) for name in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS") for k in SUPER_BLOCK_COLUMNS]
+    + [(name, k) for name in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ3_XXS", "IQ3_S", "IQ4_XS")
+       for k in SUPER_BLOCK_COLUMNS]
     + [(name, k) for name in ("F16", "BF16", "F32") for k in HALF_COLUMNS]
 )
 
@@ -259,6 +260,20 @@ def test_embedding_token_ids_outside_the_table_are_refused(c_kernels):
             backend.embed(table, torch.tensor([-1, 4]))
         with pytest.raises(ValueError, match=r"token ids must be int64 \[n\]"):
             backend.embed(table, torch.tensor([[1]]))
+
+
+def test_the_iq3_grids_are_ggmls():
+    """iq_grids.h holds the grids gguf-py dequantizes IQ3_XXS and IQ3_S with (4 bytes an entry)."""
+    import re
+    from pathlib import Path
+
+    text = (Path(kernels.__file__).parent / "csrc" / "iq_grids.h").read_text()
+    for name, kind in (("iq3xxs_grid", quants.IQ3_XXS), ("iq3s_grid", quants.IQ3_S)):
+        body = re.search(name + r"\[\d+\] = \{(.*?)\};", text, re.S).group(1)
+        words = np.array([int(word, 16) for word in re.findall(r"0x[0-9a-f]{8}", body)], dtype="<u4")
+        if kind.grid is None:
+            kind.init_grid()
+        assert np.array_equal(words.view(np.uint8).reshape(-1, 4), kind.grid.reshape(-1, 4).astype(np.uint8)), name
 
 
 def test_supported_types_match_gguf_block_sizes():
