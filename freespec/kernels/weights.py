@@ -79,7 +79,8 @@ class PackedWeight:
 
 class GGMLWeight:
     """A weight matrix [N, K] stored in a ggml type (:data:`~freespec.kernels.formats.SUPPORTED_TYPES`):
-    block-quantized (Q4_0 .. Q6_K, IQ4_NL, IQ4_XS) or F16/BF16/F32, its bytes exactly as a GGUF file stores them.
+    block-quantized (Q4_0 .. Q6_K, IQ3_XXS, IQ3_S, IQ4_NL, IQ4_XS) or F16/BF16/F32, its bytes exactly as
+    a GGUF file stores them.
     A safetensors bf16/f16/f32 tensor has the same layout, so it is a GGMLWeight of that type.
 
     ``data``: the bytes, a C-contiguous numpy array (a read-only memmap is fine) or CPU tensor of
