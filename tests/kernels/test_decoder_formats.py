@@ -44,8 +44,8 @@ def norm(generator: np.random.Generator, width: int = HIDDEN) -> RMSNorm:
 
 
 def mixed_model() -> ModelWeights:
-    """Five layers, each matrix of another kind; q/k/v and gate/up stacked from mixed types as
-    a Q4_K_M (or Q2_K, Q3_K_M, IQ3_XXS, IQ4_XS) GGUF stores them; the Q6_K embedding is also the output head."""
+    """Six layers, each matrix of another kind; q/k/v and gate/up stacked from mixed types as
+    a Q4_K_M (or Q2_K, Q3_K_M, IQ2, IQ3, IQ4) GGUF stores them; the Q6_K embedding is also the output head."""
     g = np.random.default_rng(7)
     packed = PackedWeight("q8", torch.randint(-128, 128, (HIDDEN, HIDDEN), dtype=torch.int8),
                           (torch.rand(HIDDEN, HIDDEN // 32) * 0.001).half().float())  # fp16 scales: exact
@@ -69,6 +69,10 @@ def mixed_model() -> ModelWeights:
          ggml("IQ3_S", HIDDEN, Q_ROWS, g),
          Stacked((ggml("IQ3_XXS", INTERMEDIATE, HIDDEN, g), ggml("IQ3_S", INTERMEDIATE, HIDDEN, g))),
          ggml("IQ3_XXS", HIDDEN, INTERMEDIATE, g)),
+        (Stacked((ggml("IQ2_XXS", Q_ROWS, HIDDEN, g), ggml("IQ2_XS", KV_ROWS, HIDDEN, g), ggml("IQ2_S", KV_ROWS, HIDDEN, g))),
+         ggml("IQ2_XS", HIDDEN, Q_ROWS, g),
+         Stacked((ggml("IQ2_S", INTERMEDIATE, HIDDEN, g), ggml("IQ2_XXS", INTERMEDIATE, HIDDEN, g))),
+         ggml("IQ2_S", HIDDEN, INTERMEDIATE, g)),
     ]
     layers = [DecoderLayer(norm(g), Linear(qkv, torch.randn(Q_ROWS + 2 * KV_ROWS) * 0.1), Linear(o), norm(g),
                            Linear(up), Linear(down), gated=True) for qkv, o, up, down in matrices]

@@ -19,8 +19,8 @@ HALF_COLUMNS = (8, 37, 100, 256)  # fewer than a vector, and tails of every leng
 CASES = (
     [(name, k) for name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0") for k in BLOCK_COLUMNS]
     + [("IQ4_NL", k) for k in BLOCK_COLUMNS]
-    + [(name, k) for name in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ3_XXS", "IQ3_S", "IQ4_XS")
-       for k in SUPER_BLOCK_COLUMNS]
+    + [(name, k) for name in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S",
+                              "IQ4_XS") for k in SUPER_BLOCK_COLUMNS]
     + [(name, k) for name in ("F16", "BF16", "F32") for k in HALF_COLUMNS]
 )
 
@@ -157,7 +157,7 @@ def test_torch_backend_multiplies_the_dequantized_matrix():
 @pytest.mark.parametrize("kind,data,shape,message", [
     ("Q9_9", np.zeros((1, 18), np.uint8), (1, 32), "unknown GGUF tensor type 'Q9_9'"),
     (99, np.zeros((1, 18), np.uint8), (1, 32), "unknown GGUF tensor type 99"),
-    ("IQ2_XXS", np.zeros((1, 66), np.uint8), (1, 256), "IQ2_XXS is not supported"),
+    ("IQ1_S", np.zeros((1, 50), np.uint8), (1, 256), "IQ1_S is not supported"),
     ("Q4_K", np.zeros((1, 72), np.uint8), (1, 128), "whole blocks of 256 weights; 128 is not"),
     ("Q4_0", np.zeros((2, 18), np.uint8), (2, 64), "takes 72 bytes, the data holds 36"),
     ("Q8_0", np.zeros((2, 68), np.uint8)[:, ::2], (2, 32), "C-contiguous"),
@@ -184,7 +184,7 @@ def test_the_c_dispatcher_refuses_matrices_it_cannot_read_without_touching_memor
         return c_kernels.library.freespec_linear(ctypes.byref(matrix), None, None, 1)
 
     assert status(abi.Matrix(kind=99, N=1, K=32)) == abi.BAD_MATRIX
-    assert status(abi.Matrix(kind=int(GGMLQuantizationType.IQ2_XXS), N=1, K=256)) == abi.BAD_MATRIX
+    assert status(abi.Matrix(kind=int(GGMLQuantizationType.IQ1_S), N=1, K=256)) == abi.BAD_MATRIX
     parts = (abi.Matrix * 2)(abi.Matrix(kind=0, N=2, K=32), abi.Matrix(kind=0, N=3, K=64))
     assert status(abi.Matrix(kind=abi.STACKED, N=5, K=32, parts=parts, num_parts=2)) == abi.BAD_MATRIX  # K
     parts[1].K = 32
@@ -262,18 +262,23 @@ def test_embedding_token_ids_outside_the_table_are_refused(c_kernels):
             backend.embed(table, torch.tensor([[1]]))
 
 
-def test_the_iq3_grids_are_ggmls():
-    """iq_grids.h holds the grids gguf-py dequantizes IQ3_XXS and IQ3_S with (4 bytes an entry)."""
+def test_the_iq_grids_are_ggmls():
+    """iq_grids.h holds the grids gguf-py dequantizes IQ3_XXS, IQ3_S (4 bytes an entry) and IQ2_XXS,
+    IQ2_XS, IQ2_S (8 bytes) with."""
     import re
     from pathlib import Path
 
     text = (Path(kernels.__file__).parent / "csrc" / "iq_grids.h").read_text()
-    for name, kind in (("iq3xxs_grid", quants.IQ3_XXS), ("iq3s_grid", quants.IQ3_S)):
+    grids = {"iq3xxs_grid": quants.IQ3_XXS, "iq3s_grid": quants.IQ3_S, "iq2xxs_grid": quants.IQ2_XXS,
+             "iq2xs_grid": quants.IQ2_XS, "iq2s_grid": quants.IQ2_S}
+    for name, kind in grids.items():
         body = re.search(name + r"\[\d+\] = \{(.*?)\};", text, re.S).group(1)
-        words = np.array([int(word, 16) for word in re.findall(r"0x[0-9a-f]{8}", body)], dtype="<u4")
+        words = [int(word, 16) for word in re.findall(r"0x([0-9a-f]+)", body)]
         if kind.grid is None:
             kind.init_grid()
-        assert np.array_equal(words.view(np.uint8).reshape(-1, 4), kind.grid.reshape(-1, 4).astype(np.uint8)), name
+        width = kind.grid_shape[1]  # weights an entry: bytes of a word
+        entries = np.array([list(word.to_bytes(width, "little")) for word in words], dtype=np.uint8)
+        assert np.array_equal(entries, kind.grid.reshape(-1, width).astype(np.uint8)), name
 
 
 def test_supported_types_match_gguf_block_sizes():

@@ -24,8 +24,9 @@
 /* ggml_type ids (ggml.h) and the bytes of one block of each */
 enum {
     GGML_F32 = 0, GGML_F16 = 1, GGML_Q4_0 = 2, GGML_Q4_1 = 3, GGML_Q5_0 = 6, GGML_Q5_1 = 7, GGML_Q8_0 = 8,
-    GGML_Q2_K = 10, GGML_Q3_K = 11, GGML_Q4_K = 12, GGML_Q5_K = 13, GGML_Q6_K = 14, GGML_IQ3_XXS = 18,
-    GGML_IQ4_NL = 20, GGML_IQ3_S = 21, GGML_IQ4_XS = 23, GGML_BF16 = 30,
+    GGML_Q2_K = 10, GGML_Q3_K = 11, GGML_Q4_K = 12, GGML_Q5_K = 13, GGML_Q6_K = 14, GGML_IQ2_XXS = 16,
+    GGML_IQ2_XS = 17, GGML_IQ3_XXS = 18, GGML_IQ4_NL = 20, GGML_IQ3_S = 21, GGML_IQ2_S = 22, GGML_IQ4_XS = 23,
+    GGML_BF16 = 30,
 };
 #define Q4_0_BYTES 18  /* f16 d; qs[16]: element j < 16 is the low nibble of qs[j], 16 + j the high */
 #define Q4_1_BYTES 20  /* f16 d, f16 m; qs[16] */
@@ -41,6 +42,9 @@ enum {
 #define IQ4_XS_BYTES 136 /* 256: f16 d, u16 scales_h, scales_l[4] (6-bit scales per 32), qs[128] (16 per group) */
 #define IQ3_XXS_BYTES 98 /* 256: f16 d; qs[64] (grid indices, 4 weights each); u32 [8] (per 32: four 7-bit sign indices, a 4-bit scale in bits 28-31) */
 #define IQ3_S_BYTES 110 /* 256: f16 d; qs[64] (grid indices' low 8 bits); qh[8] (their ninth bits); signs[32] (a bit a weight); scales[4] (4 bits per 32) */
+#define IQ2_XXS_BYTES 66 /* 256: f16 d; per 32: 4 grid indices (8 weights each), u32: four 7-bit sign indices, a 4-bit scale in bits 28-31 */
+#define IQ2_XS_BYTES 74 /* 256: f16 d; u16 qs[32] (9-bit grid index, 7-bit sign index); scales[8] (4 bits per 16) */
+#define IQ2_S_BYTES 82 /* 256: f16 d; qs[32] (grid indices' low 8 bits); signs[32]; qh[8] (their bits 8-9); scales[8] (4 bits per 16) */
 
 /* Integer vectors of LANES 32-bit codes, in the build's width. */
 #ifdef FREESPEC_AVX512
@@ -573,19 +577,23 @@ static inline vec iq4_xs_decode(const uint8_t *b, const IQ4XSParams *p, int grou
 #endif
 }
 
-/* IQ3_XXS and IQ3_S: each 4 weights are one entry of a fixed grid (iq_grids.h: 256 or 512 entries
- * of four small positive integers), each weight has a sign bit, and each group of 32 a scale: the
- * weight is db * grid * sign with db = d (0.5 + s) / 2 (IQ3_XXS: its 8 signs a group of 8 come from
- * a 7-bit index, the eighth bit the parity) or d (1 + 2 s) (IQ3_S). Every product is exact (at most
- * 11 + 5 + 6 bits), so db times the signed grid value is gguf's weight. A unit's 256 signed values
- * are assembled once as bytes (table lookups, eight bytes at a time in a 64-bit word), and each
- * vector widens, converts and scales its LANES of them, in both builds. */
+/* The grid types IQ3_XXS, IQ3_S, IQ2_XXS, IQ2_XS, IQ2_S: each 4 weights (IQ3) or 8 (IQ2) are one
+ * entry of a fixed grid (iq_grids.h: 256 to 1024 entries of small positive integers), each weight
+ * has a sign bit, and each 32 (IQ3, IQ2_XXS) or 16 weights a scale: the weight is db * grid * sign
+ * with db = d (0.5 + s) / 2 (IQ3_XXS), d (1 + 2 s) (IQ3_S) or d (0.5 + s) / 4 (IQ2); IQ3_XXS's,
+ * IQ2_XXS's and IQ2_XS's 8 signs come from a 7-bit index, the eighth bit the parity. Every product
+ * is exact (at most 11 + 5 + 6 bits), so db times the signed grid value is gguf's weight. A unit's
+ * 256 signed values are assembled once as bytes (table lookups, eight bytes at a time in a 64-bit
+ * word), and each vector widens, converts and scales its LANES of them, in both builds. */
 #include "iq_grids.h"
 
 typedef struct {
-    float scale[8];
+    float scale[16]; /* per 16 weights */
     int8_t codes[256] __attribute__((aligned(32)));
-} IQ3Params;
+} GridParams;
+
+/* the 8 signs of a 7-bit sign index: the eighth is its parity */
+static inline unsigned parity_signs(unsigned k) { return k | (unsigned)__builtin_parity(k) << 7; }
 
 /* The eight bytes of v, byte j negated where bit j of `signs` is set. No byte of v is 0 (grid
  * values are at least 1), so (v ^ 0xff) + 1 negates a byte without carrying into the next. */
@@ -594,29 +602,29 @@ static inline uint64_t signed_bytes(uint64_t v, unsigned signs) {
     return (v ^ mask) + (mask & 0x0101010101010101ull);
 }
 
-static inline void iq3_xxs_prepare(const uint8_t *b, IQ3Params *p) {
+static inline void iq3_xxs_prepare(const uint8_t *b, GridParams *p) {
     const float d = f16_at(b);
     for (int g = 0; g < 8; g++) {
         uint32_t aux;
         memcpy(&aux, b + 66 + 4 * g, sizeof(aux));
-        p->scale[g] = d * (0.5f + (float)(aux >> 28)) * 0.5f;
+        p->scale[2 * g] = p->scale[2 * g + 1] = d * (0.5f + (float)(aux >> 28)) * 0.5f;
         for (int l = 0; l < 4; l++) { /* 8 weights: two grid entries, a sign index */
-            const unsigned k = (aux >> (7 * l)) & 127, signs = k | (unsigned)__builtin_parity(k) << 7;
             const uint8_t *qs = b + 2 + 8 * g + 2 * l;
-            const uint64_t r = signed_bytes(iq3xxs_grid[qs[0]] | (uint64_t)iq3xxs_grid[qs[1]] << 32, signs);
+            const uint64_t r = signed_bytes(iq3xxs_grid[qs[0]] | (uint64_t)iq3xxs_grid[qs[1]] << 32,
+                                            parity_signs((aux >> (7 * l)) & 127));
             memcpy(p->codes + 32 * g + 8 * l, &r, sizeof(r));
         }
     }
     __asm__("" : "+m"(p->codes)); /* widened from memory (see q6_k_prepare) */
 }
 
-static inline void iq3_s_prepare(const uint8_t *b, IQ3Params *p) {
+static inline void iq3_s_prepare(const uint8_t *b, GridParams *p) {
     const float d = f16_at(b);
     const uint8_t *qs = b + 2, *signs = b + 74, *scales = b + 106;
     uint64_t ninth; /* bit c: index c's bit 8 */
     memcpy(&ninth, b + 66, sizeof(ninth));
     for (int g = 0; g < 8; g++) {
-        p->scale[g] = d * (float)(1 + 2 * ((scales[g / 2] >> (4 * (g % 2))) & 15));
+        p->scale[2 * g] = p->scale[2 * g + 1] = d * (float)(1 + 2 * ((scales[g / 2] >> (4 * (g % 2))) & 15));
         for (int l = 0; l < 4; l++) {
             const int c = 8 * g + 2 * l; /* the group's 4-weight entries c and c + 1: index bits 0-7 in qs, bit 8 in qh */
             const unsigned first = qs[c] | (unsigned)((ninth >> c) & 1) << 8;
@@ -628,10 +636,50 @@ static inline void iq3_s_prepare(const uint8_t *b, IQ3Params *p) {
     __asm__("" : "+m"(p->codes));
 }
 
-static inline vec iq3_decode(const uint8_t *b, const IQ3Params *p, int group, int step) {
+/* d (0.5 + s) / 4 for the 16 4-bit scales s of `scales` (IQ2_XS, IQ2_S: one per 16 weights) */
+static inline void iq2_scales(const uint8_t *scales, float d, GridParams *p) {
+    for (int i = 0; i < 16; i++) p->scale[i] = d * (0.5f + (float)((scales[i / 2] >> (4 * (i % 2))) & 15)) * 0.25f;
+}
+
+static inline void iq2_xxs_prepare(const uint8_t *b, GridParams *p) {
+    const float d = f16_at(b);
+    for (int g = 0; g < 8; g++) {
+        uint32_t aux; /* after the group's four grid indices */
+        memcpy(&aux, b + 2 + 8 * g + 4, sizeof(aux));
+        p->scale[2 * g] = p->scale[2 * g + 1] = d * (0.5f + (float)(aux >> 28)) * 0.25f;
+        for (int l = 0; l < 4; l++) {
+            const uint64_t r = signed_bytes(iq2xxs_grid[b[2 + 8 * g + l]], parity_signs((aux >> (7 * l)) & 127));
+            memcpy(p->codes + 32 * g + 8 * l, &r, sizeof(r));
+        }
+    }
+    __asm__("" : "+m"(p->codes));
+}
+
+static inline void iq2_xs_prepare(const uint8_t *b, GridParams *p) {
+    iq2_scales(b + 66, f16_at(b), p);
+    for (int c = 0; c < 32; c++) { /* 8 weights: bits 0-8 the grid index, 9-15 the sign index */
+        uint16_t q;
+        memcpy(&q, b + 2 + 2 * c, sizeof(q));
+        const uint64_t r = signed_bytes(iq2xs_grid[q & 511], parity_signs(q >> 9));
+        memcpy(p->codes + 8 * c, &r, sizeof(r));
+    }
+    __asm__("" : "+m"(p->codes));
+}
+
+static inline void iq2_s_prepare(const uint8_t *b, GridParams *p) {
+    const uint8_t *qs = b + 2, *signs = b + 34, *qh = b + 66;
+    iq2_scales(b + 74, f16_at(b), p);
+    for (int c = 0; c < 32; c++) { /* 8 weights: index bits 0-7 in qs, 8-9 in qh */
+        const uint64_t r = signed_bytes(iq2s_grid[qs[c] | ((qh[c / 4] >> (2 * (c % 4))) & 3u) << 8], signs[c]);
+        memcpy(p->codes + 8 * c, &r, sizeof(r));
+    }
+    __asm__("" : "+m"(p->codes));
+}
+
+static inline vec grid_decode(const uint8_t *b, const GridParams *p, int group, int step) {
     (void)b;
     const ivec codes = widen_i8((const uint8_t *)p->codes + 32 * group + step * LANES);
-    return vec_mul(vec_set1(p->scale[group]), ivec_to_vec(codes));
+    return vec_mul(vec_set1(p->scale[2 * group + step * LANES / 16]), ivec_to_vec(codes));
 }
 
 /* Inside a tile's loop over units u of its ROWS rows at w (row_bytes apart): each row's unit
@@ -879,8 +927,11 @@ DEFINE_FORMAT_LINEAR(q2_k_linear, 8, Q2_K_BYTES, Q2KParams, q2_k_prepare, q2_k_d
 DEFINE_FORMAT_LINEAR(q3_k_linear, 8, Q3_K_BYTES, Q3KParams, q3_k_prepare, q3_k_decode, 0)
 DEFINE_FORMAT_LINEAR(iq4_nl_linear, 1, IQ4_NL_BYTES, BlockParams, iq4_nl_prepare, iq4_nl_decode, 0)
 DEFINE_FORMAT_LINEAR(iq4_xs_linear, 8, IQ4_XS_BYTES, IQ4XSParams, iq4_xs_prepare, iq4_xs_decode, 0)
-DEFINE_FORMAT_LINEAR(iq3_xxs_linear, 8, IQ3_XXS_BYTES, IQ3Params, iq3_xxs_prepare, iq3_decode, 0)
-DEFINE_FORMAT_LINEAR(iq3_s_linear, 8, IQ3_S_BYTES, IQ3Params, iq3_s_prepare, iq3_decode, 0)
+DEFINE_FORMAT_LINEAR(iq3_xxs_linear, 8, IQ3_XXS_BYTES, GridParams, iq3_xxs_prepare, grid_decode, 0)
+DEFINE_FORMAT_LINEAR(iq3_s_linear, 8, IQ3_S_BYTES, GridParams, iq3_s_prepare, grid_decode, 0)
+DEFINE_FORMAT_LINEAR(iq2_xxs_linear, 8, IQ2_XXS_BYTES, GridParams, iq2_xxs_prepare, grid_decode, 0)
+DEFINE_FORMAT_LINEAR(iq2_xs_linear, 8, IQ2_XS_BYTES, GridParams, iq2_xs_prepare, grid_decode, 0)
+DEFINE_FORMAT_LINEAR(iq2_s_linear, 8, IQ2_S_BYTES, GridParams, iq2_s_prepare, grid_decode, 0)
 
 /* 16-bit weights [N, K], any K: the fp32 kernel's tiles (DEFINE_LOAD_TILE) with a converting load
  * (16-bit floats widen to fp32 exactly), so the arithmetic, the K % LANES tail included, is the

@@ -599,7 +599,8 @@ static const KindOps *kind_ops(int64_t kind) {
                          q5_1 = BLOCK_KIND(q5_1), q8_0 = BLOCK_KIND(q8_0), q4_k = BLOCK_KIND(q4_k),
                          q5_k = BLOCK_KIND(q5_k), q6_k = BLOCK_KIND(q6_k), q2_k = BLOCK_KIND(q2_k),
                          q3_k = BLOCK_KIND(q3_k), iq4_nl = BLOCK_KIND(iq4_nl), iq4_xs = BLOCK_KIND(iq4_xs),
-                         iq3_xxs = BLOCK_KIND(iq3_xxs), iq3_s = BLOCK_KIND(iq3_s),
+                         iq3_xxs = BLOCK_KIND(iq3_xxs), iq3_s = BLOCK_KIND(iq3_s), iq2_xxs = BLOCK_KIND(iq2_xxs),
+                         iq2_xs = BLOCK_KIND(iq2_xs), iq2_s = BLOCK_KIND(iq2_s),
                          packed_q4 = BLOCK_KIND(packed_q4),
                          packed_q8 = BLOCK_KIND(packed_q8),
                          stacked = {NULL, NULL, NULL, stacked_row}; /* its parts' linears run as one: linear_then */
@@ -622,6 +623,9 @@ static const KindOps *kind_ops(int64_t kind) {
     case GGML_IQ4_XS: return &iq4_xs;
     case GGML_IQ3_XXS: return &iq3_xxs;
     case GGML_IQ3_S: return &iq3_s;
+    case GGML_IQ2_XXS: return &iq2_xxs;
+    case GGML_IQ2_XS: return &iq2_xs;
+    case GGML_IQ2_S: return &iq2_s;
     case FREESPEC_PACKED_Q4: return &packed_q4;
     case FREESPEC_PACKED_Q8: return &packed_q8;
     case FREESPEC_STACKED: return &stacked;
