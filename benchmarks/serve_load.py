@@ -44,6 +44,7 @@ import sys
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
@@ -207,43 +208,23 @@ class Timed:
     client_first: bool = False  # its client's first request: all of those arrive at once
 
 
-def _timed(client, model_id: str, prompt: str, max_tokens: int, extra: dict, system: str = "") -> Timed:
-    outcome = Timed(prompt)
-    started = time.perf_counter()
-    parts, last = [], None
-    messages = [{"role": "system", "content": system}] * bool(system) + [{"role": "user", "content": prompt}]
-    try:
-        for chunk in client.chat.completions.create(model=model_id, messages=messages,
-                                                    max_tokens=max_tokens, temperature=0, stream=True,
-                                                    stream_options={"include_usage": True}, extra_body=extra):
-            now = time.perf_counter()
-            if chunk.choices and chunk.choices[0].delta.content:
-                parts.append(chunk.choices[0].delta.content)
-                if last is None:
-                    outcome.first_token_seconds = now - started
-                else:
-                    outcome.gaps.append(now - last)
-                last = now
-            if chunk.usage:
-                outcome.tokens = chunk.usage.completion_tokens
-    except Exception as error:  # every failure counts; the run goes on
-        outcome.error = f"{type(error).__name__}: {error}"
-    return _finished(outcome, parts)
+def _openai_chunks(client, model_id: str, messages: list[dict], max_tokens: int, extra: dict) -> Iterator:
+    """(content, completion tokens) of each chunk of a stream read with the official ``openai`` client."""
+    for chunk in client.chat.completions.create(model=model_id, messages=messages, max_tokens=max_tokens,
+                                                temperature=0, stream=True, stream_options={"include_usage": True},
+                                                extra_body=extra):
+        yield (chunk.choices[0].delta.content if chunk.choices else None,
+               chunk.usage.completion_tokens if chunk.usage else None)
 
 
-def _timed_http(url: str, api_key: str, model_id: str, prompt: str, max_tokens: int, extra: dict,
-                system: str = "") -> Timed:
-    """:func:`_timed` over a plain HTTP stream (the standard library's ``http.client``, each
-    ``data:`` line parsed with ``json``): the clients share the measured machine with the server,
-    and the ``openai`` client's per-chunk parsing took a few percent of a 2-core machine (see
-    docs/serving.md, Load test)."""
-    outcome = Timed(prompt)
-    messages = [{"role": "system", "content": system}] * bool(system) + [{"role": "user", "content": prompt}]
+def _http_chunks(url: str, api_key: str, model_id: str, messages: list[dict], max_tokens: int,
+                 extra: dict) -> Iterator:
+    """The same over a plain HTTP stream (the standard library's ``http.client``, each ``data:`` line
+    parsed with ``json``): the clients share the measured machine with the server, and the ``openai``
+    client's per-chunk parsing took a few percent of a 2-core machine (see docs/serving.md, Load test)."""
     body = json.dumps({"model": model_id, "messages": messages, "max_tokens": max_tokens, "temperature": 0,
                        "stream": True, "stream_options": {"include_usage": True}, **extra})
     address = urlparse(url)
-    parts, last = [], None
-    started = time.perf_counter()
     connection = http.client.HTTPConnection(address.hostname, address.port, timeout=600)
     try:
         connection.request("POST", address.path.rstrip("/") + "/v1/chat/completions", body,
@@ -254,10 +235,24 @@ def _timed_http(url: str, api_key: str, model_id: str, prompt: str, max_tokens: 
         for line in response:
             if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
                 continue
-            now = time.perf_counter()
             chunk = json.loads(line[6:])
-            choices = chunk.get("choices")
-            content = choices[0].get("delta", {}).get("content") if choices else None
+            choices, usage = chunk.get("choices"), chunk.get("usage")
+            yield (choices[0].get("delta", {}).get("content") if choices else None,
+                   usage["completion_tokens"] if usage else None)
+    finally:
+        connection.close()
+
+
+def _timed(prompt: str, chunks: Iterator) -> Timed:
+    """One streamed answer timed: ``chunks`` yields (content, completion tokens) per chunk, sending the
+    request when first asked. Tokens and gaps are corrected where the server sent several tokens a
+    chunk or no usage."""
+    outcome = Timed(prompt)
+    parts, last = [], None
+    started = time.perf_counter()
+    try:
+        for content, tokens in chunks:
+            now = time.perf_counter()
             if content:
                 parts.append(content)
                 if last is None:
@@ -265,18 +260,10 @@ def _timed_http(url: str, api_key: str, model_id: str, prompt: str, max_tokens: 
                 else:
                     outcome.gaps.append(now - last)
                 last = now
-            if chunk.get("usage"):
-                outcome.tokens = chunk["usage"]["completion_tokens"]
+            if tokens:
+                outcome.tokens = tokens
     except Exception as error:  # every failure counts; the run goes on
         outcome.error = f"{type(error).__name__}: {error}"
-    finally:
-        connection.close()
-    return _finished(outcome, parts)
-
-
-def _finished(outcome: Timed, parts: list[str]) -> Timed:
-    """``outcome`` with its text, and its tokens and gaps where the server sent several tokens a chunk
-    or no usage."""
     outcome.text = "".join(parts)
     if not outcome.error and not outcome.tokens:  # a server that sends no usage: one token a chunk
         outcome.tokens = len(parts)
@@ -313,10 +300,12 @@ def run_level(url: str, model_id: str, clients: int, prompts: list[str], max_tok
             sdk = openai.OpenAI(base_url=url.rstrip("/") + "/v1", api_key=api_key, max_retries=0, timeout=600)
         first = True
         while True:
+            messages = [{"role": "system", "content": system}] * bool(system) + [{"role": "user", "content": prompt}]
             if client == "openai":
-                outcome = _timed(sdk, model_id, prompt, max_tokens, extra, system)
+                chunks = _openai_chunks(sdk, model_id, messages, max_tokens, extra)
             else:
-                outcome = _timed_http(url, api_key, model_id, prompt, max_tokens, extra, system)
+                chunks = _http_chunks(url, api_key, model_id, messages, max_tokens, extra)
+            outcome = _timed(prompt, chunks)
             outcome.client_first, first = first, False
             with lock:
                 outcomes.append(outcome)
