@@ -47,8 +47,7 @@ from freespec.kernels.weights import repack  # noqa: E402
 SMOLLM2_SHAPES = [(576, 576), (192, 576), (3072, 576), (576, 1536), (49152, 576)]  # (N, K)
 ONE_B_SHAPES = [(2048, 2048), (16384, 2048), (2048, 8192)]
 PACKED_ROWS = (1, 2, 3, 4, 8)
-FORMATS = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ3_XXS", "IQ3_S", "IQ4_NL",
-           "IQ4_XS", "F16", "BF16", "F32"]
+FORMATS = [kind.name for kind in kernels.SUPPORTED_TYPES]
 
 
 def random_weight(name: str, shape: tuple[int, int], generator: np.random.Generator) -> kernels.GGMLWeight:

@@ -16,13 +16,9 @@ ROW_COUNTS = range(1, 34)  # every path: 1-4 rows in registers, buffered, partia
 BLOCK_COLUMNS = (32, 96, 256, 320)  # one block, fewer than 256, a K-quant's super-block, not a multiple of 256
 SUPER_BLOCK_COLUMNS = (256, 768)
 HALF_COLUMNS = (8, 37, 100, 256)  # fewer than a vector, and tails of every length
-CASES = (
-    [(name, k) for name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0") for k in BLOCK_COLUMNS]
-    + [("IQ4_NL", k) for k in BLOCK_COLUMNS]
-    + [(name, k) for name in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S",
-                              "IQ4_XS") for k in SUPER_BLOCK_COLUMNS]
-    + [(name, k) for name in ("F16", "BF16", "F32") for k in HALF_COLUMNS]
-)
+COLUMNS_BY_BLOCK = {1: HALF_COLUMNS, 32: BLOCK_COLUMNS, 256: SUPER_BLOCK_COLUMNS}  # weights a block -> row lengths
+CASES = [(kind.name, k) for kind in kernels.SUPPORTED_TYPES for k in COLUMNS_BY_BLOCK[GGML_QUANT_SIZES[kind][0]]]
+"""Every type the kernels read, at the row lengths its blocks allow."""
 
 
 def weight_bytes(kind: GGMLQuantizationType, rows: int, columns: int, seed: int = 0) -> np.ndarray:

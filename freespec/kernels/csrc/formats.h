@@ -537,9 +537,7 @@ static inline ivec iq4_values(const uint8_t *p, int e) {
 }
 #endif
 
-static inline void iq4_nl_prepare(const uint8_t *b, BlockParams *p) { /* d * kvalue[q] */
-    p->scale = broadcast_lane(block_halves(b, 1), 0);
-}
+#define iq4_nl_prepare q8_0_prepare /* d * kvalue[q] */
 static inline vec iq4_nl_decode(const uint8_t *b, const BlockParams *p, int group, int step) {
     (void)group;
     const int e = step * LANES;
