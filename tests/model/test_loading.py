@@ -1,5 +1,5 @@
 """Finding and loading models: what the user typed, GGUF files cut short, the GGUF metadata cache
-(concurrent builds, incomplete folders, keyed by the file's identity)."""
+(concurrent builds, incomplete folders, keyed by the file's header, bounded)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,11 @@ import os
 import platform
 import shutil
 import struct
+import time
 from pathlib import Path
 
+import gguf
+import numpy as np
 import pytest
 
 from freespec.model import loading
@@ -56,6 +59,19 @@ def test_a_gguf_file_cut_short_is_a_one_line_error(tmp_path, content):
     assert "\n" not in str(error.value)
 
 
+def header_only_gguf(path: Path, name: str, tensor_bytes: bytes = b"") -> Path:
+    """A GGUF file of one metadata string and one F32 tensor of ``tensor_bytes`` (4 zeros if empty)."""
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name(name)
+    data = np.frombuffer(tensor_bytes or bytes(4), dtype=np.float32)
+    writer.add_tensor("weights", data.copy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
 @pytest.fixture
 def fake_gguf(tmp_path, monkeypatch) -> Path:
     """A .gguf file whose metadata 'read by transformers' is the tiny test model's, in a cache of the test's own."""
@@ -72,9 +88,7 @@ def fake_gguf(tmp_path, monkeypatch) -> Path:
     # by name: loading imports them from transformers when called
     monkeypatch.setattr("transformers.AutoConfig", Loader(config))
     monkeypatch.setattr("transformers.AutoTokenizer", Loader(tokenizer))
-    path = tmp_path / "tiny.gguf"
-    path.write_bytes(b"GGUF not really")
-    return path
+    return header_only_gguf(tmp_path / "tiny.gguf", "tiny")
 
 
 def test_a_concurrent_metadata_build_that_finishes_first_is_used(fake_gguf, monkeypatch):
@@ -137,11 +151,45 @@ def test_an_incomplete_metadata_folder_is_replaced(fake_gguf):
     assert (target / "config.json").is_file()
 
 
-def test_an_edited_file_gets_fresh_metadata(fake_gguf):
+def test_an_edited_header_gets_fresh_metadata(fake_gguf):
     first = gguf_metadata(fake_gguf)
-    fake_gguf.write_bytes(b"GGUF edited, and longer")
+    header_only_gguf(fake_gguf, "tiny, renamed")
     assert gguf_metadata(fake_gguf) != first
     assert gguf_metadata(fake_gguf).parent == first.parent
+
+
+def test_a_copy_elsewhere_finds_the_metadata_of_its_header(fake_gguf, tmp_path, caplog):
+    """Keyed by path, size and time, every copy or move of a file (and every test run's new
+    temporary files) read the metadata again and kept one more folder: 33 MB for Gemma 3."""
+    first = gguf_metadata(fake_gguf)
+    (tmp_path / "elsewhere").mkdir()
+    copy = shutil.copy2(fake_gguf, tmp_path / "elsewhere" / "renamed.gguf")
+    os.utime(copy, (1, 1))
+    other_weights = header_only_gguf(tmp_path / "other.gguf", "tiny", tensor_bytes=np.ones(1, np.float32).tobytes())
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="freespec"):
+        assert gguf_metadata(Path(copy)) == first
+        assert gguf_metadata(other_weights) == first  # the same header: only tensor data differs
+    assert not caplog.records
+
+
+def test_the_least_recently_used_metadata_go_beyond_the_budget(fake_gguf, tmp_path, monkeypatch):
+    names = ["first", "second", "third", "fourth"]
+    targets = {name: gguf_metadata(header_only_gguf(tmp_path / f"{name}.gguf", name)) for name in names}
+    size = sum(file.stat().st_size for file in targets["first"].iterdir())
+    long_ago = time.time() - 2 * loading.RECENT_SECONDS
+    for age, name in enumerate(names):  # first used longest ago, fourth most recently
+        os.utime(targets[name], (long_ago + age, long_ago + age))
+    gguf_metadata(tmp_path / "first.gguf")  # used again now: the most recent
+    loading._evict_metadata(targets["first"].parent, budget=2 * size + size // 2)
+    kept = sorted(path.name for path in targets["first"].parent.iterdir())
+    assert kept == sorted(targets[name].name for name in ("first", "fourth"))
+
+
+def test_metadata_used_in_the_last_minutes_is_never_evicted(fake_gguf, tmp_path):
+    targets = [gguf_metadata(header_only_gguf(tmp_path / f"{index}.gguf", str(index))) for index in range(3)]
+    loading._evict_metadata(targets[0].parent, budget=0)
+    assert all((target / "config.json").is_file() for target in targets)
 
 
 def _resident_bytes() -> int:
