@@ -33,7 +33,7 @@ _NAMES = {"avx512": "AVX-512", "avx2": "AVX2"}
 TORCH = "torch"
 """Not a build: torch's own ops (no compiler, no AVX2, or asked for)."""
 _COMMON_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
-_FLAGS = {"avx2": _COMMON_FLAGS, "avx512": [*_COMMON_FLAGS, "-mavx512f", "-DFREESPEC_AVX512"]}
+_FLAGS = {"avx2": _COMMON_FLAGS, "avx512": [*_COMMON_FLAGS, "-mavx512f", "-mavx512bw", "-DFREESPEC_AVX512"]}
 
 
 @cache
@@ -48,11 +48,12 @@ def cpu_flags() -> frozenset[str]:
 
 def supported_isas() -> list[str]:
     """The builds this CPU runs, widest first (empty without AVX2, FMA and F16C: every AVX2 CPU
-    has F16C, which converts the fp16 scales and weights)."""
+    has F16C, which converts the fp16 scales and weights). The AVX-512 build needs AVX-512F and
+    BW (every AVX-512 CPU since Skylake-SP; BW's byte operations sign the IQ grid codes)."""
     flags = cpu_flags()
     if not {"avx2", "fma", "f16c"} <= flags:
         return []
-    return ["avx512", "avx2"] if "avx512f" in flags else ["avx2"]
+    return ["avx512", "avx2"] if {"avx512f", "avx512bw"} <= flags else ["avx2"]
 
 
 def requested_isa(environ: Mapping[str, str] = os.environ) -> str:
