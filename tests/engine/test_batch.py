@@ -254,34 +254,33 @@ def test_the_batch_stops_sharing_drafts_where_they_measured_slower(monkeypatch):
     assert "draft" in calls and "learn" in calls
 
 
-def test_a_pass_carrying_a_prompt_prices_drafts_as_one_without_it():
-    """A pass that also prefills a prompt shares drafts as a pass of its decoding rows alone
-    would: the prompt rows emit nothing now, and counting them in the pass's rate made any node
-    look like a gain. It also follows the check's verdict at that many requests (plain where
-    shared drafts measured slower), without being one of its samples."""
+def test_a_pass_carrying_a_prompt_drafts_nothing_but_fixed_budgets(monkeypatch):
+    """Beside a prompt chunk the decoding requests draft nothing, even where every node would pay:
+    the prompt rows fill the pass, and draft rows would only delay the newcomer's first token. The
+    pass is no sample of the sharing check. A request with a fixed budget drafts as it does alone
+    (its sampled tokens must stay its own), and the others draft again once the prompt is in."""
     model = _model("llama")
     prompts = [[2, *[4 + (index * 13 + i) % 60 for i in range(30)], 3] for index in range(3)]
     for prompt in prompts:  # the forks' shared tables learn these answers: their drafts are sure
         model.fork().generate(prompt_ids=prompt, drafter="recycling", max_new_tokens=24)
     long_prompt = [2, *[4 + (7 * i) % 200 for i in range(200)], 3]
-
-    def drafted_beside_a_prompt(batch: Batch) -> list[bool]:
-        running = [Running(model.fork().stream(prompt_ids=prompt, drafter="recycling", max_new_tokens=24))
-                   for prompt in prompts]
-        while any(request.generation.prefilling for request in running):
-            batch.step(running)
-        batch.step(running)  # a first decoding step: each request has learned its context
-        newcomer = Running(model.fork().stream(prompt_ids=long_prompt, drafter="none", max_new_tokens=4))
-        counts = dict(batch.check.counts)
-        batch.step([*running, newcomer])
-        assert newcomer.generation.prefilling and batch.check.counts == counts  # a prompt chunk, no sample
-        return [request.generation.stats.draft_sizes[-1] > 0 for request in running]
-
     batch = Batch(prefill_rows=32)
-    batch.step_cost.line = (0.0, 1.0)  # a row costs as much as a token: no node pays without the prompt rows
-    assert drafted_beside_a_prompt(batch) == [False] * 3
     batch.step_cost.line = (1.0, 1e-6)  # rows free: every node pays
-    assert any(drafted_beside_a_prompt(batch))
-    for drafted, rate in ((False, 100.0), (True, 50.0)):  # shared drafts measured slower at 3 requests
-        batch.check.rates[3, drafted], batch.check.counts[3, drafted] = rate, batch.check.min_steps
-    assert drafted_beside_a_prompt(batch) == [False] * 3
+    running = [Running(model.fork().stream(prompt_ids=prompt, drafter="recycling", max_new_tokens=40, budget=budget))
+               for prompt, budget in zip(prompts, [None, None, 3])]
+    while any(request.generation.prefilling for request in running):
+        batch.step(running)
+    batch.step(running)  # a first decoding step: each request has learned its context
+    newcomer = Running(model.fork().stream(prompt_ids=long_prompt, drafter="none", max_new_tokens=4))
+    drafts = []
+    real_draft = Generation.draft
+    monkeypatch.setattr(Generation, "draft", lambda self: drafts.append(self) or real_draft(self))
+    counts = dict(batch.check.counts)
+    batch.step([*running, newcomer])
+    assert newcomer.generation.prefilling and batch.check.counts == counts  # a prompt chunk, no sample
+    assert [request.generation.stats.draft_sizes[-1] > 0 for request in running] == [False, False, True]
+    assert drafts == [running[2].generation]  # the others spent no time drafting
+    while newcomer.generation.prefilling:
+        batch.step([*running, newcomer])
+    batch.step([*running, newcomer])
+    assert all(request.generation.stats.draft_sizes[-1] > 0 for request in running)
