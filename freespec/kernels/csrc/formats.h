@@ -586,9 +586,10 @@ static inline vec iq4_xs_decode(const uint8_t *b, const IQ4XSParams *p, int grou
  * bytes at a time in a 64-bit word (table lookups); the AVX-512 build gathers IQ3_S's and the IQ2
  * types' entries 64 weights at a time (store_signed). Zen 4, one thread, resident, G weights/s at
  * one / four input rows, words -> gathers: IQ3_S 4.5 / 3.5 -> 6.2 / 4.7, IQ2_XXS 5.8 / 4.4 ->
- * 6.6 / 4.8, IQ2_S 4.5 / 3.6 -> 5.1 / 4.2, IQ2_XS 4.8 / 3.9 -> 4.8 / 4.6; IQ3_XXS 5.8 / 4.5 ->
- * 5.2 / 4.2 (kept). Assembling the words and then negating them 64 at a time read each 64 bytes
- * right after eight 8-byte stores, which the store buffer cannot forward: IQ3_XXS 3.6. */
+ * 6.6 / 4.8, IQ2_S 4.5 / 3.6 -> 5.1 / 4.2, IQ2_XS 4.8 / 3.9 -> 4.8 / 4.6; IQ3_XXS gathered ran
+ * 5.2 / 4.2 against its words' 5.8 / 4.5, so it keeps them. Assembling the words and then negating
+ * them 64 at a time read each 64 bytes right after eight 8-byte stores, which the store buffer
+ * cannot forward: IQ3_XXS 3.6. */
 #include "iq_grids.h"
 
 typedef struct {
@@ -689,12 +690,12 @@ static inline void iq2_scales(const uint8_t *scales, float d, GridParams *p) {
 
 static inline void iq2_xxs_prepare(const uint8_t *b, GridParams *p) {
     const float d = f16_at(b);
+#ifdef FREESPEC_AVX512
     uint32_t aux[8]; /* after each group's four grid indices: four 7-bit sign indices, the scale in bits 28-31 */
     for (int g = 0; g < 8; g++) {
         memcpy(aux + g, b + 2 + 8 * g + 4, sizeof(aux[g]));
         p->scale[2 * g] = p->scale[2 * g + 1] = d * (0.5f + (float)(aux[g] >> 28)) * 0.25f;
     }
-#ifdef FREESPEC_AVX512
     for (int j = 0; j < 4; j++) { /* groups 2j, 2j + 1: their indices are bytes 0-3 of each 8 */
         uint64_t bytes;
         memcpy(&bytes, b + 2 + 16 * j, sizeof(bytes)); /* group 2j's 8 bytes; 2j + 1's indices follow at 8 */
@@ -704,12 +705,16 @@ static inline void iq2_xxs_prepare(const uint8_t *b, GridParams *p) {
         store_signed(p->codes + 64 * j, iq2_entries(iq2xxs_grid, index),
                      parity_sign_bytes(aux[2 * j]) | (uint64_t)parity_sign_bytes(aux[2 * j + 1]) << 32);
     }
-#else
-    for (int g = 0; g < 8; g++)
+#else /* one group at a time (an array of the eight sign words made this loop 7% slower) */
+    for (int g = 0; g < 8; g++) {
+        uint32_t aux; /* after the group's four grid indices */
+        memcpy(&aux, b + 2 + 8 * g + 4, sizeof(aux));
+        p->scale[2 * g] = p->scale[2 * g + 1] = d * (0.5f + (float)(aux >> 28)) * 0.25f;
         for (int l = 0; l < 4; l++) {
-            const uint64_t r = signed_bytes(iq2xxs_grid[b[2 + 8 * g + l]], parity_signs((aux[g] >> (7 * l)) & 127));
+            const uint64_t r = signed_bytes(iq2xxs_grid[b[2 + 8 * g + l]], parity_signs((aux >> (7 * l)) & 127));
             memcpy(p->codes + 32 * g + 8 * l, &r, sizeof(r));
         }
+    }
 #endif
     __asm__("" : "+m"(p->codes));
 }
