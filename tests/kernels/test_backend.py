@@ -34,6 +34,16 @@ def test_a_build_is_chosen_by_argument_or_environment_and_a_bad_one_is_named():
         kernels.select("sse")
 
 
+@pytest.mark.parametrize("flags, isas", [
+    ({"avx2", "fma", "f16c", "avx512f", "avx512bw"}, ["avx512", "avx2"]),
+    ({"avx2", "fma", "f16c", "avx512f"}, ["avx2"]),  # the AVX-512 build signs IQ codes with AVX-512BW
+    ({"avx2", "fma"}, []),
+])
+def test_the_builds_a_cpu_runs_follow_its_flags(monkeypatch, flags, isas):
+    monkeypatch.setattr(build, "cpu_flags", lambda: frozenset(flags))
+    assert build.supported_isas() == isas
+
+
 @pytest.mark.parametrize("k", [8, 37, 64, 576])
 def test_kernel_matches_torch_and_is_batch_invariant(k, kernel_build):
     torch.manual_seed(0)

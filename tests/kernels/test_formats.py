@@ -153,7 +153,7 @@ def test_torch_backend_multiplies_the_dequantized_matrix():
 @pytest.mark.parametrize("kind,data,shape,message", [
     ("Q9_9", np.zeros((1, 18), np.uint8), (1, 32), "unknown GGUF tensor type 'Q9_9'"),
     (99, np.zeros((1, 18), np.uint8), (1, 32), "unknown GGUF tensor type 99"),
-    ("IQ1_S", np.zeros((1, 50), np.uint8), (1, 256), "IQ1_S is not supported"),
+    ("TQ1_0", np.zeros((1, 54), np.uint8), (1, 256), "TQ1_0 is not supported"),
     ("Q4_K", np.zeros((1, 72), np.uint8), (1, 128), "whole blocks of 256 weights; 128 is not"),
     ("Q4_0", np.zeros((2, 18), np.uint8), (2, 64), "takes 72 bytes, the data holds 36"),
     ("Q8_0", np.zeros((2, 68), np.uint8)[:, ::2], (2, 32), "C-contiguous"),
@@ -180,7 +180,7 @@ def test_the_c_dispatcher_refuses_matrices_it_cannot_read_without_touching_memor
         return c_kernels.library.freespec_linear(ctypes.byref(matrix), None, None, 1)
 
     assert status(abi.Matrix(kind=99, N=1, K=32)) == abi.BAD_MATRIX
-    assert status(abi.Matrix(kind=int(GGMLQuantizationType.IQ1_S), N=1, K=256)) == abi.BAD_MATRIX
+    assert status(abi.Matrix(kind=int(GGMLQuantizationType.TQ1_0), N=1, K=256)) == abi.BAD_MATRIX
     parts = (abi.Matrix * 2)(abi.Matrix(kind=0, N=2, K=32), abi.Matrix(kind=0, N=3, K=64))
     assert status(abi.Matrix(kind=abi.STACKED, N=5, K=32, parts=parts, num_parts=2)) == abi.BAD_MATRIX  # K
     parts[1].K = 32
@@ -259,22 +259,23 @@ def test_embedding_token_ids_outside_the_table_are_refused(c_kernels):
 
 
 def test_the_iq_grids_are_ggmls():
-    """iq_grids.h holds the grids gguf-py dequantizes IQ3_XXS, IQ3_S (4 bytes an entry) and IQ2_XXS,
-    IQ2_XS, IQ2_S (8 bytes) with."""
+    """iq_grids.h holds the grids gguf-py dequantizes IQ3_XXS, IQ3_S (4 bytes an entry), IQ2_XXS,
+    IQ2_XS, IQ2_S (8 bytes) and, times 8, IQ1_S and IQ1_M (8 bytes) with."""
     import re
     from pathlib import Path
 
     text = (Path(kernels.__file__).parent / "csrc" / "iq_grids.h").read_text()
     grids = {"iq3xxs_grid": quants.IQ3_XXS, "iq3s_grid": quants.IQ3_S, "iq2xxs_grid": quants.IQ2_XXS,
-             "iq2xs_grid": quants.IQ2_XS, "iq2s_grid": quants.IQ2_S}
+             "iq2xs_grid": quants.IQ2_XS, "iq2s_grid": quants.IQ2_S, "iq1s_grid_x8": quants.IQ1_S}
     for name, kind in grids.items():
         body = re.search(name + r"\[\d+\] = \{(.*?)\};", text, re.S).group(1)
         words = [int(word, 16) for word in re.findall(r"0x([0-9a-f]+)", body)]
         if kind.grid is None:
             kind.init_grid()
         width = kind.grid_shape[1]  # weights an entry: bytes of a word
-        entries = np.array([list(word.to_bytes(width, "little")) for word in words], dtype=np.uint8)
-        assert np.array_equal(entries, kind.grid.reshape(-1, width).astype(np.uint8)), name
+        entries = np.array([list(word.to_bytes(width, "little")) for word in words], dtype=np.uint8).view(np.int8)
+        times = 8 if name.endswith("_x8") else 1
+        assert np.array_equal(entries, (times * kind.grid.reshape(-1, width)).astype(np.int8)), name
 
 
 def test_supported_types_match_gguf_block_sizes():

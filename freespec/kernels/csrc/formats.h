@@ -25,8 +25,8 @@
 enum {
     GGML_F32 = 0, GGML_F16 = 1, GGML_Q4_0 = 2, GGML_Q4_1 = 3, GGML_Q5_0 = 6, GGML_Q5_1 = 7, GGML_Q8_0 = 8,
     GGML_Q2_K = 10, GGML_Q3_K = 11, GGML_Q4_K = 12, GGML_Q5_K = 13, GGML_Q6_K = 14, GGML_IQ2_XXS = 16,
-    GGML_IQ2_XS = 17, GGML_IQ3_XXS = 18, GGML_IQ4_NL = 20, GGML_IQ3_S = 21, GGML_IQ2_S = 22, GGML_IQ4_XS = 23,
-    GGML_BF16 = 30,
+    GGML_IQ2_XS = 17, GGML_IQ3_XXS = 18, GGML_IQ1_S = 19, GGML_IQ4_NL = 20, GGML_IQ3_S = 21, GGML_IQ2_S = 22,
+    GGML_IQ4_XS = 23, GGML_IQ1_M = 29, GGML_BF16 = 30,
 };
 #define Q4_0_BYTES 18  /* f16 d; qs[16]: element j < 16 is the low nibble of qs[j], 16 + j the high */
 #define Q4_1_BYTES 20  /* f16 d, f16 m; qs[16] */
@@ -45,6 +45,8 @@ enum {
 #define IQ2_XXS_BYTES 66 /* 256: f16 d; per 32: 4 grid indices (8 weights each), u32: four 7-bit sign indices, a 4-bit scale in bits 28-31 */
 #define IQ2_XS_BYTES 74 /* 256: f16 d; u16 qs[32] (9-bit grid index, 7-bit sign index); scales[8] (4 bits per 16) */
 #define IQ2_S_BYTES 82 /* 256: f16 d; qs[32] (grid indices' low 8 bits); signs[32]; qh[8] (their bits 8-9); scales[8] (4 bits per 16) */
+#define IQ1_S_BYTES 50 /* 256: f16 d; qs[32] (grid indices' low 8 bits); u16 qh[8] (per 32: four 3-bit index high parts, a 3-bit scale in bits 12-14, the delta's sign in bit 15) */
+#define IQ1_M_BYTES 56 /* 256: qs[32]; qh[16] (a nibble per 8 weights: 3 index bits, the delta's sign in bit 3); u16 scales[4] (3 bits per 16 weights at bits 0, 3, 6, 9; the f16 d in their bits 12-15) */
 
 /* Integer vectors of LANES 32-bit codes, in the build's width. */
 #ifdef FREESPEC_AVX512
@@ -769,6 +771,65 @@ static inline void iq2_s_prepare(const uint8_t *b, GridParams *p) {
     __asm__("" : "+m"(p->codes));
 }
 
+/* IQ1_S, IQ1_M: each 8 weights an entry of a grid of -1, 0, 1 (11-bit index), a delta of +-1/8 per
+ * 32 (IQ1_S) or 8 weights (IQ1_M), and a 3-bit scale s per 32 or 16: the weight is
+ * d (2 s + 1) (grid + delta), all exact (11 + 4 + 4 bits). Stored as the grid's values times 8
+ * (iq1s_grid_x8) and the scale over 8, a weight is scale * code with the byte code 8 grid + 1 or
+ * 8 grid - 1: 8 grid | 1 (its bit 0 is clear), or its bytes less 1. Eight entries at a time: `low`
+ * their indices' low 8 bits, `high` the 3 bits above each, `negative` bit k for entry k's delta. */
+static inline void iq1_entries(int8_t *codes, const uint8_t *low, __m256i high, unsigned negative) {
+    const __m256i index = _mm256_or_si256(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)low)),
+                                          _mm256_slli_epi32(_mm256_and_si256(high, _mm256_set1_epi32(7)), 8));
+#ifdef FREESPEC_AVX512
+    const __m512i entries = iq2_entries(iq1s_grid_x8, index), ones = _mm512_set1_epi8(1);
+    _mm512_store_si512(codes, _mm512_mask_blend_epi64((__mmask8)negative, _mm512_or_si512(entries, ones),
+                                                      _mm512_sub_epi8(entries, ones)));
+#else
+    uint32_t at[8];
+    _mm256_storeu_si256((__m256i *)at, index);
+    for (int half = 0; half < 2; half++) { /* four entries (32 bytes) from registers, not read back from memory */
+        const uint32_t *i = at + 4 * half;
+        const __m256i entries = _mm256_setr_epi64x((long long)iq1s_grid_x8[i[0]], (long long)iq1s_grid_x8[i[1]],
+                                                   (long long)iq1s_grid_x8[i[2]], (long long)iq1s_grid_x8[i[3]]);
+        const unsigned n = negative >> (4 * half);
+        const __m256i delta = _mm256_setr_epi64x(n & 1 ? -1 : 0x0101010101010101ll, n & 2 ? -1 : 0x0101010101010101ll,
+                                                 n & 4 ? -1 : 0x0101010101010101ll, n & 8 ? -1 : 0x0101010101010101ll);
+        _mm256_store_si256((__m256i *)(codes + 32 * half), _mm256_add_epi8(entries, delta));
+    }
+#endif
+}
+
+static inline void iq1_s_prepare(const uint8_t *b, GridParams *p) {
+    const float d = f16_at(b);
+    uint16_t qh[8];
+    memcpy(qh, b + 34, sizeof(qh));
+    for (int g = 0; g < 8; g++) p->scale[2 * g] = p->scale[2 * g + 1] = d * (float)(2 * ((qh[g] >> 12) & 7) + 1) * 0.125f;
+    for (int j = 0; j < 4; j++) { /* groups 2j, 2j + 1 */
+        const __m256i high = _mm256_srlv_epi32(_mm256_setr_epi32(qh[2 * j], qh[2 * j], qh[2 * j], qh[2 * j], qh[2 * j + 1],
+                                                                 qh[2 * j + 1], qh[2 * j + 1], qh[2 * j + 1]),
+                                               _mm256_setr_epi32(0, 3, 6, 9, 0, 3, 6, 9));
+        iq1_entries(p->codes + 64 * j, b + 2 + 8 * j, high, (qh[2 * j] >> 15) * 0x0Fu | (qh[2 * j + 1] >> 15) * 0xF0u);
+    }
+    __asm__("" : "+m"(p->codes));
+}
+
+static inline void iq1_m_prepare(const uint8_t *b, GridParams *p) {
+    uint16_t sc[4];
+    memcpy(sc, b + 48, sizeof(sc));
+    const float d = f16_to_float((uint16_t)((sc[0] >> 12) | ((sc[1] >> 8) & 0xF0) | ((sc[2] >> 4) & 0xF00) | (sc[3] & 0xF000)));
+    for (int i = 0; i < 16; i++) p->scale[i] = d * (float)(2 * ((sc[i / 4] >> (3 * (i % 4))) & 7) + 1) * 0.125f;
+    for (int j = 0; j < 4; j++) { /* entries 8 j .. 8 j + 7: nibble k of the 4 qh bytes at 4 j */
+        uint32_t nibbles;
+        memcpy(&nibbles, b + 32 + 4 * j, sizeof(nibbles));
+        const __m256i all = _mm256_set1_epi32((int)nibbles);
+        const __m256i high = _mm256_srlv_epi32(all, _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28));
+        /* each nibble's bit 3 shifted to bit 31: the sign bits movemask gathers */
+        const __m256i delta = _mm256_sllv_epi32(all, _mm256_setr_epi32(28, 24, 20, 16, 12, 8, 4, 0));
+        iq1_entries(p->codes + 64 * j, b + 8 * j, high, (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(delta)));
+    }
+    __asm__("" : "+m"(p->codes));
+}
+
 static inline vec grid_decode(const uint8_t *b, const GridParams *p, int group, int step) {
     (void)b;
     const ivec codes = widen_i8((const uint8_t *)p->codes + 32 * group + step * LANES);
@@ -1025,6 +1086,8 @@ DEFINE_FORMAT_LINEAR(iq3_s_linear, 8, IQ3_S_BYTES, GridParams, iq3_s_prepare, gr
 DEFINE_FORMAT_LINEAR(iq2_xxs_linear, 8, IQ2_XXS_BYTES, GridParams, iq2_xxs_prepare, grid_decode, 0)
 DEFINE_FORMAT_LINEAR(iq2_xs_linear, 8, IQ2_XS_BYTES, GridParams, iq2_xs_prepare, grid_decode, 0)
 DEFINE_FORMAT_LINEAR(iq2_s_linear, 8, IQ2_S_BYTES, GridParams, iq2_s_prepare, grid_decode, 0)
+DEFINE_FORMAT_LINEAR(iq1_s_linear, 8, IQ1_S_BYTES, GridParams, iq1_s_prepare, grid_decode, 0)
+DEFINE_FORMAT_LINEAR(iq1_m_linear, 8, IQ1_M_BYTES, GridParams, iq1_m_prepare, grid_decode, 0)
 
 /* 16-bit weights [N, K], any K: the fp32 kernel's tiles (DEFINE_LOAD_TILE) with a converting load
  * (16-bit floats widen to fp32 exactly), so the arithmetic, the K % LANES tail included, is the
