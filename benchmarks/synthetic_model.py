@@ -9,7 +9,7 @@ For one shape this writes, under ``--out``:
 - ``<shape>-f16.gguf``: llama architecture, SmolLM2-135M-Instruct's tokenizer metadata (so every
   engine tokenizes the same prompts), F16 matrices drawn from N(0, 0.02), F32 norms of ones;
 - ``<shape>-q4_k_m.gguf``, ``-q4_0.gguf``, ``-q8_0.gguf`` (and ``q2_k``, ``q3_k_m``, ``q5_k_m``,
-  ``q6_k``, ``iq3_m``, ``iq4_nl``, ``iq4_xs``): that file quantized by llama.cpp's own quantizer
+  ``q6_k``, ``iq3_m``, ``iq4_nl``, ``iq4_xs``, ``tq1_0``, ``tq2_0``): that file quantized by llama.cpp's own quantizer
   (llama-cpp-python's ``llama_model_quantize``), as users' downloads are made;
 - ``<shape>-bf16/``: a transformers model directory (config.json, tokenizer, bf16 safetensors in
   Hugging Face's tensor names), the default form of a hub checkpoint.
@@ -93,7 +93,7 @@ SHAPES = {  # real models' dimensions
     "mistral-7b": Shape(4096, 32, 14336, 32, 8, tied=False),
 }
 QUANTIZED = {"q4_k_m": 15, "q4_0": 2, "q8_0": 7, "q2_k": 10, "q3_k_m": 12, "q5_k_m": 17, "q6_k": 18,  # llama_ftype:
-             "iq3_m": 27, "iq4_nl": 25, "iq4_xs": 30}  # LLAMA_FTYPE_MOSTLY_* (IQ3_XXS and IQ2 need an imatrix)
+             "iq3_m": 27, "iq4_nl": 25, "iq4_xs": 30, "tq1_0": 36, "tq2_0": 37}  # LLAMA_FTYPE_MOSTLY_* (IQ1, IQ2 and IQ3_XXS need an imatrix)
 FORMATS = ("f16", *QUANTIZED, "bf16")
 CONTEXT = 8192
 ROPE_BASE = 100000.0

@@ -366,7 +366,7 @@ def os_threads() -> int:
 QUANTIZABLE = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")  # by gguf.quants
 RANDOM_BLOCK_SCALES = {"Q2_K": 2e-3, "Q3_K": 5e-4, "Q4_K": 2e-4, "Q5_K": 1e-4, "Q6_K": 1e-5, "IQ3_XXS": 1e-4,
                        "IQ3_S": 1e-4, "IQ2_XXS": 2e-4, "IQ2_XS": 2e-4, "IQ2_S": 2e-4, "IQ4_NL": 5e-4, "IQ4_XS": 2e-5,
-                       "IQ1_S": 2e-3, "IQ1_M": 2e-3}
+                       "IQ1_S": 2e-3, "IQ1_M": 2e-3, "TQ1_0": 2e-2, "TQ2_0": 2e-2}
 """Largest fp16 scale of hand-packed random blocks of the types gguf cannot quantize to: weights of
 about 0.05, as in real models."""
 

@@ -4,7 +4,7 @@ Two kernels make a token's logits bit-identical whether it is decoded alone or v
 a draft tree: a small-M linear layer whose per-output arithmetic does not depend on M, and a
 tree attention that reduces over each query's keys in logical order (prefix, ancestors, self).
 The linear layer also reads weights in their file's own layout (:class:`GGMLWeight`: GGUF's block
-types Q4_0 .. Q6_K, IQ1_S .. IQ4_XS, and F16/BF16/F32 from GGUF or safetensors) and exact 4/8-bit blocks
+types Q4_0 .. Q6_K, IQ1_S .. IQ4_XS, TQ1_0, TQ2_0, and F16/BF16/F32 from GGUF or safetensors) and exact 4/8-bit blocks
 (:class:`PackedWeight`) with the same results as on their fp32 form, and :class:`OneCallDecoder`
 runs all layers of a Llama-style model in one call.
 

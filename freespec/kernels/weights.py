@@ -79,7 +79,7 @@ class PackedWeight:
 
 class GGMLWeight:
     """A weight matrix [N, K] stored in a ggml type (:data:`~freespec.kernels.formats.SUPPORTED_TYPES`):
-    block-quantized (Q4_0 .. Q6_K, IQ1_S .. IQ4_XS) or F16/BF16/F32, its bytes exactly as
+    block-quantized (Q4_0 .. Q6_K, IQ1_S .. IQ4_XS, TQ1_0, TQ2_0) or F16/BF16/F32, its bytes exactly as
     a GGUF file stores them.
     A safetensors bf16/f16/f32 tensor has the same layout, so it is a GGMLWeight of that type.
 

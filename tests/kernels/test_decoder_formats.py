@@ -74,8 +74,8 @@ def mixed_model() -> ModelWeights:
          Stacked((ggml("IQ2_S", INTERMEDIATE, HIDDEN, g), ggml("IQ2_XXS", INTERMEDIATE, HIDDEN, g))),
          ggml("IQ2_S", HIDDEN, INTERMEDIATE, g)),
         (Stacked((ggml("IQ1_S", Q_ROWS, HIDDEN, g), ggml("IQ1_M", 2 * KV_ROWS, HIDDEN, g))),
-         ggml("IQ1_M", HIDDEN, Q_ROWS, g),
-         Stacked((ggml("IQ1_M", INTERMEDIATE, HIDDEN, g), ggml("IQ1_S", INTERMEDIATE, HIDDEN, g))),
+         ggml("TQ2_0", HIDDEN, Q_ROWS, g),
+         Stacked((ggml("IQ1_M", INTERMEDIATE, HIDDEN, g), ggml("TQ1_0", INTERMEDIATE, HIDDEN, g))),
          ggml("IQ1_S", HIDDEN, INTERMEDIATE, g)),
     ]
     layers = [DecoderLayer(norm(g), Linear(qkv, torch.randn(Q_ROWS + 2 * KV_ROWS) * 0.1), Linear(o), norm(g),

@@ -153,7 +153,7 @@ def test_torch_backend_multiplies_the_dequantized_matrix():
 @pytest.mark.parametrize("kind,data,shape,message", [
     ("Q9_9", np.zeros((1, 18), np.uint8), (1, 32), "unknown GGUF tensor type 'Q9_9'"),
     (99, np.zeros((1, 18), np.uint8), (1, 32), "unknown GGUF tensor type 99"),
-    ("TQ1_0", np.zeros((1, 54), np.uint8), (1, 256), "TQ1_0 is not supported"),
+    ("MXFP4", np.zeros((1, 17), np.uint8), (1, 32), "MXFP4 is not supported"),
     ("Q4_K", np.zeros((1, 72), np.uint8), (1, 128), "whole blocks of 256 weights; 128 is not"),
     ("Q4_0", np.zeros((2, 18), np.uint8), (2, 64), "takes 72 bytes, the data holds 36"),
     ("Q8_0", np.zeros((2, 68), np.uint8)[:, ::2], (2, 32), "C-contiguous"),
@@ -180,7 +180,7 @@ def test_the_c_dispatcher_refuses_matrices_it_cannot_read_without_touching_memor
         return c_kernels.library.freespec_linear(ctypes.byref(matrix), None, None, 1)
 
     assert status(abi.Matrix(kind=99, N=1, K=32)) == abi.BAD_MATRIX
-    assert status(abi.Matrix(kind=int(GGMLQuantizationType.TQ1_0), N=1, K=256)) == abi.BAD_MATRIX
+    assert status(abi.Matrix(kind=int(GGMLQuantizationType.MXFP4), N=1, K=32)) == abi.BAD_MATRIX
     parts = (abi.Matrix * 2)(abi.Matrix(kind=0, N=2, K=32), abi.Matrix(kind=0, N=3, K=64))
     assert status(abi.Matrix(kind=abi.STACKED, N=5, K=32, parts=parts, num_parts=2)) == abi.BAD_MATRIX  # K
     parts[1].K = 32

@@ -71,8 +71,8 @@ def test_an_unknown_tensor_type(gguf_file, capsys):
 
 
 def test_a_type_freespec_does_not_read(tmp_path, capsys):
-    path = write_gguf(tmp_path / "model.gguf", model_for("llama", "Q4_K"), {"default": "Q4_K", "ffn_up": "TQ1_0"})
-    assert "tensor blk.0.ffn_up.weight is TQ1_0, a type freespec does not read" in one_line_error(capsys, path)
+    path = write_gguf(tmp_path / "model.gguf", model_for("llama", "Q4_K"), {"default": "Q4_K", "ffn_up": "MXFP4"})
+    assert "tensor blk.0.ffn_up.weight is MXFP4, a type freespec does not read" in one_line_error(capsys, path)
 
 
 def test_a_shape_that_disagrees_with_the_config(gguf_file, capsys):

@@ -31,7 +31,7 @@ from tests.helpers import (
 BLOCK_32_TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
 # random blocks: gguf cannot quantize to them
 HAND_PACKED_TYPES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS",
-                     "IQ3_S", "IQ4_NL", "IQ4_XS"]
+                     "IQ3_S", "IQ4_NL", "IQ4_XS", "TQ1_0", "TQ2_0"]
 Q4_K_M_LIKE = {"default": "Q4_K", "attn_k": "Q5_K", "attn_v": "Q6_K", "ffn_up": "Q8_0", "ffn_down": "Q6_K",
                "output": "Q6_K", "token_embd": "Q5_0"}
 """A mix as llama.cpp's Q4_K_M makes one: q, k, v (and gate, up) of different types in one layer."""

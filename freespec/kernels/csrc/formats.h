@@ -26,7 +26,7 @@ enum {
     GGML_F32 = 0, GGML_F16 = 1, GGML_Q4_0 = 2, GGML_Q4_1 = 3, GGML_Q5_0 = 6, GGML_Q5_1 = 7, GGML_Q8_0 = 8,
     GGML_Q2_K = 10, GGML_Q3_K = 11, GGML_Q4_K = 12, GGML_Q5_K = 13, GGML_Q6_K = 14, GGML_IQ2_XXS = 16,
     GGML_IQ2_XS = 17, GGML_IQ3_XXS = 18, GGML_IQ1_S = 19, GGML_IQ4_NL = 20, GGML_IQ3_S = 21, GGML_IQ2_S = 22,
-    GGML_IQ4_XS = 23, GGML_IQ1_M = 29, GGML_BF16 = 30,
+    GGML_IQ4_XS = 23, GGML_IQ1_M = 29, GGML_BF16 = 30, GGML_TQ1_0 = 34, GGML_TQ2_0 = 35,
 };
 #define Q4_0_BYTES 18  /* f16 d; qs[16]: element j < 16 is the low nibble of qs[j], 16 + j the high */
 #define Q4_1_BYTES 20  /* f16 d, f16 m; qs[16] */
@@ -46,6 +46,8 @@ enum {
 #define IQ2_XS_BYTES 74 /* 256: f16 d; u16 qs[32] (9-bit grid index, 7-bit sign index); scales[8] (4 bits per 16) */
 #define IQ2_S_BYTES 82 /* 256: f16 d; qs[32] (grid indices' low 8 bits); signs[32]; qh[8] (their bits 8-9); scales[8] (4 bits per 16) */
 #define IQ1_S_BYTES 50 /* 256: f16 d; qs[32] (grid indices' low 8 bits); u16 qh[8] (per 32: four 3-bit index high parts, a 3-bit scale in bits 12-14, the delta's sign in bit 15) */
+#define TQ1_0_BYTES 54 /* 256: qs[48] (5 base-3 digits a byte), qh[4] (4 a byte), f16 d */
+#define TQ2_0_BYTES 66 /* 256: qs[64] (2-bit codes: weight 128 h + 32 k + j in bits 2k of qs[32 h + j]), f16 d */
 #define IQ1_M_BYTES 56 /* 256: qs[32]; qh[16] (a nibble per 8 weights: 3 index bits, the delta's sign in bit 3); u16 scales[4] (3 bits per 16 weights at bits 0, 3, 6, 9; the f16 d in their bits 12-15) */
 
 /* Integer vectors of LANES 32-bit codes, in the build's width. */
@@ -830,6 +832,55 @@ static inline void iq1_m_prepare(const uint8_t *b, GridParams *p) {
     __asm__("" : "+m"(p->codes));
 }
 
+/* The ternary types TQ1_0 and TQ2_0: the weight d (q - 1), q in 0 .. 2 (TQ2_0's 2 bits may also
+ * hold 3), a product. A unit's 256 codes q - 1 are assembled once as bytes, as the grid types', and
+ * decoded by grid_decode with every scale d. TQ1_0 packs 5 base-3 digits a byte (4 in qh's bytes):
+ * digit n of byte b is ((b 3^n mod 256) 3) >> 8 (ggml's), computed in 16-bit lanes. */
+static inline void ternary_scales(float d, GridParams *p) {
+    for (int i = 0; i < 16; i++) p->scale[i] = d;
+}
+
+/* the digits n of the 16 bytes at `bytes`, minus 1, as 16 bytes */
+static inline __m128i ternary_digits(__m128i bytes, int n) {
+    static const short powers[5] = {1, 3, 9, 27, 81};
+    const __m256i wide = _mm256_cvtepu8_epi16(bytes);
+    const __m256i low = _mm256_and_si256(_mm256_mullo_epi16(wide, _mm256_set1_epi16(powers[n])), _mm256_set1_epi16(255));
+    const __m256i digit = _mm256_srli_epi16(_mm256_mullo_epi16(low, _mm256_set1_epi16(3)), 8);
+    const __m128i packed = _mm_packus_epi16(_mm256_castsi256_si128(digit), _mm256_extracti128_si256(digit, 1));
+    return _mm_sub_epi8(packed, _mm_set1_epi8(1));
+}
+
+static inline void tq1_0_prepare(const uint8_t *b, GridParams *p) {
+    ternary_scales(f16_at(b + 52), p);
+    const __m128i first = _mm_loadu_si128((const __m128i *)b), second = _mm_loadu_si128((const __m128i *)(b + 16));
+    const __m128i third = _mm_loadu_si128((const __m128i *)(b + 32));
+    for (int n = 0; n < 5; n++) { /* weights 32 n + j from bytes j < 32, 160 + 16 n + j from bytes 32 + j */
+        _mm_store_si128((__m128i *)(p->codes + 32 * n), ternary_digits(first, n));
+        _mm_store_si128((__m128i *)(p->codes + 32 * n + 16), ternary_digits(second, n));
+        _mm_store_si128((__m128i *)(p->codes + 160 + 16 * n), ternary_digits(third, n));
+    }
+    uint32_t high; /* weights 240 + 4 n + j: digit n of qh[j] */
+    memcpy(&high, b + 48, sizeof(high));
+    const __m128i tail = _mm_unpacklo_epi32(_mm_unpacklo_epi32(ternary_digits(_mm_cvtsi32_si128((int)high), 0),
+                                                               ternary_digits(_mm_cvtsi32_si128((int)high), 1)),
+                                            _mm_unpacklo_epi32(ternary_digits(_mm_cvtsi32_si128((int)high), 2),
+                                                               ternary_digits(_mm_cvtsi32_si128((int)high), 3)));
+    _mm_store_si128((__m128i *)(p->codes + 240), _mm_shuffle_epi32(tail, _MM_SHUFFLE(3, 1, 2, 0)));
+    __asm__("" : "+m"(p->codes));
+}
+
+static inline void tq2_0_prepare(const uint8_t *b, GridParams *p) {
+    ternary_scales(f16_at(b + 64), p);
+    for (int h = 0; h < 2; h++) {
+        const __m256i q = _mm256_loadu_si256((const __m256i *)(b + 32 * h));
+        for (int k = 0; k < 4; k++) { /* bits 2k of each byte: through 16-bit lanes, the mask drops what crosses bytes */
+            const __m256i codes = _mm256_and_si256(_mm256_srli_epi16(q, 2 * k), _mm256_set1_epi8(3));
+            _mm256_store_si256((__m256i *)(p->codes + 128 * h + 32 * k), _mm256_sub_epi8(codes, _mm256_set1_epi8(1)));
+        }
+    }
+    __asm__("" : "+m"(p->codes));
+}
+
 static inline vec grid_decode(const uint8_t *b, const GridParams *p, int group, int step) {
     (void)b;
     const ivec codes = widen_i8((const uint8_t *)p->codes + 32 * group + step * LANES);
@@ -1088,6 +1139,8 @@ DEFINE_FORMAT_LINEAR(iq2_xs_linear, 8, IQ2_XS_BYTES, GridParams, iq2_xs_prepare,
 DEFINE_FORMAT_LINEAR(iq2_s_linear, 8, IQ2_S_BYTES, GridParams, iq2_s_prepare, grid_decode, 0)
 DEFINE_FORMAT_LINEAR(iq1_s_linear, 8, IQ1_S_BYTES, GridParams, iq1_s_prepare, grid_decode, 0)
 DEFINE_FORMAT_LINEAR(iq1_m_linear, 8, IQ1_M_BYTES, GridParams, iq1_m_prepare, grid_decode, 0)
+DEFINE_FORMAT_LINEAR(tq1_0_linear, 8, TQ1_0_BYTES, GridParams, tq1_0_prepare, grid_decode, 0)
+DEFINE_FORMAT_LINEAR(tq2_0_linear, 8, TQ2_0_BYTES, GridParams, tq2_0_prepare, grid_decode, 0)
 
 /* 16-bit weights [N, K], any K: the fp32 kernel's tiles (DEFINE_LOAD_TILE) with a converting load
  * (16-bit floats widen to fp32 exactly), so the arithmetic, the K % LANES tail included, is the

@@ -16,7 +16,8 @@ enum { FREESPEC_OK = 0, FREESPEC_OUT_OF_MEMORY = 1, FREESPEC_BAD_MATRIX = 2,
 
 /* The kinds of weight matrix: a ggml type id, for a matrix stored in that type (ggml.h's ids:
  * F32 0, F16 1, Q4_0 2, Q4_1 3, Q5_0 6, Q5_1 7, Q8_0 8, Q2_K 10, Q3_K 11, Q4_K 12, Q5_K 13, Q6_K 14,
- * IQ2_XXS 16, IQ2_XS 17, IQ3_XXS 18, IQ1_S 19, IQ4_NL 20, IQ3_S 21, IQ2_S 22, IQ4_XS 23, IQ1_M 29, BF16 30;
+ * IQ2_XXS 16, IQ2_XS 17, IQ3_XXS 18, IQ1_S 19, IQ4_NL 20, IQ3_S 21, IQ2_S 22, IQ4_XS 23, IQ1_M 29, BF16 30,
+ * TQ1_0 34, TQ2_0 35;
  * data holds its N rows of blocks exactly as a GGUF file stores
  * them, a bf16/f16/f32 safetensors tensor being the same bytes; K a multiple of the type's block
  * size), or one of these. */

@@ -601,7 +601,7 @@ static const KindOps *kind_ops(int64_t kind) {
                          q3_k = BLOCK_KIND(q3_k), iq4_nl = BLOCK_KIND(iq4_nl), iq4_xs = BLOCK_KIND(iq4_xs),
                          iq3_xxs = BLOCK_KIND(iq3_xxs), iq3_s = BLOCK_KIND(iq3_s), iq2_xxs = BLOCK_KIND(iq2_xxs),
                          iq2_xs = BLOCK_KIND(iq2_xs), iq2_s = BLOCK_KIND(iq2_s), iq1_s = BLOCK_KIND(iq1_s),
-                         iq1_m = BLOCK_KIND(iq1_m),
+                         iq1_m = BLOCK_KIND(iq1_m), tq1_0 = BLOCK_KIND(tq1_0), tq2_0 = BLOCK_KIND(tq2_0),
                          packed_q4 = BLOCK_KIND(packed_q4),
                          packed_q8 = BLOCK_KIND(packed_q8),
                          stacked = {NULL, NULL, NULL, stacked_row}; /* its parts' linears run as one: linear_then */
@@ -629,6 +629,8 @@ static const KindOps *kind_ops(int64_t kind) {
     case GGML_IQ2_S: return &iq2_s;
     case GGML_IQ1_S: return &iq1_s;
     case GGML_IQ1_M: return &iq1_m;
+    case GGML_TQ1_0: return &tq1_0;
+    case GGML_TQ2_0: return &tq2_0;
     case FREESPEC_PACKED_Q4: return &packed_q4;
     case FREESPEC_PACKED_Q8: return &packed_q8;
     case FREESPEC_STACKED: return &stacked;
