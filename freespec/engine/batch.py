@@ -21,7 +21,8 @@ drafts measured fewer tokens per second than steps that verified none (:class:`S
 number of requests), the batch shares none but every 16th step. A pass that carries a prompt chunk
 drafts nothing (but for fixed budgets): its prompt rows fill it already, and draft rows would only
 lengthen the pass that the newcomer's first token waits for (serve_load.py, 8 clients, `suffix`:
-time to first token p50 0.61-0.68 → 0.49-0.51 s, and more tokens/s, docs/serving.md). A request
+time to first token p50 0.61 → 0.51 s over five alternating rounds, tokens/s unchanged within the
+spread; docs/serving.md). A request
 that shares nothing in a pass (resting, a step the check keeps plain, or one beside a prompt)
 drafts nothing, and its root-only step skips learning
 where its drafter's learning is a cache (:meth:`Generation.plan`): that step costs what plain
