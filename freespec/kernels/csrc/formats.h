@@ -692,13 +692,16 @@ static inline void iq2_scales(const uint8_t *scales, float d, GridParams *p) {
     for (int i = 0; i < 16; i++) p->scale[i] = d * (0.5f + (float)((scales[i / 2] >> (4 * (i % 2))) & 15)) * 0.25f;
 }
 
+/* an IQ2_XXS group's scale d (0.5 + s) / 4, s in bits 28-31 of its sign word */
+static inline float iq2_xxs_scale(float d, uint32_t aux) { return d * (0.5f + (float)(aux >> 28)) * 0.25f; }
+
 static inline void iq2_xxs_prepare(const uint8_t *b, GridParams *p) {
     const float d = f16_at(b);
 #ifdef FREESPEC_AVX512
     uint32_t aux[8]; /* after each group's four grid indices: four 7-bit sign indices, the scale in bits 28-31 */
     for (int g = 0; g < 8; g++) {
         memcpy(aux + g, b + 2 + 8 * g + 4, sizeof(aux[g]));
-        p->scale[2 * g] = p->scale[2 * g + 1] = d * (0.5f + (float)(aux[g] >> 28)) * 0.25f;
+        p->scale[2 * g] = p->scale[2 * g + 1] = iq2_xxs_scale(d, aux[g]);
     }
     for (int j = 0; j < 4; j++) { /* groups 2j, 2j + 1: their indices are bytes 0-3 of each 8 */
         uint64_t bytes;
@@ -713,7 +716,7 @@ static inline void iq2_xxs_prepare(const uint8_t *b, GridParams *p) {
     for (int g = 0; g < 8; g++) {
         uint32_t aux; /* after the group's four grid indices */
         memcpy(&aux, b + 2 + 8 * g + 4, sizeof(aux));
-        p->scale[2 * g] = p->scale[2 * g + 1] = d * (0.5f + (float)(aux >> 28)) * 0.25f;
+        p->scale[2 * g] = p->scale[2 * g + 1] = iq2_xxs_scale(d, aux);
         for (int l = 0; l < 4; l++) {
             const uint64_t r = signed_bytes(iq2xxs_grid[b[2 + 8 * g + l]], parity_signs((aux >> (7 * l)) & 127));
             memcpy(p->codes + 32 * g + 8 * l, &r, sizeof(r));
@@ -749,6 +752,13 @@ static inline void iq2_xs_prepare(const uint8_t *b, GridParams *p) {
     __asm__("" : "+m"(p->codes));
 }
 
+/* the indices of eight grid entries: low 8 bits the bytes at `low`, the bits above from lane k of
+ * `high` (masked by `mask`) */
+static inline __m256i eight_indices(const uint8_t *low, __m256i high, int mask) {
+    return _mm256_or_si256(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)low)),
+                           _mm256_slli_epi32(_mm256_and_si256(high, _mm256_set1_epi32(mask)), 8));
+}
+
 static inline void iq2_s_prepare(const uint8_t *b, GridParams *p) {
     const uint8_t *qs = b + 2, *signs = b + 34, *qh = b + 66;
     iq2_scales(b + 74, f16_at(b), p);
@@ -757,9 +767,7 @@ static inline void iq2_s_prepare(const uint8_t *b, GridParams *p) {
         uint16_t high;
         memcpy(&high, qh + 2 * j, sizeof(high));
         const __m256i shifts = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
-        const __m256i index = _mm256_or_si256(
-            _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(qs + 8 * j))),
-            _mm256_slli_epi32(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(high), shifts), _mm256_set1_epi32(3)), 8));
+        const __m256i index = eight_indices(qs + 8 * j, _mm256_srlv_epi32(_mm256_set1_epi32(high), shifts), 3);
         uint64_t negative; /* a bit a weight */
         memcpy(&negative, signs + 8 * j, sizeof(negative));
         store_signed(p->codes + 64 * j, iq2_entries(iq2s_grid, index), negative);
@@ -780,8 +788,7 @@ static inline void iq2_s_prepare(const uint8_t *b, GridParams *p) {
  * 8 grid - 1: 8 grid | 1 (its bit 0 is clear), or its bytes less 1. Eight entries at a time: `low`
  * their indices' low 8 bits, `high` the 3 bits above each, `negative` bit k for entry k's delta. */
 static inline void iq1_entries(int8_t *codes, const uint8_t *low, __m256i high, unsigned negative) {
-    const __m256i index = _mm256_or_si256(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)low)),
-                                          _mm256_slli_epi32(_mm256_and_si256(high, _mm256_set1_epi32(7)), 8));
+    const __m256i index = eight_indices(low, high, 7);
 #ifdef FREESPEC_AVX512
     const __m512i entries = iq2_entries(iq1s_grid_x8, index), ones = _mm512_set1_epi8(1);
     _mm512_store_si512(codes, _mm512_mask_blend_epi64((__mmask8)negative, _mm512_or_si512(entries, ones),
@@ -859,12 +866,11 @@ static inline void tq1_0_prepare(const uint8_t *b, GridParams *p) {
         _mm_store_si128((__m128i *)(p->codes + 32 * n + 16), ternary_digits(second, n));
         _mm_store_si128((__m128i *)(p->codes + 160 + 16 * n), ternary_digits(third, n));
     }
-    uint32_t high; /* weights 240 + 4 n + j: digit n of qh[j] */
-    memcpy(&high, b + 48, sizeof(high));
-    const __m128i tail = _mm_unpacklo_epi32(_mm_unpacklo_epi32(ternary_digits(_mm_cvtsi32_si128((int)high), 0),
-                                                               ternary_digits(_mm_cvtsi32_si128((int)high), 1)),
-                                            _mm_unpacklo_epi32(ternary_digits(_mm_cvtsi32_si128((int)high), 2),
-                                                               ternary_digits(_mm_cvtsi32_si128((int)high), 3)));
+    uint32_t bits; /* weights 240 + 4 n + j: digit n of qh[j] */
+    memcpy(&bits, b + 48, sizeof(bits));
+    const __m128i high = _mm_cvtsi32_si128((int)bits);
+    const __m128i tail = _mm_unpacklo_epi32(_mm_unpacklo_epi32(ternary_digits(high, 0), ternary_digits(high, 1)),
+                                            _mm_unpacklo_epi32(ternary_digits(high, 2), ternary_digits(high, 3)));
     _mm_store_si128((__m128i *)(p->codes + 240), _mm_shuffle_epi32(tail, _MM_SHUFFLE(3, 1, 2, 0)));
     __asm__("" : "+m"(p->codes));
 }

@@ -1597,9 +1597,9 @@ int freespec_head_bounds(const Matrix *w, float *row_l1) {
 
 /* sums[j] = sum over the blocks of d (q . codes[j]) for head row r and `count` input rows (codes
  * [count, K]), in 8 fp32 lanes each; a block's codes are widened once for all of them. Both builds
- * run these 256-bit integer instructions (AVX2's). A lane's integer sum of four products stays below 2^24 (4 x 127
- * x 32767), so its conversion to fp32 is exact. Inlined with constants PACKED and count: one loop per
- * layout and count, its accumulators in registers. */
+ * run these 256-bit integer instructions (AVX2's). A lane's integer sum of four products stays
+ * below 2^24 (4 x 127 x 32767), so its conversion to fp32 is exact. Inlined with constants PACKED
+ * and count: one loop per layout and count, its accumulators in registers. */
 static inline __attribute__((always_inline)) void q8_rows_approx(const Matrix *w, int PACKED, int64_t r,
                                                                  const int16_t *codes, int count, float *sums) {
     const int64_t K = w->K;
