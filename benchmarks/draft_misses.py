@@ -16,8 +16,10 @@ Two inputs:
     python benchmarks/draft_misses.py --results bench-out/results.jsonl
 
 Prints τ per method and per category (a fused method next to the best of its members), the misses
-per method and category, per source and depth, and the first tokens by the sources that drafted
-them and by how many were tried. ``--budget`` fixes the nodes verified per pass, so τ does not
+per method and category, per source and depth, the first tokens by the sources that drafted
+them, by how many were tried and by what the previous pass accepted, and what the trees held
+against what verifying their first nodes took from them (:func:`oracle_table`, priced by this
+machine's calibrated costs; run with a large ``--budget`` so that every tree is verified whole). ``--budget`` fixes the nodes verified per pass, so τ does not
 depend on the machine's load (the budget policy's choice does); ``--steps`` keeps the records
 (gzipped if the name ends in .gz) and summarises them again without a run.
 
@@ -29,6 +31,7 @@ whose root's drafted children all failed; a deep miss, one that accepted some no
 from __future__ import annotations
 
 import argparse
+import bisect
 import gzip
 import json
 from collections import defaultdict
@@ -37,6 +40,8 @@ from pathlib import Path
 import freespec
 from freespec.bench.run import DEFAULT_QUESTIONS, load_questions
 from freespec.drafters import Fused
+from freespec.engine.budget import accepted_within
+from freespec.engine.costs import interpolate, load_or_measure
 
 SOURCE_NAMES = {"RequestSource": "request", "StoreSource": "store", "CorpusSource": "corpus",
                 "TokenRecycling": "recycling", "PromptLookup": "lookup", "TrieLookup": "trie"}
@@ -179,8 +184,8 @@ def misses_table(steps: list[dict]) -> str:
             row["failed first"] += sum(1 for n in tries if parents[n] == 0 and n not in accepted)
             row["failed deep"] += sum(1 for n in tries if parents[n] != 0 and n not in accepted)
             row["in vain"] += len(parents) - 1 - len(tries)
-    lines = ["| method | category | passes drafted | accepted / pass | nodes / pass | first-token misses "
-             "| deep misses | failed first-token nodes | failed deep nodes | nodes in vain |",
+    lines = [("| method | category | passes drafted | accepted / pass | nodes / pass | first-token misses "
+              "| deep misses | failed first-token nodes | failed deep nodes | nodes in vain |"),
              "|---|---|---|---|---|---|---|---|---|---|"]
     for (method, category), row in sorted(rows.items()):
         passes, nodes = row["passes"], row["nodes"]
@@ -241,6 +246,109 @@ def first_nodes_table(steps: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def momentum_table(steps: list[dict]) -> str:
+    """Per method: each drafted pass's first first-token node (the best-scored child of the root)
+    by its calibrated chance and by the drafted tokens the method's previous recorded pass
+    accepted (passes that drafted nothing are not recorded, so "previous" skips them): tries,
+    accepted, mean predicted."""
+    bounds, edges = (0, 1, 3), (0.2, 0.5, 0.8, 0.95)
+    labels = ("0", "1", "2-3", "4+")
+    rows = defaultdict(lambda: [0, 0, 0.0])  # (method, score bin, previous) → tries, hits, predicted sum
+    previous: dict[tuple[str, str], int | None] = {}
+    for step in steps:
+        key = (step["method"], step.get("category", ""))
+        if not is_pass(step):  # a request's totals: the next pass starts a new request
+            previous[key] = None
+            continue
+        before = previous.get(key)
+        previous[key] = len(step["accepted"]) - 1
+        if before is None or step["scores"] is None:
+            continue
+        first = next(node for node in range(1, len(step["parents"])) if step["parents"][node] == 0)
+        score = step["scores"][first]
+        row = rows[step["method"], bisect.bisect_right(edges, score), bisect.bisect_left(bounds, before)]
+        row[0] += 1
+        row[1] += first in step["accepted"]
+        row[2] += score
+    bins = ["< 0.2", "0.2-0.5", "0.5-0.8", "0.8-0.95", "≥ 0.95"]
+    lines = ["| method | predicted | " + " | ".join(f"after {label} accepted" for label in labels) + " |",
+             "|---" * (len(labels) + 2) + "|"]
+    for method in dict.fromkeys(method for method, _, _ in rows):
+        for index, name in enumerate(bins):
+            cells = []
+            for before in range(len(labels)):
+                tries, hits, predicted = rows.get((method, index, before), (0, 0, 0.0))
+                cells.append(f"{tries}, {percent(hits, tries)} ({percent(predicted, tries)})" if tries else "—")
+            lines.append(f"| {method} | {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def pass_cost(costs: dict[int, float], q: int) -> float:
+    """t(q) / t(1) from the model's calibrated costs (:mod:`freespec.engine.costs`), linear between sizes."""
+    return interpolate(sorted(costs), [costs[size] for size in sorted(costs)], q) / costs[1]
+
+
+def oracle_table(steps: list[dict], costs: dict[int, float]) -> str:
+    """What the drafted trees held against what verifying their first nodes took from them, as
+    tokens per pass and speedup over plain decoding priced by the cost curve t(q) / t(1).
+
+    - *oracle, path ≤ n*: a drafter that knew which branch the text would follow and verified only
+      it, at most n nodes (the candidates' worth: no drafter can do better with these trees);
+    - *first b*: the first b nodes of the best-first tree verified every pass;
+    - *cut by scores*: each pass verifies the prefix with the most expected tokens per second by
+      its nodes' scores, as the budget policy does (:meth:`BudgetPolicy.size_for`).
+
+    Passes that drafted nothing emit one token at t(1) in every column. The trees were verified
+    whole, so a drafter that learns from verified rows (Token Recycling) learned more than it
+    would at the sizes of the columns: an estimate of where the loss lies, not a prediction of a run.
+    """
+    passes = defaultdict(int)
+    drafted = defaultdict(list)
+    for step in steps:
+        if "tokens" in step:
+            passes[step["method"]] += step["passes"]
+        else:
+            drafted[step["method"]].append(step)
+    caps, sizes = (1, 2, 3, 4, 8), (1, 2, 4)
+    lines = ["| method | " + " | ".join(f"oracle, path ≤ {cap}" for cap in caps) + " | "
+             + " | ".join(f"first {size}" for size in sizes) + " | cut by scores |",
+             "|---" * (len(caps) + len(sizes) + 2) + "|"]
+    for method, trees in drafted.items():
+        plain = passes[method] - len(trees)  # passes that drafted nothing
+
+        def speed(emitted_and_q, plain: int = plain, passes: int = passes[method]) -> str:
+            tokens = cost = plain
+            for emitted, q in emitted_and_q:
+                tokens, cost = tokens + emitted, cost + pass_cost(costs, q)
+            return f"τ {tokens / passes:.2f}, {tokens / cost:.2f}x"
+
+        cells = []
+        for cap in caps:
+            cells.append(speed((1 + min(len(s["accepted"]) - 1, cap), 1 + min(len(s["accepted"]) - 1, cap))
+                               for s in trees))
+        for size in sizes:
+            cells.append(speed((accepted_within(s["accepted"], size), 1 + min(size, len(s["parents"]) - 1))
+                               for s in trees))
+        if all(s["scores"] is not None for s in trees):
+            cells.append(speed((accepted_within(s["accepted"], b), b + 1)
+                               for s in trees for b in [scores_cut(s["scores"], costs)]))
+        else:
+            cells.append("—")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def scores_cut(scores: list[float], costs: dict[int, float], limit: int = 16) -> int:
+    """The prefix of a best-first tree with the most expected tokens per second (1 + its nodes'
+    scores, over t(b + 1)); 0: verify nothing."""
+    best, best_rate, expected = 0, 1.0, 1.0
+    for size, score in enumerate(scores[1 : limit + 1], start=1):
+        expected += score
+        if expected / pass_cost(costs, size + 1) > best_rate:
+            best, best_rate = size, expected / pass_cost(costs, size + 1)
+    return best
+
+
 def bench_table(path: Path) -> str:
     """First-token misses from a bench run's per-pass records (no sources there)."""
     rows = defaultdict(lambda: defaultdict(float))
@@ -291,8 +399,9 @@ def main() -> None:
             opener = gzip.open if args.steps.suffix == ".gz" else open
             with opener(args.steps, "wt", encoding="utf-8") as out:
                 out.writelines(json.dumps(step) + "\n" for step in steps)
+    costs = dict(load_or_measure(freespec.load(threads=args.threads).runner))  # this machine's t(q), cached
     print(tau_table(steps), "", category_tau_table(steps), "", misses_table(steps), "", sources_table(steps),
-          "", first_nodes_table(steps), sep="\n")
+          "", first_nodes_table(steps), "", momentum_table(steps), "", oracle_table(steps, costs), sep="\n")
 
 
 if __name__ == "__main__":
