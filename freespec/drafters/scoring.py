@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import bisect
 from collections import defaultdict, deque
-from collections.abc import Hashable, Iterable
+from collections.abc import Hashable, Iterable, Sequence
 from functools import partial
 
 import numpy as np
@@ -33,19 +33,21 @@ from freespec.engine.costs import interpolate
 from freespec.engine.tree import DraftTree
 
 
-def isotonic(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """The non-decreasing sequence closest to ``values`` in weighted squares (pool adjacent violators).
+def isotonic(values: Sequence[float], weights: Sequence[float]) -> list[float]:
+    """The non-decreasing sequence closest to ``values`` in weighted squares (pool adjacent
+    violators). Plain Python: the maps have ten bins, where numpy's per-call overhead was most of
+    a rebuild.
 
-    >>> isotonic(np.array([0.1, 0.5, 0.2, 0.9]), np.array([1.0, 1.0, 3.0, 1.0])).tolist()
+    >>> isotonic([0.1, 0.5, 0.2, 0.9], [1.0, 1.0, 3.0, 1.0])
     [0.1, 0.275, 0.275, 0.9]
     """
     blocks: list[list[float]] = []  # [value, weight, length] of each pooled run
-    for value, weight in zip(values.tolist(), weights.tolist()):
+    for value, weight in zip(values, weights):
         blocks.append([value, weight, 1])
         while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
             (v2, w2, n2), (v1, w1, n1) = blocks.pop(), blocks.pop()
             blocks.append([(v1 * w1 + v2 * w2) / (w1 + w2), w1 + w2, n1 + n2])
-    return np.repeat([b[0] for b in blocks], [b[2] for b in blocks])
+    return [value for value, _, length in blocks for _ in range(length)]
 
 
 class AcceptanceCalibration:
@@ -78,7 +80,7 @@ class AcceptanceCalibration:
 
     def table(self) -> np.ndarray:
         """[bins] the calibrated probability for each bin of predictions."""
-        return isotonic(self.hits / self.tries, self.tries)
+        return np.array(isotonic((self.hits / self.tries).tolist(), self.tries.tolist()))
 
     def __call__(self, predicted: float) -> float:
         if self._values is None:
@@ -163,14 +165,15 @@ class DepthCalibration:
 
     def maps(self, group: int) -> list[list[float]]:
         """[depth] the calibrated chance at each knot (0, then the bin centres) for ``group``."""
-        shape, size = (self.max_depth + 1, self.bins), (self.max_depth + 1) * self.bins
-        hits = np.reshape(self._hits.get(group, [0.0] * size), shape)
-        tries = np.reshape(self._tries.get(group, [0.0] * size), shape)
-        above = np.array(self._centres)
-        maps = [[0.0, *self._centres]]
-        for depth in range(1, self.max_depth + 1):
-            above = isotonic((hits[depth] + self.prior * above) / (tries[depth] + self.prior), tries[depth] + self.prior)
-            maps.append([0.0, *above.tolist()])
+        bins, prior, size = self.bins, self.prior, (self.max_depth + 1) * self.bins
+        hits, tries = self._hits.get(group, [0.0] * size), self._tries.get(group, [0.0] * size)
+        above = self._centres
+        maps = [[0.0, *above]]
+        for start in range(bins, size, bins):  # depth 1 on, each from the map above it
+            depth_tries = [count + prior for count in tries[start : start + bins]]
+            above = isotonic([(hit + prior * value) / count
+                              for hit, value, count in zip(hits[start : start + bins], above, depth_tries)], depth_tries)
+            maps.append([0.0, *above])
         return maps
 
     def __call__(self, group: int, depth: int, share: float) -> float:
