@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from functools import cache
 from pathlib import Path
 from typing import Mapping
@@ -93,6 +94,29 @@ def compile_library(main: Path, isa: str, output: Path) -> subprocess.CompletedP
     return subprocess.run([compiler(), *_FLAGS[isa], str(main), "-o", str(output)], capture_output=True, text=True)
 
 
+KEPT_BUILDS = 8
+"""Builds kept in the cache, the most recently used first: each upgrade of freespec (or each
+checkout of another commit) compiles a new one, and nothing else removes the old ones."""
+
+RECENT_SECONDS = 600
+"""A build used this recently is never removed: another process may be about to load it."""
+
+
+def prune(folder: Path, keep: int = KEPT_BUILDS) -> None:
+    """Delete all but the ``keep`` most recently used builds in ``folder`` (their modification
+    times, which :func:`load` touches), sparing those used in the last :data:`RECENT_SECONDS`."""
+    builds = []
+    for build in folder.glob("kernels-*.so"):
+        try:
+            builds.append((build.stat().st_mtime, build))
+        except OSError:  # removed by another process meanwhile
+            continue
+    now = time.time()
+    for used, build in sorted(builds, reverse=True)[keep:]:
+        if now - used >= RECENT_SECONDS:
+            build.unlink(missing_ok=True)
+
+
 @cache
 def load(isa: str) -> ctypes.CDLL | None:
     """The library built for ``isa`` (compiled on first use) with its functions declared, or
@@ -111,4 +135,10 @@ def load(isa: str) -> ctypes.CDLL | None:
                 log.warning("building the kernels failed, using torch instead:\n%s", result.stderr)
                 return None
             os.replace(built, target)  # atomic: concurrent builders never see a partial file
+        prune(target.parent)
+    else:
+        try:
+            os.utime(target)  # used now: what :func:`prune` keeps
+        except OSError:  # a read-only cache is fine
+            pass
     return abi.declare(ctypes.CDLL(str(target)))

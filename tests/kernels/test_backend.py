@@ -2,10 +2,12 @@
 that keeps arrays C would misread from reaching it."""
 
 import ctypes
+import os
 import re
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,27 @@ from freespec.kernels.weights import BLOCK
 def test_kernel_is_built_here():
     # CI machines have gcc and AVX2; the fallback would silently lose batch invariance.
     assert kernels.select().batch_invariant
+
+
+def test_old_builds_are_pruned_to_the_most_recently_used_sparing_recent_ones(tmp_path):
+    """Each new set of sources compiles a new library; the cache keeps the 8 last used."""
+    now = time.time()
+    ages = {f"kernels-{n:016x}.so": (n + 1) * 86400.0 for n in range(11)}  # one a day, 1 to 11 days old
+    ages["kernels-recent.so"] = 60.0
+    ages["other.txt"] = 100 * 86400.0  # not a build
+    for name, age in ages.items():
+        (tmp_path / name).write_bytes(b"")
+        os.utime(tmp_path / name, (now - age, now - age))
+    build.prune(tmp_path, keep=4)
+    kept = sorted(path.name for path in tmp_path.iterdir())
+    # the recent one and the three newest days stay; a build used in the last 10 minutes always would
+    assert kept == ["kernels-0000000000000000.so", "kernels-0000000000000001.so", "kernels-0000000000000002.so",
+                    "kernels-recent.so", "other.txt"]
+    for name in ("kernels-0000000000000000.so", "kernels-0000000000000001.so"):
+        os.utime(tmp_path / name, (now - 30, now - 30))  # used minutes ago, as by other processes
+    build.prune(tmp_path, keep=1)
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        "kernels-0000000000000000.so", "kernels-0000000000000001.so", "kernels-recent.so", "other.txt"]
 
 
 def test_a_build_is_chosen_by_argument_or_environment_and_a_bad_one_is_named():
