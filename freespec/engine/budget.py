@@ -197,7 +197,9 @@ class BudgetPolicy:
     def observe_shadow(self, drafted: int, path: list[int], verified: int) -> None:
         """Learn from a shadow draft of ``drafted`` nodes, of which the first ``verified`` were
         verified (and learned from by :meth:`observe`): ``path`` is the branch the tokens that
-        followed spelled in it. A draft accepted whole makes the next shadow larger (:meth:`shadow_size`)."""
+        followed spelled in it. A draft accepted whole makes the next shadow larger (:meth:`shadow_size`);
+        the engine also reports a draft verified whole this way (``verified == drafted``), which
+        has no shadow beyond it to say that the text went on."""
         self._learn(path, verified, drafted)
         if drafted and len(path) - 1 >= drafted:  # every node accepted: the text went on past the draft
             self._filled = drafted

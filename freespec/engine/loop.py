@@ -197,6 +197,7 @@ class Generation:
         self._context = np.array(self.prompt_ids, dtype=np.int64)  # prompt and generated tokens
         self._shadows = drafter is not None and fixed_budget is None and drafter.shadow_drafts
         self._pending: list[tuple[DraftTree, int, int]] = []  # shadow drafts: (tree, tokens before it, nodes verified)
+        self._verified_whole = False  # the planned step verifies every node its drafter proposed
         self._draft: tuple[DraftTree, int] | None = None  # the drafted tree and its verified size, if drafted
         self._learn = True  # whether the drafter learns from the planned step (see plan)
         self._no_logits = torch.empty(0, runner.vocab_size)  # what a drafter that reads no logits learns from
@@ -276,6 +277,7 @@ class Generation:
             self.draft()
         tree, chosen = self._draft
         verified = chosen if budget is None else min(chosen, budget)
+        self._verified_whole = self._shadows and 1 < len(tree) <= verified + 1
         if len(tree) > verified + 1:  # verify the best `verified` nodes; the rest is a shadow draft
             if self._shadows or len(tree) > chosen + 1:  # not a tree cut to a batch's budget: its drafter may not
                 self._pending.append((tree, len(self.token_ids), verified))
@@ -372,6 +374,8 @@ class Generation:
             if self._learn:
                 drafter.learn(tree, learned, path)
             self.policy.observe(len(tree) - 1, path)
+            if self._verified_whole:  # a shadow of no unverified node: followed whole, the next draft goes deeper
+                self.policy.observe_shadow(len(tree) - 1, path, len(tree) - 1)
             if pass_rows is None:
                 self.policy.record_cost(len(tree), time.perf_counter() - self._step_started)
             else:
