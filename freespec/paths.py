@@ -17,6 +17,19 @@ def cache_dir() -> Path:
     return Path(base) / "freespec"
 
 
+RECENT_SECONDS = 600
+"""A cache entry (a metadata folder, a kernel build) used this recently is never evicted: another
+process may be reading it, or about to."""
+
+
+def touch(path: Path) -> None:
+    """Mark a cache entry used now (its modification time orders eviction); a read-only cache is fine."""
+    try:
+        os.utime(path)
+    except OSError:
+        pass
+
+
 class AtomicFile:
     """A text (or ``binary``) file written under a temporary name beside ``path`` and renamed onto it by
     :meth:`commit`: until then ``path`` keeps its old content (or stays absent), whatever happens

